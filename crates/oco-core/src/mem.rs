@@ -1,0 +1,385 @@
+//! An in-memory [`Store`] with the same semantics as the PostgreSQL one
+//! (atomic claims, monotonic evidence), for unit tests and the demo. It keeps
+//! nothing across restarts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use rust_decimal::Decimal;
+
+use crate::ids::{AccountId, ClientOrderId, EntryId, LegKey};
+use crate::model::{
+    Account, Entry, EntryEventRecord, Evidence, Fill, Leg, LegClaim, LegUpdate, Millis, NewEntry,
+    Protection, ProtectionConfig,
+};
+use crate::money::Qty;
+use crate::ports::{ApiCredentials, NewAccount, Store, StoreError};
+use crate::state::{EntryStatus, LegSold, LegState};
+
+#[derive(Default)]
+struct Inner {
+    accounts: BTreeMap<AccountId, (Account, ApiCredentials)>,
+    entries: BTreeMap<EntryId, Entry>,
+    fills: BTreeMap<EntryId, BTreeMap<i64, Fill>>,
+    legs: BTreeMap<LegKey, Leg>,
+    events: Vec<EntryEventRecord>,
+    flagged: BTreeSet<AccountId>,
+    next_account: i64,
+    next_entry: i64,
+}
+
+/// The in-memory store.
+#[derive(Default)]
+pub struct MemStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-written record:
+        // every method builds its change before touching the maps.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn not_found(what: &'static str, id: impl ToString) -> StoreError {
+    StoreError::NotFound {
+        what,
+        id: id.to_string(),
+    }
+}
+
+/// Merges evidence into an entry the way every store must: fills by trade id,
+/// executed quantity and quote by maximum, status only forward, base
+/// commission recomputed from the fills.
+pub fn merge_evidence(entry: &mut Entry, fills: &mut BTreeMap<i64, Fill>, evidence: &Evidence) {
+    for fill in &evidence.fills {
+        fills.entry(fill.trade_id).or_insert_with(|| fill.clone());
+    }
+    let fills_qty: Qty = fills.values().map(|f| f.qty).sum();
+    let fills_quote: Decimal = fills.values().map(|f| f.qty.notional(f.price)).sum();
+    entry.executed_qty = entry.executed_qty.max(evidence.executed_qty).max(fills_qty);
+    entry.cumulative_quote = entry
+        .cumulative_quote
+        .max(evidence.cumulative_quote)
+        .max(fills_quote);
+    entry.fills_qty = fills_qty;
+    let base = &entry.symbol.base;
+    entry.base_commission = fills
+        .values()
+        .filter(|f| &f.commission_asset == base)
+        .map(|f| Qty::new(f.commission).unwrap_or(Qty::ZERO))
+        .sum();
+    let observed = if evidence.status == EntryStatus::New && !entry.executed_qty.is_zero() {
+        EntryStatus::PartiallyFilled
+    } else {
+        evidence.status
+    };
+    entry.status = entry.status.merge(observed);
+    if entry.order_id.is_none() {
+        entry.order_id = evidence.order_id;
+    }
+    if !entry.executed_qty.is_zero() {
+        let first_fill = fills
+            .values()
+            .map(|f| f.time)
+            .min()
+            .unwrap_or(evidence.observed_at);
+        entry.filled_at = Some(entry.filled_at.map_or(first_fill, |t| t.min(first_fill)));
+        if entry.protection == Protection::NotNeeded {
+            entry.protection = Protection::Unprotected;
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemStore {
+    async fn create_account(&self, account: NewAccount) -> Result<Account, StoreError> {
+        let mut inner = self.lock();
+        if inner
+            .accounts
+            .values()
+            .any(|(a, _)| a.api_key == account.credentials.api_key)
+        {
+            return Err(StoreError::Conflict(format!(
+                "api key {} is already registered",
+                account.credentials.api_key
+            )));
+        }
+        inner.next_account += 1;
+        let created = Account {
+            id: AccountId(inner.next_account),
+            owner: account.owner,
+            exchange: account.exchange,
+            api_key: account.credentials.api_key.clone(),
+            protection: account.protection,
+            active: true,
+        };
+        inner
+            .accounts
+            .insert(created.id, (created.clone(), account.credentials));
+        Ok(created)
+    }
+
+    async fn account(&self, id: AccountId) -> Result<Account, StoreError> {
+        self.lock()
+            .accounts
+            .get(&id)
+            .map(|(a, _)| a.clone())
+            .ok_or_else(|| not_found("account", id))
+    }
+
+    async fn credentials(&self, id: AccountId) -> Result<ApiCredentials, StoreError> {
+        self.lock()
+            .accounts
+            .get(&id)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| not_found("account", id))
+    }
+
+    async fn update_account(
+        &self,
+        id: AccountId,
+        protection: ProtectionConfig,
+        active: bool,
+    ) -> Result<Account, StoreError> {
+        let mut inner = self.lock();
+        let (account, _) = inner
+            .accounts
+            .get_mut(&id)
+            .ok_or_else(|| not_found("account", id))?;
+        account.protection = protection;
+        account.active = active;
+        Ok(account.clone())
+    }
+
+    async fn active_accounts(&self) -> Result<Vec<Account>, StoreError> {
+        Ok(self
+            .lock()
+            .accounts
+            .values()
+            .filter(|(a, _)| a.active)
+            .map(|(a, _)| a.clone())
+            .collect())
+    }
+
+    async fn create_entry(
+        &self,
+        entry: NewEntry,
+        client_id_of: &(dyn Fn(EntryId) -> ClientOrderId + Send + Sync),
+        at: Millis,
+    ) -> Result<Entry, StoreError> {
+        let mut inner = self.lock();
+        if !inner.accounts.contains_key(&entry.account) {
+            return Err(not_found("account", entry.account));
+        }
+        inner.next_entry += 1;
+        let id = EntryId(inner.next_entry);
+        let created = Entry {
+            id,
+            account: entry.account,
+            symbol: entry.symbol,
+            client_id: client_id_of(id),
+            order_id: None,
+            kind: entry.kind,
+            size: entry.size,
+            status: EntryStatus::PendingNew,
+            executed_qty: Qty::ZERO,
+            cumulative_quote: Decimal::ZERO,
+            base_commission: Qty::ZERO,
+            fills_qty: Qty::ZERO,
+            levels: entry.levels,
+            tags: entry.tags,
+            filled_at: None,
+            protection: Protection::NotNeeded,
+            realized_quote: None,
+            created_at: at,
+        };
+        inner.entries.insert(id, created.clone());
+        Ok(created)
+    }
+
+    async fn entry(&self, id: EntryId) -> Result<Entry, StoreError> {
+        self.lock()
+            .entries
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| not_found("entry", id))
+    }
+
+    async fn open_entries(&self, account: AccountId) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .lock()
+            .entries
+            .values()
+            .filter(|e| e.account == account && is_open(e))
+            .cloned()
+            .collect())
+    }
+
+    async fn record_evidence(&self, id: EntryId, evidence: &Evidence) -> Result<Entry, StoreError> {
+        let mut inner = self.lock();
+        let mut entry = inner
+            .entries
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| not_found("entry", id))?;
+        let mut fills = inner.fills.get(&id).cloned().unwrap_or_default();
+        merge_evidence(&mut entry, &mut fills, evidence);
+        inner.fills.insert(id, fills);
+        inner.entries.insert(id, entry.clone());
+        Ok(entry)
+    }
+
+    async fn set_protection(&self, id: EntryId, protection: &Protection) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let entry = inner
+            .entries
+            .get_mut(&id)
+            .ok_or_else(|| not_found("entry", id))?;
+        entry.protection = protection.clone();
+        Ok(())
+    }
+
+    async fn close_entry(
+        &self,
+        id: EntryId,
+        realized_quote: Decimal,
+        _at: Millis,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let entry = inner
+            .entries
+            .get_mut(&id)
+            .ok_or_else(|| not_found("entry", id))?;
+        entry.protection = Protection::Closed;
+        entry.realized_quote = Some(realized_quote);
+        Ok(())
+    }
+
+    async fn legs(&self, entry: EntryId) -> Result<Vec<Leg>, StoreError> {
+        Ok(self
+            .lock()
+            .legs
+            .values()
+            .filter(|l| l.key.entry == entry)
+            .cloned()
+            .collect())
+    }
+
+    async fn claim_leg(&self, claim: &LegClaim) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        if !inner.entries.contains_key(&claim.key.entry) {
+            return Err(not_found("entry", claim.key.entry));
+        }
+        let list_taken = inner.legs.values().any(|l| l.ids.list == claim.ids.list);
+        if inner.legs.contains_key(&claim.key) || list_taken {
+            return Ok(false);
+        }
+        inner.legs.insert(
+            claim.key,
+            Leg {
+                key: claim.key,
+                ids: claim.ids.clone(),
+                symbol: claim.symbol.clone(),
+                qty: claim.qty,
+                take_profit: claim.take_profit,
+                stop: claim.stop,
+                stop_limit: claim.stop_limit,
+                state: LegState::Claimed,
+                sold: LegSold::default(),
+                source: claim.source,
+                attempts: 1,
+                last_error: None,
+                claimed_at: claim.at,
+                updated_at: claim.at,
+            },
+        );
+        Ok(true)
+    }
+
+    async fn update_leg(&self, update: &LegUpdate) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let leg = inner
+            .legs
+            .get_mut(&update.key)
+            .ok_or_else(|| not_found("leg", update.key))?;
+        if leg.state.name() != update.from {
+            return Ok(false);
+        }
+        leg.state = update.to.clone();
+        if update.error.is_some() {
+            leg.last_error = update.error.clone();
+        }
+        leg.updated_at = update.at;
+        Ok(true)
+    }
+
+    async fn record_leg_sold(
+        &self,
+        key: LegKey,
+        sold: LegSold,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let leg = inner
+            .legs
+            .get_mut(&key)
+            .ok_or_else(|| not_found("leg", key))?;
+        leg.sold = leg.sold.merge(sold);
+        leg.updated_at = at;
+        Ok(())
+    }
+
+    async fn append_event(&self, event: &EntryEventRecord) -> Result<(), StoreError> {
+        self.lock().events.push(event.clone());
+        Ok(())
+    }
+
+    async fn events(&self, entry: EntryId) -> Result<Vec<EntryEventRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .events
+            .iter()
+            .filter(|e| e.entry == entry)
+            .cloned()
+            .collect())
+    }
+
+    async fn flag_reconcile(
+        &self,
+        account: AccountId,
+        _reason: &str,
+        _at: Millis,
+    ) -> Result<(), StoreError> {
+        self.lock().flagged.insert(account);
+        Ok(())
+    }
+
+    async fn take_flagged(&self, limit: usize) -> Result<Vec<AccountId>, StoreError> {
+        let mut inner = self.lock();
+        let taken: Vec<AccountId> = inner.flagged.iter().take(limit).copied().collect();
+        for id in &taken {
+            inner.flagged.remove(id);
+        }
+        Ok(taken)
+    }
+}
+
+/// Whether an entry still needs attention: its order can fill, or filled coins
+/// are not yet known sold.
+pub fn is_open(entry: &Entry) -> bool {
+    !entry.status.is_final()
+        || !matches!(
+            entry.protection,
+            Protection::Closed | Protection::Exited { .. } | Protection::NotNeeded
+        )
+}

@@ -1,0 +1,202 @@
+//! Turning a position into OCO legs that the exchange will accept.
+
+use rust_decimal::Decimal;
+
+use crate::ids::LegIndex;
+use crate::levels::ResolvedLevels;
+use crate::money::{Price, Qty};
+use crate::symbol::{FilterViolation, SymbolRules};
+
+/// Everything [`plan_protection`] needs; all of it facts, none of it I/O.
+#[derive(Debug, Clone)]
+pub struct PlanInput<'a> {
+    /// The symbol's filters.
+    pub rules: &'a SymbolRules,
+    /// Tick-aligned levels.
+    pub levels: ResolvedLevels,
+    /// Reference for `PERCENT_PRICE_BY_SIDE` (the average fill price).
+    pub reference: Price,
+    /// Base quantity to protect: filled − base commission − already sold,
+    /// capped by what the account holds.
+    pub position: Qty,
+    /// Share of the position on leg 1, in `(0, 1]`; the rest goes on leg 2.
+    pub split: Decimal,
+    /// How many more stop orders the symbol takes for this account
+    /// (`None`: unknown, assume the filter allows two).
+    pub stop_budget: Option<u32>,
+}
+
+/// One OCO to place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlannedLeg {
+    /// Which pair.
+    pub index: LegIndex,
+    /// Quantity of both orders of the list.
+    pub qty: Qty,
+    /// `LIMIT_MAKER` price above.
+    pub take_profit: Price,
+    /// Stop trigger below.
+    pub stop: Price,
+    /// Stop limit (`None`: market stop).
+    pub stop_limit: Option<Price>,
+}
+
+/// Why fewer legs were planned than configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Degraded {
+    /// A leg was under the minimum and merged into the other.
+    Merged,
+    /// The symbol's stop-order budget took only one more stop.
+    StopBudget,
+}
+
+/// The legs for one generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// One or two legs; their quantities sum to at most the position.
+    pub legs: Vec<PlannedLeg>,
+    /// What flooring to the step left out.
+    pub uncovered: Qty,
+    /// Set when the plan has fewer legs than configured.
+    pub degraded: Option<Degraded>,
+}
+
+impl Plan {
+    /// Sum of the legs' quantities.
+    pub fn total(&self) -> Qty {
+        self.legs.iter().map(|l| l.qty).sum()
+    }
+}
+
+/// A position that cannot be protected, with the numbers that say why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unprotectable {
+    /// Too small for any leg.
+    #[error(
+        "dust: position {position} floors to {floored}, under min qty {min_qty} or notional {notional} under min {min_notional}"
+    )]
+    Dust {
+        /// The position.
+        position: Qty,
+        /// Floored to the step.
+        floored: Qty,
+        /// `LOT_SIZE.minQty`.
+        min_qty: Qty,
+        /// `floored × lowest leg price`.
+        notional: Decimal,
+        /// The minimum notional.
+        min_notional: Decimal,
+    },
+    /// No stop order can be added on this symbol.
+    #[error("stop-order budget exhausted on {symbol}: MAX_NUM_ALGO_ORDERS leaves no room")]
+    NoStopBudget {
+        /// The symbol.
+        symbol: String,
+    },
+    /// The symbol accepts no new orders, or no OCO.
+    #[error("{symbol} does not accept {what}")]
+    SymbolClosed {
+        /// The symbol.
+        symbol: String,
+        /// `new orders` or `OCO lists`.
+        what: &'static str,
+    },
+    /// A level breaks a filter the exchange would enforce.
+    #[error("{0}")]
+    Filter(FilterViolation),
+}
+
+/// Plans the OCO legs for a position.
+///
+/// Quantities are floored to the step; a leg under `minQty` or the minimum
+/// notional merges into the other; a budget of one stop yields one leg.
+///
+/// # Errors
+/// [`Unprotectable`] with the reason and numbers when no leg can be placed.
+pub fn plan_protection(input: &PlanInput<'_>) -> Result<Plan, Unprotectable> {
+    let rules = input.rules;
+    let symbol = rules.symbol.name.clone();
+    if !rules.trading {
+        return Err(Unprotectable::SymbolClosed {
+            symbol,
+            what: "new orders",
+        });
+    }
+    if !rules.oco_allowed {
+        return Err(Unprotectable::SymbolClosed {
+            symbol,
+            what: "OCO lists",
+        });
+    }
+    let lv = input.levels;
+    for price in [Some(lv.tp1), Some(lv.tp2), Some(lv.stop), lv.stop_limit]
+        .into_iter()
+        .flatten()
+    {
+        rules.check_price(price).map_err(Unprotectable::Filter)?;
+        rules
+            .check_sell_percent(price, input.reference)
+            .map_err(Unprotectable::Filter)?;
+    }
+    let floored = input.position.floor_to(rules.step);
+    // The stop's limit is the lowest price either order of the list sells at.
+    let fits = |q: Qty| {
+        rules.check_qty(q).is_ok()
+            && rules.check_notional(q, lv.lowest()).is_ok()
+            && rules.check_notional(q, lv.tp2).is_ok()
+    };
+    let max_one = rules
+        .max_qty
+        .map_or(floored, |m| floored.min(m.floor_to(rules.step)));
+    if !fits(max_one) {
+        return Err(Unprotectable::Dust {
+            position: input.position,
+            floored,
+            min_qty: rules.min_qty,
+            notional: floored.notional(lv.lowest()),
+            min_notional: rules.min_notional,
+        });
+    }
+    if input.stop_budget == Some(0) {
+        return Err(Unprotectable::NoStopBudget { symbol });
+    }
+    let leg = |index, qty, take_profit| PlannedLeg {
+        index,
+        qty,
+        take_profit,
+        stop: lv.stop,
+        stop_limit: lv.stop_limit,
+    };
+    let split = input.split.clamp(Decimal::ZERO, Decimal::ONE);
+    let q1 = Qty::new(floored.get() * split)
+        .unwrap_or(Qty::ZERO)
+        .floor_to(rules.step);
+    let q2 = floored.saturating_sub(q1);
+    let two_fit = fits(q1) && fits(q2);
+    let budget_two = input.stop_budget.is_none_or(|b| b >= 2);
+    let (legs, degraded) = if two_fit && budget_two {
+        (
+            vec![
+                leg(LegIndex::First, q1, lv.tp1),
+                leg(LegIndex::Second, q2, lv.tp2),
+            ],
+            None,
+        )
+    } else {
+        let why = if two_fit {
+            Degraded::StopBudget
+        } else {
+            Degraded::Merged
+        };
+        let degraded = (split < Decimal::ONE).then_some(why);
+        (vec![leg(LegIndex::First, max_one, lv.tp1)], degraded)
+    };
+    let plan = Plan {
+        uncovered: input
+            .position
+            .saturating_sub(legs.iter().map(|l| l.qty).sum()),
+        legs,
+        degraded,
+    };
+    Ok(plan)
+}

@@ -1,0 +1,522 @@
+//! The ports: what the domain needs from an exchange, a user-data stream, a
+//! store and a clock. Adapters implement them; layers hold them as
+//! `Arc<dyn …>`.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rust_decimal::Decimal;
+use secrecy::SecretString;
+
+use crate::ids::{AccountId, ClientOrderId, EntryId, LegKey, OcoClientIds};
+use crate::model::{
+    Account, Entry, EntryEventRecord, Evidence, Fill, Leg, LegClaim, LegUpdate, Millis, NewEntry,
+    OrderSize, ProtectionConfig, Source,
+};
+use crate::money::{Price, Qty};
+use crate::state::{EntryStatus, LegSold};
+use crate::symbol::SymbolRules;
+
+/// API credentials of one exchange account. `Debug` never shows the secret.
+#[derive(Clone)]
+pub struct ApiCredentials {
+    /// Public key, sent as `X-MBX-APIKEY`.
+    pub api_key: String,
+    /// Signing secret.
+    pub secret: SecretString,
+}
+
+impl fmt::Debug for ApiCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiCredentials")
+            .field("api_key", &self.api_key)
+            .field("secret", &"[redacted]")
+            .finish()
+    }
+}
+
+/// An exchange failure, classified by what the caller must do next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExchangeError {
+    /// Final refusal: record why; never retried as is.
+    #[error("rejected by the exchange: {code} {msg}")]
+    Rejected {
+        /// Exchange error code.
+        code: i32,
+        /// Exchange message, word for word.
+        msg: String,
+    },
+    /// The request may or may not have been applied: look the client id up,
+    /// never resend blindly.
+    #[error("outcome unknown: {0}")]
+    UnknownOutcome(String),
+    /// Too many requests: wait, then retry.
+    #[error("rate limited, retry after {retry_after:?}")]
+    RateLimited {
+        /// How long to wait.
+        retry_after: Duration,
+    },
+    /// Failed before reaching the exchange, or a read failed: back off and retry.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Keys refused or revoked: stop using this account and report it.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// The order or list does not exist.
+    #[error("not found")]
+    NotFound,
+}
+
+impl ExchangeError {
+    /// True for a refusal because the account lacks the coins.
+    pub fn is_insufficient_balance(&self) -> bool {
+        matches!(self, Self::Rejected { msg, .. } if msg.contains("insufficient balance"))
+    }
+
+    /// True for the SELL OCO price rule (the market already passed a level).
+    pub fn is_bad_prices(&self) -> bool {
+        matches!(self, Self::Rejected { msg, .. } if msg.contains("relationship of the prices")
+            || msg.contains("would trigger immediately") || msg.contains("immediately match and take"))
+    }
+
+    /// True for the stop-order cap of the symbol.
+    pub fn is_stop_budget(&self) -> bool {
+        matches!(self, Self::Rejected { msg, .. } if msg.contains("MAX_NUM_ALGO_ORDERS")
+            || msg.contains("MAX_NUM_ORDER_LISTS") || msg.contains("MAX_NUM_ORDERS"))
+    }
+
+    /// True for a duplicate client id: the order may already exist.
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, Self::Rejected { msg, .. } if msg.contains("Duplicate order"))
+    }
+}
+
+/// Order side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// Buy.
+    Buy,
+    /// Sell.
+    Sell,
+}
+
+/// A plain order: an entry, or a market exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRequest {
+    /// Symbol name.
+    pub symbol: String,
+    /// Side.
+    pub side: Side,
+    /// `None`: MARKET; `Some(p)`: LIMIT GTC at `p`.
+    pub limit: Option<Price>,
+    /// Size.
+    pub size: OrderSize,
+    /// Our client id.
+    pub client_id: ClientOrderId,
+}
+
+/// An order as the exchange reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderSnapshot {
+    /// Exchange order id.
+    pub order_id: i64,
+    /// Client id.
+    pub client_id: String,
+    /// Symbol.
+    pub symbol: String,
+    /// Status.
+    pub status: EntryStatus,
+    /// Cumulative filled base quantity.
+    pub executed_qty: Qty,
+    /// Cumulative quote.
+    pub cumulative_quote: Decimal,
+    /// Trades included in the answer (FULL responses); may be empty.
+    pub fills: Vec<Fill>,
+    /// Last update time.
+    pub updated_at: Millis,
+}
+
+/// A protective SELL OCO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OcoRequest {
+    /// Symbol name.
+    pub symbol: String,
+    /// Quantity (both orders).
+    pub qty: Qty,
+    /// `LIMIT_MAKER` price above.
+    pub take_profit: Price,
+    /// Stop trigger below.
+    pub stop: Price,
+    /// Stop limit; `None` for a market stop.
+    pub stop_limit: Option<Price>,
+    /// Deterministic client ids.
+    pub ids: OcoClientIds,
+}
+
+/// The exchange's acknowledgement of a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OcoAck {
+    /// `orderListId`.
+    pub list_id: i64,
+    /// Take-profit order id.
+    pub take_profit_order_id: i64,
+    /// Stop order id.
+    pub stop_order_id: i64,
+}
+
+/// How an order of a list stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOrderSnapshot {
+    /// Client id.
+    pub client_id: String,
+    /// Status (the entry status enum covers every order status).
+    pub status: EntryStatus,
+    /// Filled so far.
+    pub executed_qty: Qty,
+    /// Quote transacted.
+    pub cumulative_quote: Decimal,
+    /// `expiryReason`, when expired.
+    pub expiry_reason: Option<String>,
+}
+
+/// An order list as the exchange reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderListSnapshot {
+    /// `orderListId`.
+    pub list_id: i64,
+    /// `listClientOrderId`.
+    pub list_client_id: String,
+    /// Symbol.
+    pub symbol: String,
+    /// False once `ALL_DONE`.
+    pub executing: bool,
+    /// The take-profit order, when the answer includes it.
+    pub take_profit: Option<ListOrderSnapshot>,
+    /// The stop order, when the answer includes it.
+    pub stop_loss: Option<ListOrderSnapshot>,
+}
+
+/// Result of a cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// Canceled now.
+    Canceled,
+    /// Not open (already filled, expired or canceled): look it up.
+    NotOpen,
+}
+
+/// One asset's balance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    /// Asset.
+    pub asset: String,
+    /// Free.
+    pub free: Qty,
+    /// Locked in open orders.
+    pub locked: Qty,
+}
+
+/// The exchange, as the domain needs it. Every method that places or cancels
+/// returns [`ExchangeError::UnknownOutcome`] when it cannot know the result.
+#[async_trait]
+pub trait Exchange: Send + Sync {
+    /// The symbol's filters (cached by the adapter).
+    async fn symbol_rules(&self, symbol: &str) -> Result<SymbolRules, ExchangeError>;
+    /// Drops cached rules after a filter failure, so the next read is fresh.
+    fn invalidate_rules(&self, symbol: &str);
+    /// Last traded price.
+    async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError>;
+    /// Balances of the account.
+    async fn balances(&self, creds: &ApiCredentials) -> Result<Vec<Balance>, ExchangeError>;
+    /// Places an order, asking for the FULL response.
+    async fn place_order(
+        &self,
+        creds: &ApiCredentials,
+        order: &OrderRequest,
+    ) -> Result<OrderSnapshot, ExchangeError>;
+    /// Looks an order up by client id ([`ExchangeError::NotFound`] if absent).
+    async fn query_order(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        client_id: &str,
+    ) -> Result<OrderSnapshot, ExchangeError>;
+    /// The trades of one order.
+    async fn order_trades(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        order_id: i64,
+    ) -> Result<Vec<Fill>, ExchangeError>;
+    /// Cancels an order by client id.
+    async fn cancel_order(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        client_id: &str,
+    ) -> Result<CancelOutcome, ExchangeError>;
+    /// Places a SELL OCO.
+    async fn place_oco(
+        &self,
+        creds: &ApiCredentials,
+        oco: &OcoRequest,
+    ) -> Result<OcoAck, ExchangeError>;
+    /// Looks a list up by `listClientOrderId`, with its orders' states
+    /// (`Ok(None)` when the exchange has no such list).
+    async fn order_list(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        list_client_id: &str,
+    ) -> Result<Option<OrderListSnapshot>, ExchangeError>;
+    /// Every open list of the account (one cheap call per account).
+    async fn open_order_lists(
+        &self,
+        creds: &ApiCredentials,
+    ) -> Result<Vec<OrderListSnapshot>, ExchangeError>;
+    /// Cancels a list by `listClientOrderId`.
+    async fn cancel_order_list(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        list_client_id: &str,
+    ) -> Result<CancelOutcome, ExchangeError>;
+}
+
+/// An order update from the user-data stream (`executionReport`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutionUpdate {
+    /// Symbol.
+    pub symbol: String,
+    /// The order's own client id (for a cancel, the original id).
+    pub client_id: String,
+    /// Exchange order id.
+    pub order_id: i64,
+    /// `orderListId`, −1 when not in a list.
+    pub list_id: i64,
+    /// Side.
+    pub side: Side,
+    /// Order type as the exchange spells it.
+    pub order_type: String,
+    /// Execution type (`NEW`, `TRADE`, `CANCELED`, `EXPIRED`, …).
+    pub execution: String,
+    /// Order status after this event.
+    pub status: EntryStatus,
+    /// Cumulative filled.
+    pub executed_qty: Qty,
+    /// Cumulative quote.
+    pub cumulative_quote: Decimal,
+    /// The trade, when `execution` is `TRADE`.
+    pub fill: Option<Fill>,
+    /// `eR`, when present.
+    pub expiry_reason: Option<String>,
+    /// Event time.
+    pub event_time: Millis,
+}
+
+/// A list update from the user-data stream (`listStatus`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListUpdate {
+    /// Symbol.
+    pub symbol: String,
+    /// `orderListId`.
+    pub list_id: i64,
+    /// `listClientOrderId`.
+    pub list_client_id: String,
+    /// False once `ALL_DONE`.
+    pub executing: bool,
+    /// Event time.
+    pub event_time: Millis,
+}
+
+/// What a user-data stream delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// Subscribed (first time or after a reconnect).
+    Connected,
+    /// Nothing was delivered between `from` and `to`: events may be lost, so
+    /// the account needs reconciliation. Nothing is replayed.
+    Gap {
+        /// Last moment the stream was known healthy.
+        from: Millis,
+        /// Moment it was healthy again.
+        to: Millis,
+    },
+    /// An order update.
+    Execution(ExecutionUpdate),
+    /// A list update.
+    List(ListUpdate),
+    /// Balances that changed.
+    Balances(Vec<Balance>),
+}
+
+/// One account's user-data stream. Reconnects happen inside and surface as
+/// [`StreamEvent::Gap`].
+#[async_trait]
+pub trait UserStreamSession: Send {
+    /// The next event; `Err` when the stream cannot go on (keys revoked).
+    async fn next_event(&mut self) -> Result<StreamEvent, ExchangeError>;
+}
+
+/// Opens user-data streams.
+#[async_trait]
+pub trait UserStream: Send + Sync {
+    /// Subscribes to the account's events.
+    async fn open(
+        &self,
+        creds: &ApiCredentials,
+    ) -> Result<Box<dyn UserStreamSession>, ExchangeError>;
+}
+
+/// A store failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// No such record.
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// Kind of record.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The input breaks a rule of the store (duplicate, bad reference).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database could not be reached or failed: retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be read back (corruption, wrong key).
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// A new account and its secret.
+#[derive(Debug, Clone)]
+pub struct NewAccount {
+    /// Owning user.
+    pub owner: String,
+    /// Exchange name.
+    pub exchange: String,
+    /// Credentials (the store keeps the secret encrypted).
+    pub credentials: ApiCredentials,
+    /// Protection settings.
+    pub protection: ProtectionConfig,
+}
+
+/// Persistence, as the domain needs it. Claims are atomic and evidence is
+/// monotonic, whichever process writes.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Registers an account.
+    async fn create_account(&self, account: NewAccount) -> Result<Account, StoreError>;
+    /// One account.
+    async fn account(&self, id: AccountId) -> Result<Account, StoreError>;
+    /// The account's credentials, decrypted.
+    async fn credentials(&self, id: AccountId) -> Result<ApiCredentials, StoreError>;
+    /// Changes an account's protection settings and active flag.
+    async fn update_account(
+        &self,
+        id: AccountId,
+        protection: ProtectionConfig,
+        active: bool,
+    ) -> Result<Account, StoreError>;
+    /// Active accounts.
+    async fn active_accounts(&self) -> Result<Vec<Account>, StoreError>;
+
+    /// Persists an entry before it is sent; assigns its id and client id
+    /// from `client_id_of`.
+    async fn create_entry(
+        &self,
+        entry: NewEntry,
+        client_id_of: &(dyn Fn(EntryId) -> ClientOrderId + Send + Sync),
+        at: Millis,
+    ) -> Result<Entry, StoreError>;
+    /// One entry.
+    async fn entry(&self, id: EntryId) -> Result<Entry, StoreError>;
+    /// The entries of an account whose position is not settled: the order can
+    /// still fill, or filled coins are not yet known sold.
+    async fn open_entries(&self, account: AccountId) -> Result<Vec<Entry>, StoreError>;
+    /// Merges evidence without ever lowering what is known: fills by trade id,
+    /// executed quantity and quote by maximum, status only forward.
+    async fn record_evidence(&self, id: EntryId, evidence: &Evidence) -> Result<Entry, StoreError>;
+    /// Sets the entry's protection state.
+    async fn set_protection(
+        &self,
+        id: EntryId,
+        protection: &crate::model::Protection,
+    ) -> Result<(), StoreError>;
+    /// Records the realised result of a closed entry.
+    async fn close_entry(
+        &self,
+        id: EntryId,
+        realized_quote: Decimal,
+        at: Millis,
+    ) -> Result<(), StoreError>;
+
+    /// The entry's legs, every generation.
+    async fn legs(&self, entry: EntryId) -> Result<Vec<Leg>, StoreError>;
+    /// Claims a leg. `Ok(false)`: another caller holds it.
+    async fn claim_leg(&self, claim: &LegClaim) -> Result<bool, StoreError>;
+    /// Applies `update` if the leg is still in `update.from`; `Ok(false)` if not.
+    async fn update_leg(&self, update: &LegUpdate) -> Result<bool, StoreError>;
+    /// Raises what a leg has sold (never lowers it).
+    async fn record_leg_sold(
+        &self,
+        key: LegKey,
+        sold: LegSold,
+        at: Millis,
+    ) -> Result<(), StoreError>;
+
+    /// Appends to the entry's history.
+    async fn append_event(&self, event: &EntryEventRecord) -> Result<(), StoreError>;
+    /// The entry's history, oldest first.
+    async fn events(&self, entry: EntryId) -> Result<Vec<EntryEventRecord>, StoreError>;
+
+    /// Flags an account for immediate reconciliation.
+    async fn flag_reconcile(
+        &self,
+        account: AccountId,
+        reason: &str,
+        at: Millis,
+    ) -> Result<(), StoreError>;
+    /// Takes up to `limit` flagged accounts, clearing their flags; concurrent
+    /// takers never get the same account.
+    async fn take_flagged(&self, limit: usize) -> Result<Vec<AccountId>, StoreError>;
+}
+
+/// Time, injected so that tests control it.
+pub trait Clock: Send + Sync {
+    /// Now.
+    fn now(&self) -> Millis;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Millis {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Millis(i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+/// Shorthand used by [`Store::events`] callers.
+pub fn event(
+    entry: EntryId,
+    kind: &str,
+    detail: impl Into<String>,
+    source: Option<Source>,
+    at: Millis,
+) -> EntryEventRecord {
+    EntryEventRecord {
+        entry,
+        kind: kind.to_owned(),
+        detail: detail.into(),
+        source,
+        at,
+    }
+}

@@ -1,0 +1,964 @@
+//! `protect(entry, evidence, source)`: the one idempotent routine.
+//!
+//! Every layer calls it, in any order, in any process. It records evidence
+//! monotonically, plans from facts, claims each leg in the store before any
+//! request goes out, places the claimed legs concurrently, records outcomes,
+//! and resolves an unknown outcome by looking the deterministic client id up,
+//! never by placing again. See DESIGN.md, rules 1–8.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use rust_decimal::Decimal;
+use tracing::{info, warn};
+
+use crate::ids::{IdError, IdScheme, LegIndex, LegKey};
+use crate::levels::{LevelsError, resolve_levels};
+use crate::model::{
+    Entry, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize, Protection, Source,
+};
+use crate::money::Qty;
+use crate::plan::{Degraded, PlanInput, plan_protection};
+use crate::ports::{
+    ApiCredentials, CancelOutcome, Clock, Exchange, ExchangeError, OcoRequest, OrderListSnapshot,
+    OrderRequest, Side, Store, StoreError, event,
+};
+use crate::state::{EntryStatus, ExternalEnd, LegSold, LegState};
+use crate::symbol::SymbolRules;
+
+/// Settings of the routine.
+#[derive(Debug, Clone)]
+pub struct ProtectorConfig {
+    /// Client-id namespace.
+    pub ids: IdScheme,
+    /// A claim older than this with no outcome is presumed abandoned (its
+    /// claimant crashed) and is resolved by lookup.
+    pub claim_timeout: Duration,
+    /// How long a stop-budget refusal is remembered when planning.
+    pub budget_hint_ttl: Duration,
+    /// Re-planning rounds within one call (new evidence, a list that ended
+    /// while being replaced, a balance that turned out smaller).
+    pub max_rounds: u32,
+}
+
+impl ProtectorConfig {
+    /// Sensible settings under the namespace `ids`.
+    pub fn new(ids: IdScheme) -> Self {
+        Self {
+            ids,
+            claim_timeout: Duration::from_secs(30),
+            budget_hint_ttl: Duration::from_secs(60),
+            max_rounds: 4,
+        }
+    }
+}
+
+/// Why `protect` did nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// Nothing has filled.
+    NoFill,
+    /// The placed legs already cover what can be covered.
+    Covered,
+    /// Another caller holds a fresh claim and is placing right now.
+    InFlight,
+    /// The position is sold, exited, or closed.
+    Settled,
+    /// The re-planning rounds ran out; the next call goes on.
+    Busy,
+}
+
+/// What one call did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtectOutcome {
+    /// Nothing to do.
+    Nothing(Idle),
+    /// Placed a generation of legs.
+    Placed {
+        /// The legs acknowledged by the exchange.
+        legs: Vec<LegKey>,
+        /// Older lists canceled to make room.
+        replaced: usize,
+        /// Set when fewer legs were placed than configured.
+        degraded: Option<Degraded>,
+    },
+    /// A placement's answer was lost and the lookup did not find it yet; the
+    /// next call (or sync) resolves it by lookup.
+    Pending {
+        /// The legs in doubt.
+        legs: Vec<LegKey>,
+    },
+    /// Some legs were refused or could not be sent; the next call retries.
+    Failed {
+        /// What went wrong, per leg.
+        errors: Vec<String>,
+    },
+    /// Recorded as unprotectable with the reason.
+    Unprotectable {
+        /// Why.
+        reason: String,
+    },
+    /// Protection came too late and the position was sold at market.
+    Exited {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A call's result, tagged for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectReport {
+    /// The entry.
+    pub entry: crate::ids::EntryId,
+    /// The calling layer.
+    pub source: Source,
+    /// What happened.
+    pub outcome: ProtectOutcome,
+    /// First fill time, for the fill→protected latency.
+    pub filled_at: Option<Millis>,
+    /// When the call finished.
+    pub finished_at: Millis,
+}
+
+/// What stopped `protect` before it could decide.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtectError {
+    /// The store failed; nothing unsafe happened, call again.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A read from the exchange failed before anything was sent.
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+    /// The id layout overflowed.
+    #[error(transparent)]
+    Id(#[from] IdError),
+}
+
+enum Round {
+    Done(ProtectOutcome),
+    Again { holding: Option<Qty> },
+}
+
+/// Holds the ports and runs `protect`.
+pub struct Protector {
+    exchange: Arc<dyn Exchange>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: ProtectorConfig,
+}
+
+impl Protector {
+    /// Wires the routine to its ports.
+    pub fn new(
+        exchange: Arc<dyn Exchange>,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: ProtectorConfig,
+    ) -> Self {
+        Self {
+            exchange,
+            store,
+            clock,
+            config,
+        }
+    }
+
+    /// The id scheme, for layers that recognise our orders.
+    pub fn ids(&self) -> &IdScheme {
+        &self.config.ids
+    }
+
+    /// Records `evidence` (if any) and makes sure the entry's filled quantity
+    /// is protected, placing or replacing legs as needed. Idempotent: any
+    /// number of concurrent calls for one fill place each leg once.
+    ///
+    /// # Errors
+    /// [`ProtectError`] when the store or a read from the exchange fails;
+    /// nothing is left half-done that a later call cannot finish.
+    pub async fn protect(
+        &self,
+        entry: crate::ids::EntryId,
+        evidence: Option<&Evidence>,
+        source: Source,
+    ) -> Result<ProtectReport, ProtectError> {
+        let mut current = match evidence {
+            Some(ev) => self.store.record_evidence(entry, ev).await?,
+            None => self.store.entry(entry).await?,
+        };
+        let mut holding = evidence.and_then(|e| e.holding);
+        let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
+        for _ in 0..self.config.max_rounds {
+            match self.round(&current, holding, source).await? {
+                Round::Done(o) => {
+                    outcome = o;
+                    break;
+                }
+                Round::Again { holding: h } => {
+                    holding = h.or(holding);
+                    current = self.store.entry(entry).await?;
+                }
+            }
+        }
+        Ok(ProtectReport {
+            entry,
+            source,
+            outcome,
+            filled_at: current.filled_at,
+            finished_at: self.clock.now(),
+        })
+    }
+
+    async fn round(
+        &self,
+        entry: &Entry,
+        holding: Option<Qty>,
+        source: Source,
+    ) -> Result<Round, ProtectError> {
+        let Some(fill_price) = entry.average_price() else {
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
+        };
+        if matches!(
+            entry.protection,
+            Protection::Exited { .. } | Protection::Closed
+        ) {
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
+        }
+        let creds = self.store.credentials(entry.account).await?;
+        let account = self.store.account(entry.account).await?;
+        let mut legs = self.store.legs(entry.id).await?;
+
+        // Settle legs in doubt: an unknown outcome, or a claim whose claimant went quiet.
+        let now = self.clock.now();
+        let mut settled_any = false;
+        for leg in &legs {
+            let stale_claim = leg.state == LegState::Claimed
+                && now.since(leg.claimed_at) > self.config.claim_timeout;
+            if leg.state == LegState::Unknown || stale_claim {
+                self.refresh_leg(&creds, leg).await?;
+                settled_any = true;
+            }
+        }
+        if settled_any {
+            legs = self.store.legs(entry.id).await?;
+        }
+        if legs.iter().any(|l| l.state == LegState::Claimed) {
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
+        }
+        if legs.iter().any(|l| l.state == LegState::Unknown) {
+            let pending = legs
+                .iter()
+                .filter(|l| l.state == LegState::Unknown)
+                .map(|l| l.key)
+                .collect();
+            return Ok(Round::Done(ProtectOutcome::Pending { legs: pending }));
+        }
+
+        let sold: Qty = legs.iter().map(|l| l.sold.total()).sum();
+        let mut position = entry.net_qty().saturating_sub(sold);
+        if let Some(h) = holding {
+            position = position.min(h);
+        }
+        let active: Vec<&Leg> = legs.iter().filter(|l| l.state.is_active()).collect();
+        let active_qty: Qty = active.iter().map(|l| l.qty).sum();
+        if position.is_zero() && active.is_empty() {
+            if entry.status.is_final() && entry.protection != Protection::Closed {
+                let realized = legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>()
+                    - entry.cumulative_quote;
+                self.store.close_entry(entry.id, realized, now).await?;
+                self.store
+                    .append_event(&event(
+                        entry.id,
+                        "closed",
+                        format!("realized {realized}"),
+                        Some(source),
+                        now,
+                    ))
+                    .await?;
+            }
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
+        }
+
+        let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
+        let levels = match resolve_levels(
+            entry.levels,
+            account.protection.percents,
+            fill_price,
+            &rules,
+            account.protection.stop,
+        ) {
+            Ok(l) => l,
+            Err(err @ LevelsError::Order { .. }) if active.is_empty() => {
+                // The entry filled beyond its own stop or target: the market passed a level.
+                let reason = format!("levels passed at fill: {err}");
+                return self
+                    .late(
+                        entry,
+                        &creds,
+                        &rules,
+                        &legs,
+                        position,
+                        account.protection.late,
+                        source,
+                        reason,
+                    )
+                    .await;
+            }
+            Err(_) if !active.is_empty() => {
+                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
+            }
+            Err(err) => return self.unprotectable(entry, source, err.to_string()).await,
+        };
+
+        let generation = legs.iter().map(|l| l.key.generation + 1).max().unwrap_or(0);
+        let stop_budget = self.stop_budget_hint(&legs, generation, now);
+        let plan = match plan_protection(&PlanInput {
+            rules: &rules,
+            levels,
+            reference: fill_price,
+            position,
+            split: account.protection.split,
+            stop_budget,
+        }) {
+            Ok(plan) => plan,
+            Err(_) if !active.is_empty() => {
+                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
+            }
+            Err(reason) => return self.unprotectable(entry, source, reason.to_string()).await,
+        };
+        if !active.is_empty() && active_qty >= plan.total() {
+            self.mark_protected(entry, source, now).await?;
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
+        }
+
+        // Claim the new generation before anything is sent; only the claimant goes on.
+        let mut claims = Vec::with_capacity(plan.legs.len());
+        for planned in &plan.legs {
+            let key = LegKey {
+                entry: entry.id,
+                leg: planned.index,
+                generation,
+            };
+            let claim = LegClaim {
+                key,
+                ids: self.config.ids.oco(key)?,
+                symbol: entry.symbol.name.clone(),
+                qty: planned.qty,
+                take_profit: planned.take_profit,
+                stop: planned.stop,
+                stop_limit: planned.stop_limit,
+                source,
+                at: now,
+            };
+            if self.store.claim_leg(&claim).await? {
+                claims.push(claim);
+            } else if claims.is_empty() {
+                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
+            }
+        }
+
+        // Coins under an older list are locked: cancel it first (DESIGN rule 8 and
+        // partial fills). A list that already ended means the position changed: re-plan.
+        let mut replaced = 0;
+        for old in &active {
+            match self
+                .exchange
+                .cancel_order_list(&creds, &old.symbol, old.ids.list.as_str())
+                .await
+            {
+                Ok(CancelOutcome::Canceled) => {
+                    self.transition(old, LegState::Replaced, None).await?;
+                    replaced += 1;
+                }
+                Ok(CancelOutcome::NotOpen) => {
+                    self.refresh_leg(&creds, old).await?;
+                    self.release(
+                        &claims,
+                        None,
+                        "superseded: an older list ended while being replaced",
+                    )
+                    .await?;
+                    return Ok(Round::Again { holding: None });
+                }
+                Err(err) => {
+                    self.release(
+                        &claims,
+                        None,
+                        &format!("could not cancel older list: {err}"),
+                    )
+                    .await?;
+                    return Ok(Round::Done(ProtectOutcome::Failed {
+                        errors: vec![err.to_string()],
+                    }));
+                }
+            }
+        }
+        self.cancel_orphaned_take_profits(&creds, &legs).await;
+
+        let requests: Vec<OcoRequest> = claims
+            .iter()
+            .map(|c| OcoRequest {
+                symbol: c.symbol.clone(),
+                qty: c.qty,
+                take_profit: c.take_profit,
+                stop: c.stop,
+                stop_limit: c.stop_limit,
+                ids: c.ids.clone(),
+            })
+            .collect();
+        let results = join_all(requests.iter().map(|r| self.exchange.place_oco(&creds, r))).await;
+
+        let mut placed = Vec::new();
+        let mut pending = Vec::new();
+        let mut errors = Vec::new();
+        let mut again = None;
+        let mut late_reason = None;
+        for ((claim, request), result) in claims.iter().zip(&requests).zip(results) {
+            let key = claim.key;
+            match result {
+                Ok(ack) => {
+                    self.update(
+                        key,
+                        "claimed",
+                        LegState::Placed {
+                            list_id: ack.list_id,
+                        },
+                        None,
+                    )
+                    .await?;
+                    info!(entry = %entry.id, leg = %key, list_id = ack.list_id, client_id = %request.ids.list, %source, "protection leg placed");
+                    placed.push(key);
+                }
+                // A duplicate id means an earlier attempt may have placed it: look it up too.
+                Err(err)
+                    if matches!(err, ExchangeError::UnknownOutcome(_)) || err.is_duplicate() =>
+                {
+                    warn!(entry = %entry.id, leg = %key, client_id = %request.ids.list, error = %err, "outcome unknown, looking it up");
+                    self.update(key, "claimed", LegState::Unknown, Some(err.to_string()))
+                        .await?;
+                    match self
+                        .exchange
+                        .order_list(&creds, &request.symbol, request.ids.list.as_str())
+                        .await
+                    {
+                        Ok(Some(snap)) => {
+                            self.apply_list(key, "unknown", &snap).await?;
+                            placed.push(key);
+                        }
+                        _ => pending.push(key),
+                    }
+                }
+                Err(err) => {
+                    let code = match &err {
+                        ExchangeError::Rejected { code, .. } => Some(*code),
+                        _ => None,
+                    };
+                    warn!(entry = %entry.id, leg = %key, client_id = %request.ids.list, error = %err, "protection leg not placed");
+                    self.update(
+                        key,
+                        "claimed",
+                        LegState::NotPlaced {
+                            code,
+                            reason: err.to_string(),
+                        },
+                        Some(err.to_string()),
+                    )
+                    .await?;
+                    if err.is_bad_prices() {
+                        late_reason = Some(format!("market passed a level: {err}"));
+                    } else if err.is_insufficient_balance() {
+                        again = Some(self.held_base(&creds, &rules).await?);
+                    } else if code == Some(-1013) {
+                        self.exchange.invalidate_rules(&entry.symbol.name);
+                    }
+                    errors.push(format!("{key}: {err}"));
+                }
+            }
+        }
+        for key in &placed {
+            self.store
+                .append_event(&event(
+                    entry.id,
+                    "leg_placed",
+                    format!("{key}"),
+                    Some(source),
+                    self.clock.now(),
+                ))
+                .await?;
+        }
+        if let Some(reason) = late_reason
+            && placed.is_empty()
+            && pending.is_empty()
+        {
+            let legs = self.store.legs(entry.id).await?;
+            return self
+                .late(
+                    entry,
+                    &creds,
+                    &rules,
+                    &legs,
+                    position,
+                    account.protection.late,
+                    source,
+                    reason,
+                )
+                .await;
+        }
+        if !errors.is_empty() || !pending.is_empty() {
+            if let Some(free) = again {
+                // What this entry can cover: the free coins plus those its own new lists lock.
+                let own: Qty = claims
+                    .iter()
+                    .filter(|c| placed.contains(&c.key))
+                    .map(|c| c.qty)
+                    .sum();
+                return Ok(Round::Again {
+                    holding: Some(free.plus(own)),
+                });
+            }
+            // Lists that did go out keep their coins locked; the next call replaces them.
+            return Ok(Round::Done(if pending.is_empty() {
+                ProtectOutcome::Failed { errors }
+            } else {
+                ProtectOutcome::Pending { legs: pending }
+            }));
+        }
+        self.mark_protected(entry, source, self.clock.now()).await?;
+        // New fills may have arrived while we placed; the caller that saw them found our
+        // claim in flight and left the rest to us.
+        let fresh = self.store.entry(entry.id).await?;
+        if fresh.net_qty() > entry.net_qty() {
+            return Ok(Round::Again { holding: None });
+        }
+        Ok(Round::Done(ProtectOutcome::Placed {
+            legs: placed,
+            replaced,
+            degraded: plan.degraded,
+        }))
+    }
+
+    /// Looks a leg's list up on the exchange and records what it finds: placed,
+    /// filled, ended outside, or (for a stale claim or unknown outcome that the
+    /// exchange does not know) never placed.
+    ///
+    /// # Errors
+    /// [`ProtectError::Store`] when the result cannot be recorded; exchange read
+    /// failures leave the leg as it was.
+    pub async fn refresh_leg(&self, creds: &ApiCredentials, leg: &Leg) -> Result<(), ProtectError> {
+        match self
+            .exchange
+            .order_list(creds, &leg.symbol, leg.ids.list.as_str())
+            .await
+        {
+            Ok(Some(snap)) => self.apply_list(leg.key, leg.state.name(), &snap).await,
+            Ok(None) | Err(ExchangeError::NotFound) => {
+                let age = self.clock.now().since(leg.claimed_at);
+                // The list lookup reads a database that may lag a fresh placement.
+                if matches!(leg.state, LegState::Claimed | LegState::Unknown)
+                    && age > self.config.claim_timeout
+                {
+                    self.update(
+                        leg.key,
+                        leg.state.name(),
+                        LegState::NotPlaced {
+                            code: None,
+                            reason: "lookup found no such list".into(),
+                        },
+                        None,
+                    )
+                    .await?;
+                } else if matches!(leg.state, LegState::Placed { .. }) {
+                    self.transition(
+                        leg,
+                        LegState::CanceledExternally {
+                            why: ExternalEnd::Canceled,
+                        },
+                        None,
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+            Err(err) => {
+                warn!(leg = %leg.key, client_id = %leg.ids.list, error = %err, "leg lookup failed");
+                Ok(())
+            }
+        }
+    }
+
+    async fn apply_list(
+        &self,
+        key: LegKey,
+        from: &'static str,
+        snap: &OrderListSnapshot,
+    ) -> Result<(), ProtectError> {
+        let now = self.clock.now();
+        let part = |o: &Option<crate::ports::ListOrderSnapshot>| {
+            o.as_ref().map_or((Qty::ZERO, Decimal::ZERO), |o| {
+                (o.executed_qty, o.cumulative_quote)
+            })
+        };
+        let (tp, tp_quote) = part(&snap.take_profit);
+        let (sl, sl_quote) = part(&snap.stop_loss);
+        let sold = LegSold {
+            take_profit: tp,
+            take_profit_quote: tp_quote,
+            stop_loss: sl,
+            stop_loss_quote: sl_quote,
+        };
+        if !sold.total().is_zero() {
+            self.store.record_leg_sold(key, sold, now).await?;
+        }
+        let to = if snap.executing {
+            LegState::Placed {
+                list_id: snap.list_id,
+            }
+        } else {
+            list_end_state(snap)
+        };
+        if from != "placed" && !snap.executing {
+            // Record that it was placed, then how it ended.
+            self.update(
+                key,
+                from,
+                LegState::Placed {
+                    list_id: snap.list_id,
+                },
+                None,
+            )
+            .await?;
+            self.update(key, "placed", to, None).await?;
+        } else {
+            self.update(key, from, to, None).await?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)] // one call site; a context struct would only rename them
+    async fn late(
+        &self,
+        entry: &Entry,
+        creds: &ApiCredentials,
+        rules: &SymbolRules,
+        legs: &[Leg],
+        position: Qty,
+        policy: LatePolicy,
+        source: Source,
+        reason: String,
+    ) -> Result<Round, ProtectError> {
+        if policy == LatePolicy::RecordOnly {
+            return self
+                .unprotectable(
+                    entry,
+                    source,
+                    format!("late protection (record only): {reason}"),
+                )
+                .await;
+        }
+        let Some(fill_price) = entry.average_price() else {
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
+        };
+        let qty = position.floor_to(rules.step);
+        if rules.check_qty(qty).is_err() {
+            return self
+                .unprotectable(
+                    entry,
+                    source,
+                    format!("late protection: {reason}; position {qty} too small to exit"),
+                )
+                .await;
+        }
+        // The exit is claimed like a leg, so that two layers never both sell.
+        let generation = legs.iter().map(|l| l.key.generation + 1).max().unwrap_or(0);
+        let key = LegKey {
+            entry: entry.id,
+            leg: LegIndex::First,
+            generation,
+        };
+        let now = self.clock.now();
+        let ids = self.config.ids.oco(key)?;
+        let claim = LegClaim {
+            key,
+            ids,
+            symbol: entry.symbol.name.clone(),
+            qty,
+            // An exit has no levels; the claim row keeps the fill price for the record.
+            take_profit: fill_price,
+            stop: fill_price,
+            stop_limit: None,
+            source,
+            at: now,
+        };
+        if !self.store.claim_leg(&claim).await? {
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
+        }
+        let exit_id = self.config.ids.exit(key)?;
+        let order = OrderRequest {
+            symbol: entry.symbol.name.clone(),
+            side: Side::Sell,
+            limit: None,
+            size: OrderSize::Base(qty),
+            client_id: exit_id.clone(),
+        };
+        let result = match self.exchange.place_order(creds, &order).await {
+            Err(ExchangeError::UnknownOutcome(msg)) => {
+                warn!(entry = %entry.id, client_id = %exit_id, error = %msg, "exit outcome unknown, looking it up");
+                self.exchange
+                    .query_order(creds, &order.symbol, exit_id.as_str())
+                    .await
+            }
+            other => other,
+        };
+        match result {
+            Ok(snap) => {
+                let sold = LegSold {
+                    stop_loss: snap.executed_qty,
+                    stop_loss_quote: snap.cumulative_quote,
+                    ..LegSold::default()
+                };
+                self.store.record_leg_sold(key, sold, now).await?;
+                let why = format!("late protection, exited at market: {reason}");
+                self.update(
+                    key,
+                    "claimed",
+                    LegState::NotPlaced {
+                        code: None,
+                        reason: why.clone(),
+                    },
+                    None,
+                )
+                .await?;
+                self.store
+                    .set_protection(
+                        entry.id,
+                        &Protection::Exited {
+                            reason: why.clone(),
+                        },
+                    )
+                    .await?;
+                self.store
+                    .append_event(&event(
+                        entry.id,
+                        "exited",
+                        &why,
+                        Some(source),
+                        self.clock.now(),
+                    ))
+                    .await?;
+                warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
+                Ok(Round::Done(ProtectOutcome::Exited { reason: why }))
+            }
+            Err(err) => {
+                let why = format!("late protection, exit failed: {err}");
+                self.update(
+                    key,
+                    "claimed",
+                    LegState::NotPlaced {
+                        code: None,
+                        reason: why.clone(),
+                    },
+                    None,
+                )
+                .await?;
+                self.store
+                    .append_event(&event(
+                        entry.id,
+                        "exit_failed",
+                        &why,
+                        Some(source),
+                        self.clock.now(),
+                    ))
+                    .await?;
+                Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
+            }
+        }
+    }
+
+    async fn unprotectable(
+        &self,
+        entry: &Entry,
+        source: Source,
+        reason: String,
+    ) -> Result<Round, ProtectError> {
+        if entry.protection
+            != (Protection::Unprotectable {
+                reason: reason.clone(),
+            })
+        {
+            warn!(entry = %entry.id, %reason, %source, "entry unprotectable");
+            self.store
+                .set_protection(
+                    entry.id,
+                    &Protection::Unprotectable {
+                        reason: reason.clone(),
+                    },
+                )
+                .await?;
+            self.store
+                .append_event(&event(
+                    entry.id,
+                    "unprotectable",
+                    &reason,
+                    Some(source),
+                    self.clock.now(),
+                ))
+                .await?;
+        }
+        Ok(Round::Done(ProtectOutcome::Unprotectable { reason }))
+    }
+
+    async fn mark_protected(
+        &self,
+        entry: &Entry,
+        source: Source,
+        at: Millis,
+    ) -> Result<(), ProtectError> {
+        if !matches!(entry.protection, Protection::Protected { .. }) {
+            self.store
+                .set_protection(entry.id, &Protection::Protected { at, by: source })
+                .await?;
+            self.store
+                .append_event(&event(
+                    entry.id,
+                    "protected",
+                    format!("by {source}"),
+                    Some(source),
+                    at,
+                ))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The stop budget learnt from a recent refusal of the latest generation.
+    fn stop_budget_hint(&self, legs: &[Leg], next_generation: u32, now: Millis) -> Option<u32> {
+        let last = next_generation.checked_sub(1)?;
+        let refused = legs.iter().any(|l| {
+            l.key.generation == last
+                && matches!(&l.state, LegState::NotPlaced { reason, .. } if reason.contains("MAX_NUM_"))
+                && now.since(l.updated_at) < self.config.budget_hint_ttl
+        });
+        if !refused {
+            return None;
+        }
+        let accepted = legs
+            .iter()
+            .filter(|l| l.key.generation == last && !matches!(l.state, LegState::NotPlaced { .. }))
+            .count();
+        Some(u32::try_from(accepted).unwrap_or(0))
+    }
+
+    async fn held_base(
+        &self,
+        creds: &ApiCredentials,
+        rules: &SymbolRules,
+    ) -> Result<Qty, ProtectError> {
+        let balances = self.exchange.balances(creds).await?;
+        Ok(balances
+            .iter()
+            .find(|b| b.asset == rules.symbol.base.0)
+            .map_or(Qty::ZERO, |b| b.free))
+    }
+
+    async fn cancel_orphaned_take_profits(&self, creds: &ApiCredentials, legs: &[Leg]) {
+        for leg in legs {
+            if leg.state
+                == (LegState::CanceledExternally {
+                    why: ExternalEnd::TakeProfitPartial,
+                })
+            {
+                // The rest of a partly filled take-profit rests without a stop and locks coins.
+                if let Err(err) = self
+                    .exchange
+                    .cancel_order(creds, &leg.symbol, leg.ids.take_profit.as_str())
+                    .await
+                {
+                    warn!(leg = %leg.key, client_id = %leg.ids.take_profit, error = %err, "could not cancel take-profit remainder");
+                }
+            }
+        }
+    }
+
+    async fn release(
+        &self,
+        claims: &[LegClaim],
+        code: Option<i32>,
+        reason: &str,
+    ) -> Result<(), ProtectError> {
+        for claim in claims {
+            self.update(
+                claim.key,
+                "claimed",
+                LegState::NotPlaced {
+                    code,
+                    reason: reason.to_owned(),
+                },
+                None,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn transition(
+        &self,
+        leg: &Leg,
+        to: LegState,
+        error: Option<String>,
+    ) -> Result<bool, ProtectError> {
+        self.update(leg.key, leg.state.name(), to, error).await
+    }
+
+    async fn update(
+        &self,
+        key: LegKey,
+        from: &'static str,
+        to: LegState,
+        error: Option<String>,
+    ) -> Result<bool, ProtectError> {
+        Ok(self
+            .store
+            .update_leg(&LegUpdate {
+                key,
+                from,
+                to,
+                error,
+                at: self.clock.now(),
+            })
+            .await?)
+    }
+}
+
+/// How a finished list ended, from its orders' states.
+pub fn list_end_state(snap: &OrderListSnapshot) -> LegState {
+    let status = |o: &Option<crate::ports::ListOrderSnapshot>| o.as_ref().map(|o| o.status);
+    let tp = snap.take_profit.as_ref();
+    let sl = snap.stop_loss.as_ref();
+    if status(&snap.take_profit) == Some(EntryStatus::Filled) {
+        return LegState::TakeProfitFilled;
+    }
+    if status(&snap.stop_loss) == Some(EntryStatus::Filled) {
+        return LegState::StopLossFilled;
+    }
+    if tp.is_some_and(|o| !o.executed_qty.is_zero()) {
+        return LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial,
+        };
+    }
+    let stop_expired = sl.is_some_and(|o| {
+        o.status == EntryStatus::Expired
+            && o.expiry_reason
+                .as_deref()
+                .is_some_and(|r| r != "OCO_TRIGGER" && r != "NONE")
+    });
+    if stop_expired
+        || sl.is_some_and(|o| o.status == EntryStatus::Expired && !o.executed_qty.is_zero())
+    {
+        return LegState::CanceledExternally {
+            why: ExternalEnd::StopExpired,
+        };
+    }
+    LegState::CanceledExternally {
+        why: ExternalEnd::Canceled,
+    }
+}

@@ -1,0 +1,1027 @@
+//! Test support: a scripted in-memory exchange double, and the behaviour
+//! suite every [`Store`] implementation must pass (run on `MemStore` here and
+//! on `PgStore` in `store-pg`).
+// Test support only: its literals are constants, so a failed parse is a bug in this file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use rust_decimal::Decimal;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::ids::{AccountId, ClientOrderId, EntryId, LegIndex, LegKey, OcoClientIds};
+use crate::model::{
+    Evidence, Fill, LegClaim, LegUpdate, Millis, NewEntry, OrderSize, Protection, ProtectionConfig,
+};
+use crate::money::{Price, Qty};
+use crate::ports::{
+    ApiCredentials, Balance, CancelOutcome, Exchange, ExchangeError, ListOrderSnapshot, NewAccount,
+    OcoAck, OcoRequest, OrderListSnapshot, OrderRequest, OrderSnapshot, Side, Store, StoreError,
+    event,
+};
+use crate::state::{EntryStatus, LegSold, LegState};
+use crate::symbol::{Asset, SymbolRules};
+
+/// A future that returns `Pending` once, so concurrent tasks interleave at
+/// each exchange call the way real network round trips make them.
+#[derive(Debug, Default)]
+pub struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
+
+/// What the next `place_oco` call does instead of its normal work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OcoFault {
+    /// Places the list, then answers as if the connection dropped.
+    UnknownAfterApply,
+    /// Answers as if the connection dropped, placing nothing.
+    UnknownBeforeApply,
+    /// Refuses with this error.
+    Fail(ExchangeError),
+}
+
+/// A list as the double holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeList {
+    /// `orderListId`.
+    pub list_id: i64,
+    /// Owner's API key.
+    pub api_key: String,
+    /// The request that created it.
+    pub request: OcoRequest,
+    /// Still executing.
+    pub executing: bool,
+    /// Take-profit state.
+    pub take_profit: ListOrderSnapshot,
+    /// Stop state.
+    pub stop_loss: ListOrderSnapshot,
+}
+
+#[derive(Default)]
+struct FakeState {
+    rules: HashMap<String, SymbolRules>,
+    prices: HashMap<String, Price>,
+    balances: HashMap<String, BTreeMap<String, (Decimal, Decimal)>>,
+    lists: Vec<FakeList>,
+    orders: HashMap<(String, String), OrderSnapshot>,
+    oco_faults: VecDeque<OcoFault>,
+    next_id: i64,
+    oco_calls: usize,
+}
+
+/// An exchange double with Binance's OCO semantics: one quantity locked for
+/// both orders, ids unique among open lists, the SELL price rule, and
+/// scripted faults. It does no I/O; it yields once per call.
+#[derive(Default)]
+pub struct FakeExchange {
+    state: Mutex<FakeState>,
+}
+
+fn rejected(code: i32, msg: &str) -> ExchangeError {
+    ExchangeError::Rejected {
+        code,
+        msg: msg.to_owned(),
+    }
+}
+
+impl FakeExchange {
+    /// An exchange with no symbols.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lists a symbol at `price`.
+    pub fn add_symbol(&self, rules: SymbolRules, price: Price) {
+        let mut s = self.lock();
+        s.prices.insert(rules.symbol.name.clone(), price);
+        s.rules.insert(rules.symbol.name.clone(), rules);
+    }
+
+    /// Moves the last price.
+    pub fn set_price(&self, symbol: &str, price: Price) {
+        self.lock().prices.insert(symbol.to_owned(), price);
+    }
+
+    /// Sets an account's free balance of an asset.
+    pub fn set_free(&self, api_key: &str, asset: &str, free: Decimal) {
+        let mut s = self.lock();
+        let slot = s
+            .balances
+            .entry(api_key.to_owned())
+            .or_default()
+            .entry(asset.to_owned())
+            .or_default();
+        slot.0 = free;
+    }
+
+    /// The free and locked balance of an asset.
+    pub fn balance(&self, api_key: &str, asset: &str) -> (Decimal, Decimal) {
+        self.lock()
+            .balances
+            .get(api_key)
+            .and_then(|b| b.get(asset))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Scripts the next `place_oco` call.
+    pub fn push_oco_fault(&self, fault: OcoFault) {
+        self.lock().oco_faults.push_back(fault);
+    }
+
+    /// Every list ever created, in order.
+    pub fn lists(&self) -> Vec<FakeList> {
+        self.lock().lists.clone()
+    }
+
+    /// Lists still executing.
+    pub fn open_lists(&self) -> Vec<FakeList> {
+        self.lock()
+            .lists
+            .iter()
+            .filter(|l| l.executing)
+            .cloned()
+            .collect()
+    }
+
+    /// How many times `place_oco` was called.
+    pub fn oco_calls(&self) -> usize {
+        self.lock().oco_calls
+    }
+
+    /// Fills `qty` of the take-profit of an open list. Like Binance, any fill
+    /// of the take-profit cancels the stop; a partial fill leaves the rest of
+    /// the take-profit resting, unprotected.
+    pub fn fill_take_profit(&self, list_client_id: &str, qty: Qty) {
+        let mut s = self.lock();
+        let Some(i) = s
+            .lists
+            .iter()
+            .position(|l| l.request.ids.list.as_str() == list_client_id && l.executing)
+        else {
+            return;
+        };
+        let (api_key, symbol, total, price) = {
+            let l = &s.lists[i];
+            (
+                l.api_key.clone(),
+                l.request.symbol.clone(),
+                l.request.qty,
+                l.request.take_profit,
+            )
+        };
+        let qty = qty.min(total);
+        let full = qty == total;
+        {
+            let l = &mut s.lists[i];
+            l.executing = false;
+            l.take_profit.executed_qty = qty;
+            l.take_profit.cumulative_quote = qty.notional(price);
+            l.take_profit.status = if full {
+                EntryStatus::Filled
+            } else {
+                EntryStatus::PartiallyFilled
+            };
+            l.stop_loss.status = EntryStatus::Expired;
+            l.stop_loss.expiry_reason = Some("OCO_TRIGGER".into());
+        }
+        let (base, quote) = s.split_symbol(&symbol);
+        let book = s.balances.entry(api_key).or_default();
+        let slot = book.entry(base).or_default();
+        // Sold coins leave the lock; a partial rest stays locked under the resting take-profit.
+        slot.1 -= qty.get();
+        book.entry(quote).or_default().0 += qty.notional(price);
+    }
+
+    /// Triggers and fills the stop of an open list at its limit (or stop) price.
+    pub fn fill_stop(&self, list_client_id: &str) {
+        let mut s = self.lock();
+        let Some(i) = s
+            .lists
+            .iter()
+            .position(|l| l.request.ids.list.as_str() == list_client_id && l.executing)
+        else {
+            return;
+        };
+        let (api_key, symbol, qty, price) = {
+            let l = &mut s.lists[i];
+            let price = l.request.stop_limit.unwrap_or(l.request.stop);
+            l.executing = false;
+            l.stop_loss.status = EntryStatus::Filled;
+            l.stop_loss.executed_qty = l.request.qty;
+            l.stop_loss.cumulative_quote = l.request.qty.notional(price);
+            l.take_profit.status = EntryStatus::Expired;
+            l.take_profit.expiry_reason = Some("OCO_TRIGGER".into());
+            (
+                l.api_key.clone(),
+                l.request.symbol.clone(),
+                l.request.qty,
+                price,
+            )
+        };
+        let (base, quote) = s.split_symbol(&symbol);
+        let book = s.balances.entry(api_key).or_default();
+        book.entry(base).or_default().1 -= qty.get();
+        book.entry(quote).or_default().0 += qty.notional(price);
+    }
+
+    /// Cancels a list as a user would by hand.
+    pub fn cancel_externally(&self, list_client_id: &str) {
+        let mut s = self.lock();
+        s.cancel_list(list_client_id);
+    }
+}
+
+impl FakeState {
+    fn split_symbol(&self, symbol: &str) -> (String, String) {
+        self.rules.get(symbol).map_or_else(
+            || (symbol.to_owned(), String::new()),
+            |r| (r.symbol.base.0.clone(), r.symbol.quote.0.clone()),
+        )
+    }
+
+    fn cancel_list(&mut self, list_client_id: &str) -> bool {
+        let Some(i) = self
+            .lists
+            .iter()
+            .position(|l| l.request.ids.list.as_str() == list_client_id && l.executing)
+        else {
+            return false;
+        };
+        let (api_key, symbol, rest) = {
+            let l = &mut self.lists[i];
+            l.executing = false;
+            l.take_profit.status = EntryStatus::Canceled;
+            l.stop_loss.status = EntryStatus::Canceled;
+            (
+                l.api_key.clone(),
+                l.request.symbol.clone(),
+                l.request.qty.get(),
+            )
+        };
+        let (base, _) = self.split_symbol(&symbol);
+        let slot = self
+            .balances
+            .entry(api_key)
+            .or_default()
+            .entry(base)
+            .or_default();
+        slot.1 -= rest;
+        slot.0 += rest;
+        true
+    }
+
+    fn place(&mut self, api_key: &str, oco: &OcoRequest) -> Result<OcoAck, ExchangeError> {
+        let price = *self
+            .prices
+            .get(&oco.symbol)
+            .ok_or_else(|| rejected(-1121, "Invalid symbol."))?;
+        let duplicate = self
+            .lists
+            .iter()
+            .any(|l| l.api_key == api_key && l.executing && l.request.ids.list == oco.ids.list);
+        if duplicate {
+            return Err(rejected(-2010, "Duplicate order sent."));
+        }
+        if !(oco.take_profit > price && price > oco.stop) {
+            return Err(rejected(
+                -2010,
+                "The relationship of the prices for the orders is not correct.",
+            ));
+        }
+        let (base, _) = self.split_symbol(&oco.symbol);
+        let slot = self
+            .balances
+            .entry(api_key.to_owned())
+            .or_default()
+            .entry(base)
+            .or_default();
+        if slot.0 < oco.qty.get() {
+            return Err(rejected(
+                -2010,
+                "Account has insufficient balance for requested action.",
+            ));
+        }
+        slot.0 -= oco.qty.get();
+        slot.1 += oco.qty.get();
+        self.next_id += 3;
+        let leg = |client: &ClientOrderId| ListOrderSnapshot {
+            client_id: client.as_str().to_owned(),
+            status: EntryStatus::New,
+            executed_qty: Qty::ZERO,
+            cumulative_quote: Decimal::ZERO,
+            expiry_reason: None,
+        };
+        let list = FakeList {
+            list_id: self.next_id,
+            api_key: api_key.to_owned(),
+            request: oco.clone(),
+            executing: true,
+            take_profit: leg(&oco.ids.take_profit),
+            stop_loss: leg(&oco.ids.stop_loss),
+        };
+        self.lists.push(list);
+        Ok(OcoAck {
+            list_id: self.next_id,
+            take_profit_order_id: self.next_id + 2,
+            stop_order_id: self.next_id + 1,
+        })
+    }
+
+    fn snapshot(list: &FakeList) -> OrderListSnapshot {
+        OrderListSnapshot {
+            list_id: list.list_id,
+            list_client_id: list.request.ids.list.as_str().to_owned(),
+            symbol: list.request.symbol.clone(),
+            executing: list.executing,
+            take_profit: Some(list.take_profit.clone()),
+            stop_loss: Some(list.stop_loss.clone()),
+        }
+    }
+}
+
+#[async_trait]
+impl Exchange for FakeExchange {
+    async fn symbol_rules(&self, symbol: &str) -> Result<SymbolRules, ExchangeError> {
+        YieldNow::default().await;
+        self.lock()
+            .rules
+            .get(symbol)
+            .cloned()
+            .ok_or_else(|| rejected(-1121, "Invalid symbol."))
+    }
+
+    fn invalidate_rules(&self, _symbol: &str) {}
+
+    async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError> {
+        YieldNow::default().await;
+        self.lock()
+            .prices
+            .get(symbol)
+            .copied()
+            .ok_or_else(|| rejected(-1121, "Invalid symbol."))
+    }
+
+    async fn balances(&self, creds: &ApiCredentials) -> Result<Vec<Balance>, ExchangeError> {
+        YieldNow::default().await;
+        let s = self.lock();
+        Ok(s.balances
+            .get(&creds.api_key)
+            .map(|b| {
+                b.iter()
+                    .map(|(asset, (free, locked))| Balance {
+                        asset: asset.clone(),
+                        free: Qty::new(*free).unwrap_or(Qty::ZERO),
+                        locked: Qty::new(*locked).unwrap_or(Qty::ZERO),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn place_order(
+        &self,
+        creds: &ApiCredentials,
+        order: &OrderRequest,
+    ) -> Result<OrderSnapshot, ExchangeError> {
+        YieldNow::default().await;
+        let mut s = self.lock();
+        let price = *s
+            .prices
+            .get(&order.symbol)
+            .ok_or_else(|| rejected(-1121, "Invalid symbol."))?;
+        let qty = match order.size {
+            OrderSize::Base(q) => q,
+            OrderSize::Quote(q) => Qty::new(q / price.get()).unwrap_or(Qty::ZERO),
+        };
+        let (base, quote) = s.split_symbol(&order.symbol);
+        let crosses = order.limit.is_none_or(|l| match order.side {
+            Side::Buy => l >= price,
+            Side::Sell => l <= price,
+        });
+        let book = s.balances.entry(creds.api_key.clone()).or_default();
+        if crosses {
+            let (from, to, out, inc) = match order.side {
+                Side::Buy => (quote, base, qty.notional(price), qty.get()),
+                Side::Sell => (base, quote, qty.get(), qty.notional(price)),
+            };
+            let slot = book.entry(from).or_default();
+            if slot.0 < out {
+                return Err(rejected(
+                    -2010,
+                    "Account has insufficient balance for requested action.",
+                ));
+            }
+            slot.0 -= out;
+            book.entry(to).or_default().0 += inc;
+        }
+        s.next_id += 1;
+        let snap = OrderSnapshot {
+            order_id: s.next_id,
+            client_id: order.client_id.as_str().to_owned(),
+            symbol: order.symbol.clone(),
+            status: if crosses {
+                EntryStatus::Filled
+            } else {
+                EntryStatus::New
+            },
+            executed_qty: if crosses { qty } else { Qty::ZERO },
+            cumulative_quote: if crosses {
+                qty.notional(price)
+            } else {
+                Decimal::ZERO
+            },
+            fills: if crosses {
+                vec![Fill {
+                    trade_id: s.next_id,
+                    price,
+                    qty,
+                    commission: Decimal::ZERO,
+                    commission_asset: Asset("BNB".into()),
+                    time: Millis(0),
+                }]
+            } else {
+                Vec::new()
+            },
+            updated_at: Millis(0),
+        };
+        s.orders.insert(
+            (creds.api_key.clone(), order.client_id.as_str().to_owned()),
+            snap.clone(),
+        );
+        Ok(snap)
+    }
+
+    async fn query_order(
+        &self,
+        creds: &ApiCredentials,
+        _symbol: &str,
+        client_id: &str,
+    ) -> Result<OrderSnapshot, ExchangeError> {
+        YieldNow::default().await;
+        self.lock()
+            .orders
+            .get(&(creds.api_key.clone(), client_id.to_owned()))
+            .cloned()
+            .ok_or(ExchangeError::NotFound)
+    }
+
+    async fn order_trades(
+        &self,
+        creds: &ApiCredentials,
+        _symbol: &str,
+        order_id: i64,
+    ) -> Result<Vec<Fill>, ExchangeError> {
+        YieldNow::default().await;
+        Ok(self
+            .lock()
+            .orders
+            .iter()
+            .filter(|((k, _), o)| k == &creds.api_key && o.order_id == order_id)
+            .flat_map(|(_, o)| o.fills.clone())
+            .collect())
+    }
+
+    async fn cancel_order(
+        &self,
+        creds: &ApiCredentials,
+        _symbol: &str,
+        client_id: &str,
+    ) -> Result<CancelOutcome, ExchangeError> {
+        YieldNow::default().await;
+        let mut s = self.lock();
+        // Only the resting rest of a partly filled take-profit can be open outside a list.
+        let Some(i) = s.lists.iter().position(|l| {
+            l.api_key == creds.api_key
+                && l.take_profit.client_id == client_id
+                && l.take_profit.status == EntryStatus::PartiallyFilled
+        }) else {
+            return Ok(CancelOutcome::NotOpen);
+        };
+        let (symbol, rest) = {
+            let l = &mut s.lists[i];
+            l.take_profit.status = EntryStatus::Canceled;
+            (
+                l.request.symbol.clone(),
+                l.request.qty.saturating_sub(l.take_profit.executed_qty),
+            )
+        };
+        let (base, _) = s.split_symbol(&symbol);
+        let slot = s
+            .balances
+            .entry(creds.api_key.clone())
+            .or_default()
+            .entry(base)
+            .or_default();
+        slot.1 -= rest.get();
+        slot.0 += rest.get();
+        Ok(CancelOutcome::Canceled)
+    }
+
+    async fn place_oco(
+        &self,
+        creds: &ApiCredentials,
+        oco: &OcoRequest,
+    ) -> Result<OcoAck, ExchangeError> {
+        YieldNow::default().await;
+        let mut s = self.lock();
+        s.oco_calls += 1;
+        match s.oco_faults.pop_front() {
+            None => s.place(&creds.api_key, oco),
+            Some(OcoFault::UnknownAfterApply) => {
+                s.place(&creds.api_key, oco)?;
+                Err(ExchangeError::UnknownOutcome(
+                    "connection reset after send".into(),
+                ))
+            }
+            Some(OcoFault::UnknownBeforeApply) => {
+                Err(ExchangeError::UnknownOutcome("timeout".into()))
+            }
+            Some(OcoFault::Fail(err)) => Err(err),
+        }
+    }
+
+    async fn order_list(
+        &self,
+        creds: &ApiCredentials,
+        _symbol: &str,
+        list_client_id: &str,
+    ) -> Result<Option<OrderListSnapshot>, ExchangeError> {
+        YieldNow::default().await;
+        // The latest list under that id: ids are reusable once a list is done.
+        Ok(self
+            .lock()
+            .lists
+            .iter()
+            .rev()
+            .find(|l| l.api_key == creds.api_key && l.request.ids.list.as_str() == list_client_id)
+            .map(FakeState::snapshot))
+    }
+
+    async fn open_order_lists(
+        &self,
+        creds: &ApiCredentials,
+    ) -> Result<Vec<OrderListSnapshot>, ExchangeError> {
+        YieldNow::default().await;
+        Ok(self
+            .lock()
+            .lists
+            .iter()
+            .filter(|l| l.api_key == creds.api_key && l.executing)
+            .map(FakeState::snapshot)
+            .collect())
+    }
+
+    async fn cancel_order_list(
+        &self,
+        _creds: &ApiCredentials,
+        _symbol: &str,
+        list_client_id: &str,
+    ) -> Result<CancelOutcome, ExchangeError> {
+        YieldNow::default().await;
+        if self.lock().cancel_list(list_client_id) {
+            Ok(CancelOutcome::Canceled)
+        } else {
+            Ok(CancelOutcome::NotOpen)
+        }
+    }
+}
+
+/// BTCUSDT with Binance's real filters (tick 0.01, step 0.00001, min
+/// notional 5, five stop orders per symbol).
+pub fn btcusdt_rules() -> SymbolRules {
+    SymbolRules {
+        symbol: btc_usdt(),
+        trading: true,
+        oco_allowed: true,
+        tick: crate::money::TickSize::new(dec("0.01")).expect("literal tick"),
+        min_price: Some(price("0.01")),
+        max_price: Some(price("1000000")),
+        step: crate::money::StepSize::new(dec("0.00001")).expect("literal step"),
+        min_qty: qty("0.00001"),
+        max_qty: Some(qty("9000")),
+        min_notional: dec("5"),
+        max_notional: Some(dec("9000000")),
+        percent_price_by_side: Some(crate::symbol::PercentPriceBySide {
+            bid_up: dec("5"),
+            bid_down: dec("0.2"),
+            ask_up: dec("5"),
+            ask_down: dec("0.2"),
+        }),
+        max_num_orders: Some(200),
+        max_num_algo_orders: Some(5),
+        max_num_order_lists: Some(20),
+    }
+}
+
+/// A failed expectation of the store behaviour suite.
+#[derive(Debug, thiserror::Error)]
+pub enum SuiteError {
+    /// An expectation did not hold.
+    #[error("store behaviour: {0}")]
+    Expectation(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(SuiteError::Expectation(format!($($msg)+)));
+        }
+    };
+}
+
+fn dec(s: &str) -> Decimal {
+    s.parse().expect("literal decimal")
+}
+
+fn qty(s: &str) -> Qty {
+    Qty::new(dec(s)).expect("literal quantity")
+}
+
+fn price(s: &str) -> Price {
+    Price::new(dec(s)).expect("literal price")
+}
+
+fn btc_usdt() -> crate::symbol::Symbol {
+    crate::symbol::Symbol {
+        name: "BTCUSDT".into(),
+        base: Asset("BTC".into()),
+        quote: Asset("USDT".into()),
+    }
+}
+
+fn fill(trade_id: i64, q: &str, p: &str, fee: &str, fee_asset: &str) -> Fill {
+    Fill {
+        trade_id,
+        price: price(p),
+        qty: qty(q),
+        commission: dec(fee),
+        commission_asset: Asset(fee_asset.into()),
+        time: Millis(1_000 + trade_id),
+    }
+}
+
+/// Runs the behaviour every [`Store`] must have on a fresh, empty store:
+/// accounts and secrets, entries, monotonic evidence, atomic claims,
+/// compare-and-set leg updates, history and reconcile flags.
+///
+/// # Errors
+/// The first expectation that does not hold, or a store failure.
+pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
+    let creds = ApiCredentials {
+        api_key: "suite-key".into(),
+        secret: SecretString::from("suite-secret"),
+    };
+    let account = store
+        .create_account(NewAccount {
+            owner: "alice".into(),
+            exchange: "binance".into(),
+            credentials: creds.clone(),
+            protection: ProtectionConfig::DEFAULT,
+        })
+        .await?;
+    ensure!(account.active, "a new account is active");
+    ensure!(
+        account.protection == ProtectionConfig::DEFAULT,
+        "protection settings round-trip"
+    );
+    let dup = store
+        .create_account(NewAccount {
+            owner: "bob".into(),
+            exchange: "binance".into(),
+            credentials: creds.clone(),
+            protection: ProtectionConfig::DEFAULT,
+        })
+        .await;
+    ensure!(
+        matches!(dup, Err(StoreError::Conflict(_))),
+        "a second account with the same key is a conflict, got {dup:?}"
+    );
+    let back = store.credentials(account.id).await?;
+    ensure!(
+        back.secret.expose_secret() == "suite-secret",
+        "the secret round-trips"
+    );
+    ensure!(
+        !format!("{back:?}").contains("suite-secret"),
+        "Debug of credentials hides the secret"
+    );
+    ensure!(
+        store.account(AccountId(account.id.0 + 1000)).await.is_err(),
+        "an unknown account is not found"
+    );
+
+    let mut protection = ProtectionConfig::DEFAULT;
+    protection.split = Decimal::ONE;
+    let updated = store.update_account(account.id, protection, true).await?;
+    ensure!(
+        updated.protection.split == Decimal::ONE,
+        "account settings update"
+    );
+    ensure!(
+        store.active_accounts().await?.len() == 1,
+        "one active account"
+    );
+
+    let new_entry = NewEntry {
+        account: account.id,
+        symbol: btc_usdt(),
+        kind: crate::model::EntryKind::Market,
+        size: OrderSize::Base(qty("1")),
+        levels: crate::levels::EntryLevels {
+            tp1: Some(price("101")),
+            tp2: Some(price("102")),
+            sl: Some(price("99")),
+        },
+        tags: crate::model::EntryTags {
+            signal_id: Some("sig-1".into()),
+            portfolio_id: None,
+        },
+    };
+    let id_of = |id: EntryId| ClientOrderId::new(format!("t-E-{id}")).expect("literal id");
+    let entry = store
+        .create_entry(new_entry.clone(), &id_of, Millis(10))
+        .await?;
+    ensure!(
+        entry.status == EntryStatus::PendingNew,
+        "a new entry is pending"
+    );
+    ensure!(
+        entry.client_id.as_str() == format!("t-E-{}", entry.id),
+        "client id comes from the id"
+    );
+    let read = store.entry(entry.id).await?;
+    ensure!(read == entry, "entry round-trips: {read:?} vs {entry:?}");
+    ensure!(
+        read.levels.sl == Some(price("99")),
+        "levels are stored with the entry"
+    );
+    ensure!(
+        read.tags.signal_id.as_deref() == Some("sig-1"),
+        "tags are stored"
+    );
+
+    // Evidence: newer first, then an older, smaller snapshot; nothing may go back.
+    let full = Evidence {
+        order_id: Some(77),
+        status: EntryStatus::Filled,
+        executed_qty: qty("1"),
+        cumulative_quote: dec("100"),
+        fills: vec![
+            fill(1, "0.4", "100", "0.0004", "BTC"),
+            fill(2, "0.6", "100", "0.06", "USDT"),
+        ],
+        holding: None,
+        observed_at: Millis(20),
+    };
+    let partial = Evidence {
+        order_id: Some(77),
+        status: EntryStatus::PartiallyFilled,
+        executed_qty: qty("0.4"),
+        cumulative_quote: dec("40"),
+        fills: vec![fill(1, "0.4", "100", "0.0004", "BTC")],
+        holding: None,
+        observed_at: Millis(15),
+    };
+    let after_full = store.record_evidence(entry.id, &full).await?;
+    let after_old = store.record_evidence(entry.id, &partial).await?;
+    ensure!(
+        after_old.status == EntryStatus::Filled,
+        "status never goes back, got {}",
+        after_old.status
+    );
+    ensure!(
+        after_old.executed_qty == qty("1"),
+        "executed never goes back, got {}",
+        after_old.executed_qty
+    );
+    ensure!(
+        after_old.cumulative_quote == dec("100"),
+        "quote never goes back"
+    );
+    ensure!(
+        after_old.base_commission == qty("0.0004"),
+        "only base-asset fees count, once each, got {}",
+        after_old.base_commission
+    );
+    ensure!(
+        after_old.net_qty() == qty("0.9996"),
+        "net = filled - base fee"
+    );
+    ensure!(after_old.order_id == Some(77), "order id is kept");
+    ensure!(
+        after_full.filled_at == Some(Millis(1_001)),
+        "filled_at is the first trade's time, got {:?}",
+        after_full.filled_at
+    );
+    ensure!(
+        after_old.protection == Protection::Unprotected,
+        "a filled entry starts unprotected"
+    );
+    ensure!(
+        store
+            .open_entries(account.id)
+            .await?
+            .iter()
+            .any(|e| e.id == entry.id),
+        "a filled, unprotected entry is open"
+    );
+
+    // Claims and compare-and-set updates.
+    let key = LegKey {
+        entry: entry.id,
+        leg: LegIndex::First,
+        generation: 0,
+    };
+    let ids = OcoClientIds {
+        list: ClientOrderId::new("t-L-1-1-0").expect("literal id"),
+        take_profit: ClientOrderId::new("t-T-1-1-0").expect("literal id"),
+        stop_loss: ClientOrderId::new("t-S-1-1-0").expect("literal id"),
+    };
+    let claim = LegClaim {
+        key,
+        ids,
+        symbol: "BTCUSDT".into(),
+        qty: qty("0.5"),
+        take_profit: price("101"),
+        stop: price("99"),
+        stop_limit: Some(price("98.5")),
+        source: crate::model::Source::Websocket,
+        at: Millis(30),
+    };
+    let claims = futures_util::future::join_all((0..50).map(|_| store.claim_leg(&claim))).await;
+    let won = claims.iter().filter(|c| matches!(c, Ok(true))).count();
+    ensure!(
+        won == 1,
+        "exactly one of 50 concurrent claimers wins, got {won}"
+    );
+    ensure!(
+        claims.iter().all(Result::is_ok),
+        "losing claims are not errors"
+    );
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        legs.len() == 1 && legs[0].state == LegState::Claimed,
+        "one claimed leg"
+    );
+    ensure!(
+        legs[0].stop_limit == Some(price("98.5")) && legs[0].qty == qty("0.5"),
+        "leg prices round-trip"
+    );
+    let placed = LegUpdate {
+        key,
+        from: "claimed",
+        to: LegState::Placed { list_id: 9 },
+        error: None,
+        at: Millis(31),
+    };
+    ensure!(
+        store.update_leg(&placed).await?,
+        "claimed -> placed applies"
+    );
+    ensure!(
+        !store.update_leg(&placed).await?,
+        "a second claimed -> placed does not"
+    );
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        legs[0].state == LegState::Placed { list_id: 9 },
+        "placed with its list id"
+    );
+    let not_placed = LegUpdate {
+        key,
+        from: "placed",
+        to: LegState::NotPlaced {
+            code: Some(-2010),
+            reason: "why".into(),
+        },
+        error: Some("boom".into()),
+        at: Millis(32),
+    };
+    ensure!(
+        store.update_leg(&not_placed).await?,
+        "placed -> not placed applies"
+    );
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        legs[0].state == not_placed.to,
+        "state with code and reason round-trips: {:?}",
+        legs[0].state
+    );
+    ensure!(
+        legs[0].last_error.as_deref() == Some("boom"),
+        "last error is kept"
+    );
+
+    let sold_big = LegSold {
+        take_profit: qty("0.3"),
+        take_profit_quote: dec("30.3"),
+        ..LegSold::default()
+    };
+    let sold_small = LegSold {
+        take_profit: qty("0.1"),
+        take_profit_quote: dec("10.1"),
+        stop_loss: qty("0.2"),
+        stop_loss_quote: dec("19.8"),
+    };
+    store.record_leg_sold(key, sold_big, Millis(40)).await?;
+    store.record_leg_sold(key, sold_small, Millis(41)).await?;
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        legs[0].sold == sold_big.merge(sold_small),
+        "sold only grows, got {:?}",
+        legs[0].sold
+    );
+
+    // Protection state, closing, history.
+    store
+        .set_protection(
+            entry.id,
+            &Protection::Protected {
+                at: Millis(50),
+                by: crate::model::Source::Sync,
+            },
+        )
+        .await?;
+    let e = store.entry(entry.id).await?;
+    ensure!(
+        e.protection
+            == Protection::Protected {
+                at: Millis(50),
+                by: crate::model::Source::Sync
+            },
+        "protection round-trips, got {:?}",
+        e.protection
+    );
+    store
+        .append_event(&event(entry.id, "a", "first", None, Millis(1)))
+        .await?;
+    store
+        .append_event(&event(
+            entry.id,
+            "b",
+            "second",
+            Some(crate::model::Source::Direct),
+            Millis(2),
+        ))
+        .await?;
+    let history = store.events(entry.id).await?;
+    ensure!(
+        history.iter().map(|h| h.kind.as_str()).collect::<Vec<_>>() == ["a", "b"],
+        "history is append-only and ordered"
+    );
+    store.close_entry(entry.id, dec("-1.5"), Millis(60)).await?;
+    let e = store.entry(entry.id).await?;
+    ensure!(
+        e.protection == Protection::Closed && e.realized_quote == Some(dec("-1.5")),
+        "closed with its result"
+    );
+    ensure!(
+        !store
+            .open_entries(account.id)
+            .await?
+            .iter()
+            .any(|x| x.id == entry.id),
+        "a closed entry is not open"
+    );
+
+    // Reconcile flags are taken once.
+    store.flag_reconcile(account.id, "gap", Millis(70)).await?;
+    store
+        .flag_reconcile(account.id, "gap again", Millis(71))
+        .await?;
+    let (a, b) = futures_util::future::join(store.take_flagged(10), store.take_flagged(10)).await;
+    let taken = a?.len() + b?.len();
+    ensure!(
+        taken == 1,
+        "a flagged account is taken exactly once, got {taken}"
+    );
+    ensure!(
+        store.take_flagged(10).await?.is_empty(),
+        "flags are cleared when taken"
+    );
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! Invariants of planning over random rules, fills, fees and holdings.
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use oco_core::levels::{EntryLevels, LevelPercents, StopKind, resolve_levels};
+use oco_core::plan::{PlanInput, Unprotectable, plan_protection};
+use oco_core::symbol::SymbolRules;
+use oco_core::testing::btcusdt_rules;
+use oco_core::{Price, Qty, StepSize, TickSize};
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+
+fn rules(tick: Decimal, step: Decimal, min_qty_steps: u32, min_notional: Decimal) -> SymbolRules {
+    let mut r = btcusdt_rules();
+    r.tick = TickSize::new(tick).unwrap();
+    r.min_price = Some(Price::new(tick).unwrap());
+    r.step = StepSize::new(step).unwrap();
+    r.min_qty = Qty::new(step * Decimal::from(min_qty_steps)).unwrap();
+    r.max_qty = None;
+    r.min_notional = min_notional;
+    r.max_notional = None;
+    r
+}
+
+fn decimal(mantissa: i64, scale: u32) -> Decimal {
+    Decimal::new(mantissa, scale)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn plans_never_exceed_the_position_nor_break_a_filter(
+        tick_exp in 0u32..5,
+        step_exp in 0u32..7,
+        min_qty_steps in 1u32..20,
+        min_notional in 0i64..50,
+        fill_m in 100i64..10_000_000,
+        filled_m in 1i64..10_000_000,
+        fee_permille in 0i64..3,
+        held_pct in 0i64..=100,
+        split_pct in 1i64..=100,
+        budget in proptest::option::of(0u32..4),
+        tp1 in 1i64..500,
+        tp_gap in 0i64..500,
+        sl in 1i64..500,
+    ) {
+        let r = rules(decimal(1, tick_exp), decimal(1, step_exp), min_qty_steps, Decimal::from(min_notional));
+        let fill = Price::new(decimal(fill_m, 2)).unwrap();
+        let filled = decimal(filled_m, 5);
+        let net = filled - filled * Decimal::from(fee_permille) / dec!(1000);
+        let held = net * Decimal::from(held_pct) / dec!(100);
+        let position = Qty::new(held.min(net)).unwrap();
+        let pct = LevelPercents { tp1: decimal(tp1, 2), tp2: decimal(tp1 + tp_gap, 2), sl: decimal(sl, 2) };
+        let Ok(levels) = resolve_levels(EntryLevels::default(), Some(pct), fill, &r, StopKind::Limit { offset_pct: dec!(0.5) }) else {
+            return Ok(());
+        };
+        prop_assert!(levels.stop < fill && fill < levels.tp1 && levels.tp1 <= levels.tp2);
+        prop_assert!(levels.stop_limit.unwrap() < levels.stop);
+        // Rounding never widens the stop nor pushes a target further than asked.
+        prop_assert!(levels.stop.get() >= fill.get() * (dec!(1) - pct.sl / dec!(100)));
+        prop_assert!(levels.tp1.get() <= fill.get() * (dec!(1) + pct.tp1 / dec!(100)));
+        let input = PlanInput { rules: &r, levels, reference: fill, position, split: decimal(split_pct, 2), stop_budget: budget };
+        match plan_protection(&input) {
+            Ok(plan) => {
+                prop_assert!(!plan.legs.is_empty() && plan.legs.len() <= 2);
+                prop_assert!(plan.total() <= position, "legs {} exceed position {}", plan.total(), position);
+                if budget == Some(1) { prop_assert_eq!(plan.legs.len(), 1); }
+                for leg in &plan.legs {
+                    prop_assert!(r.check_qty(leg.qty).is_ok(), "{:?}", r.check_qty(leg.qty));
+                    prop_assert!(r.check_notional(leg.qty, leg.stop_limit.unwrap()).is_ok());
+                    prop_assert!(r.check_price(leg.take_profit).is_ok() && r.check_price(leg.stop).is_ok());
+                    prop_assert!(leg.stop < fill && fill < leg.take_profit);
+                }
+            }
+            Err(Unprotectable::Dust { floored, .. }) => {
+                // Dust only when even one leg of everything cannot pass the filters.
+                let whole_fits = r.check_qty(floored).is_ok() && r.check_notional(floored, levels.stop_limit.unwrap()).is_ok();
+                prop_assert!(!whole_fits);
+            }
+            Err(Unprotectable::NoStopBudget { .. }) => prop_assert_eq!(budget, Some(0)),
+            Err(Unprotectable::Filter(_)) => {}
+            Err(other) => prop_assert!(false, "unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_leg_under_the_minimum_merges_into_the_other() {
+    let r = btcusdt_rules();
+    let fill = Price::new(dec!(100)).unwrap();
+    let levels = resolve_levels(
+        EntryLevels::default(),
+        None,
+        fill,
+        &r,
+        StopKind::Limit {
+            offset_pct: dec!(0.5),
+        },
+    )
+    .unwrap();
+    // 0.08 BTC at a 98.5 stop limit is 7.88 USDT; halves of 3.94 are under the 5 USDT minimum.
+    let input = PlanInput {
+        rules: &r,
+        levels,
+        reference: fill,
+        position: Qty::new(dec!(0.08)).unwrap(),
+        split: dec!(0.5),
+        stop_budget: None,
+    };
+    let plan = plan_protection(&input).unwrap();
+    assert_eq!(plan.legs.len(), 1);
+    assert_eq!(plan.legs[0].qty.get(), dec!(0.08));
+    assert_eq!(plan.degraded, Some(oco_core::plan::Degraded::Merged));
+}
+
+#[test]
+fn levels_in_the_wrong_order_are_refused_with_the_values() {
+    let r = btcusdt_rules();
+    let fill = Price::new(dec!(100)).unwrap();
+    let bad = EntryLevels {
+        tp1: Some(Price::new(dec!(99)).unwrap()),
+        tp2: None,
+        sl: Some(Price::new(dec!(98)).unwrap()),
+    };
+    let err = resolve_levels(bad, None, fill, &r, StopKind::Market).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "levels must satisfy sl < fill < tp1 <= tp2, got sl 98, fill 100, tp1 99, tp2 99"
+    );
+}

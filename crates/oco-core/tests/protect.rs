@@ -1,0 +1,581 @@
+//! `protect` against the in-memory store and the scripted exchange double.
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use oco_core::ids::{EntryId, IdScheme};
+use oco_core::levels::EntryLevels;
+use oco_core::mem::MemStore;
+use oco_core::model::{
+    EntryKind, EntryTags, Evidence, Fill, Millis, NewEntry, OrderSize, Protection,
+    ProtectionConfig, Source,
+};
+use oco_core::ports::{ApiCredentials, Clock, ExchangeError, NewAccount, Store};
+use oco_core::protect::{Idle, ProtectOutcome, Protector, ProtectorConfig};
+use oco_core::state::{EntryStatus, ExternalEnd, LegState};
+use oco_core::symbol::Asset;
+use oco_core::testing::{FakeExchange, OcoFault, btcusdt_rules};
+use oco_core::{AccountId, Price, Qty};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use secrecy::SecretString;
+
+struct TestClock(AtomicI64);
+
+impl Clock for TestClock {
+    fn now(&self) -> Millis {
+        Millis(self.0.load(Ordering::SeqCst))
+    }
+}
+
+impl TestClock {
+    fn advance(&self, d: Duration) {
+        self.0.fetch_add(d.as_millis() as i64, Ordering::SeqCst);
+    }
+}
+
+struct World {
+    exchange: Arc<FakeExchange>,
+    store: Arc<MemStore>,
+    clock: Arc<TestClock>,
+    protector: Arc<Protector>,
+    account: AccountId,
+}
+
+const KEY: &str = "k1";
+
+fn q(d: Decimal) -> Qty {
+    Qty::new(d).unwrap()
+}
+
+fn p(d: Decimal) -> Price {
+    Price::new(d).unwrap()
+}
+
+async fn world(protection: ProtectionConfig) -> World {
+    let exchange = Arc::new(FakeExchange::new());
+    exchange.add_symbol(btcusdt_rules(), p(dec!(100)));
+    let store = Arc::new(MemStore::new());
+    let clock = Arc::new(TestClock(AtomicI64::new(1_000_000)));
+    let account = store
+        .create_account(NewAccount {
+            owner: "alice".into(),
+            exchange: "binance".into(),
+            credentials: ApiCredentials {
+                api_key: KEY.into(),
+                secret: SecretString::from("s"),
+            },
+            protection,
+        })
+        .await
+        .unwrap();
+    let protector = Arc::new(Protector::new(
+        exchange.clone(),
+        store.clone(),
+        clock.clone(),
+        ProtectorConfig::new(IdScheme::new("og").unwrap()),
+    ));
+    World {
+        exchange,
+        store,
+        clock,
+        protector,
+        account: account.id,
+    }
+}
+
+impl World {
+    async fn entry(&self, levels: EntryLevels) -> EntryId {
+        let ids = IdScheme::new("og").unwrap();
+        self.store
+            .create_entry(
+                NewEntry {
+                    account: self.account,
+                    symbol: btcusdt_rules().symbol,
+                    kind: EntryKind::Market,
+                    size: OrderSize::Base(q(dec!(1))),
+                    levels,
+                    tags: EntryTags::default(),
+                },
+                &move |id| ids.entry(id).unwrap(),
+                self.clock.now(),
+            )
+            .await
+            .unwrap()
+            .id
+    }
+
+    /// The account received `qty` BTC less `fee` (the exchange's view).
+    fn credit(&self, qty: Decimal) {
+        let (free, _) = self.exchange.balance(KEY, "BTC");
+        self.exchange.set_free(KEY, "BTC", free + qty);
+    }
+
+    fn open_qty(&self) -> Decimal {
+        self.exchange
+            .open_lists()
+            .iter()
+            .map(|l| l.request.qty.get())
+            .sum()
+    }
+}
+
+fn evidence(status: EntryStatus, fills: &[(i64, Decimal, Decimal, Decimal, &str)]) -> Evidence {
+    let fills: Vec<Fill> = fills
+        .iter()
+        .map(|(id, qty, price, fee, asset)| Fill {
+            trade_id: *id,
+            price: p(*price),
+            qty: q(*qty),
+            commission: *fee,
+            commission_asset: Asset((*asset).into()),
+            time: Millis(999_000 + id),
+        })
+        .collect();
+    Evidence {
+        order_id: Some(1),
+        status,
+        executed_qty: fills.iter().map(|f| f.qty).sum(),
+        cumulative_quote: fills.iter().map(|f| f.qty.notional(f.price)).sum(),
+        fills,
+        holding: None,
+        observed_at: Millis(999_500),
+    }
+}
+
+fn full_fill() -> Evidence {
+    evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0.001), "BTC")],
+    )
+}
+
+#[tokio::test]
+async fn a_fill_gets_two_legs_sized_net_of_base_fees() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    let report = w
+        .protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let ProtectOutcome::Placed {
+        legs,
+        replaced,
+        degraded,
+    } = &report.outcome
+    else {
+        panic!("expected placement, got {:?}", report.outcome);
+    };
+    assert_eq!((legs.len(), *replaced, *degraded), (2, 0, None));
+    let lists = w.exchange.open_lists();
+    assert_eq!(lists.len(), 2);
+    assert_eq!(
+        w.open_qty(),
+        dec!(0.999),
+        "legs cover filled minus the base-asset fee"
+    );
+    // Defaults: +1 % / +2 % targets, -1 % stop, stop limit 0.5 % under it.
+    let tps: Vec<Decimal> = lists.iter().map(|l| l.request.take_profit.get()).collect();
+    assert_eq!(tps, vec![dec!(101), dec!(102)]);
+    assert!(lists.iter().all(|l| l.request.stop.get() == dec!(99)));
+    assert!(
+        lists
+            .iter()
+            .all(|l| l.request.stop_limit.map(Price::get) == Some(dec!(98.5)))
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(matches!(
+        entry.protection,
+        Protection::Protected {
+            by: Source::Websocket,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn concurrent_calls_for_one_fill_place_each_leg_once() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    let ev = full_fill();
+    let (a, b, c) = tokio::join!(
+        w.protector.protect(id, Some(&ev), Source::Websocket),
+        w.protector.protect(id, Some(&ev), Source::Direct),
+        w.protector.protect(id, Some(&ev), Source::Sync),
+    );
+    let outcomes = [a.unwrap().outcome, b.unwrap().outcome, c.unwrap().outcome];
+    let placed = outcomes
+        .iter()
+        .filter(|o| matches!(o, ProtectOutcome::Placed { .. }))
+        .count();
+    assert_eq!(placed, 1, "one caller places: {outcomes:?}");
+    assert_eq!(w.exchange.oco_calls(), 2, "two legs sent once each");
+    assert_eq!(w.exchange.lists().len(), 2);
+    // Calls after the fact find it covered.
+    let again = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Covered));
+    assert_eq!(w.exchange.oco_calls(), 2);
+}
+
+#[tokio::test]
+async fn an_unknown_outcome_is_resolved_by_lookup_not_by_placing_again() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.exchange.push_oco_fault(OcoFault::UnknownAfterApply);
+    let report = w
+        .protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { ref legs, .. } if legs.len() == 2),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.exchange.lists().len(),
+        2,
+        "no second list for the lost answer"
+    );
+    let legs = w.store.legs(id).await.unwrap();
+    assert!(
+        legs.iter()
+            .all(|l| matches!(l.state, LegState::Placed { .. })),
+        "{legs:?}"
+    );
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Covered));
+    assert_eq!(w.exchange.oco_calls(), 2);
+}
+
+#[tokio::test]
+async fn a_send_that_never_arrived_is_replanned_after_the_claim_timeout() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.exchange.push_oco_fault(OcoFault::UnknownBeforeApply);
+    let first = w
+        .protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Pending { ref legs } if legs.len() == 1),
+        "{first:?}"
+    );
+    // Within the timeout a lookup miss may be database lag: nothing is placed again.
+    let early = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(early.outcome, ProtectOutcome::Pending { .. }),
+        "{early:?}"
+    );
+    w.clock.advance(Duration::from_secs(31));
+    let late = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(late.outcome, ProtectOutcome::Placed { replaced: 1, .. }),
+        "{late:?}"
+    );
+    assert_eq!(
+        w.open_qty(),
+        dec!(0.999),
+        "the whole position is covered once"
+    );
+    assert_eq!(w.exchange.open_lists().len(), 2);
+}
+
+#[tokio::test]
+async fn a_manual_partial_sell_shrinks_the_legs() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.6));
+    let mut ev = full_fill();
+    ev.holding = Some(q(dec!(0.6)));
+    w.protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert_eq!(w.open_qty(), dec!(0.6));
+}
+
+#[tokio::test]
+async fn a_holding_smaller_than_known_is_learnt_from_the_refusal() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    // The user sold 0.4 by hand before protection; the layer did not know.
+    w.credit(dec!(0.599));
+    let report = w
+        .protector
+        .protect(id, Some(&full_fill()), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.599));
+}
+
+#[tokio::test]
+async fn dust_is_recorded_with_its_reason() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(0.00004), dec!(100), dec!(0), "BNB")],
+    );
+    w.credit(dec!(0.00004));
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Direct)
+        .await
+        .unwrap();
+    let ProtectOutcome::Unprotectable { reason } = report.outcome else {
+        panic!("expected unprotectable, got {:?}", report.outcome)
+    };
+    assert!(reason.starts_with("dust"), "{reason}");
+    assert!(
+        reason.contains("min_notional") || reason.contains("notional"),
+        "{reason}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(matches!(entry.protection, Protection::Unprotectable { .. }));
+    assert!(w.exchange.lists().is_empty());
+    let events = w.store.events(id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "unprotectable" && e.detail.contains("dust"))
+    );
+}
+
+#[tokio::test]
+async fn a_partial_fill_then_the_rest_ends_fully_covered() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.4));
+    let part = evidence(
+        EntryStatus::PartiallyFilled,
+        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&part), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(w.open_qty(), dec!(0.4));
+    w.credit(dec!(0.6));
+    let rest = evidence(
+        EntryStatus::Filled,
+        &[
+            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
+        ],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&rest), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { replaced: 2, .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(1));
+    assert_eq!(w.exchange.open_lists().len(), 2);
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(
+        legs.iter()
+            .filter(|l| l.state == LegState::Replaced)
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_partly_filled_take_profit_leaves_the_rest_reprotected() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    let first = w.exchange.open_lists()[0].request.ids.list.clone();
+    // Binance drops the stop when the take-profit fills partly.
+    w.exchange.fill_take_profit(first.as_str(), q(dec!(0.2)));
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    let legs = w.store.legs(id).await.unwrap();
+    assert!(legs.iter().any(|l| l.state
+        == LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial
+        }));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.open_qty(),
+        dec!(0.8),
+        "everything still held has a stop again"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0.8)));
+}
+
+#[tokio::test]
+async fn a_market_past_the_stop_exits_at_market_and_records_it() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0), "position sold");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(matches!(entry.protection, Protection::Exited { .. }));
+    let again = w
+        .protector
+        .protect(id, None, Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Settled));
+}
+
+#[tokio::test]
+async fn late_protection_with_record_only_leaves_the_position_and_says_so() {
+    let mut config = ProtectionConfig::DEFAULT;
+    config.late = oco_core::model::LatePolicy::RecordOnly;
+    let w = world(config).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Unprotectable { ref reason } if reason.contains("late")),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(1), "nothing sold");
+}
+
+#[tokio::test]
+async fn a_stop_budget_refusal_degrades_to_one_leg_never_to_none() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.exchange
+        .push_oco_fault(OcoFault::Fail(ExchangeError::Rejected {
+            code: -2010,
+            msg: "Filter failure: MAX_NUM_ALGO_ORDERS".into(),
+        }));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let first = w
+        .protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Failed { .. }),
+        "{first:?}"
+    );
+    let second = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(second.outcome, ProtectOutcome::Placed { ref legs, degraded: Some(_), .. } if legs.len() == 1),
+        "{second:?}"
+    );
+    assert_eq!(w.exchange.open_lists().len(), 1);
+    assert_eq!(w.open_qty(), dec!(1));
+}
+
+#[tokio::test]
+async fn the_entrys_own_levels_win() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let levels = EntryLevels {
+        tp1: Some(p(dec!(105))),
+        tp2: Some(p(dec!(110))),
+        sl: Some(p(dec!(95))),
+    };
+    let id = w.entry(levels).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Direct)
+        .await
+        .unwrap();
+    let lists = w.exchange.open_lists();
+    let mut tps: Vec<Decimal> = lists.iter().map(|l| l.request.take_profit.get()).collect();
+    tps.sort();
+    assert_eq!(tps, vec![dec!(105), dec!(110)]);
+    assert!(lists.iter().all(|l| l.request.stop.get() == dec!(95)));
+}
+
+#[tokio::test]
+async fn a_filled_stop_closes_the_entry_with_its_result() {
+    let mut config = ProtectionConfig::DEFAULT;
+    config.split = Decimal::ONE;
+    let w = world(config).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Direct)
+        .await
+        .unwrap();
+    let list = w.exchange.open_lists()[0].request.ids.list.clone();
+    w.exchange.fill_stop(list.as_str());
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(report.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    assert_eq!(
+        entry.realized_quote,
+        Some(dec!(-1.5)),
+        "sold 1 at 98.5 after buying at 100"
+    );
+}
