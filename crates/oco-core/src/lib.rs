@@ -7,6 +7,7 @@
 //! in the port traits and in `protect`, which awaits them.
 #![deny(clippy::float_arithmetic)]
 
+pub mod follow;
 pub mod ids;
 pub mod levels;
 pub mod mem;

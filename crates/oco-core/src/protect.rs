@@ -169,6 +169,29 @@ impl Protector {
         &self.config.ids
     }
 
+    /// The store this routine writes to.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The exchange this routine places on.
+    pub fn exchange(&self) -> &Arc<dyn Exchange> {
+        &self.exchange
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Moves a leg to `to` if it is still in the state it was read in.
+    ///
+    /// # Errors
+    /// [`ProtectError::Store`].
+    pub async fn transition_leg(&self, leg: &Leg, to: LegState) -> Result<bool, ProtectError> {
+        self.transition(leg, to, None).await
+    }
+
     /// Records `evidence` (if any) and makes sure the entry's filled quantity
     /// is protected, placing or replacing legs as needed. Idempotent: any
     /// number of concurrent calls for one fill place each leg once.

@@ -1,0 +1,164 @@
+//! Following orders after placement: turning an order update of one of our
+//! orders (from the user-data stream, or from a REST lookup by sync) into
+//! evidence for `protect` or a leg transition.
+//!
+//! Orders are recognised by their deterministic client id alone; updates of
+//! orders placed by hand are ignored.
+
+use crate::ids::{AccountId, LegKey, OrderRole};
+use crate::model::{Evidence, Protection, Source};
+use crate::ports::ExecutionUpdate;
+use crate::protect::{ProtectError, ProtectReport, Protector};
+use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold};
+
+/// What an update was about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Followed {
+    /// Not one of our orders, or of another account.
+    Foreign,
+    /// An entry update: evidence recorded, `protect` ran.
+    Entry(ProtectReport),
+    /// An entry update with nothing filled: status recorded.
+    EntryAccepted,
+    /// A leg moved (or only its sold quantity grew).
+    Leg {
+        /// Which leg.
+        key: LegKey,
+        /// Its state after the update.
+        state: &'static str,
+        /// The `protect` run that followed, when the position changed.
+        protect: Option<ProtectReport>,
+    },
+}
+
+impl Protector {
+    /// Applies an order update of `account` and protects what it reveals:
+    /// a fill of an entry, or a leg that ended while coins remain.
+    ///
+    /// # Errors
+    /// [`ProtectError`] when the store or a read from the exchange fails.
+    pub async fn follow(
+        &self,
+        account: AccountId,
+        update: &ExecutionUpdate,
+        source: Source,
+    ) -> Result<Followed, ProtectError> {
+        let Some(role) = self.ids().parse(&update.client_id) else {
+            return Ok(Followed::Foreign);
+        };
+        match role {
+            OrderRole::Entry(id) => {
+                let entry = match self.store().entry(id).await {
+                    Ok(e) if e.account == account => e,
+                    _ => return Ok(Followed::Foreign),
+                };
+                let evidence = Evidence {
+                    order_id: Some(update.order_id),
+                    status: update.status,
+                    executed_qty: update.executed_qty,
+                    cumulative_quote: update.cumulative_quote,
+                    fills: update.fill.iter().cloned().collect(),
+                    holding: None,
+                    observed_at: update.event_time,
+                };
+                if update.executed_qty.is_zero() {
+                    self.store().record_evidence(entry.id, &evidence).await?;
+                    return Ok(Followed::EntryAccepted);
+                }
+                Ok(Followed::Entry(
+                    self.protect(entry.id, Some(&evidence), source).await?,
+                ))
+            }
+            OrderRole::TakeProfit(key)
+            | OrderRole::StopLoss(key)
+            | OrderRole::List(key)
+            | OrderRole::Exit(key) => {
+                let entry = match self.store().entry(key.entry).await {
+                    Ok(e) if e.account == account => e,
+                    _ => return Ok(Followed::Foreign),
+                };
+                let legs = self.store().legs(key.entry).await?;
+                let Some(leg) = legs.into_iter().find(|l| l.key == key) else {
+                    return Ok(Followed::Foreign);
+                };
+                let take_profit = matches!(role, OrderRole::TakeProfit(_));
+                let sold = if take_profit {
+                    LegSold {
+                        take_profit: update.executed_qty,
+                        take_profit_quote: update.cumulative_quote,
+                        ..LegSold::default()
+                    }
+                } else {
+                    LegSold {
+                        stop_loss: update.executed_qty,
+                        stop_loss_quote: update.cumulative_quote,
+                        ..LegSold::default()
+                    }
+                };
+                if !update.executed_qty.is_zero() {
+                    self.store()
+                        .record_leg_sold(key, sold, update.event_time)
+                        .await?;
+                }
+                if matches!(role, OrderRole::Exit(_)) {
+                    return Ok(Followed::Leg {
+                        key,
+                        state: leg.state.name(),
+                        protect: None,
+                    });
+                }
+                let event = leg_event(take_profit, update);
+                let mut state = leg.state.clone();
+                if let Some(event) = event
+                    && let Ok(next) = leg.state.on(&event)
+                    && self.transition_leg(&leg, next.clone()).await?
+                {
+                    state = next;
+                }
+                let position_changed = state.is_terminal() && leg.state.is_active();
+                let settled = matches!(
+                    entry.protection,
+                    Protection::Closed | Protection::Exited { .. }
+                );
+                let protect = if position_changed && !settled {
+                    Some(self.protect(key.entry, None, source).await?)
+                } else {
+                    None
+                };
+                Ok(Followed::Leg {
+                    key,
+                    state: state.name(),
+                    protect,
+                })
+            }
+        }
+    }
+}
+
+/// The leg event an order update of one of its orders means, if any.
+fn leg_event(take_profit: bool, update: &ExecutionUpdate) -> Option<LegEvent> {
+    let external_expiry = update
+        .expiry_reason
+        .as_deref()
+        .is_some_and(|r| r != "OCO_TRIGGER" && r != "NONE");
+    match (take_profit, update.status) {
+        (true, EntryStatus::Filled) => Some(LegEvent::TakeProfitFilled),
+        (false, EntryStatus::Filled) => Some(LegEvent::StopLossFilled),
+        // Binance cancels the list's stop when the take-profit fills partly.
+        (true, EntryStatus::PartiallyFilled) => {
+            Some(LegEvent::EndedExternally(ExternalEnd::TakeProfitPartial))
+        }
+        (false, EntryStatus::Expired) if external_expiry => {
+            Some(LegEvent::EndedExternally(ExternalEnd::StopExpired))
+        }
+        // The sibling of a working order is expired with OCO_TRIGGER: not an end in itself.
+        (_, EntryStatus::Expired) if update.expiry_reason.as_deref() == Some("OCO_TRIGGER") => None,
+        (false, EntryStatus::Expired) if !update.executed_qty.is_zero() => {
+            Some(LegEvent::EndedExternally(ExternalEnd::StopExpired))
+        }
+        (_, EntryStatus::Canceled | EntryStatus::Expired) => {
+            Some(LegEvent::EndedExternally(ExternalEnd::Canceled))
+        }
+        _ => None,
+    }
+}
