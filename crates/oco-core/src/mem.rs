@@ -14,7 +14,7 @@ use crate::model::{
     Protection, ProtectionConfig,
 };
 use crate::money::Qty;
-use crate::ports::{ApiCredentials, NewAccount, Store, StoreError};
+use crate::ports::{ApiCredentials, Leases, NewAccount, Store, StoreError};
 use crate::state::{EntryStatus, LegSold, LegState};
 
 #[derive(Default)]
@@ -25,6 +25,7 @@ struct Inner {
     legs: BTreeMap<LegKey, Leg>,
     events: Vec<EntryEventRecord>,
     flagged: BTreeSet<AccountId>,
+    leases: BTreeMap<AccountId, (String, std::time::Instant)>,
     next_account: i64,
     next_entry: i64,
 }
@@ -371,6 +372,56 @@ impl Store for MemStore {
             inner.flagged.remove(id);
         }
         Ok(taken)
+    }
+}
+
+#[async_trait]
+impl Leases for MemStore {
+    async fn acquire_leases(
+        &self,
+        holder: &str,
+        max: usize,
+        ttl: std::time::Duration,
+    ) -> Result<Vec<(AccountId, bool)>, StoreError> {
+        let now = std::time::Instant::now();
+        let mut inner = self.lock();
+        let candidates: Vec<(AccountId, bool)> = inner
+            .accounts
+            .values()
+            .filter(|(a, _)| a.active)
+            .filter_map(|(a, _)| match inner.leases.get(&a.id) {
+                None => Some((a.id, false)),
+                Some((h, until)) if h != holder && *until <= now => Some((a.id, true)),
+                Some(_) => None,
+            })
+            .take(max)
+            .collect();
+        for (id, _) in &candidates {
+            inner.leases.insert(*id, (holder.to_owned(), now + ttl));
+        }
+        Ok(candidates)
+    }
+
+    async fn renew_leases(
+        &self,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Vec<AccountId>, StoreError> {
+        let now = std::time::Instant::now();
+        let mut inner = self.lock();
+        let mut held = Vec::new();
+        for (id, (h, until)) in inner.leases.iter_mut() {
+            if h == holder && *until > now {
+                *until = now + ttl;
+                held.push(*id);
+            }
+        }
+        Ok(held)
+    }
+
+    async fn release_leases(&self, holder: &str) -> Result<(), StoreError> {
+        self.lock().leases.retain(|_, (h, _)| h != holder);
+        Ok(())
     }
 }
 

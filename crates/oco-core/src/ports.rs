@@ -485,6 +485,27 @@ pub trait Store: Send + Sync {
     async fn take_flagged(&self, limit: usize) -> Result<Vec<AccountId>, StoreError>;
 }
 
+/// Which gateway process holds which account's stream. Leases expire, so the
+/// accounts of a process that died move to a live one; the store's own clock
+/// decides expiry, so that processes with skewed clocks agree.
+#[async_trait]
+pub trait Leases: Send + Sync {
+    /// Takes up to `max` more active accounts whose lease is free or expired,
+    /// for `ttl`. Returns the accounts newly taken and, for each, whether it
+    /// was taken over from another holder (its events may have been missed).
+    async fn acquire_leases(
+        &self,
+        holder: &str,
+        max: usize,
+        ttl: Duration,
+    ) -> Result<Vec<(AccountId, bool)>, StoreError>;
+    /// Extends every lease `holder` still has; returns those accounts.
+    async fn renew_leases(&self, holder: &str, ttl: Duration)
+    -> Result<Vec<AccountId>, StoreError>;
+    /// Gives up every lease of `holder`.
+    async fn release_leases(&self, holder: &str) -> Result<(), StoreError>;
+}
+
 /// Time, injected so that tests control it.
 pub trait Clock: Send + Sync {
     /// Now.

@@ -1025,3 +1025,52 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
     );
     Ok(())
 }
+
+/// Runs the lease behaviour every [`Leases`](crate::ports::Leases) store must
+/// have, on a store holding exactly two active accounts and no leases.
+///
+/// # Errors
+/// The first expectation that does not hold, or a store failure.
+pub async fn lease_behaviour(leases: &dyn crate::ports::Leases) -> Result<(), SuiteError> {
+    use std::time::Duration;
+    let long = Duration::from_secs(60);
+    let a = leases.acquire_leases("gw-a", 10, long).await?;
+    ensure!(
+        a.len() == 2 && a.iter().all(|(_, taken_over)| !taken_over),
+        "gw-a takes both free accounts: {a:?}"
+    );
+    let b = leases.acquire_leases("gw-b", 10, long).await?;
+    ensure!(b.is_empty(), "held leases are not taken: {b:?}");
+    ensure!(
+        leases.renew_leases("gw-a", long).await?.len() == 2,
+        "gw-a renews both"
+    );
+    leases.release_leases("gw-a").await?;
+    let b = leases
+        .acquire_leases("gw-b", 1, Duration::from_millis(200))
+        .await?;
+    ensure!(
+        b.len() == 1,
+        "released leases are free; max is respected: {b:?}"
+    );
+    // Let gw-b's short lease expire: gw-a takes it over and is told so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let a = leases.acquire_leases("gw-a", 10, long).await?;
+        if a.iter()
+            .any(|(id, taken_over)| *id == b[0].0 && *taken_over)
+        {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "an expired lease moves to another holder"
+        );
+        YieldNow::default().await;
+    }
+    ensure!(
+        leases.renew_leases("gw-b", long).await?.is_empty(),
+        "the old holder lost it"
+    );
+    Ok(())
+}

@@ -6,3 +6,25 @@ async fn mem_store_has_the_store_behaviour() {
     let store = oco_core::mem::MemStore::new();
     oco_core::testing::store_behaviour(&store).await.unwrap();
 }
+
+#[tokio::test]
+async fn mem_store_has_the_lease_behaviour() {
+    use oco_core::model::ProtectionConfig;
+    use oco_core::ports::{ApiCredentials, NewAccount, Store};
+    let store = oco_core::mem::MemStore::new();
+    for key in ["a", "b"] {
+        store
+            .create_account(NewAccount {
+                owner: "o".into(),
+                exchange: "binance".into(),
+                credentials: ApiCredentials {
+                    api_key: key.into(),
+                    secret: secrecy::SecretString::from("s"),
+                },
+                protection: ProtectionConfig::DEFAULT,
+            })
+            .await
+            .unwrap();
+    }
+    oco_core::testing::lease_behaviour(&store).await.unwrap();
+}

@@ -1,0 +1,393 @@
+//! Layer 1 of ocoguard: one user-data stream per leased account, and
+//! `protect` (source `websocket`) on every fill of an entry, in real time.
+//!
+//! Accounts are leased through the store, so several gateway processes split
+//! them and a dead gateway's accounts move to a live one within the lease
+//! period. Each account runs in its own task: a slow or failing account never
+//! holds up another. After any gap (drop, stall, expiry, lease takeover, a
+//! fresh subscription) the account is flagged for immediate reconciliation by
+//! `sync`, because streams replay nothing.
+//!
+//! Not here: any exchange protocol (behind `UserStream`), SQL (behind `Store`
+//! and `Leases`), or process wiring (`bins/ws-gateway`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use oco_core::follow::Followed;
+use oco_core::ids::OrderRole;
+use oco_core::model::Source;
+use oco_core::ports::{Leases, ListUpdate, Store, StreamEvent, UserStream};
+use oco_core::protect::{ProtectOutcome, Protector};
+use oco_core::{AccountId, ExchangeError};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Settings of a gateway process.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// This process's lease holder name; unique per process.
+    pub holder: String,
+    /// How long a lease lasts without renewal: the longest an account can go
+    /// unstreamed after its gateway dies.
+    pub lease_ttl: Duration,
+    /// How often leases are renewed and new accounts picked up.
+    pub renew_every: Duration,
+    /// Most accounts this process streams.
+    pub max_accounts: usize,
+    /// First wait after a stream fails to open; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest wait between attempts to open a stream.
+    pub max_backoff: Duration,
+}
+
+impl GatewayConfig {
+    /// Leases of 30 s renewed every 10 s, up to 1,000 accounts, reopen
+    /// backoff from 500 ms to 30 s.
+    pub fn standard(holder: impl Into<String>) -> Self {
+        Self {
+            holder: holder.into(),
+            lease_ttl: Duration::from_secs(30),
+            renew_every: Duration::from_secs(10),
+            max_accounts: 1000,
+            min_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What stopped the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The lease store could not be reached at shutdown.
+    #[error("releasing leases: {0}")]
+    Release(oco_core::StoreError),
+}
+
+/// Counters of a gateway, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    /// Accounts with an open, subscribed stream.
+    pub streams_up: AtomicU64,
+    /// Events received.
+    pub events: AtomicU64,
+    /// Entry fills handled.
+    pub entry_fills: AtomicU64,
+    /// Protection placements made by this gateway.
+    pub placements: AtomicU64,
+    /// Gaps seen (each flags the account).
+    pub gaps: AtomicU64,
+    /// Failures of `protect` (each flags the account).
+    pub failures: AtomicU64,
+}
+
+/// A snapshot of [`GatewayStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Accounts with an open stream.
+    pub streams_up: u64,
+    /// Events received.
+    pub events: u64,
+    /// Entry fills handled.
+    pub entry_fills: u64,
+    /// Placements made.
+    pub placements: u64,
+    /// Gaps seen.
+    pub gaps: u64,
+    /// `protect` failures.
+    pub failures: u64,
+}
+
+impl GatewayStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            streams_up: r(&self.streams_up),
+            events: r(&self.events),
+            entry_fills: r(&self.entry_fills),
+            placements: r(&self.placements),
+            gaps: r(&self.gaps),
+            failures: r(&self.failures),
+        }
+    }
+}
+
+/// The gateway: leases accounts and streams each in its own task.
+pub struct Gateway {
+    store: Arc<dyn Store>,
+    leases: Arc<dyn Leases>,
+    streams: Arc<dyn UserStream>,
+    protector: Arc<Protector>,
+    config: GatewayConfig,
+    stats: Arc<GatewayStats>,
+}
+
+impl Gateway {
+    /// Wires a gateway.
+    pub fn new(
+        store: Arc<dyn Store>,
+        leases: Arc<dyn Leases>,
+        streams: Arc<dyn UserStream>,
+        protector: Arc<Protector>,
+        config: GatewayConfig,
+    ) -> Self {
+        Self {
+            store,
+            leases,
+            streams,
+            protector,
+            config,
+            stats: Arc::new(GatewayStats::default()),
+        }
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> Arc<GatewayStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown` completes, then stops every stream and releases
+    /// the leases so that another gateway takes the accounts at once.
+    ///
+    /// # Errors
+    /// [`GatewayError::Release`] when the leases could not be released (they
+    /// then expire after the lease period).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+        let mut tasks: HashMap<AccountId, JoinHandle<()>> = HashMap::new();
+        let mut tick = tokio::time::interval(self.config.renew_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_renewed = tokio::time::Instant::now();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = tick.tick() => {}
+            }
+            match self
+                .leases
+                .renew_leases(&self.config.holder, self.config.lease_ttl)
+                .await
+            {
+                Ok(held) => {
+                    last_renewed = tokio::time::Instant::now();
+                    tasks.retain(|id, task| {
+                        let keep = held.contains(id) && !task.is_finished();
+                        if !keep {
+                            task.abort();
+                        }
+                        keep
+                    });
+                    // An account still leased whose task ended (keys refused, store down) starts again.
+                    for id in held {
+                        tasks
+                            .entry(id)
+                            .or_insert_with(|| self.spawn_account(id, "stream restarted"));
+                    }
+                }
+                Err(err) => {
+                    warn!(holder = %self.config.holder, error = %err, "lease renewal failed");
+                    // Past the lease period another gateway may hold our accounts: stop streaming them.
+                    if last_renewed.elapsed() >= self.config.lease_ttl {
+                        for (_, task) in tasks.drain() {
+                            task.abort();
+                        }
+                    }
+                    continue;
+                }
+            }
+            let room = self.config.max_accounts.saturating_sub(tasks.len());
+            if room == 0 {
+                continue;
+            }
+            match self
+                .leases
+                .acquire_leases(&self.config.holder, room, self.config.lease_ttl)
+                .await
+            {
+                Ok(taken) => {
+                    for (id, taken_over) in taken {
+                        let why = if taken_over {
+                            "lease takeover"
+                        } else {
+                            "stream started"
+                        };
+                        info!(account = %id, holder = %self.config.holder, taken_over, "account leased");
+                        if let Some(old) = tasks.insert(id, self.spawn_account(id, why)) {
+                            old.abort();
+                        }
+                    }
+                }
+                Err(err) => {
+                    warn!(holder = %self.config.holder, error = %err, "lease acquisition failed")
+                }
+            }
+        }
+        for (_, task) in tasks.drain() {
+            task.abort();
+        }
+        self.stats.streams_up.store(0, Ordering::Relaxed);
+        self.leases
+            .release_leases(&self.config.holder)
+            .await
+            .map_err(GatewayError::Release)
+    }
+
+    fn spawn_account(&self, account: AccountId, why: &'static str) -> JoinHandle<()> {
+        let worker = AccountWorker {
+            account,
+            store: self.store.clone(),
+            streams: self.streams.clone(),
+            protector: self.protector.clone(),
+            stats: self.stats.clone(),
+            min_backoff: self.config.min_backoff,
+            max_backoff: self.config.max_backoff,
+        };
+        tokio::spawn(async move { worker.run(why).await })
+    }
+}
+
+struct AccountWorker {
+    account: AccountId,
+    store: Arc<dyn Store>,
+    streams: Arc<dyn UserStream>,
+    protector: Arc<Protector>,
+    stats: Arc<GatewayStats>,
+    min_backoff: Duration,
+    max_backoff: Duration,
+}
+
+/// Decrements the up-gauge however the stream ends (error, abort).
+struct UpGuard(Arc<GatewayStats>);
+
+impl Drop for UpGuard {
+    fn drop(&mut self) {
+        self.0.streams_up.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AccountWorker {
+    async fn run(self, first_reason: &'static str) {
+        let mut backoff = self.min_backoff;
+        let mut reason = first_reason;
+        loop {
+            match self.stream_once(reason).await {
+                Ok(()) => backoff = self.min_backoff,
+                Err(ExchangeError::Auth(msg)) => {
+                    // Revoked keys: sync's breaker reports the account; do not hammer the exchange.
+                    warn!(account = %self.account, error = %msg, "stream refused: keys rejected");
+                    backoff = self.max_backoff;
+                }
+                Err(err) => {
+                    warn!(account = %self.account, error = %err, "stream failed");
+                    backoff = (backoff * 2).min(self.max_backoff);
+                }
+            }
+            reason = "stream reopened";
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// Opens a stream and handles its events until it fails.
+    async fn stream_once(&self, reason: &'static str) -> Result<(), ExchangeError> {
+        let creds = self
+            .store
+            .credentials(self.account)
+            .await
+            .map_err(|e| ExchangeError::Transient(e.to_string()))?;
+        let mut session = self.streams.open(&creds).await?;
+        self.stats.streams_up.fetch_add(1, Ordering::Relaxed);
+        let _up = UpGuard(self.stats.clone());
+        // Nothing is replayed on a stream: whatever happened before this subscription is sync's.
+        self.flag(reason).await;
+        loop {
+            let event = session.next_event().await?;
+            self.stats.events.fetch_add(1, Ordering::Relaxed);
+            match event {
+                StreamEvent::Connected => debug!(account = %self.account, "stream subscribed"),
+                StreamEvent::Gap { from, to } => {
+                    self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+                    warn!(account = %self.account, from = from.0, to = to.0, "stream gap, flagging for reconciliation");
+                    self.flag("stream gap").await;
+                }
+                StreamEvent::Execution(update) => {
+                    let result = self
+                        .protector
+                        .follow(self.account, &update, Source::Websocket)
+                        .await;
+                    match result {
+                        Ok(Followed::Entry(report)) => {
+                            self.stats.entry_fills.fetch_add(1, Ordering::Relaxed);
+                            self.count(&report.outcome, &update.client_id);
+                        }
+                        Ok(Followed::Leg {
+                            protect: Some(report),
+                            ..
+                        }) => self.count(&report.outcome, &update.client_id),
+                        Ok(_) => {}
+                        Err(err) => {
+                            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                            warn!(account = %self.account, client_id = %update.client_id, error = %err, "protect failed, flagging for reconciliation");
+                            self.flag("protect failed").await;
+                        }
+                    }
+                }
+                StreamEvent::List(list) => self.list_update(&list).await,
+                StreamEvent::Balances(_) => {}
+            }
+        }
+    }
+
+    /// A list that ended is looked up (its orders' own events may have been
+    /// missed) and whatever it leaves unprotected is protected again.
+    async fn list_update(&self, list: &ListUpdate) {
+        if list.executing {
+            return;
+        }
+        let Some(OrderRole::List(key)) = self.protector.ids().parse(&list.list_client_id) else {
+            return;
+        };
+        let result = async {
+            let legs = self.store.legs(key.entry).await?;
+            let Some(leg) = legs.iter().find(|l| l.key == key && l.state.is_active()) else {
+                return Ok(None);
+            };
+            let creds = self.store.credentials(self.account).await?;
+            self.protector.refresh_leg(&creds, leg).await?;
+            Ok::<_, oco_core::protect::ProtectError>(Some(
+                self.protector
+                    .protect(key.entry, None, Source::Websocket)
+                    .await?,
+            ))
+        }
+        .await;
+        match result {
+            Ok(Some(report)) => self.count(&report.outcome, &list.list_client_id),
+            Ok(None) => {}
+            Err(err) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(account = %self.account, client_id = %list.list_client_id, error = %err, "list follow-up failed, flagging");
+                self.flag("list follow-up failed").await;
+            }
+        }
+    }
+
+    fn count(&self, outcome: &ProtectOutcome, client_id: &str) {
+        if let ProtectOutcome::Placed { legs, .. } = outcome {
+            self.stats
+                .placements
+                .fetch_add(legs.len() as u64, Ordering::Relaxed);
+            info!(account = %self.account, client_id, legs = legs.len(), "protected from the stream");
+        }
+    }
+
+    async fn flag(&self, reason: &str) {
+        let now = self.protector.clock().now();
+        if let Err(err) = self.store.flag_reconcile(self.account, reason, now).await {
+            warn!(account = %self.account, error = %err, "could not flag account for reconciliation");
+        }
+    }
+}

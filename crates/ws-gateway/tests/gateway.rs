@@ -1,0 +1,469 @@
+//! The gateway over the in-memory store, the exchange double and in-memory
+//! streams. (The same scenarios over PostgreSQL and the simulator live in the
+//! workspace's end-to-end tests.)
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use oco_core::ids::IdScheme;
+use oco_core::levels::EntryLevels;
+use oco_core::mem::MemStore;
+use oco_core::model::{EntryKind, EntryTags, Fill, Millis, NewEntry, OrderSize, ProtectionConfig};
+use oco_core::ports::{
+    ApiCredentials, ExecutionUpdate, Leases, NewAccount, Side, Store, StreamEvent, UserStream,
+    UserStreamSession,
+};
+use oco_core::protect::{Protector, ProtectorConfig};
+use oco_core::state::EntryStatus;
+use oco_core::symbol::Asset;
+use oco_core::testing::{FakeExchange, btcusdt_rules};
+use oco_core::{AccountId, EntryId, ExchangeError, Price, Qty, SystemClock};
+use rust_decimal_macros::dec;
+use secrecy::SecretString;
+use tokio::sync::mpsc;
+use ws_gateway::{Gateway, GatewayConfig};
+
+type Tx = mpsc::UnboundedSender<Result<StreamEvent, ExchangeError>>;
+
+/// Streams whose events the test pushes, per API key.
+#[derive(Default)]
+struct Streams {
+    senders: Mutex<HashMap<String, Vec<Tx>>>,
+}
+
+struct Session(mpsc::UnboundedReceiver<Result<StreamEvent, ExchangeError>>);
+
+#[async_trait]
+impl UserStreamSession for Session {
+    async fn next_event(&mut self) -> Result<StreamEvent, ExchangeError> {
+        self.0
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(ExchangeError::Transient("closed".into())))
+    }
+}
+
+#[async_trait]
+impl UserStream for Streams {
+    async fn open(
+        &self,
+        creds: &ApiCredentials,
+    ) -> Result<Box<dyn UserStreamSession>, ExchangeError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.senders
+            .lock()
+            .unwrap()
+            .entry(creds.api_key.clone())
+            .or_default()
+            .push(tx);
+        Ok(Box::new(Session(rx)))
+    }
+}
+
+impl Streams {
+    /// Sends to every open stream of `key`; how many received it.
+    fn send(&self, key: &str, event: StreamEvent) -> usize {
+        let mut senders = self.senders.lock().unwrap();
+        let list = senders.entry(key.to_owned()).or_default();
+        list.retain(|tx| !tx.is_closed());
+        list.iter()
+            .filter(|tx| tx.send(Ok(event.clone())).is_ok())
+            .count()
+    }
+
+    fn open_count(&self, key: &str) -> usize {
+        let mut senders = self.senders.lock().unwrap();
+        let list = senders.entry(key.to_owned()).or_default();
+        list.retain(|tx| !tx.is_closed());
+        list.len()
+    }
+}
+
+struct World {
+    store: Arc<MemStore>,
+    exchange: Arc<FakeExchange>,
+    streams: Arc<Streams>,
+    protector: Arc<Protector>,
+    accounts: Vec<AccountId>,
+}
+
+async fn world(n_accounts: usize) -> World {
+    let store = Arc::new(MemStore::new());
+    let exchange = Arc::new(FakeExchange::new());
+    exchange.add_symbol(btcusdt_rules(), Price::new(dec!(100)).unwrap());
+    let mut accounts = Vec::new();
+    for i in 0..n_accounts {
+        let key = format!("key-{i}");
+        let a = store
+            .create_account(NewAccount {
+                owner: "o".into(),
+                exchange: "binance".into(),
+                credentials: ApiCredentials {
+                    api_key: key.clone(),
+                    secret: SecretString::from("s"),
+                },
+                protection: ProtectionConfig::DEFAULT,
+            })
+            .await
+            .unwrap();
+        exchange.set_free(&key, "BTC", dec!(1000));
+        accounts.push(a.id);
+    }
+    let protector = Arc::new(Protector::new(
+        exchange.clone(),
+        store.clone(),
+        Arc::new(SystemClock),
+        ProtectorConfig::new(IdScheme::new("og").unwrap()),
+    ));
+    World {
+        store,
+        exchange,
+        streams: Arc::new(Streams::default()),
+        protector,
+        accounts,
+    }
+}
+
+impl World {
+    fn gateway(&self, holder: &str) -> Gateway {
+        let mut config = GatewayConfig::standard(holder);
+        config.renew_every = Duration::from_millis(50);
+        config.lease_ttl = Duration::from_millis(600);
+        Gateway::new(
+            self.store.clone(),
+            self.store.clone() as Arc<dyn Leases>,
+            self.streams.clone(),
+            self.protector.clone(),
+            config,
+        )
+    }
+
+    async fn entry(&self, account: AccountId) -> (EntryId, String) {
+        let ids = IdScheme::new("og").unwrap();
+        let e = self
+            .store
+            .create_entry(
+                NewEntry {
+                    account,
+                    symbol: btcusdt_rules().symbol,
+                    kind: EntryKind::Market,
+                    size: OrderSize::Base(Qty::new(dec!(0.2)).unwrap()),
+                    levels: EntryLevels::default(),
+                    tags: EntryTags::default(),
+                },
+                &move |id| ids.entry(id).unwrap(),
+                Millis(0),
+            )
+            .await
+            .unwrap();
+        (e.id, e.client_id.as_str().to_owned())
+    }
+}
+
+fn fill_event(client_id: &str, trade_id: i64) -> StreamEvent {
+    StreamEvent::Execution(ExecutionUpdate {
+        symbol: "BTCUSDT".into(),
+        client_id: client_id.into(),
+        order_id: trade_id,
+        list_id: -1,
+        side: Side::Buy,
+        order_type: "MARKET".into(),
+        execution: "TRADE".into(),
+        status: EntryStatus::Filled,
+        executed_qty: Qty::new(dec!(0.2)).unwrap(),
+        cumulative_quote: dec!(20),
+        fill: Some(Fill {
+            trade_id,
+            price: Price::new(dec!(100)).unwrap(),
+            qty: Qty::new(dec!(0.2)).unwrap(),
+            commission: dec!(0),
+            commission_asset: Asset("BNB".into()),
+            time: Millis(1),
+        }),
+        expiry_reason: None,
+        event_time: Millis(2),
+    })
+}
+
+async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn key(i: usize) -> String {
+    format!("key-{i}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_on_the_stream_gets_both_legs() {
+    let w = world(1).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let gw = tokio::spawn(w.gateway("gw-1").run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("the stream to open", Duration::from_secs(5), || {
+        w.streams.open_count(&key(0)) == 1
+    })
+    .await;
+    let (_, client_id) = w.entry(w.accounts[0]).await;
+    assert_eq!(w.streams.send(&key(0), fill_event(&client_id, 1)), 1);
+    wait_until("two legs", Duration::from_secs(5), || {
+        w.exchange.open_lists().len() == 2
+    })
+    .await;
+    stop_tx.send(()).unwrap();
+    gw.await.unwrap().unwrap();
+    // Shutdown releases the lease at once.
+    let taken = w
+        .store
+        .acquire_leases("other", 10, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_fills_across_a_hundred_accounts_are_each_protected_once() {
+    let w = world(100).await;
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(w.gateway("gw-1").run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("100 streams", Duration::from_secs(10), || {
+        (0..100).all(|i| w.streams.open_count(&key(i)) == 1)
+    })
+    .await;
+    let mut entries = Vec::new();
+    for round in 0..10 {
+        for (i, account) in w.accounts.iter().enumerate() {
+            let (id, client_id) = w.entry(*account).await;
+            // Each fill is delivered twice, as a reconnecting stream or a second layer might.
+            w.streams
+                .send(&key(i), fill_event(&client_id, (round * 1000 + i) as i64));
+            w.streams
+                .send(&key(i), fill_event(&client_id, (round * 1000 + i) as i64));
+            entries.push(id);
+        }
+    }
+    wait_until("2,000 legs", Duration::from_secs(60), || {
+        w.exchange.lists().len() >= 2000
+    })
+    .await;
+    // Let any duplicate work finish, then check nothing was placed twice.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(w.exchange.lists().len(), 2000);
+    assert_eq!(w.exchange.oco_calls(), 2000, "no leg was sent twice");
+    for id in entries {
+        assert_eq!(
+            w.store.legs(id).await.unwrap().len(),
+            2,
+            "entry {id} has exactly its two legs"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_flags_the_account_for_reconciliation() {
+    let w = world(1).await;
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(w.gateway("gw-1").run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("the stream", Duration::from_secs(5), || {
+        w.streams.open_count(&key(0)) == 1
+    })
+    .await;
+    // The fresh subscription itself flags the account: nothing is replayed.
+    assert_eq!(w.store.take_flagged(10).await.unwrap(), vec![w.accounts[0]]);
+    w.streams.send(
+        &key(0),
+        StreamEvent::Gap {
+            from: Millis(1),
+            to: Millis(2),
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if w.store.take_flagged(10).await.unwrap() == vec![w.accounts[0]] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gap flags the account");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_split_the_accounts_and_a_dead_ones_accounts_move() {
+    let w = world(4).await;
+    let a_cfg = w.gateway("gw-a");
+    let (stop_a, rx_a) = tokio::sync::oneshot::channel::<()>();
+    let (_stop_b, rx_b) = tokio::sync::oneshot::channel::<()>();
+    let gw_a = tokio::spawn(a_cfg.run(async move {
+        let _ = rx_a.await;
+    }));
+    wait_until("gw-a streams all four", Duration::from_secs(5), || {
+        (0..4).all(|i| w.streams.open_count(&key(i)) == 1)
+    })
+    .await;
+    tokio::spawn(w.gateway("gw-b").run(async move {
+        let _ = rx_b.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        (0..4).all(|i| w.streams.open_count(&key(i)) == 1),
+        "each account has one stream"
+    );
+    // gw-a stops; gw-b takes every account.
+    stop_a.send(()).unwrap();
+    gw_a.await.unwrap().unwrap();
+    wait_until("gw-b streams all four", Duration::from_secs(5), || {
+        (0..4).all(|i| w.streams.open_count(&key(i)) == 1)
+    })
+    .await;
+    let (_, client_id) = w.entry(w.accounts[2]).await;
+    assert_eq!(
+        w.streams.send(&key(2), fill_event(&client_id, 7)),
+        1,
+        "exactly one stream receives it"
+    );
+    wait_until("legs", Duration::from_secs(5), || {
+        w.exchange.open_lists().len() == 2
+    })
+    .await;
+}
+
+/// Delays every placement of one API key, as a slow exchange connection would.
+struct SlowFor {
+    inner: Arc<FakeExchange>,
+    slow_key: String,
+}
+
+#[async_trait]
+impl oco_core::Exchange for SlowFor {
+    async fn symbol_rules(&self, s: &str) -> Result<oco_core::SymbolRules, ExchangeError> {
+        self.inner.symbol_rules(s).await
+    }
+    fn invalidate_rules(&self, s: &str) {
+        self.inner.invalidate_rules(s)
+    }
+    async fn last_price(&self, s: &str) -> Result<Price, ExchangeError> {
+        self.inner.last_price(s).await
+    }
+    async fn balances(
+        &self,
+        c: &ApiCredentials,
+    ) -> Result<Vec<oco_core::ports::Balance>, ExchangeError> {
+        self.inner.balances(c).await
+    }
+    async fn place_order(
+        &self,
+        c: &ApiCredentials,
+        o: &oco_core::ports::OrderRequest,
+    ) -> Result<oco_core::ports::OrderSnapshot, ExchangeError> {
+        self.inner.place_order(c, o).await
+    }
+    async fn query_order(
+        &self,
+        c: &ApiCredentials,
+        s: &str,
+        id: &str,
+    ) -> Result<oco_core::ports::OrderSnapshot, ExchangeError> {
+        self.inner.query_order(c, s, id).await
+    }
+    async fn order_trades(
+        &self,
+        c: &ApiCredentials,
+        s: &str,
+        id: i64,
+    ) -> Result<Vec<Fill>, ExchangeError> {
+        self.inner.order_trades(c, s, id).await
+    }
+    async fn cancel_order(
+        &self,
+        c: &ApiCredentials,
+        s: &str,
+        id: &str,
+    ) -> Result<oco_core::ports::CancelOutcome, ExchangeError> {
+        self.inner.cancel_order(c, s, id).await
+    }
+    async fn place_oco(
+        &self,
+        c: &ApiCredentials,
+        o: &oco_core::ports::OcoRequest,
+    ) -> Result<oco_core::ports::OcoAck, ExchangeError> {
+        if c.api_key == self.slow_key {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        self.inner.place_oco(c, o).await
+    }
+    async fn order_list(
+        &self,
+        c: &ApiCredentials,
+        s: &str,
+        id: &str,
+    ) -> Result<Option<oco_core::ports::OrderListSnapshot>, ExchangeError> {
+        self.inner.order_list(c, s, id).await
+    }
+    async fn open_order_lists(
+        &self,
+        c: &ApiCredentials,
+    ) -> Result<Vec<oco_core::ports::OrderListSnapshot>, ExchangeError> {
+        self.inner.open_order_lists(c).await
+    }
+    async fn cancel_order_list(
+        &self,
+        c: &ApiCredentials,
+        s: &str,
+        id: &str,
+    ) -> Result<oco_core::ports::CancelOutcome, ExchangeError> {
+        self.inner.cancel_order_list(c, s, id).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_account_does_not_delay_another() {
+    let mut w = world(2).await;
+    w.protector = Arc::new(Protector::new(
+        Arc::new(SlowFor {
+            inner: w.exchange.clone(),
+            slow_key: key(0),
+        }),
+        w.store.clone(),
+        Arc::new(SystemClock),
+        ProtectorConfig::new(IdScheme::new("og").unwrap()),
+    ));
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(w.gateway("gw-1").run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("two streams", Duration::from_secs(5), || {
+        (0..2).all(|i| w.streams.open_count(&key(i)) == 1)
+    })
+    .await;
+    let (_, slow) = w.entry(w.accounts[0]).await;
+    let (fast_id, fast) = w.entry(w.accounts[1]).await;
+    w.streams.send(&key(0), fill_event(&slow, 1));
+    w.streams.send(&key(1), fill_event(&fast, 2));
+    let started = Instant::now();
+    let store = w.store.clone();
+    loop {
+        if store.legs(fast_id).await.unwrap().len() == 2 && w.exchange.open_lists().len() == 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the fast account waited for the slow one"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        w.exchange.open_lists().iter().all(|l| l.api_key == key(1)),
+        "only the fast account is protected so far"
+    );
+}
