@@ -14,7 +14,7 @@ use crate::model::{
     Protection, ProtectionConfig,
 };
 use crate::money::Qty;
-use crate::ports::{ApiCredentials, Leases, NewAccount, Store, StoreError};
+use crate::ports::{ApiCredentials, Leases, NewAccount, Store, StoreError, Users};
 use crate::state::{EntryStatus, LegSold, LegState};
 
 #[derive(Default)]
@@ -26,6 +26,7 @@ struct Inner {
     events: Vec<EntryEventRecord>,
     flagged: BTreeSet<AccountId>,
     leases: BTreeMap<AccountId, (String, std::time::Instant)>,
+    users: BTreeMap<String, String>,
     next_account: i64,
     next_entry: i64,
 }
@@ -422,6 +423,54 @@ impl Leases for MemStore {
     async fn release_leases(&self, holder: &str) -> Result<(), StoreError> {
         self.lock().leases.retain(|_, (h, _)| h != holder);
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Users for MemStore {
+    async fn create_user(&self, name: &str, token_hash: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.users.contains_key(name) {
+            return Err(StoreError::Conflict(format!("user {name} already exists")));
+        }
+        inner.users.insert(name.to_owned(), token_hash.to_owned());
+        Ok(())
+    }
+
+    async fn user_by_token(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .lock()
+            .users
+            .iter()
+            .find(|(_, h)| h.as_str() == token_hash)
+            .map(|(n, _)| n.clone()))
+    }
+
+    async fn accounts_of(&self, owner: &str) -> Result<Vec<Account>, StoreError> {
+        Ok(self
+            .lock()
+            .accounts
+            .values()
+            .filter(|(a, _)| a.owner == owner)
+            .map(|(a, _)| a.clone())
+            .collect())
+    }
+
+    async fn entries_of(
+        &self,
+        account: AccountId,
+        status: Option<EntryStatus>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .lock()
+            .entries
+            .values()
+            .rev()
+            .filter(|e| e.account == account && status.is_none_or(|s| e.status == s))
+            .take(limit)
+            .cloned()
+            .collect())
     }
 }
 

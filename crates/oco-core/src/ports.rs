@@ -506,6 +506,25 @@ pub trait Leases: Send + Sync {
     async fn release_leases(&self, holder: &str) -> Result<(), StoreError>;
 }
 
+/// Users of the entry API and what they own. Tokens are stored only as hashes.
+#[async_trait]
+pub trait Users: Send + Sync {
+    /// Registers a user with the hash of their API token
+    /// ([`StoreError::Conflict`] when the name is taken).
+    async fn create_user(&self, name: &str, token_hash: &str) -> Result<(), StoreError>;
+    /// The name of the user whose token hashes to `token_hash`.
+    async fn user_by_token(&self, token_hash: &str) -> Result<Option<String>, StoreError>;
+    /// The accounts a user owns.
+    async fn accounts_of(&self, owner: &str) -> Result<Vec<Account>, StoreError>;
+    /// An account's entries, newest first, optionally only those in `status`.
+    async fn entries_of(
+        &self,
+        account: AccountId,
+        status: Option<EntryStatus>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError>;
+}
+
 /// Time, injected so that tests control it.
 pub trait Clock: Send + Sync {
     /// Now.

@@ -1074,3 +1074,93 @@ pub async fn lease_behaviour(leases: &dyn crate::ports::Leases) -> Result<(), Su
     );
     Ok(())
 }
+
+/// Runs the behaviour every [`Users`](crate::ports::Users) store must have,
+/// on a fresh, empty store that also implements [`Store`].
+///
+/// # Errors
+/// The first expectation that does not hold, or a store failure.
+pub async fn users_behaviour<S: Store + crate::ports::Users>(store: &S) -> Result<(), SuiteError> {
+    store.create_user("alice", "hash-a").await?;
+    store.create_user("bob", "hash-b").await?;
+    let dup = store.create_user("alice", "hash-c").await;
+    ensure!(
+        matches!(dup, Err(StoreError::Conflict(_))),
+        "a taken name is a conflict, got {dup:?}"
+    );
+    ensure!(
+        store.user_by_token("hash-b").await?.as_deref() == Some("bob"),
+        "token hash finds its user"
+    );
+    ensure!(
+        store.user_by_token("nope").await?.is_none(),
+        "an unknown token finds nobody"
+    );
+    let mut ids = Vec::new();
+    for (owner, key) in [("alice", "ka"), ("bob", "kb")] {
+        let a = store
+            .create_account(NewAccount {
+                owner: owner.into(),
+                exchange: "binance".into(),
+                credentials: ApiCredentials {
+                    api_key: key.into(),
+                    secret: SecretString::from("s"),
+                },
+                protection: ProtectionConfig::DEFAULT,
+            })
+            .await?;
+        ids.push(a.id);
+    }
+    let alice = store.accounts_of("alice").await?;
+    ensure!(
+        alice.len() == 1 && alice[0].id == ids[0],
+        "a user sees only their accounts: {alice:?}"
+    );
+    let new_entry = |account| NewEntry {
+        account,
+        symbol: btc_usdt(),
+        kind: crate::model::EntryKind::Limit { price: price("90") },
+        size: OrderSize::Base(qty("0.1")),
+        levels: crate::levels::EntryLevels::default(),
+        tags: crate::model::EntryTags::default(),
+    };
+    let id_of = |id: EntryId| ClientOrderId::new(format!("u-E-{id}")).expect("literal id");
+    let first = store
+        .create_entry(new_entry(ids[0]), &id_of, Millis(1))
+        .await?;
+    let second = store
+        .create_entry(new_entry(ids[0]), &id_of, Millis(2))
+        .await?;
+    store
+        .create_entry(new_entry(ids[1]), &id_of, Millis(3))
+        .await?;
+    store
+        .record_evidence(
+            first.id,
+            &Evidence {
+                order_id: Some(1),
+                status: EntryStatus::New,
+                executed_qty: Qty::ZERO,
+                cumulative_quote: Decimal::ZERO,
+                fills: vec![],
+                holding: None,
+                observed_at: Millis(4),
+            },
+        )
+        .await?;
+    let all = store.entries_of(ids[0], None, 10).await?;
+    ensure!(
+        all.iter().map(|e| e.id).collect::<Vec<_>>() == vec![second.id, first.id],
+        "entries of one account, newest first: {all:?}"
+    );
+    let new = store.entries_of(ids[0], Some(EntryStatus::New), 10).await?;
+    ensure!(
+        new.len() == 1 && new[0].id == first.id,
+        "filtered by status"
+    );
+    ensure!(
+        store.entries_of(ids[0], None, 1).await?.len() == 1,
+        "limited"
+    );
+    Ok(())
+}
