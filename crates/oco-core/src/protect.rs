@@ -264,6 +264,15 @@ impl Protector {
         }
         if settled_any {
             legs = self.store.legs(entry.id).await?;
+            // A claimant that died may have canceled an older list before it could
+            // record so: check the lists the store still believes placed.
+            for leg in legs
+                .iter()
+                .filter(|l| matches!(l.state, LegState::Placed { .. }))
+            {
+                self.refresh_leg(&creds, leg).await?;
+            }
+            legs = self.store.legs(entry.id).await?;
         }
         if legs.iter().any(|l| l.state == LegState::Claimed) {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
@@ -590,7 +599,10 @@ impl Protector {
                         None,
                     )
                     .await?;
-                } else if matches!(leg.state, LegState::Placed { .. }) {
+                } else if matches!(leg.state, LegState::Placed { .. })
+                    && self.clock.now().since(leg.updated_at) > self.config.claim_timeout
+                {
+                    // Acknowledged once, unknown now (and not just placed): it ended outside us.
                     self.transition(
                         leg,
                         LegState::CanceledExternally {

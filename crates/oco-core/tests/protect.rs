@@ -6,13 +6,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use oco_core::Price;
 use oco_core::levels::EntryLevels;
 use oco_core::model::{Protection, ProtectionConfig, Source};
 use oco_core::ports::{ExchangeError, Store};
 use oco_core::protect::{Idle, ProtectOutcome};
 use oco_core::state::{EntryStatus, ExternalEnd, LegState};
 use oco_core::testing::OcoFault;
+use oco_core::{Clock, Price};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 
@@ -442,4 +442,48 @@ async fn a_filled_stop_closes_the_entry_with_its_result() {
         Some(dec!(-1.5)),
         "sold 1 at 98.5 after buying at 100"
     );
+}
+
+#[tokio::test]
+async fn a_claimant_that_died_mid_replacement_leaves_nothing_uncovered() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    // A second caller claimed generation 1, canceled both lists, and died before
+    // recording the cancels or placing anything.
+    let legs = w.store.legs(id).await.unwrap();
+    for leg in &legs {
+        w.exchange.cancel_externally(leg.ids.list.as_str());
+    }
+    let key = oco_core::LegKey {
+        generation: 1,
+        ..legs[0].key
+    };
+    let claim = oco_core::model::LegClaim {
+        key,
+        ids: oco_core::IdScheme::new("og").unwrap().oco(key).unwrap(),
+        symbol: "BTCUSDT".into(),
+        qty: legs[0].qty,
+        take_profit: legs[0].take_profit,
+        stop: legs[0].stop,
+        stop_limit: legs[0].stop_limit,
+        source: Source::Sync,
+        at: w.clock.now(),
+    };
+    assert!(w.store.claim_leg(&claim).await.unwrap());
+    w.clock.advance(Duration::from_secs(31));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(1), "the whole position has a stop again");
 }
