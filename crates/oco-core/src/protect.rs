@@ -644,14 +644,23 @@ impl Protector {
         if !sold.total().is_zero() {
             self.store.record_leg_sold(key, sold, now).await?;
         }
-        let to = if snap.executing {
+        // A list can keep executing after it lost its stop (the rest of a partly
+        // filled take-profit rests alone): what counts is whether the stop still works.
+        let stop_gone = snap.stop_loss.as_ref().is_some_and(|o| {
+            matches!(
+                o.status,
+                EntryStatus::Canceled | EntryStatus::Expired | EntryStatus::Rejected
+            )
+        });
+        let working = snap.executing && !stop_gone;
+        let to = if working {
             LegState::Placed {
                 list_id: snap.list_id,
             }
         } else {
             list_end_state(snap)
         };
-        if from != "placed" && !snap.executing {
+        if from != "placed" && !working {
             // Record that it was placed, then how it ended.
             self.update(
                 key,

@@ -194,7 +194,8 @@ impl FakeExchange {
         let full = qty == total;
         {
             let l = &mut s.lists[i];
-            l.executing = false;
+            // The list keeps executing while the rest of a partly filled take-profit rests.
+            l.executing = !full;
             l.take_profit.executed_qty = qty;
             l.take_profit.cumulative_quote = qty.notional(price);
             l.take_profit.status = if full {
@@ -276,7 +277,11 @@ impl FakeState {
             (
                 l.api_key.clone(),
                 l.request.symbol.clone(),
-                l.request.qty.get(),
+                // What the take-profit sold already left the account.
+                l.request
+                    .qty
+                    .saturating_sub(l.take_profit.executed_qty)
+                    .get(),
             )
         };
         let (base, _) = self.split_symbol(&symbol);
@@ -521,6 +526,7 @@ impl Exchange for FakeExchange {
         let (symbol, rest) = {
             let l = &mut s.lists[i];
             l.take_profit.status = EntryStatus::Canceled;
+            l.executing = false;
             (
                 l.request.symbol.clone(),
                 l.request.qty.saturating_sub(l.take_profit.executed_qty),

@@ -1,0 +1,714 @@
+//! [`BinanceExchange`]: the `Exchange` port over Binance's signed REST API.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use oco_core::ports::{
+    Balance, CancelOutcome, Exchange, OcoAck, OcoRequest, OrderListSnapshot, OrderRequest,
+    OrderSnapshot, Side,
+};
+use oco_core::{ApiCredentials, ExchangeError, Fill, Price, SymbolRules};
+use reqwest::Method;
+use reqwest::header::HeaderMap;
+use serde::de::DeserializeOwned;
+use tracing::{debug, instrument, warn};
+
+use crate::config::BinanceConfig;
+use crate::error::{
+    BinanceError, Op, is_filter_failure, map_code, map_http_error, map_malformed, map_transport,
+};
+use crate::pacing::{Admit, Pacer, PacingSnapshot};
+use crate::sign::{Query, rest_signature};
+use crate::wire::{
+    AccountWire, ApiErrorBody, ExchangeInfo, OrderListWire, OrderWire, ServerTime, TickerPrice,
+    TradeWire, from_json,
+};
+
+/// Installs the ring crypto provider for rustls once per process (reqwest is
+/// built without one). Another provider installed first is kept.
+pub(crate) fn install_crypto_provider() {
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The Binance Spot adapter of the [`Exchange`] port. Cheap to clone; clones
+/// share the connection pool, the time offset, the pacer and the rules cache.
+#[derive(Clone)]
+pub struct BinanceExchange {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for BinanceExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BinanceExchange")
+            .field("rest_base", &self.inner.config.rest_base)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    http: reqwest::Client,
+    config: BinanceConfig,
+    /// Server time minus local time, ms.
+    offset_ms: AtomicI64,
+    pacer: Pacer,
+    rules: Mutex<HashMap<String, (Instant, SymbolRules)>>,
+}
+
+/// One REST call.
+struct Call<'a> {
+    method: Method,
+    path: &'static str,
+    params: Vec<(&'static str, String)>,
+    creds: Option<&'a ApiCredentials>,
+    weight: u32,
+    orders: u32,
+    op: Op,
+}
+
+impl<'a> Call<'a> {
+    fn new(method: Method, path: &'static str, op: Op, weight: u32) -> Self {
+        Self {
+            method,
+            path,
+            params: Vec::with_capacity(16),
+            creds: None,
+            weight,
+            orders: 0,
+            op,
+        }
+    }
+
+    fn signed(mut self, creds: &'a ApiCredentials) -> Self {
+        self.creds = Some(creds);
+        self
+    }
+
+    fn orders(mut self, n: u32) -> Self {
+        self.orders = n;
+        self
+    }
+
+    fn param(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.params.push((name, value.into()));
+        self
+    }
+}
+
+/// What came back from an HTTP exchange, before interpretation.
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl BinanceExchange {
+    /// Builds the adapter (HTTP client with rustls and connection reuse).
+    ///
+    /// # Errors
+    /// [`BinanceError::BadUrl`] for a REST base that is not `http(s)://`;
+    /// [`BinanceError::Client`] when the HTTP client cannot be built.
+    pub fn new(config: BinanceConfig) -> Result<Self, BinanceError> {
+        let parsed = url::Url::parse(&config.rest_base).map_err(|e| BinanceError::BadUrl {
+            what: "rest",
+            url: config.rest_base.clone(),
+            reason: e.to_string(),
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(BinanceError::BadUrl {
+                what: "rest",
+                url: config.rest_base.clone(),
+                reason: "scheme must be http or https".into(),
+            });
+        }
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .build()
+            .map_err(|e| BinanceError::Client(e.without_url().to_string()))?;
+        let mut config = config;
+        config.rest_base = config.rest_base.trim_end_matches('/').to_owned();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                pacer: Pacer::new(config.pacing.clone()),
+                config,
+                offset_ms: AtomicI64::new(0),
+                rules: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Request weight used in the current minute by this instance (its IP).
+    pub fn used_weight(&self) -> u32 {
+        self.inner
+            .pacer
+            .snapshot(self.server_now_ms(), None)
+            .used_weight_1m
+    }
+
+    /// Weight and order figures, order counts for `api_key`.
+    pub fn pacing(&self, api_key: &str) -> PacingSnapshot {
+        self.inner
+            .pacer
+            .snapshot(self.server_now_ms(), Some(api_key))
+    }
+
+    /// Server time minus local time as last measured, ms.
+    pub fn time_offset_ms(&self) -> i64 {
+        self.inner.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Measures the server-time offset now (`GET /api/v3/time`). Done by
+    /// itself after a `-1021`; call it at start-up to begin in sync.
+    ///
+    /// # Errors
+    /// [`ExchangeError::Transient`] when the server cannot be read.
+    pub async fn sync_time(&self) -> Result<(), ExchangeError> {
+        let before = local_now_ms();
+        let answer = self
+            .send(&Call::new(Method::GET, "/api/v3/time", Op::Read, 1))
+            .await?;
+        let after = local_now_ms();
+        let t: ServerTime = parse_ok(Op::Read, &answer)?;
+        let offset = t.server_time - (before + after) / 2;
+        self.inner.offset_ms.store(offset, Ordering::Relaxed);
+        debug!(offset_ms = offset, "server time offset measured");
+        Ok(())
+    }
+
+    fn server_now_ms(&self) -> i64 {
+        local_now_ms() + self.inner.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Sends `call`: paces, signs, retries once after a `-1021` re-sync and
+    /// after a short `Retry-After`, and maps failures.
+    async fn request(&self, call: &Call<'_>) -> Result<Answer, ExchangeError> {
+        let mut resynced = false;
+        let mut rate_retries = 0;
+        loop {
+            let answer = self.send(call).await?;
+            if (200..300).contains(&answer.status) {
+                return Ok(answer);
+            }
+            let body: Option<ApiErrorBody> = serde_json::from_str(&answer.body).ok();
+            let code = body.as_ref().map(|b| b.code);
+            let retry_after = retry_after(&answer.headers);
+            if matches!(answer.status, 418 | 429) {
+                let wait = retry_after.unwrap_or(Duration::from_secs(if answer.status == 418 {
+                    120
+                } else {
+                    10
+                }));
+                self.inner.pacer.block_until(
+                    self.server_now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX),
+                );
+                // A 429 is a refusal before execution: waiting and sending
+                // again is safe, even for a placement. A 418 ban is not waited out.
+                if answer.status == 429
+                    && rate_retries < 2
+                    && wait <= self.inner.config.pacing.max_wait
+                {
+                    rate_retries += 1;
+                    warn!(path = call.path, ?wait, "rate limited, waiting as told");
+                    continue;
+                }
+            }
+            if code == Some(-1021) && call.creds.is_some() && !resynced {
+                resynced = true;
+                warn!(
+                    path = call.path,
+                    "timestamp outside recvWindow, re-syncing server time"
+                );
+                self.sync_time().await?;
+                continue;
+            }
+            let err = map_http_error(
+                call.op,
+                answer.status,
+                code,
+                body.as_ref().map(|b| b.msg.as_str()),
+                retry_after,
+            );
+            debug!(path = call.path, status = answer.status, error = %err, "request failed");
+            return Err(err);
+        }
+    }
+
+    /// One HTTP exchange, after pacing. Never logs or returns the signed URL.
+    async fn send(&self, call: &Call<'_>) -> Result<Answer, ExchangeError> {
+        self.pace(call).await?;
+        let url = self.signed_url(call);
+        let mut req = self.inner.http.request(call.method.clone(), url);
+        if let Some(creds) = call.creds {
+            req = req.header("X-MBX-APIKEY", &creds.api_key);
+        }
+        let describe =
+            |e: reqwest::Error| format!("{} {}: {}", call.method, call.path, e.without_url());
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| map_transport(call.op, e.is_connect(), e.is_timeout(), describe(e)))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        self.observe(&headers, call.creds.map(|c| c.api_key.as_str()));
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| map_transport(call.op, false, e.is_timeout(), describe(e)))?;
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    fn signed_url(&self, call: &Call<'_>) -> String {
+        let mut q = Query::new();
+        for (k, v) in &call.params {
+            q.push(k, v);
+        }
+        if let Some(creds) = call.creds {
+            q.push(
+                "recvWindow",
+                &self.inner.config.recv_window.as_millis().to_string(),
+            );
+            q.push("timestamp", &self.server_now_ms().to_string());
+            let signature = rest_signature(&creds.secret, q.as_str());
+            q.push("signature", &signature);
+        }
+        let base = &self.inner.config.rest_base;
+        if q.is_empty() {
+            format!("{base}{}", call.path)
+        } else {
+            format!("{base}{}?{}", call.path, q.as_str())
+        }
+    }
+
+    async fn pace(&self, call: &Call<'_>) -> Result<(), ExchangeError> {
+        let key = call.creds.map(|c| c.api_key.as_str());
+        loop {
+            match self
+                .inner
+                .pacer
+                .admit(self.server_now_ms(), call.weight, key, call.orders)
+            {
+                Admit::Go => return Ok(()),
+                Admit::Wait(d) if d <= self.inner.config.pacing.max_wait => {
+                    debug!(path = call.path, wait = ?d, "pacing");
+                    tokio::time::sleep(d).await;
+                }
+                Admit::Wait(d) => return Err(ExchangeError::RateLimited { retry_after: d }),
+            }
+        }
+    }
+
+    fn observe(&self, headers: &HeaderMap, api_key: Option<&str>) {
+        let num = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        };
+        self.inner.pacer.observe(
+            self.server_now_ms(),
+            api_key,
+            num("x-mbx-used-weight-1m"),
+            num("x-mbx-order-count-10s"),
+            num("x-mbx-order-count-1d"),
+        );
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, call: Call<'_>) -> Result<T, ExchangeError> {
+        let answer = self.request(&call).await?;
+        parse_ok(call.op, &answer)
+    }
+
+    async fn list_order_by_id(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        order_id: i64,
+    ) -> Result<Option<OrderWire>, ExchangeError> {
+        let call = Call::new(Method::GET, "/api/v3/order", Op::Read, 4)
+            .signed(creds)
+            .param("symbol", symbol)
+            .param("orderId", order_id.to_string());
+        match self.get_json::<OrderWire>(call).await {
+            Ok(o) => Ok(Some(o)),
+            // The list is read from the database and may run ahead of (or
+            // behind) the order table for a moment.
+            Err(ExchangeError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn after_rejection(&self, symbol: &str, err: &ExchangeError) {
+        if is_filter_failure(err) {
+            debug!(symbol, "filter failure, dropping cached rules");
+            self.invalidate_rules(symbol);
+        }
+    }
+}
+
+fn parse_ok<T: DeserializeOwned>(op: Op, answer: &Answer) -> Result<T, ExchangeError> {
+    from_json(&answer.body).map_err(|e| map_malformed(op, e.0))
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+fn local_now_ms() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Buy => "BUY",
+        Side::Sell => "SELL",
+    }
+}
+
+fn not_open_on_2011<T>(r: Result<T, ExchangeError>) -> Result<CancelOutcome, ExchangeError> {
+    match r {
+        Ok(_) => Ok(CancelOutcome::Canceled),
+        Err(ExchangeError::Rejected { code: -2011, .. }) => Ok(CancelOutcome::NotOpen),
+        Err(e) => Err(e),
+    }
+}
+
+#[async_trait]
+impl Exchange for BinanceExchange {
+    #[instrument(skip(self), level = "debug")]
+    async fn symbol_rules(&self, symbol: &str) -> Result<SymbolRules, ExchangeError> {
+        {
+            let cache = self
+                .inner
+                .rules
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((at, rules)) = cache.get(symbol)
+                && at.elapsed() < self.inner.config.rules_ttl
+            {
+                return Ok(rules.clone());
+            }
+        }
+        let info: ExchangeInfo = self
+            .get_json(
+                Call::new(Method::GET, "/api/v3/exchangeInfo", Op::Read, 20)
+                    .param("symbol", symbol),
+            )
+            .await?;
+        let sym = info
+            .symbols
+            .iter()
+            .find(|s| s.symbol == symbol)
+            .ok_or_else(|| {
+                ExchangeError::Transient(format!("exchangeInfo has no symbol {symbol}"))
+            })?;
+        let rules = sym
+            .to_rules()
+            .map_err(|e| ExchangeError::Transient(format!("exchangeInfo of {symbol}: {e}")))?;
+        self.inner
+            .rules
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(symbol.to_owned(), (Instant::now(), rules.clone()));
+        Ok(rules)
+    }
+
+    fn invalidate_rules(&self, symbol: &str) {
+        self.inner
+            .rules
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(symbol);
+    }
+
+    #[instrument(skip(self), level = "debug")]
+    async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError> {
+        let t: TickerPrice = self
+            .get_json(
+                Call::new(Method::GET, "/api/v3/ticker/price", Op::Read, 2).param("symbol", symbol),
+            )
+            .await?;
+        t.price
+            .parse::<Price>()
+            .map_err(|e| map_malformed(Op::Read, e.to_string()))
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn balances(&self, creds: &ApiCredentials) -> Result<Vec<Balance>, ExchangeError> {
+        let a: AccountWire = self
+            .get_json(Call::new(Method::GET, "/api/v3/account", Op::Read, 20).signed(creds))
+            .await?;
+        a.to_balances().map_err(|e| map_malformed(Op::Read, e.0))
+    }
+
+    #[instrument(skip(self, creds), fields(symbol = %order.symbol, client_id = %order.client_id), level = "debug")]
+    async fn place_order(
+        &self,
+        creds: &ApiCredentials,
+        order: &OrderRequest,
+    ) -> Result<OrderSnapshot, ExchangeError> {
+        let mut call = Call::new(Method::POST, "/api/v3/order", Op::Write, 1)
+            .signed(creds)
+            .orders(1)
+            .param("symbol", order.symbol.as_str())
+            .param("side", side_name(order.side));
+        call = match order.limit {
+            None => call.param("type", "MARKET"),
+            Some(p) => call
+                .param("type", "LIMIT")
+                .param("timeInForce", "GTC")
+                .param("price", p.to_string()),
+        };
+        call = match order.size {
+            oco_core::model::OrderSize::Base(q) => call.param("quantity", q.to_string()),
+            oco_core::model::OrderSize::Quote(d) => {
+                call.param("quoteOrderQty", d.normalize().to_string())
+            }
+        };
+        let call = call
+            .param("newClientOrderId", order.client_id.as_str())
+            .param("newOrderRespType", "FULL");
+        let result = self.get_json::<OrderWire>(call).await;
+        match result {
+            Ok(o) => o.to_snapshot().map_err(|e| map_malformed(Op::Write, e.0)),
+            Err(e) => {
+                self.after_rejection(&order.symbol, &e);
+                Err(e)
+            }
+        }
+    }
+
+    #[instrument(skip(self, creds), level = "debug")]
+    async fn query_order(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        client_id: &str,
+    ) -> Result<OrderSnapshot, ExchangeError> {
+        let o: OrderWire = self
+            .get_json(
+                Call::new(Method::GET, "/api/v3/order", Op::Read, 4)
+                    .signed(creds)
+                    .param("symbol", symbol)
+                    .param("origClientOrderId", client_id),
+            )
+            .await?;
+        o.to_snapshot().map_err(|e| map_malformed(Op::Read, e.0))
+    }
+
+    #[instrument(skip(self, creds), level = "debug")]
+    async fn order_trades(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        order_id: i64,
+    ) -> Result<Vec<Fill>, ExchangeError> {
+        let trades: Vec<TradeWire> = self
+            .get_json(
+                Call::new(Method::GET, "/api/v3/myTrades", Op::Read, 5)
+                    .signed(creds)
+                    .param("symbol", symbol)
+                    .param("orderId", order_id.to_string()),
+            )
+            .await?;
+        trades
+            .iter()
+            .map(TradeWire::to_fill)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| map_malformed(Op::Read, e.0))
+    }
+
+    #[instrument(skip(self, creds), level = "debug")]
+    async fn cancel_order(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        client_id: &str,
+    ) -> Result<CancelOutcome, ExchangeError> {
+        let call = Call::new(Method::DELETE, "/api/v3/order", Op::Write, 1)
+            .signed(creds)
+            .param("symbol", symbol)
+            .param("origClientOrderId", client_id);
+        not_open_on_2011(self.request(&call).await)
+    }
+
+    #[instrument(skip(self, creds), fields(symbol = %oco.symbol, list = %oco.ids.list), level = "debug")]
+    async fn place_oco(
+        &self,
+        creds: &ApiCredentials,
+        oco: &OcoRequest,
+    ) -> Result<OcoAck, ExchangeError> {
+        let mut call = Call::new(Method::POST, "/api/v3/orderList/oco", Op::Write, 1)
+            .signed(creds)
+            .orders(2)
+            .param("symbol", oco.symbol.as_str())
+            .param("side", "SELL")
+            .param("quantity", oco.qty.to_string())
+            .param("listClientOrderId", oco.ids.list.as_str())
+            .param("aboveType", "LIMIT_MAKER")
+            .param("abovePrice", oco.take_profit.to_string())
+            .param("aboveClientOrderId", oco.ids.take_profit.as_str())
+            .param("belowClientOrderId", oco.ids.stop_loss.as_str())
+            .param("belowStopPrice", oco.stop.to_string());
+        call = match oco.stop_limit {
+            Some(limit) => call
+                .param("belowType", "STOP_LOSS_LIMIT")
+                .param("belowPrice", limit.to_string())
+                .param("belowTimeInForce", "GTC"),
+            None => call.param("belowType", "STOP_LOSS"),
+        };
+        let call = call.param("newOrderRespType", "RESULT");
+        match self.get_json::<OrderListWire>(call).await {
+            Ok(list) => list
+                .to_ack(oco.ids.take_profit.as_str(), oco.ids.stop_loss.as_str())
+                .map_err(|e| map_malformed(Op::Write, e.0)),
+            Err(e) => {
+                self.after_rejection(&oco.symbol, &e);
+                Err(e)
+            }
+        }
+    }
+
+    #[instrument(skip(self, creds), level = "debug")]
+    async fn order_list(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        list_client_id: &str,
+    ) -> Result<Option<OrderListSnapshot>, ExchangeError> {
+        let call = Call::new(Method::GET, "/api/v3/orderList", Op::Read, 4)
+            .signed(creds)
+            .param("origClientOrderId", list_client_id);
+        let list: OrderListWire = match self.get_json(call).await {
+            Ok(l) => l,
+            Err(ExchangeError::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // GET orderList names the orders only; each leg's state is one more
+        // read (weight 4 each), both at once.
+        let legs = futures_util::future::join_all(
+            list.orders
+                .iter()
+                .map(|m| self.list_order_by_id(creds, &m.symbol, m.order_id)),
+        )
+        .await;
+        let mut full = list.clone();
+        for leg in legs {
+            if let Some(order) = leg? {
+                full.order_reports.push(order);
+            }
+        }
+        full.to_snapshot(None, None)
+            .map(Some)
+            .map_err(|e| map_malformed(Op::Read, e.0))
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn open_order_lists(
+        &self,
+        creds: &ApiCredentials,
+    ) -> Result<Vec<OrderListSnapshot>, ExchangeError> {
+        // One call (weight 6) for the whole account; leg states are left
+        // `None` rather than spending 8 more weight per list. Callers that
+        // need them ask `order_list` for the lists they care about.
+        let lists: Vec<OrderListWire> = self
+            .get_json(Call::new(Method::GET, "/api/v3/openOrderList", Op::Read, 6).signed(creds))
+            .await?;
+        lists
+            .iter()
+            .map(|l| l.to_snapshot(None, None))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| map_malformed(Op::Read, e.0))
+    }
+
+    #[instrument(skip(self, creds), level = "debug")]
+    async fn cancel_order_list(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        list_client_id: &str,
+    ) -> Result<CancelOutcome, ExchangeError> {
+        let call = Call::new(Method::DELETE, "/api/v3/orderList", Op::Write, 1)
+            .signed(creds)
+            .param("symbol", symbol)
+            .param("listClientOrderId", list_client_id);
+        not_open_on_2011(self.request(&call).await)
+    }
+}
+
+/// Maps a WebSocket API error the way REST errors are mapped (used by the
+/// stream for its subscribe answer).
+pub(crate) fn map_ws_error(code: i64, msg: &str) -> ExchangeError {
+    map_code(Op::Read, code, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::BinanceUserStream;
+
+    #[test]
+    fn https_and_wss_configs_build_with_the_ring_provider() {
+        for config in [BinanceConfig::production(), BinanceConfig::testnet()] {
+            assert!(config.rest_base.starts_with("https://"));
+            BinanceExchange::new(config.clone()).unwrap();
+            BinanceUserStream::new(config).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_urls_are_refused() {
+        let config = BinanceConfig::custom("ftp://x", "http://x");
+        assert!(matches!(
+            BinanceExchange::new(config.clone()),
+            Err(BinanceError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            BinanceUserStream::new(config),
+            Err(BinanceError::BadUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn signed_url_carries_recv_window_timestamp_and_signature_last() {
+        let ex = BinanceExchange::new(BinanceConfig::custom(
+            "http://127.0.0.1:1/",
+            "ws://127.0.0.1:1",
+        ))
+        .unwrap();
+        let creds = ApiCredentials {
+            api_key: "k".into(),
+            secret: secrecy::SecretString::from("s"),
+        };
+        let call = Call::new(Method::GET, "/api/v3/order", Op::Read, 4)
+            .signed(&creds)
+            .param("symbol", "BTCUSDT")
+            .param("origClientOrderId", "og-E-1");
+        let url = ex.signed_url(&call);
+        let (base, query) = url.split_once('?').unwrap();
+        assert_eq!(base, "http://127.0.0.1:1/api/v3/order");
+        let (payload, signature) = query.rsplit_once("&signature=").unwrap();
+        assert!(
+            payload
+                .starts_with("symbol=BTCUSDT&origClientOrderId=og-E-1&recvWindow=5000&timestamp=")
+        );
+        assert_eq!(signature, crate::sign::hmac_hex(b"s", payload.as_bytes()));
+    }
+}

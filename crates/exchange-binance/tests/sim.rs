@@ -1,0 +1,633 @@
+//! Every `Exchange` method and the user-data stream against `exchange-sim`
+//! over real HTTP and WebSocket, including the fault cases.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
+use exchange_sim::{AccountSpec, FaultOutcome, FaultWhen, RequestFault, Sim, SimConfig};
+use oco_core::model::OrderSize;
+use oco_core::ports::{
+    CancelOutcome, Exchange, OcoRequest, OrderRequest, Side, StreamEvent, UserStream,
+    UserStreamSession,
+};
+use oco_core::{
+    ApiCredentials, ClientOrderId, EntryStatus, ExchangeError, OcoClientIds, Price, Qty,
+};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use secrecy::SecretString;
+
+const KEY: &str = "binance-test-key";
+const SECRET: &str = "binance-test-secret-0123456789";
+const SYMBOL: &str = "BTCUSDT";
+
+fn sim_config() -> SimConfig {
+    SimConfig::new("127.0.0.1:0".parse().unwrap())
+        .with_faults(true)
+        .with_account(AccountSpec::new(
+            KEY,
+            SECRET,
+            vec![("USDT".into(), dec!(100000)), ("BTC".into(), dec!(1))],
+        ))
+}
+
+fn creds() -> ApiCredentials {
+    ApiCredentials {
+        api_key: KEY.into(),
+        secret: SecretString::from(SECRET),
+    }
+}
+
+fn adapter_config(sim: &Sim) -> BinanceConfig {
+    let mut c = BinanceConfig::custom(sim.base_url(), sim.ws_api_url());
+    c.request_timeout = Duration::from_millis(800);
+    c.stream.backoff_initial = Duration::from_millis(50);
+    c.stream.backoff_max = Duration::from_millis(400);
+    c.stream.connect_timeout = Duration::from_secs(2);
+    c
+}
+
+async fn start() -> (Sim, BinanceExchange) {
+    let sim = Sim::start(sim_config()).await.unwrap();
+    let ex = BinanceExchange::new(adapter_config(&sim)).unwrap();
+    (sim, ex)
+}
+
+fn id(s: &str) -> ClientOrderId {
+    ClientOrderId::new(s).unwrap()
+}
+
+fn p(d: Decimal) -> Price {
+    Price::new(d).unwrap()
+}
+
+fn q(d: Decimal) -> Qty {
+    Qty::new(d).unwrap()
+}
+
+fn oco(n: u32, qty: Decimal, tp: Decimal, stop: Decimal, limit: Option<Decimal>) -> OcoRequest {
+    OcoRequest {
+        symbol: SYMBOL.into(),
+        qty: q(qty),
+        take_profit: p(tp),
+        stop: p(stop),
+        stop_limit: limit.map(p),
+        ids: OcoClientIds {
+            list: id(&format!("t-L-{n}")),
+            take_profit: id(&format!("t-T-{n}")),
+            stop_loss: id(&format!("t-S-{n}")),
+        },
+    }
+}
+
+fn market_buy(cid: &str, qty: Decimal) -> OrderRequest {
+    OrderRequest {
+        symbol: SYMBOL.into(),
+        side: Side::Buy,
+        limit: None,
+        size: OrderSize::Base(q(qty)),
+        client_id: id(cid),
+    }
+}
+
+fn count_requests(sim: &Sim, path: &str) -> usize {
+    sim.control()
+        .requests()
+        .iter()
+        .filter(|r| r.path == path)
+        .count()
+}
+
+#[tokio::test]
+async fn every_exchange_method_against_the_sim() {
+    let (sim, ex) = start().await;
+    let c = creds();
+
+    let rules = ex.symbol_rules(SYMBOL).await.unwrap();
+    assert_eq!(
+        (rules.tick.get(), rules.step.get()),
+        (dec!(0.01), dec!(0.00001))
+    );
+    assert!(rules.trading && rules.oco_allowed);
+    ex.symbol_rules(SYMBOL).await.unwrap();
+    assert_eq!(
+        count_requests(&sim, "/api/v3/exchangeInfo"),
+        1,
+        "rules are cached"
+    );
+
+    assert_eq!(ex.last_price(SYMBOL).await.unwrap().get(), dec!(60000));
+    let usdt = ex
+        .balances(&c)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.asset == "USDT")
+        .unwrap();
+    assert_eq!(usdt.free.get(), dec!(100000));
+
+    // Entry: MARKET BUY, FULL answer with fills.
+    let entry = ex
+        .place_order(&c, &market_buy("t-E-1", dec!(0.01)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (entry.status, entry.executed_qty.get()),
+        (EntryStatus::Filled, dec!(0.01))
+    );
+    assert_eq!(entry.client_id, "t-E-1");
+    assert!(!entry.fills.is_empty());
+    let queried = ex.query_order(&c, SYMBOL, "t-E-1").await.unwrap();
+    assert_eq!(
+        (queried.order_id, queried.status),
+        (entry.order_id, EntryStatus::Filled)
+    );
+    let trades = ex.order_trades(&c, SYMBOL, entry.order_id).await.unwrap();
+    assert_eq!(
+        trades.iter().map(|f| f.qty.get()).sum::<Decimal>(),
+        dec!(0.01)
+    );
+
+    // Protection: a SELL OCO, legs identified by our ids.
+    let ack = ex
+        .place_oco(
+            &c,
+            &oco(1, dec!(0.009), dec!(61000), dec!(59000), Some(dec!(58900))),
+        )
+        .await
+        .unwrap();
+    assert_ne!(ack.take_profit_order_id, ack.stop_order_id);
+    let list = ex.order_list(&c, SYMBOL, "t-L-1").await.unwrap().unwrap();
+    assert_eq!(list.list_id, ack.list_id);
+    assert!(list.executing);
+    assert_eq!(list.take_profit.as_ref().unwrap().client_id, "t-T-1");
+    assert_eq!(list.stop_loss.as_ref().unwrap().client_id, "t-S-1");
+    assert_eq!(list.stop_loss.unwrap().status, EntryStatus::New);
+    let tp = ex.query_order(&c, SYMBOL, "t-T-1").await.unwrap();
+    assert_eq!(tp.order_id, ack.take_profit_order_id);
+    let open = ex.open_order_lists(&c).await.unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].list_client_id, "t-L-1");
+
+    // A market stop (STOP_LOSS) when there is no stop limit, if the symbol allows it.
+    let market_stop = ex
+        .place_oco(&c, &oco(2, dec!(0.0005), dec!(61000), dec!(59000), None))
+        .await;
+    match market_stop {
+        Ok(_) => assert_eq!(ex.open_order_lists(&c).await.unwrap().len(), 2),
+        Err(e) => assert!(matches!(e, ExchangeError::Rejected { .. }), "{e:?}"),
+    }
+
+    // Cancels: once, then not open.
+    assert_eq!(
+        ex.cancel_order_list(&c, SYMBOL, "t-L-1").await.unwrap(),
+        CancelOutcome::Canceled
+    );
+    assert_eq!(
+        ex.cancel_order_list(&c, SYMBOL, "t-L-1").await.unwrap(),
+        CancelOutcome::NotOpen
+    );
+    let done = ex.order_list(&c, SYMBOL, "t-L-1").await.unwrap().unwrap();
+    assert!(!done.executing);
+    assert_eq!(done.take_profit.unwrap().status, EntryStatus::Canceled);
+
+    let resting = OrderRequest {
+        symbol: SYMBOL.into(),
+        side: Side::Buy,
+        limit: Some(p(dec!(50000))),
+        size: OrderSize::Base(q(dec!(0.001))),
+        client_id: id("t-E-2"),
+    };
+    assert_eq!(
+        ex.place_order(&c, &resting).await.unwrap().status,
+        EntryStatus::New
+    );
+    assert_eq!(
+        ex.cancel_order(&c, SYMBOL, "t-E-2").await.unwrap(),
+        CancelOutcome::Canceled
+    );
+    assert_eq!(
+        ex.cancel_order(&c, SYMBOL, "t-E-2").await.unwrap(),
+        CancelOutcome::NotOpen
+    );
+
+    // Spending a quote amount.
+    let by_quote = OrderRequest {
+        size: OrderSize::Quote(dec!(100)),
+        ..market_buy("t-E-3", dec!(1))
+    };
+    let o = ex.place_order(&c, &by_quote).await.unwrap();
+    assert!(o.executed_qty.get() > Decimal::ZERO);
+
+    // Absent things.
+    assert_eq!(
+        ex.query_order(&c, SYMBOL, "nope").await.unwrap_err(),
+        ExchangeError::NotFound
+    );
+    assert_eq!(ex.order_list(&c, SYMBOL, "nope").await.unwrap(), None);
+
+    // Rejections keep Binance's words.
+    let late = ex
+        .place_oco(
+            &c,
+            &oco(3, dec!(0.001), dec!(59500), dec!(59000), Some(dec!(58900))),
+        )
+        .await
+        .unwrap_err();
+    assert!(late.is_bad_prices(), "{late:?}");
+    let too_big = ex
+        .place_order(&c, &market_buy("t-E-4", dec!(50)))
+        .await
+        .unwrap_err();
+    assert!(
+        too_big.is_insufficient_balance() || matches!(too_big, ExchangeError::Rejected { .. }),
+        "{too_big:?}"
+    );
+
+    assert!(ex.used_weight() > 0);
+    assert!(ex.pacing(KEY).order_count_10s > 0);
+}
+
+#[tokio::test]
+async fn a_filter_failure_drops_the_cached_rules() {
+    let (sim, ex) = start().await;
+    let c = creds();
+    ex.symbol_rules(SYMBOL).await.unwrap();
+    let off_tick = OrderRequest {
+        symbol: SYMBOL.into(),
+        side: Side::Buy,
+        limit: Some(p(dec!(50000.005))),
+        size: OrderSize::Base(q(dec!(0.001))),
+        client_id: id("t-E-9"),
+    };
+    let err = ex.place_order(&c, &off_tick).await.unwrap_err();
+    assert!(
+        matches!(err, ExchangeError::Rejected { code: -1013, .. }),
+        "{err:?}"
+    );
+    ex.symbol_rules(SYMBOL).await.unwrap();
+    assert_eq!(
+        count_requests(&sim, "/api/v3/exchangeInfo"),
+        2,
+        "reloaded after -1013"
+    );
+}
+
+fn fault(path: &str, when: FaultWhen, outcome: FaultOutcome) -> RequestFault {
+    RequestFault {
+        method: Some("POST".into()),
+        path_prefix: path.into(),
+        count: 1,
+        when,
+        outcome,
+    }
+}
+
+#[tokio::test]
+async fn server_error_after_apply_is_unknown_then_resolved_by_client_id() {
+    let (sim, ex) = start().await;
+    let c = creds();
+    ex.place_order(&c, &market_buy("t-E-1", dec!(0.01)))
+        .await
+        .unwrap();
+
+    sim.control().fail_requests(fault(
+        "/api/v3/orderList/oco",
+        FaultWhen::After,
+        FaultOutcome::Status(503),
+    ));
+    let err = ex
+        .place_oco(
+            &c,
+            &oco(1, dec!(0.009), dec!(61000), dec!(59000), Some(dec!(58900))),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ExchangeError::UnknownOutcome(_)), "{err:?}");
+    let found = ex.order_list(&c, SYMBOL, "t-L-1").await.unwrap();
+    assert!(found.is_some_and(|l| l.executing), "the list was placed");
+
+    sim.control().fail_requests(fault(
+        "/api/v3/orderList/oco",
+        FaultWhen::Before,
+        FaultOutcome::Status(500),
+    ));
+    let err = ex
+        .place_oco(
+            &c,
+            &oco(2, dec!(0.0009), dec!(61000), dec!(59000), Some(dec!(58900))),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ExchangeError::UnknownOutcome(_)), "{err:?}");
+    assert_eq!(
+        ex.order_list(&c, SYMBOL, "t-L-2").await.unwrap(),
+        None,
+        "nothing placed"
+    );
+
+    sim.control().fail_requests(fault(
+        "/api/v3/order",
+        FaultWhen::After,
+        FaultOutcome::Status(502),
+    ));
+    let err = ex
+        .place_order(&c, &market_buy("t-E-2", dec!(0.001)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ExchangeError::UnknownOutcome(_)), "{err:?}");
+    assert_eq!(
+        ex.query_order(&c, SYMBOL, "t-E-2").await.unwrap().status,
+        EntryStatus::Filled
+    );
+}
+
+#[tokio::test]
+async fn a_timeout_on_a_placement_is_unknown() {
+    let (sim, ex) = start().await;
+    let c = creds();
+    sim.control().fail_requests(fault(
+        "/api/v3/order",
+        FaultWhen::After,
+        FaultOutcome::Hang(Duration::from_secs(3)),
+    ));
+    let err = ex
+        .place_order(&c, &market_buy("t-E-1", dec!(0.001)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ExchangeError::UnknownOutcome(ref m) if m.contains("timeout")),
+        "{err:?}"
+    );
+    assert!(
+        ex.query_order(&c, SYMBOL, "t-E-1").await.is_ok(),
+        "it was applied"
+    );
+}
+
+#[tokio::test]
+async fn a_429_is_waited_out_and_the_request_succeeds() {
+    let (sim, ex) = start().await;
+    sim.control().throttle_requests(1, 1);
+    let t0 = Instant::now();
+    assert_eq!(ex.last_price(SYMBOL).await.unwrap().get(), dec!(60000));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "waited Retry-After"
+    );
+
+    // A Retry-After beyond the adapter's own patience comes back to the caller.
+    sim.control().throttle_requests(1, 60);
+    let err = ex.last_price(SYMBOL).await.unwrap_err();
+    assert_eq!(
+        err,
+        ExchangeError::RateLimited {
+            retry_after: Duration::from_secs(60)
+        }
+    );
+    let err = ex.last_price(SYMBOL).await.unwrap_err();
+    assert!(
+        matches!(err, ExchangeError::RateLimited { .. }),
+        "held back without asking: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_1021_resyncs_the_clock_and_succeeds() {
+    let (sim, ex) = start().await;
+    let c = creds();
+    sim.control().force_timestamp_errors(1);
+    assert!(!ex.balances(&c).await.unwrap().is_empty());
+    assert_eq!(
+        count_requests(&sim, "/api/v3/time"),
+        1,
+        "time re-synced once"
+    );
+
+    sim.control().force_timestamp_errors(2);
+    let err = ex.balances(&c).await.unwrap_err();
+    assert!(
+        matches!(err, ExchangeError::Transient(ref m) if m.contains("-1021")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn requests_are_paced_before_the_exchange_refuses_them() {
+    let sim = Sim::start(sim_config()).await.unwrap();
+    let mut config = adapter_config(&sim);
+    config.pacing.weight_per_minute = 10;
+    config.pacing.max_wait = Duration::ZERO;
+    let ex = BinanceExchange::new(config).unwrap();
+    let mut refused = None;
+    for n in 0..10 {
+        match ex.last_price(SYMBOL).await {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some((n, e));
+                break;
+            }
+        }
+    }
+    let (n, err) = refused.unwrap();
+    assert!(matches!(err, ExchangeError::RateLimited { .. }), "{err:?}");
+    assert!(n <= 5, "weight 2 each, budget 10: refused after {n}");
+    assert_eq!(
+        count_requests(&sim, "/api/v3/ticker/price"),
+        n,
+        "the refused one never left"
+    );
+    assert!(ex.used_weight() >= 10 - 1);
+}
+
+#[tokio::test]
+async fn errors_and_debug_output_hold_no_secret() {
+    let mut config = BinanceConfig::custom("http://127.0.0.1:9", "ws://127.0.0.1:9/ws-api/v3");
+    config.request_timeout = Duration::from_millis(500);
+    let ex = BinanceExchange::new(config).unwrap();
+    let c = creds();
+    let err = ex.balances(&c).await.unwrap_err();
+    let text = format!("{err} {err:?} {ex:?} {c:?}");
+    assert!(matches!(err, ExchangeError::Transient(_)), "{err:?}");
+    assert!(!text.contains(SECRET), "{text}");
+    assert!(!text.contains("signature"), "{text}");
+    assert!(!text.contains("timestamp="), "{text}");
+}
+
+// ------------------------------------------------------------------ stream
+
+async fn next(session: &mut Box<dyn UserStreamSession>) -> StreamEvent {
+    tokio::time::timeout(Duration::from_secs(10), session.next_event())
+        .await
+        .expect("no stream event within 10 s")
+        .unwrap()
+}
+
+/// Skips events until one matches.
+async fn wait_for(
+    session: &mut Box<dyn UserStreamSession>,
+    what: &str,
+    f: impl Fn(&StreamEvent) -> bool,
+) -> StreamEvent {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no {what} within 10 s");
+        let ev = next(session).await;
+        if f(&ev) {
+            return ev;
+        }
+    }
+}
+
+async fn open(sim: &Sim, tweak: impl FnOnce(&mut BinanceConfig)) -> Box<dyn UserStreamSession> {
+    let mut config = adapter_config(sim);
+    tweak(&mut config);
+    let stream = BinanceUserStream::new(config).unwrap();
+    let mut session = stream.open(&creds()).await.unwrap();
+    assert_eq!(next(&mut session).await, StreamEvent::Connected);
+    session
+}
+
+async fn assert_reconnects_with_gap(session: &mut Box<dyn UserStreamSession>) {
+    wait_for(session, "Connected", |e| *e == StreamEvent::Connected).await;
+    match next(session).await {
+        StreamEvent::Gap { from, to } => assert!(from <= to, "{from} > {to}"),
+        other => panic!("expected a gap, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn stream_delivers_fills_lists_and_balances() {
+    let (sim, ex) = start().await;
+    let mut s = open(&sim, |_| {}).await;
+    ex.place_order(&creds(), &market_buy("t-E-1", dec!(0.01)))
+        .await
+        .unwrap();
+    let fill = wait_for(
+        &mut s,
+        "a fill",
+        |e| matches!(e, StreamEvent::Execution(u) if u.fill.is_some()),
+    )
+    .await;
+    let StreamEvent::Execution(u) = fill else {
+        unreachable!()
+    };
+    assert_eq!((u.client_id.as_str(), u.side), ("t-E-1", Side::Buy));
+    assert!(u.fill.unwrap().commission >= Decimal::ZERO);
+    wait_for(&mut s, "balances", |e| {
+        matches!(e, StreamEvent::Balances(_))
+    })
+    .await;
+    ex.place_oco(
+        &creds(),
+        &oco(1, dec!(0.009), dec!(61000), dec!(59000), Some(dec!(58900))),
+    )
+    .await
+    .unwrap();
+    let list = wait_for(&mut s, "a list", |e| matches!(e, StreamEvent::List(_))).await;
+    let StreamEvent::List(l) = list else {
+        unreachable!()
+    };
+    assert_eq!((l.list_client_id.as_str(), l.executing), ("t-L-1", true));
+}
+
+#[tokio::test]
+async fn stream_drop_reconnects_and_reports_a_gap() {
+    let (sim, ex) = start().await;
+    let mut s = open(&sim, |_| {}).await;
+    assert!(sim.control().drop_streams(Some(KEY)) >= 1);
+    assert_reconnects_with_gap(&mut s).await;
+    ex.place_order(&creds(), &market_buy("t-E-1", dec!(0.001)))
+        .await
+        .unwrap();
+    wait_for(&mut s, "a fill after the reconnect", |e| {
+        matches!(e, StreamEvent::Execution(_))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stream_stall_is_detected_and_reconnected() {
+    let sim = Sim::start(sim_config().with_ping_interval(Duration::from_millis(100)))
+        .await
+        .unwrap();
+    let mut s = open(&sim, |c| {
+        c.stream.stall_timeout = Duration::from_millis(700);
+        c.stream.ping_interval = Duration::from_millis(200);
+    })
+    .await;
+    // Let the server's pings show that this server pings.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.control().set_streams_stalled(true);
+    let t0 = Instant::now();
+    // While stalled, new connections stall too: let the adapter notice, then heal.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sim.control().set_streams_stalled(false);
+    assert_reconnects_with_gap(&mut s).await;
+    assert!(t0.elapsed() >= Duration::from_millis(700));
+}
+
+#[tokio::test]
+async fn stream_server_shutdown_and_termination_reconnect() {
+    let (sim, _ex) = start().await;
+    let mut s = open(&sim, |_| {}).await;
+    assert!(sim.control().server_shutdown(Some(KEY)) >= 1);
+    assert_reconnects_with_gap(&mut s).await;
+    assert!(sim.control().terminate_subscriptions(KEY) >= 1);
+    assert_reconnects_with_gap(&mut s).await;
+}
+
+#[tokio::test]
+async fn stream_reconnects_before_the_age_limit() {
+    let (sim, _ex) = start().await;
+    let mut s = open(&sim, |c| {
+        c.stream.max_connection_age = Duration::from_millis(500)
+    })
+    .await;
+    assert_reconnects_with_gap(&mut s).await;
+}
+
+#[tokio::test]
+async fn stream_retries_while_refused_then_recovers() {
+    let (sim, _ex) = start().await;
+    let mut s = open(&sim, |_| {}).await;
+    sim.control().set_refuse_streams(true);
+    sim.control().drop_streams(None);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    sim.control().set_refuse_streams(false);
+    assert_reconnects_with_gap(&mut s).await;
+}
+
+#[tokio::test]
+async fn stream_ends_with_auth_when_the_key_is_revoked() {
+    let (sim, _ex) = start().await;
+    let mut s = open(&sim, |_| {}).await;
+    sim.control().revoke_key(KEY);
+    let err = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Err(e) = s.next_event().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(matches!(err, ExchangeError::Auth(_)), "{err:?}");
+    assert!(
+        matches!(s.next_event().await, Err(ExchangeError::Auth(_))),
+        "stays ended"
+    );
+}
+
+#[tokio::test]
+async fn stream_open_with_a_wrong_secret_is_auth() {
+    let sim = Sim::start(sim_config()).await.unwrap();
+    let stream = BinanceUserStream::new(adapter_config(&sim)).unwrap();
+    let bad = ApiCredentials {
+        api_key: KEY.into(),
+        secret: SecretString::from("wrong"),
+    };
+    let err = stream.open(&bad).await.err().unwrap();
+    assert!(matches!(err, ExchangeError::Auth(_)), "{err:?}");
+}
