@@ -1,0 +1,184 @@
+//! `/v1/accounts`: register an exchange account, read and change its settings.
+//! The secret is write-only; a user sees only the accounts they own.
+
+use axum::Json as JsonOut;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use oco_core::AccountId;
+use oco_core::model::{Account, ProtectionConfig};
+use oco_core::ports::{ApiCredentials, NewAccount};
+use secrecy::SecretString;
+use tracing::info;
+
+use crate::AppState;
+use crate::auth::AuthUser;
+use crate::dto::{AccountList, AccountView, CreateAccountRequest, Problem, UpdateAccountRequest};
+use crate::error::ApiError;
+use crate::json::Json;
+use crate::validate::apply_settings;
+
+/// Exchanges an account may be registered on.
+const EXCHANGES: [&str; 1] = ["binance"];
+
+/// Parses a path id.
+pub(crate) fn path_id(what: &'static str, text: &str) -> Result<i64, ApiError> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::field("id", format!("'{text}' is not a {what} id")))
+}
+
+/// The account, if `user` owns it; someone else's is reported as absent.
+pub(crate) async fn owned_account(
+    state: &AppState,
+    user: &AuthUser,
+    id: AccountId,
+) -> Result<Account, ApiError> {
+    let not_found = || ApiError::NotFound {
+        what: "account",
+        id: id.to_string(),
+    };
+    match state.store.account(id).await {
+        Ok(account) if account.owner == user.0 => Ok(account),
+        Ok(_) => Err(not_found()),
+        Err(oco_core::StoreError::NotFound { .. }) => Err(not_found()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn non_blank(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.trim().is_empty() || value.len() > max || value.chars().any(char::is_control) {
+        return Err(ApiError::field(
+            field,
+            format!("must be 1 to {max} printable characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Registers an exchange account owned by the caller.
+#[utoipa::path(
+    post, path = "/v1/accounts", tag = "accounts",
+    request_body = CreateAccountRequest,
+    responses(
+        (status = 201, description = "Registered (the secret is never returned)", body = AccountView),
+        (status = 400, description = "Bad input", body = Problem),
+        (status = 401, description = "No or unknown token", body = Problem),
+        (status = 409, description = "API key already registered", body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn create_account(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Json(req): Json<CreateAccountRequest>,
+) -> Result<Response, ApiError> {
+    if !EXCHANGES.contains(&req.exchange.as_str()) {
+        return Err(ApiError::field(
+            "exchange",
+            format!(
+                "'{}' is not supported; expected one of {EXCHANGES:?}",
+                req.exchange
+            ),
+        ));
+    }
+    non_blank("apiKey", &req.api_key, 256)?;
+    non_blank("apiSecret", &req.api_secret, 256)?;
+    let protection = match &req.protection {
+        Some(s) => apply_settings(ProtectionConfig::DEFAULT, s)?,
+        None => ProtectionConfig::DEFAULT,
+    };
+    let account = state
+        .store
+        .create_account(NewAccount {
+            owner: user.0.clone(),
+            exchange: req.exchange.clone(),
+            credentials: ApiCredentials {
+                api_key: req.api_key.clone(),
+                secret: SecretString::from(req.api_secret),
+            },
+            protection,
+        })
+        .await?;
+    info!(account = %account.id, owner = %user.0, "account registered");
+    let location = HeaderValue::from_str(&format!("/v1/accounts/{}", account.id))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        JsonOut(AccountView::of(&account)),
+    )
+        .into_response())
+}
+
+/// The caller's accounts.
+#[utoipa::path(
+    get, path = "/v1/accounts", tag = "accounts",
+    responses(
+        (status = 200, body = AccountList),
+        (status = 401, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list_accounts(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> Result<JsonOut<AccountList>, ApiError> {
+    let accounts = state.users.accounts_of(&user.0).await?;
+    Ok(JsonOut(AccountList {
+        accounts: accounts.iter().map(AccountView::of).collect(),
+    }))
+}
+
+/// One of the caller's accounts.
+#[utoipa::path(
+    get, path = "/v1/accounts/{id}", tag = "accounts",
+    params(("id" = i64, Path, description = "Account id")),
+    responses(
+        (status = 200, body = AccountView),
+        (status = 401, body = Problem),
+        (status = 404, description = "No such account of yours", body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn get_account(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> Result<JsonOut<AccountView>, ApiError> {
+    let id = AccountId(path_id("account", &id)?);
+    let account = owned_account(&state, &user, id).await?;
+    Ok(JsonOut(AccountView::of(&account)))
+}
+
+/// Changes an account's protection settings or active flag.
+#[utoipa::path(
+    patch, path = "/v1/accounts/{id}", tag = "accounts",
+    params(("id" = i64, Path, description = "Account id")),
+    request_body = UpdateAccountRequest,
+    responses(
+        (status = 200, body = AccountView),
+        (status = 400, body = Problem),
+        (status = 401, body = Problem),
+        (status = 404, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn update_account(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    Json(req): Json<UpdateAccountRequest>,
+) -> Result<JsonOut<AccountView>, ApiError> {
+    let id = AccountId(path_id("account", &id)?);
+    let account = owned_account(&state, &user, id).await?;
+    let protection = match &req.protection {
+        Some(s) => apply_settings(account.protection, s)?,
+        None => account.protection,
+    };
+    let active = req.active.unwrap_or(account.active);
+    let updated = state.store.update_account(id, protection, active).await?;
+    info!(account = %id, active, "account settings changed");
+    Ok(JsonOut(AccountView::of(&updated)))
+}

@@ -1,0 +1,517 @@
+//! `/v1/entries`: place, read, list and cancel entries. Placing stores the
+//! entry with its levels first, sends it under its deterministic client id
+//! with the FULL response, and protects whatever filled at once (source
+//! `direct`).
+
+use std::collections::HashMap;
+
+use axum::Json as JsonOut;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use oco_core::model::{Entry, Evidence, NewEntry, Source};
+use oco_core::ports::{CancelOutcome, ExchangeError, OrderRequest, OrderSnapshot, Side, event};
+use oco_core::protect::ProtectOutcome;
+use oco_core::{ClientOrderId, EntryId, EntryStatus, Qty, StoreError};
+use rust_decimal::Decimal;
+use tracing::{error, info, warn};
+
+use crate::AppState;
+use crate::accounts::{owned_account, path_id};
+use crate::auth::AuthUser;
+use crate::dto::{CreateEntryRequest, EntryList, EntryView, EventView, Problem};
+use crate::error::ApiError;
+use crate::json::Json;
+use crate::validate::{check_market, parse_entry};
+
+/// Most entries one list answer holds.
+const MAX_LIST: usize = 500;
+/// Entries one list answer holds unless told.
+const DEFAULT_LIST: usize = 100;
+
+/// Unknown symbol codes: Binance's "Invalid symbol." (-1121).
+const INVALID_SYMBOL: i32 = -1121;
+
+/// Places a BUY entry and protects what fills in its own response.
+#[utoipa::path(
+    post, path = "/v1/entries", tag = "entries",
+    request_body = CreateEntryRequest,
+    responses(
+        (status = 201, description = "Placed; any fill is already protected (see `protection` and `legs`)", body = EntryView),
+        (status = 202, description = "Stored and sent, outcome unknown: the entry stays `pending_new` and reconciliation resolves it by client id (never resend)", body = EntryView),
+        (status = 400, description = "Bad input (nothing stored)", body = Problem),
+        (status = 401, description = "No or unknown token", body = Problem),
+        (status = 404, description = "No such account of yours", body = Problem),
+        (status = 415, description = "Not JSON", body = Problem),
+        (status = 422, description = "Refused: by the exchange (`exchange_rejected`, with `binanceCode`), or not protectable (`unprotectable`)", body = Problem),
+        (status = 429, description = "Exchange rate limit; see Retry-After", body = Problem),
+        (status = 503, description = "Exchange or store unavailable", body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn create_entry(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Json(req): Json<CreateEntryRequest>,
+) -> Result<Response, ApiError> {
+    let parsed = parse_entry(req)?;
+    let account = owned_account(&state, &user, parsed.account).await?;
+    if !account.active {
+        return Err(ApiError::Unprocessable {
+            code: "account_inactive",
+            message: format!("account {} is disabled; enable it first", account.id),
+        });
+    }
+    let rules = match state.exchange.symbol_rules(&parsed.symbol).await {
+        Ok(rules) => rules,
+        Err(ExchangeError::Rejected { code, .. }) if code == INVALID_SYMBOL => {
+            return Err(ApiError::UnknownSymbol(parsed.symbol));
+        }
+        Err(ExchangeError::NotFound) => return Err(ApiError::UnknownSymbol(parsed.symbol)),
+        Err(e) => return Err(e.into()),
+    };
+    let last = state.exchange.last_price(&parsed.symbol).await?;
+    check_market(&parsed, &rules, last, &account.protection)?;
+    // Credentials come from the entry's account in the store, every time.
+    let creds = state.store.credentials(account.id).await?;
+
+    // Stored before it is sent: a crash after this line loses nothing, and the
+    // deterministic client id lets reconciliation find the order.
+    let ids = state.ids.clone();
+    let fallback = ids
+        .entry(EntryId(0))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let client_id_of = move |id: EntryId| ids.entry(id).unwrap_or_else(|_| fallback.clone());
+    let entry = state
+        .store
+        .create_entry(
+            NewEntry {
+                account: account.id,
+                symbol: rules.symbol.clone(),
+                kind: parsed.kind,
+                size: parsed.size,
+                levels: parsed.levels,
+                tags: parsed.tags,
+            },
+            &client_id_of,
+            state.clock.now(),
+        )
+        .await?;
+    if state.ids.entry(entry.id).ok().as_ref() != Some(&entry.client_id) {
+        // Only an id beyond the layout can get here; never send such an order.
+        refuse(&state, &entry, "client id does not fit the layout").await;
+        return Err(ApiError::Internal(format!(
+            "entry {} does not fit the client id layout",
+            entry.id
+        )));
+    }
+    info!(account = %account.id, entry = %entry.id, client_id = %entry.client_id, symbol = %entry.symbol, "entry stored, sending");
+
+    let order = OrderRequest {
+        symbol: entry.symbol.name.clone(),
+        side: Side::Buy,
+        limit: match entry.kind {
+            oco_core::model::EntryKind::Market => None,
+            oco_core::model::EntryKind::Limit { price } => Some(price),
+        },
+        size: entry.size,
+        client_id: entry.client_id.clone(),
+    };
+    let placed = match state.exchange.place_order(&creds, &order).await {
+        Ok(snap) => Ok(snap),
+        // A duplicate id or a lost answer: the order may exist. Look it up once; never resend.
+        Err(err) if is_maybe_placed(&err) => {
+            warn!(entry = %entry.id, client_id = %entry.client_id, error = %err, "entry outcome unknown, looking it up");
+            match state
+                .exchange
+                .query_order(&creds, &entry.symbol.name, entry.client_id.as_str())
+                .await
+            {
+                Ok(snap) => Ok(snap),
+                Err(lookup) => Err((err, lookup)),
+            }
+        }
+        Err(err) => {
+            warn!(entry = %entry.id, client_id = %entry.client_id, error = %err, "entry not placed");
+            refuse(&state, &entry, &err.to_string()).await;
+            return Err(ApiError::from(err).with_entry(entry.id.0));
+        }
+    };
+    let snap = match placed {
+        Ok(snap) => snap,
+        Err((err, lookup)) => {
+            return pending(&state, &entry, &err, &lookup).await;
+        }
+    };
+    let note = absorb(&state, &entry, &snap).await;
+    let mut view = view_of(&state, entry.id)
+        .await
+        .map_err(|e| e.with_entry(entry.id.0))?;
+    view.note = note;
+    let location = HeaderValue::from_str(&format!("/v1/entries/{}", entry.id))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        JsonOut(view),
+    )
+        .into_response())
+}
+
+fn is_maybe_placed(err: &ExchangeError) -> bool {
+    matches!(
+        err,
+        ExchangeError::UnknownOutcome(_) | ExchangeError::NotFound
+    ) || err.is_duplicate()
+}
+
+/// Records that the entry was never placed, so that it is not left pending.
+async fn refuse(state: &AppState, entry: &Entry, why: &str) {
+    let now = state.clock.now();
+    let evidence = Evidence {
+        order_id: None,
+        status: EntryStatus::Rejected,
+        executed_qty: Qty::ZERO,
+        cumulative_quote: Decimal::ZERO,
+        fills: Vec::new(),
+        holding: None,
+        observed_at: now,
+    };
+    if let Err(e) = state.store.record_evidence(entry.id, &evidence).await {
+        error!(entry = %entry.id, error = %e, "could not record the refusal; reconciliation will look the client id up");
+        flag(state, entry, "entry refusal not recorded").await;
+        return;
+    }
+    let _ = state
+        .store
+        .append_event(&event(entry.id, "rejected", why, Some(Source::Direct), now))
+        .await;
+}
+
+async fn flag(state: &AppState, entry: &Entry, reason: &str) {
+    if let Err(e) = state
+        .store
+        .flag_reconcile(entry.account, reason, state.clock.now())
+        .await
+    {
+        error!(account = %entry.account, entry = %entry.id, error = %e, "could not flag the account for reconciliation");
+    }
+}
+
+/// The placement's outcome is unknown and the lookup did not settle it: the
+/// entry stays `pending_new`; reconciliation resolves it by client id.
+async fn pending(
+    state: &AppState,
+    entry: &Entry,
+    err: &ExchangeError,
+    lookup: &ExchangeError,
+) -> Result<Response, ApiError> {
+    let note = format!(
+        "outcome unknown ({err}); lookup by client id {}: {lookup}. The entry stays pending_new until reconciliation finds it; do not resend",
+        entry.client_id
+    );
+    warn!(entry = %entry.id, client_id = %entry.client_id, error = %err, lookup = %lookup, "entry outcome unknown after lookup");
+    flag(state, entry, "entry outcome unknown").await;
+    let _ = state
+        .store
+        .append_event(&event(
+            entry.id,
+            "outcome_unknown",
+            note.clone(),
+            Some(Source::Direct),
+            state.clock.now(),
+        ))
+        .await;
+    let mut view = view_of(state, entry.id)
+        .await
+        .map_err(|e| e.with_entry(entry.id.0))?;
+    view.note = Some(note);
+    Ok((StatusCode::ACCEPTED, JsonOut(view)).into_response())
+}
+
+fn evidence_of(state: &AppState, snap: &OrderSnapshot) -> Evidence {
+    Evidence {
+        order_id: Some(snap.order_id),
+        status: snap.status,
+        executed_qty: snap.executed_qty,
+        cumulative_quote: snap.cumulative_quote,
+        fills: snap.fills.clone(),
+        holding: None,
+        observed_at: state.clock.now(),
+    }
+}
+
+/// Records what the exchange said of the entry order and, when anything
+/// filled, protects it at once. Returns a note when protection is not (yet)
+/// complete. Failures here never hide the placement: the account is flagged
+/// and the reply says so.
+async fn absorb(state: &AppState, entry: &Entry, snap: &OrderSnapshot) -> Option<String> {
+    let ev = evidence_of(state, snap);
+    info!(entry = %entry.id, client_id = %entry.client_id, status = %snap.status, executed = %snap.executed_qty, "entry answered");
+    if snap.executed_qty.is_zero() {
+        return match state.store.record_evidence(entry.id, &ev).await {
+            Ok(_) => None,
+            Err(e) => {
+                error!(entry = %entry.id, error = %e, "could not record the entry's answer");
+                flag(state, entry, "entry answer not recorded").await;
+                Some(format!(
+                    "the exchange answered {} but it could not be recorded ({e}); reconciliation will",
+                    snap.status
+                ))
+            }
+        };
+    }
+    match state
+        .protector
+        .protect(entry.id, Some(&ev), Source::Direct)
+        .await
+    {
+        Ok(report) => {
+            info!(entry = %entry.id, client_id = %entry.client_id, outcome = ?report.outcome, "direct protection");
+            match report.outcome {
+                ProtectOutcome::Placed { .. } | ProtectOutcome::Nothing(_) => None,
+                ProtectOutcome::Exited { reason } => Some(format!(
+                    "protection came too late and the position was sold at market: {reason}"
+                )),
+                ProtectOutcome::Unprotectable { reason } => {
+                    Some(format!("the fill cannot be protected: {reason}"))
+                }
+                other => {
+                    flag(state, entry, "direct protection incomplete").await;
+                    Some(format!(
+                        "protection is not complete yet ({other:?}); reconciliation retries it"
+                    ))
+                }
+            }
+        }
+        Err(e) => {
+            error!(entry = %entry.id, client_id = %entry.client_id, error = %e, "direct protection failed");
+            // Keep at least the evidence, so that every layer sees the fill.
+            let _ = state.store.record_evidence(entry.id, &ev).await;
+            flag(state, entry, "direct protection failed").await;
+            Some(format!(
+                "filled, but protection failed ({e}); reconciliation retries it"
+            ))
+        }
+    }
+}
+
+async fn view_of(state: &AppState, id: EntryId) -> Result<EntryView, ApiError> {
+    let entry = state.store.entry(id).await?;
+    let legs = state.store.legs(id).await?;
+    Ok(EntryView::of(&entry, &legs))
+}
+
+/// The entry, if `user` owns its account; someone else's is reported as absent.
+async fn owned_entry(state: &AppState, user: &AuthUser, id: EntryId) -> Result<Entry, ApiError> {
+    let not_found = || ApiError::NotFound {
+        what: "entry",
+        id: id.to_string(),
+    };
+    let entry = match state.store.entry(id).await {
+        Ok(e) => e,
+        Err(StoreError::NotFound { .. }) => return Err(not_found()),
+        Err(e) => return Err(e.into()),
+    };
+    match owned_account(state, user, entry.account).await {
+        Ok(_) => Ok(entry),
+        Err(ApiError::NotFound { .. }) => Err(not_found()),
+        Err(e) => Err(e),
+    }
+}
+
+/// One entry with its legs and history.
+#[utoipa::path(
+    get, path = "/v1/entries/{id}", tag = "entries",
+    params(("id" = i64, Path, description = "Entry id")),
+    responses(
+        (status = 200, body = EntryView),
+        (status = 401, body = Problem),
+        (status = 404, description = "No such entry of yours", body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn get_entry(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> Result<JsonOut<EntryView>, ApiError> {
+    let id = EntryId(path_id("entry", &id)?);
+    let entry = owned_entry(&state, &user, id).await?;
+    let legs = state.store.legs(id).await?;
+    let events = state.store.events(id).await?;
+    let mut view = EntryView::of(&entry, &legs);
+    view.events = Some(events.iter().map(EventView::of).collect());
+    Ok(JsonOut(view))
+}
+
+/// The caller's entries, newest first.
+#[utoipa::path(
+    get, path = "/v1/entries", tag = "entries",
+    params(
+        ("account" = Option<i64>, Query, description = "Only this account (one of yours)"),
+        ("status" = Option<String>, Query, description = "Only this status, e.g. `new`, `filled`"),
+        ("limit" = Option<usize>, Query, description = "At most this many (default 100, max 500)"),
+    ),
+    responses(
+        (status = 200, body = EntryList),
+        (status = 400, body = Problem),
+        (status = 401, body = Problem),
+        (status = 404, description = "No such account of yours", body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list_entries(
+    State(state): State<AppState>,
+    user: AuthUser,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<JsonOut<EntryList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::field("query", e.body_text()))?;
+    if let Some(unknown) = query
+        .keys()
+        .find(|k| !["account", "status", "limit"].contains(&k.as_str()))
+    {
+        return Err(ApiError::field(
+            unknown.clone(),
+            "is not a filter; use account, status or limit",
+        ));
+    }
+    let status = match query.get("status") {
+        Some(s) => Some(EntryStatus::from_name(s).ok_or_else(|| {
+            let names: Vec<&str> = EntryStatus::ALL.iter().map(|s| s.name()).collect();
+            ApiError::field(
+                "status",
+                format!("'{s}' is not one of {}", names.join(", ")),
+            )
+        })?),
+        None => None,
+    };
+    let limit = match query.get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIST).contains(n))
+            .ok_or_else(|| {
+                ApiError::field(
+                    "limit",
+                    format!("'{l}' is not a number from 1 to {MAX_LIST}"),
+                )
+            })?,
+        None => DEFAULT_LIST,
+    };
+    let accounts = match query.get("account") {
+        Some(a) => {
+            let id =
+                oco_core::AccountId(path_id("account", a).map_err(|_| {
+                    ApiError::field("account", format!("'{a}' is not an account id"))
+                })?);
+            vec![owned_account(&state, &user, id).await?]
+        }
+        None => state.users.accounts_of(&user.0).await?,
+    };
+    let mut entries = Vec::new();
+    for account in &accounts {
+        entries.extend(state.users.entries_of(account.id, status, limit).await?);
+    }
+    entries.sort_by_key(|e| std::cmp::Reverse(e.id));
+    entries.truncate(limit);
+    let mut views = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let legs = state.store.legs(entry.id).await?;
+        views.push(EntryView::of(entry, &legs));
+    }
+    Ok(JsonOut(EntryList { entries: views }))
+}
+
+/// Cancels the unfilled rest of an entry; a filled part stays protected.
+#[utoipa::path(
+    delete, path = "/v1/entries/{id}", tag = "entries",
+    params(("id" = i64, Path, description = "Entry id")),
+    responses(
+        (status = 200, description = "Canceled (or already over); any filled part is protected", body = EntryView),
+        (status = 202, description = "Cancel sent, final state not yet confirmed", body = EntryView),
+        (status = 401, body = Problem),
+        (status = 404, description = "No such entry of yours", body = Problem),
+        (status = 409, description = "Nothing left to cancel", body = Problem),
+        (status = 422, description = "Refused by the exchange", body = Problem),
+        (status = 503, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn cancel_entry(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = EntryId(path_id("entry", &id)?);
+    let entry = owned_entry(&state, &user, id).await?;
+    if entry.status.is_final() {
+        return Err(ApiError::Conflict {
+            code: "not_cancelable",
+            message: format!("entry {id} is {}: nothing left to cancel", entry.status),
+        });
+    }
+    let creds = state.store.credentials(entry.account).await?;
+    let symbol = entry.symbol.name.as_str();
+    let client_id: &ClientOrderId = &entry.client_id;
+    let canceled = match state
+        .exchange
+        .cancel_order(&creds, symbol, client_id.as_str())
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(ExchangeError::NotFound) => {
+            flag(
+                &state,
+                &entry,
+                "cancel of an order the exchange does not know",
+            )
+            .await;
+            return Err(ApiError::Conflict {
+                code: "not_cancelable",
+                message: format!(
+                    "the exchange does not know order {client_id} (yet); reconciliation resolves it"
+                ),
+            });
+        }
+        Err(e) => return Err(ApiError::from(e).with_entry(id.0)),
+    };
+    info!(account = %entry.account, entry = %id, client_id = %client_id, outcome = ?canceled, "entry cancel sent");
+    // Whatever the cancel said, the order's own state is the fact to record:
+    // it tells whether a part filled before the cancel.
+    let snap = match state
+        .exchange
+        .query_order(&creds, symbol, client_id.as_str())
+        .await
+    {
+        Ok(snap) => snap,
+        Err(e) => {
+            warn!(entry = %id, client_id = %client_id, error = %e, "cancel sent, order state unknown");
+            flag(&state, &entry, "entry cancel not confirmed").await;
+            let mut view = view_of(&state, id).await?;
+            view.note = Some(format!(
+                "cancel {}; its final state could not be read ({e}); reconciliation records it",
+                match canceled {
+                    CancelOutcome::Canceled => "accepted",
+                    CancelOutcome::NotOpen => "found the order no longer open",
+                }
+            ));
+            return Ok((StatusCode::ACCEPTED, JsonOut(view)).into_response());
+        }
+    };
+    let note = absorb(&state, &entry, &snap).await;
+    let _ = state
+        .store
+        .append_event(&event(
+            id,
+            "cancel_requested",
+            format!("by {}; order {}", user.0, snap.status),
+            Some(Source::Direct),
+            state.clock.now(),
+        ))
+        .await;
+    let mut view = view_of(&state, id).await?;
+    view.note = note;
+    Ok((StatusCode::OK, JsonOut(view)).into_response())
+}

@@ -1,0 +1,632 @@
+//! `POST/GET/DELETE /v1/entries` on `MemStore` and the exchange double.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+use common::*;
+use oco_core::ports::{ExchangeError, Store};
+use oco_core::{EntryId, EntryStatus};
+use rust_decimal_macros::dec;
+use serde_json::{Value, json};
+
+fn tps(lists: &[oco_core::testing::FakeList]) -> Vec<String> {
+    let mut v: Vec<String> = lists
+        .iter()
+        .map(|l| l.request.take_profit.to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_market_entry_is_protected_by_both_legs_when_the_request_returns() {
+    let w = world().await;
+    let (status, body) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["status"], "filled");
+    assert_eq!(body["executedQty"], "1");
+    assert_eq!(body["clientId"], format!("og-E-{}", body["id"]));
+    assert_eq!(body["protection"]["state"], "protected");
+    assert_eq!(body["protection"]["by"], "direct");
+    let legs = body["legs"].as_array().unwrap();
+    assert_eq!(legs.len(), 2, "{body}");
+    assert!(
+        legs.iter()
+            .all(|l| l["state"] == "placed" && l["source"] == "direct")
+    );
+    // On the exchange, at the moment of the answer: two open lists covering the fill.
+    let lists = w.exchange.fake.open_lists();
+    assert_eq!(tps(&lists), ["101", "102"]);
+    assert!(lists.iter().all(|l| l.request.stop.to_string() == "99"));
+    let qty: rust_decimal::Decimal = lists.iter().map(|l| l.request.qty.get()).sum();
+    assert_eq!(qty, dec!(1));
+    // The levels and tags were stored with the entry.
+    let stored = w
+        .store
+        .entry(EntryId(body["id"].as_i64().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.levels.sl.map(|p| p.to_string()).as_deref(),
+        Some("99")
+    );
+    assert_eq!(stored.tags.signal_id.as_deref(), Some("sig-7"));
+    assert_eq!(body["tp"], json!(["101", "102"]));
+}
+
+#[tokio::test]
+async fn a_crossing_limit_entry_is_protected_at_once() {
+    let w = world().await;
+    let mut req = w.market();
+    req["type"] = json!("LIMIT");
+    req["price"] = json!("100.5");
+    req["tp"] = json!(["101"]);
+    let (status, body) = w.post_entry(ALICE_TOKEN, req).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["type"], "LIMIT");
+    assert_eq!(body["price"], "100.5");
+    assert_eq!(body["protection"]["state"], "protected");
+    let lists = w.exchange.fake.open_lists();
+    assert!(!lists.is_empty());
+    assert!(
+        lists
+            .iter()
+            .all(|l| l.request.take_profit.to_string() == "101")
+    );
+}
+
+#[tokio::test]
+async fn a_resting_limit_entry_is_stored_with_its_levels_and_no_legs() {
+    let w = world().await;
+    let mut req = w.market();
+    req["type"] = json!("LIMIT");
+    req["price"] = json!("95");
+    req["tp"] = json!(["98", "99.5"]);
+    req["sl"] = json!("93");
+    let (status, body) = w.post_entry(ALICE_TOKEN, req).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["status"], "new");
+    assert_eq!(body["protection"]["state"], "not_needed");
+    assert_eq!(body["legs"], json!([]));
+    assert!(w.exchange.fake.lists().is_empty());
+    let stored = w
+        .store
+        .entry(EntryId(body["id"].as_i64().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(stored.status, EntryStatus::New);
+    let levels = [stored.levels.tp1, stored.levels.tp2, stored.levels.sl]
+        .map(|p| p.map(|p| p.to_string()).unwrap_or_default());
+    assert_eq!(levels, ["98", "99.5", "93"]);
+}
+
+/// Sends a request; expects a 4xx problem naming `code` (and `field`) with
+/// `message` in it, and nothing stored or sent.
+async fn refused(
+    w: &World,
+    token: &str,
+    body: Result<Value, &str>,
+    status: StatusCode,
+    code: &str,
+    field: Option<&str>,
+    message: &str,
+) {
+    let (got, problem) = match body {
+        Ok(json) => w.post_entry(token, json).await,
+        Err(raw) => {
+            w.raw(
+                Method::POST,
+                "/v1/entries",
+                Some(token),
+                Some(raw),
+                Some("application/json"),
+            )
+            .await
+        }
+    };
+    assert_eq!(got, status, "{problem}");
+    assert_eq!(problem["code"], code, "{problem}");
+    if let Some(field) = field {
+        assert_eq!(problem["field"], field, "{problem}");
+    }
+    let text = problem["message"].as_str().unwrap();
+    assert!(text.contains(message), "'{text}' lacks '{message}'");
+    assert_eq!(w.stored(w.alice_account).await, 0, "nothing stored");
+    assert_eq!(w.exchange.place_calls(), 0, "nothing sent");
+}
+
+fn with(mut v: Value, key: &str, value: Value) -> Value {
+    v[key] = value;
+    v
+}
+
+fn without(mut v: Value, key: &str) -> Value {
+    v.as_object_mut().unwrap().remove(key);
+    v
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_a_clear_message_and_stores_nothing() {
+    let w = world().await;
+    let m = w.market();
+    let bad = StatusCode::BAD_REQUEST;
+    type Case<'a> = (
+        Result<Value, &'a str>,
+        StatusCode,
+        &'a str,
+        Option<&'a str>,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            Ok(with(m.clone(), "symbol", json!("NOPEUSDT"))),
+            bad,
+            "unknown_symbol",
+            None,
+            "unknown symbol NOPEUSDT",
+        ),
+        (
+            Ok(with(m.clone(), "sl", json!("101"))),
+            bad,
+            "invalid_field",
+            Some("sl"),
+            "sl: 101 is not below the current price 100",
+        ),
+        (
+            Ok(with(m.clone(), "tp", json!(["99"]))),
+            bad,
+            "invalid_field",
+            Some("tp[0]"),
+            "tp[0]: 99 is not above the current price 100",
+        ),
+        (
+            Ok(with(m.clone(), "tp", json!(["102", "101"]))),
+            bad,
+            "invalid_field",
+            Some("tp[1]"),
+            "101 is below tp[0] 102",
+        ),
+        (
+            Ok(with(m.clone(), "tp", json!([]))),
+            bad,
+            "invalid_field",
+            Some("tp"),
+            "1 or 2 targets",
+        ),
+        (
+            Ok(with(m.clone(), "quantity", json!("-1"))),
+            bad,
+            "invalid_field",
+            Some("quantity"),
+            "'-1' is not a plain decimal",
+        ),
+        (
+            Ok(with(m.clone(), "quantity", json!("0"))),
+            bad,
+            "invalid_field",
+            Some("quantity"),
+            "greater than 0",
+        ),
+        (
+            Ok(with(m.clone(), "quantity", json!("0.000001"))),
+            bad,
+            "invalid_field",
+            Some("quantity"),
+            "below the minimum quantity 0.00001",
+        ),
+        (
+            Ok(with(m.clone(), "quantity", json!("0.01"))),
+            bad,
+            "invalid_field",
+            Some("quantity"),
+            "notional 1 (0.01 × 100) is below the minimum notional 5",
+        ),
+        (
+            Ok(with(m.clone(), "quantity", json!("0.123456"))),
+            bad,
+            "invalid_field",
+            Some("quantity"),
+            "not a multiple of the step size 0.00001",
+        ),
+        (
+            Ok(with(m.clone(), "quantity", json!(1.5))),
+            bad,
+            "invalid_body",
+            None,
+            "expected a string",
+        ),
+        (
+            Ok(with(m.clone(), "price", json!("100"))),
+            bad,
+            "invalid_field",
+            Some("price"),
+            "only allowed on LIMIT",
+        ),
+        (
+            Ok(with(m.clone(), "type", json!("LIMIT"))),
+            bad,
+            "invalid_field",
+            Some("price"),
+            "required on LIMIT",
+        ),
+        (
+            Ok(with(m.clone(), "type", json!("STOP"))),
+            bad,
+            "invalid_body",
+            None,
+            "unknown variant `STOP`",
+        ),
+        (
+            Ok(with(m.clone(), "quoteOrderQty", json!("100"))),
+            bad,
+            "invalid_field",
+            Some("quantity"),
+            "not both",
+        ),
+        (
+            Ok(with(
+                without(m.clone(), "quantity"),
+                "quoteOrderQty",
+                json!("3"),
+            )),
+            bad,
+            "invalid_field",
+            Some("quoteOrderQty"),
+            "below the minimum notional 5",
+        ),
+        (
+            Ok(without(m.clone(), "quantity")),
+            bad,
+            "invalid_field",
+            Some("quantity"),
+            "is required",
+        ),
+        (
+            Ok(without(m.clone(), "symbol")),
+            bad,
+            "invalid_body",
+            Some("symbol"),
+            "missing field `symbol`",
+        ),
+        (
+            Ok(without(m.clone(), "tp")),
+            bad,
+            "invalid_body",
+            Some("tp"),
+            "missing field `tp`",
+        ),
+        (
+            Ok(with(m.clone(), "stopLoss", json!("99"))),
+            bad,
+            "invalid_body",
+            Some("stopLoss"),
+            "unknown field `stopLoss`",
+        ),
+        (
+            Ok(with(m.clone(), "symbol", json!("BTC/USDT"))),
+            bad,
+            "invalid_field",
+            Some("symbol"),
+            "not a symbol name",
+        ),
+        (
+            Err("{\"account\": 1, \"symbol\": "),
+            bad,
+            "malformed_json",
+            None,
+            "EOF while parsing",
+        ),
+        (
+            Err("not json"),
+            bad,
+            "malformed_json",
+            None,
+            "expected ident",
+        ),
+        (
+            Ok(with(m.clone(), "symbol", json!("HALTUSDT"))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "symbol_not_trading",
+            None,
+            "HALTUSDT does not accept new orders",
+        ),
+        (
+            Ok(with(m.clone(), "account", json!(w.bob_account))),
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+            "account",
+        ),
+        (
+            Ok(with(m.clone(), "account", json!(999))),
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+            "account 999 not found",
+        ),
+    ];
+    for (body, status, code, field, message) in cases {
+        refused(&w, ALICE_TOKEN, body, status, code, field, message).await;
+    }
+    refused(
+        &w,
+        "ogt_wrong",
+        Ok(m.clone()),
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        None,
+        "not recognised",
+    )
+    .await;
+    // No token at all, and a body not declared as JSON.
+    let (status, problem) = w
+        .raw(
+            Method::POST,
+            "/v1/entries",
+            None,
+            Some(&m.to_string()),
+            Some("application/json"),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
+    let (status, problem) = w
+        .raw(
+            Method::POST,
+            "/v1/entries",
+            Some(ALICE_TOKEN),
+            Some(&m.to_string()),
+            Some("text/plain"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{problem}");
+    assert_eq!(w.stored(w.alice_account).await, 0);
+    assert_eq!(w.exchange.place_calls(), 0);
+}
+
+#[tokio::test]
+async fn an_entry_whose_fill_could_not_be_protected_is_refused_before_sending() {
+    let w = world().await;
+    // 0.0505 BTC at 100 = 5.05 USDT passes the minimum notional of 5, but
+    // net of a 0.1 % fee, 0.05044 at the stop limit 98.5 is 4.97: dust.
+    let req = with(w.market(), "quantity", json!("0.0505"));
+    let (status, problem) = w.post_entry(ALICE_TOKEN, req).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(problem["code"], "unprotectable");
+    assert!(
+        problem["message"].as_str().unwrap().contains("dust"),
+        "{problem}"
+    );
+    assert_eq!(w.stored(w.alice_account).await, 0);
+    assert_eq!(w.exchange.place_calls(), 0);
+}
+
+#[tokio::test]
+async fn an_exchange_refusal_carries_binances_code_and_leaves_the_entry_rejected() {
+    let w = world().await;
+    w.exchange.fake.set_free(ALICE_KEY, "USDT", dec!(10));
+    let (status, problem) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(problem["code"], "exchange_rejected");
+    assert_eq!(problem["binanceCode"], -2010);
+    assert_eq!(
+        problem["message"],
+        "Account has insufficient balance for requested action."
+    );
+    let id = problem["entryId"].as_i64().unwrap();
+    let entry = w.store.entry(EntryId(id)).await.unwrap();
+    assert_eq!(entry.status, EntryStatus::Rejected, "not left pending");
+    assert!(w.exchange.fake.lists().is_empty());
+}
+
+#[tokio::test]
+async fn an_unknown_outcome_is_looked_up_never_resent() {
+    let w = world().await;
+    // Lost answer after the order went through: the lookup finds the fill and protects it.
+    w.exchange.push_fault(PlaceFault::UnknownAfterApply);
+    let (status, body) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["protection"]["state"], "protected");
+    assert_eq!(w.exchange.place_calls(), 1);
+    assert_eq!(w.exchange.fake.open_lists().len(), 2);
+
+    // Lost answer and nothing found: 202, pending_new, flagged for reconciliation.
+    w.exchange.push_fault(PlaceFault::UnknownBeforeApply);
+    let (status, body) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "pending_new");
+    assert!(
+        body["note"].as_str().unwrap().contains("do not resend"),
+        "{body}"
+    );
+    assert_eq!(w.exchange.place_calls(), 2, "placed once per request");
+    let flagged = w.store.take_flagged(10).await.unwrap();
+    assert_eq!(flagged, vec![oco_core::AccountId(w.alice_account)]);
+}
+
+#[tokio::test]
+async fn a_rate_limit_is_429_with_retry_after_and_the_entry_is_not_left_pending() {
+    let w = world().await;
+    w.exchange
+        .push_fault(PlaceFault::Fail(ExchangeError::RateLimited {
+            retry_after: Duration::from_millis(1500),
+        }));
+    let (status, problem) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{problem}");
+    assert_eq!(problem["code"], "rate_limited");
+    assert!(
+        problem["message"]
+            .as_str()
+            .unwrap()
+            .contains("retry after 2 s")
+    );
+    let id = problem["entryId"].as_i64().unwrap();
+    let entry = w.store.entry(EntryId(id)).await.unwrap();
+    assert_eq!(entry.status, EntryStatus::Rejected);
+}
+
+#[tokio::test]
+async fn get_shows_legs_and_events_and_list_filters_by_status() {
+    let w = world().await;
+    let (_, filled) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    let mut resting = w.market();
+    resting["type"] = json!("LIMIT");
+    resting["price"] = json!("95");
+    resting["tp"] = json!(["98"]);
+    resting["sl"] = json!("93");
+    let (_, rest) = w.post_entry(ALICE_TOKEN, resting).await;
+
+    let path = format!("/v1/entries/{}", filled["id"]);
+    let (status, body) = w.call(Method::GET, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["legs"].as_array().unwrap().len(), 2);
+    let kinds: Vec<&str> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"leg_placed"), "{kinds:?}");
+
+    let (status, list) = w
+        .call(Method::GET, "/v1/entries", Some(ALICE_TOKEN), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&Value> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["id"])
+        .collect();
+    assert_eq!(ids, [&rest["id"], &filled["id"]], "newest first");
+
+    let path = format!("/v1/entries?account={}&status=new", w.alice_account);
+    let (_, list) = w.call(Method::GET, &path, Some(ALICE_TOKEN), None).await;
+    let ids: Vec<&Value> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["id"])
+        .collect();
+    assert_eq!(ids, [&rest["id"]]);
+
+    let (status, problem) = w
+        .call(
+            Method::GET,
+            "/v1/entries?status=open",
+            Some(ALICE_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(problem["field"], "status");
+    let (status, problem) = w
+        .call(Method::GET, "/v1/entries/abc", Some(ALICE_TOKEN), None)
+        .await;
+    assert_eq!(
+        (status, problem["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("id"))
+    );
+}
+
+fn resting_limit(w: &World) -> Value {
+    let mut req = w.market();
+    req["type"] = json!("LIMIT");
+    req["price"] = json!("95");
+    req["tp"] = json!(["98", "99"]);
+    req["sl"] = json!("93");
+    req
+}
+
+#[tokio::test]
+async fn delete_cancels_an_unfilled_entry() {
+    let w = world().await;
+    let (_, body) = w.post_entry(ALICE_TOKEN, resting_limit(&w)).await;
+    let path = format!("/v1/entries/{}", body["id"]);
+    let (status, body) = w.call(Method::DELETE, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "canceled");
+    assert_eq!(body["legs"], json!([]));
+    // Canceling again: nothing left.
+    let (status, problem) = w.call(Method::DELETE, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(problem["code"], "not_cancelable");
+}
+
+#[tokio::test]
+async fn delete_of_a_partly_filled_entry_protects_the_filled_part() {
+    let w = world().await;
+    let (_, body) = w.post_entry(ALICE_TOKEN, resting_limit(&w)).await;
+    let client_id = body["clientId"].as_str().unwrap();
+    // The market came down to the limit and filled part of it.
+    w.exchange
+        .fake
+        .set_price("BTCUSDT", oco_core::Price::new(dec!(95)).unwrap());
+    w.exchange
+        .fill_resting(ALICE_KEY, client_id, dec!(0.4), dec!(95));
+    let path = format!("/v1/entries/{}", body["id"]);
+    let (status, body) = w.call(Method::DELETE, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "canceled");
+    assert_eq!(body["executedQty"], "0.4");
+    assert_eq!(body["protection"]["state"], "protected");
+    let qty: rust_decimal::Decimal = w
+        .exchange
+        .fake
+        .open_lists()
+        .iter()
+        .map(|l| l.request.qty.get())
+        .sum();
+    assert_eq!(qty, dec!(0.4), "the filled part is covered");
+}
+
+#[tokio::test]
+async fn one_user_can_neither_read_nor_cancel_anothers_entries() {
+    let w = world().await;
+    let (_, body) = w.post_entry(ALICE_TOKEN, resting_limit(&w)).await;
+    let path = format!("/v1/entries/{}", body["id"]);
+    let (status, problem) = w.call(Method::GET, &path, Some(BOB_TOKEN), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
+    assert_eq!(problem["code"], "not_found");
+    let (status, _) = w.call(Method::DELETE, &path, Some(BOB_TOKEN), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, still) = w.call(Method::GET, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(still["status"], "new", "bob's cancel did nothing");
+
+    let (_, list) = w
+        .call(Method::GET, "/v1/entries", Some(BOB_TOKEN), None)
+        .await;
+    assert_eq!(list["entries"], json!([]));
+    let path = format!("/v1/entries?account={}", w.alice_account);
+    let (status, _) = w.call(Method::GET, &path, Some(BOB_TOKEN), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let mut on_alice = w.market();
+    on_alice["account"] = json!(w.alice_account);
+    let (status, _) = w.post_entry(BOB_TOKEN, on_alice).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(w.stored(w.alice_account).await, 1, "only alice's own entry");
+}
+
+#[tokio::test]
+async fn an_entry_on_a_disabled_account_is_refused() {
+    let w = world().await;
+    let path = format!("/v1/accounts/{}", w.alice_account);
+    let (status, _) = w
+        .call(
+            Method::PATCH,
+            &path,
+            Some(ALICE_TOKEN),
+            Some(json!({"active": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, problem) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["code"], "account_inactive");
+    assert_eq!(w.stored(w.alice_account).await, 0);
+}
