@@ -1,0 +1,270 @@
+//! Wiring of the `api` binary: configuration from flags and environment,
+//! the PostgreSQL store and the Binance adapter behind the `api` crate's
+//! router, and the `users add` subcommand. Kept in a library so that
+//! end-to-end tests start exactly what the binary starts.
+//!
+//! Not here: request handling or any rule (the `api` crate), SQL (`store-pg`),
+//! exchange protocol (`exchange-binance`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use api::AppState;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use exchange_binance::BinanceConfig;
+use exchange_binance::BinanceExchange;
+use oco_core::ports::SystemClock;
+use oco_core::ports::{Clock, Exchange, Store, Users};
+use oco_core::{IdScheme, Protector, ProtectorConfig};
+use store_pg::{PgConfig, PgStore, SecretKey};
+use tokio::net::TcpListener;
+use tracing::info;
+
+/// `api`: the entry API of ocoguard.
+#[derive(Debug, Parser)]
+#[command(name = "api", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serves the HTTP API.
+    Serve(ServeArgs),
+    /// Manages API users.
+    Users {
+        /// What to do with users.
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+}
+
+/// `api users …`.
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Registers a user and prints their API token once (only its hash is kept).
+    Add {
+        /// User name.
+        name: String,
+        /// Database settings.
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+/// Where the database is and the key for API secrets at rest.
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// `postgres://user:password@host:port/database`.
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Key API secrets are encrypted under: 32 bytes as 64 hex digits or base64.
+    #[arg(long = "secret-key", env = "OCO_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: String,
+    /// Database connections.
+    #[arg(long = "db-pool-size", env = "OCO_DB_POOL_SIZE", default_value_t = 8)]
+    pub pool_size: usize,
+}
+
+/// Which exchange endpoints to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExchangeKind {
+    /// Binance Spot.
+    Production,
+    /// The Binance Spot testnet.
+    Testnet,
+    /// An `exchange-sim` at `--binance-rest-url` / `--binance-ws-url`.
+    Sim,
+}
+
+/// `api serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "OCO_API_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Exchange endpoints.
+    #[arg(long, env = "OCO_EXCHANGE", value_enum)]
+    pub exchange: ExchangeKind,
+    /// REST base, overriding the preset (required for `sim`).
+    #[arg(long = "binance-rest-url", env = "BINANCE_REST_URL")]
+    pub rest_url: Option<String>,
+    /// WebSocket API URL, overriding the preset (required for `sim`).
+    #[arg(long = "binance-ws-url", env = "BINANCE_WS_URL")]
+    pub ws_url: Option<String>,
+    /// Client-id namespace (1 to 6 letters or digits); the same for every
+    /// ocoguard process sharing the exchange accounts.
+    #[arg(long = "id-namespace", env = "OCO_ID_NAMESPACE", default_value = "og")]
+    pub namespace: String,
+    /// Database settings.
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+/// The Binance adapter's settings for `args`.
+///
+/// # Errors
+/// When `sim` lacks its URLs.
+pub fn binance_config(args: &ServeArgs) -> anyhow::Result<BinanceConfig> {
+    let mut config = match args.exchange {
+        ExchangeKind::Production => BinanceConfig::production(),
+        ExchangeKind::Testnet => BinanceConfig::testnet(),
+        ExchangeKind::Sim => {
+            let (Some(rest), Some(ws)) = (&args.rest_url, &args.ws_url) else {
+                bail!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL");
+            };
+            BinanceConfig::custom(rest.clone(), ws.clone())
+        }
+    };
+    if let Some(rest) = &args.rest_url {
+        config.rest_base = rest.trim_end_matches('/').to_owned();
+    }
+    if let Some(ws) = &args.ws_url {
+        config.ws_api_url = ws.clone();
+    }
+    Ok(config)
+}
+
+/// Connects to the database (applying migrations) with `db`'s settings.
+///
+/// # Errors
+/// A malformed key (named `OCO_SECRET_KEY`) or an unreachable database.
+pub async fn connect_store(db: &DbArgs) -> anyhow::Result<PgStore> {
+    let secret_key = SecretKey::parse(&db.secret_key).context("reading OCO_SECRET_KEY")?;
+    let store = PgStore::connect(PgConfig {
+        url: db.database_url.clone(),
+        pool_size: db.pool_size.max(1),
+        secret_key,
+    })
+    .await
+    .context("connecting to DATABASE_URL")?;
+    store.migrate().await.context("applying migrations")?;
+    Ok(store)
+}
+
+/// The API's state over one store that keeps both entries and users.
+///
+/// # Errors
+/// An illegal id namespace.
+pub fn app_state<S>(
+    store: Arc<S>,
+    exchange: Arc<dyn Exchange>,
+    clock: Arc<dyn Clock>,
+    namespace: &str,
+) -> anyhow::Result<AppState>
+where
+    S: Store + Users + 'static,
+{
+    let ids = IdScheme::new(namespace).context("reading OCO_ID_NAMESPACE")?;
+    let protector = Arc::new(Protector::new(
+        exchange.clone(),
+        store.clone(),
+        clock.clone(),
+        ProtectorConfig::new(ids.clone()),
+    ));
+    Ok(AppState {
+        store: store.clone(),
+        users: store,
+        exchange,
+        protector,
+        clock,
+        ids,
+    })
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+///
+/// # Errors
+/// When the server fails.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    info!(%addr, "entry API listening");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving the entry API")
+}
+
+/// Registers `name` and returns their new token; only its hash is stored.
+///
+/// # Errors
+/// When the name is taken or the store fails.
+pub async fn add_user(users: &dyn Users, name: &str) -> anyhow::Result<String> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        bail!("user name must be 1 to 64 printable characters");
+    }
+    let token = api::new_token();
+    users
+        .create_user(name, &api::hash_token(&token))
+        .await
+        .with_context(|| format!("registering user {name}"))?;
+    Ok(token)
+}
+
+/// Runs the command line.
+///
+/// # Errors
+/// Configuration, database or server failures, with context.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let store = Arc::new(connect_store(&args.db).await?);
+            let exchange = BinanceExchange::new(binance_config(&args)?)
+                .context("building the Binance adapter")?;
+            let state = app_state(
+                store,
+                Arc::new(exchange),
+                Arc::new(SystemClock),
+                &args.namespace,
+            )?;
+            let listener = TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("binding OCO_API_LISTEN {}", args.listen))?;
+            serve(listener, state, shutdown_signal()).await
+        }
+        Command::Users {
+            command: UsersCommand::Add { name, db },
+        } => {
+            let store = connect_store(&db).await?;
+            let token = add_user(&store, &name).await?;
+            eprintln!("user {name} registered; their token is shown once, below");
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

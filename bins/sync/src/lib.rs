@@ -1,0 +1,182 @@
+//! Wiring of the `sync` binary: configuration from flags and environment,
+//! `PgStore` + `BinanceExchange` + `SystemClock` behind the ports, a
+//! [`sync::Reconciler`] over them, and the shutdown signal. Here so that
+//! end-to-end tests build the process exactly as `main` does.
+//!
+//! Not here: any reconciliation rule (that is the `sync` crate).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use exchange_binance::{BinanceConfig, BinanceExchange};
+use oco_core::{IdScheme, ProtectorConfig, SystemClock};
+use store_pg::{PgConfig, PgStore, SecretKey};
+use sync::{Reconciler, SyncConfig};
+
+/// Reconciles every active account against Binance and protects what the
+/// real-time layer missed.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sync", version, about)]
+pub struct Config {
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Key the API secrets are encrypted under (64 hex digits or base64).
+    #[arg(long, env = "OCO_SECRET_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub secret_key: SecretText,
+    /// Binance REST base URL.
+    #[arg(
+        long,
+        env = "BINANCE_REST_URL",
+        default_value = "https://api.binance.com"
+    )]
+    pub binance_rest_url: String,
+    /// Binance WebSocket API URL (unused by sync's REST calls, kept for one config).
+    #[arg(
+        long,
+        env = "BINANCE_WS_URL",
+        default_value = "wss://ws-api.binance.com:443/ws-api/v3"
+    )]
+    pub binance_ws_url: String,
+    /// Seconds between full passes.
+    #[arg(long, env = "SYNC_INTERVAL_SECS", default_value_t = 300)]
+    pub interval_secs: u64,
+    /// Seconds before the first full pass.
+    #[arg(long, env = "SYNC_STARTUP_DELAY_SECS", default_value_t = 15)]
+    pub startup_delay_secs: u64,
+    /// Client-id namespace shared by every ocoguard process (1-6 letters or digits).
+    #[arg(long, env = "OCO_ID_NAMESPACE", default_value = "og")]
+    pub id_namespace: String,
+    /// Accounts reconciled in parallel.
+    #[arg(long, env = "SYNC_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Request weight per minute sync may use (Binance counts per IP).
+    #[arg(long, env = "SYNC_WEIGHT_BUDGET", default_value_t = 3000)]
+    pub weight_budget: u32,
+    /// Database connections.
+    #[arg(long, env = "SYNC_DB_POOL", default_value_t = 8)]
+    pub db_pool: usize,
+}
+
+/// Configuration text that must never be shown: `Debug` redacts it. Parsed
+/// only in [`wire`], because clap repeats a refused value in its message.
+#[derive(Clone)]
+pub struct SecretText(String);
+
+impl SecretText {
+    /// Wraps `text`.
+    pub fn new(text: impl Into<String>) -> Self {
+        Self(text.into())
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+fn parse_secret(text: &str) -> Result<SecretText, std::convert::Infallible> {
+    Ok(SecretText::new(text))
+}
+
+impl Config {
+    /// The reconciler's settings: the standard ones, overridden by the flags.
+    pub fn sync_config(&self) -> SyncConfig {
+        let mut c = SyncConfig::standard();
+        c.interval = Duration::from_secs(self.interval_secs.max(1));
+        c.startup_delay = Duration::from_secs(self.startup_delay_secs);
+        c.concurrency = self.concurrency.max(1);
+        c.weight_budget_per_minute = self.weight_budget.max(1);
+        c
+    }
+}
+
+/// Connects the store (migrating it) and the exchange, and builds the reconciler.
+///
+/// # Errors
+/// Bad namespace or URL, a database that cannot be reached or whose secrets
+/// were encrypted under another key.
+pub async fn wire(config: &Config) -> anyhow::Result<Reconciler> {
+    let ids = IdScheme::new(&config.id_namespace).context("OCO_ID_NAMESPACE")?;
+    let secret_key = SecretKey::parse(&config.secret_key.0).context("OCO_SECRET_KEY")?;
+    let store = PgStore::connect(PgConfig {
+        url: config.database_url.clone(),
+        pool_size: config.db_pool.max(1),
+        secret_key,
+    })
+    .await
+    .context("connecting to the database (DATABASE_URL, OCO_SECRET_KEY)")?;
+    let exchange = BinanceExchange::new(BinanceConfig::custom(
+        config.binance_rest_url.clone(),
+        config.binance_ws_url.clone(),
+    ))
+    .context("building the Binance client (BINANCE_REST_URL)")?;
+    if let Err(err) = exchange.sync_time().await {
+        // Not fatal: the adapter re-syncs by itself after a -1021.
+        tracing::warn!(error = %err, "could not read the exchange's time at start");
+    }
+    Ok(Reconciler::wired(
+        Arc::new(exchange),
+        Arc::new(store),
+        Arc::new(SystemClock),
+        ProtectorConfig::new(ids),
+        config.sync_config(),
+    ))
+}
+
+/// Wires and runs until `shutdown` completes.
+///
+/// # Errors
+/// As [`wire`].
+pub async fn run(
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let reconciler = wire(config).await?;
+    tracing::info!(
+        interval_s = config.interval_secs,
+        startup_delay_s = config.startup_delay_secs,
+        namespace = %config.id_namespace,
+        "sync started"
+    );
+    reconciler.run(shutdown).await;
+    let m = reconciler.metrics();
+    tracing::info!(
+        passes = m.passes,
+        accounts = m.accounts_reconciled,
+        weight = m.weight_used,
+        "sync stopped"
+    );
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,33 @@
+//! `oco-core`'s [`Store`](oco_core::Store) port on PostgreSQL: diesel +
+//! diesel-async over a deadpool pool of `tokio-postgres` connections (no
+//! libpq), the schema's migrations (embedded from the workspace's
+//! `migrations/` and applied under an advisory lock), API secrets encrypted
+//! at rest, account leases for sharding gateways, and reconcile flags taken
+//! with `FOR UPDATE SKIP LOCKED` and announced with `NOTIFY`.
+//!
+//! Not here: any domain rule (merging evidence and status moves are
+//! `oco-core`'s, called under row locks), reading the environment, TLS to the
+//! database, or logging of secrets.
+//!
+//! Conventions: money is `NUMERIC` ↔ `Decimal`, converted digit by digit
+//! (never float, never rounded; see `convert`); times are `TIMESTAMPTZ` ↔
+//! `Millis` (milliseconds, exact); lease expiry uses the database clock.
+
+mod config;
+mod convert;
+mod crypto;
+mod error;
+mod leases;
+mod listen;
+mod migrate;
+mod rows;
+pub mod schema;
+mod store;
+#[cfg(feature = "test-support")]
+pub mod testing;
+mod users;
+
+pub use config::{KeyError, PgConfig, SecretKey};
+pub use listen::{RECONCILE_CHANNEL, ReconcileListener};
+pub use migrate::{MIGRATIONS, migrate};
+pub use store::PgStore;

@@ -1,0 +1,96 @@
+//! Waking a reconcile worker at once when an account is flagged:
+//! `flag_reconcile` sends `NOTIFY oco_reconcile, '<account id>'` in the same
+//! statement that stores the flag, and [`ReconcileListener`] receives it on a
+//! dedicated connection (outside the pool).
+//!
+//! Notifications are a wake-up, not a queue: one sent while no listener was
+//! connected is lost, so a worker still takes flags with
+//! [`Store::take_flagged`](oco_core::Store::take_flagged) after each wake-up
+//! and on a timer.
+
+use futures_util::stream::{self, StreamExt as _};
+use oco_core::{AccountId, StoreError};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::store::PgStore;
+
+/// The channel `flag_reconcile` notifies; the payload is the account id.
+pub const RECONCILE_CHANNEL: &str = "oco_reconcile";
+
+/// A live `LISTEN oco_reconcile` connection.
+pub struct ReconcileListener {
+    rx: mpsc::UnboundedReceiver<Result<AccountId, StoreError>>,
+    // Dropping the client closes the connection and ends its task.
+    _client: tokio_postgres::Client,
+}
+
+impl std::fmt::Debug for ReconcileListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReconcileListener").finish_non_exhaustive()
+    }
+}
+
+impl ReconcileListener {
+    /// The next flagged account.
+    ///
+    /// # Errors
+    /// `Unavailable` once the connection is lost (flags may have been missed:
+    /// take them with `take_flagged`, then listen again); `Corrupt` for a
+    /// payload that is not an account id.
+    pub async fn recv(&mut self) -> Result<AccountId, StoreError> {
+        match self.rx.recv().await {
+            Some(item) => item,
+            None => Err(StoreError::Unavailable(
+                "reconcile listener connection closed".to_owned(),
+            )),
+        }
+    }
+}
+
+impl PgStore {
+    /// Opens a connection that listens for reconcile flags.
+    ///
+    /// # Errors
+    /// `Unavailable` when the database cannot be reached.
+    pub async fn listen_reconcile(&self) -> Result<ReconcileListener, StoreError> {
+        let (client, mut connection) =
+            tokio_postgres::connect(self.url(), NoTls)
+                .await
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "connecting to listen for reconcile flags: {e}"
+                    ))
+                })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
+        tokio::spawn(async move {
+            while let Some(message) = messages.next().await {
+                let item = match message {
+                    Ok(AsyncMessage::Notification(n)) if n.channel() == RECONCILE_CHANNEL => {
+                        n.payload().parse().map(AccountId).map_err(|_| {
+                            StoreError::Corrupt(format!(
+                                "reconcile notification payload '{}'",
+                                n.payload()
+                            ))
+                        })
+                    }
+                    Ok(_) => continue,
+                    Err(e) => Err(StoreError::Unavailable(format!("reconcile listener: {e}"))),
+                };
+                let failed = matches!(item, Err(StoreError::Unavailable(_)));
+                if tx.send(item).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {RECONCILE_CHANNEL}"))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("listening for reconcile flags: {e}")))?;
+        Ok(ReconcileListener {
+            rx,
+            _client: client,
+        })
+    }
+}

@@ -1,0 +1,70 @@
+//! The schema's migrations, embedded in the binary and applied at startup.
+
+use diesel::connection::SimpleConnection as _;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness as _, embed_migrations};
+use oco_core::StoreError;
+
+/// The workspace's `migrations/` folder, embedded at compile time.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations");
+
+/// Session advisory lock held while migrating ("ocoguard" in ASCII), so that
+/// processes starting together migrate one after the other.
+const MIGRATION_LOCK: i64 = 0x6f63_6f67_7561_7264;
+
+/// Applies every pending migration to the database at `url` and returns the
+/// versions it applied (empty when the schema was current). Safe to call
+/// from several processes at once: they queue on an advisory lock, and the
+/// later ones find nothing left to do.
+///
+/// # Errors
+/// `Unavailable` when the database cannot be reached or a migration fails
+/// (each migration runs in its own transaction, so a failed one leaves no trace).
+pub async fn migrate(url: &str) -> Result<Vec<String>, StoreError> {
+    with_lock(url, |conn| {
+        conn.run_pending_migrations(MIGRATIONS)
+            .map(|applied| applied.iter().map(ToString::to_string).collect())
+            .map_err(|e| StoreError::Unavailable(format!("applying migrations: {e}")))
+    })
+    .await
+}
+
+#[cfg(feature = "test-support")]
+/// Reverts every applied migration, newest first (tests of `down.sql`).
+///
+/// # Errors
+/// As [`migrate`].
+pub(crate) async fn revert_all(url: &str) -> Result<Vec<String>, StoreError> {
+    with_lock(url, |conn| {
+        conn.revert_all_migrations(MIGRATIONS)
+            .map(|reverted| reverted.iter().map(ToString::to_string).collect())
+            .map_err(|e| StoreError::Unavailable(format!("reverting migrations: {e}")))
+    })
+    .await
+}
+
+/// Runs `work` on a synchronous wrapper of one connection (diesel_migrations
+/// is synchronous), on a blocking thread, holding the migration lock.
+async fn with_lock<T, F>(url: &str, work: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut AsyncConnectionWrapper<AsyncPgConnection>) -> Result<T, StoreError>
+        + Send
+        + 'static,
+{
+    let conn = AsyncPgConnection::establish(url)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("connecting to migrate: {e}")))?;
+    tokio::task::spawn_blocking(move || {
+        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+        conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+            .map_err(|e| StoreError::Unavailable(format!("taking the migration lock: {e}")))?;
+        let result = work(&mut conn);
+        // Closing the session releases the lock too; unlock early when we can.
+        let _ = conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"));
+        result
+    })
+    .await
+    .map_err(|e| StoreError::Unavailable(format!("migration task failed: {e}")))?
+}

@@ -1,0 +1,746 @@
+//! [`PgStore`]: the [`Store`] port on PostgreSQL.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool::Runtime;
+use diesel::dsl::sql;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Numeric};
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
+use diesel_async::scoped_futures::ScopedFutureExt as _;
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
+use oco_core::mem::{is_open, merge_evidence};
+use oco_core::model::{
+    EntryEventRecord, EntryKind, Evidence, LegClaim, LegUpdate, NewEntry, OrderSize, Protection,
+};
+use oco_core::ports::NewAccount;
+use oco_core::state::{EntryStatus, LegSold};
+use oco_core::{
+    Account, AccountId, ApiCredentials, ClientOrderId, Entry, EntryId, Leg, LegKey, Millis,
+    ProtectionConfig, Store, StoreError,
+};
+use rust_decimal::Decimal;
+use secrecy::{ExposeSecret as _, SecretString};
+
+use crate::config::PgConfig;
+use crate::convert::{numeric, timestamp};
+use crate::crypto::Cipher;
+use crate::error::{corrupt, db, is_foreign_key, not_found, pool};
+use crate::migrate::migrate;
+use crate::rows::{
+    AccountRow, EntryProtectionColumns, EntryRow, EventRow, EvidenceColumns, FillRow, LegRow,
+    LegUpdateColumns, NewEntryRow, NewLegRow, ProtectionColumns, leg_key_columns, metadata,
+};
+use crate::schema::{accounts, entries, entry_events, fills, protection_legs, secret_key_check};
+
+diesel::define_sql_function! {
+    /// PostgreSQL's `GREATEST` on two numerics: the store's monotonic merge.
+    fn greatest(a: Numeric, b: Numeric) -> Numeric;
+}
+
+#[derive(diesel::QueryableByName)]
+struct AccountIdRow {
+    #[diesel(sql_type = BigInt)]
+    account_id: i64,
+}
+
+/// How long a caller waits for a pooled connection, or for a new one to open,
+/// before the call fails as `Unavailable`.
+const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The PostgreSQL store. Cheap to share behind an `Arc`; every method takes a
+/// pooled connection for the duration of one statement or transaction.
+pub struct PgStore {
+    pool: Pool<AsyncPgConnection>,
+    cipher: Cipher,
+    // Kept for LISTEN connections; may hold a password, so never shown.
+    url: String,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let status = self.pool.status();
+        f.debug_struct("PgStore")
+            .field("pool_size", &status.max_size)
+            .field("pool_open", &status.size)
+            .field("pool_idle", &status.available)
+            .field("url", &"[redacted]")
+            .field("secret_key", &"[redacted]")
+            .finish()
+    }
+}
+
+/// An error inside a transaction: the database's, or ours (which rolls back too).
+enum TxError {
+    Db(diesel::result::Error),
+    Store(StoreError),
+}
+
+impl From<diesel::result::Error> for TxError {
+    fn from(e: diesel::result::Error) -> Self {
+        TxError::Db(e)
+    }
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> Self {
+        TxError::Store(e)
+    }
+}
+
+impl TxError {
+    fn into_store(self, doing: &str) -> StoreError {
+        match self {
+            TxError::Db(e) => db(doing, e),
+            TxError::Store(e) => e,
+        }
+    }
+}
+
+impl PgStore {
+    /// Applies pending migrations (under an advisory lock), opens the pool and
+    /// checks the secret key against the key check value stored by the first
+    /// process that ran with this database (storing it if none is there yet).
+    ///
+    /// # Errors
+    /// `Unavailable` when the database cannot be reached or migrated;
+    /// `Corrupt` naming the secret key when the configured key is not the one
+    /// the stored secrets were encrypted under; `Conflict` for a pool size of 0.
+    pub async fn connect(config: PgConfig) -> Result<PgStore, StoreError> {
+        if config.pool_size == 0 {
+            return Err(StoreError::Conflict(
+                "pool size must be at least 1, got 0".to_owned(),
+            ));
+        }
+        migrate(&config.url).await?;
+        let mut manager_config = ManagerConfig::default();
+        // A closed connection is seen without a round trip (tokio-postgres
+        // marks it closed when the server goes away); anything else fails its
+        // statement, which the caller retries.
+        manager_config.recycling_method = RecyclingMethod::Fast;
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+            &config.url,
+            manager_config,
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(POOL_TIMEOUT))
+            .recycle_timeout(Some(POOL_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("building the postgres pool: {e}")))?;
+        let store = PgStore {
+            pool,
+            cipher: Cipher::new(&config.secret_key),
+            url: config.url,
+        };
+        store.check_secret_key().await?;
+        Ok(store)
+    }
+
+    /// Applies pending migrations to this store's database (the `migrate`
+    /// subcommand); returns the versions applied.
+    ///
+    /// # Errors
+    /// As [`crate::migrate`].
+    pub async fn migrate(&self) -> Result<Vec<String>, StoreError> {
+        migrate(&self.url).await
+    }
+
+    /// The connection pool, for tests and tools that need plain SQL.
+    pub fn pool(&self) -> &Pool<AsyncPgConnection> {
+        &self.pool
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub(crate) async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
+        self.pool.get().await.map_err(pool)
+    }
+
+    async fn check_secret_key(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let doing = "checking the secret key";
+        let fresh = self.cipher.key_check().map_err(|_| {
+            StoreError::Unavailable("cannot compute the key check value".to_owned())
+        })?;
+        // The first process stores its key's check value; every later one compares.
+        diesel::insert_into(secret_key_check::table)
+            .values((
+                secret_key_check::id.eq(1i16),
+                secret_key_check::check_blob.eq(&fresh),
+            ))
+            .on_conflict_do_nothing()
+            .execute(&mut conn)
+            .await
+            .map_err(|e| db(doing, e))?;
+        let stored: Vec<u8> = secret_key_check::table
+            .find(1i16)
+            .select(secret_key_check::check_blob)
+            .first(&mut conn)
+            .await
+            .map_err(|e| db(doing, e))?;
+        if self.cipher.verify_key_check(&stored) {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(
+                "the configured secret key is not the key this database's API secrets are encrypted under \
+                 (key check value mismatch): check the secret key setting"
+                    .to_owned(),
+            ))
+        }
+    }
+
+    async fn load_entry(conn: &mut AsyncPgConnection, id: EntryId) -> Result<Entry, StoreError> {
+        entries::table
+            .find(id.0)
+            .select(EntryRow::as_select())
+            .first(conn)
+            .await
+            .optional()
+            .map_err(|e| db(&format!("reading entry {id}"), e))?
+            .ok_or_else(|| not_found("entry", id))?
+            .into_entry()
+    }
+
+    async fn leg_exists(conn: &mut AsyncPgConnection, key: LegKey) -> Result<bool, StoreError> {
+        let (entry, leg, generation) = leg_key_columns(key);
+        diesel::select(diesel::dsl::exists(
+            protection_legs::table.find((entry, leg, generation)),
+        ))
+        .get_result(conn)
+        .await
+        .map_err(|e| db(&format!("looking leg {key} up"), e))
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    #[tracing::instrument(level = "debug", skip_all, fields(api_key = %account.credentials.api_key))]
+    async fn create_account(&self, account: NewAccount) -> Result<Account, StoreError> {
+        let api_key = account.credentials.api_key.clone();
+        let blob = self
+            .cipher
+            .seal_secret(&api_key, account.credentials.secret.expose_secret())
+            .map_err(|_| StoreError::Unavailable("cannot encrypt the API secret".to_owned()))?;
+        let mut conn = self.conn().await?;
+        let created = diesel::insert_into(accounts::table)
+            .values((
+                accounts::owner.eq(&account.owner),
+                accounts::exchange.eq(&account.exchange),
+                accounts::api_key.eq(&api_key),
+                accounts::secret_ciphertext.eq(&blob),
+                ProtectionColumns::from_config(&account.protection),
+            ))
+            .returning(AccountRow::as_returning())
+            .get_result(&mut conn)
+            .await;
+        match created {
+            Ok(row) => row.into_account(),
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            )) => Err(StoreError::Conflict(format!(
+                "api key {api_key} is already registered"
+            ))),
+            Err(e) => Err(db(
+                &format!("registering the account of api key {api_key}"),
+                e,
+            )),
+        }
+    }
+
+    async fn account(&self, id: AccountId) -> Result<Account, StoreError> {
+        let mut conn = self.conn().await?;
+        accounts::table
+            .find(id.0)
+            .select(AccountRow::as_select())
+            .first(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| db(&format!("reading account {id}"), e))?
+            .ok_or_else(|| not_found("account", id))?
+            .into_account()
+    }
+
+    async fn credentials(&self, id: AccountId) -> Result<ApiCredentials, StoreError> {
+        let mut conn = self.conn().await?;
+        let (api_key, blob): (String, Vec<u8>) = accounts::table
+            .find(id.0)
+            .select((accounts::api_key, accounts::secret_ciphertext))
+            .first(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| db(&format!("reading the credentials of account {id}"), e))?
+            .ok_or_else(|| not_found("account", id))?;
+        let secret = self.cipher.open_secret(&api_key, &blob).map_err(|_| {
+            corrupt(format!(
+                "the API secret of account {id} does not decrypt with the configured secret key"
+            ))
+        })?;
+        Ok(ApiCredentials {
+            api_key,
+            secret: SecretString::from(secret.as_str()),
+        })
+    }
+
+    async fn update_account(
+        &self,
+        id: AccountId,
+        protection: ProtectionConfig,
+        active: bool,
+    ) -> Result<Account, StoreError> {
+        let mut conn = self.conn().await?;
+        diesel::update(accounts::table.find(id.0))
+            .set((
+                ProtectionColumns::from_config(&protection),
+                accounts::active.eq(active),
+            ))
+            .returning(AccountRow::as_returning())
+            .get_result(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| db(&format!("updating account {id}"), e))?
+            .ok_or_else(|| not_found("account", id))?
+            .into_account()
+    }
+
+    async fn active_accounts(&self) -> Result<Vec<Account>, StoreError> {
+        let mut conn = self.conn().await?;
+        accounts::table
+            .filter(accounts::active.eq(true))
+            .order(accounts::id)
+            .select(AccountRow::as_select())
+            .load(&mut conn)
+            .await
+            .map_err(|e| db("listing active accounts", e))?
+            .into_iter()
+            .map(AccountRow::into_account)
+            .collect()
+    }
+
+    async fn create_entry(
+        &self,
+        entry: NewEntry,
+        client_id_of: &(dyn Fn(EntryId) -> ClientOrderId + Send + Sync),
+        at: Millis,
+    ) -> Result<Entry, StoreError> {
+        let mut conn = self.conn().await?;
+        // The id comes first: the client order id is derived from it.
+        let id: i64 = diesel::select(sql::<BigInt>("nextval('entry_ids')"))
+            .get_result(&mut conn)
+            .await
+            .map_err(|e| db("allocating an entry id", e))?;
+        let client_id = client_id_of(EntryId(id));
+        let (order_type, limit_price) = match entry.kind {
+            EntryKind::Market => ("market", None),
+            EntryKind::Limit { price } => ("limit", Some(numeric(price.get()))),
+        };
+        let (requested_qty, requested_quote) = match entry.size {
+            OrderSize::Base(q) => (Some(numeric(q.get())), None),
+            OrderSize::Quote(q) => (None, Some(numeric(q))),
+        };
+        let row = NewEntryRow {
+            id,
+            account_id: entry.account.0,
+            symbol: entry.symbol.name.clone(),
+            base_asset: entry.symbol.base.0.clone(),
+            quote_asset: entry.symbol.quote.0.clone(),
+            client_order_id: client_id.as_str().to_owned(),
+            order_type,
+            limit_price,
+            requested_qty,
+            requested_quote,
+            status: EntryStatus::PendingNew.name(),
+            metadata: metadata(&entry.levels, &entry.tags),
+            protection: "not_needed",
+            created_at: timestamp(at)?,
+        };
+        let created = diesel::insert_into(entries::table)
+            .values(&row)
+            .returning(EntryRow::as_returning())
+            .get_result(&mut conn)
+            .await;
+        match created {
+            Ok(row) => row.into_entry(),
+            Err(e) if is_foreign_key(&e) => Err(not_found("account", entry.account)),
+            Err(e) => Err(db(&format!("creating entry {id} ({client_id})"), e)),
+        }
+    }
+
+    async fn entry(&self, id: EntryId) -> Result<Entry, StoreError> {
+        let mut conn = self.conn().await?;
+        Self::load_entry(&mut conn, id).await
+    }
+
+    async fn open_entries(&self, account: AccountId) -> Result<Vec<Entry>, StoreError> {
+        let mut conn = self.conn().await?;
+        let finals: Vec<&str> = EntryStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .map(EntryStatus::name)
+            .collect();
+        let rows = entries::table
+            .filter(entries::account_id.eq(account.0))
+            .filter(
+                entries::status
+                    .ne_all(finals)
+                    .or(entries::protection.ne_all(["closed", "exited", "not_needed"])),
+            )
+            .order(entries::id)
+            .select(EntryRow::as_select())
+            .load(&mut conn)
+            .await
+            .map_err(|e| db(&format!("listing open entries of account {account}"), e))?;
+        let mut open = Vec::with_capacity(rows.len());
+        for row in rows {
+            let entry = row.into_entry()?;
+            // The SQL filter is the same rule; the domain's own word is final.
+            if is_open(&entry) {
+                open.push(entry);
+            }
+        }
+        Ok(open)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(entry = %id))]
+    async fn record_evidence(&self, id: EntryId, evidence: &Evidence) -> Result<Entry, StoreError> {
+        let mut conn = self.conn().await?;
+        let evidence = evidence.clone();
+        let doing = format!("recording evidence of entry {id}");
+        conn.transaction::<_, TxError, _>(|conn| {
+            async move {
+                // The row lock serialises every writer of this entry's evidence;
+                // NO KEY UPDATE leaves concurrent leg claims (FK KEY SHARE) unblocked.
+                let mut entry: Entry = entries::table
+                    .find(id.0)
+                    .select(EntryRow::as_select())
+                    .for_no_key_update()
+                    .first(conn)
+                    .await
+                    .optional()?
+                    .ok_or_else(|| not_found("entry", id))?
+                    .into_entry()?;
+                let mut new_fills: BTreeMap<i64, FillRow> = BTreeMap::new();
+                for f in &evidence.fills {
+                    if let std::collections::btree_map::Entry::Vacant(slot) =
+                        new_fills.entry(f.trade_id)
+                    {
+                        slot.insert(FillRow::from_fill(&entry, f)?);
+                    }
+                }
+                if !new_fills.is_empty() {
+                    let rows: Vec<FillRow> = new_fills.into_values().collect();
+                    // A trade already stored keeps its first version, as in `merge_evidence`.
+                    diesel::insert_into(fills::table)
+                        .values(&rows)
+                        .on_conflict_do_nothing()
+                        .execute(conn)
+                        .await?;
+                }
+                let mut stored = BTreeMap::new();
+                let rows: Vec<FillRow> = fills::table
+                    .filter(fills::entry_id.eq(id.0))
+                    .select(FillRow::as_select())
+                    .load(conn)
+                    .await?;
+                for row in rows {
+                    let fill = row.into_fill()?;
+                    stored.insert(fill.trade_id, fill);
+                }
+                // A trade id already recorded under another entry of the same
+                // account and symbol is not this entry's: leave it out.
+                let mut own = evidence.clone();
+                own.fills.retain(|f| stored.contains_key(&f.trade_id));
+                let before = entry.clone();
+                merge_evidence(&mut entry, &mut stored, &own);
+                if entry == before {
+                    return Ok(entry);
+                }
+                let protection = (entry.protection != before.protection)
+                    .then(|| EntryProtectionColumns::from_protection(&entry.protection))
+                    .transpose()?;
+                let filled_at = entry.filled_at.map(timestamp).transpose()?;
+                let row = diesel::update(entries::table.find(id.0))
+                    .set((
+                        // GREATEST keeps the stored maxima even if this merge saw less.
+                        entries::executed_qty.eq(greatest(
+                            entries::executed_qty,
+                            numeric(entry.executed_qty.get()),
+                        )),
+                        entries::cumulative_quote.eq(greatest(
+                            entries::cumulative_quote,
+                            numeric(entry.cumulative_quote),
+                        )),
+                        EvidenceColumns {
+                            exchange_order_id: entry.order_id,
+                            status: entry.status.name(),
+                            base_commission: numeric(entry.base_commission.get()),
+                            fills_qty: numeric(entry.fills_qty.get()),
+                            filled_at,
+                        },
+                        protection,
+                    ))
+                    .returning(EntryRow::as_returning())
+                    .get_result(conn)
+                    .await?;
+                Ok(row.into_entry()?)
+            }
+            .scope_boxed()
+        })
+        .await
+        .map_err(|e| e.into_store(&doing))
+    }
+
+    async fn set_protection(&self, id: EntryId, protection: &Protection) -> Result<(), StoreError> {
+        let columns = EntryProtectionColumns::from_protection(protection)?;
+        let mut conn = self.conn().await?;
+        let n = diesel::update(entries::table.find(id.0))
+            .set(columns)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| db(&format!("setting the protection of entry {id}"), e))?;
+        if n == 0 {
+            return Err(not_found("entry", id));
+        }
+        Ok(())
+    }
+
+    async fn close_entry(
+        &self,
+        id: EntryId,
+        realized_quote: Decimal,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        let closed_at = timestamp(at)?;
+        let mut conn = self.conn().await?;
+        let n = diesel::update(entries::table.find(id.0))
+            .set((
+                EntryProtectionColumns::from_protection(&Protection::Closed)?,
+                entries::realized_quote.eq(Some(numeric(realized_quote))),
+                entries::closed_at.eq(Some(closed_at)),
+            ))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| db(&format!("closing entry {id}"), e))?;
+        if n == 0 {
+            return Err(not_found("entry", id));
+        }
+        Ok(())
+    }
+
+    async fn legs(&self, entry: EntryId) -> Result<Vec<Leg>, StoreError> {
+        let mut conn = self.conn().await?;
+        protection_legs::table
+            .filter(protection_legs::entry_id.eq(entry.0))
+            .order((protection_legs::leg, protection_legs::generation))
+            .select(LegRow::as_select())
+            .load(&mut conn)
+            .await
+            .map_err(|e| db(&format!("reading the legs of entry {entry}"), e))?
+            .into_iter()
+            .map(LegRow::into_leg)
+            .collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(leg = %claim.key, source = %claim.source))]
+    async fn claim_leg(&self, claim: &LegClaim) -> Result<bool, StoreError> {
+        let (entry_id, leg, generation) = leg_key_columns(claim.key);
+        let at = timestamp(claim.at)?;
+        let row = NewLegRow {
+            entry_id,
+            leg,
+            generation,
+            list_client_id: claim.ids.list.as_str().to_owned(),
+            take_profit_client_id: claim.ids.take_profit.as_str().to_owned(),
+            stop_loss_client_id: claim.ids.stop_loss.as_str().to_owned(),
+            symbol: claim.symbol.clone(),
+            qty: numeric(claim.qty.get()),
+            take_profit_price: numeric(claim.take_profit.get()),
+            stop_price: numeric(claim.stop.get()),
+            stop_limit_price: claim.stop_limit.map(|p| numeric(p.get())),
+            state: "claimed",
+            source: claim.source.name(),
+            attempts: 1,
+            claimed_at: at,
+            updated_at: at,
+        };
+        let mut conn = self.conn().await?;
+        // Either unique key (entry + leg + generation, or the list client id)
+        // makes a later claimer insert nothing: exactly one wins.
+        let inserted = diesel::insert_into(protection_legs::table)
+            .values(&row)
+            .on_conflict_do_nothing()
+            .execute(&mut conn)
+            .await;
+        match inserted {
+            Ok(n) => Ok(n == 1),
+            Err(e) if is_foreign_key(&e) => Err(not_found("entry", claim.key.entry)),
+            Err(e) => Err(db(&format!("claiming leg {}", claim.key), e)),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(leg = %update.key, from = update.from, to = update.to.name()))]
+    async fn update_leg(&self, update: &LegUpdate) -> Result<bool, StoreError> {
+        let (entry_id, leg, generation) = leg_key_columns(update.key);
+        let columns =
+            LegUpdateColumns::new(&update.to, update.error.clone(), timestamp(update.at)?);
+        let mut conn = self.conn().await?;
+        // Compare-and-set on the state's name.
+        let n = diesel::update(
+            protection_legs::table
+                .find((entry_id, leg, generation))
+                .filter(protection_legs::state.eq(update.from)),
+        )
+        .set(columns)
+        .execute(&mut conn)
+        .await
+        .map_err(|e| {
+            db(
+                &format!("updating leg {} to {}", update.key, update.to.name()),
+                e,
+            )
+        })?;
+        if n == 1 {
+            return Ok(true);
+        }
+        if Self::leg_exists(&mut conn, update.key).await? {
+            Ok(false)
+        } else {
+            Err(not_found("leg", update.key))
+        }
+    }
+
+    async fn record_leg_sold(
+        &self,
+        key: LegKey,
+        sold: LegSold,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        let (entry_id, leg, generation) = leg_key_columns(key);
+        let at = timestamp(at)?;
+        let mut conn = self.conn().await?;
+        use protection_legs::dsl as l;
+        let n = diesel::update(l::protection_legs.find((entry_id, leg, generation)))
+            .set((
+                l::sold_take_profit.eq(greatest(
+                    l::sold_take_profit,
+                    numeric(sold.take_profit.get()),
+                )),
+                l::sold_take_profit_quote.eq(greatest(
+                    l::sold_take_profit_quote,
+                    numeric(sold.take_profit_quote),
+                )),
+                l::sold_stop_loss.eq(greatest(l::sold_stop_loss, numeric(sold.stop_loss.get()))),
+                l::sold_stop_loss_quote.eq(greatest(
+                    l::sold_stop_loss_quote,
+                    numeric(sold.stop_loss_quote),
+                )),
+                l::updated_at.eq(at),
+            ))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| db(&format!("recording what leg {key} sold"), e))?;
+        if n == 0 {
+            return Err(not_found("leg", key));
+        }
+        Ok(())
+    }
+
+    async fn append_event(&self, event: &EntryEventRecord) -> Result<(), StoreError> {
+        let at = timestamp(event.at)?;
+        let mut conn = self.conn().await?;
+        let inserted = diesel::insert_into(entry_events::table)
+            .values((
+                entry_events::entry_id.eq(event.entry.0),
+                entry_events::kind.eq(&event.kind),
+                entry_events::detail.eq(&event.detail),
+                entry_events::source.eq(event.source.map(|s| s.name())),
+                entry_events::at.eq(at),
+            ))
+            .execute(&mut conn)
+            .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) if is_foreign_key(&e) => Err(not_found("entry", event.entry)),
+            Err(e) => Err(db(
+                &format!("appending an event to entry {}", event.entry),
+                e,
+            )),
+        }
+    }
+
+    async fn events(&self, entry: EntryId) -> Result<Vec<EntryEventRecord>, StoreError> {
+        let mut conn = self.conn().await?;
+        entry_events::table
+            .filter(entry_events::entry_id.eq(entry.0))
+            .order(entry_events::id)
+            .select(EventRow::as_select())
+            .load(&mut conn)
+            .await
+            .map_err(|e| db(&format!("reading the history of entry {entry}"), e))?
+            .into_iter()
+            .map(EventRow::into_event)
+            .collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(account = %account, reason = reason))]
+    async fn flag_reconcile(
+        &self,
+        account: AccountId,
+        reason: &str,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        let at = timestamp(at)?;
+        let mut conn = self.conn().await?;
+        // Flag and announce in one statement; NOTIFY is delivered at commit.
+        let flagged = diesel::sql_query(
+            "WITH f AS (INSERT INTO reconcile_flags (account_id, reason, flagged_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (account_id) DO UPDATE SET reason = EXCLUDED.reason RETURNING account_id) \
+             SELECT pg_notify('oco_reconcile', account_id::text) FROM f",
+        )
+        .bind::<BigInt, _>(account.0)
+        .bind::<diesel::sql_types::Text, _>(reason)
+        .bind::<diesel::sql_types::Timestamptz, _>(at)
+        .execute(&mut conn)
+        .await;
+        match flagged {
+            Ok(_) => Ok(()),
+            Err(e) if is_foreign_key(&e) => Err(not_found("account", account)),
+            Err(e) => Err(db(
+                &format!("flagging account {account} for reconciliation"),
+                e,
+            )),
+        }
+    }
+
+    async fn take_flagged(&self, limit: usize) -> Result<Vec<AccountId>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut conn = self.conn().await?;
+        // Rows another taker holds are skipped, never waited for or shared.
+        let mut taken: Vec<i64> = diesel::sql_query(
+            "DELETE FROM reconcile_flags WHERE account_id IN ( \
+                 SELECT account_id FROM reconcile_flags ORDER BY flagged_at, account_id \
+                 LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING account_id",
+        )
+        .bind::<BigInt, _>(limit)
+        .load::<AccountIdRow>(&mut conn)
+        .await
+        .map_err(|e| db("taking flagged accounts", e))?
+        .into_iter()
+        .map(|r| r.account_id)
+        .collect();
+        taken.sort_unstable();
+        Ok(taken.into_iter().map(AccountId).collect())
+    }
+}

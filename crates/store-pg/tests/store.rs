@@ -1,0 +1,614 @@
+//! `PgStore` on a real PostgreSQL: the shared behaviour suite, concurrency,
+//! secrets at rest, leases, reconcile flags and lost connections.
+// Test helpers outside #[test] functions may unwrap too.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
+use oco_core::levels::EntryLevels;
+use oco_core::model::{EntryKind, EntryTags, Evidence, LegClaim, NewEntry, OrderSize, Protection};
+use oco_core::ports::NewAccount;
+use oco_core::{
+    AccountId, ApiCredentials, Asset, ClientOrderId, Entry, EntryId, EntryStatus, Fill, LegIndex,
+    LegKey, Millis, OcoClientIds, Price, ProtectionConfig, Qty, Source, Store, StoreError, Symbol,
+};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use secrecy::{ExposeSecret as _, SecretString};
+use store_pg::testing::TestDb;
+use store_pg::{PgStore, SecretKey};
+
+async fn store(db: &TestDb) -> PgStore {
+    PgStore::connect(db.config(8))
+        .await
+        .expect("connecting to the test database")
+}
+
+fn qty(s: &str) -> Qty {
+    s.parse().unwrap()
+}
+
+fn price(s: &str) -> Price {
+    s.parse().unwrap()
+}
+
+async fn new_account(store: &dyn Store, key: &str) -> oco_core::Account {
+    store
+        .create_account(NewAccount {
+            owner: "alice".into(),
+            exchange: "binance".into(),
+            credentials: ApiCredentials {
+                api_key: key.into(),
+                secret: SecretString::from(format!("secret-of-{key}")),
+            },
+            protection: ProtectionConfig::DEFAULT,
+        })
+        .await
+        .unwrap()
+}
+
+async fn new_entry(store: &dyn Store, account: AccountId) -> Entry {
+    let new = NewEntry {
+        account,
+        symbol: Symbol {
+            name: "BTCUSDT".into(),
+            base: Asset("BTC".into()),
+            quote: Asset("USDT".into()),
+        },
+        kind: EntryKind::Limit {
+            price: price("100.5"),
+        },
+        size: OrderSize::Base(qty("1")),
+        levels: EntryLevels {
+            tp1: Some(price("101")),
+            tp2: None,
+            sl: Some(price("99.25")),
+        },
+        tags: EntryTags {
+            signal_id: None,
+            portfolio_id: Some("pf-9".into()),
+        },
+    };
+    store
+        .create_entry(
+            new,
+            &|id| ClientOrderId::new(format!("t-E-{id}")).unwrap(),
+            Millis(1_700_000_000_000),
+        )
+        .await
+        .unwrap()
+}
+
+fn claim(entry: EntryId, generation: u32) -> LegClaim {
+    let id = |k: &str| ClientOrderId::new(format!("t-{k}-{entry}-1-{generation}")).unwrap();
+    LegClaim {
+        key: LegKey {
+            entry,
+            leg: LegIndex::First,
+            generation,
+        },
+        ids: OcoClientIds {
+            list: id("L"),
+            take_profit: id("T"),
+            stop_loss: id("S"),
+        },
+        symbol: "BTCUSDT".into(),
+        qty: qty("0.5"),
+        take_profit: price("101"),
+        stop: price("99"),
+        stop_limit: None,
+        source: Source::Sync,
+        at: Millis(5),
+    }
+}
+
+async fn raw(db: &TestDb) -> AsyncPgConnection {
+    AsyncPgConnection::establish(db.url()).await.unwrap()
+}
+
+#[tokio::test]
+async fn pg_store_passes_the_store_behaviour_suite() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    oco_core::testing::store_behaviour(&store).await.unwrap();
+}
+
+#[tokio::test]
+async fn mem_store_passes_the_same_suite() {
+    oco_core::testing::store_behaviour(&oco_core::mem::MemStore::new())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_claimers_exactly_one_wins() {
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let account = new_account(store.as_ref(), "k1").await;
+    let entry = new_entry(store.as_ref(), account.id).await;
+    for generation in 0..3 {
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.claim_leg(&claim(entry.id, generation)).await })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            if t.await.unwrap().unwrap() {
+                won += 1;
+            }
+        }
+        assert_eq!(won, 1, "generation {generation}: exactly one of 50 wins");
+    }
+    assert_eq!(store.legs(entry.id).await.unwrap().len(), 3);
+    // The list client id is unique on its own too.
+    let mut same_list = claim(entry.id, 7);
+    same_list.ids = claim(entry.id, 0).ids;
+    assert!(
+        !store.claim_leg(&same_list).await.unwrap(),
+        "a reused list client id loses"
+    );
+    let missing = claim(EntryId(entry.id.0 + 1000), 0);
+    assert!(matches!(
+        store.claim_leg(&missing).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+fn fill(trade_id: i64, q: &str, fee: &str, fee_asset: &str) -> Fill {
+    Fill {
+        trade_id,
+        price: price("100"),
+        qty: qty(q),
+        commission: fee.parse().unwrap(),
+        commission_asset: Asset(fee_asset.into()),
+        time: Millis(2_000 + trade_id),
+    }
+}
+
+/// Snapshot `n` of an order filling in ten trades of 0.1, each paying a BTC fee.
+fn snapshot(n: i64) -> Evidence {
+    let fills: Vec<Fill> = (1..=n).map(|t| fill(t, "0.1", "0.0001", "BTC")).collect();
+    let executed = Decimal::new(n, 1);
+    Evidence {
+        order_id: Some(555),
+        status: if n == 10 {
+            EntryStatus::Filled
+        } else if n == 0 {
+            EntryStatus::New
+        } else {
+            EntryStatus::PartiallyFilled
+        },
+        executed_qty: Qty::new(executed).unwrap(),
+        cumulative_quote: executed * dec!(100),
+        // Layers often see only the last trade.
+        fills: fills
+            .into_iter()
+            .rev()
+            .take(if n % 2 == 0 { 1 } else { 10 })
+            .collect(),
+        holding: None,
+        observed_at: Millis(3_000 + n),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_out_of_order_evidence_ends_monotonic() {
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let account = new_account(store.as_ref(), "k1").await;
+    let entry = new_entry(store.as_ref(), account.id).await;
+    // Every snapshot three times, shuffled by interleaving, all at once.
+    let mut order: Vec<i64> = (0..=10)
+        .chain((0..=10).rev())
+        .chain((0..=10).map(|i| (i * 7) % 11))
+        .collect();
+    order.rotate_left(5);
+    let tasks: Vec<_> = order
+        .iter()
+        .map(|&n| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let seen = snapshot(n);
+                let after = store.record_evidence(entry.id, &seen).await.unwrap();
+                assert!(
+                    after.executed_qty >= seen.executed_qty,
+                    "never below what was just seen"
+                );
+                after
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let end = store.entry(entry.id).await.unwrap();
+    assert_eq!(end.status, EntryStatus::Filled);
+    assert_eq!(end.executed_qty, qty("1"));
+    assert_eq!(end.cumulative_quote, dec!(100));
+    assert_eq!(
+        end.fills_qty,
+        qty("1"),
+        "all ten trades were seen once each"
+    );
+    assert_eq!(end.base_commission, qty("0.001"), "each fee counted once");
+    assert_eq!(end.filled_at, Some(Millis(2_001)));
+    assert_eq!(end.order_id, Some(555));
+    assert_eq!(end.protection, Protection::Unprotected);
+
+    // The same evidence through the in-memory store ends in the same place.
+    let mem = oco_core::mem::MemStore::new();
+    let mem_account = new_account(&mem, "k1").await;
+    let mem_entry = new_entry(&mem, mem_account.id).await;
+    for &n in &order {
+        mem.record_evidence(mem_entry.id, &snapshot(n))
+            .await
+            .unwrap();
+    }
+    let mem_end = mem.entry(mem_entry.id).await.unwrap();
+    let strip = |e: Entry| Entry {
+        id: EntryId(0),
+        account: AccountId(0),
+        client_id: ClientOrderId::new("x").unwrap(),
+        ..e
+    };
+    assert_eq!(strip(end), strip(mem_end), "pg and mem merge alike");
+}
+
+#[tokio::test]
+async fn evidence_never_lowers_stored_values_even_if_written_by_sql() {
+    // GREATEST in the UPDATE keeps the stored maximum whatever a merge computed.
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let account = new_account(&store, "k1").await;
+    let entry = new_entry(&store, account.id).await;
+    store.record_evidence(entry.id, &snapshot(3)).await.unwrap();
+    let mut conn = raw(&db).await;
+    diesel::sql_query("UPDATE entries SET executed_qty = 0.9 WHERE id = $1")
+        .bind::<diesel::sql_types::BigInt, _>(entry.id.0)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let after = store.record_evidence(entry.id, &snapshot(4)).await.unwrap();
+    assert_eq!(after.executed_qty, qty("0.9"));
+    assert_eq!(after.status, EntryStatus::PartiallyFilled);
+}
+
+#[tokio::test]
+async fn entries_keep_levels_in_jsonb_metadata_and_amounts_exactly() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let account = new_account(&store, "k1").await;
+    let e = new_entry(&store, account.id).await;
+    assert_eq!(store.entry(e.id).await.unwrap(), e);
+    let mut conn = raw(&db).await;
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        meta: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        limit: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let row: Row = diesel::sql_query(
+        "SELECT metadata::text AS meta, limit_price::text AS limit, \
+         (SELECT count(*) FROM entries WHERE metadata @> '{\"sl\": \"99.25\"}') AS n FROM entries WHERE id = $1",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(e.id.0)
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        row.meta,
+        r#"{"sl": "99.25", "tp1": "101", "portfolioId": "pf-9"}"#
+    );
+    assert_eq!(row.limit, "100.5");
+    assert_eq!(row.n, 1, "metadata is queryable by containment (GIN)");
+    // Amounts with many places round-trip exactly.
+    let mut ev = snapshot(1);
+    ev.cumulative_quote = dec!(10.123456789012345678);
+    let after = store.record_evidence(e.id, &ev).await.unwrap();
+    assert_eq!(after.cumulative_quote, dec!(10.123456789012345678));
+}
+
+#[tokio::test]
+async fn secrets_are_encrypted_at_rest_and_a_wrong_key_is_refused_at_connect() {
+    let db = TestDb::new().await;
+    let key = SecretKey::generate();
+    let store = PgStore::connect(db.config_with_key(2, key.clone()))
+        .await
+        .unwrap();
+    let account = new_account(&store, "k1").await;
+    let mut conn = raw(&db).await;
+    #[derive(diesel::QueryableByName)]
+    struct Blob {
+        #[diesel(sql_type = diesel::sql_types::Bytea)]
+        secret_ciphertext: Vec<u8>,
+    }
+    let blob: Blob = diesel::sql_query("SELECT secret_ciphertext FROM accounts")
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    let needle = b"secret-of-k1";
+    assert!(
+        !blob
+            .secret_ciphertext
+            .windows(needle.len())
+            .any(|w| w == needle),
+        "no secret in clear"
+    );
+    let debug = format!("{store:?}");
+    assert!(
+        debug.contains("redacted") && !debug.contains(db.name()),
+        "{debug}"
+    );
+    drop(store);
+
+    // The same key works again; another key is refused before any decrypt.
+    let again = PgStore::connect(db.config_with_key(2, key)).await.unwrap();
+    assert_eq!(
+        again
+            .credentials(account.id)
+            .await
+            .unwrap()
+            .secret
+            .expose_secret(),
+        "secret-of-k1"
+    );
+    let wrong = PgStore::connect(db.config_with_key(2, SecretKey::generate())).await;
+    match wrong {
+        Err(StoreError::Corrupt(msg)) => assert!(msg.contains("secret key"), "{msg}"),
+        other => panic!("a wrong key must be refused at connect, got {other:?}"),
+    }
+
+    // A ciphertext moved to another account's row does not decrypt there.
+    let other = new_account(&again, "k2").await;
+    diesel::sql_query(
+        "UPDATE accounts SET secret_ciphertext = (SELECT secret_ciphertext FROM accounts WHERE id = $1) WHERE id = $2",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(account.id.0)
+    .bind::<diesel::sql_types::BigInt, _>(other.id.0)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let err = again.credentials(other.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    assert!(!err.to_string().contains("secret-of"), "{err}");
+}
+
+#[tokio::test]
+async fn expired_leases_move_to_another_holder() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let a = new_account(&store, "k1").await;
+    let b = new_account(&store, "k2").await;
+    let c = new_account(&store, "k3").await;
+    store
+        .update_account(c.id, ProtectionConfig::DEFAULT, false)
+        .await
+        .unwrap();
+
+    let long = Duration::from_secs(60);
+    assert_eq!(
+        store.acquire_leases("node-1", 1, long).await.unwrap(),
+        vec![a.id]
+    );
+    assert_eq!(
+        store.acquire_leases("node-2", 10, long).await.unwrap(),
+        vec![b.id],
+        "inactive accounts are not leased"
+    );
+    assert!(
+        store
+            .acquire_leases("node-2", 10, long)
+            .await
+            .unwrap()
+            .is_empty(),
+        "live leases stay"
+    );
+    assert_eq!(
+        store.renew_leases("node-1", long).await.unwrap(),
+        vec![a.id]
+    );
+
+    // node-1 dies: its short lease expires and node-2 takes the account.
+    store
+        .renew_leases("node-1", Duration::from_millis(200))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let moved = loop {
+        let got = store.acquire_leases("node-2", 10, long).await.unwrap();
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "the expired lease never moved");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(moved, vec![a.id]);
+    assert!(
+        store.renew_leases("node-1", long).await.unwrap().is_empty(),
+        "node-1 learns it lost the lease"
+    );
+    let mut held = store.renew_leases("node-2", long).await.unwrap();
+    held.sort();
+    assert_eq!(held, vec![a.id, b.id]);
+
+    // Disabling an account drops its lease at the next renewal.
+    store
+        .update_account(b.id, ProtectionConfig::DEFAULT, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.renew_leases("node-2", long).await.unwrap(),
+        vec![a.id]
+    );
+    assert_eq!(store.release_leases("node-2").await.unwrap(), 1);
+    assert_eq!(
+        store.acquire_leases("node-3", 10, long).await.unwrap(),
+        vec![a.id],
+        "released leases are free"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_lease_acquirers_never_share_an_account() {
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    for i in 0..20 {
+        new_account(store.as_ref(), &format!("k{i}")).await;
+    }
+    let tasks: Vec<_> = (0..5)
+        .map(|n| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .acquire_leases(&format!("node-{n}"), 6, Duration::from_secs(60))
+                    .await
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap().unwrap());
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "an account was leased twice");
+    assert!(n <= 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flagged_accounts_are_taken_once_and_announced() {
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let mut listener = store.listen_reconcile().await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(new_account(store.as_ref(), &format!("k{i}")).await.id);
+    }
+    for id in &ids {
+        store.flag_reconcile(*id, "gap", Millis(1)).await.unwrap();
+    }
+    let first = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, ids[0], "NOTIFY carries the account id");
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let got = store.take_flagged(3).await.unwrap();
+                    if got.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(got);
+                }
+            })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for t in tasks {
+        taken.extend(t.await.unwrap());
+    }
+    taken.sort();
+    assert_eq!(taken, ids, "every flag taken exactly once");
+    assert!(matches!(
+        store
+            .flag_reconcile(AccountId(99_999), "x", Millis(1))
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_connections_lose_nothing_acknowledged() {
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let account = new_account(store.as_ref(), "k1").await;
+    let mut entries = Vec::new();
+    for _ in 0..40 {
+        entries.push(new_entry(store.as_ref(), account.id).await.id);
+    }
+    // A killer terminates every backend of the store's pool, again and again.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let stop = Arc::clone(&stop);
+        let mut conn = raw(&db).await;
+        tokio::spawn(async move {
+            let mut kills = 0;
+            while !std::sync::atomic::AtomicBool::load(&stop, std::sync::atomic::Ordering::Relaxed)
+            {
+                diesel::sql_query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                )
+                .execute(&mut conn)
+                .await
+                .unwrap();
+                kills += 1;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            kills
+        })
+    };
+    let mut acknowledged = Vec::new();
+    let mut failed = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (i, id) in entries.iter().enumerate() {
+        while Instant::now() < deadline {
+            match store
+                .record_evidence(*id, &snapshot(1 + (i as i64 % 10)))
+                .await
+            {
+                Ok(e) => {
+                    acknowledged.push((*id, e.executed_qty));
+                    break;
+                }
+                Err(StoreError::Unavailable(_)) => failed += 1,
+                Err(other) => panic!("entry {id}: {other:?}"),
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.await.unwrap();
+    assert!(kills > 0);
+    assert_eq!(
+        acknowledged.len(),
+        entries.len(),
+        "every write eventually went through"
+    );
+    for (id, executed) in acknowledged {
+        let stored = store.entry(id).await.unwrap();
+        assert!(
+            stored.executed_qty >= executed,
+            "entry {id}: acknowledged {executed}, stored {}",
+            stored.executed_qty
+        );
+    }
+    eprintln!("{failed} calls failed as Unavailable during {kills} kill rounds");
+}
+
+#[tokio::test]
+async fn pg_store_has_the_users_behaviour() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    oco_core::testing::users_behaviour(&store).await.unwrap();
+}
+
+#[tokio::test]
+async fn pg_store_has_the_lease_behaviour_of_the_port() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    new_account(&store, "lease-a").await;
+    new_account(&store, "lease-b").await;
+    oco_core::testing::lease_behaviour(&store).await.unwrap();
+}

@@ -1,0 +1,62 @@
+//! Settings of the reconciler. No `Default`: [`SyncConfig::standard`] names
+//! the defaults of the issue, a binary overrides what its flags say.
+
+use std::time::Duration;
+
+/// When an account's circuit breaker opens and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failed passes of an account that open its breaker (an
+    /// authentication failure opens it at once).
+    pub failures_to_open: u32,
+    /// How long an open breaker skips the account before one trial pass.
+    pub open_for: Duration,
+}
+
+/// Settings of [`crate::Reconciler`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// Wait after start before the first full pass (the gateway reconnects first).
+    pub startup_delay: Duration,
+    /// Time between the starts of two full passes.
+    pub interval: Duration,
+    /// How often flagged accounts are polled; at most 500 ms so that a flagged
+    /// account is reconciled within 2 s.
+    pub flag_poll: Duration,
+    /// Accounts reconciled in parallel.
+    pub concurrency: usize,
+    /// Per-account circuit breaker.
+    pub breaker: BreakerConfig,
+    /// Request weight this process may use per minute (Binance counts weight
+    /// per IP, shared by every account and every process of the node).
+    pub weight_budget_per_minute: u32,
+    /// Orders this process may send per account per 10 s (an OCO counts 2).
+    pub order_budget_per_10s: u32,
+    /// An entry still `PendingNew` that the exchange does not know is recorded
+    /// as never sent once it is older than this (see the crate README).
+    pub not_found_grace: Duration,
+}
+
+impl SyncConfig {
+    /// The defaults: first pass 15 s after start, then every 5 min, flags
+    /// polled every 250 ms, 8 accounts in parallel, breaker opens after 3
+    /// failed passes (or one authentication failure) for 5 min, 3,000 weight
+    /// per minute (half of Binance's usual 6,000 per IP, the rest left to the
+    /// gateway and the API), 40 orders per account per 10 s (Binance allows
+    /// 50 to 100), never-sent grace 2 min.
+    pub fn standard() -> SyncConfig {
+        SyncConfig {
+            startup_delay: Duration::from_secs(15),
+            interval: Duration::from_secs(300),
+            flag_poll: Duration::from_millis(250),
+            concurrency: 8,
+            breaker: BreakerConfig {
+                failures_to_open: 3,
+                open_for: Duration::from_secs(300),
+            },
+            weight_budget_per_minute: 3_000,
+            order_budget_per_10s: 40,
+            not_found_grace: Duration::from_secs(120),
+        }
+    }
+}

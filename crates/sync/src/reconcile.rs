@@ -1,0 +1,705 @@
+//! The reconciler: one pass per account, full passes over every active
+//! account, and the loop that runs them.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use oco_core::ids::OrderRole;
+use oco_core::model::Protection;
+use oco_core::ports::{ApiCredentials, OrderListSnapshot, event};
+use oco_core::protect::Protector;
+use oco_core::{
+    AccountId, Clock, Entry, EntryId, EntryStatus, Evidence, Exchange, ExchangeError, LegKey,
+    LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store,
+};
+use rust_decimal::Decimal;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::breaker::{Admission, Breakers, OpenReason, Tripped};
+use crate::budget::{MeteredExchange, OrderMeter, WeightMeter, urgent};
+use crate::config::SyncConfig;
+use crate::error::SyncError;
+use crate::metrics::{Metrics, MetricsSnapshot, outcome_name};
+
+/// Rate-limited reads are retried this many times (each after the node's pause).
+const READ_RETRIES: u32 = 3;
+
+/// Orders one `protect` call may send at most: two OCO lists of two orders.
+const ORDERS_PER_PROTECT: u32 = 4;
+
+/// What one account's pass found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountReport {
+    /// The account.
+    pub account: AccountId,
+    /// Disabled accounts are left alone.
+    pub inactive: bool,
+    /// Open entries examined.
+    pub entries: usize,
+    /// Entry orders looked up (`GET order`).
+    pub orders_queried: usize,
+    /// Trade lists fetched (`GET myTrades`).
+    pub trades_fetched: usize,
+    /// Legs the store still had as claimed or unknown while their list was
+    /// open on the exchange (a crash after the send): adopted, not placed again.
+    pub legs_adopted: Vec<LegKey>,
+    /// Lists that ended while nobody listened, with the state recorded.
+    pub lists_ended: Vec<(LegKey, LegState)>,
+    /// Entries the exchange never received, recorded as rejected.
+    pub never_sent: Vec<EntryId>,
+    /// Entries the exchange does not know yet, still within the grace period.
+    pub awaiting_send: Vec<EntryId>,
+    /// `protect` calls and their outcomes.
+    pub protections: Vec<(EntryId, ProtectOutcome)>,
+    /// Entries that could not be reconciled this time, and why.
+    pub entry_errors: Vec<(EntryId, SyncError)>,
+    /// Open lists carrying one of our list ids that match no leg of an open
+    /// entry (a restored database, another namespace's twin): reported only.
+    pub unknown_lists: Vec<String>,
+}
+
+impl AccountReport {
+    fn new(account: AccountId) -> Self {
+        Self {
+            account,
+            inactive: false,
+            entries: 0,
+            orders_queried: 0,
+            trades_fetched: 0,
+            legs_adopted: Vec::new(),
+            lists_ended: Vec::new(),
+            never_sent: Vec::new(),
+            awaiting_send: Vec::new(),
+            protections: Vec::new(),
+            entry_errors: Vec::new(),
+            unknown_lists: Vec::new(),
+        }
+    }
+
+    /// The outcome of the `protect` call for `entry`, if one was made.
+    pub fn outcome(&self, entry: EntryId) -> Option<&ProtectOutcome> {
+        self.protections
+            .iter()
+            .find(|(e, _)| *e == entry)
+            .map(|(_, o)| o)
+    }
+}
+
+/// What a full pass did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    /// Active accounts at the start of the pass.
+    pub accounts: usize,
+    /// Accounts reconciled.
+    pub reconciled: Vec<AccountReport>,
+    /// Accounts skipped by an open breaker, with the reason.
+    pub skipped: Vec<(AccountId, String)>,
+    /// Accounts that failed.
+    pub failed: Vec<(AccountId, SyncError)>,
+    /// Accounts another task of this process was reconciling.
+    pub busy: Vec<AccountId>,
+    /// Weight charged to the node's meter during the pass.
+    pub weight_used: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl PassReport {
+    /// `protect` outcomes of the pass by label (`placed`, `covered`, …).
+    pub fn outcomes(&self) -> HashMap<&'static str, usize> {
+        let mut counts = HashMap::new();
+        for r in &self.reconciled {
+            for (_, o) in &r.protections {
+                *counts.entry(outcome_name(o)).or_default() += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// Layer 2: reconciles accounts against the exchange and protects whatever
+/// the real-time layer missed. See the crate documentation.
+pub struct Reconciler {
+    exchange: Arc<dyn Exchange>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    protector: Arc<Protector>,
+    config: SyncConfig,
+    meter: Arc<WeightMeter>,
+    orders: OrderMeter,
+    breakers: Breakers,
+    metrics: Metrics,
+    busy: Mutex<HashSet<AccountId>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Sets of ids only: a poisoned lock holds consistent data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Reconciler {
+    /// A reconciler with its own weight meter. Only the reconciler's own
+    /// reads are charged to it; use [`Reconciler::wired`] (or
+    /// [`Reconciler::with_meter`] and a [`MeteredExchange`] under the
+    /// protector) to charge and pace the calls made inside `protect` too.
+    pub fn new(
+        exchange: Arc<dyn Exchange>,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        protector: Arc<Protector>,
+        config: SyncConfig,
+    ) -> Self {
+        let meter = Arc::new(WeightMeter::new(config.weight_budget_per_minute));
+        Self::with_meter(exchange, store, clock, protector, config, meter)
+    }
+
+    /// A reconciler charging its reads to `meter`. `exchange` must be the bare
+    /// exchange (not already metered by `meter`), or reads are counted twice.
+    pub fn with_meter(
+        exchange: Arc<dyn Exchange>,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        protector: Arc<Protector>,
+        config: SyncConfig,
+        meter: Arc<WeightMeter>,
+    ) -> Self {
+        let exchange: Arc<dyn Exchange> = Arc::new(MeteredExchange::new(exchange, meter.clone()));
+        Self {
+            exchange,
+            store,
+            clock,
+            orders: OrderMeter::new(config.order_budget_per_10s),
+            breakers: Breakers::new(config.breaker),
+            metrics: Metrics::default(),
+            busy: Mutex::new(HashSet::new()),
+            protector,
+            config,
+            meter,
+        }
+    }
+
+    /// The whole wiring: one weight meter, charged by the reconciler's reads
+    /// and by a [`Protector`] built here over a [`MeteredExchange`].
+    pub fn wired(
+        exchange: Arc<dyn Exchange>,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        protector: ProtectorConfig,
+        config: SyncConfig,
+    ) -> Self {
+        let meter = Arc::new(WeightMeter::new(config.weight_budget_per_minute));
+        let metered: Arc<dyn Exchange> =
+            Arc::new(MeteredExchange::new(exchange.clone(), meter.clone()));
+        let protector = Arc::new(Protector::new(
+            metered,
+            store.clone(),
+            clock.clone(),
+            protector,
+        ));
+        Self::with_meter(exchange, store, clock, protector, config, meter)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SyncConfig {
+        &self.config
+    }
+
+    /// The node's weight meter.
+    pub fn meter(&self) -> &Arc<WeightMeter> {
+        &self.meter
+    }
+
+    /// The protector `protect` is called on.
+    pub fn protector(&self) -> &Arc<Protector> {
+        &self.protector
+    }
+
+    /// The counters now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics
+            .snapshot(self.meter.total(), self.meter.rate_limited())
+    }
+
+    /// Accounts whose breaker is open, with the reason.
+    pub fn open_breakers(&self) -> Vec<(AccountId, OpenReason)> {
+        self.breakers.open()
+    }
+
+    /// Runs until `shutdown` completes: flagged accounts are polled every
+    /// `flag_poll` from the start; the first full pass comes after
+    /// `startup_delay`, the next ones every `interval`. Work in flight when
+    /// `shutdown` fires is dropped, which is the crash case `protect` is
+    /// built for (a claim without an answer is resolved by lookup later).
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        let periodic = async {
+            tokio::time::sleep(self.config.startup_delay).await;
+            let mut ticker = tokio::time::interval(self.config.interval);
+            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                match self.pass().await {
+                    Ok(report) => info!(
+                        accounts = report.accounts,
+                        reconciled = report.reconciled.len(),
+                        failed = report.failed.len(),
+                        skipped = report.skipped.len(),
+                        weight = report.weight_used,
+                        elapsed_ms = report.elapsed.as_millis(),
+                        "sync pass finished"
+                    ),
+                    Err(err) => warn!(error = %err, "sync pass failed"),
+                }
+            }
+        };
+        let flagged = async {
+            let mut retry = BTreeSet::new();
+            let mut ticker = tokio::time::interval(self.config.flag_poll);
+            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let mut ids: Vec<AccountId> = std::mem::take(&mut retry).into_iter().collect();
+                match self
+                    .store
+                    .take_flagged(self.config.concurrency.max(1) * 4)
+                    .await
+                {
+                    Ok(taken) => {
+                        self.metrics.flagged(taken.len());
+                        for id in taken {
+                            if !ids.contains(&id) {
+                                ids.push(id);
+                            }
+                        }
+                    }
+                    Err(err) => warn!(error = %err, "taking flagged accounts failed"),
+                }
+                if ids.is_empty() {
+                    continue;
+                }
+                for (id, result) in urgent(self.reconcile_many(ids)).await {
+                    match result {
+                        // Being reconciled by the full pass, which may have read the
+                        // account before the flag's cause: go again once it is done.
+                        Err(SyncError::InProgress { .. }) => {
+                            retry.insert(id);
+                        }
+                        Err(err) => {
+                            debug!(account = %id, error = %err, "flagged account not reconciled")
+                        }
+                        Ok(_) => debug!(account = %id, "flagged account reconciled"),
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = shutdown => info!("sync shutting down"),
+            () = periodic => {}
+            () = flagged => {}
+        }
+    }
+
+    /// One full pass over every active account, `concurrency` at a time.
+    ///
+    /// # Errors
+    /// [`SyncError::Store`] when the accounts cannot be listed; each
+    /// account's own failure is in the report.
+    pub async fn pass(&self) -> Result<PassReport, SyncError> {
+        let started = Instant::now();
+        let weight_before = self.meter.total();
+        let accounts = self.store.active_accounts().await?;
+        let ids: Vec<AccountId> = accounts.iter().map(|a| a.id).collect();
+        let mut report = PassReport {
+            accounts: ids.len(),
+            reconciled: Vec::new(),
+            skipped: Vec::new(),
+            failed: Vec::new(),
+            busy: Vec::new(),
+            weight_used: 0,
+            elapsed: Duration::ZERO,
+        };
+        for (id, result) in self.reconcile_many(ids).await {
+            match result {
+                Ok(r) => report.reconciled.push(r),
+                Err(SyncError::BreakerOpen { reason, .. }) => report.skipped.push((id, reason)),
+                Err(SyncError::InProgress { .. }) => report.busy.push(id),
+                Err(err) => report.failed.push((id, err)),
+            }
+        }
+        report.reconciled.sort_by_key(|r| r.account);
+        report.weight_used = self.meter.total() - weight_before;
+        report.elapsed = started.elapsed();
+        self.metrics.pass();
+        Ok(report)
+    }
+
+    async fn reconcile_many(
+        &self,
+        ids: Vec<AccountId>,
+    ) -> Vec<(AccountId, Result<AccountReport, SyncError>)> {
+        stream::iter(ids)
+            .map(|id| async move { (id, self.reconcile_exclusive(id).await) })
+            .buffer_unordered(self.config.concurrency.max(1))
+            .collect()
+            .await
+    }
+
+    async fn reconcile_exclusive(&self, account: AccountId) -> Result<AccountReport, SyncError> {
+        if !lock(&self.busy).insert(account) {
+            return Err(SyncError::InProgress { account });
+        }
+        struct Release<'a>(&'a Mutex<HashSet<AccountId>>, AccountId);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                lock(self.0).remove(&self.1);
+            }
+        }
+        let _release = Release(&self.busy, account);
+        self.reconcile_account(account).await
+    }
+
+    /// Reconciles one account: its open entries against the exchange, with
+    /// `protect` (source `sync`) for whatever is missing. Honours and feeds the
+    /// account's circuit breaker.
+    ///
+    /// # Errors
+    /// [`SyncError::BreakerOpen`] while the breaker is open; otherwise the
+    /// failure that stopped the account's pass (refused keys, the store, the
+    /// open-list read). Failures of single entries are in the report.
+    pub async fn reconcile_account(&self, account: AccountId) -> Result<AccountReport, SyncError> {
+        if let Admission::Skip { retry_in, reason } = self.breakers.admit(account) {
+            self.metrics.skipped();
+            debug!(account = %account, "breaker open, account skipped");
+            return Err(SyncError::BreakerOpen {
+                account,
+                retry_in,
+                reason: reason.to_string(),
+            });
+        }
+        let result = self
+            .account_pass(account)
+            .instrument(info_span!("sync_account", account = %account))
+            .await;
+        let failure = match &result {
+            Ok(report) => {
+                self.metrics.reconciled();
+                report
+                    .entry_errors
+                    .iter()
+                    .map(|(_, e)| e)
+                    .find(|e| e.counts_for_breaker())
+            }
+            Err(err) => {
+                self.metrics.failed();
+                let counts = match err.exchange_error() {
+                    Some(ExchangeError::RateLimited { .. } | ExchangeError::NotFound) | None => {
+                        false
+                    }
+                    Some(_) => true,
+                };
+                counts.then_some(err)
+            }
+        };
+        match failure {
+            None => {
+                if self.breakers.success(account) {
+                    info!(account = %account, "circuit breaker closed");
+                }
+            }
+            Some(err) => match self
+                .breakers
+                .failure(account, err.is_auth(), &err.to_string())
+            {
+                Tripped::No => {}
+                Tripped::Opened(reason) | Tripped::Reopened(reason) => {
+                    self.metrics.breaker_opened();
+                    warn!(account = %account, %reason, open_for_s = self.config.breaker.open_for.as_secs(), "circuit breaker opened: account not reconciled meanwhile");
+                }
+            },
+        }
+        result
+    }
+
+    async fn account_pass(&self, id: AccountId) -> Result<AccountReport, SyncError> {
+        let mut report = AccountReport::new(id);
+        let account = self.store.account(id).await?;
+        if !account.active {
+            report.inactive = true;
+            return Ok(report);
+        }
+        let entries = self.store.open_entries(id).await?;
+        report.entries = entries.len();
+        if entries.is_empty() {
+            // Nothing to check: no request at all.
+            return Ok(report);
+        }
+        let creds = self.store.credentials(id).await?;
+        // One call for every open list of the account, instead of one per leg.
+        let open: HashMap<String, OrderListSnapshot> = self
+            .read(|| self.exchange.open_order_lists(&creds))
+            .await?
+            .into_iter()
+            .map(|l| (l.list_client_id.clone(), l))
+            .collect();
+        let mut matched = HashSet::new();
+        for entry in &entries {
+            let span = info_span!("sync_entry", entry = %entry.id, client_id = %entry.client_id);
+            let result = self
+                .entry_pass(&creds, entry, &open, &mut report, &mut matched)
+                .instrument(span)
+                .await;
+            if let Err(err) = result {
+                // Refused keys and a failing store stop the account; the rest is one entry's.
+                if err.is_auth() || err.store_error().is_some() {
+                    return Err(err);
+                }
+                warn!(account = %id, entry = %entry.id, client_id = %entry.client_id, error = %err, "entry not reconciled");
+                report.entry_errors.push((entry.id, err));
+            }
+        }
+        for list_id in open.keys() {
+            if !matched.contains(list_id)
+                && matches!(
+                    self.protector.ids().parse(list_id),
+                    Some(OrderRole::List(_))
+                )
+            {
+                warn!(account = %id, client_id = %list_id, "open list of ours matches no open entry");
+                report.unknown_lists.push(list_id.clone());
+            }
+        }
+        report.unknown_lists.sort();
+        Ok(report)
+    }
+
+    async fn entry_pass(
+        &self,
+        creds: &ApiCredentials,
+        entry: &Entry,
+        open: &HashMap<String, OrderListSnapshot>,
+        report: &mut AccountReport,
+        matched: &mut HashSet<String>,
+    ) -> Result<(), SyncError> {
+        let now = self.clock.now();
+        let mut evidence = None;
+        let mut news = false;
+        if !entry.status.is_final() {
+            let symbol = entry.symbol.name.as_str();
+            let snap = match self
+                .read(|| {
+                    self.exchange
+                        .query_order(creds, symbol, entry.client_id.as_str())
+                })
+                .await
+            {
+                Ok(snap) => snap,
+                Err(ExchangeError::NotFound) => return self.not_found(entry, report).await,
+                Err(err) => return Err(err.into()),
+            };
+            report.orders_queried += 1;
+            let mut fills = snap.fills.clone();
+            let seen: Qty = fills.iter().map(|f| f.qty).sum();
+            if snap.executed_qty > entry.fills_qty && seen < snap.executed_qty {
+                // Fills the store has not seen one by one: fetch them for their commission.
+                fills = self
+                    .read(|| self.exchange.order_trades(creds, symbol, snap.order_id))
+                    .await?;
+                report.trades_fetched += 1;
+            }
+            let fills_qty: Qty = fills.iter().map(|f| f.qty).sum();
+            let ev = Evidence {
+                order_id: Some(snap.order_id),
+                status: snap.status,
+                executed_qty: snap.executed_qty,
+                cumulative_quote: snap.cumulative_quote,
+                fills,
+                holding: None,
+                observed_at: now,
+            };
+            if snap.executed_qty.is_zero() {
+                if snap.status != entry.status || entry.order_id.is_none() {
+                    // Accepted, or ended unfilled: the status is all there is to record.
+                    self.store.record_evidence(entry.id, &ev).await?;
+                }
+                return Ok(());
+            }
+            news = snap.executed_qty > entry.executed_qty
+                || snap.status != entry.status
+                || fills_qty > entry.fills_qty;
+            evidence = Some(ev);
+        } else if entry.executed_qty.is_zero() {
+            return Ok(());
+        }
+
+        let legs = self.store.legs(entry.id).await?;
+        let mut ended = Vec::new();
+        let mut adopted = false;
+        for leg in &legs {
+            let id = leg.ids.list.as_str();
+            let on_book = open.get(id);
+            if on_book.is_some() {
+                matched.insert(id.to_owned());
+            }
+            match (&leg.state, on_book) {
+                (LegState::Placed { .. }, None) => {
+                    // Ended while nobody listened: TP or SL filled, or canceled outside.
+                    self.protector.refresh_leg(creds, leg).await?;
+                    ended.push(leg.key);
+                }
+                (LegState::Claimed | LegState::Unknown, Some(snap)) => {
+                    // Sent, but the store never heard the answer (crash after send).
+                    let placed = LegState::Placed {
+                        list_id: snap.list_id,
+                    };
+                    if self.protector.transition_leg(leg, placed).await? {
+                        info!(entry = %entry.id, leg = %leg.key, client_id = %id, "leg found on the exchange by client id, adopted");
+                        self.metrics.adopted();
+                        report.legs_adopted.push(leg.key);
+                        adopted = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !ended.is_empty() {
+            let after = self.store.legs(entry.id).await?;
+            for key in ended {
+                let Some(leg) = after.iter().find(|l| l.key == key) else {
+                    continue;
+                };
+                let how = leg.state.name();
+                self.metrics.list_ended(how);
+                match &leg.state {
+                    LegState::CanceledExternally { why } => {
+                        warn!(entry = %entry.id, leg = %key, client_id = %leg.ids.list, why = why.name(), "list ended outside ocoguard; protecting what remains");
+                    }
+                    LegState::Placed { .. } => {}
+                    _ => {
+                        info!(entry = %entry.id, leg = %key, client_id = %leg.ids.list, state = how, "list ended")
+                    }
+                }
+                if !matches!(leg.state, LegState::Placed { .. }) {
+                    report.lists_ended.push((key, leg.state.clone()));
+                }
+            }
+            news = true;
+        }
+        let in_doubt = legs
+            .iter()
+            .any(|l| matches!(l.state, LegState::Claimed | LegState::Unknown));
+        let protected = matches!(entry.protection, Protection::Protected { .. });
+        // A protected entry with no active leg left is checked whatever else:
+        // only `protect` can tell whether its coins are sold or bare.
+        let covered = legs.iter().any(|l| l.state.is_active());
+        if protected && covered && !news && !in_doubt && !adopted {
+            // Covered, nothing new, every placed list still open: nothing to ask.
+            return Ok(());
+        }
+        self.orders
+            .wait_for_room(entry.account, ORDERS_PER_PROTECT)
+            .await;
+        let outcome = self
+            .protector
+            .protect(entry.id, evidence.as_ref(), Source::Sync)
+            .await?
+            .outcome;
+        self.orders.record(entry.account, orders_sent(&outcome));
+        self.metrics.protection(&outcome);
+        match &outcome {
+            ProtectOutcome::Placed { legs, .. } => {
+                info!(entry = %entry.id, client_id = %entry.client_id, legs = legs.len(), source = "sync", "protection placed by sync");
+            }
+            ProtectOutcome::Exited { reason } => {
+                warn!(entry = %entry.id, client_id = %entry.client_id, %reason, "late protection: exited at market");
+            }
+            ProtectOutcome::Unprotectable { reason } => {
+                warn!(entry = %entry.id, client_id = %entry.client_id, %reason, "entry unprotectable");
+            }
+            ProtectOutcome::Failed { errors } => {
+                warn!(entry = %entry.id, client_id = %entry.client_id, errors = ?errors, "protection failed, next pass retries");
+            }
+            other => debug!(entry = %entry.id, outcome = outcome_name(other), "protect"),
+        }
+        report.protections.push((entry.id, outcome));
+        Ok(())
+    }
+
+    /// The exchange has no order under the entry's client id.
+    async fn not_found(&self, entry: &Entry, report: &mut AccountReport) -> Result<(), SyncError> {
+        let now = self.clock.now();
+        let age = now.since(entry.created_at);
+        if entry.status != EntryStatus::PendingNew {
+            // Acknowledged once, unknown now: never guess about an order that existed.
+            warn!(entry = %entry.id, client_id = %entry.client_id, status = %entry.status, "exchange no longer knows an acknowledged entry");
+            report
+                .entry_errors
+                .push((entry.id, SyncError::Exchange(ExchangeError::NotFound)));
+            return Ok(());
+        }
+        if age <= self.config.not_found_grace {
+            // The API may be sending it right now.
+            report.awaiting_send.push(entry.id);
+            return Ok(());
+        }
+        let ev = Evidence {
+            order_id: None,
+            status: EntryStatus::Rejected,
+            executed_qty: Qty::ZERO,
+            cumulative_quote: Decimal::ZERO,
+            fills: Vec::new(),
+            holding: None,
+            observed_at: now,
+        };
+        self.store.record_evidence(entry.id, &ev).await?;
+        let detail = format!(
+            "the exchange has no order {} {}s after it was stored: never sent, recorded as rejected",
+            entry.client_id,
+            age.as_secs()
+        );
+        self.store
+            .append_event(&event(
+                entry.id,
+                "never_sent",
+                detail,
+                Some(Source::Sync),
+                now,
+            ))
+            .await?;
+        warn!(entry = %entry.id, client_id = %entry.client_id, age_s = age.as_secs(), "entry never reached the exchange, recorded as rejected");
+        self.metrics.never_sent();
+        report.never_sent.push(entry.id);
+        Ok(())
+    }
+
+    /// A read, retried after the node's pause when the exchange says "rate limited".
+    async fn read<T, F, Fut>(&self, call: F) -> Result<T, ExchangeError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, ExchangeError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                // The metered exchange paused the node; the next call waits it out.
+                Err(ExchangeError::RateLimited { .. }) if attempt < READ_RETRIES => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Orders a `protect` outcome sent (an OCO is two orders).
+fn orders_sent(outcome: &ProtectOutcome) -> u32 {
+    match outcome {
+        ProtectOutcome::Placed { legs, .. } => u32::try_from(legs.len())
+            .unwrap_or(u32::MAX)
+            .saturating_mul(2),
+        ProtectOutcome::Exited { .. } => 1,
+        // A refusal may still count; charge the most a call sends.
+        ProtectOutcome::Failed { .. } | ProtectOutcome::Pending { .. } => ORDERS_PER_PROTECT,
+        ProtectOutcome::Nothing(_) | ProtectOutcome::Unprotectable { .. } => 0,
+    }
+}

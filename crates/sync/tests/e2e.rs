@@ -1,0 +1,351 @@
+//! The scenarios over real parts: `exchange-sim` over HTTP, the
+//! Binance adapter, PostgreSQL (`DATABASE_URL`, a fresh database per test).
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use exchange_binance::{BinanceConfig, BinanceExchange};
+use exchange_sim::{AccountSpec, Sim, SimConfig, SimControl};
+use oco_core::ids::{EntryId, IdScheme};
+use oco_core::levels::EntryLevels;
+use oco_core::model::{
+    EntryKind, EntryTags, Evidence, LegUpdate, NewEntry, OrderSize, Protection, ProtectionConfig,
+    Source,
+};
+use oco_core::ports::{ApiCredentials, Clock, Exchange, NewAccount, OrderRequest, Side, Store};
+use oco_core::protect::Protector;
+use oco_core::{
+    AccountId, EntryStatus, LegState, Price, ProtectOutcome, ProtectorConfig, Qty, SystemClock,
+};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use secrecy::SecretString;
+use store_pg::PgStore;
+use store_pg::testing::TestDb;
+use sync::{Reconciler, SyncConfig};
+
+struct Acct {
+    id: AccountId,
+    creds: ApiCredentials,
+}
+
+struct E2e {
+    _sim: Sim,
+    ctl: SimControl,
+    _db: TestDb,
+    store: Arc<PgStore>,
+    exchange: Arc<BinanceExchange>,
+    ids: IdScheme,
+}
+
+fn config() -> SyncConfig {
+    let mut c = SyncConfig::standard();
+    c.startup_delay = Duration::ZERO;
+    c.weight_budget_per_minute = 1_000_000;
+    c.order_budget_per_10s = 1_000;
+    c
+}
+
+async fn e2e() -> E2e {
+    let sim = Sim::start(SimConfig::new("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let ctl = sim.control();
+    ctl.set_price("BTCUSDT", dec!(60000)).unwrap();
+    let db = TestDb::new().await;
+    let store = Arc::new(PgStore::connect(db.config(4)).await.unwrap());
+    let exchange = Arc::new(
+        BinanceExchange::new(BinanceConfig::custom(sim.base_url(), sim.ws_api_url())).unwrap(),
+    );
+    E2e {
+        _sim: sim,
+        ctl,
+        _db: db,
+        store,
+        exchange,
+        ids: IdScheme::new("og").unwrap(),
+    }
+}
+
+impl E2e {
+    fn reconciler(&self) -> Reconciler {
+        Reconciler::wired(
+            self.exchange.clone(),
+            self.store.clone(),
+            Arc::new(SystemClock),
+            ProtectorConfig::new(self.ids.clone()),
+            config(),
+        )
+    }
+
+    async fn account(&self, key: &str) -> Acct {
+        let secret = format!("{key}-secret");
+        self.ctl.add_account(AccountSpec::new(
+            key,
+            secret.clone(),
+            vec![("USDT".into(), dec!(1000000))],
+        ));
+        let creds = ApiCredentials {
+            api_key: key.into(),
+            secret: SecretString::from(secret),
+        };
+        let account = self
+            .store
+            .create_account(NewAccount {
+                owner: key.into(),
+                exchange: "binance".into(),
+                credentials: creds.clone(),
+                protection: ProtectionConfig::DEFAULT,
+            })
+            .await
+            .unwrap();
+        Acct {
+            id: account.id,
+            creds,
+        }
+    }
+
+    /// The API stores the entry and sends it; its answer is lost and the
+    /// gateway is not running, so nobody protects the fill.
+    async fn sent_entry(&self, acct: &Acct, limit: Option<Decimal>, qty: Decimal) -> EntryId {
+        let ids = self.ids.clone();
+        let kind = limit.map_or(EntryKind::Market, |l| EntryKind::Limit {
+            price: Price::new(l).unwrap(),
+        });
+        let entry = self
+            .store
+            .create_entry(
+                NewEntry {
+                    account: acct.id,
+                    symbol: self.exchange.symbol_rules("BTCUSDT").await.unwrap().symbol,
+                    kind,
+                    size: OrderSize::Base(Qty::new(qty).unwrap()),
+                    levels: EntryLevels::default(),
+                    tags: EntryTags::default(),
+                },
+                &move |id| ids.entry(id).unwrap(),
+                SystemClock.now(),
+            )
+            .await
+            .unwrap();
+        self.exchange
+            .place_order(
+                &acct.creds,
+                &OrderRequest {
+                    symbol: "BTCUSDT".into(),
+                    side: Side::Buy,
+                    limit: limit.map(|l| Price::new(l).unwrap()),
+                    size: OrderSize::Base(Qty::new(qty).unwrap()),
+                    client_id: entry.client_id.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        entry.id
+    }
+
+    fn open_lists(&self, key: &str) -> usize {
+        self.ctl
+            .order_lists(Some(key))
+            .iter()
+            .filter(|l| l.list_order_status == "EXECUTING")
+            .count()
+    }
+
+    fn all_lists(&self, key: &str) -> usize {
+        self.ctl.order_lists(Some(key)).len()
+    }
+
+    async fn protection(&self, id: EntryId) -> Protection {
+        self.store.entry(id).await.unwrap().protection
+    }
+}
+
+fn is_protected_by_sync(p: &Protection) -> bool {
+    matches!(
+        p,
+        Protection::Protected {
+            by: Source::Sync,
+            ..
+        }
+    )
+}
+
+#[tokio::test]
+async fn market_and_limit_fills_without_the_gateway_are_protected_on_the_next_pass() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let market = t.sent_entry(&a, None, dec!(0.01)).await;
+    let limit = t.sent_entry(&a, Some(dec!(59500)), dec!(0.02)).await;
+    let sync = t.reconciler();
+
+    let first = sync.pass().await.unwrap();
+    assert!(first.failed.is_empty(), "{first:?}");
+    assert!(is_protected_by_sync(&t.protection(market).await));
+    let resting = t.store.entry(limit).await.unwrap();
+    assert_eq!(
+        resting.status,
+        EntryStatus::New,
+        "the LIMIT rests, nothing to protect yet"
+    );
+    assert_eq!(t.open_lists("k1"), 2);
+
+    // Long after placement the market comes down to the LIMIT and fills it.
+    t.ctl.set_price("BTCUSDT", dec!(59500)).unwrap();
+    let second = sync.pass().await.unwrap();
+    let r = &second.reconciled[0];
+    assert!(
+        matches!(r.outcome(limit), Some(ProtectOutcome::Placed { .. })),
+        "{r:?}"
+    );
+    let filled = t.store.entry(limit).await.unwrap();
+    assert_eq!(filled.status, EntryStatus::Filled);
+    assert!(is_protected_by_sync(&filled.protection));
+    assert!(
+        filled.base_commission.get() > Decimal::ZERO,
+        "commission known from the trades"
+    );
+    assert_eq!(t.open_lists("k1"), 4);
+
+    // A third pass finds all covered and places nothing.
+    let third = sync.pass().await.unwrap();
+    assert!(third.reconciled[0].protections.is_empty(), "{third:?}");
+    assert_eq!(t.all_lists("k1"), 4, "no list placed twice");
+    assert!(
+        third.weight_used <= 6,
+        "one open-list read, got {}",
+        third.weight_used
+    );
+}
+
+#[tokio::test]
+async fn a_leg_whose_store_write_was_lost_is_found_by_client_id_not_duplicated() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let id = t.sent_entry(&a, None, dec!(0.01)).await;
+    // Layer 1 protects the fill...
+    let protector = Protector::new(
+        t.exchange.clone(),
+        t.store.clone(),
+        Arc::new(SystemClock),
+        ProtectorConfig::new(t.ids.clone()),
+    );
+    let snap = t
+        .exchange
+        .query_order(
+            &a.creds,
+            "BTCUSDT",
+            t.store.entry(id).await.unwrap().client_id.as_str(),
+        )
+        .await
+        .unwrap();
+    let ev = Evidence {
+        order_id: Some(snap.order_id),
+        status: snap.status,
+        executed_qty: snap.executed_qty,
+        cumulative_quote: snap.cumulative_quote,
+        fills: t
+            .exchange
+            .order_trades(&a.creds, "BTCUSDT", snap.order_id)
+            .await
+            .unwrap(),
+        holding: None,
+        observed_at: SystemClock.now(),
+    };
+    let placed = protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(placed.outcome, ProtectOutcome::Placed { .. }),
+        "{placed:?}"
+    );
+    assert_eq!(t.all_lists("k1"), 2);
+    // ...and crashes after the sends, before the store heard the answers.
+    for leg in t.store.legs(id).await.unwrap() {
+        let reverted = t
+            .store
+            .update_leg(&LegUpdate {
+                key: leg.key,
+                from: "placed",
+                to: LegState::Claimed,
+                error: None,
+                at: leg.updated_at,
+            })
+            .await
+            .unwrap();
+        assert!(reverted);
+    }
+
+    let sync = t.reconciler();
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(r.legs_adopted.len(), 2, "{r:?}");
+    assert_eq!(t.all_lists("k1"), 2, "found by client id, not placed again");
+    assert!(
+        t.store
+            .legs(id)
+            .await
+            .unwrap()
+            .iter()
+            .all(|l| matches!(l.state, LegState::Placed { .. }))
+    );
+    assert!(matches!(
+        t.protection(id).await,
+        Protection::Protected { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_price_already_past_the_stop_exits_at_market_and_is_recorded() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let id = t.sent_entry(&a, None, dec!(0.01)).await;
+    // Bought at 60000; the -1 % stop is 59400; the market fell further meanwhile.
+    t.ctl.set_price("BTCUSDT", dec!(59300)).unwrap();
+    let sync = t.reconciler();
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(
+        matches!(r.outcome(id), Some(ProtectOutcome::Exited { .. })),
+        "{r:?}"
+    );
+    assert!(matches!(t.protection(id).await, Protection::Exited { .. }));
+    let events = t.store.events(id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "exited" && e.source == Some(Source::Sync)),
+        "{events:?}"
+    );
+    assert_eq!(t.open_lists("k1"), 0);
+    let btc = t
+        .ctl
+        .balance("k1", "BTC")
+        .map_or(Decimal::ZERO, |b| b.free + b.locked);
+    assert!(btc < dec!(0.00001), "position sold, {btc} BTC left");
+    assert!(t.store.open_entries(a.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn revoked_keys_open_the_breaker_and_other_accounts_are_unaffected() {
+    let t = e2e().await;
+    let bad = t.account("revoked").await;
+    let good = t.account("k1").await;
+    t.sent_entry(&bad, None, dec!(0.01)).await;
+    let id = t.sent_entry(&good, None, dec!(0.01)).await;
+    t.ctl.revoke_key("revoked");
+
+    let sync = t.reconciler();
+    let report = sync.pass().await.unwrap();
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].0, bad.id);
+    assert!(report.failed[0].1.is_auth(), "{:?}", report.failed[0].1);
+    assert!(is_protected_by_sync(&t.protection(id).await));
+    assert_eq!(t.open_lists("k1"), 2);
+    assert_eq!(sync.open_breakers().len(), 1);
+
+    let again = sync.pass().await.unwrap();
+    assert_eq!(again.skipped.len(), 1, "{again:?}");
+    assert_eq!(again.skipped[0].0, bad.id);
+    assert_eq!(sync.metrics().breaker_opens, 1);
+}

@@ -1,0 +1,476 @@
+//! The reconciler on `MemStore` and the exchange double.
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use oco_core::model::LegUpdate;
+use oco_core::model::{EntryKind, Protection, Source};
+use oco_core::ports::{Clock, ExchangeError, Store};
+use oco_core::protect::Idle;
+use oco_core::state::ExternalEnd;
+use oco_core::{EntryStatus, LegIndex, LegKey, LegState, ProtectOutcome};
+use rust_decimal_macros::dec;
+use sync::SyncError;
+
+fn placed(o: Option<&ProtectOutcome>) -> bool {
+    matches!(o, Some(ProtectOutcome::Placed { .. }))
+}
+
+#[tokio::test]
+async fn fills_nobody_reported_are_protected_on_the_next_pass() {
+    let w = world();
+    let a = w.account("k1").await;
+    let market = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    // A LIMIT above the market crosses and fills at once.
+    let limit = w
+        .sent_entry(
+            &a,
+            EntryKind::Limit {
+                price: p(dec!(100.5)),
+            },
+            dec!(0.5),
+        )
+        .await;
+    assert_eq!(w.fake.oco_calls(), 0, "nobody protected them yet");
+
+    let sync = w.reconciler(config());
+    let report = sync.pass().await.unwrap();
+    assert_eq!(report.reconciled.len(), 1, "{report:?}");
+    let r = &report.reconciled[0];
+    assert!(
+        placed(r.outcome(market)) && placed(r.outcome(limit)),
+        "{r:?}"
+    );
+    assert_eq!(r.orders_queried, 2);
+    assert_eq!(w.open_qty("k1"), dec!(1.5), "both fills covered in full");
+    for id in [market, limit] {
+        let e = w.store.entry(id).await.unwrap();
+        assert_eq!(e.status, EntryStatus::Filled);
+        assert!(
+            matches!(
+                e.protection,
+                Protection::Protected {
+                    by: Source::Sync,
+                    ..
+                }
+            ),
+            "{:?}",
+            e.protection
+        );
+    }
+
+    // The next pass finds everything covered: one list read, nothing placed.
+    let calls = w.fake.oco_calls();
+    let lists_reads = w.exchange.calls("k1", "open_order_lists");
+    let again = sync.pass().await.unwrap();
+    assert!(again.reconciled[0].protections.is_empty(), "{again:?}");
+    assert_eq!(w.fake.oco_calls(), calls);
+    assert_eq!(w.exchange.calls("k1", "open_order_lists"), lists_reads + 1);
+    assert_eq!(
+        w.exchange.calls("k1", "query_order"),
+        2,
+        "final entries are not looked up again"
+    );
+    let m = sync.metrics();
+    assert_eq!((m.passes, m.accounts_reconciled), (2, 2));
+    assert_eq!(m.protections.get("placed"), Some(&2));
+    // Sync's own reads: 2 x open lists (6) + 2 x order (4).
+    assert_eq!(m.weight_used, 2 * 6 + 2 * 4);
+}
+
+#[tokio::test]
+async fn an_account_with_nothing_open_costs_no_request() {
+    let w = world();
+    w.account("k1").await;
+    let sync = w.reconciler(config());
+    let report = sync.pass().await.unwrap();
+    assert_eq!(report.reconciled[0].entries, 0);
+    assert_eq!(w.exchange.all_calls("k1"), 0);
+    assert_eq!(report.weight_used, 0);
+}
+
+#[tokio::test]
+async fn trades_are_fetched_when_the_order_lookup_lacks_them() {
+    let w = world();
+    w.exchange.query_without_fills();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(r.trades_fetched, 1, "{r:?}");
+    assert!(placed(r.outcome(id)), "{r:?}");
+    let e = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        e.fills_qty, e.executed_qty,
+        "every fill recorded with its commission"
+    );
+}
+
+#[tokio::test]
+async fn a_resting_entry_moves_forward_without_protection() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w
+        .sent_entry(&a, EntryKind::Limit { price: p(dec!(90)) }, dec!(1))
+        .await;
+    let sync = w.reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(r.protections.is_empty(), "{r:?}");
+    let e = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        e.status,
+        EntryStatus::New,
+        "pending_new moved forward by the evidence"
+    );
+    assert!(e.order_id.is_some());
+    assert_eq!(w.fake.oco_calls(), 0);
+}
+
+#[tokio::test]
+async fn a_leg_sent_but_never_recorded_is_found_by_client_id_not_placed_again() {
+    for stale in [false, true] {
+        let w = world();
+        let a = w.account("k1").await;
+        let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+        let entry = w.store.entry(id).await.unwrap();
+        // Layer 1 placed both legs...
+        let ev = oco_core::Evidence {
+            order_id: entry.order_id,
+            status: EntryStatus::Filled,
+            executed_qty: q(dec!(1)),
+            cumulative_quote: dec!(100),
+            fills: Vec::new(),
+            holding: None,
+            observed_at: w.clock.now(),
+        };
+        w.protector
+            .protect(id, Some(&ev), Source::Websocket)
+            .await
+            .unwrap();
+        assert_eq!(w.fake.oco_calls(), 2);
+        // ...and crashed before the store heard the answers.
+        for leg in w.store.legs(id).await.unwrap() {
+            assert!(
+                w.store
+                    .update_leg(&LegUpdate {
+                        key: leg.key,
+                        from: "placed",
+                        to: LegState::Claimed,
+                        error: None,
+                        at: leg.updated_at,
+                    })
+                    .await
+                    .unwrap()
+            );
+        }
+        if stale {
+            w.clock.advance(Duration::from_secs(60));
+        }
+        let sync = w.reconciler(config());
+        let r = sync.reconcile_account(a.id).await.unwrap();
+        assert_eq!(r.legs_adopted.len(), 2, "stale={stale} {r:?}");
+        assert_eq!(
+            r.outcome(id),
+            Some(&ProtectOutcome::Nothing(Idle::Covered)),
+            "stale={stale}"
+        );
+        assert_eq!(w.fake.oco_calls(), 2, "no second placement, stale={stale}");
+        assert_eq!(w.fake.lists().len(), 2);
+        assert!(
+            w.store
+                .legs(id)
+                .await
+                .unwrap()
+                .iter()
+                .all(|l| matches!(l.state, LegState::Placed { .. }))
+        );
+        assert_eq!(sync.metrics().legs_adopted, 2);
+    }
+}
+
+#[tokio::test]
+async fn revoked_keys_open_the_breaker_and_other_accounts_are_protected() {
+    let w = world();
+    let bad = w.account("revoked").await;
+    let good = w.account("k1").await;
+    w.sent_entry(&bad, EntryKind::Market, dec!(1)).await;
+    let protected = w.sent_entry(&good, EntryKind::Market, dec!(1)).await;
+    w.exchange.revoke("revoked");
+
+    let sync = w.reconciler(config());
+    let report = sync.pass().await.unwrap();
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].0, bad.id);
+    assert!(report.failed[0].1.is_auth());
+    assert!(placed(report.reconciled[0].outcome(protected)));
+    assert_eq!(w.open_qty("k1"), dec!(1));
+    let open = sync.open_breakers();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].0, bad.id);
+
+    let calls = w.exchange.all_calls("revoked");
+    let second = sync.pass().await.unwrap();
+    assert_eq!(second.skipped.len(), 1, "{second:?}");
+    assert_eq!(second.skipped[0].0, bad.id);
+    assert_eq!(
+        w.exchange.all_calls("revoked"),
+        calls,
+        "an open breaker sends nothing"
+    );
+    assert!(matches!(
+        sync.reconcile_account(bad.id).await,
+        Err(SyncError::BreakerOpen { .. })
+    ));
+    let m = sync.metrics();
+    assert_eq!(m.breaker_opens, 1);
+    assert_eq!(m.accounts_skipped, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn persistent_errors_open_the_breaker_but_rate_limits_never_do() {
+    let w = world();
+    let a = w.account("k1").await;
+    w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let mut c = config();
+    c.breaker.failures_to_open = 2;
+    let sync = w.reconciler(c);
+
+    // Rate limits are the node's, not the account's.
+    w.exchange.fail_open_lists(
+        100,
+        ExchangeError::RateLimited {
+            retry_after: Duration::from_secs(1),
+        },
+    );
+    for _ in 0..3 {
+        let err = sync.reconcile_account(a.id).await.unwrap_err();
+        assert!(
+            matches!(
+                err.exchange_error(),
+                Some(ExchangeError::RateLimited { .. })
+            ),
+            "{err}"
+        );
+    }
+    assert!(
+        sync.open_breakers().is_empty(),
+        "rate limits do not open a breaker"
+    );
+
+    w.exchange
+        .fail_open_lists(100, ExchangeError::Transient("connection refused".into()));
+    assert!(sync.reconcile_account(a.id).await.is_err());
+    assert!(
+        sync.open_breakers().is_empty(),
+        "one failure is not persistent"
+    );
+    assert!(sync.reconcile_account(a.id).await.is_err());
+    assert_eq!(
+        sync.open_breakers().len(),
+        1,
+        "the second failure in a row opens it"
+    );
+    assert_eq!(sync.metrics().breaker_opens, 1);
+
+    // After open_for, one trial pass; it succeeds and closes the breaker.
+    w.exchange.fail_open_lists(0, ExchangeError::NotFound);
+    tokio::time::advance(config().breaker.open_for + Duration::from_secs(1)).await;
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(r.protections.len(), 1);
+    assert!(sync.open_breakers().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limit_pauses_then_the_pass_succeeds() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    w.exchange.fail_open_lists(
+        1,
+        ExchangeError::RateLimited {
+            retry_after: Duration::from_secs(5),
+        },
+    );
+    let sync = w.reconciler(config());
+    let start = tokio::time::Instant::now();
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_secs(5),
+        "waited out retry_after, elapsed {:?}",
+        start.elapsed()
+    );
+    assert!(placed(r.outcome(id)), "{r:?}");
+    assert_eq!(w.exchange.calls("k1", "open_order_lists"), 2);
+    assert_eq!(sync.metrics().rate_limited, 1);
+    assert!(sync.open_breakers().is_empty());
+}
+
+#[tokio::test]
+async fn lists_filled_while_nobody_listened_close_the_entry() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.reconciler(config());
+    sync.reconcile_account(a.id).await.unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2);
+    let first = legs.iter().find(|l| l.key.leg == LegIndex::First).unwrap();
+    let second = legs.iter().find(|l| l.key.leg == LegIndex::Second).unwrap();
+    w.fake.fill_take_profit(first.ids.list.as_str(), first.qty);
+    w.fake.fill_stop(second.ids.list.as_str());
+
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    let ended: Vec<&LegState> = r.lists_ended.iter().map(|(_, s)| s).collect();
+    assert!(ended.contains(&&LegState::TakeProfitFilled), "{r:?}");
+    assert!(ended.contains(&&LegState::StopLossFilled), "{r:?}");
+    let e = w.store.entry(id).await.unwrap();
+    assert_eq!(e.protection, Protection::Closed);
+    let realized = e.realized_quote.unwrap();
+    // TP1 0.5 @ 101, SL 0.5 @ 98.5 (stop limit), bought 1 @ 100.
+    assert_eq!(realized, dec!(50.5) + dec!(49.25) - dec!(100));
+    assert!(w.store.open_entries(a.id).await.unwrap().is_empty());
+    let m = sync.metrics();
+    assert_eq!(m.lists_ended.get("take_profit_filled"), Some(&1));
+    assert_eq!(m.lists_ended.get("stop_loss_filled"), Some(&1));
+}
+
+#[tokio::test]
+async fn a_list_canceled_outside_is_recorded_and_the_remainder_protected() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.reconciler(config());
+    sync.reconcile_account(a.id).await.unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    w.fake.cancel_externally(legs[0].ids.list.as_str());
+    assert_eq!(w.open_qty("k1"), dec!(0.5));
+
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(
+        r.lists_ended,
+        vec![(
+            legs[0].key,
+            LegState::CanceledExternally {
+                why: ExternalEnd::Canceled
+            }
+        )]
+    );
+    assert!(placed(r.outcome(id)), "{r:?}");
+    assert_eq!(w.open_qty("k1"), dec!(1), "covered again in full");
+    let events = w.store.events(id).await.unwrap();
+    assert!(events.iter().filter(|e| e.kind == "leg_placed").count() >= 4);
+}
+
+#[tokio::test]
+async fn a_price_already_past_the_stop_applies_the_late_policy() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    // The market fell through the -1 % stop while nobody protected the fill.
+    w.fake.set_price("BTCUSDT", p(dec!(98.8)));
+    let sync = w.reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(
+        matches!(r.outcome(id), Some(ProtectOutcome::Exited { .. })),
+        "{r:?}"
+    );
+    let e = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(e.protection, Protection::Exited { .. }),
+        "{:?}",
+        e.protection
+    );
+    let events = w.store.events(id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|ev| ev.kind == "exited" && ev.source == Some(Source::Sync)),
+        "{events:?}"
+    );
+    assert!(w.fake.open_lists().is_empty());
+    assert_eq!(w.fake.balance("k1", "BTC").0, dec!(0), "sold at market");
+    assert_eq!(sync.metrics().protections.get("exited"), Some(&1));
+    assert!(w.store.open_entries(a.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_entry_the_exchange_never_received_is_rejected_after_the_grace() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.stored_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(
+        r.awaiting_send,
+        vec![id],
+        "within the grace it may be in flight"
+    );
+    assert_eq!(
+        w.store.entry(id).await.unwrap().status,
+        EntryStatus::PendingNew
+    );
+
+    w.clock
+        .advance(config().not_found_grace + Duration::from_secs(1));
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(r.never_sent, vec![id]);
+    assert_eq!(
+        w.store.entry(id).await.unwrap().status,
+        EntryStatus::Rejected
+    );
+    assert!(w.store.open_entries(a.id).await.unwrap().is_empty());
+    let events = w.store.events(id).await.unwrap();
+    assert!(events.iter().any(|e| e.kind == "never_sent"));
+}
+
+#[tokio::test]
+async fn an_open_list_of_ours_without_an_entry_is_reported() {
+    let w = world();
+    let a = w.account("k1").await;
+    w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    w.fake.set_free("k1", "BTC", dec!(2));
+    let orphan = w
+        .ids
+        .oco(LegKey {
+            entry: oco_core::EntryId(4242),
+            leg: LegIndex::First,
+            generation: 0,
+        })
+        .unwrap();
+    oco_core::Exchange::place_oco(
+        w.fake.as_ref(),
+        &a.creds,
+        &oco_core::ports::OcoRequest {
+            symbol: "BTCUSDT".into(),
+            qty: q(dec!(0.1)),
+            take_profit: p(dec!(110)),
+            stop: p(dec!(90)),
+            stop_limit: None,
+            ids: orphan.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let sync = w.reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(r.unknown_lists, vec![orphan.list.as_str().to_owned()]);
+}
+
+#[tokio::test]
+async fn a_disabled_account_is_left_alone() {
+    let w = world();
+    let a = w.account("k1").await;
+    w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    w.store
+        .update_account(a.id, oco_core::ProtectionConfig::DEFAULT, false)
+        .await
+        .unwrap();
+    let sync = w.reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(r.inactive);
+    assert_eq!(w.exchange.all_calls("k1"), 0);
+    assert_eq!(sync.pass().await.unwrap().accounts, 0);
+}

@@ -1,0 +1,91 @@
+//! The loop: startup pass after the delay, flagged accounts within 2 s.
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use oco_core::model::{EntryKind, Protection};
+use oco_core::ports::{Clock, Store};
+use rust_decimal_macros::dec;
+use tokio::sync::oneshot;
+
+#[tokio::test]
+async fn a_flagged_account_is_reconciled_within_two_seconds() {
+    let w = world();
+    let a = w.account("k1").await;
+    let mut c = config();
+    // No periodic pass during the test: only the flag can trigger the work.
+    c.startup_delay = Duration::from_secs(3600);
+    c.interval = Duration::from_secs(3600);
+    c.flag_poll = Duration::from_millis(250);
+    let sync = w.reconciler(c);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let runner = sync.run(async {
+        let _ = stopped.await;
+    });
+    let scenario = async {
+        let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        let flagged_at = Instant::now();
+        let protected = wait_until(Duration::from_secs(2), || async {
+            matches!(
+                w.store.entry(id).await.unwrap().protection,
+                Protection::Protected { .. }
+            )
+        })
+        .await;
+        let took = flagged_at.elapsed();
+        let _ = stop.send(());
+        (protected, took)
+    };
+    let ((), (protected, took)) = tokio::join!(runner, scenario);
+    assert!(protected, "not protected within 2 s of the flag");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(w.open_qty("k1"), dec!(1));
+    let m = sync.metrics();
+    assert_eq!(m.flagged_taken, 1);
+    assert_eq!(m.passes, 0, "no full pass ran");
+}
+
+#[tokio::test]
+async fn the_first_full_pass_follows_the_startup_delay() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let mut c = config();
+    c.startup_delay = Duration::from_millis(200);
+    c.interval = Duration::from_secs(3600);
+    let sync = w.reconciler(c);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let started = Instant::now();
+    let runner = sync.run(async {
+        let _ = stopped.await;
+    });
+    let scenario = async {
+        let protected = wait_until(Duration::from_secs(5), || async {
+            matches!(
+                w.store.entry(id).await.unwrap().protection,
+                Protection::Protected { .. }
+            )
+        })
+        .await;
+        let took = started.elapsed();
+        let _ = stop.send(());
+        (protected, took)
+    };
+    let ((), (protected, took)) = tokio::join!(runner, scenario);
+    assert!(
+        protected,
+        "cold start: the fill is protected by the startup pass"
+    );
+    assert!(
+        took >= Duration::from_millis(200),
+        "not before the delay: {took:?}"
+    );
+    assert_eq!(sync.metrics().passes, 1);
+}

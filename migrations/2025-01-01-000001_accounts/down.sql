@@ -1,0 +1,2 @@
+DROP TABLE secret_key_check;
+DROP TABLE accounts;

@@ -1,0 +1,2 @@
+DROP INDEX IF EXISTS accounts_owner_idx;
+DROP TABLE users;
