@@ -1,0 +1,325 @@
+//! Wiring of the `ws-gateway` binary: configuration from flags and
+//! environment, `PgStore` (as `Store` and `Leases`) + `BinanceExchange` +
+//! `BinanceUserStream` + `SystemClock` behind the ports, a [`Protector`] and a
+//! [`ws_gateway::Gateway`] over them, logging and the shutdown signal. Here so
+//! that tests build the process exactly as `main` does.
+//!
+//! Not here: any streaming or protection rule (that is the `ws-gateway` and
+//! `oco-core` crates).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
+use oco_core::ports::Leases;
+use oco_core::{IdScheme, Protector, ProtectorConfig, SystemClock};
+use store_pg::{PgConfig, PgStore, SecretKey};
+use ws_gateway::{Gateway, GatewayConfig};
+
+/// Streams every leased account's user data from Binance and protects each
+/// filled entry with SELL OCO orders as the fill arrives.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ws-gateway", version, about)]
+pub struct Config {
+    /// What to do (default: run the gateway).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+    /// Key the API secrets are encrypted under (64 hex digits or base64).
+    #[arg(long, env = "OCO_SECRET_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub secret_key: Option<SecretText>,
+    /// Database connections.
+    #[arg(long, env = "OCO_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: usize,
+    /// Which exchange: Binance production, the Binance Spot testnet, or an
+    /// `exchange-sim` (which needs both URLs).
+    #[arg(long, env = "OCO_EXCHANGE", value_enum, default_value_t = ExchangeKind::Production)]
+    pub exchange: ExchangeKind,
+    /// REST base URL; overrides the exchange's default.
+    #[arg(long, env = "BINANCE_REST_URL")]
+    pub binance_rest_url: Option<String>,
+    /// WebSocket API URL; overrides the exchange's default.
+    #[arg(long, env = "BINANCE_WS_URL")]
+    pub binance_ws_url: Option<String>,
+    /// Client-id namespace shared by every ocoguard process (1-6 letters or digits).
+    #[arg(long, env = "OCO_ID_NAMESPACE", default_value = "og")]
+    pub id_namespace: String,
+    /// This process's lease holder name, unique per process (default: hostname-pid).
+    #[arg(long, env = "OCO_GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+    /// Seconds a lease lasts without renewal: the longest an account goes
+    /// unstreamed after its gateway dies.
+    #[arg(long, env = "OCO_LEASE_TTL_SECS", default_value_t = 30)]
+    pub lease_ttl_secs: u64,
+    /// Seconds between lease renewals (and pick-ups of new accounts); below the TTL.
+    #[arg(long, env = "OCO_LEASE_RENEW_SECS", default_value_t = 10)]
+    pub lease_renew_secs: u64,
+    /// Most accounts this process streams.
+    #[arg(long, env = "OCO_MAX_ACCOUNTS", default_value_t = 1000)]
+    pub max_accounts: usize,
+    /// Log format.
+    #[arg(long, env = "OCO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Applies pending database migrations, then exits.
+    Migrate,
+}
+
+/// The exchange endpoints to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExchangeKind {
+    /// `api.binance.com`.
+    Production,
+    /// `testnet.binance.vision`.
+    Testnet,
+    /// An `exchange-sim`: `BINANCE_REST_URL` and `BINANCE_WS_URL` are required.
+    Sim,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Configuration text that must never be shown: `Debug` redacts it. Parsed
+/// only in [`wire`], because clap repeats a refused value in its message.
+#[derive(Clone)]
+pub struct SecretText(String);
+
+impl SecretText {
+    /// Wraps `text`.
+    pub fn new(text: impl Into<String>) -> Self {
+        Self(text.into())
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+fn parse_secret(text: &str) -> Result<SecretText, std::convert::Infallible> {
+    Ok(SecretText::new(text))
+}
+
+impl Config {
+    /// The database URL, or an error naming `DATABASE_URL`.
+    ///
+    /// # Errors
+    /// When it is not set.
+    pub fn database_url(&self) -> anyhow::Result<&str> {
+        self.database_url
+            .as_deref()
+            .context("DATABASE_URL (or --database-url) is required")
+    }
+
+    /// The adapter configuration for the chosen exchange and URL overrides.
+    ///
+    /// # Errors
+    /// `sim` without both URLs.
+    pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
+        let mut config = match self.exchange {
+            ExchangeKind::Production => BinanceConfig::production(),
+            ExchangeKind::Testnet => BinanceConfig::testnet(),
+            ExchangeKind::Sim => {
+                let (Some(rest), Some(ws)) = (&self.binance_rest_url, &self.binance_ws_url) else {
+                    bail!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL");
+                };
+                return Ok(BinanceConfig::custom(rest.clone(), ws.clone()));
+            }
+        };
+        if let Some(rest) = &self.binance_rest_url {
+            config.rest_base.clone_from(rest);
+        }
+        if let Some(ws) = &self.binance_ws_url {
+            config.ws_api_url.clone_from(ws);
+        }
+        Ok(config)
+    }
+
+    /// The gateway's settings: the standard ones, overridden by the flags.
+    ///
+    /// # Errors
+    /// A renewal interval not below the lease TTL, or zero values.
+    pub fn gateway_config(&self) -> anyhow::Result<GatewayConfig> {
+        if self.lease_ttl_secs == 0 || self.lease_renew_secs == 0 || self.max_accounts == 0 {
+            bail!("OCO_LEASE_TTL_SECS, OCO_LEASE_RENEW_SECS and OCO_MAX_ACCOUNTS must be above 0");
+        }
+        if self.lease_renew_secs >= self.lease_ttl_secs {
+            bail!(
+                "OCO_LEASE_RENEW_SECS ({}) must be below OCO_LEASE_TTL_SECS ({})",
+                self.lease_renew_secs,
+                self.lease_ttl_secs
+            );
+        }
+        let holder = self.gateway_id.clone().unwrap_or_else(default_gateway_id);
+        if holder.trim().is_empty() {
+            bail!("OCO_GATEWAY_ID must not be empty");
+        }
+        let mut c = GatewayConfig::standard(holder);
+        c.lease_ttl = Duration::from_secs(self.lease_ttl_secs);
+        c.renew_every = Duration::from_secs(self.lease_renew_secs);
+        c.max_accounts = self.max_accounts;
+        Ok(c)
+    }
+}
+
+/// `hostname-pid`: unique per process on a host, readable in the lease table.
+pub fn default_gateway_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Installs the tracing subscriber (`RUST_LOG`, default `info`).
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Human => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+}
+
+/// Connects the store (migrating it), the exchange and its streams, and
+/// builds the gateway.
+///
+/// # Errors
+/// Missing or malformed settings (the message names the variable and never
+/// repeats the secret key), a database that cannot be reached or whose
+/// secrets were encrypted under another key.
+pub async fn wire(config: &Config) -> anyhow::Result<Gateway> {
+    let ids = IdScheme::new(&config.id_namespace).context("OCO_ID_NAMESPACE")?;
+    let gateway_config = config.gateway_config()?;
+    let binance = config.binance_config()?;
+    let secret = config
+        .secret_key
+        .as_ref()
+        .context("OCO_SECRET_KEY (or --secret-key) is required")?;
+    // `KeyError` never holds the key; the context names the variable.
+    let secret_key = SecretKey::parse(&secret.0).context("OCO_SECRET_KEY")?;
+    let store = Arc::new(
+        PgStore::connect(PgConfig {
+            url: config.database_url()?.to_owned(),
+            pool_size: config.db_pool_size.max(1),
+            secret_key,
+        })
+        .await
+        .context("connecting to the database (DATABASE_URL, OCO_SECRET_KEY)")?,
+    );
+    let exchange = BinanceExchange::new(binance.clone())
+        .context("building the Binance client (BINANCE_REST_URL)")?;
+    if let Err(err) = exchange.sync_time().await {
+        // Not fatal: the adapter re-syncs by itself after a -1021.
+        tracing::warn!(error = %err, "could not read the exchange's time at start");
+    }
+    let streams = BinanceUserStream::new(binance)
+        .context("building the Binance stream client (BINANCE_WS_URL)")?;
+    let protector = Arc::new(Protector::new(
+        Arc::new(exchange),
+        store.clone(),
+        Arc::new(SystemClock),
+        ProtectorConfig::new(ids),
+    ));
+    Ok(Gateway::new(
+        store.clone(),
+        store as Arc<dyn Leases>,
+        Arc::new(streams),
+        protector,
+        gateway_config,
+    ))
+}
+
+/// Runs the chosen command: migrations, or the gateway until `shutdown`
+/// completes (then its leases are released).
+///
+/// # Errors
+/// As [`wire`]; failed migrations; leases that could not be released.
+pub async fn run(
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if let Some(Command::Migrate) = config.command {
+        let applied = store_pg::migrate(config.database_url()?)
+            .await
+            .context("applying migrations (DATABASE_URL)")?;
+        tracing::info!(applied = applied.len(), ?applied, "migrations applied");
+        return Ok(());
+    }
+    let gateway = wire(config).await?;
+    let stats = gateway.stats();
+    let holder = config.gateway_config()?.holder;
+    tracing::info!(
+        holder = %holder,
+        exchange = ?config.exchange,
+        namespace = %config.id_namespace,
+        lease_ttl_s = config.lease_ttl_secs,
+        renew_s = config.lease_renew_secs,
+        max_accounts = config.max_accounts,
+        "ws-gateway started"
+    );
+    gateway
+        .run(shutdown)
+        .await
+        .context("stopping the gateway")?;
+    let s = stats.snapshot();
+    tracing::info!(
+        holder = %holder,
+        events = s.events,
+        entry_fills = s.entry_fills,
+        placements = s.placements,
+        gaps = s.gaps,
+        failures = s.failures,
+        "ws-gateway stopped, leases released"
+    );
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,118 @@
+//! The binary's configuration as `main` parses it.
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::time::Duration;
+
+use clap::Parser;
+use ws_gateway_bin::{Command, Config, ExchangeKind, LogFormat};
+
+#[tokio::test]
+async fn a_malformed_secret_key_is_refused_without_echoing_it() {
+    let config = Config::try_parse_from([
+        "ws-gateway",
+        "--database-url",
+        "postgres://127.0.0.1/none",
+        "--secret-key",
+        "not-a-key-at-all",
+    ])
+    .unwrap();
+    assert!(
+        !format!("{config:?}").contains("not-a-key-at-all"),
+        "Debug redacts the key"
+    );
+    let err = ws_gateway_bin::wire(&config).await.err().unwrap();
+    let text = format!("{err:#} / {err:?}");
+    assert!(
+        text.contains("OCO_SECRET_KEY"),
+        "names the variable: {text}"
+    );
+    assert!(
+        !text.contains("not-a-key-at-all"),
+        "the key is echoed: {text}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_secret_key_is_named() {
+    let config =
+        Config::try_parse_from(["ws-gateway", "--database-url", "postgres://127.0.0.1/none"])
+            .unwrap();
+    let err = ws_gateway_bin::wire(&config).await.err().unwrap();
+    assert!(format!("{err:#}").contains("OCO_SECRET_KEY"));
+}
+
+#[test]
+fn defaults_and_overrides() {
+    let c = Config::try_parse_from(["ws-gateway"]).unwrap();
+    assert!(c.command.is_none());
+    assert_eq!(c.exchange, ExchangeKind::Production);
+    assert_eq!(c.id_namespace, "og");
+    assert_eq!(c.db_pool_size, 8);
+    assert_eq!(c.log_format, LogFormat::Human);
+    let g = c.gateway_config().unwrap();
+    assert_eq!(g.lease_ttl, Duration::from_secs(30));
+    assert_eq!(g.renew_every, Duration::from_secs(10));
+    assert_eq!(g.max_accounts, 1000);
+    assert!(
+        g.holder.ends_with(&format!("-{}", std::process::id())),
+        "hostname-pid: {}",
+        g.holder
+    );
+    assert_eq!(
+        c.binance_config().unwrap().rest_base,
+        "https://api.binance.com"
+    );
+
+    let c = Config::try_parse_from([
+        "ws-gateway",
+        "--exchange",
+        "testnet",
+        "--gateway-id",
+        "gw-7",
+        "--lease-ttl-secs",
+        "9",
+        "--lease-renew-secs",
+        "3",
+        "--max-accounts",
+        "5",
+        "--log-format",
+        "json",
+    ])
+    .unwrap();
+    assert_eq!(c.log_format, LogFormat::Json);
+    let g = c.gateway_config().unwrap();
+    assert_eq!(
+        (
+            g.holder.as_str(),
+            g.lease_ttl,
+            g.renew_every,
+            g.max_accounts
+        ),
+        ("gw-7", Duration::from_secs(9), Duration::from_secs(3), 5)
+    );
+    assert!(c.binance_config().unwrap().rest_base.contains("testnet"));
+
+    let c = Config::try_parse_from(["ws-gateway", "migrate"]).unwrap();
+    assert!(matches!(c.command, Some(Command::Migrate)));
+}
+
+#[test]
+fn bad_settings_are_refused_by_name() {
+    let c = Config::try_parse_from(["ws-gateway", "--exchange", "sim"]).unwrap();
+    let err = c.binance_config().unwrap_err().to_string();
+    assert!(err.contains("BINANCE_REST_URL") && err.contains("BINANCE_WS_URL"));
+    let c = Config::try_parse_from([
+        "ws-gateway",
+        "--lease-ttl-secs",
+        "5",
+        "--lease-renew-secs",
+        "5",
+    ])
+    .unwrap();
+    assert!(
+        c.gateway_config()
+            .unwrap_err()
+            .to_string()
+            .contains("OCO_LEASE_RENEW_SECS")
+    );
+}

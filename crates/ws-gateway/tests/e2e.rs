@@ -1,0 +1,496 @@
+//! The gateway end to end: real PostgreSQL (`TestDb`), `exchange-sim` over
+//! real HTTP/WebSocket, the real Binance adapter. Entries are placed the way
+//! the API does (stored first with our client id, then sent); protection is
+//! left to the gateway, which only learns of the fills from the stream.
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
+use exchange_sim::{AccountSpec, Sim, SimConfig};
+use oco_core::ids::IdScheme;
+use oco_core::levels::EntryLevels;
+use oco_core::model::{
+    EntryKind, EntryTags, NewEntry, OrderSize, Protection, ProtectionConfig, Source,
+};
+use oco_core::ports::{
+    ApiCredentials, Clock, Exchange, Leases, NewAccount, OrderRequest, Side, Store,
+};
+use oco_core::protect::{Protector, ProtectorConfig};
+use oco_core::{AccountId, EntryId, Qty, SystemClock};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use secrecy::SecretString;
+use store_pg::testing::TestDb;
+use store_pg::{PgConfig, PgStore, SecretKey};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use ws_gateway::{Gateway, GatewayConfig, GatewayError, GatewayStats};
+
+const KEY_HEX: &str = "0707070707070707070707070707070707070707070707070707070707070707";
+
+fn pg_config(db: &TestDb, pool: usize) -> PgConfig {
+    db.config_with_key(pool, SecretKey::parse(KEY_HEX).unwrap())
+}
+
+/// The adapter as the binary builds it for the simulator, with a weight
+/// budget that does not pace a test's burst (the sim's limits are off).
+fn binance(sim: &Sim) -> BinanceConfig {
+    let mut c = BinanceConfig::custom(sim.base_url(), sim.ws_api_url());
+    c.pacing.weight_per_minute = 1_000_000;
+    c
+}
+
+fn api_key(i: usize) -> String {
+    format!("key-{i}")
+}
+
+fn creds(i: usize) -> ApiCredentials {
+    ApiCredentials {
+        api_key: api_key(i),
+        secret: SecretString::from(format!("secret-{i}")),
+    }
+}
+
+struct World {
+    sim: Sim,
+    db: TestDb,
+    store: Arc<PgStore>,
+    /// The API's exchange client: places entries only.
+    placer: BinanceExchange,
+    accounts: Vec<AccountId>,
+    ids: IdScheme,
+}
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), GatewayError>>,
+    stats: Arc<GatewayStats>,
+}
+
+impl Running {
+    fn up(&self) -> u64 {
+        self.stats.streams_up.load(Ordering::Relaxed)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn world(n_accounts: usize) -> World {
+    let mut config = SimConfig::new("127.0.0.1:0".parse().unwrap()).with_faults(true);
+    for i in 0..n_accounts {
+        config = config.with_account(AccountSpec::new(
+            api_key(i),
+            format!("secret-{i}"),
+            vec![("USDT".into(), dec!(100000))],
+        ));
+    }
+    let sim = Sim::start(config).await.unwrap();
+    let db = TestDb::new().await;
+    let store = Arc::new(PgStore::connect(pg_config(&db, 8)).await.unwrap());
+    let mut accounts = Vec::new();
+    for i in 0..n_accounts {
+        let a = store
+            .create_account(NewAccount {
+                owner: format!("user-{i}"),
+                exchange: "binance".into(),
+                credentials: creds(i),
+                protection: ProtectionConfig::DEFAULT,
+            })
+            .await
+            .unwrap();
+        accounts.push(a.id);
+    }
+    let placer = BinanceExchange::new(binance(&sim)).unwrap();
+    World {
+        sim,
+        db,
+        store,
+        placer,
+        accounts,
+        ids: IdScheme::new("og").unwrap(),
+    }
+}
+
+impl World {
+    /// A gateway process: its own pool, exchange client and streams, as
+    /// `bins/ws-gateway` wires them.
+    async fn gateway(&self, holder: &str, max_accounts: usize) -> Running {
+        let store = Arc::new(PgStore::connect(pg_config(&self.db, 8)).await.unwrap());
+        let exchange = BinanceExchange::new(binance(&self.sim)).unwrap();
+        let streams = BinanceUserStream::new(binance(&self.sim)).unwrap();
+        let protector = Arc::new(Protector::new(
+            Arc::new(exchange),
+            store.clone(),
+            Arc::new(SystemClock),
+            ProtectorConfig::new(self.ids.clone()),
+        ));
+        let mut config = GatewayConfig::standard(holder);
+        config.renew_every = Duration::from_millis(100);
+        config.lease_ttl = Duration::from_secs(3);
+        config.max_accounts = max_accounts;
+        config.min_backoff = Duration::from_millis(50);
+        let gateway = Gateway::new(
+            store.clone(),
+            store as Arc<dyn Leases>,
+            Arc::new(streams),
+            protector,
+            config,
+        );
+        let stats = gateway.stats();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.run(async move {
+            let _ = stopped.await;
+        }));
+        Running { stop, task, stats }
+    }
+
+    /// A MARKET BUY as the API sends it: stored with our client id, then
+    /// placed under that id. Nobody calls `protect`.
+    async fn buy(&self, account: usize, symbol: &str, qty: Decimal) -> EntryId {
+        let ids = self.ids.clone();
+        let size = OrderSize::Base(Qty::new(qty).unwrap());
+        let entry = self
+            .store
+            .create_entry(
+                NewEntry {
+                    account: self.accounts[account],
+                    symbol: self.placer.symbol_rules(symbol).await.unwrap().symbol,
+                    kind: EntryKind::Market,
+                    size,
+                    levels: EntryLevels::default(),
+                    tags: EntryTags::default(),
+                },
+                &move |id| ids.entry(id).unwrap(),
+                SystemClock.now(),
+            )
+            .await
+            .unwrap();
+        self.placer
+            .place_order(
+                &creds(account),
+                &OrderRequest {
+                    symbol: symbol.into(),
+                    side: Side::Buy,
+                    limit: None,
+                    size,
+                    client_id: entry.client_id.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        entry.id
+    }
+
+    /// Open order lists on the sim.
+    fn open_lists(&self) -> usize {
+        self.sim
+            .control()
+            .order_lists(None)
+            .iter()
+            .filter(|l| l.list_order_status == "EXECUTING")
+            .count()
+    }
+
+    /// Whether every entry is protected, by `by` when given.
+    async fn all_protected(&self, entries: &[EntryId], by: Option<Source>) -> bool {
+        for id in entries {
+            let e = self.store.entry(*id).await.unwrap();
+            let ok = match e.protection {
+                Protection::Protected { by: b, .. } => by.is_none_or(|want| want == b),
+                _ => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Each entry has exactly two legs in the store, and the sim holds
+    /// exactly one list per stored leg, under that leg's client id.
+    async fn assert_each_protected_once(&self, entries: &[EntryId]) {
+        let lists = self.sim.control().order_lists(None);
+        let mut ours = 0;
+        for id in entries {
+            let legs = self.store.legs(*id).await.unwrap();
+            assert_eq!(legs.len(), 2, "entry {id} has exactly its two legs");
+            for leg in &legs {
+                let n = lists
+                    .iter()
+                    .filter(|l| l.list_client_order_id == leg.ids.list.as_str())
+                    .count();
+                assert_eq!(
+                    n, 1,
+                    "leg {:?} of entry {id} is on the exchange once",
+                    leg.key
+                );
+                ours += 1;
+            }
+        }
+        assert_eq!(lists.len(), ours, "no list beyond the stored legs");
+    }
+}
+
+/// Polls `check` until it holds; fails the test at `limit`.
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_fill_gets_both_legs_on_the_exchange() {
+    let w = world(1).await;
+    w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
+    let gw = w.gateway("gw-1", 10).await;
+    wait_for("the stream", Duration::from_secs(10), || async {
+        gw.up() == 1 && w.sim.control().subscription_count() == 1
+    })
+    .await;
+    let entry = w.buy(0, "BTCUSDT", dec!(0.01)).await;
+    wait_for("two open lists", Duration::from_secs(10), || async {
+        w.open_lists() == 2
+    })
+    .await;
+    wait_for(
+        "protected by websocket",
+        Duration::from_secs(10),
+        || async { w.all_protected(&[entry], Some(Source::Websocket)).await },
+    )
+    .await;
+    w.assert_each_protected_once(&[entry]).await;
+    // Both legs sell what was bought, net of the base commission (0.1 %).
+    let legs = w.store.legs(entry).await.unwrap();
+    let sold: Decimal = legs.iter().map(|l| l.qty.get()).sum();
+    assert_eq!(sold, dec!(0.00999));
+    let stats = gw.stats.snapshot();
+    assert_eq!(stats.entry_fills, 1);
+    assert_eq!(stats.placements, 2);
+    gw.stop().await;
+    // The stop released the lease: another holder takes the account at once.
+    let taken = w
+        .store
+        .acquire_leases("other", 10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_stream_each_account_once_and_place_no_duplicate_legs() {
+    let w = world(3).await;
+    w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
+    // At most two accounts each, so both must take part.
+    let a = w.gateway("gw-a", 2).await;
+    let b = w.gateway("gw-b", 2).await;
+    wait_for("three streams", Duration::from_secs(10), || async {
+        a.up() + b.up() == 3 && w.sim.control().subscription_count() == 3
+    })
+    .await;
+    assert!(a.up() >= 1 && b.up() >= 1, "both gateways stream");
+    let mut entries = Vec::new();
+    for _ in 0..2 {
+        for i in 0..3 {
+            entries.push(w.buy(i, "BTCUSDT", dec!(0.01)).await);
+        }
+    }
+    wait_for("12 lists", Duration::from_secs(15), || async {
+        w.open_lists() >= 12 && w.all_protected(&entries, Some(Source::Websocket)).await
+    })
+    .await;
+    // Still one subscription per account, and nothing placed twice.
+    assert_eq!(w.sim.control().subscription_count(), 3);
+    assert_eq!(w.sim.control().order_lists(None).len(), 12);
+    w.assert_each_protected_once(&entries).await;
+    let (sa, sb) = (a.stats.snapshot(), b.stats.snapshot());
+    assert_eq!(sa.entry_fills + sb.entry_fills, 6, "each fill handled once");
+    assert_eq!(sa.placements + sb.placements, 12);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_dropped_during_fills_flags_the_account_and_sync_protects_each_fill_once() {
+    let w = world(1).await;
+    let ctl = w.sim.control();
+    ctl.set_price("BTCUSDT", dec!(60000)).unwrap();
+    let gw = w.gateway("gw-1", 10).await;
+    wait_for("the stream", Duration::from_secs(10), || async {
+        gw.up() == 1 && ctl.subscription_count() == 1
+    })
+    .await;
+    // The fresh subscription flags the account; take that flag first.
+    wait_for("the subscription flag", Duration::from_secs(5), || async {
+        w.store.take_flagged(10).await.unwrap() == vec![w.accounts[0]]
+    })
+    .await;
+    let first = w.buy(0, "BTCUSDT", dec!(0.01)).await;
+    wait_for(
+        "the first fill protected",
+        Duration::from_secs(10),
+        || async { w.all_protected(&[first], Some(Source::Websocket)).await },
+    )
+    .await;
+    // The connection dies; two fills happen while nobody listens.
+    assert_eq!(ctl.drop_streams(Some(&api_key(0))), 1);
+    let missed = vec![
+        w.buy(0, "BTCUSDT", dec!(0.01)).await,
+        w.buy(0, "ETHUSDT", dec!(0.1)).await,
+    ];
+    wait_for("the gap flag", Duration::from_secs(15), || async {
+        w.store.take_flagged(10).await.unwrap() == vec![w.accounts[0]]
+    })
+    .await;
+    assert!(gw.stats.snapshot().gaps >= 1, "the gateway saw the gap");
+    // Nothing replays the missed fills: they are still bare.
+    for id in &missed {
+        assert!(
+            w.store.legs(*id).await.unwrap().is_empty(),
+            "entry {id} was protected without a replay"
+        );
+    }
+    // sync reconciles the flagged account.
+    let reconciler = sync::Reconciler::wired(
+        Arc::new(BinanceExchange::new(binance(&w.sim)).unwrap()),
+        w.store.clone(),
+        Arc::new(SystemClock),
+        ProtectorConfig::new(w.ids.clone()),
+        sync::SyncConfig::standard(),
+    );
+    reconciler.reconcile_account(w.accounts[0]).await.unwrap();
+    assert!(w.all_protected(&missed, Some(Source::Sync)).await);
+    let all: Vec<EntryId> = std::iter::once(first).chain(missed).collect();
+    w.assert_each_protected_once(&all).await;
+    assert_eq!(w.open_lists(), 6);
+    // A second pass (or a late duplicate) places nothing more.
+    reconciler.reconcile_account(w.accounts[0]).await.unwrap();
+    assert_eq!(ctl.order_lists(None).len(), 6);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_profit_fill_and_a_stop_fill_close_the_entry() {
+    let w = world(1).await;
+    let ctl = w.sim.control();
+    ctl.set_price("BTCUSDT", dec!(60000)).unwrap();
+    let gw = w.gateway("gw-1", 10).await;
+    wait_for("the stream", Duration::from_secs(10), || async {
+        gw.up() == 1 && ctl.subscription_count() == 1
+    })
+    .await;
+    let entry = w.buy(0, "BTCUSDT", dec!(0.01)).await;
+    wait_for("two legs", Duration::from_secs(10), || async {
+        w.open_lists() == 2 && w.all_protected(&[entry], Some(Source::Websocket)).await
+    })
+    .await;
+    let mut legs = w.store.legs(entry).await.unwrap();
+    legs.sort_by_key(|l| l.take_profit.get());
+    let (low, high) = (&legs[0], &legs[1]);
+    assert!(
+        low.take_profit.get() < high.take_profit.get(),
+        "two targets"
+    );
+    // Through the first target only.
+    let tp = low.take_profit.get();
+    ctl.set_price("BTCUSDT", (tp + high.take_profit.get()) / dec!(2))
+        .unwrap();
+    wait_for("the first list done", Duration::from_secs(10), || async {
+        w.open_lists() == 1
+    })
+    .await;
+    // Below the other list's stop (above its stop limit, so it fills).
+    let stop = high.stop.get();
+    let under = high
+        .stop_limit
+        .map_or(stop - dec!(10), |l| (stop + l.get()) / dec!(2));
+    ctl.set_price("BTCUSDT", under.round_dp(2)).unwrap();
+    wait_for("the entry closed", Duration::from_secs(10), || async {
+        let e = w.store.entry(entry).await.unwrap();
+        e.protection == Protection::Closed && e.realized_quote.is_some()
+    })
+    .await;
+    assert_eq!(w.open_lists(), 0);
+    let e = w.store.entry(entry).await.unwrap();
+    let realized = e.realized_quote.unwrap();
+    // Half sold about +1 %, half about −1 %: a small result either way, net of fees.
+    assert!(
+        realized.abs() < dec!(5),
+        "realized {realized} out of range for 0.01 BTC at 60,000"
+    );
+    assert_eq!(
+        ctl.order_lists(None).len(),
+        2,
+        "no list replaced a filled one"
+    );
+    gw.stop().await;
+}
+
+/// "1,000 fills across 100 accounts", reshaped: an account holds at most 5
+/// untriggered stops per symbol (Binance's MAX_NUM_ALGO_ORDERS, enforced by the
+/// sim), so an account takes 2 entries (4 stop legs) on each of the three
+/// symbols, and 167 accounts make 1,002 fills. About 10 s on 2 cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_fills_across_many_accounts_are_each_protected_once() {
+    const ACCOUNTS: usize = 167;
+    let w = Arc::new(world(ACCOUNTS).await);
+    let ctl = w.sim.control();
+    ctl.set_price("BTCUSDT", dec!(60000)).unwrap();
+    ctl.set_price("ETHUSDT", dec!(3000)).unwrap();
+    ctl.set_price("BNBUSDT", dec!(600)).unwrap();
+    let gw = w.gateway("gw-1", 1000).await;
+    wait_for("every stream", Duration::from_secs(30), || async {
+        gw.up() == ACCOUNTS as u64 && ctl.subscription_count() == ACCOUNTS
+    })
+    .await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..ACCOUNTS {
+        let w = w.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..2 {
+                ids.push(w.buy(i, "BTCUSDT", dec!(0.001)).await);
+                ids.push(w.buy(i, "ETHUSDT", dec!(0.02)).await);
+                ids.push(w.buy(i, "BNBUSDT", dec!(0.1)).await);
+            }
+            ids
+        }));
+    }
+    let mut entries = Vec::new();
+    for t in tasks {
+        entries.extend(t.await.unwrap());
+    }
+    let fills = entries.len();
+    assert_eq!(fills, ACCOUNTS * 6);
+    wait_for("every fill protected", Duration::from_secs(60), || async {
+        w.open_lists() >= 2 * fills && w.all_protected(&entries, None).await
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(
+        w.all_protected(&entries, Some(Source::Websocket)).await,
+        "every entry protected by the stream"
+    );
+    w.assert_each_protected_once(&entries).await;
+    let s = gw.stats.snapshot();
+    assert_eq!(s.entry_fills, fills as u64);
+    assert_eq!(s.placements, 2 * fills as u64);
+    assert_eq!(s.failures, 0);
+    eprintln!("{fills} fills across {ACCOUNTS} accounts protected in {took:?}");
+}
