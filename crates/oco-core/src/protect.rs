@@ -356,6 +356,26 @@ impl Protector {
             Err(_) if !active.is_empty() => {
                 return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
             }
+            // What flooring to the step left after the legs sold out is dust, not a position.
+            Err(crate::plan::Unprotectable::Dust { position, .. })
+                if active.is_empty() && !sold.is_zero() && entry.status.is_final() =>
+            {
+                if entry.protection != Protection::Closed {
+                    let realized = legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>()
+                        - entry.cumulative_quote;
+                    self.store.close_entry(entry.id, realized, now).await?;
+                    self.store
+                        .append_event(&event(
+                            entry.id,
+                            "closed",
+                            format!("realized {realized}, dust {position} left unsold"),
+                            Some(source),
+                            now,
+                        ))
+                        .await?;
+                }
+                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
+            }
             Err(reason) => return self.unprotectable(entry, source, reason.to_string()).await,
         };
         if !active.is_empty() && active_qty >= plan.total() {

@@ -487,3 +487,34 @@ async fn a_claimant_that_died_mid_replacement_leaves_nothing_uncovered() {
     );
     assert_eq!(w.open_qty(), dec!(1), "the whole position has a stop again");
 }
+
+#[tokio::test]
+async fn dust_left_after_the_legs_sold_out_closes_the_entry() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    // 0.2 bought less a 0.000205 base fee: 0.199795 held, which floors to 0.19979
+    // on the 0.00001 step, so 0.000005 stays behind once the legs sell.
+    w.credit(dec!(0.199795));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(0.2), dec!(100), dec!(0.000205), "BTC")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.exchange.fill_take_profit(leg.ids.list.as_str(), leg.qty);
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(report.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        entry.protection,
+        Protection::Closed,
+        "closed, not unprotectable"
+    );
+    assert!(entry.realized_quote.is_some());
+}

@@ -1,0 +1,51 @@
+//! The demo end to end: in-process simulator, all three layers, on the
+//! in-memory store and on PostgreSQL (a fresh `TestDb`).
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use oco_core::model::Protection;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_on_postgres_protects_every_fill_through_each_layer() {
+    let db = store_pg::testing::TestDb::new().await;
+    let mut out = Vec::new();
+    let report = ocoguard::demo::run_on_postgres(
+        db.url().to_owned(),
+        store_pg::SecretKey::generate(),
+        &mut out,
+    )
+    .await
+    .unwrap();
+    check(&report, String::from_utf8(out).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_in_memory_protects_every_fill_through_each_layer() {
+    let mut out = Vec::new();
+    let report = ocoguard::demo::run_in_memory(&mut out).await.unwrap();
+    check(&report, String::from_utf8(out).unwrap());
+}
+
+fn check(report: &ocoguard::demo::DemoReport, text: String) {
+    assert!(report.all_filled_protected(), "{text}");
+    let outage = report.row("LIMIT, fills during a stream outage").unwrap();
+    assert_eq!(
+        outage.legs_by_layer.get("sync"),
+        Some(&2),
+        "sync protected the outage fill: {text}"
+    );
+    assert_eq!(
+        outage.protection,
+        Protection::Closed,
+        "its stop filled: {text}"
+    );
+    let restart = report.row("LIMIT, fills after a gateway restart").unwrap();
+    assert_eq!(restart.legs_by_layer.get("websocket"), Some(&2), "{text}");
+    let market = report.row("MARKET, one target, default stop").unwrap();
+    assert_eq!(market.legs_by_layer.get("direct"), Some(&2), "{text}");
+    let resting = report.row("LIMIT, resting").unwrap();
+    assert!(
+        resting.legs_by_layer.is_empty() && resting.executed.is_zero(),
+        "{text}"
+    );
+    assert!(text.contains("every filled entry protected: yes"), "{text}");
+}
