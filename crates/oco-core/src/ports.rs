@@ -331,6 +331,10 @@ pub struct ListUpdate {
 }
 
 /// What a user-data stream delivers.
+///
+/// Contract for adapters: `Connected` comes first after every (re)subscription;
+/// after a reconnect it is followed at once by `Gap` covering the time nothing
+/// could be delivered. Consumers flag the account for reconciliation on both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
     /// Subscribed (first time or after a reconnect).
