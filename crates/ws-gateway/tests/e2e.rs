@@ -279,9 +279,12 @@ async fn one_fill_gets_both_legs_on_the_exchange() {
     let legs = w.store.legs(entry).await.unwrap();
     let sold: Decimal = legs.iter().map(|l| l.qty.get()).sum();
     assert_eq!(sold, dec!(0.00999));
-    let stats = gw.stats.snapshot();
-    assert_eq!(stats.entry_fills, 1);
-    assert_eq!(stats.placements, 2);
+    // The counters move once `follow` returns, just after the store shows the protection.
+    wait_for("the gateway's counters", Duration::from_secs(5), || async {
+        let stats = gw.stats.snapshot();
+        stats.entry_fills == 1 && stats.placements == 2
+    })
+    .await;
     gw.stop().await;
     // The stop released the lease: another holder takes the account at once.
     let taken = w
@@ -318,6 +321,12 @@ async fn two_gateways_stream_each_account_once_and_place_no_duplicate_legs() {
     assert_eq!(w.sim.control().subscription_count(), 3);
     assert_eq!(w.sim.control().order_lists(None).len(), 12);
     w.assert_each_protected_once(&entries).await;
+    // Counters move just after the store shows the protection: wait for them, then check none overshoots.
+    wait_for("the gateways' counters", Duration::from_secs(5), || async {
+        let (sa, sb) = (a.stats.snapshot(), b.stats.snapshot());
+        sa.entry_fills + sb.entry_fills >= 6 && sa.placements + sb.placements >= 12
+    })
+    .await;
     let (sa, sb) = (a.stats.snapshot(), b.stats.snapshot());
     assert_eq!(sa.entry_fills + sb.entry_fills, 6, "each fill handled once");
     assert_eq!(sa.placements + sb.placements, 12);
@@ -488,6 +497,15 @@ async fn many_fills_across_many_accounts_are_each_protected_once() {
         "every entry protected by the stream"
     );
     w.assert_each_protected_once(&entries).await;
+    wait_for(
+        "the gateway's counters",
+        Duration::from_secs(10),
+        || async {
+            let s = gw.stats.snapshot();
+            s.entry_fills >= fills as u64 && s.placements >= 2 * fills as u64
+        },
+    )
+    .await;
     let s = gw.stats.snapshot();
     assert_eq!(s.entry_fills, fills as u64);
     assert_eq!(s.placements, 2 * fills as u64);
