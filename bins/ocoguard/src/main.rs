@@ -1,33 +1,18 @@
-//! `ocoguard`: the one-command demo against the bundled exchange simulator.
+//! `ocoguard`: the one-command demo against the bundled exchange simulator,
+//! every layer in one process (`run`), and the migrations (`migrate`).
+//! Parses the command line and runs it; the wiring is in the library.
 
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
-/// ocoguard: every filled spot entry protected by exchange-side OCO orders.
-#[derive(Debug, Parser)]
-#[command(name = "ocoguard", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Runs every layer in one process against the bundled exchange simulator
-    /// (in-memory store, or PostgreSQL when DATABASE_URL is set) and reports.
-    Demo,
-}
+use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Demo => {
-            ocoguard::init_quiet_logs();
-            let report = ocoguard::demo::run(&mut std::io::stdout()).await?;
-            if !report.all_filled_protected() {
-                anyhow::bail!("some filled entries were not protected; see the report above");
-            }
-            Ok(())
+async fn main() -> ExitCode {
+    match ocoguard::run_cli(ocoguard::Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ocoguard: {err:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,215 @@
+//! `ocoguard run` and `ocoguard migrate`: every layer (ws-gateway, sync, the
+//! entry API) in one process over PostgreSQL and a configured exchange, until
+//! SIGINT/SIGTERM; or only the database migrations.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
+use oco_core::ports::Leases;
+use oco_core::{IdScheme, Protector, ProtectorConfig, SystemClock};
+use store_pg::{PgConfig, PgStore, SecretKey};
+use sync::{Reconciler, SyncConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use ws_gateway::{Gateway, GatewayConfig};
+
+/// Which exchange endpoints to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExchangeKind {
+    /// `api.binance.com`.
+    Production,
+    /// `testnet.binance.vision`.
+    Testnet,
+    /// An `exchange-sim`: `BINANCE_REST_URL` and `BINANCE_WS_URL` are required.
+    Sim,
+}
+
+/// `ocoguard run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Key API secrets are encrypted under: 32 bytes as 64 hex digits or base64.
+    #[arg(long, env = "OCO_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: String,
+    /// Database connections.
+    #[arg(long, env = "OCO_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+    /// Which exchange.
+    #[arg(long, env = "OCO_EXCHANGE", value_enum, default_value_t = ExchangeKind::Production)]
+    pub exchange: ExchangeKind,
+    /// REST base URL; overrides the exchange's default.
+    #[arg(long, env = "BINANCE_REST_URL")]
+    pub binance_rest_url: Option<String>,
+    /// WebSocket API URL; overrides the exchange's default.
+    #[arg(long, env = "BINANCE_WS_URL")]
+    pub binance_ws_url: Option<String>,
+    /// Where the entry API listens.
+    #[arg(long, env = "OCO_API_LISTEN", default_value = "127.0.0.1:8080")]
+    pub api_listen: SocketAddr,
+    /// Client-id namespace shared by every ocoguard process (1-6 letters or digits).
+    #[arg(long, env = "OCO_ID_NAMESPACE", default_value = "og")]
+    pub id_namespace: String,
+    /// This process's lease holder name, unique per process (default: hostname-pid).
+    #[arg(long, env = "OCO_GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+    /// Seconds between full reconciliation passes.
+    #[arg(long, env = "SYNC_INTERVAL_SECS", default_value_t = 300)]
+    pub sync_interval_secs: u64,
+    /// Seconds before the first full reconciliation pass.
+    #[arg(long, env = "SYNC_STARTUP_DELAY_SECS", default_value_t = 15)]
+    pub sync_startup_delay_secs: u64,
+}
+
+impl RunArgs {
+    /// The adapter configuration for the chosen exchange and URL overrides.
+    ///
+    /// # Errors
+    /// `sim` without both URLs.
+    pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
+        let mut config = match self.exchange {
+            ExchangeKind::Production => BinanceConfig::production(),
+            ExchangeKind::Testnet => BinanceConfig::testnet(),
+            ExchangeKind::Sim => {
+                let (Some(rest), Some(ws)) = (&self.binance_rest_url, &self.binance_ws_url) else {
+                    bail!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL");
+                };
+                return Ok(BinanceConfig::custom(rest.clone(), ws.clone()));
+            }
+        };
+        if let Some(rest) = &self.binance_rest_url {
+            config.rest_base = rest.trim_end_matches('/').to_owned();
+        }
+        if let Some(ws) = &self.binance_ws_url {
+            config.ws_api_url.clone_from(ws);
+        }
+        Ok(config)
+    }
+}
+
+/// `hostname-pid`: unique per process on a host, readable in the lease table.
+pub fn default_gateway_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "ocoguard".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Applies pending migrations; returns their names.
+///
+/// # Errors
+/// An unreachable database or a failed migration.
+pub async fn migrate(database_url: &str) -> anyhow::Result<Vec<String>> {
+    store_pg::migrate(database_url)
+        .await
+        .context("applying migrations (DATABASE_URL)")
+}
+
+/// Every layer in this process until `shutdown` completes: the gateway, sync
+/// and the entry API, over PostgreSQL and the configured exchange. Each layer
+/// has its own exchange client, as separate processes would.
+///
+/// # Errors
+/// Bad settings (the message names the variable, never the secret key), an
+/// unreachable database, an address that cannot be bound, a layer that fails.
+pub async fn run_all(args: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let ids = IdScheme::new(&args.id_namespace).context("OCO_ID_NAMESPACE")?;
+    let binance = args.binance_config()?;
+    let secret_key = SecretKey::parse(&args.secret_key).context("OCO_SECRET_KEY")?;
+    let store = Arc::new(
+        PgStore::connect(PgConfig {
+            url: args.database_url.clone(),
+            pool_size: args.db_pool_size.max(1),
+            secret_key,
+        })
+        .await
+        .context("connecting to the database (DATABASE_URL, OCO_SECRET_KEY)")?,
+    );
+    store.migrate().await.context("applying migrations")?;
+    let client = || {
+        BinanceExchange::new(binance.clone())
+            .context("building the Binance client (BINANCE_REST_URL)")
+    };
+    let gw_exchange = client()?;
+    if let Err(err) = gw_exchange.sync_time().await {
+        // Not fatal: the adapter re-syncs by itself after a -1021.
+        tracing::warn!(error = %err, "could not read the exchange's time at start");
+    }
+
+    // Layer 1: the user-data streams.
+    let holder = args.gateway_id.clone().unwrap_or_else(default_gateway_id);
+    let streams = BinanceUserStream::new(binance.clone())
+        .context("building the Binance stream client (BINANCE_WS_URL)")?;
+    let gateway = Gateway::new(
+        store.clone(),
+        store.clone() as Arc<dyn Leases>,
+        Arc::new(streams),
+        Arc::new(Protector::new(
+            Arc::new(gw_exchange),
+            store.clone(),
+            Arc::new(SystemClock),
+            ProtectorConfig::new(ids.clone()),
+        )),
+        GatewayConfig::standard(holder.clone()),
+    );
+    // Layer 2: reconciliation.
+    let mut sync_config = SyncConfig::standard();
+    sync_config.interval = Duration::from_secs(args.sync_interval_secs.max(1));
+    sync_config.startup_delay = Duration::from_secs(args.sync_startup_delay_secs);
+    let reconciler = Arc::new(Reconciler::wired(
+        Arc::new(client()?),
+        store.clone(),
+        Arc::new(SystemClock),
+        ProtectorConfig::new(ids.clone()),
+        sync_config,
+    ));
+    // Layer 3: the entry API.
+    let state = api_bin::app_state(
+        store,
+        Arc::new(client()?),
+        Arc::new(SystemClock),
+        &args.id_namespace,
+    )?;
+    let listener = TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("binding OCO_API_LISTEN {}", args.api_listen))?;
+
+    let (stop, _) = watch::channel(false);
+    let signal = |stop: &watch::Sender<bool>| {
+        let mut rx = stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|fired| *fired).await;
+        }
+    };
+    let gw_task = tokio::spawn(gateway.run(signal(&stop)));
+    let sync_task = {
+        let (r, sig) = (reconciler.clone(), signal(&stop));
+        tokio::spawn(async move { r.run(sig).await })
+    };
+    let api_task = tokio::spawn(api_bin::serve(listener, state, signal(&stop)));
+    tracing::info!(
+        holder = %holder,
+        exchange = ?args.exchange,
+        api = %args.api_listen,
+        namespace = %args.id_namespace,
+        "ocoguard started: ws-gateway, sync, entry API"
+    );
+    shutdown.await;
+    tracing::info!("stopping");
+    stop.send_replace(true);
+    let gw = gw_task.await.context("the gateway task")?;
+    sync_task.await.context("the sync task")?;
+    let api = api_task.await.context("the API task")?;
+    gw.context("stopping the gateway")?;
+    api?;
+    tracing::info!("ocoguard stopped, leases released");
+    Ok(())
+}

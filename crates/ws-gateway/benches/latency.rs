@@ -1,0 +1,599 @@
+//! Fill event → both protective legs acknowledged by the exchange, through the
+//! real gateway: `exchange-sim` over real HTTP/WebSocket on 127.0.0.1, the
+//! real Binance adapter, PostgreSQL (`TestDb`, `DATABASE_URL`) as the store.
+//! Printed side by side with the simulator's bare order round trip, and the
+//! RSS of the process with 1,000 open account streams. See BENCH.md.
+//!
+//! `BENCH_ACCOUNTS` (default 1000) sizes it; `BENCH_RATES` (default
+//! `100,250,1000`, at most three rates: one symbol each) sets the paced fill rates.
+#![allow(clippy::unwrap_used, missing_docs)] // a bench that cannot unwrap has failed
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
+use exchange_sim::{AccountSpec, Sim, SimConfig, SimControl};
+use oco_core::ids::IdScheme;
+use oco_core::levels::EntryLevels;
+use oco_core::model::{EntryKind, EntryTags, NewEntry, OrderSize, ProtectionConfig};
+use oco_core::ports::{
+    ApiCredentials, Clock, Exchange, Leases, NewAccount, OrderRequest, Side, Store,
+};
+use oco_core::protect::{Protector, ProtectorConfig};
+use oco_core::{AccountId, Qty, SystemClock};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use secrecy::SecretString;
+use store_pg::testing::TestDb;
+use store_pg::{PgConfig, PgStore, SecretKey};
+use tokio::sync::oneshot;
+use ws_gateway::{Gateway, GatewayConfig, GatewayStats};
+
+const KEY_HEX: &str = "0707070707070707070707070707070707070707070707070707070707070707";
+const BASELINE_REQUESTS: usize = 300;
+const OCO_PATH: &str = "/api/v3/orderList/oco";
+/// One symbol per rate: an account holds at most 5 untriggered stops per
+/// symbol, and an entry's two lists hold two.
+const SYMBOLS: [(&str, Decimal, Decimal); 3] = [
+    ("BTCUSDT", dec!(60000), dec!(0.001)),
+    ("ETHUSDT", dec!(3000), dec!(0.02)),
+    ("BNBUSDT", dec!(600), dec!(0.1)),
+];
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn env_rates() -> Vec<u64> {
+    std::env::var("BENCH_RATES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![100, 250, 1000])
+        .into_iter()
+        .take(SYMBOLS.len())
+        .collect()
+}
+
+fn api_key(i: usize) -> String {
+    format!("key-{i}")
+}
+
+fn creds(i: usize) -> ApiCredentials {
+    ApiCredentials {
+        api_key: api_key(i),
+        secret: SecretString::from(format!("secret-{i}")),
+    }
+}
+
+fn binance(sim: &Sim) -> BinanceConfig {
+    unpaced(BinanceConfig::custom(sim.base_url(), sim.ws_api_url()))
+}
+
+fn unpaced(mut c: BinanceConfig) -> BinanceConfig {
+    // The sim does not limit here; neither does the adapter.
+    c.pacing.weight_per_minute = u32::MAX / 2;
+    c.pacing.orders_per_10s = u32::MAX / 2;
+    c.pacing.orders_per_day = u32::MAX / 2;
+    c
+}
+
+fn pg_config(db: &TestDb, pool: usize) -> PgConfig {
+    db.config_with_key(pool, SecretKey::parse(KEY_HEX).unwrap())
+}
+
+fn vm_rss_kib() -> u64 {
+    rss_kib_of("self")
+}
+
+/// Nearest-rank percentile of sorted µs values, in ms.
+fn pct_ms(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1000.0
+}
+
+struct World {
+    sim: Sim,
+    ctl: SimControl,
+    db: TestDb,
+    store: Arc<PgStore>,
+    placer: Arc<BinanceExchange>,
+    accounts: Vec<AccountId>,
+    ids: IdScheme,
+}
+
+async fn world(n: usize) -> World {
+    let mut config = SimConfig::new("127.0.0.1:0".parse().unwrap());
+    // The baseline's account, unknown to the store (so not streamed).
+    config = config.with_account(AccountSpec::new(
+        "key-base",
+        "secret-base",
+        vec![("USDT".into(), dec!(1000000))],
+    ));
+    for i in 0..n {
+        config = config.with_account(AccountSpec::new(
+            api_key(i),
+            format!("secret-{i}"),
+            vec![("USDT".into(), dec!(100000))],
+        ));
+    }
+    let sim = Sim::start(config).await.unwrap();
+    let ctl = sim.control();
+    for (symbol, price, _) in SYMBOLS {
+        ctl.set_price(symbol, price).unwrap();
+    }
+    let (db, store, accounts) = stored_accounts(n).await;
+    let placer = Arc::new(BinanceExchange::new(binance(&sim)).unwrap());
+    World {
+        sim,
+        ctl,
+        db,
+        store,
+        placer,
+        accounts,
+        ids: IdScheme::new("og").unwrap(),
+    }
+}
+
+/// A fresh database holding accounts `0..n`.
+async fn stored_accounts(n: usize) -> (TestDb, Arc<PgStore>, Vec<AccountId>) {
+    let db = TestDb::new().await;
+    let store = Arc::new(PgStore::connect(pg_config(&db, 8)).await.unwrap());
+    let mut accounts = Vec::with_capacity(n);
+    for i in 0..n {
+        let a = store
+            .create_account(NewAccount {
+                owner: format!("user-{i}"),
+                exchange: "binance".into(),
+                credentials: creds(i),
+                protection: ProtectionConfig::DEFAULT,
+            })
+            .await
+            .unwrap();
+        accounts.push(a.id);
+    }
+    (db, store, accounts)
+}
+
+fn rss_kib_of(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn wait_streams(stats: &GatewayStats, n: usize, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    while stats.streams_up.load(Ordering::Relaxed) < n as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stats.streams_up.load(Ordering::Relaxed)
+}
+
+/// RSS in KiB before and after `n` streams open, for this process and for the sim.
+struct Rss {
+    streams: u64,
+    opened_in: Duration,
+    own: (u64, u64),
+    sim: (u64, u64),
+}
+
+/// (3) `n` streams against the `exchange-sim` binary run as a child process
+/// (`target/<profile>/exchange-sim`, from `cargo build --release -p
+/// exchange-sim-bin`), so that this process's growth is the gateway's alone.
+async fn rss_with_child_sim(n: usize) -> Option<Rss> {
+    use std::io::BufRead;
+    let bin = std::env::current_exe()
+        .ok()?
+        .parent()?
+        .parent()?
+        .join("exchange-sim");
+    if !bin.exists() {
+        eprintln!(
+            "{} missing: RSS measured with the sim in-process only",
+            bin.display()
+        );
+        return None;
+    }
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg("--listen").arg("127.0.0.1:0");
+    for i in 0..n {
+        cmd.arg("--account")
+            .arg(format!("{}:secret-{i}:USDT=100000", api_key(i)));
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let pid = child.id().to_string();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take()?)
+        .read_line(&mut line)
+        .ok()?;
+    let addr = line.trim().to_owned();
+    let cfg = unpaced(BinanceConfig::custom(
+        format!("http://{addr}"),
+        format!("ws://{addr}/ws-api/v3"),
+    ));
+    let (db, _store, _) = stored_accounts(n).await;
+    let ids = IdScheme::new("og").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = (vm_rss_kib(), rss_kib_of(&pid));
+    let t = Instant::now();
+    let gw = gateway(&db, &cfg, &ids, n).await;
+    let streams = wait_streams(&gw.stats, n, Duration::from_secs(40)).await;
+    let opened_in = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = (vm_rss_kib(), rss_kib_of(&pid));
+    let _ = gw.stop.send(());
+    let _ = gw.task.await;
+    let _ = child.kill();
+    let _ = child.wait();
+    Some(Rss {
+        streams,
+        opened_in,
+        own: (before.0, after.0),
+        sim: (before.1, after.1),
+    })
+}
+
+/// (1) The sim's bare round trip, from the client: MARKET BUYs one after the other.
+async fn baseline(w: &World) -> Vec<u64> {
+    let c = ApiCredentials {
+        api_key: "key-base".into(),
+        secret: SecretString::from("secret-base".to_owned()),
+    };
+    let size = OrderSize::Base(Qty::new(dec!(0.001)).unwrap());
+    let mut us = Vec::with_capacity(BASELINE_REQUESTS);
+    for k in 0..BASELINE_REQUESTS + 20 {
+        let req = OrderRequest {
+            symbol: "BTCUSDT".into(),
+            side: Side::Buy,
+            limit: None,
+            size,
+            client_id: oco_core::ids::ClientOrderId::new(format!("base-{k}")).unwrap(),
+        };
+        let t = Instant::now();
+        w.placer.place_order(&c, &req).await.unwrap();
+        let took = t.elapsed().as_micros() as u64;
+        if k >= 20 {
+            us.push(took); // the first 20 warm the connection pool
+        }
+    }
+    us.sort_unstable();
+    us
+}
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), ws_gateway::GatewayError>>,
+    stats: Arc<GatewayStats>,
+}
+
+async fn gateway(db: &TestDb, cfg: &BinanceConfig, ids: &IdScheme, max_accounts: usize) -> Running {
+    let store = Arc::new(PgStore::connect(pg_config(db, 8)).await.unwrap());
+    let exchange = BinanceExchange::new(cfg.clone()).unwrap();
+    let streams = BinanceUserStream::new(cfg.clone()).unwrap();
+    let protector = Arc::new(Protector::new(
+        Arc::new(exchange),
+        store.clone(),
+        Arc::new(SystemClock),
+        ProtectorConfig::new(ids.clone()),
+    ));
+    let mut config = GatewayConfig::standard("gw-bench");
+    config.renew_every = Duration::from_millis(200);
+    config.max_accounts = max_accounts;
+    config.min_backoff = Duration::from_millis(50);
+    let gateway = Gateway::new(
+        store.clone(),
+        store as Arc<dyn Leases>,
+        Arc::new(streams),
+        protector,
+        config,
+    );
+    let stats = gateway.stats();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(gateway.run(async move {
+        let _ = stopped.await;
+    }));
+    Running { stop, task, stats }
+}
+
+/// A MARKET BUY as the API sends it: stored with our client id, then placed
+/// under that id through the adapter. Nobody calls `protect`.
+async fn buy(
+    store: Arc<PgStore>,
+    placer: Arc<BinanceExchange>,
+    ids: IdScheme,
+    account: AccountId,
+    i: usize,
+    symbol: &'static str,
+    qty: Decimal,
+) {
+    let size = OrderSize::Base(Qty::new(qty).unwrap());
+    let scheme = ids.clone();
+    let entry = store
+        .create_entry(
+            NewEntry {
+                account,
+                symbol: placer.symbol_rules(symbol).await.unwrap().symbol,
+                kind: EntryKind::Market,
+                size,
+                levels: EntryLevels::default(),
+                tags: EntryTags::default(),
+            },
+            &move |id| scheme.entry(id).unwrap(),
+            SystemClock.now(),
+        )
+        .await
+        .unwrap();
+    placer
+        .place_order(
+            &creds(i),
+            &OrderRequest {
+                symbol: symbol.into(),
+                side: Side::Buy,
+                limit: None,
+                size,
+                client_id: entry.client_id.clone(),
+            },
+        )
+        .await
+        .unwrap();
+}
+
+fn executing_lists(ctl: &SimControl) -> usize {
+    ctl.order_lists(None)
+        .iter()
+        .filter(|l| l.list_order_status == "EXECUTING")
+        .count()
+}
+
+struct RateResult {
+    target: u64,
+    fills: usize,
+    /// Fills per second as the exchange saw them (first to last trade).
+    placed_rate: f64,
+    /// Fills per second protected (first trade to last second OCO).
+    protected_rate: f64,
+    all_protected: bool,
+    /// Trade → second OCO request received, µs, sorted.
+    received: Vec<u64>,
+    /// Trade → second OCO answered, µs, sorted.
+    answered: Vec<u64>,
+}
+
+/// (2) `n` fills on `symbol`, one per account, paced at `rate` per second.
+async fn paced(w: &World, rate: u64, symbol: &'static str, qty: Decimal, n: usize) -> RateResult {
+    w.ctl.clear_requests();
+    let lists_before = executing_lists(&w.ctl);
+    let period = Duration::from_nanos(1_000_000_000 / rate);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        tokio::time::sleep_until(start + period * i as u32).await;
+        tasks.push(tokio::spawn(buy(
+            w.store.clone(),
+            w.placer.clone(),
+            w.ids.clone(),
+            w.accounts[i],
+            i,
+            symbol,
+            qty,
+        )));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Every entry gets two lists; wait for them (bounded).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut all_protected = false;
+    while Instant::now() < deadline {
+        if executing_lists(&w.ctl) >= lists_before + 2 * n {
+            all_protected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The entry's trade time, per account (one entry per account on this symbol).
+    let mut trade_us: HashMap<String, u64> = HashMap::new();
+    for t in w.ctl.trades(None) {
+        if t.symbol == symbol && t.is_buyer && t.order_list_id == -1 && t.api_key != "key-base" {
+            let e = trade_us.entry(t.api_key.clone()).or_insert(t.time_us);
+            *e = (*e).min(t.time_us);
+        }
+    }
+    // The OCO list requests per account, in order of arrival.
+    let mut ocos: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+    for r in w.ctl.requests() {
+        if r.method == "POST"
+            && r.path == OCO_PATH
+            && r.status == 200
+            && let Some(k) = r.api_key
+        {
+            ocos.entry(k)
+                .or_default()
+                .push((r.received_us, r.responded_us));
+        }
+    }
+    let (mut received, mut answered) = (Vec::new(), Vec::new());
+    let (mut first_trade, mut last_trade, mut last_oco) = (u64::MAX, 0, 0);
+    for (key, &t) in &trade_us {
+        first_trade = first_trade.min(t);
+        last_trade = last_trade.max(t);
+        let Some(list) = ocos.get_mut(key) else {
+            continue;
+        };
+        list.sort_unstable();
+        if let Some(&(rx, tx)) = list.get(1) {
+            received.push(rx.saturating_sub(t));
+            answered.push(tx.saturating_sub(t));
+            last_oco = last_oco.max(rx);
+        }
+    }
+    received.sort_unstable();
+    answered.sort_unstable();
+    let span = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / 1e6;
+    let fills = trade_us.len();
+    RateResult {
+        target: rate,
+        fills,
+        placed_rate: (fills.saturating_sub(1)) as f64 / span(first_trade, last_trade).max(1e-6),
+        protected_rate: received.len() as f64 / span(first_trade, last_oco).max(1e-6),
+        all_protected,
+        received,
+        answered,
+    }
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let n = env_usize("BENCH_ACCOUNTS", 1000);
+    let rates = env_rates();
+    let t0 = Instant::now();
+    // (3) first, while this process is fresh.
+    let child = rss_with_child_sim(n).await;
+    if let Some(r) = &child {
+        eprintln!("child sim: {} streams up in {:?}", r.streams, r.opened_in);
+    }
+    let w = world(n).await;
+    eprintln!("setup: {n} accounts in {:?}", t0.elapsed());
+
+    // (1) baseline
+    let base = baseline(&w).await;
+    let (b50, b99) = (pct_ms(&base, 50.0), pct_ms(&base, 99.0));
+
+    // (3) RSS with every account's stream open (the sim is in this process).
+    let rss_before = vm_rss_kib();
+    let t = Instant::now();
+    let gw = gateway(&w.db, &binance(&w.sim), &w.ids, n).await;
+    let streams = wait_streams(&gw.stats, n, Duration::from_secs(40)).await;
+    let opened_in = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = vm_rss_kib();
+    eprintln!(
+        "{streams} streams up in {opened_in:?} (sim: {} subscriptions, {} connections)",
+        w.ctl.subscription_count(),
+        w.ctl.connection_count()
+    );
+
+    // (2) fill → both legs on the exchange, at paced rates
+    let mut results = Vec::new();
+    for (k, &rate) in rates.iter().enumerate() {
+        let (symbol, _, qty) = SYMBOLS[k];
+        let r = paced(&w, rate, symbol, qty, n).await;
+        let st = gw.stats.snapshot();
+        eprintln!(
+            "rate {rate}/s on {symbol}: {} fills, {} measured, all protected: {}; sim lists {}; gateway stats so far: {} entry fills, {} placements, {} failures",
+            r.fills,
+            r.received.len(),
+            r.all_protected,
+            w.ctl.order_lists(None).len(),
+            st.entry_fills,
+            st.placements,
+            st.failures
+        );
+        results.push(r);
+    }
+    let rss_end = vm_rss_kib();
+    let s = gw.stats.snapshot();
+    let _ = gw.stop.send(());
+    let _ = gw.task.await;
+
+    println!();
+    println!("ws-gateway latency bench — {n} accounts, sim + gateway + PostgreSQL on 127.0.0.1");
+    println!();
+    println!(
+        "| measure | n | p50 ms | p99 ms | p50 / baseline p50 | p99 vs baseline p99 + 2 ms | kept up |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| (1) baseline: MARKET BUY round trip (client side) | {} | {b50:.3} | {b99:.3} | 1.00 | — | — |",
+        base.len()
+    );
+    let kept_up = |r: &RateResult| {
+        r.all_protected
+            && r.placed_rate >= 0.95 * r.target as f64
+            && r.protected_rate >= 0.95 * r.placed_rate
+    };
+    for r in &results {
+        for (what, v) in [
+            ("second OCO received", &r.received),
+            ("second OCO answered", &r.answered),
+        ] {
+            let (p50, p99) = (pct_ms(v, 50.0), pct_ms(v, 99.0));
+            let target = b99 + 2.0;
+            println!(
+                "| (2) fill → {what}, target {}/s (placed {:.0}/s, protected {:.0}/s) | {} | {p50:.3} | {p99:.3} | {:.1} | {} ({:.3} ms) | {} |",
+                r.target,
+                r.placed_rate,
+                r.protected_rate,
+                v.len(),
+                p50 / b50,
+                if p99 <= target { "within" } else { "over" },
+                target,
+                if kept_up(r) { "yes" } else { "no" }
+            );
+        }
+    }
+    let best = results
+        .iter()
+        .filter(|r| kept_up(r))
+        .map(|r| r.target)
+        .max();
+    println!();
+    println!(
+        "highest paced rate kept up (placed ≥ 95 % of target, protected ≥ 95 % of placed): {}",
+        best.map_or("none".to_owned(), |r| format!("{r} fills/s"))
+    );
+    println!();
+    println!(
+        "(3) in-process sim, VmRSS: {} MiB before the gateway, {} MiB with {streams} streams open (+{} MiB, {:.1} KiB per stream; sim share not separated, and pages freed by the child-sim phase are reused), {} MiB after the fills",
+        rss_before / 1024,
+        rss_after / 1024,
+        rss_after.saturating_sub(rss_before) / 1024,
+        rss_after.saturating_sub(rss_before) as f64 / streams.max(1) as f64,
+        rss_end / 1024
+    );
+    if let Some(r) = &child {
+        let d = |(a, b): (u64, u64)| b.saturating_sub(a);
+        println!(
+            "(3) sim as a child process, {} streams opened in {:.1} s: this process (gateway) {} → {} MiB (+{} MiB, {:.1} KiB per stream); sim process {} → {} MiB (+{} MiB, {:.1} KiB per stream)",
+            r.streams,
+            r.opened_in.as_secs_f64(),
+            r.own.0 / 1024,
+            r.own.1 / 1024,
+            d(r.own) / 1024,
+            d(r.own) as f64 / r.streams.max(1) as f64,
+            r.sim.0 / 1024,
+            r.sim.1 / 1024,
+            d(r.sim) / 1024,
+            d(r.sim) as f64 / r.streams.max(1) as f64,
+        );
+    }
+    println!(
+        "gateway stats: {} entry fills, {} placements, {} failures, {} gaps; whole run {:?}",
+        s.entry_fills,
+        s.placements,
+        s.failures,
+        s.gaps,
+        t0.elapsed()
+    );
+}
