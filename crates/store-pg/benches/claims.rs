@@ -75,14 +75,15 @@ struct Sample {
     both: Duration,
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+/// The `per_cent` percentile of sorted samples (nearest rank, integer arithmetic).
+fn pct(sorted: &[Duration], per_cent: usize) -> Duration {
+    let i = ((sorted.len() - 1) * per_cent + 50) / 100;
     sorted[i.min(sorted.len() - 1)]
 }
 
 fn line(name: &str, mut xs: Vec<Duration>) -> (Duration, Duration) {
     xs.sort();
-    let (p50, p99, max) = (pct(&xs, 0.50), pct(&xs, 0.99), *xs.last().unwrap());
+    let (p50, p99, max) = (pct(&xs, 50), pct(&xs, 99), *xs.last().unwrap());
     println!(
         "{name:<28} n={:<5} p50={:>7.1} µs  p99={:>7.1} µs  max={:>8.1} µs",
         xs.len(),

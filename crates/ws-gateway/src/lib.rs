@@ -321,12 +321,12 @@ impl AccountWorker {
                     match result {
                         Ok(Followed::Entry(report)) => {
                             self.stats.entry_fills.fetch_add(1, Ordering::Relaxed);
-                            self.count(&report.outcome, &update.client_id);
+                            self.count(&report.outcome, &update.client_id).await;
                         }
                         Ok(Followed::Leg {
                             protect: Some(report),
                             ..
-                        }) => self.count(&report.outcome, &update.client_id),
+                        }) => self.count(&report.outcome, &update.client_id).await,
                         Ok(_) => {}
                         Err(err) => {
                             self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -365,7 +365,7 @@ impl AccountWorker {
         }
         .await;
         match result {
-            Ok(Some(report)) => self.count(&report.outcome, &list.list_client_id),
+            Ok(Some(report)) => self.count(&report.outcome, &list.list_client_id).await,
             Ok(None) => {}
             Err(err) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -375,12 +375,21 @@ impl AccountWorker {
         }
     }
 
-    fn count(&self, outcome: &ProtectOutcome, client_id: &str) {
-        if let ProtectOutcome::Placed { legs, .. } = outcome {
-            self.stats
-                .placements
-                .fetch_add(legs.len() as u64, Ordering::Relaxed);
-            info!(account = %self.account, client_id, legs = legs.len(), "protected from the stream");
+    async fn count(&self, outcome: &ProtectOutcome, client_id: &str) {
+        match outcome {
+            ProtectOutcome::Placed { legs, .. } => {
+                self.stats
+                    .placements
+                    .fetch_add(legs.len() as u64, Ordering::Relaxed);
+                info!(account = %self.account, client_id, legs = legs.len(), "protected from the stream");
+            }
+            // A refused or unanswered placement must not wait for the next full pass.
+            ProtectOutcome::Failed { .. } | ProtectOutcome::Pending { .. } => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(account = %self.account, client_id, ?outcome, "protection incomplete, flagging for reconciliation");
+                self.flag("protection incomplete").await;
+            }
+            _ => {}
         }
     }
 

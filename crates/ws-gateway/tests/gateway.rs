@@ -467,3 +467,43 @@ async fn a_slow_account_does_not_delay_another() {
         "only the fast account is protected so far"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_placement_flags_the_account_at_once() {
+    let w = world(1).await;
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(w.gateway("gw-1").run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("the stream", Duration::from_secs(5), || {
+        w.streams.open_count(&key(0)) == 1
+    })
+    .await;
+    // The fresh subscription's own flag first.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.store.take_flagged(10).await.unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the subscription flags the account"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    w.exchange.push_oco_fault(oco_core::testing::OcoFault::Fail(
+        ExchangeError::RateLimited {
+            retry_after: Duration::from_secs(1),
+        },
+    ));
+    let (_, client_id) = w.entry(w.accounts[0]).await;
+    w.streams.send(&key(0), fill_event(&client_id, 1));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if w.store.take_flagged(10).await.unwrap() == vec![w.accounts[0]] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a refused placement flags the account for sync"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
