@@ -26,6 +26,8 @@ struct Inner {
     events: Vec<EntryEventRecord>,
     flagged: BTreeSet<AccountId>,
     leases: BTreeMap<AccountId, (String, std::time::Instant)>,
+    reconciled: BTreeMap<AccountId, std::time::Instant>,
+    due_taken: BTreeMap<AccountId, (String, std::time::Instant)>,
     users: BTreeMap<String, String>,
     next_account: i64,
     next_entry: i64,
@@ -373,6 +375,49 @@ impl Store for MemStore {
             inner.flagged.remove(id);
         }
         Ok(taken)
+    }
+
+    async fn take_due_accounts(
+        &self,
+        holder: &str,
+        interval: std::time::Duration,
+        lease: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<AccountId>, StoreError> {
+        let now = std::time::Instant::now();
+        let mut inner = self.lock();
+        let mut due: Vec<(Option<std::time::Instant>, AccountId)> = inner
+            .accounts
+            .values()
+            .filter(|(a, _)| a.active)
+            .map(|(a, _)| (inner.reconciled.get(&a.id).copied(), a.id))
+            .filter(|(last, _)| last.is_none_or(|at| now.duration_since(at) >= interval))
+            .filter(|(_, id)| {
+                inner
+                    .due_taken
+                    .get(id)
+                    .is_none_or(|(_, until)| *until <= now)
+            })
+            .collect();
+        // Never reconciled first (None sorts first), then the oldest.
+        due.sort();
+        let taken: Vec<AccountId> = due.into_iter().take(limit).map(|(_, id)| id).collect();
+        for id in &taken {
+            inner
+                .due_taken
+                .insert(*id, (holder.to_owned(), now + lease));
+        }
+        Ok(taken)
+    }
+
+    async fn mark_reconciled(&self, account: AccountId) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if !inner.accounts.contains_key(&account) {
+            return Err(not_found("account", account));
+        }
+        inner.due_taken.remove(&account);
+        inner.reconciled.insert(account, std::time::Instant::now());
+        Ok(())
     }
 }
 

@@ -487,6 +487,23 @@ pub trait Store: Send + Sync {
     /// Takes up to `limit` flagged accounts, clearing their flags; concurrent
     /// takers never get the same account.
     async fn take_flagged(&self, limit: usize) -> Result<Vec<AccountId>, StoreError>;
+
+    /// Takes up to `limit` active accounts due for their periodic
+    /// reconciliation (never reconciled, or last reconciled `interval` or
+    /// longer ago) that no live pass has taken, and marks them taken by
+    /// `holder` for `lease`. Concurrent takers never get the same account; an
+    /// account taken but not [marked reconciled](Store::mark_reconciled)
+    /// within `lease` (its taker died or failed) is due again. Oldest first.
+    async fn take_due_accounts(
+        &self,
+        holder: &str,
+        interval: Duration,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<AccountId>, StoreError>;
+    /// Records that `account` was reconciled just now, ending any take of it:
+    /// it is next due `interval` from now.
+    async fn mark_reconciled(&self, account: AccountId) -> Result<(), StoreError>;
 }
 
 /// Which gateway process holds which account's stream. Leases expire, so the

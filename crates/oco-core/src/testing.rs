@@ -1029,6 +1029,91 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         store.take_flagged(10).await?.is_empty(),
         "flags are cleared when taken"
     );
+    due_behaviour(store, account.id).await
+}
+
+/// Periodic reconciliation shared by several takers, on a store whose only
+/// account so far is `first` (active).
+async fn due_behaviour(store: &dyn Store, first: AccountId) -> Result<(), SuiteError> {
+    use std::time::Duration;
+    let hour = Duration::from_secs(3600);
+    let short = Duration::from_millis(300);
+    let new_account = |key: &str| NewAccount {
+        owner: "carol".into(),
+        exchange: "binance".into(),
+        credentials: ApiCredentials {
+            api_key: key.into(),
+            secret: SecretString::from("suite-secret-2"),
+        },
+        protection: ProtectionConfig::DEFAULT,
+    };
+    let second = store.create_account(new_account("suite-key-2")).await?.id;
+    let off = store.create_account(new_account("suite-key-3")).await?.id;
+    store
+        .update_account(off, ProtectionConfig::DEFAULT, false)
+        .await?;
+
+    let (a, b) = futures_util::future::join(
+        store.take_due_accounts("sync-a", hour, short, 1),
+        store.take_due_accounts("sync-b", hour, short, 1),
+    )
+    .await;
+    let (a, b) = (a?, b?);
+    ensure!(
+        a.len() == 1 && b.len() == 1 && a != b,
+        "two takers split the due accounts: {a:?} and {b:?}"
+    );
+    let mut both = [a[0], b[0]];
+    both.sort();
+    ensure!(
+        both == [first, second],
+        "never-reconciled active accounts are due, inactive ones never: {both:?}"
+    );
+    let again = store.take_due_accounts("sync-c", hour, hour, 10).await?;
+    ensure!(
+        again.is_empty(),
+        "taken accounts are not taken again: {again:?}"
+    );
+
+    // sync-a finishes; sync-b dies: its account is due again once its take expires.
+    store.mark_reconciled(a[0]).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let retaken = loop {
+        let got = store.take_due_accounts("sync-c", hour, hour, 10).await?;
+        if !got.is_empty() {
+            break got;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "an expired take makes the account due again"
+        );
+        YieldNow::default().await;
+    };
+    ensure!(
+        retaken == b,
+        "only the dead taker's account comes back, got {retaken:?}"
+    );
+    store.mark_reconciled(b[0]).await?;
+    let none = store.take_due_accounts("sync-a", hour, hour, 10).await?;
+    ensure!(
+        none.is_empty(),
+        "an account reconciled within the interval is not due: {none:?}"
+    );
+    let due = store
+        .take_due_accounts("sync-a", Duration::ZERO, hour, 10)
+        .await?;
+    ensure!(
+        due == [first, second],
+        "accounts reconciled an interval ago are due again, oldest first: {due:?}"
+    );
+    let unknown = AccountId(off.0 + 1000);
+    ensure!(
+        matches!(
+            store.mark_reconciled(unknown).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "marking an unknown account is not found"
+    );
     Ok(())
 }
 

@@ -131,12 +131,22 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    reconcile_schedule (account_id) {
+        account_id -> Int8,
+        last_reconciled_at -> Nullable<Timestamptz>,
+        taken_by -> Nullable<Text>,
+        taken_until -> Nullable<Timestamptz>,
+    }
+}
+
 diesel::joinable!(entries -> accounts (account_id));
 diesel::joinable!(fills -> entries (entry_id));
 diesel::joinable!(entry_events -> entries (entry_id));
 diesel::joinable!(protection_legs -> entries (entry_id));
 diesel::joinable!(reconcile_flags -> accounts (account_id));
 diesel::joinable!(account_leases -> accounts (account_id));
+diesel::joinable!(reconcile_schedule -> accounts (account_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     accounts,
@@ -147,4 +157,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     protection_legs,
     reconcile_flags,
     account_leases,
+    reconcile_schedule,
 );

@@ -743,4 +743,73 @@ impl Store for PgStore {
         taken.sort_unstable();
         Ok(taken.into_iter().map(AccountId).collect())
     }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(holder = holder, limit = limit))]
+    async fn take_due_accounts(
+        &self,
+        holder: &str,
+        interval: Duration,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<AccountId>, StoreError> {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let mut conn = self.conn().await?;
+        // Rows another taker holds are skipped; a row taken and committed since
+        // this statement's snapshot is re-checked against the condition when
+        // locked (READ COMMITTED), so it is not taken twice.
+        let mut taken: Vec<i64> = diesel::sql_query(
+            "UPDATE reconcile_schedule s \
+                 SET taken_by = $1, taken_until = now() + $3 * interval '1 millisecond' \
+             WHERE s.account_id IN ( \
+                 SELECT d.account_id FROM reconcile_schedule d \
+                 JOIN accounts a ON a.id = d.account_id \
+                 WHERE a.active \
+                   AND (d.last_reconciled_at IS NULL \
+                        OR d.last_reconciled_at <= now() - $2 * interval '1 millisecond') \
+                   AND (d.taken_until IS NULL OR d.taken_until <= now()) \
+                 ORDER BY d.last_reconciled_at NULLS FIRST, d.account_id \
+                 LIMIT $4 \
+                 FOR UPDATE OF d SKIP LOCKED) \
+             RETURNING s.account_id",
+        )
+        .bind::<diesel::sql_types::Text, _>(holder)
+        .bind::<BigInt, _>(ms(interval))
+        .bind::<BigInt, _>(ms(lease))
+        .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+        .load::<AccountIdRow>(&mut conn)
+        .await
+        .map_err(|e| {
+            db(
+                &format!("taking accounts due for reconciliation for {holder}"),
+                e,
+            )
+        })?
+        .into_iter()
+        .map(|r| r.account_id)
+        .collect();
+        taken.sort_unstable();
+        Ok(taken.into_iter().map(AccountId).collect())
+    }
+
+    async fn mark_reconciled(&self, account: AccountId) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        // An upsert: the row exists from account creation on, but a missing one
+        // must not lose the fact.
+        let marked = diesel::sql_query(
+            "INSERT INTO reconcile_schedule (account_id, last_reconciled_at) VALUES ($1, now()) \
+             ON CONFLICT (account_id) DO UPDATE \
+                 SET last_reconciled_at = now(), taken_by = NULL, taken_until = NULL",
+        )
+        .bind::<BigInt, _>(account.0)
+        .execute(&mut conn)
+        .await;
+        match marked {
+            Ok(_) => Ok(()),
+            Err(e) if is_foreign_key(&e) => Err(not_found("account", account)),
+            Err(e) => Err(db(
+                &format!("recording the reconciliation of account {account}"),
+                e,
+            )),
+        }
+    }
 }

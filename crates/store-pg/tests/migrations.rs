@@ -23,8 +23,20 @@ async fn user_tables(url: &str) -> i64 {
     c.n
 }
 
+async fn user_functions(url: &str) -> i64 {
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    let c: Count = diesel::sql_query(
+        "SELECT count(*) AS n FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = 'public' AND p.proname NOT LIKE 'diesel%'",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    c.n
+}
+
 /// Tables the migrations create, `__diesel_schema_migrations` included.
-const TABLES: i64 = 9;
+const TABLES: i64 = 10;
 
 #[tokio::test]
 async fn up_down_up_on_an_empty_database() {
@@ -43,6 +55,11 @@ async fn up_down_up_on_an_empty_database() {
         user_tables(db.url()).await,
         0,
         "every down.sql removes what its up.sql made"
+    );
+    assert_eq!(
+        user_functions(db.url()).await,
+        0,
+        "every down.sql removes the functions its up.sql made"
     );
     assert_eq!(store_pg::migrate(db.url()).await.unwrap(), applied);
     // The schema matches what schema.rs expects: a store works on it.

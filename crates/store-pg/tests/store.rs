@@ -530,6 +530,53 @@ async fn flagged_accounts_are_taken_once_and_announced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_takers_split_due_accounts_once_each() {
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(new_account(store.as_ref(), &format!("d{i}")).await.id);
+    }
+    let hour = Duration::from_secs(3600);
+    let tasks: Vec<_> = (0..6)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let holder = format!("sync-{t}");
+                let mut mine = Vec::new();
+                loop {
+                    let got = store
+                        .take_due_accounts(&holder, hour, hour, 3)
+                        .await
+                        .unwrap();
+                    if got.is_empty() {
+                        return mine;
+                    }
+                    for id in &got {
+                        store.mark_reconciled(*id).await.unwrap();
+                    }
+                    mine.extend(got);
+                }
+            })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for t in tasks {
+        taken.extend(t.await.unwrap());
+    }
+    taken.sort();
+    assert_eq!(taken, ids, "every due account taken exactly once");
+    assert!(
+        store
+            .take_due_accounts("late", hour, hour, 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing is due within the interval"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_connections_lose_nothing_acknowledged() {
     let db = TestDb::new().await;
     let store = Arc::new(store(&db).await);

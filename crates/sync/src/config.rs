@@ -35,6 +35,17 @@ pub struct SyncConfig {
     /// An entry still `PendingNew` that the exchange does not know is recorded
     /// as never sent once it is older than this (see the crate README).
     pub not_found_grace: Duration,
+    /// Name this process's takes of due accounts carry in the store (shows
+    /// which sync process has an account; unique per process by convention).
+    pub holder: String,
+    /// How long an account taken for a periodic reconciliation stays this
+    /// process's: if it is not reconciled by then (the process died or the
+    /// account failed) another process takes it. Longer than one account's
+    /// reconciliation takes.
+    pub pass_lease: Duration,
+    /// How often the store is asked for accounts due for their periodic
+    /// reconciliation (each is due `interval` after its last one).
+    pub due_poll: Duration,
 }
 
 impl SyncConfig {
@@ -43,7 +54,8 @@ impl SyncConfig {
     /// failed passes (or one authentication failure) for 5 min, 3,000 weight
     /// per minute (half of Binance's usual 6,000 per IP, the rest left to the
     /// gateway and the API), 40 orders per account per 10 s (Binance allows
-    /// 50 to 100), never-sent grace 2 min.
+    /// 50 to 100), never-sent grace 2 min; due accounts polled every 5 s and
+    /// taken for 2 min, under the holder name `sync-<process id>`.
     pub fn standard() -> SyncConfig {
         SyncConfig {
             startup_delay: Duration::from_secs(15),
@@ -57,6 +69,9 @@ impl SyncConfig {
             weight_budget_per_minute: 3_000,
             order_budget_per_10s: 40,
             not_found_grace: Duration::from_secs(120),
+            holder: format!("sync-{}", std::process::id()),
+            pass_lease: Duration::from_secs(120),
+            due_poll: Duration::from_secs(5),
         }
     }
 }

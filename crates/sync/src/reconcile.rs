@@ -109,6 +109,29 @@ pub struct PassReport {
 }
 
 impl PassReport {
+    fn new(accounts: usize) -> Self {
+        Self {
+            accounts,
+            reconciled: Vec::new(),
+            skipped: Vec::new(),
+            failed: Vec::new(),
+            busy: Vec::new(),
+            weight_used: 0,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn add(&mut self, results: Vec<(AccountId, Result<AccountReport, SyncError>)>) {
+        for (id, result) in results {
+            match result {
+                Ok(r) => self.reconciled.push(r),
+                Err(SyncError::BreakerOpen { reason, .. }) => self.skipped.push((id, reason)),
+                Err(SyncError::InProgress { .. }) => self.busy.push(id),
+                Err(err) => self.failed.push((id, err)),
+            }
+        }
+    }
+
     /// `protect` outcomes of the pass by label (`placed`, `covered`, …).
     pub fn outcomes(&self) -> HashMap<&'static str, usize> {
         let mut counts = HashMap::new();
@@ -230,18 +253,23 @@ impl Reconciler {
     }
 
     /// Runs until `shutdown` completes: flagged accounts are polled every
-    /// `flag_poll` from the start; the first full pass comes after
-    /// `startup_delay`, the next ones every `interval`. Work in flight when
+    /// `flag_poll` from the start; after `startup_delay`, accounts due for
+    /// their periodic reconciliation are polled every `due_poll` (at most
+    /// `interval`) and reconciled by [`Reconciler::due_pass`], so each
+    /// account is reconciled about once per `interval` by one of the sync
+    /// processes sharing the store. Work in flight when
     /// `shutdown` fires is dropped, which is the crash case `protect` is
     /// built for (a claim without an answer is resolved by lookup later).
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         let periodic = async {
             tokio::time::sleep(self.config.startup_delay).await;
-            let mut ticker = tokio::time::interval(self.config.interval);
+            // Polling slower than the interval would stretch it.
+            let mut ticker = tokio::time::interval(self.config.due_poll.min(self.config.interval));
             ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
-                match self.pass().await {
+                match self.due_pass().await {
+                    Ok(report) if report.accounts == 0 => {}
                     Ok(report) => info!(
                         accounts = report.accounts,
                         reconciled = report.reconciled.len(),
@@ -302,7 +330,9 @@ impl Reconciler {
         }
     }
 
-    /// One full pass over every active account, `concurrency` at a time.
+    /// One full pass over every active account, `concurrency` at a time, due
+    /// or not, and by this process alone (for tools and tests; [`Reconciler::run`]
+    /// uses [`Reconciler::due_pass`]).
     ///
     /// # Errors
     /// [`SyncError::Store`] when the accounts cannot be listed; each
@@ -312,27 +342,59 @@ impl Reconciler {
         let weight_before = self.meter.total();
         let accounts = self.store.active_accounts().await?;
         let ids: Vec<AccountId> = accounts.iter().map(|a| a.id).collect();
-        let mut report = PassReport {
-            accounts: ids.len(),
-            reconciled: Vec::new(),
-            skipped: Vec::new(),
-            failed: Vec::new(),
-            busy: Vec::new(),
-            weight_used: 0,
-            elapsed: Duration::ZERO,
-        };
-        for (id, result) in self.reconcile_many(ids).await {
-            match result {
-                Ok(r) => report.reconciled.push(r),
-                Err(SyncError::BreakerOpen { reason, .. }) => report.skipped.push((id, reason)),
-                Err(SyncError::InProgress { .. }) => report.busy.push(id),
-                Err(err) => report.failed.push((id, err)),
+        let mut report = PassReport::new(ids.len());
+        report.add(self.reconcile_many(ids).await);
+        report.reconciled.sort_by_key(|r| r.account);
+        report.weight_used = self.meter.total() - weight_before;
+        report.elapsed = started.elapsed();
+        self.metrics.pass();
+        Ok(report)
+    }
+
+    /// The periodic pass, shared with every other sync process on the store:
+    /// takes the accounts due (`Store::take_due_accounts`: last reconciled
+    /// `interval` ago or never, not taken by a live pass) `concurrency` at a
+    /// time, reconciles them, and marks each one reconciled, until none is
+    /// due. Several processes running it at once split the accounts; an
+    /// account a process took and did not finish (it died, or the account
+    /// failed) is due again after `pass_lease`.
+    ///
+    /// # Errors
+    /// [`SyncError::Store`] when due accounts cannot be taken; each account's
+    /// own failure is in the report.
+    pub async fn due_pass(&self) -> Result<PassReport, SyncError> {
+        let started = Instant::now();
+        let weight_before = self.meter.total();
+        let mut report = PassReport::new(0);
+        let mut seen = HashSet::new();
+        loop {
+            let ids = self
+                .store
+                .take_due_accounts(
+                    &self.config.holder,
+                    self.config.interval,
+                    self.config.pass_lease,
+                    self.config.concurrency.max(1),
+                )
+                .await?;
+            if ids.is_empty() {
+                break;
+            }
+            // An account due again within the same pass (an interval shorter than
+            // the pass) ends it: the next poll goes on.
+            let repeated = ids.iter().any(|id| !seen.insert(*id));
+            report.accounts = seen.len();
+            report.add(self.reconcile_many(ids).await);
+            if repeated {
+                break;
             }
         }
         report.reconciled.sort_by_key(|r| r.account);
         report.weight_used = self.meter.total() - weight_before;
         report.elapsed = started.elapsed();
-        self.metrics.pass();
+        if report.accounts > 0 {
+            self.metrics.pass();
+        }
         Ok(report)
     }
 
@@ -358,7 +420,14 @@ impl Reconciler {
             }
         }
         let _release = Release(&self.busy, account);
-        self.reconcile_account(account).await
+        let result = self.reconcile_account(account).await;
+        if result.is_ok() {
+            // Whichever trigger ran it, the account is next due an interval from now.
+            if let Err(err) = self.store.mark_reconciled(account).await {
+                warn!(account = %account, error = %err, "could not record the reconciliation");
+            }
+        }
+        result
     }
 
     /// Reconciles one account: its open entries against the exchange, with

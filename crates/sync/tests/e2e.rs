@@ -70,12 +70,16 @@ async fn e2e() -> E2e {
 
 impl E2e {
     fn reconciler(&self) -> Reconciler {
+        self.reconciler_with(self.exchange.clone(), config())
+    }
+
+    fn reconciler_with(&self, exchange: Arc<dyn Exchange>, config: SyncConfig) -> Reconciler {
         Reconciler::wired(
-            self.exchange.clone(),
+            exchange,
             self.store.clone(),
             Arc::new(SystemClock),
             ProtectorConfig::new(self.ids.clone()),
-            config(),
+            config,
         )
     }
 
@@ -348,4 +352,153 @@ async fn revoked_keys_open_the_breaker_and_other_accounts_are_unaffected() {
     assert_eq!(again.skipped.len(), 1, "{again:?}");
     assert_eq!(again.skipped[0].0, bad.id);
     assert_eq!(sync.metrics().breaker_opens, 1);
+}
+
+fn shared_config(holder: &str) -> SyncConfig {
+    let mut c = config();
+    c.holder = holder.into();
+    c.interval = Duration::from_secs(3600);
+    c.concurrency = 3;
+    c
+}
+
+fn reconciled(report: &sync::PassReport) -> Vec<AccountId> {
+    report.reconciled.iter().map(|r| r.account).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_reconcilers_split_a_pass_each_account_once_and_no_leg_twice() {
+    let t = e2e().await;
+    let mut accounts = Vec::new();
+    let mut entries = Vec::new();
+    for i in 0..12 {
+        let key = format!("k{i}");
+        let a = t.account(&key).await;
+        entries.push(t.sent_entry(&a, None, dec!(0.01)).await);
+        accounts.push((a.id, key));
+    }
+    let one = t.reconciler_with(t.exchange.clone(), shared_config("sync-one"));
+    let two = t.reconciler_with(t.exchange.clone(), shared_config("sync-two"));
+
+    let (p1, p2) = tokio::join!(one.due_pass(), two.due_pass());
+    let (p1, p2) = (p1.unwrap(), p2.unwrap());
+    assert!(
+        p1.failed.is_empty() && p2.failed.is_empty(),
+        "{p1:?} {p2:?}"
+    );
+    let (r1, r2) = (reconciled(&p1), reconciled(&p2));
+    assert!(
+        !r1.is_empty() && !r2.is_empty(),
+        "both processes took part: {r1:?} / {r2:?}"
+    );
+    assert!(
+        r1.iter().all(|id| !r2.contains(id)),
+        "no account reconciled by both: {r1:?} / {r2:?}"
+    );
+    let mut all: Vec<AccountId> = r1.iter().chain(&r2).copied().collect();
+    all.sort();
+    let expected: Vec<AccountId> = accounts.iter().map(|(id, _)| *id).collect();
+    assert_eq!(all, expected, "every account reconciled");
+
+    for (id, (_, key)) in entries.iter().zip(&accounts) {
+        assert!(is_protected_by_sync(&t.protection(*id).await));
+        let legs = t.store.legs(*id).await.unwrap();
+        assert_eq!(
+            t.all_lists(key),
+            legs.len(),
+            "one list per leg on the exchange for {key}"
+        );
+        assert!(
+            legs.iter().all(|l| l.key.generation == 0),
+            "placed once: {legs:?}"
+        );
+    }
+
+    // Within the interval neither process reconciles anything again.
+    let (q1, q2) = tokio::join!(one.due_pass(), two.due_pass());
+    let (q1, q2) = (q1.unwrap(), q2.unwrap());
+    assert_eq!(q1.accounts + q2.accounts, 0, "{q1:?} {q2:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accounts_of_a_sync_that_dies_mid_pass_are_reconciled_by_the_other() {
+    let t = e2e().await;
+    let mut accounts = Vec::new();
+    let mut entries = Vec::new();
+    for i in 0..6 {
+        let a = t.account(&format!("k{i}")).await;
+        entries.push(t.sent_entry(&a, None, dec!(0.01)).await);
+        accounts.push(a.id);
+    }
+    // The dying process talks to an exchange that never answers: it hangs in
+    // its first requests with the accounts taken, and is then killed.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_url = format!("http://{}", hole.local_addr().unwrap());
+    let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let holder = {
+        let reached = reached.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = hole.accept().await {
+                reached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(socket);
+            }
+        })
+    };
+    let silent: Arc<dyn Exchange> =
+        Arc::new(BinanceExchange::new(BinanceConfig::custom(hole_url.clone(), hole_url)).unwrap());
+    let mut dying_config = shared_config("sync-dying");
+    dying_config.pass_lease = Duration::from_secs(2);
+    let dying = Arc::new(t.reconciler_with(silent, dying_config));
+    let survivor = t.reconciler_with(t.exchange.clone(), shared_config("sync-survivor"));
+
+    let pass = {
+        let dying = dying.clone();
+        tokio::spawn(async move { dying.due_pass().await })
+    };
+    // Its first request means it has taken its batch.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reached.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dying process reaches the exchange"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    pass.abort();
+    assert!(pass.await.unwrap_err().is_cancelled(), "killed mid-pass");
+
+    // At once the survivor reconciles the rest, not the batch the dead one holds...
+    let first = survivor.due_pass().await.unwrap();
+    let got = reconciled(&first);
+    assert_eq!(
+        got.len(),
+        3,
+        "the dead one's batch of 3 is still taken: {first:?}"
+    );
+    let lost: Vec<AccountId> = accounts
+        .iter()
+        .copied()
+        .filter(|id| !got.contains(id))
+        .collect();
+    // ...and once the dead one's take expires, those too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut later = Vec::new();
+    while later.len() < lost.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead process's accounts come back: {later:?}"
+        );
+        later.extend(reconciled(&survivor.due_pass().await.unwrap()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    later.sort();
+    assert_eq!(later, lost, "exactly the dead process's accounts");
+    for id in &entries {
+        assert!(is_protected_by_sync(&t.protection(*id).await), "{id}");
+    }
+    for i in 0..6 {
+        assert_eq!(t.all_lists(&format!("k{i}")), 2, "each leg placed once");
+    }
+    holder.abort();
 }
