@@ -5,10 +5,13 @@
 //! starts the three layers against a configured exchange and PostgreSQL;
 //! `migrate` applies the database migrations.
 
+pub mod config;
 pub mod demo;
 pub mod run;
 
 use clap::{Parser, Subcommand};
+
+use crate::config::{LogFormat, Settings};
 
 /// ocoguard: every filled spot entry protected by exchange-side OCO orders.
 #[derive(Debug, Parser)]
@@ -27,13 +30,12 @@ pub enum Command {
     Demo,
     /// Runs ws-gateway, sync and the entry API in one process against a
     /// configured exchange and PostgreSQL, until SIGINT/SIGTERM.
-    Run(Box<run::RunArgs>),
-    /// Applies pending database migrations, then exits.
-    Migrate {
-        /// PostgreSQL URL.
-        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-        database_url: String,
-    },
+    Run(run::RunArgs),
+    /// Applies pending database migrations (`database.url` / DATABASE_URL), then exits.
+    Migrate(run::RunArgs),
+    /// Checks the settings `run` would use and prints each with its source
+    /// (default, file or variable); secrets are never shown.
+    Config(run::RunArgs),
 }
 
 /// Runs the parsed command line.
@@ -52,10 +54,17 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            init_logs("info");
-            run::run_all(&args, api_bin::shutdown_signal()).await
+            let settings = Settings::load(args.config.as_deref(), &config::process_env)?;
+            init_logs_as("info", settings.log_format);
+            run::run_all(&settings, api_bin::shutdown_signal()).await
         }
-        Command::Migrate { database_url } => {
+        Command::Config(args) => {
+            let settings = Settings::load(args.config.as_deref(), &config::process_env)?;
+            print_settings(&mut std::io::stdout(), &settings)?;
+            Ok(())
+        }
+        Command::Migrate(args) => {
+            let database_url = config::database_url(args.config.as_deref(), &config::process_env)?;
             init_logs("info");
             let applied = run::migrate(&database_url).await?;
             println!("{} migration(s) applied", applied.len());
@@ -74,11 +83,30 @@ pub fn init_quiet_logs() {
 
 /// Logs to stderr, filtered by `RUST_LOG`, else by `default`.
 pub fn init_logs(default: &str) {
+    init_logs_as(default, LogFormat::Human);
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG`, else by `default`.
+pub fn init_logs_as(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Writes `key = value  # source` for every option, secrets redacted.
+///
+/// # Errors
+/// When `out` fails.
+pub fn print_settings(out: &mut dyn std::io::Write, settings: &Settings) -> std::io::Result<()> {
+    for (key, shown, source) in settings.describe() {
+        writeln!(out, "{key:<26} {shown:<40} ({source})")?;
+    }
+    Ok(())
 }

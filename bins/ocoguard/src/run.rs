@@ -2,71 +2,33 @@
 //! entry API) in one process over PostgreSQL and a configured exchange, until
 //! SIGINT/SIGTERM; or only the database migrations.
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
 use oco_core::ports::Leases;
 use oco_core::{IdScheme, Protector, ProtectorConfig, SystemClock};
-use store_pg::{PgConfig, PgStore, SecretKey};
+use store_pg::{PgConfig, PgStore};
 use sync::{Reconciler, SyncConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use ws_gateway::{Gateway, GatewayConfig};
 
-/// Which exchange endpoints to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ExchangeKind {
-    /// `api.binance.com`.
-    Production,
-    /// `testnet.binance.vision`.
-    Testnet,
-    /// An `exchange-sim`: `BINANCE_REST_URL` and `BINANCE_WS_URL` are required.
-    Sim,
-}
+use crate::config::{ExchangeKind, Settings};
 
 /// `ocoguard run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// PostgreSQL URL.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
-    /// Key API secrets are encrypted under: 32 bytes as 64 hex digits or base64.
-    #[arg(long, env = "OCO_SECRET_KEY", hide_env_values = true)]
-    pub secret_key: String,
-    /// Database connections.
-    #[arg(long, env = "OCO_DB_POOL_SIZE", default_value_t = 16)]
-    pub db_pool_size: usize,
-    /// Which exchange.
-    #[arg(long, env = "OCO_EXCHANGE", value_enum, default_value_t = ExchangeKind::Production)]
-    pub exchange: ExchangeKind,
-    /// REST base URL; overrides the exchange's default.
-    #[arg(long, env = "BINANCE_REST_URL")]
-    pub binance_rest_url: Option<String>,
-    /// WebSocket API URL; overrides the exchange's default.
-    #[arg(long, env = "BINANCE_WS_URL")]
-    pub binance_ws_url: Option<String>,
-    /// Where the entry API listens.
-    #[arg(long, env = "OCO_API_LISTEN", default_value = "127.0.0.1:8080")]
-    pub api_listen: SocketAddr,
-    /// Client-id namespace shared by every ocoguard process (1-6 letters or digits).
-    #[arg(long, env = "OCO_ID_NAMESPACE", default_value = "og")]
-    pub id_namespace: String,
-    /// This process's lease holder name, unique per process (default: hostname-pid).
-    #[arg(long, env = "OCO_GATEWAY_ID")]
-    pub gateway_id: Option<String>,
-    /// Seconds between full reconciliation passes.
-    #[arg(long, env = "SYNC_INTERVAL_SECS", default_value_t = 300)]
-    pub sync_interval_secs: u64,
-    /// Seconds before the first full reconciliation pass.
-    #[arg(long, env = "SYNC_STARTUP_DELAY_SECS", default_value_t = 15)]
-    pub sync_startup_delay_secs: u64,
+    /// TOML config file; environment variables override it (see
+    /// `ocoguard.example.toml` and `ocoguard config`).
+    #[arg(long, short = 'c', env = "OCOGUARD_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
-impl RunArgs {
+impl Settings {
     /// The adapter configuration for the chosen exchange and URL overrides.
     ///
     /// # Errors
@@ -77,7 +39,7 @@ impl RunArgs {
             ExchangeKind::Testnet => BinanceConfig::testnet(),
             ExchangeKind::Sim => {
                 let (Some(rest), Some(ws)) = (&self.binance_rest_url, &self.binance_ws_url) else {
-                    bail!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL");
+                    bail!("exchange `sim` needs `exchange.rest_url` and `exchange.ws_url`");
                 };
                 return Ok(BinanceConfig::custom(rest.clone(), ws.clone()));
             }
@@ -89,6 +51,28 @@ impl RunArgs {
             config.ws_api_url.clone_from(ws);
         }
         Ok(config)
+    }
+
+    /// The gateway's settings: the standard ones with this file's lease
+    /// period, renewal interval, account limit and holder name.
+    pub fn gateway_config(&self) -> GatewayConfig {
+        let holder = self.gateway_id.clone().unwrap_or_else(default_gateway_id);
+        let mut c = GatewayConfig::standard(holder);
+        c.lease_ttl = Duration::from_secs(self.lease_ttl_secs);
+        c.renew_every = Duration::from_secs(self.lease_renew_secs);
+        c.max_accounts = self.max_accounts;
+        c
+    }
+
+    /// The reconciler's settings: the standard ones with this file's interval,
+    /// startup delay, concurrency and weight budget.
+    pub fn sync_config(&self) -> SyncConfig {
+        let mut c = SyncConfig::standard();
+        c.interval = Duration::from_secs(self.sync_interval_secs.max(1));
+        c.startup_delay = Duration::from_secs(self.sync_startup_delay_secs);
+        c.concurrency = self.sync_concurrency.max(1);
+        c.weight_budget_per_minute = self.sync_weight_budget.max(1);
+        c
     }
 }
 
@@ -120,10 +104,10 @@ pub async fn migrate(database_url: &str) -> anyhow::Result<Vec<String>> {
 /// # Errors
 /// Bad settings (the message names the variable, never the secret key), an
 /// unreachable database, an address that cannot be bound, a layer that fails.
-pub async fn run_all(args: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let ids = IdScheme::new(&args.id_namespace).context("OCO_ID_NAMESPACE")?;
+pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let ids = IdScheme::new(&args.id_namespace).context("id_namespace")?;
     let binance = args.binance_config()?;
-    let secret_key = SecretKey::parse(&args.secret_key).context("OCO_SECRET_KEY")?;
+    let secret_key = args.secret_key.clone();
     let store = Arc::new(
         PgStore::connect(PgConfig {
             url: args.database_url.clone(),
@@ -131,12 +115,12 @@ pub async fn run_all(args: &RunArgs, shutdown: impl Future<Output = ()>) -> anyh
             secret_key,
         })
         .await
-        .context("connecting to the database (DATABASE_URL, OCO_SECRET_KEY)")?,
+        .context("connecting to the database (`database.url`, the secret key)")?,
     );
     store.migrate().await.context("applying migrations")?;
     let client = || {
         BinanceExchange::new(binance.clone())
-            .context("building the Binance client (BINANCE_REST_URL)")
+            .context("building the Binance client (`exchange.rest_url`)")
     };
     let gw_exchange = client()?;
     if let Err(err) = gw_exchange.sync_time().await {
@@ -145,9 +129,10 @@ pub async fn run_all(args: &RunArgs, shutdown: impl Future<Output = ()>) -> anyh
     }
 
     // Layer 1: the user-data streams.
-    let holder = args.gateway_id.clone().unwrap_or_else(default_gateway_id);
+    let gateway_config = args.gateway_config();
+    let holder = gateway_config.holder.clone();
     let streams = BinanceUserStream::new(binance.clone())
-        .context("building the Binance stream client (BINANCE_WS_URL)")?;
+        .context("building the Binance stream client (`exchange.ws_url`)")?;
     let gateway = Gateway::new(
         store.clone(),
         store.clone() as Arc<dyn Leases>,
@@ -158,12 +143,10 @@ pub async fn run_all(args: &RunArgs, shutdown: impl Future<Output = ()>) -> anyh
             Arc::new(SystemClock),
             ProtectorConfig::new(ids.clone()),
         )),
-        GatewayConfig::standard(holder.clone()),
+        gateway_config,
     );
     // Layer 2: reconciliation.
-    let mut sync_config = SyncConfig::standard();
-    sync_config.interval = Duration::from_secs(args.sync_interval_secs.max(1));
-    sync_config.startup_delay = Duration::from_secs(args.sync_startup_delay_secs);
+    let sync_config = args.sync_config();
     let reconciler = Arc::new(Reconciler::wired(
         Arc::new(client()?),
         store.clone(),
@@ -180,7 +163,7 @@ pub async fn run_all(args: &RunArgs, shutdown: impl Future<Output = ()>) -> anyh
     )?;
     let listener = TcpListener::bind(args.api_listen)
         .await
-        .with_context(|| format!("binding OCO_API_LISTEN {}", args.api_listen))?;
+        .with_context(|| format!("binding `api.listen` {}", args.api_listen))?;
 
     let (stop, _) = watch::channel(false);
     let signal = |stop: &watch::Sender<bool>| {

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use exchange_sim::{AccountSpec, Sim, SimConfig};
 use oco_core::ports::Users;
-use ocoguard::run::{ExchangeKind, RunArgs, migrate, run_all};
+use ocoguard::config::{ExchangeKind, Settings};
+use ocoguard::run::{migrate, run_all};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use store_pg::testing::TestDb;
@@ -41,19 +42,31 @@ async fn run_protects_an_entry_placed_through_its_api() {
         .local_addr()
         .unwrap()
         .port();
-    let args = RunArgs {
-        database_url: db.url().to_owned(),
-        secret_key: text_key.clone(),
-        db_pool_size: 4,
-        exchange: ExchangeKind::Sim,
-        binance_rest_url: Some(sim.base_url()),
-        binance_ws_url: Some(sim.ws_api_url()),
-        api_listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        id_namespace: "run".into(),
-        gateway_id: Some("run-test".into()),
-        sync_interval_secs: 60,
-        sync_startup_delay_secs: 60,
+    // The settings as `ocoguard run` reads them: a file, the environment over it.
+    let dir = std::env::temp_dir().join(format!("ocoguard-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ocoguard.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "id_namespace = \"run\"\n[database]\nurl = \"{}\"\npool_size = 4\n\
+             [exchange]\nkind = \"sim\"\nrest_url = \"{}\"\nws_url = \"{}\"\n\
+             [gateway]\nid = \"run-test\"\n[sync]\ninterval_secs = 60\nstartup_delay_secs = 60\n",
+            db.url(),
+            sim.base_url(),
+            sim.ws_api_url()
+        ),
+    )
+    .unwrap();
+    let (key_env, listen) = (text_key.clone(), format!("127.0.0.1:{port}"));
+    let env = move |name: &str| match name {
+        "OCO_SECRET_KEY" => Some(key_env.clone()),
+        "OCO_API_LISTEN" => Some(listen.clone()),
+        _ => None,
     };
+    let args = Settings::load(Some(&file), &env).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(args.exchange, ExchangeKind::Sim);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         run_all(&args, async move {

@@ -55,9 +55,12 @@ pub struct Config {
     /// Request weight per minute sync may use (Binance counts per IP).
     #[arg(long, env = "SYNC_WEIGHT_BUDGET", default_value_t = 3000)]
     pub weight_budget: u32,
-    /// Database connections.
-    #[arg(long, env = "SYNC_DB_POOL", default_value_t = 8)]
-    pub db_pool: usize,
+    /// Database connections (`OCO_DB_POOL_SIZE`, as the other binaries; default 8).
+    #[arg(long = "db-pool-size", env = "OCO_DB_POOL_SIZE")]
+    pub db_pool_size: Option<usize>,
+    /// The older name of `--db-pool-size`, still read; `OCO_DB_POOL_SIZE` wins.
+    #[arg(long = "db-pool", env = "SYNC_DB_POOL", hide = true)]
+    pub db_pool: Option<usize>,
 }
 
 /// Configuration text that must never be shown: `Debug` redacts it. Parsed
@@ -83,6 +86,11 @@ fn parse_secret(text: &str) -> Result<SecretText, std::convert::Infallible> {
 }
 
 impl Config {
+    /// Database connections: `OCO_DB_POOL_SIZE`, else the older `SYNC_DB_POOL`, else 8.
+    pub fn pool_size(&self) -> usize {
+        self.db_pool_size.or(self.db_pool).unwrap_or(8).max(1)
+    }
+
     /// The reconciler's settings: the standard ones, overridden by the flags.
     pub fn sync_config(&self) -> SyncConfig {
         let mut c = SyncConfig::standard();
@@ -104,7 +112,7 @@ pub async fn wire(config: &Config) -> anyhow::Result<Reconciler> {
     let secret_key = SecretKey::parse(&config.secret_key.0).context("OCO_SECRET_KEY")?;
     let store = PgStore::connect(PgConfig {
         url: config.database_url.clone(),
-        pool_size: config.db_pool.max(1),
+        pool_size: config.pool_size(),
         secret_key,
     })
     .await
