@@ -44,7 +44,8 @@ impl Fx {
     async fn new(settings: LayerSettings) -> Fx {
         let dir = scratch_dir("scenario").unwrap();
         let db = TestDb::new().await;
-        let sim = SimProc::start(&[format!("{KEY}:{SECRET}:USDT=100000")], &[], &dir).unwrap();
+        let sim =
+            SimProc::start(&[format!("{KEY}:{SECRET}:USDT=100000,BNB=5")], &[], &dir).unwrap();
         let layers = Layers::new(&dir, db.url(), &sim, settings).unwrap();
         let api = layers.start(layers.api_spec()).unwrap();
         let token = layers.add_user("alice").unwrap();
@@ -203,6 +204,36 @@ async fn a_market_fill_is_protected_through_the_stream() {
     let shown = fx.protected(id).await;
     assert_eq!(shown["status"], "filled", "{shown}");
     fx.check_one_set(id, &shown, "websocket").await;
+}
+
+/// The API's answer is lost but its lookup finds the fill: the legs it places
+/// cover the fill net of the base-asset fee, which the lookup alone does not
+/// show (the account holds other BNB, so oversized legs would be accepted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looked_up_fill_is_protected_net_of_its_fee() {
+    let fx = Fx::new(LayerSettings::quick()).await;
+    fx.sim
+        .admin()
+        .fail_requests(Some("POST"), "/api/v3/order", 1, true)
+        .await
+        .unwrap();
+    let body = json!({"account": fx.account, "symbol": "BNBUSDT", "type": "MARKET",
+                      "quantity": "0.5", "tp": ["606", "612"], "sl": "590"});
+    let (status, id, body) = fx.post(body).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["protection"]["by"], "direct", "{body}");
+    let legs: Decimal = body["legs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["qty"].as_str().unwrap().parse::<Decimal>().unwrap())
+        .sum();
+    // 0.5 bought, 0.0005 BNB commission: 0.4995 received.
+    assert!(
+        legs <= "0.4995".parse().unwrap(),
+        "legs of entry {id} offer {legs} BNB, more than the 0.4995 received: {body}"
+    );
+    assert_eq!(fx.lists_of(id).await.len(), 2);
 }
 
 /// The stream is down (connections dropped and refused) while a LIMIT
