@@ -11,7 +11,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use oco_core::model::{Entry, Evidence, NewEntry, Source};
-use oco_core::ports::{CancelOutcome, ExchangeError, OrderRequest, OrderSnapshot, Side, event};
+use oco_core::ports::{
+    ApiCredentials, CancelOutcome, ExchangeError, OrderRequest, OrderSnapshot, Side, event,
+};
 use oco_core::protect::ProtectOutcome;
 use oco_core::{ClientOrderId, EntryId, EntryStatus, Qty, StoreError};
 use rust_decimal::Decimal;
@@ -128,7 +130,9 @@ pub(crate) async fn create_entry(
                 .query_order(&creds, &entry.symbol.name, entry.client_id.as_str())
                 .await
             {
-                Ok(snap) => Ok(snap),
+                Ok(snap) => with_trades(&state, &creds, snap)
+                    .await
+                    .map_err(|lookup| (err, lookup)),
                 Err(lookup) => Err((err, lookup)),
             }
         }
@@ -164,6 +168,24 @@ fn is_maybe_placed(err: &ExchangeError) -> bool {
         err,
         ExchangeError::UnknownOutcome(_) | ExchangeError::NotFound
     ) || err.is_duplicate()
+}
+
+/// A looked-up order carries no trades, so its commission is unknown: legs
+/// planned from it would ignore a base-asset fee and offer more coins than
+/// the fill left. Fetch the trades first; without them, leave it to reconciliation.
+async fn with_trades(
+    state: &AppState,
+    creds: &ApiCredentials,
+    mut snap: OrderSnapshot,
+) -> Result<OrderSnapshot, ExchangeError> {
+    let seen: Qty = snap.fills.iter().map(|f| f.qty).sum();
+    if !snap.executed_qty.is_zero() && seen < snap.executed_qty {
+        snap.fills = state
+            .exchange
+            .order_trades(creds, &snap.symbol, snap.order_id)
+            .await?;
+    }
+    Ok(snap)
 }
 
 /// Records that the entry was never placed, so that it is not left pending.

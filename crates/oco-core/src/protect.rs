@@ -379,7 +379,13 @@ impl Protector {
             Err(reason) => return self.unprotectable(entry, source, reason.to_string()).await,
         };
         if !active.is_empty() && active_qty >= plan.total() {
-            self.mark_protected(entry, source, now).await?;
+            // Coverage is credited to the layer that placed it, not to whoever
+            // notices it: a caller that raced the placer placed nothing.
+            let by = active
+                .iter()
+                .max_by_key(|l| l.key.generation)
+                .map_or(source, |l| l.source);
+            self.mark_protected(entry, by, now).await?;
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
         }
 

@@ -91,6 +91,41 @@ async fn concurrent_calls_for_one_fill_place_each_leg_once() {
 }
 
 #[tokio::test]
+async fn coverage_found_by_another_layer_is_credited_to_the_placer() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    let ev = full_fill();
+    w.protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    // As if the placer had not yet recorded the coverage when sync looked.
+    w.store
+        .set_protection(id, &Protection::Unprotected)
+        .await
+        .unwrap();
+    let again = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Covered));
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(
+            entry.protection,
+            Protection::Protected {
+                by: Source::Websocket,
+                ..
+            }
+        ),
+        "{:?}",
+        entry.protection
+    );
+}
+
+#[tokio::test]
 async fn an_unknown_outcome_is_resolved_by_lookup_not_by_placing_again() {
     let w = world(ProtectionConfig::DEFAULT).await;
     let id = w.entry(EntryLevels::default()).await;
