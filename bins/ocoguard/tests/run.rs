@@ -36,11 +36,14 @@ async fn run_protects_an_entry_placed_through_its_api() {
     .unwrap();
     // The run command takes the key as text, as the environment gives it.
     let text_key = "11".repeat(32);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, metrics_port) = (free_port(), free_port());
     let args = RunArgs {
         database_url: db.url().to_owned(),
         secret_key: text_key.clone(),
@@ -53,6 +56,7 @@ async fn run_protects_an_entry_placed_through_its_api() {
         gateway_id: Some("run-test".into()),
         sync_interval_secs: 60,
         sync_startup_delay_secs: 60,
+        metrics_listen: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -112,6 +116,52 @@ async fn run_protects_an_entry_placed_through_its_api() {
         "both legs exist when the request returns"
     );
 
+    // Both endpoints export the same registry; the API protected directly.
+    for url in [
+        format!("http://127.0.0.1:{metrics_port}/metrics"),
+        format!("http://127.0.0.1:{port}/metrics"),
+    ] {
+        let text = http.get(&url).send().await.unwrap().text().await.unwrap();
+        assert_eq!(
+            metric(&text, "oco_placements_total{source=\"direct\"}"),
+            Some(2.0),
+            "{url}: {text}"
+        );
+        assert_eq!(
+            metric(&text, "oco_placements_total{source=\"sync\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "oco_fill_to_protected_seconds_count{source=\"direct\"}"
+            ),
+            Some(1.0),
+            "one first protection measured: {text}"
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "oco_protect_calls_total{source=\"direct\",outcome=\"placed\"}"
+            ),
+            Some(1.0)
+        );
+        assert!(metric(&text, "oco_coverage_ratio").is_some(), "{text}");
+        assert!(!text.contains("run-secret") && !text.contains(&token));
+    }
+
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
+}
+
+/// The value of the sample named exactly `series` (name and labels) in a
+/// Prometheus text answer.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
