@@ -147,6 +147,18 @@ async fn run_protects_an_entry_placed_through_its_api() {
             Some(1.0)
         );
         assert!(metric(&text, "oco_coverage_ratio").is_some(), "{text}");
+        for file in ["ops/prometheus/alerts.yml"] {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../").to_owned() + file;
+            let named = metric_names(&std::fs::read_to_string(&path).unwrap());
+            assert!(named.len() >= 5, "{file} names the metrics: {named:?}");
+            let exported = exported_names(&text);
+            for name in named {
+                assert!(
+                    exported.contains(&name),
+                    "{file} uses {name}, which the process does not export"
+                );
+            }
+        }
         assert!(!text.contains("run-secret") && !text.contains(&token));
     }
 
@@ -164,4 +176,49 @@ fn metric(text: &str, series: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// Every `oco_*` metric name mentioned in a rules or dashboard file.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("oco_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The series names a scrape can hold, from its `# TYPE` lines (families with
+/// no sample yet included): counters end in `_total`, histograms have
+/// `_bucket`, `_sum` and `_count`.
+fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Some(decl) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = decl.split(' ');
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
 }

@@ -47,6 +47,20 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
+// Labelled families that can be empty: (name, type, help).
+const LABELLED: [(&str, &str, &str); 4] = [
+    ("oco_protect_calls", "counter", HELP_PROTECT_CALLS),
+    ("oco_stream_up", "gauge", HELP_STREAM_UP),
+    ("oco_breaker_open", "gauge", HELP_BREAKER_OPEN),
+    ("oco_exchange_errors", "counter", HELP_EXCHANGE_ERRORS),
+];
+const HELP_PROTECT_CALLS: &str = "protect calls by layer and outcome";
+const HELP_STREAM_UP: &str =
+    "1 while the account's user-data stream is subscribed, 0 while it is leased here but down";
+const HELP_BREAKER_OPEN: &str = "1 while sync's circuit breaker for the account is open";
+const HELP_EXCHANGE_ERRORS: &str =
+    "Exchange errors by code (the exchange's code for refusals, else the kind)";
+
 type Hook = Box<dyn Fn(&Metrics) + Send + Sync>;
 type WeightSource = Box<dyn Fn() -> u32 + Send + Sync>;
 
@@ -99,11 +113,7 @@ impl Metrics {
             latency.clone(),
         );
         let outcomes = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "oco_protect_calls",
-            "protect calls by layer and outcome",
-            outcomes.clone(),
-        );
+        registry.register("oco_protect_calls", HELP_PROTECT_CALLS, outcomes.clone());
         let coverage_ratio = Gauge::<f64, AtomicU64>::default();
         coverage_ratio.set(1.0);
         registry.register(
@@ -148,17 +158,9 @@ impl Metrics {
             coverage_errors.clone(),
         );
         let stream_up = Family::<AccountLabels, Gauge>::default();
-        registry.register(
-            "oco_stream_up",
-            "1 while the account's user-data stream is subscribed, 0 while it is leased here but down",
-            stream_up.clone(),
-        );
+        registry.register("oco_stream_up", HELP_STREAM_UP, stream_up.clone());
         let breaker_open = Family::<AccountLabels, Gauge>::default();
-        registry.register(
-            "oco_breaker_open",
-            "1 while sync's circuit breaker for the account is open",
-            breaker_open.clone(),
-        );
+        registry.register("oco_breaker_open", HELP_BREAKER_OPEN, breaker_open.clone());
         let used_weight = Gauge::default();
         registry.register(
             "oco_exchange_used_weight",
@@ -168,7 +170,7 @@ impl Metrics {
         let exchange_errors = Family::<CodeLabels, Counter>::default();
         registry.register(
             "oco_exchange_errors",
-            "Exchange errors by code (the exchange's code for refusals, else the kind)",
+            HELP_EXCHANGE_ERRORS,
             exchange_errors.clone(),
         );
         for source in [Source::Websocket, Source::Sync, Source::Direct] {
@@ -240,6 +242,18 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
+        // The encoder leaves out labelled families with no series yet (no
+        // stream leased, no breaker open, no error seen); declare them anyway
+        // so that dashboards and rule checks find every name.
+        let mut missing = String::new();
+        for (name, kind, help) in LABELLED {
+            if !out.contains(&format!("# TYPE {name} {kind}")) {
+                missing.push_str(&format!("# HELP {name} {help}.\n# TYPE {name} {kind}\n"));
+            }
+        }
+        if let Some(at) = out.rfind("# EOF") {
+            out.insert_str(at, &missing);
+        }
         out
     }
 

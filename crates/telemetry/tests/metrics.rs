@@ -184,3 +184,18 @@ fn exchange_errors_by_bounded_code() {
     assert_eq!(error_code(&ExchangeError::NotFound), None);
     assert!(!text.contains("insufficient"), "messages are not labels");
 }
+
+#[test]
+fn families_without_samples_are_still_declared() {
+    let text = Metrics::new().encode();
+    for decl in [
+        "# TYPE oco_stream_up gauge",
+        "# TYPE oco_breaker_open gauge",
+        "# TYPE oco_exchange_errors counter",
+        "# TYPE oco_protect_calls counter",
+    ] {
+        assert!(text.contains(decl), "{decl} missing: {text}");
+    }
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert_eq!(text.matches("# TYPE oco_placements counter").count(), 1);
+}
