@@ -19,6 +19,7 @@ use oco_core::ports::SystemClock;
 use oco_core::ports::{Clock, Exchange, Store, Users};
 use oco_core::{IdScheme, Protector, ProtectorConfig};
 use store_pg::{PgConfig, PgStore, SecretKey};
+use telemetry::{Exporter, Metrics, ObservedExchange};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -196,6 +197,38 @@ pub async fn serve(
         .context("serving the entry API")
 }
 
+/// Serves the API and `GET /metrics` (from `metrics`) on `listener` until
+/// `shutdown` completes.
+///
+/// # Errors
+/// When the server fails.
+pub async fn serve_observed(
+    listener: TcpListener,
+    state: AppState,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    info!(%addr, "entry API listening, metrics on /metrics");
+    axum::serve(
+        listener,
+        telemetry::router(metrics).merge(api::router(state)),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .context("serving the entry API")
+}
+
+/// The exchange as the API uses it: errors counted in `metrics`, its used
+/// weight watched.
+pub fn observed_exchange(exchange: BinanceExchange, metrics: &Arc<Metrics>) -> Arc<dyn Exchange> {
+    let weight = exchange.clone();
+    metrics.watch_weight(move || weight.used_weight());
+    Arc::new(ObservedExchange::new(Arc::new(exchange), metrics.clone()))
+}
+
 /// Registers `name` and returns their new token; only its hash is stored.
 ///
 /// # Errors
@@ -223,16 +256,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = Arc::new(connect_store(&args.db).await?);
             let exchange = BinanceExchange::new(binance_config(&args)?)
                 .context("building the Binance adapter")?;
+            let metrics = Metrics::new();
             let state = app_state(
-                store,
-                Arc::new(exchange),
+                store.clone(),
+                observed_exchange(exchange, &metrics),
                 Arc::new(SystemClock),
                 &args.namespace,
             )?;
+            state.protector.set_observer(metrics.clone());
+            let _refresher = Exporter::refresh_only(metrics.clone(), store, Arc::new(SystemClock));
             let listener = TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("binding OCO_API_LISTEN {}", args.listen))?;
-            serve(listener, state, shutdown_signal()).await
+            serve_observed(listener, state, metrics, shutdown_signal()).await
         }
         Command::Users {
             command: UsersCommand::Add { name, db },

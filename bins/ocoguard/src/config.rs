@@ -88,6 +88,12 @@ pub const OPTIONS: &[OptionDoc] = &[
         meaning: "where the entry API listens",
     },
     OptionDoc {
+        key: "metrics.listen",
+        env: &["OCO_METRICS_LISTEN"],
+        default: "127.0.0.1:9180",
+        meaning: "where `GET /metrics` (Prometheus) is served; the entry API serves it too",
+    },
+    OptionDoc {
         key: "gateway.id",
         env: &["OCO_GATEWAY_ID"],
         default: "hostname-pid",
@@ -238,6 +244,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Where the entry API listens.
     pub api_listen: SocketAddr,
+    /// Where `GET /metrics` is served.
+    pub metrics_listen: SocketAddr,
     /// Lease holder name (default: hostname-pid).
     pub gateway_id: Option<String>,
     /// Lease period, seconds.
@@ -270,6 +278,7 @@ impl fmt::Debug for Settings {
             .field("id_namespace", &self.id_namespace)
             .field("log_format", &self.log_format)
             .field("api_listen", &self.api_listen)
+            .field("metrics_listen", &self.metrics_listen)
             .field("gateway_id", &self.gateway_id)
             .field("lease_ttl_secs", &self.lease_ttl_secs)
             .field("lease_renew_secs", &self.lease_renew_secs)
@@ -308,6 +317,8 @@ struct FileConfig {
     #[serde(default)]
     api: ApiFile,
     #[serde(default)]
+    metrics: MetricsFile,
+    #[serde(default)]
     gateway: GatewayFile,
     #[serde(default)]
     sync: SyncFile,
@@ -335,6 +346,12 @@ struct ExchangeFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ApiFile {
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
     listen: Option<SocketAddr>,
 }
 
@@ -589,6 +606,12 @@ impl Settings {
         let log_format = r.get_or("log_format", f, LogFormat::Human)?;
         let f = r.file.api.listen.take();
         let api_listen = r.get_or("api.listen", f, SocketAddr::from(([127, 0, 0, 1], 8080)))?;
+        let f = r.file.metrics.listen.take();
+        let metrics_listen = r.get_or(
+            "metrics.listen",
+            f,
+            SocketAddr::from(([127, 0, 0, 1], 9180)),
+        )?;
 
         let f = r.file.gateway.id.take();
         let gateway_id: Option<String> = r.get("gateway.id", f)?;
@@ -637,6 +660,7 @@ impl Settings {
             id_namespace,
             log_format,
             api_listen,
+            metrics_listen,
             gateway_id,
             lease_ttl_secs,
             lease_renew_secs,
@@ -669,6 +693,7 @@ impl Settings {
                 format!("{:?}", self.log_format).to_lowercase(),
             ),
             ("api.listen", self.api_listen.to_string()),
+            ("metrics.listen", self.metrics_listen.to_string()),
             (
                 "gateway.id",
                 self.gateway_id

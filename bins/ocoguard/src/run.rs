@@ -9,10 +9,11 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
-use oco_core::ports::Leases;
+use oco_core::ports::{Exchange, Leases};
 use oco_core::{IdScheme, Protector, ProtectorConfig, SystemClock};
 use store_pg::{PgConfig, PgStore};
 use sync::{Reconciler, SyncConfig};
+use telemetry::{Exporter, Metrics, ObservedExchange};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use ws_gateway::{Gateway, GatewayConfig};
@@ -118,9 +119,16 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
         .context("connecting to the database (`database.url`, the secret key)")?,
     );
     store.migrate().await.context("applying migrations")?;
+    // One registry for the three layers: placements are told apart by source.
+    let metrics = Metrics::new();
     let client = || {
         BinanceExchange::new(binance.clone())
             .context("building the Binance client (`exchange.rest_url`)")
+    };
+    let observed = |exchange: BinanceExchange| -> Arc<dyn Exchange> {
+        let weight = exchange.clone();
+        metrics.watch_weight(move || weight.used_weight());
+        Arc::new(ObservedExchange::new(Arc::new(exchange), metrics.clone()))
     };
     let gw_exchange = client()?;
     if let Err(err) = gw_exchange.sync_time().await {
@@ -133,37 +141,62 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     let holder = gateway_config.holder.clone();
     let streams = BinanceUserStream::new(binance.clone())
         .context("building the Binance stream client (`exchange.ws_url`)")?;
+    let gw_protector = Arc::new(Protector::new(
+        observed(gw_exchange),
+        store.clone(),
+        Arc::new(SystemClock),
+        ProtectorConfig::new(ids.clone()),
+    ));
+    gw_protector.set_observer(metrics.clone());
     let gateway = Gateway::new(
         store.clone(),
         store.clone() as Arc<dyn Leases>,
         Arc::new(streams),
-        Arc::new(Protector::new(
-            Arc::new(gw_exchange),
-            store.clone(),
-            Arc::new(SystemClock),
-            ProtectorConfig::new(ids.clone()),
-        )),
+        gw_protector,
         gateway_config,
     );
+    let stream_stats = gateway.stats();
+    metrics.on_scrape(move |m| m.set_streams(&stream_stats.stream_states()));
     // Layer 2: reconciliation.
     let sync_config = args.sync_config();
     let reconciler = Arc::new(Reconciler::wired(
-        Arc::new(client()?),
+        observed(client()?),
         store.clone(),
         Arc::new(SystemClock),
         ProtectorConfig::new(ids.clone()),
         sync_config,
     ));
+    reconciler.protector().set_observer(metrics.clone());
+    {
+        let reconciler = reconciler.clone();
+        metrics.on_scrape(move |m| {
+            let open: Vec<_> = reconciler
+                .open_breakers()
+                .into_iter()
+                .map(|(a, _)| a)
+                .collect();
+            m.set_open_breakers(&open);
+        });
+    }
     // Layer 3: the entry API.
     let state = api_bin::app_state(
-        store,
-        Arc::new(client()?),
+        store.clone(),
+        observed(client()?),
         Arc::new(SystemClock),
         &args.id_namespace,
     )?;
+    state.protector.set_observer(metrics.clone());
     let listener = TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("binding `api.listen` {}", args.api_listen))?;
+    let exporter = Exporter::start(
+        args.metrics_listen,
+        metrics.clone(),
+        store,
+        Arc::new(SystemClock),
+    )
+    .await
+    .with_context(|| format!("binding `metrics.listen` {}", args.metrics_listen))?;
 
     let (stop, _) = watch::channel(false);
     let signal = |stop: &watch::Sender<bool>| {
@@ -177,12 +210,18 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
         let (r, sig) = (reconciler.clone(), signal(&stop));
         tokio::spawn(async move { r.run(sig).await })
     };
-    let api_task = tokio::spawn(api_bin::serve(listener, state, signal(&stop)));
+    let api_task = tokio::spawn(api_bin::serve_observed(
+        listener,
+        state,
+        metrics,
+        signal(&stop),
+    ));
     tracing::info!(
         holder = %holder,
         exchange = ?args.exchange,
         api = %args.api_listen,
         namespace = %args.id_namespace,
+        metrics = %exporter.local_addr(),
         "ocoguard started: ws-gateway, sync, entry API"
     );
     shutdown.await;

@@ -37,11 +37,14 @@ async fn run_protects_an_entry_placed_through_its_api() {
     .unwrap();
     // The run command takes the key as text, as the environment gives it.
     let text_key = "11".repeat(32);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, metrics_port) = (free_port(), free_port());
     // The settings as `ocoguard run` reads them: a file, the environment over it.
     let dir = std::env::temp_dir().join(format!("ocoguard-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -59,9 +62,11 @@ async fn run_protects_an_entry_placed_through_its_api() {
     )
     .unwrap();
     let (key_env, listen) = (text_key.clone(), format!("127.0.0.1:{port}"));
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
     let env = move |name: &str| match name {
         "OCO_SECRET_KEY" => Some(key_env.clone()),
         "OCO_API_LISTEN" => Some(listen.clone()),
+        "OCO_METRICS_LISTEN" => Some(metrics_listen.clone()),
         _ => None,
     };
     let args = Settings::load(Some(&file), &env).unwrap();
@@ -125,6 +130,109 @@ async fn run_protects_an_entry_placed_through_its_api() {
         "both legs exist when the request returns"
     );
 
+    // Both endpoints export the same registry; the API protected directly.
+    for url in [
+        format!("http://127.0.0.1:{metrics_port}/metrics"),
+        format!("http://127.0.0.1:{port}/metrics"),
+    ] {
+        let text = http.get(&url).send().await.unwrap().text().await.unwrap();
+        assert_eq!(
+            metric(&text, "oco_placements_total{source=\"direct\"}"),
+            Some(2.0),
+            "{url}: {text}"
+        );
+        assert_eq!(
+            metric(&text, "oco_placements_total{source=\"sync\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "oco_fill_to_protected_seconds_count{source=\"direct\"}"
+            ),
+            Some(1.0),
+            "one first protection measured: {text}"
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "oco_protect_calls_total{source=\"direct\",outcome=\"placed\"}"
+            ),
+            Some(1.0)
+        );
+        assert!(metric(&text, "oco_coverage_ratio").is_some(), "{text}");
+        for file in ["ops/prometheus/alerts.yml"] {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../").to_owned() + file;
+            let named = metric_names(&std::fs::read_to_string(&path).unwrap());
+            assert!(named.len() >= 5, "{file} names the metrics: {named:?}");
+            let exported = exported_names(&text);
+            for name in named {
+                assert!(
+                    exported.contains(&name),
+                    "{file} uses {name}, which the process does not export"
+                );
+            }
+        }
+        assert!(!text.contains("run-secret") && !text.contains(&token));
+    }
+
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
+}
+
+/// The value of the sample named exactly `series` (name and labels) in a
+/// Prometheus text answer.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Every `oco_*` metric name mentioned in a rules or dashboard file.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("oco_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The series names a scrape can hold, from its `# TYPE` lines (families with
+/// no sample yet included): counters end in `_total`, histograms have
+/// `_bucket`, `_sum` and `_count`.
+fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Some(decl) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = decl.split(' ');
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
 }

@@ -14,6 +14,7 @@ use exchange_binance::{BinanceConfig, BinanceExchange};
 use oco_core::{IdScheme, ProtectorConfig, SystemClock};
 use store_pg::{PgConfig, PgStore, SecretKey};
 use sync::{Reconciler, SyncConfig};
+use telemetry::{Exporter, Metrics, ObservedExchange};
 
 /// Reconciles every active account against Binance and protects what the
 /// real-time layer missed.
@@ -61,7 +62,13 @@ pub struct Config {
     /// The older name of `--db-pool-size`, still read; `OCO_DB_POOL_SIZE` wins.
     #[arg(long = "db-pool", env = "SYNC_DB_POOL", hide = true)]
     pub db_pool: Option<usize>,
+    /// Where `GET /metrics` is served (Prometheus).
+    #[arg(long, env = "OCO_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: std::net::SocketAddr,
 }
+
+/// The default of `--metrics-listen`.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9182";
 
 /// Configuration text that must never be shown: `Debug` redacts it. Parsed
 /// only in [`wire`], because clap repeats a refused value in its message.
@@ -108,6 +115,18 @@ impl Config {
 /// Bad namespace or URL, a database that cannot be reached or whose secrets
 /// were encrypted under another key.
 pub async fn wire(config: &Config) -> anyhow::Result<Reconciler> {
+    Ok(wire_observed(config, &Metrics::new()).await?.0)
+}
+
+/// As [`wire`], feeding `metrics` (placements, latency, exchange errors and
+/// weight); also returns the store, for the coverage gauges.
+///
+/// # Errors
+/// As [`wire`].
+pub async fn wire_observed(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Reconciler, Arc<PgStore>)> {
     let ids = IdScheme::new(&config.id_namespace).context("OCO_ID_NAMESPACE")?;
     let secret_key = SecretKey::parse(&config.secret_key.0).context("OCO_SECRET_KEY")?;
     let store = PgStore::connect(PgConfig {
@@ -126,13 +145,30 @@ pub async fn wire(config: &Config) -> anyhow::Result<Reconciler> {
         // Not fatal: the adapter re-syncs by itself after a -1021.
         tracing::warn!(error = %err, "could not read the exchange's time at start");
     }
-    Ok(Reconciler::wired(
-        Arc::new(exchange),
-        Arc::new(store),
+    let weight = exchange.clone();
+    metrics.watch_weight(move || weight.used_weight());
+    let store = Arc::new(store);
+    let reconciler = Reconciler::wired(
+        Arc::new(ObservedExchange::new(Arc::new(exchange), metrics.clone())),
+        store.clone(),
         Arc::new(SystemClock),
         ProtectorConfig::new(ids),
         config.sync_config(),
-    ))
+    );
+    reconciler.protector().set_observer(metrics.clone());
+    Ok((reconciler, store))
+}
+
+/// Keeps `oco_breaker_open` in step with `reconciler`'s breakers.
+pub fn watch_breakers(metrics: &Metrics, reconciler: Arc<Reconciler>) {
+    metrics.on_scrape(move |m| {
+        let open: Vec<_> = reconciler
+            .open_breakers()
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        m.set_open_breakers(&open);
+    });
 }
 
 /// Wires and runs until `shutdown` completes.
@@ -143,8 +179,15 @@ pub async fn run(
     config: &Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let reconciler = wire(config).await?;
+    let metrics = Metrics::new();
+    let (reconciler, store) = wire_observed(config, &metrics).await?;
+    let reconciler = Arc::new(reconciler);
+    watch_breakers(&metrics, reconciler.clone());
+    let exporter = Exporter::start(config.metrics_listen, metrics, store, Arc::new(SystemClock))
+        .await
+        .with_context(|| format!("binding OCO_METRICS_LISTEN {}", config.metrics_listen))?;
     tracing::info!(
+        metrics = %exporter.local_addr(),
         interval_s = config.interval_secs,
         startup_delay_s = config.startup_delay_secs,
         namespace = %config.id_namespace,

@@ -99,6 +99,8 @@ async fn fills_made_while_everything_was_down_are_protected_at_startup() {
             &sim.ws_api_url(),
             "--startup-delay-secs",
             "0",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
     };
     let config = args(&key_hex).unwrap();

@@ -16,6 +16,7 @@ use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
 use oco_core::ports::Leases;
 use oco_core::{IdScheme, Protector, ProtectorConfig, SystemClock};
 use store_pg::{PgConfig, PgStore, SecretKey};
+use telemetry::{Exporter, Metrics, ObservedExchange};
 use ws_gateway::{Gateway, GatewayConfig};
 
 /// Streams every leased account's user data from Binance and protects each
@@ -64,7 +65,13 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "OCO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+    /// Where `GET /metrics` is served (Prometheus).
+    #[arg(long, env = "OCO_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: std::net::SocketAddr,
 }
+
+/// The default of `--metrics-listen`.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9181";
 
 /// Subcommands.
 #[derive(Debug, Clone, Subcommand)]
@@ -210,6 +217,18 @@ pub fn init_tracing(format: LogFormat) {
 /// repeats the secret key), a database that cannot be reached or whose
 /// secrets were encrypted under another key.
 pub async fn wire(config: &Config) -> anyhow::Result<Gateway> {
+    Ok(wire_observed(config, &Metrics::new()).await?.0)
+}
+
+/// As [`wire`], feeding `metrics` (placements, latency, exchange errors and
+/// weight); also returns the store, for the coverage gauges.
+///
+/// # Errors
+/// As [`wire`].
+pub async fn wire_observed(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Gateway, Arc<PgStore>)> {
     let ids = IdScheme::new(&config.id_namespace).context("OCO_ID_NAMESPACE")?;
     let gateway_config = config.gateway_config()?;
     let binance = config.binance_config()?;
@@ -236,19 +255,25 @@ pub async fn wire(config: &Config) -> anyhow::Result<Gateway> {
     }
     let streams = BinanceUserStream::new(binance)
         .context("building the Binance stream client (BINANCE_WS_URL)")?;
+    let weight = exchange.clone();
+    metrics.watch_weight(move || weight.used_weight());
     let protector = Arc::new(Protector::new(
-        Arc::new(exchange),
+        Arc::new(ObservedExchange::new(Arc::new(exchange), metrics.clone())),
         store.clone(),
         Arc::new(SystemClock),
         ProtectorConfig::new(ids),
     ));
-    Ok(Gateway::new(
+    protector.set_observer(metrics.clone());
+    let gateway = Gateway::new(
         store.clone(),
-        store as Arc<dyn Leases>,
+        store.clone() as Arc<dyn Leases>,
         Arc::new(streams),
         protector,
         gateway_config,
-    ))
+    );
+    let stats = gateway.stats();
+    metrics.on_scrape(move |m| m.set_streams(&stats.stream_states()));
+    Ok((gateway, store))
 }
 
 /// Runs the chosen command: migrations, or the gateway until `shutdown`
@@ -267,7 +292,11 @@ pub async fn run(
         tracing::info!(applied = applied.len(), ?applied, "migrations applied");
         return Ok(());
     }
-    let gateway = wire(config).await?;
+    let metrics = Metrics::new();
+    let (gateway, store) = wire_observed(config, &metrics).await?;
+    let exporter = Exporter::start(config.metrics_listen, metrics, store, Arc::new(SystemClock))
+        .await
+        .with_context(|| format!("binding OCO_METRICS_LISTEN {}", config.metrics_listen))?;
     let stats = gateway.stats();
     let holder = config.gateway_config()?.holder;
     tracing::info!(
@@ -277,6 +306,7 @@ pub async fn run(
         lease_ttl_s = config.lease_ttl_secs,
         renew_s = config.lease_renew_secs,
         max_accounts = config.max_accounts,
+        metrics = %exporter.local_addr(),
         "ws-gateway started"
     );
     gateway

@@ -84,6 +84,8 @@ async fn the_wired_process_protects_a_fill_from_the_stream() {
         "5",
         "--lease-renew-secs",
         "1",
+        "--metrics-listen",
+        "127.0.0.1:0",
     ])
     .unwrap();
     assert!(

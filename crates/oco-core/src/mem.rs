@@ -11,10 +11,13 @@ use rust_decimal::Decimal;
 use crate::ids::{AccountId, ClientOrderId, EntryId, LegKey};
 use crate::model::{
     Account, Entry, EntryEventRecord, Evidence, Fill, Leg, LegClaim, LegUpdate, Millis, NewEntry,
-    Protection, ProtectionConfig,
+    Protection, ProtectionConfig, Source,
 };
 use crate::money::Qty;
-use crate::ports::{ApiCredentials, Leases, NewAccount, Store, StoreError, Users};
+use crate::ports::{
+    ApiCredentials, Coverage, CoverageReport, Leases, NewAccount, Store, StoreError,
+    UnprotectedEntry, Users,
+};
 use crate::state::{EntryStatus, LegSold, LegState};
 
 #[derive(Default)]
@@ -527,4 +530,107 @@ pub fn is_open(entry: &Entry) -> bool {
             entry.protection,
             Protection::Closed | Protection::Exited { .. } | Protection::NotNeeded
         )
+}
+
+/// Whether a leg's list was acknowledged by the exchange at some point.
+pub fn was_placed(state: &LegState) -> bool {
+    matches!(
+        state,
+        LegState::Placed { .. }
+            | LegState::TakeProfitFilled
+            | LegState::StopLossFilled
+            | LegState::CanceledExternally { .. }
+            | LegState::Replaced
+    )
+}
+
+#[async_trait]
+impl Coverage for MemStore {
+    async fn coverage(
+        &self,
+        owner: Option<&str>,
+        limit: usize,
+    ) -> Result<CoverageReport, StoreError> {
+        let inner = self.lock();
+        let owned = |account: AccountId| {
+            owner.is_none_or(|o| {
+                inner
+                    .accounts
+                    .get(&account)
+                    .is_some_and(|(a, _)| a.owner == o)
+            })
+        };
+        let mut report = CoverageReport::default();
+        let mut unprotected = Vec::new();
+        for e in inner.entries.values().filter(|e| owned(e.account)) {
+            let state = match e.protection {
+                Protection::Protected { .. } => {
+                    report.filled += 1;
+                    report.protected += 1;
+                    continue;
+                }
+                Protection::Unprotected => "unprotected",
+                Protection::Unprotectable { .. } => "unprotectable",
+                _ => continue,
+            };
+            report.filled += 1;
+            report.unprotected_count += 1;
+            unprotected.push(UnprotectedEntry {
+                entry: e.id,
+                account: e.account,
+                client_id: e.client_id.to_string(),
+                symbol: e.symbol.name.clone(),
+                filled_at: e.filled_at.unwrap_or(e.created_at),
+                state,
+            });
+        }
+        unprotected.sort_by_key(|u| (u.filled_at, u.entry));
+        unprotected.truncate(limit);
+        report.unprotected = unprotected;
+        report.placements = [Source::Websocket, Source::Sync, Source::Direct]
+            .into_iter()
+            .map(|source| {
+                let n = inner
+                    .legs
+                    .values()
+                    .filter(|l| l.source == source && was_placed(&l.state))
+                    .filter(|l| {
+                        inner
+                            .entries
+                            .get(&l.key.entry)
+                            .is_some_and(|e| owned(e.account))
+                    })
+                    .count();
+                (source, n as u64)
+            })
+            .collect();
+        Ok(report)
+    }
+
+    async fn recent_events(
+        &self,
+        owner: &str,
+        limit: usize,
+    ) -> Result<Vec<EntryEventRecord>, StoreError> {
+        let inner = self.lock();
+        let mut events: Vec<(usize, &EntryEventRecord)> = inner
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(_, ev)| {
+                inner
+                    .entries
+                    .get(&ev.entry)
+                    .and_then(|e| inner.accounts.get(&e.account))
+                    .is_some_and(|(a, _)| a.owner == owner)
+            })
+            .collect();
+        // Newest first; lines of one moment in the order they were written, reversed.
+        events.sort_by(|a, b| b.1.at.cmp(&a.1.at).then(b.0.cmp(&a.0)));
+        Ok(events
+            .into_iter()
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
 }

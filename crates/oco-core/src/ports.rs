@@ -581,3 +581,67 @@ pub fn event(
         at,
     }
 }
+
+/// An entry with filled coins and no protection in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnprotectedEntry {
+    /// The entry.
+    pub entry: EntryId,
+    /// Its account.
+    pub account: AccountId,
+    /// Its client order id.
+    pub client_id: String,
+    /// Symbol.
+    pub symbol: String,
+    /// First fill seen: the age of the exposure counts from here.
+    pub filled_at: Millis,
+    /// `unprotected`, or `unprotectable` when no placement can cover it.
+    pub state: &'static str,
+}
+
+/// How protection stands over a set of accounts, as the store records it
+/// (the truth shared by every process).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CoverageReport {
+    /// Entries with filled coins still held: protected, unprotected or
+    /// unprotectable (closed and exited entries hold nothing).
+    pub filled: u64,
+    /// Of those, entries covered by placed legs.
+    pub protected: u64,
+    /// Of those, entries not covered (`filled − protected`).
+    pub unprotected_count: u64,
+    /// The oldest unprotected entries, oldest first, at most the limit asked.
+    pub unprotected: Vec<UnprotectedEntry>,
+    /// Protective lists the exchange acknowledged, by the layer that placed
+    /// them (every layer is listed, zero included).
+    pub placements: Vec<(Source, u64)>,
+}
+
+impl CoverageReport {
+    /// Protected share of the filled entries in parts per million
+    /// (1,000,000 when nothing is filled: nothing is exposed).
+    pub fn ratio_ppm(&self) -> u64 {
+        if self.filled == 0 {
+            return 1_000_000;
+        }
+        self.protected.saturating_mul(1_000_000) / self.filled
+    }
+}
+
+/// Coverage queries over the store, for metrics and the coverage page.
+#[async_trait]
+pub trait Coverage: Send + Sync {
+    /// Coverage of `owner`'s accounts, or of every account when `None`;
+    /// lists at most `limit` unprotected entries.
+    async fn coverage(
+        &self,
+        owner: Option<&str>,
+        limit: usize,
+    ) -> Result<CoverageReport, StoreError>;
+    /// The latest history lines of `owner`'s entries, newest first.
+    async fn recent_events(
+        &self,
+        owner: &str,
+        limit: usize,
+    ) -> Result<Vec<EntryEventRecord>, StoreError>;
+}

@@ -146,6 +146,7 @@ pub struct Protector {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     config: ProtectorConfig,
+    observer: std::sync::OnceLock<Arc<dyn ProtectObserver>>,
 }
 
 impl Protector {
@@ -161,6 +162,7 @@ impl Protector {
             store,
             clock,
             config,
+            observer: std::sync::OnceLock::new(),
         }
     }
 
@@ -223,13 +225,17 @@ impl Protector {
                 }
             }
         }
-        Ok(ProtectReport {
+        let report = ProtectReport {
             entry,
             source,
             outcome,
             filled_at: current.filled_at,
             finished_at: self.clock.now(),
-        })
+        };
+        if let Some(observer) = self.observer.get() {
+            observer.protected(&report);
+        }
+        Ok(report)
     }
 
     async fn round(
@@ -1030,5 +1036,21 @@ pub fn list_end_state(snap: &OrderListSnapshot) -> LegState {
     }
     LegState::CanceledExternally {
         why: ExternalEnd::Canceled,
+    }
+}
+
+/// Told of the result of every [`Protector::protect`] call, whichever layer
+/// made it: how processes derive metrics without `oco-core` doing I/O. Called
+/// inline, so it must be quick and must not block.
+pub trait ProtectObserver: Send + Sync {
+    /// One call finished with `report`.
+    fn protected(&self, report: &ProtectReport);
+}
+
+impl Protector {
+    /// Sets the observer told of every call; `false` if one was already set
+    /// (the first one stays).
+    pub fn set_observer(&self, observer: Arc<dyn ProtectObserver>) -> bool {
+        self.observer.set(observer).is_ok()
     }
 }

@@ -1255,3 +1255,256 @@ pub async fn users_behaviour<S: Store + crate::ports::Users>(store: &S) -> Resul
     );
     Ok(())
 }
+
+/// Runs the behaviour every [`crate::ports::Coverage`] must have on a fresh,
+/// empty store that also implements [`Store`]: which entries count as filled,
+/// protected and unprotected, per owner and overall, the oldest unprotected
+/// first, placements by layer, and each owner's recent history.
+///
+/// # Errors
+/// The first expectation that does not hold, or a store failure.
+pub async fn coverage_behaviour<S: Store + crate::ports::Coverage>(
+    store: &S,
+) -> Result<(), SuiteError> {
+    use crate::model::{Protection, Source};
+    let empty = store.coverage(None, 10).await?;
+    ensure!(
+        empty.filled == 0 && empty.ratio_ppm() == 1_000_000 && empty.unprotected.is_empty(),
+        "an empty store is fully covered: {empty:?}"
+    );
+    let mut accounts = Vec::new();
+    for (owner, key) in [("alice", "cov-a"), ("bob", "cov-b")] {
+        let a = store
+            .create_account(NewAccount {
+                owner: owner.into(),
+                exchange: "binance".into(),
+                credentials: ApiCredentials {
+                    api_key: key.into(),
+                    secret: SecretString::from("s"),
+                },
+                protection: ProtectionConfig::DEFAULT,
+            })
+            .await?;
+        accounts.push(a.id);
+    }
+    let (alice, bob) = (accounts[0], accounts[1]);
+    let id_of = |id: EntryId| ClientOrderId::new(format!("c-E-{id}")).expect("literal id");
+    // Entry `n` fills (when it does) with trade `n`, at time 1_000 + n.
+    let entry = |account, n: i64, filled: bool| async move {
+        let e = store
+            .create_entry(
+                NewEntry {
+                    account,
+                    symbol: btc_usdt(),
+                    kind: crate::model::EntryKind::Market,
+                    size: OrderSize::Base(qty("1")),
+                    levels: crate::levels::EntryLevels::default(),
+                    tags: crate::model::EntryTags::default(),
+                },
+                &id_of,
+                Millis(n),
+            )
+            .await?;
+        if filled {
+            store
+                .record_evidence(
+                    e.id,
+                    &Evidence {
+                        order_id: Some(n),
+                        status: EntryStatus::Filled,
+                        executed_qty: qty("1"),
+                        cumulative_quote: dec("100"),
+                        fills: vec![fill(n, "1", "100", "0", "USDT")],
+                        holding: None,
+                        observed_at: Millis(2_000 + n),
+                    },
+                )
+                .await?;
+        }
+        Ok::<_, SuiteError>(e)
+    };
+    let protected = entry(alice, 1, true).await?;
+    let late = entry(alice, 3, true).await?;
+    let early = entry(alice, 2, true).await?;
+    let resting = entry(alice, 4, false).await?;
+    let closed = entry(alice, 5, true).await?;
+    let stuck = entry(alice, 6, true).await?;
+    let bobs = entry(bob, 7, true).await?;
+    let leg = |e: &crate::model::Entry, leg: LegIndex, source: Source| LegClaim {
+        key: LegKey {
+            entry: e.id,
+            leg,
+            generation: 0,
+        },
+        ids: OcoClientIds {
+            list: ClientOrderId::new(format!("c-L-{}-{}", e.id, leg.number())).expect("id"),
+            take_profit: ClientOrderId::new(format!("c-T-{}-{}", e.id, leg.number())).expect("id"),
+            stop_loss: ClientOrderId::new(format!("c-S-{}-{}", e.id, leg.number())).expect("id"),
+        },
+        symbol: "BTCUSDT".into(),
+        qty: qty("0.5"),
+        take_profit: price("101"),
+        stop: price("99"),
+        stop_limit: None,
+        source,
+        at: Millis(3_000),
+    };
+    let placed = |claim: &LegClaim| LegUpdate {
+        key: claim.key,
+        from: "claimed",
+        to: LegState::Placed { list_id: 1 },
+        error: None,
+        at: Millis(3_001),
+    };
+    for (e, l, source, acked) in [
+        (&protected, LegIndex::First, Source::Websocket, true),
+        (&protected, LegIndex::Second, Source::Websocket, true),
+        (&closed, LegIndex::First, Source::Direct, true),
+        (&bobs, LegIndex::First, Source::Sync, true),
+        // Claimed but never acknowledged: not a placement.
+        (&early, LegIndex::First, Source::Sync, false),
+    ] {
+        let claim = leg(e, l, source);
+        ensure!(store.claim_leg(&claim).await?, "claim {}", claim.key);
+        if acked {
+            ensure!(
+                store.update_leg(&placed(&claim)).await?,
+                "place {}",
+                claim.key
+            );
+        }
+    }
+    store
+        .set_protection(
+            protected.id,
+            &Protection::Protected {
+                at: Millis(3_002),
+                by: Source::Websocket,
+            },
+        )
+        .await?;
+    store.set_protection(closed.id, &Protection::Closed).await?;
+    store
+        .set_protection(
+            stuck.id,
+            &Protection::Unprotectable {
+                reason: "below the minimum notional".into(),
+            },
+        )
+        .await?;
+    store
+        .set_protection(
+            bobs.id,
+            &Protection::Protected {
+                at: Millis(3_003),
+                by: Source::Sync,
+            },
+        )
+        .await?;
+    for (e, kind, at) in [
+        (&protected, "protected", 10),
+        (&bobs, "protected", 11),
+        (&stuck, "unprotectable", 12),
+        (&early, "first", 13),
+        (&early, "second", 13),
+    ] {
+        store
+            .append_event(&crate::ports::event(e.id, kind, "d", None, Millis(at)))
+            .await?;
+    }
+
+    let a = store.coverage(Some("alice"), 10).await?;
+    ensure!(
+        a.filled == 4 && a.protected == 1 && a.unprotected_count == 3,
+        "alice: protected, two unprotected and one unprotectable entry are filled; the resting and closed ones are not: {a:?}"
+    );
+    ensure!(
+        a.ratio_ppm() == 250_000,
+        "alice's ratio, got {}",
+        a.ratio_ppm()
+    );
+    let order: Vec<(EntryId, Millis, &str)> = a
+        .unprotected
+        .iter()
+        .map(|u| (u.entry, u.filled_at, u.state))
+        .collect();
+    ensure!(
+        order
+            == vec![
+                (early.id, Millis(1_002), "unprotected"),
+                (late.id, Millis(1_003), "unprotected"),
+                (stuck.id, Millis(1_006), "unprotectable"),
+            ],
+        "unprotected entries, oldest first fill first, with their state: {order:?}"
+    );
+    let first = &a.unprotected[0];
+    ensure!(
+        first.account == alice
+            && first.symbol == "BTCUSDT"
+            && first.client_id == early.client_id.to_string(),
+        "an unprotected entry names its account, symbol and client id: {first:?}"
+    );
+    ensure!(
+        a.placements
+            == vec![
+                (Source::Websocket, 2),
+                (Source::Sync, 0),
+                (Source::Direct, 1)
+            ],
+        "alice's acknowledged lists by layer (a bare claim is not one): {:?}",
+        a.placements
+    );
+    ensure!(
+        !a.unprotected.iter().any(|u| u.entry == resting.id),
+        "an entry that has not filled is not exposed"
+    );
+    let all = store.coverage(None, 2).await?;
+    ensure!(
+        all.filled == 5 && all.protected == 2 && all.unprotected_count == 3,
+        "every account: {all:?}"
+    );
+    ensure!(
+        all.unprotected.len() == 2 && all.unprotected[0].entry == early.id,
+        "the limit keeps the oldest: {:?}",
+        all.unprotected
+    );
+    ensure!(
+        all.placements
+            == vec![
+                (Source::Websocket, 2),
+                (Source::Sync, 1),
+                (Source::Direct, 1)
+            ],
+        "every account's lists by layer: {:?}",
+        all.placements
+    );
+    let b = store.coverage(Some("bob"), 10).await?;
+    ensure!(
+        b.filled == 1 && b.protected == 1 && b.unprotected.is_empty() && b.ratio_ppm() == 1_000_000,
+        "bob is covered: {b:?}"
+    );
+    ensure!(
+        store.coverage(Some("nobody"), 10).await?.filled == 0,
+        "an unknown owner has nothing"
+    );
+
+    let events = store.recent_events("alice", 3).await?;
+    let seen: Vec<(EntryId, &str)> = events.iter().map(|e| (e.entry, e.kind.as_str())).collect();
+    ensure!(
+        seen == vec![
+            (early.id, "second"),
+            (early.id, "first"),
+            (stuck.id, "unprotectable")
+        ],
+        "alice's latest events, newest first, written order reversed within a moment, limited: {seen:?}"
+    );
+    ensure!(
+        store
+            .recent_events("bob", 10)
+            .await?
+            .iter()
+            .all(|e| e.entry == bobs.id),
+        "bob sees only his entries' events"
+    );
+    Ok(())
+}

@@ -34,3 +34,9 @@ async fn mem_store_has_the_users_behaviour() {
     let store = oco_core::mem::MemStore::new();
     oco_core::testing::users_behaviour(&store).await.unwrap();
 }
+
+#[tokio::test]
+async fn mem_store_has_the_coverage_behaviour() {
+    let store = oco_core::mem::MemStore::new();
+    oco_core::testing::coverage_behaviour(&store).await.unwrap();
+}

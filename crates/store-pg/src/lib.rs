@@ -15,6 +15,7 @@
 
 mod config;
 mod convert;
+mod coverage;
 mod crypto;
 mod error;
 mod leases;

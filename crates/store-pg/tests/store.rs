@@ -659,3 +659,10 @@ async fn pg_store_has_the_lease_behaviour_of_the_port() {
     new_account(&store, "lease-b").await;
     oco_core::testing::lease_behaviour(&store).await.unwrap();
 }
+
+#[tokio::test]
+async fn pg_store_has_the_coverage_behaviour() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    oco_core::testing::coverage_behaviour(&store).await.unwrap();
+}

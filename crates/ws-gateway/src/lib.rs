@@ -82,6 +82,8 @@ pub struct GatewayStats {
     pub gaps: AtomicU64,
     /// Failures of `protect` (each flags the account).
     pub failures: AtomicU64,
+    /// Stream state of every account leased here: up or down.
+    accounts: std::sync::Mutex<std::collections::BTreeMap<AccountId, bool>>,
 }
 
 /// A snapshot of [`GatewayStats`].
@@ -113,6 +115,38 @@ impl GatewayStats {
             gaps: r(&self.gaps),
             failures: r(&self.failures),
         }
+    }
+}
+
+impl GatewayStats {
+    fn accounts(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<AccountId, bool>> {
+        // Plain flags inside: a poisoned lock holds consistent data.
+        self.accounts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every account leased here and whether its stream is up, by account id.
+    pub fn stream_states(&self) -> Vec<(AccountId, bool)> {
+        self.accounts().iter().map(|(a, up)| (*a, *up)).collect()
+    }
+
+    fn leased(&self, account: AccountId) {
+        self.accounts().insert(account, false);
+    }
+
+    fn stream(&self, account: AccountId, up: bool) {
+        // Only for accounts still leased: a stream aborted after its lease
+        // was lost must not report the account again.
+        if let Some(state) = self.accounts().get_mut(&account) {
+            *state = up;
+        }
+    }
+
+    fn unleased(&self, account: AccountId) {
+        self.accounts().remove(&account);
+    }
+
+    fn unleased_all(&self) {
+        self.accounts().clear();
     }
 }
 
@@ -179,6 +213,9 @@ impl Gateway {
                         if !keep {
                             task.abort();
                         }
+                        if !held.contains(id) {
+                            self.stats.unleased(*id);
+                        }
                         keep
                     });
                     // An account still leased whose task ended (keys refused, store down) starts again.
@@ -195,6 +232,7 @@ impl Gateway {
                         for (_, task) in tasks.drain() {
                             task.abort();
                         }
+                        self.stats.unleased_all();
                     }
                     continue;
                 }
@@ -230,6 +268,7 @@ impl Gateway {
             task.abort();
         }
         self.stats.streams_up.store(0, Ordering::Relaxed);
+        self.stats.unleased_all();
         self.leases
             .release_leases(&self.config.holder)
             .await
@@ -237,6 +276,7 @@ impl Gateway {
     }
 
     fn spawn_account(&self, account: AccountId, why: &'static str) -> JoinHandle<()> {
+        self.stats.leased(account);
         let worker = AccountWorker {
             account,
             store: self.store.clone(),
@@ -261,11 +301,12 @@ struct AccountWorker {
 }
 
 /// Decrements the up-gauge however the stream ends (error, abort).
-struct UpGuard(Arc<GatewayStats>);
+struct UpGuard(Arc<GatewayStats>, AccountId);
 
 impl Drop for UpGuard {
     fn drop(&mut self) {
         self.0.streams_up.fetch_sub(1, Ordering::Relaxed);
+        self.0.stream(self.1, false);
     }
 }
 
@@ -300,7 +341,8 @@ impl AccountWorker {
             .map_err(|e| ExchangeError::Transient(e.to_string()))?;
         let mut session = self.streams.open(&creds).await?;
         self.stats.streams_up.fetch_add(1, Ordering::Relaxed);
-        let _up = UpGuard(self.stats.clone());
+        self.stats.stream(self.account, true);
+        let _up = UpGuard(self.stats.clone(), self.account);
         // Nothing is replayed on a stream: whatever happened before this subscription is sync's.
         self.flag(reason).await;
         loop {
