@@ -91,6 +91,8 @@ impl Layers {
             ("BINANCE_WS_URL", self.ws_url.clone()),
             ("OCO_API_LISTEN", format!("127.0.0.1:{}", self.api_port)),
             ("OCO_DB_POOL_SIZE", "4".into()),
+            // Several stacks run at once: each exporter takes a free port.
+            ("OCO_METRICS_LISTEN", "127.0.0.1:0".into()),
             ("OCO_LEASE_TTL_SECS", s.lease_ttl_secs.to_string()),
             ("OCO_LEASE_RENEW_SECS", s.lease_renew_secs.to_string()),
             ("SYNC_INTERVAL_SECS", s.sync_interval_secs.to_string()),
