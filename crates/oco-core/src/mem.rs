@@ -422,6 +422,54 @@ impl Store for MemStore {
         inner.reconciled.insert(account, std::time::Instant::now());
         Ok(())
     }
+
+    async fn claim_legs(&self, claims: &[LegClaim]) -> Result<Vec<bool>, StoreError> {
+        let mut won = Vec::with_capacity(claims.len());
+        for claim in claims {
+            won.push(self.claim_leg(claim).await?);
+        }
+        Ok(won)
+    }
+
+    async fn record_outcomes(
+        &self,
+        entry: EntryId,
+        updates: &[LegUpdate],
+        events: &[EntryEventRecord],
+        protection: Option<&Protection>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut inner = self.lock();
+        // Everything is checked before anything changes: all or nothing.
+        if !inner.entries.contains_key(&entry) {
+            return Err(not_found("entry", entry));
+        }
+        if let Some(u) = updates.iter().find(|u| !inner.legs.contains_key(&u.key)) {
+            return Err(not_found("leg", u.key));
+        }
+        let mut applied = Vec::with_capacity(updates.len());
+        for update in updates {
+            let Some(leg) = inner.legs.get_mut(&update.key) else {
+                return Err(not_found("leg", update.key));
+            };
+            if leg.state.name() != update.from {
+                applied.push(false);
+                continue;
+            }
+            leg.state = update.to.clone();
+            if update.error.is_some() {
+                leg.last_error = update.error.clone();
+            }
+            leg.updated_at = update.at;
+            applied.push(true);
+        }
+        inner.events.extend(events.iter().cloned());
+        if let Some(p) = protection
+            && let Some(e) = inner.entries.get_mut(&entry)
+        {
+            e.protection = p.clone();
+        }
+        Ok(applied)
+    }
 }
 
 #[async_trait]

@@ -504,6 +504,23 @@ pub trait Store: Send + Sync {
     /// Records that `account` was reconciled just now, ending any take of it:
     /// it is next due `interval` from now.
     async fn mark_reconciled(&self, account: AccountId) -> Result<(), StoreError>;
+
+    /// Claims several legs in one durable write (one commit instead of one per
+    /// leg); element `i` is what [`Store::claim_leg`] would answer for
+    /// `claims[i]`. Each leg is still won by exactly one caller.
+    async fn claim_legs(&self, claims: &[LegClaim]) -> Result<Vec<bool>, StoreError>;
+    /// Records what a placement ended in, all or nothing in one durable write:
+    /// each of `updates` as [`Store::update_leg`] (element `i` of the answer
+    /// tells whether `updates[i]` applied), then `events` appended to the
+    /// entry's history, then the entry's protection set to `protection` if
+    /// given.
+    async fn record_outcomes(
+        &self,
+        entry: EntryId,
+        updates: &[LegUpdate],
+        events: &[EntryEventRecord],
+        protection: Option<&crate::model::Protection>,
+    ) -> Result<Vec<bool>, StoreError>;
 }
 
 /// Which gateway process holds which account's stream. Leases expire, so the

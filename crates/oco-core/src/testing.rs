@@ -1029,7 +1029,157 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         store.take_flagged(10).await?.is_empty(),
         "flags are cleared when taken"
     );
-    due_behaviour(store, account.id).await
+    due_behaviour(store, account.id).await?;
+    batch_behaviour(store, account.id).await
+}
+
+/// Claims of several legs in one write, and outcomes recorded together.
+async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), SuiteError> {
+    let id_of = |id: EntryId| ClientOrderId::new(format!("t-E-{id}")).expect("literal id");
+    let entry = store
+        .create_entry(
+            NewEntry {
+                account,
+                symbol: btc_usdt(),
+                kind: crate::model::EntryKind::Market,
+                size: OrderSize::Base(qty("1")),
+                levels: crate::levels::EntryLevels::default(),
+                tags: crate::model::EntryTags::default(),
+            },
+            &id_of,
+            Millis(100),
+        )
+        .await?;
+    let claim = |leg: LegIndex, generation: u32| {
+        let key = LegKey {
+            entry: entry.id,
+            leg,
+            generation,
+        };
+        let id = |k: &str| {
+            ClientOrderId::new(format!("t-{k}-{}-{}-{generation}", entry.id, leg.number()))
+                .expect("literal id")
+        };
+        LegClaim {
+            key,
+            ids: OcoClientIds {
+                list: id("L"),
+                take_profit: id("T"),
+                stop_loss: id("S"),
+            },
+            symbol: "BTCUSDT".into(),
+            qty: qty("0.5"),
+            take_profit: price("101"),
+            stop: price("99"),
+            stop_limit: None,
+            source: crate::model::Source::Websocket,
+            at: Millis(110),
+        }
+    };
+    let generation0 = [claim(LegIndex::First, 0), claim(LegIndex::Second, 0)];
+    let results =
+        futures_util::future::join_all((0..10).map(|_| store.claim_legs(&generation0))).await;
+    let mut wins = [0usize; 2];
+    for r in results {
+        for (i, won) in r?.into_iter().enumerate() {
+            wins[i] += usize::from(won);
+        }
+    }
+    ensure!(
+        wins == [1, 1],
+        "each leg of a batch claim is won by exactly one of 10 callers: {wins:?}"
+    );
+    let mixed = store
+        .claim_legs(&[claim(LegIndex::First, 0), claim(LegIndex::First, 1)])
+        .await?;
+    ensure!(
+        mixed == [false, true],
+        "a batch claim answers per leg: {mixed:?}"
+    );
+    ensure!(store.legs(entry.id).await?.len() == 3, "three legs claimed");
+
+    let update = |leg: LegIndex, generation: u32, from: &'static str| LegUpdate {
+        key: LegKey {
+            entry: entry.id,
+            leg,
+            generation,
+        },
+        from,
+        to: LegState::Placed { list_id: 7 },
+        error: None,
+        at: Millis(120),
+    };
+    let before = store.events(entry.id).await?.len();
+    let missing = store
+        .record_outcomes(
+            entry.id,
+            &[
+                update(LegIndex::First, 0, "claimed"),
+                update(LegIndex::Second, 9, "claimed"),
+            ],
+            &[event(entry.id, "leg_placed", "x", None, Millis(120))],
+            None,
+        )
+        .await;
+    ensure!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "an unknown leg fails the whole record: {missing:?}"
+    );
+    ensure!(
+        store.events(entry.id).await?.len() == before
+            && store
+                .legs(entry.id)
+                .await?
+                .iter()
+                .all(|l| l.state == LegState::Claimed),
+        "a failed record changes nothing"
+    );
+    let protected = Protection::Protected {
+        at: Millis(121),
+        by: crate::model::Source::Websocket,
+    };
+    let applied = store
+        .record_outcomes(
+            entry.id,
+            &[
+                update(LegIndex::First, 0, "claimed"),
+                update(LegIndex::Second, 0, "unknown"),
+            ],
+            &[
+                event(entry.id, "leg_placed", "a", None, Millis(120)),
+                event(entry.id, "protected", "b", None, Millis(121)),
+            ],
+            Some(&protected),
+        )
+        .await?;
+    ensure!(
+        applied == [true, false],
+        "each update is compare-and-set: {applied:?}"
+    );
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        legs.iter()
+            .filter(|l| l.state == LegState::Placed { list_id: 7 })
+            .count()
+            == 1,
+        "only the matching update applied: {legs:?}"
+    );
+    let kinds: Vec<String> = store
+        .events(entry.id)
+        .await?
+        .into_iter()
+        .skip(before)
+        .map(|e| e.kind)
+        .collect();
+    ensure!(
+        kinds == ["leg_placed", "protected"],
+        "events appended in order: {kinds:?}"
+    );
+    ensure!(
+        store.entry(entry.id).await?.protection == protected,
+        "protection set with the outcomes"
+    );
+    Ok(())
 }
 
 /// Periodic reconciliation shared by several takers, on a store whose only

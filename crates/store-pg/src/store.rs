@@ -554,26 +554,7 @@ impl Store for PgStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(leg = %claim.key, source = %claim.source))]
     async fn claim_leg(&self, claim: &LegClaim) -> Result<bool, StoreError> {
-        let (entry_id, leg, generation) = leg_key_columns(claim.key);
-        let at = timestamp(claim.at)?;
-        let row = NewLegRow {
-            entry_id,
-            leg,
-            generation,
-            list_client_id: claim.ids.list.as_str().to_owned(),
-            take_profit_client_id: claim.ids.take_profit.as_str().to_owned(),
-            stop_loss_client_id: claim.ids.stop_loss.as_str().to_owned(),
-            symbol: claim.symbol.clone(),
-            qty: numeric(claim.qty.get()),
-            take_profit_price: numeric(claim.take_profit.get()),
-            stop_price: numeric(claim.stop.get()),
-            stop_limit_price: claim.stop_limit.map(|p| numeric(p.get())),
-            state: "claimed",
-            source: claim.source.name(),
-            attempts: 1,
-            claimed_at: at,
-            updated_at: at,
-        };
+        let row = new_leg_row(claim)?;
         let mut conn = self.conn().await?;
         // Either unique key (entry + leg + generation, or the list client id)
         // makes a later claimer insert nothing: exactly one wins.
@@ -812,4 +793,136 @@ impl Store for PgStore {
             )),
         }
     }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(legs = claims.len()))]
+    async fn claim_legs(&self, claims: &[LegClaim]) -> Result<Vec<bool>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut rows = Vec::with_capacity(claims.len());
+        for claim in claims {
+            rows.push(new_leg_row(claim)?);
+        }
+        let mut conn = self.conn().await?;
+        // One statement, one commit; each row is still claimed by exactly one
+        // inserter (either unique key makes a later one insert nothing).
+        let inserted: Result<Vec<(i64, i16, i32)>, _> = diesel::insert_into(protection_legs::table)
+            .values(&rows)
+            .on_conflict_do_nothing()
+            .returning((
+                protection_legs::entry_id,
+                protection_legs::leg,
+                protection_legs::generation,
+            ))
+            .get_results(&mut conn)
+            .await;
+        match inserted {
+            Ok(won) => Ok(claims
+                .iter()
+                .map(|c| won.contains(&leg_key_columns(c.key)))
+                .collect()),
+            Err(e) if is_foreign_key(&e) => Err(not_found("entry", claims[0].key.entry)),
+            Err(e) => Err(db(&format!("claiming {} legs", claims.len()), e)),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(entry = %entry, legs = updates.len()))]
+    async fn record_outcomes(
+        &self,
+        entry: EntryId,
+        updates: &[LegUpdate],
+        events: &[EntryEventRecord],
+        protection: Option<&Protection>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut columns = Vec::with_capacity(updates.len());
+        for u in updates {
+            columns.push((
+                leg_key_columns(u.key),
+                u.from,
+                LegUpdateColumns::new(&u.to, u.error.clone(), timestamp(u.at)?),
+            ));
+        }
+        let mut event_rows = Vec::with_capacity(events.len());
+        for e in events {
+            event_rows.push((
+                entry_events::entry_id.eq(e.entry.0),
+                entry_events::kind.eq(e.kind.clone()),
+                entry_events::detail.eq(e.detail.clone()),
+                entry_events::source.eq(e.source.map(|s| s.name())),
+                entry_events::at.eq(timestamp(e.at)?),
+            ));
+        }
+        let protection = protection
+            .map(EntryProtectionColumns::from_protection)
+            .transpose()?;
+        let keys: Vec<LegKey> = updates.iter().map(|u| u.key).collect();
+        let mut conn = self.conn().await?;
+        let doing = format!("recording the outcomes of entry {entry}");
+        conn.transaction::<_, TxError, _>(|conn| {
+            async move {
+                let mut applied = Vec::with_capacity(columns.len());
+                for (((entry_id, leg, generation), from, set), key) in columns.into_iter().zip(keys)
+                {
+                    let n = diesel::update(
+                        protection_legs::table
+                            .find((entry_id, leg, generation))
+                            .filter(protection_legs::state.eq(from)),
+                    )
+                    .set(set)
+                    .execute(conn)
+                    .await?;
+                    if n == 0 && !Self::leg_exists(conn, key).await? {
+                        return Err(TxError::Store(not_found("leg", key)));
+                    }
+                    applied.push(n == 1);
+                }
+                if !event_rows.is_empty() {
+                    diesel::insert_into(entry_events::table)
+                        .values(&event_rows)
+                        .execute(conn)
+                        .await?;
+                }
+                if let Some(columns) = protection {
+                    let n = diesel::update(entries::table.find(entry.0))
+                        .set(columns)
+                        .execute(conn)
+                        .await?;
+                    if n == 0 {
+                        return Err(TxError::Store(not_found("entry", entry)));
+                    }
+                }
+                Ok(applied)
+            }
+            .scope_boxed()
+        })
+        .await
+        .map_err(|e| match e {
+            TxError::Db(e) if is_foreign_key(&e) => not_found("entry", entry),
+            e => e.into_store(&doing),
+        })
+    }
+}
+
+/// The row a claim inserts.
+fn new_leg_row(claim: &LegClaim) -> Result<NewLegRow, StoreError> {
+    let (entry_id, leg, generation) = leg_key_columns(claim.key);
+    let at = timestamp(claim.at)?;
+    Ok(NewLegRow {
+        entry_id,
+        leg,
+        generation,
+        list_client_id: claim.ids.list.as_str().to_owned(),
+        take_profit_client_id: claim.ids.take_profit.as_str().to_owned(),
+        stop_loss_client_id: claim.ids.stop_loss.as_str().to_owned(),
+        symbol: claim.symbol.clone(),
+        qty: numeric(claim.qty.get()),
+        take_profit_price: numeric(claim.take_profit.get()),
+        stop_price: numeric(claim.stop.get()),
+        stop_limit_price: claim.stop_limit.map(|p| numeric(p.get())),
+        state: "claimed",
+        source: claim.source.name(),
+        attempts: 1,
+        claimed_at: at,
+        updated_at: at,
+    })
 }
