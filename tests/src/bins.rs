@@ -37,3 +37,21 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
             .join(", ")
     )
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn a_missing_binary_names_the_command_that_builds_it() {
+        let err = super::binary("no-such-binary").unwrap_err().to_string();
+        assert!(err.contains("`no-such-binary` not found"), "{err}");
+        assert!(err.contains("cargo build --workspace --bins"), "{err}");
+    }
+
+    #[test]
+    fn a_built_binary_is_found_in_the_target_dir() {
+        let path = super::binary("exchange-sim").unwrap();
+        assert!(path.ends_with("exchange-sim"), "{}", path.display());
+    }
+}

@@ -20,7 +20,7 @@ pub use bins::binary;
 pub use pg::PrivatePg;
 pub use process::{Proc, Spec};
 pub use sim::{SimAdmin, SimProc};
-pub use stack::{LayerSettings, Layers, scratch_dir};
+pub use stack::{LayerSettings, Layers, MARGIN, scratch_dir};
 pub use wait::wait_for;
 
 /// A reqwest client with a timeout. reqwest is built without a default TLS

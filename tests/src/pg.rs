@@ -1,21 +1,33 @@
-//! A private PostgreSQL cluster (`initdb` + `pg_ctl`) that a test may stop and
+//! A private PostgreSQL cluster (`initdb` + `postgres`) that a test may stop and
 //! restart at will, without touching the shared server other tests use.
+//!
+//! The postmaster is a child of the test (not daemonised by `pg_ctl`), under
+//! the same guard as every other process: it dies with the test, and its
+//! backends exit when they see the postmaster gone.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+use crate::process::{ChildGuard, guarded_command, open_log};
+
+/// How long a start (crash recovery included) may take on a loaded machine.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where Debian's PostgreSQL 15 server programs are.
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
-/// A cluster in a temporary directory on a free port. Drop stops it
-/// (`-m immediate`) and removes the directory.
+/// A cluster in a temporary directory on a free port. Drop kills the server
+/// and removes the directory.
 #[derive(Debug)]
 pub struct PrivatePg {
     dir: PathBuf,
     port: u16,
     as_postgres: bool,
+    server: Mutex<Option<ChildGuard>>,
 }
 
 impl PrivatePg {
@@ -43,9 +55,10 @@ impl PrivatePg {
             dir,
             port,
             as_postgres,
+            server: Mutex::new(None),
         };
         pg.pg(
-            &["initdb"],
+            "initdb",
             &[
                 "-D",
                 &pg.data(),
@@ -65,45 +78,80 @@ impl PrivatePg {
         self.dir.join("data").display().to_string()
     }
 
-    fn pg(&self, program: &[&str], args: &[&str]) -> anyhow::Result<()> {
-        let path = Path::new(PG_BIN).join(program[0]);
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        };
+    fn command(&self, program: &str) -> anyhow::Result<Command> {
+        let user = self.as_postgres.then_some("postgres");
+        guarded_command(&Path::new(PG_BIN).join(program), user)
+    }
+
+    fn pg(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
+        let mut cmd = self.command(program)?;
         cmd.args(args);
         run(&mut cmd)
     }
 
-    /// Starts the server and waits until it accepts connections.
-    ///
-    /// # Errors
-    /// When `pg_ctl start` fails.
-    pub fn start_server(&self) -> anyhow::Result<()> {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
-            self.port,
-            self.dir.display()
-        );
-        let log = self.dir.join("server.log").display().to_string();
-        self.pg(
-            &["pg_ctl"],
-            &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"],
-        )
+    fn server(&self) -> std::sync::MutexGuard<'_, Option<ChildGuard>> {
+        self.server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Stops the server at once, as a crash would (`pg_ctl stop -m immediate`).
+    /// Starts the server and waits (polling `pg_isready`) until it accepts
+    /// connections.
     ///
     /// # Errors
-    /// When `pg_ctl stop` fails.
+    /// When it is already running, cannot be spawned, exits, or is not
+    /// ready within a minute.
+    pub fn start_server(&self) -> anyhow::Result<()> {
+        let mut server = self.server();
+        if server.is_some() {
+            bail!("the private PostgreSQL is already running");
+        }
+        let log = open_log(&self.dir.join("server.log"))?;
+        let mut cmd = self.command("postgres")?;
+        let port = self.port.to_string();
+        let socket_dir = self.dir.display().to_string();
+        cmd.args(["-D", &self.data(), "-p", &port, "-k", &socket_dir])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        let child = server.insert(ChildGuard::spawn(&mut cmd).context("starting postgres")?);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = child.child().try_wait() {
+                server.take();
+                bail!(
+                    "postgres exited ({status}) while starting; see {}",
+                    self.dir.join("server.log").display()
+                );
+            }
+            let ready = Command::new(Path::new(PG_BIN).join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &port, "-t", "1"])
+                .status()
+                .context("running pg_isready")?;
+            if ready.success() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the private PostgreSQL was not ready within {START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the server at once, as a crash would (`SIGQUIT`: what
+    /// `pg_ctl stop -m immediate` sends), and reaps it.
+    ///
+    /// # Errors
+    /// When it is not running, or `kill` or waiting fails.
     pub fn stop_immediate(&self) -> anyhow::Result<()> {
-        self.pg(
-            &["pg_ctl"],
-            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
-        )
+        let child = self
+            .server()
+            .take()
+            .context("the private PostgreSQL is not running")?;
+        run(Command::new("kill").args(["-QUIT", &child.id().to_string()]))?;
+        child.wait().context("waiting for postgres to exit")?;
+        Ok(())
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/{database}`.
@@ -131,6 +179,8 @@ impl PrivatePg {
 
 impl Drop for PrivatePg {
     fn drop(&mut self) {
+        // A clean immediate stop first, so that its backends go at once;
+        // the guard kills whatever is left.
         let _ = self.stop_immediate();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

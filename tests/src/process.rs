@@ -1,5 +1,10 @@
 //! A child process that can be killed (`SIGKILL`) and started again with the
 //! same command line; its stdout and stderr go to one log file.
+//!
+//! Every process the harness starts dies with the test: [`ChildGuard`] kills
+//! it on Drop (also while a panic unwinds), and [`guarded_command`] runs it
+//! under `setpriv --pdeathsig KILL`, so that the kernel kills it when the
+//! test process itself dies without unwinding (`kill -9`, a timeout, abort).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -22,12 +27,82 @@ pub struct Spec {
     pub env: Vec<(String, String)>,
 }
 
+/// Where util-linux's `setpriv` is; without it, children are killed on Drop
+/// only.
+const SETPRIV: &str = "/usr/bin/setpriv";
+
+/// A command that runs `program` so that it gets `SIGKILL` when the thread
+/// that spawned it exits, whatever the reason; as `run_as` (a user name) when
+/// given, which needs root. The workspace forbids `unsafe`, so `prctl` is
+/// reached through `setpriv`, which execs `program` in place (same pid).
+///
+/// # Errors
+/// `run_as` without `setpriv`.
+pub fn guarded_command(program: &Path, run_as: Option<&str>) -> anyhow::Result<Command> {
+    if !Path::new(SETPRIV).is_file() {
+        if let Some(user) = run_as {
+            anyhow::bail!(
+                "{SETPRIV} not found: needed to run {} as {user}",
+                program.display()
+            );
+        }
+        return Ok(Command::new(program));
+    }
+    let mut cmd = Command::new(SETPRIV);
+    if let Some(user) = run_as {
+        cmd.args(["--reuid", user, "--regid", user, "--clear-groups"]);
+    }
+    cmd.args(["--pdeathsig", "KILL", "--"]).arg(program);
+    Ok(cmd)
+}
+
+/// A spawned child that is killed (`SIGKILL`) and reaped on Drop. Wrap a
+/// [`Child`] in it on the line that spawns it, so that no early return or
+/// panic can leave the process running.
+#[derive(Debug)]
+pub struct ChildGuard(Child);
+
+impl ChildGuard {
+    /// Spawns `cmd` and guards the child at once.
+    ///
+    /// # Errors
+    /// When it cannot be spawned.
+    pub fn spawn(cmd: &mut Command) -> std::io::Result<ChildGuard> {
+        cmd.spawn().map(ChildGuard)
+    }
+
+    /// The child, to take its pipes or poll it.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.0
+    }
+
+    /// Its pid.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits for it to exit by itself and reaps it.
+    ///
+    /// # Errors
+    /// When waiting fails.
+    pub fn wait(mut self) -> std::io::Result<ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running (or killed) process of a [`Spec`]. Drop kills it.
 #[derive(Debug)]
 pub struct Proc {
     spec: Spec,
     log: PathBuf,
-    child: Option<Child>,
+    child: Option<ChildGuard>,
     starts: u32,
 }
 
@@ -56,7 +131,7 @@ impl Proc {
             .with_context(|| format!("opening {}", self.log.display()))?;
         writeln!(out, "==== start {} of {}", self.starts + 1, self.spec.name)?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new(&self.spec.program);
+        let mut cmd = guarded_command(&self.spec.program, None)?;
         cmd.args(&self.spec.args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -68,7 +143,7 @@ impl Proc {
             }
         }
         cmd.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
-        let child = cmd.spawn().with_context(|| {
+        let child = ChildGuard::spawn(&mut cmd).with_context(|| {
             format!(
                 "starting {} ({})",
                 self.spec.name,
@@ -92,10 +167,8 @@ impl Proc {
 
     /// Sends `SIGKILL` (as `kill -9`) and reaps it; nothing if not running.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Dropping the guard kills and reaps it.
+        self.child.take();
     }
 
     /// Sends `SIGTERM` and waits for the exit.
@@ -103,7 +176,7 @@ impl Proc {
     /// # Errors
     /// When `kill` cannot be run or waiting fails.
     pub fn terminate(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return Ok(None);
         };
         Command::new("kill")
@@ -127,7 +200,7 @@ impl Proc {
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child
             .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+            .and_then(|c| c.child().try_wait().ok().flatten())
     }
 
     /// Whether a process is up (started and not exited).

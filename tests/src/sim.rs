@@ -3,7 +3,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -13,12 +13,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::bins::binary;
-use crate::process::open_log;
+use crate::process::{ChildGuard, guarded_command, open_log};
 
 /// The simulator process. Drop kills it.
 #[derive(Debug)]
 pub struct SimProc {
-    child: Child,
+    // Dropping the guard kills the simulator.
+    _child: ChildGuard,
     addr: String,
     admin: SimAdmin,
 }
@@ -31,7 +32,7 @@ impl SimProc {
     /// A missing binary, or a simulator that does not print its address.
     pub fn start(accounts: &[String], extra: &[&str], dir: &Path) -> anyhow::Result<SimProc> {
         let log = open_log(&dir.join("exchange-sim.log"))?;
-        let mut cmd = Command::new(binary("exchange-sim")?);
+        let mut cmd = guarded_command(&binary("exchange-sim")?, None)?;
         cmd.args(["--listen", "127.0.0.1:0", "--faults"])
             .args(extra)
             .stdin(Stdio::null())
@@ -40,8 +41,8 @@ impl SimProc {
         for a in accounts {
             cmd.args(["--account", a]);
         }
-        let mut child = cmd.spawn().context("starting exchange-sim")?;
-        let stdout = child.stdout.take().context("exchange-sim stdout")?;
+        let mut child = ChildGuard::spawn(&mut cmd).context("starting exchange-sim")?;
+        let stdout = child.child().stdout.take().context("exchange-sim stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
@@ -53,14 +54,11 @@ impl SimProc {
         });
         let line = match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(line) if !line.trim().is_empty() => line,
-            _ => {
-                let _ = child.kill();
-                bail!("exchange-sim printed no address within 20 s");
-            }
+            _ => bail!("exchange-sim printed no address within 20 s"),
         };
         let addr = line.trim().to_owned();
         Ok(SimProc {
-            child,
+            _child: child,
             admin: SimAdmin::new(&format!("http://{addr}")),
             addr,
         })
@@ -79,13 +77,6 @@ impl SimProc {
     /// The admin client.
     pub fn admin(&self) -> &SimAdmin {
         &self.admin
-    }
-}
-
-impl Drop for SimProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -26,7 +27,37 @@ pub struct LayerSettings {
     pub log: String,
 }
 
+/// What a wait adds to the configured intervals: process start-up, a
+/// connection, a few requests, on a 2-core machine shared with builds.
+pub const MARGIN: Duration = Duration::from_secs(20);
+
 impl LayerSettings {
+    /// The longest a process may take to start and answer: no interval
+    /// applies, so the margin alone.
+    pub fn start_deadline(&self) -> Duration {
+        MARGIN
+    }
+
+    /// The longest a gateway may take to hold an account's stream: a dead
+    /// holder's lease running out (TTL), one renew tick, twice for a retry.
+    pub fn stream_deadline(&self) -> Duration {
+        Duration::from_secs(2 * (self.lease_ttl_secs + self.lease_renew_secs)) + MARGIN
+    }
+
+    /// The longest a gateway may take to reopen a stream that was refused:
+    /// its reopen backoff doubles up to 30 s (`GatewayConfig::standard`, not
+    /// configurable), then the stream deadline.
+    pub fn reopen_deadline(&self) -> Duration {
+        Duration::from_secs(30) + self.stream_deadline()
+    }
+
+    /// The longest sync may take to act on something it can see: its
+    /// start-up delay and two passes (the one under way may have read the
+    /// exchange before the change).
+    pub fn sync_deadline(&self) -> Duration {
+        Duration::from_secs(self.sync_startup_delay_secs + 2 * self.sync_interval_secs) + MARGIN
+    }
+
     /// Short periods, so that recovery fits in a test.
     pub fn quick() -> LayerSettings {
         LayerSettings {

@@ -50,7 +50,10 @@ impl Fx {
         let api = layers.start(layers.api_spec()).unwrap();
         let token = layers.add_user("alice").unwrap();
         let client = ApiClient::new(&layers.api_url(), &token);
-        client.wait_ready(Duration::from_secs(30)).await.unwrap();
+        client
+            .wait_ready(layers.settings.start_deadline())
+            .await
+            .unwrap();
         let account = client.create_account(KEY, SECRET).await.unwrap();
         Fx {
             sim,
@@ -70,7 +73,7 @@ impl Fx {
         let admin = self.sim.admin().clone();
         wait_for(
             "the gateway's subscription",
-            Duration::from_secs(30),
+            self.layers.settings.stream_deadline(),
             || {
                 let admin = admin.clone();
                 async move { (admin.subscriptions().await.ok()? == 1).then_some(()) }
@@ -114,20 +117,17 @@ impl Fx {
         (status, body["id"].as_i64().unwrap(), body)
     }
 
-    /// Waits until the API shows entry `id` protected; the entry as shown.
-    async fn protected(&self, id: i64) -> Value {
+    /// Waits, at most `deadline` (what the layer expected to act may take),
+    /// until the API shows entry `id` protected; the entry as shown.
+    async fn protected(&self, id: i64, deadline: Duration) -> Value {
         let client = self.client.clone();
-        wait_for(
-            &format!("entry {id} protected"),
-            Duration::from_secs(30),
-            || {
-                let client = client.clone();
-                async move {
-                    let e = client.entry(id).await.ok()?;
-                    (e["protection"]["state"] == "protected").then_some(e)
-                }
-            },
-        )
+        wait_for(&format!("entry {id} protected"), deadline, || {
+            let client = client.clone();
+            async move {
+                let e = client.entry(id).await.ok()?;
+                (e["protection"]["state"] == "protected").then_some(e)
+            }
+        })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
     }
@@ -201,7 +201,7 @@ async fn a_market_fill_is_protected_through_the_stream() {
     let (status, id, body) = fx.post(fx.entry_body("MARKET", None)).await;
     assert_eq!(status, 202, "outcome unknown to the API: {body}");
     assert_eq!(body["protection"]["state"], "not_needed", "{body}");
-    let shown = fx.protected(id).await;
+    let shown = fx.protected(id, fx.layers.settings.stream_deadline()).await;
     assert_eq!(shown["status"], "filled", "{shown}");
     fx.check_one_set(id, &shown, "websocket").await;
 }
@@ -252,21 +252,26 @@ async fn a_fill_while_the_stream_is_down_is_protected_by_sync() {
     let admin = fx.sim.admin().clone();
     admin.refuse_streams(true).await.unwrap();
     admin.drop_streams().await.unwrap();
-    wait_for("the stream to go down", Duration::from_secs(10), || {
+    // Dropped connections are seen at once: no interval applies.
+    wait_for("the stream to go down", e2e::MARGIN, || {
         let admin = admin.clone();
         async move { (admin.subscriptions().await.ok()? == 0).then_some(()) }
     })
     .await
     .unwrap();
     fx.set_price("59650").await;
-    let shown = fx.protected(id).await;
+    let shown = fx.protected(id, fx.layers.settings.sync_deadline()).await;
     fx.check_one_set(id, &shown, "sync").await;
     // The stream comes back: its fresh subscription changes nothing.
     admin.refuse_streams(false).await.unwrap();
-    wait_for("the stream to come back", Duration::from_secs(30), || {
-        let admin = admin.clone();
-        async move { (admin.subscriptions().await.ok()? == 1).then_some(()) }
-    })
+    wait_for(
+        "the stream to come back",
+        fx.layers.settings.reopen_deadline(),
+        || {
+            let admin = admin.clone();
+            async move { (admin.subscriptions().await.ok()? == 1).then_some(()) }
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", fx.logs()));
     let shown = fx.client.entry(id).await.unwrap();
@@ -287,7 +292,7 @@ async fn a_limit_entry_filling_late_is_protected_from_the_stream() {
     assert_eq!(body["legs"], json!([]), "no legs before a fill: {body}");
     assert!(fx.lists_of(id).await.is_empty());
     fx.set_price("59690").await;
-    let shown = fx.protected(id).await;
+    let shown = fx.protected(id, fx.layers.settings.stream_deadline()).await;
     assert_eq!(shown["status"], "filled", "{shown}");
     fx.check_one_set(id, &shown, "websocket").await;
 }
@@ -323,9 +328,12 @@ async fn fills_made_while_every_layer_was_down_are_protected_at_start() {
     fx.start_sync();
     fx.start_gateway().await;
     fx.api.restart().unwrap();
-    fx.client.wait_ready(Duration::from_secs(30)).await.unwrap();
+    fx.client
+        .wait_ready(fx.layers.settings.start_deadline())
+        .await
+        .unwrap();
     for id in ids {
-        let shown = fx.protected(id).await;
+        let shown = fx.protected(id, fx.layers.settings.sync_deadline()).await;
         fx.check_one_set(id, &shown, "sync").await;
     }
 }
@@ -364,7 +372,10 @@ async fn three_layers_seeing_the_same_fill_place_one_set_of_legs() {
     let mut by = BTreeMap::<String, usize>::new();
     for (status, id, body) in placed {
         assert_eq!(status, 201, "{body}");
-        let shown = fx.protected(id).await;
+        let s = &fx.layers.settings;
+        let shown = fx
+            .protected(id, s.stream_deadline().max(s.sync_deadline()))
+            .await;
         let source = shown["protection"]["by"].as_str().unwrap().to_owned();
         fx.check_one_set(id, &shown, &source).await;
         *by.entry(source).or_default() += 1;
