@@ -52,11 +52,11 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            init_logs("info");
+            init_logs("info")?;
             run::run_all(&args, api_bin::shutdown_signal()).await
         }
         Command::Migrate { database_url } => {
-            init_logs("info");
+            init_logs("info")?;
             let applied = run::migrate(&database_url).await?;
             println!("{} migration(s) applied", applied.len());
             for name in applied {
@@ -67,18 +67,23 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Errors only, so that the demo's progress lines read well (`RUST_LOG` overrides).
+/// Errors only, human-readable, so that the demo's progress lines read well
+/// (`RUST_LOG` overrides the filter).
 pub fn init_quiet_logs() {
-    init_logs("error");
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "error".to_owned());
+    let _ = tracing::subscriber::set_global_default(telemetry::log_subscriber(
+        telemetry::LogFormat::Human,
+        &filter,
+        std::io::stderr,
+    ));
 }
 
-/// Logs to stderr, filtered by `RUST_LOG`, else by `default`.
-pub fn init_logs(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Logs to stderr in the format `OCO_LOG_FORMAT` names (`json` in
+/// production, human-readable by default), filtered by `RUST_LOG`, else by
+/// `default`.
+///
+/// # Errors
+/// When `OCO_LOG_FORMAT` holds an unknown value.
+pub fn init_logs(default: &str) -> anyhow::Result<()> {
+    telemetry::init_logs_from_env(default).map_err(anyhow::Error::msg)
 }
