@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use exchange_binance::BinanceConfig;
 use exchange_binance::BinanceExchange;
 use oco_core::ports::SystemClock;
-use oco_core::ports::{Clock, Exchange, Store, Users};
+use oco_core::ports::{Clock, Coverage, Exchange, Store, Users};
 use oco_core::{IdScheme, Protector, ProtectorConfig};
 use store_pg::{PgConfig, PgStore, SecretKey};
 use telemetry::{Exporter, Metrics, ObservedExchange};
@@ -159,7 +159,7 @@ pub fn app_state<S>(
     namespace: &str,
 ) -> anyhow::Result<AppState>
 where
-    S: Store + Users + 'static,
+    S: Store + Users + Coverage + 'static,
 {
     let ids = IdScheme::new(namespace).context("reading OCO_ID_NAMESPACE")?;
     let protector = Arc::new(Protector::new(
@@ -170,7 +170,8 @@ where
     ));
     Ok(AppState {
         store: store.clone(),
-        users: store,
+        users: store.clone(),
+        coverage: store,
         exchange,
         protector,
         clock,

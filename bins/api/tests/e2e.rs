@@ -32,7 +32,7 @@ struct Stack<S> {
     _stop: oneshot::Sender<()>,
 }
 
-async fn stack<S: Store + Users + 'static>(store: Arc<S>) -> Stack<S> {
+async fn stack<S: Store + Users + oco_core::ports::Coverage + 'static>(store: Arc<S>) -> Stack<S> {
     let sim = Sim::start(
         SimConfig::new("127.0.0.1:0".parse().unwrap())
             .with_account(AccountSpec::new(
@@ -166,7 +166,9 @@ impl<S: Store + Users> Stack<S> {
     }
 }
 
-async fn market_and_crossing_limit_entries_are_protected_on_return<S: Store + Users + 'static>(
+async fn market_and_crossing_limit_entries_are_protected_on_return<
+    S: Store + Users + oco_core::ports::Coverage + 'static,
+>(
     store: Arc<S>,
 ) {
     let s = stack(store).await;
@@ -196,7 +198,11 @@ async fn market_and_crossing_limit_entries_are_protected_on_return<S: Store + Us
     assert!(s.executing_lists() > 2);
 }
 
-async fn a_resting_limit_entry_is_stored_then_canceled<S: Store + Users + 'static>(store: Arc<S>) {
+async fn a_resting_limit_entry_is_stored_then_canceled<
+    S: Store + Users + oco_core::ports::Coverage + 'static,
+>(
+    store: Arc<S>,
+) {
     let s = stack(store).await;
     let mut limit = s.market();
     limit["type"] = json!("LIMIT");
@@ -230,7 +236,11 @@ async fn a_resting_limit_entry_is_stored_then_canceled<S: Store + Users + 'stati
     assert!(s.sim.control().open_orders(ALICE_KEY).is_empty());
 }
 
-async fn bad_input_stores_and_sends_nothing<S: Store + Users + 'static>(store: Arc<S>) {
+async fn bad_input_stores_and_sends_nothing<
+    S: Store + Users + oco_core::ports::Coverage + 'static,
+>(
+    store: Arc<S>,
+) {
     let s = stack(store).await;
     let m = s.market();
     let with = |k: &str, v: Value| {

@@ -211,7 +211,7 @@ async fn run_with<S>(
     out: &mut dyn Write,
 ) -> anyhow::Result<DemoReport>
 where
-    S: Store + Users + Leases + 'static,
+    S: Store + Users + Leases + oco_core::ports::Coverage + 'static,
 {
     let mut p = Progress {
         out,

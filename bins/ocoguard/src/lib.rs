@@ -76,28 +76,35 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Errors only, so that the demo's progress lines read well (`RUST_LOG` overrides).
+/// Errors only, human-readable, so that the demo's progress lines read well
+/// (`RUST_LOG` overrides the filter).
 pub fn init_quiet_logs() {
-    init_logs("error");
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "error".to_owned());
+    let _ = tracing::subscriber::set_global_default(telemetry::log_subscriber(
+        telemetry::LogFormat::Human,
+        &filter,
+        std::io::stderr,
+    ));
 }
 
-/// Logs to stderr, filtered by `RUST_LOG`, else by `default`.
+/// Logs to stderr, human-readable, filtered by `RUST_LOG`, else by `default`.
 pub fn init_logs(default: &str) {
     init_logs_as(default, LogFormat::Human);
 }
 
-/// Logs to stderr in `format`, filtered by `RUST_LOG`, else by `default`.
+/// Logs to stderr in `format` (JSON lines carry the fields of every enclosing
+/// span: account, entry, client id), filtered by `RUST_LOG`, else by `default`.
 pub fn init_logs_as(default: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
+    let format = match format {
+        LogFormat::Human => telemetry::LogFormat::Human,
+        LogFormat::Json => telemetry::LogFormat::Json,
     };
+    let _ = tracing::subscriber::set_global_default(telemetry::log_subscriber(
+        format,
+        &filter,
+        std::io::stderr,
+    ));
 }
 
 /// Writes `key = value  # source` for every option, secrets redacted.

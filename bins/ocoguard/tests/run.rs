@@ -161,9 +161,23 @@ async fn run_protects_an_entry_placed_through_its_api() {
             Some(1.0)
         );
         assert!(metric(&text, "oco_coverage_ratio").is_some(), "{text}");
-        for file in ["ops/prometheus/alerts.yml"] {
+        for file in ["ops/prometheus/alerts.yml", "ops/grafana/ocoguard.json"] {
             let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../").to_owned() + file;
-            let named = metric_names(&std::fs::read_to_string(&path).unwrap());
+            let body = std::fs::read_to_string(&path).unwrap();
+            if file.ends_with(".json") {
+                let dashboard: Value = serde_json::from_str(&body)
+                    .unwrap_or_else(|e| panic!("{file} is not JSON: {e}"));
+                let panels = dashboard["panels"].as_array().unwrap();
+                assert!(panels.len() >= 10, "{file}: {} panels", panels.len());
+                for p in panels {
+                    assert!(
+                        p["targets"].as_array().is_some_and(|t| !t.is_empty()),
+                        "{file}: panel {} queries nothing",
+                        p["title"]
+                    );
+                }
+            }
+            let named = metric_names(&body);
             assert!(named.len() >= 5, "{file} names the metrics: {named:?}");
             let exported = exported_names(&text);
             for name in named {

@@ -20,6 +20,7 @@ pub mod error;
 pub mod openapi;
 
 mod accounts;
+pub mod coverage;
 mod entries;
 mod json;
 mod validate;
@@ -28,7 +29,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::get;
-use oco_core::ports::{Clock, Exchange, Store, Users};
+use oco_core::ports::{Clock, Coverage, Exchange, Store, Users};
 use oco_core::{IdScheme, Protector};
 
 pub use auth::{AuthUser, hash_token, new_token};
@@ -37,8 +38,8 @@ pub use openapi::ApiDoc;
 
 /// What every handler needs: the ports, the routine and the id scheme.
 ///
-/// One concrete store usually implements both [`Store`] and [`Users`]: pass
-/// it twice. The `protector` must be wired to the same store and exchange.
+/// One concrete store usually implements [`Store`], [`Users`] and
+/// [`Coverage`]: pass it three times. The `protector` must be wired to the same store and exchange.
 #[derive(Clone)]
 pub struct AppState {
     /// Accounts, entries, legs, events.
@@ -53,6 +54,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Deterministic client ids; the same namespace as the protector's.
     pub ids: IdScheme,
+    /// Coverage queries for the coverage page (usually the same store again).
+    pub coverage: Arc<dyn Coverage>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -84,6 +87,8 @@ pub fn router(state: AppState) -> Router {
             get(entries::get_entry).delete(entries::cancel_entry),
         )
         .route("/v1/openapi.json", get(openapi::openapi_json))
+        .route("/v1/coverage", get(coverage::coverage_json))
+        .route("/coverage", get(coverage::coverage_page))
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::no_method)
         .with_state(state)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use rust_decimal::Decimal;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::ids::{IdError, IdScheme, LegIndex, LegKey};
 use crate::levels::{LevelsError, resolve_levels};
@@ -207,10 +207,33 @@ impl Protector {
         evidence: Option<&Evidence>,
         source: Source,
     ) -> Result<ProtectReport, ProtectError> {
+        // Every line logged while protecting carries the entry, its account
+        // and its client id (the last two are known once the entry is read).
+        let span = tracing::info_span!(
+            "protect",
+            entry = %entry,
+            account = tracing::field::Empty,
+            client_id = tracing::field::Empty,
+            %source,
+        );
+        self.protect_in_span(entry, evidence, source)
+            .instrument(span)
+            .await
+    }
+
+    async fn protect_in_span(
+        &self,
+        entry: crate::ids::EntryId,
+        evidence: Option<&Evidence>,
+        source: Source,
+    ) -> Result<ProtectReport, ProtectError> {
         let mut current = match evidence {
             Some(ev) => self.store.record_evidence(entry, ev).await?,
             None => self.store.entry(entry).await?,
         };
+        let span = tracing::Span::current();
+        span.record("account", tracing::field::display(current.account));
+        span.record("client_id", tracing::field::display(&current.client_id));
         let mut holding = evidence.and_then(|e| e.holding);
         let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
         for _ in 0..self.config.max_rounds {

@@ -20,6 +20,8 @@ mod refresh;
 
 pub use exchange::{ObservedExchange, error_code};
 pub use http::{Exporter, METRICS_CONTENT_TYPE, router, serve};
-pub use logs::{LogFormat, init_logs, log_subscriber};
+pub use logs::{
+    LOG_FORMAT_VAR, LogFormat, init_logs, init_logs_from_env, log_format_from_env, log_subscriber,
+};
 pub use metrics::{LATENCY_BUCKETS, Metrics, outcome_name};
 pub use refresh::{COVERAGE_REFRESH, refresh_coverage};

@@ -52,3 +52,38 @@ pub fn init_logs(format: LogFormat) {
     let _ =
         tracing::subscriber::set_global_default(log_subscriber(format, &filter, std::io::stderr));
 }
+
+/// The variable naming the log format: `json` or `human`.
+pub const LOG_FORMAT_VAR: &str = "OCO_LOG_FORMAT";
+
+/// The log format `OCO_LOG_FORMAT` asks for, `default` when it is unset.
+///
+/// # Errors
+/// A message naming the variable and the accepted values when it holds
+/// anything else.
+pub fn log_format_from_env(default: LogFormat) -> Result<LogFormat, String> {
+    match std::env::var(LOG_FORMAT_VAR) {
+        Err(_) => Ok(default),
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "json" => Ok(LogFormat::Json),
+            "human" => Ok(LogFormat::Human),
+            other => Err(format!(
+                "{LOG_FORMAT_VAR}={other:?} is not a log format: use json or human"
+            )),
+        },
+    }
+}
+
+/// Installs the process's subscriber on stderr in the format
+/// `OCO_LOG_FORMAT` names (human when unset), filtered by `RUST_LOG`, else by
+/// `default_filter`.
+///
+/// # Errors
+/// When `OCO_LOG_FORMAT` holds an unknown value.
+pub fn init_logs_from_env(default_filter: &str) -> Result<(), String> {
+    let format = log_format_from_env(LogFormat::Human)?;
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| default_filter.to_owned());
+    let _ =
+        tracing::subscriber::set_global_default(log_subscriber(format, &filter, std::io::stderr));
+    Ok(())
+}

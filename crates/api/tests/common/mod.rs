@@ -279,6 +279,7 @@ pub async fn world() -> World {
         protector,
         clock,
         ids,
+        coverage: store.clone(),
     });
     for key in [ALICE_KEY, BOB_KEY] {
         exchange.fake.set_free(key, "USDT", dec!(1000000));
