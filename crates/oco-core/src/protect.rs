@@ -334,7 +334,10 @@ impl Protector {
                         &creds,
                         &rules,
                         &legs,
-                        position,
+                        LateCase {
+                            position,
+                            partly_protected: false,
+                        },
                         account.protection.late,
                         source,
                         reason,
@@ -606,10 +609,17 @@ impl Protector {
                 ))
                 .await?;
         }
+        // The market passed a level of some legs. Those that went out keep their
+        // stops; the rest of the position takes the late policy, or it would sit
+        // without a stop while every new generation is refused the same way.
         if let Some(reason) = late_reason
-            && placed.is_empty()
             && pending.is_empty()
         {
+            let covered: Qty = claims
+                .iter()
+                .filter(|c| placed.contains(&c.key))
+                .map(|c| c.qty)
+                .sum();
             let legs = self.store.legs(entry.id).await?;
             return self
                 .late(
@@ -617,7 +627,10 @@ impl Protector {
                     &creds,
                     &rules,
                     &legs,
-                    position,
+                    LateCase {
+                        position: position.saturating_sub(covered),
+                        partly_protected: !placed.is_empty(),
+                    },
                     account.protection.late,
                     source,
                     reason,
@@ -773,11 +786,15 @@ impl Protector {
         creds: &ApiCredentials,
         rules: &SymbolRules,
         legs: &[Leg],
-        position: Qty,
+        case: LateCase,
         policy: LatePolicy,
         source: Source,
         reason: String,
     ) -> Result<Round, ProtectError> {
+        let LateCase {
+            position,
+            partly_protected,
+        } = case;
         if policy == LatePolicy::RecordOnly {
             return self
                 .unprotectable(
@@ -860,14 +877,20 @@ impl Protector {
                     None,
                 )
                 .await?;
-                self.store
-                    .set_protection(
-                        entry.id,
-                        &Protection::Exited {
-                            reason: why.clone(),
-                        },
-                    )
-                    .await?;
+                if partly_protected {
+                    // Lists still hold the rest: the entry stays protected, and
+                    // followed, rather than settled.
+                    self.mark_protected(entry, source, self.clock.now()).await?;
+                } else {
+                    self.store
+                        .set_protection(
+                            entry.id,
+                            &Protection::Exited {
+                                reason: why.clone(),
+                            },
+                        )
+                        .await?;
+                }
                 self.store
                     .append_event(&event(
                         entry.id,
@@ -1093,4 +1116,13 @@ pub fn list_end_state(snap: &OrderListSnapshot) -> LegState {
     LegState::CanceledExternally {
         why: ExternalEnd::Canceled,
     }
+}
+
+/// What the late policy applies to.
+#[derive(Debug, Clone, Copy)]
+struct LateCase {
+    /// The quantity to exit (or to record as left unprotected).
+    position: Qty,
+    /// Some lists of the same generation were accepted and keep their stops.
+    partly_protected: bool,
 }
