@@ -276,9 +276,14 @@ impl Protector {
         ) {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
         }
-        let creds = self.store.credentials(entry.account).await?;
-        let account = self.store.account(entry.account).await?;
-        let mut legs = self.store.legs(entry.id).await?;
+        // Three independent reads, in parallel: one round trip of latency, not three.
+        let (creds, account, legs) = futures_util::future::join3(
+            self.store.credentials(entry.account),
+            self.store.account(entry.account),
+            self.store.legs(entry.id),
+        )
+        .await;
+        let (creds, account, mut legs) = (creds?, account?, legs?);
 
         // Settle legs in doubt: an unknown outcome, or a claim whose claimant went quiet.
         let now = self.clock.now();
@@ -358,7 +363,10 @@ impl Protector {
                         &creds,
                         &rules,
                         &legs,
-                        position,
+                        LateCase {
+                            position,
+                            partly_protected: false,
+                        },
                         account.protection.late,
                         source,
                         reason,
@@ -419,7 +427,7 @@ impl Protector {
         }
 
         // Claim the new generation before anything is sent; only the claimant goes on.
-        let mut claims = Vec::with_capacity(plan.legs.len());
+        let mut wanted = Vec::with_capacity(plan.legs.len());
         for planned in &plan.legs {
             let key = LegKey {
                 entry: entry.id,
@@ -437,11 +445,17 @@ impl Protector {
                 source,
                 at: now,
             };
-            if self.store.claim_leg(&claim).await? {
-                claims.push(claim);
-            } else if claims.is_empty() {
-                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
-            }
+            wanted.push(claim);
+        }
+        // Every leg of the generation in one durable write; only legs won are sent.
+        let won = self.store.claim_legs(&wanted).await?;
+        let claims: Vec<LegClaim> = wanted
+            .into_iter()
+            .zip(won)
+            .filter_map(|(claim, won)| won.then_some(claim))
+            .collect();
+        if claims.is_empty() {
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
         }
 
         // Coins under an older list are locked: cancel it first (DESIGN rule 8 and
@@ -494,6 +508,63 @@ impl Protector {
             })
             .collect();
         let results = join_all(requests.iter().map(|r| self.exchange.place_oco(&creds, r))).await;
+
+        if results.iter().all(Result::is_ok) {
+            // Every list acknowledged: the outcomes, their history and the protection
+            // go into one durable write instead of one per fact.
+            let now = self.clock.now();
+            let mut updates = Vec::with_capacity(claims.len());
+            let mut events = Vec::with_capacity(claims.len() + 1);
+            let mut placed = Vec::with_capacity(claims.len());
+            for ((claim, request), ack) in
+                claims.iter().zip(&requests).zip(results.iter().flatten())
+            {
+                info!(entry = %entry.id, leg = %claim.key, list_id = ack.list_id, client_id = %request.ids.list, %source, "protection leg placed");
+                updates.push(LegUpdate {
+                    key: claim.key,
+                    from: "claimed",
+                    to: LegState::Placed {
+                        list_id: ack.list_id,
+                    },
+                    error: None,
+                    at: now,
+                });
+                events.push(event(
+                    entry.id,
+                    "leg_placed",
+                    format!("{}", claim.key),
+                    Some(source),
+                    now,
+                ));
+                placed.push(claim.key);
+            }
+            let protection =
+                (!matches!(entry.protection, Protection::Protected { .. })).then(|| {
+                    events.push(event(
+                        entry.id,
+                        "protected",
+                        format!("by {source}"),
+                        Some(source),
+                        now,
+                    ));
+                    Protection::Protected {
+                        at: now,
+                        by: source,
+                    }
+                });
+            self.store
+                .record_outcomes(entry.id, &updates, &events, protection.as_ref())
+                .await?;
+            let fresh = self.store.entry(entry.id).await?;
+            if fresh.net_qty() > entry.net_qty() {
+                return Ok(Round::Again { holding: None });
+            }
+            return Ok(Round::Done(ProtectOutcome::Placed {
+                legs: placed,
+                replaced,
+                degraded: plan.degraded,
+            }));
+        }
 
         let mut placed = Vec::new();
         let mut pending = Vec::new();
@@ -573,10 +644,17 @@ impl Protector {
                 ))
                 .await?;
         }
+        // The market passed a level of some legs. Those that went out keep their
+        // stops; the rest of the position takes the late policy, or it would sit
+        // without a stop while every new generation is refused the same way.
         if let Some(reason) = late_reason
-            && placed.is_empty()
             && pending.is_empty()
         {
+            let covered: Qty = claims
+                .iter()
+                .filter(|c| placed.contains(&c.key))
+                .map(|c| c.qty)
+                .sum();
             let legs = self.store.legs(entry.id).await?;
             return self
                 .late(
@@ -584,7 +662,10 @@ impl Protector {
                     &creds,
                     &rules,
                     &legs,
-                    position,
+                    LateCase {
+                        position: position.saturating_sub(covered),
+                        partly_protected: !placed.is_empty(),
+                    },
                     account.protection.late,
                     source,
                     reason,
@@ -740,11 +821,15 @@ impl Protector {
         creds: &ApiCredentials,
         rules: &SymbolRules,
         legs: &[Leg],
-        position: Qty,
+        case: LateCase,
         policy: LatePolicy,
         source: Source,
         reason: String,
     ) -> Result<Round, ProtectError> {
+        let LateCase {
+            position,
+            partly_protected,
+        } = case;
         if policy == LatePolicy::RecordOnly {
             return self
                 .unprotectable(
@@ -827,14 +912,20 @@ impl Protector {
                     None,
                 )
                 .await?;
-                self.store
-                    .set_protection(
-                        entry.id,
-                        &Protection::Exited {
-                            reason: why.clone(),
-                        },
-                    )
-                    .await?;
+                if partly_protected {
+                    // Lists still hold the rest: the entry stays protected, and
+                    // followed, rather than settled.
+                    self.mark_protected(entry, source, self.clock.now()).await?;
+                } else {
+                    self.store
+                        .set_protection(
+                            entry.id,
+                            &Protection::Exited {
+                                reason: why.clone(),
+                            },
+                        )
+                        .await?;
+                }
                 self.store
                     .append_event(&event(
                         entry.id,
@@ -1076,4 +1167,13 @@ impl Protector {
     pub fn set_observer(&self, observer: Arc<dyn ProtectObserver>) -> bool {
         self.observer.set(observer).is_ok()
     }
+}
+
+/// What the late policy applies to.
+#[derive(Debug, Clone, Copy)]
+struct LateCase {
+    /// The quantity to exit (or to record as left unprotected).
+    position: Qty,
+    /// Some lists of the same generation were accepted and keep their stops.
+    partly_protected: bool,
 }

@@ -553,3 +553,42 @@ async fn dust_left_after_the_legs_sold_out_closes_the_entry() {
     );
     assert!(entry.realized_quote.is_some());
 }
+
+#[tokio::test]
+async fn a_market_past_one_target_exits_that_part_and_keeps_the_other_stop() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    // Between the targets (+1 % and +2 % of 100): the first leg's list is refused.
+    w.exchange.set_price("BTCUSDT", p(dec!(101.5)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.open_lists().len(), 1, "the accepted list stays");
+    assert_eq!(w.open_qty(), dec!(0.5), "half still has its stop");
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC"),
+        (dec!(0), dec!(0.5)),
+        "the refused half was sold at market"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+    // The next call sees the rest covered: no churn of new generations.
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Covered));
+    assert_eq!(w.exchange.oco_calls(), 2);
+}
