@@ -426,9 +426,6 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
             format!("{:?} (not in the times below)", report.recovered),
         );
     }
-    for (id, what) in &report.known_issue {
-        line(&mut table, &format!("KNOWN ISSUE entry {id}"), what.clone());
-    }
     line(
         &mut table,
         "unprotected time max / p99 / p50",
@@ -481,17 +478,6 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
     );
     drop(procs);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn partly_refused(legs: &[oco_core::model::Leg]) -> bool {
-    let Some(last) = legs.iter().map(|l| l.key.generation).max() else {
-        return false;
-    };
-    let latest: Vec<_> = legs.iter().filter(|l| l.key.generation == last).collect();
-    let refused = latest.iter().any(|l| {
-        matches!(&l.state, oco_core::state::LegState::NotPlaced { reason, .. } if reason.contains(KNOWN_PARTIAL_REFUSAL))
-    });
-    refused && latest.iter().any(|l| l.state.is_active())
 }
 
 /// What the exchange holds for our accounts.
@@ -621,20 +607,7 @@ struct Report {
     unprotectable: Vec<(i64, String)>,
     /// Entries recorded unprotectable for a while (stop budget), covered later.
     recovered: Vec<i64>,
-    /// Filled entries left partly covered by the known issue below.
-    known_issue: Vec<(i64, String)>,
 }
-
-/// Known issue, reported and not failed: when the market has moved past one
-/// leg's take-profit but not the other's, the exchange refuses that leg with
-/// "The relationship of the prices for the orders is not correct." while the
-/// other is accepted. `protect` applies the late policy only when every leg
-/// is refused, so it returns `Failed`, and each sync pass places a new
-/// generation: the accepted leg again, the refused one never. Half the
-/// position stays without a stop until the price comes back. Detected as: a
-/// filled, unprotected entry whose latest generation has one leg placed and
-/// one refused for that reason.
-const KNOWN_PARTIAL_REFUSAL: &str = "relationship of the prices";
 
 impl Report {
     async fn check(view: &ExchangeView, store: &PgStore, acked: &[(i64, Decimal)]) -> Report {
@@ -647,7 +620,6 @@ impl Report {
             worst: None,
             unprotectable: Vec::new(),
             recovered: Vec::new(),
-            known_issue: Vec::new(),
         };
         // Nothing acknowledged is lost.
         for (id, executed) in acked {
@@ -708,15 +680,6 @@ impl Report {
                     r.unprotectable.push((id, reason.clone()));
                 }
                 Protection::Closed | Protection::Exited { .. } => {}
-                Protection::Unprotected if partly_refused(&legs) => {
-                    r.known_issue.push((
-                        id,
-                        format!(
-                            "one leg of generation {} placed, the other refused: {KNOWN_PARTIAL_REFUSAL}",
-                            legs.iter().map(|l| l.key.generation).max().unwrap_or(0)
-                        ),
-                    ));
-                }
                 other => r.problems.push(format!(
                     "entry {id} filled {} but {other:?} ({:?})",
                     order.executed_qty, entry.status
