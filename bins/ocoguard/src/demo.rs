@@ -335,7 +335,7 @@ where
     .await?;
     entries.push(("MARKET, one target, default stop", a));
     p.say(format!(
-        "MARKET BTCUSDT 0.01 → entry {a}: filled in its own response, protected by the api (direct)"
+        "MARKET BTCUSDT 0.01 → entry {a}: filled in its own response and protected at once (the report names the layer that won)"
     ));
     let b = place(
         "market-own-levels",
