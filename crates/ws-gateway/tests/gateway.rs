@@ -313,7 +313,9 @@ async fn two_gateways_split_the_accounts_and_a_dead_ones_accounts_move() {
         (0..4).all(|i| w.streams.open_count(&key(i)) == 1)
     })
     .await;
-    tokio::spawn(w.gateway("gw-b").run(async move {
+    let gw_b = w.gateway("gw-b");
+    let b_stats = gw_b.stats();
+    tokio::spawn(gw_b.run(async move {
         let _ = rx_b.await;
     }));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -324,8 +326,10 @@ async fn two_gateways_split_the_accounts_and_a_dead_ones_accounts_move() {
     // gw-a stops; gw-b takes every account.
     stop_a.send(()).unwrap();
     gw_a.await.unwrap().unwrap();
-    wait_until("gw-b streams all four", Duration::from_secs(5), || {
-        (0..4).all(|i| w.streams.open_count(&key(i)) == 1)
+    // gw-a's aborted tasks drop their sessions a moment after `run` returns:
+    // until gw-b reports its own four streams, an open one may still be gw-a's.
+    wait_until("gw-b streams all four", Duration::from_secs(10), || {
+        b_stats.snapshot().streams_up == 4 && (0..4).all(|i| w.streams.open_count(&key(i)) == 1)
     })
     .await;
     let (_, client_id) = w.entry(w.accounts[2]).await;
