@@ -315,8 +315,22 @@ impl Reconciler {
                         Err(SyncError::InProgress { .. }) => {
                             retry.insert(id);
                         }
-                        Err(err) => {
+                        // An open breaker reports the account and paces its retries itself.
+                        Err(err @ SyncError::BreakerOpen { .. }) => {
                             debug!(account = %id, error = %err, "flagged account not reconciled")
+                        }
+                        // The flag was taken and the work not done: flag it again, in the
+                        // store, so that this or another sync process retries it at its
+                        // next poll rather than at the next full pass. Errors that persist
+                        // open the breaker, which ends the retries.
+                        Err(err) => {
+                            warn!(account = %id, error = %err, "flagged account not reconciled, flagging it again");
+                            let now = self.protector.clock().now();
+                            if let Err(e) =
+                                self.store.flag_reconcile(id, "reconcile failed", now).await
+                            {
+                                warn!(account = %id, error = %e, "could not flag the account again");
+                            }
                         }
                         Ok(_) => debug!(account = %id, "flagged account reconciled"),
                     }

@@ -448,7 +448,9 @@ async fn the_accounts_of_a_sync_that_dies_mid_pass_are_reconciled_by_the_other()
     let silent: Arc<dyn Exchange> =
         Arc::new(BinanceExchange::new(BinanceConfig::custom(hole_url.clone(), hole_url)).unwrap());
     let mut dying_config = shared_config("sync-dying");
-    dying_config.pass_lease = Duration::from_secs(2);
+    // Long enough that the survivor's first pass ends before it expires on a
+    // loaded machine (else that pass takes the dead one's batch too).
+    dying_config.pass_lease = Duration::from_secs(5);
     let dying = Arc::new(t.reconciler_with(silent, dying_config));
     let survivor = t.reconciler_with(t.exchange.clone(), shared_config("sync-survivor"));
 
@@ -482,7 +484,7 @@ async fn the_accounts_of_a_sync_that_dies_mid_pass_are_reconciled_by_the_other()
         .filter(|id| !got.contains(id))
         .collect();
     // ...and once the dead one's take expires, those too.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut later = Vec::new();
     while later.len() < lost.len() {
         assert!(

@@ -89,3 +89,52 @@ async fn the_first_full_pass_follows_the_startup_delay() {
     );
     assert_eq!(sync.metrics().passes, 1);
 }
+
+#[tokio::test]
+async fn a_flagged_account_whose_reconcile_fails_is_retried_at_the_next_poll() {
+    let w = world();
+    let a = w.account("k1").await;
+    let mut c = config();
+    c.startup_delay = Duration::from_secs(3600);
+    c.interval = Duration::from_secs(3600);
+    c.flag_poll = Duration::from_millis(250);
+    let sync = w.reconciler(c);
+    // The first reconcile fails once on its first read; the flag it took must not be lost.
+    w.exchange.fail_open_lists(
+        1,
+        oco_core::ExchangeError::Transient("connection reset".into()),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let runner = sync.run(async {
+        let _ = stopped.await;
+    });
+    let scenario = async {
+        let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        let protected = wait_until(Duration::from_secs(5), || async {
+            matches!(
+                w.store.entry(id).await.unwrap().protection,
+                Protection::Protected { .. }
+            )
+        })
+        .await;
+        let _ = stop.send(());
+        protected
+    };
+    let ((), protected) = tokio::join!(runner, scenario);
+    assert!(
+        protected,
+        "the failed reconcile flagged the account again and the retry protected it"
+    );
+    assert_eq!(
+        w.exchange.calls("k1", "open_order_lists"),
+        2,
+        "one failed read, one retry"
+    );
+    let m = sync.metrics();
+    assert_eq!(m.flagged_taken, 2, "the flag was taken twice");
+    assert_eq!(m.passes, 0, "no full pass ran");
+}
