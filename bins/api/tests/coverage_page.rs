@@ -46,7 +46,10 @@ fn run_chromium(url: &str, extra: &[&str]) -> std::process::Output {
         std::process::id(),
         rand_suffix()
     ));
-    let out = Command::new(chromium())
+    // A hung browser must fail the test, not hang the suite.
+    let out = Command::new("timeout")
+        .args(["--kill-after=5", "120"])
+        .arg(chromium())
         .args([
             "--headless",
             "--no-sandbox",

@@ -394,7 +394,8 @@ where
     ));
     ctl.set_refuse_streams(false);
 
-    // A gateway crash: its lease expires and a new process takes the account over.
+    // A gateway crash, in-process: the task is aborted without releasing its
+    // lease, so the new instance takes the account over as a new process would.
     gw_task.abort();
     drop(gw_stop);
     let (gw2_stats, gw2_stop, gw2_task) = gateway(&store, &streams, &protector, "demo-gateway-2");
@@ -410,7 +411,7 @@ where
         },
     )
     .await?;
-    p.say("ws-gateway killed and restarted: the new process took the account's lease over");
+    p.say("ws-gateway crashed (aborted, lease not released) and restarted: the new instance took the account's lease over");
 
     ctl.set_price("BTCUSDT", permille(btc, -6))?;
     let s = store.clone();
@@ -479,10 +480,14 @@ where
         {
             *by_layer.entry(leg.source.name()).or_default() += 1;
         }
-        let protected_at = legs
+        // Protected = every list of the first generation acknowledged by the
+        // exchange: `protect` records the "protected" event right after the acks.
+        let protected_at = store
+            .events(*id)
+            .await?
             .iter()
-            .filter(|l| !matches!(l.state, LegState::NotPlaced { .. } | LegState::Claimed))
-            .map(|l| l.claimed_at)
+            .filter(|ev| ev.kind == "protected")
+            .map(|ev| ev.at)
             .min();
         let latency_ms = match (e.filled_at, protected_at) {
             (Some(f), Some(p)) => Some(p.0 - f.0),

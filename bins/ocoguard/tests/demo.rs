@@ -51,4 +51,19 @@ fn check(report: &ocoguard::demo::DemoReport, text: String) {
         "{text}"
     );
     assert!(text.contains("every filled entry protected: yes"), "{text}");
+    for row in report.rows.iter().filter(|r| !r.executed.is_zero()) {
+        let ms = row
+            .latency_ms
+            .unwrap_or_else(|| panic!("{}: no latency: {text}", row.label));
+        assert!(
+            (0..30_000).contains(&ms),
+            "{}: fill → protected {ms} ms: {text}",
+            row.label
+        );
+    }
+    assert!(
+        report.elapsed < std::time::Duration::from_secs(60),
+        "the demo takes under a minute: {:?}",
+        report.elapsed
+    );
 }

@@ -66,6 +66,12 @@ async fn the_wired_process_protects_a_fill_from_the_stream() {
         .await
         .unwrap();
     let (rest, ws) = (sim.base_url(), sim.ws_api_url());
+    // A free port for the exporter, so that the test can scrape it.
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let config = ws_gateway_bin::Config::try_parse_from([
         "ws-gateway",
         "--database-url",
@@ -85,7 +91,7 @@ async fn the_wired_process_protects_a_fill_from_the_stream() {
         "--lease-renew-secs",
         "1",
         "--metrics-listen",
-        "127.0.0.1:0",
+        &metrics_addr,
     ])
     .unwrap();
     assert!(
@@ -160,6 +166,29 @@ async fn the_wired_process_protects_a_fill_from_the_stream() {
         2,
         "two legs, once"
     );
+    // The exporter shows the account's stream up and the layer's placements;
+    // the gauges move on the exporter's refresh, so poll for them.
+    let account_label = format!("oco_stream_up{{account=\"{}\"}} 1", account.id);
+    let wanted = [
+        account_label.as_str(),
+        "oco_placements_total{source=\"websocket\"} 2",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = match reqwest::get(format!("http://{metrics_addr}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if wanted.iter().all(|w| text.lines().any(|l| l == *w)) {
+            assert!(!text.contains("k1-secret") && !text.contains(&key_hex));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed {wanted:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.send(()).unwrap();
     process.await.unwrap().unwrap();
     // Shutdown released the lease and closed the stream.
