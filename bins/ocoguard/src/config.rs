@@ -78,8 +78,8 @@ pub const OPTIONS: &[OptionDoc] = &[
     OptionDoc {
         key: "log_format",
         env: &["OCO_LOG_FORMAT"],
-        default: "human",
-        meaning: "`human` or `json` log lines on stderr (`RUST_LOG` filters, default `info`)",
+        default: "auto",
+        meaning: "`auto` (JSON when stderr is not a terminal, human in one), `human` or `json` log lines on stderr (`RUST_LOG` filters, default `info`)",
     },
     OptionDoc {
         key: "api.listen",
@@ -171,6 +171,8 @@ impl FromStr for ExchangeKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// JSON when stderr is not a terminal (production), human in a terminal.
+    Auto,
     /// Human-readable lines.
     Human,
     /// One JSON object per line.
@@ -181,9 +183,10 @@ impl FromStr for LogFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(Self::Auto),
             "human" => Ok(Self::Human),
             "json" => Ok(Self::Json),
-            _ => Err("expected `human` or `json`".to_owned()),
+            _ => Err("expected `auto`, `human` or `json`".to_owned()),
         }
     }
 }
@@ -603,7 +606,7 @@ impl Settings {
             return Err(ConfigError(format!("{}: {e}", r.named("id_namespace"))));
         }
         let f = r.file.log_format.take();
-        let log_format = r.get_or("log_format", f, LogFormat::Human)?;
+        let log_format = r.get_or("log_format", f, LogFormat::Auto)?;
         let f = r.file.api.listen.take();
         let api_listen = r.get_or("api.listen", f, SocketAddr::from(([127, 0, 0, 1], 8080)))?;
         let f = r.file.metrics.listen.take();

@@ -87,9 +87,10 @@ pub fn init_quiet_logs() {
     ));
 }
 
-/// Logs to stderr, human-readable, filtered by `RUST_LOG`, else by `default`.
+/// Logs to stderr (JSON unless stderr is a terminal), filtered by `RUST_LOG`,
+/// else by `default`.
 pub fn init_logs(default: &str) {
-    init_logs_as(default, LogFormat::Human);
+    init_logs_as(default, LogFormat::Auto);
 }
 
 /// Logs to stderr in `format` (JSON lines carry the fields of every enclosing
@@ -97,6 +98,7 @@ pub fn init_logs(default: &str) {
 pub fn init_logs_as(default: &str, format: LogFormat) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
     let format = match format {
+        LogFormat::Auto => telemetry::LogFormat::Auto,
         LogFormat::Human => telemetry::LogFormat::Human,
         LogFormat::Json => telemetry::LogFormat::Json,
     };

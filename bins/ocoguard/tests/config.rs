@@ -70,7 +70,7 @@ fn environment_alone_gives_the_defaults_for_the_rest() {
     assert_eq!(s.db_pool_size, 16);
     assert_eq!(s.api_listen.to_string(), "127.0.0.1:8080");
     assert_eq!(s.id_namespace, "og");
-    assert_eq!(s.log_format, LogFormat::Human);
+    assert_eq!(s.log_format, LogFormat::Auto);
     assert_eq!((s.lease_ttl_secs, s.lease_renew_secs), (30, 10));
     assert_eq!(s.max_accounts, 1000);
     assert_eq!((s.sync_interval_secs, s.sync_startup_delay_secs), (300, 15));

@@ -63,7 +63,7 @@ pub struct Config {
     #[arg(long, env = "OCO_MAX_ACCOUNTS", default_value_t = 1000)]
     pub max_accounts: usize,
     /// Log format.
-    #[arg(long, env = "OCO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    #[arg(long, env = "OCO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
     /// Where `GET /metrics` is served (Prometheus).
     #[arg(long, env = "OCO_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
@@ -91,14 +91,7 @@ pub enum ExchangeKind {
     Sim,
 }
 
-/// Log output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Human,
-    /// One JSON object per line.
-    Json,
-}
+pub use telemetry::LogFormat;
 
 /// Configuration text that must never be shown: `Debug` redacts it. Parsed
 /// only in [`wire`], because clap repeats a refused value in its message.
@@ -196,17 +189,11 @@ pub fn default_gateway_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Installs the tracing subscriber (`RUST_LOG`, default `info`).
+/// Installs the tracing subscriber on stderr (`RUST_LOG`, default `info`),
+/// the same as every other binary's: JSON lines carry the fields of every
+/// enclosing span (account, entry, client id).
 pub fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match format {
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-        LogFormat::Human => tracing_subscriber::fmt().with_env_filter(filter).init(),
-    }
+    telemetry::init_logs(format);
 }
 
 /// Connects the store (migrating it), the exchange and its streams, and

@@ -48,7 +48,7 @@ fn defaults_and_overrides() {
     assert_eq!(c.exchange, ExchangeKind::Production);
     assert_eq!(c.id_namespace, "og");
     assert_eq!(c.db_pool_size, 8);
-    assert_eq!(c.log_format, LogFormat::Human);
+    assert_eq!(c.log_format, LogFormat::Auto);
     let g = c.gateway_config().unwrap();
     assert_eq!(g.lease_ttl, Duration::from_secs(30));
     assert_eq!(g.renew_every, Duration::from_secs(10));

@@ -8,11 +8,41 @@ use tracing_subscriber::fmt::MakeWriter;
 /// Log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
+    /// JSON when stderr is not a terminal (a service manager, a container, a
+    /// log shipper: production), human-readable in a terminal.
+    Auto,
     /// Human-readable lines.
     Human,
     /// One JSON object per line, with the fields of every enclosing span
     /// (account, entry, client id) under `spans`.
     Json,
+}
+
+impl LogFormat {
+    /// `Auto` decided for stderr; the others as they are.
+    pub fn for_stderr(self) -> LogFormat {
+        use std::io::IsTerminal as _;
+        match self {
+            LogFormat::Auto if std::io::stderr().is_terminal() => LogFormat::Human,
+            LogFormat::Auto => LogFormat::Json,
+            other => other,
+        }
+    }
+
+    /// Parses `auto`, `human` or `json` (any case, surrounding blanks ignored).
+    ///
+    /// # Errors
+    /// A message naming the accepted values.
+    pub fn parse(text: &str) -> Result<LogFormat, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(LogFormat::Auto),
+            "json" => Ok(LogFormat::Json),
+            "human" => Ok(LogFormat::Human),
+            other => Err(format!(
+                "{other:?} is not a log format: use auto, json or human"
+            )),
+        }
+    }
 }
 
 /// A subscriber writing `format` to `writer`, filtered by `filter` (a
@@ -26,8 +56,8 @@ where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
     let filter = EnvFilter::new(filter);
-    match format {
-        LogFormat::Json => Box::new(
+    match format.for_stderr() {
+        LogFormat::Json | LogFormat::Auto => Box::new(
             tracing_subscriber::fmt()
                 .json()
                 .with_current_span(false)
@@ -53,7 +83,7 @@ pub fn init_logs(format: LogFormat) {
         tracing::subscriber::set_global_default(log_subscriber(format, &filter, std::io::stderr));
 }
 
-/// The variable naming the log format: `json` or `human`.
+/// The variable naming the log format: `auto`, `json` or `human`.
 pub const LOG_FORMAT_VAR: &str = "OCO_LOG_FORMAT";
 
 /// The log format `OCO_LOG_FORMAT` asks for, `default` when it is unset.
@@ -64,24 +94,20 @@ pub const LOG_FORMAT_VAR: &str = "OCO_LOG_FORMAT";
 pub fn log_format_from_env(default: LogFormat) -> Result<LogFormat, String> {
     match std::env::var(LOG_FORMAT_VAR) {
         Err(_) => Ok(default),
-        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-            "json" => Ok(LogFormat::Json),
-            "human" => Ok(LogFormat::Human),
-            other => Err(format!(
-                "{LOG_FORMAT_VAR}={other:?} is not a log format: use json or human"
-            )),
-        },
+        // An empty variable counts as unset, as everywhere in the configuration.
+        Ok(v) if v.trim().is_empty() => Ok(default),
+        Ok(v) => LogFormat::parse(&v).map_err(|e| format!("{LOG_FORMAT_VAR}={e}")),
     }
 }
 
 /// Installs the process's subscriber on stderr in the format
-/// `OCO_LOG_FORMAT` names (human when unset), filtered by `RUST_LOG`, else by
+/// `OCO_LOG_FORMAT` names (`auto` when unset), filtered by `RUST_LOG`, else by
 /// `default_filter`.
 ///
 /// # Errors
 /// When `OCO_LOG_FORMAT` holds an unknown value.
 pub fn init_logs_from_env(default_filter: &str) -> Result<(), String> {
-    let format = log_format_from_env(LogFormat::Human)?;
+    let format = log_format_from_env(LogFormat::Auto)?;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| default_filter.to_owned());
     let _ =
         tracing::subscriber::set_global_default(log_subscriber(format, &filter, std::io::stderr));
