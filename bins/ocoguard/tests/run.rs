@@ -35,6 +35,12 @@ async fn run_protects_an_entry_placed_through_its_api() {
     ))
     .await
     .unwrap();
+    sim.control()
+        .set_price("BTCUSDT", Decimal::from(60_000))
+        .unwrap();
+    sim.control()
+        .set_price("ETHUSDT", Decimal::from(3_000))
+        .unwrap();
     // The run command takes the key as text, as the environment gives it.
     let text_key = "11".repeat(32);
     let free_port = || {
@@ -54,7 +60,8 @@ async fn run_protects_an_entry_placed_through_its_api() {
         format!(
             "id_namespace = \"run\"\n[database]\nurl = \"{}\"\npool_size = 4\n\
              [exchange]\nkind = \"sim\"\nrest_url = \"{}\"\nws_url = \"{}\"\n\
-             [gateway]\nid = \"run-test\"\n[sync]\ninterval_secs = 60\nstartup_delay_secs = 60\n",
+             [gateway]\nid = \"run-test\"\nlease_ttl_secs = 3\nlease_renew_secs = 1\n\
+             [sync]\ninterval_secs = 60\nstartup_delay_secs = 60\n",
             db.url(),
             sim.base_url(),
             sim.ws_api_url()
@@ -190,8 +197,91 @@ async fn run_protects_an_entry_placed_through_its_api() {
         assert!(!text.contains("run-secret") && !text.contains(&token));
     }
 
+    // The gateway inside `run` streams the account (picked up at its next
+    // lease renewal) and protects a LIMIT that fills later, from the stream.
+    let ctl = sim.control();
+    wait(Duration::from_secs(30), "the gateway to subscribe", || {
+        ctl.subscription_count() == 1
+    })
+    .await;
+    // A symbol holds at most 5 stops of an account (MAX_NUM_ALGO_ORDERS): the
+    // outage entry goes to another symbol than the first two.
+    let limit = |symbol: &str, qty: &str, price: &str, tp: &str| {
+        http.post(format!("{base}/entries"))
+            .bearer_auth(&token)
+            .json(
+                &json!({"account": account["id"], "symbol": symbol, "type": "LIMIT",
+                          "quantity": qty, "price": price, "tp": [tp]}),
+            )
+            .send()
+    };
+    let entry_id = |v: &Value| oco_core::EntryId(v["id"].as_i64().unwrap());
+    let later: Value = limit("BTCUSDT", "0.01", "59900", "61000")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let later = entry_id(&later);
+    ctl.set_price("BTCUSDT", Decimal::from(59_850)).unwrap();
+    wait_protected(&store, later, oco_core::Source::Websocket).await;
+
+    // A stream outage while another LIMIT fills: nobody sees it until the
+    // stream is back; the gateway then flags the account and sync, inside the
+    // same process, protects it (its periodic pass is a minute away).
+    ctl.set_refuse_streams(true);
+    ctl.drop_streams(None);
+    wait(Duration::from_secs(10), "the stream to drop", || {
+        ctl.subscription_count() == 0
+    })
+    .await;
+    let outage: Value = limit("ETHUSDT", "0.1", "2990", "3100")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let outage = entry_id(&outage);
+    ctl.set_price("ETHUSDT", Decimal::from(2_985)).unwrap();
+    ctl.set_refuse_streams(false);
+    wait_protected(&store, outage, oco_core::Source::Sync).await;
+    assert_eq!(
+        ctl.order_lists(Some("run-key")).len(),
+        6,
+        "two lists for each of the three entries, once"
+    );
+
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
+}
+
+async fn wait(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `entry` is protected and checks by which layer.
+async fn wait_protected(store: &PgStore, entry: oco_core::EntryId, by: oco_core::Source) {
+    use oco_core::Store as _;
+    use oco_core::model::Protection;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = store.entry(entry).await.unwrap();
+        if let Protection::Protected { by: layer, .. } = e.protection {
+            assert_eq!(layer, by, "entry {entry} protected by {layer}, not {by}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "entry {entry} not protected: {:?} (status {:?})",
+            e.protection,
+            e.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The value of the sample named exactly `series` (name and labels) in a

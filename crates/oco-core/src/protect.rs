@@ -571,6 +571,7 @@ impl Protector {
         let mut errors = Vec::new();
         let mut again = None;
         let mut late_reason = None;
+        let mut cap_refused = false;
         for ((claim, request), result) in claims.iter().zip(&requests).zip(results) {
             let key = claim.key;
             match result {
@@ -628,6 +629,8 @@ impl Protector {
                         again = Some(self.held_base(&creds, &rules).await?);
                     } else if code == Some(-1013) {
                         self.exchange.invalidate_rules(&entry.symbol.name);
+                    } else if is_order_cap(&err.to_string()) {
+                        cap_refused = true;
                     }
                     errors.push(format!("{key}: {err}"));
                 }
@@ -683,6 +686,12 @@ impl Protector {
                 return Ok(Round::Again {
                     holding: Some(free.plus(own)),
                 });
+            }
+            // The symbol's order cap refused part of the generation: re-plan now
+            // within the budget the refusal revealed (fewer, larger lists), rather
+            // than leave the refused part without a stop until the next call.
+            if cap_refused && pending.is_empty() {
+                return Ok(Round::Again { holding: None });
             }
             // Lists that did go out keep their coins locked; the next call replaces them.
             return Ok(Round::Done(if pending.is_empty() {
@@ -1025,7 +1034,7 @@ impl Protector {
         let last = next_generation.checked_sub(1)?;
         let refused = legs.iter().any(|l| {
             l.key.generation == last
-                && matches!(&l.state, LegState::NotPlaced { reason, .. } if reason.contains("MAX_NUM_"))
+                && matches!(&l.state, LegState::NotPlaced { reason, .. } if is_order_cap(reason))
                 && now.since(l.updated_at) < self.config.budget_hint_ttl
         });
         if !refused {
@@ -1117,6 +1126,12 @@ impl Protector {
             })
             .await?)
     }
+}
+
+/// Whether an exchange refusal is a per-symbol open-order cap
+/// (`MAX_NUM_ORDERS`, `MAX_NUM_ALGO_ORDERS`, …), which fewer lists can meet.
+fn is_order_cap(reason: &str) -> bool {
+    reason.contains("MAX_NUM_")
 }
 
 /// How a finished list ended, from its orders' states.

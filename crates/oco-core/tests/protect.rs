@@ -404,22 +404,30 @@ async fn a_stop_budget_refusal_degrades_to_one_leg_never_to_none() {
         EntryStatus::Filled,
         &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
     );
+    // One call: the refusal shows the budget, and the same call re-plans to
+    // one list over the whole position (the accepted half-list is replaced),
+    // so no part of the position waits for another caller to get a stop.
     let first = w
         .protector
         .protect(id, Some(&ev), Source::Websocket)
         .await
         .unwrap();
     assert!(
-        matches!(first.outcome, ProtectOutcome::Failed { .. }),
+        matches!(first.outcome, ProtectOutcome::Placed { ref legs, replaced: 1, degraded: Some(_) } if legs.len() == 1),
         "{first:?}"
-    );
-    let second = w.protector.protect(id, None, Source::Sync).await.unwrap();
-    assert!(
-        matches!(second.outcome, ProtectOutcome::Placed { ref legs, degraded: Some(_), .. } if legs.len() == 1),
-        "{second:?}"
     );
     assert_eq!(w.exchange.open_lists().len(), 1);
     assert_eq!(w.open_qty(), dec!(1));
+    let second = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(second.outcome, ProtectOutcome::Nothing(_)),
+        "{second:?}"
+    );
+    assert_eq!(
+        w.exchange.oco_calls(),
+        3,
+        "two lists, then the one that replaced them"
+    );
 }
 
 #[tokio::test]
