@@ -157,7 +157,18 @@ pub struct Reconciler {
     breakers: Breakers,
     metrics: Metrics,
     busy: Mutex<HashSet<AccountId>>,
+    /// Accounts left with an incomplete protection (refused, unanswered) or
+    /// an entry that could not be read: retried by the flag loop after a
+    /// backoff, not an interval later. Per account: attempts so far and when
+    /// the next one is due.
+    retries: Mutex<HashMap<AccountId, (u32, Instant)>>,
 }
+
+/// First wait before an incomplete account is reconciled again; doubles up to
+/// [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between two retries of an incomplete account.
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Sets of ids only: a poisoned lock holds consistent data.
@@ -199,6 +210,7 @@ impl Reconciler {
             breakers: Breakers::new(config.breaker),
             metrics: Metrics::default(),
             busy: Mutex::new(HashSet::new()),
+            retries: Mutex::new(HashMap::new()),
             protector,
             config,
             meter,
@@ -290,6 +302,11 @@ impl Reconciler {
             loop {
                 ticker.tick().await;
                 let mut ids: Vec<AccountId> = std::mem::take(&mut retry).into_iter().collect();
+                for id in self.due_retries() {
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
                 match self
                     .store
                     .take_flagged(self.config.concurrency.max(1) * 4)
@@ -319,18 +336,12 @@ impl Reconciler {
                         Err(err @ SyncError::BreakerOpen { .. }) => {
                             debug!(account = %id, error = %err, "flagged account not reconciled")
                         }
-                        // The flag was taken and the work not done: flag it again, in the
-                        // store, so that this or another sync process retries it at its
-                        // next poll rather than at the next full pass. Errors that persist
-                        // open the breaker, which ends the retries.
+                        // The flag was taken and the work not done: the account is
+                        // retried after a backoff (`schedule_retry`) rather than at the
+                        // next full pass. Errors that persist open the breaker, which
+                        // ends the retries.
                         Err(err) => {
-                            warn!(account = %id, error = %err, "flagged account not reconciled, flagging it again");
-                            let now = self.protector.clock().now();
-                            if let Err(e) =
-                                self.store.flag_reconcile(id, "reconcile failed", now).await
-                            {
-                                warn!(account = %id, error = %e, "could not flag the account again");
-                            }
+                            warn!(account = %id, error = %err, "flagged account not reconciled, retrying after a backoff");
                         }
                         Ok(_) => debug!(account = %id, "flagged account reconciled"),
                     }
@@ -435,13 +446,54 @@ impl Reconciler {
         }
         let _release = Release(&self.busy, account);
         let result = self.reconcile_account(account).await;
-        if result.is_ok() {
-            // Whichever trigger ran it, the account is next due an interval from now.
-            if let Err(err) = self.store.mark_reconciled(account).await {
-                warn!(account = %account, error = %err, "could not record the reconciliation");
+        match &result {
+            Ok(report) => {
+                // Whichever trigger ran it, the account is next due an interval from now.
+                if let Err(err) = self.store.mark_reconciled(account).await {
+                    warn!(account = %account, error = %err, "could not record the reconciliation");
+                }
+                let incomplete = !report.entry_errors.is_empty()
+                    || report.protections.iter().any(|(_, o)| {
+                        matches!(
+                            o,
+                            ProtectOutcome::Failed { .. } | ProtectOutcome::Pending { .. }
+                        )
+                    });
+                self.schedule_retry(account, incomplete);
             }
+            // An open breaker paces the account's attempts itself.
+            Err(SyncError::BreakerOpen { .. }) => self.schedule_retry(account, false),
+            // Not marked reconciled: the periodic pass also finds it due (after a crash too).
+            Err(_) => self.schedule_retry(account, true),
         }
         result
+    }
+
+    /// Schedules the account's next attempt, with a backoff, when its pass
+    /// left work undone (a protection refused or unanswered, an entry or the
+    /// account unread); forgets it once a pass completes.
+    fn schedule_retry(&self, account: AccountId, incomplete: bool) {
+        let mut retries = lock(&self.retries);
+        if !incomplete {
+            retries.remove(&account);
+            return;
+        }
+        let attempts = retries.get(&account).map_or(0, |(n, _)| *n);
+        let wait = RETRY_MIN
+            .saturating_mul(1 << attempts.min(16))
+            .min(RETRY_MAX);
+        debug!(account = %account, attempts, wait_ms = wait.as_millis(), "pass incomplete, retrying the account");
+        retries.insert(account, (attempts + 1, Instant::now() + wait));
+    }
+
+    /// Accounts whose retry is due now.
+    fn due_retries(&self) -> Vec<AccountId> {
+        let now = Instant::now();
+        lock(&self.retries)
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Reconciles one account: its open entries against the exchange, with
@@ -702,7 +754,7 @@ impl Reconciler {
                 warn!(entry = %entry.id, client_id = %entry.client_id, %reason, "entry unprotectable");
             }
             ProtectOutcome::Failed { errors } => {
-                warn!(entry = %entry.id, client_id = %entry.client_id, errors = ?errors, "protection failed, next pass retries");
+                warn!(entry = %entry.id, client_id = %entry.client_id, errors = ?errors, "protection failed, the account is retried after a backoff");
             }
             other => debug!(entry = %entry.id, outcome = outcome_name(other), "protect"),
         }

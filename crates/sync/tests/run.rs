@@ -91,7 +91,7 @@ async fn the_first_full_pass_follows_the_startup_delay() {
 }
 
 #[tokio::test]
-async fn a_flagged_account_whose_reconcile_fails_is_retried_at_the_next_poll() {
+async fn a_flagged_account_whose_reconcile_fails_is_retried_after_a_backoff() {
     let w = world();
     let a = w.account("k1").await;
     let mut c = config();
@@ -127,7 +127,7 @@ async fn a_flagged_account_whose_reconcile_fails_is_retried_at_the_next_poll() {
     let ((), protected) = tokio::join!(runner, scenario);
     assert!(
         protected,
-        "the failed reconcile flagged the account again and the retry protected it"
+        "the failed reconcile was retried and the retry protected it"
     );
     assert_eq!(
         w.exchange.calls("k1", "open_order_lists"),
@@ -135,6 +135,50 @@ async fn a_flagged_account_whose_reconcile_fails_is_retried_at_the_next_poll() {
         "one failed read, one retry"
     );
     let m = sync.metrics();
-    assert_eq!(m.flagged_taken, 2, "the flag was taken twice");
+    assert_eq!(m.flagged_taken, 1, "one flag; the retry came from the backoff");
+    assert_eq!(m.passes, 0, "no full pass ran");
+}
+
+#[tokio::test]
+async fn a_refused_protection_is_retried_after_a_backoff_not_at_the_next_pass() {
+    let w = world();
+    let a = w.account("k1").await;
+    let mut c = config();
+    c.startup_delay = Duration::from_secs(3600);
+    c.interval = Duration::from_secs(3600);
+    c.flag_poll = Duration::from_millis(100);
+    let sync = w.reconciler(c);
+    // One of the two lists is refused for a reason a retry can overcome.
+    w.fake.push_oco_fault(oco_core::testing::OcoFault::Fail(
+        oco_core::ExchangeError::Transient("503 service unavailable".into()),
+    ));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let runner = sync.run(async {
+        let _ = stopped.await;
+    });
+    let scenario = async {
+        let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        let protected = wait_until(Duration::from_secs(5), || async {
+            matches!(
+                w.store.entry(id).await.unwrap().protection,
+                Protection::Protected { .. }
+            )
+        })
+        .await;
+        let _ = stop.send(());
+        protected
+    };
+    let ((), protected) = tokio::join!(runner, scenario);
+    assert!(protected, "the refused half was protected on a retry");
+    assert_eq!(w.open_qty("k1"), dec!(1), "the whole position is covered");
+    let m = sync.metrics();
+    assert_eq!(
+        m.flagged_taken, 1,
+        "one flag; the retry came from the backoff"
+    );
     assert_eq!(m.passes, 0, "no full pass ran");
 }
