@@ -1,8 +1,9 @@
 //! Secrets never reach the logs: the binary's wiring over PostgreSQL and
 //! `exchange-sim`, logging JSON at `debug` (as `OCO_LOG_FORMAT=json` does)
-//! into a buffer, through account creation and a protected entry. The lines
-//! about the order carry account, entry and client id; none holds the API
-//! secret, the bearer token or a request signature.
+//! into a buffer, through account creation and a protected entry. Every line
+//! about the order carries account, entry and client id (in its fields or its
+//! spans); none holds the API secret, the bearer token, the key of secrets at
+//! rest or a request signature.
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
 use std::io::Write;
@@ -13,12 +14,14 @@ use exchange_sim::{AccountSpec, Sim, SimConfig};
 use oco_core::ports::SystemClock;
 use rust_decimal_macros::dec;
 use serde_json::{Value, json};
-use store_pg::PgStore;
 use store_pg::testing::TestDb;
 use tokio::net::TcpListener;
 
 const KEY: &str = "log-key";
 const SECRET: &str = "log-secret-3f9a7c1e5b";
+/// `OCO_SECRET_KEY`, as hex; `SECRET_KEY_BASE64` is the same key.
+const SECRET_KEY_HEX: &str = "7c3e91a5d20b48f6e1573ac9b08d264f5a1e3c7b9d0f2468ace13579bdf02468";
+const SECRET_KEY_BASE64: &str = "fD6RpdILSPbhVzrJsI0mT1oePHudDyRorOE1eb3wJGg=";
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -51,7 +54,17 @@ async fn logs_name_the_order_and_hold_no_secret() {
     .unwrap();
     sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
     let db = TestDb::new().await;
-    let store = Arc::new(PgStore::connect(db.config(4)).await.unwrap());
+    // Through the binary's own reading of OCO_SECRET_KEY, so that a log line
+    // there would be caught too.
+    let store = Arc::new(
+        api_bin::connect_store(&api_bin::DbArgs {
+            database_url: db.url().to_owned(),
+            secret_key: SECRET_KEY_HEX.to_owned(),
+            pool_size: 4,
+        })
+        .await
+        .unwrap(),
+    );
     let exchange =
         BinanceExchange::new(BinanceConfig::custom(sim.base_url(), sim.ws_api_url())).unwrap();
     let metrics = telemetry::Metrics::new();
@@ -137,16 +150,183 @@ async fn logs_name_the_order_and_hold_no_secret() {
         assert_eq!(span["account"], account.to_string(), "{line}");
         assert_eq!(span["client_id"], client_id, "{line}");
     }
+
+    let about_order: Vec<&Value> = lines.iter().filter(|l| is_about_an_order(l)).collect();
+    for line in &about_order {
+        for (name, want) in [
+            ("account", Some(account.to_string())),
+            ("entry", Some(entry_id.to_string())),
+            // The entry's, or a leg's own.
+            ("client_id", None),
+        ] {
+            let found = values_of(line, name);
+            assert!(
+                !found.is_empty(),
+                "a line about an order without {name}: {line}"
+            );
+            if let Some(want) = want {
+                assert!(
+                    found.iter().all(|v| *v == want),
+                    "{name} is not {want}: {line}"
+                );
+            }
+        }
+    }
+    // Not vacuous: the API's own lines, and lines of the exchange adapter's
+    // HTTP client while it places the entry, which know nothing of the order
+    // but through a span.
+    for message in [
+        "entry stored, sending",
+        "entry answered",
+        "direct protection",
+    ] {
+        assert!(
+            about_order
+                .iter()
+                .any(|l| l["fields"]["message"] == message),
+            "no line {message:?}: {text}"
+        );
+    }
+    assert!(
+        about_order.iter().any(
+            |l| l["target"].as_str().is_some_and(|t| t.starts_with("hyper"))
+                && in_span(l, "place_order")
+        ),
+        "no HTTP client line while placing the entry: {text}"
+    );
+
     // Debug lines (HTTP clients, exchange calls) are captured too, so the
     // checks below look where a secret could leak.
     assert!(
         text.contains("\"level\":\"DEBUG\""),
         "no debug line: {text}"
     );
-    assert!(!text.contains(SECRET), "the API secret is logged: {text}");
-    assert!(!text.contains(&token), "the bearer token is logged: {text}");
-    assert!(
-        !text.to_ascii_lowercase().contains("signature="),
-        "a request signature is logged: {text}"
-    );
+    let token_hex = token.strip_prefix(api::auth::TOKEN_PREFIX).unwrap();
+    for (what, secret) in [
+        ("the API secret", SECRET),
+        ("the bearer token", token.as_str()),
+        ("the bearer token's digits", token_hex),
+        ("OCO_SECRET_KEY", SECRET_KEY_HEX),
+        ("OCO_SECRET_KEY", &SECRET_KEY_HEX.to_ascii_uppercase()),
+        ("OCO_SECRET_KEY", SECRET_KEY_BASE64),
+        ("OCO_SECRET_KEY", SECRET_KEY_BASE64.trim_end_matches('=')),
+    ] {
+        assert!(!text.contains(secret), "{what} is logged: {text}");
+    }
+    for line in text.lines() {
+        // An HMAC-SHA256 is 64 hex digits whatever the quoting around it (a
+        // query string, JSON, a Debug dump); base64, 43 characters and a pad.
+        assert!(
+            longest_run(line, |c| c.is_ascii_hexdigit()) < 64,
+            "a signature (or other digest) is logged: {line}"
+        );
+        assert!(
+            !has_base64_digest(line),
+            "a base64 digest is logged: {line}"
+        );
+        assert!(
+            !names_a_signature(line),
+            "a request signature is logged: {line}"
+        );
+    }
+}
+
+/// Whether a log line is about an order: it names a client id, or its message
+/// speaks of an entry, a leg, an order or its protection.
+fn is_about_an_order(line: &Value) -> bool {
+    const WORDS: &[&str] = &[
+        "entry",
+        "entries",
+        "leg",
+        "legs",
+        "order",
+        "orders",
+        "oco",
+        "protect",
+        "protected",
+        "protection",
+        "exit",
+        "cancel",
+        "fill",
+        "filled",
+    ];
+    let message = line["fields"]["message"].as_str().unwrap_or("");
+    // "The entry API" is the process's name, not an order.
+    let message = message.replace("entry API", "");
+    !values_of(line, "client_id").is_empty()
+        || message
+            .to_ascii_lowercase()
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| WORDS.contains(&w))
+}
+
+/// Every value of `name` in the line's fields and its spans, as text.
+fn values_of(line: &Value, name: &str) -> Vec<String> {
+    let spans = line["spans"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    std::iter::once(&line["fields"])
+        .chain(spans)
+        .filter_map(|scope| match &scope[name] {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        })
+        .collect()
+}
+
+fn in_span(line: &Value, name: &str) -> bool {
+    line["spans"]
+        .as_array()
+        .is_some_and(|spans| spans.iter().any(|s| s["name"] == name))
+}
+
+fn longest_run(text: &str, keep: impl Fn(char) -> bool) -> usize {
+    text.split(|c| !keep(c)).map(str::len).max().unwrap_or(0)
+}
+
+/// 32 bytes in base64: 43 characters of the alphabet and one `=`.
+fn has_base64_digest(line: &str) -> bool {
+    let b64 = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/';
+    line.split('=').any(|before| {
+        let run = before.chars().rev().take_while(|c| b64(*c)).count();
+        run >= 43
+    })
+}
+
+/// `signature` as a parameter name, whatever its value: `signature=`,
+/// `signature: `, or quoted as a JSON key or a Debug string (`"signature":`,
+/// `\"signature\": `, `("signature", …)`). Prose ("Signature for this request
+/// is not valid.") and the method `userDataStream.subscribe.signature` pass.
+fn names_a_signature(line: &str) -> bool {
+    let lower = line.to_ascii_lowercase();
+    lower.match_indices("signature").any(|(at, word)| {
+        let quoted = lower[..at].ends_with('"');
+        let valued = lower[at + word.len()..]
+            .trim_start_matches(['"', '\\', ' '])
+            .starts_with(['=', ':']);
+        quoted || valued
+    })
+}
+
+#[test]
+fn the_secret_checks_catch_every_form() {
+    let hmac = "0f".repeat(32);
+    for leak in [
+        format!("GET /api/v3/order?symbol=BTCUSDT&signature={hmac}"),
+        format!(r#"{{"fields":{{"signature":"{hmac}"}}}}"#),
+        r#"{"fields":{"params":"{\"signature\": \"x\"}"}}"#.to_owned(),
+        "Params { signature: \"x\" }".to_owned(),
+        format!(r#"{{"fields":{{"params":"[(\"signature\", \"{hmac}\")]"}}}}"#),
+    ] {
+        assert!(names_a_signature(&leak), "{leak}");
+    }
+    for harmless in [
+        "Signature for this request is not valid.",
+        r#"{"fields":{"method":"userDataStream.subscribe.signature"}}"#,
+    ] {
+        assert!(!names_a_signature(harmless), "{harmless}");
+    }
+    assert!(longest_run(&format!("a {hmac} b"), |c| c.is_ascii_hexdigit()) >= 64);
+    assert!(longest_run(&format!("a {} b", &hmac[1..]), |c| c.is_ascii_hexdigit()) < 64);
+    assert!(has_base64_digest(&format!("key {SECRET_KEY_BASE64}")));
+    assert!(!has_base64_digest("message=entry answered"));
 }

@@ -17,7 +17,7 @@ use oco_core::ports::{
 use oco_core::protect::ProtectOutcome;
 use oco_core::{ClientOrderId, EntryId, EntryStatus, Qty, StoreError};
 use rust_decimal::Decimal;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::AppState;
 use crate::accounts::{owned_account, path_id};
@@ -109,7 +109,28 @@ pub(crate) async fn create_entry(
         )));
     }
     info!(account = %account.id, entry = %entry.id, client_id = %entry.client_id, symbol = %entry.symbol, "entry stored, sending");
+    send(&state, &entry, &creds)
+        .instrument(order_span(&entry))
+        .await
+}
 
+/// Lines logged by the exchange adapter and the HTTP client while an order
+/// is handled know nothing of it: this span names it on them.
+fn order_span(entry: &Entry) -> tracing::Span {
+    info_span!(
+        "order",
+        account = %entry.account,
+        entry = %entry.id,
+        client_id = %entry.client_id,
+    )
+}
+
+/// Sends the stored entry and protects whatever filled at once.
+async fn send(
+    state: &AppState,
+    entry: &Entry,
+    creds: &ApiCredentials,
+) -> Result<Response, ApiError> {
     let order = OrderRequest {
         symbol: entry.symbol.name.clone(),
         side: Side::Buy,
@@ -120,36 +141,36 @@ pub(crate) async fn create_entry(
         size: entry.size,
         client_id: entry.client_id.clone(),
     };
-    let placed = match state.exchange.place_order(&creds, &order).await {
+    let placed = match state.exchange.place_order(creds, &order).await {
         Ok(snap) => Ok(snap),
         // A duplicate id or a lost answer: the order may exist. Look it up once; never resend.
         Err(err) if is_maybe_placed(&err) => {
-            warn!(entry = %entry.id, client_id = %entry.client_id, error = %err, "entry outcome unknown, looking it up");
+            warn!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %err, "entry outcome unknown, looking it up");
             match state
                 .exchange
-                .query_order(&creds, &entry.symbol.name, entry.client_id.as_str())
+                .query_order(creds, &entry.symbol.name, entry.client_id.as_str())
                 .await
             {
-                Ok(snap) => with_trades(&state, &creds, snap)
+                Ok(snap) => with_trades(state, creds, snap)
                     .await
                     .map_err(|lookup| (err, lookup)),
                 Err(lookup) => Err((err, lookup)),
             }
         }
         Err(err) => {
-            warn!(entry = %entry.id, client_id = %entry.client_id, error = %err, "entry not placed");
-            refuse(&state, &entry, &err.to_string()).await;
+            warn!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %err, "entry not placed");
+            refuse(state, entry, &err.to_string()).await;
             return Err(ApiError::from(err).with_entry(entry.id.0));
         }
     };
     let snap = match placed {
         Ok(snap) => snap,
         Err((err, lookup)) => {
-            return pending(&state, &entry, &err, &lookup).await;
+            return pending(state, entry, &err, &lookup).await;
         }
     };
-    let note = absorb(&state, &entry, &snap).await;
-    let mut view = view_of(&state, entry.id)
+    let note = absorb(state, entry, &snap).await;
+    let mut view = view_of(state, entry.id)
         .await
         .map_err(|e| e.with_entry(entry.id.0))?;
     view.note = note;
@@ -201,7 +222,7 @@ async fn refuse(state: &AppState, entry: &Entry, why: &str) {
         observed_at: now,
     };
     if let Err(e) = state.store.record_evidence(entry.id, &evidence).await {
-        error!(entry = %entry.id, error = %e, "could not record the refusal; reconciliation will look the client id up");
+        error!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %e, "could not record the refusal; reconciliation will look the client id up");
         flag(state, entry, "entry refusal not recorded").await;
         return;
     }
@@ -217,7 +238,7 @@ async fn flag(state: &AppState, entry: &Entry, reason: &str) {
         .flag_reconcile(entry.account, reason, state.clock.now())
         .await
     {
-        error!(account = %entry.account, entry = %entry.id, error = %e, "could not flag the account for reconciliation");
+        error!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %e, "could not flag the account for reconciliation");
     }
 }
 
@@ -233,7 +254,7 @@ async fn pending(
         "outcome unknown ({err}); lookup by client id {}: {lookup}. The entry stays pending_new until reconciliation finds it; do not resend",
         entry.client_id
     );
-    warn!(entry = %entry.id, client_id = %entry.client_id, error = %err, lookup = %lookup, "entry outcome unknown after lookup");
+    warn!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %err, lookup = %lookup, "entry outcome unknown after lookup");
     flag(state, entry, "entry outcome unknown").await;
     let _ = state
         .store
@@ -270,12 +291,12 @@ fn evidence_of(state: &AppState, snap: &OrderSnapshot) -> Evidence {
 /// and the reply says so.
 async fn absorb(state: &AppState, entry: &Entry, snap: &OrderSnapshot) -> Option<String> {
     let ev = evidence_of(state, snap);
-    info!(entry = %entry.id, client_id = %entry.client_id, status = %snap.status, executed = %snap.executed_qty, "entry answered");
+    info!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, status = %snap.status, executed = %snap.executed_qty, "entry answered");
     if snap.executed_qty.is_zero() {
         return match state.store.record_evidence(entry.id, &ev).await {
             Ok(_) => None,
             Err(e) => {
-                error!(entry = %entry.id, error = %e, "could not record the entry's answer");
+                error!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %e, "could not record the entry's answer");
                 flag(state, entry, "entry answer not recorded").await;
                 Some(format!(
                     "the exchange answered {} but it could not be recorded ({e}); reconciliation will",
@@ -290,7 +311,7 @@ async fn absorb(state: &AppState, entry: &Entry, snap: &OrderSnapshot) -> Option
         .await
     {
         Ok(report) => {
-            info!(entry = %entry.id, client_id = %entry.client_id, outcome = ?report.outcome, "direct protection");
+            info!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, outcome = ?report.outcome, "direct protection");
             match report.outcome {
                 ProtectOutcome::Placed { .. } | ProtectOutcome::Nothing(_) => None,
                 ProtectOutcome::Exited { reason } => Some(format!(
@@ -308,7 +329,7 @@ async fn absorb(state: &AppState, entry: &Entry, snap: &OrderSnapshot) -> Option
             }
         }
         Err(e) => {
-            error!(entry = %entry.id, client_id = %entry.client_id, error = %e, "direct protection failed");
+            error!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %e, "direct protection failed");
             // Keep at least the evidence, so that every layer sees the fill.
             let _ = state.store.record_evidence(entry.id, &ev).await;
             flag(state, entry, "direct protection failed").await;
@@ -468,6 +489,14 @@ pub(crate) async fn cancel_entry(
 ) -> Result<Response, ApiError> {
     let id = EntryId(path_id("entry", &id)?);
     let entry = owned_entry(&state, &user, id).await?;
+    cancel(&state, &user, &entry)
+        .instrument(order_span(&entry))
+        .await
+}
+
+/// Cancels the rest of `entry` and records the order's own final state.
+async fn cancel(state: &AppState, user: &AuthUser, entry: &Entry) -> Result<Response, ApiError> {
+    let id = entry.id;
     if entry.status.is_final() {
         return Err(ApiError::Conflict {
             code: "not_cancelable",
@@ -485,8 +514,8 @@ pub(crate) async fn cancel_entry(
         Ok(outcome) => outcome,
         Err(ExchangeError::NotFound) => {
             flag(
-                &state,
-                &entry,
+                state,
+                entry,
                 "cancel of an order the exchange does not know",
             )
             .await;
@@ -509,9 +538,9 @@ pub(crate) async fn cancel_entry(
     {
         Ok(snap) => snap,
         Err(e) => {
-            warn!(entry = %id, client_id = %client_id, error = %e, "cancel sent, order state unknown");
-            flag(&state, &entry, "entry cancel not confirmed").await;
-            let mut view = view_of(&state, id).await?;
+            warn!(account = %entry.account, entry = %id, client_id = %client_id, error = %e, "cancel sent, order state unknown");
+            flag(state, entry, "entry cancel not confirmed").await;
+            let mut view = view_of(state, id).await?;
             view.note = Some(format!(
                 "cancel {}; its final state could not be read ({e}); reconciliation records it",
                 match canceled {
@@ -522,7 +551,7 @@ pub(crate) async fn cancel_entry(
             return Ok((StatusCode::ACCEPTED, JsonOut(view)).into_response());
         }
     };
-    let note = absorb(&state, &entry, &snap).await;
+    let note = absorb(state, entry, &snap).await;
     let _ = state
         .store
         .append_event(&event(
@@ -533,7 +562,7 @@ pub(crate) async fn cancel_entry(
             state.clock.now(),
         ))
         .await;
-    let mut view = view_of(&state, id).await?;
+    let mut view = view_of(state, id).await?;
     view.note = note;
     Ok((StatusCode::OK, JsonOut(view)).into_response())
 }

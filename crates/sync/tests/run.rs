@@ -135,7 +135,10 @@ async fn a_flagged_account_whose_reconcile_fails_is_retried_after_a_backoff() {
         "one failed read, one retry"
     );
     let m = sync.metrics();
-    assert_eq!(m.flagged_taken, 1, "one flag; the retry came from the backoff");
+    assert_eq!(
+        m.flagged_taken, 1,
+        "one flag; the retry came from the backoff"
+    );
     assert_eq!(m.passes, 0, "no full pass ran");
 }
 

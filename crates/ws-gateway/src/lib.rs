@@ -18,13 +18,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use oco_core::follow::Followed;
-use oco_core::ids::OrderRole;
+use oco_core::ids::{LegKey, OrderRole};
 use oco_core::model::Source;
-use oco_core::ports::{Leases, ListUpdate, Store, StreamEvent, UserStream};
-use oco_core::protect::{ProtectOutcome, Protector};
-use oco_core::{AccountId, ExchangeError};
+use oco_core::ports::{ExecutionUpdate, Leases, ListUpdate, Store, StreamEvent, UserStream};
+use oco_core::protect::{ProtectOutcome, ProtectReport, Protector};
+use oco_core::{AccountId, EntryId, ExchangeError};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Settings of a gateway process.
 #[derive(Debug, Clone)]
@@ -356,29 +356,64 @@ impl AccountWorker {
                     self.flag("stream gap").await;
                 }
                 StreamEvent::Execution(update) => {
-                    let result = self
-                        .protector
-                        .follow(self.account, &update, Source::Websocket)
+                    let entry = self.entry_of(&update.client_id);
+                    self.execution(&update, entry)
+                        .instrument(self.order_span(entry, &update.client_id))
                         .await;
-                    match result {
-                        Ok(Followed::Entry(report)) => {
-                            self.stats.entry_fills.fetch_add(1, Ordering::Relaxed);
-                            self.count(&report.outcome, &update.client_id).await;
-                        }
-                        Ok(Followed::Leg {
-                            protect: Some(report),
-                            ..
-                        }) => self.count(&report.outcome, &update.client_id).await,
-                        Ok(_) => {}
-                        Err(err) => {
-                            self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                            warn!(account = %self.account, client_id = %update.client_id, error = %err, "protect failed, flagging for reconciliation");
-                            self.flag("protect failed").await;
-                        }
-                    }
                 }
                 StreamEvent::List(list) => self.list_update(&list).await,
                 StreamEvent::Balances(_) => {}
+            }
+        }
+    }
+
+    /// The entry an order of ours belongs to, read from its client id alone
+    /// (every one of our ids names its entry); `None` for orders placed by hand.
+    fn entry_of(&self, client_id: &str) -> Option<EntryId> {
+        self.protector
+            .ids()
+            .parse(client_id)
+            .map(|role| match role {
+                OrderRole::Entry(entry) => entry,
+                OrderRole::List(key)
+                | OrderRole::TakeProfit(key)
+                | OrderRole::StopLoss(key)
+                | OrderRole::Exit(key) => key.entry,
+            })
+    }
+
+    /// Lines logged while an order is followed (by `protect`, the leg
+    /// lookups, the exchange adapter) do not all know the account or the
+    /// entry: this span names them on every line.
+    fn order_span(&self, entry: Option<EntryId>, client_id: &str) -> tracing::Span {
+        info_span!(
+            "order",
+            account = %self.account,
+            entry = entry.map(tracing::field::display),
+            client_id,
+        )
+    }
+
+    /// Protects what an order update of `entry` reveals.
+    async fn execution(&self, update: &ExecutionUpdate, entry: Option<EntryId>) {
+        let result = self
+            .protector
+            .follow(self.account, update, Source::Websocket)
+            .await;
+        match result {
+            Ok(Followed::Entry(report)) => {
+                self.stats.entry_fills.fetch_add(1, Ordering::Relaxed);
+                self.count(&report, &update.client_id).await;
+            }
+            Ok(Followed::Leg {
+                protect: Some(report),
+                ..
+            }) => self.count(&report, &update.client_id).await,
+            Ok(_) => {}
+            Err(err) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(account = %self.account, entry = entry.map(tracing::field::display), client_id = %update.client_id, error = %err, "protect failed, flagging for reconciliation");
+                self.flag("protect failed").await;
             }
         }
     }
@@ -392,6 +427,12 @@ impl AccountWorker {
         let Some(OrderRole::List(key)) = self.protector.ids().parse(&list.list_client_id) else {
             return;
         };
+        self.list_ended(list, key)
+            .instrument(self.order_span(Some(key.entry), &list.list_client_id))
+            .await;
+    }
+
+    async fn list_ended(&self, list: &ListUpdate, key: LegKey) {
         let result = async {
             let legs = self.store.legs(key.entry).await?;
             let Some(leg) = legs.iter().find(|l| l.key == key && l.state.is_active()) else {
@@ -407,28 +448,29 @@ impl AccountWorker {
         }
         .await;
         match result {
-            Ok(Some(report)) => self.count(&report.outcome, &list.list_client_id).await,
+            Ok(Some(report)) => self.count(&report, &list.list_client_id).await,
             Ok(None) => {}
             Err(err) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                warn!(account = %self.account, client_id = %list.list_client_id, error = %err, "list follow-up failed, flagging");
+                warn!(account = %self.account, entry = %key.entry, client_id = %list.list_client_id, error = %err, "list follow-up failed, flagging");
                 self.flag("list follow-up failed").await;
             }
         }
     }
 
-    async fn count(&self, outcome: &ProtectOutcome, client_id: &str) {
+    async fn count(&self, report: &ProtectReport, client_id: &str) {
+        let outcome = &report.outcome;
         match outcome {
             ProtectOutcome::Placed { legs, .. } => {
                 self.stats
                     .placements
                     .fetch_add(legs.len() as u64, Ordering::Relaxed);
-                info!(account = %self.account, client_id, legs = legs.len(), "protected from the stream");
+                info!(account = %self.account, entry = %report.entry, client_id, legs = legs.len(), "protected from the stream");
             }
             // A refused or unanswered placement must not wait for the next full pass.
             ProtectOutcome::Failed { .. } | ProtectOutcome::Pending { .. } => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                warn!(account = %self.account, client_id, ?outcome, "protection incomplete, flagging for reconciliation");
+                warn!(account = %self.account, entry = %report.entry, client_id, ?outcome, "protection incomplete, flagging for reconciliation");
                 self.flag("protection incomplete").await;
             }
             _ => {}
