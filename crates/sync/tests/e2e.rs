@@ -504,3 +504,46 @@ async fn the_accounts_of_a_sync_that_dies_mid_pass_are_reconciled_by_the_other()
     }
     holder.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flagged_account_is_reconciled_within_two_seconds_on_postgres() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    // A fill nobody saw (no gateway), then the flag a gateway sets after a gap.
+    let entry = t.sent_entry(&a, None, dec!(0.01)).await;
+    let mut c = shared_config("sync-flags");
+    c.startup_delay = Duration::from_secs(3600);
+    c.flag_poll = Duration::from_millis(250);
+    let sync = t.reconciler_with(t.exchange.clone(), c);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = sync.run(async {
+        let _ = stopped.await;
+    });
+    let scenario = async {
+        // Let the loop start, so that the time measured is the flag's alone.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        t.store
+            .flag_reconcile(a.id, "stream gap", SystemClock.now())
+            .await
+            .unwrap();
+        let flagged = std::time::Instant::now();
+        let deadline = flagged + Duration::from_secs(10);
+        while !is_protected_by_sync(&t.protection(entry).await) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never protected after the flag"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let took = flagged.elapsed();
+        let _ = stop.send(());
+        took
+    };
+    let ((), took) = tokio::join!(runner, scenario);
+    assert!(
+        took < Duration::from_secs(2),
+        "a flagged account is reconciled within 2 s: took {took:?}"
+    );
+    assert_eq!(t.open_lists("k1"), 2);
+    assert_eq!(sync.metrics().passes, 0, "no full pass ran");
+}
