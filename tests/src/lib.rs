@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod bins;
+pub mod metrics;
 pub mod pg;
 pub mod process;
 pub mod sim;

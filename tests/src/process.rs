@@ -226,6 +226,13 @@ impl Proc {
     pub fn log_path(&self) -> &Path {
         &self.log
     }
+
+    /// The URL of its `/metrics`, as announced in its log since its last
+    /// start (each start binds a free port); `None` until it is logged.
+    pub fn metrics_url(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.log).ok()?;
+        crate::metrics::metrics_url_in_log(&text)
+    }
 }
 
 impl Drop for Proc {

@@ -8,15 +8,16 @@
 //! stops by itself. `CHAOS_SCALE=large` runs the larger configuration.
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use e2e::sim::{SimList, SimOrder, SimTrade};
 use e2e::{ApiClient, LayerSettings, Layers, PrivatePg, Proc, SimAdmin, SimProc, scratch_dir};
-use oco_core::EntryId;
 use oco_core::model::Protection;
-use oco_core::ports::Store;
+use oco_core::ports::{Store, Users};
+use oco_core::{AccountId, EntryId};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use serde_json::json;
@@ -107,6 +108,84 @@ const FAULTS: [Fault; 8] = [
     Fault::PgRestart,
 ];
 
+/// What one tick draws for faults. Everything a fault could use is drawn on
+/// every tick, fired or not, so that the faults' random stream does not
+/// depend on which kinds were skipped (timing) and never shifts the prices
+/// and entries, which have their own.
+#[derive(Debug, Clone, Copy)]
+struct FaultDraw {
+    /// A fault fires on this tick (probability 1/8: every 2 s on average).
+    fire: bool,
+    /// The kind, once every kind was injected.
+    random_kind: Fault,
+    /// How long the target stays down (process, PostgreSQL, stall).
+    outage: Duration,
+    /// Which gateway a `KillGateway` kills (0-based).
+    gateway: usize,
+    /// A 5xx hits entry orders (`/api/v3/order`), else OCO lists.
+    on_orders: bool,
+    /// How many requests fail with a 5xx after being applied.
+    failures: u32,
+    /// How many requests get a 429.
+    throttled: u32,
+}
+
+/// The faults' schedule: the first faults go through every kind once, in an
+/// order shuffled from the seed, then kinds are drawn uniformly. A kind still
+/// owed whose attempt was skipped (its target already down) goes to the back
+/// of the queue and is tried again, so that every kind is injected in a run.
+struct FaultSchedule {
+    rng: StdRng,
+    owed: VecDeque<Fault>,
+}
+
+impl FaultSchedule {
+    fn new(seed: u64) -> FaultSchedule {
+        // Its own stream, derived from the seed ("faults" in ASCII).
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x0000_6661_756c_7473);
+        let mut kinds = FAULTS;
+        kinds.shuffle(&mut rng);
+        FaultSchedule {
+            rng,
+            owed: kinds.into_iter().collect(),
+        }
+    }
+
+    fn draw(&mut self, gateways: usize) -> FaultDraw {
+        let rng = &mut self.rng;
+        FaultDraw {
+            fire: rng.random_bool(0.125),
+            random_kind: FAULTS[rng.random_range(0..FAULTS.len())],
+            outage: Duration::from_millis(rng.random_range(300..3000)),
+            gateway: rng.random_range(0..gateways.max(1)),
+            on_orders: rng.random_bool(0.5),
+            failures: rng.random_range(1..=2),
+            throttled: rng.random_range(1..=3),
+        }
+    }
+
+    /// Whether some kind was not injected yet.
+    fn owes(&self) -> bool {
+        !self.owed.is_empty()
+    }
+
+    /// The kind to try: the first one still owed, else the random one.
+    fn kind(&self, draw: &FaultDraw) -> Fault {
+        self.owed.front().copied().unwrap_or(draw.random_kind)
+    }
+
+    /// Records an attempt at `kind`: an owed kind injected is paid; one
+    /// skipped goes to the back of the queue, behind the kinds not tried yet.
+    fn attempted(&mut self, kind: Fault, injected: bool) {
+        if self.owed.front() == Some(&kind) {
+            self.owed.pop_front();
+            if !injected {
+                self.owed.push_back(kind);
+            }
+        }
+    }
+}
+
 /// Something to undo at a given time.
 #[derive(Debug)]
 enum Undo {
@@ -130,6 +209,11 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
         scale.accounts, scale.entries, scale.chaos
     );
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut schedule = FaultSchedule::new(seed);
+    eprintln!(
+        "chaos: the first faults, one of each kind: {:?}",
+        schedule.owed
+    );
     let started = Instant::now();
 
     let dir = scratch_dir("chaos").unwrap();
@@ -174,6 +258,11 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
 
     // The run: one tick every 250 ms.
     let mut faults: BTreeMap<Fault, u32> = BTreeMap::new();
+    // Attempts whose target was already down (a kind owed is tried again).
+    let mut skipped = 0u32;
+    // Kinds still owed halfway through are tried every second from then on,
+    // so that a run of unlucky draws cannot leave one out.
+    let mut last_try = Instant::now();
     let mut undo: Vec<(Instant, Undo)> = Vec::new();
     let mut posts: JoinSet<(Option<(i64, Decimal)>, u16)> = JoinSet::new();
     let mut attempted = 0usize;
@@ -184,6 +273,7 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
     let mut stalled = false;
     let mut violations: Vec<String> = Vec::new();
     let chaos_end = Instant::now() + scale.chaos;
+    let owed_by = Instant::now() + scale.chaos / 2;
     let mut tick = 0u64;
     while Instant::now() < chaos_end {
         tick += 1;
@@ -266,14 +356,17 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
             }
         }
         // A fault every 2 s on average.
-        if rng.random_bool(0.125) {
-            let fault = FAULTS[rng.random_range(0..FAULTS.len())];
-            let outage = Duration::from_millis(rng.random_range(300..3000));
+        let draw = schedule.draw(n_procs - 2);
+        let forced = schedule.owes() && now >= owed_by && now - last_try >= Duration::from_secs(1);
+        if draw.fire || forced {
+            last_try = now;
+            let fault = schedule.kind(&draw);
+            let outage = draw.outage;
             let injected = match fault {
                 Fault::KillApi | Fault::KillGateway | Fault::KillSync => {
                     let i = match fault {
                         Fault::KillApi => 0,
-                        Fault::KillGateway => rng.random_range(1..n_procs - 1),
+                        Fault::KillGateway => 1 + draw.gateway,
                         _ => n_procs - 1,
                     };
                     if procs.down[i] {
@@ -285,7 +378,11 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
                         true
                     }
                 }
-                Fault::StreamDrop => admin.drop_streams().await.is_ok(),
+                // Only a stream that is up can be dropped.
+                Fault::StreamDrop => {
+                    matches!(admin.subscriptions().await, Ok(n) if n > 0)
+                        && admin.drop_streams().await.is_ok()
+                }
                 Fault::StreamStall => {
                     if stalled {
                         false
@@ -297,18 +394,17 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
                     }
                 }
                 Fault::Error5xxAfterApply => {
-                    let prefix = if rng.random_bool(0.5) {
+                    let prefix = if draw.on_orders {
                         "/api/v3/order"
                     } else {
                         "/api/v3/orderList"
                     };
-                    let count = rng.random_range(1..=2);
                     admin
-                        .fail_requests(Some("POST"), prefix, count, true)
+                        .fail_requests(Some("POST"), prefix, draw.failures, true)
                         .await
                         .is_ok()
                 }
-                Fault::Throttle429 => admin.throttle(rng.random_range(1..=3), 1).await.is_ok(),
+                Fault::Throttle429 => admin.throttle(draw.throttled, 1).await.is_ok(),
                 Fault::PgRestart => {
                     if pg_down {
                         false
@@ -320,8 +416,11 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
                     }
                 }
             };
+            schedule.attempted(fault, injected);
             if injected {
                 *faults.entry(fault).or_default() += 1;
+            } else {
+                skipped += 1;
             }
         }
         // Sample the exchange-side invariants while it all happens.
@@ -368,7 +467,7 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
     let quiet_end = Instant::now() + scale.quiet_max;
     let (view, report) = loop {
         let view = ExchangeView::read(&admin, &keys).await;
-        let report = Report::check(&view, &store, &acked).await;
+        let report = Report::check(&view, &store, &accounts, &acked).await;
         if report.problems.is_empty() || Instant::now() >= quiet_end {
             break (view, report);
         }
@@ -392,9 +491,15 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
     );
     line(&mut table, "entries filled", report.filled.to_string());
     line(&mut table, "fills (trades)", view.buy_trades().to_string());
-    for (fault, n) in &faults {
+    for fault in FAULTS {
+        let n = faults.get(&fault).copied().unwrap_or(0);
         line(&mut table, &format!("fault {fault:?}"), n.to_string());
     }
+    line(
+        &mut table,
+        "faults skipped (target down)",
+        skipped.to_string(),
+    );
     for (i, p) in procs.list.iter().enumerate() {
         line(
             &mut table,
@@ -467,6 +572,16 @@ async fn chaos_leaves_every_fill_protected_closed_or_explained() {
         violations.is_empty(),
         "seed {seed}: leg invariants broken:\n{}",
         violations.join("\n")
+    );
+    let never: Vec<Fault> = FAULTS
+        .into_iter()
+        .filter(|f| !faults.contains_key(f))
+        .collect();
+    assert!(
+        never.is_empty(),
+        "seed {seed}: fault kinds never injected: {never:?} (injected {faults:?}, \
+         {skipped} attempts skipped, still owed {:?})",
+        schedule.owed
     );
     assert!(report.filled > 0, "seed {seed}: nothing filled");
     assert!(
@@ -596,6 +711,70 @@ impl ExchangeView {
     }
 }
 
+/// Legs the accounts' default protection plans per generation: TP1 + SL
+/// and TP2 + SL (every chaos entry has two targets).
+const PLANNED_LEGS: usize = 2;
+
+/// A leg as the store holds it, reduced to what the leg invariants need.
+#[derive(Debug, Clone)]
+struct StoredLeg {
+    list: String,
+    generation: u32,
+    /// Claimed, placed or unknown: may hold coins on the book.
+    active: bool,
+    qty: Decimal,
+}
+
+/// The store's leg invariants for entry `id`, once nothing is in flight
+/// (`protect` claims a new generation before it cancels the older lists, so
+/// they do not hold in the middle of a replacement): no generation holds
+/// more legs than planned; no more legs are active, all generations
+/// together, than one generation plans; and the active legs' quantities
+/// never exceed the net fill, as the store records it (executed minus the
+/// base-asset commission) and, when the exchange shows the entry order, as
+/// the exchange does.
+fn store_leg_violations(
+    id: i64,
+    store_net: Decimal,
+    exchange_net: Option<Decimal>,
+    legs: &[StoredLeg],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut per_generation: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    for leg in legs {
+        per_generation
+            .entry(leg.generation)
+            .or_default()
+            .push(&leg.list);
+    }
+    for (generation, lists) in &per_generation {
+        if lists.len() > PLANNED_LEGS {
+            out.push(format!(
+                "entry {id}: {} legs in generation {generation}, {PLANNED_LEGS} planned: {lists:?}",
+                lists.len()
+            ));
+        }
+    }
+    let active: Vec<&StoredLeg> = legs.iter().filter(|l| l.active).collect();
+    if active.len() > PLANNED_LEGS {
+        out.push(format!(
+            "entry {id}: {} active legs in the store, {PLANNED_LEGS} planned: {:?}",
+            active.len(),
+            active.iter().map(|l| &l.list).collect::<Vec<_>>()
+        ));
+    }
+    let active_qty: Decimal = active.iter().map(|l| l.qty).sum();
+    let net = exchange_net.map_or(store_net, |x| x.min(store_net));
+    if active_qty > net {
+        out.push(format!(
+            "entry {id}: active legs in the store hold {active_qty}, more than the net fill \
+             (store {store_net}, exchange {exchange_net:?}): {:?}",
+            active.iter().map(|l| (&l.list, l.qty)).collect::<Vec<_>>()
+        ));
+    }
+    out
+}
+
 /// The invariants against the store, and the figures.
 struct Report {
     problems: Vec<String>,
@@ -610,7 +789,12 @@ struct Report {
 }
 
 impl Report {
-    async fn check(view: &ExchangeView, store: &PgStore, acked: &[(i64, Decimal)]) -> Report {
+    async fn check(
+        view: &ExchangeView,
+        store: &PgStore,
+        accounts: &[i64],
+        acked: &[(i64, Decimal)],
+    ) -> Report {
         let mut r = Report {
             problems: Vec::new(),
             filled: 0,
@@ -724,6 +908,47 @@ impl Report {
                 }
             }
         }
+        // The store's own view of every entry's legs.
+        let exchange_net: BTreeMap<i64, Decimal> = view
+            .entry_orders()
+            .map(|(id, order)| (id, view.net_filled(order)))
+            .collect();
+        for account in accounts {
+            let entries = match store.entries_of(AccountId(*account), None, 100_000).await {
+                Ok(entries) => entries,
+                Err(err) => {
+                    r.problems
+                        .push(format!("listing the entries of account {account}: {err}"));
+                    continue;
+                }
+            };
+            for entry in entries {
+                let id = entry.id.0;
+                let legs = match store.legs(entry.id).await {
+                    Ok(legs) => legs,
+                    Err(err) => {
+                        r.problems
+                            .push(format!("reading the legs of entry {id}: {err}"));
+                        continue;
+                    }
+                };
+                let legs: Vec<StoredLeg> = legs
+                    .iter()
+                    .map(|l| StoredLeg {
+                        list: l.ids.list.as_str().to_owned(),
+                        generation: l.key.generation,
+                        active: l.state.is_active(),
+                        qty: l.qty.get(),
+                    })
+                    .collect();
+                r.problems.extend(store_leg_violations(
+                    id,
+                    entry.net_qty().get(),
+                    exchange_net.get(&id).copied(),
+                    &legs,
+                ));
+            }
+        }
         // Every list the exchange holds under our ids is known to the store.
         for l in &view.lists {
             if l.list_client_order_id.starts_with("og-")
@@ -766,5 +991,107 @@ impl Report {
             return 0;
         }
         v[((v.len() - 1) * p) / 100]
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn leg(list: &str, generation: u32, active: bool, qty: &str) -> StoredLeg {
+        StoredLeg {
+            list: list.to_owned(),
+            generation,
+            active,
+            qty: qty.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_schedule_goes_through_every_kind_first_in_a_seeded_order() {
+        let order = |seed| {
+            let mut s = FaultSchedule::new(seed);
+            (0..FAULTS.len())
+                .map(|_| {
+                    let draw = s.draw(2);
+                    let kind = s.kind(&draw);
+                    s.attempted(kind, true);
+                    kind
+                })
+                .collect::<Vec<_>>()
+        };
+        let first = order(20_261_202);
+        assert_eq!(first.iter().collect::<BTreeSet<_>>().len(), FAULTS.len());
+        assert_eq!(first, order(20_261_202), "reproducible from the seed");
+        assert_ne!(first, order(42), "another seed, another order");
+        let mut s = FaultSchedule::new(1);
+        while s.owes() {
+            let draw = s.draw(2);
+            let kind = s.kind(&draw);
+            s.attempted(kind, true);
+        }
+        let draw = s.draw(2);
+        assert_eq!(s.kind(&draw), draw.random_kind, "then random");
+    }
+
+    #[test]
+    fn a_skipped_kind_is_tried_again_after_the_others() {
+        let mut s = FaultSchedule::new(7);
+        let draw = s.draw(1);
+        let first = s.kind(&draw);
+        s.attempted(first, false);
+        assert!(s.owes());
+        assert_ne!(s.kind(&draw), first, "the next kind goes first");
+        assert_eq!(
+            s.owed.back(),
+            Some(&first),
+            "the skipped one waits at the back"
+        );
+        for _ in 1..FAULTS.len() {
+            let kind = s.kind(&draw);
+            s.attempted(kind, true);
+        }
+        assert_eq!(s.kind(&draw), first, "retried");
+        s.attempted(first, true);
+        assert!(!s.owes());
+    }
+
+    #[test]
+    fn the_store_check_finds_extra_legs_and_oversized_ones() {
+        let d = |t: &str| t.parse::<Decimal>().unwrap();
+        let fine = [
+            leg("og-L-7-1-0", 0, false, "0.05"),
+            leg("og-L-7-2-0", 0, false, "0.05"),
+            leg("og-L-7-1-1", 1, true, "0.05"),
+            leg("og-L-7-2-1", 1, true, "0.0499"),
+        ];
+        assert!(store_leg_violations(7, d("0.0999"), Some(d("0.0999")), &fine).is_empty());
+        let three = [
+            leg("og-L-7-1-0", 0, false, "0.03"),
+            leg("og-L-7-2-0", 0, false, "0.03"),
+            leg("og-L-7-3-0", 0, false, "0.03"),
+        ];
+        let v = store_leg_violations(7, d("0.0999"), None, &three);
+        assert!(
+            v.len() == 1 && v[0].contains("3 legs in generation 0"),
+            "{v:?}"
+        );
+        let overlapping = [
+            leg("og-L-7-1-0", 0, true, "0.02"),
+            leg("og-L-7-1-1", 1, true, "0.02"),
+            leg("og-L-7-2-1", 1, true, "0.02"),
+        ];
+        let v = store_leg_violations(7, d("0.0999"), None, &overlapping);
+        assert!(v.len() == 1 && v[0].contains("3 active legs"), "{v:?}");
+        let v = store_leg_violations(7, d("0.0999"), Some(d("0.0998")), &fine);
+        assert!(
+            v.len() == 1 && v[0].contains("more than the net fill"),
+            "{v:?}"
+        );
+        let v = store_leg_violations(7, d("0.0998"), None, &fine);
+        assert!(
+            v.len() == 1 && v[0].contains("more than the net fill"),
+            "{v:?}"
+        );
     }
 }

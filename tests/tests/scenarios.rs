@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use anyhow::Context as _;
+use e2e::metrics::{samples, scrape};
 use e2e::sim::SimList;
 use e2e::{ApiClient, LayerSettings, Layers, Proc, SimProc, scratch_dir, wait_for};
 use rust_decimal::Decimal;
@@ -173,12 +175,65 @@ impl Fx {
         );
     }
 
+    /// `oco_protect_calls_total` and `oco_placements_total` of every process
+    /// of the stack, scraped from the `/metrics` each announced in its log.
+    async fn scrape_metrics(&self) -> anyhow::Result<Scraped> {
+        let mut scraped = Scraped::default();
+        for p in std::iter::once(&self.api).chain(&self.running) {
+            let url = p
+                .metrics_url()
+                .with_context(|| format!("{} has not logged its metrics address", p.name()))?;
+            let text = scrape(&url).await?;
+            let calls = scraped.calls.entry(p.name().to_owned()).or_default();
+            for sample in samples(&text, "oco_protect_calls_total") {
+                let key = (
+                    sample.label("source").to_owned(),
+                    sample.label("outcome").to_owned(),
+                );
+                *calls.entry(key).or_default() += sample.value as u64;
+            }
+            scraped.placements += samples(&text, "oco_placements_total")
+                .iter()
+                .map(|s| s.value as u64)
+                .sum::<u64>();
+        }
+        Ok(scraped)
+    }
+
     async fn set_price(&self, price: &str) {
         self.sim
             .admin()
             .set_price("BTCUSDT", price.parse::<Decimal>().unwrap())
             .await
             .unwrap();
+    }
+}
+
+/// What the processes' `/metrics` say about `protect`.
+#[derive(Debug, Default)]
+struct Scraped {
+    /// Per process: (source, outcome) → protect calls.
+    calls: BTreeMap<String, BTreeMap<(String, String), u64>>,
+    /// Lists acknowledged by the exchange, all processes together.
+    placements: u64,
+}
+
+impl Scraped {
+    /// Protect calls per calling layer, all processes together.
+    fn by_source(&self) -> BTreeMap<&str, u64> {
+        let mut by = BTreeMap::new();
+        for ((source, _), n) in self.calls.values().flatten() {
+            *by.entry(source.as_str()).or_default() += n;
+        }
+        by
+    }
+
+    /// The layers that called `protect` at least once.
+    fn layers_that_called(&self) -> Vec<&str> {
+        self.by_source()
+            .into_iter()
+            .filter_map(|(source, n)| (n > 0).then_some(source))
+            .collect()
     }
 }
 
@@ -370,6 +425,7 @@ async fn three_layers_seeing_the_same_fill_place_one_set_of_legs() {
     let posts = bodies.into_iter().map(|b| fx.post(b));
     let placed = futures_util::future::join_all(posts).await;
     let mut by = BTreeMap::<String, usize>::new();
+    let mut raced = Vec::new();
     for (status, id, body) in placed {
         assert_eq!(status, 201, "{body}");
         let s = &fx.layers.settings;
@@ -378,7 +434,8 @@ async fn three_layers_seeing_the_same_fill_place_one_set_of_legs() {
             .await;
         let source = shown["protection"]["by"].as_str().unwrap().to_owned();
         fx.check_one_set(id, &shown, &source).await;
-        *by.entry(source).or_default() += 1;
+        *by.entry(source.clone()).or_default() += 1;
+        raced.push((id, source));
     }
     let sent = fx
         .sim
@@ -400,5 +457,64 @@ async fn three_layers_seeing_the_same_fill_place_one_set_of_legs() {
         per_list.values().all(|n| *n == 1),
         "a list client id was sent twice: {per_list:?}"
     );
+    // It was a race: the processes' own counters show that more than one
+    // layer called `protect`. The metric has no entry label; this stack's
+    // database holds the raced entries only, so every call was for them.
+    // A call still running when the last entry showed protected (the
+    // gateway's, answered `in_flight` or `covered`) is counted once it ends.
+    let fx_ref = &fx;
+    let settled = wait_for(
+        "protect calls of two layers and 12 placements in /metrics",
+        fx.layers.settings.start_deadline(),
+        || async move {
+            let s = fx_ref.scrape_metrics().await.ok()?;
+            (s.layers_that_called().len() >= 2 && s.placements >= 12).then_some(())
+        },
+    )
+    .await;
+    let settled = match settled {
+        Ok(()) => "settled".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    let scraped = fx
+        .scrape_metrics()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", fx.logs()));
+    eprintln!(
+        "protect calls by process (source, outcome): {:?}; by layer: {:?}",
+        scraped.calls,
+        scraped.by_source()
+    );
+    // Each process counts its own layer only: the counts come from three processes.
+    for (process, calls) in &scraped.calls {
+        let own = match process.as_str() {
+            "api" => "direct",
+            "sync" => "sync",
+            _ => "websocket",
+        };
+        for ((source, outcome), n) in calls {
+            assert!(
+                source == own || *n == 0,
+                "{process} counted {n} protect calls ({outcome}) as {source}: {scraped:?}"
+            );
+        }
+    }
+    let layers = scraped.layers_that_called();
+    assert!(
+        layers.len() >= 2,
+        "only {layers:?} called protect for the raced entries, no race took place: \
+         {:?} ({settled})\n{}",
+        scraped.by_source(),
+        fx.logs()
+    );
+    assert_eq!(
+        scraped.placements, 12,
+        "lists acknowledged, all processes together: one set of two per entry: {scraped:?}"
+    );
+    // And the exchange still holds exactly one set of legs per entry.
+    for (id, source) in &raced {
+        let shown = fx.client.entry(*id).await.unwrap();
+        fx.check_one_set(*id, &shown, source).await;
+    }
     eprintln!("protected by: {by:?}");
 }
