@@ -90,20 +90,17 @@ async fn the_first_full_pass_follows_the_startup_delay() {
     assert_eq!(sync.metrics().passes, 1);
 }
 
-#[tokio::test]
-async fn a_flagged_account_whose_reconcile_fails_is_retried_after_a_backoff() {
-    let w = world();
+/// Runs sync with only the flag loop live (no pass for an hour), sends a
+/// MARKET entry of `k1` that nobody protected, flags the account and waits
+/// up to 5 s for the entry's protection. Returns the reconciler and whether
+/// it was protected.
+async fn flag_and_wait(w: &World, flag_poll: Duration) -> (sync::Reconciler, bool) {
     let a = w.account("k1").await;
     let mut c = config();
     c.startup_delay = Duration::from_secs(3600);
     c.interval = Duration::from_secs(3600);
-    c.flag_poll = Duration::from_millis(250);
+    c.flag_poll = flag_poll;
     let sync = w.reconciler(c);
-    // The first reconcile fails once on its first read; the flag it took must not be lost.
-    w.exchange.fail_open_lists(
-        1,
-        oco_core::ExchangeError::Transient("connection reset".into()),
-    );
     let (stop, stopped) = oneshot::channel::<()>();
     let runner = sync.run(async {
         let _ = stopped.await;
@@ -125,6 +122,18 @@ async fn a_flagged_account_whose_reconcile_fails_is_retried_after_a_backoff() {
         protected
     };
     let ((), protected) = tokio::join!(runner, scenario);
+    (sync, protected)
+}
+
+#[tokio::test]
+async fn a_flagged_account_whose_reconcile_fails_is_retried_after_a_backoff() {
+    let w = world();
+    // The first reconcile fails once on its first read; the flag it took must not be lost.
+    w.exchange.fail_open_lists(
+        1,
+        oco_core::ExchangeError::Transient("connection reset".into()),
+    );
+    let (sync, protected) = flag_and_wait(&w, Duration::from_millis(250)).await;
     assert!(
         protected,
         "the failed reconcile was retried and the retry protected it"
@@ -145,37 +154,11 @@ async fn a_flagged_account_whose_reconcile_fails_is_retried_after_a_backoff() {
 #[tokio::test]
 async fn a_refused_protection_is_retried_after_a_backoff_not_at_the_next_pass() {
     let w = world();
-    let a = w.account("k1").await;
-    let mut c = config();
-    c.startup_delay = Duration::from_secs(3600);
-    c.interval = Duration::from_secs(3600);
-    c.flag_poll = Duration::from_millis(100);
-    let sync = w.reconciler(c);
     // One of the two lists is refused for a reason a retry can overcome.
     w.fake.push_oco_fault(oco_core::testing::OcoFault::Fail(
         oco_core::ExchangeError::Transient("503 service unavailable".into()),
     ));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let runner = sync.run(async {
-        let _ = stopped.await;
-    });
-    let scenario = async {
-        let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
-        w.store
-            .flag_reconcile(a.id, "stream gap", w.clock.now())
-            .await
-            .unwrap();
-        let protected = wait_until(Duration::from_secs(5), || async {
-            matches!(
-                w.store.entry(id).await.unwrap().protection,
-                Protection::Protected { .. }
-            )
-        })
-        .await;
-        let _ = stop.send(());
-        protected
-    };
-    let ((), protected) = tokio::join!(runner, scenario);
+    let (sync, protected) = flag_and_wait(&w, Duration::from_millis(100)).await;
     assert!(protected, "the refused half was protected on a retry");
     assert_eq!(w.open_qty("k1"), dec!(1), "the whole position is covered");
     let m = sync.metrics();
