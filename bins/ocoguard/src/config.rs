@@ -139,7 +139,7 @@ pub const OPTIONS: &[OptionDoc] = &[
         key: "sync.weight_budget",
         env: &["SYNC_WEIGHT_BUDGET"],
         default: "3000",
-        meaning: "request weight per minute sync may use (Binance counts 6,000 per IP)",
+        meaning: "request weight per minute this sync process may use (Binance counts 6,000 per IP; several sync processes behind one IP split it; the adapter also stops at the weight the exchange reports used)",
     },
 ];
 
