@@ -415,6 +415,42 @@ impl Store for PgStore {
     #[tracing::instrument(level = "debug", skip_all, fields(entry = %id))]
     async fn record_evidence(&self, id: EntryId, evidence: &Evidence) -> Result<Entry, StoreError> {
         let mut conn = self.conn().await?;
+        // The exchange's first word on an order (NEW, nothing filled) only moves
+        // `pending_new` to `new` and names the order: one statement instead of
+        // the merge's transaction, because it comes just before the first fill
+        // on the stream and every round trip before that fill's claim counts.
+        // Anything else, or a row not in that state, takes the merge below.
+        if let (EntryStatus::New, Some(order_id), true) = (
+            evidence.status,
+            evidence.order_id,
+            evidence.executed_qty.is_zero()
+                && evidence.cumulative_quote.is_zero()
+                && evidence.fills.is_empty(),
+        ) {
+            let accepted = diesel::update(
+                entries::table
+                    .find(id.0)
+                    .filter(entries::status.eq(EntryStatus::PendingNew.name()))
+                    .filter(entries::executed_qty.eq(numeric(Decimal::ZERO)))
+                    .filter(
+                        entries::exchange_order_id
+                            .is_null()
+                            .or(entries::exchange_order_id.eq(order_id).assume_not_null()),
+                    ),
+            )
+            .set((
+                entries::status.eq(EntryStatus::New.name()),
+                entries::exchange_order_id.eq(Some(order_id)),
+            ))
+            .returning(EntryRow::as_returning())
+            .get_result(&mut conn)
+            .await
+            .optional()
+            .map_err(|e| db(&format!("recording evidence of entry {id}"), e))?;
+            if let Some(row) = accepted {
+                return row.into_entry();
+            }
+        }
         let evidence = evidence.clone();
         let doing = format!("recording evidence of entry {id}");
         conn.transaction::<_, TxError, _>(|conn| {

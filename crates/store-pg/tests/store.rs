@@ -666,3 +666,58 @@ async fn pg_store_has_the_coverage_behaviour() {
     let store = store(&db).await;
     oco_core::testing::coverage_behaviour(&store).await.unwrap();
 }
+
+#[tokio::test]
+async fn the_first_new_of_an_order_merges_like_any_evidence() {
+    // NEW with nothing filled takes a one-statement path; it must end where the
+    // general merge (and the in-memory store) ends, whatever state it meets.
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let mem = oco_core::mem::MemStore::new();
+    let new = |order_id: i64| Evidence {
+        order_id: Some(order_id),
+        ..snapshot(0)
+    };
+    let strip = |e: Entry| Entry {
+        id: EntryId(0),
+        account: AccountId(0),
+        client_id: ClientOrderId::new("x").unwrap(),
+        ..e
+    };
+    let cases: Vec<Vec<Evidence>> = vec![
+        // pending_new → new, order named.
+        vec![new(555)],
+        // Named already: a second NEW with another id keeps the first.
+        vec![new(555), new(777)],
+        // A fill came first: the late NEW lowers nothing.
+        vec![snapshot(3), new(555)],
+        // Filled, then a replayed NEW.
+        vec![snapshot(10), new(555)],
+    ];
+    for (i, steps) in cases.iter().enumerate() {
+        let pg_account = new_account(&store, &format!("pg{i}")).await;
+        let pg_entry = new_entry(&store, pg_account.id).await;
+        assert_eq!(pg_entry.status, EntryStatus::PendingNew);
+        let mem_account = new_account(&mem, &format!("mem{i}")).await;
+        let mem_entry = new_entry(&mem, mem_account.id).await;
+        let (mut pg_after, mut mem_after) = (None, None);
+        for ev in steps {
+            pg_after = Some(store.record_evidence(pg_entry.id, ev).await.unwrap());
+            mem_after = Some(mem.record_evidence(mem_entry.id, ev).await.unwrap());
+        }
+        let (pg_after, mem_after) = (pg_after.unwrap(), mem_after.unwrap());
+        assert_eq!(
+            strip(pg_after.clone()),
+            strip(mem_after),
+            "case {i}: pg and mem merge alike"
+        );
+        assert_eq!(
+            strip(store.entry(pg_entry.id).await.unwrap()),
+            strip(pg_after.clone()),
+            "case {i}: what was returned is what is stored"
+        );
+        assert_eq!(pg_after.order_id, Some(555), "case {i}");
+    }
+    let first = store.entry(EntryId(1)).await.unwrap();
+    assert_eq!(first.status, EntryStatus::New);
+}
