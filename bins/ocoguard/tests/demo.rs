@@ -67,3 +67,26 @@ fn check(report: &ocoguard::demo::DemoReport, text: String) {
         report.elapsed
     );
 }
+
+/// The README's first command as a newcomer runs it: the binary, its exit
+/// status and what it prints, on the in-memory store.
+#[test]
+fn the_demo_binary_exits_zero_and_reports_every_fill_protected() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ocoguard"))
+        .arg("demo")
+        .env_remove("DATABASE_URL")
+        .env_remove("OCO_SECRET_KEY")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{text}\n{err}", out.status);
+    assert!(text.contains("store: in-memory"), "{text}");
+    assert!(text.contains("every filled entry protected: yes"), "{text}");
+    // The demo's own progress reads well: no log lines in between.
+    assert!(
+        !err.contains(" INFO ") && !err.contains("\"level\""),
+        "{err}"
+    );
+}
