@@ -46,6 +46,26 @@ pub struct SyncConfig {
     /// How often the store is asked for accounts due for their periodic
     /// reconciliation (each is due `interval` after its last one).
     pub due_poll: Duration,
+    /// Retries of an account whose pass left work undone (see the crate README).
+    pub retry: RetryConfig,
+}
+
+/// When an account whose pass left work undone is reconciled again, by the
+/// flag loop, before its periodic pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// First wait after a protection was left incomplete (refused,
+    /// unanswered, another claimant in flight); doubles up to `max`.
+    pub after_protection: Duration,
+    /// First wait after a read failed (an entry's or the account's). Such
+    /// failures feed the breaker, which must open on errors that persist, not
+    /// on a blip retried fast: keep 3 attempts longer than a blip.
+    pub after_errors: Duration,
+    /// Longest wait between two retries.
+    pub max: Duration,
+    /// Retries of one account before the periodic pass takes it back, so that
+    /// a refusal that persists is not sent again every `max`.
+    pub attempts: u32,
 }
 
 impl SyncConfig {
@@ -55,7 +75,9 @@ impl SyncConfig {
     /// per minute (half of Binance's usual 6,000 per IP, the rest left to the
     /// gateway and the API), 40 orders per account per 10 s (Binance allows
     /// 50 to 100), never-sent grace 2 min; due accounts polled every 5 s and
-    /// taken for 2 min, under the holder name `sync-<process id>`.
+    /// taken for 2 min, under the holder name `sync-<process id>`; an
+    /// incomplete account retried after 1 s (protection) or 20 s (failed
+    /// reads), doubling to 60 s, 8 times at most.
     pub fn standard() -> SyncConfig {
         SyncConfig {
             startup_delay: Duration::from_secs(15),
@@ -72,6 +94,12 @@ impl SyncConfig {
             holder: format!("sync-{}", std::process::id()),
             pass_lease: Duration::from_secs(120),
             due_poll: Duration::from_secs(5),
+            retry: RetryConfig {
+                after_protection: Duration::from_secs(1),
+                after_errors: Duration::from_secs(20),
+                max: Duration::from_secs(60),
+                attempts: 8,
+            },
         }
     }
 }

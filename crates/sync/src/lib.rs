@@ -19,7 +19,7 @@ pub mod reconcile;
 
 pub use breaker::OpenReason;
 pub use budget::{MeteredExchange, OrderMeter, WeightMeter, urgent, weight};
-pub use config::{BreakerConfig, SyncConfig};
+pub use config::{BreakerConfig, RetryConfig, SyncConfig};
 pub use error::SyncError;
 pub use metrics::{MetricsSnapshot, outcome_name};
 pub use reconcile::{AccountReport, PassReport, Reconciler};

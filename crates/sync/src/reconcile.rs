@@ -10,7 +10,7 @@ use futures_util::stream::{self, StreamExt};
 use oco_core::ids::OrderRole;
 use oco_core::model::Protection;
 use oco_core::ports::{ApiCredentials, OrderListSnapshot, event};
-use oco_core::protect::Protector;
+use oco_core::protect::{Idle, Protector};
 use oco_core::{
     AccountId, Clock, Entry, EntryId, EntryStatus, Evidence, Exchange, ExchangeError, LegKey,
     LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store,
@@ -164,11 +164,16 @@ pub struct Reconciler {
     retries: Mutex<HashMap<AccountId, (u32, Instant)>>,
 }
 
-/// First wait before an incomplete account is reconciled again; doubles up to
-/// [`RETRY_MAX`].
-const RETRY_MIN: Duration = Duration::from_secs(1);
-/// Longest wait between two retries of an incomplete account.
-const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Why an account is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// The pass completed: forget the account.
+    No,
+    /// A protection was left incomplete.
+    Protection,
+    /// A read failed (an entry's or the account's).
+    Errors,
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Sets of ids only: a poisoned lock holds consistent data.
@@ -301,17 +306,10 @@ impl Reconciler {
             ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
+                let batch = self.config.concurrency.max(1) * 4;
                 let mut ids: Vec<AccountId> = std::mem::take(&mut retry).into_iter().collect();
-                for id in self.due_retries() {
-                    if !ids.contains(&id) {
-                        ids.push(id);
-                    }
-                }
-                match self
-                    .store
-                    .take_flagged(self.config.concurrency.max(1) * 4)
-                    .await
-                {
+                // Flags first: a fresh gap must not wait behind a crowd of retries.
+                match self.store.take_flagged(batch).await {
                     Ok(taken) => {
                         self.metrics.flagged(taken.len());
                         for id in taken {
@@ -321,6 +319,11 @@ impl Reconciler {
                         }
                     }
                     Err(err) => warn!(error = %err, "taking flagged accounts failed"),
+                }
+                for id in self.due_retries(batch.saturating_sub(ids.len())) {
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
                 }
                 if ids.is_empty() {
                     continue;
@@ -452,48 +455,68 @@ impl Reconciler {
                 if let Err(err) = self.store.mark_reconciled(account).await {
                     warn!(account = %account, error = %err, "could not record the reconciliation");
                 }
-                let incomplete = !report.entry_errors.is_empty()
-                    || report.protections.iter().any(|(_, o)| {
-                        matches!(
-                            o,
-                            ProtectOutcome::Failed { .. } | ProtectOutcome::Pending { .. }
-                        )
-                    });
-                self.schedule_retry(account, incomplete);
+                let retry = if !report.entry_errors.is_empty() {
+                    Retry::Errors
+                } else if report.protections.iter().any(|(_, o)| {
+                    matches!(
+                        o,
+                        ProtectOutcome::Failed { .. }
+                            | ProtectOutcome::Pending { .. }
+                            // A claimant in flight may have died: its claim is
+                            // looked up once stale (the claim timeout).
+                            | ProtectOutcome::Nothing(Idle::InFlight | Idle::Busy)
+                    )
+                }) {
+                    Retry::Protection
+                } else {
+                    Retry::No
+                };
+                self.schedule_retry(account, retry);
             }
             // An open breaker paces the account's attempts itself.
-            Err(SyncError::BreakerOpen { .. }) => self.schedule_retry(account, false),
+            Err(SyncError::BreakerOpen { .. }) => self.schedule_retry(account, Retry::No),
             // Not marked reconciled: the periodic pass also finds it due (after a crash too).
-            Err(_) => self.schedule_retry(account, true),
+            Err(_) => self.schedule_retry(account, Retry::Errors),
         }
         result
     }
 
     /// Schedules the account's next attempt, with a backoff, when its pass
-    /// left work undone (a protection refused or unanswered, an entry or the
-    /// account unread); forgets it once a pass completes.
-    fn schedule_retry(&self, account: AccountId, incomplete: bool) {
+    /// left work undone; forgets it once a pass completes, and after the
+    /// configured attempts (the periodic pass goes on from there).
+    fn schedule_retry(&self, account: AccountId, retry: Retry) {
         let mut retries = lock(&self.retries);
-        if !incomplete {
+        let first = match retry {
+            Retry::No => {
+                retries.remove(&account);
+                return;
+            }
+            Retry::Protection => self.config.retry.after_protection,
+            Retry::Errors => self.config.retry.after_errors,
+        };
+        let attempts = retries.get(&account).map_or(0, |(n, _)| *n);
+        if attempts >= self.config.retry.attempts {
+            warn!(account = %account, attempts, "account still incomplete after its retries; left to the periodic pass");
             retries.remove(&account);
             return;
         }
-        let attempts = retries.get(&account).map_or(0, |(n, _)| *n);
-        let wait = RETRY_MIN
+        let wait = first
             .saturating_mul(1 << attempts.min(16))
-            .min(RETRY_MAX);
+            .min(self.config.retry.max);
         debug!(account = %account, attempts, wait_ms = wait.as_millis(), "pass incomplete, retrying the account");
         retries.insert(account, (attempts + 1, Instant::now() + wait));
     }
 
-    /// Accounts whose retry is due now.
-    fn due_retries(&self) -> Vec<AccountId> {
+    /// At most `limit` accounts whose retry is due now, the longest due first.
+    fn due_retries(&self, limit: usize) -> Vec<AccountId> {
         let now = Instant::now();
-        lock(&self.retries)
+        let mut due: Vec<(Instant, AccountId)> = lock(&self.retries)
             .iter()
             .filter(|(_, (_, at))| *at <= now)
-            .map(|(id, _)| *id)
-            .collect()
+            .map(|(id, (_, at))| (*at, *id))
+            .collect();
+        due.sort_unstable();
+        due.into_iter().take(limit).map(|(_, id)| id).collect()
     }
 
     /// Reconciles one account: its open entries against the exchange, with

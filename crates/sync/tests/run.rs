@@ -97,6 +97,9 @@ async fn the_first_full_pass_follows_the_startup_delay() {
 async fn flag_and_wait(w: &World, flag_poll: Duration) -> (sync::Reconciler, bool) {
     let a = w.account("k1").await;
     let mut c = config();
+    // Fast retries for the test; the defaults wait 1 s and 20 s.
+    c.retry.after_protection = Duration::from_millis(200);
+    c.retry.after_errors = Duration::from_millis(500);
     c.startup_delay = Duration::from_secs(3600);
     c.interval = Duration::from_secs(3600);
     c.flag_poll = flag_poll;
@@ -167,4 +170,121 @@ async fn a_refused_protection_is_retried_after_a_backoff_not_at_the_next_pass() 
         "one flag; the retry came from the backoff"
     );
     assert_eq!(m.passes, 0, "no full pass ran");
+}
+
+#[tokio::test]
+async fn a_claim_left_by_a_dead_claimant_is_retried_until_it_goes_stale() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    // Another process claimed the first leg and died before sending it.
+    let key = oco_core::LegKey {
+        entry: id,
+        leg: oco_core::LegIndex::First,
+        generation: 0,
+    };
+    let won = w
+        .store
+        .claim_legs(&[oco_core::model::LegClaim {
+            key,
+            ids: w.ids.oco(key).unwrap(),
+            symbol: "BTCUSDT".into(),
+            qty: q(dec!(0.5)),
+            take_profit: p(dec!(101)),
+            stop: p(dec!(99)),
+            stop_limit: None,
+            source: oco_core::model::Source::Direct,
+            at: w.clock.now(),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(won, vec![true]);
+    let mut c = config();
+    c.startup_delay = Duration::from_secs(3600);
+    c.interval = Duration::from_secs(3600);
+    c.flag_poll = Duration::from_millis(50);
+    c.retry.after_protection = Duration::from_millis(100);
+    c.retry.max = Duration::from_millis(200);
+    let sync = w.reconciler(c);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let runner = sync.run(async {
+        let _ = stopped.await;
+    });
+    let scenario = async {
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        // While the claim is fresh, sync finds it in flight and places nothing.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = w.fake.oco_calls();
+        // The claim goes stale (the claim timeout is 30 s on the protector's clock).
+        w.clock.advance(Duration::from_secs(31));
+        let protected = wait_until(Duration::from_secs(5), || async {
+            matches!(
+                w.store.entry(id).await.unwrap().protection,
+                Protection::Protected { .. }
+            )
+        })
+        .await;
+        let _ = stop.send(());
+        (before, protected)
+    };
+    let ((), (before, protected)) = tokio::join!(runner, scenario);
+    assert_eq!(before, 0, "nothing sent over a fresh claim");
+    assert!(
+        protected,
+        "the stale claim was resolved and the entry protected"
+    );
+    assert_eq!(w.open_qty("k1"), dec!(1));
+    let m = sync.metrics();
+    assert_eq!(m.flagged_taken, 1, "one flag; the retries did the rest");
+    assert_eq!(m.passes, 0, "no full pass ran");
+}
+
+#[tokio::test]
+async fn a_refusal_that_persists_is_retried_a_bounded_number_of_times() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    for _ in 0..100 {
+        w.fake.push_oco_fault(oco_core::testing::OcoFault::Fail(
+            oco_core::ExchangeError::Rejected {
+                code: -2010,
+                msg: "This symbol is not permitted for this account.".into(),
+            },
+        ));
+    }
+    let mut c = config();
+    c.startup_delay = Duration::from_secs(3600);
+    c.interval = Duration::from_secs(3600);
+    c.flag_poll = Duration::from_millis(20);
+    c.retry.after_protection = Duration::from_millis(20);
+    c.retry.max = Duration::from_millis(40);
+    c.retry.attempts = 3;
+    let sync = w.reconciler(c);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let runner = sync.run(async {
+        let _ = stopped.await;
+    });
+    let scenario = async {
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        // Far longer than the three retries take.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let _ = stop.send(());
+    };
+    tokio::join!(runner, scenario);
+    assert!(!matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+    // The flagged pass and three retries, each sending its two lists.
+    assert_eq!(
+        w.fake.oco_calls(),
+        8,
+        "retries stop after the configured attempts"
+    );
 }

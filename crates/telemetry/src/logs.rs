@@ -46,7 +46,9 @@ impl LogFormat {
 }
 
 /// A subscriber writing `format` to `writer`, filtered by `filter` (a
-/// `RUST_LOG` directive such as `info`).
+/// `RUST_LOG` directive such as `info`). `Auto` is decided for stderr, the
+/// process's log stream, whatever `writer` is: pass `Json` or `Human` for
+/// another writer.
 pub fn log_subscriber<W>(
     format: LogFormat,
     filter: &str,

@@ -21,7 +21,7 @@ use oco_core::follow::Followed;
 use oco_core::ids::{LegKey, OrderRole};
 use oco_core::model::Source;
 use oco_core::ports::{ExecutionUpdate, Leases, ListUpdate, Store, StreamEvent, UserStream};
-use oco_core::protect::{ProtectOutcome, ProtectReport, Protector};
+use oco_core::protect::{Idle, ProtectOutcome, ProtectReport, Protector};
 use oco_core::{AccountId, EntryId, ExchangeError};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -467,8 +467,11 @@ impl AccountWorker {
                     .fetch_add(legs.len() as u64, Ordering::Relaxed);
                 info!(account = %self.account, entry = %report.entry, client_id, legs = legs.len(), "protected from the stream");
             }
-            // A refused or unanswered placement must not wait for the next full pass.
-            ProtectOutcome::Failed { .. } | ProtectOutcome::Pending { .. } => {
+            // A refused or unanswered placement, or re-planning rounds that ran
+            // out, must not wait for the next full pass.
+            ProtectOutcome::Failed { .. }
+            | ProtectOutcome::Pending { .. }
+            | ProtectOutcome::Nothing(Idle::Busy) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(account = %self.account, entry = %report.entry, client_id, ?outcome, "protection incomplete, flagging for reconciliation");
                 self.flag("protection incomplete").await;
