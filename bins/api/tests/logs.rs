@@ -6,8 +6,7 @@
 //! rest or a request signature.
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use exchange_binance::{BinanceConfig, BinanceExchange};
 use exchange_sim::{AccountSpec, Sim, SimConfig};
@@ -15,6 +14,7 @@ use oco_core::ports::SystemClock;
 use rust_decimal_macros::dec;
 use serde_json::{Value, json};
 use store_pg::testing::TestDb;
+use telemetry::log_audit::{Captured, in_span, leak_in, order_lines};
 use tokio::net::TcpListener;
 
 const KEY: &str = "log-key";
@@ -23,29 +23,9 @@ const SECRET: &str = "log-secret-3f9a7c1e5b";
 const SECRET_KEY_HEX: &str = "7c3e91a5d20b48f6e1573ac9b08d264f5a1e3c7b9d0f2468ace13579bdf02468";
 const SECRET_KEY_BASE64: &str = "fD6RpdILSPbhVzrJsI0mT1oePHudDyRorOE1eb3wJGg=";
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_name_the_order_and_hold_no_secret() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing::subscriber::set_global_default(telemetry::log_subscriber(
-        telemetry::LogFormat::Json,
-        "debug",
-        move || writer.clone(),
-    ))
-    .unwrap();
+    let captured = Captured::json_debug_logs();
 
     let sim = Sim::start(SimConfig::new("127.0.0.1:0".parse().unwrap()).with_account(
         AccountSpec::new(KEY, SECRET, vec![("USDT".into(), dec!(100000))]),
@@ -129,11 +109,8 @@ async fn logs_name_the_order_and_hold_no_secret() {
         .unwrap();
     assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
+    let text = captured.text();
+    let lines = captured.lines();
     let placed: Vec<&Value> = lines
         .iter()
         .filter(|l| l["fields"]["message"] == "protection leg placed")
@@ -151,27 +128,7 @@ async fn logs_name_the_order_and_hold_no_secret() {
         assert_eq!(span["client_id"], client_id, "{line}");
     }
 
-    let about_order: Vec<&Value> = lines.iter().filter(|l| is_about_an_order(l)).collect();
-    for line in &about_order {
-        for (name, want) in [
-            ("account", Some(account.to_string())),
-            ("entry", Some(entry_id.to_string())),
-            // The entry's, or a leg's own.
-            ("client_id", None),
-        ] {
-            let found = values_of(line, name);
-            assert!(
-                !found.is_empty(),
-                "a line about an order without {name}: {line}"
-            );
-            if let Some(want) = want {
-                assert!(
-                    found.iter().all(|v| *v == want),
-                    "{name} is not {want}: {line}"
-                );
-            }
-        }
-    }
+    let about_order = order_lines(&lines, &account.to_string(), &entry_id.to_string());
     // Not vacuous: the API's own lines, and lines of the exchange adapter's
     // HTTP client while it places the entry, which know nothing of the order
     // but through a span.
@@ -214,119 +171,10 @@ async fn logs_name_the_order_and_hold_no_secret() {
         assert!(!text.contains(secret), "{what} is logged: {text}");
     }
     for line in text.lines() {
-        // An HMAC-SHA256 is 64 hex digits whatever the quoting around it (a
-        // query string, JSON, a Debug dump); base64, 43 characters and a pad.
         assert!(
-            longest_run(line, |c| c.is_ascii_hexdigit()) < 64,
-            "a signature (or other digest) is logged: {line}"
-        );
-        assert!(
-            !has_base64_digest(line),
-            "a base64 digest is logged: {line}"
-        );
-        assert!(
-            !names_a_signature(line),
-            "a request signature is logged: {line}"
+            leak_in(line).is_none(),
+            "{:?} is logged: {line}",
+            leak_in(line)
         );
     }
-}
-
-/// Whether a log line is about an order: it names a client id, or its message
-/// speaks of an entry, a leg, an order or its protection.
-fn is_about_an_order(line: &Value) -> bool {
-    const WORDS: &[&str] = &[
-        "entry",
-        "entries",
-        "leg",
-        "legs",
-        "order",
-        "orders",
-        "oco",
-        "protect",
-        "protected",
-        "protection",
-        "exit",
-        "cancel",
-        "fill",
-        "filled",
-    ];
-    let message = line["fields"]["message"].as_str().unwrap_or("");
-    // "The entry API" is the process's name, not an order.
-    let message = message.replace("entry API", "");
-    !values_of(line, "client_id").is_empty()
-        || message
-            .to_ascii_lowercase()
-            .split(|c: char| !c.is_ascii_alphanumeric())
-            .any(|w| WORDS.contains(&w))
-}
-
-/// Every value of `name` in the line's fields and its spans, as text.
-fn values_of(line: &Value, name: &str) -> Vec<String> {
-    let spans = line["spans"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-    std::iter::once(&line["fields"])
-        .chain(spans)
-        .filter_map(|scope| match &scope[name] {
-            Value::Null => None,
-            Value::String(s) => Some(s.clone()),
-            other => Some(other.to_string()),
-        })
-        .collect()
-}
-
-fn in_span(line: &Value, name: &str) -> bool {
-    line["spans"]
-        .as_array()
-        .is_some_and(|spans| spans.iter().any(|s| s["name"] == name))
-}
-
-fn longest_run(text: &str, keep: impl Fn(char) -> bool) -> usize {
-    text.split(|c| !keep(c)).map(str::len).max().unwrap_or(0)
-}
-
-/// 32 bytes in base64: 43 characters of the alphabet and one `=`.
-fn has_base64_digest(line: &str) -> bool {
-    let b64 = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/';
-    line.split('=').any(|before| {
-        let run = before.chars().rev().take_while(|c| b64(*c)).count();
-        run >= 43
-    })
-}
-
-/// `signature` as a parameter name, whatever its value: `signature=`,
-/// `signature: `, or quoted as a JSON key or a Debug string (`"signature":`,
-/// `\"signature\": `, `("signature", …)`). Prose ("Signature for this request
-/// is not valid.") and the method `userDataStream.subscribe.signature` pass.
-fn names_a_signature(line: &str) -> bool {
-    let lower = line.to_ascii_lowercase();
-    lower.match_indices("signature").any(|(at, word)| {
-        let quoted = lower[..at].ends_with('"');
-        let valued = lower[at + word.len()..]
-            .trim_start_matches(['"', '\\', ' '])
-            .starts_with(['=', ':']);
-        quoted || valued
-    })
-}
-
-#[test]
-fn the_secret_checks_catch_every_form() {
-    let hmac = "0f".repeat(32);
-    for leak in [
-        format!("GET /api/v3/order?symbol=BTCUSDT&signature={hmac}"),
-        format!(r#"{{"fields":{{"signature":"{hmac}"}}}}"#),
-        r#"{"fields":{"params":"{\"signature\": \"x\"}"}}"#.to_owned(),
-        "Params { signature: \"x\" }".to_owned(),
-        format!(r#"{{"fields":{{"params":"[(\"signature\", \"{hmac}\")]"}}}}"#),
-    ] {
-        assert!(names_a_signature(&leak), "{leak}");
-    }
-    for harmless in [
-        "Signature for this request is not valid.",
-        r#"{"fields":{"method":"userDataStream.subscribe.signature"}}"#,
-    ] {
-        assert!(!names_a_signature(harmless), "{harmless}");
-    }
-    assert!(longest_run(&format!("a {hmac} b"), |c| c.is_ascii_hexdigit()) >= 64);
-    assert!(longest_run(&format!("a {} b", &hmac[1..]), |c| c.is_ascii_hexdigit()) < 64);
-    assert!(has_base64_digest(&format!("key {SECRET_KEY_BASE64}")));
-    assert!(!has_base64_digest("message=entry answered"));
 }

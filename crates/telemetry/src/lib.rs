@@ -14,6 +14,8 @@
 
 mod exchange;
 mod http;
+#[cfg(feature = "test-support")]
+pub mod log_audit;
 mod logs;
 mod metrics;
 mod refresh;
