@@ -110,11 +110,14 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     let binance = args.binance_config()?;
     let secret_key = args.secret_key.clone();
     let store = Arc::new(
-        PgStore::connect(PgConfig {
-            url: args.database_url.clone(),
-            pool_size: args.db_pool_size.max(1),
-            secret_key,
-        })
+        PgStore::connect_patiently(
+            PgConfig {
+                url: args.database_url.clone(),
+                pool_size: args.db_pool_size.max(1),
+                secret_key,
+            },
+            store_pg::STARTUP_PATIENCE,
+        )
         .await
         .context("connecting to the database (`database.url`, the secret key)")?,
     );

@@ -129,11 +129,14 @@ pub async fn wire_observed(
 ) -> anyhow::Result<(Reconciler, Arc<PgStore>)> {
     let ids = IdScheme::new(&config.id_namespace).context("OCO_ID_NAMESPACE")?;
     let secret_key = SecretKey::parse(&config.secret_key.0).context("OCO_SECRET_KEY")?;
-    let store = PgStore::connect(PgConfig {
-        url: config.database_url.clone(),
-        pool_size: config.pool_size(),
-        secret_key,
-    })
+    let store = PgStore::connect_patiently(
+        PgConfig {
+            url: config.database_url.clone(),
+            pool_size: config.pool_size(),
+            secret_key,
+        },
+        store_pg::STARTUP_PATIENCE,
+    )
     .await
     .context("connecting to the database (DATABASE_URL, OCO_SECRET_KEY)")?;
     let exchange = BinanceExchange::new(BinanceConfig::custom(

@@ -226,11 +226,14 @@ pub async fn wire_observed(
     // `KeyError` never holds the key; the context names the variable.
     let secret_key = SecretKey::parse(&secret.0).context("OCO_SECRET_KEY")?;
     let store = Arc::new(
-        PgStore::connect(PgConfig {
-            url: config.database_url()?.to_owned(),
-            pool_size: config.db_pool_size.max(1),
-            secret_key,
-        })
+        PgStore::connect_patiently(
+            PgConfig {
+                url: config.database_url()?.to_owned(),
+                pool_size: config.db_pool_size.max(1),
+                secret_key,
+            },
+            store_pg::STARTUP_PATIENCE,
+        )
         .await
         .context("connecting to the database (DATABASE_URL, OCO_SECRET_KEY)")?,
     );

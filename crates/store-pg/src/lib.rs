@@ -31,4 +31,4 @@ mod users;
 pub use config::{KeyError, PgConfig, SecretKey};
 pub use listen::{RECONCILE_CHANNEL, ReconcileListener};
 pub use migrate::{MIGRATIONS, migrate};
-pub use store::PgStore;
+pub use store::{PgStore, STARTUP_PATIENCE};

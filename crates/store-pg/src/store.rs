@@ -54,6 +54,12 @@ struct AccountIdRow {
 /// before the call fails as `Unavailable`.
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a service waits at start for an unreachable database before it
+/// gives up (`PgStore::connect_patiently`): long enough for a database that
+/// boots or restarts alongside it, short enough that a wrong address is
+/// reported within a minute.
+pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
 /// The PostgreSQL store. Cheap to share behind an `Arc`; every method takes a
 /// pooled connection for the duration of one statement or transaction.
 pub struct PgStore {
@@ -143,6 +149,43 @@ impl PgStore {
         };
         store.check_secret_key().await?;
         Ok(store)
+    }
+
+    /// [`PgStore::connect`], retried while the database is unreachable, for
+    /// up to `patience`: a service started before its database (a boot, a
+    /// database restart under a supervisor) waits for it instead of exiting.
+    /// Waits 250 ms between attempts, doubling up to 5 s; logs each failure.
+    ///
+    /// # Errors
+    /// The last `Unavailable` once `patience` is spent; any other error (a
+    /// wrong secret key, a pool size of 0) at once, since waiting cannot fix it.
+    pub async fn connect_patiently(
+        config: PgConfig,
+        patience: Duration,
+    ) -> Result<PgStore, StoreError> {
+        // A URL that does not parse will not parse later either: no waiting.
+        if let Err(e) = config.url.parse::<tokio_postgres::Config>() {
+            return Err(StoreError::Unavailable(format!(
+                "the database URL is not a PostgreSQL URL: {e}"
+            )));
+        }
+        let started = tokio::time::Instant::now();
+        let mut wait = Duration::from_millis(250);
+        loop {
+            let attempt = PgConfig {
+                url: config.url.clone(),
+                pool_size: config.pool_size,
+                secret_key: config.secret_key.clone(),
+            };
+            match PgStore::connect(attempt).await {
+                Err(StoreError::Unavailable(why)) if started.elapsed() + wait < patience => {
+                    tracing::warn!(error = %why, retry_in_ms = wait.as_millis(), "database unavailable at start, waiting for it");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Applies pending migrations to this store's database (the `migrate`
