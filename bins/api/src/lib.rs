@@ -131,17 +131,33 @@ pub fn binance_config(args: &ServeArgs) -> anyhow::Result<BinanceConfig> {
     Ok(config)
 }
 
-/// Connects to the database (applying migrations) with `db`'s settings.
+/// Connects to the database (applying migrations) with `db`'s settings, at
+/// once: for commands a person runs and wants an answer from.
 ///
 /// # Errors
 /// A malformed key (named `OCO_SECRET_KEY`) or an unreachable database.
 pub async fn connect_store(db: &DbArgs) -> anyhow::Result<PgStore> {
+    connect_store_within(db, std::time::Duration::ZERO).await
+}
+
+/// [`connect_store`], waiting up to `patience` for a database that is not up
+/// yet (the server, started alongside its database).
+///
+/// # Errors
+/// As [`connect_store`], once `patience` is spent.
+pub async fn connect_store_within(
+    db: &DbArgs,
+    patience: std::time::Duration,
+) -> anyhow::Result<PgStore> {
     let secret_key = SecretKey::parse(&db.secret_key).context("reading OCO_SECRET_KEY")?;
-    let store = PgStore::connect(PgConfig {
-        url: db.database_url.clone(),
-        pool_size: db.pool_size.max(1),
-        secret_key,
-    })
+    let store = PgStore::connect_patiently(
+        PgConfig {
+            url: db.database_url.clone(),
+            pool_size: db.pool_size.max(1),
+            secret_key,
+        },
+        patience,
+    )
     .await
     .context("connecting to DATABASE_URL")?;
     store.migrate().await.context("applying migrations")?;
@@ -254,7 +270,7 @@ pub async fn add_user(users: &dyn Users, name: &str) -> anyhow::Result<String> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            let store = Arc::new(connect_store(&args.db).await?);
+            let store = Arc::new(connect_store_within(&args.db, store_pg::STARTUP_PATIENCE).await?);
             let exchange = BinanceExchange::new(binance_config(&args)?)
                 .context("building the Binance adapter")?;
             let metrics = Metrics::new();

@@ -37,7 +37,7 @@ pub const OPTIONS: &[OptionDoc] = &[
         key: "database.url",
         env: &["DATABASE_URL"],
         default: "required",
-        meaning: "PostgreSQL URL; migrations run at start under an advisory lock; `run`, ws-gateway and sync wait up to 60 s for a database that is not up yet",
+        meaning: "PostgreSQL URL; migrations run at start under an advisory lock; `run` and the api, ws-gateway and sync services wait up to 60 s for a database that is not up yet",
     },
     OptionDoc {
         key: "database.pool_size",
