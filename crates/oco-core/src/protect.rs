@@ -166,6 +166,12 @@ impl Protector {
         }
     }
 
+    /// How old a claim without an outcome must be before it is looked up as
+    /// abandoned (its claimant died).
+    pub fn claim_timeout(&self) -> Duration {
+        self.config.claim_timeout
+    }
+
     /// The id scheme, for layers that recognise our orders.
     pub fn ids(&self) -> &IdScheme {
         &self.config.ids

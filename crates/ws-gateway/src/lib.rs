@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use oco_core::follow::Followed;
 use oco_core::ids::{LegKey, OrderRole};
-use oco_core::model::Source;
+use oco_core::model::{Protection, Source};
 use oco_core::ports::{ExecutionUpdate, Leases, ListUpdate, Store, StreamEvent, UserStream};
 use oco_core::protect::{Idle, ProtectOutcome, ProtectReport, Protector};
 use oco_core::{AccountId, EntryId, ExchangeError};
@@ -476,8 +476,43 @@ impl AccountWorker {
                 warn!(account = %self.account, entry = %report.entry, client_id, ?outcome, "protection incomplete, flagging for reconciliation");
                 self.flag("protection incomplete").await;
             }
+            // Another caller holds a fresh claim and places, unless it died:
+            // then only a lookup once the claim is stale finds out. Check again
+            // then rather than leave it to sync's next full pass.
+            ProtectOutcome::Nothing(Idle::InFlight) => self.recheck_later(report.entry, client_id),
             _ => {}
         }
+    }
+
+    /// After the claim timeout, flags the account for sync if `entry` is
+    /// still unprotected (sync looks the stale claim up and protects).
+    fn recheck_later(&self, entry: EntryId, client_id: &str) {
+        let (store, protector, account) =
+            (self.store.clone(), self.protector.clone(), self.account);
+        let client_id = client_id.to_owned();
+        let wait = protector.claim_timeout() + Duration::from_secs(1);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let settled = store.entry(entry).await.is_ok_and(|e| {
+                matches!(
+                    e.protection,
+                    Protection::Protected { .. }
+                        | Protection::Closed
+                        | Protection::Exited { .. }
+                        | Protection::Unprotectable { .. }
+                )
+            });
+            if !settled {
+                warn!(account = %account, entry = %entry, client_id, "claim of another caller never completed, flagging for reconciliation");
+                let now = protector.clock().now();
+                if let Err(err) = store
+                    .flag_reconcile(account, "claim never completed", now)
+                    .await
+                {
+                    warn!(account = %account, entry = %entry, client_id, error = %err, "could not flag account for reconciliation");
+                }
+            }
+        });
     }
 
     async fn flag(&self, reason: &str) {

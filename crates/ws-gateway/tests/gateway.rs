@@ -91,6 +91,14 @@ struct World {
 }
 
 async fn world(n_accounts: usize) -> World {
+    world_with(
+        n_accounts,
+        ProtectorConfig::new(IdScheme::new("og").unwrap()),
+    )
+    .await
+}
+
+async fn world_with(n_accounts: usize, config: ProtectorConfig) -> World {
     let store = Arc::new(MemStore::new());
     let exchange = Arc::new(FakeExchange::new());
     exchange.add_symbol(btcusdt_rules(), Price::new(dec!(100)).unwrap());
@@ -116,7 +124,7 @@ async fn world(n_accounts: usize) -> World {
         exchange.clone(),
         store.clone(),
         Arc::new(SystemClock),
-        ProtectorConfig::new(IdScheme::new("og").unwrap()),
+        config,
     ));
     World {
         store,
@@ -511,5 +519,62 @@ async fn a_refused_placement_flags_the_account_at_once() {
             "a refused placement flags the account for sync"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_never_completes_flags_the_account_once_stale() {
+    let mut config = ProtectorConfig::new(IdScheme::new("og").unwrap());
+    config.claim_timeout = Duration::from_millis(300);
+    let w = world_with(1, config).await;
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(w.gateway("gw-1").run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("the stream", Duration::from_secs(5), || {
+        w.streams.open_count(&key(0)) == 1
+    })
+    .await;
+    // The fresh subscription's own flag.
+    assert_eq!(w.store.take_flagged(10).await.unwrap(), vec![w.accounts[0]]);
+    let (entry, client_id) = w.entry(w.accounts[0]).await;
+    // Another caller claimed the entry's first leg and died before sending.
+    let leg = oco_core::LegKey {
+        entry,
+        leg: oco_core::LegIndex::First,
+        generation: 0,
+    };
+    let claimed = w
+        .store
+        .claim_legs(&[oco_core::model::LegClaim {
+            key: leg,
+            ids: IdScheme::new("og").unwrap().oco(leg).unwrap(),
+            symbol: "BTCUSDT".into(),
+            qty: Qty::new(dec!(0.1)).unwrap(),
+            take_profit: Price::new(dec!(101)).unwrap(),
+            stop: Price::new(dec!(99)).unwrap(),
+            stop_limit: None,
+            source: oco_core::model::Source::Direct,
+            at: oco_core::Clock::now(&SystemClock),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(claimed, vec![true]);
+    assert_eq!(w.streams.send(&key(0), fill_event(&client_id, 1)), 1);
+    // The gateway finds the claim in flight and places nothing...
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(w.exchange.oco_calls(), 0);
+    assert!(w.store.take_flagged(10).await.unwrap().is_empty());
+    // ...and once the claim is stale, hands the entry to sync.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if w.store.take_flagged(10).await.unwrap() == vec![w.accounts[0]] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stale claim flags the account"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
