@@ -167,29 +167,8 @@ impl FromStr for ExchangeKind {
     }
 }
 
-/// Log output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// JSON when stderr is not a terminal (production), human in a terminal.
-    Auto,
-    /// Human-readable lines.
-    Human,
-    /// One JSON object per line.
-    Json,
-}
-
-impl FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "human" => Ok(Self::Human),
-            "json" => Ok(Self::Json),
-            _ => Err("expected `auto`, `human` or `json`".to_owned()),
-        }
-    }
-}
+/// Log output: the format every binary shares (`auto`, `human`, `json`).
+pub use telemetry::LogFormat;
 
 /// Where a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -97,11 +97,6 @@ pub fn init_logs(default: &str) {
 /// span: account, entry, client id), filtered by `RUST_LOG`, else by `default`.
 pub fn init_logs_as(default: &str, format: LogFormat) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
-    let format = match format {
-        LogFormat::Auto => telemetry::LogFormat::Auto,
-        LogFormat::Human => telemetry::LogFormat::Human,
-        LogFormat::Json => telemetry::LogFormat::Json,
-    };
     let _ = tracing::subscriber::set_global_default(telemetry::log_subscriber(
         format,
         &filter,

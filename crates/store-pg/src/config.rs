@@ -7,6 +7,7 @@ use zeroize::Zeroizing;
 
 /// Everything [`crate::PgStore::connect`] needs. Built by the binary from its
 /// configuration; this library reads no environment.
+#[derive(Clone)]
 pub struct PgConfig {
     /// `postgres://user[:password]@host[:port]/database`. Plain TCP (no TLS).
     pub url: String,

@@ -172,12 +172,7 @@ impl PgStore {
         let started = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(250);
         loop {
-            let attempt = PgConfig {
-                url: config.url.clone(),
-                pool_size: config.pool_size,
-                secret_key: config.secret_key.clone(),
-            };
-            match PgStore::connect(attempt).await {
+            match PgStore::connect(config.clone()).await {
                 Err(StoreError::Unavailable(why)) if started.elapsed() + wait < patience => {
                     tracing::warn!(error = %why, retry_in_ms = wait.as_millis(), "database unavailable at start, waiting for it");
                     tokio::time::sleep(wait).await;

@@ -90,41 +90,68 @@ async fn the_first_full_pass_follows_the_startup_delay() {
     assert_eq!(sync.metrics().passes, 1);
 }
 
-/// Runs sync with only the flag loop live (no pass for an hour), sends a
-/// MARKET entry of `k1` that nobody protected, flags the account and waits
-/// up to 5 s for the entry's protection. Returns the reconciler and whether
-/// it was protected.
-async fn flag_and_wait(w: &World, flag_poll: Duration) -> (sync::Reconciler, bool) {
-    let a = w.account("k1").await;
+/// Sync with only its flag loop live: no full pass within a test, retries
+/// fast.
+fn flags_only(flag_poll: Duration) -> sync::SyncConfig {
     let mut c = config();
-    // Fast retries for the test; the defaults wait 1 s and 20 s.
-    c.retry.after_protection = Duration::from_millis(200);
-    c.retry.after_errors = Duration::from_millis(500);
     c.startup_delay = Duration::from_secs(3600);
     c.interval = Duration::from_secs(3600);
     c.flag_poll = flag_poll;
-    let sync = w.reconciler(c);
+    c.retry.after_protection = Duration::from_millis(200);
+    c.retry.after_errors = Duration::from_millis(500);
+    c
+}
+
+/// Runs `sync` until `scenario` ends; what the scenario returns.
+async fn while_running<T>(
+    sync: &sync::Reconciler,
+    scenario: impl std::future::Future<Output = T>,
+) -> T {
     let (stop, stopped) = oneshot::channel::<()>();
     let runner = sync.run(async {
         let _ = stopped.await;
     });
     let scenario = async {
+        let out = scenario.await;
+        let _ = stop.send(());
+        out
+    };
+    tokio::join!(runner, scenario).1
+}
+
+/// Whether entry `id` is protected within `limit`.
+async fn protected_within(w: &World, id: oco_core::EntryId, limit: Duration) -> bool {
+    wait_until(limit, || async {
+        matches!(
+            w.store.entry(id).await.unwrap().protection,
+            Protection::Protected { .. }
+        )
+    })
+    .await
+}
+
+/// The work came from one flag and the retries it led to, never a full pass.
+fn one_flag_and_no_pass(sync: &sync::Reconciler) {
+    let m = sync.metrics();
+    assert_eq!(m.flagged_taken, 1, "one flag; the retries did the rest");
+    assert_eq!(m.passes, 0, "no full pass ran");
+}
+
+/// Sends a MARKET entry of `k1` that nobody protected, flags the account
+/// under a flags-only sync and waits up to 5 s for the entry's protection.
+/// Returns the reconciler and whether it was protected.
+async fn flag_and_wait(w: &World, flag_poll: Duration) -> (sync::Reconciler, bool) {
+    let a = w.account("k1").await;
+    let sync = w.reconciler(flags_only(flag_poll));
+    let protected = while_running(&sync, async {
         let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
         w.store
             .flag_reconcile(a.id, "stream gap", w.clock.now())
             .await
             .unwrap();
-        let protected = wait_until(Duration::from_secs(5), || async {
-            matches!(
-                w.store.entry(id).await.unwrap().protection,
-                Protection::Protected { .. }
-            )
-        })
-        .await;
-        let _ = stop.send(());
-        protected
-    };
-    let ((), protected) = tokio::join!(runner, scenario);
+        protected_within(w, id, Duration::from_secs(5)).await
+    })
+    .await;
     (sync, protected)
 }
 
@@ -146,12 +173,7 @@ async fn a_flagged_account_whose_reconcile_fails_is_retried_after_a_backoff() {
         2,
         "one failed read, one retry"
     );
-    let m = sync.metrics();
-    assert_eq!(
-        m.flagged_taken, 1,
-        "one flag; the retry came from the backoff"
-    );
-    assert_eq!(m.passes, 0, "no full pass ran");
+    one_flag_and_no_pass(&sync);
 }
 
 #[tokio::test]
@@ -164,12 +186,7 @@ async fn a_refused_protection_is_retried_after_a_backoff_not_at_the_next_pass() 
     let (sync, protected) = flag_and_wait(&w, Duration::from_millis(100)).await;
     assert!(protected, "the refused half was protected on a retry");
     assert_eq!(w.open_qty("k1"), dec!(1), "the whole position is covered");
-    let m = sync.metrics();
-    assert_eq!(
-        m.flagged_taken, 1,
-        "one flag; the retry came from the backoff"
-    );
-    assert_eq!(m.passes, 0, "no full pass ran");
+    one_flag_and_no_pass(&sync);
 }
 
 #[tokio::test]
@@ -199,18 +216,11 @@ async fn a_claim_left_by_a_dead_claimant_is_retried_until_it_goes_stale() {
         .await
         .unwrap();
     assert_eq!(won, vec![true]);
-    let mut c = config();
-    c.startup_delay = Duration::from_secs(3600);
-    c.interval = Duration::from_secs(3600);
-    c.flag_poll = Duration::from_millis(50);
+    let mut c = flags_only(Duration::from_millis(50));
     c.retry.after_protection = Duration::from_millis(100);
     c.retry.max = Duration::from_millis(200);
     let sync = w.reconciler(c);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let runner = sync.run(async {
-        let _ = stopped.await;
-    });
-    let scenario = async {
+    let (before, protected) = while_running(&sync, async {
         w.store
             .flag_reconcile(a.id, "stream gap", w.clock.now())
             .await
@@ -220,26 +230,19 @@ async fn a_claim_left_by_a_dead_claimant_is_retried_until_it_goes_stale() {
         let before = w.fake.oco_calls();
         // The claim goes stale (the claim timeout is 30 s on the protector's clock).
         w.clock.advance(Duration::from_secs(31));
-        let protected = wait_until(Duration::from_secs(5), || async {
-            matches!(
-                w.store.entry(id).await.unwrap().protection,
-                Protection::Protected { .. }
-            )
-        })
-        .await;
-        let _ = stop.send(());
-        (before, protected)
-    };
-    let ((), (before, protected)) = tokio::join!(runner, scenario);
+        (
+            before,
+            protected_within(&w, id, Duration::from_secs(5)).await,
+        )
+    })
+    .await;
     assert_eq!(before, 0, "nothing sent over a fresh claim");
     assert!(
         protected,
         "the stale claim was resolved and the entry protected"
     );
     assert_eq!(w.open_qty("k1"), dec!(1));
-    let m = sync.metrics();
-    assert_eq!(m.flagged_taken, 1, "one flag; the retries did the rest");
-    assert_eq!(m.passes, 0, "no full pass ran");
+    one_flag_and_no_pass(&sync);
 }
 
 #[tokio::test]
@@ -255,28 +258,20 @@ async fn a_refusal_that_persists_is_retried_a_bounded_number_of_times() {
             },
         ));
     }
-    let mut c = config();
-    c.startup_delay = Duration::from_secs(3600);
-    c.interval = Duration::from_secs(3600);
-    c.flag_poll = Duration::from_millis(20);
+    let mut c = flags_only(Duration::from_millis(20));
     c.retry.after_protection = Duration::from_millis(20);
     c.retry.max = Duration::from_millis(40);
     c.retry.attempts = 3;
     let sync = w.reconciler(c);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let runner = sync.run(async {
-        let _ = stopped.await;
-    });
-    let scenario = async {
+    while_running(&sync, async {
         w.store
             .flag_reconcile(a.id, "stream gap", w.clock.now())
             .await
             .unwrap();
         // Far longer than the three retries take.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let _ = stop.send(());
-    };
-    tokio::join!(runner, scenario);
+    })
+    .await;
     assert!(!matches!(
         w.store.entry(id).await.unwrap().protection,
         Protection::Protected { .. }

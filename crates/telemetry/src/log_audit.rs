@@ -93,6 +93,22 @@ pub fn order_lines<'a>(lines: &'a [Value], account: &str, entry: &str) -> Vec<&'
     about
 }
 
+/// Checks that `text` holds none of `secrets` (each named for the message)
+/// and no line of it looks like a leak ([`leak_in`]).
+///
+/// # Panics
+/// On the first secret or leak found.
+pub fn assert_no_secrets(text: &str, secrets: &[(&str, &str)]) {
+    for (what, secret) in secrets {
+        assert!(!text.contains(secret), "{what} is logged: {text}");
+    }
+    for line in text.lines() {
+        if let Some(leak) = leak_in(line) {
+            panic!("{leak} is logged: {line}");
+        }
+    }
+}
+
 /// Why `line` looks like a leak, if it does: a run of 64 hex digits (an
 /// HMAC-SHA256 in any quoting), a base64 32-byte digest, or `signature` named
 /// as a parameter.

@@ -5,8 +5,9 @@ use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-/// Log output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// Log output, as every binary reads it (flag, variable, config file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// JSON when stderr is not a terminal (a service manager, a container, a
     /// log shipper: production), human-readable in a terminal.
@@ -42,6 +43,13 @@ impl LogFormat {
                 "{other:?} is not a log format: use auto, json or human"
             )),
         }
+    }
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        LogFormat::parse(text)
     }
 }
 

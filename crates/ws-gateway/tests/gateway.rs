@@ -151,6 +151,35 @@ impl World {
         )
     }
 
+    /// Starts gateway `gw-1` over the world's single account, waits for its
+    /// stream and takes the flag its fresh subscription sets; the sender
+    /// stops it.
+    async fn streaming_one(&self) -> tokio::sync::oneshot::Sender<()> {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(self.gateway("gw-1").run(async move {
+            let _ = stop_rx.await;
+        }));
+        wait_until("the stream", Duration::from_secs(5), || {
+            self.streams.open_count(&key(0)) == 1
+        })
+        .await;
+        // The fresh subscription itself flags the account: nothing is replayed.
+        assert_eq!(
+            self.store.take_flagged(10).await.unwrap(),
+            vec![self.accounts[0]]
+        );
+        stop_tx
+    }
+
+    /// Waits up to `limit` until the single account is flagged again.
+    async fn flagged_again(&self, what: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.store.take_flagged(10).await.unwrap() != vec![self.accounts[0]] {
+            assert!(Instant::now() < deadline, "{what} flags the account");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn entry(&self, account: AccountId) -> (EntryId, String) {
         let ids = IdScheme::new("og").unwrap();
         let e = self
@@ -281,16 +310,7 @@ async fn a_thousand_fills_across_a_hundred_accounts_are_each_protected_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_flags_the_account_for_reconciliation() {
     let w = world(1).await;
-    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(w.gateway("gw-1").run(async move {
-        let _ = stop_rx.await;
-    }));
-    wait_until("the stream", Duration::from_secs(5), || {
-        w.streams.open_count(&key(0)) == 1
-    })
-    .await;
-    // The fresh subscription itself flags the account: nothing is replayed.
-    assert_eq!(w.store.take_flagged(10).await.unwrap(), vec![w.accounts[0]]);
+    let _stop = w.streaming_one().await;
     w.streams.send(
         &key(0),
         StreamEvent::Gap {
@@ -298,14 +318,7 @@ async fn a_gap_flags_the_account_for_reconciliation() {
             to: Millis(2),
         },
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if w.store.take_flagged(10).await.unwrap() == vec![w.accounts[0]] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the gap flags the account");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    w.flagged_again("the gap", Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,16 +540,7 @@ async fn a_claim_that_never_completes_flags_the_account_once_stale() {
     let mut config = ProtectorConfig::new(IdScheme::new("og").unwrap());
     config.claim_timeout = Duration::from_millis(300);
     let w = world_with(1, config).await;
-    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(w.gateway("gw-1").run(async move {
-        let _ = stop_rx.await;
-    }));
-    wait_until("the stream", Duration::from_secs(5), || {
-        w.streams.open_count(&key(0)) == 1
-    })
-    .await;
-    // The fresh subscription's own flag.
-    assert_eq!(w.store.take_flagged(10).await.unwrap(), vec![w.accounts[0]]);
+    let _stop = w.streaming_one().await;
     let (entry, client_id) = w.entry(w.accounts[0]).await;
     // Another caller claimed the entry's first leg and died before sending.
     let leg = oco_core::LegKey {
@@ -566,15 +570,6 @@ async fn a_claim_that_never_completes_flags_the_account_once_stale() {
     assert_eq!(w.exchange.oco_calls(), 0);
     assert!(w.store.take_flagged(10).await.unwrap().is_empty());
     // ...and once the claim is stale, hands the entry to sync.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if w.store.take_flagged(10).await.unwrap() == vec![w.accounts[0]] {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stale claim flags the account"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    w.flagged_again("the stale claim", Duration::from_secs(10))
+        .await;
 }
