@@ -255,7 +255,9 @@ async fn a_market_fill_is_protected_through_the_stream() {
         .unwrap();
     let (status, id, body) = fx.post(fx.entry_body("MARKET", None)).await;
     assert_eq!(status, 202, "outcome unknown to the API: {body}");
-    assert_eq!(body["protection"]["state"], "not_needed", "{body}");
+    // The API protected nothing; the gateway may already have recorded the
+    // fill (or more) by the time the API reads the entry back for its answer.
+    assert_ne!(body["protection"]["by"], "direct", "{body}");
     let shown = fx.protected(id, fx.layers.settings.stream_deadline()).await;
     assert_eq!(shown["status"], "filled", "{shown}");
     fx.check_one_set(id, &shown, "websocket").await;

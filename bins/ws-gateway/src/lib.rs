@@ -308,6 +308,7 @@ pub async fn run(
         holder = %holder,
         events = s.events,
         entry_fills = s.entry_fills,
+        superseded = s.superseded,
         placements = s.placements,
         gaps = s.gaps,
         failures = s.failures,

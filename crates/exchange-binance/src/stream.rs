@@ -128,6 +128,25 @@ impl UserStreamSession for BinanceStreamSession {
             }
         }
     }
+
+    fn ready_event(&mut self) -> Option<Result<StreamEvent, ExchangeError>> {
+        if self.ended.is_some() {
+            return None;
+        }
+        match self.rx.try_recv() {
+            Ok(Ok(ev)) => Some(Ok(ev)),
+            Ok(Err(e)) => {
+                self.ended = Some(e.clone());
+                Some(Err(e))
+            }
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                let e = ExchangeError::Transient("user-data stream task ended".into());
+                self.ended = Some(e.clone());
+                Some(Err(e))
+            }
+        }
+    }
 }
 
 fn now_ms() -> i64 {

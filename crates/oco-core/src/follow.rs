@@ -20,6 +20,12 @@ pub enum Followed {
     Entry(ProtectReport),
     /// An entry update with nothing filled: status recorded.
     EntryAccepted,
+    /// A leg's order accepted with nothing filled: nothing to record, and
+    /// nothing read (whose account it is was not checked either).
+    LegAccepted {
+        /// Which leg the client id names.
+        key: LegKey,
+    },
     /// A leg moved (or only its sold quantity grew).
     Leg {
         /// Which leg.
@@ -48,10 +54,6 @@ impl Protector {
         };
         match role {
             OrderRole::Entry(id) => {
-                let entry = match self.store().entry(id).await {
-                    Ok(e) if e.account == account => e,
-                    _ => return Ok(Followed::Foreign),
-                };
                 let evidence = Evidence {
                     order_id: Some(update.order_id),
                     status: update.status,
@@ -61,13 +63,33 @@ impl Protector {
                     holding: None,
                     observed_at: update.event_time,
                 };
+                // The entry's ownership is checked by the write itself: an
+                // id of ours seen on another account's stream writes nothing.
                 if update.executed_qty.is_zero() {
-                    self.store().record_evidence(entry.id, &evidence).await?;
-                    return Ok(Followed::EntryAccepted);
+                    return Ok(
+                        match self
+                            .store()
+                            .record_evidence_of(account, id, &evidence)
+                            .await?
+                        {
+                            Some(_) => Followed::EntryAccepted,
+                            None => Followed::Foreign,
+                        },
+                    );
                 }
-                Ok(Followed::Entry(
-                    self.protect(entry.id, Some(&evidence), source).await?,
-                ))
+                Ok(
+                    match self.protect_seen(account, id, &evidence, source).await? {
+                        Some(report) => Followed::Entry(report),
+                        None => Followed::Foreign,
+                    },
+                )
+            }
+            // A leg order accepted with nothing filled changes nothing: no
+            // transition, nothing sold. Four of these follow every protection.
+            OrderRole::TakeProfit(key) | OrderRole::StopLoss(key) | OrderRole::Exit(key)
+                if update.status == EntryStatus::New && update.executed_qty.is_zero() =>
+            {
+                Ok(Followed::LegAccepted { key })
             }
             OrderRole::TakeProfit(key)
             | OrderRole::StopLoss(key)

@@ -361,6 +361,14 @@ pub enum StreamEvent {
 pub trait UserStreamSession: Send {
     /// The next event; `Err` when the stream cannot go on (keys revoked).
     async fn next_event(&mut self) -> Result<StreamEvent, ExchangeError>;
+
+    /// The next event if one has already arrived, without waiting: lets a
+    /// consumer see that a later update supersedes the one in hand. `None`
+    /// when nothing is buffered (always, by default). An `Err` returned here
+    /// is returned again by `next_event`.
+    fn ready_event(&mut self) -> Option<Result<StreamEvent, ExchangeError>> {
+        None
+    }
 }
 
 /// Opens user-data streams.
@@ -444,6 +452,25 @@ pub trait Store: Send + Sync {
     /// Merges evidence without ever lowering what is known: fills by trade id,
     /// executed quantity and quote by maximum, status only forward.
     async fn record_evidence(&self, id: EntryId, evidence: &Evidence) -> Result<Entry, StoreError>;
+    /// [`Store::record_evidence`] for an update seen on `account`'s stream:
+    /// `None`, with nothing written, when there is no entry `id` of that
+    /// account (a client id of ours seen on another account must not touch
+    /// the entry). Stores override it to check and write in one go; the
+    /// default reads the entry first.
+    async fn record_evidence_of(
+        &self,
+        account: AccountId,
+        id: EntryId,
+        evidence: &Evidence,
+    ) -> Result<Option<Entry>, StoreError> {
+        match self.entry(id).await {
+            Ok(entry) if entry.account == account => {
+                self.record_evidence(id, evidence).await.map(Some)
+            }
+            Ok(_) | Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
     /// Sets the entry's protection state.
     async fn set_protection(
         &self,

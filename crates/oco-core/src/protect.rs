@@ -13,7 +13,7 @@ use futures_util::future::join_all;
 use rust_decimal::Decimal;
 use tracing::{Instrument, info, warn};
 
-use crate::ids::{IdError, IdScheme, LegIndex, LegKey};
+use crate::ids::{AccountId, IdError, IdScheme, LegIndex, LegKey};
 use crate::levels::{LevelsError, resolve_levels};
 use crate::model::{
     Entry, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize, Protection, Source,
@@ -140,6 +140,40 @@ enum Round {
     Again { holding: Option<Qty> },
 }
 
+/// What a round reads before it plans: the account's keys and settings and
+/// the entry's legs.
+struct Known {
+    creds: ApiCredentials,
+    account: crate::model::Account,
+    legs: Vec<Leg>,
+}
+
+impl Known {
+    fn read(
+        creds: Result<ApiCredentials, StoreError>,
+        account: Result<crate::model::Account, StoreError>,
+        legs: Result<Vec<Leg>, StoreError>,
+    ) -> Result<Known, StoreError> {
+        Ok(Known {
+            creds: creds?,
+            account: account?,
+            legs: legs?,
+        })
+    }
+}
+
+/// Every line logged while protecting carries the entry, its account and its
+/// client id (the last two are recorded once the entry is read).
+fn protect_span(entry: crate::ids::EntryId, source: Source) -> tracing::Span {
+    tracing::info_span!(
+        "protect",
+        entry = %entry,
+        account = tracing::field::Empty,
+        client_id = tracing::field::Empty,
+        %source,
+    )
+}
+
 /// Holds the ports and runs `protect`.
 pub struct Protector {
     exchange: Arc<dyn Exchange>,
@@ -213,17 +247,37 @@ impl Protector {
         evidence: Option<&Evidence>,
         source: Source,
     ) -> Result<ProtectReport, ProtectError> {
-        // Every line logged while protecting carries the entry, its account
-        // and its client id (the last two are known once the entry is read).
-        let span = tracing::info_span!(
-            "protect",
-            entry = %entry,
-            account = tracing::field::Empty,
-            client_id = tracing::field::Empty,
-            %source,
-        );
-        self.protect_in_span(entry, evidence, source)
-            .instrument(span)
+        let report = self
+            .protect_in_span(entry, evidence, None, source)
+            .instrument(protect_span(entry, source))
+            .await?;
+        // Without an owner to check, every entry is protected or an error.
+        report.ok_or_else(|| {
+            ProtectError::Store(StoreError::NotFound {
+                what: "entry",
+                id: entry.to_string(),
+            })
+        })
+    }
+
+    /// [`Protector::protect`] for a fill seen on `account`'s own order
+    /// stream: the evidence is recorded only if the entry is that account's
+    /// (`None`, with nothing written, otherwise), and the account's
+    /// credentials and settings and the entry's legs are read while it is
+    /// recorded rather than after: a fill waits for one write, not a write
+    /// and then the reads.
+    ///
+    /// # Errors
+    /// As [`Protector::protect`].
+    pub async fn protect_seen(
+        &self,
+        account: AccountId,
+        entry: crate::ids::EntryId,
+        evidence: &Evidence,
+        source: Source,
+    ) -> Result<Option<ProtectReport>, ProtectError> {
+        self.protect_in_span(entry, Some(evidence), Some(account), source)
+            .instrument(protect_span(entry, source))
             .await
     }
 
@@ -231,11 +285,25 @@ impl Protector {
         &self,
         entry: crate::ids::EntryId,
         evidence: Option<&Evidence>,
+        owner: Option<AccountId>,
         source: Source,
-    ) -> Result<ProtectReport, ProtectError> {
-        let mut current = match evidence {
-            Some(ev) => self.store.record_evidence(entry, ev).await?,
-            None => self.store.entry(entry).await?,
+    ) -> Result<Option<ProtectReport>, ProtectError> {
+        let (mut current, mut known) = match (evidence, owner) {
+            (Some(ev), Some(account)) => {
+                let (recorded, creds, settings, legs) = futures_util::future::join4(
+                    self.store.record_evidence_of(account, entry, ev),
+                    self.store.credentials(account),
+                    self.store.account(account),
+                    self.store.legs(entry),
+                )
+                .await;
+                let Some(recorded) = recorded? else {
+                    return Ok(None);
+                };
+                (recorded, Some(Known::read(creds, settings, legs)?))
+            }
+            (Some(ev), None) => (self.store.record_evidence(entry, ev).await?, None),
+            (None, _) => (self.store.entry(entry).await?, None),
         };
         let span = tracing::Span::current();
         span.record("account", tracing::field::display(current.account));
@@ -243,7 +311,7 @@ impl Protector {
         let mut holding = evidence.and_then(|e| e.holding);
         let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
         for _ in 0..self.config.max_rounds {
-            match self.round(&current, holding, source).await? {
+            match self.round(&current, holding, source, known.take()).await? {
                 Round::Done(o) => {
                     outcome = o;
                     break;
@@ -264,7 +332,7 @@ impl Protector {
         if let Some(observer) = self.observer.get() {
             observer.protected(&report);
         }
-        Ok(report)
+        Ok(Some(report))
     }
 
     async fn round(
@@ -272,6 +340,7 @@ impl Protector {
         entry: &Entry,
         holding: Option<Qty>,
         source: Source,
+        known: Option<Known>,
     ) -> Result<Round, ProtectError> {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
@@ -282,14 +351,23 @@ impl Protector {
         ) {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
         }
-        // Three independent reads, in parallel: one round trip of latency, not three.
-        let (creds, account, legs) = futures_util::future::join3(
-            self.store.credentials(entry.account),
-            self.store.account(entry.account),
-            self.store.legs(entry.id),
-        )
-        .await;
-        let (creds, account, mut legs) = (creds?, account?, legs?);
+        let Known {
+            creds,
+            account,
+            mut legs,
+        } = match known {
+            Some(known) => known,
+            // Three independent reads, in parallel: one round trip of latency, not three.
+            None => {
+                let (creds, account, legs) = futures_util::future::join3(
+                    self.store.credentials(entry.account),
+                    self.store.account(entry.account),
+                    self.store.legs(entry.id),
+                )
+                .await;
+                Known::read(creds, account, legs)?
+            }
+        };
 
         // Settle legs in doubt: an unknown outcome, or a claim whose claimant went quiet.
         let now = self.clock.now();

@@ -856,6 +856,44 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         "a filled, unprotected entry is open"
     );
 
+    // Evidence seen on another account's stream touches nothing; on its own
+    // account it merges like `record_evidence`.
+    let more = Evidence {
+        fills: vec![fill(3, "0.5", "100", "0", "BNB")],
+        executed_qty: qty("1.5"),
+        cumulative_quote: dec("150"),
+        ..full.clone()
+    };
+    let elsewhere = store
+        .record_evidence_of(AccountId(account.id.0 + 1_000), entry.id, &more)
+        .await?;
+    ensure!(
+        elsewhere.is_none(),
+        "evidence of another account is refused, got {elsewhere:?}"
+    );
+    ensure!(
+        store.entry(entry.id).await? == after_old,
+        "refused evidence leaves the entry as it was"
+    );
+    let missing = store
+        .record_evidence_of(account.id, EntryId(i64::MAX - 7), &more)
+        .await?;
+    ensure!(missing.is_none(), "no such entry: None, not an error");
+    let owned = store
+        .record_evidence_of(account.id, entry.id, &more)
+        .await?
+        .ok_or_else(|| SuiteError::Expectation("the account's own entry was refused".into()))?;
+    ensure!(
+        owned.executed_qty == qty("1.5") && owned.fills_qty == qty("1.5"),
+        "evidence of the owning account merges, got {} / {}",
+        owned.executed_qty,
+        owned.fills_qty
+    );
+    ensure!(
+        owned.base_commission == qty("0.0004"),
+        "a fee in another asset adds nothing to the base fee"
+    );
+
     // Claims and compare-and-set updates.
     let key = LegKey {
         entry: entry.id,

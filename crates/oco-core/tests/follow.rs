@@ -242,3 +242,38 @@ async fn an_expired_stop_is_protection_lost_and_is_replaced() {
     assert_eq!(w.exchange.open_lists().len(), 1);
     assert_eq!(w.open_qty(), dec!(1));
 }
+
+#[tokio::test]
+async fn a_leg_order_accepted_with_nothing_filled_changes_nothing() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    let events_before = w.store.events(id).await.unwrap().len();
+    for leg in &legs {
+        for client_id in [leg.ids.take_profit.as_str(), leg.ids.stop_loss.as_str()] {
+            let accepted = update(client_id, EntryStatus::New, Decimal::ZERO, dec!(100));
+            assert_eq!(
+                w.protector
+                    .follow(w.account, &accepted, Source::Websocket)
+                    .await
+                    .unwrap(),
+                Followed::LegAccepted { key: leg.key }
+            );
+        }
+    }
+    assert_eq!(w.store.legs(id).await.unwrap(), legs, "legs unchanged");
+    assert_eq!(w.store.events(id).await.unwrap().len(), events_before);
+    assert_eq!(w.open_qty(), dec!(1), "nothing placed or canceled");
+}

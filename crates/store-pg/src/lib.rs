@@ -13,6 +13,7 @@
 //! (never float, never rounded; see `convert`); times are `TIMESTAMPTZ` ↔
 //! `Millis` (milliseconds, exact); lease expiry uses the database clock.
 
+mod cached;
 mod config;
 mod convert;
 mod coverage;

@@ -110,7 +110,7 @@ impl AccountRow {
 }
 
 /// An `entries` row.
-#[derive(Queryable, Selectable)]
+#[derive(Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = entries, check_for_backend(diesel::pg::Pg))]
 pub(crate) struct EntryRow {
     pub id: i64,
@@ -157,17 +157,6 @@ pub(crate) struct NewEntryRow {
     pub metadata: Value,
     pub protection: &'static str,
     pub created_at: PgTimestamp,
-}
-
-/// The evidence columns of `entries`, as one merge leaves them.
-#[derive(AsChangeset)]
-#[diesel(table_name = entries, treat_none_as_null = true)]
-pub(crate) struct EvidenceColumns {
-    pub exchange_order_id: Option<i64>,
-    pub status: &'static str,
-    pub base_commission: PgNumeric,
-    pub fills_qty: PgNumeric,
-    pub filled_at: Option<PgTimestamp>,
 }
 
 /// The protection columns of `entries`. `protected_at`/`protected_by` are

@@ -1,6 +1,6 @@
 //! [`PgStore`]: the [`Store`] port on PostgreSQL.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -8,13 +8,16 @@ use async_trait::async_trait;
 use deadpool::Runtime;
 use diesel::dsl::sql;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Numeric};
+use diesel::sql_types::{BigInt, Bool, Numeric};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
 use diesel_async::scoped_futures::ScopedFutureExt as _;
-use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{
+    AsyncConnection as _, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _,
+};
+use futures_util::FutureExt as _;
 use oco_core::mem::{is_open, merge_evidence};
 use oco_core::model::{
     EntryEventRecord, EntryKind, Evidence, LegClaim, LegUpdate, NewEntry, OrderSize, Protection,
@@ -28,14 +31,15 @@ use oco_core::{
 use rust_decimal::Decimal;
 use secrecy::{ExposeSecret as _, SecretString};
 
+use crate::cached::{ClaimLegs, FirstNew, MergeWrite, SeenEntry};
 use crate::config::PgConfig;
 use crate::convert::{numeric, timestamp};
 use crate::crypto::Cipher;
 use crate::error::{corrupt, db, is_foreign_key, not_found, pool};
 use crate::migrate::migrate;
 use crate::rows::{
-    AccountRow, EntryProtectionColumns, EntryRow, EventRow, EvidenceColumns, FillRow, LegRow,
-    LegUpdateColumns, NewEntryRow, NewLegRow, ProtectionColumns, leg_key_columns, metadata,
+    AccountRow, EntryProtectionColumns, EntryRow, EventRow, FillRow, LegRow, LegUpdateColumns,
+    NewEntryRow, NewLegRow, ProtectionColumns, leg_key_columns, metadata,
 };
 use crate::schema::{accounts, entries, entry_events, fills, protection_legs, secret_key_check};
 
@@ -44,10 +48,43 @@ diesel::define_sql_function! {
     fn greatest(a: Numeric, b: Numeric) -> Numeric;
 }
 
+/// A leg key a claim inserted.
+#[derive(diesel::QueryableByName)]
+struct ClaimedKey {
+    #[diesel(sql_type = BigInt)]
+    entry_id: i64,
+    #[diesel(sql_type = diesel::sql_types::SmallInt)]
+    leg: i16,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    generation: i32,
+}
+
 #[derive(diesel::QueryableByName)]
 struct AccountIdRow {
     #[diesel(sql_type = BigInt)]
     account_id: i64,
+}
+
+/// How many times a merge of evidence is read and written again when other
+/// writers keep changing the entry in between; past that the call fails as
+/// `Unavailable` and its caller retries later.
+const MERGE_ATTEMPTS: usize = 64;
+
+// A writing statement's rows are read with `load`, to the end, never with
+// `get_result`: diesel-async's `get_result` returns at the first row, but
+// PostgreSQL commits a statement run outside a transaction only after its
+// rows (at the protocol's Sync), so a write acknowledged at the first row can
+// still be lost (backend killed, server crash before the WAL flush). `load`
+// reads up to ReadyForQuery: what it returns is committed.
+
+/// The row of a writing statement that touches at most one row.
+fn last<T>(mut rows: Vec<T>) -> Option<T> {
+    rows.pop()
+}
+
+/// The row of a writing statement that touches exactly one row.
+fn only<T>(rows: Vec<T>) -> diesel::QueryResult<T> {
+    last(rows).ok_or(diesel::result::Error::NotFound)
 }
 
 /// How long a caller waits for a pooled connection, or for a new one to open,
@@ -64,6 +101,15 @@ pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
 /// pooled connection for the duration of one statement or transaction.
 pub struct PgStore {
     pool: Pool<AsyncPgConnection>,
+    /// Connections whose commits do not wait for the WAL flush, for evidence
+    /// only. Evidence is a copy of the exchange's facts, which `sync` reads
+    /// again after any outage, and every durable commit (a claim, above all)
+    /// flushes the log up to itself, so the evidence a claim was planned from
+    /// is on disk before the claim is acknowledged. What a server crash can
+    /// lose is evidence that nothing durable followed yet: the same as a
+    /// crash just before it was written. A fill then waits for one flush
+    /// (its claim's), not two.
+    evidence_pool: Pool<AsyncPgConnection>,
     cipher: Cipher,
     // Kept for LISTEN connections; may hold a password, so never shown.
     url: String,
@@ -125,25 +171,15 @@ impl PgStore {
             ));
         }
         migrate(&config.url).await?;
-        let mut manager_config = ManagerConfig::default();
-        // A closed connection is seen without a round trip (tokio-postgres
-        // marks it closed when the server goes away); anything else fails its
-        // statement, which the caller retries.
-        manager_config.recycling_method = RecyclingMethod::Fast;
-        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+        let pool = build_pool(&config.url, config.pool_size, None)?;
+        let evidence_pool = build_pool(
             &config.url,
-            manager_config,
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_TIMEOUT))
-            .create_timeout(Some(POOL_TIMEOUT))
-            .recycle_timeout(Some(POOL_TIMEOUT))
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("building the postgres pool: {e}")))?;
+            config.pool_size,
+            Some("SET synchronous_commit = off"),
+        )?;
         let store = PgStore {
             pool,
+            evidence_pool,
             cipher: Cipher::new(&config.secret_key),
             url: config.url,
         };
@@ -250,6 +286,165 @@ impl PgStore {
             .into_entry()
     }
 
+    /// Merges `evidence` into entry `id` (of `owner`, when given) in two round
+    /// trips and no explicit transaction: one read of the entry with its fills,
+    /// the merge in Rust, and one statement that stores the new fills and
+    /// updates the entry only if it is still as read (compare-and-set). A
+    /// writer that got in between makes the update match nothing; the merge
+    /// is then done again from a fresh read. `None` when there is no such
+    /// entry of `owner`; an unchanged entry costs the read only.
+    async fn merge(
+        &self,
+        id: EntryId,
+        owner: Option<AccountId>,
+        evidence: &Evidence,
+    ) -> Result<Option<Entry>, StoreError> {
+        let doing = || format!("recording evidence of entry {id}");
+        let mut conn = self.evidence_pool.get().await.map_err(pool)?;
+        if let Some(accepted) = Self::first_new(&mut conn, id, owner, evidence).await? {
+            return Ok(Some(accepted));
+        }
+        let trade_ids: Vec<i64> = evidence.fills.iter().map(|f| f.trade_id).collect();
+        for _ in 0..MERGE_ATTEMPTS {
+            // One statement, one snapshot: the entry, its fills, and any stored
+            // trade of this evidence that belongs to another entry.
+            let rows: Vec<(EntryRow, Option<FillRow>)> = entries::table
+                .left_join(
+                    fills::table.on(fills::account_id
+                        .eq(entries::account_id)
+                        .and(fills::symbol.eq(entries::symbol))
+                        .and(
+                            fills::entry_id
+                                .eq(entries::id)
+                                .or(fills::trade_id.eq_any(&trade_ids)),
+                        )),
+                )
+                .filter(entries::id.eq(id.0))
+                .filter(
+                    entries::account_id
+                        .eq(owner.map_or(0, |a| a.0))
+                        .or(owner.is_none().into_sql::<Bool>()),
+                )
+                .select((EntryRow::as_select(), Option::<FillRow>::as_select()))
+                .load(&mut conn)
+                .await
+                .map_err(|e| db(&doing(), e))?;
+            let mut rows = rows.into_iter();
+            let Some((row, first_fill)) = rows.next() else {
+                return Ok(None);
+            };
+            let seen = SeenEntry::of(&row);
+            let entry = row.into_entry()?;
+            let mut stored = BTreeMap::new();
+            let mut elsewhere = BTreeSet::new();
+            for fill in std::iter::once(first_fill)
+                .chain(rows.map(|(_, f)| f))
+                .flatten()
+            {
+                if fill.entry_id == id.0 {
+                    let fill = fill.into_fill()?;
+                    stored.insert(fill.trade_id, fill);
+                } else {
+                    elsewhere.insert(fill.trade_id);
+                }
+            }
+            // A trade id already recorded under another entry of the same
+            // account and symbol is not this entry's: leave it out.
+            let mut own = evidence.clone();
+            own.fills.retain(|f| !elsewhere.contains(&f.trade_id));
+            let known: BTreeSet<i64> = stored.keys().copied().collect();
+            let mut merged = entry.clone();
+            merge_evidence(&mut merged, &mut stored, &own);
+            if merged == entry {
+                return Ok(Some(merged));
+            }
+            let new_fills: Vec<FillRow> = stored
+                .values()
+                .filter(|f| !known.contains(&f.trade_id))
+                .map(|f| FillRow::from_fill(&merged, f))
+                .collect::<Result<_, _>>()?;
+            let updated = Self::write_merge(&mut conn, &merged, &seen, &new_fills).await?;
+            if let Some(row) = updated {
+                return row.into_entry().map(Some);
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "{}: the entry kept changing under {MERGE_ATTEMPTS} attempts",
+            doing()
+        )))
+    }
+
+    /// The exchange's first word on an order (NEW, nothing filled) only moves
+    /// `pending_new` to `new` and names the order: one statement instead of a
+    /// merge's two, because on the stream it comes just before the first fill.
+    /// `None` when the evidence is anything else or the row is not in that state.
+    async fn first_new(
+        conn: &mut AsyncPgConnection,
+        id: EntryId,
+        owner: Option<AccountId>,
+        evidence: &Evidence,
+    ) -> Result<Option<Entry>, StoreError> {
+        let (EntryStatus::New, Some(order_id), true) = (
+            evidence.status,
+            evidence.order_id,
+            evidence.executed_qty.is_zero()
+                && evidence.cumulative_quote.is_zero()
+                && evidence.fills.is_empty(),
+        ) else {
+            return Ok(None);
+        };
+        FirstNew {
+            entry: id.0,
+            owner: owner.map(|a| a.0),
+            order_id,
+        }
+        .load::<EntryRow>(conn)
+        .await
+        .map(last)
+        .map_err(|e| db(&format!("recording evidence of entry {id}"), e))?
+        .map(EntryRow::into_entry)
+        .transpose()
+    }
+
+    /// Stores `new_fills` and sets the evidence columns of `merged`, in one
+    /// statement (one commit), if the row still holds what `seen` read and
+    /// every new fill was stored as this entry's. `None` when it did not.
+    async fn write_merge(
+        conn: &mut AsyncPgConnection,
+        merged: &Entry,
+        seen: &SeenEntry,
+        new_fills: &[FillRow],
+    ) -> Result<Option<EntryRow>, StoreError> {
+        let protection = EntryProtectionColumns::from_protection(&merged.protection)?;
+        let filled_at = merged.filled_at.map(timestamp).transpose()?;
+        MergeWrite {
+            account: merged.account.0,
+            symbol: &merged.symbol.name,
+            entry: merged.id.0,
+            trade_ids: Vec::new(),
+            prices: Vec::new(),
+            qtys: Vec::new(),
+            commissions: Vec::new(),
+            commission_assets: Vec::new(),
+            traded_at: Vec::new(),
+            executed_qty: numeric(merged.executed_qty.get()),
+            cumulative_quote: numeric(merged.cumulative_quote),
+            order_id: merged.order_id,
+            status: merged.status.name(),
+            base_commission: numeric(merged.base_commission.get()),
+            fills_qty: numeric(merged.fills_qty.get()),
+            filled_at,
+            protection: protection.protection,
+            protection_reason: protection.protection_reason.flatten(),
+            seen,
+        }
+        .with_fills(new_fills)
+        .load::<EntryRow>(conn)
+        .await
+        .map(last)
+        .map_err(|e| db(&format!("recording evidence of entry {}", merged.id), e))
+    }
+
     async fn leg_exists(conn: &mut AsyncPgConnection, key: LegKey) -> Result<bool, StoreError> {
         let (entry, leg, generation) = leg_key_columns(key);
         diesel::select(diesel::dsl::exists(
@@ -280,8 +475,9 @@ impl Store for PgStore {
                 ProtectionColumns::from_config(&account.protection),
             ))
             .returning(AccountRow::as_returning())
-            .get_result(&mut conn)
-            .await;
+            .load(&mut conn)
+            .await
+            .and_then(only);
         match created {
             Ok(row) => row.into_account(),
             Err(diesel::result::Error::DatabaseError(
@@ -344,9 +540,9 @@ impl Store for PgStore {
                 accounts::active.eq(active),
             ))
             .returning(AccountRow::as_returning())
-            .get_result(&mut conn)
+            .load(&mut conn)
             .await
-            .optional()
+            .map(last)
             .map_err(|e| db(&format!("updating account {id}"), e))?
             .ok_or_else(|| not_found("account", id))?
             .into_account()
@@ -406,8 +602,9 @@ impl Store for PgStore {
         let created = diesel::insert_into(entries::table)
             .values(&row)
             .returning(EntryRow::as_returning())
-            .get_result(&mut conn)
-            .await;
+            .load(&mut conn)
+            .await
+            .and_then(only);
         match created {
             Ok(row) => row.into_entry(),
             Err(e) if is_foreign_key(&e) => Err(not_found("account", entry.account)),
@@ -452,127 +649,19 @@ impl Store for PgStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(entry = %id))]
     async fn record_evidence(&self, id: EntryId, evidence: &Evidence) -> Result<Entry, StoreError> {
-        let mut conn = self.conn().await?;
-        // The exchange's first word on an order (NEW, nothing filled) only moves
-        // `pending_new` to `new` and names the order: one statement instead of
-        // the merge's transaction, because it comes just before the first fill
-        // on the stream and every round trip before that fill's claim counts.
-        // Anything else, or a row not in that state, takes the merge below.
-        if let (EntryStatus::New, Some(order_id), true) = (
-            evidence.status,
-            evidence.order_id,
-            evidence.executed_qty.is_zero()
-                && evidence.cumulative_quote.is_zero()
-                && evidence.fills.is_empty(),
-        ) {
-            let accepted = diesel::update(
-                entries::table
-                    .find(id.0)
-                    .filter(entries::status.eq(EntryStatus::PendingNew.name()))
-                    .filter(entries::executed_qty.eq(numeric(Decimal::ZERO)))
-                    .filter(
-                        entries::exchange_order_id
-                            .is_null()
-                            .or(entries::exchange_order_id.eq(order_id).assume_not_null()),
-                    ),
-            )
-            .set((
-                entries::status.eq(EntryStatus::New.name()),
-                entries::exchange_order_id.eq(Some(order_id)),
-            ))
-            .returning(EntryRow::as_returning())
-            .get_result(&mut conn)
-            .await
-            .optional()
-            .map_err(|e| db(&format!("recording evidence of entry {id}"), e))?;
-            if let Some(row) = accepted {
-                return row.into_entry();
-            }
-        }
-        let evidence = evidence.clone();
-        let doing = format!("recording evidence of entry {id}");
-        conn.transaction::<_, TxError, _>(|conn| {
-            async move {
-                // The row lock serialises every writer of this entry's evidence;
-                // NO KEY UPDATE leaves concurrent leg claims (FK KEY SHARE) unblocked.
-                let mut entry: Entry = entries::table
-                    .find(id.0)
-                    .select(EntryRow::as_select())
-                    .for_no_key_update()
-                    .first(conn)
-                    .await
-                    .optional()?
-                    .ok_or_else(|| not_found("entry", id))?
-                    .into_entry()?;
-                let mut new_fills: BTreeMap<i64, FillRow> = BTreeMap::new();
-                for f in &evidence.fills {
-                    if let std::collections::btree_map::Entry::Vacant(slot) =
-                        new_fills.entry(f.trade_id)
-                    {
-                        slot.insert(FillRow::from_fill(&entry, f)?);
-                    }
-                }
-                if !new_fills.is_empty() {
-                    let rows: Vec<FillRow> = new_fills.into_values().collect();
-                    // A trade already stored keeps its first version, as in `merge_evidence`.
-                    diesel::insert_into(fills::table)
-                        .values(&rows)
-                        .on_conflict_do_nothing()
-                        .execute(conn)
-                        .await?;
-                }
-                let mut stored = BTreeMap::new();
-                let rows: Vec<FillRow> = fills::table
-                    .filter(fills::entry_id.eq(id.0))
-                    .select(FillRow::as_select())
-                    .load(conn)
-                    .await?;
-                for row in rows {
-                    let fill = row.into_fill()?;
-                    stored.insert(fill.trade_id, fill);
-                }
-                // A trade id already recorded under another entry of the same
-                // account and symbol is not this entry's: leave it out.
-                let mut own = evidence.clone();
-                own.fills.retain(|f| stored.contains_key(&f.trade_id));
-                let before = entry.clone();
-                merge_evidence(&mut entry, &mut stored, &own);
-                if entry == before {
-                    return Ok(entry);
-                }
-                let protection = (entry.protection != before.protection)
-                    .then(|| EntryProtectionColumns::from_protection(&entry.protection))
-                    .transpose()?;
-                let filled_at = entry.filled_at.map(timestamp).transpose()?;
-                let row = diesel::update(entries::table.find(id.0))
-                    .set((
-                        // GREATEST keeps the stored maxima even if this merge saw less.
-                        entries::executed_qty.eq(greatest(
-                            entries::executed_qty,
-                            numeric(entry.executed_qty.get()),
-                        )),
-                        entries::cumulative_quote.eq(greatest(
-                            entries::cumulative_quote,
-                            numeric(entry.cumulative_quote),
-                        )),
-                        EvidenceColumns {
-                            exchange_order_id: entry.order_id,
-                            status: entry.status.name(),
-                            base_commission: numeric(entry.base_commission.get()),
-                            fills_qty: numeric(entry.fills_qty.get()),
-                            filled_at,
-                        },
-                        protection,
-                    ))
-                    .returning(EntryRow::as_returning())
-                    .get_result(conn)
-                    .await?;
-                Ok(row.into_entry()?)
-            }
-            .scope_boxed()
-        })
-        .await
-        .map_err(|e| e.into_store(&doing))
+        self.merge(id, None, evidence)
+            .await?
+            .ok_or_else(|| not_found("entry", id))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(entry = %id, account = %account))]
+    async fn record_evidence_of(
+        &self,
+        account: AccountId,
+        id: EntryId,
+        evidence: &Evidence,
+    ) -> Result<Option<Entry>, StoreError> {
+        self.merge(id, Some(account), evidence).await
     }
 
     async fn set_protection(&self, id: EntryId, protection: &Protection) -> Result<(), StoreError> {
@@ -880,20 +969,15 @@ impl Store for PgStore {
         let mut conn = self.conn().await?;
         // One statement, one commit; each row is still claimed by exactly one
         // inserter (either unique key makes a later one insert nothing).
-        let inserted: Result<Vec<(i64, i16, i32)>, _> = diesel::insert_into(protection_legs::table)
-            .values(&rows)
-            .on_conflict_do_nothing()
-            .returning((
-                protection_legs::entry_id,
-                protection_legs::leg,
-                protection_legs::generation,
-            ))
-            .get_results(&mut conn)
-            .await;
+        let inserted: Result<Vec<ClaimedKey>, _> = ClaimLegs::of(&rows).load(&mut conn).await;
         match inserted {
             Ok(won) => Ok(claims
                 .iter()
-                .map(|c| won.contains(&leg_key_columns(c.key)))
+                .map(|c| {
+                    let (entry, leg, generation) = leg_key_columns(c.key);
+                    won.iter()
+                        .any(|w| (w.entry_id, w.leg, w.generation) == (entry, leg, generation))
+                })
                 .collect()),
             Err(e) if is_foreign_key(&e) => Err(not_found("entry", claims[0].key.entry)),
             Err(e) => Err(db(&format!("claiming {} legs", claims.len()), e)),
@@ -999,4 +1083,41 @@ fn new_leg_row(claim: &LegClaim) -> Result<NewLegRow, StoreError> {
         claimed_at: at,
         updated_at: at,
     })
+}
+
+/// A pool of `size` connections to `url`; each new connection runs `session`
+/// (session settings) first, when given.
+fn build_pool(
+    url: &str,
+    size: usize,
+    session: Option<&'static str>,
+) -> Result<Pool<AsyncPgConnection>, StoreError> {
+    let mut manager_config = ManagerConfig::default();
+    // A closed connection is seen without a round trip (tokio-postgres
+    // marks it closed when the server goes away); anything else fails its
+    // statement, which the caller retries.
+    manager_config.recycling_method = RecyclingMethod::Fast;
+    if let Some(settings) = session {
+        manager_config.custom_setup = Box::new(move |url| {
+            let url = url.to_owned();
+            async move {
+                let mut conn = AsyncPgConnection::establish(&url).await?;
+                conn.batch_execute(settings)
+                    .await
+                    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                Ok(conn)
+            }
+            .boxed()
+        });
+    }
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, manager_config);
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_TIMEOUT))
+        .create_timeout(Some(POOL_TIMEOUT))
+        .recycle_timeout(Some(POOL_TIMEOUT))
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("building the postgres pool: {e}")))
 }

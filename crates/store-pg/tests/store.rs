@@ -259,6 +259,50 @@ async fn concurrent_out_of_order_evidence_ends_monotonic() {
 }
 
 #[tokio::test]
+async fn a_trade_stored_for_another_entry_is_left_out_and_nothing_is_half_written() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let account = new_account(&store, "k1").await;
+    let a = new_entry(&store, account.id).await;
+    let b = new_entry(&store, account.id).await;
+    store.record_evidence(a.id, &snapshot(1)).await.unwrap();
+    // Entry b's evidence names trade 1 (already a's) and trade 2 (new).
+    let mut ev = snapshot(2);
+    ev.executed_qty = qty("0.1");
+    ev.cumulative_quote = dec!(10);
+    let after = store
+        .record_evidence_of(account.id, b.id, &ev)
+        .await
+        .unwrap()
+        .expect("b is the account's");
+    assert_eq!(after.fills_qty, qty("0.1"), "only trade 2 is b's");
+    assert_eq!(after.base_commission, qty("0.0001"));
+    let a_now = store.entry(a.id).await.unwrap();
+    assert_eq!(a_now.fills_qty, qty("0.1"), "a keeps its trade");
+
+    // Seen on another account's stream: refused, and no fill row is written.
+    let mut foreign = snapshot(5);
+    foreign.fills.retain(|f| f.trade_id >= 3);
+    let refused = store
+        .record_evidence_of(AccountId(account.id.0 + 99), b.id, &foreign)
+        .await
+        .unwrap();
+    assert!(refused.is_none());
+    let mut conn = raw(&db).await;
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let fills: Count = diesel::sql_query("SELECT count(*) AS n FROM fills")
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(fills.n, 2, "trades 1 (a) and 2 (b) only");
+    assert_eq!(store.entry(b.id).await.unwrap(), after);
+}
+
+#[tokio::test]
 async fn evidence_never_lowers_stored_values_even_if_written_by_sql() {
     // GREATEST in the UPDATE keeps the stored maximum whatever a merge computed.
     let db = TestDb::new().await;
@@ -608,9 +652,23 @@ async fn killed_connections_lose_nothing_acknowledged() {
         })
     };
     let mut acknowledged = Vec::new();
+    let mut accepted = Vec::new();
     let mut failed = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     for (i, id) in entries.iter().enumerate() {
+        // The order's first NEW (a one-statement write of its own), then a fill.
+        let mut first_new = snapshot(0);
+        first_new.order_id = Some(9_000 + i as i64);
+        while Instant::now() < deadline {
+            match store.record_evidence(*id, &first_new).await {
+                Ok(e) => {
+                    accepted.push((*id, e.status, e.order_id));
+                    break;
+                }
+                Err(StoreError::Unavailable(_)) => failed += 1,
+                Err(other) => panic!("entry {id}: {other:?}"),
+            }
+        }
         while Instant::now() < deadline {
             match store
                 .record_evidence(*id, &snapshot(1 + (i as i64 % 10)))
@@ -633,6 +691,15 @@ async fn killed_connections_lose_nothing_acknowledged() {
         entries.len(),
         "every write eventually went through"
     );
+    assert_eq!(accepted.len(), entries.len());
+    for (id, status, order_id) in accepted {
+        let stored = store.entry(id).await.unwrap();
+        assert_eq!(status, EntryStatus::New, "entry {id}");
+        assert_eq!(
+            stored.order_id, order_id,
+            "entry {id}: acknowledged order id kept"
+        );
+    }
     for (id, executed) in acknowledged {
         let stored = store.entry(id).await.unwrap();
         assert!(

@@ -11,7 +11,7 @@
 //! Not here: any exchange protocol (behind `UserStream`), SQL (behind `Store`
 //! and `Leases`), or process wiring (`bins/ws-gateway`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +20,9 @@ use std::time::Duration;
 use oco_core::follow::Followed;
 use oco_core::ids::{LegKey, OrderRole};
 use oco_core::model::{Protection, Source};
-use oco_core::ports::{ExecutionUpdate, Leases, ListUpdate, Store, StreamEvent, UserStream};
+use oco_core::ports::{
+    ExecutionUpdate, Leases, ListUpdate, Store, StreamEvent, UserStream, UserStreamSession,
+};
 use oco_core::protect::{Idle, ProtectOutcome, ProtectReport, Protector};
 use oco_core::{AccountId, EntryId, ExchangeError};
 use tokio::task::JoinHandle;
@@ -76,6 +78,9 @@ pub struct GatewayStats {
     pub events: AtomicU64,
     /// Entry fills handled.
     pub entry_fills: AtomicU64,
+    /// Entry acceptances (NEW, nothing filled) not written because the
+    /// order's next update had already arrived.
+    pub superseded: AtomicU64,
     /// Protection placements made by this gateway.
     pub placements: AtomicU64,
     /// Gaps seen (each flags the account).
@@ -95,6 +100,8 @@ pub struct StatsSnapshot {
     pub events: u64,
     /// Entry fills handled.
     pub entry_fills: u64,
+    /// Acceptances skipped for a later update already received.
+    pub superseded: u64,
     /// Placements made.
     pub placements: u64,
     /// Gaps seen.
@@ -111,6 +118,7 @@ impl GatewayStats {
             streams_up: r(&self.streams_up),
             events: r(&self.events),
             entry_fills: r(&self.entry_fills),
+            superseded: r(&self.superseded),
             placements: r(&self.placements),
             gaps: r(&self.gaps),
             failures: r(&self.failures),
@@ -345,8 +353,13 @@ impl AccountWorker {
         let _up = UpGuard(self.stats.clone(), self.account);
         // Nothing is replayed on a stream: whatever happened before this subscription is sync's.
         self.flag(reason).await;
+        // Events already received behind the one in hand, in order.
+        let mut pending = VecDeque::new();
         loop {
-            let event = session.next_event().await?;
+            let event = match pending.pop_front() {
+                Some(event) => event,
+                None => session.next_event().await?,
+            };
             self.stats.events.fetch_add(1, Ordering::Relaxed);
             match event {
                 StreamEvent::Connected => debug!(account = %self.account, "stream subscribed"),
@@ -357,6 +370,14 @@ impl AccountWorker {
                 }
                 StreamEvent::Execution(update) => {
                     let entry = self.entry_of(&update.client_id);
+                    if self
+                        .superseded(&update, &mut pending, session.as_mut())
+                        .await
+                    {
+                        self.stats.superseded.fetch_add(1, Ordering::Relaxed);
+                        debug!(account = %self.account, entry = entry.map(tracing::field::display), client_id = %update.client_id, "order accepted, its next update already here: skipped");
+                        continue;
+                    }
                     self.execution(&update, entry)
                         .instrument(self.order_span(entry, &update.client_id))
                         .await;
@@ -365,6 +386,41 @@ impl AccountWorker {
                 StreamEvent::Balances(_) => {}
             }
         }
+    }
+
+    /// Whether `update` is an entry's order accepted with nothing filled and a
+    /// later update of the same order has already arrived. That update says
+    /// at least as much (order id, status, fills), and the store merges it
+    /// all the same; writing the acceptance first would only make the fill
+    /// behind it wait for one more write. A MARKET entry's acceptance and
+    /// fill arrive together, so the stream task gets one turn to hand the
+    /// fill over before this decides.
+    async fn superseded(
+        &self,
+        update: &ExecutionUpdate,
+        pending: &mut VecDeque<StreamEvent>,
+        session: &mut dyn UserStreamSession,
+    ) -> bool {
+        let acceptance = update.executed_qty.is_zero()
+            && matches!(
+                self.protector.ids().parse(&update.client_id),
+                Some(OrderRole::Entry(_))
+            );
+        if !acceptance {
+            return false;
+        }
+        let later = |pending: &VecDeque<StreamEvent>| {
+            pending
+                .iter()
+                .any(|e| matches!(e, StreamEvent::Execution(u) if u.client_id == update.client_id))
+        };
+        drain_ready(session, pending);
+        if later(pending) {
+            return true;
+        }
+        tokio::task::yield_now().await;
+        drain_ready(session, pending);
+        later(pending)
     }
 
     /// The entry an order of ours belongs to, read from its client id alone
@@ -520,5 +576,14 @@ impl AccountWorker {
         if let Err(err) = self.store.flag_reconcile(self.account, reason, now).await {
             warn!(account = %self.account, error = %err, "could not flag account for reconciliation");
         }
+    }
+}
+
+/// Moves every event that has already arrived into `pending`. An error stops
+/// the draining; the session returns it again from `next_event`, after the
+/// events before it.
+fn drain_ready(session: &mut dyn UserStreamSession, pending: &mut VecDeque<StreamEvent>) {
+    while let Some(Ok(event)) = session.ready_event() {
+        pending.push_back(event);
     }
 }

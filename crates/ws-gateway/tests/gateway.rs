@@ -44,6 +44,10 @@ impl UserStreamSession for Session {
             .await
             .unwrap_or_else(|| Err(ExchangeError::Transient("closed".into())))
     }
+
+    fn ready_event(&mut self) -> Option<Result<StreamEvent, ExchangeError>> {
+        self.0.try_recv().ok()
+    }
 }
 
 #[async_trait]
@@ -72,6 +76,18 @@ impl Streams {
         list.iter()
             .filter(|tx| tx.send(Ok(event.clone())).is_ok())
             .count()
+    }
+
+    /// Sends `events` to every open stream of `key` at once, so that a
+    /// reader finds them all already arrived.
+    fn send_all(&self, key: &str, events: Vec<StreamEvent>) {
+        let mut senders = self.senders.lock().unwrap();
+        let list = senders.entry(key.to_owned()).or_default();
+        for tx in list.iter() {
+            for event in &events {
+                let _ = tx.send(Ok(event.clone()));
+            }
+        }
     }
 
     fn open_count(&self, key: &str) -> usize {
@@ -237,6 +253,65 @@ async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 
 fn key(i: usize) -> String {
     format!("key-{i}")
+}
+
+fn accepted_event(client_id: &str, order_id: i64) -> StreamEvent {
+    let StreamEvent::Execution(fill) = fill_event(client_id, order_id) else {
+        unreachable!("fill_event makes an execution")
+    };
+    StreamEvent::Execution(ExecutionUpdate {
+        execution: "NEW".into(),
+        status: EntryStatus::New,
+        executed_qty: Qty::ZERO,
+        cumulative_quote: dec!(0),
+        fill: None,
+        ..fill
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acceptance_with_its_fill_already_behind_it_is_not_written() {
+    let w = world(1).await;
+    let gateway = w.gateway("gw-1");
+    let stats = gateway.stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.run(async move {
+        let _ = stopped.await;
+    }));
+    wait_until("the stream", Duration::from_secs(5), || {
+        w.streams.open_count(&key(0)) == 1
+    })
+    .await;
+    let (first, first_client) = w.entry(w.accounts[0]).await;
+    // Acceptance and fill together, as a MARKET entry's arrive: one write.
+    w.streams.send_all(
+        &key(0),
+        vec![
+            accepted_event(&first_client, 41),
+            fill_event(&first_client, 41),
+        ],
+    );
+    wait_until("two legs", Duration::from_secs(5), || {
+        w.exchange.open_lists().len() == 2
+    })
+    .await;
+    let entry = w.store.entry(first).await.unwrap();
+    assert_eq!(entry.order_id, Some(41), "the fill names the order");
+    assert_eq!(entry.status, EntryStatus::Filled);
+    let snapshot = stats.snapshot();
+    assert_eq!(snapshot.superseded, 1, "{snapshot:?}");
+
+    // An acceptance alone (a LIMIT entry resting) is recorded.
+    let (second, second_client) = w.entry(w.accounts[0]).await;
+    w.streams.send(&key(0), accepted_event(&second_client, 42));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.store.entry(second).await.unwrap().status != EntryStatus::New {
+        assert!(Instant::now() < deadline, "the acceptance is recorded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w.store.entry(second).await.unwrap().order_id, Some(42));
+    assert_eq!(stats.snapshot().superseded, 1);
+    let _ = stop.send(());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

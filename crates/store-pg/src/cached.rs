@@ -1,0 +1,312 @@
+//! The statements on a fill's way to its protection, written so that their
+//! prepared form is cached per connection.
+//!
+//! diesel caches a prepared statement only when it can prove the SQL text is
+//! fixed: raw `sql_query`, multi-row inserts and every `UPDATE` are prepared
+//! again on each call, which through diesel-async costs one more round trip
+//! (Parse, then Bind/Execute) and a server-side parse. These types push a
+//! fixed text with binds, so diesel keys its cache on the text and each
+//! connection parses them once.
+
+use diesel::QueryResult;
+use diesel::pg::Pg;
+use diesel::pg::data_types::{PgNumeric, PgTimestamp};
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Array, Int2, Int4, Int8, Nullable, Numeric, Text, Timestamptz, Untyped};
+
+use crate::rows::{EntryRow, FillRow, NewLegRow};
+
+/// Implements the traits that let diesel run a fragment as an untyped query
+/// (rows read by name) whose cache key is its SQL text.
+macro_rules! untyped_query {
+    ($ty:ident) => {
+        impl QueryId for $ty<'_> {
+            type QueryId = ();
+            const HAS_STATIC_QUERY_ID: bool = false;
+        }
+
+        impl Query for $ty<'_> {
+            type SqlType = Untyped;
+        }
+    };
+}
+
+/// The evidence columns of an entry as read, exactly as stored: what a
+/// merge's compare-and-set compares against.
+pub(crate) struct SeenEntry {
+    pub executed_qty: PgNumeric,
+    pub cumulative_quote: PgNumeric,
+    pub status: String,
+    pub base_commission: PgNumeric,
+    pub fills_qty: PgNumeric,
+    pub exchange_order_id: Option<i64>,
+    pub filled_at: Option<PgTimestamp>,
+    pub protection: String,
+}
+
+impl SeenEntry {
+    pub(crate) fn of(row: &EntryRow) -> Self {
+        Self {
+            executed_qty: row.executed_qty.clone(),
+            cumulative_quote: row.cumulative_quote.clone(),
+            status: row.status.clone(),
+            base_commission: row.base_commission.clone(),
+            fills_qty: row.fills_qty.clone(),
+            exchange_order_id: row.exchange_order_id,
+            filled_at: row.filled_at,
+            protection: row.protection.clone(),
+        }
+    }
+}
+
+/// The write half of an evidence merge: the new fills and the entry's
+/// evidence columns in one statement, applied only if the entry still holds
+/// what was read (`seen`) and every new fill was stored as this entry's (a
+/// trade stored meanwhile for another entry makes the update match nothing,
+/// and the next read leaves it out). `RETURNING *`: the entry as written.
+pub(crate) struct MergeWrite<'a> {
+    pub account: i64,
+    pub symbol: &'a str,
+    pub entry: i64,
+    pub trade_ids: Vec<i64>,
+    pub prices: Vec<PgNumeric>,
+    pub qtys: Vec<PgNumeric>,
+    pub commissions: Vec<PgNumeric>,
+    pub commission_assets: Vec<String>,
+    pub traded_at: Vec<PgTimestamp>,
+    pub executed_qty: PgNumeric,
+    pub cumulative_quote: PgNumeric,
+    pub order_id: Option<i64>,
+    pub status: &'a str,
+    pub base_commission: PgNumeric,
+    pub fills_qty: PgNumeric,
+    pub filled_at: Option<PgTimestamp>,
+    pub protection: &'a str,
+    pub protection_reason: Option<String>,
+    pub seen: &'a SeenEntry,
+}
+
+impl<'a> MergeWrite<'a> {
+    /// Splits `fills` into the statement's column arrays.
+    pub(crate) fn with_fills(mut self, fills: &[FillRow]) -> Self {
+        self.trade_ids = fills.iter().map(|f| f.trade_id).collect();
+        self.prices = fills.iter().map(|f| f.price.clone()).collect();
+        self.qtys = fills.iter().map(|f| f.qty.clone()).collect();
+        self.commissions = fills.iter().map(|f| f.commission.clone()).collect();
+        self.commission_assets = fills.iter().map(|f| f.commission_asset.clone()).collect();
+        self.traded_at = fills.iter().map(|f| f.traded_at).collect();
+        self
+    }
+}
+
+impl QueryFragment<Pg> for MergeWrite<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "WITH new_fills AS (INSERT INTO fills (account_id, symbol, trade_id, entry_id, \
+             price, qty, commission, commission_asset, traded_at) SELECT ",
+        );
+        out.push_bind_param::<Int8, _>(&self.account)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(self.symbol)?;
+        out.push_sql(", t.trade_id, ");
+        out.push_bind_param::<Int8, _>(&self.entry)?;
+        out.push_sql(
+            ", t.price, t.qty, t.commission, t.commission_asset, t.traded_at FROM unnest(",
+        );
+        out.push_bind_param::<Array<Int8>, _>(&self.trade_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Numeric>, _>(&self.prices)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Numeric>, _>(&self.qtys)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Numeric>, _>(&self.commissions)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.commission_assets)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Timestamptz>, _>(&self.traded_at)?;
+        out.push_sql(
+            ") AS t (trade_id, price, qty, commission, commission_asset, traded_at) \
+             ON CONFLICT DO NOTHING RETURNING 1) \
+             UPDATE entries SET executed_qty = GREATEST(executed_qty, ",
+        );
+        out.push_bind_param::<Numeric, _>(&self.executed_qty)?;
+        out.push_sql("), cumulative_quote = GREATEST(cumulative_quote, ");
+        out.push_bind_param::<Numeric, _>(&self.cumulative_quote)?;
+        out.push_sql("), exchange_order_id = ");
+        out.push_bind_param::<Nullable<Int8>, _>(&self.order_id)?;
+        out.push_sql(", status = ");
+        out.push_bind_param::<Text, _>(self.status)?;
+        out.push_sql(", base_commission = ");
+        out.push_bind_param::<Numeric, _>(&self.base_commission)?;
+        out.push_sql(", fills_qty = ");
+        out.push_bind_param::<Numeric, _>(&self.fills_qty)?;
+        out.push_sql(", filled_at = ");
+        out.push_bind_param::<Nullable<Timestamptz>, _>(&self.filled_at)?;
+        out.push_sql(", protection = ");
+        out.push_bind_param::<Text, _>(self.protection)?;
+        // The reason changes only with the protection state.
+        out.push_sql(", protection_reason = CASE WHEN protection = ");
+        out.push_bind_param::<Text, _>(self.protection)?;
+        out.push_sql(" THEN protection_reason ELSE ");
+        out.push_bind_param::<Nullable<Text>, _>(&self.protection_reason)?;
+        out.push_sql(" END WHERE id = ");
+        out.push_bind_param::<Int8, _>(&self.entry)?;
+        out.push_sql(" AND executed_qty = ");
+        out.push_bind_param::<Numeric, _>(&self.seen.executed_qty)?;
+        out.push_sql(" AND cumulative_quote = ");
+        out.push_bind_param::<Numeric, _>(&self.seen.cumulative_quote)?;
+        out.push_sql(" AND status = ");
+        out.push_bind_param::<Text, _>(&self.seen.status)?;
+        out.push_sql(" AND base_commission = ");
+        out.push_bind_param::<Numeric, _>(&self.seen.base_commission)?;
+        out.push_sql(" AND fills_qty = ");
+        out.push_bind_param::<Numeric, _>(&self.seen.fills_qty)?;
+        out.push_sql(" AND exchange_order_id IS NOT DISTINCT FROM ");
+        out.push_bind_param::<Nullable<Int8>, _>(&self.seen.exchange_order_id)?;
+        out.push_sql(" AND filled_at IS NOT DISTINCT FROM ");
+        out.push_bind_param::<Nullable<Timestamptz>, _>(&self.seen.filled_at)?;
+        out.push_sql(" AND protection = ");
+        out.push_bind_param::<Text, _>(&self.seen.protection)?;
+        out.push_sql(" AND (SELECT count(*) FROM new_fills) = cardinality(");
+        out.push_bind_param::<Array<Int8>, _>(&self.trade_ids)?;
+        out.push_sql(") RETURNING *");
+        Ok(())
+    }
+}
+
+untyped_query!(MergeWrite);
+
+/// An order's first `NEW` (nothing filled): `pending_new` → `new` with the
+/// order id, for an entry of `owner` when given. `RETURNING *`.
+pub(crate) struct FirstNew {
+    pub entry: i64,
+    pub owner: Option<i64>,
+    pub order_id: i64,
+}
+
+impl QueryFragment<Pg> for FirstNew {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("UPDATE entries SET status = 'new', exchange_order_id = ");
+        out.push_bind_param::<Int8, _>(&self.order_id)?;
+        out.push_sql(" WHERE id = ");
+        out.push_bind_param::<Int8, _>(&self.entry)?;
+        out.push_sql(" AND (");
+        out.push_bind_param::<Nullable<Int8>, _>(&self.owner)?;
+        out.push_sql("::int8 IS NULL OR account_id = ");
+        out.push_bind_param::<Nullable<Int8>, _>(&self.owner)?;
+        out.push_sql(
+            ") AND status = 'pending_new' AND executed_qty = 0 \
+             AND (exchange_order_id IS NULL OR exchange_order_id = ",
+        );
+        out.push_bind_param::<Int8, _>(&self.order_id)?;
+        out.push_sql(") RETURNING *");
+        Ok(())
+    }
+}
+
+impl QueryId for FirstNew {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl Query for FirstNew {
+    type SqlType = Untyped;
+}
+
+/// Claims every leg of a generation in one statement (`unnest` of column
+/// arrays, so one text whatever the number of legs). Either unique key makes
+/// a later claimer insert nothing; the keys inserted are returned.
+pub(crate) struct ClaimLegs<'a> {
+    pub entry_ids: Vec<i64>,
+    pub legs: Vec<i16>,
+    pub generations: Vec<i32>,
+    pub list_client_ids: Vec<&'a str>,
+    pub take_profit_client_ids: Vec<&'a str>,
+    pub stop_loss_client_ids: Vec<&'a str>,
+    pub symbols: Vec<&'a str>,
+    pub qtys: Vec<PgNumeric>,
+    pub take_profit_prices: Vec<PgNumeric>,
+    pub stop_prices: Vec<PgNumeric>,
+    pub stop_limit_prices: Vec<Option<PgNumeric>>,
+    pub states: Vec<&'a str>,
+    pub sources: Vec<&'a str>,
+    pub attempts: Vec<i32>,
+    pub claimed_at: Vec<PgTimestamp>,
+    pub updated_at: Vec<PgTimestamp>,
+}
+
+impl<'a> ClaimLegs<'a> {
+    /// The statement for `rows`.
+    pub(crate) fn of(rows: &'a [NewLegRow]) -> Self {
+        Self {
+            entry_ids: rows.iter().map(|r| r.entry_id).collect(),
+            legs: rows.iter().map(|r| r.leg).collect(),
+            generations: rows.iter().map(|r| r.generation).collect(),
+            list_client_ids: rows.iter().map(|r| r.list_client_id.as_str()).collect(),
+            take_profit_client_ids: rows
+                .iter()
+                .map(|r| r.take_profit_client_id.as_str())
+                .collect(),
+            stop_loss_client_ids: rows
+                .iter()
+                .map(|r| r.stop_loss_client_id.as_str())
+                .collect(),
+            symbols: rows.iter().map(|r| r.symbol.as_str()).collect(),
+            qtys: rows.iter().map(|r| r.qty.clone()).collect(),
+            take_profit_prices: rows.iter().map(|r| r.take_profit_price.clone()).collect(),
+            stop_prices: rows.iter().map(|r| r.stop_price.clone()).collect(),
+            stop_limit_prices: rows.iter().map(|r| r.stop_limit_price.clone()).collect(),
+            states: rows.iter().map(|r| r.state).collect(),
+            sources: rows.iter().map(|r| r.source).collect(),
+            attempts: rows.iter().map(|r| r.attempts).collect(),
+            claimed_at: rows.iter().map(|r| r.claimed_at).collect(),
+            updated_at: rows.iter().map(|r| r.updated_at).collect(),
+        }
+    }
+}
+
+impl QueryFragment<Pg> for ClaimLegs<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "INSERT INTO protection_legs (entry_id, leg, generation, list_client_id, \
+             take_profit_client_id, stop_loss_client_id, symbol, qty, take_profit_price, \
+             stop_price, stop_limit_price, state, source, attempts, claimed_at, updated_at) \
+             SELECT * FROM unnest(",
+        );
+        out.push_bind_param::<Array<Int8>, _>(&self.entry_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Int2>, _>(&self.legs)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Int4>, _>(&self.generations)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.list_client_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.take_profit_client_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.stop_loss_client_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.symbols)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Numeric>, _>(&self.qtys)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Numeric>, _>(&self.take_profit_prices)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Numeric>, _>(&self.stop_prices)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Numeric>>, _>(&self.stop_limit_prices)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.states)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.sources)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Int4>, _>(&self.attempts)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Timestamptz>, _>(&self.claimed_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Timestamptz>, _>(&self.updated_at)?;
+        out.push_sql(") ON CONFLICT DO NOTHING RETURNING entry_id, leg, generation");
+        Ok(())
+    }
+}
+
+untyped_query!(ClaimLegs);
