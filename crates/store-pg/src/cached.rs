@@ -12,9 +12,17 @@ use diesel::QueryResult;
 use diesel::pg::Pg;
 use diesel::pg::data_types::{PgNumeric, PgTimestamp};
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, Int2, Int4, Int8, Nullable, Numeric, Text, Timestamptz, Untyped};
+use diesel::sql_types::{
+    Array, Bool, Int2, Int4, Int8, Nullable, Numeric, Text, Timestamptz, Untyped,
+};
 
-use crate::rows::{EntryRow, FillRow, NewLegRow};
+use oco_core::model::{EntryEventRecord, LegUpdate};
+use oco_core::{EntryId, StoreError};
+
+use crate::convert::timestamp;
+use crate::rows::{
+    EntryProtectionColumns, EntryRow, FillRow, LegUpdateColumns, NewLegRow, leg_key_columns,
+};
 
 /// Implements the traits that let diesel run a fragment as an untyped query
 /// (rows read by name) whose cache key is its SQL text.
@@ -310,3 +318,191 @@ impl QueryFragment<Pg> for ClaimLegs<'_> {
 }
 
 untyped_query!(ClaimLegs);
+
+/// A placement's outcomes in one statement: each leg update as a
+/// compare-and-set on its state, the history appended and the entry's
+/// protection set, all or nothing. When any leg does not exist nothing is
+/// written (`found` tells which); a missing entry fails the events' foreign
+/// key. Returns one row per update: whether it applied.
+pub(crate) struct RecordOutcomes<'a> {
+    pub entry: i64,
+    pub leg_entries: Vec<i64>,
+    pub legs: Vec<i16>,
+    pub generations: Vec<i32>,
+    pub from: Vec<&'a str>,
+    pub states: Vec<&'static str>,
+    pub order_list_ids: Vec<Option<i64>>,
+    pub not_placed_codes: Vec<Option<i32>>,
+    pub state_reasons: Vec<Option<String>>,
+    pub external_ends: Vec<Option<&'static str>>,
+    pub last_errors: Vec<Option<String>>,
+    pub updated_at: Vec<PgTimestamp>,
+    pub event_entries: Vec<i64>,
+    pub event_kinds: Vec<&'a str>,
+    pub event_details: Vec<&'a str>,
+    pub event_sources: Vec<Option<&'static str>>,
+    pub event_at: Vec<PgTimestamp>,
+    pub set_protection: bool,
+    pub protection: &'static str,
+    pub protection_reason: Option<String>,
+    pub protected_at: Option<PgTimestamp>,
+    pub protected_by: Option<&'static str>,
+}
+
+impl<'a> RecordOutcomes<'a> {
+    /// The statement for `updates`, `events` and `protection` of `entry`.
+    pub(crate) fn new(
+        entry: EntryId,
+        updates: &'a [LegUpdate],
+        events: &'a [EntryEventRecord],
+        protection: Option<EntryProtectionColumns>,
+    ) -> Result<Self, StoreError> {
+        let mut columns = Vec::with_capacity(updates.len());
+        for u in updates {
+            columns.push(LegUpdateColumns::new(
+                &u.to,
+                u.error.clone(),
+                timestamp(u.at)?,
+            ));
+        }
+        let keys: Vec<(i64, i16, i32)> = updates.iter().map(|u| leg_key_columns(u.key)).collect();
+        let event_at = events
+            .iter()
+            .map(|e| timestamp(e.at))
+            .collect::<Result<_, _>>()?;
+        let set_protection = protection.is_some();
+        let protection = protection.unwrap_or(EntryProtectionColumns {
+            protection: "not_needed",
+            protection_reason: None,
+            protected_at: None,
+            protected_by: None,
+        });
+        Ok(Self {
+            entry: entry.0,
+            leg_entries: keys.iter().map(|k| k.0).collect(),
+            legs: keys.iter().map(|k| k.1).collect(),
+            generations: keys.iter().map(|k| k.2).collect(),
+            from: updates.iter().map(|u| u.from).collect(),
+            states: columns.iter().map(|c| c.state).collect(),
+            order_list_ids: columns.iter().map(|c| c.order_list_id).collect(),
+            not_placed_codes: columns
+                .iter()
+                .map(|c| c.not_placed_code.flatten())
+                .collect(),
+            state_reasons: columns
+                .iter()
+                .map(|c| c.state_reason.clone().flatten())
+                .collect(),
+            external_ends: columns.iter().map(|c| c.external_end.flatten()).collect(),
+            last_errors: columns.iter().map(|c| c.last_error.clone()).collect(),
+            updated_at: columns.iter().map(|c| c.updated_at).collect(),
+            event_entries: events.iter().map(|e| e.entry.0).collect(),
+            event_kinds: events.iter().map(|e| e.kind.as_str()).collect(),
+            event_details: events.iter().map(|e| e.detail.as_str()).collect(),
+            event_sources: events.iter().map(|e| e.source.map(|s| s.name())).collect(),
+            event_at,
+            set_protection,
+            protection: protection.protection,
+            protection_reason: protection.protection_reason.flatten(),
+            protected_at: protection.protected_at,
+            protected_by: protection.protected_by,
+        })
+    }
+}
+
+impl QueryFragment<Pg> for RecordOutcomes<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH u AS (SELECT * FROM unnest(");
+        out.push_bind_param::<Array<Int8>, _>(&self.leg_entries)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Int2>, _>(&self.legs)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Int4>, _>(&self.generations)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.from)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.states)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Int8>>, _>(&self.order_list_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Int4>>, _>(&self.not_placed_codes)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.state_reasons)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.external_ends)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.last_errors)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Timestamptz>, _>(&self.updated_at)?;
+        out.push_sql(
+            ") WITH ORDINALITY AS u (entry_id, leg, generation, from_state, state, order_list_id, \
+             not_placed_code, state_reason, external_end, last_error, updated_at, n)), \
+             present AS (SELECT u.n, EXISTS (SELECT 1 FROM protection_legs x \
+             WHERE x.entry_id = u.entry_id AND x.leg = u.leg AND x.generation = u.generation) \
+             AS found FROM u), \
+             ok AS (SELECT COALESCE(bool_and(present.found), true) AS all_found FROM present), \
+             moved AS (UPDATE protection_legs l SET state = u.state, \
+             order_list_id = COALESCE(u.order_list_id, l.order_list_id), \
+             not_placed_code = u.not_placed_code, state_reason = u.state_reason, \
+             external_end = u.external_end, last_error = COALESCE(u.last_error, l.last_error), \
+             updated_at = u.updated_at FROM u, ok WHERE ok.all_found \
+             AND l.entry_id = u.entry_id AND l.leg = u.leg AND l.generation = u.generation \
+             AND l.state = u.from_state RETURNING u.n), \
+             history AS (INSERT INTO entry_events (entry_id, kind, detail, source, at) \
+             SELECT e.entry_id, e.kind, e.detail, e.source, e.at FROM unnest(",
+        );
+        out.push_bind_param::<Array<Int8>, _>(&self.event_entries)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.event_kinds)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.event_details)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.event_sources)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Timestamptz>, _>(&self.event_at)?;
+        out.push_sql(
+            ") WITH ORDINALITY AS e (entry_id, kind, detail, source, at, n), ok WHERE ok.all_found \
+             ORDER BY e.n), \
+             protection AS (UPDATE entries SET protection = ",
+        );
+        out.push_bind_param::<Text, _>(self.protection)?;
+        out.push_sql(", protection_reason = ");
+        out.push_bind_param::<Nullable<Text>, _>(&self.protection_reason)?;
+        out.push_sql(", protected_at = COALESCE(");
+        out.push_bind_param::<Nullable<Timestamptz>, _>(&self.protected_at)?;
+        out.push_sql(", protected_at), protected_by = COALESCE(");
+        out.push_bind_param::<Nullable<Text>, _>(&self.protected_by)?;
+        out.push_sql(", protected_by) FROM ok WHERE ok.all_found AND ");
+        out.push_bind_param::<Bool, _>(&self.set_protection)?;
+        out.push_sql(" AND id = ");
+        out.push_bind_param::<Int8, _>(&self.entry)?;
+        out.push_sql(
+            " RETURNING 1) \
+             SELECT (SELECT count(*) FROM protection) AS entries_set, present.n AS n, \
+             present.found AS found, \
+             EXISTS (SELECT 1 FROM moved WHERE moved.n = present.n) AS applied \
+             FROM ok LEFT JOIN present ON true ORDER BY present.n",
+        );
+        Ok(())
+    }
+}
+
+untyped_query!(RecordOutcomes);
+
+/// One row of [`RecordOutcomes`]' answer per update, in order (a single
+/// row with no update when there were none).
+#[derive(diesel::QueryableByName)]
+pub(crate) struct OutcomeRow {
+    /// Entries whose protection was set (0 or 1).
+    #[diesel(sql_type = Int8)]
+    pub entries_set: i64,
+    /// The update's position, from 1.
+    #[diesel(sql_type = Nullable<Int8>)]
+    pub n: Option<i64>,
+    /// Whether its leg exists.
+    #[diesel(sql_type = Nullable<Bool>)]
+    pub found: Option<bool>,
+    /// Whether it applied (the leg was in its `from` state).
+    #[diesel(sql_type = Bool)]
+    pub applied: bool,
+}

@@ -13,7 +13,6 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
-use diesel_async::scoped_futures::ScopedFutureExt as _;
 use diesel_async::{
     AsyncConnection as _, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _,
 };
@@ -31,7 +30,7 @@ use oco_core::{
 use rust_decimal::Decimal;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::cached::{ClaimLegs, FirstNew, MergeWrite, SeenEntry};
+use crate::cached::{ClaimLegs, FirstNew, MergeWrite, OutcomeRow, RecordOutcomes, SeenEntry};
 use crate::config::PgConfig;
 use crate::convert::{numeric, timestamp};
 use crate::crypto::Cipher;
@@ -125,33 +124,6 @@ impl fmt::Debug for PgStore {
             .field("url", &"[redacted]")
             .field("secret_key", &"[redacted]")
             .finish()
-    }
-}
-
-/// An error inside a transaction: the database's, or ours (which rolls back too).
-enum TxError {
-    Db(diesel::result::Error),
-    Store(StoreError),
-}
-
-impl From<diesel::result::Error> for TxError {
-    fn from(e: diesel::result::Error) -> Self {
-        TxError::Db(e)
-    }
-}
-
-impl From<StoreError> for TxError {
-    fn from(e: StoreError) -> Self {
-        TxError::Store(e)
-    }
-}
-
-impl TxError {
-    fn into_store(self, doing: &str) -> StoreError {
-        match self {
-            TxError::Db(e) => db(doing, e),
-            TxError::Store(e) => e,
-        }
     }
 }
 
@@ -992,72 +964,36 @@ impl Store for PgStore {
         events: &[EntryEventRecord],
         protection: Option<&Protection>,
     ) -> Result<Vec<bool>, StoreError> {
-        let mut columns = Vec::with_capacity(updates.len());
-        for u in updates {
-            columns.push((
-                leg_key_columns(u.key),
-                u.from,
-                LegUpdateColumns::new(&u.to, u.error.clone(), timestamp(u.at)?),
-            ));
-        }
-        let mut event_rows = Vec::with_capacity(events.len());
-        for e in events {
-            event_rows.push((
-                entry_events::entry_id.eq(e.entry.0),
-                entry_events::kind.eq(e.kind.clone()),
-                entry_events::detail.eq(e.detail.clone()),
-                entry_events::source.eq(e.source.map(|s| s.name())),
-                entry_events::at.eq(timestamp(e.at)?),
-            ));
-        }
         let protection = protection
             .map(EntryProtectionColumns::from_protection)
             .transpose()?;
         let keys: Vec<LegKey> = updates.iter().map(|u| u.key).collect();
         let mut conn = self.conn().await?;
         let doing = format!("recording the outcomes of entry {entry}");
-        conn.transaction::<_, TxError, _>(|conn| {
-            async move {
-                let mut applied = Vec::with_capacity(columns.len());
-                for (((entry_id, leg, generation), from, set), key) in columns.into_iter().zip(keys)
-                {
-                    let n = diesel::update(
-                        protection_legs::table
-                            .find((entry_id, leg, generation))
-                            .filter(protection_legs::state.eq(from)),
-                    )
-                    .set(set)
-                    .execute(conn)
-                    .await?;
-                    if n == 0 && !Self::leg_exists(conn, key).await? {
-                        return Err(TxError::Store(not_found("leg", key)));
-                    }
-                    applied.push(n == 1);
-                }
-                if !event_rows.is_empty() {
-                    diesel::insert_into(entry_events::table)
-                        .values(&event_rows)
-                        .execute(conn)
-                        .await?;
-                }
-                if let Some(columns) = protection {
-                    let n = diesel::update(entries::table.find(entry.0))
-                        .set(columns)
-                        .execute(conn)
-                        .await?;
-                    if n == 0 {
-                        return Err(TxError::Store(not_found("entry", entry)));
-                    }
-                }
-                Ok(applied)
+        // One statement, one commit: the legs' compare-and-sets, the history
+        // and the protection, all or nothing.
+        let statement = RecordOutcomes::new(entry, updates, events, protection)?;
+        let set_protection = statement.set_protection;
+        let rows: Vec<OutcomeRow> = statement.load(&mut conn).await.map_err(|e| match e {
+            e if is_foreign_key(&e) => not_found("entry", entry),
+            e => db(&doing, e),
+        })?;
+        let mut applied = Vec::with_capacity(keys.len());
+        for row in &rows {
+            let Some(n) = row.n else { continue };
+            let key = usize::try_from(n - 1)
+                .ok()
+                .and_then(|i| keys.get(i))
+                .ok_or_else(|| corrupt(format!("{doing}: an outcome row for no update")))?;
+            if row.found == Some(false) {
+                return Err(not_found("leg", key));
             }
-            .scope_boxed()
-        })
-        .await
-        .map_err(|e| match e {
-            TxError::Db(e) if is_foreign_key(&e) => not_found("entry", entry),
-            e => e.into_store(&doing),
-        })
+            applied.push(row.applied);
+        }
+        if set_protection && rows.as_slice().first().is_none_or(|r| r.entries_set == 0) {
+            return Err(not_found("entry", entry));
+        }
+        Ok(applied)
     }
 }
 
