@@ -17,9 +17,9 @@ use diesel::sql_types::{
 };
 
 use oco_core::model::{EntryEventRecord, LegUpdate};
-use oco_core::{EntryId, StoreError};
+use oco_core::{Entry, EntryId, StoreError};
 
-use crate::convert::timestamp;
+use crate::convert::{numeric, timestamp};
 use crate::rows::{
     EntryProtectionColumns, EntryRow, FillRow, LegUpdateColumns, NewLegRow, leg_key_columns,
 };
@@ -27,13 +27,13 @@ use crate::rows::{
 /// Implements the traits that let diesel run a fragment as an untyped query
 /// (rows read by name) whose cache key is its SQL text.
 macro_rules! untyped_query {
-    ($ty:ident) => {
-        impl QueryId for $ty<'_> {
+    ($ty:ty) => {
+        impl QueryId for $ty {
             type QueryId = ();
             const HAS_STATIC_QUERY_ID: bool = false;
         }
 
-        impl Query for $ty<'_> {
+        impl Query for $ty {
             type SqlType = Untyped;
         }
     };
@@ -95,15 +95,35 @@ pub(crate) struct MergeWrite<'a> {
 }
 
 impl<'a> MergeWrite<'a> {
-    /// Splits `fills` into the statement's column arrays.
-    pub(crate) fn with_fills(mut self, fills: &[FillRow]) -> Self {
-        self.trade_ids = fills.iter().map(|f| f.trade_id).collect();
-        self.prices = fills.iter().map(|f| f.price.clone()).collect();
-        self.qtys = fills.iter().map(|f| f.qty.clone()).collect();
-        self.commissions = fills.iter().map(|f| f.commission.clone()).collect();
-        self.commission_assets = fills.iter().map(|f| f.commission_asset.clone()).collect();
-        self.traded_at = fills.iter().map(|f| f.traded_at).collect();
-        self
+    /// The statement that stores `fills` and the evidence columns of
+    /// `merged`, if the entry still holds what `seen` read.
+    pub(crate) fn new(
+        merged: &'a Entry,
+        seen: &'a SeenEntry,
+        fills: &[FillRow],
+    ) -> Result<Self, StoreError> {
+        let protection = EntryProtectionColumns::from_protection(&merged.protection)?;
+        Ok(Self {
+            account: merged.account.0,
+            symbol: &merged.symbol.name,
+            entry: merged.id.0,
+            trade_ids: fills.iter().map(|f| f.trade_id).collect(),
+            prices: fills.iter().map(|f| f.price.clone()).collect(),
+            qtys: fills.iter().map(|f| f.qty.clone()).collect(),
+            commissions: fills.iter().map(|f| f.commission.clone()).collect(),
+            commission_assets: fills.iter().map(|f| f.commission_asset.clone()).collect(),
+            traded_at: fills.iter().map(|f| f.traded_at).collect(),
+            executed_qty: numeric(merged.executed_qty.get()),
+            cumulative_quote: numeric(merged.cumulative_quote),
+            order_id: merged.order_id,
+            status: merged.status.name(),
+            base_commission: numeric(merged.base_commission.get()),
+            fills_qty: numeric(merged.fills_qty.get()),
+            filled_at: merged.filled_at.map(timestamp).transpose()?,
+            protection: protection.protection,
+            protection_reason: protection.protection_reason.flatten(),
+            seen,
+        })
     }
 }
 
@@ -182,7 +202,7 @@ impl QueryFragment<Pg> for MergeWrite<'_> {
     }
 }
 
-untyped_query!(MergeWrite);
+untyped_query!(MergeWrite<'_>);
 
 /// An order's first `NEW` (nothing filled): `pending_new` → `new` with the
 /// order id, for an entry of `owner` when given. `RETURNING *`.
@@ -212,14 +232,7 @@ impl QueryFragment<Pg> for FirstNew {
     }
 }
 
-impl QueryId for FirstNew {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl Query for FirstNew {
-    type SqlType = Untyped;
-}
+untyped_query!(FirstNew);
 
 /// Claims every leg of a generation in one statement (`unnest` of column
 /// arrays, so one text whatever the number of legs). Either unique key makes
@@ -317,7 +330,7 @@ impl QueryFragment<Pg> for ClaimLegs<'_> {
     }
 }
 
-untyped_query!(ClaimLegs);
+untyped_query!(ClaimLegs<'_>);
 
 /// A placement's outcomes in one statement: each leg update as a
 /// compare-and-set on its state, the history appended and the entry's
@@ -487,7 +500,7 @@ impl QueryFragment<Pg> for RecordOutcomes<'_> {
     }
 }
 
-untyped_query!(RecordOutcomes);
+untyped_query!(RecordOutcomes<'_>);
 
 /// One row of [`RecordOutcomes`]' answer per update, in order (a single
 /// row with no update when there were none).

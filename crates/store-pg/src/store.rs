@@ -387,34 +387,11 @@ impl PgStore {
         seen: &SeenEntry,
         new_fills: &[FillRow],
     ) -> Result<Option<EntryRow>, StoreError> {
-        let protection = EntryProtectionColumns::from_protection(&merged.protection)?;
-        let filled_at = merged.filled_at.map(timestamp).transpose()?;
-        MergeWrite {
-            account: merged.account.0,
-            symbol: &merged.symbol.name,
-            entry: merged.id.0,
-            trade_ids: Vec::new(),
-            prices: Vec::new(),
-            qtys: Vec::new(),
-            commissions: Vec::new(),
-            commission_assets: Vec::new(),
-            traded_at: Vec::new(),
-            executed_qty: numeric(merged.executed_qty.get()),
-            cumulative_quote: numeric(merged.cumulative_quote),
-            order_id: merged.order_id,
-            status: merged.status.name(),
-            base_commission: numeric(merged.base_commission.get()),
-            fills_qty: numeric(merged.fills_qty.get()),
-            filled_at,
-            protection: protection.protection,
-            protection_reason: protection.protection_reason.flatten(),
-            seen,
-        }
-        .with_fills(new_fills)
-        .load::<EntryRow>(conn)
-        .await
-        .map(last)
-        .map_err(|e| db(&format!("recording evidence of entry {}", merged.id), e))
+        MergeWrite::new(merged, seen, new_fills)?
+            .load::<EntryRow>(conn)
+            .await
+            .map(last)
+            .map_err(|e| db(&format!("recording evidence of entry {}", merged.id), e))
     }
 
     async fn leg_exists(conn: &mut AsyncPgConnection, key: LegKey) -> Result<bool, StoreError> {
