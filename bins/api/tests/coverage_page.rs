@@ -350,7 +350,7 @@ async fn the_coverage_page_shows_the_stores_figures() {
         .unwrap();
     assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
 
-    let shot = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/coverage-page.png");
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("coverage-page.png");
     let _ = std::fs::remove_file(&shot);
     let out = run_chromium(
         &page,

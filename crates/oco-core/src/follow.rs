@@ -78,7 +78,10 @@ impl Protector {
                     );
                 }
                 Ok(
-                    match self.protect_seen(account, id, &evidence, source).await? {
+                    match self
+                        .protect_seen(account, id, &update.symbol, &evidence, source)
+                        .await?
+                    {
                         Some(report) => Followed::Entry(report),
                         None => Followed::Foreign,
                     },

@@ -548,6 +548,81 @@ pub trait Store: Send + Sync {
         events: &[EntryEventRecord],
         protection: Option<&crate::model::Protection>,
     ) -> Result<Vec<bool>, StoreError>;
+
+    /// A fill seen on `account`'s stream, on its way to protection:
+    /// [`Store::record_evidence_of`], the [`FillContext`] read alongside, and
+    /// the claims `plan` makes from the merged entry. `None`, with nothing
+    /// written, when the entry is not that account's. The default records
+    /// and then claims; a store may write the evidence and the claims in one
+    /// durable write (the claims only if the evidence went in), so that a
+    /// first fill waits for one commit before its legs go out.
+    async fn record_fill_and_claim(
+        &self,
+        account: AccountId,
+        id: EntryId,
+        evidence: &Evidence,
+        plan: &ClaimPlanner<'_>,
+    ) -> Result<Option<RecordedFill>, StoreError> {
+        let (recorded, credentials, settings, legs) = futures_util::future::join4(
+            self.record_evidence_of(account, id, evidence),
+            self.credentials(account),
+            self.account(account),
+            self.legs(id),
+        )
+        .await;
+        let Some(entry) = recorded? else {
+            return Ok(None);
+        };
+        let context = FillContext {
+            credentials: credentials?,
+            account: settings?,
+            legs: legs?,
+        };
+        let claims = plan(&entry, &context);
+        let won = if claims.is_empty() {
+            Vec::new()
+        } else {
+            self.claim_legs(&claims).await?
+        };
+        Ok(Some(RecordedFill {
+            entry,
+            context,
+            claims,
+            won,
+        }))
+    }
+}
+
+/// What protecting a fill reads besides the entry: the account's keys and
+/// settings and the entry's legs.
+#[derive(Debug, Clone)]
+pub struct FillContext {
+    /// The account's credentials.
+    pub credentials: ApiCredentials,
+    /// The account and its protection settings.
+    pub account: Account,
+    /// The entry's legs, every generation.
+    pub legs: Vec<Leg>,
+}
+
+/// Plans, from an entry as merged with new evidence and its context, the
+/// legs to claim in the same write: empty when nothing can be claimed
+/// without more checks (legs exist, levels or plan fail), and the caller
+/// decides the long way. Pure, and may be called more than once.
+pub type ClaimPlanner<'a> = dyn Fn(&Entry, &FillContext) -> Vec<LegClaim> + Send + Sync + 'a;
+
+/// What [`Store::record_fill_and_claim`] wrote.
+#[derive(Debug, Clone)]
+pub struct RecordedFill {
+    /// The entry with the evidence merged.
+    pub entry: Entry,
+    /// Keys, settings and legs as read before the write (`legs` does not
+    /// hold the claims below).
+    pub context: FillContext,
+    /// What the planner asked to claim, from `entry` and `context`.
+    pub claims: Vec<LegClaim>,
+    /// Element `i`: whether `claims[i]` was won, as [`Store::claim_legs`].
+    pub won: Vec<bool>,
 }
 
 /// Which gateway process holds which account's stream. Leases expire, so the

@@ -19,11 +19,12 @@ use crate::model::{
     Entry, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize, Protection, Source,
 };
 use crate::money::Qty;
-use crate::plan::{Degraded, PlanInput, plan_protection};
+use crate::plan::{Degraded, Plan, PlanInput, plan_protection};
 use crate::ports::{
     ApiCredentials, CancelOutcome, Clock, Exchange, ExchangeError, OcoRequest, OrderListSnapshot,
     OrderRequest, Side, Store, StoreError, event,
 };
+use crate::ports::{FillContext, RecordedFill};
 use crate::state::{EntryStatus, ExternalEnd, LegSold, LegState};
 use crate::symbol::SymbolRules;
 
@@ -140,26 +141,58 @@ enum Round {
     Again { holding: Option<Qty> },
 }
 
-/// What a round reads before it plans: the account's keys and settings and
-/// the entry's legs.
-struct Known {
-    creds: ApiCredentials,
-    account: crate::model::Account,
-    legs: Vec<Leg>,
+/// A first protection planned from facts alone.
+struct FirstPlan {
+    plan: Plan,
+    claims: Vec<LegClaim>,
+    /// What the legs cover: the net filled quantity, capped by holdings.
+    position: Qty,
 }
 
-impl Known {
-    fn read(
-        creds: Result<ApiCredentials, StoreError>,
-        account: Result<crate::model::Account, StoreError>,
-        legs: Result<Vec<Leg>, StoreError>,
-    ) -> Result<Known, StoreError> {
-        Ok(Known {
-            creds: creds?,
-            account: account?,
-            legs: legs?,
-        })
-    }
+/// A fill seen on the stream, as recorded, with the plan of the legs it
+/// claimed (and the symbol's rules) when it claimed any.
+struct Seen {
+    fill: RecordedFill,
+    first: Option<(FirstPlan, SymbolRules)>,
+}
+
+/// A claimed generation on its way out, with what placing it needs.
+struct Claimed<'a> {
+    entry: &'a Entry,
+    creds: &'a ApiCredentials,
+    rules: &'a SymbolRules,
+    /// Every leg of the entry as read before the claim.
+    legs: &'a [Leg],
+    /// The legs still working, to cancel before the new ones go out.
+    active: Vec<&'a Leg>,
+    position: Qty,
+    late: LatePolicy,
+    degraded: Option<Degraded>,
+    /// The claims won; nothing else is sent.
+    claims: Vec<LegClaim>,
+    source: Source,
+}
+
+/// The claims of `wanted` that were won (`won[i]` for `wanted[i]`).
+fn won_claims(wanted: Vec<LegClaim>, won: Vec<bool>) -> Vec<LegClaim> {
+    wanted
+        .into_iter()
+        .zip(won)
+        .filter_map(|(claim, won)| won.then_some(claim))
+        .collect()
+}
+
+/// Keys, settings and legs from three reads, or the first error.
+fn context(
+    credentials: Result<ApiCredentials, StoreError>,
+    account: Result<crate::model::Account, StoreError>,
+    legs: Result<Vec<Leg>, StoreError>,
+) -> Result<FillContext, StoreError> {
+    Ok(FillContext {
+        credentials: credentials?,
+        account: account?,
+        legs: legs?,
+    })
 }
 
 /// Every line logged while protecting carries the entry, its account and its
@@ -260,12 +293,14 @@ impl Protector {
         })
     }
 
-    /// [`Protector::protect`] for a fill seen on `account`'s own order
-    /// stream: the evidence is recorded only if the entry is that account's
-    /// (`None`, with nothing written, otherwise), and the account's
+    /// [`Protector::protect`] for a fill of `symbol` seen on `account`'s own
+    /// order stream: the evidence is recorded only if the entry is that
+    /// account's (`None`, with nothing written, otherwise), and the account's
     /// credentials and settings and the entry's legs are read while it is
-    /// recorded rather than after: a fill waits for one write, not a write
-    /// and then the reads.
+    /// recorded rather than after. On a first fill the legs are planned from
+    /// the merged entry and claimed in the same write
+    /// ([`Store::record_fill_and_claim`]): the fill waits for one durable
+    /// write before its legs go out, not a write, then reads, then a claim.
     ///
     /// # Errors
     /// As [`Protector::protect`].
@@ -273,10 +308,11 @@ impl Protector {
         &self,
         account: AccountId,
         entry: crate::ids::EntryId,
+        symbol: &str,
         evidence: &Evidence,
         source: Source,
     ) -> Result<Option<ProtectReport>, ProtectError> {
-        self.protect_in_span(entry, Some(evidence), Some(account), source)
+        self.protect_in_span(entry, Some(evidence), Some((account, symbol)), source)
             .instrument(protect_span(entry, source))
             .await
     }
@@ -285,33 +321,49 @@ impl Protector {
         &self,
         entry: crate::ids::EntryId,
         evidence: Option<&Evidence>,
-        owner: Option<AccountId>,
+        seen_on: Option<(AccountId, &str)>,
         source: Source,
     ) -> Result<Option<ProtectReport>, ProtectError> {
-        let (mut current, mut known) = match (evidence, owner) {
-            (Some(ev), Some(account)) => {
-                let (recorded, creds, settings, legs) = futures_util::future::join4(
-                    self.store.record_evidence_of(account, entry, ev),
-                    self.store.credentials(account),
-                    self.store.account(account),
-                    self.store.legs(entry),
-                )
-                .await;
-                let Some(recorded) = recorded? else {
+        let holding = evidence.and_then(|e| e.holding);
+        let name_span = |entry: &Entry| {
+            let span = tracing::Span::current();
+            span.record("account", tracing::field::display(entry.account));
+            span.record("client_id", tracing::field::display(&entry.client_id));
+        };
+        let mut first = None;
+        let (mut current, mut known) = match (evidence, seen_on) {
+            (Some(ev), Some((account, symbol))) => {
+                let Some(recorded) = self
+                    .record_and_claim(account, entry, symbol, ev, source)
+                    .await?
+                else {
                     return Ok(None);
                 };
-                (recorded, Some(Known::read(creds, settings, legs)?))
+                match recorded.first {
+                    Some((plan, rules)) => {
+                        let current = recorded.fill.entry.clone();
+                        name_span(&current);
+                        first = Some(self.send_first(recorded.fill, plan, rules, source).await?);
+                        (current, None)
+                    }
+                    // Nothing claimed yet (or, were a claim ever not re-planned the
+                    // same, the round finds it in flight and leaves it to time out
+                    // and be looked up: never placed twice).
+                    None => (recorded.fill.entry, Some(recorded.fill.context)),
+                }
             }
             (Some(ev), None) => (self.store.record_evidence(entry, ev).await?, None),
             (None, _) => (self.store.entry(entry).await?, None),
         };
-        let span = tracing::Span::current();
-        span.record("account", tracing::field::display(current.account));
-        span.record("client_id", tracing::field::display(&current.client_id));
-        let mut holding = evidence.and_then(|e| e.holding);
+        name_span(&current);
+        let mut holding = holding;
         let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
         for _ in 0..self.config.max_rounds {
-            match self.round(&current, holding, source, known.take()).await? {
+            let round = match first.take() {
+                Some(round) => round,
+                None => self.round(&current, holding, source, known.take()).await?,
+            };
+            match round {
                 Round::Done(o) => {
                     outcome = o;
                     break;
@@ -340,7 +392,7 @@ impl Protector {
         entry: &Entry,
         holding: Option<Qty>,
         source: Source,
-        known: Option<Known>,
+        known: Option<FillContext>,
     ) -> Result<Round, ProtectError> {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
@@ -351,8 +403,8 @@ impl Protector {
         ) {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
         }
-        let Known {
-            creds,
+        let FillContext {
+            credentials: creds,
             account,
             mut legs,
         } = match known {
@@ -365,7 +417,7 @@ impl Protector {
                     self.store.legs(entry.id),
                 )
                 .await;
-                Known::read(creds, account, legs)?
+                context(creds, account, legs)?
             }
         };
 
@@ -511,33 +563,195 @@ impl Protector {
         }
 
         // Claim the new generation before anything is sent; only the claimant goes on.
-        let mut wanted = Vec::with_capacity(plan.legs.len());
-        for planned in &plan.legs {
-            let key = LegKey {
-                entry: entry.id,
-                leg: planned.index,
-                generation,
-            };
-            let claim = LegClaim {
-                key,
-                ids: self.config.ids.oco(key)?,
-                symbol: entry.symbol.name.clone(),
-                qty: planned.qty,
-                take_profit: planned.take_profit,
-                stop: planned.stop,
-                stop_limit: planned.stop_limit,
-                source,
-                at: now,
-            };
-            wanted.push(claim);
-        }
+        let wanted = self.claims_of(entry, &plan, generation, source, now)?;
         // Every leg of the generation in one durable write; only legs won are sent.
         let won = self.store.claim_legs(&wanted).await?;
-        let claims: Vec<LegClaim> = wanted
-            .into_iter()
-            .zip(won)
-            .filter_map(|(claim, won)| won.then_some(claim))
-            .collect();
+        self.send_claimed(Claimed {
+            entry,
+            creds: &creds,
+            rules: &rules,
+            legs: &legs,
+            active,
+            position,
+            late: account.protection.late,
+            degraded: plan.degraded,
+            claims: won_claims(wanted, won),
+            source,
+        })
+        .await
+    }
+
+    /// The legs of `plan` as generation `generation` of `entry`, to claim.
+    fn claims_of(
+        &self,
+        entry: &Entry,
+        plan: &Plan,
+        generation: u32,
+        source: Source,
+        now: Millis,
+    ) -> Result<Vec<LegClaim>, IdError> {
+        plan.legs
+            .iter()
+            .map(|planned| {
+                let key = LegKey {
+                    entry: entry.id,
+                    leg: planned.index,
+                    generation,
+                };
+                Ok(LegClaim {
+                    key,
+                    ids: self.config.ids.oco(key)?,
+                    symbol: entry.symbol.name.clone(),
+                    qty: planned.qty,
+                    take_profit: planned.take_profit,
+                    stop: planned.stop,
+                    stop_limit: planned.stop_limit,
+                    source,
+                    at: now,
+                })
+            })
+            .collect()
+    }
+
+    /// A first protection decided from facts alone: no legs yet, the levels
+    /// resolve and the plan holds. `None` for anything else (legs to settle
+    /// or replace, a level already passed, dust, a symbol that does not
+    /// trade), which [`Protector::round`] decides with the reads and writes
+    /// it needs. The same inputs always give the same plan.
+    fn first_plan(
+        &self,
+        entry: &Entry,
+        context: &FillContext,
+        rules: &SymbolRules,
+        holding: Option<Qty>,
+        source: Source,
+        now: Millis,
+    ) -> Option<FirstPlan> {
+        if !context.legs.is_empty()
+            || rules.symbol.name != entry.symbol.name
+            || matches!(
+                entry.protection,
+                Protection::Exited { .. } | Protection::Closed
+            )
+        {
+            return None;
+        }
+        let fill_price = entry.average_price()?;
+        let position = holding.map_or(entry.net_qty(), |h| entry.net_qty().min(h));
+        if position.is_zero() {
+            return None;
+        }
+        let settings = &context.account.protection;
+        let levels = resolve_levels(
+            entry.levels,
+            settings.percents,
+            fill_price,
+            rules,
+            settings.stop,
+        )
+        .ok()?;
+        let plan = plan_protection(&PlanInput {
+            rules,
+            levels,
+            reference: fill_price,
+            position,
+            split: settings.split,
+            stop_budget: None,
+        })
+        .ok()?;
+        let claims = self.claims_of(entry, &plan, 0, source, now).ok()?;
+        Some(FirstPlan {
+            plan,
+            claims,
+            position,
+        })
+    }
+
+    /// Records a fill seen on `account`'s stream and, when it is the entry's
+    /// first, claims its legs in the same write. `None` when the entry is not
+    /// that account's.
+    async fn record_and_claim(
+        &self,
+        account: AccountId,
+        entry: crate::ids::EntryId,
+        symbol: &str,
+        evidence: &Evidence,
+        source: Source,
+    ) -> Result<Option<Seen>, ProtectError> {
+        let now = self.clock.now();
+        let holding = evidence.holding;
+        // Cached after a symbol's first order. Without them nothing is claimed
+        // here and the round reads them again (and reports the error).
+        let rules = self.exchange.symbol_rules(symbol).await.ok();
+        let plan = |merged: &Entry, context: &FillContext| match &rules {
+            Some(rules) => self
+                .first_plan(merged, context, rules, holding, source, now)
+                .map(|first| first.claims)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let Some(fill) = self
+            .store
+            .record_fill_and_claim(account, entry, evidence, &plan)
+            .await?
+        else {
+            return Ok(None);
+        };
+        // The plan the claims came from: the same facts plan the same legs.
+        let first = match rules {
+            Some(rules) if !fill.claims.is_empty() => self
+                .first_plan(&fill.entry, &fill.context, &rules, holding, source, now)
+                .filter(|first| first.claims == fill.claims)
+                .map(|first| (first, rules)),
+            _ => None,
+        };
+        Ok(Some(Seen { fill, first }))
+    }
+
+    /// Sends the legs a first fill claimed with its evidence.
+    async fn send_first(
+        &self,
+        fill: RecordedFill,
+        first: FirstPlan,
+        rules: SymbolRules,
+        source: Source,
+    ) -> Result<Round, ProtectError> {
+        let RecordedFill {
+            entry,
+            context,
+            claims,
+            won,
+        } = fill;
+        self.send_claimed(Claimed {
+            entry: &entry,
+            creds: &context.credentials,
+            rules: &rules,
+            legs: &context.legs,
+            active: Vec::new(),
+            position: first.position,
+            late: context.account.protection.late,
+            degraded: first.plan.degraded,
+            claims: won_claims(claims, won),
+            source,
+        })
+        .await
+    }
+
+    /// Everything after a generation is claimed: older lists canceled, the
+    /// claimed legs placed concurrently, their outcomes recorded.
+    async fn send_claimed(&self, claimed: Claimed<'_>) -> Result<Round, ProtectError> {
+        let Claimed {
+            entry,
+            creds,
+            rules,
+            legs,
+            active,
+            position,
+            late,
+            degraded,
+            claims,
+            source,
+        } = claimed;
         if claims.is_empty() {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
         }
@@ -548,7 +762,7 @@ impl Protector {
         for old in &active {
             match self
                 .exchange
-                .cancel_order_list(&creds, &old.symbol, old.ids.list.as_str())
+                .cancel_order_list(creds, &old.symbol, old.ids.list.as_str())
                 .await
             {
                 Ok(CancelOutcome::Canceled) => {
@@ -556,7 +770,7 @@ impl Protector {
                     replaced += 1;
                 }
                 Ok(CancelOutcome::NotOpen) => {
-                    self.refresh_leg(&creds, old).await?;
+                    self.refresh_leg(creds, old).await?;
                     self.release(
                         &claims,
                         None,
@@ -578,7 +792,7 @@ impl Protector {
                 }
             }
         }
-        self.cancel_orphaned_take_profits(&creds, &legs).await;
+        self.cancel_orphaned_take_profits(creds, legs).await;
 
         let requests: Vec<OcoRequest> = claims
             .iter()
@@ -591,7 +805,7 @@ impl Protector {
                 ids: c.ids.clone(),
             })
             .collect();
-        let results = join_all(requests.iter().map(|r| self.exchange.place_oco(&creds, r))).await;
+        let results = join_all(requests.iter().map(|r| self.exchange.place_oco(creds, r))).await;
 
         if results.iter().all(Result::is_ok) {
             // Every list acknowledged: the outcomes, their history and the protection
@@ -646,7 +860,7 @@ impl Protector {
             return Ok(Round::Done(ProtectOutcome::Placed {
                 legs: placed,
                 replaced,
-                degraded: plan.degraded,
+                degraded,
             }));
         }
 
@@ -681,7 +895,7 @@ impl Protector {
                         .await?;
                     match self
                         .exchange
-                        .order_list(&creds, &request.symbol, request.ids.list.as_str())
+                        .order_list(creds, &request.symbol, request.ids.list.as_str())
                         .await
                     {
                         Ok(Some(snap)) => {
@@ -710,7 +924,7 @@ impl Protector {
                     if err.is_bad_prices() {
                         late_reason = Some(format!("market passed a level: {err}"));
                     } else if err.is_insufficient_balance() {
-                        again = Some(self.held_base(&creds, &rules).await?);
+                        again = Some(self.held_base(creds, rules).await?);
                     } else if code == Some(-1013) {
                         self.exchange.invalidate_rules(&entry.symbol.name);
                     } else if is_order_cap(&err.to_string()) {
@@ -746,14 +960,14 @@ impl Protector {
             return self
                 .late(
                     entry,
-                    &creds,
-                    &rules,
+                    creds,
+                    rules,
                     &legs,
                     LateCase {
                         position: position.saturating_sub(covered),
                         partly_protected: !placed.is_empty(),
                     },
-                    account.protection.late,
+                    late,
                     source,
                     reason,
                 )
@@ -794,7 +1008,7 @@ impl Protector {
         Ok(Round::Done(ProtectOutcome::Placed {
             legs: placed,
             replaced,
-            degraded: plan.degraded,
+            degraded,
         }))
     }
 

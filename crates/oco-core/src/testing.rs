@@ -16,7 +16,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::ids::{AccountId, ClientOrderId, EntryId, LegIndex, LegKey, OcoClientIds};
 use crate::model::{
-    Evidence, Fill, LegClaim, LegUpdate, Millis, NewEntry, OrderSize, Protection, ProtectionConfig,
+    Entry, Evidence, Fill, LegClaim, LegUpdate, Millis, NewEntry, OrderSize, Protection,
+    ProtectionConfig,
 };
 use crate::money::{Price, Qty};
 use crate::ports::{
@@ -1301,6 +1302,304 @@ async fn due_behaviour(store: &dyn Store, first: AccountId) -> Result<(), SuiteE
             Err(StoreError::NotFound { .. })
         ),
         "marking an unknown account is not found"
+    );
+    Ok(())
+}
+
+/// Runs the behaviour of [`Store::record_fill_and_claim`] on a fresh store:
+/// another account's fill writes nothing; a fill merges and claims what the
+/// planner asks, from the merged entry and the context read before; a
+/// claim already taken is lost without losing the evidence.
+///
+/// # Errors
+/// The first expectation that does not hold, or a store failure.
+pub async fn fill_claim_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let account = store
+        .create_account(NewAccount {
+            owner: "carol".into(),
+            exchange: "binance".into(),
+            credentials: ApiCredentials {
+                api_key: "fill-claim-key".into(),
+                secret: SecretString::from("fill-claim-secret"),
+            },
+            protection: ProtectionConfig::DEFAULT,
+        })
+        .await?;
+    let id_of = |id: EntryId| ClientOrderId::new(format!("fc-E-{id}")).expect("literal id");
+    let entry = store
+        .create_entry(
+            NewEntry {
+                account: account.id,
+                symbol: btc_usdt(),
+                kind: crate::model::EntryKind::Market,
+                size: OrderSize::Base(qty("1")),
+                levels: crate::levels::EntryLevels::default(),
+                tags: crate::model::EntryTags::default(),
+            },
+            &id_of,
+            Millis(10),
+        )
+        .await?;
+    let claim = |leg: LegIndex, q: Qty| {
+        let key = LegKey {
+            entry: entry.id,
+            leg,
+            generation: 0,
+        };
+        let id = |k: &str| {
+            ClientOrderId::new(format!("fc-{k}-{}-{}-0", entry.id, leg.number()))
+                .expect("literal id")
+        };
+        LegClaim {
+            key,
+            ids: OcoClientIds {
+                list: id("L"),
+                take_profit: id("T"),
+                stop_loss: id("S"),
+            },
+            symbol: "BTCUSDT".into(),
+            qty: q,
+            take_profit: price("101"),
+            stop: price("99"),
+            stop_limit: None,
+            source: crate::model::Source::Websocket,
+            at: Millis(20),
+        }
+    };
+    // Plans half and half of what is filled, once there is a fill and no leg.
+    let calls = AtomicUsize::new(0);
+    let first_only = |merged: &Entry, context: &crate::ports::FillContext| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        if !context.legs.is_empty() || merged.executed_qty.is_zero() {
+            return Vec::new();
+        }
+        let half = Qty::new(merged.executed_qty.get() / Decimal::TWO).expect("half a quantity");
+        vec![claim(LegIndex::First, half), claim(LegIndex::Second, half)]
+    };
+    let filled = Evidence {
+        order_id: Some(501),
+        status: EntryStatus::Filled,
+        executed_qty: qty("1"),
+        cumulative_quote: dec("100"),
+        fills: vec![fill(501, "1", "100", "0", "BNB")],
+        holding: None,
+        observed_at: Millis(15),
+    };
+
+    let foreign = store
+        .record_fill_and_claim(
+            AccountId(account.id.0 + 1_000),
+            entry.id,
+            &filled,
+            &first_only,
+        )
+        .await?;
+    ensure!(
+        foreign.is_none(),
+        "a fill seen on another account's stream is refused"
+    );
+    ensure!(
+        store.entry(entry.id).await? == entry && store.legs(entry.id).await?.is_empty(),
+        "a refused fill writes nothing"
+    );
+
+    let accepted = Evidence {
+        status: EntryStatus::New,
+        executed_qty: Qty::ZERO,
+        cumulative_quote: Decimal::ZERO,
+        fills: Vec::new(),
+        ..filled.clone()
+    };
+    let recorded = store
+        .record_fill_and_claim(account.id, entry.id, &accepted, &first_only)
+        .await?
+        .ok_or_else(|| SuiteError::Expectation("the account's own entry was refused".into()))?;
+    ensure!(
+        recorded.entry.status == EntryStatus::New && recorded.claims.is_empty(),
+        "an acceptance records its status and claims nothing, got {:?} / {} claims",
+        recorded.entry.status,
+        recorded.claims.len()
+    );
+    ensure!(
+        recorded.context.credentials.api_key == "fill-claim-key"
+            && recorded.context.account.id == account.id,
+        "the context is the account's"
+    );
+
+    let recorded = store
+        .record_fill_and_claim(account.id, entry.id, &filled, &first_only)
+        .await?
+        .ok_or_else(|| SuiteError::Expectation("the account's own fill was refused".into()))?;
+    ensure!(
+        recorded.entry.executed_qty == qty("1") && recorded.entry.fills_qty == qty("1"),
+        "the fill is merged, got {} / {}",
+        recorded.entry.executed_qty,
+        recorded.entry.fills_qty
+    );
+    ensure!(
+        recorded.entry == store.entry(entry.id).await?,
+        "the entry answered is the entry stored"
+    );
+    ensure!(
+        recorded.context.legs.is_empty(),
+        "the legs are read before the claim"
+    );
+    ensure!(
+        recorded.claims.len() == 2 && recorded.won == vec![true, true],
+        "both planned legs are claimed, got {:?}",
+        recorded.won
+    );
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        legs.len() == 2
+            && legs
+                .iter()
+                .all(|l| l.state == LegState::Claimed && l.qty == qty("0.5")),
+        "the claims are stored with the planned sizes, got {legs:?}"
+    );
+
+    // Seen again (another layer, a replay): nothing new, and the planner sees the legs.
+    let again = store
+        .record_fill_and_claim(account.id, entry.id, &filled, &first_only)
+        .await?
+        .ok_or_else(|| SuiteError::Expectation("a replayed fill was refused".into()))?;
+    ensure!(
+        again.context.legs.len() == 2 && again.claims.is_empty(),
+        "a replay claims nothing once legs exist"
+    );
+
+    // A planner that claims generation 0 again loses it, and the new fill still lands.
+    let stubborn =
+        |_: &Entry, _: &crate::ports::FillContext| vec![claim(LegIndex::First, qty("0.25"))];
+    let more = Evidence {
+        fills: vec![
+            fill(501, "1", "100", "0", "BNB"),
+            fill(502, "0.5", "100", "0", "BNB"),
+        ],
+        executed_qty: qty("1.5"),
+        cumulative_quote: dec("150"),
+        ..filled.clone()
+    };
+    let lost = store
+        .record_fill_and_claim(account.id, entry.id, &more, &stubborn)
+        .await?
+        .ok_or_else(|| SuiteError::Expectation("a further fill was refused".into()))?;
+    ensure!(
+        lost.won == vec![false],
+        "a leg already claimed is lost, got {:?}",
+        lost.won
+    );
+    ensure!(
+        store.entry(entry.id).await?.fills_qty == qty("1.5"),
+        "the evidence lands even when its claim is lost"
+    );
+    ensure!(
+        store
+            .legs(entry.id)
+            .await?
+            .iter()
+            .all(|l| l.qty == qty("0.5")),
+        "a lost claim changes no leg"
+    );
+    ensure!(
+        calls.load(Ordering::SeqCst) >= 3,
+        "the planner is asked on every fill of the account"
+    );
+
+    // Racing callers, each with a different part of the fills of a second
+    // entry: every fill lands, and each leg is won by exactly one of them.
+    let racing = store
+        .create_entry(
+            NewEntry {
+                account: account.id,
+                symbol: btc_usdt(),
+                kind: crate::model::EntryKind::Market,
+                size: OrderSize::Base(qty("1")),
+                levels: crate::levels::EntryLevels::default(),
+                tags: crate::model::EntryTags::default(),
+            },
+            &id_of,
+            Millis(30),
+        )
+        .await?;
+    let racing_claim = |leg: LegIndex| {
+        let key = LegKey {
+            entry: racing.id,
+            leg,
+            generation: 0,
+        };
+        let id = |k: &str| {
+            ClientOrderId::new(format!("fc-{k}-{}-{}-0", racing.id, leg.number()))
+                .expect("literal id")
+        };
+        LegClaim {
+            key,
+            ids: OcoClientIds {
+                list: id("L"),
+                take_profit: id("T"),
+                stop_loss: id("S"),
+            },
+            ..claim(leg, qty("0.1"))
+        }
+    };
+    let plan_racing = |_: &Entry, context: &crate::ports::FillContext| {
+        if context.legs.is_empty() {
+            vec![
+                racing_claim(LegIndex::First),
+                racing_claim(LegIndex::Second),
+            ]
+        } else {
+            Vec::new()
+        }
+    };
+    let parts: Vec<Evidence> = (1..=8i64)
+        .map(|k| Evidence {
+            order_id: Some(600),
+            status: if k == 8 {
+                EntryStatus::Filled
+            } else {
+                EntryStatus::PartiallyFilled
+            },
+            executed_qty: Qty::new(Decimal::new(k, 1)).expect("a quantity"),
+            cumulative_quote: Decimal::new(k * 10, 0),
+            fills: vec![fill(600 + k, "0.1", "100", "0", "BNB")],
+            holding: None,
+            observed_at: Millis(40 + k),
+        })
+        .collect();
+    let results = futures_util::future::join_all(
+        parts
+            .iter()
+            .map(|ev| store.record_fill_and_claim(account.id, racing.id, ev, &plan_racing)),
+    )
+    .await;
+    let mut wins = [0usize; 2];
+    for result in results {
+        let recorded = result?.ok_or_else(|| {
+            SuiteError::Expectation("a racing fill of the account was refused".into())
+        })?;
+        for (claim, won) in recorded.claims.iter().zip(&recorded.won) {
+            if *won {
+                wins[usize::from(claim.key.leg == LegIndex::Second)] += 1;
+            }
+        }
+    }
+    ensure!(
+        wins == [1, 1],
+        "each leg is won exactly once across racing callers, got {wins:?}"
+    );
+    let merged = store.entry(racing.id).await?;
+    ensure!(
+        merged.fills_qty == qty("0.8") && merged.executed_qty == qty("0.8"),
+        "every racing fill lands, got {} / {}",
+        merged.fills_qty,
+        merged.executed_qty
+    );
+    ensure!(
+        store.legs(racing.id).await?.len() == 2,
+        "two legs are stored for the racing entry"
     );
     Ok(())
 }

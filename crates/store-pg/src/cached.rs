@@ -9,6 +9,7 @@
 //! connection parses them once.
 
 use diesel::QueryResult;
+use diesel::deserialize::QueryableByName;
 use diesel::pg::Pg;
 use diesel::pg::data_types::{PgNumeric, PgTimestamp};
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
@@ -129,8 +130,18 @@ impl<'a> MergeWrite<'a> {
 
 impl QueryFragment<Pg> for MergeWrite<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH ");
+        self.walk_fills(out.reborrow())?;
+        out.push_sql(" ");
+        self.walk_update(out)
+    }
+}
+
+impl MergeWrite<'_> {
+    /// The `new_fills` CTE: the new fills inserted, one row per insert.
+    fn walk_fills<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql(
-            "WITH new_fills AS (INSERT INTO fills (account_id, symbol, trade_id, entry_id, \
+            "new_fills AS (INSERT INTO fills (account_id, symbol, trade_id, entry_id, \
              price, qty, commission, commission_asset, traded_at) SELECT ",
         );
         out.push_bind_param::<Int8, _>(&self.account)?;
@@ -154,9 +165,14 @@ impl QueryFragment<Pg> for MergeWrite<'_> {
         out.push_bind_param::<Array<Timestamptz>, _>(&self.traded_at)?;
         out.push_sql(
             ") AS t (trade_id, price, qty, commission, commission_asset, traded_at) \
-             ON CONFLICT DO NOTHING RETURNING 1) \
-             UPDATE entries SET executed_qty = GREATEST(executed_qty, ",
+             ON CONFLICT DO NOTHING RETURNING 1)",
         );
+        Ok(())
+    }
+
+    /// The entry's compare-and-set, after `new_fills`; `RETURNING *`.
+    fn walk_update<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("UPDATE entries SET executed_qty = GREATEST(executed_qty, ");
         out.push_bind_param::<Numeric, _>(&self.executed_qty)?;
         out.push_sql("), cumulative_quote = GREATEST(cumulative_quote, ");
         out.push_bind_param::<Numeric, _>(&self.cumulative_quote)?;
@@ -203,6 +219,50 @@ impl QueryFragment<Pg> for MergeWrite<'_> {
 }
 
 untyped_query!(MergeWrite<'_>);
+
+/// A merge and the claims planned from its result in one statement, so in
+/// one durable commit: the claims are inserted only if the merge's
+/// compare-and-set applied. One row per leg won (`claimed_leg`,
+/// `claimed_generation` set), or one with them null when none was; no row
+/// when the entry had changed since it was read.
+pub(crate) struct MergeAndClaim<'a> {
+    pub merge: MergeWrite<'a>,
+    pub claims: ClaimLegs<'a>,
+}
+
+impl QueryFragment<Pg> for MergeAndClaim<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH ");
+        self.merge.walk_fills(out.reborrow())?;
+        out.push_sql(", merged AS (");
+        self.merge.walk_update(out.reborrow())?;
+        out.push_sql("), claimed AS (");
+        self.claims
+            .walk_insert(out.reborrow(), " WHERE EXISTS (SELECT 1 FROM merged)")?;
+        out.push_sql(
+            ") SELECT merged.*, claimed.leg AS claimed_leg, \
+             claimed.generation AS claimed_generation \
+             FROM merged LEFT JOIN claimed ON true",
+        );
+        Ok(())
+    }
+}
+
+untyped_query!(MergeAndClaim<'_>);
+
+/// A row of [`MergeAndClaim`]'s answer.
+#[derive(diesel::QueryableByName)]
+pub(crate) struct MergedClaimRow {
+    /// The entry as written.
+    #[diesel(embed)]
+    pub entry: EntryRow,
+    /// A leg won, if any.
+    #[diesel(sql_type = Nullable<Int2>)]
+    pub claimed_leg: Option<i16>,
+    /// Its generation.
+    #[diesel(sql_type = Nullable<Int4>)]
+    pub claimed_generation: Option<i32>,
+}
 
 /// An order's first `NEW` (nothing filled): `pending_new` → `new` with the
 /// order id, for an entry of `owner` when given. `RETURNING *`.
@@ -287,7 +347,19 @@ impl<'a> ClaimLegs<'a> {
 }
 
 impl QueryFragment<Pg> for ClaimLegs<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.walk_insert(out, "")
+    }
+}
+
+impl ClaimLegs<'_> {
+    /// The insert, its rows kept only where `condition` (SQL text appended
+    /// to the `SELECT` of the rows, empty for all) holds.
+    fn walk_insert<'b>(
+        &'b self,
+        mut out: AstPass<'_, 'b, Pg>,
+        condition: &'static str,
+    ) -> QueryResult<()> {
         out.push_sql(
             "INSERT INTO protection_legs (entry_id, leg, generation, list_client_id, \
              take_profit_client_id, stop_loss_client_id, symbol, qty, take_profit_price, \
@@ -325,7 +397,9 @@ impl QueryFragment<Pg> for ClaimLegs<'_> {
         out.push_bind_param::<Array<Timestamptz>, _>(&self.claimed_at)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Timestamptz>, _>(&self.updated_at)?;
-        out.push_sql(") ON CONFLICT DO NOTHING RETURNING entry_id, leg, generation");
+        out.push_sql(")");
+        out.push_sql(condition);
+        out.push_sql(" ON CONFLICT DO NOTHING RETURNING entry_id, leg, generation");
         Ok(())
     }
 }

@@ -21,7 +21,7 @@ use oco_core::mem::{is_open, merge_evidence};
 use oco_core::model::{
     EntryEventRecord, EntryKind, Evidence, LegClaim, LegUpdate, NewEntry, OrderSize, Protection,
 };
-use oco_core::ports::NewAccount;
+use oco_core::ports::{ClaimPlanner, FillContext, NewAccount, RecordedFill};
 use oco_core::state::{EntryStatus, LegSold};
 use oco_core::{
     Account, AccountId, ApiCredentials, ClientOrderId, Entry, EntryId, Leg, LegKey, Millis,
@@ -30,7 +30,10 @@ use oco_core::{
 use rust_decimal::Decimal;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::cached::{ClaimLegs, FirstNew, MergeWrite, OutcomeRow, RecordOutcomes, SeenEntry};
+use crate::cached::{
+    ClaimLegs, FirstNew, MergeAndClaim, MergeWrite, MergedClaimRow, OutcomeRow, RecordOutcomes,
+    SeenEntry,
+};
 use crate::config::PgConfig;
 use crate::convert::{numeric, timestamp};
 use crate::crypto::Cipher;
@@ -79,6 +82,56 @@ const MERGE_ATTEMPTS: usize = 64;
 /// The row of a writing statement that touches at most one row.
 fn last<T>(mut rows: Vec<T>) -> Option<T> {
     rows.pop()
+}
+
+/// What a merge that kept losing its compare-and-set reports.
+fn kept_changing(id: EntryId) -> StoreError {
+    StoreError::Unavailable(format!(
+        "recording evidence of entry {id}: the entry kept changing under {MERGE_ATTEMPTS} attempts"
+    ))
+}
+
+/// An entry and its stored fills as one statement read them.
+struct Snapshot {
+    entry: Entry,
+    /// The evidence columns as stored, for the write's compare-and-set.
+    seen: SeenEntry,
+    /// This entry's fills by trade id.
+    stored: BTreeMap<i64, oco_core::model::Fill>,
+    /// Trades of the evidence already stored under another entry.
+    elsewhere: BTreeSet<i64>,
+}
+
+/// Evidence merged into a [`Snapshot`].
+struct Merge {
+    /// The entry with the evidence merged.
+    entry: Entry,
+    /// Fills not yet stored.
+    new_fills: Vec<FillRow>,
+    /// Nothing to write: the evidence was already known.
+    unchanged: bool,
+}
+
+impl Snapshot {
+    fn merge(&self, evidence: &Evidence) -> Result<Merge, StoreError> {
+        // A trade id already recorded under another entry of the same
+        // account and symbol is not this entry's: leave it out.
+        let mut own = evidence.clone();
+        own.fills.retain(|f| !self.elsewhere.contains(&f.trade_id));
+        let mut stored = self.stored.clone();
+        let mut merged = self.entry.clone();
+        merge_evidence(&mut merged, &mut stored, &own);
+        let new_fills = stored
+            .values()
+            .filter(|f| !self.stored.contains_key(&f.trade_id))
+            .map(|f| FillRow::from_fill(&merged, f))
+            .collect::<Result<_, _>>()?;
+        Ok(Merge {
+            unchanged: merged == self.entry,
+            entry: merged,
+            new_fills,
+        })
+    }
 }
 
 /// The row of a writing statement that touches exactly one row.
@@ -271,79 +324,145 @@ impl PgStore {
         owner: Option<AccountId>,
         evidence: &Evidence,
     ) -> Result<Option<Entry>, StoreError> {
-        let doing = || format!("recording evidence of entry {id}");
         let mut conn = self.evidence_pool.get().await.map_err(pool)?;
         if let Some(accepted) = Self::first_new(&mut conn, id, owner, evidence).await? {
             return Ok(Some(accepted));
         }
-        let trade_ids: Vec<i64> = evidence.fills.iter().map(|f| f.trade_id).collect();
         for _ in 0..MERGE_ATTEMPTS {
-            // One statement, one snapshot: the entry, its fills, and any stored
-            // trade of this evidence that belongs to another entry.
-            let rows: Vec<(EntryRow, Option<FillRow>)> = entries::table
-                .left_join(
-                    fills::table.on(fills::account_id
-                        .eq(entries::account_id)
-                        .and(fills::symbol.eq(entries::symbol))
-                        .and(
-                            fills::entry_id
-                                .eq(entries::id)
-                                .or(fills::trade_id.eq_any(&trade_ids)),
-                        )),
-                )
-                .filter(entries::id.eq(id.0))
-                .filter(
-                    entries::account_id
-                        .eq(owner.map_or(0, |a| a.0))
-                        .or(owner.is_none().into_sql::<Bool>()),
-                )
-                .select((EntryRow::as_select(), Option::<FillRow>::as_select()))
-                .load(&mut conn)
-                .await
-                .map_err(|e| db(&doing(), e))?;
-            let mut rows = rows.into_iter();
-            let Some((row, first_fill)) = rows.next() else {
+            let Some(snapshot) = Self::snapshot(&mut conn, id, owner, evidence).await? else {
                 return Ok(None);
             };
-            let seen = SeenEntry::of(&row);
-            let entry = row.into_entry()?;
-            let mut stored = BTreeMap::new();
-            let mut elsewhere = BTreeSet::new();
-            for fill in std::iter::once(first_fill)
-                .chain(rows.map(|(_, f)| f))
-                .flatten()
-            {
-                if fill.entry_id == id.0 {
-                    let fill = fill.into_fill()?;
-                    stored.insert(fill.trade_id, fill);
-                } else {
-                    elsewhere.insert(fill.trade_id);
-                }
+            let merge = snapshot.merge(evidence)?;
+            if merge.unchanged {
+                return Ok(Some(merge.entry));
             }
-            // A trade id already recorded under another entry of the same
-            // account and symbol is not this entry's: leave it out.
-            let mut own = evidence.clone();
-            own.fills.retain(|f| !elsewhere.contains(&f.trade_id));
-            let known: BTreeSet<i64> = stored.keys().copied().collect();
-            let mut merged = entry.clone();
-            merge_evidence(&mut merged, &mut stored, &own);
-            if merged == entry {
-                return Ok(Some(merged));
-            }
-            let new_fills: Vec<FillRow> = stored
-                .values()
-                .filter(|f| !known.contains(&f.trade_id))
-                .map(|f| FillRow::from_fill(&merged, f))
-                .collect::<Result<_, _>>()?;
-            let updated = Self::write_merge(&mut conn, &merged, &seen, &new_fills).await?;
+            let updated =
+                Self::write_merge(&mut conn, &merge.entry, &snapshot.seen, &merge.new_fills)
+                    .await?;
             if let Some(row) = updated {
                 return row.into_entry().map(Some);
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "{}: the entry kept changing under {MERGE_ATTEMPTS} attempts",
-            doing()
-        )))
+        Err(kept_changing(id))
+    }
+
+    /// The entry `id` (of `owner`, when given) and what is stored of its
+    /// fills, read in one statement (one snapshot), with any trade of
+    /// `evidence` already stored under another entry.
+    async fn snapshot(
+        conn: &mut AsyncPgConnection,
+        id: EntryId,
+        owner: Option<AccountId>,
+        evidence: &Evidence,
+    ) -> Result<Option<Snapshot>, StoreError> {
+        let trade_ids: Vec<i64> = evidence.fills.iter().map(|f| f.trade_id).collect();
+        let rows: Vec<(EntryRow, Option<FillRow>)> = entries::table
+            .left_join(
+                fills::table.on(fills::account_id
+                    .eq(entries::account_id)
+                    .and(fills::symbol.eq(entries::symbol))
+                    .and(
+                        fills::entry_id
+                            .eq(entries::id)
+                            .or(fills::trade_id.eq_any(&trade_ids)),
+                    )),
+            )
+            .filter(entries::id.eq(id.0))
+            .filter(
+                entries::account_id
+                    .eq(owner.map_or(0, |a| a.0))
+                    .or(owner.is_none().into_sql::<Bool>()),
+            )
+            .select((EntryRow::as_select(), Option::<FillRow>::as_select()))
+            .load(conn)
+            .await
+            .map_err(|e| db(&format!("recording evidence of entry {id}"), e))?;
+        let mut rows = rows.into_iter();
+        let Some((row, first_fill)) = rows.next() else {
+            return Ok(None);
+        };
+        let seen = SeenEntry::of(&row);
+        let entry = row.into_entry()?;
+        let mut stored = BTreeMap::new();
+        let mut elsewhere = BTreeSet::new();
+        for fill in std::iter::once(first_fill)
+            .chain(rows.map(|(_, f)| f))
+            .flatten()
+        {
+            if fill.entry_id == id.0 {
+                let fill = fill.into_fill()?;
+                stored.insert(fill.trade_id, fill);
+            } else {
+                elsewhere.insert(fill.trade_id);
+            }
+        }
+        Ok(Some(Snapshot {
+            entry,
+            seen,
+            stored,
+            elsewhere,
+        }))
+    }
+
+    /// The account's keys and settings and the entry's legs, read in parallel.
+    async fn fill_context(
+        &self,
+        account: AccountId,
+        id: EntryId,
+    ) -> Result<FillContext, StoreError> {
+        let (credentials, settings, legs) = futures_util::future::join3(
+            self.credentials(account),
+            self.account(account),
+            self.legs(id),
+        )
+        .await;
+        Ok(FillContext {
+            credentials: credentials?,
+            account: settings?,
+            legs: legs?,
+        })
+    }
+
+    /// A merge and its claims in one statement on a durable connection: the
+    /// entry as written and, per claim, whether it was won; `None` when the
+    /// entry changed since `seen` was read (nothing written).
+    async fn write_merge_and_claims(
+        &self,
+        merged: &Entry,
+        seen: &SeenEntry,
+        new_fills: &[FillRow],
+        claims: &[LegClaim],
+    ) -> Result<Option<(Entry, Vec<bool>)>, StoreError> {
+        let mut legs = Vec::with_capacity(claims.len());
+        for claim in claims {
+            legs.push(new_leg_row(claim)?);
+        }
+        let statement = MergeAndClaim {
+            merge: MergeWrite::new(merged, seen, new_fills)?,
+            claims: ClaimLegs::of(&legs),
+        };
+        let mut conn = self.conn().await?;
+        let rows: Vec<MergedClaimRow> = statement.load(&mut conn).await.map_err(|e| {
+            db(
+                &format!(
+                    "recording evidence of entry {} and claiming its legs",
+                    merged.id
+                ),
+                e,
+            )
+        })?;
+        let won = claims
+            .iter()
+            .map(|c| {
+                let (_, leg, generation) = leg_key_columns(c.key);
+                rows.iter()
+                    .any(|r| r.claimed_leg == Some(leg) && r.claimed_generation == Some(generation))
+            })
+            .collect();
+        match last(rows) {
+            Some(row) => Ok(Some((row.entry.into_entry()?, won))),
+            None => Ok(None),
+        }
     }
 
     /// The exchange's first word on an order (NEW, nothing filled) only moves
@@ -611,6 +730,56 @@ impl Store for PgStore {
         evidence: &Evidence,
     ) -> Result<Option<Entry>, StoreError> {
         self.merge(id, Some(account), evidence).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(entry = %id, account = %account))]
+    async fn record_fill_and_claim(
+        &self,
+        account: AccountId,
+        id: EntryId,
+        evidence: &Evidence,
+        plan: &ClaimPlanner<'_>,
+    ) -> Result<Option<RecordedFill>, StoreError> {
+        // The snapshot and the context are read in parallel; the claims ride
+        // on the merge's own write, so a first fill waits for one commit.
+        // No connection is held across another's wait: a fill waiting for
+        // its durable write must not keep an evidence connection from others.
+        let evidence_conn = || async { self.evidence_pool.get().await.map_err(pool) };
+        for _ in 0..MERGE_ATTEMPTS {
+            let read = async {
+                Self::snapshot(&mut *evidence_conn().await?, id, Some(account), evidence).await
+            };
+            let (snapshot, context) =
+                futures_util::future::join(read, self.fill_context(account, id)).await;
+            let Some(snapshot) = snapshot? else {
+                return Ok(None);
+            };
+            let context = context?;
+            let merge = snapshot.merge(evidence)?;
+            let claims = plan(&merge.entry, &context);
+            let written = if merge.unchanged {
+                let won = self.claim_legs(&claims).await?;
+                Some((merge.entry, won))
+            } else if claims.is_empty() {
+                let mut conn = evidence_conn().await?;
+                Self::write_merge(&mut conn, &merge.entry, &snapshot.seen, &merge.new_fills)
+                    .await?
+                    .map(|row| row.into_entry().map(|e| (e, Vec::new())))
+                    .transpose()?
+            } else {
+                self.write_merge_and_claims(&merge.entry, &snapshot.seen, &merge.new_fills, &claims)
+                    .await?
+            };
+            if let Some((entry, won)) = written {
+                return Ok(Some(RecordedFill {
+                    entry,
+                    context,
+                    claims,
+                    won,
+                }));
+            }
+        }
+        Err(kept_changing(id))
     }
 
     async fn set_protection(&self, id: EntryId, protection: &Protection) -> Result<(), StoreError> {

@@ -191,6 +191,34 @@ impl TestDb {
         }
     }
 
+    /// `n` round trips of each kind on one connection to `url` (which may
+    /// go through a proxy to this database), µs each, sorted: `SELECT 1`,
+    /// then a durable commit (a transaction that takes an id, so its commit
+    /// waits for the WAL flush, as a claim's does). Baselines for benches.
+    ///
+    /// # Panics
+    /// When the database cannot be reached.
+    pub async fn round_trips(url: &str, n: usize) -> (Vec<u64>, Vec<u64>) {
+        let mut conn = AsyncPgConnection::establish(url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {} for round trips: {e}", shown(url)));
+        let mut timed = async |sql: &str| {
+            let mut us = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = std::time::Instant::now();
+                conn.batch_execute(sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                us.push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+            }
+            us.sort_unstable();
+            us
+        };
+        let select = timed("SELECT 1").await;
+        let commit = timed("SELECT txid_current()").await;
+        (select, commit)
+    }
+
     /// Reverts every migration of this database (tests of `down.sql`).
     ///
     /// # Errors

@@ -116,6 +116,22 @@ async fn pg_store_passes_the_store_behaviour_suite() {
 }
 
 #[tokio::test]
+async fn pg_store_records_a_fill_and_its_claims_in_one_write() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    oco_core::testing::fill_claim_behaviour(&store)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn mem_store_records_a_fill_and_its_claims_the_same_way() {
+    oco_core::testing::fill_claim_behaviour(&oco_core::mem::MemStore::new())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn mem_store_passes_the_same_suite() {
     oco_core::testing::store_behaviour(&oco_core::mem::MemStore::new())
         .await

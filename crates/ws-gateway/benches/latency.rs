@@ -6,6 +6,10 @@
 //!
 //! `BENCH_ACCOUNTS` (default 1000) sizes it; `BENCH_RATES` (default
 //! `100,250,1000`, at most three rates: one symbol each) sets the paced fill rates.
+//! `BENCH_DB_DELAY_US` (default 0) puts that one-way delay on the gateway's
+//! link to PostgreSQL (a proxy in this process), as for a database on
+//! another host; the link's `SELECT 1` and durable-commit round trips are
+//! printed beside the order round trip either way.
 #![allow(clippy::unwrap_used, missing_docs)] // a bench that cannot unwrap has failed
 
 use std::collections::HashMap;
@@ -84,6 +88,79 @@ fn unpaced(mut c: BinanceConfig) -> BinanceConfig {
 
 fn pg_config(db: &TestDb, pool: usize) -> PgConfig {
     db.config_with_key(pool, SecretKey::parse(KEY_HEX).unwrap())
+}
+
+/// `url` with its host and port replaced by `addr`.
+fn via(url: &str, addr: std::net::SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (user, rest) = rest.split_once('@').map_or(("", rest), |(u, r)| (u, r));
+    let path = rest.find('/').map_or("", |i| &rest[i..]);
+    let at = if user.is_empty() { "" } else { "@" };
+    format!("{scheme}://{user}{at}{addr}{path}")
+}
+
+/// The server `url` names, as a socket address.
+fn server_of(url: &str) -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs as _;
+    let rest = url.split_once("://").unwrap().1;
+    let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
+    let host = rest.split('/').next().unwrap();
+    let host = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    };
+    host.to_socket_addrs().unwrap().next().unwrap()
+}
+
+/// A TCP proxy to `target` that holds every chunk `delay` before passing it
+/// on, each way, without limiting throughput: a database on another host.
+/// OS threads with blocking sockets, because their sleeps are precise to
+/// tens of µs where the runtime's timer rounds to a millisecond.
+fn delay_proxy(target: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(target) else {
+                continue;
+            };
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else {
+                continue;
+            };
+            delayed_pipe(client, server, delay);
+            delayed_pipe(server2, client2, delay);
+        }
+    });
+    addr
+}
+
+fn delayed_pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream, delay: Duration) {
+    use std::io::{Read as _, Write as _};
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for (due, bytes) in rx {
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if to.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
 }
 
 fn vm_rss_kib() -> u64 {
@@ -230,7 +307,7 @@ async fn rss_with_child_sim(n: usize) -> Option<Rss> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = (vm_rss_kib(), rss_kib_of(&pid));
     let t = Instant::now();
-    let gw = gateway(&db, &cfg, &ids, n).await;
+    let gw = gateway(&db, None, &cfg, &ids, n).await;
     let streams = wait_streams(&gw.stats, n, Duration::from_secs(40)).await;
     let opened_in = t.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -280,8 +357,18 @@ struct Running {
     stats: Arc<GatewayStats>,
 }
 
-async fn gateway(db: &TestDb, cfg: &BinanceConfig, ids: &IdScheme, max_accounts: usize) -> Running {
-    let store = Arc::new(PgStore::connect(pg_config(db, 8)).await.unwrap());
+async fn gateway(
+    db: &TestDb,
+    db_url: Option<&str>,
+    cfg: &BinanceConfig,
+    ids: &IdScheme,
+    max_accounts: usize,
+) -> Running {
+    let mut pg = pg_config(db, 8);
+    if let Some(url) = db_url {
+        pg.url = url.to_owned();
+    }
+    let store = Arc::new(PgStore::connect(pg).await.unwrap());
     let exchange = BinanceExchange::new(cfg.clone()).unwrap();
     let streams = BinanceUserStream::new(cfg.clone()).unwrap();
     let protector = Arc::new(Protector::new(
@@ -479,11 +566,17 @@ async fn run() {
     // (1) baseline
     let base = baseline(&w).await;
     let (b50, b99) = (pct_ms(&base, 50.0), pct_ms(&base, 99.0));
+    // The gateway's link to the database, direct or through the delay.
+    let delay = Duration::from_micros(env_usize("BENCH_DB_DELAY_US", 0) as u64);
+    let db_url =
+        (!delay.is_zero()).then(|| via(w.db.url(), delay_proxy(server_of(w.db.url()), delay)));
+    let (select1, commit) =
+        TestDb::round_trips(db_url.as_deref().unwrap_or(w.db.url()), BASELINE_REQUESTS).await;
 
     // (3) RSS with every account's stream open (the sim is in this process).
     let rss_before = vm_rss_kib();
     let t = Instant::now();
-    let gw = gateway(&w.db, &binance(&w.sim), &w.ids, n).await;
+    let gw = gateway(&w.db, db_url.as_deref(), &binance(&w.sim), &w.ids, n).await;
     let streams = wait_streams(&gw.stats, n, Duration::from_secs(40)).await;
     let opened_in = t.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -518,7 +611,10 @@ async fn run() {
     let _ = gw.task.await;
 
     println!();
-    println!("ws-gateway latency bench — {n} accounts, sim + gateway + PostgreSQL on 127.0.0.1");
+    println!(
+        "ws-gateway latency bench — {n} accounts, sim + gateway + PostgreSQL on 127.0.0.1; gateway ↔ database one-way delay {} µs",
+        delay.as_micros()
+    );
     println!();
     println!(
         "| measure | n | p50 ms | p99 ms | p50 / baseline p50 | p99 vs baseline p99 + 2 ms | kept up |"
@@ -528,6 +624,24 @@ async fn run() {
         "| (1) baseline: MARKET BUY round trip (client side) | {} | {b50:.3} | {b99:.3} | 1.00 | — | — |",
         base.len()
     );
+    for (what, v) in [
+        (
+            "`SELECT 1` round trip on the gateway's database link",
+            &select1,
+        ),
+        (
+            "durable commit round trip (WAL flush) on that link",
+            &commit,
+        ),
+    ] {
+        println!(
+            "| (1) {what} | {} | {:.3} | {:.3} | {:.2} | — | — |",
+            v.len(),
+            pct_ms(v, 50.0),
+            pct_ms(v, 99.0),
+            pct_ms(v, 50.0) / b50
+        );
+    }
     let kept_up = |r: &RateResult| {
         r.all_protected
             && r.placed_rate >= 0.95 * r.target as f64
