@@ -394,17 +394,8 @@ fn not_open_on_2011<T>(r: Result<T, ExchangeError>) -> Result<CancelOutcome, Exc
 impl Exchange for BinanceExchange {
     #[instrument(skip(self), level = "debug")]
     async fn symbol_rules(&self, symbol: &str) -> Result<SymbolRules, ExchangeError> {
-        {
-            let cache = self
-                .inner
-                .rules
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some((at, rules)) = cache.get(symbol)
-                && at.elapsed() < self.inner.config.rules_ttl
-            {
-                return Ok(rules.clone());
-            }
+        if let Some(rules) = self.cached_symbol_rules(symbol) {
+            return Ok(rules);
         }
         let info: ExchangeInfo = self
             .get_json(
@@ -428,6 +419,18 @@ impl Exchange for BinanceExchange {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(symbol.to_owned(), (Instant::now(), rules.clone()));
         Ok(rules)
+    }
+
+    fn cached_symbol_rules(&self, symbol: &str) -> Option<SymbolRules> {
+        let cache = self
+            .inner
+            .rules
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache
+            .get(symbol)
+            .filter(|(at, _)| at.elapsed() < self.inner.config.rules_ttl)
+            .map(|(_, rules)| rules.clone())
     }
 
     fn invalidate_rules(&self, symbol: &str) {

@@ -253,7 +253,16 @@ async fn every_exchange_method_against_the_sim() {
 async fn a_filter_failure_drops_the_cached_rules() {
     let (sim, ex) = start().await;
     let c = creds();
-    ex.symbol_rules(SYMBOL).await.unwrap();
+    assert!(
+        ex.cached_symbol_rules(SYMBOL).is_none(),
+        "nothing is cached before the first read"
+    );
+    let rules = ex.symbol_rules(SYMBOL).await.unwrap();
+    assert_eq!(
+        ex.cached_symbol_rules(SYMBOL),
+        Some(rules),
+        "a read fills the cache that costs no request"
+    );
     let off_tick = OrderRequest {
         symbol: SYMBOL.into(),
         side: Side::Buy,
@@ -265,6 +274,10 @@ async fn a_filter_failure_drops_the_cached_rules() {
     assert!(
         matches!(err, ExchangeError::Rejected { code: -1013, .. }),
         "{err:?}"
+    );
+    assert!(
+        ex.cached_symbol_rules(SYMBOL).is_none(),
+        "a filter failure empties the cache"
     );
     ex.symbol_rules(SYMBOL).await.unwrap();
     assert_eq!(

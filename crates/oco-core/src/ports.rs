@@ -225,6 +225,12 @@ pub trait Exchange: Send + Sync {
     async fn symbol_rules(&self, symbol: &str) -> Result<SymbolRules, ExchangeError>;
     /// Drops cached rules after a filter failure, so the next read is fresh.
     fn invalidate_rules(&self, symbol: &str);
+    /// The symbol's filters when the adapter holds them fresh, without a
+    /// request: for a path that must not wait for the exchange (a fill's
+    /// first write). `None` sends the caller the long way.
+    fn cached_symbol_rules(&self, _symbol: &str) -> Option<SymbolRules> {
+        None
+    }
     /// Last traded price.
     async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError>;
     /// Balances of the account.

@@ -324,7 +324,7 @@ impl Protector {
         seen_on: Option<(AccountId, &str)>,
         source: Source,
     ) -> Result<Option<ProtectReport>, ProtectError> {
-        let holding = evidence.and_then(|e| e.holding);
+        let mut holding = evidence.and_then(|e| e.holding);
         let name_span = |entry: &Entry| {
             let span = tracing::Span::current();
             span.record("account", tracing::field::display(entry.account));
@@ -356,7 +356,6 @@ impl Protector {
             (None, _) => (self.store.entry(entry).await?, None),
         };
         name_span(&current);
-        let mut holding = holding;
         let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
         for _ in 0..self.config.max_rounds {
             let round = match first.take() {
@@ -678,17 +677,26 @@ impl Protector {
         evidence: &Evidence,
         source: Source,
     ) -> Result<Option<Seen>, ProtectError> {
-        let now = self.clock.now();
         let holding = evidence.holding;
-        // Cached after a symbol's first order. Without them nothing is claimed
-        // here and the round reads them again (and reports the error).
-        let rules = self.exchange.symbol_rules(symbol).await.ok();
-        let plan = |merged: &Entry, context: &FillContext| match &rules {
-            Some(rules) => self
-                .first_plan(merged, context, rules, holding, source, now)
-                .map(|first| first.claims)
-                .unwrap_or_default(),
-            None => Vec::new(),
+        // Only rules the adapter already holds: the evidence must not wait for
+        // the exchange. Without them nothing is claimed here, and the round
+        // reads them (and reports what fails).
+        let rules = self.exchange.cached_symbol_rules(symbol);
+        let now = self.clock.now();
+        // The planner's last plan is the one its claims came from.
+        let last = std::sync::Mutex::new(None);
+        let plan = |merged: &Entry, context: &FillContext| {
+            let planned = rules
+                .as_ref()
+                .and_then(|rules| self.first_plan(merged, context, rules, holding, source, now));
+            let claims = planned
+                .as_ref()
+                .map(|p| p.claims.clone())
+                .unwrap_or_default();
+            *last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = planned;
+            claims
         };
         let Some(fill) = self
             .store
@@ -697,13 +705,18 @@ impl Protector {
         else {
             return Ok(None);
         };
-        // The plan the claims came from: the same facts plan the same legs.
-        let first = match rules {
-            Some(rules) if !fill.claims.is_empty() => self
-                .first_plan(&fill.entry, &fill.context, &rules, holding, source, now)
-                .filter(|first| first.claims == fill.claims)
-                .map(|first| (first, rules)),
-            _ => None,
+        let planned = last
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let first = match (rules, planned) {
+            _ if fill.claims.is_empty() => None,
+            (Some(rules), Some(planned)) if planned.claims == fill.claims => Some((planned, rules)),
+            _ => {
+                // A store that answered other claims than the planner's last: the
+                // round finds them in flight; the claim timeout and a lookup settle them.
+                tracing::error!(entry = %entry, "the claims recorded with a fill are not the ones planned for it");
+                None
+            }
         };
         Ok(Some(Seen { fill, first }))
     }

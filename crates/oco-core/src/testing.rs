@@ -379,6 +379,10 @@ impl Exchange for FakeExchange {
 
     fn invalidate_rules(&self, _symbol: &str) {}
 
+    fn cached_symbol_rules(&self, symbol: &str) -> Option<SymbolRules> {
+        self.lock().rules.get(symbol).cloned()
+    }
+
     async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError> {
         YieldNow::default().await;
         self.lock()
@@ -1506,6 +1510,64 @@ pub async fn fill_claim_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
     ensure!(
         calls.load(Ordering::SeqCst) >= 3,
         "the planner is asked on every fill of the account"
+    );
+
+    // Another layer recorded the fill first (api, sync): nothing left to
+    // merge, and the stream's call still claims the legs.
+    let third = store
+        .create_entry(
+            NewEntry {
+                account: account.id,
+                symbol: btc_usdt(),
+                kind: crate::model::EntryKind::Market,
+                size: OrderSize::Base(qty("1")),
+                levels: crate::levels::EntryLevels::default(),
+                tags: crate::model::EntryTags::default(),
+            },
+            &id_of,
+            Millis(25),
+        )
+        .await?;
+    let known = Evidence {
+        fills: vec![fill(701, "1", "100", "0", "BNB")],
+        ..filled.clone()
+    };
+    store.record_evidence(third.id, &known).await?;
+    let third_claim = |leg: LegIndex| {
+        let key = LegKey {
+            entry: third.id,
+            leg,
+            generation: 0,
+        };
+        let id = |k: &str| {
+            ClientOrderId::new(format!("fc-{k}-{}-{}-0", third.id, leg.number()))
+                .expect("literal id")
+        };
+        LegClaim {
+            key,
+            ids: OcoClientIds {
+                list: id("L"),
+                take_profit: id("T"),
+                stop_loss: id("S"),
+            },
+            ..claim(leg, qty("0.5"))
+        }
+    };
+    let plan_third = |merged: &Entry, context: &crate::ports::FillContext| {
+        if context.legs.is_empty() && !merged.executed_qty.is_zero() {
+            vec![third_claim(LegIndex::First), third_claim(LegIndex::Second)]
+        } else {
+            Vec::new()
+        }
+    };
+    let late = store
+        .record_fill_and_claim(account.id, third.id, &known, &plan_third)
+        .await?
+        .ok_or_else(|| SuiteError::Expectation("a recorded fill was refused".into()))?;
+    ensure!(
+        late.won == vec![true, true] && store.legs(third.id).await?.len() == 2,
+        "a fill another layer recorded first still has its legs claimed, got {:?}",
+        late.won
     );
 
     // Racing callers, each with a different part of the fills of a second

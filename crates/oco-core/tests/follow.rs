@@ -277,3 +277,60 @@ async fn a_leg_order_accepted_with_nothing_filled_changes_nothing() {
     assert_eq!(w.store.events(id).await.unwrap().len(), events_before);
     assert_eq!(w.open_qty(), dec!(1), "nothing placed or canceled");
 }
+
+#[tokio::test]
+async fn a_second_fill_on_the_stream_replaces_the_first_fills_legs() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let first = update(
+        entry.client_id.as_str(),
+        EntryStatus::PartiallyFilled,
+        dec!(0.4),
+        dec!(100),
+    );
+    let Followed::Entry(report) = w
+        .protector
+        .follow(w.account, &first, Source::Websocket)
+        .await
+        .unwrap()
+    else {
+        panic!("the first fill is an entry update")
+    };
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { replaced: 0, .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.4));
+
+    let mut second = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    if let Some(fill) = second.fill.as_mut() {
+        fill.trade_id = 12;
+        fill.qty = q(dec!(0.6));
+    }
+    let Followed::Entry(report) = w
+        .protector
+        .follow(w.account, &second, Source::Websocket)
+        .await
+        .unwrap()
+    else {
+        panic!("the second fill is an entry update")
+    };
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { replaced, .. } if replaced > 0),
+        "the first fill's lists are replaced: {report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(1), "the whole position is covered once");
+    let legs = w.store.legs(id).await.unwrap();
+    assert!(
+        legs.iter()
+            .any(|l| l.key.generation == 1 && l.state.is_active()),
+        "a new generation covers it: {legs:?}"
+    );
+}

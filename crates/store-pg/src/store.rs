@@ -754,8 +754,25 @@ impl Store for PgStore {
             let Some(snapshot) = snapshot? else {
                 return Ok(None);
             };
-            let context = context?;
             let merge = snapshot.merge(evidence)?;
+            let context = match context {
+                Ok(context) => context,
+                // The evidence is a fact whatever failed beside it: keep it
+                // (as the port's default does), then report the failure.
+                Err(err) => {
+                    if !merge.unchanged {
+                        let mut conn = evidence_conn().await?;
+                        Self::write_merge(
+                            &mut conn,
+                            &merge.entry,
+                            &snapshot.seen,
+                            &merge.new_fills,
+                        )
+                        .await?;
+                    }
+                    return Err(err);
+                }
+            };
             let claims = plan(&merge.entry, &context);
             let written = if merge.unchanged {
                 let won = self.claim_legs(&claims).await?;

@@ -124,6 +124,100 @@ async fn pg_store_records_a_fill_and_its_claims_in_one_write() {
         .unwrap();
 }
 
+/// The entry changes between the snapshot and the write (another layer's
+/// evidence lands while the legs are planned): the write applies nothing,
+/// claims included, and the retry plans from the entry as it now is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_ride_only_on_a_merge_that_applied() {
+    use oco_core::ports::FillContext;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let account = new_account(&store, "cas-key").await;
+    let entry = new_entry(&store, account.id).await;
+    let trade = |id: i64, q: &str| Fill {
+        trade_id: id,
+        price: price("100"),
+        qty: qty(q),
+        commission: Decimal::ZERO,
+        commission_asset: Asset("BNB".into()),
+        time: Millis(1_700_000_000_100 + id),
+    };
+    let other_layer = Evidence {
+        order_id: Some(9),
+        status: EntryStatus::PartiallyFilled,
+        executed_qty: qty("0.4"),
+        cumulative_quote: dec!(40),
+        fills: vec![trade(901, "0.4")],
+        holding: None,
+        observed_at: Millis(1_700_000_000_200),
+    };
+    let seen = Evidence {
+        status: EntryStatus::Filled,
+        executed_qty: qty("1"),
+        cumulative_quote: dec!(100),
+        fills: vec![trade(902, "0.6")],
+        ..other_layer.clone()
+    };
+    let leg = |index: LegIndex, q: Qty| {
+        let id = |k: &str| {
+            ClientOrderId::new(format!("t-{k}-{}-{}-0", entry.id, index.number())).unwrap()
+        };
+        LegClaim {
+            key: LegKey {
+                entry: entry.id,
+                leg: index,
+                generation: 0,
+            },
+            ids: OcoClientIds {
+                list: id("L"),
+                take_profit: id("T"),
+                stop_loss: id("S"),
+            },
+            qty: q,
+            ..claim(entry.id, 0)
+        }
+    };
+    let calls = AtomicUsize::new(0);
+    let plan = |merged: &Entry, context: &FillContext| {
+        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current()
+                    .block_on(store.record_evidence(entry.id, &other_layer))
+                    .unwrap()
+            });
+        }
+        if !context.legs.is_empty() {
+            return Vec::new();
+        }
+        let half = Qty::new(merged.fills_qty.get() / Decimal::TWO).unwrap();
+        vec![leg(LegIndex::First, half), leg(LegIndex::Second, half)]
+    };
+    let recorded = store
+        .record_fill_and_claim(account.id, entry.id, &seen, &plan)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        AtomicUsize::load(&calls, Ordering::SeqCst),
+        2,
+        "the lost compare-and-set plans again"
+    );
+    assert_eq!(recorded.won, vec![true, true], "{recorded:?}");
+    assert_eq!(
+        recorded.entry.fills_qty,
+        qty("1"),
+        "both layers' fills land"
+    );
+    let legs = store.legs(entry.id).await.unwrap();
+    assert_eq!(legs.len(), 2);
+    assert!(
+        legs.iter().all(|l| l.qty == qty("0.5")),
+        "the claims are the retry's, planned from every fill: {legs:?}"
+    );
+}
+
 #[tokio::test]
 async fn mem_store_records_a_fill_and_its_claims_the_same_way() {
     oco_core::testing::fill_claim_behaviour(&oco_core::mem::MemStore::new())

@@ -296,6 +296,11 @@ impl Exchange for MeteredExchange {
         self.inner.invalidate_rules(symbol);
     }
 
+    // A read from the adapter's cache costs no request weight.
+    fn cached_symbol_rules(&self, symbol: &str) -> Option<SymbolRules> {
+        self.inner.cached_symbol_rules(symbol)
+    }
+
     async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError> {
         self.meter.acquire(weight::LAST_PRICE).await;
         self.observe(self.inner.last_price(symbol).await)

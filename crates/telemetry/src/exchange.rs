@@ -57,6 +57,10 @@ impl Exchange for ObservedExchange {
         self.inner.invalidate_rules(symbol);
     }
 
+    fn cached_symbol_rules(&self, symbol: &str) -> Option<SymbolRules> {
+        self.inner.cached_symbol_rules(symbol)
+    }
+
     async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError> {
         self.seen(self.inner.last_price(symbol).await)
     }
