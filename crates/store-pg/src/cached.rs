@@ -14,7 +14,7 @@ use diesel::pg::Pg;
 use diesel::pg::data_types::{PgNumeric, PgTimestamp};
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{
-    Array, Bool, Int2, Int4, Int8, Nullable, Numeric, Text, Timestamptz, Untyped,
+    Array, Bool, Int2, Int4, Int8, Jsonb, Nullable, Numeric, Text, Timestamptz, Untyped,
 };
 
 use oco_core::model::{EntryEventRecord, LegUpdate};
@@ -22,7 +22,8 @@ use oco_core::{Entry, EntryId, StoreError};
 
 use crate::convert::{numeric, timestamp};
 use crate::rows::{
-    EntryProtectionColumns, EntryRow, FillRow, LegUpdateColumns, NewLegRow, leg_key_columns,
+    EntryProtectionColumns, EntryRow, FillRow, LegUpdateColumns, NewEntryRow, NewLegRow,
+    leg_key_columns,
 };
 
 /// Implements the traits that let diesel run a fragment as an untyped query
@@ -593,3 +594,73 @@ pub(crate) struct OutcomeRow {
     #[diesel(sql_type = Bool)]
     pub applied: bool,
 }
+
+/// The next entry id. diesel prepares a `sql()` literal again on each call.
+pub(crate) struct NextEntryId;
+
+impl QueryFragment<Pg> for NextEntryId {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("SELECT nextval('entry_ids') AS id");
+        Ok(())
+    }
+}
+
+untyped_query!(NextEntryId);
+
+/// [`NextEntryId`]'s answer.
+#[derive(diesel::QueryableByName)]
+pub(crate) struct EntryIdRow {
+    /// The id.
+    #[diesel(sql_type = Int8)]
+    pub id: i64,
+}
+
+/// A new entry, every column bound (an absent value as NULL), so that one
+/// text serves every entry: diesel's own insert writes `DEFAULT` for an
+/// absent value, which makes the text vary and the statement prepared again
+/// on each call. `RETURNING *`.
+pub(crate) struct InsertEntry<'a> {
+    pub row: &'a NewEntryRow,
+}
+
+impl QueryFragment<Pg> for InsertEntry<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let row = self.row;
+        out.push_sql(
+            "INSERT INTO entries (id, account_id, symbol, base_asset, quote_asset, \
+             client_order_id, order_type, limit_price, requested_qty, requested_quote, status, \
+             metadata, protection, created_at) VALUES (",
+        );
+        out.push_bind_param::<Int8, _>(&row.id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Int8, _>(&row.account_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.symbol)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.base_asset)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.quote_asset)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.client_order_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(row.order_type)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Numeric>, _>(&row.limit_price)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Numeric>, _>(&row.requested_qty)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Numeric>, _>(&row.requested_quote)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(row.status)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Jsonb, _>(&row.metadata)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(row.protection)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamptz, _>(&row.created_at)?;
+        out.push_sql(") RETURNING *");
+        Ok(())
+    }
+}
+
+untyped_query!(InsertEntry<'_>);

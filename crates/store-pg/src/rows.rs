@@ -139,9 +139,7 @@ pub(crate) struct EntryRow {
     pub created_at: PgTimestamp,
 }
 
-/// A new `entries` row.
-#[derive(Insertable)]
-#[diesel(table_name = entries)]
+/// A new `entries` row (written by `cached::InsertEntry`).
 pub(crate) struct NewEntryRow {
     pub id: i64,
     pub account_id: i64,

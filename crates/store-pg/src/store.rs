@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool::Runtime;
-use diesel::dsl::sql;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Numeric};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
@@ -31,8 +30,8 @@ use rust_decimal::Decimal;
 use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::cached::{
-    ClaimLegs, FirstNew, MergeAndClaim, MergeWrite, MergedClaimRow, OutcomeRow, RecordOutcomes,
-    SeenEntry,
+    ClaimLegs, EntryIdRow, FirstNew, InsertEntry, MergeAndClaim, MergeWrite, MergedClaimRow,
+    NextEntryId, OutcomeRow, RecordOutcomes, SeenEntry,
 };
 use crate::config::PgConfig;
 use crate::convert::{numeric, timestamp};
@@ -638,10 +637,12 @@ impl Store for PgStore {
     ) -> Result<Entry, StoreError> {
         let mut conn = self.conn().await?;
         // The id comes first: the client order id is derived from it.
-        let id: i64 = diesel::select(sql::<BigInt>("nextval('entry_ids')"))
-            .get_result(&mut conn)
+        let id = NextEntryId
+            .load::<EntryIdRow>(&mut conn)
             .await
-            .map_err(|e| db("allocating an entry id", e))?;
+            .and_then(only)
+            .map_err(|e| db("allocating an entry id", e))?
+            .id;
         let client_id = client_id_of(EntryId(id));
         let (order_type, limit_price) = match entry.kind {
             EntryKind::Market => ("market", None),
@@ -667,10 +668,8 @@ impl Store for PgStore {
             protection: "not_needed",
             created_at: timestamp(at)?,
         };
-        let created = diesel::insert_into(entries::table)
-            .values(&row)
-            .returning(EntryRow::as_returning())
-            .load(&mut conn)
+        let created = InsertEntry { row: &row }
+            .load::<EntryRow>(&mut conn)
             .await
             .and_then(only);
         match created {
