@@ -396,6 +396,21 @@ impl Exchange for MeteredExchange {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn cached_rules_pass_through_without_weight() {
+        use oco_core::testing::{FakeExchange, btcusdt_rules};
+
+        let fake = Arc::new(FakeExchange::new());
+        fake.add_symbol(btcusdt_rules(), "100".parse().unwrap());
+        let meter = Arc::new(WeightMeter::new(1_000));
+        let metered = MeteredExchange::new(fake, Arc::clone(&meter));
+        assert_eq!(
+            metered.cached_symbol_rules("BTCUSDT"),
+            Some(btcusdt_rules())
+        );
+        assert_eq!(meter.total(), 0, "a cache read is not a request");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_meter_paces_under_its_budget() {
         let meter = WeightMeter::new(10);

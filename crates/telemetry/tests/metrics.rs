@@ -199,3 +199,19 @@ fn families_without_samples_are_still_declared() {
     assert!(text.ends_with("# EOF\n"), "{text}");
     assert_eq!(text.matches("# TYPE oco_placements counter").count(), 1);
 }
+
+#[test]
+fn the_observed_exchange_hands_the_adapters_cached_rules_through() {
+    use oco_core::ports::Exchange as _;
+    use oco_core::testing::{FakeExchange, btcusdt_rules};
+
+    let fake = std::sync::Arc::new(FakeExchange::new());
+    let observed = telemetry::ObservedExchange::new(fake.clone(), Metrics::new());
+    assert_eq!(observed.cached_symbol_rules("BTCUSDT"), None);
+    fake.add_symbol(btcusdt_rules(), "100".parse().unwrap());
+    assert_eq!(
+        observed.cached_symbol_rules("BTCUSDT"),
+        Some(btcusdt_rules()),
+        "a fill's first write relies on it to claim without a request"
+    );
+}
