@@ -555,6 +555,26 @@ pub trait Store: Send + Sync {
         protection: Option<&crate::model::Protection>,
     ) -> Result<Vec<bool>, StoreError>;
 
+    /// `account`'s keys and settings and entry `id`'s legs, read in
+    /// parallel: one round trip of latency, not three.
+    async fn fill_context(
+        &self,
+        account: AccountId,
+        id: EntryId,
+    ) -> Result<FillContext, StoreError> {
+        let (credentials, settings, legs) = futures_util::future::join3(
+            self.credentials(account),
+            self.account(account),
+            self.legs(id),
+        )
+        .await;
+        Ok(FillContext {
+            credentials: credentials?,
+            account: settings?,
+            legs: legs?,
+        })
+    }
+
     /// A fill seen on `account`'s stream, on its way to protection:
     /// [`Store::record_evidence_of`], the [`FillContext`] read alongside, and
     /// the claims `plan` makes from the merged entry. `None`, with nothing
@@ -569,21 +589,15 @@ pub trait Store: Send + Sync {
         evidence: &Evidence,
         plan: &ClaimPlanner<'_>,
     ) -> Result<Option<RecordedFill>, StoreError> {
-        let (recorded, credentials, settings, legs) = futures_util::future::join4(
+        let (recorded, context) = futures_util::future::join(
             self.record_evidence_of(account, id, evidence),
-            self.credentials(account),
-            self.account(account),
-            self.legs(id),
+            self.fill_context(account, id),
         )
         .await;
         let Some(entry) = recorded? else {
             return Ok(None);
         };
-        let context = FillContext {
-            credentials: credentials?,
-            account: settings?,
-            legs: legs?,
-        };
+        let context = context?;
         let claims = plan(&entry, &context);
         let won = if claims.is_empty() {
             Vec::new()

@@ -182,19 +182,6 @@ fn won_claims(wanted: Vec<LegClaim>, won: Vec<bool>) -> Vec<LegClaim> {
         .collect()
 }
 
-/// Keys, settings and legs from three reads, or the first error.
-fn context(
-    credentials: Result<ApiCredentials, StoreError>,
-    account: Result<crate::model::Account, StoreError>,
-    legs: Result<Vec<Leg>, StoreError>,
-) -> Result<FillContext, StoreError> {
-    Ok(FillContext {
-        credentials: credentials?,
-        account: account?,
-        legs: legs?,
-    })
-}
-
 /// Every line logged while protecting carries the entry, its account and its
 /// client id (the last two are recorded once the entry is read).
 fn protect_span(entry: crate::ids::EntryId, source: Source) -> tracing::Span {
@@ -408,16 +395,7 @@ impl Protector {
             mut legs,
         } = match known {
             Some(known) => known,
-            // Three independent reads, in parallel: one round trip of latency, not three.
-            None => {
-                let (creds, account, legs) = futures_util::future::join3(
-                    self.store.credentials(entry.account),
-                    self.store.account(entry.account),
-                    self.store.legs(entry.id),
-                )
-                .await;
-                context(creds, account, legs)?
-            }
+            None => self.store.fill_context(entry.account, entry.id).await?,
         };
 
         // Settle legs in doubt: an unknown outcome, or a claim whose claimant went quiet.

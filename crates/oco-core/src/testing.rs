@@ -1332,8 +1332,8 @@ pub async fn fill_claim_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         })
         .await?;
     let id_of = |id: EntryId| ClientOrderId::new(format!("fc-E-{id}")).expect("literal id");
-    let entry = store
-        .create_entry(
+    let market_entry = |at: i64| {
+        store.create_entry(
             NewEntry {
                 account: account.id,
                 symbol: btc_usdt(),
@@ -1343,18 +1343,19 @@ pub async fn fill_claim_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
                 tags: crate::model::EntryTags::default(),
             },
             &id_of,
-            Millis(10),
+            Millis(at),
         )
-        .await?;
-    let claim = |leg: LegIndex, q: Qty| {
+    };
+    let entry = market_entry(10).await?;
+    // Generation 0's leg `leg` of entry `of`, of `q`.
+    let leg_claim = |of: EntryId, leg: LegIndex, q: Qty| {
         let key = LegKey {
-            entry: entry.id,
+            entry: of,
             leg,
             generation: 0,
         };
         let id = |k: &str| {
-            ClientOrderId::new(format!("fc-{k}-{}-{}-0", entry.id, leg.number()))
-                .expect("literal id")
+            ClientOrderId::new(format!("fc-{k}-{of}-{}-0", leg.number())).expect("literal id")
         };
         LegClaim {
             key,
@@ -1380,7 +1381,10 @@ pub async fn fill_claim_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
             return Vec::new();
         }
         let half = Qty::new(merged.executed_qty.get() / Decimal::TWO).expect("half a quantity");
-        vec![claim(LegIndex::First, half), claim(LegIndex::Second, half)]
+        vec![
+            leg_claim(entry.id, LegIndex::First, half),
+            leg_claim(entry.id, LegIndex::Second, half),
+        ]
     };
     let filled = Evidence {
         order_id: Some(501),
@@ -1475,8 +1479,9 @@ pub async fn fill_claim_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
     );
 
     // A planner that claims generation 0 again loses it, and the new fill still lands.
-    let stubborn =
-        |_: &Entry, _: &crate::ports::FillContext| vec![claim(LegIndex::First, qty("0.25"))];
+    let stubborn = |_: &Entry, _: &crate::ports::FillContext| {
+        vec![leg_claim(entry.id, LegIndex::First, qty("0.25"))]
+    };
     let more = Evidence {
         fills: vec![
             fill(501, "1", "100", "0", "BNB"),
@@ -1514,48 +1519,18 @@ pub async fn fill_claim_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
 
     // Another layer recorded the fill first (api, sync): nothing left to
     // merge, and the stream's call still claims the legs.
-    let third = store
-        .create_entry(
-            NewEntry {
-                account: account.id,
-                symbol: btc_usdt(),
-                kind: crate::model::EntryKind::Market,
-                size: OrderSize::Base(qty("1")),
-                levels: crate::levels::EntryLevels::default(),
-                tags: crate::model::EntryTags::default(),
-            },
-            &id_of,
-            Millis(25),
-        )
-        .await?;
+    let third = market_entry(25).await?;
     let known = Evidence {
         fills: vec![fill(701, "1", "100", "0", "BNB")],
         ..filled.clone()
     };
     store.record_evidence(third.id, &known).await?;
-    let third_claim = |leg: LegIndex| {
-        let key = LegKey {
-            entry: third.id,
-            leg,
-            generation: 0,
-        };
-        let id = |k: &str| {
-            ClientOrderId::new(format!("fc-{k}-{}-{}-0", third.id, leg.number()))
-                .expect("literal id")
-        };
-        LegClaim {
-            key,
-            ids: OcoClientIds {
-                list: id("L"),
-                take_profit: id("T"),
-                stop_loss: id("S"),
-            },
-            ..claim(leg, qty("0.5"))
-        }
-    };
     let plan_third = |merged: &Entry, context: &crate::ports::FillContext| {
         if context.legs.is_empty() && !merged.executed_qty.is_zero() {
-            vec![third_claim(LegIndex::First), third_claim(LegIndex::Second)]
+            vec![
+                leg_claim(third.id, LegIndex::First, qty("0.5")),
+                leg_claim(third.id, LegIndex::Second, qty("0.5")),
+            ]
         } else {
             Vec::new()
         }
@@ -1572,45 +1547,12 @@ pub async fn fill_claim_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
 
     // Racing callers, each with a different part of the fills of a second
     // entry: every fill lands, and each leg is won by exactly one of them.
-    let racing = store
-        .create_entry(
-            NewEntry {
-                account: account.id,
-                symbol: btc_usdt(),
-                kind: crate::model::EntryKind::Market,
-                size: OrderSize::Base(qty("1")),
-                levels: crate::levels::EntryLevels::default(),
-                tags: crate::model::EntryTags::default(),
-            },
-            &id_of,
-            Millis(30),
-        )
-        .await?;
-    let racing_claim = |leg: LegIndex| {
-        let key = LegKey {
-            entry: racing.id,
-            leg,
-            generation: 0,
-        };
-        let id = |k: &str| {
-            ClientOrderId::new(format!("fc-{k}-{}-{}-0", racing.id, leg.number()))
-                .expect("literal id")
-        };
-        LegClaim {
-            key,
-            ids: OcoClientIds {
-                list: id("L"),
-                take_profit: id("T"),
-                stop_loss: id("S"),
-            },
-            ..claim(leg, qty("0.1"))
-        }
-    };
+    let racing = market_entry(30).await?;
     let plan_racing = |_: &Entry, context: &crate::ports::FillContext| {
         if context.legs.is_empty() {
             vec![
-                racing_claim(LegIndex::First),
-                racing_claim(LegIndex::Second),
+                leg_claim(racing.id, LegIndex::First, qty("0.1")),
+                leg_claim(racing.id, LegIndex::Second, qty("0.1")),
             ]
         } else {
             Vec::new()

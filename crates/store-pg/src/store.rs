@@ -20,7 +20,7 @@ use oco_core::mem::{is_open, merge_evidence};
 use oco_core::model::{
     EntryEventRecord, EntryKind, Evidence, LegClaim, LegUpdate, NewEntry, OrderSize, Protection,
 };
-use oco_core::ports::{ClaimPlanner, FillContext, NewAccount, RecordedFill};
+use oco_core::ports::{ClaimPlanner, NewAccount, RecordedFill};
 use oco_core::state::{EntryStatus, LegSold};
 use oco_core::{
     Account, AccountId, ApiCredentials, ClientOrderId, Entry, EntryId, Leg, LegKey, Millis,
@@ -401,25 +401,6 @@ impl PgStore {
             stored,
             elsewhere,
         }))
-    }
-
-    /// The account's keys and settings and the entry's legs, read in parallel.
-    async fn fill_context(
-        &self,
-        account: AccountId,
-        id: EntryId,
-    ) -> Result<FillContext, StoreError> {
-        let (credentials, settings, legs) = futures_util::future::join3(
-            self.credentials(account),
-            self.account(account),
-            self.legs(id),
-        )
-        .await;
-        Ok(FillContext {
-            credentials: credentials?,
-            account: settings?,
-            legs: legs?,
-        })
     }
 
     /// A merge and its claims in one statement on a durable connection: the
