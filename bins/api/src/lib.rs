@@ -271,6 +271,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let store = Arc::new(connect_store_within(&args.db, store_pg::STARTUP_PATIENCE).await?);
+            // Not fatal: the pools open lazily otherwise, only the first orders are slower.
+            if let Err(err) = store.warm_up().await {
+                tracing::warn!(error = %err, "could not open the database connections ahead of the first orders");
+            }
             let exchange = BinanceExchange::new(binance_config(&args)?)
                 .context("building the Binance adapter")?;
             let metrics = Metrics::new();

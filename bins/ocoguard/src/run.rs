@@ -122,6 +122,10 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
         .context("connecting to the database (`database.url`, the secret key)")?,
     );
     store.migrate().await.context("applying migrations")?;
+    // Not fatal: the pools open lazily otherwise, only the first fills are slower.
+    if let Err(err) = store.warm_up().await {
+        tracing::warn!(error = %err, "could not open the database connections ahead of the first fills");
+    }
     // One registry for the three layers: placements are told apart by source.
     let metrics = Metrics::new();
     let client = || {

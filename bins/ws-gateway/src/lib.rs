@@ -237,6 +237,10 @@ pub async fn wire_observed(
         .await
         .context("connecting to the database (DATABASE_URL, OCO_SECRET_KEY)")?,
     );
+    // Not fatal: the pools open lazily otherwise, only the first fills are slower.
+    if let Err(err) = store.warm_up().await {
+        tracing::warn!(error = %err, "could not open the database connections ahead of the first fills");
+    }
     let exchange = BinanceExchange::new(binance.clone())
         .context("building the Binance client (BINANCE_REST_URL)")?;
     if let Err(err) = exchange.sync_time().await {

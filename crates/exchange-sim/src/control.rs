@@ -382,6 +382,18 @@ impl SimControl {
         v
     }
 
+    /// How many order lists of every account are still executing: a count
+    /// taken under the engine's lock without copying the lists, cheap enough
+    /// to poll while orders are being placed.
+    pub fn executing_list_count(&self) -> usize {
+        self.shared
+            .engine()
+            .lists
+            .values()
+            .filter(|l| !l.done)
+            .count()
+    }
+
     /// Trades of an account (`None`: all accounts), in execution order.
     pub fn trades(&self, api_key: Option<&str>) -> Vec<TradeInfo> {
         let eng = self.shared.engine();

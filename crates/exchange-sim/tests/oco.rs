@@ -241,6 +241,7 @@ async fn take_profit_fill_cancels_the_stop() {
         &oco("tp-case", "0.5", "63000", "58000", "57900"),
     )
     .await;
+    assert_eq!(ctl.executing_list_count(), 1);
     ctl.set_price("BTCUSDT", d("63000")).unwrap();
     let orders = ctl.orders(Some(KEY));
     let stop = orders
@@ -255,6 +256,7 @@ async fn take_profit_fill_cancels_the_stop() {
     assert_eq!(stop.status, "EXPIRED");
     assert_eq!(stop.expiry_reason.as_deref(), Some("OCO_TRIGGER"));
     assert_eq!(ctl.order_lists(Some(KEY))[0].list_order_status, "ALL_DONE");
+    assert_eq!(ctl.executing_list_count(), 0);
     let btc = ctl.balance(KEY, "BTC").unwrap();
     assert_eq!((btc.free, btc.locked), (d("0.5"), d("0")));
     // 0.5 * 63000 = 31500 minus 0.1 % fee in USDT.

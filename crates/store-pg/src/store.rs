@@ -20,7 +20,7 @@ use oco_core::mem::{is_open, merge_evidence};
 use oco_core::model::{
     EntryEventRecord, EntryKind, Evidence, LegClaim, LegUpdate, NewEntry, OrderSize, Protection,
 };
-use oco_core::ports::{ClaimPlanner, NewAccount, RecordedFill};
+use oco_core::ports::{ClaimPlanner, FillContext, NewAccount, RecordedFill};
 use oco_core::state::{EntryStatus, LegSold};
 use oco_core::{
     Account, AccountId, ApiCredentials, ClientOrderId, Entry, EntryId, Leg, LegKey, Millis,
@@ -252,6 +252,45 @@ impl PgStore {
         migrate(&self.url).await
     }
 
+    /// Opens every connection of both pools and prepares on each the
+    /// statements a fill is read with. Without it the first fills after a
+    /// start pay for what a pool does lazily: a server process per
+    /// connection, its catalog caches and a parse per statement, several
+    /// milliseconds each, at the moment a restarted gateway meets the fills
+    /// it missed. Nothing is written.
+    ///
+    /// # Errors
+    /// `Unavailable` when a connection cannot be opened or a statement fails.
+    pub async fn warm_up(&self) -> Result<(), StoreError> {
+        // Ids no row has: each read finds nothing, and is prepared all the same.
+        let (nobody, nothing) = (AccountId(0), EntryId(0));
+        for connections in [&self.pool, &self.evidence_pool] {
+            // All at once, or the pool would hand the same connection back.
+            let conns = futures_util::future::try_join_all(
+                (0..connections.status().max_size)
+                    .map(|_| async { connections.get().await.map_err(pool) }),
+            )
+            .await?;
+            futures_util::future::try_join_all(conns.into_iter().map(|mut conn| async move {
+                let snapshot = Self::start_snapshot(&mut conn, nothing, Some(nobody), Vec::new());
+                let context = self.start_context(&mut conn, nobody, nothing);
+                let entry = Self::load_entry(&mut conn, nothing);
+                let (snapshot, context, entry) =
+                    futures_util::future::join3(snapshot, context, entry).await;
+                snapshot?;
+                for absent in [context.map(drop), entry.map(drop)] {
+                    match absent {
+                        Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                        Err(err) => return Err(err),
+                    }
+                }
+                Ok::<_, StoreError>(())
+            }))
+            .await?;
+        }
+        Ok(())
+    }
+
     /// The connection pool, for tests and tools that need plain SQL.
     pub fn pool(&self) -> &Pool<AsyncPgConnection> {
         &self.pool
@@ -310,6 +349,73 @@ impl PgStore {
             .into_entry()
     }
 
+    /// `account`'s keys and settings and entry `id`'s legs, their three
+    /// statements started on `conn` at once (pipelined): one round trip and
+    /// one server process, where three connections would wake three.
+    fn start_context(
+        &self,
+        conn: &mut AsyncPgConnection,
+        account: AccountId,
+        id: EntryId,
+    ) -> impl Future<Output = Result<FillContext, StoreError>> + Send + '_ {
+        let keys = accounts::table
+            .find(account.0)
+            .select((accounts::api_key, accounts::secret_ciphertext))
+            .first::<(String, Vec<u8>)>(conn)
+            .boxed();
+        let settings = accounts::table
+            .find(account.0)
+            .select(AccountRow::as_select())
+            .first::<AccountRow>(conn)
+            .boxed();
+        let legs = protection_legs::table
+            .filter(protection_legs::entry_id.eq(id.0))
+            .order((protection_legs::leg, protection_legs::generation))
+            .select(LegRow::as_select())
+            .load::<LegRow>(conn)
+            .boxed();
+        async move {
+            let (keys, settings, legs) = futures_util::future::join3(keys, settings, legs).await;
+            let (api_key, blob) = keys
+                .optional()
+                .map_err(|e| db(&format!("reading the credentials of account {account}"), e))?
+                .ok_or_else(|| not_found("account", account))?;
+            let settings = settings
+                .optional()
+                .map_err(|e| db(&format!("reading account {account}"), e))?
+                .ok_or_else(|| not_found("account", account))?
+                .into_account()?;
+            let legs = legs
+                .map_err(|e| db(&format!("reading the legs of entry {id}"), e))?
+                .into_iter()
+                .map(LegRow::into_leg)
+                .collect::<Result<_, _>>()?;
+            Ok(FillContext {
+                credentials: self.open_credentials(account, api_key, &blob)?,
+                account: settings,
+                legs,
+            })
+        }
+    }
+
+    /// The API key and the secret decrypted from its stored `blob`.
+    fn open_credentials(
+        &self,
+        account: AccountId,
+        api_key: String,
+        blob: &[u8],
+    ) -> Result<ApiCredentials, StoreError> {
+        let secret = self.cipher.open_secret(&api_key, blob).map_err(|_| {
+            corrupt(format!(
+                "the API secret of account {account} does not decrypt with the configured secret key"
+            ))
+        })?;
+        Ok(ApiCredentials {
+            api_key,
+            secret: SecretString::from(secret.as_str()),
+        })
+    }
+
     /// Merges `evidence` into entry `id` (of `owner`, when given) in two round
     /// trips and no explicit transaction: one read of the entry with its fills,
     /// the merge in Rust, and one statement that stores the new fills and
@@ -354,8 +460,19 @@ impl PgStore {
         owner: Option<AccountId>,
         evidence: &Evidence,
     ) -> Result<Option<Snapshot>, StoreError> {
-        let trade_ids: Vec<i64> = evidence.fills.iter().map(|f| f.trade_id).collect();
-        let rows: Vec<(EntryRow, Option<FillRow>)> = entries::table
+        Self::start_snapshot(conn, id, owner, trade_ids(evidence)).await
+    }
+
+    /// [`PgStore::snapshot`], its statement started on `conn` at once: the
+    /// future borrows no connection, so statements started on `conn` before
+    /// it is awaited go out together (pipelined) and are answered in order.
+    fn start_snapshot(
+        conn: &mut AsyncPgConnection,
+        id: EntryId,
+        owner: Option<AccountId>,
+        trade_ids: Vec<i64>,
+    ) -> impl Future<Output = Result<Option<Snapshot>, StoreError>> + Send + 'static {
+        let rows = entries::table
             .left_join(
                 fills::table.on(fills::account_id
                     .eq(entries::account_id)
@@ -363,7 +480,7 @@ impl PgStore {
                     .and(
                         fills::entry_id
                             .eq(entries::id)
-                            .or(fills::trade_id.eq_any(&trade_ids)),
+                            .or(fills::trade_id.eq_any(trade_ids)),
                     )),
             )
             .filter(entries::id.eq(id.0))
@@ -373,9 +490,20 @@ impl PgStore {
                     .or(owner.is_none().into_sql::<Bool>()),
             )
             .select((EntryRow::as_select(), Option::<FillRow>::as_select()))
-            .load(conn)
-            .await
-            .map_err(|e| db(&format!("recording evidence of entry {id}"), e))?;
+            .load::<(EntryRow, Option<FillRow>)>(conn)
+            .boxed();
+        async move {
+            let rows = rows
+                .await
+                .map_err(|e| db(&format!("recording evidence of entry {id}"), e))?;
+            Self::snapshot_of(id, rows)
+        }
+    }
+
+    fn snapshot_of(
+        id: EntryId,
+        rows: Vec<(EntryRow, Option<FillRow>)>,
+    ) -> Result<Option<Snapshot>, StoreError> {
         let mut rows = rows.into_iter();
         let Some((row, first_fill)) = rows.next() else {
             return Ok(None);
@@ -564,15 +692,7 @@ impl Store for PgStore {
             .optional()
             .map_err(|e| db(&format!("reading the credentials of account {id}"), e))?
             .ok_or_else(|| not_found("account", id))?;
-        let secret = self.cipher.open_secret(&api_key, &blob).map_err(|_| {
-            corrupt(format!(
-                "the API secret of account {id} does not decrypt with the configured secret key"
-            ))
-        })?;
-        Ok(ApiCredentials {
-            api_key,
-            secret: SecretString::from(secret.as_str()),
-        })
+        self.open_credentials(id, api_key, &blob)
     }
 
     async fn update_account(
@@ -720,17 +840,19 @@ impl Store for PgStore {
         evidence: &Evidence,
         plan: &ClaimPlanner<'_>,
     ) -> Result<Option<RecordedFill>, StoreError> {
-        // The snapshot and the context are read in parallel; the claims ride
-        // on the merge's own write, so a first fill waits for one commit.
-        // No connection is held across another's wait: a fill waiting for
-        // its durable write must not keep an evidence connection from others.
+        // The snapshot and the context are read in one pipelined round trip;
+        // the claims ride on the merge's own write, so a first fill waits
+        // for one commit. No connection is held across another's wait: a
+        // fill waiting for its durable write must not keep an evidence
+        // connection from others.
         let evidence_conn = || async { self.evidence_pool.get().await.map_err(pool) };
         for _ in 0..MERGE_ATTEMPTS {
-            let read = async {
-                Self::snapshot(&mut *evidence_conn().await?, id, Some(account), evidence).await
+            let (snapshot, context) = {
+                let mut conn = evidence_conn().await?;
+                let read = Self::start_snapshot(&mut conn, id, Some(account), trade_ids(evidence));
+                let context = self.start_context(&mut conn, account, id);
+                futures_util::future::join(read, context).await
             };
-            let (snapshot, context) =
-                futures_util::future::join(read, self.fill_context(account, id)).await;
             let Some(snapshot) = snapshot? else {
                 return Ok(None);
             };
@@ -814,6 +936,15 @@ impl Store for PgStore {
             return Err(not_found("entry", id));
         }
         Ok(())
+    }
+
+    async fn fill_context(
+        &self,
+        account: AccountId,
+        id: EntryId,
+    ) -> Result<FillContext, StoreError> {
+        let mut conn = self.conn().await?;
+        self.start_context(&mut conn, account, id).await
     }
 
     async fn legs(&self, entry: EntryId) -> Result<Vec<Leg>, StoreError> {
@@ -1138,6 +1269,11 @@ impl Store for PgStore {
         }
         Ok(applied)
     }
+}
+
+/// The trades `evidence` reports, by id.
+fn trade_ids(evidence: &Evidence) -> Vec<i64> {
+    evidence.fills.iter().map(|f| f.trade_id).collect()
 }
 
 /// The row a claim inserts.

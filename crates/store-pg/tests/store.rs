@@ -898,3 +898,45 @@ async fn the_first_new_of_an_order_merges_like_any_evidence() {
     let first = store.entry(EntryId(1)).await.unwrap();
     assert_eq!(first.status, EntryStatus::New);
 }
+
+#[tokio::test]
+async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    async fn count(conn: &mut AsyncPgConnection, sql: &str) -> i64 {
+        let row: Count = diesel::sql_query(sql).get_result(conn).await.unwrap();
+        row.n
+    }
+    let db = TestDb::new().await;
+    let store = PgStore::connect(db.config(3)).await.unwrap();
+    let mut raw = raw(&db).await;
+    let backends = "SELECT count(*) AS n FROM pg_stat_activity \
+                    WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    store.warm_up().await.unwrap();
+
+    assert_eq!(store.pool().status().size, 3);
+    // Both pools, three connections each.
+    assert_eq!(count(&mut raw, backends).await, 6);
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(store.pool().get().await.unwrap());
+    }
+    for conn in &mut conns {
+        // The snapshot, the keys, the settings, the legs and the entry.
+        let prepared = count(conn, "SELECT count(*) AS n FROM pg_prepared_statements").await;
+        assert!(
+            prepared >= 5,
+            "{prepared} statements prepared on a warmed connection"
+        );
+    }
+    let written = count(
+        &mut raw,
+        "SELECT (SELECT count(*) FROM entries) + (SELECT count(*) FROM fills) \
+         + (SELECT count(*) FROM protection_legs) AS n",
+    )
+    .await;
+    assert_eq!(written, 0);
+}
