@@ -107,6 +107,37 @@ pub fn merge_evidence(entry: &mut Entry, fills: &mut BTreeMap<i64, Fill>, eviden
     }
 }
 
+/// [`Store::claim_leg`] under the store's lock.
+fn claim_locked(inner: &mut Inner, claim: &LegClaim) -> Result<bool, StoreError> {
+    if !inner.entries.contains_key(&claim.key.entry) {
+        return Err(not_found("entry", claim.key.entry));
+    }
+    let list_taken = inner.legs.values().any(|l| l.ids.list == claim.ids.list);
+    if inner.legs.contains_key(&claim.key) || list_taken {
+        return Ok(false);
+    }
+    inner.legs.insert(
+        claim.key,
+        Leg {
+            key: claim.key,
+            ids: claim.ids.clone(),
+            symbol: claim.symbol.clone(),
+            qty: claim.qty,
+            take_profit: claim.take_profit,
+            stop: claim.stop,
+            stop_limit: claim.stop_limit,
+            state: LegState::Claimed,
+            sold: LegSold::default(),
+            source: claim.source,
+            attempts: 1,
+            last_error: None,
+            claimed_at: claim.at,
+            updated_at: claim.at,
+        },
+    );
+    Ok(true)
+}
+
 #[async_trait]
 impl Store for MemStore {
     async fn create_account(&self, account: NewAccount) -> Result<Account, StoreError> {
@@ -283,34 +314,7 @@ impl Store for MemStore {
     }
 
     async fn claim_leg(&self, claim: &LegClaim) -> Result<bool, StoreError> {
-        let mut inner = self.lock();
-        if !inner.entries.contains_key(&claim.key.entry) {
-            return Err(not_found("entry", claim.key.entry));
-        }
-        let list_taken = inner.legs.values().any(|l| l.ids.list == claim.ids.list);
-        if inner.legs.contains_key(&claim.key) || list_taken {
-            return Ok(false);
-        }
-        inner.legs.insert(
-            claim.key,
-            Leg {
-                key: claim.key,
-                ids: claim.ids.clone(),
-                symbol: claim.symbol.clone(),
-                qty: claim.qty,
-                take_profit: claim.take_profit,
-                stop: claim.stop,
-                stop_limit: claim.stop_limit,
-                state: LegState::Claimed,
-                sold: LegSold::default(),
-                source: claim.source,
-                attempts: 1,
-                last_error: None,
-                claimed_at: claim.at,
-                updated_at: claim.at,
-            },
-        );
-        Ok(true)
+        claim_locked(&mut self.lock(), claim)
     }
 
     async fn update_leg(&self, update: &LegUpdate) -> Result<bool, StoreError> {
@@ -424,9 +428,22 @@ impl Store for MemStore {
     }
 
     async fn claim_legs(&self, claims: &[LegClaim]) -> Result<Vec<bool>, StoreError> {
+        let mut inner = self.lock();
+        // A generation is won whole or not at all: its first claim here decides.
+        let mut leads: Vec<((EntryId, u32), bool)> = Vec::new();
         let mut won = Vec::with_capacity(claims.len());
         for claim in claims {
-            won.push(self.claim_leg(claim).await?);
+            let generation = (claim.key.entry, claim.key.generation);
+            let ok = match leads.iter().find(|(g, _)| *g == generation) {
+                Some((_, false)) => false,
+                Some((_, true)) => claim_locked(&mut inner, claim)?,
+                None => {
+                    let ok = claim_locked(&mut inner, claim)?;
+                    leads.push((generation, ok));
+                    ok
+                }
+            };
+            won.push(ok);
         }
         Ok(won)
     }

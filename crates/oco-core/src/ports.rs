@@ -539,8 +539,12 @@ pub trait Store: Send + Sync {
     async fn mark_reconciled(&self, account: AccountId) -> Result<(), StoreError>;
 
     /// Claims several legs in one durable write (one commit instead of one per
-    /// leg); element `i` is what [`Store::claim_leg`] would answer for
-    /// `claims[i]`. Each leg is still won by exactly one caller.
+    /// leg); element `i` tells whether `claims[i]` was won. Each leg is won by
+    /// exactly one caller, and the legs of one generation of an entry are won
+    /// together or not at all: the first of them in `claims` (a plan's first
+    /// leg) decides, and the others are claimed only if it was. Racing
+    /// claimers whose plans differ in shape (one leg from a smaller fill, two
+    /// from a larger) thus never split a generation between them.
     async fn claim_legs(&self, claims: &[LegClaim]) -> Result<Vec<bool>, StoreError>;
     /// Records what a placement ended in, all or nothing in one durable write:
     /// each of `updates` as [`Store::update_leg`] (element `i` of the answer

@@ -1222,6 +1222,60 @@ async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
         store.entry(entry.id).await?.protection == protected,
         "protection set with the outcomes"
     );
+
+    // A generation is won whole or not at all, whatever shape each claimer
+    // planned: one leg of everything from a smaller fill, or two.
+    let one_leg = |generation: u32| {
+        [LegClaim {
+            qty: qty("1"),
+            ..claim(LegIndex::First, generation)
+        }]
+    };
+    let two_legs = |generation: u32| {
+        [
+            claim(LegIndex::First, generation),
+            claim(LegIndex::Second, generation),
+        ]
+    };
+    ensure!(
+        store.claim_legs(&one_leg(2)).await? == [true],
+        "a one-leg plan claims a free generation"
+    );
+    let late = store.claim_legs(&two_legs(2)).await?;
+    ensure!(
+        late == [false, false],
+        "a two-leg plan of a generation already claimed wins none of it, not its free second leg: {late:?}"
+    );
+    ensure!(
+        store.claim_legs(&two_legs(3)).await? == [true, true]
+            && store.claim_legs(&one_leg(3)).await? == [false],
+        "a two-leg plan claims a free generation whole, and a one-leg plan then loses it"
+    );
+    let racers = futures_util::future::join_all((0..10).map(|i| async move {
+        if i % 2 == 0 {
+            store.claim_legs(&one_leg(4)).await
+        } else {
+            store.claim_legs(&two_legs(4)).await
+        }
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let winners: Vec<&Vec<bool>> = racers.iter().filter(|r| r.contains(&true)).collect();
+    ensure!(
+        winners.len() == 1 && winners[0].iter().all(|won| *won),
+        "of 10 racing claimers of both shapes one wins, all of its legs: {racers:?}"
+    );
+    let generation4 = store
+        .legs(entry.id)
+        .await?
+        .into_iter()
+        .filter(|l| l.key.generation == 4)
+        .count();
+    ensure!(
+        generation4 == winners[0].len(),
+        "generation 4 holds the winner's legs only: {generation4}"
+    );
     Ok(())
 }
 

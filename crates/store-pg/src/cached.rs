@@ -237,11 +237,11 @@ impl QueryFragment<Pg> for MergeAndClaim<'_> {
         self.merge.walk_fills(out.reborrow())?;
         out.push_sql(", merged AS (");
         self.merge.walk_update(out.reborrow())?;
-        out.push_sql("), claimed AS (");
+        out.push_sql("), ");
         self.claims
-            .walk_insert(out.reborrow(), " WHERE EXISTS (SELECT 1 FROM merged)")?;
+            .walk_claims(out.reborrow(), " AND EXISTS (SELECT 1 FROM merged)")?;
         out.push_sql(
-            ") SELECT merged.*, claimed.leg AS claimed_leg, \
+            " SELECT merged.*, claimed.leg AS claimed_leg, \
              claimed.generation AS claimed_generation \
              FROM merged LEFT JOIN claimed ON true",
         );
@@ -296,8 +296,9 @@ impl QueryFragment<Pg> for FirstNew {
 untyped_query!(FirstNew);
 
 /// Claims every leg of a generation in one statement (`unnest` of column
-/// arrays, so one text whatever the number of legs). Either unique key makes
-/// a later claimer insert nothing; the keys inserted are returned.
+/// arrays, so one text whatever the number of legs), the generation whole or
+/// not at all. Either unique key makes a later claimer insert nothing; the
+/// keys inserted are returned.
 pub(crate) struct ClaimLegs<'a> {
     pub entry_ids: Vec<i64>,
     pub legs: Vec<i16>,
@@ -348,25 +349,35 @@ impl<'a> ClaimLegs<'a> {
 }
 
 impl QueryFragment<Pg> for ClaimLegs<'_> {
-    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        self.walk_insert(out, "")
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH ");
+        self.walk_claims(out.reborrow(), "")?;
+        out.push_sql(" SELECT entry_id, leg, generation FROM claimed");
+        Ok(())
     }
 }
 
 impl ClaimLegs<'_> {
-    /// The insert, its rows kept only where `condition` (SQL text appended
-    /// to the `SELECT` of the rows, empty for all) holds.
-    fn walk_insert<'b>(
+    /// The claims as common table expressions ending in `claimed` (the keys
+    /// won), each generation's first claim inserted only where `condition`
+    /// (SQL text appended to its `WHERE`, empty for always) holds.
+    ///
+    /// A generation is won whole or not at all. Its first claim in the call
+    /// (its lead: every plan starts with the first leg) is inserted alone; the
+    /// rest only if that insert went in. Racing claimers of one generation
+    /// conflict on the lead's key, so the unique index makes all but one of
+    /// them wait and then insert nothing: two plans of different shapes (one
+    /// leg from a smaller fill, two from a larger) never split a generation
+    /// between them, which would cover more or less than either meant.
+    fn walk_claims<'b>(
         &'b self,
         mut out: AstPass<'_, 'b, Pg>,
         condition: &'static str,
     ) -> QueryResult<()> {
-        out.push_sql(
-            "INSERT INTO protection_legs (entry_id, leg, generation, list_client_id, \
+        const COLUMNS: &str = "entry_id, leg, generation, list_client_id, \
              take_profit_client_id, stop_loss_client_id, symbol, qty, take_profit_price, \
-             stop_price, stop_limit_price, state, source, attempts, claimed_at, updated_at) \
-             SELECT * FROM unnest(",
-        );
+             stop_price, stop_limit_price, state, source, attempts, claimed_at, updated_at";
+        out.push_sql("wanted AS (SELECT w.*, w.n = min(w.n) OVER (PARTITION BY w.entry_id, w.generation) AS lead FROM unnest(");
         out.push_bind_param::<Array<Int8>, _>(&self.entry_ids)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Int2>, _>(&self.legs)?;
@@ -398,9 +409,28 @@ impl ClaimLegs<'_> {
         out.push_bind_param::<Array<Timestamptz>, _>(&self.claimed_at)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Timestamptz>, _>(&self.updated_at)?;
-        out.push_sql(")");
+        out.push_sql(") WITH ORDINALITY AS w (");
+        out.push_sql(COLUMNS);
+        out.push_sql(", n)), led AS (INSERT INTO protection_legs (");
+        out.push_sql(COLUMNS);
+        out.push_sql(") SELECT ");
+        out.push_sql(COLUMNS);
+        out.push_sql(" FROM wanted WHERE lead");
         out.push_sql(condition);
-        out.push_sql(" ON CONFLICT DO NOTHING RETURNING entry_id, leg, generation");
+        out.push_sql(
+            " ORDER BY n ON CONFLICT DO NOTHING RETURNING entry_id, leg, generation), \
+             followed AS (INSERT INTO protection_legs (",
+        );
+        out.push_sql(COLUMNS);
+        out.push_sql(") SELECT ");
+        out.push_sql(COLUMNS);
+        out.push_sql(
+            " FROM wanted w WHERE NOT w.lead AND EXISTS (SELECT 1 FROM led \
+             WHERE led.entry_id = w.entry_id AND led.generation = w.generation) \
+             ORDER BY n ON CONFLICT DO NOTHING RETURNING entry_id, leg, generation), \
+             claimed AS (SELECT entry_id, leg, generation FROM led \
+             UNION ALL SELECT entry_id, leg, generation FROM followed)",
+        );
         Ok(())
     }
 }
