@@ -429,21 +429,32 @@ impl Store for MemStore {
 
     async fn claim_legs(&self, claims: &[LegClaim]) -> Result<Vec<bool>, StoreError> {
         let mut inner = self.lock();
-        // A generation is won whole or not at all: its first claim here decides.
-        let mut leads: Vec<((EntryId, u32), bool)> = Vec::new();
-        let mut won = Vec::with_capacity(claims.len());
-        for claim in claims {
-            let generation = (claim.key.entry, claim.key.generation);
-            let ok = match leads.iter().find(|(g, _)| *g == generation) {
-                Some((_, false)) => false,
-                Some((_, true)) => claim_locked(&mut inner, claim)?,
-                None => {
-                    let ok = claim_locked(&mut inner, claim)?;
-                    leads.push((generation, ok));
-                    ok
-                }
-            };
-            won.push(ok);
+        // A generation is won whole or not at all: its lowest leg here (its
+        // lead) decides, whatever the order of the claims.
+        let generation = |c: &LegClaim| (c.key.entry, c.key.generation);
+        let lead_of = |claim: &LegClaim| {
+            claims
+                .iter()
+                .filter(|c| generation(c) == generation(claim))
+                .min_by_key(|c| c.key.leg.number())
+                .map(|c| c.key)
+        };
+        let mut won = vec![false; claims.len()];
+        for (i, claim) in claims.iter().enumerate() {
+            if lead_of(claim) == Some(claim.key) {
+                won[i] = claim_locked(&mut inner, claim)?;
+            }
+        }
+        for (i, claim) in claims.iter().enumerate() {
+            let lead = lead_of(claim);
+            if lead == Some(claim.key) {
+                continue;
+            }
+            let lead_won = claims
+                .iter()
+                .zip(&won)
+                .any(|(c, w)| Some(c.key) == lead && *w);
+            won[i] = lead_won && claim_locked(&mut inner, claim)?;
         }
         Ok(won)
     }

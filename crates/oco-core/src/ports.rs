@@ -541,8 +541,9 @@ pub trait Store: Send + Sync {
     /// Claims several legs in one durable write (one commit instead of one per
     /// leg); element `i` tells whether `claims[i]` was won. Each leg is won by
     /// exactly one caller, and the legs of one generation of an entry are won
-    /// together or not at all: the first of them in `claims` (a plan's first
-    /// leg) decides, and the others are claimed only if it was. Racing
+    /// together or not at all: the lowest leg of them in `claims` (a plan's
+    /// first leg), whatever their order, decides, and the others are claimed
+    /// only if it was. Racing
     /// claimers whose plans differ in shape (one leg from a smaller fill, two
     /// from a larger) thus never split a generation between them.
     async fn claim_legs(&self, claims: &[LegClaim]) -> Result<Vec<bool>, StoreError>;

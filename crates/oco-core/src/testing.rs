@@ -1251,6 +1251,16 @@ async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
             && store.claim_legs(&one_leg(3)).await? == [false],
         "a two-leg plan claims a free generation whole, and a one-leg plan then loses it"
     );
+    ensure!(
+        store.claim_legs(&one_leg(5)).await? == [true],
+        "a one-leg plan claims a free generation"
+    );
+    let [first, second] = two_legs(5);
+    let reversed = store.claim_legs(&[second, first]).await?;
+    ensure!(
+        reversed == [false, false],
+        "the first leg decides whatever the order of the claims: {reversed:?}"
+    );
     let racers = futures_util::future::join_all((0..10).map(|i| async move {
         if i % 2 == 0 {
             store.claim_legs(&one_leg(4)).await

@@ -362,9 +362,9 @@ impl ClaimLegs<'_> {
     /// won), each generation's first claim inserted only where `condition`
     /// (SQL text appended to its `WHERE`, empty for always) holds.
     ///
-    /// A generation is won whole or not at all. Its first claim in the call
-    /// (its lead: every plan starts with the first leg) is inserted alone; the
-    /// rest only if that insert went in. Racing claimers of one generation
+    /// A generation is won whole or not at all. Its lowest leg in the call
+    /// (its lead: every plan has the first leg), whatever the order of the
+    /// claims, is inserted alone; the rest only if that insert went in. Racing claimers of one generation
     /// conflict on the lead's key, so the unique index makes all but one of
     /// them wait and then insert nothing: two plans of different shapes (one
     /// leg from a smaller fill, two from a larger) never split a generation
@@ -377,7 +377,10 @@ impl ClaimLegs<'_> {
         const COLUMNS: &str = "entry_id, leg, generation, list_client_id, \
              take_profit_client_id, stop_loss_client_id, symbol, qty, take_profit_price, \
              stop_price, stop_limit_price, state, source, attempts, claimed_at, updated_at";
-        out.push_sql("wanted AS (SELECT w.*, w.n = min(w.n) OVER (PARTITION BY w.entry_id, w.generation) AS lead FROM unnest(");
+        out.push_sql(
+            "wanted AS (SELECT w.*, \
+             w.leg = min(w.leg) OVER (PARTITION BY w.entry_id, w.generation) AS lead FROM unnest(",
+        );
         out.push_bind_param::<Array<Int8>, _>(&self.entry_ids)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Int2>, _>(&self.legs)?;
@@ -418,7 +421,10 @@ impl ClaimLegs<'_> {
         out.push_sql(" FROM wanted WHERE lead");
         out.push_sql(condition);
         out.push_sql(
-            " ORDER BY n ON CONFLICT DO NOTHING RETURNING entry_id, leg, generation), \
+            // One order for every caller, so that two claiming several
+            // generations never wait for each other's rows crosswise.
+            " ORDER BY entry_id, generation, leg ON CONFLICT DO NOTHING \
+             RETURNING entry_id, leg, generation), \
              followed AS (INSERT INTO protection_legs (",
         );
         out.push_sql(COLUMNS);
@@ -427,7 +433,8 @@ impl ClaimLegs<'_> {
         out.push_sql(
             " FROM wanted w WHERE NOT w.lead AND EXISTS (SELECT 1 FROM led \
              WHERE led.entry_id = w.entry_id AND led.generation = w.generation) \
-             ORDER BY n ON CONFLICT DO NOTHING RETURNING entry_id, leg, generation), \
+             ORDER BY entry_id, generation, leg ON CONFLICT DO NOTHING \
+             RETURNING entry_id, leg, generation), \
              claimed AS (SELECT entry_id, leg, generation FROM led \
              UNION ALL SELECT entry_id, leg, generation FROM followed)",
         );

@@ -262,33 +262,47 @@ impl PgStore {
     /// # Errors
     /// `Unavailable` when a connection cannot be opened or a statement fails.
     pub async fn warm_up(&self) -> Result<(), StoreError> {
+        // Both pools, each whatever becomes of the other.
+        let (durable, evidence) = futures_util::future::join(
+            self.warm_pool(&self.pool),
+            self.warm_pool(&self.evidence_pool),
+        )
+        .await;
+        durable.and(evidence)
+    }
+
+    async fn warm_pool(&self, connections: &Pool<AsyncPgConnection>) -> Result<(), StoreError> {
         // Ids no row has: each read finds nothing, and is prepared all the same.
         let (nobody, nothing) = (AccountId(0), EntryId(0));
-        for connections in [&self.pool, &self.evidence_pool] {
-            // All at once, or the pool would hand the same connection back.
-            let conns = futures_util::future::try_join_all(
-                (0..connections.status().max_size)
-                    .map(|_| async { connections.get().await.map_err(pool) }),
-            )
-            .await?;
-            futures_util::future::try_join_all(conns.into_iter().map(|mut conn| async move {
-                let snapshot = Self::start_snapshot(&mut conn, nothing, Some(nobody), Vec::new());
-                let context = self.start_context(&mut conn, nobody, nothing);
-                let entry = Self::load_entry(&mut conn, nothing);
-                let (snapshot, context, entry) =
-                    futures_util::future::join3(snapshot, context, entry).await;
-                snapshot?;
-                for absent in [context.map(drop), entry.map(drop)] {
-                    match absent {
-                        Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                        Err(err) => return Err(err),
-                    }
+        // All at once, or the pool would hand the same connection back.
+        let conns = futures_util::future::try_join_all(
+            (0..connections.status().max_size)
+                .map(|_| async { connections.get().await.map_err(pool) }),
+        )
+        .await?;
+        futures_util::future::try_join_all(conns.into_iter().map(|mut conn| async move {
+            let snapshot = Self::start_snapshot(&mut conn, nothing, Some(nobody), Vec::new());
+            let context = self.start_context(&mut conn, nobody, nothing);
+            let entry = Self::load_entry(&mut conn, nothing);
+            let (snapshot, context, entry) =
+                futures_util::future::join3(snapshot, context, entry).await;
+            snapshot?;
+            for absent in [context.map(drop), entry.map(drop)] {
+                match absent {
+                    Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                    Err(err) => return Err(err),
                 }
-                Ok::<_, StoreError>(())
-            }))
-            .await?;
-        }
+            }
+            Ok::<_, StoreError>(())
+        }))
+        .await?;
         Ok(())
+    }
+
+    /// The pool of connections that commit without waiting for the WAL flush
+    /// (evidence only), for tests and tools that inspect it.
+    pub fn evidence_pool(&self) -> &Pool<AsyncPgConnection> {
+        &self.evidence_pool
     }
 
     /// The connection pool, for tests and tools that need plain SQL.

@@ -913,25 +913,37 @@ async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
     let db = TestDb::new().await;
     let store = PgStore::connect(db.config(3)).await.unwrap();
     let mut raw = raw(&db).await;
-    let backends = "SELECT count(*) AS n FROM pg_stat_activity \
-                    WHERE datname = current_database() AND pid <> pg_backend_pid()";
+
     store.warm_up().await.unwrap();
 
     assert_eq!(store.pool().status().size, 3);
-    // Both pools, three connections each.
-    assert_eq!(count(&mut raw, backends).await, 6);
-    let mut conns = Vec::new();
-    for _ in 0..3 {
-        conns.push(store.pool().get().await.unwrap());
+    assert_eq!(store.evidence_pool().status().size, 3);
+    // Both pools' three connections, each prepared with the fill's four reads
+    // (the snapshot, the keys, the settings, the legs).
+    let reads = "SELECT count(*) AS n FROM pg_prepared_statements \
+                 WHERE statement NOT LIKE '%pg_prepared_statements%' AND (\
+                 statement LIKE '%\"entries\" LEFT OUTER JOIN \"fills\"%' \
+                 OR statement LIKE '%\"accounts\".\"secret_ciphertext\" FROM%' \
+                 OR statement LIKE '%\"accounts\".\"late_policy\"%' \
+                 OR statement LIKE '%FROM \"protection_legs\" WHERE%')";
+    let mut pids = Vec::new();
+    for pool in [store.pool(), store.evidence_pool()] {
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(pool.get().await.unwrap());
+        }
+        for conn in &mut conns {
+            let prepared = count(conn, reads).await;
+            assert_eq!(
+                prepared, 4,
+                "the fill's reads prepared on a warmed connection"
+            );
+            pids.push(count(conn, "SELECT pg_backend_pid()::int8 AS n").await);
+        }
     }
-    for conn in &mut conns {
-        // The snapshot, the keys, the settings, the legs and the entry.
-        let prepared = count(conn, "SELECT count(*) AS n FROM pg_prepared_statements").await;
-        assert!(
-            prepared >= 5,
-            "{prepared} statements prepared on a warmed connection"
-        );
-    }
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 6, "six distinct connections: {pids:?}");
     let written = count(
         &mut raw,
         "SELECT (SELECT count(*) FROM entries) + (SELECT count(*) FROM fills) \
