@@ -15,8 +15,8 @@ use crate::model::{
 };
 use crate::money::Qty;
 use crate::ports::{
-    ApiCredentials, Coverage, CoverageReport, Leases, NewAccount, Store, StoreError,
-    UnprotectedEntry, Users,
+    ApiCredentials, Coverage, CoverageReport, Leases, NewAccount, RecordedOutcomes, Store,
+    StoreError, UnprotectedEntry, Users,
 };
 use crate::state::{EntryStatus, LegSold, LegState};
 
@@ -465,7 +465,7 @@ impl Store for MemStore {
         updates: &[LegUpdate],
         events: &[EntryEventRecord],
         protection: Option<&Protection>,
-    ) -> Result<Vec<bool>, StoreError> {
+    ) -> Result<RecordedOutcomes, StoreError> {
         let mut inner = self.lock();
         // Everything is checked before anything changes: all or nothing.
         if !inner.entries.contains_key(&entry) {
@@ -491,12 +491,14 @@ impl Store for MemStore {
             applied.push(true);
         }
         inner.events.extend(events.iter().cloned());
-        if let Some(p) = protection
-            && let Some(e) = inner.entries.get_mut(&entry)
-        {
+        let Some(e) = inner.entries.get_mut(&entry) else {
+            return Err(not_found("entry", entry));
+        };
+        if let Some(p) = protection {
             e.protection = p.clone();
         }
-        Ok(applied)
+        let entry = e.clone();
+        Ok(RecordedOutcomes { applied, entry })
     }
 }
 

@@ -543,22 +543,24 @@ pub trait Store: Send + Sync {
     /// exactly one caller, and the legs of one generation of an entry are won
     /// together or not at all: the lowest leg of them in `claims` (a plan's
     /// first leg), whatever their order, decides, and the others are claimed
-    /// only if it was. Racing
-    /// claimers whose plans differ in shape (one leg from a smaller fill, two
-    /// from a larger) thus never split a generation between them.
+    /// only if it was. Racing claimers whose plans differ in shape (one leg
+    /// from a smaller fill, two from a larger) thus never split a generation
+    /// between them.
     async fn claim_legs(&self, claims: &[LegClaim]) -> Result<Vec<bool>, StoreError>;
     /// Records what a placement ended in, all or nothing in one durable write:
-    /// each of `updates` as [`Store::update_leg`] (element `i` of the answer
+    /// each of `updates` as [`Store::update_leg`] (`applied[i]` of the answer
     /// tells whether `updates[i]` applied), then `events` appended to the
     /// entry's history, then the entry's protection set to `protection` if
-    /// given.
+    /// given. The answer also holds the entry as read after the write, so
+    /// that the placer sees fills recorded while it placed without another
+    /// call.
     async fn record_outcomes(
         &self,
         entry: EntryId,
         updates: &[LegUpdate],
         events: &[EntryEventRecord],
         protection: Option<&crate::model::Protection>,
-    ) -> Result<Vec<bool>, StoreError>;
+    ) -> Result<RecordedOutcomes, StoreError>;
 
     /// `account`'s keys and settings and entry `id`'s legs, read in
     /// parallel: one round trip of latency, not three.
@@ -635,6 +637,15 @@ pub struct FillContext {
 /// without more checks (legs exist, levels or plan fail), and the caller
 /// decides the long way. Pure, and may be called more than once.
 pub type ClaimPlanner<'a> = dyn Fn(&Entry, &FillContext) -> Vec<LegClaim> + Send + Sync + 'a;
+
+/// What [`Store::record_outcomes`] wrote, and the entry after it.
+#[derive(Debug, Clone)]
+pub struct RecordedOutcomes {
+    /// Element `i`: whether `updates[i]` applied (the leg was in its `from` state).
+    pub applied: Vec<bool>,
+    /// The entry as read after the write.
+    pub entry: Entry,
+}
 
 /// What [`Store::record_fill_and_claim`] wrote.
 #[derive(Debug, Clone)]

@@ -841,10 +841,13 @@ impl Protector {
                         by: source,
                     }
                 });
-            self.store
+            // The entry comes back read after the write: fills recorded while
+            // we placed show without another round trip.
+            let fresh = self
+                .store
                 .record_outcomes(entry.id, &updates, &events, protection.as_ref())
-                .await?;
-            let fresh = self.store.entry(entry.id).await?;
+                .await?
+                .entry;
             if fresh.net_qty() > entry.net_qty() {
                 return Ok(Round::Again { holding: None });
             }

@@ -1181,7 +1181,7 @@ async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
         at: Millis(121),
         by: crate::model::Source::Websocket,
     };
-    let applied = store
+    let recorded = store
         .record_outcomes(
             entry.id,
             &[
@@ -1196,8 +1196,9 @@ async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
         )
         .await?;
     ensure!(
-        applied == [true, false],
-        "each update is compare-and-set: {applied:?}"
+        recorded.applied == [true, false],
+        "each update is compare-and-set: {:?}",
+        recorded.applied
     );
     let legs = store.legs(entry.id).await?;
     ensure!(
@@ -1218,9 +1219,15 @@ async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
         kinds == ["leg_placed", "protected"],
         "events appended in order: {kinds:?}"
     );
+    let after = store.entry(entry.id).await?;
     ensure!(
-        store.entry(entry.id).await?.protection == protected,
+        after.protection == protected,
         "protection set with the outcomes"
+    );
+    ensure!(
+        recorded.entry == after,
+        "the entry answered is the entry after the write: {:?}",
+        recorded.entry
     );
 
     // A generation is won whole or not at all, whatever shape each claimer

@@ -20,7 +20,7 @@ use oco_core::mem::{is_open, merge_evidence};
 use oco_core::model::{
     EntryEventRecord, EntryKind, Evidence, LegClaim, LegUpdate, NewEntry, OrderSize, Protection,
 };
-use oco_core::ports::{ClaimPlanner, FillContext, NewAccount, RecordedFill};
+use oco_core::ports::{ClaimPlanner, FillContext, NewAccount, RecordedFill, RecordedOutcomes};
 use oco_core::state::{EntryStatus, LegSold};
 use oco_core::{
     Account, AccountId, ApiCredentials, ClientOrderId, Entry, EntryId, Leg, LegKey, Millis,
@@ -1251,7 +1251,7 @@ impl Store for PgStore {
         updates: &[LegUpdate],
         events: &[EntryEventRecord],
         protection: Option<&Protection>,
-    ) -> Result<Vec<bool>, StoreError> {
+    ) -> Result<RecordedOutcomes, StoreError> {
         let protection = protection
             .map(EntryProtectionColumns::from_protection)
             .transpose()?;
@@ -1262,7 +1262,16 @@ impl Store for PgStore {
         // and the protection, all or nothing.
         let statement = RecordOutcomes::new(entry, updates, events, protection)?;
         let set_protection = statement.set_protection;
-        let rows: Vec<OutcomeRow> = statement.load(&mut conn).await.map_err(|e| match e {
+        // The entry's read is pipelined behind the write on the same
+        // connection: it runs after the write committed, in the same round trip.
+        let written = statement.load::<OutcomeRow>(&mut conn).boxed();
+        let after = entries::table
+            .find(entry.0)
+            .select(EntryRow::as_select())
+            .first::<EntryRow>(&mut conn)
+            .boxed();
+        let (rows, after) = futures_util::future::join(written, after).await;
+        let rows = rows.map_err(|e| match e {
             e if is_foreign_key(&e) => not_found("entry", entry),
             e => db(&doing, e),
         })?;
@@ -1281,7 +1290,12 @@ impl Store for PgStore {
         if set_protection && rows.as_slice().first().is_none_or(|r| r.entries_set == 0) {
             return Err(not_found("entry", entry));
         }
-        Ok(applied)
+        let entry = after
+            .optional()
+            .map_err(|e| db(&format!("reading entry {entry} after its outcomes"), e))?
+            .ok_or_else(|| not_found("entry", entry))?
+            .into_entry()?;
+        Ok(RecordedOutcomes { applied, entry })
     }
 }
 
