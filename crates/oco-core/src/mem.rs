@@ -371,7 +371,12 @@ impl Store for MemStore {
         _reason: &str,
         _at: Millis,
     ) -> Result<(), StoreError> {
-        self.lock().flagged.insert(account);
+        let mut inner = self.lock();
+        // As PostgreSQL's foreign key: only an account that exists is flagged.
+        if !inner.accounts.contains_key(&account) {
+            return Err(not_found("account", account));
+        }
+        inner.flagged.insert(account);
         Ok(())
     }
 

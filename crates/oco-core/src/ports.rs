@@ -517,6 +517,21 @@ pub trait Store: Send + Sync {
         reason: &str,
         at: Millis,
     ) -> Result<(), StoreError>;
+    /// Flags several accounts, each with its reason, as
+    /// [`Store::flag_reconcile`] does one: a gateway opening many streams at
+    /// once flags them in a few writes instead of one each. An unknown account
+    /// fails the call; the default flags one by one (those before it stay
+    /// flagged), a store may write them all in one statement (then none is).
+    async fn flag_reconcile_many(
+        &self,
+        flags: &[(AccountId, String)],
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        for (account, reason) in flags {
+            self.flag_reconcile(*account, reason, at).await?;
+        }
+        Ok(())
+    }
     /// Takes up to `limit` flagged accounts, clearing their flags; concurrent
     /// takers never get the same account.
     async fn take_flagged(&self, limit: usize) -> Result<Vec<AccountId>, StoreError>;

@@ -1072,6 +1072,28 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         store.take_flagged(10).await?.is_empty(),
         "flags are cleared when taken"
     );
+    store
+        .flag_reconcile_many(
+            &[
+                (account.id, "stream opened".to_owned()),
+                (account.id, "stream opened again".to_owned()),
+            ],
+            Millis(72),
+        )
+        .await?;
+    ensure!(
+        store.take_flagged(10).await? == [account.id],
+        "two flags of one account in one write flag it once"
+    );
+    ensure!(
+        matches!(
+            store
+                .flag_reconcile(AccountId(account.id.0 + 10_000), "gap", Millis(73))
+                .await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "an unknown account is not flagged"
+    );
     due_behaviour(store, account.id).await?;
     batch_behaviour(store, account.id).await
 }

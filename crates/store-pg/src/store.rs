@@ -1127,6 +1127,46 @@ impl Store for PgStore {
         }
     }
 
+    async fn flag_reconcile_many(
+        &self,
+        flags: &[(AccountId, String)],
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        // One row per account (an upsert may not touch a row twice), the last
+        // reason given for it kept.
+        let mut latest: BTreeMap<i64, &str> = BTreeMap::new();
+        for (account, reason) in flags {
+            latest.insert(account.0, reason);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let at = timestamp(at)?;
+        let (accounts, reasons): (Vec<i64>, Vec<&str>) = latest.into_iter().unzip();
+        let mut conn = self.conn().await?;
+        let flagged = diesel::sql_query(
+            "WITH f AS (INSERT INTO reconcile_flags (account_id, reason, flagged_at) \
+             SELECT t.account_id, t.reason, $3 FROM unnest($1, $2) AS t (account_id, reason) \
+             ON CONFLICT (account_id) DO UPDATE SET reason = EXCLUDED.reason RETURNING account_id) \
+             SELECT pg_notify('oco_reconcile', account_id::text) FROM f",
+        )
+        .bind::<diesel::sql_types::Array<BigInt>, _>(&accounts)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(&reasons)
+        .bind::<diesel::sql_types::Timestamptz, _>(at)
+        .execute(&mut conn)
+        .await;
+        match flagged {
+            Ok(_) => Ok(()),
+            Err(e) if is_foreign_key(&e) => {
+                Err(not_found("account", format!("one of {accounts:?}")))
+            }
+            Err(e) => Err(db(
+                &format!("flagging {} accounts for reconciliation", accounts.len()),
+                e,
+            )),
+        }
+    }
+
     async fn take_flagged(&self, limit: usize) -> Result<Vec<AccountId>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut conn = self.conn().await?;

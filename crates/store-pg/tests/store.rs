@@ -681,6 +681,42 @@ async fn flagged_accounts_are_taken_once_and_announced() {
             .await,
         Err(StoreError::NotFound { .. })
     ));
+
+    // Many in one write: each announced once, taken once, duplicates merged.
+    while tokio::time::timeout(Duration::from_millis(100), listener.recv())
+        .await
+        .is_ok()
+    {}
+    let mut many: Vec<(AccountId, String)> = ids[..10]
+        .iter()
+        .map(|id| (*id, "stream opened".to_owned()))
+        .collect();
+    many.push((ids[0], "stream opened again".to_owned()));
+    store.flag_reconcile_many(&many, Millis(2)).await.unwrap();
+    let mut announced = Vec::new();
+    while let Ok(Ok(id)) = tokio::time::timeout(Duration::from_secs(2), listener.recv()).await {
+        announced.push(id);
+        if announced.len() == 10 {
+            break;
+        }
+    }
+    announced.sort();
+    assert_eq!(announced, ids[..10], "one NOTIFY per account flagged");
+    let mut taken = store.take_flagged(100).await.unwrap();
+    taken.sort();
+    assert_eq!(taken, ids[..10], "each account flagged once");
+    let with_unknown = [
+        (ids[11], "x".to_owned()),
+        (AccountId(99_999), "x".to_owned()),
+    ];
+    assert!(matches!(
+        store.flag_reconcile_many(&with_unknown, Millis(3)).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(
+        store.take_flagged(100).await.unwrap().is_empty(),
+        "an unknown account fails the whole write"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -21,10 +21,12 @@ use oco_core::follow::Followed;
 use oco_core::ids::{LegKey, OrderRole};
 use oco_core::model::{Protection, Source};
 use oco_core::ports::{
-    ExecutionUpdate, Leases, ListUpdate, Store, StreamEvent, UserStream, UserStreamSession,
+    Clock, ExecutionUpdate, Leases, ListUpdate, Store, StoreError, StreamEvent, UserStream,
+    UserStreamSession,
 };
 use oco_core::protect::{Idle, ProtectOutcome, ProtectReport, Protector};
 use oco_core::{AccountId, EntryId, ExchangeError};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -87,6 +89,10 @@ pub struct GatewayStats {
     pub gaps: AtomicU64,
     /// Failures of `protect` (each flags the account).
     pub failures: AtomicU64,
+    /// Accounts flagged for reconciliation.
+    pub flags: AtomicU64,
+    /// Writes those flags took (several flags queued together share one).
+    pub flag_writes: AtomicU64,
     /// Stream state of every account leased here: up or down.
     accounts: std::sync::Mutex<std::collections::BTreeMap<AccountId, bool>>,
 }
@@ -108,6 +114,10 @@ pub struct StatsSnapshot {
     pub gaps: u64,
     /// `protect` failures.
     pub failures: u64,
+    /// Accounts flagged for reconciliation.
+    pub flags: u64,
+    /// Writes those flags took.
+    pub flag_writes: u64,
 }
 
 impl GatewayStats {
@@ -122,6 +132,8 @@ impl GatewayStats {
             placements: r(&self.placements),
             gaps: r(&self.gaps),
             failures: r(&self.failures),
+            flags: r(&self.flags),
+            flag_writes: r(&self.flag_writes),
         }
     }
 }
@@ -199,6 +211,11 @@ impl Gateway {
     /// [`GatewayError::Release`] when the leases could not be released (they
     /// then expire after the lease period).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+        let flagger = Flagger::start(
+            self.store.clone(),
+            self.protector.clock().clone(),
+            self.stats.clone(),
+        );
         let mut tasks: HashMap<AccountId, JoinHandle<()>> = HashMap::new();
         let mut tick = tokio::time::interval(self.config.renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -228,9 +245,9 @@ impl Gateway {
                     });
                     // An account still leased whose task ended (keys refused, store down) starts again.
                     for id in held {
-                        tasks
-                            .entry(id)
-                            .or_insert_with(|| self.spawn_account(id, "stream restarted"));
+                        tasks.entry(id).or_insert_with(|| {
+                            self.spawn_account(id, "stream restarted", &flagger)
+                        });
                     }
                 }
                 Err(err) => {
@@ -262,7 +279,7 @@ impl Gateway {
                             "stream started"
                         };
                         info!(account = %id, holder = %self.config.holder, taken_over, "account leased");
-                        if let Some(old) = tasks.insert(id, self.spawn_account(id, why)) {
+                        if let Some(old) = tasks.insert(id, self.spawn_account(id, why, &flagger)) {
                             old.abort();
                         }
                     }
@@ -283,11 +300,17 @@ impl Gateway {
             .map_err(GatewayError::Release)
     }
 
-    fn spawn_account(&self, account: AccountId, why: &'static str) -> JoinHandle<()> {
+    fn spawn_account(
+        &self,
+        account: AccountId,
+        why: &'static str,
+        flagger: &Flagger,
+    ) -> JoinHandle<()> {
         self.stats.leased(account);
         let worker = AccountWorker {
             account,
             store: self.store.clone(),
+            flagger: flagger.clone(),
             streams: self.streams.clone(),
             protector: self.protector.clone(),
             stats: self.stats.clone(),
@@ -301,6 +324,7 @@ impl Gateway {
 struct AccountWorker {
     account: AccountId,
     store: Arc<dyn Store>,
+    flagger: Flagger,
     streams: Arc<dyn UserStream>,
     protector: Arc<Protector>,
     stats: Arc<GatewayStats>,
@@ -572,10 +596,90 @@ impl AccountWorker {
     }
 
     async fn flag(&self, reason: &str) {
-        let now = self.protector.clock().now();
-        if let Err(err) = self.store.flag_reconcile(self.account, reason, now).await {
+        if let Err(err) = self.flagger.flag(self.account, reason).await {
             warn!(account = %self.account, error = %err, "could not flag account for reconciliation");
         }
+    }
+}
+
+/// Most flags in one write.
+const MAX_FLAGS_PER_WRITE: usize = 500;
+
+/// The account workers' reconcile flags, written together: whatever queued
+/// while the previous write was in flight goes into the next one. A gateway
+/// that opens a thousand streams at start (each flagged once open: nothing is
+/// replayed on a stream) so writes a few statements, not a thousand durable
+/// commits and notifications at once, and each worker still waits for its
+/// own flag's commit.
+#[derive(Clone)]
+struct Flagger {
+    tx: mpsc::UnboundedSender<FlagRequest>,
+}
+
+struct FlagRequest {
+    account: AccountId,
+    reason: String,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+impl Flagger {
+    /// Starts the writer; it stops when every handle is dropped.
+    fn start(store: Arc<dyn Store>, clock: Arc<dyn Clock>, stats: Arc<GatewayStats>) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<FlagRequest>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_FLAGS_PER_WRITE {
+                    match rx.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                let flags: Vec<(AccountId, String)> = batch
+                    .iter()
+                    .map(|r| (r.account, r.reason.clone()))
+                    .collect();
+                let now = clock.now();
+                stats.flag_writes.fetch_add(1, Ordering::Relaxed);
+                match store.flag_reconcile_many(&flags, now).await {
+                    Ok(()) => {
+                        stats.flags.fetch_add(flags.len() as u64, Ordering::Relaxed);
+                        for request in batch {
+                            let _ = request.done.send(Ok(()));
+                        }
+                    }
+                    // One account the store refuses must not cost the others
+                    // their flags: each is written alone and answered for itself.
+                    Err(_) => {
+                        for request in batch {
+                            stats.flag_writes.fetch_add(1, Ordering::Relaxed);
+                            let result = store
+                                .flag_reconcile(request.account, &request.reason, now)
+                                .await;
+                            if result.is_ok() {
+                                stats.flags.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let _ = request.done.send(result);
+                        }
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Flags `account` and waits for the write.
+    async fn flag(&self, account: AccountId, reason: &str) -> Result<(), StoreError> {
+        let stopped = || StoreError::Unavailable("the reconcile flag writer stopped".to_owned());
+        let (done, answer) = oneshot::channel();
+        self.tx
+            .send(FlagRequest {
+                account,
+                reason: reason.to_owned(),
+                done,
+            })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 }
 
@@ -585,5 +689,64 @@ impl AccountWorker {
 fn drain_ready(session: &mut dyn UserStreamSession, pending: &mut VecDeque<StreamEvent>) {
     while let Some(Ok(event)) = session.ready_event() {
         pending.push_back(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use oco_core::mem::MemStore;
+    use oco_core::ports::{ApiCredentials, NewAccount};
+    use oco_core::{ProtectionConfig, SystemClock};
+    use secrecy::SecretString;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn flags_queued_together_share_a_write_and_each_lands() {
+        let store = Arc::new(MemStore::new());
+        let mut accounts = Vec::new();
+        for i in 0..200 {
+            let account = store
+                .create_account(NewAccount {
+                    owner: "o".into(),
+                    exchange: "binance".into(),
+                    credentials: ApiCredentials {
+                        api_key: format!("key-{i}"),
+                        secret: SecretString::from("s"),
+                    },
+                    protection: ProtectionConfig::DEFAULT,
+                })
+                .await
+                .unwrap();
+            accounts.push(account.id);
+        }
+        let stats = Arc::new(GatewayStats::default());
+        let flagger = Flagger::start(store.clone(), Arc::new(SystemClock), stats.clone());
+
+        let results = futures_util::future::join_all(
+            accounts.iter().map(|a| flagger.flag(*a, "stream opened")),
+        )
+        .await;
+
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let s = stats.snapshot();
+        assert_eq!(s.flags, 200);
+        assert!(
+            s.flag_writes < 20,
+            "200 flags queued together took {} writes",
+            s.flag_writes
+        );
+        let mut taken = store.take_flagged(1000).await.unwrap();
+        taken.sort();
+        assert_eq!(taken, accounts, "every account flagged once");
+        // An account the store refuses fails alone; the others still land.
+        let unknown = AccountId(accounts[199].0 + 1_000);
+        let (bad, good) =
+            futures_util::future::join(flagger.flag(unknown, "x"), flagger.flag(accounts[0], "y"))
+                .await;
+        assert!(matches!(bad, Err(StoreError::NotFound { .. })), "{bad:?}");
+        assert!(good.is_ok(), "{good:?}");
+        assert_eq!(store.take_flagged(10).await.unwrap(), vec![accounts[0]]);
     }
 }
