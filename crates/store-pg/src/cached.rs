@@ -444,9 +444,9 @@ impl ClaimLegs<'_> {
 
 untyped_query!(ClaimLegs<'_>);
 
-/// A placement's outcomes in one statement: each leg update as a
-/// compare-and-set on its state, the history appended and the entry's
-/// protection set, all or nothing. When any leg does not exist nothing is
+/// A placement's outcomes in one call of the `record_outcomes` function:
+/// each leg update as a compare-and-set on its state, the history appended
+/// and the entry's protection set, all or nothing. When any leg does not exist nothing is
 /// written (`found` tells which); a missing entry fails the events' foreign
 /// key. Returns one row per update: whether it applied.
 pub(crate) struct RecordOutcomes<'a> {
@@ -537,7 +537,11 @@ impl<'a> RecordOutcomes<'a> {
 
 impl QueryFragment<Pg> for RecordOutcomes<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql("WITH u AS (SELECT * FROM unnest(");
+        // The statement is the `record_outcomes` function (migration
+        // 2026-12-04-000007): planned once per connection, with index lookups only.
+        out.push_sql("SELECT entries_set, n, leg_found AS found, applied FROM record_outcomes(");
+        out.push_bind_param::<Int8, _>(&self.entry)?;
+        out.push_sql(", ");
         out.push_bind_param::<Array<Int8>, _>(&self.leg_entries)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Int2>, _>(&self.legs)?;
@@ -559,23 +563,7 @@ impl QueryFragment<Pg> for RecordOutcomes<'_> {
         out.push_bind_param::<Array<Nullable<Text>>, _>(&self.last_errors)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Timestamptz>, _>(&self.updated_at)?;
-        out.push_sql(
-            ") WITH ORDINALITY AS u (entry_id, leg, generation, from_state, state, order_list_id, \
-             not_placed_code, state_reason, external_end, last_error, updated_at, n)), \
-             present AS (SELECT u.n, EXISTS (SELECT 1 FROM protection_legs x \
-             WHERE x.entry_id = u.entry_id AND x.leg = u.leg AND x.generation = u.generation) \
-             AS found FROM u), \
-             ok AS (SELECT COALESCE(bool_and(present.found), true) AS all_found FROM present), \
-             moved AS (UPDATE protection_legs l SET state = u.state, \
-             order_list_id = COALESCE(u.order_list_id, l.order_list_id), \
-             not_placed_code = u.not_placed_code, state_reason = u.state_reason, \
-             external_end = u.external_end, last_error = COALESCE(u.last_error, l.last_error), \
-             updated_at = u.updated_at FROM u, ok WHERE ok.all_found \
-             AND l.entry_id = u.entry_id AND l.leg = u.leg AND l.generation = u.generation \
-             AND l.state = u.from_state RETURNING u.n), \
-             history AS (INSERT INTO entry_events (entry_id, kind, detail, source, at) \
-             SELECT e.entry_id, e.kind, e.detail, e.source, e.at FROM unnest(",
-        );
+        out.push_sql(", ");
         out.push_bind_param::<Array<Int8>, _>(&self.event_entries)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Text>, _>(&self.event_kinds)?;
@@ -585,29 +573,17 @@ impl QueryFragment<Pg> for RecordOutcomes<'_> {
         out.push_bind_param::<Array<Nullable<Text>>, _>(&self.event_sources)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Timestamptz>, _>(&self.event_at)?;
-        out.push_sql(
-            ") WITH ORDINALITY AS e (entry_id, kind, detail, source, at, n), ok WHERE ok.all_found \
-             ORDER BY e.n), \
-             protection AS (UPDATE entries SET protection = ",
-        );
-        out.push_bind_param::<Text, _>(self.protection)?;
-        out.push_sql(", protection_reason = ");
-        out.push_bind_param::<Nullable<Text>, _>(&self.protection_reason)?;
-        out.push_sql(", protected_at = COALESCE(");
-        out.push_bind_param::<Nullable<Timestamptz>, _>(&self.protected_at)?;
-        out.push_sql(", protected_at), protected_by = COALESCE(");
-        out.push_bind_param::<Nullable<Text>, _>(&self.protected_by)?;
-        out.push_sql(", protected_by) FROM ok WHERE ok.all_found AND ");
+        out.push_sql(", ");
         out.push_bind_param::<Bool, _>(&self.set_protection)?;
-        out.push_sql(" AND id = ");
-        out.push_bind_param::<Int8, _>(&self.entry)?;
-        out.push_sql(
-            " RETURNING 1) \
-             SELECT (SELECT count(*) FROM protection) AS entries_set, present.n AS n, \
-             present.found AS found, \
-             EXISTS (SELECT 1 FROM moved WHERE moved.n = present.n) AS applied \
-             FROM ok LEFT JOIN present ON true ORDER BY present.n",
-        );
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(self.protection)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&self.protection_reason)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Timestamptz>, _>(&self.protected_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&self.protected_by)?;
+        out.push_sql(")");
         Ok(())
     }
 }

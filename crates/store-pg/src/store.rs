@@ -264,14 +264,21 @@ impl PgStore {
     pub async fn warm_up(&self) -> Result<(), StoreError> {
         // Both pools, each whatever becomes of the other.
         let (durable, evidence) = futures_util::future::join(
-            self.warm_pool(&self.pool),
-            self.warm_pool(&self.evidence_pool),
+            self.warm_pool(&self.pool, true),
+            self.warm_pool(&self.evidence_pool, false),
         )
         .await;
         durable.and(evidence)
     }
 
-    async fn warm_pool(&self, connections: &Pool<AsyncPgConnection>) -> Result<(), StoreError> {
+    /// Warms every connection of `connections`; `durable` ones also call
+    /// the outcomes' function once (its first call in a session compiles and
+    /// plans it), with nothing to record.
+    async fn warm_pool(
+        &self,
+        connections: &Pool<AsyncPgConnection>,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         // Ids no row has: each read finds nothing, and is prepared all the same.
         let (nobody, nothing) = (AccountId(0), EntryId(0));
         // All at once, or the pool would hand the same connection back.
@@ -287,6 +294,12 @@ impl PgStore {
             let (snapshot, context, entry) =
                 futures_util::future::join3(snapshot, context, entry).await;
             snapshot?;
+            if durable {
+                RecordOutcomes::new(nothing, &[], &[], None)?
+                    .load::<OutcomeRow>(&mut conn)
+                    .await
+                    .map_err(|e| db("preparing the outcomes' statement", e))?;
+            }
             for absent in [context.map(drop), entry.map(drop)] {
                 match absent {
                     Ok(()) | Err(StoreError::NotFound { .. }) => {}

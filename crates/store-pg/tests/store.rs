@@ -974,6 +974,19 @@ async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
                 prepared, 4,
                 "the fill's reads prepared on a warmed connection"
             );
+            if std::ptr::eq(pool, store.pool()) {
+                let outcomes = count(
+                    conn,
+                    "SELECT count(*) AS n FROM pg_prepared_statements \
+                     WHERE statement LIKE '%FROM record_outcomes(%' \
+                     AND statement NOT LIKE '%pg_prepared_statements%'",
+                )
+                .await;
+                assert_eq!(
+                    outcomes, 1,
+                    "the outcomes' call prepared on a durable connection"
+                );
+            }
             pids.push(count(conn, "SELECT pg_backend_pid()::int8 AS n").await);
         }
     }
