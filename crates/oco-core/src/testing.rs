@@ -92,7 +92,11 @@ struct FakeState {
 #[derive(Default)]
 pub struct FakeExchange {
     state: Mutex<FakeState>,
+    before_oco: Mutex<Option<OcoHook>>,
 }
+
+/// What runs before the next OCO placement (see [`FakeExchange::before_next_oco`]).
+type OcoHook = Box<dyn FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send>;
 
 fn rejected(code: i32, msg: &str) -> ExchangeError {
     ExchangeError::Rejected {
@@ -105,6 +109,19 @@ impl FakeExchange {
     /// An exchange with no symbols.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Runs `hook` once, at the start of the next OCO placement: what
+    /// happens elsewhere (another layer recording a fill, say) while a
+    /// protection is being placed.
+    pub fn before_next_oco(
+        &self,
+        hook: impl FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send + 'static,
+    ) {
+        *self
+            .before_oco
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(hook));
     }
 
     fn lock(&self) -> MutexGuard<'_, FakeState> {
@@ -554,6 +571,14 @@ impl Exchange for FakeExchange {
         creds: &ApiCredentials,
         oco: &OcoRequest,
     ) -> Result<OcoAck, ExchangeError> {
+        let hook = self
+            .before_oco
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(hook) = hook {
+            hook().await;
+        }
         YieldNow::default().await;
         let mut s = self.lock();
         s.oco_calls += 1;

@@ -601,105 +601,6 @@ async fn a_market_past_one_target_exits_that_part_and_keeps_the_other_stop() {
     assert_eq!(w.exchange.oco_calls(), 2);
 }
 
-/// The exchange double, with the rest of the entry's fill recorded (as another
-/// layer would) while the first list is being placed.
-struct FillsWhilePlacing {
-    inner: std::sync::Arc<oco_core::testing::FakeExchange>,
-    store: std::sync::Arc<oco_core::mem::MemStore>,
-    entry: oco_core::EntryId,
-    rest: oco_core::model::Evidence,
-    done: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl oco_core::ports::Exchange for FillsWhilePlacing {
-    async fn symbol_rules(&self, symbol: &str) -> Result<oco_core::SymbolRules, ExchangeError> {
-        self.inner.symbol_rules(symbol).await
-    }
-    fn invalidate_rules(&self, symbol: &str) {
-        self.inner.invalidate_rules(symbol);
-    }
-    async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError> {
-        self.inner.last_price(symbol).await
-    }
-    async fn balances(
-        &self,
-        creds: &oco_core::ApiCredentials,
-    ) -> Result<Vec<oco_core::ports::Balance>, ExchangeError> {
-        self.inner.balances(creds).await
-    }
-    async fn place_order(
-        &self,
-        creds: &oco_core::ApiCredentials,
-        order: &oco_core::ports::OrderRequest,
-    ) -> Result<oco_core::ports::OrderSnapshot, ExchangeError> {
-        self.inner.place_order(creds, order).await
-    }
-    async fn query_order(
-        &self,
-        creds: &oco_core::ApiCredentials,
-        symbol: &str,
-        client_id: &str,
-    ) -> Result<oco_core::ports::OrderSnapshot, ExchangeError> {
-        self.inner.query_order(creds, symbol, client_id).await
-    }
-    async fn order_trades(
-        &self,
-        creds: &oco_core::ApiCredentials,
-        symbol: &str,
-        order_id: i64,
-    ) -> Result<Vec<oco_core::model::Fill>, ExchangeError> {
-        self.inner.order_trades(creds, symbol, order_id).await
-    }
-    async fn cancel_order(
-        &self,
-        creds: &oco_core::ApiCredentials,
-        symbol: &str,
-        client_id: &str,
-    ) -> Result<oco_core::ports::CancelOutcome, ExchangeError> {
-        self.inner.cancel_order(creds, symbol, client_id).await
-    }
-    async fn place_oco(
-        &self,
-        creds: &oco_core::ApiCredentials,
-        request: &oco_core::ports::OcoRequest,
-    ) -> Result<oco_core::ports::OcoAck, ExchangeError> {
-        if !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            self.store
-                .record_evidence(self.entry, &self.rest)
-                .await
-                .unwrap();
-            let (free, _) = self.inner.balance(KEY, "BTC");
-            self.inner.set_free(KEY, "BTC", free + dec!(0.6));
-        }
-        self.inner.place_oco(creds, request).await
-    }
-    async fn order_list(
-        &self,
-        creds: &oco_core::ApiCredentials,
-        symbol: &str,
-        list_client_id: &str,
-    ) -> Result<Option<oco_core::ports::OrderListSnapshot>, ExchangeError> {
-        self.inner.order_list(creds, symbol, list_client_id).await
-    }
-    async fn open_order_lists(
-        &self,
-        creds: &oco_core::ApiCredentials,
-    ) -> Result<Vec<oco_core::ports::OrderListSnapshot>, ExchangeError> {
-        self.inner.open_order_lists(creds).await
-    }
-    async fn cancel_order_list(
-        &self,
-        creds: &oco_core::ApiCredentials,
-        symbol: &str,
-        list_client_id: &str,
-    ) -> Result<oco_core::ports::CancelOutcome, ExchangeError> {
-        self.inner
-            .cancel_order_list(creds, symbol, list_client_id)
-            .await
-    }
-}
-
 #[tokio::test]
 async fn a_fill_recorded_while_the_legs_are_placed_is_covered_in_the_same_call() {
     let w = world(ProtectionConfig::DEFAULT).await;
@@ -716,21 +617,18 @@ async fn a_fill_recorded_while_the_legs_are_placed_is_covered_in_the_same_call()
             (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
         ],
     );
-    let exchange = std::sync::Arc::new(FillsWhilePlacing {
-        inner: w.exchange.clone(),
-        store: w.store.clone(),
-        entry: id,
-        rest,
-        done: std::sync::atomic::AtomicBool::new(false),
+    // Another layer records the rest of the fill while the first list goes out.
+    let (store, exchange) = (w.store.clone(), w.exchange.clone());
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            store.record_evidence(id, &rest).await.unwrap();
+            let (free, _) = exchange.balance(KEY, "BTC");
+            exchange.set_free(KEY, "BTC", free + dec!(0.6));
+        })
     });
-    let protector = oco_core::protect::Protector::new(
-        exchange,
-        w.store.clone(),
-        w.clock.clone(),
-        oco_core::protect::ProtectorConfig::new(oco_core::ids::IdScheme::new("og").unwrap()),
-    );
 
-    let report = protector
+    let report = w
+        .protector
         .protect(id, Some(&part), Source::Websocket)
         .await
         .unwrap();
