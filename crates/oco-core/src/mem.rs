@@ -437,29 +437,24 @@ impl Store for MemStore {
         // A generation is won whole or not at all: its lowest leg here (its
         // lead) decides, whatever the order of the claims.
         let generation = |c: &LegClaim| (c.key.entry, c.key.generation);
-        let lead_of = |claim: &LegClaim| {
+        let is_lead = |claim: &LegClaim| {
             claims
                 .iter()
                 .filter(|c| generation(c) == generation(claim))
-                .min_by_key(|c| c.key.leg.number())
-                .map(|c| c.key)
+                .all(|c| c.key.leg.number() >= claim.key.leg.number())
         };
-        let mut won = vec![false; claims.len()];
-        for (i, claim) in claims.iter().enumerate() {
-            if lead_of(claim) == Some(claim.key) {
-                won[i] = claim_locked(&mut inner, claim)?;
-            }
+        let mut led = BTreeMap::new();
+        for claim in claims.iter().filter(|c| is_lead(c)) {
+            led.insert(generation(claim), claim_locked(&mut inner, claim)?);
         }
-        for (i, claim) in claims.iter().enumerate() {
-            let lead = lead_of(claim);
-            if lead == Some(claim.key) {
-                continue;
-            }
-            let lead_won = claims
-                .iter()
-                .zip(&won)
-                .any(|(c, w)| Some(c.key) == lead && *w);
-            won[i] = lead_won && claim_locked(&mut inner, claim)?;
+        let mut won = Vec::with_capacity(claims.len());
+        for claim in claims {
+            let lead_won = led.get(&generation(claim)).copied().unwrap_or(false);
+            won.push(if is_lead(claim) {
+                lead_won
+            } else {
+                lead_won && claim_locked(&mut inner, claim)?
+            });
         }
         Ok(won)
     }

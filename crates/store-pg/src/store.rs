@@ -379,49 +379,84 @@ impl PgStore {
     /// `account`'s keys and settings and entry `id`'s legs, their three
     /// statements started on `conn` at once (pipelined): one round trip and
     /// one server process, where three connections would wake three.
-    fn start_context(
-        &self,
+    fn start_context<'s>(
+        &'s self,
         conn: &mut AsyncPgConnection,
         account: AccountId,
         id: EntryId,
-    ) -> impl Future<Output = Result<FillContext, StoreError>> + Send + '_ {
+    ) -> impl Future<Output = Result<FillContext, StoreError>> + Send + use<'s> {
+        let keys = self.start_credentials(conn, account);
+        let settings = Self::start_account(conn, account);
+        let legs = Self::start_legs(conn, id);
+        async move {
+            let (keys, settings, legs) = futures_util::future::join3(keys, settings, legs).await;
+            Ok(FillContext {
+                credentials: keys?,
+                account: settings?,
+                legs: legs?,
+            })
+        }
+    }
+
+    /// `account`'s API key and secret, the statement started on `conn` at
+    /// once (see [`PgStore::start_snapshot`]).
+    fn start_credentials<'s>(
+        &'s self,
+        conn: &mut AsyncPgConnection,
+        account: AccountId,
+    ) -> impl Future<Output = Result<ApiCredentials, StoreError>> + Send + use<'s> {
         let keys = accounts::table
             .find(account.0)
             .select((accounts::api_key, accounts::secret_ciphertext))
             .first::<(String, Vec<u8>)>(conn)
             .boxed();
-        let settings = accounts::table
+        async move {
+            let (api_key, blob) = keys
+                .await
+                .optional()
+                .map_err(|e| db(&format!("reading the credentials of account {account}"), e))?
+                .ok_or_else(|| not_found("account", account))?;
+            self.open_credentials(account, api_key, &blob)
+        }
+    }
+
+    /// `account`'s settings, the statement started on `conn` at once.
+    fn start_account(
+        conn: &mut AsyncPgConnection,
+        account: AccountId,
+    ) -> impl Future<Output = Result<Account, StoreError>> + Send + use<> {
+        let row = accounts::table
             .find(account.0)
             .select(AccountRow::as_select())
             .first::<AccountRow>(conn)
             .boxed();
-        let legs = protection_legs::table
+        async move {
+            row.await
+                .optional()
+                .map_err(|e| db(&format!("reading account {account}"), e))?
+                .ok_or_else(|| not_found("account", account))?
+                .into_account()
+        }
+    }
+
+    /// Entry `id`'s legs by leg and generation, the statement started on
+    /// `conn` at once.
+    fn start_legs(
+        conn: &mut AsyncPgConnection,
+        id: EntryId,
+    ) -> impl Future<Output = Result<Vec<Leg>, StoreError>> + Send + use<> {
+        let rows = protection_legs::table
             .filter(protection_legs::entry_id.eq(id.0))
             .order((protection_legs::leg, protection_legs::generation))
             .select(LegRow::as_select())
             .load::<LegRow>(conn)
             .boxed();
         async move {
-            let (keys, settings, legs) = futures_util::future::join3(keys, settings, legs).await;
-            let (api_key, blob) = keys
-                .optional()
-                .map_err(|e| db(&format!("reading the credentials of account {account}"), e))?
-                .ok_or_else(|| not_found("account", account))?;
-            let settings = settings
-                .optional()
-                .map_err(|e| db(&format!("reading account {account}"), e))?
-                .ok_or_else(|| not_found("account", account))?
-                .into_account()?;
-            let legs = legs
+            rows.await
                 .map_err(|e| db(&format!("reading the legs of entry {id}"), e))?
                 .into_iter()
                 .map(LegRow::into_leg)
-                .collect::<Result<_, _>>()?;
-            Ok(FillContext {
-                credentials: self.open_credentials(account, api_key, &blob)?,
-                account: settings,
-                legs,
-            })
+                .collect()
         }
     }
 
@@ -498,7 +533,7 @@ impl PgStore {
         id: EntryId,
         owner: Option<AccountId>,
         trade_ids: Vec<i64>,
-    ) -> impl Future<Output = Result<Option<Snapshot>, StoreError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Option<Snapshot>, StoreError>> + Send + use<> {
         let rows = entries::table
             .left_join(
                 fills::table.on(fills::account_id
@@ -698,28 +733,12 @@ impl Store for PgStore {
 
     async fn account(&self, id: AccountId) -> Result<Account, StoreError> {
         let mut conn = self.conn().await?;
-        accounts::table
-            .find(id.0)
-            .select(AccountRow::as_select())
-            .first(&mut conn)
-            .await
-            .optional()
-            .map_err(|e| db(&format!("reading account {id}"), e))?
-            .ok_or_else(|| not_found("account", id))?
-            .into_account()
+        Self::start_account(&mut conn, id).await
     }
 
     async fn credentials(&self, id: AccountId) -> Result<ApiCredentials, StoreError> {
         let mut conn = self.conn().await?;
-        let (api_key, blob): (String, Vec<u8>) = accounts::table
-            .find(id.0)
-            .select((accounts::api_key, accounts::secret_ciphertext))
-            .first(&mut conn)
-            .await
-            .optional()
-            .map_err(|e| db(&format!("reading the credentials of account {id}"), e))?
-            .ok_or_else(|| not_found("account", id))?;
-        self.open_credentials(id, api_key, &blob)
+        self.start_credentials(&mut conn, id).await
     }
 
     async fn update_account(
@@ -976,16 +995,7 @@ impl Store for PgStore {
 
     async fn legs(&self, entry: EntryId) -> Result<Vec<Leg>, StoreError> {
         let mut conn = self.conn().await?;
-        protection_legs::table
-            .filter(protection_legs::entry_id.eq(entry.0))
-            .order((protection_legs::leg, protection_legs::generation))
-            .select(LegRow::as_select())
-            .load(&mut conn)
-            .await
-            .map_err(|e| db(&format!("reading the legs of entry {entry}"), e))?
-            .into_iter()
-            .map(LegRow::into_leg)
-            .collect()
+        Self::start_legs(&mut conn, entry).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(leg = %claim.key, source = %claim.source))]
@@ -1117,27 +1127,8 @@ impl Store for PgStore {
         reason: &str,
         at: Millis,
     ) -> Result<(), StoreError> {
-        let at = timestamp(at)?;
-        let mut conn = self.conn().await?;
-        // Flag and announce in one statement; NOTIFY is delivered at commit.
-        let flagged = diesel::sql_query(
-            "WITH f AS (INSERT INTO reconcile_flags (account_id, reason, flagged_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (account_id) DO UPDATE SET reason = EXCLUDED.reason RETURNING account_id) \
-             SELECT pg_notify('oco_reconcile', account_id::text) FROM f",
-        )
-        .bind::<BigInt, _>(account.0)
-        .bind::<diesel::sql_types::Text, _>(reason)
-        .bind::<diesel::sql_types::Timestamptz, _>(at)
-        .execute(&mut conn)
-        .await;
-        match flagged {
-            Ok(_) => Ok(()),
-            Err(e) if is_foreign_key(&e) => Err(not_found("account", account)),
-            Err(e) => Err(db(
-                &format!("flagging account {account} for reconciliation"),
-                e,
-            )),
-        }
+        self.flag_reconcile_many(&[(account, reason.to_owned())], at)
+            .await
     }
 
     async fn flag_reconcile_many(
@@ -1157,6 +1148,7 @@ impl Store for PgStore {
         let at = timestamp(at)?;
         let (accounts, reasons): (Vec<i64>, Vec<&str>) = latest.into_iter().unzip();
         let mut conn = self.conn().await?;
+        // Flag and announce in one statement; NOTIFY is delivered at commit.
         let flagged = diesel::sql_query(
             "WITH f AS (INSERT INTO reconcile_flags (account_id, reason, flagged_at) \
              SELECT t.account_id, t.reason, $3 FROM unnest($1, $2) AS t (account_id, reason) \
@@ -1170,9 +1162,10 @@ impl Store for PgStore {
         .await;
         match flagged {
             Ok(_) => Ok(()),
-            Err(e) if is_foreign_key(&e) => {
-                Err(not_found("account", format!("one of {accounts:?}")))
-            }
+            Err(e) if is_foreign_key(&e) => Err(match accounts.as_slice() {
+                [one] => not_found("account", AccountId(*one)),
+                many => not_found("account", format!("one of {many:?}")),
+            }),
             Err(e) => Err(db(
                 &format!("flagging {} accounts for reconciliation", accounts.len()),
                 e,

@@ -567,10 +567,9 @@ impl AccountWorker {
     /// After the claim timeout, flags the account for sync if `entry` is
     /// still unprotected (sync looks the stale claim up and protects).
     fn recheck_later(&self, entry: EntryId, client_id: &str) {
-        let (store, protector, account) =
-            (self.store.clone(), self.protector.clone(), self.account);
+        let (store, flagger, account) = (self.store.clone(), self.flagger.clone(), self.account);
         let client_id = client_id.to_owned();
-        let wait = protector.claim_timeout() + Duration::from_secs(1);
+        let wait = self.protector.claim_timeout() + Duration::from_secs(1);
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             let settled = store.entry(entry).await.is_ok_and(|e| {
@@ -584,11 +583,7 @@ impl AccountWorker {
             });
             if !settled {
                 warn!(account = %account, entry = %entry, client_id, "claim of another caller never completed, flagging for reconciliation");
-                let now = protector.clock().now();
-                if let Err(err) = store
-                    .flag_reconcile(account, "claim never completed", now)
-                    .await
-                {
+                if let Err(err) = flagger.flag(account, "claim never completed").await {
                     warn!(account = %account, entry = %entry, client_id, error = %err, "could not flag account for reconciliation");
                 }
             }
