@@ -423,6 +423,82 @@ pub(crate) struct SymState {
     pub price: Decimal,
     pub next_trade_id: u64,
     pub open: BTreeSet<u64>,
+    /// Open orders by the price at which a move acts on them (fills a limit,
+    /// triggers a stop): those acting when the price is at or below their
+    /// key, and those acting at or above it. A price move looks at these
+    /// alone instead of every open order of the symbol.
+    watch_down: BTreeSet<(Decimal, u64)>,
+    watch_up: BTreeSet<(Decimal, u64)>,
+    /// Each watched order's entry in one of the two.
+    watched: HashMap<u64, Watch>,
+}
+
+/// Where a price move acts on an order: at or below (`down`) or at or above
+/// the price.
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    down: bool,
+    price: Decimal,
+}
+
+impl SymState {
+    fn new(info: SymbolInfo) -> Self {
+        SymState {
+            price: info.start_price,
+            info,
+            next_trade_id: 1,
+            open: BTreeSet::new(),
+            watch_down: BTreeSet::new(),
+            watch_up: BTreeSet::new(),
+            watched: HashMap::new(),
+        }
+    }
+
+    /// Order `id` is open, watched at `watch` (if any price acts on it).
+    fn opened(&mut self, id: u64, watch: Option<Watch>) {
+        self.open.insert(id);
+        self.rewatch(id, watch);
+    }
+
+    /// Order `id` reached a final status.
+    fn closed(&mut self, id: u64) {
+        self.open.remove(&id);
+        self.rewatch(id, None);
+    }
+
+    /// Order `id` is now watched at `watch` (a triggered stop becomes a limit).
+    fn rewatch(&mut self, id: u64, watch: Option<Watch>) {
+        if let Some(old) = self.watched.remove(&id) {
+            let set = if old.down {
+                &mut self.watch_down
+            } else {
+                &mut self.watch_up
+            };
+            set.remove(&(old.price, id));
+        }
+        if let Some(new) = watch {
+            let set = if new.down {
+                &mut self.watch_down
+            } else {
+                &mut self.watch_up
+            };
+            set.insert((new.price, id));
+            self.watched.insert(id, new);
+        }
+    }
+
+    /// The open orders a price of `p` may act on, by id (the order in which
+    /// a move handles them).
+    fn acted_on_at(&self, p: Decimal) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .watch_down
+            .range((p, 0)..)
+            .chain(self.watch_up.range(..=(p, u64::MAX)))
+            .map(|(_, id)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
 }
 
 /// A parsed, filter-checked single order.
@@ -490,17 +566,7 @@ impl Engine {
     pub fn new(symbols: Vec<SymbolInfo>) -> Self {
         let symbols = symbols
             .into_iter()
-            .map(|info| {
-                (
-                    info.symbol.clone(),
-                    SymState {
-                        price: info.start_price,
-                        info,
-                        next_trade_id: 1,
-                        open: BTreeSet::new(),
-                    },
-                )
-            })
+            .map(|info| (info.symbol.clone(), SymState::new(info)))
             .collect();
         Self {
             symbols,
@@ -969,6 +1035,7 @@ impl Engine {
         order.id = id;
         order.lock = lock_amount;
         order.lock_asset = lock_asset;
+        let watch = Self::watch_of(&order);
         self.orders.insert(id, order);
         if let Some(a) = self.accounts.get_mut(acct_key) {
             a.orders.push(id);
@@ -976,7 +1043,7 @@ impl Engine {
             a.cid_latest.insert((req.symbol.clone(), cid), id);
         }
         if let Some(s) = self.symbols.get_mut(&req.symbol) {
-            s.open.insert(id);
+            s.opened(id, watch);
         }
         self.exec_report(id, "NEW", None, None, now_us);
         let mut fills = Vec::new();
@@ -1114,6 +1181,7 @@ impl Engine {
                 lock_asset: String::new(),
                 expiry: None,
             };
+            let watch = Self::watch_of(&order);
             self.orders.insert(id, order);
             if let Some(a) = self.accounts.get_mut(acct_key) {
                 a.orders.push(id);
@@ -1121,7 +1189,7 @@ impl Engine {
                 a.cid_latest.insert((req.symbol.clone(), cid), id);
             }
             if let Some(s) = self.symbols.get_mut(&req.symbol) {
-                s.open.insert(id);
+                s.opened(id, watch);
             }
             ids.push(id);
         }
@@ -1381,7 +1449,7 @@ impl Engine {
             o.lock_asset.clone(),
         );
         if let Some(s) = self.symbols.get_mut(&symbol) {
-            s.open.remove(&oid);
+            s.closed(oid);
         }
         if let Some(a) = self.accounts.get_mut(&acct)
             && a.open_cids.get(&cid) == Some(&oid)
@@ -1484,6 +1552,10 @@ impl Engine {
             o.triggered = true;
             o.working_us = Some(now_us);
             o.update_us = now_us;
+            let watch = Self::watch_of(o);
+            if let Some(s) = self.symbols.get_mut(&symbol) {
+                s.rewatch(oid, watch);
+            }
         }
         if self.knobs.expire_next_stops > 0 {
             self.knobs.expire_next_stops -= 1;
@@ -1501,6 +1573,30 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Where a price move acts on `o` as it stands: what [`Self::action`]
+    /// decides, as a price and a direction.
+    fn watch_of(o: &Order) -> Option<Watch> {
+        if !o.is_open() {
+            return None;
+        }
+        if o.otype.is_algo() && !o.triggered {
+            // As `triggers`.
+            let down = matches!(
+                (o.otype.is_stop(), o.side),
+                (true, Side::Sell) | (false, Side::Buy)
+            );
+            return Some(Watch {
+                down,
+                price: o.stop,
+            });
+        }
+        // As `marketable`.
+        o.otype.has_price().then_some(Watch {
+            down: o.side == Side::Buy,
+            price: o.price,
+        })
     }
 
     fn action(o: &Order, p: Decimal) -> Option<Action> {
@@ -1524,10 +1620,10 @@ impl Engine {
         s.price = price;
         let mut acted: HashSet<u64> = HashSet::new();
         loop {
-            let ids: Vec<u64> = self
+            let ids = self
                 .symbols
                 .get(symbol)
-                .map(|s| s.open.iter().copied().collect())
+                .map(|s| s.acted_on_at(price))
                 .unwrap_or_default();
             let mut any = false;
             for id in ids {

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use rust_decimal::Decimal;
 use serde_json::Value;
 
 fn oco<'a>(
@@ -469,4 +470,90 @@ async fn count_filters_reject_with_minus_2010() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let _: Value = r.json();
+}
+
+/// A price move acts on every open order it reaches, and on no other: after
+/// each step of a path down and back up, no order left open would fill or
+/// trigger at the price it stopped at, and the orders the path crossed are
+/// the ones that filled.
+#[tokio::test]
+async fn price_moves_act_on_every_order_they_reach() {
+    let sim = start().await;
+    let a = sim.addr();
+    let ctl = sim.control();
+    ctl.set_price("BTCUSDT", d("60000")).unwrap();
+    let limit = |side: &'static str, price: String, cid: String| {
+        let mut p = vec![
+            ("symbol", "BTCUSDT".to_owned()),
+            ("side", side.to_owned()),
+            ("type", "LIMIT".to_owned()),
+            ("timeInForce", "GTC".to_owned()),
+            ("quantity", "0.001".to_owned()),
+        ];
+        p.push(("price", price));
+        p.push(("newClientOrderId", cid));
+        p
+    };
+    for k in 1..=20 {
+        for (side, price) in [("BUY", 60000 - 50 * k), ("SELL", 60000 + 50 * k)] {
+            let p = limit(side, price.to_string(), format!("{side}-{k}"));
+            let p: Vec<(&str, &str)> = p.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = signed(a, "POST", "/api/v3/order", &p).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    }
+    for k in 1..=5 {
+        let (list, tp, stop, lim) = (
+            format!("list-{k}"),
+            (60500 + 100 * k).to_string(),
+            (59700 - 100 * k).to_string(),
+            (59690 - 100 * k).to_string(),
+        );
+        let r = signed(
+            a,
+            "POST",
+            "/api/v3/orderList/oco",
+            &oco(&list, "0.01", &tp, &stop, &lim),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let path: Vec<i64> = (0..=24)
+        .map(|k| 60000 - 75 * k)
+        .chain((0..=40).map(|k| 58200 + 90 * k))
+        .collect();
+    for p in &path {
+        let price = Decimal::from(*p);
+        ctl.set_price("BTCUSDT", price).unwrap();
+        for o in ctl.open_orders(KEY) {
+            let acts = match (o.order_type.as_str(), o.side.as_str()) {
+                ("LIMIT", "BUY") => price <= o.price,
+                ("LIMIT" | "LIMIT_MAKER", "SELL") => price >= o.price,
+                // Untriggered, it waits above its stop; triggered, its limit is above the price.
+                ("STOP_LOSS_LIMIT", "SELL") => price <= o.stop_price && price >= o.price,
+                other => panic!("unexpected open order {other:?}"),
+            };
+            assert!(!acts, "at {price}: {o:?} left open");
+        }
+    }
+    let (low, high) = (58200, 58200 + 90 * 40);
+    let filled = |cid: &str| {
+        ctl.orders(Some(KEY))
+            .iter()
+            .any(|o| o.client_order_id == cid && o.status == "FILLED")
+    };
+    for k in 1..=20 {
+        assert_eq!(
+            filled(&format!("BUY-{k}")),
+            60000 - 50 * k >= low,
+            "BUY-{k}"
+        );
+        assert_eq!(
+            filled(&format!("SELL-{k}")),
+            60000 + 50 * k <= high,
+            "SELL-{k}"
+        );
+    }
+    // Every list's stop was crossed on the way down: each ended.
+    assert_eq!(ctl.executing_list_count(), 0);
 }

@@ -43,6 +43,7 @@ macro_rules! untyped_query {
 
 /// The evidence columns of an entry as read, exactly as stored: what a
 /// merge's compare-and-set compares against.
+#[derive(Clone)]
 pub(crate) struct SeenEntry {
     pub executed_qty: PgNumeric,
     pub cumulative_quote: PgNumeric,
@@ -94,6 +95,9 @@ pub(crate) struct MergeWrite<'a> {
     pub protection: &'a str,
     pub protection_reason: Option<String>,
     pub seen: &'a SeenEntry,
+    /// When set, the write also requires the account's row to be at this
+    /// version: its keys and settings were not read with the entry.
+    pub account_version: Option<i64>,
 }
 
 impl<'a> MergeWrite<'a> {
@@ -125,6 +129,7 @@ impl<'a> MergeWrite<'a> {
             protection: protection.protection,
             protection_reason: protection.protection_reason.flatten(),
             seen,
+            account_version: None,
         })
     }
 }
@@ -212,6 +217,12 @@ impl MergeWrite<'_> {
         out.push_bind_param::<Nullable<Timestamptz>, _>(&self.seen.filled_at)?;
         out.push_sql(" AND protection = ");
         out.push_bind_param::<Text, _>(&self.seen.protection)?;
+        if let Some(version) = &self.account_version {
+            out.push_sql(" AND (SELECT version FROM accounts WHERE id = ");
+            out.push_bind_param::<Int8, _>(&self.account)?;
+            out.push_sql(") = ");
+            out.push_bind_param::<Int8, _>(version)?;
+        }
         out.push_sql(" AND (SELECT count(*) FROM new_fills) = cardinality(");
         out.push_bind_param::<Array<Int8>, _>(&self.trade_ids)?;
         out.push_sql(") RETURNING *");

@@ -19,6 +19,7 @@ mod convert;
 mod coverage;
 mod crypto;
 mod error;
+mod hints;
 mod leases;
 mod listen;
 mod migrate;
@@ -30,6 +31,7 @@ pub mod testing;
 mod users;
 
 pub use config::{KeyError, PgConfig, SecretKey};
+pub use hints::HintStats;
 pub use listen::{RECONCILE_CHANNEL, ReconcileListener};
 pub use migrate::{MIGRATIONS, migrate};
 pub use store::{PgStore, STARTUP_PATIENCE};

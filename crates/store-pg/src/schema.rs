@@ -18,6 +18,7 @@ diesel::table! {
         late_policy -> Text,
         active -> Bool,
         created_at -> Timestamptz,
+        version -> Int8,
     }
 }
 

@@ -37,6 +37,7 @@ use crate::config::PgConfig;
 use crate::convert::{numeric, timestamp};
 use crate::crypto::Cipher;
 use crate::error::{corrupt, db, is_foreign_key, not_found, pool};
+use crate::hints::{AccountHint, HintStats, Hints};
 use crate::migrate::migrate;
 use crate::rows::{
     AccountRow, EntryProtectionColumns, EntryRow, EventRow, FillRow, LegRow, LegUpdateColumns,
@@ -162,6 +163,9 @@ pub struct PgStore {
     /// (its claim's), not two.
     evidence_pool: Pool<AsyncPgConnection>,
     cipher: Cipher,
+    /// Entries with nothing filled and accounts, as last written or read
+    /// here: a first fill written from them skips its read.
+    hints: Hints,
     // Kept for LISTEN connections; may hold a password, so never shown.
     url: String,
 }
@@ -205,6 +209,7 @@ impl PgStore {
             pool,
             evidence_pool,
             cipher: Cipher::new(&config.secret_key),
+            hints: Hints::default(),
             url: config.url,
         };
         store.check_secret_key().await?;
@@ -384,58 +389,112 @@ impl PgStore {
         conn: &mut AsyncPgConnection,
         account: AccountId,
         id: EntryId,
-    ) -> impl Future<Output = Result<FillContext, StoreError>> + Send + use<'s> {
-        let keys = self.start_credentials(conn, account);
-        let settings = Self::start_account(conn, account);
+    ) -> impl Future<Output = Result<(FillContext, Option<i64>), StoreError>> + Send + use<'s> {
+        let keys_and_settings = self.start_keys_and_settings(conn, account);
         let legs = Self::start_legs(conn, id);
         async move {
-            let (keys, settings, legs) = futures_util::future::join3(keys, settings, legs).await;
-            Ok(FillContext {
-                credentials: keys?,
-                account: settings?,
-                legs: legs?,
-            })
+            let (keys_and_settings, legs) =
+                futures_util::future::join(keys_and_settings, legs).await;
+            let (credentials, account, version) = keys_and_settings?;
+            Ok((
+                FillContext {
+                    credentials,
+                    account,
+                    legs: legs?,
+                },
+                version,
+            ))
         }
     }
 
-    /// `account`'s API key and secret, the statement started on `conn` at
-    /// once (see [`PgStore::start_snapshot`]).
+    /// `account`'s keys and settings, both statements started on `conn` at
+    /// once, with the row's version when both read the same one (`None`:
+    /// they straddled a change of the account).
+    fn start_keys_and_settings<'s>(
+        &'s self,
+        conn: &mut AsyncPgConnection,
+        account: AccountId,
+    ) -> impl Future<Output = Result<(ApiCredentials, Account, Option<i64>), StoreError>> + Send + use<'s>
+    {
+        let keys = self.start_credentials(conn, account);
+        let settings = Self::start_account(conn, account);
+        async move {
+            let (keys, settings) = futures_util::future::join(keys, settings).await;
+            let ((credentials, keys_at), (account, settings_at)) = (keys?, settings?);
+            Ok((
+                credentials,
+                account,
+                (keys_at == settings_at).then_some(keys_at),
+            ))
+        }
+    }
+
+    /// Remembers the keys and settings of a context read at `version`
+    /// (`None`: the two reads straddled a change of the account).
+    fn learn_account(&self, context: &FillContext, version: Option<i64>) {
+        if let Some(version) = version {
+            self.hints.account_read(
+                context.account.id,
+                AccountHint {
+                    version,
+                    credentials: context.credentials.clone(),
+                    account: context.account.clone(),
+                },
+            );
+        }
+    }
+
+    /// Counts of first fills written from what this store already knew of
+    /// their entry and account (see [`HintStats`]).
+    #[must_use]
+    pub fn hint_stats(&self) -> HintStats {
+        self.hints.stats()
+    }
+
+    /// `account`'s API key and secret and the row's version, the statement
+    /// started on `conn` at once (see [`PgStore::start_snapshot`]).
     fn start_credentials<'s>(
         &'s self,
         conn: &mut AsyncPgConnection,
         account: AccountId,
-    ) -> impl Future<Output = Result<ApiCredentials, StoreError>> + Send + use<'s> {
+    ) -> impl Future<Output = Result<(ApiCredentials, i64), StoreError>> + Send + use<'s> {
         let keys = accounts::table
             .find(account.0)
-            .select((accounts::api_key, accounts::secret_ciphertext))
-            .first::<(String, Vec<u8>)>(conn)
+            .select((
+                accounts::api_key,
+                accounts::secret_ciphertext,
+                accounts::version,
+            ))
+            .first::<(String, Vec<u8>, i64)>(conn)
             .boxed();
         async move {
-            let (api_key, blob) = keys
+            let (api_key, blob, version) = keys
                 .await
                 .optional()
                 .map_err(|e| db(&format!("reading the credentials of account {account}"), e))?
                 .ok_or_else(|| not_found("account", account))?;
-            self.open_credentials(account, api_key, &blob)
+            Ok((self.open_credentials(account, api_key, &blob)?, version))
         }
     }
 
-    /// `account`'s settings, the statement started on `conn` at once.
+    /// `account`'s settings and the row's version, the statement started on
+    /// `conn` at once.
     fn start_account(
         conn: &mut AsyncPgConnection,
         account: AccountId,
-    ) -> impl Future<Output = Result<Account, StoreError>> + Send + use<> {
+    ) -> impl Future<Output = Result<(Account, i64), StoreError>> + Send + use<> {
         let row = accounts::table
             .find(account.0)
-            .select(AccountRow::as_select())
-            .first::<AccountRow>(conn)
+            .select((AccountRow::as_select(), accounts::version))
+            .first::<(AccountRow, i64)>(conn)
             .boxed();
         async move {
-            row.await
+            let (row, version) = row
+                .await
                 .optional()
                 .map_err(|e| db(&format!("reading account {account}"), e))?
-                .ok_or_else(|| not_found("account", account))?
-                .into_account()
+                .ok_or_else(|| not_found("account", account))?;
+            Ok((row.into_account()?, version))
         }
     }
 
@@ -492,9 +551,43 @@ impl PgStore {
         evidence: &Evidence,
     ) -> Result<Option<Entry>, StoreError> {
         let mut conn = self.evidence_pool.get().await.map_err(pool)?;
-        if let Some(accepted) = Self::first_new(&mut conn, id, owner, evidence).await? {
-            return Ok(Some(accepted));
+        if let Some(first) = Self::start_first_new(&mut conn, id, owner, evidence) {
+            // An entry accepted with nothing filled will fill: what its first
+            // fill would read first is learnt now, in the same round trip.
+            let account = owner
+                .filter(|a| !self.hints.knows_account(*a))
+                .map(|a| self.start_keys_and_settings(&mut conn, a));
+            let (accepted, account) = futures_util::future::join(first, async move {
+                // A hint only: a failed read leaves the fill to read them.
+                match account {
+                    Some(read) => read.await.ok(),
+                    None => None,
+                }
+            })
+            .await;
+            if let Some(row) = accepted? {
+                let seen = SeenEntry::of(&row);
+                let entry = row.into_entry()?;
+                if let Some((credentials, account, Some(version))) = account
+                    && account.id == entry.account
+                {
+                    self.hints.account_read(
+                        entry.account,
+                        AccountHint {
+                            version,
+                            credentials,
+                            account,
+                        },
+                    );
+                }
+                self.hints.entry_written(&entry, &seen);
+                return Ok(Some(entry));
+            }
         }
+        // Anything else moves the entry past what a hint of it holds (a fill,
+        // a cancel): a hint left would only cost its first fill a write that
+        // matches nothing.
+        self.hints.forget(id);
         for _ in 0..MERGE_ATTEMPTS {
             let Some(snapshot) = Self::snapshot(&mut conn, id, owner, evidence).await? else {
                 return Ok(None);
@@ -602,13 +695,16 @@ impl PgStore {
         seen: &SeenEntry,
         new_fills: &[FillRow],
         claims: &[LegClaim],
+        account_version: Option<i64>,
     ) -> Result<Option<(Entry, Vec<bool>)>, StoreError> {
         let mut legs = Vec::with_capacity(claims.len());
         for claim in claims {
             legs.push(new_leg_row(claim)?);
         }
+        let mut merge = MergeWrite::new(merged, seen, new_fills)?;
+        merge.account_version = account_version;
         let statement = MergeAndClaim {
-            merge: MergeWrite::new(merged, seen, new_fills)?,
+            merge,
             claims: ClaimLegs::of(&legs),
         };
         let mut conn = self.conn().await?;
@@ -638,13 +734,15 @@ impl PgStore {
     /// The exchange's first word on an order (NEW, nothing filled) only moves
     /// `pending_new` to `new` and names the order: one statement instead of a
     /// merge's two, because on the stream it comes just before the first fill.
-    /// `None` when the evidence is anything else or the row is not in that state.
-    async fn first_new(
+    /// `None` when `evidence` is not such a word; else the statement started
+    /// on `conn` at once (see [`PgStore::start_snapshot`]), answering the row
+    /// as written, or `None` when the row was not in that state.
+    fn start_first_new(
         conn: &mut AsyncPgConnection,
         id: EntryId,
         owner: Option<AccountId>,
         evidence: &Evidence,
-    ) -> Result<Option<Entry>, StoreError> {
+    ) -> Option<impl Future<Output = Result<Option<EntryRow>, StoreError>> + Send + use<>> {
         let (EntryStatus::New, Some(order_id), true) = (
             evidence.status,
             evidence.order_id,
@@ -652,19 +750,20 @@ impl PgStore {
                 && evidence.cumulative_quote.is_zero()
                 && evidence.fills.is_empty(),
         ) else {
-            return Ok(None);
+            return None;
         };
-        FirstNew {
+        let rows = FirstNew {
             entry: id.0,
             owner: owner.map(|a| a.0),
             order_id,
         }
         .load::<EntryRow>(conn)
-        .await
-        .map(last)
-        .map_err(|e| db(&format!("recording evidence of entry {id}"), e))?
-        .map(EntryRow::into_entry)
-        .transpose()
+        .boxed();
+        Some(async move {
+            rows.await
+                .map(last)
+                .map_err(|e| db(&format!("recording evidence of entry {id}"), e))
+        })
     }
 
     /// Stores `new_fills` and sets the evidence columns of `merged`, in one
@@ -681,6 +780,61 @@ impl PgStore {
             .await
             .map(last)
             .map_err(|e| db(&format!("recording evidence of entry {}", merged.id), e))
+    }
+
+    /// An entry's first fill written and claimed from what this store knows
+    /// of the entry (as its acceptance left it) and of its account, without
+    /// reading either first. `None` when nothing is known, when the plan
+    /// claims nothing, or when the write matched nothing because the entry
+    /// or the account had changed since: the caller then reads and writes
+    /// as without hints.
+    async fn fill_from_hints(
+        &self,
+        account: AccountId,
+        id: EntryId,
+        evidence: &Evidence,
+        plan: &ClaimPlanner<'_>,
+    ) -> Result<Option<RecordedFill>, StoreError> {
+        let Some((known, keys)) = self.hints.take(account, id) else {
+            return Ok(None);
+        };
+        let snapshot = Snapshot {
+            entry: known.entry,
+            seen: known.seen,
+            stored: BTreeMap::new(),
+            elsewhere: BTreeSet::new(),
+        };
+        let merge = snapshot.merge(evidence)?;
+        // Nothing filled before, so no legs: none is claimed before a fill.
+        let context = FillContext {
+            credentials: keys.credentials,
+            account: keys.account,
+            legs: Vec::new(),
+        };
+        let claims = plan(&merge.entry, &context);
+        if merge.unchanged || claims.is_empty() {
+            return Ok(None);
+        }
+        let written = self
+            .write_merge_and_claims(
+                &merge.entry,
+                &snapshot.seen,
+                &merge.new_fills,
+                &claims,
+                Some(keys.version),
+            )
+            .await?;
+        let Some((entry, won)) = written else {
+            self.hints.stale(account);
+            return Ok(None);
+        };
+        self.hints.used();
+        Ok(Some(RecordedFill {
+            entry,
+            context,
+            claims,
+            won,
+        }))
     }
 
     async fn leg_exists(conn: &mut AsyncPgConnection, key: LegKey) -> Result<bool, StoreError> {
@@ -733,12 +887,16 @@ impl Store for PgStore {
 
     async fn account(&self, id: AccountId) -> Result<Account, StoreError> {
         let mut conn = self.conn().await?;
-        Self::start_account(&mut conn, id).await
+        Self::start_account(&mut conn, id)
+            .await
+            .map(|(account, _)| account)
     }
 
     async fn credentials(&self, id: AccountId) -> Result<ApiCredentials, StoreError> {
         let mut conn = self.conn().await?;
-        self.start_credentials(&mut conn, id).await
+        self.start_credentials(&mut conn, id)
+            .await
+            .map(|(credentials, _)| credentials)
     }
 
     async fn update_account(
@@ -891,6 +1049,9 @@ impl Store for PgStore {
         // for one commit. No connection is held across another's wait: a
         // fill waiting for its durable write must not keep an evidence
         // connection from others.
+        if let Some(recorded) = self.fill_from_hints(account, id, evidence, plan).await? {
+            return Ok(Some(recorded));
+        }
         let evidence_conn = || async { self.evidence_pool.get().await.map_err(pool) };
         for _ in 0..MERGE_ATTEMPTS {
             let (snapshot, context) = {
@@ -904,7 +1065,10 @@ impl Store for PgStore {
             };
             let merge = snapshot.merge(evidence)?;
             let context = match context {
-                Ok(context) => context,
+                Ok((context, version)) => {
+                    self.learn_account(&context, version);
+                    context
+                }
                 // The evidence is a fact whatever failed beside it: keep it
                 // (as the port's default does), then report the failure.
                 Err(err) => {
@@ -932,8 +1096,14 @@ impl Store for PgStore {
                     .map(|row| row.into_entry().map(|e| (e, Vec::new())))
                     .transpose()?
             } else {
-                self.write_merge_and_claims(&merge.entry, &snapshot.seen, &merge.new_fills, &claims)
-                    .await?
+                self.write_merge_and_claims(
+                    &merge.entry,
+                    &snapshot.seen,
+                    &merge.new_fills,
+                    &claims,
+                    None,
+                )
+                .await?
             };
             if let Some((entry, won)) = written {
                 return Ok(Some(RecordedFill {
@@ -990,7 +1160,9 @@ impl Store for PgStore {
         id: EntryId,
     ) -> Result<FillContext, StoreError> {
         let mut conn = self.conn().await?;
-        self.start_context(&mut conn, account, id).await
+        let (context, version) = self.start_context(&mut conn, account, id).await?;
+        self.learn_account(&context, version);
+        Ok(context)
     }
 
     async fn legs(&self, entry: EntryId) -> Result<Vec<Leg>, StoreError> {

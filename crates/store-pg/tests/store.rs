@@ -959,7 +959,7 @@ async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
     let reads = "SELECT count(*) AS n FROM pg_prepared_statements \
                  WHERE statement NOT LIKE '%pg_prepared_statements%' AND (\
                  statement LIKE '%\"entries\" LEFT OUTER JOIN \"fills\"%' \
-                 OR statement LIKE '%\"accounts\".\"secret_ciphertext\" FROM%' \
+                 OR statement LIKE '%\"accounts\".\"secret_ciphertext\", \"accounts\".\"version\" FROM%' \
                  OR statement LIKE '%\"accounts\".\"late_policy\"%' \
                  OR statement LIKE '%FROM \"protection_legs\" WHERE%')";
     let mut pids = Vec::new();
@@ -1000,4 +1000,286 @@ async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
     )
     .await;
     assert_eq!(written, 0);
+}
+
+/// Legs planned from the context the store hands over: half the filled
+/// quantity each with the account's split, and none once legs exist. The
+/// split each plan saw is kept, to tell which settings it was given.
+fn split_planner(
+    entry: EntryId,
+) -> impl Fn(&Entry, &oco_core::ports::FillContext) -> Vec<LegClaim> {
+    let leg = move |index: LegIndex, q: Qty| {
+        let id =
+            |k: &str| ClientOrderId::new(format!("h-{k}-{entry}-{}-0", index.number())).unwrap();
+        LegClaim {
+            key: LegKey {
+                entry,
+                leg: index,
+                generation: 0,
+            },
+            ids: OcoClientIds {
+                list: id("L"),
+                take_profit: id("T"),
+                stop_loss: id("S"),
+            },
+            qty: q,
+            ..claim(entry, 0)
+        }
+    };
+    move |merged, context| {
+        if !context.legs.is_empty() {
+            return Vec::new();
+        }
+        let split = context.account.protection.split;
+        let first = Qty::new(merged.fills_qty.get() * split).unwrap();
+        let rest = Qty::new(merged.fills_qty.get() - first.get()).unwrap();
+        vec![leg(LegIndex::First, first), leg(LegIndex::Second, rest)]
+    }
+}
+
+fn accepted(order_id: i64) -> Evidence {
+    Evidence {
+        order_id: Some(order_id),
+        ..snapshot(0)
+    }
+}
+
+fn filled(order_id: i64, trades: &[(i64, &str)], executed: &str) -> Evidence {
+    let executed = qty(executed);
+    Evidence {
+        order_id: Some(order_id),
+        status: if executed == qty("1") {
+            EntryStatus::Filled
+        } else {
+            EntryStatus::PartiallyFilled
+        },
+        executed_qty: executed,
+        cumulative_quote: executed.get() * dec!(100),
+        fills: trades
+            .iter()
+            .map(|(t, q)| fill(*t, q, "0", "BNB"))
+            .collect(),
+        holding: None,
+        observed_at: Millis(4_000),
+    }
+}
+
+/// An entry accepted through this store has its first fill written and
+/// claimed without a read first, and ends exactly as one written the long way.
+#[tokio::test]
+async fn a_first_fill_after_its_acceptance_skips_the_read_and_ends_the_same() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let strip = |e: Entry| Entry {
+        id: EntryId(0),
+        client_id: ClientOrderId::new("x").unwrap(),
+        ..e
+    };
+    let account = new_account(&store, "hint-key").await;
+    let mut ends = Vec::new();
+    for accept_first in [true, false] {
+        let entry = new_entry(&store, account.id).await;
+        if accept_first {
+            let after = store
+                .record_evidence_of(account.id, entry.id, &accepted(555))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(after.status, EntryStatus::New);
+        }
+        let before = store.hint_stats();
+        let fill = filled(555, &[(entry.id.0 * 10, "1")], "1");
+        let plan = split_planner(entry.id);
+        let recorded = store
+            .record_fill_and_claim(account.id, entry.id, &fill, &plan)
+            .await
+            .unwrap()
+            .unwrap();
+        let used = store.hint_stats().used - before.used;
+        assert_eq!(
+            used,
+            u64::from(accept_first),
+            "accepted first: {accept_first}"
+        );
+        assert_eq!(recorded.won, vec![true, true], "{recorded:?}");
+        assert_eq!(recorded.context.credentials.api_key, "hint-key");
+        assert_eq!(
+            recorded.context.credentials.secret.expose_secret(),
+            "secret-of-hint-key"
+        );
+        assert!(recorded.context.legs.is_empty());
+        let stored = store.entry(entry.id).await.unwrap();
+        assert_eq!(
+            stored, recorded.entry,
+            "what was answered is what is stored"
+        );
+        let legs = store.legs(entry.id).await.unwrap();
+        assert_eq!(legs.len(), 2, "{legs:?}");
+        // Without the acceptance the entry still reads `pending_new`'s order id
+        // from the fill; compare what the fill itself decides.
+        ends.push((
+            strip(stored),
+            legs.iter().map(|l| l.qty).collect::<Vec<_>>(),
+        ));
+    }
+    assert_eq!(ends[0].1, ends[1].1, "the same legs either way");
+    assert_eq!(ends[0].0.fills_qty, ends[1].0.fills_qty);
+    assert_eq!(ends[0].0.status, ends[1].0.status);
+    assert_eq!(ends[0].0.executed_qty, ends[1].0.executed_qty);
+    assert_eq!(ends[0].0.protection, ends[1].0.protection);
+    assert_eq!(store.hint_stats().stale, 0);
+}
+
+/// What a store learnt at an entry's acceptance goes stale when another
+/// process writes the entry or changes the account before the fill: the
+/// write from the hint matches nothing, the fill is read and planned again,
+/// and what is stored is what the long way stores.
+#[tokio::test]
+async fn a_stale_hint_is_caught_by_the_write_and_the_fill_read_again() {
+    let db = TestDb::new().await;
+    // Two processes: one key.
+    let config = db.config(8);
+    let here = PgStore::connect(config.clone()).await.unwrap();
+    let elsewhere = PgStore::connect(config).await.unwrap();
+    let account = new_account(&here, "stale-key").await;
+
+    // The entry moved on elsewhere: a first part filled there.
+    let entry = new_entry(&here, account.id).await;
+    here.record_evidence_of(account.id, entry.id, &accepted(556))
+        .await
+        .unwrap();
+    elsewhere
+        .record_evidence(entry.id, &filled(556, &[(701, "0.4")], "0.4"))
+        .await
+        .unwrap();
+    let plan = split_planner(entry.id);
+    let recorded = here
+        .record_fill_and_claim(
+            account.id,
+            entry.id,
+            &filled(556, &[(702, "0.6")], "1"),
+            &plan,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(here.hint_stats().stale, 1);
+    assert_eq!(here.hint_stats().used, 0);
+    assert_eq!(recorded.entry.fills_qty, qty("1"), "both parts count");
+    assert_eq!(recorded.won, vec![true, true]);
+    let legs = here.legs(entry.id).await.unwrap();
+    assert_eq!(
+        legs.iter().map(|l| l.qty).collect::<Vec<_>>(),
+        vec![qty("0.5"), qty("0.5")],
+        "planned from both parts"
+    );
+
+    // The account changed elsewhere: the fill is planned with its new split.
+    let entry = new_entry(&here, account.id).await;
+    here.record_evidence_of(account.id, entry.id, &accepted(557))
+        .await
+        .unwrap();
+    let settings = ProtectionConfig {
+        split: dec!(0.3),
+        ..ProtectionConfig::DEFAULT
+    };
+    elsewhere
+        .update_account(account.id, settings, true)
+        .await
+        .unwrap();
+    let plan = split_planner(entry.id);
+    let recorded = here
+        .record_fill_and_claim(
+            account.id,
+            entry.id,
+            &filled(557, &[(801, "1")], "1"),
+            &plan,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(here.hint_stats().stale, 2);
+    assert_eq!(recorded.context.account.protection.split, dec!(0.3));
+    let legs = here.legs(entry.id).await.unwrap();
+    assert_eq!(
+        legs.iter().map(|l| l.qty).collect::<Vec<_>>(),
+        vec![qty("0.3"), qty("0.7")],
+        "planned with the settings as changed: {legs:?}"
+    );
+
+    // Read again, the account is known anew: the next accepted entry's fill
+    // takes the short way with the new settings.
+    let entry = new_entry(&here, account.id).await;
+    here.record_evidence_of(account.id, entry.id, &accepted(558))
+        .await
+        .unwrap();
+    let plan = split_planner(entry.id);
+    here.record_fill_and_claim(
+        account.id,
+        entry.id,
+        &filled(558, &[(901, "1")], "1"),
+        &plan,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(here.hint_stats().used, 1);
+    let legs = here.legs(entry.id).await.unwrap();
+    assert_eq!(
+        legs.iter().map(|l| l.qty).collect::<Vec<_>>(),
+        vec![qty("0.3"), qty("0.7")]
+    );
+
+    // Evidence written here after the acceptance forgets the hint: the next
+    // fill takes the read without a write that matches nothing first.
+    let entry = new_entry(&here, account.id).await;
+    here.record_evidence_of(account.id, entry.id, &accepted(559))
+        .await
+        .unwrap();
+    here.record_evidence(entry.id, &filled(559, &[(951, "0.4")], "0.4"))
+        .await
+        .unwrap();
+    let plan = split_planner(entry.id);
+    let recorded = here
+        .record_fill_and_claim(
+            account.id,
+            entry.id,
+            &filled(559, &[(952, "0.6")], "1"),
+            &plan,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(recorded.entry.fills_qty, qty("1"));
+    assert_eq!(here.hint_stats(), store_pg::HintStats { used: 1, stale: 2 });
+}
+
+/// A hint names its account: another account's stream reporting the id
+/// neither uses it nor writes anything.
+#[tokio::test]
+async fn a_hint_serves_only_its_own_account() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let owner = new_account(&store, "own-key").await;
+    let other = new_account(&store, "other-key").await;
+    let entry = new_entry(&store, owner.id).await;
+    store
+        .record_evidence_of(owner.id, entry.id, &accepted(559))
+        .await
+        .unwrap();
+    // The other account's keys and settings are known too.
+    let decoy = new_entry(&store, other.id).await;
+    store
+        .record_evidence_of(other.id, decoy.id, &accepted(560))
+        .await
+        .unwrap();
+    let plan = split_planner(entry.id);
+    let foreign = store
+        .record_fill_and_claim(other.id, entry.id, &filled(559, &[(991, "1")], "1"), &plan)
+        .await
+        .unwrap();
+    assert!(foreign.is_none(), "{foreign:?}");
+    assert_eq!(store.hint_stats().used, 0);
+    assert!(store.legs(entry.id).await.unwrap().is_empty());
+    assert_eq!(store.entry(entry.id).await.unwrap().fills_qty, Qty::ZERO);
 }

@@ -9,7 +9,9 @@
 //! `BENCH_DB_DELAY_US` (default 0) puts that one-way delay on the gateway's
 //! link to PostgreSQL (a proxy in this process), as for a database on
 //! another host; the link's `SELECT 1` and durable-commit round trips are
-//! printed beside the order round trip either way.
+//! printed beside the order round trip either way. `BENCH_ENTRIES=limit`
+//! fills resting LIMIT entries, accepted before the run, as the price comes
+//! down to each (default `market`: MARKET entries, accepted and filled at once).
 #![allow(clippy::unwrap_used, missing_docs)] // a bench that cannot unwrap has failed
 
 use std::collections::HashMap;
@@ -26,7 +28,7 @@ use oco_core::ports::{
     ApiCredentials, Clock, Exchange, Leases, NewAccount, OrderRequest, Side, Store,
 };
 use oco_core::protect::{Protector, ProtectorConfig};
-use oco_core::{AccountId, Qty, SystemClock};
+use oco_core::{AccountId, EntryId, Price, Qty, SystemClock};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use secrecy::SecretString;
@@ -355,6 +357,7 @@ struct Running {
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), ws_gateway::GatewayError>>,
     stats: Arc<GatewayStats>,
+    store: Arc<PgStore>,
 }
 
 async fn gateway(
@@ -371,6 +374,7 @@ async fn gateway(
     let store = Arc::new(PgStore::connect(pg).await.unwrap());
     // As the binary does at start.
     store.warm_up().await.unwrap();
+    let gw_store = store.clone();
     let exchange = BinanceExchange::new(cfg.clone()).unwrap();
     let streams = BinanceUserStream::new(cfg.clone()).unwrap();
     let protector = Arc::new(Protector::new(
@@ -395,7 +399,12 @@ async fn gateway(
     let task = tokio::spawn(gateway.run(async move {
         let _ = stopped.await;
     }));
-    Running { stop, task, stats }
+    Running {
+        stop,
+        task,
+        stats,
+        store: gw_store,
+    }
 }
 
 /// A MARKET BUY as the API sends it: stored with our client id, then placed
@@ -441,6 +450,71 @@ async fn buy(
         .unwrap();
 }
 
+/// A LIMIT BUY at `limit`, below the market: stored with our client id and
+/// placed under it, where it rests until the price comes down to it. The
+/// gateway sees it accepted (NEW) long before it fills.
+async fn rest(w: &World, i: usize, symbol: &'static str, qty: Decimal, limit: Decimal) -> EntryId {
+    let size = OrderSize::Base(Qty::new(qty).unwrap());
+    let scheme = w.ids.clone();
+    let entry = w
+        .store
+        .create_entry(
+            NewEntry {
+                account: w.accounts[i],
+                symbol: w.placer.symbol_rules(symbol).await.unwrap().symbol,
+                kind: EntryKind::Limit {
+                    price: Price::new(limit).unwrap(),
+                },
+                size,
+                levels: EntryLevels::default(),
+                tags: EntryTags::default(),
+            },
+            &move |id| scheme.entry(id).unwrap(),
+            SystemClock.now(),
+        )
+        .await
+        .unwrap();
+    w.placer
+        .place_order(
+            &creds(i),
+            &OrderRequest {
+                symbol: symbol.into(),
+                side: Side::Buy,
+                limit: Some(Price::new(limit).unwrap()),
+                size,
+                client_id: entry.client_id.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    entry.id
+}
+
+/// Which entries the bench fills: MARKET BUYs, accepted and filled in one
+/// go, or resting LIMIT BUYs that the price comes down to later.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entries {
+    Market,
+    Limit,
+}
+
+fn env_entries() -> Entries {
+    match std::env::var("BENCH_ENTRIES").as_deref() {
+        Ok("limit") => Entries::Limit,
+        Ok("market") | Err(_) => Entries::Market,
+        Ok(other) => panic!("BENCH_ENTRIES={other}: expected market or limit"),
+    }
+}
+
+/// The limit of account `i`'s resting entry on a symbol trading at `price`:
+/// one tick per account below it, so that each step of the price fills one.
+fn limit_of(price: Decimal, i: usize) -> Decimal {
+    price - LIMIT_STEP * Decimal::from(i + 1)
+}
+
+/// Well above every symbol's tick size.
+const LIMIT_STEP: Decimal = dec!(0.01);
+
 /// Polled every 20 ms while the gateway catches up: a count, not a copy of
 /// every list under the sim's lock, so that the polling does not hold up
 /// the placements it waits for.
@@ -470,7 +544,33 @@ struct RateResult {
 const SETTLED_AFTER_US: u64 = 300_000;
 
 /// (2) `n` fills on `symbol`, one per account, paced at `rate` per second.
-async fn paced(w: &World, rate: u64, symbol: &'static str, qty: Decimal, n: usize) -> RateResult {
+async fn paced(
+    w: &World,
+    entries: Entries,
+    rate: u64,
+    (symbol, price, qty): (&'static str, Decimal, Decimal),
+    n: usize,
+) -> RateResult {
+    if entries == Entries::Limit {
+        // Every entry resting and accepted before the first fill.
+        let mut ids = Vec::with_capacity(n);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+            let placed = futures_util::future::join_all(
+                chunk
+                    .iter()
+                    .map(|&i| rest(w, i, symbol, qty, limit_of(price, i))),
+            )
+            .await;
+            ids.extend(placed);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for id in ids {
+            while w.store.entry(id).await.unwrap().status != oco_core::EntryStatus::New {
+                assert!(Instant::now() < deadline, "entry {id} never accepted");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
     w.ctl.clear_requests();
     let lists_before = executing_lists(&w.ctl);
     let period = Duration::from_nanos(1_000_000_000 / rate);
@@ -478,15 +578,19 @@ async fn paced(w: &World, rate: u64, symbol: &'static str, qty: Decimal, n: usiz
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         tokio::time::sleep_until(start + period * i as u32).await;
-        tasks.push(tokio::spawn(buy(
-            w.store.clone(),
-            w.placer.clone(),
-            w.ids.clone(),
-            w.accounts[i],
-            i,
-            symbol,
-            qty,
-        )));
+        match entries {
+            Entries::Market => tasks.push(tokio::spawn(buy(
+                w.store.clone(),
+                w.placer.clone(),
+                w.ids.clone(),
+                w.accounts[i],
+                i,
+                symbol,
+                qty,
+            ))),
+            // The price comes down to the next resting entry, which fills.
+            Entries::Limit => w.ctl.set_price(symbol, limit_of(price, i)).unwrap(),
+        }
     }
     for t in tasks {
         t.await.unwrap();
@@ -568,6 +672,7 @@ fn main() {
 async fn run() {
     let n = env_usize("BENCH_ACCOUNTS", 1000);
     let rates = env_rates();
+    let entries = env_entries();
     let t0 = Instant::now();
     // (3) first, while this process is fresh.
     let child = rss_with_child_sim(n).await;
@@ -604,8 +709,8 @@ async fn run() {
     // (2) fill → both legs on the exchange, at paced rates
     let mut results = Vec::new();
     for (k, &rate) in rates.iter().enumerate() {
-        let (symbol, _, qty) = SYMBOLS[k];
-        let r = paced(&w, rate, symbol, qty, n).await;
+        let (symbol, _, _) = SYMBOLS[k];
+        let r = paced(&w, entries, rate, SYMBOLS[k], n).await;
         let st = gw.stats.snapshot();
         eprintln!(
             "rate {rate}/s on {symbol}: {} fills, {} measured, all protected: {}; sim lists {}; gateway stats so far: {} entry fills, {} placements, {} failures",
@@ -621,12 +726,17 @@ async fn run() {
     }
     let rss_end = vm_rss_kib();
     let s = gw.stats.snapshot();
+    let hints = gw.store.hint_stats();
     let _ = gw.stop.send(());
     let _ = gw.task.await;
 
     println!();
     println!(
-        "ws-gateway latency bench — {n} accounts, sim + gateway + PostgreSQL on 127.0.0.1; gateway ↔ database one-way delay {} µs",
+        "ws-gateway latency bench — {n} accounts, {} entries, sim + gateway + PostgreSQL on 127.0.0.1; gateway ↔ database one-way delay {} µs",
+        match entries {
+            Entries::Market => "MARKET (accepted and filled together)",
+            Entries::Limit => "resting LIMIT (accepted first, filled as the price comes down)",
+        },
         delay.as_micros()
     );
     println!();
@@ -718,11 +828,13 @@ async fn run() {
         );
     }
     println!(
-        "gateway stats: {} entry fills, {} placements, {} failures, {} gaps; whole run {:?}",
+        "gateway stats: {} entry fills, {} placements, {} failures, {} gaps; first fills written without a read first: {} ({} stale hints); whole run {:?}",
         s.entry_fills,
         s.placements,
         s.failures,
         s.gaps,
+        hints.used,
+        hints.stale,
         t0.elapsed()
     );
 }
