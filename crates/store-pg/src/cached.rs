@@ -95,9 +95,12 @@ pub(crate) struct MergeWrite<'a> {
     pub protection: &'a str,
     pub protection_reason: Option<String>,
     pub seen: &'a SeenEntry,
-    /// When set, the write also requires the account's row to be at this
-    /// version: its keys and settings were not read with the entry.
-    pub account_version: Option<i64>,
+    /// Set for a write planned from hints (nothing read before it): the
+    /// account's version they hold. The write then also requires the
+    /// account's row at that version, and nothing of the entry stored beyond
+    /// its row: no fill (another writer's fills can be stored while its
+    /// compare-and-set failed) and no leg.
+    pub hinted: Option<i64>,
 }
 
 impl<'a> MergeWrite<'a> {
@@ -129,7 +132,7 @@ impl<'a> MergeWrite<'a> {
             protection: protection.protection,
             protection_reason: protection.protection_reason.flatten(),
             seen,
-            account_version: None,
+            hinted: None,
         })
     }
 }
@@ -217,11 +220,17 @@ impl MergeWrite<'_> {
         out.push_bind_param::<Nullable<Timestamptz>, _>(&self.seen.filled_at)?;
         out.push_sql(" AND protection = ");
         out.push_bind_param::<Text, _>(&self.seen.protection)?;
-        if let Some(version) = &self.account_version {
+        if let Some(version) = &self.hinted {
             out.push_sql(" AND (SELECT version FROM accounts WHERE id = ");
             out.push_bind_param::<Int8, _>(&self.account)?;
             out.push_sql(") = ");
             out.push_bind_param::<Int8, _>(version)?;
+            // The statement's snapshot: `new_fills`' own rows are not seen.
+            out.push_sql(" AND NOT EXISTS (SELECT 1 FROM fills WHERE entry_id = ");
+            out.push_bind_param::<Int8, _>(&self.entry)?;
+            out.push_sql(") AND NOT EXISTS (SELECT 1 FROM protection_legs WHERE entry_id = ");
+            out.push_bind_param::<Int8, _>(&self.entry)?;
+            out.push_sql(")");
         }
         out.push_sql(" AND (SELECT count(*) FROM new_fills) = cardinality(");
         out.push_bind_param::<Array<Int8>, _>(&self.trade_ids)?;

@@ -143,10 +143,11 @@ impl Hints {
     /// being written).
     pub(crate) fn take(&self, account: AccountId, id: EntryId) -> Option<(EntryHint, AccountHint)> {
         let mut inner = self.lock();
-        let (_, entry) = inner.entries.remove(&id)?;
-        if entry.entry.account != account {
+        // Another account's stream naming the id leaves the owner's hint.
+        if inner.entries.get(&id)?.1.entry.account != account {
             return None;
         }
+        let (_, entry) = inner.entries.remove(&id)?;
         let known = inner.accounts.get(&account)?.clone();
         Some((entry, known))
     }

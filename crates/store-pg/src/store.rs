@@ -389,21 +389,18 @@ impl PgStore {
         conn: &mut AsyncPgConnection,
         account: AccountId,
         id: EntryId,
-    ) -> impl Future<Output = Result<(FillContext, Option<i64>), StoreError>> + Send + use<'s> {
+    ) -> impl Future<Output = Result<FillContext, StoreError>> + Send + use<'s> {
         let keys_and_settings = self.start_keys_and_settings(conn, account);
         let legs = Self::start_legs(conn, id);
         async move {
             let (keys_and_settings, legs) =
                 futures_util::future::join(keys_and_settings, legs).await;
-            let (credentials, account, version) = keys_and_settings?;
-            Ok((
-                FillContext {
-                    credentials,
-                    account,
-                    legs: legs?,
-                },
-                version,
-            ))
+            let (credentials, account, _) = keys_and_settings?;
+            Ok(FillContext {
+                credentials,
+                account,
+                legs: legs?,
+            })
         }
     }
 
@@ -429,19 +426,57 @@ impl PgStore {
         }
     }
 
-    /// Remembers the keys and settings of a context read at `version`
-    /// (`None`: the two reads straddled a change of the account).
-    fn learn_account(&self, context: &FillContext, version: Option<i64>) {
-        if let Some(version) = version {
+    /// Keeps `entry`, accepted with nothing filled and stored as `seen`, and
+    /// `account`'s keys and settings when read with it: hints for its first
+    /// fill. Only for a caller that follows the entry's account (`owner`, the
+    /// gateway on that account's stream): it is the one to see the fill, and
+    /// no other process keeps decrypted keys it has no use for.
+    fn learn(
+        &self,
+        owner: Option<AccountId>,
+        entry: &Entry,
+        seen: &SeenEntry,
+        account: Option<(ApiCredentials, Account, Option<i64>)>,
+    ) {
+        if owner != Some(entry.account) || entry.status != EntryStatus::New {
+            return;
+        }
+        if let Some((credentials, account, Some(version))) = account
+            && account.id == entry.account
+        {
             self.hints.account_read(
-                context.account.id,
+                entry.account,
                 AccountHint {
                     version,
-                    credentials: context.credentials.clone(),
-                    account: context.account.clone(),
+                    credentials,
+                    account,
                 },
             );
         }
+        self.hints.entry_written(entry, seen);
+    }
+
+    /// [`PgStore::learn`] for an acceptance that was not this store's write
+    /// (the API recorded it from its own response first): the account's
+    /// keys and settings, when not known yet, cost a round trip now rather
+    /// than at the fill.
+    async fn learn_later(
+        &self,
+        conn: &mut AsyncPgConnection,
+        owner: Option<AccountId>,
+        entry: &Entry,
+        seen: &SeenEntry,
+    ) {
+        if owner != Some(entry.account) || entry.status != EntryStatus::New {
+            return;
+        }
+        let account = if self.hints.knows_account(entry.account) {
+            None
+        } else {
+            // A hint only: a failed read leaves the fill to read them.
+            self.start_keys_and_settings(conn, entry.account).await.ok()
+        };
+        self.learn(owner, entry, seen, account);
     }
 
     /// Counts of first fills written from what this store already knew of
@@ -568,19 +603,7 @@ impl PgStore {
             if let Some(row) = accepted? {
                 let seen = SeenEntry::of(&row);
                 let entry = row.into_entry()?;
-                if let Some((credentials, account, Some(version))) = account
-                    && account.id == entry.account
-                {
-                    self.hints.account_read(
-                        entry.account,
-                        AccountHint {
-                            version,
-                            credentials,
-                            account,
-                        },
-                    );
-                }
-                self.hints.entry_written(&entry, &seen);
+                self.learn(owner, &entry, &seen, account);
                 return Ok(Some(entry));
             }
         }
@@ -594,13 +617,18 @@ impl PgStore {
             };
             let merge = snapshot.merge(evidence)?;
             if merge.unchanged {
+                self.learn_later(&mut conn, owner, &merge.entry, &snapshot.seen)
+                    .await;
                 return Ok(Some(merge.entry));
             }
             let updated =
                 Self::write_merge(&mut conn, &merge.entry, &snapshot.seen, &merge.new_fills)
                     .await?;
             if let Some(row) = updated {
-                return row.into_entry().map(Some);
+                let seen = SeenEntry::of(&row);
+                let entry = row.into_entry()?;
+                self.learn_later(&mut conn, owner, &entry, &seen).await;
+                return Ok(Some(entry));
             }
         }
         Err(kept_changing(id))
@@ -695,14 +723,14 @@ impl PgStore {
         seen: &SeenEntry,
         new_fills: &[FillRow],
         claims: &[LegClaim],
-        account_version: Option<i64>,
+        hinted: Option<i64>,
     ) -> Result<Option<(Entry, Vec<bool>)>, StoreError> {
         let mut legs = Vec::with_capacity(claims.len());
         for claim in claims {
             legs.push(new_leg_row(claim)?);
         }
         let mut merge = MergeWrite::new(merged, seen, new_fills)?;
-        merge.account_version = account_version;
+        merge.hinted = hinted;
         let statement = MergeAndClaim {
             merge,
             claims: ClaimLegs::of(&legs),
@@ -805,7 +833,7 @@ impl PgStore {
             elsewhere: BTreeSet::new(),
         };
         let merge = snapshot.merge(evidence)?;
-        // Nothing filled before, so no legs: none is claimed before a fill.
+        // No legs: the write requires none (and no fill) stored.
         let context = FillContext {
             credentials: keys.credentials,
             account: keys.account,
@@ -1065,10 +1093,7 @@ impl Store for PgStore {
             };
             let merge = snapshot.merge(evidence)?;
             let context = match context {
-                Ok((context, version)) => {
-                    self.learn_account(&context, version);
-                    context
-                }
+                Ok(context) => context,
                 // The evidence is a fact whatever failed beside it: keep it
                 // (as the port's default does), then report the failure.
                 Err(err) => {
@@ -1160,9 +1185,7 @@ impl Store for PgStore {
         id: EntryId,
     ) -> Result<FillContext, StoreError> {
         let mut conn = self.conn().await?;
-        let (context, version) = self.start_context(&mut conn, account, id).await?;
-        self.learn_account(&context, version);
-        Ok(context)
+        self.start_context(&mut conn, account, id).await
     }
 
     async fn legs(&self, entry: EntryId) -> Result<Vec<Leg>, StoreError> {

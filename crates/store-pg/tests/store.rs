@@ -1282,4 +1282,145 @@ async fn a_hint_serves_only_its_own_account() {
     assert_eq!(store.hint_stats().used, 0);
     assert!(store.legs(entry.id).await.unwrap().is_empty());
     assert_eq!(store.entry(entry.id).await.unwrap().fills_qty, Qty::ZERO);
+    // The owner's hint is still there for the owner's fill.
+    store
+        .record_fill_and_claim(owner.id, entry.id, &filled(559, &[(992, "1")], "1"), &plan)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.hint_stats().used, 1);
+    assert_eq!(store.legs(entry.id).await.unwrap().len(), 2);
+}
+
+/// Fills another writer stored under the entry while its compare-and-set
+/// failed leave the row as the acceptance wrote it: the write from the hint
+/// must not take them for absent (it would size the legs from its own trades
+/// alone). So too a leg stored for the entry.
+#[tokio::test]
+async fn a_hinted_write_sees_fills_and_legs_stored_beside_the_row() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let mut raw = raw(&db).await;
+    let account = new_account(&store, "beside-key").await;
+
+    let entry = new_entry(&store, account.id).await;
+    store
+        .record_evidence_of(account.id, entry.id, &accepted(561))
+        .await
+        .unwrap();
+    diesel::sql_query(format!(
+        "INSERT INTO fills (account_id, symbol, trade_id, entry_id, price, qty, commission, \
+         commission_asset, traded_at) VALUES ({}, 'BTCUSDT', 971, {}, 100, 0.4, 0, 'BNB', now())",
+        account.id, entry.id
+    ))
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    let plan = split_planner(entry.id);
+    let recorded = store
+        .record_fill_and_claim(
+            account.id,
+            entry.id,
+            &filled(561, &[(972, "0.6")], "1"),
+            &plan,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.hint_stats(),
+        store_pg::HintStats { used: 0, stale: 1 }
+    );
+    assert_eq!(recorded.entry.fills_qty, qty("1"), "both trades count");
+    let legs = store.legs(entry.id).await.unwrap();
+    assert_eq!(
+        legs.iter().map(|l| l.qty).collect::<Vec<_>>(),
+        vec![qty("0.5"), qty("0.5")]
+    );
+
+    let entry = new_entry(&store, account.id).await;
+    store
+        .record_evidence_of(account.id, entry.id, &accepted(562))
+        .await
+        .unwrap();
+    diesel::sql_query(format!(
+        "INSERT INTO protection_legs (entry_id, leg, generation, list_client_id, \
+         take_profit_client_id, stop_loss_client_id, symbol, qty, take_profit_price, \
+         stop_price, state, source, claimed_at, updated_at) VALUES ({0}, 1, 0, 'x-L-{0}', \
+         'x-T-{0}', 'x-S-{0}', 'BTCUSDT', 1, 101, 99, 'claimed', 'sync', now(), now())",
+        entry.id
+    ))
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    let plan = split_planner(entry.id);
+    let recorded = store
+        .record_fill_and_claim(
+            account.id,
+            entry.id,
+            &filled(562, &[(981, "1")], "1"),
+            &plan,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.hint_stats(),
+        store_pg::HintStats { used: 0, stale: 2 }
+    );
+    assert_eq!(recorded.context.legs.len(), 1, "the leg stored is read");
+    assert!(recorded.claims.is_empty(), "nothing claimed beside it");
+    assert_eq!(store.legs(entry.id).await.unwrap().len(), 1);
+}
+
+/// Hints are kept by the store that follows the account's stream, whoever
+/// wrote the acceptance first: the API recording it from its own response
+/// (no owner) keeps none, and the gateway arriving second still learns it.
+#[tokio::test]
+async fn an_acceptance_recorded_elsewhere_first_is_still_learnt_by_the_follower() {
+    let db = TestDb::new().await;
+    let config = db.config(8);
+    let gateway = PgStore::connect(config.clone()).await.unwrap();
+    let api = PgStore::connect(config).await.unwrap();
+    let account = new_account(&api, "follower-key").await;
+    let entry = new_entry(&api, account.id).await;
+    api.record_evidence(entry.id, &accepted(563)).await.unwrap();
+    let later = gateway
+        .record_evidence_of(account.id, entry.id, &accepted(563))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(later.status, EntryStatus::New);
+    let plan = split_planner(entry.id);
+    let recorded = gateway
+        .record_fill_and_claim(
+            account.id,
+            entry.id,
+            &filled(563, &[(991, "1")], "1"),
+            &plan,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        gateway.hint_stats(),
+        store_pg::HintStats { used: 1, stale: 0 }
+    );
+    assert_eq!(recorded.won, vec![true, true]);
+    assert_eq!(recorded.context.credentials.api_key, "follower-key");
+
+    // The API's store kept nothing: its fill of another entry is read.
+    let entry = new_entry(&api, account.id).await;
+    api.record_evidence(entry.id, &accepted(564)).await.unwrap();
+    let plan = split_planner(entry.id);
+    api.record_fill_and_claim(
+        account.id,
+        entry.id,
+        &filled(564, &[(995, "1")], "1"),
+        &plan,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(api.hint_stats(), store_pg::HintStats::default());
 }

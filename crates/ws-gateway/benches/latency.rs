@@ -41,11 +41,13 @@ const KEY_HEX: &str = "070707070707070707070707070707070707070707070707070707070
 const BASELINE_REQUESTS: usize = 300;
 const OCO_PATH: &str = "/api/v3/orderList/oco";
 /// One symbol per rate: an account holds at most 5 untriggered stops per
-/// symbol, and an entry's two lists hold two.
+/// symbol, and an entry's two lists hold two. Prices high enough that
+/// `BENCH_ENTRIES=limit`'s walk down (one 0.01 step per account) stays far
+/// above the first entries' stops (1 % under their fills).
 const SYMBOLS: [(&str, Decimal, Decimal); 3] = [
     ("BTCUSDT", dec!(60000), dec!(0.001)),
     ("ETHUSDT", dec!(3000), dec!(0.02)),
-    ("BNBUSDT", dec!(600), dec!(0.1)),
+    ("BNBUSDT", dec!(6000), dec!(0.01)),
 ];
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -552,6 +554,10 @@ async fn paced(
     n: usize,
 ) -> RateResult {
     if entries == Entries::Limit {
+        assert!(
+            price - limit_of(price, n) <= price * dec!(0.005),
+            "BENCH_ENTRIES=limit: {n} steps of {LIMIT_STEP} from {price} reach the first entries' stops; use fewer accounts"
+        );
         // Every entry resting and accepted before the first fill.
         let mut ids = Vec::with_capacity(n);
         for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
