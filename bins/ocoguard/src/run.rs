@@ -164,6 +164,11 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     );
     let stream_stats = gateway.stats();
     metrics.on_scrape(move |m| m.set_streams(&stream_stats.stream_states()));
+    let hints = store.clone();
+    metrics.on_scrape(move |m| {
+        let counts = hints.hint_stats();
+        m.set_hint_counts(counts.used, counts.stale);
+    });
     // Layer 2: reconciliation.
     let sync_config = args.sync_config();
     let reconciler = Arc::new(Reconciler::wired(

@@ -267,6 +267,11 @@ pub async fn wire_observed(
     );
     let stats = gateway.stats();
     metrics.on_scrape(move |m| m.set_streams(&stats.stream_states()));
+    let hints = store.clone();
+    metrics.on_scrape(move |m| {
+        let counts = hints.hint_stats();
+        m.set_hint_counts(counts.used, counts.stale);
+    });
     Ok((gateway, store))
 }
 

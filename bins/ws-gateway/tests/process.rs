@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use common::Wired;
 use oco_core::model::Source;
+use oco_core::{EntryStatus, Store as _};
+use rust_decimal_macros::dec;
 use store_pg::testing::TestDb;
 
 #[tokio::test]
@@ -82,4 +84,47 @@ async fn the_wired_process_protects_a_fill_from_the_stream() {
     .await
     .unwrap();
     assert_eq!(taken.len(), 1, "the lease was released");
+}
+
+/// A resting LIMIT entry, the process's first: its acceptance is written and
+/// its symbol's rules fetched then, so its fill is written and claimed with
+/// no read first, and `/metrics` counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resting_entry_is_protected_without_a_read_at_its_fill() {
+    let w = Wired::new("k1-secret").await;
+    let (stop, process) = w.start().await;
+    let entry = w.limit_entry(dec!(59000)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.store.entry(entry.id).await.unwrap().status != EntryStatus::New {
+        assert!(
+            Instant::now() < deadline,
+            "the acceptance was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w.sim.control().set_price("BTCUSDT", dec!(59000)).unwrap();
+    assert_eq!(w.protected(&entry).await, Source::Websocket);
+    assert_eq!(w.sim.control().order_lists(Some("k1")).len(), 2);
+    let wanted = "oco_hinted_first_fills_total 1";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = match reqwest::get(format!("http://{}/metrics", w.metrics_addr)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.lines().any(|l| l == wanted) {
+            assert!(
+                text.lines().any(|l| l == "oco_stale_hints_total 0"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed {wanted:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(()).unwrap();
+    process.await.unwrap().unwrap();
 }

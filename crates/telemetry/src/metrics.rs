@@ -83,6 +83,8 @@ pub struct Metrics {
     breaker_open: Family<AccountLabels, Gauge>,
     used_weight: Gauge,
     exchange_errors: Family<CodeLabels, Counter>,
+    hinted_fills: Counter,
+    stale_hints: Counter,
     hooks: Mutex<Vec<Hook>>,
     weight_sources: Mutex<Vec<WeightSource>>,
 }
@@ -173,6 +175,18 @@ impl Metrics {
             HELP_EXCHANGE_ERRORS,
             exchange_errors.clone(),
         );
+        let hinted_fills = Counter::default();
+        registry.register(
+            "oco_hinted_first_fills",
+            "First fills written and claimed without a database read first (the store knew the entry from its acceptance)",
+            hinted_fills.clone(),
+        );
+        let stale_hints = Counter::default();
+        registry.register(
+            "oco_stale_hints",
+            "Writes from hints that matched nothing (the entry or its account had changed), after which the fill was read",
+            stale_hints.clone(),
+        );
         for source in [Source::Websocket, Source::Sync, Source::Direct] {
             let labels = SourceLabels {
                 source: source.name(),
@@ -196,6 +210,8 @@ impl Metrics {
             breaker_open,
             used_weight,
             exchange_errors,
+            hinted_fills,
+            stale_hints,
             hooks: Mutex::new(Vec::new()),
             weight_sources: Mutex::new(Vec::new()),
         })
@@ -287,6 +303,14 @@ impl Metrics {
                     account: account.to_string(),
                 })
                 .set(1);
+        }
+    }
+
+    /// Copies the store's running counts of first fills written from hints
+    /// and of stale hints (both only grow).
+    pub fn set_hint_counts(&self, hinted: u64, stale: u64) {
+        for (counter, total) in [(&self.hinted_fills, hinted), (&self.stale_hints, stale)] {
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
     }
 

@@ -116,6 +116,22 @@ fn coverage_gauges_from_a_report() {
 }
 
 #[test]
+fn hint_counts_follow_the_store_and_never_go_back() {
+    let m = Metrics::new();
+    let text = m.encode();
+    assert_eq!(sample(&text, "oco_hinted_first_fills_total"), Some(0.0));
+    m.set_hint_counts(7, 1);
+    m.set_hint_counts(9, 1);
+    let text = m.encode();
+    assert_eq!(sample(&text, "oco_hinted_first_fills_total"), Some(9.0));
+    assert_eq!(sample(&text, "oco_stale_hints_total"), Some(1.0));
+    // A store's counts only grow; a lower reading (another store) lowers nothing.
+    m.set_hint_counts(3, 0);
+    let text = m.encode();
+    assert_eq!(sample(&text, "oco_hinted_first_fills_total"), Some(9.0));
+}
+
+#[test]
 fn streams_breakers_and_weight_are_replaced_at_each_scrape() {
     let m = Metrics::new();
     m.set_streams(&[(AccountId(1), true), (AccountId(2), false)]);

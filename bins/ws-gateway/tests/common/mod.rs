@@ -12,7 +12,8 @@ use oco_core::ids::IdScheme;
 use oco_core::levels::EntryLevels;
 use oco_core::model::{EntryKind, EntryTags, NewEntry, OrderSize, ProtectionConfig};
 use oco_core::ports::{ApiCredentials, Clock, Exchange, NewAccount, OrderRequest, Side, Store};
-use oco_core::{Account, Entry, Qty, SystemClock};
+use oco_core::{Account, Entry, Price, Qty, SystemClock};
+use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use secrecy::SecretString;
 use store_pg::testing::TestDb;
@@ -130,6 +131,16 @@ impl Wired {
     /// Stores a MARKET entry and sends it as the API does (inside its order
     /// span), without protecting it: only the gateway can.
     pub async fn market_entry(&self) -> Entry {
+        self.entry(None).await
+    }
+
+    /// As [`Wired::market_entry`], a LIMIT BUY at `limit`: below the market,
+    /// it rests until the price comes down to it.
+    pub async fn limit_entry(&self, limit: Decimal) -> Entry {
+        self.entry(Some(Price::new(limit).unwrap())).await
+    }
+
+    async fn entry(&self, limit: Option<Price>) -> Entry {
         let exchange = BinanceExchange::new(BinanceConfig::custom(
             self.sim.base_url(),
             self.sim.ws_api_url(),
@@ -142,7 +153,7 @@ impl Wired {
                 NewEntry {
                     account: self.account.id,
                     symbol: exchange.symbol_rules("BTCUSDT").await.unwrap().symbol,
-                    kind: EntryKind::Market,
+                    kind: limit.map_or(EntryKind::Market, |price| EntryKind::Limit { price }),
                     size: OrderSize::Base(Qty::new(dec!(0.01)).unwrap()),
                     levels: EntryLevels::default(),
                     tags: EntryTags::default(),
@@ -164,7 +175,7 @@ impl Wired {
                 &OrderRequest {
                     symbol: "BTCUSDT".into(),
                     side: Side::Buy,
-                    limit: None,
+                    limit,
                     size: OrderSize::Base(Qty::new(dec!(0.01)).unwrap()),
                     client_id: entry.client_id.clone(),
                 },
