@@ -41,10 +41,17 @@ macro_rules! untyped_query {
     };
 }
 
-/// The evidence columns of an entry as read, exactly as stored: what a
-/// merge's compare-and-set compares against.
+/// The evidence columns of an entry as read, exactly as stored, and how many
+/// fills were stored under it: what a merge's compare-and-set compares
+/// against.
 #[derive(Clone)]
 pub(crate) struct SeenEntry {
+    /// Fills stored under the entry. Fills are only ever added, so an equal
+    /// count is the same set. Another writer can store fills under the entry
+    /// and then fail its own compare-and-set, leaving the row as it was: the
+    /// row alone would not show them, and a merge without them would write
+    /// amounts short of them.
+    pub stored_fills: i64,
     pub executed_qty: PgNumeric,
     pub cumulative_quote: PgNumeric,
     pub status: String,
@@ -56,8 +63,10 @@ pub(crate) struct SeenEntry {
 }
 
 impl SeenEntry {
-    pub(crate) fn of(row: &EntryRow) -> Self {
+    /// `row` as read, with `stored_fills` fills stored under it.
+    pub(crate) fn of(row: &EntryRow, stored_fills: usize) -> Self {
         Self {
+            stored_fills: i64::try_from(stored_fills).unwrap_or(i64::MAX),
             executed_qty: row.executed_qty.clone(),
             cumulative_quote: row.cumulative_quote.clone(),
             status: row.status.clone(),
@@ -97,9 +106,8 @@ pub(crate) struct MergeWrite<'a> {
     pub seen: &'a SeenEntry,
     /// Set for a write planned from hints (nothing read before it): the
     /// account's version they hold. The write then also requires the
-    /// account's row at that version, and nothing of the entry stored beyond
-    /// its row: no fill (another writer's fills can be stored while its
-    /// compare-and-set failed) and no leg.
+    /// account's row at that version and no leg stored for the entry (the
+    /// hint's fill count, 0, is checked as any).
     pub hinted: Option<i64>,
 }
 
@@ -220,15 +228,17 @@ impl MergeWrite<'_> {
         out.push_bind_param::<Nullable<Timestamptz>, _>(&self.seen.filled_at)?;
         out.push_sql(" AND protection = ");
         out.push_bind_param::<Text, _>(&self.seen.protection)?;
+        // The statement's snapshot: `new_fills`' own rows are not counted.
+        out.push_sql(" AND (SELECT count(*) FROM fills WHERE entry_id = ");
+        out.push_bind_param::<Int8, _>(&self.entry)?;
+        out.push_sql(") = ");
+        out.push_bind_param::<Int8, _>(&self.seen.stored_fills)?;
         if let Some(version) = &self.hinted {
             out.push_sql(" AND (SELECT version FROM accounts WHERE id = ");
             out.push_bind_param::<Int8, _>(&self.account)?;
             out.push_sql(") = ");
             out.push_bind_param::<Int8, _>(version)?;
-            // The statement's snapshot: `new_fills`' own rows are not seen.
-            out.push_sql(" AND NOT EXISTS (SELECT 1 FROM fills WHERE entry_id = ");
-            out.push_bind_param::<Int8, _>(&self.entry)?;
-            out.push_sql(") AND NOT EXISTS (SELECT 1 FROM protection_legs WHERE entry_id = ");
+            out.push_sql(" AND NOT EXISTS (SELECT 1 FROM protection_legs WHERE entry_id = ");
             out.push_bind_param::<Int8, _>(&self.entry)?;
             out.push_sql(")");
         }

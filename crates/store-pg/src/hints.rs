@@ -212,6 +212,7 @@ mod tests {
             created_at: Millis(0),
         };
         let seen = SeenEntry {
+            stored_fills: 0,
             executed_qty: numeric(executed),
             cumulative_quote: numeric(Decimal::ZERO),
             status: "new".into(),

@@ -601,7 +601,10 @@ impl PgStore {
             })
             .await;
             if let Some(row) = accepted? {
-                let seen = SeenEntry::of(&row);
+                // Fills stored beside a row with nothing filled are not
+                // expected; if there are any, the first fill's write from
+                // this count matches nothing and reads them.
+                let seen = SeenEntry::of(&row, 0);
                 let entry = row.into_entry()?;
                 self.learn(owner, &entry, &seen, account);
                 return Ok(Some(entry));
@@ -625,7 +628,7 @@ impl PgStore {
                 Self::write_merge(&mut conn, &merge.entry, &snapshot.seen, &merge.new_fills)
                     .await?;
             if let Some(row) = updated {
-                let seen = SeenEntry::of(&row);
+                let seen = SeenEntry::of(&row, snapshot.stored.len() + merge.new_fills.len());
                 let entry = row.into_entry()?;
                 self.learn_later(&mut conn, owner, &entry, &seen).await;
                 return Ok(Some(entry));
@@ -691,7 +694,7 @@ impl PgStore {
         let Some((row, first_fill)) = rows.next() else {
             return Ok(None);
         };
-        let seen = SeenEntry::of(&row);
+        let mut seen = SeenEntry::of(&row, 0);
         let entry = row.into_entry()?;
         let mut stored = BTreeMap::new();
         let mut elsewhere = BTreeSet::new();
@@ -706,6 +709,7 @@ impl PgStore {
                 elsewhere.insert(fill.trade_id);
             }
         }
+        seen.stored_fills = i64::try_from(stored.len()).unwrap_or(i64::MAX);
         Ok(Some(Snapshot {
             entry,
             seen,

@@ -1424,3 +1424,63 @@ async fn an_acceptance_recorded_elsewhere_first_is_still_learnt_by_the_follower(
     .unwrap();
     assert_eq!(api.hint_stats(), store_pg::HintStats::default());
 }
+
+/// Another writer stores a fill under the entry and loses its own
+/// compare-and-set, so the row is left as it was: between this write's read
+/// and its write, that fill lands. The write must not apply amounts short of
+/// it: its compare-and-set counts the stored fills, fails, and the retry
+/// plans from every fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_stored_beside_an_unchanged_row_makes_the_write_read_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let raw = std::sync::Mutex::new(raw(&db).await);
+    let account = new_account(&store, "beside-read-key").await;
+    let entry = new_entry(&store, account.id).await;
+    let calls = AtomicUsize::new(0);
+    let split = split_planner(entry.id);
+    let plan = |merged: &Entry, context: &oco_core::ports::FillContext| {
+        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::task::block_in_place(|| {
+                let mut conn = raw.lock().unwrap();
+                tokio::runtime::Handle::current()
+                    .block_on(
+                        diesel::sql_query(format!(
+                            "INSERT INTO fills (account_id, symbol, trade_id, entry_id, price, \
+                             qty, commission, commission_asset, traded_at) VALUES ({}, \
+                             'BTCUSDT', 1101, {}, 100, 0.4, 0, 'BNB', now())",
+                            account.id, entry.id
+                        ))
+                        .execute(&mut *conn),
+                    )
+                    .unwrap();
+            });
+        }
+        split(merged, context)
+    };
+    let recorded = store
+        .record_fill_and_claim(
+            account.id,
+            entry.id,
+            &filled(565, &[(1102, "0.6")], "1"),
+            &plan,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        AtomicUsize::load(&calls, Ordering::SeqCst),
+        2,
+        "the lost compare-and-set plans again"
+    );
+    assert_eq!(recorded.entry.fills_qty, qty("1"), "both fills count");
+    assert_eq!(store.entry(entry.id).await.unwrap().fills_qty, qty("1"));
+    let legs = store.legs(entry.id).await.unwrap();
+    assert_eq!(
+        legs.iter().map(|l| l.qty).collect::<Vec<_>>(),
+        vec![qty("0.5"), qty("0.5")],
+        "planned from both fills"
+    );
+}
