@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use common::Wired;
 use oco_core::model::Source;
-use oco_core::{EntryStatus, Store as _};
+use oco_core::{EntryStatus, Exchange as _, Store as _};
 use rust_decimal_macros::dec;
 use store_pg::testing::TestDb;
 
@@ -86,26 +86,60 @@ async fn the_wired_process_protects_a_fill_from_the_stream() {
     assert_eq!(taken.len(), 1, "the lease was released");
 }
 
-/// A resting LIMIT entry, the process's first: its acceptance is written and
-/// its symbol's rules fetched then, so its fill is written and claimed with
-/// no read first, and `/metrics` counts it.
+/// Resting LIMIT entries, the process's first: their acceptance is written
+/// and their symbol's rules fetched then, in the background and once for
+/// both (the exchange is slow to answer: the second acceptance comes while
+/// the first fetch is out), so each fill is written and claimed with no read
+/// first, and `/metrics` counts them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resting_entry_is_protected_without_a_read_at_its_fill() {
+async fn resting_entries_are_protected_without_a_read_at_their_fill() {
+    let rules_requests = |w: &Wired| {
+        w.sim
+            .control()
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/api/v3/exchangeInfo" && r.status == 200)
+            .count()
+    };
     let w = Wired::new("k1-secret").await;
     let (stop, process) = w.start().await;
-    let entry = w.limit_entry(dec!(59000)).await;
+    // The placing client holds the rules before the exchange slows down.
+    w.placer.symbol_rules("BTCUSDT").await.unwrap();
+    let before = rules_requests(&w);
+    w.sim.control().set_response_delay(
+        Duration::from_millis(400),
+        Some("/api/v3/exchangeInfo".to_owned()),
+    );
+    let first = w.limit_entry(dec!(59000)).await;
+    let second = w.limit_entry(dec!(58900)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while w.store.entry(entry.id).await.unwrap().status != EntryStatus::New {
+    for entry in [&first, &second] {
+        while w.store.entry(entry.id).await.unwrap().status != EntryStatus::New {
+            assert!(
+                Instant::now() < deadline,
+                "the acceptance was never written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    while rules_requests(&w) < before + 1 {
         assert!(
             Instant::now() < deadline,
-            "the acceptance was never written"
+            "the gateway never fetched the rules"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    w.sim.control().set_price("BTCUSDT", dec!(59000)).unwrap();
-    assert_eq!(w.protected(&entry).await, Source::Websocket);
-    assert_eq!(w.sim.control().order_lists(Some("k1")).len(), 2);
-    let wanted = "oco_hinted_first_fills_total 1";
+    for (entry, price) in [(&first, dec!(59000)), (&second, dec!(58900))] {
+        w.sim.control().set_price("BTCUSDT", price).unwrap();
+        assert_eq!(w.protected(entry).await, Source::Websocket);
+    }
+    assert_eq!(w.sim.control().order_lists(Some("k1")).len(), 4);
+    assert_eq!(
+        rules_requests(&w),
+        before + 1,
+        "the gateway fetched the rules once for both acceptances"
+    );
+    let wanted = "oco_hinted_first_fills_total 2";
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let text = match reqwest::get(format!("http://{}/metrics", w.metrics_addr)).await {

@@ -66,27 +66,16 @@ impl Protector {
                 // The entry's ownership is checked by the write itself: an
                 // id of ours seen on another account's stream writes nothing.
                 if update.executed_qty.is_zero() {
-                    let Some(_) = self
-                        .store()
-                        .record_evidence_of(account, id, &evidence)
-                        .await?
-                    else {
-                        return Ok(Followed::Foreign);
-                    };
-                    // Its fill may follow, and a fill's first write plans only
-                    // from rules the adapter already holds: fetch them now, at
-                    // acceptance, rather than send the fill the long way. A
-                    // failure here is the fill's round's to report.
-                    if update.status == EntryStatus::New
-                        && self
-                            .exchange()
-                            .cached_symbol_rules(&update.symbol)
-                            .is_none()
-                        && let Err(err) = self.exchange().symbol_rules(&update.symbol).await
-                    {
-                        tracing::debug!(symbol = %update.symbol, error = %err, "symbol rules not fetched at acceptance");
-                    }
-                    return Ok(Followed::EntryAccepted);
+                    return Ok(
+                        match self
+                            .store()
+                            .record_evidence_of(account, id, &evidence)
+                            .await?
+                        {
+                            Some(_) => Followed::EntryAccepted,
+                            None => Followed::Foreign,
+                        },
+                    );
                 }
                 Ok(
                     match self

@@ -229,7 +229,12 @@ impl MergeWrite<'_> {
         out.push_sql(" AND protection = ");
         out.push_bind_param::<Text, _>(&self.seen.protection)?;
         // The statement's snapshot: `new_fills`' own rows are not counted.
-        out.push_sql(" AND (SELECT count(*) FROM fills WHERE entry_id = ");
+        // Counted as the snapshot read them (the entry's account and symbol).
+        out.push_sql(" AND (SELECT count(*) FROM fills WHERE account_id = ");
+        out.push_bind_param::<Int8, _>(&self.account)?;
+        out.push_sql(" AND symbol = ");
+        out.push_bind_param::<Text, _>(self.symbol)?;
+        out.push_sql(" AND entry_id = ");
         out.push_bind_param::<Int8, _>(&self.entry)?;
         out.push_sql(") = ");
         out.push_bind_param::<Int8, _>(&self.seen.stored_fills)?;

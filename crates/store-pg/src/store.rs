@@ -830,6 +830,10 @@ impl PgStore {
         let Some((known, keys)) = self.hints.take(account, id) else {
             return Ok(None);
         };
+        // Planned as if nothing were stored: only a hint that says so serves.
+        if known.seen.stored_fills != 0 {
+            return Ok(None);
+        }
         let snapshot = Snapshot {
             entry: known.entry,
             seen: known.seen,

@@ -125,7 +125,7 @@ fn hint_counts_follow_the_store_and_never_go_back() {
     let text = m.encode();
     assert_eq!(sample(&text, "oco_hinted_first_fills_total"), Some(9.0));
     assert_eq!(sample(&text, "oco_stale_hints_total"), Some(1.0));
-    // A store's counts only grow; a lower reading (another store) lowers nothing.
+    // A store's counts only grow; a lower reading lowers nothing.
     m.set_hint_counts(3, 0);
     let text = m.encode();
     assert_eq!(sample(&text, "oco_hinted_first_fills_total"), Some(9.0));

@@ -21,11 +21,11 @@ use oco_core::follow::Followed;
 use oco_core::ids::{LegKey, OrderRole};
 use oco_core::model::{Protection, Source};
 use oco_core::ports::{
-    Clock, ExecutionUpdate, Leases, ListUpdate, Store, StoreError, StreamEvent, UserStream,
-    UserStreamSession,
+    Clock, Exchange, ExecutionUpdate, Leases, ListUpdate, Store, StoreError, StreamEvent,
+    UserStream, UserStreamSession,
 };
 use oco_core::protect::{Idle, ProtectOutcome, ProtectReport, Protector};
-use oco_core::{AccountId, EntryId, ExchangeError};
+use oco_core::{AccountId, EntryId, EntryStatus, ExchangeError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -178,6 +178,7 @@ pub struct Gateway {
     protector: Arc<Protector>,
     config: GatewayConfig,
     stats: Arc<GatewayStats>,
+    rules: RulesPrefetch,
 }
 
 impl Gateway {
@@ -196,6 +197,7 @@ impl Gateway {
             protector,
             config,
             stats: Arc::new(GatewayStats::default()),
+            rules: RulesPrefetch::default(),
         }
     }
 
@@ -314,6 +316,7 @@ impl Gateway {
             streams: self.streams.clone(),
             protector: self.protector.clone(),
             stats: self.stats.clone(),
+            rules: self.rules.clone(),
             min_backoff: self.config.min_backoff,
             max_backoff: self.config.max_backoff,
         };
@@ -328,8 +331,55 @@ struct AccountWorker {
     streams: Arc<dyn UserStream>,
     protector: Arc<Protector>,
     stats: Arc<GatewayStats>,
+    rules: RulesPrefetch,
     min_backoff: Duration,
     max_backoff: Duration,
+}
+
+/// How long after a fetch of a symbol's rules began another may begin.
+const RULES_RETRY: Duration = Duration::from_secs(30);
+
+/// Fetches a symbol's rules in the background when an entry of it is
+/// accepted and the adapter does not hold them: a fill's first write plans
+/// only from rules already held, and would otherwise take the long way. In
+/// the background, because the account's next events (another entry's fill)
+/// must not wait for the exchange; at most one fetch per symbol per
+/// [`RULES_RETRY`], because many accounts accepting one new symbol at once
+/// would otherwise spend the node's request weight on copies of one answer,
+/// and an exchange that does not answer would be asked at every acceptance.
+#[derive(Clone, Default)]
+struct RulesPrefetch {
+    began: Arc<std::sync::Mutex<HashMap<String, tokio::time::Instant>>>,
+}
+
+impl RulesPrefetch {
+    fn accepted(&self, exchange: &Arc<dyn Exchange>, symbol: &str) {
+        if exchange.cached_symbol_rules(symbol).is_some() {
+            return;
+        }
+        {
+            let mut began = self
+                .began
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = tokio::time::Instant::now();
+            if began
+                .get(symbol)
+                .is_some_and(|at| now.duration_since(*at) < RULES_RETRY)
+            {
+                return;
+            }
+            began.insert(symbol.to_owned(), now);
+        }
+        let exchange = exchange.clone();
+        let symbol = symbol.to_owned();
+        tokio::spawn(async move {
+            // The fill's own round fetches them again and reports a failure.
+            if let Err(err) = exchange.symbol_rules(&symbol).await {
+                debug!(symbol = %symbol, error = %err, "symbol rules not fetched at acceptance");
+            }
+        });
+    }
 }
 
 /// Decrements the up-gauge however the stream ends (error, abort).
@@ -489,6 +539,10 @@ impl AccountWorker {
                 protect: Some(report),
                 ..
             }) => self.count(&report, &update.client_id).await,
+            Ok(Followed::EntryAccepted) if update.status == EntryStatus::New => {
+                self.rules
+                    .accepted(self.protector.exchange(), &update.symbol);
+            }
             Ok(_) => {}
             Err(err) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);

@@ -34,6 +34,8 @@ pub struct Wired {
     pub config: ws_gateway_bin::Config,
     /// Where the process serves its metrics.
     pub metrics_addr: String,
+    /// The client entries are sent with (as the API's), rules cached.
+    pub placer: BinanceExchange,
 }
 
 impl Wired {
@@ -93,7 +95,10 @@ impl Wired {
             &metrics_addr,
         ])
         .unwrap();
+        let placer =
+            BinanceExchange::new(BinanceConfig::custom(sim.base_url(), sim.ws_api_url())).unwrap();
         Wired {
+            placer,
             sim,
             db,
             store,
@@ -141,11 +146,7 @@ impl Wired {
     }
 
     async fn entry(&self, limit: Option<Price>) -> Entry {
-        let exchange = BinanceExchange::new(BinanceConfig::custom(
-            self.sim.base_url(),
-            self.sim.ws_api_url(),
-        ))
-        .unwrap();
+        let exchange = &self.placer;
         let ids = IdScheme::new("og").unwrap();
         let entry = self
             .store
