@@ -51,22 +51,8 @@ async fn the_wired_process_protects_a_fill_from_the_stream() {
         stream_up.as_str(),
         "oco_placements_total{source=\"websocket\"} 2",
     ];
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = match reqwest::get(format!("http://{}/metrics", w.metrics_addr)).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        if wanted.iter().all(|want| text.lines().any(|l| l == *want)) {
-            assert!(!text.contains("k1-secret") && !text.contains(&w.key_hex));
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never showed {wanted:?}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let text = metrics_showing(&w, &wanted).await;
+    assert!(!text.contains("k1-secret") && !text.contains(&w.key_hex));
     stop.send(()).unwrap();
     process.await.unwrap().unwrap();
     // Shutdown released the lease and closed the stream.
@@ -139,19 +125,26 @@ async fn resting_entries_are_protected_without_a_read_at_their_fill() {
         before + 1,
         "the gateway fetched the rules once for both acceptances"
     );
-    let wanted = "oco_hinted_first_fills_total 2";
+    metrics_showing(
+        &w,
+        &["oco_hinted_first_fills_total 2", "oco_stale_hints_total 0"],
+    )
+    .await;
+    stop.send(()).unwrap();
+    process.await.unwrap().unwrap();
+}
+
+/// Polls the process's `/metrics` until it shows every line of `wanted`
+/// (gauges move on the exporter's refresh); the text.
+async fn metrics_showing(w: &Wired, wanted: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let text = match reqwest::get(format!("http://{}/metrics", w.metrics_addr)).await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };
-        if text.lines().any(|l| l == wanted) {
-            assert!(
-                text.lines().any(|l| l == "oco_stale_hints_total 0"),
-                "{text}"
-            );
-            break;
+        if wanted.iter().all(|want| text.lines().any(|l| l == *want)) {
+            return text;
         }
         assert!(
             Instant::now() < deadline,
@@ -159,6 +152,4 @@ async fn resting_entries_are_protected_without_a_read_at_their_fill() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.send(()).unwrap();
-    process.await.unwrap().unwrap();
 }

@@ -1064,6 +1064,44 @@ fn filled(order_id: i64, trades: &[(i64, &str)], executed: &str) -> Evidence {
     }
 }
 
+/// A new entry of `account`, accepted (`NEW`, order `order_id`) through
+/// `store` as the gateway records it.
+async fn accepted_entry(store: &PgStore, account: AccountId, order_id: i64) -> Entry {
+    let entry = new_entry(store, account).await;
+    store
+        .record_evidence_of(account, entry.id, &accepted(order_id))
+        .await
+        .unwrap();
+    entry
+}
+
+/// `evidence` of `entry` recorded through `store` and its legs claimed with
+/// [`split_planner`].
+async fn fill_first(
+    store: &PgStore,
+    account: AccountId,
+    entry: EntryId,
+    evidence: &Evidence,
+) -> oco_core::ports::RecordedFill {
+    let plan = split_planner(entry);
+    store
+        .record_fill_and_claim(account, entry, evidence, &plan)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The quantities of `entry`'s legs, by leg and generation.
+async fn leg_qtys(store: &PgStore, entry: EntryId) -> Vec<Qty> {
+    store
+        .legs(entry)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.qty)
+        .collect()
+}
+
 /// An entry accepted through this store has its first fill written and
 /// claimed without a read first, and ends exactly as one written the long way.
 #[tokio::test]
@@ -1144,41 +1182,30 @@ async fn a_stale_hint_is_caught_by_the_write_and_the_fill_read_again() {
     let account = new_account(&here, "stale-key").await;
 
     // The entry moved on elsewhere: a first part filled there.
-    let entry = new_entry(&here, account.id).await;
-    here.record_evidence_of(account.id, entry.id, &accepted(556))
-        .await
-        .unwrap();
+    let entry = accepted_entry(&here, account.id, 556).await;
     elsewhere
         .record_evidence(entry.id, &filled(556, &[(701, "0.4")], "0.4"))
         .await
         .unwrap();
-    let plan = split_planner(entry.id);
-    let recorded = here
-        .record_fill_and_claim(
-            account.id,
-            entry.id,
-            &filled(556, &[(702, "0.6")], "1"),
-            &plan,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let recorded = fill_first(
+        &here,
+        account.id,
+        entry.id,
+        &filled(556, &[(702, "0.6")], "1"),
+    )
+    .await;
     assert_eq!(here.hint_stats().stale, 1);
     assert_eq!(here.hint_stats().used, 0);
     assert_eq!(recorded.entry.fills_qty, qty("1"), "both parts count");
     assert_eq!(recorded.won, vec![true, true]);
-    let legs = here.legs(entry.id).await.unwrap();
     assert_eq!(
-        legs.iter().map(|l| l.qty).collect::<Vec<_>>(),
+        leg_qtys(&here, entry.id).await,
         vec![qty("0.5"), qty("0.5")],
         "planned from both parts"
     );
 
     // The account changed elsewhere: the fill is planned with its new split.
-    let entry = new_entry(&here, account.id).await;
-    here.record_evidence_of(account.id, entry.id, &accepted(557))
-        .await
-        .unwrap();
+    let entry = accepted_entry(&here, account.id, 557).await;
     let settings = ProtectionConfig {
         split: dec!(0.3),
         ..ProtectionConfig::DEFAULT
@@ -1187,17 +1214,13 @@ async fn a_stale_hint_is_caught_by_the_write_and_the_fill_read_again() {
         .update_account(account.id, settings, true)
         .await
         .unwrap();
-    let plan = split_planner(entry.id);
-    let recorded = here
-        .record_fill_and_claim(
-            account.id,
-            entry.id,
-            &filled(557, &[(801, "1")], "1"),
-            &plan,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let recorded = fill_first(
+        &here,
+        account.id,
+        entry.id,
+        &filled(557, &[(801, "1")], "1"),
+    )
+    .await;
     assert_eq!(here.hint_stats().stale, 2);
     assert_eq!(recorded.context.account.protection.split, dec!(0.3));
     let legs = here.legs(entry.id).await.unwrap();
@@ -1209,47 +1232,33 @@ async fn a_stale_hint_is_caught_by_the_write_and_the_fill_read_again() {
 
     // Read again, the account is known anew: the next accepted entry's fill
     // takes the short way with the new settings.
-    let entry = new_entry(&here, account.id).await;
-    here.record_evidence_of(account.id, entry.id, &accepted(558))
-        .await
-        .unwrap();
-    let plan = split_planner(entry.id);
-    here.record_fill_and_claim(
+    let entry = accepted_entry(&here, account.id, 558).await;
+    fill_first(
+        &here,
         account.id,
         entry.id,
         &filled(558, &[(901, "1")], "1"),
-        &plan,
     )
-    .await
-    .unwrap()
-    .unwrap();
+    .await;
     assert_eq!(here.hint_stats().used, 1);
-    let legs = here.legs(entry.id).await.unwrap();
     assert_eq!(
-        legs.iter().map(|l| l.qty).collect::<Vec<_>>(),
+        leg_qtys(&here, entry.id).await,
         vec![qty("0.3"), qty("0.7")]
     );
 
     // Evidence written here after the acceptance forgets the hint: the next
     // fill takes the read without a write that matches nothing first.
-    let entry = new_entry(&here, account.id).await;
-    here.record_evidence_of(account.id, entry.id, &accepted(559))
-        .await
-        .unwrap();
+    let entry = accepted_entry(&here, account.id, 559).await;
     here.record_evidence(entry.id, &filled(559, &[(951, "0.4")], "0.4"))
         .await
         .unwrap();
-    let plan = split_planner(entry.id);
-    let recorded = here
-        .record_fill_and_claim(
-            account.id,
-            entry.id,
-            &filled(559, &[(952, "0.6")], "1"),
-            &plan,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let recorded = fill_first(
+        &here,
+        account.id,
+        entry.id,
+        &filled(559, &[(952, "0.6")], "1"),
+    )
+    .await;
     assert_eq!(recorded.entry.fills_qty, qty("1"));
     assert_eq!(here.hint_stats(), store_pg::HintStats { used: 1, stale: 2 });
 }
@@ -1262,11 +1271,7 @@ async fn a_hint_serves_only_its_own_account() {
     let store = store(&db).await;
     let owner = new_account(&store, "own-key").await;
     let other = new_account(&store, "other-key").await;
-    let entry = new_entry(&store, owner.id).await;
-    store
-        .record_evidence_of(owner.id, entry.id, &accepted(559))
-        .await
-        .unwrap();
+    let entry = accepted_entry(&store, owner.id, 559).await;
     // The other account's keys and settings are known too.
     let decoy = new_entry(&store, other.id).await;
     store
@@ -1303,11 +1308,7 @@ async fn a_hinted_write_sees_fills_and_legs_stored_beside_the_row() {
     let mut raw = raw(&db).await;
     let account = new_account(&store, "beside-key").await;
 
-    let entry = new_entry(&store, account.id).await;
-    store
-        .record_evidence_of(account.id, entry.id, &accepted(561))
-        .await
-        .unwrap();
+    let entry = accepted_entry(&store, account.id, 561).await;
     diesel::sql_query(format!(
         "INSERT INTO fills (account_id, symbol, trade_id, entry_id, price, qty, commission, \
          commission_asset, traded_at) VALUES ({}, 'BTCUSDT', 971, {}, 100, 0.4, 0, 'BNB', now())",
@@ -1316,33 +1317,24 @@ async fn a_hinted_write_sees_fills_and_legs_stored_beside_the_row() {
     .execute(&mut raw)
     .await
     .unwrap();
-    let plan = split_planner(entry.id);
-    let recorded = store
-        .record_fill_and_claim(
-            account.id,
-            entry.id,
-            &filled(561, &[(972, "0.6")], "1"),
-            &plan,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let recorded = fill_first(
+        &store,
+        account.id,
+        entry.id,
+        &filled(561, &[(972, "0.6")], "1"),
+    )
+    .await;
     assert_eq!(
         store.hint_stats(),
         store_pg::HintStats { used: 0, stale: 1 }
     );
     assert_eq!(recorded.entry.fills_qty, qty("1"), "both trades count");
-    let legs = store.legs(entry.id).await.unwrap();
     assert_eq!(
-        legs.iter().map(|l| l.qty).collect::<Vec<_>>(),
+        leg_qtys(&store, entry.id).await,
         vec![qty("0.5"), qty("0.5")]
     );
 
-    let entry = new_entry(&store, account.id).await;
-    store
-        .record_evidence_of(account.id, entry.id, &accepted(562))
-        .await
-        .unwrap();
+    let entry = accepted_entry(&store, account.id, 562).await;
     diesel::sql_query(format!(
         "INSERT INTO protection_legs (entry_id, leg, generation, list_client_id, \
          take_profit_client_id, stop_loss_client_id, symbol, qty, take_profit_price, \
@@ -1353,17 +1345,13 @@ async fn a_hinted_write_sees_fills_and_legs_stored_beside_the_row() {
     .execute(&mut raw)
     .await
     .unwrap();
-    let plan = split_planner(entry.id);
-    let recorded = store
-        .record_fill_and_claim(
-            account.id,
-            entry.id,
-            &filled(562, &[(981, "1")], "1"),
-            &plan,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let recorded = fill_first(
+        &store,
+        account.id,
+        entry.id,
+        &filled(562, &[(981, "1")], "1"),
+    )
+    .await;
     assert_eq!(
         store.hint_stats(),
         store_pg::HintStats { used: 0, stale: 2 }
@@ -1391,17 +1379,13 @@ async fn an_acceptance_recorded_elsewhere_first_is_still_learnt_by_the_follower(
         .unwrap()
         .unwrap();
     assert_eq!(later.status, EntryStatus::New);
-    let plan = split_planner(entry.id);
-    let recorded = gateway
-        .record_fill_and_claim(
-            account.id,
-            entry.id,
-            &filled(563, &[(991, "1")], "1"),
-            &plan,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let recorded = fill_first(
+        &gateway,
+        account.id,
+        entry.id,
+        &filled(563, &[(991, "1")], "1"),
+    )
+    .await;
     assert_eq!(
         gateway.hint_stats(),
         store_pg::HintStats { used: 1, stale: 0 }
@@ -1412,16 +1396,7 @@ async fn an_acceptance_recorded_elsewhere_first_is_still_learnt_by_the_follower(
     // The API's store kept nothing: its fill of another entry is read.
     let entry = new_entry(&api, account.id).await;
     api.record_evidence(entry.id, &accepted(564)).await.unwrap();
-    let plan = split_planner(entry.id);
-    api.record_fill_and_claim(
-        account.id,
-        entry.id,
-        &filled(564, &[(995, "1")], "1"),
-        &plan,
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    fill_first(&api, account.id, entry.id, &filled(564, &[(995, "1")], "1")).await;
     assert_eq!(api.hint_stats(), store_pg::HintStats::default());
 }
 
@@ -1477,9 +1452,8 @@ async fn a_fill_stored_beside_an_unchanged_row_makes_the_write_read_again() {
     );
     assert_eq!(recorded.entry.fills_qty, qty("1"), "both fills count");
     assert_eq!(store.entry(entry.id).await.unwrap().fills_qty, qty("1"));
-    let legs = store.legs(entry.id).await.unwrap();
     assert_eq!(
-        legs.iter().map(|l| l.qty).collect::<Vec<_>>(),
+        leg_qtys(&store, entry.id).await,
         vec![qty("0.5"), qty("0.5")],
         "planned from both fills"
     );

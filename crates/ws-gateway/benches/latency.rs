@@ -409,30 +409,29 @@ async fn gateway(
     }
 }
 
-/// A MARKET BUY as the API sends it: stored with our client id, then placed
-/// under that id through the adapter. Nobody calls `protect`.
+/// A BUY of `qty` on `symbol` as the API sends it: stored with our client
+/// id, then placed under that id through the adapter; MARKET, or LIMIT at
+/// `limit`. Nobody calls `protect`.
 async fn buy(
     store: Arc<PgStore>,
     placer: Arc<BinanceExchange>,
     ids: IdScheme,
-    account: AccountId,
-    i: usize,
-    symbol: &'static str,
-    qty: Decimal,
-) {
+    (account, i): (AccountId, usize),
+    (symbol, qty, limit): (&'static str, Decimal, Option<Decimal>),
+) -> EntryId {
     let size = OrderSize::Base(Qty::new(qty).unwrap());
-    let scheme = ids.clone();
+    let limit = limit.map(|l| Price::new(l).unwrap());
     let entry = store
         .create_entry(
             NewEntry {
                 account,
                 symbol: placer.symbol_rules(symbol).await.unwrap().symbol,
-                kind: EntryKind::Market,
+                kind: limit.map_or(EntryKind::Market, |price| EntryKind::Limit { price }),
                 size,
                 levels: EntryLevels::default(),
                 tags: EntryTags::default(),
             },
-            &move |id| scheme.entry(id).unwrap(),
+            &move |id| ids.entry(id).unwrap(),
             SystemClock.now(),
         )
         .await
@@ -443,46 +442,7 @@ async fn buy(
             &OrderRequest {
                 symbol: symbol.into(),
                 side: Side::Buy,
-                limit: None,
-                size,
-                client_id: entry.client_id.clone(),
-            },
-        )
-        .await
-        .unwrap();
-}
-
-/// A LIMIT BUY at `limit`, below the market: stored with our client id and
-/// placed under it, where it rests until the price comes down to it. The
-/// gateway sees it accepted (NEW) long before it fills.
-async fn rest(w: &World, i: usize, symbol: &'static str, qty: Decimal, limit: Decimal) -> EntryId {
-    let size = OrderSize::Base(Qty::new(qty).unwrap());
-    let scheme = w.ids.clone();
-    let entry = w
-        .store
-        .create_entry(
-            NewEntry {
-                account: w.accounts[i],
-                symbol: w.placer.symbol_rules(symbol).await.unwrap().symbol,
-                kind: EntryKind::Limit {
-                    price: Price::new(limit).unwrap(),
-                },
-                size,
-                levels: EntryLevels::default(),
-                tags: EntryTags::default(),
-            },
-            &move |id| scheme.entry(id).unwrap(),
-            SystemClock.now(),
-        )
-        .await
-        .unwrap();
-    w.placer
-        .place_order(
-            &creds(i),
-            &OrderRequest {
-                symbol: symbol.into(),
-                side: Side::Buy,
-                limit: Some(Price::new(limit).unwrap()),
+                limit,
                 size,
                 client_id: entry.client_id.clone(),
             },
@@ -490,6 +450,20 @@ async fn rest(w: &World, i: usize, symbol: &'static str, qty: Decimal, limit: De
         .await
         .unwrap();
     entry.id
+}
+
+/// A LIMIT BUY at `limit`, below the market ([`buy`]): it rests until the
+/// price comes down to it, and the gateway sees it accepted (NEW) long
+/// before it fills.
+async fn rest(w: &World, i: usize, symbol: &'static str, qty: Decimal, limit: Decimal) -> EntryId {
+    buy(
+        w.store.clone(),
+        w.placer.clone(),
+        w.ids.clone(),
+        (w.accounts[i], i),
+        (symbol, qty, Some(limit)),
+    )
+    .await
 }
 
 /// Which entries the bench fills: MARKET BUYs, accepted and filled in one
@@ -589,10 +563,8 @@ async fn paced(
                 w.store.clone(),
                 w.placer.clone(),
                 w.ids.clone(),
-                w.accounts[i],
-                i,
-                symbol,
-                qty,
+                (w.accounts[i], i),
+                (symbol, qty, None),
             ))),
             // The price comes down to the next resting entry, which fills.
             Entries::Limit => w.ctl.set_price(symbol, limit_of(price, i)).unwrap(),
