@@ -438,7 +438,7 @@ impl PgStore {
         seen: &SeenEntry,
         account: Option<(ApiCredentials, Account, Option<i64>)>,
     ) {
-        if owner != Some(entry.account) || entry.status != EntryStatus::New {
+        if !Self::worth_learning(owner, entry) {
             return;
         }
         if let Some((credentials, account, Some(version))) = account
@@ -456,6 +456,12 @@ impl PgStore {
         self.hints.entry_written(entry, seen);
     }
 
+    /// Whether hints of `entry` serve: the caller follows its account's
+    /// stream, and the entry is accepted with its fill still to come.
+    fn worth_learning(owner: Option<AccountId>, entry: &Entry) -> bool {
+        owner == Some(entry.account) && entry.status == EntryStatus::New
+    }
+
     /// [`PgStore::learn`] for an acceptance that was not this store's write
     /// (the API recorded it from its own response first): the account's
     /// keys and settings, when not known yet, cost a round trip now rather
@@ -467,7 +473,7 @@ impl PgStore {
         entry: &Entry,
         seen: &SeenEntry,
     ) {
-        if owner != Some(entry.account) || entry.status != EntryStatus::New {
+        if !Self::worth_learning(owner, entry) {
             return;
         }
         let account = if self.hints.knows_account(entry.account) {

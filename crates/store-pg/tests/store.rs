@@ -1091,6 +1091,25 @@ async fn fill_first(
         .unwrap()
 }
 
+/// A fill of 0.4 at 100 (trade `trade_id`) stored under `entry` by SQL
+/// alone, the row left as it was: what a writer leaves that stored its fills
+/// and then lost its compare-and-set.
+async fn fill_beside(
+    conn: &mut AsyncPgConnection,
+    account: AccountId,
+    entry: EntryId,
+    trade_id: i64,
+) {
+    diesel::sql_query(format!(
+        "INSERT INTO fills (account_id, symbol, trade_id, entry_id, price, qty, commission, \
+         commission_asset, traded_at) VALUES ({account}, 'BTCUSDT', {trade_id}, {entry}, 100, \
+         0.4, 0, 'BNB', now())"
+    ))
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
 /// The quantities of `entry`'s legs, by leg and generation.
 async fn leg_qtys(store: &PgStore, entry: EntryId) -> Vec<Qty> {
     store
@@ -1309,14 +1328,7 @@ async fn a_hinted_write_sees_fills_and_legs_stored_beside_the_row() {
     let account = new_account(&store, "beside-key").await;
 
     let entry = accepted_entry(&store, account.id, 561).await;
-    diesel::sql_query(format!(
-        "INSERT INTO fills (account_id, symbol, trade_id, entry_id, price, qty, commission, \
-         commission_asset, traded_at) VALUES ({}, 'BTCUSDT', 971, {}, 100, 0.4, 0, 'BNB', now())",
-        account.id, entry.id
-    ))
-    .execute(&mut raw)
-    .await
-    .unwrap();
+    fill_beside(&mut raw, account.id, entry.id, 971).await;
     let recorded = fill_first(
         &store,
         account.id,
@@ -1421,16 +1433,7 @@ async fn a_fill_stored_beside_an_unchanged_row_makes_the_write_read_again() {
             tokio::task::block_in_place(|| {
                 let mut conn = raw.lock().unwrap();
                 tokio::runtime::Handle::current()
-                    .block_on(
-                        diesel::sql_query(format!(
-                            "INSERT INTO fills (account_id, symbol, trade_id, entry_id, price, \
-                             qty, commission, commission_asset, traded_at) VALUES ({}, \
-                             'BTCUSDT', 1101, {}, 100, 0.4, 0, 'BNB', now())",
-                            account.id, entry.id
-                        ))
-                        .execute(&mut *conn),
-                    )
-                    .unwrap();
+                    .block_on(fill_beside(&mut conn, account.id, entry.id, 1101));
             });
         }
         split(merged, context)
