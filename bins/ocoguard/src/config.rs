@@ -118,6 +118,12 @@ pub const OPTIONS: &[OptionDoc] = &[
         meaning: "most accounts this process streams",
     },
     OptionDoc {
+        key: "gateway.cpu_wakeup_latency_us",
+        env: &["OCO_CPU_WAKEUP_LATENCY_US"],
+        default: "(not held)",
+        meaning: "hold the machine's CPU wake-up latency at most this many µs while running (Linux /dev/cpu_dma_latency, needs root): each hop of a fill's path starts sooner; costs power machine-wide",
+    },
+    OptionDoc {
         key: "sync.interval_secs",
         env: &["SYNC_INTERVAL_SECS"],
         default: "300",
@@ -236,6 +242,8 @@ pub struct Settings {
     pub lease_renew_secs: u64,
     /// Most accounts streamed by this process.
     pub max_accounts: usize,
+    /// CPU wake-up latency held while running, µs (`None`: not held).
+    pub cpu_wakeup_latency_us: Option<u64>,
     /// Seconds between full sync passes.
     pub sync_interval_secs: u64,
     /// Seconds before the first pass.
@@ -265,6 +273,7 @@ impl fmt::Debug for Settings {
             .field("lease_ttl_secs", &self.lease_ttl_secs)
             .field("lease_renew_secs", &self.lease_renew_secs)
             .field("max_accounts", &self.max_accounts)
+            .field("cpu_wakeup_latency_us", &self.cpu_wakeup_latency_us)
             .field("sync_interval_secs", &self.sync_interval_secs)
             .field("sync_startup_delay_secs", &self.sync_startup_delay_secs)
             .field("sync_concurrency", &self.sync_concurrency)
@@ -344,6 +353,7 @@ struct GatewayFile {
     lease_ttl_secs: Option<u64>,
     lease_renew_secs: Option<u64>,
     max_accounts: Option<usize>,
+    cpu_wakeup_latency_us: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -619,6 +629,8 @@ impl Settings {
         let f = r.file.gateway.max_accounts.take();
         let max_accounts = r.get_or("gateway.max_accounts", f, 1000)?;
         let max_accounts = r.positive("gateway.max_accounts", max_accounts)?;
+        let f = r.file.gateway.cpu_wakeup_latency_us.take();
+        let cpu_wakeup_latency_us = r.get("gateway.cpu_wakeup_latency_us", f)?;
 
         let f = r.file.sync.interval_secs.take();
         let sync_interval_secs = r.get_or("sync.interval_secs", f, 300)?;
@@ -647,6 +659,7 @@ impl Settings {
             lease_ttl_secs,
             lease_renew_secs,
             max_accounts,
+            cpu_wakeup_latency_us,
             sync_interval_secs,
             sync_startup_delay_secs,
             sync_concurrency,
@@ -688,6 +701,11 @@ impl Settings {
                 self.lease_renew_secs.to_string(),
             ),
             ("gateway.max_accounts", self.max_accounts.to_string()),
+            (
+                "gateway.cpu_wakeup_latency_us",
+                self.cpu_wakeup_latency_us
+                    .map_or_else(|| "(not held)".to_owned(), |us| us.to_string()),
+            ),
             ("sync.interval_secs", self.sync_interval_secs.to_string()),
             (
                 "sync.startup_delay_secs",

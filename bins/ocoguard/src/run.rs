@@ -106,6 +106,9 @@ pub async fn migrate(database_url: &str) -> anyhow::Result<Vec<String>> {
 /// Bad settings (the message names the variable, never the secret key), an
 /// unreachable database, an address that cannot be bound, a layer that fails.
 pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let _wakeup = args
+        .cpu_wakeup_latency_us
+        .and_then(ws_gateway::CpuWakeupLatency::hold_or_warn);
     let ids = IdScheme::new(&args.id_namespace).context("id_namespace")?;
     let binance = args.binance_config()?;
     let secret_key = args.secret_key.clone();

@@ -76,6 +76,7 @@ fn environment_alone_gives_the_defaults_for_the_rest() {
     assert_eq!((s.sync_interval_secs, s.sync_startup_delay_secs), (300, 15));
     assert_eq!((s.sync_concurrency, s.sync_weight_budget), (8, 3000));
     assert_eq!(s.gateway_id, None);
+    assert_eq!(s.cpu_wakeup_latency_us, None, "not held unless asked for");
     assert_eq!(s.sources["database.url"], Source::Env("DATABASE_URL"));
     assert_eq!(s.sources["sync.interval_secs"], Source::Default);
     let b = s.binance_config().unwrap();
@@ -102,6 +103,7 @@ interval_secs = 60
 concurrency = 2
 [gateway]
 lease_ttl_secs = 40
+cpu_wakeup_latency_us = 10
 "#,
             key.display()
         ),
@@ -117,6 +119,7 @@ lease_ttl_secs = 40
         "not in the file: the default"
     );
     assert_eq!(s.lease_ttl_secs, 40);
+    assert_eq!(s.cpu_wakeup_latency_us, Some(10));
     assert_eq!(s.sources["database.url"], Source::File(path.clone()));
     assert_eq!(
         s.sources["database.secret_key_file"],
@@ -131,9 +134,11 @@ lease_ttl_secs = 40
             ("SYNC_INTERVAL_SECS", "5"),
             ("OCO_EXCHANGE", "testnet"),
             ("OCO_DB_POOL_SIZE", ""), // empty counts as unset
+            ("OCO_CPU_WAKEUP_LATENCY_US", "0"),
         ],
     )
     .unwrap();
+    assert_eq!(s.cpu_wakeup_latency_us, Some(0));
     assert_eq!(s.database_url, "postgres://env@db/oco");
     assert_eq!(s.sync_interval_secs, 5);
     assert_eq!(s.exchange, ExchangeKind::Testnet);
@@ -262,7 +267,12 @@ fn the_shipped_example_parses_and_says_what_it_says() {
         .collect();
     assert_eq!(
         by_file,
-        ["exchange.rest_url", "exchange.ws_url", "gateway.id"],
+        [
+            "exchange.rest_url",
+            "exchange.ws_url",
+            "gateway.id",
+            "gateway.cpu_wakeup_latency_us"
+        ],
         "only these are left commented out"
     );
 }
@@ -345,6 +355,12 @@ fn a_bad_environment_value_is_refused_naming_the_variable() {
     assert_eq!(
         load(None, &env).unwrap_err(),
         "environment variable OCO_EXCHANGE: invalid value \"mainnet\": expected `production`, `testnet` or `sim`"
+    );
+    let mut env = MINIMAL_ENV.to_vec();
+    env.push(("OCO_CPU_WAKEUP_LATENCY_US", "-1"));
+    assert_eq!(
+        load(None, &env).unwrap_err(),
+        "environment variable OCO_CPU_WAKEUP_LATENCY_US: invalid value \"-1\": invalid digit found in string"
     );
 }
 

@@ -49,6 +49,7 @@ fn defaults_and_overrides() {
     assert_eq!(c.id_namespace, "og");
     assert_eq!(c.db_pool_size, 8);
     assert_eq!(c.log_format, LogFormat::Auto);
+    assert_eq!(c.cpu_wakeup_latency_us, None, "not held unless asked for");
     let g = c.gateway_config().unwrap();
     assert_eq!(g.lease_ttl, Duration::from_secs(30));
     assert_eq!(g.renew_every, Duration::from_secs(10));
@@ -77,9 +78,12 @@ fn defaults_and_overrides() {
         "5",
         "--log-format",
         "json",
+        "--cpu-wakeup-latency-us",
+        "0",
     ])
     .unwrap();
     assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.cpu_wakeup_latency_us, Some(0));
     let g = c.gateway_config().unwrap();
     assert_eq!(
         (

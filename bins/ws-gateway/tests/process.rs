@@ -11,6 +11,7 @@ use oco_core::model::Source;
 use oco_core::{EntryStatus, Exchange as _, Store as _};
 use rust_decimal_macros::dec;
 use store_pg::testing::TestDb;
+use ws_gateway::CpuWakeupLatency;
 
 #[tokio::test]
 async fn migrate_applies_the_schema_to_an_empty_database() {
@@ -31,12 +32,22 @@ async fn migrate_applies_the_schema_to_an_empty_database() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wired_process_protects_a_fill_from_the_stream() {
-    let w = Wired::new("k1-secret").await;
+    let mut w = Wired::new("k1-secret").await;
     assert!(
         !format!("{:?}", w.config).contains(&w.key_hex),
         "Debug redacts the key"
     );
+    // Asked for, the wake-up latency is held while the process runs, where
+    // the machine lets it (root; `wakeup`'s own tests cover a refusal).
+    w.config.cpu_wakeup_latency_us = Some(0);
+    let may_hold = std::fs::OpenOptions::new()
+        .write(true)
+        .open(ws_gateway::wakeup::CPU_LATENCY_DEVICE)
+        .is_ok();
     let (stop, process) = w.start().await;
+    if may_hold {
+        assert_eq!(CpuWakeupLatency::effective().unwrap(), Duration::ZERO);
+    }
     let entry = w.market_entry().await;
     assert_eq!(w.protected(&entry).await, Source::Websocket);
     assert_eq!(
@@ -55,6 +66,12 @@ async fn the_wired_process_protects_a_fill_from_the_stream() {
     assert!(!text.contains("k1-secret") && !text.contains(&w.key_hex));
     stop.send(()).unwrap();
     process.await.unwrap().unwrap();
+    if may_hold {
+        assert!(
+            CpuWakeupLatency::effective().unwrap() > Duration::ZERO,
+            "released at shutdown"
+        );
+    }
     // Shutdown released the lease and closed the stream.
     let deadline = Instant::now() + Duration::from_secs(5);
     while w.sim.control().subscription_count() != 0 {

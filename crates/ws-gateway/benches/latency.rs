@@ -12,6 +12,9 @@
 //! printed beside the order round trip either way. `BENCH_ENTRIES=limit`
 //! fills resting LIMIT entries, accepted before the run, as the price comes
 //! down to each (default `market`: MARKET entries, accepted and filled at once).
+//! `BENCH_CPU_WAKEUP_US` holds the machine's CPU wake-up latency at that many
+//! µs for the run (`ws_gateway::wakeup`; needs root), as the gateway's
+//! `--cpu-wakeup-latency-us` does.
 #![allow(clippy::unwrap_used, missing_docs)] // a bench that cannot unwrap has failed
 
 use std::collections::HashMap;
@@ -35,7 +38,7 @@ use secrecy::SecretString;
 use store_pg::testing::TestDb;
 use store_pg::{PgConfig, PgStore, SecretKey};
 use tokio::sync::oneshot;
-use ws_gateway::{Gateway, GatewayConfig, GatewayStats};
+use ws_gateway::{CpuWakeupLatency, Gateway, GatewayConfig, GatewayStats};
 
 const KEY_HEX: &str = "0707070707070707070707070707070707070707070707070707070707070707";
 const BASELINE_REQUESTS: usize = 300;
@@ -651,6 +654,12 @@ async fn run() {
     let n = env_usize("BENCH_ACCOUNTS", 1000);
     let rates = env_rates();
     let entries = env_entries();
+    // Held for the whole run, the baseline's round trips included, as
+    // `--cpu-wakeup-latency-us` holds it for the gateway process.
+    let wakeup = std::env::var("BENCH_CPU_WAKEUP_US").ok().map(|us| {
+        let us = us.parse().expect("BENCH_CPU_WAKEUP_US: whole microseconds");
+        CpuWakeupLatency::hold(Duration::from_micros(us)).unwrap()
+    });
     let t0 = Instant::now();
     // (3) first, while this process is fresh.
     let child = rss_with_child_sim(n).await;
@@ -710,12 +719,16 @@ async fn run() {
 
     println!();
     println!(
-        "ws-gateway latency bench — {n} accounts, {} entries, sim + gateway + PostgreSQL on 127.0.0.1; gateway ↔ database one-way delay {} µs",
+        "ws-gateway latency bench — {n} accounts, {} entries, sim + gateway + PostgreSQL on 127.0.0.1; gateway ↔ database one-way delay {} µs; CPU wake-up latency {}",
         match entries {
             Entries::Market => "MARKET (accepted and filled together)",
             Entries::Limit => "resting LIMIT (accepted first, filled as the price comes down)",
         },
-        delay.as_micros()
+        delay.as_micros(),
+        match &wakeup {
+            Some(held) => format!("held at {} µs", held.held().as_micros()),
+            None => "as the machine has it".to_owned(),
+        }
     );
     println!();
     println!(

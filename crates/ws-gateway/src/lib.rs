@@ -30,6 +30,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+pub mod wakeup;
+
+pub use wakeup::{CpuWakeupLatency, WakeupError};
+
 /// Settings of a gateway process.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
