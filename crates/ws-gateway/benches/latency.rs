@@ -26,7 +26,7 @@ use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
 use exchange_sim::{AccountSpec, Sim, SimConfig, SimControl};
 use oco_core::ids::IdScheme;
 use oco_core::levels::EntryLevels;
-use oco_core::model::{EntryKind, EntryTags, NewEntry, OrderSize, ProtectionConfig};
+use oco_core::model::{Entry, EntryKind, EntryTags, NewEntry, OrderSize, ProtectionConfig};
 use oco_core::ports::{
     ApiCredentials, Clock, Exchange, Leases, NewAccount, OrderRequest, Side, Store,
 };
@@ -412,25 +412,24 @@ async fn gateway(
     }
 }
 
-/// A BUY of `qty` on `symbol` as the API sends it: stored with our client
-/// id, then placed under that id through the adapter; MARKET, or LIMIT at
-/// `limit`. Nobody calls `protect`.
-async fn buy(
+/// A BUY of `qty` on `symbol` as the API stores it: with our client id, MARKET,
+/// or LIMIT at `limit`; [`place`] sends it. Nobody calls `protect`.
+async fn store_entry(
     store: Arc<PgStore>,
     placer: Arc<BinanceExchange>,
     ids: IdScheme,
-    (account, i): (AccountId, usize),
+    account: AccountId,
     (symbol, qty, limit): (&'static str, Decimal, Option<Decimal>),
-) -> EntryId {
-    let size = OrderSize::Base(Qty::new(qty).unwrap());
-    let limit = limit.map(|l| Price::new(l).unwrap());
-    let entry = store
+) -> Entry {
+    store
         .create_entry(
             NewEntry {
                 account,
                 symbol: placer.symbol_rules(symbol).await.unwrap().symbol,
-                kind: limit.map_or(EntryKind::Market, |price| EntryKind::Limit { price }),
-                size,
+                kind: limit.map_or(EntryKind::Market, |l| EntryKind::Limit {
+                    price: Price::new(l).unwrap(),
+                }),
+                size: OrderSize::Base(Qty::new(qty).unwrap()),
                 levels: EntryLevels::default(),
                 tags: EntryTags::default(),
             },
@@ -438,15 +437,24 @@ async fn buy(
             SystemClock.now(),
         )
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Sends a stored entry under its client id through the adapter, as the API
+/// does after storing it.
+async fn place(placer: Arc<BinanceExchange>, i: usize, entry: Entry) -> EntryId {
+    let limit = match entry.kind {
+        EntryKind::Limit { price } => Some(price),
+        EntryKind::Market => None,
+    };
     placer
         .place_order(
             &creds(i),
             &OrderRequest {
-                symbol: symbol.into(),
+                symbol: entry.symbol.name.clone(),
                 side: Side::Buy,
                 limit,
-                size,
+                size: entry.size,
                 client_id: entry.client_id.clone(),
             },
         )
@@ -455,18 +463,27 @@ async fn buy(
     entry.id
 }
 
-/// A LIMIT BUY at `limit`, below the market ([`buy`]): it rests until the
-/// price comes down to it, and the gateway sees it accepted (NEW) long
-/// before it fills.
-async fn rest(w: &World, i: usize, symbol: &'static str, qty: Decimal, limit: Decimal) -> EntryId {
-    buy(
-        w.store.clone(),
-        w.placer.clone(),
-        w.ids.clone(),
-        (w.accounts[i], i),
-        (symbol, qty, Some(limit)),
-    )
-    .await
+/// The entries of accounts `0..n` on `symbol`, stored 50 at a time.
+async fn store_entries(
+    w: &World,
+    n: usize,
+    (symbol, qty): (&'static str, Decimal),
+    limit: impl Fn(usize) -> Option<Decimal>,
+) -> Vec<Entry> {
+    let mut stored = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        let batch = chunk.iter().map(|&i| {
+            store_entry(
+                w.store.clone(),
+                w.placer.clone(),
+                w.ids.clone(),
+                w.accounts[i],
+                (symbol, qty, limit(i)),
+            )
+        });
+        stored.extend(futures_util::future::join_all(batch).await);
+    }
+    stored
 }
 
 /// Which entries the bench fills: MARKET BUYs, accepted and filled in one
@@ -530,18 +547,28 @@ async fn paced(
     (symbol, price, qty): (&'static str, Decimal, Decimal),
     n: usize,
 ) -> RateResult {
+    // Every entry stored before the timed part, as the API stores each
+    // before placing it: the timed part offers only the orders (MARKET) or
+    // the price moves (LIMIT), so the load generator keeps up with the rate.
+    let stored = match entries {
+        Entries::Market => store_entries(w, n, (symbol, qty), |_| None).await,
+        Entries::Limit => {
+            assert!(
+                price - limit_of(price, n) <= price * dec!(0.005),
+                "BENCH_ENTRIES=limit: {n} steps of {LIMIT_STEP} from {price} reach the first entries' stops; use fewer accounts"
+            );
+            store_entries(w, n, (symbol, qty), |i| Some(limit_of(price, i))).await
+        }
+    };
     if entries == Entries::Limit {
-        assert!(
-            price - limit_of(price, n) <= price * dec!(0.005),
-            "BENCH_ENTRIES=limit: {n} steps of {LIMIT_STEP} from {price} reach the first entries' stops; use fewer accounts"
-        );
         // Every entry resting and accepted before the first fill.
         let mut ids = Vec::with_capacity(n);
-        for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        for chunk in stored.chunks(50) {
             let placed = futures_util::future::join_all(
                 chunk
                     .iter()
-                    .map(|&i| rest(w, i, symbol, qty, limit_of(price, i))),
+                    .enumerate()
+                    .map(|(k, e)| place(w.placer.clone(), ids.len() + k, e.clone())),
             )
             .await;
             ids.extend(placed);
@@ -559,16 +586,10 @@ async fn paced(
     let period = Duration::from_nanos(1_000_000_000 / rate);
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
+    for (i, entry) in stored.into_iter().enumerate() {
         tokio::time::sleep_until(start + period * i as u32).await;
         match entries {
-            Entries::Market => tasks.push(tokio::spawn(buy(
-                w.store.clone(),
-                w.placer.clone(),
-                w.ids.clone(),
-                (w.accounts[i], i),
-                (symbol, qty, None),
-            ))),
+            Entries::Market => tasks.push(tokio::spawn(place(w.placer.clone(), i, entry))),
             // The price comes down to the next resting entry, which fills.
             Entries::Limit => w.ctl.set_price(symbol, limit_of(price, i)).unwrap(),
         }
