@@ -1,3 +1,6 @@
+SET LOCAL lock_timeout = '10s';
+LOCK TABLE entries, protection_legs IN ACCESS EXCLUSIVE MODE;
+
 ALTER TABLE entries
     DROP CONSTRAINT entries_state,
     DROP CONSTRAINT entries_values,
@@ -40,3 +43,4 @@ ALTER TABLE protection_legs
             AND not_placed_code IS NULL AND state_reason IS NULL));
 DROP FUNCTION protection_legs_state_ok(TEXT, BIGINT, INTEGER, TEXT, TEXT);
 DROP FUNCTION protection_legs_values_ok(SMALLINT, INTEGER, NUMERIC, NUMERIC, NUMERIC, NUMERIC, TEXT);
+DROP FUNCTION oco_check_failed(TEXT, TEXT, TEXT);

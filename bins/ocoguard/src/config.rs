@@ -121,7 +121,7 @@ pub const OPTIONS: &[OptionDoc] = &[
         key: "gateway.cpu_wakeup_latency_us",
         env: &["OCO_CPU_WAKEUP_LATENCY_US"],
         default: "(not held)",
-        meaning: "hold the machine's CPU wake-up latency at most this many µs while running (Linux /dev/cpu_dma_latency, needs root): each hop of a fill's path starts sooner; costs power machine-wide",
+        meaning: "hold the machine's CPU wake-up latency at most this many µs while running (Linux PM QoS; needs write access to /dev/cpu_dma_latency): each hop of a fill's path starts sooner; costs power and CPU machine-wide, helps at low rates, not at saturation",
     },
     OptionDoc {
         key: "sync.interval_secs",

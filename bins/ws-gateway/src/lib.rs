@@ -69,7 +69,7 @@ pub struct Config {
     #[arg(long, env = "OCO_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
     pub metrics_listen: std::net::SocketAddr,
     /// Hold this machine's CPU wake-up latency at most this many µs while
-    /// running (Linux `/dev/cpu_dma_latency`, needs root): CPUs poll instead of
+    /// running (Linux PM QoS; needs write access to `/dev/cpu_dma_latency`): CPUs poll instead of
     /// halting, so each hop of a fill's path starts sooner. Off by default: it
     /// costs power machine-wide.
     #[arg(long, env = "OCO_CPU_WAKEUP_LATENCY_US")]

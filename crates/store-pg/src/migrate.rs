@@ -44,6 +44,21 @@ pub(crate) async fn revert_all(url: &str) -> Result<Vec<String>, StoreError> {
     .await
 }
 
+#[cfg(feature = "test-support")]
+/// Reverts the newest applied migration; its version (tests of one `down.sql`
+/// and of a schema as it was before a migration).
+///
+/// # Errors
+/// As [`migrate`].
+pub(crate) async fn revert_last(url: &str) -> Result<String, StoreError> {
+    with_lock(url, |conn| {
+        conn.revert_last_migration(MIGRATIONS)
+            .map(|reverted| reverted.to_string())
+            .map_err(|e| StoreError::Unavailable(format!("reverting a migration: {e}")))
+    })
+    .await
+}
+
 /// Runs `work` on a synchronous wrapper of one connection (diesel_migrations
 /// is synchronous), on a blocking thread, holding the migration lock.
 async fn with_lock<T, F>(url: &str, work: F) -> Result<T, StoreError>

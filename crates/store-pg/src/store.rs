@@ -183,6 +183,14 @@ impl fmt::Debug for PgStore {
     }
 }
 
+/// One call of each function the checks of `entries` and `protection_legs`
+/// call (migration `2026-12-04-000009`), with values that keep every rule.
+const CHECKS_WARM_UP: &str = "SELECT \
+    entries_state_ok('new', 'not_needed', NULL, NULL, NULL), \
+    entries_values_ok('market', NULL, 1, NULL, 0, 0, 0, 0), \
+    protection_legs_state_ok('claimed', NULL, NULL, NULL, NULL), \
+    protection_legs_values_ok(1::SMALLINT, 0, 0, 1, 1, NULL, 'sync')";
+
 impl PgStore {
     /// Applies pending migrations (under an advisory lock), opens the pool and
     /// checks the secret key against the key check value stored by the first
@@ -276,9 +284,10 @@ impl PgStore {
         durable.and(evidence)
     }
 
-    /// Warms every connection of `connections`; `durable` ones also call
-    /// the outcomes' function once (its first call in a session compiles and
-    /// plans it), with nothing to record.
+    /// Warms every connection of `connections`: the checks' functions are
+    /// called once each (their first call in a session compiles them), and
+    /// `durable` ones also call the outcomes' function once (its first call
+    /// compiles and plans it), with nothing to record.
     async fn warm_pool(
         &self,
         connections: &Pool<AsyncPgConnection>,
@@ -305,6 +314,11 @@ impl PgStore {
                     .await
                     .map_err(|e| db("preparing the outcomes' statement", e))?;
             }
+            // Both pools write the checked tables.
+            diesel::sql_query(CHECKS_WARM_UP)
+                .execute(&mut conn)
+                .await
+                .map_err(|e| db("compiling the checks' functions", e))?;
             for absent in [context.map(drop), entry.map(drop)] {
                 match absent {
                     Ok(()) | Err(StoreError::NotFound { .. }) => {}

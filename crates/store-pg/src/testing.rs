@@ -19,7 +19,7 @@ use tokio::sync::OnceCell;
 use url::Url;
 
 use crate::config::{PgConfig, SecretKey};
-use crate::migrate::{migrate, revert_all};
+use crate::migrate::{migrate, revert_all, revert_last};
 
 /// The server tests use when `DATABASE_URL` is unset.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://127.0.0.1/test";
@@ -225,6 +225,15 @@ impl TestDb {
     /// As [`crate::migrate`].
     pub async fn revert_all(&self) -> Result<Vec<String>, oco_core::StoreError> {
         revert_all(&self.url).await
+    }
+
+    /// Reverts the newest applied migration and returns its version (a
+    /// schema as it was before it, to compare with).
+    ///
+    /// # Errors
+    /// As [`crate::migrate`].
+    pub async fn revert_last(&self) -> Result<String, oco_core::StoreError> {
+        revert_last(&self.url).await
     }
 }
 

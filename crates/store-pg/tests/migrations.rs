@@ -106,141 +106,281 @@ async fn concurrent_migrations_apply_once() {
     assert_eq!(user_tables(db.url()).await, TABLES);
 }
 
-/// The schema's checks on entries and protection legs, each rule broken once
-/// by a raw write, and rows that keep them (a NULL stop limit, a placed leg)
-/// accepted. The checks are function calls since migration
-/// `2026-12-04-000009`: this pins that they refuse what the expressions they
-/// replaced refused.
-#[tokio::test]
-async fn the_checks_refuse_each_broken_rule_by_name() {
-    let db = TestDb::new().await;
-    let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
-    for setup in [
-        "INSERT INTO accounts (id, owner, exchange, api_key, secret_ciphertext, split, stop_kind, \
-         late_policy) OVERRIDING SYSTEM VALUE VALUES (1, 'o', 'binance', 'k', '\\x00', 0.5, \
-         'market', 'exit_at_market')",
-        "INSERT INTO entries (id, account_id, symbol, base_asset, quote_asset, client_order_id, \
-         order_type, status, requested_qty, created_at) VALUES (1, 1, 'BTCUSDT', 'BTC', 'USDT', \
-         'og-E-1', 'market', 'new', 0.001, now())",
-    ] {
-        diesel::sql_query(setup).execute(&mut conn).await.unwrap();
+/// An account and its entry (id 1), for the checks' tests to write beside.
+const CHECKS_SETUP: [&str; 2] = [
+    "INSERT INTO accounts (id, owner, exchange, api_key, secret_ciphertext, split, stop_kind, \
+     late_policy) OVERRIDING SYSTEM VALUE VALUES (1, 'o', 'binance', 'k', '\\x00', 0.5, \
+     'market', 'exit_at_market')",
+    "INSERT INTO entries (id, account_id, symbol, base_asset, quote_asset, client_order_id, \
+     order_type, status, requested_qty, created_at) VALUES (1, 1, 'BTCUSDT', 'BTC', 'USDT', \
+     'og-E-1', 'market', 'new', 0.001, now())",
+];
+
+/// A leg row of entry 1 (generation `n`, so each is new), valid but for
+/// `overrides` (column, SQL literal).
+fn leg_row(n: usize, overrides: &[(&str, &str)]) -> String {
+    let mut cols = vec![
+        ("entry_id", "1".to_owned()),
+        ("leg", "1".to_owned()),
+        ("generation", n.to_string()),
+        ("list_client_id", format!("'og-L-1-1-{n}'")),
+        ("take_profit_client_id", "'t'".to_owned()),
+        ("stop_loss_client_id", "'s'".to_owned()),
+        ("symbol", "'BTCUSDT'".to_owned()),
+        ("qty", "0.0005".to_owned()),
+        ("take_profit_price", "61000".to_owned()),
+        ("stop_price", "59000".to_owned()),
+        ("stop_limit_price", "58900".to_owned()),
+        ("state", "'claimed'".to_owned()),
+        ("order_list_id", "NULL".to_owned()),
+        ("not_placed_code", "NULL".to_owned()),
+        ("state_reason", "NULL".to_owned()),
+        ("external_end", "NULL".to_owned()),
+        ("source", "'websocket'".to_owned()),
+        ("claimed_at", "now()".to_owned()),
+        ("updated_at", "now()".to_owned()),
+    ];
+    for (k, v) in overrides {
+        cols.iter_mut().find(|(c, _)| c == k).unwrap().1 = (*v).to_owned();
     }
-    let entry = |set: &str| format!("UPDATE entries SET {set} WHERE id = 1");
-    let leg = |n: i32, overrides: &[(&str, &str)]| {
-        let mut cols = vec![
-            ("entry_id", "1".to_owned()),
-            ("leg", "1".to_owned()),
-            ("generation", n.to_string()),
-            ("list_client_id", format!("'og-L-1-1-{n}'")),
-            ("take_profit_client_id", "'t'".to_owned()),
-            ("stop_loss_client_id", "'s'".to_owned()),
-            ("symbol", "'BTCUSDT'".to_owned()),
-            ("qty", "0.0005".to_owned()),
-            ("take_profit_price", "61000".to_owned()),
-            ("stop_price", "59000".to_owned()),
-            ("stop_limit_price", "58900".to_owned()),
-            ("state", "'claimed'".to_owned()),
-            ("order_list_id", "NULL".to_owned()),
-            ("not_placed_code", "NULL".to_owned()),
-            ("state_reason", "NULL".to_owned()),
-            ("external_end", "NULL".to_owned()),
-            ("source", "'websocket'".to_owned()),
-            ("claimed_at", "now()".to_owned()),
-            ("updated_at", "now()".to_owned()),
-        ];
-        for (k, v) in overrides {
-            cols.iter_mut().find(|(c, _)| c == k).unwrap().1 = (*v).to_owned();
+    let (names, values): (Vec<_>, Vec<_>) = cols.into_iter().unzip();
+    format!(
+        "INSERT INTO protection_legs ({}) VALUES ({})",
+        names.join(", "),
+        values.join(", ")
+    )
+}
+
+/// Entry 1 rewritten whole: valid but for `overrides` (column, SQL literal).
+fn entry_row(overrides: &[(&str, &str)]) -> String {
+    let mut cols = vec![
+        ("status", "'new'"),
+        ("protection", "'not_needed'"),
+        ("protected_at", "NULL"),
+        ("protected_by", "NULL"),
+        ("protection_reason", "NULL"),
+        ("order_type", "'market'"),
+        ("limit_price", "NULL"),
+        ("requested_qty", "0.001"),
+        ("requested_quote", "NULL"),
+        ("executed_qty", "0"),
+        ("cumulative_quote", "0"),
+        ("base_commission", "0"),
+        ("fills_qty", "0"),
+    ];
+    for (k, v) in overrides {
+        cols.iter_mut().find(|(c, _)| c == k).unwrap().1 = v;
+    }
+    let set: Vec<String> = cols.iter().map(|(c, v)| format!("{c} = {v}")).collect();
+    format!("UPDATE entries SET {} WHERE id = 1", set.join(", "))
+}
+
+/// Whether `sql` was applied, or the constraint that refused it.
+async fn outcome(conn: &mut AsyncPgConnection, sql: &str) -> Result<(), String> {
+    match diesel::sql_query(sql).execute(conn).await {
+        Ok(_) => Ok(()),
+        Err(diesel::result::Error::DatabaseError(_, info)) => {
+            Err(info.constraint_name().map_or_else(
+                || format!("no constraint: {}", info.message()),
+                str::to_owned,
+            ))
         }
-        let (names, values): (Vec<_>, Vec<_>) = cols.into_iter().unzip();
-        format!(
-            "INSERT INTO protection_legs ({}) VALUES ({})",
-            names.join(", "),
-            values.join(", ")
-        )
+        Err(e) => panic!("{sql}: {e}"),
+    }
+}
+
+/// Rows that break at most one rule each, over every rule's columns: the
+/// legs' state against its five columns in full, each value column alone,
+/// the entries' protection against its four columns in full, the rest alone.
+fn check_grid() -> Vec<String> {
+    let mut rows = Vec::new();
+    let mut n = 0;
+    let mut leg = |overrides: &[(&str, &str)]| {
+        n += 1;
+        leg_row(n, overrides)
     };
-    let refused = [
-        (entry("status = 'bogus'"), "entries_state"),
-        (entry("protection = 'protected'"), "entries_state"),
+    let states = [
+        "'claimed'",
+        "'unknown'",
+        "'take_profit_filled'",
+        "'stop_loss_filled'",
+        "'replaced'",
+        "'placed'",
+        "'not_placed'",
+        "'unprotectable'",
+        "'canceled_externally'",
+        "'bogus'",
+    ];
+    let ends = [
+        "NULL",
+        "'canceled'",
+        "'stop_expired'",
+        "'take_profit_partial'",
+        "'gone'",
+    ];
+    for state in states {
+        for list in ["NULL", "7"] {
+            for code in ["NULL", "-2010"] {
+                for reason in ["NULL", "'why'"] {
+                    for end in ends {
+                        rows.push(leg(&[
+                            ("state", state),
+                            ("order_list_id", list),
+                            ("not_placed_code", code),
+                            ("state_reason", reason),
+                            ("external_end", end),
+                        ]));
+                    }
+                }
+            }
+        }
+    }
+    let one_at_a_time: [(&str, &[&str]); 7] = [
+        ("leg", &["1", "2", "0", "3", "-1"]),
+        ("generation", &["-1"]),
+        ("qty", &["0", "1", "-0.0001"]),
+        ("take_profit_price", &["1", "0", "-1"]),
+        ("stop_price", &["1", "0", "-1"]),
+        ("stop_limit_price", &["NULL", "1", "0", "-1"]),
         (
-            entry("protection = 'exited', protection_reason = NULL"),
-            "entries_state",
-        ),
-        (entry("protected_by = 'bogus'"), "entries_state"),
-        (entry("executed_qty = -1"), "entries_values"),
-        (entry("fills_qty = -0.1"), "entries_values"),
-        (entry("order_type = 'limit'"), "entries_values"),
-        (entry("limit_price = 1"), "entries_values"),
-        (entry("requested_quote = 10"), "entries_values"),
-        (leg(1, &[("leg", "3")]), "protection_legs_values"),
-        (leg(2, &[("generation", "-1")]), "protection_legs_values"),
-        (leg(3, &[("qty", "-1")]), "protection_legs_values"),
-        (
-            leg(4, &[("take_profit_price", "0")]),
-            "protection_legs_values",
-        ),
-        (leg(5, &[("stop_price", "0")]), "protection_legs_values"),
-        (
-            leg(6, &[("stop_limit_price", "0")]),
-            "protection_legs_values",
-        ),
-        (leg(7, &[("source", "'manual'")]), "protection_legs_values"),
-        (leg(8, &[("state", "'bogus'")]), "protection_legs_state"),
-        (leg(9, &[("state", "'placed'")]), "protection_legs_state"),
-        (
-            leg(10, &[("state", "'claimed'"), ("state_reason", "'why'")]),
-            "protection_legs_state",
-        ),
-        (
-            leg(11, &[("state", "'not_placed'")]),
-            "protection_legs_state",
-        ),
-        (
-            leg(
-                12,
-                &[
-                    ("state", "'canceled_externally'"),
-                    ("external_end", "'gone'"),
-                ],
-            ),
-            "protection_legs_state",
+            "source",
+            &["'websocket'", "'sync'", "'direct'", "'manual'", "''"],
         ),
     ];
-    for (sql, constraint) in &refused {
-        let err = diesel::sql_query(sql.as_str())
-            .execute(&mut conn)
-            .await
-            .expect_err(sql);
-        assert!(
-            err.to_string().contains(constraint),
-            "{sql}: refused by {err}, not by {constraint}"
-        );
+    for (column, values) in one_at_a_time {
+        for value in values {
+            rows.push(leg(&[(column, value)]));
+        }
     }
-    let kept = [
-        entry("protection = 'protected', protected_at = now(), protected_by = 'sync'"),
-        entry("protection = 'exited', protection_reason = 'late'"),
-        entry("order_type = 'limit', limit_price = 59000"),
-        leg(20, &[("stop_limit_price", "NULL")]),
-        leg(21, &[("state", "'placed'"), ("order_list_id", "7")]),
-        leg(
-            22,
-            &[
-                ("state", "'not_placed'"),
-                ("state_reason", "'rejected'"),
-                ("not_placed_code", "-2010"),
-            ],
-        ),
-        leg(
-            23,
-            &[
-                ("state", "'canceled_externally'"),
-                ("external_end", "'stop_expired'"),
-            ],
-        ),
+    let protections = [
+        "'not_needed'",
+        "'unprotected'",
+        "'closed'",
+        "'protected'",
+        "'unprotectable'",
+        "'exited'",
+        "'bogus'",
     ];
-    for sql in &kept {
-        diesel::sql_query(sql.as_str())
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    for protection in protections {
+        for at in ["NULL", "now()"] {
+            for by in ["NULL", "'sync'"] {
+                for reason in ["NULL", "'late'"] {
+                    rows.push(entry_row(&[
+                        ("protection", protection),
+                        ("protected_at", at),
+                        ("protected_by", by),
+                        ("protection_reason", reason),
+                    ]));
+                }
+            }
+        }
     }
+    for by in ["'websocket'", "'sync'", "'direct'", "'bogus'"] {
+        rows.push(entry_row(&[
+            ("protection", "'protected'"),
+            ("protected_at", "now()"),
+            ("protected_by", by),
+        ]));
+    }
+    let statuses = [
+        "'pending_new'",
+        "'new'",
+        "'partially_filled'",
+        "'filled'",
+        "'canceled'",
+        "'expired'",
+        "'rejected'",
+        "'bogus'",
+        "''",
+    ];
+    for status in statuses {
+        rows.push(entry_row(&[("status", status)]));
+    }
+    for order_type in ["'market'", "'limit'", "'bogus'"] {
+        for limit in ["NULL", "1", "0", "-1"] {
+            rows.push(entry_row(&[
+                ("order_type", order_type),
+                ("limit_price", limit),
+            ]));
+        }
+    }
+    for (qty, quote) in [("1", "NULL"), ("NULL", "10"), ("NULL", "NULL"), ("1", "10")] {
+        rows.push(entry_row(&[
+            ("requested_qty", qty),
+            ("requested_quote", quote),
+        ]));
+    }
+    for column in [
+        "executed_qty",
+        "cumulative_quote",
+        "base_commission",
+        "fills_qty",
+    ] {
+        for value in ["0", "1", "-1"] {
+            rows.push(entry_row(&[(column, value)]));
+        }
+    }
+    rows
+}
+
+/// Migration `2026-12-04-000009` turned the checks of entries and legs into
+/// function calls. Against the schema as it was before it, every row of
+/// [`check_grid`] is applied by both or refused by both, under the same
+/// constraint name; and a refusal says which value broke the rule.
+#[tokio::test]
+async fn the_checks_accept_and_refuse_as_before_by_the_same_name() {
+    let (new, old) = (TestDb::new().await, TestDb::new().await);
+    assert!(
+        old.revert_last()
+            .await
+            .unwrap()
+            .starts_with("20261204000010")
+    );
+    assert!(
+        old.revert_last()
+            .await
+            .unwrap()
+            .starts_with("20261204000009")
+    );
+    let mut new_conn = AsyncPgConnection::establish(new.url()).await.unwrap();
+    let mut old_conn = AsyncPgConnection::establish(old.url()).await.unwrap();
+    for setup in CHECKS_SETUP {
+        diesel::sql_query(setup)
+            .execute(&mut new_conn)
+            .await
+            .unwrap();
+        diesel::sql_query(setup)
+            .execute(&mut old_conn)
+            .await
+            .unwrap();
+    }
+    let grid = check_grid();
+    let (mut applied, mut refused) = (0, 0);
+    for sql in &grid {
+        let before = outcome(&mut old_conn, sql).await;
+        let now = outcome(&mut new_conn, sql).await;
+        assert_eq!(now, before, "{sql}");
+        if now.is_ok() {
+            applied += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    // The grid exercises both sides of every rule.
+    assert!(
+        applied > 50 && refused > 300,
+        "{applied} applied, {refused} refused"
+    );
+    let err = diesel::sql_query(leg_row(10_000, &[("qty", "-0.5")]))
+        .execute(&mut new_conn)
+        .await
+        .unwrap_err();
+    let diesel::result::Error::DatabaseError(_, info) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        info.message(),
+        "new row for relation \"protection_legs\" violates check constraint \"protection_legs_qty_check\""
+    );
+    assert_eq!(info.details(), Some("qty = -0.5"));
 }

@@ -6,14 +6,17 @@
 //! exchange client. At tens of fills per second every one of them finds its
 //! CPU idle, and an idle CPU that has halted takes its time to come back: on a
 //! virtual machine whose idle vCPUs halt at once, each wake-up is a trip
-//! through the hypervisor. Measured on the bench's machine (BENCHMARKS.md),
-//! holding the wake-up latency at 0 µs halves a loopback `SELECT 1` and an
-//! exchange round trip, and takes the gateway's p99 from about 4.5 ms to 3 ms.
+//! through the hypervisor. Measured on the bench's machine (BENCHMARKS.md,
+//! two pairs per mode), holding 0 µs quarters a loopback `SELECT 1`, nearly
+//! halves the order round trip, and takes the p99 of resting LIMIT fills at
+//! 100/s from 4.6–5.0 ms to 3.4–4.3 ms. It did nothing for MARKET fills, and
+//! at saturation it cost throughput: polling vCPUs leave the host less for
+//! the work.
 //!
-//! The price is power: the CPUs poll instead of halting, machine-wide, for as
-//! long as the request is held. It is what latency-tuned hosts set anyway
-//! (`tuned`'s `latency-performance` profile holds the same request), so it is
-//! an operator's choice, off unless asked for.
+//! The price is power and CPU: the CPUs poll instead of halting, machine-wide,
+//! for as long as the request is held. So it is an operator's choice, off
+//! unless asked for. It needs write access to the device: root, or a group a
+//! udev rule gives it to (the gateway need not run as root for it).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
@@ -25,7 +28,7 @@ pub const CPU_LATENCY_DEVICE: &str = "/dev/cpu_dma_latency";
 
 /// Why a wake-up latency could not be held or read.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {doing} {path}: {source} (needs Linux and write access to it, usually root)")]
+#[error("cannot {doing} {path}: {source} (needs Linux and write access to it)")]
 pub struct WakeupError {
     doing: &'static str,
     path: PathBuf,
@@ -46,6 +49,10 @@ pub struct CpuWakeupLatency {
 impl CpuWakeupLatency {
     /// Requests at most `max` (whole microseconds, capped at `i32::MAX`)
     /// through [`CPU_LATENCY_DEVICE`].
+    ///
+    /// # Errors
+    /// The device is missing (not Linux, or no PM QoS) or not writable by
+    /// this process; the error names it.
     pub fn hold(max: Duration) -> Result<Self, WakeupError> {
         Self::hold_at(Path::new(CPU_LATENCY_DEVICE), max)
     }
@@ -99,6 +106,9 @@ impl CpuWakeupLatency {
 
     /// The latency the machine currently honours: the strictest request any
     /// process holds, or the kernel's default when none does.
+    ///
+    /// # Errors
+    /// The device is missing or not readable; the error names it.
     pub fn effective() -> Result<Duration, WakeupError> {
         Self::effective_at(Path::new(CPU_LATENCY_DEVICE))
     }
@@ -121,6 +131,21 @@ impl CpuWakeupLatency {
     }
 }
 
+/// How many files this process has open on [`CPU_LATENCY_DEVICE`]: each is
+/// a request held (tests of the release; Linux `/proc`).
+#[doc(hidden)]
+pub fn open_requests() -> usize {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target == Path::new(CPU_LATENCY_DEVICE))
+        })
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,11 +156,12 @@ mod tests {
             Ok(held) => {
                 assert_eq!(held.held(), Duration::ZERO);
                 assert_eq!(CpuWakeupLatency::effective().unwrap(), Duration::ZERO);
+                assert_eq!(open_requests(), 1);
                 drop(held);
-                // Released: nothing of ours asks for 0 any more. Another
-                // process may still hold a strict value; none does on a
-                // machine running these tests, where the default is seconds.
-                assert!(CpuWakeupLatency::effective().unwrap() > Duration::ZERO);
+                // Released: the kernel drops a request with its file. Another
+                // process may hold one of its own, so the effective value
+                // says nothing here; this process's open files do.
+                assert_eq!(open_requests(), 0);
             }
             // Without the device or the right to it, the error says which.
             Err(err) => assert!(err.to_string().contains(CPU_LATENCY_DEVICE), "{err}"),
