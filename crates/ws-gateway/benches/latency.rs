@@ -13,7 +13,7 @@
 //! fills resting LIMIT entries, accepted before the run, as the price comes
 //! down to each (default `market`: MARKET entries, accepted and filled at once).
 //! `BENCH_CPU_WAKEUP_US` holds the machine's CPU wake-up latency at that many
-//! µs for the run (`ws_gateway::wakeup`; needs root), as the gateway's
+//! µs for the run (`ws_gateway::wakeup`; needs write access to the device), as the gateway's
 //! `--cpu-wakeup-latency-us` does.
 #![allow(clippy::unwrap_used, missing_docs)] // a bench that cannot unwrap has failed
 
