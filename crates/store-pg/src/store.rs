@@ -314,6 +314,7 @@ impl PgStore {
                     .await
                     .map_err(|e| db("preparing the outcomes' statement", e))?;
             }
+            Self::prepare_merges(&mut conn, durable).await?;
             // Both pools write the checked tables.
             diesel::sql_query(CHECKS_WARM_UP)
                 .execute(&mut conn)
@@ -329,6 +330,76 @@ impl PgStore {
         }))
         .await?;
         Ok(())
+    }
+
+    /// Prepares the evidence writes a fill takes on a connection of this
+    /// kind: on `durable` ones the merge with its claims, as read and as
+    /// hinted (their texts differ), else the merge alone. Each runs against
+    /// an entry no row can match (id 0, status ''), so it writes nothing;
+    /// the first fill on the connection then skips the parse and plan
+    /// (several ms for these statements).
+    async fn prepare_merges(conn: &mut AsyncPgConnection, durable: bool) -> Result<(), StoreError> {
+        let zero = numeric(Decimal::ZERO);
+        let seen = SeenEntry {
+            stored_fills: 0,
+            executed_qty: zero.clone(),
+            cumulative_quote: zero.clone(),
+            status: String::new(),
+            base_commission: zero.clone(),
+            fills_qty: zero.clone(),
+            exchange_order_id: None,
+            filled_at: None,
+            protection: String::new(),
+        };
+        let nothing = |hinted| MergeWrite {
+            account: 0,
+            symbol: "",
+            entry: 0,
+            trade_ids: Vec::new(),
+            prices: Vec::new(),
+            qtys: Vec::new(),
+            commissions: Vec::new(),
+            commission_assets: Vec::new(),
+            traded_at: Vec::new(),
+            executed_qty: zero.clone(),
+            cumulative_quote: zero.clone(),
+            order_id: None,
+            status: "new",
+            base_commission: zero.clone(),
+            fills_qty: zero.clone(),
+            filled_at: None,
+            protection: "not_needed",
+            protection_reason: None,
+            seen: &seen,
+            hinted,
+        };
+        let doing = "preparing the evidence writes";
+        let written = if durable {
+            let mut written = 0;
+            for hinted in [None, Some(0)] {
+                let statement = MergeAndClaim {
+                    merge: nothing(hinted),
+                    claims: ClaimLegs::of(&[]),
+                };
+                let rows: Vec<MergedClaimRow> =
+                    statement.load(conn).await.map_err(|e| db(doing, e))?;
+                written += rows.len();
+            }
+            written
+        } else {
+            nothing(None)
+                .load::<EntryRow>(conn)
+                .await
+                .map_err(|e| db(doing, e))?
+                .len()
+        };
+        if written == 0 {
+            Ok(())
+        } else {
+            Err(corrupt(format!(
+                "{doing}: entry 0 matched ({written} rows)"
+            )))
+        }
     }
 
     /// The pool of connections that commit without waiting for the WAL flush

@@ -974,6 +974,27 @@ async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
                 prepared, 4,
                 "the fill's reads prepared on a warmed connection"
             );
+            // The evidence writes: on durable connections the merge with its
+            // claims, as read and as hinted; on evidence ones the merge alone.
+            let merges = count(
+                conn,
+                "SELECT count(*) AS n FROM pg_prepared_statements \
+                 WHERE statement LIKE 'WITH new_fills AS (INSERT INTO fills%' \
+                 AND statement NOT LIKE '%pg_prepared_statements%'",
+            )
+            .await;
+            let hinted = count(
+                conn,
+                "SELECT count(*) AS n FROM pg_prepared_statements \
+                 WHERE statement LIKE 'WITH new_fills%merged AS%version FROM accounts%' \
+                 AND statement NOT LIKE '%pg_prepared_statements%'",
+            )
+            .await;
+            if std::ptr::eq(pool, store.pool()) {
+                assert_eq!((merges, hinted), (2, 1), "merge and claim, read and hinted");
+            } else {
+                assert_eq!((merges, hinted), (1, 0), "the merge alone");
+            }
             if std::ptr::eq(pool, store.pool()) {
                 let outcomes = count(
                     conn,
