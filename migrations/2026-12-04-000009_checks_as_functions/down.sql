@@ -1,3 +1,5 @@
+-- Back to the original checks, validated at once: this scans both tables
+-- under the exclusive lock (a revert is an operator's act, not a rolling start).
 SET LOCAL lock_timeout = '10s';
 LOCK TABLE entries, protection_legs IN ACCESS EXCLUSIVE MODE;
 
@@ -43,4 +45,4 @@ ALTER TABLE protection_legs
             AND not_placed_code IS NULL AND state_reason IS NULL));
 DROP FUNCTION protection_legs_state_ok(TEXT, BIGINT, INTEGER, TEXT, TEXT);
 DROP FUNCTION protection_legs_values_ok(SMALLINT, INTEGER, NUMERIC, NUMERIC, NUMERIC, NUMERIC, TEXT);
-DROP FUNCTION oco_check_failed(TEXT, TEXT, TEXT);
+DROP FUNCTION IF EXISTS oco_check_failed(TEXT, TEXT, TEXT);

@@ -8,22 +8,28 @@
 -- call's tree is 0.8-1.2 KB; the function is compiled once per session.
 --
 -- Each rule is the expression it replaces, word for word, and passes when it
--- is true or NULL, as a check does. A broken rule is refused with the message
--- and the constraint name of the check it replaces (RAISE ... CONSTRAINT), so
--- an error still says which rule a row broke.
+-- is true or NULL, as a check does. A row that breaks one rule is refused with
+-- the message and the constraint name of the check it replaces, and a detail
+-- naming the values (a row breaking several may name another of them than
+-- before: PostgreSQL tried checks in name order). The RAISE is written in each
+-- function rather than in a shared one, so that no call depends on the
+-- search_path (pg_restore empties it).
 --
 -- To change a rule later, write a new migration that replaces the function
 -- AND re-validates the constraint: CREATE OR REPLACE does not re-check stored
 -- rows.
 --
--- Live processes keep writing while a starting one migrates: the tables are
--- locked in the order the claim statement locks them, the wait for a lock is
--- bounded (a migration that cannot get them fails and is retried at the next
--- start, rather than queueing every fill behind it), and the constraints are
--- added NOT VALID so the exclusive lock is held for catalog changes only. The
--- next migration validates them without blocking writes.
+-- Live processes keep writing while a starting one migrates. The constraints
+-- are added NOT VALID, so the exclusive locks are held for catalog changes
+-- only; the next migration validates them without blocking writes. Taking the
+-- locks waits at most a second: while this waits for one table, statements on
+-- the other queue behind it. A migration that cannot get them fails;
+-- `PgStore::connect_patiently` tries again within its patience. Other
+-- statements lock the two tables in either order (the claim entries first,
+-- the outcomes legs first), so a deadlock can abort one side: an aborted
+-- claim or outcome is retried or reconciled like any failed write.
 
-SET LOCAL lock_timeout = '10s';
+SET LOCAL lock_timeout = '1s';
 LOCK TABLE entries, protection_legs IN ACCESS EXCLUSIVE MODE;
 
 CREATE FUNCTION protection_legs_state_ok(
@@ -44,49 +50,45 @@ BEGIN
 END
 $$;
 
--- Refuses a row of `relation` that broke the check `rule`, as PostgreSQL
--- would have with that check.
-CREATE FUNCTION oco_check_failed(relation TEXT, rule TEXT, detail TEXT)
-RETURNS BOOLEAN LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-BEGIN
-    RAISE EXCEPTION 'new row for relation "%" violates check constraint "%"', relation, rule
-        USING ERRCODE = 'check_violation', CONSTRAINT = rule, TABLE = relation,
-            DETAIL = detail;
-END
-$$;
-
 CREATE FUNCTION protection_legs_values_ok(
     leg SMALLINT, generation INTEGER, qty NUMERIC, take_profit_price NUMERIC,
     stop_price NUMERIC, stop_limit_price NUMERIC, source TEXT)
 RETURNS BOOLEAN LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 BEGIN
     IF (leg IN (1, 2)) IS FALSE THEN
-        RETURN oco_check_failed('protection_legs', 'protection_legs_leg_check',
-            format('leg = %s', leg));
+        RAISE EXCEPTION 'new row for relation "protection_legs" violates check constraint "protection_legs_leg_check"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'protection_legs_leg_check', TABLE = 'protection_legs',
+                DETAIL = format('leg = %L', leg);
     END IF;
     IF (generation >= 0) IS FALSE THEN
-        RETURN oco_check_failed('protection_legs', 'protection_legs_generation_check',
-            format('generation = %s', generation));
+        RAISE EXCEPTION 'new row for relation "protection_legs" violates check constraint "protection_legs_generation_check"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'protection_legs_generation_check', TABLE = 'protection_legs',
+                DETAIL = format('generation = %L', generation);
     END IF;
     IF (qty >= 0) IS FALSE THEN
-        RETURN oco_check_failed('protection_legs', 'protection_legs_qty_check',
-            format('qty = %s', qty));
+        RAISE EXCEPTION 'new row for relation "protection_legs" violates check constraint "protection_legs_qty_check"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'protection_legs_qty_check', TABLE = 'protection_legs',
+                DETAIL = format('qty = %L', qty);
     END IF;
     IF (take_profit_price > 0) IS FALSE THEN
-        RETURN oco_check_failed('protection_legs', 'protection_legs_take_profit_price_check',
-            format('take_profit_price = %s', take_profit_price));
+        RAISE EXCEPTION 'new row for relation "protection_legs" violates check constraint "protection_legs_take_profit_price_check"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'protection_legs_take_profit_price_check', TABLE = 'protection_legs',
+                DETAIL = format('take_profit_price = %L', take_profit_price);
     END IF;
     IF (stop_price > 0) IS FALSE THEN
-        RETURN oco_check_failed('protection_legs', 'protection_legs_stop_price_check',
-            format('stop_price = %s', stop_price));
+        RAISE EXCEPTION 'new row for relation "protection_legs" violates check constraint "protection_legs_stop_price_check"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'protection_legs_stop_price_check', TABLE = 'protection_legs',
+                DETAIL = format('stop_price = %L', stop_price);
     END IF;
     IF (stop_limit_price > 0) IS FALSE THEN
-        RETURN oco_check_failed('protection_legs', 'protection_legs_stop_limit_price_check',
-            format('stop_limit_price = %s', stop_limit_price));
+        RAISE EXCEPTION 'new row for relation "protection_legs" violates check constraint "protection_legs_stop_limit_price_check"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'protection_legs_stop_limit_price_check', TABLE = 'protection_legs',
+                DETAIL = format('stop_limit_price = %L', stop_limit_price);
     END IF;
     IF (source IN ('websocket', 'sync', 'direct')) IS FALSE THEN
-        RETURN oco_check_failed('protection_legs', 'protection_legs_source_check',
-            format('source = %s', source));
+        RAISE EXCEPTION 'new row for relation "protection_legs" violates check constraint "protection_legs_source_check"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'protection_legs_source_check', TABLE = 'protection_legs',
+                DETAIL = format('source = %L', source);
     END IF;
     RETURN true;
 END
@@ -98,22 +100,23 @@ CREATE FUNCTION entries_state_ok(
 RETURNS BOOLEAN LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 BEGIN
     IF (status IN
-            ('pending_new', 'new', 'partially_filled', 'filled', 'canceled', 'expired', 'rejected'))
-            IS FALSE THEN
-        RETURN oco_check_failed('entries', 'entries_status', format('status = %s', status));
+            ('pending_new', 'new', 'partially_filled', 'filled', 'canceled', 'expired', 'rejected')) IS FALSE THEN
+        RAISE EXCEPTION 'new row for relation "entries" violates check constraint "entries_status"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'entries_status', TABLE = 'entries',
+                DETAIL = format('status = %L', status);
     END IF;
     -- protected_at/protected_by stay once set (history); the state decides what they mean.
     IF (protection IN ('not_needed', 'unprotected', 'closed')
             OR (protection = 'protected' AND protected_at IS NOT NULL AND protected_by IS NOT NULL)
-            OR (protection IN ('unprotectable', 'exited') AND protection_reason IS NOT NULL))
-            IS FALSE THEN
-        RETURN oco_check_failed('entries', 'entries_protection',
-            format('protection = %s, protected_at = %s, protected_by = %s, protection_reason = %s',
-                protection, protected_at, protected_by, protection_reason));
+            OR (protection IN ('unprotectable', 'exited') AND protection_reason IS NOT NULL)) IS FALSE THEN
+        RAISE EXCEPTION 'new row for relation "entries" violates check constraint "entries_protection"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'entries_protection', TABLE = 'entries',
+                DETAIL = format('protection = %L, protected_at = %L, protected_by = %L, protection_reason = %L', protection, protected_at, protected_by, protection_reason);
     END IF;
     IF (protected_by IN ('websocket', 'sync', 'direct')) IS FALSE THEN
-        RETURN oco_check_failed('entries', 'entries_protected_by',
-            format('protected_by = %s', protected_by));
+        RAISE EXCEPTION 'new row for relation "entries" violates check constraint "entries_protected_by"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'entries_protected_by', TABLE = 'entries',
+                DETAIL = format('protected_by = %L', protected_by);
     END IF;
     RETURN true;
 END
@@ -125,20 +128,21 @@ CREATE FUNCTION entries_values_ok(
 RETURNS BOOLEAN LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 BEGIN
     IF ((order_type = 'market' AND limit_price IS NULL)
-            OR (order_type = 'limit' AND limit_price IS NOT NULL AND limit_price > 0))
-            IS FALSE THEN
-        RETURN oco_check_failed('entries', 'entries_order_type',
-            format('order_type = %s, limit_price = %s', order_type, limit_price));
+            OR (order_type = 'limit' AND limit_price IS NOT NULL AND limit_price > 0)) IS FALSE THEN
+        RAISE EXCEPTION 'new row for relation "entries" violates check constraint "entries_order_type"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'entries_order_type', TABLE = 'entries',
+                DETAIL = format('order_type = %L, limit_price = %L', order_type, limit_price);
     END IF;
     IF ((requested_qty IS NULL) <> (requested_quote IS NULL)) IS FALSE THEN
-        RETURN oco_check_failed('entries', 'entries_size_one_of',
-            format('requested_qty = %s, requested_quote = %s', requested_qty, requested_quote));
+        RAISE EXCEPTION 'new row for relation "entries" violates check constraint "entries_size_one_of"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'entries_size_one_of', TABLE = 'entries',
+                DETAIL = format('requested_qty = %L, requested_quote = %L', requested_qty, requested_quote);
     END IF;
-    IF (executed_qty >= 0 AND cumulative_quote >= 0 AND base_commission >= 0 AND fills_qty >= 0)
-            IS FALSE THEN
-        RETURN oco_check_failed('entries', 'entries_amounts_not_negative',
-            format('executed_qty = %s, cumulative_quote = %s, base_commission = %s, fills_qty = %s',
-                executed_qty, cumulative_quote, base_commission, fills_qty));
+    IF (executed_qty >= 0 AND cumulative_quote >= 0 AND base_commission >= 0
+            AND fills_qty >= 0) IS FALSE THEN
+        RAISE EXCEPTION 'new row for relation "entries" violates check constraint "entries_amounts_not_negative"'
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'entries_amounts_not_negative', TABLE = 'entries',
+                DETAIL = format('executed_qty = %L, cumulative_quote = %L, base_commission = %L, fills_qty = %L', executed_qty, cumulative_quote, base_commission, fills_qty);
     END IF;
     RETURN true;
 END

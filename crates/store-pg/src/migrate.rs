@@ -45,16 +45,26 @@ pub(crate) async fn revert_all(url: &str) -> Result<Vec<String>, StoreError> {
 }
 
 #[cfg(feature = "test-support")]
-/// Reverts the newest applied migration; its version (tests of one `down.sql`
-/// and of a schema as it was before a migration).
+/// Applies the pending migrations up to and including version `last`
+/// (digits only, as diesel shows them); their versions (a schema as it was
+/// before a later migration, to compare with).
 ///
 /// # Errors
 /// As [`migrate`].
-pub(crate) async fn revert_last(url: &str) -> Result<String, StoreError> {
-    with_lock(url, |conn| {
-        conn.revert_last_migration(MIGRATIONS)
-            .map(|reverted| reverted.to_string())
-            .map_err(|e| StoreError::Unavailable(format!("reverting a migration: {e}")))
+pub(crate) async fn migrate_through(url: &str, last: &str) -> Result<Vec<String>, StoreError> {
+    let last = last.to_owned();
+    with_lock(url, move |conn| {
+        let failed = |e| StoreError::Unavailable(format!("applying migrations: {e}"));
+        let mut applied = Vec::new();
+        for migration in conn.pending_migrations(MIGRATIONS).map_err(failed)? {
+            let version = migration.name().version().to_string();
+            if version > last {
+                break;
+            }
+            conn.run_migration(&*migration).map_err(failed)?;
+            applied.push(version);
+        }
+        Ok(applied)
     })
     .await
 }

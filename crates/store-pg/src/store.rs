@@ -7,11 +7,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool::Runtime;
 use diesel::prelude::*;
+use diesel::result::Error as DieselError;
 use diesel::sql_types::{BigInt, Bool, Numeric};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
+use diesel_async::scoped_futures::ScopedFutureExt as _;
 use diesel_async::{
     AsyncConnection as _, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _,
 };
@@ -335,9 +337,9 @@ impl PgStore {
     /// Prepares the evidence writes a fill takes on a connection of this
     /// kind: on `durable` ones the merge with its claims, as read and as
     /// hinted (their texts differ), else the merge alone. Each runs against
-    /// an entry no row can match (id 0, status ''), so it writes nothing;
-    /// the first fill on the connection then skips the parse and plan
-    /// (several ms for these statements).
+    /// an entry no row can match (id 0, status ''), in a transaction rolled
+    /// back; the first fill on the connection then skips the parse and the
+    /// catalog lookups (several ms for these statements).
     async fn prepare_merges(conn: &mut AsyncPgConnection, durable: bool) -> Result<(), StoreError> {
         let zero = numeric(Decimal::ZERO);
         let seen = SeenEntry {
@@ -374,31 +376,37 @@ impl PgStore {
             hinted,
         };
         let doing = "preparing the evidence writes";
-        let written = if durable {
-            let mut written = 0;
-            for hinted in [None, Some(0)] {
-                let statement = MergeAndClaim {
-                    merge: nothing(hinted),
-                    claims: ClaimLegs::of(&[]),
-                };
-                let rows: Vec<MergedClaimRow> =
-                    statement.load(conn).await.map_err(|e| db(doing, e))?;
-                written += rows.len();
-            }
-            written
-        } else {
-            nothing(None)
-                .load::<EntryRow>(conn)
-                .await
-                .map_err(|e| db(doing, e))?
-                .len()
-        };
-        if written == 0 {
-            Ok(())
-        } else {
-            Err(corrupt(format!(
-                "{doing}: entry 0 matched ({written} rows)"
-            )))
+        // In a transaction always rolled back: the statements stay prepared,
+        // and whatever the tables hold, nothing is kept.
+        let mut written = 0;
+        let counted = &mut written;
+        let result = conn
+            .transaction::<(), DieselError, _>(|conn| {
+                async move {
+                    if durable {
+                        for hinted in [None, Some(0)] {
+                            let statement = MergeAndClaim {
+                                merge: nothing(hinted),
+                                claims: ClaimLegs::of(&[]),
+                            };
+                            let rows: Vec<MergedClaimRow> = statement.load(conn).await?;
+                            *counted += rows.len();
+                        }
+                    } else {
+                        *counted += nothing(None).load::<EntryRow>(conn).await?.len();
+                    }
+                    Err(DieselError::RollbackTransaction)
+                }
+                .scope_boxed()
+            })
+            .await;
+        match result {
+            Err(DieselError::RollbackTransaction) if written == 0 => Ok(()),
+            Err(DieselError::RollbackTransaction) => Err(corrupt(format!(
+                "{doing}: entry 0 matched ({written} rows, rolled back)"
+            ))),
+            Err(e) => Err(db(doing, e)),
+            Ok(()) => Ok(()),
         }
     }
 

@@ -19,7 +19,7 @@ use tokio::sync::OnceCell;
 use url::Url;
 
 use crate::config::{PgConfig, SecretKey};
-use crate::migrate::{migrate, revert_all, revert_last};
+use crate::migrate::{migrate, migrate_through, revert_all};
 
 /// The server tests use when `DATABASE_URL` is unset.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://127.0.0.1/test";
@@ -227,13 +227,14 @@ impl TestDb {
         revert_all(&self.url).await
     }
 
-    /// Reverts the newest applied migration and returns its version (a
-    /// schema as it was before it, to compare with).
+    /// Applies the pending migrations up to and including version `last`
+    /// (digits only, e.g. `20261204000008`): a schema as it was before a
+    /// later migration. Their versions.
     ///
     /// # Errors
     /// As [`crate::migrate`].
-    pub async fn revert_last(&self) -> Result<String, oco_core::StoreError> {
-        revert_last(&self.url).await
+    pub async fn migrate_through(&self, last: &str) -> Result<Vec<String>, oco_core::StoreError> {
+        migrate_through(&self.url, last).await
     }
 }
 

@@ -7,8 +7,9 @@
 //! CPU idle, and an idle CPU that has halted takes its time to come back: on a
 //! virtual machine whose idle vCPUs halt at once, each wake-up is a trip
 //! through the hypervisor. Measured on the bench's machine (BENCHMARKS.md,
-//! two pairs per mode), holding 0 µs quarters a loopback `SELECT 1`, nearly
-//! halves the order round trip, and takes the p99 of resting LIMIT fills at
+//! two pairs per mode), holding 0 µs quarters a loopback `SELECT 1`, shortens
+//! the order round trip (p50 0.10 → 0.06 ms in the LIMIT runs, 0.09–0.11 →
+//! 0.07–0.09 ms in the MARKET ones), and takes the p99 of resting LIMIT fills at
 //! 100/s from 4.6–5.0 ms to 3.4–4.3 ms. It did nothing for MARKET fills, and
 //! at saturation it cost throughput: polling vCPUs leave the host less for
 //! the work.
@@ -132,7 +133,8 @@ impl CpuWakeupLatency {
 }
 
 /// How many files this process has open on [`CPU_LATENCY_DEVICE`]: each is
-/// a request held (tests of the release; Linux `/proc`).
+/// a request held (at the kernel's default until written), for tests of the
+/// release; Linux `/proc`.
 #[doc(hidden)]
 pub fn open_requests() -> usize {
     let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
