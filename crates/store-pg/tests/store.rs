@@ -946,6 +946,14 @@ async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
         let row: Count = diesel::sql_query(sql).get_result(conn).await.unwrap();
         row.n
     }
+    /// Statements prepared on `conn` whose text is `LIKE` `pattern`.
+    async fn prepared(conn: &mut AsyncPgConnection, pattern: &str) -> i64 {
+        let sql = format!(
+            "SELECT count(*) AS n FROM pg_prepared_statements \
+             WHERE statement LIKE '{pattern}' AND statement NOT LIKE '%pg_prepared_statements%'"
+        );
+        count(conn, &sql).await
+    }
     let db = TestDb::new().await;
     let store = PgStore::connect(db.config(3)).await.unwrap();
     let mut raw = raw(&db).await;
@@ -969,44 +977,25 @@ async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
             conns.push(pool.get().await.unwrap());
         }
         for conn in &mut conns {
-            let prepared = count(conn, reads).await;
+            let fill_reads = count(conn, reads).await;
             assert_eq!(
-                prepared, 4,
+                fill_reads, 4,
                 "the fill's reads prepared on a warmed connection"
             );
             // The evidence writes: on durable connections the merge with its
-            // claims, as read and as hinted; on evidence ones the merge alone.
-            let merges = count(
-                conn,
-                "SELECT count(*) AS n FROM pg_prepared_statements \
-                 WHERE statement LIKE 'WITH new_fills AS (INSERT INTO fills%' \
-                 AND statement NOT LIKE '%pg_prepared_statements%'",
-            )
-            .await;
-            let hinted = count(
-                conn,
-                "SELECT count(*) AS n FROM pg_prepared_statements \
-                 WHERE statement LIKE 'WITH new_fills%merged AS%version FROM accounts%' \
-                 AND statement NOT LIKE '%pg_prepared_statements%'",
-            )
-            .await;
+            // claims, as read and as hinted, and the outcomes' call; on
+            // evidence ones the merge alone.
+            let merges = prepared(conn, "WITH new_fills AS (INSERT INTO fills%").await;
+            let hinted = prepared(conn, "WITH new_fills%merged AS%version FROM accounts%").await;
+            let outcomes = prepared(conn, "%FROM record_outcomes(%").await;
             if std::ptr::eq(pool, store.pool()) {
-                assert_eq!((merges, hinted), (2, 1), "merge and claim, read and hinted");
-            } else {
-                assert_eq!((merges, hinted), (1, 0), "the merge alone");
-            }
-            if std::ptr::eq(pool, store.pool()) {
-                let outcomes = count(
-                    conn,
-                    "SELECT count(*) AS n FROM pg_prepared_statements \
-                     WHERE statement LIKE '%FROM record_outcomes(%' \
-                     AND statement NOT LIKE '%pg_prepared_statements%'",
-                )
-                .await;
                 assert_eq!(
-                    outcomes, 1,
-                    "the outcomes' call prepared on a durable connection"
+                    (merges, hinted, outcomes),
+                    (2, 1, 1),
+                    "merge and claim, read and hinted; the outcomes' call"
                 );
+            } else {
+                assert_eq!((merges, hinted, outcomes), (1, 0, 0), "the merge alone");
             }
             pids.push(count(conn, "SELECT pg_backend_pid()::int8 AS n").await);
         }
