@@ -477,6 +477,13 @@ pub trait Store: Send + Sync {
             Err(e) => Err(e),
         }
     }
+    /// The caller no longer follows `account`'s stream (its lease was lost
+    /// or released): whatever the store kept to speed that stream up is
+    /// dropped, its decrypted keys first. Nothing stored changes; stores
+    /// that keep nothing ignore it.
+    fn unfollowed(&self, account: AccountId) {
+        let _ = account;
+    }
     /// Sets the entry's protection state.
     async fn set_protection(
         &self,

@@ -152,6 +152,21 @@ impl Hints {
         Some((entry, known))
     }
 
+    /// Forgets `account` and every entry of it: this process no longer
+    /// follows its stream, and keeps neither its keys nor its entries.
+    pub(crate) fn forget_account(&self, account: AccountId) {
+        let mut inner = self.lock();
+        inner.accounts.remove(&account);
+        inner
+            .entries
+            .retain(|_, (_, hint)| hint.entry.account != account);
+    }
+
+    /// Accounts whose keys and settings are remembered.
+    pub(crate) fn accounts_known(&self) -> usize {
+        self.lock().accounts.len()
+    }
+
     /// A write from hints of `account` matched nothing: its account hint may
     /// be what is stale, so it is read again with the fill.
     pub(crate) fn stale(&self, account: AccountId) {
@@ -241,6 +256,25 @@ mod tests {
                 active: true,
             },
         }
+    }
+
+    #[test]
+    fn an_account_no_longer_followed_is_forgotten_with_its_entries() {
+        let hints = Hints::default();
+        for a in [1, 2] {
+            hints.account_read(AccountId(a), account(a, 1));
+            let (e, s) = entry(10 * a, a, Decimal::ZERO);
+            hints.entry_written(&e, &s);
+        }
+        hints.forget_account(AccountId(1));
+        assert_eq!(hints.accounts_known(), 1);
+        assert!(!hints.knows_account(AccountId(1)));
+        assert!(hints.take(AccountId(1), EntryId(10)).is_none());
+        // Learnt again, the entry forgotten with it does not come back.
+        hints.account_read(AccountId(1), account(1, 2));
+        assert!(hints.take(AccountId(1), EntryId(10)).is_none());
+        // The other account keeps both.
+        assert!(hints.take(AccountId(2), EntryId(20)).is_some());
     }
 
     #[test]

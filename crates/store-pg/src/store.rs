@@ -585,6 +585,14 @@ impl PgStore {
         self.hints.stats()
     }
 
+    /// Accounts whose keys and settings this store keeps as hints: the
+    /// accounts whose streams this process follows (see
+    /// [`Store::unfollowed`]).
+    #[must_use]
+    pub fn hinted_accounts(&self) -> usize {
+        self.hints.accounts_known()
+    }
+
     /// `account`'s API key and secret and the row's version, the statement
     /// started on `conn` at once (see [`PgStore::start_snapshot`]).
     fn start_credentials<'s>(
@@ -1159,6 +1167,10 @@ impl Store for PgStore {
         self.merge(id, None, evidence)
             .await?
             .ok_or_else(|| not_found("entry", id))
+    }
+
+    fn unfollowed(&self, account: AccountId) {
+        self.hints.forget_account(account);
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(entry = %id, account = %account))]

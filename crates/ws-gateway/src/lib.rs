@@ -246,6 +246,7 @@ impl Gateway {
                         }
                         if !held.contains(id) {
                             self.stats.unleased(*id);
+                            self.store.unfollowed(*id);
                         }
                         keep
                     });
@@ -260,8 +261,9 @@ impl Gateway {
                     warn!(holder = %self.config.holder, error = %err, "lease renewal failed");
                     // Past the lease period another gateway may hold our accounts: stop streaming them.
                     if last_renewed.elapsed() >= self.config.lease_ttl {
-                        for (_, task) in tasks.drain() {
+                        for (id, task) in tasks.drain() {
                             task.abort();
+                            self.store.unfollowed(id);
                         }
                         self.stats.unleased_all();
                     }
@@ -295,8 +297,9 @@ impl Gateway {
                 }
             }
         }
-        for (_, task) in tasks.drain() {
+        for (id, task) in tasks.drain() {
             task.abort();
+            self.store.unfollowed(id);
         }
         self.stats.streams_up.store(0, Ordering::Relaxed);
         self.stats.unleased_all();

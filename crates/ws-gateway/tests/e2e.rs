@@ -20,7 +20,7 @@ use oco_core::ports::{
     ApiCredentials, Clock, Exchange, Leases, NewAccount, OrderRequest, Side, Store,
 };
 use oco_core::protect::{Protector, ProtectorConfig};
-use oco_core::{AccountId, EntryId, Qty, SystemClock};
+use oco_core::{AccountId, EntryId, EntryStatus, Price, Qty, SystemClock};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use secrecy::SecretString;
@@ -69,6 +69,8 @@ struct Running {
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), GatewayError>>,
     stats: Arc<GatewayStats>,
+    /// The gateway's own store.
+    store: Arc<PgStore>,
 }
 
 impl Running {
@@ -138,7 +140,7 @@ impl World {
         config.min_backoff = Duration::from_millis(50);
         let gateway = Gateway::new(
             store.clone(),
-            store as Arc<dyn Leases>,
+            store.clone() as Arc<dyn Leases>,
             Arc::new(streams),
             protector,
             config,
@@ -148,13 +150,30 @@ impl World {
         let task = tokio::spawn(gateway.run(async move {
             let _ = stopped.await;
         }));
-        Running { stop, task, stats }
+        Running {
+            stop,
+            task,
+            stats,
+            store,
+        }
     }
 
     /// A MARKET BUY as the API sends it: stored with our client id, then
     /// placed under that id. Nobody calls `protect`.
     async fn buy(&self, account: usize, symbol: &str, qty: Decimal) -> EntryId {
+        self.buy_at(account, symbol, qty, None).await
+    }
+
+    /// [`World::buy`], as a LIMIT BUY at `limit` when given.
+    async fn buy_at(
+        &self,
+        account: usize,
+        symbol: &str,
+        qty: Decimal,
+        limit: Option<Decimal>,
+    ) -> EntryId {
         let ids = self.ids.clone();
+        let limit = limit.map(|l| Price::new(l).unwrap());
         let size = OrderSize::Base(Qty::new(qty).unwrap());
         let entry = self
             .store
@@ -162,7 +181,7 @@ impl World {
                 NewEntry {
                     account: self.accounts[account],
                     symbol: self.placer.symbol_rules(symbol).await.unwrap().symbol,
-                    kind: EntryKind::Market,
+                    kind: limit.map_or(EntryKind::Market, |price| EntryKind::Limit { price }),
                     size,
                     levels: EntryLevels::default(),
                     tags: EntryTags::default(),
@@ -178,7 +197,7 @@ impl World {
                 &OrderRequest {
                     symbol: symbol.into(),
                     side: Side::Buy,
-                    limit: None,
+                    limit,
                     size,
                     client_id: entry.client_id.clone(),
                 },
@@ -332,6 +351,31 @@ async fn two_gateways_stream_each_account_once_and_place_no_duplicate_legs() {
     assert_eq!(sa.placements + sb.placements, 12);
     a.stop().await;
     b.stop().await;
+}
+
+/// A gateway keeps an account's decrypted keys as a hint while it follows
+/// the account's stream (learnt at a resting entry's acceptance), and drops
+/// them when it stops following it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_stops_following_an_account_forgets_its_keys() {
+    let w = world(1).await;
+    w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
+    let a = w.gateway("gw-a", 1).await;
+    wait_for("the stream", Duration::from_secs(10), || async {
+        a.up() == 1
+    })
+    .await;
+    let entry = w.buy_at(0, "BTCUSDT", dec!(0.01), Some(dec!(59000))).await;
+    let store = a.store.clone();
+    wait_for("the acceptance learnt", Duration::from_secs(10), || async {
+        store.hinted_accounts() == 1
+            && w.store.entry(entry).await.unwrap().status == EntryStatus::New
+    })
+    .await;
+    a.stop().await;
+    assert_eq!(store.hinted_accounts(), 0, "keys dropped with the lease");
+    // Nothing stored changed.
+    assert_eq!(w.store.entry(entry).await.unwrap().status, EntryStatus::New);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
