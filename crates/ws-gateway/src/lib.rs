@@ -239,17 +239,19 @@ impl Gateway {
             {
                 Ok(held) => {
                     last_renewed = tokio::time::Instant::now();
-                    tasks.retain(|id, task| {
-                        let keep = held.contains(id) && !task.is_finished();
-                        if !keep {
-                            task.abort();
+                    let lost: Vec<AccountId> = tasks
+                        .keys()
+                        .filter(|id| !held.contains(id))
+                        .copied()
+                        .collect();
+                    for id in lost {
+                        if let Some(task) = tasks.remove(&id) {
+                            self.stats.unleased(id);
+                            self.unfollow(id, task);
                         }
-                        if !held.contains(id) {
-                            self.stats.unleased(*id);
-                            self.store.unfollowed(*id);
-                        }
-                        keep
-                    });
+                    }
+                    // A task that ended on its own (keys refused, store down) starts again below.
+                    tasks.retain(|_, task| !task.is_finished());
                     // An account still leased whose task ended (keys refused, store down) starts again.
                     for id in held {
                         tasks.entry(id).or_insert_with(|| {
@@ -262,8 +264,7 @@ impl Gateway {
                     // Past the lease period another gateway may hold our accounts: stop streaming them.
                     if last_renewed.elapsed() >= self.config.lease_ttl {
                         for (id, task) in tasks.drain() {
-                            task.abort();
-                            self.store.unfollowed(id);
+                            self.unfollow(id, task);
                         }
                         self.stats.unleased_all();
                     }
@@ -297,8 +298,16 @@ impl Gateway {
                 }
             }
         }
-        for (id, task) in tasks.drain() {
-            task.abort();
+        let ended: Vec<_> = tasks
+            .drain()
+            .map(|(id, task)| {
+                task.abort();
+                (id, task)
+            })
+            .collect();
+        for (id, task) in ended {
+            // Once it has ended: a write in flight could learn the account again.
+            let _ = task.await;
             self.store.unfollowed(id);
         }
         self.stats.streams_up.store(0, Ordering::Relaxed);
@@ -307,6 +316,18 @@ impl Gateway {
             .release_leases(&self.config.holder)
             .await
             .map_err(GatewayError::Release)
+    }
+
+    /// Stops following `id`: its task is aborted and, once it has ended (a
+    /// write it had in flight could otherwise learn the account again), the
+    /// store drops what it kept for the stream, decrypted keys included.
+    fn unfollow(&self, id: AccountId, task: JoinHandle<()>) {
+        task.abort();
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let _ = task.await;
+            store.unfollowed(id);
+        });
     }
 
     fn spawn_account(
