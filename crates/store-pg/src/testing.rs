@@ -219,6 +219,21 @@ impl TestDb {
         (select, commit)
     }
 
+    /// Runs `sql` on this database as written, on a connection of its own:
+    /// what a test does behind the processes' backs (another node's write, an
+    /// operator's fix).
+    ///
+    /// # Panics
+    /// When the database cannot be reached or `sql` fails.
+    pub async fn run_sql(&self, sql: &str) {
+        let mut conn = AsyncPgConnection::establish(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.name));
+        conn.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
     /// Reverts every migration of this database (tests of `down.sql`).
     ///
     /// # Errors

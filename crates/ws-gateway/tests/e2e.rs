@@ -378,6 +378,39 @@ async fn a_gateway_that_stops_following_an_account_forgets_its_keys() {
     assert_eq!(w.store.entry(entry).await.unwrap().status, EntryStatus::New);
 }
 
+/// A gateway whose lease moves to another holder stops following the
+/// account and drops its keys while it goes on running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_lease_moves_elsewhere_forgets_the_accounts_keys() {
+    let w = world(1).await;
+    w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
+    let a = w.gateway("gw-a", 1).await;
+    wait_for("the stream", Duration::from_secs(10), || async {
+        a.up() == 1
+    })
+    .await;
+    let entry = w.buy_at(0, "BTCUSDT", dec!(0.01), Some(dec!(59000))).await;
+    let store = a.store.clone();
+    wait_for("the acceptance learnt", Duration::from_secs(10), || async {
+        store.hinted_accounts() == 1
+            && w.store.entry(entry).await.unwrap().status == EntryStatus::New
+    })
+    .await;
+    // Another node holds the lease now, for longer than the test runs.
+    w.db.run_sql(&format!(
+        "UPDATE account_leases SET holder = 'gw-elsewhere', \
+         expires_at = now() + interval '1 hour' WHERE account_id = {}",
+        w.accounts[0].0
+    ))
+    .await;
+    wait_for("the stream stopped", Duration::from_secs(10), || async {
+        a.up() == 0 && store.hinted_accounts() == 0
+    })
+    .await;
+    assert_eq!(w.store.entry(entry).await.unwrap().status, EntryStatus::New);
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_dropped_during_fills_flags_the_account_and_sync_protects_each_fill_once() {
     let w = world(1).await;
