@@ -234,6 +234,30 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// The single text column `s` of each row `sql` returns, in order: what a
+    /// test reads that no port exposes (a flag's reason, say).
+    ///
+    /// # Panics
+    /// When the database cannot be reached or `sql` fails.
+    pub async fn texts(&self, sql: &str) -> Vec<String> {
+        use diesel_async::RunQueryDsl as _;
+        #[derive(diesel::QueryableByName)]
+        struct Text {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            s: String,
+        }
+        let mut conn = AsyncPgConnection::establish(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.name));
+        diesel::sql_query(sql)
+            .load::<Text>(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .into_iter()
+            .map(|t| t.s)
+            .collect()
+    }
+
     /// Reverts every migration of this database (tests of `down.sql`).
     ///
     /// # Errors

@@ -804,6 +804,24 @@ async fn run() {
             );
         }
     }
+    // The tail's shape: whether the p99 is a few outliers or a shifted bulk.
+    println!();
+    for r in &results {
+        let v = &r.received;
+        let bar_us = ((b99 + 2.0) * 1000.0) as u64;
+        let over = v.iter().filter(|&&us| us > bar_us).count();
+        println!(
+            "tail of fill → second OCO received, {}/s: p90 {:.3} / p95 {:.3} / p99 {:.3} / p99.9 {:.3} / max {:.3} ms; {over} of {} over the bar ({:.1} %)",
+            r.target,
+            pct_ms(v, 90.0),
+            pct_ms(v, 95.0),
+            pct_ms(v, 99.0),
+            pct_ms(v, 99.9),
+            pct_ms(v, 100.0),
+            v.len(),
+            100.0 * over as f64 / v.len().max(1) as f64
+        );
+    }
     let best = results
         .iter()
         .filter(|r| kept_up(r))

@@ -124,9 +124,20 @@ impl World {
     /// A gateway process: its own pool, exchange client and streams, as
     /// `bins/ws-gateway` wires them.
     async fn gateway(&self, holder: &str, max_accounts: usize) -> Running {
+        self.gateway_with(holder, max_accounts, binance(&self.sim))
+            .await
+    }
+
+    /// [`World::gateway`] with the adapter configured as `adapter`.
+    async fn gateway_with(
+        &self,
+        holder: &str,
+        max_accounts: usize,
+        adapter: BinanceConfig,
+    ) -> Running {
         let store = Arc::new(PgStore::connect(pg_config(&self.db, 8)).await.unwrap());
-        let exchange = BinanceExchange::new(binance(&self.sim)).unwrap();
-        let streams = BinanceUserStream::new(binance(&self.sim)).unwrap();
+        let exchange = BinanceExchange::new(adapter.clone()).unwrap();
+        let streams = BinanceUserStream::new(adapter).unwrap();
         let protector = Arc::new(Protector::new(
             Arc::new(exchange),
             store.clone(),
@@ -409,6 +420,135 @@ async fn a_gateway_whose_lease_moves_elsewhere_forgets_the_accounts_keys() {
     .await;
     assert_eq!(w.store.entry(entry).await.unwrap().status, EntryStatus::New);
     a.stop().await;
+}
+
+/// Every kind of gap on a real stream flags the account for `sync` with a
+/// row naming why and a notification: the connection dropped, the server
+/// silent, the subscription ended by the server, the server shutting down,
+/// and the lease taken over after its holder stopped renewing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_gap_flags_the_account_with_a_row_and_a_notification() {
+    let w = world(1).await;
+    let ctl = w.sim.control();
+    let account = w.accounts[0];
+    // The server pings every 200 ms (Binance: 20 s), and a server that pings
+    // is judged silent once its pings stop, after two seconds here (Binance:
+    // 60 s): answers to our own pings do not count then.
+    ctl.set_ws_timings(
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+        Duration::from_secs(3600),
+    );
+    let mut adapter = binance(&w.sim);
+    adapter.stream.stall_timeout = Duration::from_secs(2);
+    let gw = w.gateway_with("gw-1", 10, adapter).await;
+    let mut listener = w.store.listen_reconcile().await.unwrap();
+    let cases: [(&str, &str); 5] = [
+        ("dropped", "stream gap"),
+        ("stalled", "stream gap"),
+        ("terminated", "stream gap"),
+        ("server shutdown", "stream gap"),
+        ("lease taken over", "lease takeover"),
+    ];
+    for (gap, reason) in cases {
+        wait_for(
+            &format!("the stream before '{gap}'"),
+            Duration::from_secs(15),
+            || async { gw.up() == 1 && ctl.subscription_count() == 1 },
+        )
+        .await;
+        // What the stream's opening flagged is taken first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while let Ok(notified) =
+            tokio::time::timeout(Duration::from_millis(200), listener.recv()).await
+        {
+            notified.unwrap();
+        }
+        w.store.take_flagged(10).await.unwrap();
+        match gap {
+            "dropped" => assert_eq!(ctl.drop_streams(Some(&api_key(0))), 1),
+            "stalled" => {
+                ctl.set_streams_stalled(true);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                ctl.set_streams_stalled(false);
+            }
+            "terminated" => assert_eq!(ctl.terminate_subscriptions(&api_key(0)), 1),
+            "server shutdown" => assert_eq!(ctl.server_shutdown(Some(&api_key(0))), 1),
+            _ => {
+                // Another holder that then stops renewing: the gateway lets
+                // the account go, and takes it over once the lease expires.
+                w.db.run_sql(&format!(
+                    "UPDATE account_leases SET holder = 'gw-gone', \
+                     expires_at = now() + interval '1 second' WHERE account_id = {}",
+                    account.0
+                ))
+                .await;
+            }
+        }
+        let notified = tokio::time::timeout(Duration::from_secs(15), listener.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no notification after '{gap}'"))
+            .unwrap();
+        assert_eq!(notified, account, "{gap}");
+        assert_eq!(
+            w.db.texts("SELECT reason AS s FROM reconcile_flags").await,
+            vec![reason.to_owned()],
+            "{gap}"
+        );
+        assert_eq!(
+            w.store.take_flagged(10).await.unwrap(),
+            vec![account],
+            "{gap}"
+        );
+    }
+    assert!(
+        gw.stats.snapshot().gaps >= 4,
+        "the gateway counted the gaps"
+    );
+    gw.stop().await;
+}
+
+/// An account registered while a gateway runs is streamed and protected
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_registered_while_the_gateway_runs_is_followed() {
+    let mut w = world(1).await;
+    let ctl = w.sim.control();
+    ctl.set_price("BTCUSDT", dec!(60000)).unwrap();
+    let gw = w.gateway("gw-1", 10).await;
+    wait_for("the first stream", Duration::from_secs(10), || async {
+        gw.up() == 1
+    })
+    .await;
+    ctl.add_account(AccountSpec::new(
+        api_key(1),
+        "secret-1".to_owned(),
+        vec![("USDT".into(), dec!(100000))],
+    ));
+    let added = w
+        .store
+        .create_account(NewAccount {
+            owner: "user-1".into(),
+            exchange: "binance".into(),
+            credentials: creds(1),
+            protection: ProtectionConfig::DEFAULT,
+        })
+        .await
+        .unwrap();
+    w.accounts.push(added.id);
+    wait_for(
+        "the new account's stream",
+        Duration::from_secs(10),
+        || async { gw.up() == 2 && ctl.subscription_count() == 2 },
+    )
+    .await;
+    let entry = w.buy(1, "BTCUSDT", dec!(0.01)).await;
+    wait_for("its fill protected", Duration::from_secs(10), || async {
+        w.all_protected(&[entry], Some(Source::Websocket)).await
+    })
+    .await;
+    w.assert_each_protected_once(&[entry]).await;
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
