@@ -250,6 +250,12 @@ async fn run_protects_an_entry_placed_through_its_api() {
         6,
         "two lists for each of the three entries, once"
     );
+    // The gateway's flags reach sync through their notification.
+    assert_eq!(
+        db.listeners(store_pg::RECONCILE_CHANNEL).await.len(),
+        1,
+        "the process listens for reconcile flags"
+    );
 
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();

@@ -186,9 +186,14 @@ pub async fn run(
     let (reconciler, store) = wire_observed(config, &metrics).await?;
     let reconciler = Arc::new(reconciler);
     watch_breakers(&metrics, reconciler.clone());
-    let exporter = Exporter::start(config.metrics_listen, metrics, store, Arc::new(SystemClock))
-        .await
-        .with_context(|| format!("binding OCO_METRICS_LISTEN {}", config.metrics_listen))?;
+    let exporter = Exporter::start(
+        config.metrics_listen,
+        metrics,
+        store.clone(),
+        Arc::new(SystemClock),
+    )
+    .await
+    .with_context(|| format!("binding OCO_METRICS_LISTEN {}", config.metrics_listen))?;
     tracing::info!(
         metrics = %exporter.local_addr(),
         interval_s = config.interval_secs,
@@ -196,7 +201,10 @@ pub async fn run(
         namespace = %config.id_namespace,
         "sync started"
     );
+    // Flags announced by any process wake the flag loop at once.
+    let bell = store_pg::ring_on_flags(store, reconciler.flag_bell());
     reconciler.run(shutdown).await;
+    bell.abort();
     let m = reconciler.metrics();
     tracing::info!(
         passes = m.passes,

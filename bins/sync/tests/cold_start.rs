@@ -129,15 +129,18 @@ async fn fills_made_while_everything_was_down_are_protected_at_startup() {
                 );
             }
             if all || tokio::time::Instant::now() >= deadline {
+                // Flags wake the running process through their notification.
+                let listening = db.listeners(store_pg::RECONCILE_CHANNEL).await.len();
                 let _ = stop.send(());
-                return all;
+                return (all, listening);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    let (ran, protected) = tokio::join!(process, check);
+    let (ran, (protected, listening)) = tokio::join!(process, check);
     ran.unwrap();
     assert!(protected, "both entries protected by the startup pass");
+    assert_eq!(listening, 1, "the process listens for reconcile flags");
     let lists = sim.control().order_lists(Some("k1"));
     assert_eq!(lists.len(), 4, "two legs each, once");
 }

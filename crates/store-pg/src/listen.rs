@@ -8,10 +8,15 @@
 //! [`Store::take_flagged`](oco_core::Store::take_flagged) after each wake-up
 //! and on a timer.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use futures_util::stream::{self, StreamExt as _};
 use oco_core::{AccountId, StoreError};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls};
+use tracing::{debug, warn};
 
 use crate::store::PgStore;
 
@@ -93,4 +98,55 @@ impl PgStore {
             _client: client,
         })
     }
+}
+
+/// First wait before listening again after the connection was lost or
+/// refused; doubled up to [`RELISTEN_MAX`].
+const RELISTEN_FIRST: Duration = Duration::from_millis(250);
+/// Longest wait between two attempts to listen again.
+const RELISTEN_MAX: Duration = Duration::from_secs(30);
+
+/// Rings `bell` for every reconcile flag announced on `store`'s database (by
+/// any process), on a `LISTEN` connection of its own that the task opens
+/// again whenever it is lost, after a backoff of 250 ms doubling to 30 s.
+/// It also rings once each time it starts listening: flags set while nobody
+/// listened were announced to no one. Runs until aborted.
+///
+/// This is how `sync` reconciles a flagged account at once rather than at
+/// its next poll (`sync::Reconciler::flag_bell`); the poll remains for the
+/// time the connection is down.
+pub fn ring_on_flags(store: Arc<PgStore>, bell: Arc<Notify>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut wait = RELISTEN_FIRST;
+        loop {
+            match store.listen_reconcile().await {
+                Ok(mut listener) => {
+                    wait = RELISTEN_FIRST;
+                    bell.notify_one();
+                    loop {
+                        match listener.recv().await {
+                            Ok(account) => {
+                                debug!(account = %account, "reconcile flag announced");
+                                bell.notify_one();
+                            }
+                            // Still a flag: whatever it names, the flags are taken.
+                            Err(StoreError::Corrupt(what)) => {
+                                warn!(what = %what, "unreadable reconcile notification");
+                                bell.notify_one();
+                            }
+                            Err(err) => {
+                                warn!(error = %err, "reconcile listener lost: flags are polled until it is back");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(err) => {
+                    warn!(error = %err, retry_in_ms = wait.as_millis(), "cannot listen for reconcile flags");
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RELISTEN_MAX);
+        }
+    })
 }

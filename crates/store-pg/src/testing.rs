@@ -258,6 +258,19 @@ impl TestDb {
             .collect()
     }
 
+    /// The server processes of this database listening on `channel` now (by
+    /// their pid): whether, and which, a process under test listens.
+    ///
+    /// # Panics
+    /// When the database cannot be reached.
+    pub async fn listeners(&self, channel: &str) -> Vec<String> {
+        self.texts(&format!(
+            "SELECT pid::text AS s FROM pg_stat_activity \
+             WHERE datname = current_database() AND query = 'LISTEN {channel}' ORDER BY pid"
+        ))
+        .await
+    }
+
     /// Reverts every migration of this database (tests of `down.sql`).
     ///
     /// # Errors

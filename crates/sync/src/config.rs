@@ -20,8 +20,9 @@ pub struct SyncConfig {
     pub startup_delay: Duration,
     /// Time between the starts of two full passes.
     pub interval: Duration,
-    /// How often flagged accounts are polled; at most 500 ms so that a flagged
-    /// account is reconciled within 2 s.
+    /// How often flagged accounts are polled, besides whenever the flag bell
+    /// rings ([`crate::Reconciler::flag_bell`]); at most 500 ms so that a
+    /// flagged account is reconciled within 2 s even when no ring arrives.
     pub flag_poll: Duration,
     /// Accounts reconciled in parallel.
     pub concurrency: usize,

@@ -16,6 +16,7 @@ use oco_core::{
     LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store,
 };
 use rust_decimal::Decimal;
+use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -162,6 +163,9 @@ pub struct Reconciler {
     /// backoff, not an interval later. Per account: attempts so far and when
     /// the next one is due.
     retries: Mutex<HashMap<AccountId, (u32, Instant)>>,
+    /// Rung when an account was flagged: the flag loop takes flags at once
+    /// instead of at its next poll.
+    flag_bell: Arc<Notify>,
 }
 
 /// Why an account is retried.
@@ -216,6 +220,7 @@ impl Reconciler {
             metrics: Metrics::default(),
             busy: Mutex::new(HashSet::new()),
             retries: Mutex::new(HashMap::new()),
+            flag_bell: Arc::new(Notify::new()),
             protector,
             config,
             meter,
@@ -241,6 +246,15 @@ impl Reconciler {
             protector,
         ));
         Self::with_meter(exchange, store, clock, protector, config, meter)
+    }
+
+    /// The bell to ring when an account was flagged for reconciliation
+    /// (`store_pg::ring_on_flags` rings it on each `NOTIFY oco_reconcile`):
+    /// [`Reconciler::run`] then takes the flags at once rather than at its
+    /// next `flag_poll`, which stays as the fallback. Rings that come while
+    /// flags are being handled are kept (one is enough), so none is lost.
+    pub fn flag_bell(&self) -> Arc<Notify> {
+        self.flag_bell.clone()
     }
 
     /// The settings.
@@ -269,8 +283,9 @@ impl Reconciler {
         self.breakers.open()
     }
 
-    /// Runs until `shutdown` completes: flagged accounts are polled every
-    /// `flag_poll` from the start; after `startup_delay`, accounts due for
+    /// Runs until `shutdown` completes: flagged accounts are taken whenever
+    /// the [`Reconciler::flag_bell`] rings, and polled every `flag_poll` from
+    /// the start in case a ring was missed; after `startup_delay`, accounts due for
     /// their periodic reconciliation are polled every `due_poll` (at most
     /// `interval`) and reconciled by [`Reconciler::due_pass`], so each
     /// account is reconciled about once per `interval` by one of the sync
@@ -305,7 +320,10 @@ impl Reconciler {
             let mut ticker = tokio::time::interval(self.config.flag_poll);
             ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
             loop {
-                ticker.tick().await;
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = self.flag_bell.notified() => {}
+                }
                 let batch = self.config.concurrency.max(1) * 4;
                 let mut ids: Vec<AccountId> = std::mem::take(&mut retry).into_iter().collect();
                 // Flags first: a fresh gap must not wait behind a crowd of retries.

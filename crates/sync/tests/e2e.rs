@@ -33,7 +33,7 @@ struct Acct {
 struct E2e {
     _sim: Sim,
     ctl: SimControl,
-    _db: TestDb,
+    db: TestDb,
     store: Arc<PgStore>,
     exchange: Arc<BinanceExchange>,
     ids: IdScheme,
@@ -61,7 +61,7 @@ async fn e2e() -> E2e {
     E2e {
         _sim: sim,
         ctl,
-        _db: db,
+        db,
         store,
         exchange,
         ids: IdScheme::new("og").unwrap(),
@@ -503,6 +503,74 @@ async fn the_accounts_of_a_sync_that_dies_mid_pass_are_reconciled_by_the_other()
         assert_eq!(t.all_lists(&format!("k{i}")), 2, "each leg placed once");
     }
     holder.abort();
+}
+
+/// A flag on PostgreSQL wakes sync through its notification
+/// (`store_pg::ring_on_flags`), without a poll; and after the listening
+/// connection is killed, the listener comes back and the next flag wakes it
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_wakes_sync_through_its_notification_even_after_the_listener_is_lost() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let mut c = shared_config("sync-bell");
+    c.startup_delay = Duration::from_secs(3600);
+    // One poll as the loop starts, then none for an hour.
+    c.flag_poll = Duration::from_secs(3600);
+    let sync = t.reconciler_with(t.exchange.clone(), c);
+    let bell = store_pg::ring_on_flags(t.store.clone(), sync.flag_bell());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = sync.run(async {
+        let _ = stopped.await;
+    });
+    let listening = || async { t.db.listeners(store_pg::RECONCILE_CHANNEL).await };
+    let flag_and_wait = |what: &'static str| {
+        let (t, a) = (&t, &a);
+        async move {
+            let entry = t.sent_entry(a, None, dec!(0.01)).await;
+            t.store
+                .flag_reconcile(a.id, "stream gap", SystemClock.now())
+                .await
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !is_protected_by_sync(&t.protection(entry).await) {
+                assert!(std::time::Instant::now() < deadline, "{what}: not woken");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let scenario = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while listening().await.len() != 1 {
+            assert!(std::time::Instant::now() < deadline, "nobody listens");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        flag_and_wait("the first flag").await;
+        let first = listening().await;
+        // The listening connection dies (a failover, an administrator).
+        t.db.run_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query = 'LISTEN oco_reconcile'",
+        )
+        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while {
+            let now = listening().await;
+            now.len() != 1 || now == first
+        } {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never listening again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        flag_and_wait("a flag after the listener came back").await;
+        let _ = stop.send(());
+    };
+    tokio::join!(runner, scenario);
+    bell.abort();
+    assert_eq!(t.open_lists("k1"), 4, "each entry protected once");
+    assert_eq!(sync.metrics().passes, 0, "no full pass ran");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,49 @@ async fn a_flagged_account_is_reconciled_within_two_seconds() {
     assert_eq!(m.passes, 0, "no full pass ran");
 }
 
+/// A ring of the flag bell takes the flags at once: with a poll that never
+/// comes again, the flagged account waits until the bell rings.
+#[tokio::test]
+async fn the_flag_bell_takes_the_flags_before_the_next_poll() {
+    let w = world();
+    let a = w.account("k1").await;
+    let mut c = config();
+    c.startup_delay = Duration::from_secs(3600);
+    c.interval = Duration::from_secs(3600);
+    // The loop polls once as it starts, then not for an hour.
+    c.flag_poll = Duration::from_secs(3600);
+    let sync = w.reconciler(c);
+    let bell = sync.flag_bell();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let runner = sync.run(async {
+        let _ = stopped.await;
+    });
+    let scenario = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        let protected = || async {
+            matches!(
+                w.store.entry(id).await.unwrap().protection,
+                Protection::Protected { .. }
+            )
+        };
+        // Without a ring, nothing takes the flag.
+        let before = wait_until(Duration::from_millis(500), protected).await;
+        bell.notify_one();
+        let after = wait_until(Duration::from_secs(2), protected).await;
+        let _ = stop.send(());
+        (before, after)
+    };
+    let ((), (before, after)) = tokio::join!(runner, scenario);
+    assert!(!before, "protected before the bell rang: the poll took it");
+    assert!(after, "not protected within 2 s of the ring");
+    assert_eq!(sync.metrics().flagged_taken, 1);
+}
+
 #[tokio::test]
 async fn the_first_full_pass_follows_the_startup_delay() {
     let w = world();

@@ -364,11 +364,10 @@ async fn two_gateways_stream_each_account_once_and_place_no_duplicate_legs() {
     b.stop().await;
 }
 
-/// A gateway keeps an account's decrypted keys as a hint while it follows
-/// the account's stream (learnt at a resting entry's acceptance), and drops
-/// them when it stops following it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_that_stops_following_an_account_forgets_its_keys() {
+/// One account, a gateway `gw-a` following it, and a resting LIMIT entry
+/// whose acceptance the gateway has written, so that it keeps the account's
+/// keys as a hint.
+async fn following_a_resting_entry() -> (World, Running, EntryId) {
     let w = world(1).await;
     w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
     let a = w.gateway("gw-a", 1).await;
@@ -377,12 +376,21 @@ async fn a_gateway_that_stops_following_an_account_forgets_its_keys() {
     })
     .await;
     let entry = w.buy_at(0, "BTCUSDT", dec!(0.01), Some(dec!(59000))).await;
-    let store = a.store.clone();
     wait_for("the acceptance learnt", Duration::from_secs(10), || async {
-        store.hinted_accounts() == 1
+        a.store.hinted_accounts() == 1
             && w.store.entry(entry).await.unwrap().status == EntryStatus::New
     })
     .await;
+    (w, a, entry)
+}
+
+/// A gateway keeps an account's decrypted keys as a hint while it follows
+/// the account's stream (learnt at a resting entry's acceptance), and drops
+/// them when it stops following it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_stops_following_an_account_forgets_its_keys() {
+    let (w, a, entry) = following_a_resting_entry().await;
+    let store = a.store.clone();
     a.stop().await;
     assert_eq!(store.hinted_accounts(), 0, "keys dropped with the lease");
     // Nothing stored changed.
@@ -393,20 +401,8 @@ async fn a_gateway_that_stops_following_an_account_forgets_its_keys() {
 /// account and drops its keys while it goes on running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_whose_lease_moves_elsewhere_forgets_the_accounts_keys() {
-    let w = world(1).await;
-    w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
-    let a = w.gateway("gw-a", 1).await;
-    wait_for("the stream", Duration::from_secs(10), || async {
-        a.up() == 1
-    })
-    .await;
-    let entry = w.buy_at(0, "BTCUSDT", dec!(0.01), Some(dec!(59000))).await;
+    let (w, a, entry) = following_a_resting_entry().await;
     let store = a.store.clone();
-    wait_for("the acceptance learnt", Duration::from_secs(10), || async {
-        store.hinted_accounts() == 1
-            && w.store.entry(entry).await.unwrap().status == EntryStatus::New
-    })
-    .await;
     // Another node holds the lease now, for longer than the test runs.
     w.db.run_sql(&format!(
         "UPDATE account_leases SET holder = 'gw-elsewhere', \
