@@ -591,7 +591,7 @@ async fn sync_layer(
         config,
     ));
     // As the binaries wire it: each flag's notification wakes the flag loop.
-    let bell = store_pg::ring_on_flags(store.clone(), reconciler.flag_bell());
+    let ringer = store_pg::ring_on_flags(store.clone(), reconciler.flag_bell());
     let (stop, stopped) = oneshot::channel();
     let handle = {
         let r = reconciler.clone();
@@ -644,7 +644,7 @@ async fn sync_layer(
         .filter_map(|k| Some(t.protected.get(k)?.1.saturating_sub(pass_start)))
         .collect();
     running.stop().await;
-    bell.abort();
+    drop(ringer);
     let pass_result = LayerResult {
         name: "sync, full pass finding the fills (from the pass start)",
         measured: t.protected.len(),

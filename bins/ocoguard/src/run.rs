@@ -223,7 +223,7 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     let gw_task = tokio::spawn(gateway.run(signal(&stop)));
     // Flags announced by any process (this gateway's, another node's) wake
     // the flag loop at once.
-    let bell = store_pg::ring_on_flags(store.clone(), reconciler.flag_bell());
+    let _ringer = store_pg::ring_on_flags(store.clone(), reconciler.flag_bell());
     let sync_task = {
         let (r, sig) = (reconciler.clone(), signal(&stop));
         tokio::spawn(async move { r.run(sig).await })
@@ -247,7 +247,6 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     stop.send_replace(true);
     let gw = gw_task.await.context("the gateway task")?;
     sync_task.await.context("the sync task")?;
-    bell.abort();
     let api = api_task.await.context("the API task")?;
     gw.context("stopping the gateway")?;
     api?;

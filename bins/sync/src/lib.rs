@@ -202,9 +202,8 @@ pub async fn run(
         "sync started"
     );
     // Flags announced by any process wake the flag loop at once.
-    let bell = store_pg::ring_on_flags(store, reconciler.flag_bell());
+    let _ringer = store_pg::ring_on_flags(store, reconciler.flag_bell());
     reconciler.run(shutdown).await;
-    bell.abort();
     let m = reconciler.metrics();
     tracing::info!(
         passes = m.passes,

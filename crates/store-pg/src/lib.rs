@@ -32,6 +32,6 @@ mod users;
 
 pub use config::{KeyError, PgConfig, SecretKey};
 pub use hints::HintStats;
-pub use listen::{RECONCILE_CHANNEL, ReconcileListener, ring_on_flags};
+pub use listen::{FlagRinger, RECONCILE_CHANNEL, ReconcileListener, ring_on_flags};
 pub use migrate::{MIGRATIONS, migrate};
 pub use store::{PgStore, STARTUP_PATIENCE};

@@ -59,14 +59,21 @@ impl PgStore {
     /// # Errors
     /// `Unavailable` when the database cannot be reached.
     pub async fn listen_reconcile(&self) -> Result<ReconcileListener, StoreError> {
-        let (client, mut connection) =
-            tokio_postgres::connect(self.url(), NoTls)
-                .await
-                .map_err(|e| {
-                    StoreError::Unavailable(format!(
-                        "connecting to listen for reconcile flags: {e}"
-                    ))
-                })?;
+        let unavailable = |e: tokio_postgres::Error| {
+            StoreError::Unavailable(format!("connecting to listen for reconcile flags: {e}"))
+        };
+        let mut config: tokio_postgres::Config = self.url().parse().map_err(unavailable)?;
+        // The connection only ever reads: without keepalives, a server gone
+        // without closing it (a host lost, a partition) would leave it waiting
+        // for hours while flags go unannounced. These notice it in about 25 s.
+        config
+            .connect_timeout(LISTEN_CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(25));
+        let (client, mut connection) = config.connect(NoTls).await.map_err(unavailable)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
         tokio::spawn(async move {
@@ -100,6 +107,9 @@ impl PgStore {
     }
 }
 
+/// Longest wait for the listening connection to open, as the pools' own.
+const LISTEN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// First wait before listening again after the connection was lost or
 /// refused; doubled up to [`RELISTEN_MAX`].
 const RELISTEN_FIRST: Duration = Duration::from_millis(250);
@@ -114,9 +124,11 @@ const RELISTEN_MAX: Duration = Duration::from_secs(30);
 ///
 /// This is how `sync` reconciles a flagged account at once rather than at
 /// its next poll (`sync::Reconciler::flag_bell`); the poll remains for the
-/// time the connection is down.
-pub fn ring_on_flags(store: Arc<PgStore>, bell: Arc<Notify>) -> JoinHandle<()> {
-    tokio::spawn(async move {
+/// time the connection is down. The task ends when the returned guard is
+/// dropped, however its owner ends.
+#[must_use = "the task ends when the guard is dropped"]
+pub fn ring_on_flags(store: Arc<PgStore>, bell: Arc<Notify>) -> FlagRinger {
+    FlagRinger(tokio::spawn(async move {
         let mut wait = RELISTEN_FIRST;
         loop {
             match store.listen_reconcile().await {
@@ -148,5 +160,16 @@ pub fn ring_on_flags(store: Arc<PgStore>, bell: Arc<Notify>) -> JoinHandle<()> {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(RELISTEN_MAX);
         }
-    })
+    }))
+}
+
+/// The task of [`ring_on_flags`]; dropping it stops the task (and closes
+/// its connection).
+#[derive(Debug)]
+pub struct FlagRinger(JoinHandle<()>);
+
+impl Drop for FlagRinger {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -259,14 +259,16 @@ impl TestDb {
     }
 
     /// The server processes of this database listening on `channel` now (by
-    /// their pid): whether, and which, a process under test listens.
+    /// their pid), once their `LISTEN` has run: whether, and which, a process
+    /// under test listens.
     ///
     /// # Panics
     /// When the database cannot be reached.
     pub async fn listeners(&self, channel: &str) -> Vec<String> {
         self.texts(&format!(
             "SELECT pid::text AS s FROM pg_stat_activity \
-             WHERE datname = current_database() AND query = 'LISTEN {channel}' ORDER BY pid"
+             WHERE datname = current_database() AND query = 'LISTEN {channel}' \
+             AND state = 'idle' ORDER BY pid"
         ))
         .await
     }

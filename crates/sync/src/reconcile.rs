@@ -329,6 +329,11 @@ impl Reconciler {
                 // Flags first: a fresh gap must not wait behind a crowd of retries.
                 match self.store.take_flagged(batch).await {
                     Ok(taken) => {
+                        // A full batch may leave flags behind (a failover flags
+                        // every account of a gateway): take again at once.
+                        if taken.len() == batch {
+                            self.flag_bell.notify_one();
+                        }
                         self.metrics.flagged(taken.len());
                         for id in taken {
                             if !ids.contains(&id) {

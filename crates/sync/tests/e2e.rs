@@ -506,26 +506,28 @@ async fn the_accounts_of_a_sync_that_dies_mid_pass_are_reconciled_by_the_other()
 }
 
 /// A flag on PostgreSQL wakes sync through its notification
-/// (`store_pg::ring_on_flags`), without a poll; and after the listening
-/// connection is killed, the listener comes back and the next flag wakes it
-/// again.
+/// (`store_pg::ring_on_flags`), without a poll. After the listening
+/// connection is killed, a flag set while nobody listens is taken when the
+/// listener comes back, and the next flag wakes sync through its
+/// notification again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flag_wakes_sync_through_its_notification_even_after_the_listener_is_lost() {
     let t = e2e().await;
-    let a = t.account("k1").await;
+    // Two accounts: one holds at most 5 stops per symbol (two per entry).
+    let accounts = [t.account("k1").await, t.account("k2").await];
     let mut c = shared_config("sync-bell");
     c.startup_delay = Duration::from_secs(3600);
     // One poll as the loop starts, then none for an hour.
     c.flag_poll = Duration::from_secs(3600);
     let sync = t.reconciler_with(t.exchange.clone(), c);
-    let bell = store_pg::ring_on_flags(t.store.clone(), sync.flag_bell());
+    let ringer = store_pg::ring_on_flags(t.store.clone(), sync.flag_bell());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runner = sync.run(async {
         let _ = stopped.await;
     });
     let listening = || async { t.db.listeners(store_pg::RECONCILE_CHANNEL).await };
-    let flag_and_wait = |what: &'static str| {
-        let (t, a) = (&t, &a);
+    let flag_and_wait = |what: &'static str, account: usize| {
+        let (t, a) = (&t, &accounts[account]);
         async move {
             let entry = t.sent_entry(a, None, dec!(0.01)).await;
             t.store
@@ -539,37 +541,51 @@ async fn a_flag_wakes_sync_through_its_notification_even_after_the_listener_is_l
             }
         }
     };
-    let scenario = async {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while listening().await.len() != 1 {
-            assert!(std::time::Instant::now() < deadline, "nobody listens");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    // One process listening, other than `before`; `pg_stat_activity` shows
+    // the LISTEN once it ran, so wait a moment more for the ring of its
+    // start: what follows is then a notification's doing.
+    let listened = |before: Vec<String>, what: &'static str| {
+        let listening = &listening;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let now = listening().await;
+                if now.len() == 1 && now != before {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    return now;
+                }
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-        flag_and_wait("the first flag").await;
-        let first = listening().await;
+    };
+    let scenario = async {
+        let first = listened(Vec::new(), "nobody listens").await;
+        flag_and_wait("a flag announced", 0).await;
         // The listening connection dies (a failover, an administrator).
         t.db.run_sql(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE datname = current_database() AND query = 'LISTEN oco_reconcile'",
         )
         .await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while {
-            let now = listening().await;
-            now.len() != 1 || now == first
-        } {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !listening().await.is_empty() {
             assert!(
                 std::time::Instant::now() < deadline,
-                "never listening again"
+                "the listener lives on"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        flag_and_wait("a flag after the listener came back").await;
+        // Announced to no one: only the ring as the listener comes back takes it.
+        flag_and_wait("a flag set while nobody listened", 0).await;
+        listened(first, "never listening again").await;
+        flag_and_wait("a flag announced after the listener came back", 1).await;
         let _ = stop.send(());
     };
     tokio::join!(runner, scenario);
-    bell.abort();
+    drop(ringer);
     assert_eq!(t.open_lists("k1"), 4, "each entry protected once");
+    assert_eq!(t.open_lists("k2"), 2, "each entry protected once");
     assert_eq!(sync.metrics().passes, 0, "no full pass ran");
 }
 

@@ -95,6 +95,51 @@ async fn the_flag_bell_takes_the_flags_before_the_next_poll() {
     assert_eq!(sync.metrics().flagged_taken, 1);
 }
 
+/// A burst of flags (a failover flags every account of a gateway) is taken
+/// batch after batch on one ring, not a batch per poll.
+#[tokio::test]
+async fn a_burst_of_flags_is_taken_whole_on_one_ring() {
+    let w = world();
+    let mut accounts = Vec::new();
+    for i in 0..100 {
+        accounts.push(w.account(&format!("k{i}")).await);
+    }
+    let mut c = config();
+    c.startup_delay = Duration::from_secs(3600);
+    c.interval = Duration::from_secs(3600);
+    c.flag_poll = Duration::from_secs(3600);
+    let batch = c.concurrency.max(1) * 4;
+    assert!(
+        accounts.len() > 2 * batch,
+        "a burst larger than two batches"
+    );
+    let sync = w.reconciler(c);
+    let bell = sync.flag_bell();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let runner = sync.run(async {
+        let _ = stopped.await;
+    });
+    let scenario = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for a in &accounts {
+            w.store
+                .flag_reconcile(a.id, "stream opened", w.clock.now())
+                .await
+                .unwrap();
+        }
+        bell.notify_one();
+        let all = wait_until(Duration::from_secs(5), || async {
+            sync.metrics().flagged_taken == 100
+        })
+        .await;
+        let _ = stop.send(());
+        all
+    };
+    let ((), all) = tokio::join!(runner, scenario);
+    assert!(all, "taken {} of 100", sync.metrics().flagged_taken);
+    assert!(w.store.take_flagged(1000).await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn the_first_full_pass_follows_the_startup_delay() {
     let w = world();
