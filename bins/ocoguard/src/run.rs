@@ -193,6 +193,10 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
             m.set_open_breakers(&open);
         });
     }
+    // Flags announced by any process (this gateway's, another node's) wake
+    // the flag loop at once; the guard ends the task however this returns.
+    let ringer = store_pg::ring_on_flags(store.clone(), reconciler.flag_bell());
+    metrics.watch_flag_listener(store_pg::RECONCILE_CHANNEL, ringer.listening());
     // Layer 3: the entry API.
     let state = api_bin::app_state(
         store.clone(),
@@ -221,9 +225,6 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
         }
     };
     let gw_task = tokio::spawn(gateway.run(signal(&stop)));
-    // Flags announced by any process (this gateway's, another node's) wake
-    // the flag loop at once.
-    let _ringer = store_pg::ring_on_flags(store.clone(), reconciler.flag_bell());
     let sync_task = {
         let (r, sig) = (reconciler.clone(), signal(&stop));
         tokio::spawn(async move { r.run(sig).await })
@@ -247,6 +248,7 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     stop.send_replace(true);
     let gw = gw_task.await.context("the gateway task")?;
     sync_task.await.context("the sync task")?;
+    drop(ringer);
     let api = api_task.await.context("the API task")?;
     gw.context("stopping the gateway")?;
     api?;

@@ -168,6 +168,11 @@ async fn run_protects_an_entry_placed_through_its_api() {
             Some(1.0)
         );
         assert!(metric(&text, "oco_coverage_ratio").is_some(), "{text}");
+        assert_eq!(
+            metric(&text, "oco_flag_listener_up{channel=\"oco_reconcile\"}"),
+            Some(1.0),
+            "sync listens for flags: {text}"
+        );
         for file in ["ops/prometheus/alerts.yml", "ops/grafana/ocoguard.json"] {
             let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../").to_owned() + file;
             let body = std::fs::read_to_string(&path).unwrap();

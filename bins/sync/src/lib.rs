@@ -186,14 +186,12 @@ pub async fn run(
     let (reconciler, store) = wire_observed(config, &metrics).await?;
     let reconciler = Arc::new(reconciler);
     watch_breakers(&metrics, reconciler.clone());
-    let exporter = Exporter::start(
-        config.metrics_listen,
-        metrics,
-        store.clone(),
-        Arc::new(SystemClock),
-    )
-    .await
-    .with_context(|| format!("binding OCO_METRICS_LISTEN {}", config.metrics_listen))?;
+    // Flags announced by any process wake the flag loop at once.
+    let ringer = store_pg::ring_on_flags(store.clone(), reconciler.flag_bell());
+    metrics.watch_flag_listener(store_pg::RECONCILE_CHANNEL, ringer.listening());
+    let exporter = Exporter::start(config.metrics_listen, metrics, store, Arc::new(SystemClock))
+        .await
+        .with_context(|| format!("binding OCO_METRICS_LISTEN {}", config.metrics_listen))?;
     tracing::info!(
         metrics = %exporter.local_addr(),
         interval_s = config.interval_secs,
@@ -201,9 +199,8 @@ pub async fn run(
         namespace = %config.id_namespace,
         "sync started"
     );
-    // Flags announced by any process wake the flag loop at once.
-    let _ringer = store_pg::ring_on_flags(store, reconciler.flag_bell());
     reconciler.run(shutdown).await;
+    drop(ringer);
     let m = reconciler.metrics();
     tracing::info!(
         passes = m.passes,

@@ -9,6 +9,7 @@
 //! and on a timer.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt as _};
@@ -128,12 +129,15 @@ const RELISTEN_MAX: Duration = Duration::from_secs(30);
 /// dropped, however its owner ends.
 #[must_use = "the task ends when the guard is dropped"]
 pub fn ring_on_flags(store: Arc<PgStore>, bell: Arc<Notify>) -> FlagRinger {
-    FlagRinger(tokio::spawn(async move {
+    let listening = Arc::new(AtomicBool::new(false));
+    let up = listening.clone();
+    let task = tokio::spawn(async move {
         let mut wait = RELISTEN_FIRST;
         loop {
             match store.listen_reconcile().await {
                 Ok(mut listener) => {
                     wait = RELISTEN_FIRST;
+                    up.store(true, Ordering::Relaxed);
                     bell.notify_one();
                     loop {
                         match listener.recv().await {
@@ -147,6 +151,7 @@ pub fn ring_on_flags(store: Arc<PgStore>, bell: Arc<Notify>) -> FlagRinger {
                                 bell.notify_one();
                             }
                             Err(err) => {
+                                up.store(false, Ordering::Relaxed);
                                 warn!(error = %err, "reconcile listener lost: flags are polled until it is back");
                                 break;
                             }
@@ -160,16 +165,29 @@ pub fn ring_on_flags(store: Arc<PgStore>, bell: Arc<Notify>) -> FlagRinger {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(RELISTEN_MAX);
         }
-    }))
+    });
+    FlagRinger { task, listening }
 }
 
 /// The task of [`ring_on_flags`]; dropping it stops the task (and closes
 /// its connection).
 #[derive(Debug)]
-pub struct FlagRinger(JoinHandle<()>);
+pub struct FlagRinger {
+    task: JoinHandle<()>,
+    listening: Arc<AtomicBool>,
+}
+
+impl FlagRinger {
+    /// True while the task listens; false before its first `LISTEN` and
+    /// from a loss until it listens again (flags are then only polled). For
+    /// a gauge read at each scrape.
+    pub fn listening(&self) -> Arc<AtomicBool> {
+        self.listening.clone()
+    }
+}
 
 impl Drop for FlagRinger {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }

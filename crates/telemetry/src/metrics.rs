@@ -1,6 +1,6 @@
 //! The metric families and how they are fed.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use oco_core::ports::CoverageReport;
@@ -39,6 +39,11 @@ struct AccountLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelLabels {
+    channel: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: String,
 }
@@ -48,16 +53,18 @@ fn latency_histogram() -> Histogram {
 }
 
 // Labelled families that can be empty: (name, type, help).
-const LABELLED: [(&str, &str, &str); 4] = [
+const LABELLED: [(&str, &str, &str); 5] = [
     ("oco_protect_calls", "counter", HELP_PROTECT_CALLS),
     ("oco_stream_up", "gauge", HELP_STREAM_UP),
     ("oco_breaker_open", "gauge", HELP_BREAKER_OPEN),
     ("oco_exchange_errors", "counter", HELP_EXCHANGE_ERRORS),
+    ("oco_flag_listener_up", "gauge", HELP_FLAG_LISTENER_UP),
 ];
 const HELP_PROTECT_CALLS: &str = "protect calls by layer and outcome";
 const HELP_STREAM_UP: &str =
     "1 while the account's user-data stream is subscribed, 0 while it is leased here but down";
 const HELP_BREAKER_OPEN: &str = "1 while sync's circuit breaker for the account is open";
+const HELP_FLAG_LISTENER_UP: &str = "Whether this process listens for reconcile flags (1), or only polls them until it listens again (0)";
 const HELP_EXCHANGE_ERRORS: &str =
     "Exchange errors by code (the exchange's code for refusals, else the kind)";
 
@@ -85,6 +92,7 @@ pub struct Metrics {
     exchange_errors: Family<CodeLabels, Counter>,
     hinted_fills: Counter,
     stale_hints: Counter,
+    flag_listener_up: Family<ChannelLabels, Gauge>,
     hooks: Mutex<Vec<Hook>>,
     weight_sources: Mutex<Vec<WeightSource>>,
 }
@@ -187,6 +195,14 @@ impl Metrics {
             "Writes from hints that matched nothing (the entry or its account had changed), after which the fill was read",
             stale_hints.clone(),
         );
+        // No series until a process reports a listener: only the processes
+        // that reconcile (sync, ocoguard run) listen, and 0 must mean down.
+        let flag_listener_up = Family::<ChannelLabels, Gauge>::default();
+        registry.register(
+            "oco_flag_listener_up",
+            HELP_FLAG_LISTENER_UP,
+            flag_listener_up.clone(),
+        );
         for source in [Source::Websocket, Source::Sync, Source::Direct] {
             let labels = SourceLabels {
                 source: source.name(),
@@ -212,6 +228,7 @@ impl Metrics {
             exchange_errors,
             hinted_fills,
             stale_hints,
+            flag_listener_up,
             hooks: Mutex::new(Vec::new()),
             weight_sources: Mutex::new(Vec::new()),
         })
@@ -312,6 +329,22 @@ impl Metrics {
         for (counter, total) in [(&self.hinted_fills, hinted), (&self.stale_hints, stale)] {
             counter.inc_by(total.saturating_sub(counter.get()));
         }
+    }
+
+    /// Shows `up` (true while the process listens for reconcile flags on
+    /// `channel`) as `oco_flag_listener_up` at each scrape.
+    pub fn watch_flag_listener(&self, channel: &'static str, up: Arc<AtomicBool>) {
+        self.on_scrape(move |m| m.set_flag_listener(channel, up.load(Ordering::Relaxed)));
+    }
+
+    /// Whether the process's listener for reconcile flags on `channel` is
+    /// connected now.
+    pub fn set_flag_listener(&self, channel: &str, up: bool) {
+        self.flag_listener_up
+            .get_or_create(&ChannelLabels {
+                channel: channel.to_owned(),
+            })
+            .set(i64::from(up));
     }
 
     /// The request weight used this minute.

@@ -1,6 +1,8 @@
 //! What the registry exports for what it is told.
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use oco_core::ids::{LegIndex, LegKey};
@@ -154,6 +156,23 @@ fn streams_breakers_and_weight_are_replaced_at_each_scrape() {
         None,
         "an account no longer leased here disappears"
     );
+}
+
+#[test]
+fn the_flag_listener_shows_at_each_scrape_and_only_where_there_is_one() {
+    let m = Metrics::new();
+    let text = m.encode();
+    assert!(text.contains("# TYPE oco_flag_listener_up gauge"), "{text}");
+    assert!(
+        !text.contains("oco_flag_listener_up{"),
+        "no series without a listener (api, ws-gateway): {text}"
+    );
+    let up = Arc::new(AtomicBool::new(false));
+    m.watch_flag_listener("oco_reconcile", up.clone());
+    let series = "oco_flag_listener_up{channel=\"oco_reconcile\"}";
+    assert_eq!(sample(&m.encode(), series), Some(0.0));
+    up.store(true, Ordering::Relaxed);
+    assert_eq!(sample(&m.encode(), series), Some(1.0));
 }
 
 #[test]
