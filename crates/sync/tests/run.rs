@@ -58,38 +58,24 @@ async fn a_flagged_account_is_reconciled_within_two_seconds() {
 async fn the_flag_bell_takes_the_flags_before_the_next_poll() {
     let w = world();
     let a = w.account("k1").await;
-    let mut c = config();
-    c.startup_delay = Duration::from_secs(3600);
-    c.interval = Duration::from_secs(3600);
     // The loop polls once as it starts, then not for an hour.
-    c.flag_poll = Duration::from_secs(3600);
-    let sync = w.reconciler(c);
-    let bell = sync.flag_bell();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let runner = sync.run(async {
-        let _ = stopped.await;
-    });
-    let scenario = async {
+    let sync = w.reconciler(flags_only(Duration::from_secs(3600)));
+    let (before, after) = while_running(&sync, async {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
         w.store
             .flag_reconcile(a.id, "stream gap", w.clock.now())
             .await
             .unwrap();
-        let protected = || async {
-            matches!(
-                w.store.entry(id).await.unwrap().protection,
-                Protection::Protected { .. }
-            )
-        };
         // Without a ring, nothing takes the flag.
-        let before = wait_until(Duration::from_millis(500), protected).await;
-        bell.notify_one();
-        let after = wait_until(Duration::from_secs(2), protected).await;
-        let _ = stop.send(());
-        (before, after)
-    };
-    let ((), (before, after)) = tokio::join!(runner, scenario);
+        let before = protected_within(&w, id, Duration::from_millis(500)).await;
+        sync.flag_bell().notify_one();
+        (
+            before,
+            protected_within(&w, id, Duration::from_secs(2)).await,
+        )
+    })
+    .await;
     assert!(!before, "protected before the bell rang: the poll took it");
     assert!(after, "not protected within 2 s of the ring");
     assert_eq!(sync.metrics().flagged_taken, 1);
@@ -104,22 +90,14 @@ async fn a_burst_of_flags_is_taken_whole_on_one_ring() {
     for i in 0..100 {
         accounts.push(w.account(&format!("k{i}")).await);
     }
-    let mut c = config();
-    c.startup_delay = Duration::from_secs(3600);
-    c.interval = Duration::from_secs(3600);
-    c.flag_poll = Duration::from_secs(3600);
+    let c = flags_only(Duration::from_secs(3600));
     let batch = c.concurrency.max(1) * 4;
     assert!(
         accounts.len() > 2 * batch,
         "a burst larger than two batches"
     );
     let sync = w.reconciler(c);
-    let bell = sync.flag_bell();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let runner = sync.run(async {
-        let _ = stopped.await;
-    });
-    let scenario = async {
+    let all = while_running(&sync, async {
         tokio::time::sleep(Duration::from_millis(100)).await;
         for a in &accounts {
             w.store
@@ -127,15 +105,13 @@ async fn a_burst_of_flags_is_taken_whole_on_one_ring() {
                 .await
                 .unwrap();
         }
-        bell.notify_one();
-        let all = wait_until(Duration::from_secs(5), || async {
+        sync.flag_bell().notify_one();
+        wait_until(Duration::from_secs(5), || async {
             sync.metrics().flagged_taken == 100
         })
-        .await;
-        let _ = stop.send(());
-        all
-    };
-    let ((), all) = tokio::join!(runner, scenario);
+        .await
+    })
+    .await;
     assert!(all, "taken {} of 100", sync.metrics().flagged_taken);
     assert!(w.store.take_flagged(1000).await.unwrap().is_empty());
 }
