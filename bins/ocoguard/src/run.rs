@@ -166,7 +166,11 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
         gateway_config,
     );
     let stream_stats = gateway.stats();
-    metrics.on_scrape(move |m| m.set_streams(&stream_stats.stream_states()));
+    metrics.on_scrape(move |m| {
+        m.set_streams(&stream_stats.stream_states());
+        let s = stream_stats.snapshot();
+        m.set_gateway_flags(s.flags_owed, s.flag_failures);
+    });
     let hints = store.clone();
     metrics.on_scrape(move |m| {
         let counts = hints.hint_stats();

@@ -272,7 +272,11 @@ pub async fn wire_observed(
         gateway_config,
     );
     let stats = gateway.stats();
-    metrics.on_scrape(move |m| m.set_streams(&stats.stream_states()));
+    metrics.on_scrape(move |m| {
+        m.set_streams(&stats.stream_states());
+        let s = stats.snapshot();
+        m.set_gateway_flags(s.flags_owed, s.flag_failures);
+    });
     let hints = store.clone();
     metrics.on_scrape(move |m| {
         let counts = hints.hint_stats();

@@ -7,7 +7,7 @@
 
 use crate::ids::{AccountId, LegKey, OrderRole};
 use crate::model::{Evidence, Protection, Source};
-use crate::ports::ExecutionUpdate;
+use crate::ports::{ExecutionUpdate, StoreError};
 use crate::protect::{ProtectError, ProtectReport, Protector};
 use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold};
 
@@ -100,7 +100,10 @@ impl Protector {
             | OrderRole::Exit(key) => {
                 let entry = match self.store().entry(key.entry).await {
                     Ok(e) if e.account == account => e,
-                    _ => return Ok(Followed::Foreign),
+                    Ok(_) | Err(StoreError::NotFound { .. }) => return Ok(Followed::Foreign),
+                    // Not a stranger's order: a store that failed must be
+                    // reported (the caller flags the account), not ignored.
+                    Err(err) => return Err(err.into()),
                 };
                 let legs = self.store().legs(key.entry).await?;
                 let Some(leg) = legs.into_iter().find(|l| l.key == key) else {

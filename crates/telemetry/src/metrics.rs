@@ -93,6 +93,8 @@ pub struct Metrics {
     hinted_fills: Counter,
     stale_hints: Counter,
     flag_listener_up: Family<ChannelLabels, Gauge>,
+    flags_owed: Gauge,
+    flag_write_failures: Counter,
     hooks: Mutex<Vec<Hook>>,
     weight_sources: Mutex<Vec<WeightSource>>,
 }
@@ -203,6 +205,18 @@ impl Metrics {
             HELP_FLAG_LISTENER_UP,
             flag_listener_up.clone(),
         );
+        let flags_owed = Gauge::default();
+        registry.register(
+            "oco_gateway_flags_owed",
+            "Accounts the gateway owes a reconcile flag it could not write yet (retried until the database takes it)",
+            flags_owed.clone(),
+        );
+        let flag_write_failures = Counter::default();
+        registry.register(
+            "oco_gateway_flag_write_failures",
+            "Reconcile flag writes of the gateway that failed (each flag is written again, or given up when its account is gone)",
+            flag_write_failures.clone(),
+        );
         for source in [Source::Websocket, Source::Sync, Source::Direct] {
             let labels = SourceLabels {
                 source: source.name(),
@@ -229,6 +243,8 @@ impl Metrics {
             hinted_fills,
             stale_hints,
             flag_listener_up,
+            flags_owed,
+            flag_write_failures,
             hooks: Mutex::new(Vec::new()),
             weight_sources: Mutex::new(Vec::new()),
         })
@@ -345,6 +361,14 @@ impl Metrics {
                 channel: channel.to_owned(),
             })
             .set(i64::from(up));
+    }
+
+    /// Copies the gateway's reconcile flags not written yet, and its running
+    /// count of failed flag writes (only grows).
+    pub fn set_gateway_flags(&self, owed: u64, write_failures: u64) {
+        self.flags_owed.set(i64::try_from(owed).unwrap_or(i64::MAX));
+        self.flag_write_failures
+            .inc_by(write_failures.saturating_sub(self.flag_write_failures.get()));
     }
 
     /// The request weight used this minute.

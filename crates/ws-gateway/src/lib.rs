@@ -11,7 +11,7 @@
 //! Not here: any exchange protocol (behind `UserStream`), SQL (behind `Store`
 //! and `Leases`), or process wiring (`bins/ws-gateway`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +25,9 @@ use oco_core::ports::{
     UserStream, UserStreamSession,
 };
 use oco_core::protect::{Idle, ProtectOutcome, ProtectReport, Protector};
+use oco_core::state::LegState;
 use oco_core::{AccountId, EntryId, EntryStatus, ExchangeError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -50,11 +51,17 @@ pub struct GatewayConfig {
     pub min_backoff: Duration,
     /// Longest wait between attempts to open a stream.
     pub max_backoff: Duration,
+    /// At shutdown or when a lease moves away, how long an account's task
+    /// may take to finish the events it already received (a protection
+    /// claimed but not yet sent) before it is aborted. Aborted halfway, a
+    /// claimed protection waits for the claim timeout and a lookup. Keep it
+    /// well under `lease_ttl`.
+    pub drain_grace: Duration,
 }
 
 impl GatewayConfig {
     /// Leases of 30 s renewed every 10 s, up to 1,000 accounts, reopen
-    /// backoff from 500 ms to 30 s.
+    /// backoff from 500 ms to 30 s, 5 s to finish the events in hand.
     pub fn standard(holder: impl Into<String>) -> Self {
         Self {
             holder: holder.into(),
@@ -63,6 +70,7 @@ impl GatewayConfig {
             max_accounts: 1000,
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            drain_grace: Duration::from_secs(5),
         }
     }
 }
@@ -97,6 +105,10 @@ pub struct GatewayStats {
     pub flags: AtomicU64,
     /// Writes those flags took (several flags queued together share one).
     pub flag_writes: AtomicU64,
+    /// Flag writes that failed (each is retried, or refused for good).
+    pub flag_failures: AtomicU64,
+    /// Accounts owed a flag not written yet (the database is down or slow).
+    pub flags_owed: AtomicU64,
     /// Stream state of every account leased here: up or down.
     accounts: std::sync::Mutex<std::collections::BTreeMap<AccountId, bool>>,
 }
@@ -122,6 +134,10 @@ pub struct StatsSnapshot {
     pub flags: u64,
     /// Writes those flags took.
     pub flag_writes: u64,
+    /// Flag writes that failed.
+    pub flag_failures: u64,
+    /// Accounts owed a flag not written yet.
+    pub flags_owed: u64,
 }
 
 impl GatewayStats {
@@ -138,6 +154,8 @@ impl GatewayStats {
             failures: r(&self.failures),
             flags: r(&self.flags),
             flag_writes: r(&self.flag_writes),
+            flag_failures: r(&self.flag_failures),
+            flags_owed: r(&self.flags_owed),
         }
     }
 }
@@ -222,7 +240,7 @@ impl Gateway {
             self.protector.clock().clone(),
             self.stats.clone(),
         );
-        let mut tasks: HashMap<AccountId, JoinHandle<()>> = HashMap::new();
+        let mut tasks: HashMap<AccountId, Running> = HashMap::new();
         let mut tick = tokio::time::interval(self.config.renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_renewed = tokio::time::Instant::now();
@@ -245,13 +263,13 @@ impl Gateway {
                         .copied()
                         .collect();
                     for id in lost {
-                        if let Some(task) = tasks.remove(&id) {
+                        if let Some(running) = tasks.remove(&id) {
                             self.stats.unleased(id);
-                            self.unfollow(id, task);
+                            self.unfollow(id, running);
                         }
                     }
                     // A task that ended on its own (keys refused, store down) starts again below.
-                    tasks.retain(|_, task| !task.is_finished());
+                    tasks.retain(|_, running| !running.task.is_finished());
                     // An account still leased whose task ended (keys refused, store down) starts again.
                     for id in held {
                         tasks.entry(id).or_insert_with(|| {
@@ -263,8 +281,8 @@ impl Gateway {
                     warn!(holder = %self.config.holder, error = %err, "lease renewal failed");
                     // Past the lease period another gateway may hold our accounts: stop streaming them.
                     if last_renewed.elapsed() >= self.config.lease_ttl {
-                        for (id, task) in tasks.drain() {
-                            self.unfollow(id, task);
+                        for (id, running) in tasks.drain() {
+                            self.unfollow(id, running);
                         }
                         self.stats.unleased_all();
                     }
@@ -289,7 +307,8 @@ impl Gateway {
                         };
                         info!(account = %id, holder = %self.config.holder, taken_over, "account leased");
                         if let Some(old) = tasks.insert(id, self.spawn_account(id, why, &flagger)) {
-                            old.abort();
+                            // Two tasks must not follow one account.
+                            old.task.abort();
                         }
                     }
                 }
@@ -298,17 +317,28 @@ impl Gateway {
                 }
             }
         }
+        // Every task first finishes what it holds (within the grace), so a
+        // protection claimed but not yet sent goes out now, not after the
+        // claim timeout; the flags they owe are written before the leases go.
         let ended: Vec<_> = tasks
             .drain()
-            .map(|(id, task)| {
-                task.abort();
-                (id, task)
+            .map(|(id, running)| {
+                let _ = running.stop.send(true);
+                (id, running.task)
             })
             .collect();
-        for (id, task) in ended {
-            // Once it has ended: a write in flight could learn the account again.
-            let _ = task.await;
+        let deadline = tokio::time::Instant::now() + self.config.drain_grace;
+        for (id, mut task) in ended {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                warn!(account = %id, grace = ?self.config.drain_grace, "account task still busy at shutdown, aborted");
+                task.abort();
+                // Once it has ended: a write in flight could learn the account again.
+                let _ = task.await;
+            }
             self.store.unfollowed(id);
+        }
+        if !flagger.flushed(self.config.drain_grace).await {
+            warn!(holder = %self.config.holder, "reconcile flags still unwritten at shutdown: the accounts' next holder flags them");
         }
         self.stats.streams_up.store(0, Ordering::Relaxed);
         self.stats.unleased_all();
@@ -318,25 +348,29 @@ impl Gateway {
             .map_err(GatewayError::Release)
     }
 
-    /// Stops following `id`: its task is aborted and, once it has ended (a
-    /// write it had in flight could otherwise learn the account again), the
-    /// store drops what it kept for the stream, decrypted keys included.
-    fn unfollow(&self, id: AccountId, task: JoinHandle<()>) {
-        task.abort();
+    /// Stops following `id`: its task finishes the events it already
+    /// received (within the drain grace, then it is aborted) and, once it has
+    /// ended (a write it had in flight could otherwise learn the account
+    /// again), the store drops what it kept for the stream, decrypted keys
+    /// included.
+    fn unfollow(&self, id: AccountId, running: Running) {
+        let Running { mut task, stop } = running;
+        let _ = stop.send(true);
         let store = self.store.clone();
+        let grace = self.config.drain_grace;
         tokio::spawn(async move {
-            let _ = task.await;
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                warn!(account = %id, ?grace, "account task still busy after its lease moved, aborted");
+                task.abort();
+                let _ = task.await;
+            }
             store.unfollowed(id);
         });
     }
 
-    fn spawn_account(
-        &self,
-        account: AccountId,
-        why: &'static str,
-        flagger: &Flagger,
-    ) -> JoinHandle<()> {
+    fn spawn_account(&self, account: AccountId, why: &'static str, flagger: &Flagger) -> Running {
         self.stats.leased(account);
+        let (stop, stopped) = watch::channel(false);
         let worker = AccountWorker {
             account,
             store: self.store.clone(),
@@ -347,9 +381,20 @@ impl Gateway {
             rules: self.rules.clone(),
             min_backoff: self.config.min_backoff,
             max_backoff: self.config.max_backoff,
+            stopped,
         };
-        tokio::spawn(async move { worker.run(why).await })
+        Running {
+            task: tokio::spawn(async move { worker.run(why).await }),
+            stop,
+        }
     }
+}
+
+/// An account's task, and the way to ask it to stop once the events it
+/// holds are handled.
+struct Running {
+    task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
 }
 
 struct AccountWorker {
@@ -362,6 +407,8 @@ struct AccountWorker {
     rules: RulesPrefetch,
     min_backoff: Duration,
     max_backoff: Duration,
+    /// Turns true when the account is to be let go.
+    stopped: watch::Receiver<bool>,
 }
 
 /// How long after a fetch of a symbol's rules began another may begin.
@@ -421,16 +468,23 @@ impl Drop for UpGuard {
 }
 
 impl AccountWorker {
-    async fn run(self, first_reason: &'static str) {
+    async fn run(mut self, first_reason: &'static str) {
         let mut backoff = self.min_backoff;
         let mut reason = first_reason;
         loop {
+            let began = tokio::time::Instant::now();
             match self.stream_once(reason).await {
-                Ok(()) => backoff = self.min_backoff,
+                Ok(()) => return,
                 Err(ExchangeError::Auth(msg)) => {
                     // Revoked keys: sync's breaker reports the account; do not hammer the exchange.
                     warn!(account = %self.account, error = %msg, "stream refused: keys rejected");
                     backoff = self.max_backoff;
+                }
+                // A stream that stayed up a while was healthy: this failure
+                // starts the backoff over instead of adding to earlier ones.
+                Err(err) if began.elapsed() >= self.max_backoff => {
+                    warn!(account = %self.account, error = %err, "stream failed");
+                    backoff = self.min_backoff;
                 }
                 Err(err) => {
                     warn!(account = %self.account, error = %err, "stream failed");
@@ -438,12 +492,17 @@ impl AccountWorker {
                 }
             }
             reason = "stream reopened";
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                _ = self.stopped.wait_for(|stop| *stop) => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
         }
     }
 
-    /// Opens a stream and handles its events until it fails.
-    async fn stream_once(&self, reason: &'static str) -> Result<(), ExchangeError> {
+    /// Opens a stream and handles its events until it fails (`Err`) or the
+    /// account is let go (`Ok`, once the events already received are
+    /// handled).
+    async fn stream_once(&mut self, reason: &'static str) -> Result<(), ExchangeError> {
         let creds = self
             .store
             .credentials(self.account)
@@ -454,13 +513,17 @@ impl AccountWorker {
         self.stats.stream(self.account, true);
         let _up = UpGuard(self.stats.clone(), self.account);
         // Nothing is replayed on a stream: whatever happened before this subscription is sync's.
-        self.flag(reason).await;
+        self.flag(reason);
         // Events already received behind the one in hand, in order.
         let mut pending = VecDeque::new();
         loop {
             let event = match pending.pop_front() {
                 Some(event) => event,
-                None => session.next_event().await?,
+                None => tokio::select! {
+                    biased;
+                    _ = self.stopped.wait_for(|stop| *stop) => return Ok(()),
+                    event = session.next_event() => event?,
+                },
             };
             self.stats.events.fetch_add(1, Ordering::Relaxed);
             match event {
@@ -468,7 +531,7 @@ impl AccountWorker {
                 StreamEvent::Gap { from, to } => {
                     self.stats.gaps.fetch_add(1, Ordering::Relaxed);
                     warn!(account = %self.account, from = from.0, to = to.0, "stream gap, flagging for reconciliation");
-                    self.flag("stream gap").await;
+                    self.flag("stream gap");
                 }
                 StreamEvent::Execution(update) => {
                     let entry = self.entry_of(&update.client_id);
@@ -575,7 +638,7 @@ impl AccountWorker {
             Err(err) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(account = %self.account, entry = entry.map(tracing::field::display), client_id = %update.client_id, error = %err, "protect failed, flagging for reconciliation");
-                self.flag("protect failed").await;
+                self.flag("protect failed");
             }
         }
     }
@@ -615,7 +678,7 @@ impl AccountWorker {
             Err(err) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(account = %self.account, entry = %key.entry, client_id = %list.list_client_id, error = %err, "list follow-up failed, flagging");
-                self.flag("list follow-up failed").await;
+                self.flag("list follow-up failed");
             }
         }
     }
@@ -636,7 +699,7 @@ impl AccountWorker {
             | ProtectOutcome::Nothing(Idle::Busy) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(account = %self.account, entry = %report.entry, client_id, ?outcome, "protection incomplete, flagging for reconciliation");
-                self.flag("protection incomplete").await;
+                self.flag("protection incomplete");
             }
             // Another caller holds a fresh claim and places, unless it died:
             // then only a lookup once the claim is stale finds out. Check again
@@ -654,110 +717,304 @@ impl AccountWorker {
         let wait = self.protector.claim_timeout() + Duration::from_secs(1);
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
-            let settled = store.entry(entry).await.is_ok_and(|e| {
-                matches!(
-                    e.protection,
-                    Protection::Protected { .. }
-                        | Protection::Closed
-                        | Protection::Exited { .. }
-                        | Protection::Unprotectable { .. }
-                )
-            });
-            if !settled {
+            if !claims_settled(store.as_ref(), entry).await {
                 warn!(account = %account, entry = %entry, client_id, "claim of another caller never completed, flagging for reconciliation");
-                if let Err(err) = flagger.flag(account, "claim never completed").await {
-                    warn!(account = %account, entry = %entry, client_id, error = %err, "could not flag account for reconciliation");
-                }
+                flagger.flag(account, "claim never completed");
             }
         });
     }
 
-    async fn flag(&self, reason: &str) {
-        if let Err(err) = self.flagger.flag(self.account, reason).await {
-            warn!(account = %self.account, error = %err, "could not flag account for reconciliation");
-        }
+    fn flag(&self, reason: &str) {
+        self.flagger.flag(self.account, reason);
     }
+}
+
+/// Whether nothing of `entry` waits on a claim: the entry reached a state
+/// that needs no placement, and none of its legs is still claimed or sent
+/// with its answer unknown. Not the protection state alone: it stays
+/// `Protected` once first reached, while a later generation claimed by a
+/// caller that died leaves the grown position uncovered. A read that fails
+/// counts as unsettled (flagging costs one write; missing one costs a pass).
+async fn claims_settled(store: &dyn Store, entry: EntryId) -> bool {
+    let (read, legs) = tokio::join!(store.entry(entry), store.legs(entry));
+    let (Ok(read), Ok(legs)) = (read, legs) else {
+        return false;
+    };
+    let state = matches!(
+        read.protection,
+        Protection::Protected { .. }
+            | Protection::Closed
+            | Protection::Exited { .. }
+            | Protection::Unprotectable { .. }
+    );
+    state
+        && !legs
+            .iter()
+            .any(|l| matches!(l.state, LegState::Claimed | LegState::Unknown))
 }
 
 /// Most flags in one write.
 const MAX_FLAGS_PER_WRITE: usize = 500;
 
-/// The account workers' reconcile flags, written together: whatever queued
-/// while the previous write was in flight goes into the next one. A gateway
-/// that opens a thousand streams at start (each flagged once open: nothing is
-/// replayed on a stream) so writes a few statements, not a thousand durable
-/// commits and notifications at once, and each worker still waits for its
-/// own flag's commit.
+/// Longest a flag write may take before it counts as failed and is retried:
+/// a connection that hangs must not hold every owed flag back.
+const FLAG_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// First wait before flags whose write failed are written again; doubles up
+/// to [`FLAG_RETRY_MAX`], and starts over after a write goes through.
+const FLAG_RETRY_MIN: Duration = Duration::from_millis(250);
+
+/// Longest wait between two attempts to write owed flags.
+const FLAG_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The account workers' reconcile flags, written by one task. A worker hands
+/// its flag over and goes back to its stream at once: a flag waits for the
+/// database, a fill must not. The task owes each account its flag until a
+/// write of it commits, retrying with a backoff while the database is down
+/// or slow, so a gap that came while the database was unreachable is still
+/// flagged once it is back. Whatever queued while a write was in flight goes
+/// into the next one: a gateway that opens a thousand streams at start (each
+/// flagged once open: nothing is replayed on a stream) writes a few
+/// statements, not a thousand durable commits and notifications at once.
 #[derive(Clone)]
 struct Flagger {
-    tx: mpsc::UnboundedSender<FlagRequest>,
+    tx: mpsc::UnboundedSender<FlagMessage>,
 }
 
-struct FlagRequest {
-    account: AccountId,
-    reason: String,
-    done: oneshot::Sender<Result<(), StoreError>>,
+enum FlagMessage {
+    /// Flag this account, for this reason (the latest reason owed wins).
+    Flag(AccountId, String),
+    /// Answer once nothing is owed.
+    Flushed(oneshot::Sender<()>),
+}
+
+/// How a write of owed flags ended.
+enum Written {
+    /// Every flag committed, or was refused for good.
+    Done,
+    /// The database could not take them: owed still.
+    Retry,
 }
 
 impl Flagger {
-    /// Starts the writer; it stops when every handle is dropped.
+    /// Starts the writer; it stops when every handle is dropped, after one
+    /// last attempt at what it still owes.
     fn start(store: Arc<dyn Store>, clock: Arc<dyn Clock>, stats: Arc<GatewayStats>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<FlagRequest>();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_FLAGS_PER_WRITE {
-                    match rx.try_recv() {
-                        Ok(more) => batch.push(more),
-                        Err(_) => break,
-                    }
-                }
-                let flags: Vec<(AccountId, String)> = batch
-                    .iter()
-                    .map(|r| (r.account, r.reason.clone()))
-                    .collect();
-                let now = clock.now();
-                stats.flag_writes.fetch_add(1, Ordering::Relaxed);
-                match store.flag_reconcile_many(&flags, now).await {
-                    Ok(()) => {
-                        stats.flags.fetch_add(flags.len() as u64, Ordering::Relaxed);
-                        for request in batch {
-                            let _ = request.done.send(Ok(()));
-                        }
-                    }
-                    // One account the store refuses must not cost the others
-                    // their flags: each is written alone and answered for itself.
-                    Err(_) => {
-                        for request in batch {
-                            stats.flag_writes.fetch_add(1, Ordering::Relaxed);
-                            let result = store
-                                .flag_reconcile(request.account, &request.reason, now)
-                                .await;
-                            if result.is_ok() {
-                                stats.flags.fetch_add(1, Ordering::Relaxed);
-                            }
-                            let _ = request.done.send(result);
-                        }
-                    }
-                }
-            }
-        });
+        Self::start_on(Arc::new(StoreFlags(store)), clock, stats)
+    }
+
+    /// [`Flagger::start`] writing to any sink.
+    fn start_on(sink: Arc<dyn FlagSink>, clock: Arc<dyn Clock>, stats: Arc<GatewayStats>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_flags(rx, sink, clock, stats));
         Self { tx }
     }
 
-    /// Flags `account` and waits for the write.
-    async fn flag(&self, account: AccountId, reason: &str) -> Result<(), StoreError> {
-        let stopped = || StoreError::Unavailable("the reconcile flag writer stopped".to_owned());
-        let (done, answer) = oneshot::channel();
-        self.tx
-            .send(FlagRequest {
-                account,
-                reason: reason.to_owned(),
-                done,
-            })
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+    /// Owes `account` a flag; the writer task writes it.
+    fn flag(&self, account: AccountId, reason: &str) {
+        // The writer outlives every handle, so this cannot fail while the
+        // gateway runs; a flag sent after it stopped has no stream to cover.
+        let _ = self.tx.send(FlagMessage::Flag(account, reason.to_owned()));
     }
+
+    /// Waits until every flag handed over before this call is written (or
+    /// refused for good). `false` when `within` ran out first.
+    async fn flushed(&self, within: Duration) -> bool {
+        let (done, answer) = oneshot::channel();
+        if self.tx.send(FlagMessage::Flushed(done)).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(within, answer).await, Ok(Ok(())))
+    }
+}
+
+/// Where [`Flagger`] writes: the store's two flag writes, so that the
+/// writer's retries can be tested against a sink that fails on demand.
+trait FlagSink: Send + Sync {
+    /// [`Store::flag_reconcile_many`].
+    fn flag_many<'a>(
+        &'a self,
+        flags: &'a [(AccountId, String)],
+        at: oco_core::Millis,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// [`Store::flag_reconcile`].
+    fn flag_one<'a>(
+        &'a self,
+        account: AccountId,
+        reason: &'a str,
+        at: oco_core::Millis,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The gateway's store as a [`FlagSink`].
+struct StoreFlags(Arc<dyn Store>);
+
+impl FlagSink for StoreFlags {
+    fn flag_many<'a>(
+        &'a self,
+        flags: &'a [(AccountId, String)],
+        at: oco_core::Millis,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.0.flag_reconcile_many(flags, at)
+    }
+
+    fn flag_one<'a>(
+        &'a self,
+        account: AccountId,
+        reason: &'a str,
+        at: oco_core::Millis,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.0.flag_reconcile(account, reason, at)
+    }
+}
+
+/// The writer task of [`Flagger`].
+async fn write_flags(
+    mut rx: mpsc::UnboundedReceiver<FlagMessage>,
+    store: Arc<dyn FlagSink>,
+    clock: Arc<dyn Clock>,
+    stats: Arc<GatewayStats>,
+) {
+    let mut owed: BTreeMap<AccountId, String> = BTreeMap::new();
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut retry = FLAG_RETRY_MIN;
+    let mut open = true;
+    let take = |message: FlagMessage,
+                owed: &mut BTreeMap<AccountId, String>,
+                waiting: &mut Vec<oneshot::Sender<()>>| match message {
+        FlagMessage::Flag(account, reason) => {
+            owed.insert(account, reason);
+        }
+        FlagMessage::Flushed(done) => waiting.push(done),
+    };
+    loop {
+        if owed.is_empty() {
+            for done in waiting.drain(..) {
+                let _ = done.send(());
+            }
+            if !open {
+                return;
+            }
+            match rx.recv().await {
+                Some(message) => take(message, &mut owed, &mut waiting),
+                None => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(message) => take(message, &mut owed, &mut waiting),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        stats.flags_owed.store(owed.len() as u64, Ordering::Relaxed);
+        if owed.is_empty() {
+            continue;
+        }
+        let batch: Vec<(AccountId, String)> = owed
+            .iter()
+            .take(MAX_FLAGS_PER_WRITE)
+            .map(|(account, reason)| (*account, reason.clone()))
+            .collect();
+        let (written, retried) = write_batch(store.as_ref(), &batch, clock.now(), &stats).await;
+        for account in written {
+            owed.remove(&account);
+        }
+        stats.flags_owed.store(owed.len() as u64, Ordering::Relaxed);
+        match retried {
+            Written::Done => retry = FLAG_RETRY_MIN,
+            Written::Retry if !open => {
+                warn!(
+                    owed = owed.len(),
+                    "gateway stopped with reconcile flags unwritten: the accounts' next holder flags them when it subscribes"
+                );
+                for done in waiting.drain(..) {
+                    let _ = done.send(());
+                }
+                return;
+            }
+            Written::Retry => {
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(FLAG_RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Writes `batch` in one statement; when the store refuses it for one
+/// account (unknown, deactivated), each alone, so that the others still get
+/// theirs. Returns the accounts whose flag is settled (written, or refused
+/// for good) and whether any must be written again.
+async fn write_batch(
+    store: &dyn FlagSink,
+    batch: &[(AccountId, String)],
+    now: oco_core::Millis,
+    stats: &GatewayStats,
+) -> (Vec<AccountId>, Written) {
+    let all = || batch.iter().map(|(account, _)| *account).collect();
+    stats.flag_writes.fetch_add(1, Ordering::Relaxed);
+    let refused = match tokio::time::timeout(FLAG_WRITE_TIMEOUT, store.flag_many(batch, now)).await
+    {
+        Ok(Ok(())) => {
+            stats.flags.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            return (all(), Written::Done);
+        }
+        Ok(Err(StoreError::Unavailable(err))) => err,
+        Ok(Err(err)) => {
+            return write_each(store, batch, now, stats, &err).await;
+        }
+        Err(_) => format!("no answer within {FLAG_WRITE_TIMEOUT:?}"),
+    };
+    stats.flag_failures.fetch_add(1, Ordering::Relaxed);
+    warn!(accounts = batch.len(), error = %refused, "reconcile flags not written, retrying");
+    (Vec::new(), Written::Retry)
+}
+
+/// [`write_batch`]'s fallback: one write per flag.
+async fn write_each(
+    store: &dyn FlagSink,
+    batch: &[(AccountId, String)],
+    now: oco_core::Millis,
+    stats: &GatewayStats,
+    why: &StoreError,
+) -> (Vec<AccountId>, Written) {
+    debug!(accounts = batch.len(), error = %why, "flag batch refused, writing each alone");
+    let mut settled = Vec::with_capacity(batch.len());
+    let mut again = Written::Done;
+    for (account, reason) in batch {
+        stats.flag_writes.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(FLAG_WRITE_TIMEOUT, store.flag_one(*account, reason, now)).await
+        {
+            Ok(Ok(())) => {
+                stats.flags.fetch_add(1, Ordering::Relaxed);
+                settled.push(*account);
+            }
+            Ok(Err(StoreError::Unavailable(err))) => {
+                stats.flag_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(account = %account, error = %err, "reconcile flag not written, retrying");
+                again = Written::Retry;
+            }
+            Ok(Err(err)) => {
+                // Refused for good (the account is gone): writing it again
+                // would be refused again.
+                stats.flag_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(account = %account, error = %err, reason = %reason, "reconcile flag refused");
+                settled.push(*account);
+            }
+            Err(_) => {
+                stats.flag_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(account = %account, timeout = ?FLAG_WRITE_TIMEOUT, "reconcile flag not written in time, retrying");
+                again = Written::Retry;
+            }
+        }
+    }
+    (settled, again)
 }
 
 /// Moves every event that has already arrived into `pending`. An error stops
@@ -801,12 +1058,11 @@ mod tests {
         let stats = Arc::new(GatewayStats::default());
         let flagger = Flagger::start(store.clone(), Arc::new(SystemClock), stats.clone());
 
-        let results = futures_util::future::join_all(
-            accounts.iter().map(|a| flagger.flag(*a, "stream opened")),
-        )
-        .await;
+        for account in &accounts {
+            flagger.flag(*account, "stream opened");
+        }
+        assert!(flagger.flushed(Duration::from_secs(10)).await);
 
-        assert!(results.iter().all(Result::is_ok), "{results:?}");
         let s = stats.snapshot();
         assert_eq!(s.flags, 200);
         assert!(
@@ -814,16 +1070,121 @@ mod tests {
             "200 flags queued together took {} writes",
             s.flag_writes
         );
+        assert_eq!(s.flags_owed, 0);
         let mut taken = store.take_flagged(1000).await.unwrap();
         taken.sort();
         assert_eq!(taken, accounts, "every account flagged once");
-        // An account the store refuses fails alone; the others still land.
+        // An account the store refuses is given up alone; the others still land.
         let unknown = AccountId(accounts[199].0 + 1_000);
-        let (bad, good) =
-            futures_util::future::join(flagger.flag(unknown, "x"), flagger.flag(accounts[0], "y"))
-                .await;
-        assert!(matches!(bad, Err(StoreError::NotFound { .. })), "{bad:?}");
-        assert!(good.is_ok(), "{good:?}");
+        flagger.flag(unknown, "x");
+        flagger.flag(accounts[0], "y");
+        assert!(flagger.flushed(Duration::from_secs(10)).await);
         assert_eq!(store.take_flagged(10).await.unwrap(), vec![accounts[0]]);
+        let s = stats.snapshot();
+        assert_eq!((s.flag_failures, s.flags_owed), (1, 0), "{s:?}");
+    }
+
+    /// A sink whose writes fail while `down`, and hang while `hang` (each
+    /// call counted); it keeps what it wrote.
+    #[derive(Default)]
+    struct Flaky {
+        down: std::sync::atomic::AtomicBool,
+        hang: std::sync::atomic::AtomicBool,
+        calls: AtomicU64,
+        written: std::sync::Mutex<Vec<(AccountId, String)>>,
+    }
+
+    impl Flaky {
+        fn write(&self, flags: &[(AccountId, String)]) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            if self.hang.load(Ordering::Relaxed) {
+                return Box::pin(std::future::pending());
+            }
+            if self.down.load(Ordering::Relaxed) {
+                return Box::pin(async {
+                    Err(StoreError::Unavailable("connection refused".into()))
+                });
+            }
+            self.written.lock().unwrap().extend_from_slice(flags);
+            Box::pin(async { Ok(()) })
+        }
+
+        fn written(&self) -> Vec<(AccountId, String)> {
+            let mut written = self.written.lock().unwrap().clone();
+            written.sort();
+            written
+        }
+    }
+
+    impl FlagSink for Flaky {
+        fn flag_many<'a>(
+            &'a self,
+            flags: &'a [(AccountId, String)],
+            _at: oco_core::Millis,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            self.write(flags)
+        }
+
+        fn flag_one<'a>(
+            &'a self,
+            account: AccountId,
+            reason: &'a str,
+            _at: oco_core::Millis,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            self.write(&[(account, reason.to_owned())])
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn flags_owed_while_the_store_is_down_are_written_once_it_is_back() {
+        let sink = Arc::new(Flaky::default());
+        sink.down.store(true, Ordering::Relaxed);
+        let stats = Arc::new(GatewayStats::default());
+        let flagger = Flagger::start_on(sink.clone(), Arc::new(SystemClock), stats.clone());
+
+        flagger.flag(AccountId(1), "stream gap");
+        flagger.flag(AccountId(2), "protect failed");
+        flagger.flag(AccountId(1), "stream reopened");
+        // Retried with a backoff while the store refuses: owed, not dropped.
+        assert!(!flagger.flushed(Duration::from_secs(20)).await);
+        let s = stats.snapshot();
+        assert!(s.flag_failures >= 3, "{s:?}");
+        assert!(
+            sink.calls.load(Ordering::Relaxed) < 20,
+            "retries back off: {} calls in 20 s",
+            sink.calls.load(Ordering::Relaxed)
+        );
+        assert_eq!(s.flags_owed, 2);
+        assert!(sink.written().is_empty());
+
+        sink.down.store(false, Ordering::Relaxed);
+        assert!(flagger.flushed(Duration::from_secs(10)).await);
+        assert_eq!(
+            sink.written(),
+            vec![
+                (AccountId(1), "stream reopened".to_owned()),
+                (AccountId(2), "protect failed".to_owned()),
+            ]
+        );
+        assert_eq!(stats.snapshot().flags_owed, 0);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_flag_write_that_never_answers_is_given_up_and_written_again() {
+        let sink = Arc::new(Flaky::default());
+        sink.hang.store(true, Ordering::Relaxed);
+        let stats = Arc::new(GatewayStats::default());
+        let flagger = Flagger::start_on(sink.clone(), Arc::new(SystemClock), stats.clone());
+
+        flagger.flag(AccountId(7), "stream gap");
+        assert!(!flagger.flushed(FLAG_WRITE_TIMEOUT / 2).await);
+        sink.hang.store(false, Ordering::Relaxed);
+        assert!(flagger.flushed(FLAG_WRITE_TIMEOUT * 2).await);
+        assert_eq!(
+            sink.written(),
+            vec![(AccountId(7), "stream gap".to_owned())]
+        );
+        assert_eq!(sink.calls.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.snapshot().flag_failures, 1);
     }
 }

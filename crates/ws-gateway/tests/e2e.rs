@@ -504,6 +504,43 @@ async fn every_kind_of_gap_flags_the_account_with_a_row_and_a_notification() {
     gw.stop().await;
 }
 
+/// A gap that comes while reconcile flags cannot be written (the database
+/// refuses them) is still flagged, once they can be: the gateway owes the
+/// flag and writes it again until it lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_the_database_refused_is_written_once_it_can_be() {
+    let w = world(1).await;
+    let ctl = w.sim.control();
+    let account = w.accounts[0];
+    let gw = w.gateway("gw-1", 10).await;
+    wait_for("the stream", Duration::from_secs(15), || async {
+        gw.up() == 1 && ctl.subscription_count() == 1
+    })
+    .await;
+    wait_for("the opening's flag", Duration::from_secs(10), || async {
+        gw.stats.snapshot().flags >= 1
+    })
+    .await;
+    assert_eq!(w.store.take_flagged(10).await.unwrap(), vec![account]);
+    w.db.run_sql("ALTER TABLE reconcile_flags RENAME TO reconcile_flags_away")
+        .await;
+    assert_eq!(ctl.drop_streams(Some(&api_key(0))), 1);
+    wait_for("a refused flag write", Duration::from_secs(15), || async {
+        let s = gw.stats.snapshot();
+        s.flag_failures >= 1 && s.flags_owed == 1
+    })
+    .await;
+    w.db.run_sql("ALTER TABLE reconcile_flags_away RENAME TO reconcile_flags")
+        .await;
+    wait_for("the owed flag", Duration::from_secs(15), || async {
+        w.db.texts("SELECT reason AS s FROM reconcile_flags").await == ["stream gap"]
+    })
+    .await;
+    assert_eq!(gw.stats.snapshot().flags_owed, 0);
+    assert_eq!(w.store.take_flagged(10).await.unwrap(), vec![account]);
+    gw.stop().await;
+}
+
 /// An account registered while a gateway runs is streamed and protected
 /// without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use oco_core::ids::IdScheme;
 use oco_core::levels::EntryLevels;
 use oco_core::mem::MemStore;
-use oco_core::model::{EntryKind, EntryTags, Fill, Millis, NewEntry, OrderSize, ProtectionConfig};
+use oco_core::model::{
+    EntryKind, EntryTags, Fill, Millis, NewEntry, OrderSize, Protection, ProtectionConfig,
+};
 use oco_core::ports::{
     ApiCredentials, ExecutionUpdate, Leases, NewAccount, Side, Store, StreamEvent, UserStream,
     UserStreamSession,
@@ -21,6 +23,7 @@ use oco_core::state::EntryStatus;
 use oco_core::symbol::Asset;
 use oco_core::testing::{FakeExchange, btcusdt_rules};
 use oco_core::{AccountId, EntryId, ExchangeError, Price, Qty, SystemClock};
+use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use secrecy::SecretString;
 use tokio::sync::mpsc;
@@ -643,4 +646,142 @@ async fn a_claim_that_never_completes_flags_the_account_once_stale() {
     // ...and once the claim is stale, hands the entry to sync.
     w.flagged_again("the stale claim", Duration::from_secs(10))
         .await;
+}
+
+/// A fill of `executed` in all, of which this trade is `qty`.
+fn part_fill_event(client_id: &str, trade_id: i64, qty: Decimal, executed: Decimal) -> StreamEvent {
+    let StreamEvent::Execution(fill) = fill_event(client_id, trade_id) else {
+        unreachable!("fill_event makes an execution")
+    };
+    let partial = executed < dec!(0.2);
+    StreamEvent::Execution(ExecutionUpdate {
+        status: if partial {
+            EntryStatus::PartiallyFilled
+        } else {
+            EntryStatus::Filled
+        },
+        executed_qty: Qty::new(executed).unwrap(),
+        cumulative_quote: executed * dec!(100),
+        fill: fill.fill.map(|f| Fill {
+            qty: Qty::new(qty).unwrap(),
+            ..f
+        }),
+        ..fill
+    })
+}
+
+/// An entry protected once, whose position then grew while another caller
+/// claimed its next generation and died before sending: the entry still
+/// reads `Protected` (it stays so once first reached), yet the grown position
+/// waits on a claim nobody will send. The gateway flags it for sync once the
+/// claim is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_claim_on_an_entry_already_protected_flags_the_account() {
+    let mut config = ProtectorConfig::new(IdScheme::new("og").unwrap());
+    config.claim_timeout = Duration::from_millis(300);
+    let w = world_with(1, config).await;
+    let _stop = w.streaming_one().await;
+    let (entry, client_id) = w.entry(w.accounts[0]).await;
+    w.streams.send(
+        &key(0),
+        part_fill_event(&client_id, 1, dec!(0.1), dec!(0.1)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !matches!(
+        w.store.entry(entry).await.unwrap().protection,
+        Protection::Protected { .. }
+    ) {
+        assert!(Instant::now() < deadline, "the first part is protected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let placed = w.exchange.oco_calls();
+    // Another caller saw the rest, claimed generation 1 and died.
+    let leg = oco_core::LegKey {
+        entry,
+        leg: oco_core::LegIndex::First,
+        generation: 1,
+    };
+    let claimed = w
+        .store
+        .claim_legs(&[oco_core::model::LegClaim {
+            key: leg,
+            ids: IdScheme::new("og").unwrap().oco(leg).unwrap(),
+            symbol: "BTCUSDT".into(),
+            qty: Qty::new(dec!(0.2)).unwrap(),
+            take_profit: Price::new(dec!(101)).unwrap(),
+            stop: Price::new(dec!(99)).unwrap(),
+            stop_limit: None,
+            source: oco_core::model::Source::Sync,
+            at: oco_core::Clock::now(&SystemClock),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(claimed, vec![true]);
+    w.streams.send(
+        &key(0),
+        part_fill_event(&client_id, 2, dec!(0.1), dec!(0.2)),
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(w.exchange.oco_calls(), placed, "the claim is in flight");
+    assert!(w.store.take_flagged(10).await.unwrap().is_empty());
+    assert!(matches!(
+        w.store.entry(entry).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+    w.flagged_again(
+        "the stale claim of a later generation",
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
+/// A gateway asked to stop while a protection is on its way finishes it
+/// first: aborted between its claim and the exchange, the position would
+/// wait for the claim timeout and a lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stopping_finishes_the_protection_in_hand() {
+    let w = world(1).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(w.gateway("gw-1").run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("the stream", Duration::from_secs(5), || {
+        w.streams.open_count(&key(0)) == 1
+    })
+    .await;
+    let (entry, client_id) = w.entry(w.accounts[0]).await;
+    let (placing_tx, placing) = tokio::sync::oneshot::channel::<()>();
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            let _ = placing_tx.send(());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        })
+    });
+    assert_eq!(w.streams.send(&key(0), fill_event(&client_id, 1)), 1);
+    tokio::time::timeout(Duration::from_secs(5), placing)
+        .await
+        .expect("the protection is being placed")
+        .unwrap();
+    let stopping = Instant::now();
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(4), run)
+        .await
+        .expect("the gateway stops within its drain grace")
+        .unwrap()
+        .unwrap();
+    assert!(
+        stopping.elapsed() >= Duration::from_millis(300),
+        "it waited for the protection"
+    );
+    assert_eq!(w.exchange.open_lists().len(), 2, "both legs went out");
+    assert!(matches!(
+        w.store.entry(entry).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+    let held = w
+        .store
+        .renew_leases("gw-1", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(held.is_empty(), "its leases are released: {held:?}");
 }
