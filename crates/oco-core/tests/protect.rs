@@ -641,3 +641,77 @@ async fn a_fill_recorded_while_the_legs_are_placed_is_covered_in_the_same_call()
     );
     assert_eq!(w.open_qty(), dec!(1));
 }
+
+#[tokio::test]
+async fn a_level_rounded_onto_the_fill_moves_a_tick_out_and_is_not_sold_at_market() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    // A tick of 2 at a price of 100: +1 % rounds down onto the fill, −1 % up onto it.
+    let coarse = oco_core::symbol::SymbolRules {
+        tick: oco_core::TickSize::new(dec!(2)).unwrap(),
+        min_price: None,
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(coarse, p(dec!(100)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Direct)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC"),
+        (dec!(0), dec!(1)),
+        "nothing sold"
+    );
+    assert_eq!(w.open_qty(), dec!(1));
+    let lists = w.exchange.open_lists();
+    assert!(
+        lists
+            .iter()
+            .all(|l| l.request.take_profit.get() == dec!(102))
+    );
+    assert!(lists.iter().all(|l| l.request.stop.get() == dec!(98)));
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+}
+
+#[tokio::test]
+async fn a_fill_under_two_ticks_is_unprotectable_not_sold_at_market() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let coarse = oco_core::symbol::SymbolRules {
+        tick: oco_core::TickSize::new(dec!(2)).unwrap(),
+        min_price: None,
+        min_notional: dec!(0),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(coarse, p(dec!(1.5)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(1.5), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Direct)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&report.outcome, ProtectOutcome::Unprotectable { reason } if reason.contains("no multiple of tick 2")),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(1), "nothing sold");
+}
