@@ -350,6 +350,16 @@ impl Protector {
                 None => self.round(&current, holding, source, known.take()).await?,
             };
             match round {
+                Round::Done(o @ ProtectOutcome::Exited { .. }) => {
+                    // The exit sold what this round saw. A fill recorded meanwhile
+                    // found the exit's claim in flight and left its coins to us.
+                    outcome = o;
+                    let fresh = self.store.entry(entry).await?;
+                    if fresh.net_qty() <= current.net_qty() {
+                        break;
+                    }
+                    current = fresh;
+                }
                 Round::Done(o) => {
                     outcome = o;
                     break;
@@ -383,10 +393,7 @@ impl Protector {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
         };
-        if matches!(
-            entry.protection,
-            Protection::Exited { .. } | Protection::Closed
-        ) {
+        if entry.protection == Protection::Closed {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
         }
         let FillContext {
@@ -440,8 +447,10 @@ impl Protector {
         }
         let active: Vec<&Leg> = legs.iter().filter(|l| l.state.is_active()).collect();
         let active_qty: Qty = active.iter().map(|l| l.qty).sum();
+        let exited = matches!(entry.protection, Protection::Exited { .. });
         if position.is_zero() && active.is_empty() {
-            if entry.status.is_final() && entry.protection != Protection::Closed {
+            // An exit keeps its record; there is nothing more to close.
+            if entry.status.is_final() && entry.protection != Protection::Closed && !exited {
                 let realized = legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>()
                     - entry.cumulative_quote;
                 self.store.close_entry(entry.id, realized, now).await?;
@@ -459,6 +468,17 @@ impl Protector {
         }
 
         let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
+        // An exit sold the coins it saw. Coins that came after it (the rest of a
+        // resting order), or that it could not sell, are a position like any other;
+        // only what no order could sell is left behind.
+        let floored = position.floor_to(rules.step);
+        if exited
+            && active.is_empty()
+            && (rules.check_qty(floored).is_err()
+                || rules.check_notional(floored, fill_price).is_err())
+        {
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
+        }
         let levels = match resolve_levels(
             entry.levels,
             account.protection.percents,
@@ -1202,6 +1222,11 @@ impl Protector {
                     ..LegSold::default()
                 };
                 self.store.record_leg_sold(key, sold, now).await?;
+                if snap.executed_qty < qty {
+                    return self
+                        .short_exit(entry, key, qty, &snap, source, &reason)
+                        .await;
+                }
                 let why = format!("late protection, exited at market: {reason}");
                 self.update(
                     key,
@@ -1263,6 +1288,45 @@ impl Protector {
                 Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
             }
         }
+    }
+
+    /// A market exit that ended with less sold than asked (Binance expires
+    /// what its price range cannot fill): the coins left are still held, so
+    /// the entry is not settled; the next call protects or exits them.
+    async fn short_exit(
+        &self,
+        entry: &Entry,
+        key: LegKey,
+        asked: Qty,
+        snap: &crate::ports::OrderSnapshot,
+        source: Source,
+        reason: &str,
+    ) -> Result<Round, ProtectError> {
+        let why = format!(
+            "late protection, exit sold {} of {asked} ({}): {reason}",
+            snap.executed_qty, snap.status
+        );
+        self.update(
+            key,
+            "claimed",
+            LegState::NotPlaced {
+                code: None,
+                reason: why.clone(),
+            },
+            None,
+        )
+        .await?;
+        self.store
+            .append_event(&event(
+                entry.id,
+                "exit_short",
+                &why,
+                Some(source),
+                self.clock.now(),
+            ))
+            .await?;
+        warn!(entry = %entry.id, leg = %key, sold = %snap.executed_qty, %asked, %source, "market exit sold less than asked");
+        Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
     }
 
     async fn unprotectable(

@@ -715,3 +715,158 @@ async fn a_fill_under_two_ticks_is_unprotectable_not_sold_at_market() {
     );
     assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(1), "nothing sold");
 }
+
+#[tokio::test]
+async fn coins_filled_after_an_exit_are_protected() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    // A resting bid part-fills while the market is under its stop: the part is exited.
+    w.credit(dec!(0.4));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let part = evidence(
+        EntryStatus::PartiallyFilled,
+        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
+    );
+    let first = w
+        .protector
+        .protect(id, Some(&part), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Exited { .. }),
+        "{first:?}"
+    );
+    assert!(
+        w.store
+            .open_entries(w.account)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.id == id),
+        "an exited entry that can still fill stays open for sync"
+    );
+    // The market comes back and the rest of the order fills.
+    w.exchange.set_price("BTCUSDT", p(dec!(100)));
+    w.credit(dec!(0.6));
+    let rest = evidence(
+        EntryStatus::Filled,
+        &[
+            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
+        ],
+    );
+    let second = w
+        .protector
+        .protect(id, Some(&rest), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(second.outcome, ProtectOutcome::Placed { .. }),
+        "{second:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.6), "the later coins have their stop");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+}
+
+#[tokio::test]
+async fn a_fill_recorded_while_an_exit_goes_out_is_not_left_bare() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.4));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let part = evidence(
+        EntryStatus::PartiallyFilled,
+        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
+    );
+    let rest = evidence(
+        EntryStatus::Filled,
+        &[
+            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
+        ],
+    );
+    // Another layer records the rest while this call's lists are refused and
+    // its exit of the first part goes out.
+    let (store, exchange) = (w.store.clone(), w.exchange.clone());
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            store.record_evidence(id, &rest).await.unwrap();
+            let (free, _) = exchange.balance(KEY, "BTC");
+            exchange.set_free(KEY, "BTC", free + dec!(0.6));
+        })
+    });
+    let report = w
+        .protector
+        .protect(id, Some(&part), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC"),
+        (dec!(0), dec!(0)),
+        "the later 0.6 is exited too, not held without a stop"
+    );
+}
+
+#[tokio::test]
+async fn an_exit_that_expires_short_does_not_settle_the_entry() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let exited = |e: &oco_core::model::Entry| matches!(e.protection, Protection::Exited { .. });
+    // No liquidity in the exit's price range: it expires with nothing sold.
+    w.exchange.set_market_depth("BTCUSDT", Some(q(dec!(0))));
+    let none = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(none.outcome, ProtectOutcome::Failed { .. }),
+        "{none:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(!exited(&entry), "{:?}", entry.protection);
+    assert!(
+        w.store
+            .open_entries(w.account)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.id == id),
+        "sync still sees it"
+    );
+    // Some liquidity: part of it sells, the rest expires.
+    w.exchange.set_market_depth("BTCUSDT", Some(q(dec!(0.4))));
+    let part = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(part.outcome, ProtectOutcome::Failed { .. }),
+        "{part:?}"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0.6));
+    assert!(!exited(&w.store.entry(id).await.unwrap()));
+    // The next call exits what is left, and only that.
+    w.exchange.set_market_depth("BTCUSDT", None);
+    let rest = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(rest.outcome, ProtectOutcome::Exited { .. }),
+        "{rest:?}"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0)));
+    assert!(exited(&w.store.entry(id).await.unwrap()));
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Settled));
+}
