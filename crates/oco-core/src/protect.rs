@@ -326,17 +326,29 @@ impl Protector {
                 else {
                     return Ok(None);
                 };
+                let won_any = recorded.fill.won.iter().any(|won| *won);
                 match recorded.first {
-                    Some((plan, rules)) => {
+                    Some((plan, rules)) if won_any => {
                         let current = recorded.fill.entry.clone();
                         name_span(&current);
                         first = Some(self.send_first(recorded.fill, plan, rules, source).await?);
                         (current, None)
                     }
-                    // Nothing claimed yet (or, were a claim ever not re-planned the
+                    // Nothing claimed (or, were a claim ever not re-planned the
                     // same, the round finds it in flight and leaves it to time out
-                    // and be looked up: never placed twice).
-                    None => (recorded.fill.entry, Some(recorded.fill.context)),
+                    // and be looked up: never placed twice). A store may read the
+                    // legs before it writes the evidence: a claimant that finished
+                    // in between re-read the entry without this fill, so whether a
+                    // claim is still in flight is decided from legs read after.
+                    _ => {
+                        let RecordedFill {
+                            entry: written,
+                            mut context,
+                            ..
+                        } = recorded.fill;
+                        context.legs = self.store.legs(entry).await?;
+                        (written, Some(context))
+                    }
                 }
             }
             (Some(ev), None) => (self.store.record_evidence(entry, ev).await?, None),
@@ -487,8 +499,13 @@ impl Protector {
             account.protection.stop,
         ) {
             Ok(l) => l,
-            Err(err @ LevelsError::Order { .. }) if active.is_empty() => {
+            // Legs that cover the position keep it; nothing new is needed from levels.
+            Err(_) if legs_cover(active_qty, position, &rules) => {
+                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
+            }
+            Err(err @ LevelsError::Order { .. }) => {
                 // The entry filled beyond its own stop or target: the market passed a level.
+                // Lists already working keep their stops; the rest takes the late policy.
                 let reason = format!("levels passed at fill: {err}");
                 return self
                     .late(
@@ -497,17 +514,14 @@ impl Protector {
                         &rules,
                         &legs,
                         LateCase {
-                            position,
-                            partly_protected: false,
+                            position: position.saturating_sub(active_qty),
+                            partly_protected: !active.is_empty(),
                         },
                         account.protection.late,
                         source,
                         reason,
                     )
                     .await;
-            }
-            Err(_) if !active.is_empty() => {
-                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
             }
             Err(err) => return self.unprotectable(entry, source, err.to_string()).await,
         };
@@ -523,7 +537,7 @@ impl Protector {
             stop_budget,
         }) {
             Ok(plan) => plan,
-            Err(_) if !active.is_empty() => {
+            Err(_) if legs_cover(active_qty, position, &rules) => {
                 return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
             }
             // What flooring to the step left after the legs sold out is dust, not a position.
@@ -1482,6 +1496,12 @@ impl Protector {
             })
             .await?)
     }
+}
+
+/// Whether working legs of `active_qty` cover `position`: all of it that
+/// flooring to the step leaves, and something at all.
+fn legs_cover(active_qty: Qty, position: Qty, rules: &SymbolRules) -> bool {
+    !active_qty.is_zero() && active_qty >= position.floor_to(rules.step)
 }
 
 /// Whether an exchange refusal is a per-symbol open-order cap
