@@ -5,7 +5,8 @@
 //! that never widens the stop or pushes a target further than asked: the stop
 //! rounds up (towards the fill), the targets round down (towards the fill).
 //! The stop's limit price rounds down, further under the trigger, so that a
-//! triggered stop is more likely to fill.
+//! triggered stop is more likely to fill. A level that rounding would put on
+//! the fill or past it goes to the nearest tick on its own side instead.
 
 use rust_decimal::Decimal;
 
@@ -98,7 +99,8 @@ impl ResolvedLevels {
 /// Levels that cannot protect a BUY entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LevelsError {
-    /// Not `sl < fill < tp1 ≤ tp2`.
+    /// Not `sl < fill < tp1 ≤ tp2` as asked, before rounding: the fill came
+    /// beyond a level (the market passed it).
     #[error(
         "levels must satisfy sl < fill < tp1 <= tp2, got sl {sl}, fill {fill}, tp1 {tp1}, tp2 {tp2}"
     )]
@@ -131,6 +133,15 @@ pub enum LevelsError {
         what: &'static str,
         /// Its value.
         price: Decimal,
+        /// Tick size.
+        tick: Decimal,
+    },
+    /// The grid has no price between zero and the fill for the stop: the fill
+    /// is at most one tick.
+    #[error("stop: no multiple of tick {tick} is above 0 and below fill {fill}")]
+    NoTickBelow {
+        /// Average fill price.
+        fill: Price,
         /// Tick size.
         tick: Decimal,
     },
@@ -181,21 +192,27 @@ pub fn resolve_levels(
         price: p.get(),
         tick: rules.tick.get(),
     };
-    let tp1_r = tp1
-        .round_down_to(rules.tick)
-        .ok_or_else(|| under_tick("tp1", tp1))?;
-    let tp2_r = tp2
-        .round_down_to(rules.tick)
-        .ok_or_else(|| under_tick("tp2", tp2))?;
-    let sl_r = sl.round_up_to(rules.tick);
-    if !order_ok(sl_r, tp1_r, tp2_r) {
-        return Err(LevelsError::Order {
-            sl: sl_r,
-            fill,
-            tp1: tp1_r,
-            tp2: tp2_r,
-        });
-    }
+    // A tick that is coarse next to a distance can snap a level onto the fill or
+    // past it. The market passed nothing then: the level moves to the nearest tick
+    // on its own side of the fill, the closest the grid allows to what was asked.
+    let tick = rules.tick.get();
+    let tick_above = Price::new((fill.get() / tick).floor() * tick + tick)
+        .map_err(|_| under_tick("tp1", tp1))?;
+    let above_fill = |p: Option<Price>| match p {
+        Some(p) if p > fill => p,
+        _ => tick_above,
+    };
+    let tp1_r = above_fill(tp1.round_down_to(rules.tick));
+    let tp2_r = above_fill(tp2.round_down_to(rules.tick)).max(tp1_r);
+    let sl_r = match sl.round_up_to(rules.tick) {
+        sl_r if sl_r < fill => sl_r,
+        _ => Price::new((fill.get() / tick).ceil() * tick - tick).map_err(|_| {
+            LevelsError::NoTickBelow {
+                fill,
+                tick: rules.tick.get(),
+            }
+        })?,
+    };
     let stop_limit = match stop_kind {
         StopKind::Market => None,
         StopKind::Limit { offset_pct } => {

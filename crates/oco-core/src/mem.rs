@@ -66,8 +66,10 @@ fn not_found(what: &'static str, id: impl ToString) -> StoreError {
 
 /// Merges evidence into an entry the way every store must: fills by trade id,
 /// executed quantity and quote by maximum, status only forward, base
-/// commission recomputed from the fills.
+/// commission recomputed from the fills. An exited entry that fills further
+/// is unprotected again.
 pub fn merge_evidence(entry: &mut Entry, fills: &mut BTreeMap<i64, Fill>, evidence: &Evidence) {
+    let executed_before = entry.executed_qty;
     for fill in &evidence.fills {
         fills.entry(fill.trade_id).or_insert_with(|| fill.clone());
     }
@@ -101,7 +103,11 @@ pub fn merge_evidence(entry: &mut Entry, fills: &mut BTreeMap<i64, Fill>, eviden
             .min()
             .unwrap_or(evidence.observed_at);
         entry.filled_at = Some(entry.filled_at.map_or(first_fill, |t| t.min(first_fill)));
-        if entry.protection == Protection::NotNeeded {
+        // An exit sold the coins it knew of; coins bought after it are bare
+        // again, and the entry must be open for sync to see them.
+        let exited_before_these = matches!(entry.protection, Protection::Exited { .. })
+            && entry.executed_qty > executed_before;
+        if entry.protection == Protection::NotNeeded || exited_before_these {
             entry.protection = Protection::Unprotected;
         }
     }

@@ -326,17 +326,29 @@ impl Protector {
                 else {
                     return Ok(None);
                 };
+                let won_any = recorded.fill.won.iter().any(|won| *won);
                 match recorded.first {
-                    Some((plan, rules)) => {
+                    Some((plan, rules)) if won_any => {
                         let current = recorded.fill.entry.clone();
                         name_span(&current);
                         first = Some(self.send_first(recorded.fill, plan, rules, source).await?);
                         (current, None)
                     }
-                    // Nothing claimed yet (or, were a claim ever not re-planned the
+                    // Nothing claimed (or, were a claim ever not re-planned the
                     // same, the round finds it in flight and leaves it to time out
-                    // and be looked up: never placed twice).
-                    None => (recorded.fill.entry, Some(recorded.fill.context)),
+                    // and be looked up: never placed twice). A store may read the
+                    // legs before it writes the evidence: a claimant that finished
+                    // in between re-read the entry without this fill, so whether a
+                    // claim is still in flight is decided from legs read after.
+                    _ => {
+                        let RecordedFill {
+                            entry: written,
+                            mut context,
+                            ..
+                        } = recorded.fill;
+                        context.legs = self.store.legs(entry).await?;
+                        (written, Some(context))
+                    }
                 }
             }
             (Some(ev), None) => (self.store.record_evidence(entry, ev).await?, None),
@@ -350,6 +362,16 @@ impl Protector {
                 None => self.round(&current, holding, source, known.take()).await?,
             };
             match round {
+                Round::Done(o @ ProtectOutcome::Exited { .. }) => {
+                    // The exit sold what this round saw. A fill recorded meanwhile
+                    // found the exit's claim in flight and left its coins to us.
+                    outcome = o;
+                    let fresh = self.store.entry(entry).await?;
+                    if fresh.net_qty() <= current.net_qty() {
+                        break;
+                    }
+                    current = fresh;
+                }
                 Round::Done(o) => {
                     outcome = o;
                     break;
@@ -383,10 +405,7 @@ impl Protector {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
         };
-        if matches!(
-            entry.protection,
-            Protection::Exited { .. } | Protection::Closed
-        ) {
+        if entry.protection == Protection::Closed {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
         }
         let FillContext {
@@ -440,8 +459,10 @@ impl Protector {
         }
         let active: Vec<&Leg> = legs.iter().filter(|l| l.state.is_active()).collect();
         let active_qty: Qty = active.iter().map(|l| l.qty).sum();
+        let exited = matches!(entry.protection, Protection::Exited { .. });
         if position.is_zero() && active.is_empty() {
-            if entry.status.is_final() && entry.protection != Protection::Closed {
+            // An exit keeps its record; there is nothing more to close.
+            if entry.status.is_final() && entry.protection != Protection::Closed && !exited {
                 let realized = legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>()
                     - entry.cumulative_quote;
                 self.store.close_entry(entry.id, realized, now).await?;
@@ -459,6 +480,17 @@ impl Protector {
         }
 
         let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
+        // An exit sold the coins it saw. Coins that came after it (the rest of a
+        // resting order), or that it could not sell, are a position like any other;
+        // only what no order could sell is left behind.
+        let floored = position.floor_to(rules.step);
+        if exited
+            && active.is_empty()
+            && (rules.check_qty(floored).is_err()
+                || rules.check_notional(floored, fill_price).is_err())
+        {
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
+        }
         let levels = match resolve_levels(
             entry.levels,
             account.protection.percents,
@@ -467,8 +499,13 @@ impl Protector {
             account.protection.stop,
         ) {
             Ok(l) => l,
-            Err(err @ LevelsError::Order { .. }) if active.is_empty() => {
+            // Legs that cover the position keep it; nothing new is needed from levels.
+            Err(_) if legs_cover(active_qty, position, &rules) => {
+                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
+            }
+            Err(err @ LevelsError::Order { .. }) => {
                 // The entry filled beyond its own stop or target: the market passed a level.
+                // Lists already working keep their stops; the rest takes the late policy.
                 let reason = format!("levels passed at fill: {err}");
                 return self
                     .late(
@@ -477,17 +514,14 @@ impl Protector {
                         &rules,
                         &legs,
                         LateCase {
-                            position,
-                            partly_protected: false,
+                            position: position.saturating_sub(active_qty),
+                            partly_protected: !active.is_empty(),
                         },
                         account.protection.late,
                         source,
                         reason,
                     )
                     .await;
-            }
-            Err(_) if !active.is_empty() => {
-                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
             }
             Err(err) => return self.unprotectable(entry, source, err.to_string()).await,
         };
@@ -503,7 +537,7 @@ impl Protector {
             stop_budget,
         }) {
             Ok(plan) => plan,
-            Err(_) if !active.is_empty() => {
+            Err(_) if legs_cover(active_qty, position, &rules) => {
                 return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
             }
             // What flooring to the step left after the legs sold out is dust, not a position.
@@ -1202,6 +1236,11 @@ impl Protector {
                     ..LegSold::default()
                 };
                 self.store.record_leg_sold(key, sold, now).await?;
+                if snap.executed_qty < qty {
+                    return self
+                        .short_exit(entry, key, qty, &snap, source, &reason)
+                        .await;
+                }
                 let why = format!("late protection, exited at market: {reason}");
                 self.update(
                     key,
@@ -1263,6 +1302,45 @@ impl Protector {
                 Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
             }
         }
+    }
+
+    /// A market exit that ended with less sold than asked (Binance expires
+    /// what its price range cannot fill): the coins left are still held, so
+    /// the entry is not settled; the next call protects or exits them.
+    async fn short_exit(
+        &self,
+        entry: &Entry,
+        key: LegKey,
+        asked: Qty,
+        snap: &crate::ports::OrderSnapshot,
+        source: Source,
+        reason: &str,
+    ) -> Result<Round, ProtectError> {
+        let why = format!(
+            "late protection, exit sold {} of {asked} ({}): {reason}",
+            snap.executed_qty, snap.status
+        );
+        self.update(
+            key,
+            "claimed",
+            LegState::NotPlaced {
+                code: None,
+                reason: why.clone(),
+            },
+            None,
+        )
+        .await?;
+        self.store
+            .append_event(&event(
+                entry.id,
+                "exit_short",
+                &why,
+                Some(source),
+                self.clock.now(),
+            ))
+            .await?;
+        warn!(entry = %entry.id, leg = %key, sold = %snap.executed_qty, %asked, %source, "market exit sold less than asked");
+        Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
     }
 
     async fn unprotectable(
@@ -1418,6 +1496,12 @@ impl Protector {
             })
             .await?)
     }
+}
+
+/// Whether working legs of `active_qty` cover `position`: all of it that
+/// flooring to the step leaves, and something at all.
+fn legs_cover(active_qty: Qty, position: Qty, rules: &SymbolRules) -> bool {
+    !active_qty.is_zero() && active_qty >= position.floor_to(rules.step)
 }
 
 /// Whether an exchange refusal is a per-symbol open-order cap

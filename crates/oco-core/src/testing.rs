@@ -82,6 +82,7 @@ struct FakeState {
     lists: Vec<FakeList>,
     orders: HashMap<(String, String), OrderSnapshot>,
     oco_faults: VecDeque<OcoFault>,
+    market_depth: HashMap<String, Qty>,
     next_id: i64,
     oco_calls: usize,
 }
@@ -138,6 +139,17 @@ impl FakeExchange {
     /// Moves the last price.
     pub fn set_price(&self, symbol: &str, price: Price) {
         self.lock().prices.insert(symbol.to_owned(), price);
+    }
+
+    /// Caps what one MARKET order of `symbol` fills (`None`: no cap); like
+    /// Binance when the book runs out within the order's price range, the
+    /// rest expires.
+    pub fn set_market_depth(&self, symbol: &str, depth: Option<Qty>) {
+        let mut s = self.lock();
+        match depth {
+            Some(depth) => s.market_depth.insert(symbol.to_owned(), depth),
+            None => s.market_depth.remove(symbol),
+        };
     }
 
     /// Sets an account's free balance of an asset.
@@ -446,6 +458,11 @@ impl Exchange for FakeExchange {
             Side::Buy => l >= price,
             Side::Sell => l <= price,
         });
+        let asked = qty;
+        let qty = match s.market_depth.get(&order.symbol) {
+            Some(depth) if order.limit.is_none() => qty.min(*depth),
+            _ => qty,
+        };
         let book = s.balances.entry(creds.api_key.clone()).or_default();
         if crosses {
             let (from, to, out, inc) = match order.side {
@@ -467,7 +484,9 @@ impl Exchange for FakeExchange {
             order_id: s.next_id,
             client_id: order.client_id.as_str().to_owned(),
             symbol: order.symbol.clone(),
-            status: if crosses {
+            status: if crosses && qty < asked {
+                EntryStatus::Expired
+            } else if crosses {
                 EntryStatus::Filled
             } else {
                 EntryStatus::New
@@ -478,7 +497,7 @@ impl Exchange for FakeExchange {
             } else {
                 Decimal::ZERO
             },
-            fills: if crosses {
+            fills: if crosses && !qty.is_zero() {
                 vec![Fill {
                     trade_id: s.next_id,
                     price,
@@ -1080,6 +1099,64 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
             .iter()
             .any(|x| x.id == entry.id),
         "a closed entry is not open"
+    );
+
+    // An exit settles the coins it sold, not the order: while the order can
+    // still fill the entry is open, and coins filled after the exit make it
+    // unprotected again.
+    let exited = store
+        .create_entry(new_entry.clone(), &id_of, Millis(61))
+        .await?;
+    let part = Evidence {
+        order_id: Some(78),
+        status: EntryStatus::PartiallyFilled,
+        executed_qty: qty("0.4"),
+        cumulative_quote: dec("40"),
+        fills: vec![fill(901, "0.4", "100", "0", "BNB")],
+        holding: None,
+        observed_at: Millis(62),
+    };
+    store.record_evidence(exited.id, &part).await?;
+    let why = Protection::Exited {
+        reason: "late".into(),
+    };
+    store.set_protection(exited.id, &why).await?;
+    let is_open = |entries: Vec<Entry>| entries.iter().any(|x| x.id == exited.id);
+    ensure!(
+        is_open(store.open_entries(account.id).await?),
+        "an exited entry whose order can still fill is open"
+    );
+    let rest = Evidence {
+        status: EntryStatus::Filled,
+        executed_qty: qty("1"),
+        cumulative_quote: dec("100"),
+        fills: vec![
+            fill(901, "0.4", "100", "0", "BNB"),
+            fill(902, "0.6", "100", "0", "BNB"),
+        ],
+        observed_at: Millis(63),
+        ..part.clone()
+    };
+    let after = store.record_evidence(exited.id, &rest).await?;
+    ensure!(
+        after.protection == Protection::Unprotected
+            && store.entry(exited.id).await?.protection == Protection::Unprotected,
+        "coins filled after an exit are unprotected, got {:?}",
+        after.protection
+    );
+    ensure!(
+        is_open(store.open_entries(account.id).await?),
+        "an entry with coins filled after its exit is open"
+    );
+    store.set_protection(exited.id, &why).await?;
+    store.record_evidence(exited.id, &rest).await?;
+    ensure!(
+        store.entry(exited.id).await?.protection == why,
+        "evidence already known leaves an exit as it is"
+    );
+    ensure!(
+        !is_open(store.open_entries(account.id).await?),
+        "an exited entry whose order is done is not open"
     );
 
     // Reconcile flags are taken once.

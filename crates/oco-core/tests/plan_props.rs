@@ -1,7 +1,7 @@
 //! Invariants of planning over random rules, fills, fees and holdings.
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use oco_core::levels::{EntryLevels, LevelPercents, StopKind, resolve_levels};
+use oco_core::levels::{EntryLevels, LevelPercents, LevelsError, StopKind, resolve_levels};
 use oco_core::plan::{PlanInput, Unprotectable, plan_protection};
 use oco_core::symbol::SymbolRules;
 use oco_core::testing::btcusdt_rules;
@@ -52,14 +52,20 @@ proptest! {
         let held = net * Decimal::from(held_pct) / dec!(100);
         let position = Qty::new(held.min(net)).unwrap();
         let pct = LevelPercents { tp1: decimal(tp1, 2), tp2: decimal(tp1 + tp_gap, 2), sl: decimal(sl, 2) };
-        let Ok(levels) = resolve_levels(EntryLevels::default(), Some(pct), fill, &r, StopKind::Limit { offset_pct: dec!(0.5) }) else {
-            return Ok(());
+        let levels = match resolve_levels(EntryLevels::default(), Some(pct), fill, &r, StopKind::Limit { offset_pct: dec!(0.5) }) {
+            Ok(levels) => levels,
+            // Percentages always put the levels on their sides of the fill: rounding
+            // alone never makes them look passed.
+            Err(err @ LevelsError::Order { .. }) => return Err(TestCaseError::fail(format!("{err}"))),
+            Err(_) => return Ok(()),
         };
         prop_assert!(levels.stop < fill && fill < levels.tp1 && levels.tp1 <= levels.tp2);
         prop_assert!(levels.stop_limit.unwrap() < levels.stop);
-        // Rounding never widens the stop nor pushes a target further than asked.
-        prop_assert!(levels.stop.get() >= fill.get() * (dec!(1) - pct.sl / dec!(100)));
-        prop_assert!(levels.tp1.get() <= fill.get() * (dec!(1) + pct.tp1 / dec!(100)));
+        // Rounding never widens the stop nor pushes a target further than asked,
+        // unless it would snap the level onto the fill: then no tick lies between.
+        let tick = r.tick.get();
+        prop_assert!(levels.stop.get() >= fill.get() * (dec!(1) - pct.sl / dec!(100)) || levels.stop.get() + tick >= fill.get());
+        prop_assert!(levels.tp1.get() <= fill.get() * (dec!(1) + pct.tp1 / dec!(100)) || levels.tp1.get() - tick <= fill.get());
         let input = PlanInput { rules: &r, levels, reference: fill, position, split: decimal(split_pct, 2), stop_budget: budget };
         match plan_protection(&input) {
             Ok(plan) => {
@@ -127,5 +133,57 @@ fn levels_in_the_wrong_order_are_refused_with_the_values() {
     assert_eq!(
         err.to_string(),
         "levels must satisfy sl < fill < tp1 <= tp2, got sl 98, fill 100, tp1 99, tp2 99"
+    );
+}
+
+#[test]
+fn levels_rounded_onto_the_fill_move_one_tick_out() {
+    let mut r = btcusdt_rules();
+    r.tick = TickSize::new(dec!(2)).unwrap();
+    let fill = Price::new(dec!(100)).unwrap();
+    let levels = resolve_levels(
+        EntryLevels::default(),
+        None,
+        fill,
+        &r,
+        StopKind::Limit {
+            offset_pct: dec!(0.5),
+        },
+    )
+    .unwrap();
+    let got = (
+        levels.tp1.get(),
+        levels.tp2.get(),
+        levels.stop.get(),
+        levels.stop_limit.map(Price::get),
+    );
+    assert_eq!(got, (dec!(102), dec!(102), dec!(98), Some(dec!(96))));
+    // Off the grid: the nearest ticks on either side, not fill ± tick.
+    let levels = resolve_levels(
+        EntryLevels::default(),
+        None,
+        Price::new(dec!(100.5)).unwrap(),
+        &r,
+        StopKind::Market,
+    )
+    .unwrap();
+    assert_eq!(
+        (levels.tp1.get(), levels.stop.get()),
+        (dec!(102), dec!(100))
+    );
+}
+
+#[test]
+fn a_fill_with_no_tick_under_it_has_no_stop() {
+    let mut r = btcusdt_rules();
+    r.tick = TickSize::new(dec!(2)).unwrap();
+    let fill = Price::new(dec!(1.5)).unwrap();
+    let err = resolve_levels(EntryLevels::default(), None, fill, &r, StopKind::Market).unwrap_err();
+    assert_eq!(
+        err,
+        LevelsError::NoTickBelow {
+            fill,
+            tick: dec!(2)
+        }
     );
 }

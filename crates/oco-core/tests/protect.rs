@@ -641,3 +641,444 @@ async fn a_fill_recorded_while_the_legs_are_placed_is_covered_in_the_same_call()
     );
     assert_eq!(w.open_qty(), dec!(1));
 }
+
+#[tokio::test]
+async fn a_level_rounded_onto_the_fill_moves_a_tick_out_and_is_not_sold_at_market() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    // A tick of 2 at a price of 100: +1 % rounds down onto the fill, −1 % up onto it.
+    let coarse = oco_core::symbol::SymbolRules {
+        tick: oco_core::TickSize::new(dec!(2)).unwrap(),
+        min_price: None,
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(coarse, p(dec!(100)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Direct)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC"),
+        (dec!(0), dec!(1)),
+        "nothing sold"
+    );
+    assert_eq!(w.open_qty(), dec!(1));
+    let lists = w.exchange.open_lists();
+    assert!(
+        lists
+            .iter()
+            .all(|l| l.request.take_profit.get() == dec!(102))
+    );
+    assert!(lists.iter().all(|l| l.request.stop.get() == dec!(98)));
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+}
+
+#[tokio::test]
+async fn a_fill_under_two_ticks_is_unprotectable_not_sold_at_market() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let coarse = oco_core::symbol::SymbolRules {
+        tick: oco_core::TickSize::new(dec!(2)).unwrap(),
+        min_price: None,
+        min_notional: dec!(0),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(coarse, p(dec!(1.5)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(1.5), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Direct)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&report.outcome, ProtectOutcome::Unprotectable { reason } if reason.contains("no multiple of tick 2")),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(1), "nothing sold");
+}
+
+#[tokio::test]
+async fn coins_filled_after_an_exit_are_protected() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    // A resting bid part-fills while the market is under its stop: the part is exited.
+    w.credit(dec!(0.4));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let part = evidence(
+        EntryStatus::PartiallyFilled,
+        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
+    );
+    let first = w
+        .protector
+        .protect(id, Some(&part), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Exited { .. }),
+        "{first:?}"
+    );
+    assert!(
+        w.store
+            .open_entries(w.account)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.id == id),
+        "an exited entry that can still fill stays open for sync"
+    );
+    // The market comes back and the rest of the order fills.
+    w.exchange.set_price("BTCUSDT", p(dec!(100)));
+    w.credit(dec!(0.6));
+    let rest = evidence(
+        EntryStatus::Filled,
+        &[
+            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
+        ],
+    );
+    let second = w
+        .protector
+        .protect(id, Some(&rest), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(second.outcome, ProtectOutcome::Placed { .. }),
+        "{second:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.6), "the later coins have their stop");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+}
+
+#[tokio::test]
+async fn a_fill_recorded_while_an_exit_goes_out_is_not_left_bare() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.4));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let part = evidence(
+        EntryStatus::PartiallyFilled,
+        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
+    );
+    let rest = evidence(
+        EntryStatus::Filled,
+        &[
+            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
+        ],
+    );
+    // Another layer records the rest while this call's lists are refused and
+    // its exit of the first part goes out.
+    let (store, exchange) = (w.store.clone(), w.exchange.clone());
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            store.record_evidence(id, &rest).await.unwrap();
+            let (free, _) = exchange.balance(KEY, "BTC");
+            exchange.set_free(KEY, "BTC", free + dec!(0.6));
+        })
+    });
+    let report = w
+        .protector
+        .protect(id, Some(&part), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC"),
+        (dec!(0), dec!(0)),
+        "the later 0.6 is exited too, not held without a stop"
+    );
+}
+
+#[tokio::test]
+async fn an_exit_that_expires_short_does_not_settle_the_entry() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let exited = |e: &oco_core::model::Entry| matches!(e.protection, Protection::Exited { .. });
+    // No liquidity in the exit's price range: it expires with nothing sold.
+    w.exchange.set_market_depth("BTCUSDT", Some(q(dec!(0))));
+    let none = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(none.outcome, ProtectOutcome::Failed { .. }),
+        "{none:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(!exited(&entry), "{:?}", entry.protection);
+    assert!(
+        w.store
+            .open_entries(w.account)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.id == id),
+        "sync still sees it"
+    );
+    // Some liquidity: part of it sells, the rest expires.
+    w.exchange.set_market_depth("BTCUSDT", Some(q(dec!(0.4))));
+    let part = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(part.outcome, ProtectOutcome::Failed { .. }),
+        "{part:?}"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0.6));
+    assert!(!exited(&w.store.entry(id).await.unwrap()));
+    // The next call exits what is left, and only that.
+    w.exchange.set_market_depth("BTCUSDT", None);
+    let rest = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(rest.outcome, ProtectOutcome::Exited { .. }),
+        "{rest:?}"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0)));
+    assert!(exited(&w.store.entry(id).await.unwrap()));
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Settled));
+}
+
+/// Sync replaces the first fill's legs for a second fill while the gateway
+/// records a third. The gateway's store read the legs before writing the fill
+/// (as `PgStore` does) and saw sync's claim; sync's re-read after placing came
+/// before the gateway's write. The third fill must still get its stop.
+#[tokio::test]
+async fn a_fill_written_behind_a_replacement_is_covered() {
+    use std::sync::Arc;
+
+    use oco_core::ids::IdScheme;
+    use oco_core::model::{EntryKind, EntryTags, NewEntry, OrderSize};
+    use oco_core::ports::{ApiCredentials, NewAccount};
+    use oco_core::protect::{Protector, ProtectorConfig};
+    use oco_core::testing::btcusdt_rules;
+    use secrecy::SecretString;
+
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let store = gated::gated();
+    let account = store
+        .create_account(NewAccount {
+            owner: "alice".into(),
+            exchange: "binance".into(),
+            credentials: ApiCredentials {
+                api_key: KEY.into(),
+                secret: SecretString::from("s"),
+            },
+            protection: ProtectionConfig::DEFAULT,
+        })
+        .await
+        .unwrap()
+        .id;
+    let ids = IdScheme::new("og").unwrap();
+    let id = store
+        .create_entry(
+            NewEntry {
+                account,
+                symbol: btcusdt_rules().symbol,
+                kind: EntryKind::Market,
+                size: OrderSize::Base(q(dec!(1))),
+                levels: EntryLevels::default(),
+                tags: EntryTags::default(),
+            },
+            &move |id| ids.entry(id).unwrap(),
+            w.clock.now(),
+        )
+        .await
+        .unwrap()
+        .id;
+    let protector = Arc::new(Protector::new(
+        w.exchange.clone(),
+        store.clone(),
+        w.clock.clone(),
+        ProtectorConfig::new(IdScheme::new("og").unwrap()),
+    ));
+    let fills = |n: usize, status| {
+        let all = [
+            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.3), dec!(100), dec!(0), "BNB"),
+            (3, dec!(0.3), dec!(100), dec!(0), "BNB"),
+        ];
+        evidence(status, &all[..n])
+    };
+    w.credit(dec!(0.4));
+    protector
+        .protect(
+            id,
+            Some(&fills(1, EntryStatus::PartiallyFilled)),
+            Source::Websocket,
+        )
+        .await
+        .unwrap();
+    assert_eq!(w.open_qty(), dec!(0.4));
+
+    // Sync's new generation goes out; the gateway reads the legs (sync's
+    // claim in flight) and is held before its write until sync is done.
+    w.credit(dec!(0.6));
+    let (open, gate) = tokio::sync::oneshot::channel();
+    *store.gate.lock().unwrap() = Some(gate);
+    let gateway = Arc::new(std::sync::Mutex::new(None));
+    let (gw_store, gw_protector, gw_task) = (store.clone(), protector.clone(), gateway.clone());
+    let third = fills(3, EntryStatus::Filled);
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            let task = tokio::spawn(async move {
+                gw_protector
+                    .protect_seen(account, id, "BTCUSDT", &third, Source::Websocket)
+                    .await
+            });
+            *gw_task.lock().unwrap() = Some(task);
+            gw_store.read.notified().await;
+        })
+    });
+    let sync = protector
+        .protect(
+            id,
+            Some(&fills(2, EntryStatus::PartiallyFilled)),
+            Source::Sync,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(sync.outcome, ProtectOutcome::Placed { .. }),
+        "{sync:?}"
+    );
+    open.send(()).unwrap();
+    let task = gateway.lock().unwrap().take().unwrap();
+    let gateway = task.await.unwrap().unwrap().unwrap();
+
+    assert_ne!(
+        gateway.outcome,
+        ProtectOutcome::Nothing(Idle::InFlight),
+        "the claim the gateway saw was done before its write"
+    );
+    assert_eq!(w.open_qty(), dec!(1), "every filled coin has its stop");
+}
+
+#[tokio::test]
+async fn a_later_fill_whose_levels_are_passed_is_not_called_covered() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let own = EntryLevels {
+        tp1: Some(p(dec!(101))),
+        tp2: None,
+        sl: Some(p(dec!(99))),
+    };
+    let id = w.entry(own).await;
+    w.credit(dec!(0.4));
+    let part = evidence(
+        EntryStatus::PartiallyFilled,
+        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&part), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(w.open_qty(), dec!(0.4));
+    // The rest fills higher: the average (101.2) is past the entry's own target.
+    w.exchange.set_price("BTCUSDT", p(dec!(102)));
+    w.credit(dec!(0.6));
+    let rest = evidence(
+        EntryStatus::Filled,
+        &[
+            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.6), dec!(102), dec!(0), "BNB"),
+        ],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&rest), Source::Websocket)
+        .await
+        .unwrap();
+    assert_ne!(report.outcome, ProtectOutcome::Nothing(Idle::Covered));
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC"),
+        (dec!(0), dec!(0.4)),
+        "the uncovered 0.6 is sold, the covered 0.4 keeps its list"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+}
+
+#[tokio::test]
+async fn a_later_fill_that_cannot_be_planned_is_not_called_covered() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.4));
+    let part = evidence(
+        EntryStatus::PartiallyFilled,
+        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&part), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(w.open_qty(), dec!(0.4));
+    // The symbol stops taking OCO lists before the rest fills.
+    let closed = oco_core::symbol::SymbolRules {
+        oco_allowed: false,
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(closed, p(dec!(100)));
+    w.credit(dec!(0.6));
+    let rest = evidence(
+        EntryStatus::Filled,
+        &[
+            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
+        ],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&rest), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&report.outcome, ProtectOutcome::Unprotectable { reason } if reason.contains("OCO")),
+        "{report:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Unprotectable { .. }),
+        "{:?}",
+        entry.protection
+    );
+}

@@ -1471,3 +1471,113 @@ async fn a_fill_stored_beside_an_unchanged_row_makes_the_write_read_again() {
         "planned from both fills"
     );
 }
+
+/// Sync replaces an entry's legs for its second fill while the gateway
+/// records the third. `PgStore` reads the gateway's legs with the entry's
+/// snapshot, before its write: they show sync's claim in flight. The write is
+/// held (a row lock on the entry) until sync has placed and read the entry
+/// back without the third fill. The third fill must still get its stop.
+#[tokio::test]
+async fn a_fill_written_behind_a_replacement_gets_its_stop() {
+    use diesel_async::SimpleAsyncConnection as _;
+    use oco_core::ids::IdScheme;
+    use oco_core::protect::{Idle, ProtectOutcome, Protector, ProtectorConfig};
+    use oco_core::testing::{FakeExchange, btcusdt_rules};
+
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let exchange = Arc::new(FakeExchange::new());
+    exchange.add_symbol(btcusdt_rules(), price("100"));
+    let account = new_account(store.as_ref(), "k-race").await;
+    let entry = new_entry(store.as_ref(), account.id).await.id;
+    let protector = Arc::new(Protector::new(
+        exchange.clone(),
+        store.clone(),
+        Arc::new(oco_core::ports::SystemClock),
+        ProtectorConfig::new(IdScheme::new("og").unwrap()),
+    ));
+    let open_qty = || -> Decimal {
+        exchange
+            .open_lists()
+            .iter()
+            .map(|l| l.request.qty.get())
+            .sum()
+    };
+    exchange.set_free("k-race", "BTC", dec!(0.4));
+    let first = filled(7, &[(1, "0.4")], "0.4");
+    protector
+        .protect(entry, Some(&first), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(open_qty(), dec!(0.4));
+
+    exchange.set_free("k-race", "BTC", dec!(0.6));
+    let locker = Arc::new(tokio::sync::Mutex::new(raw(&db).await));
+    let gateway = Arc::new(std::sync::Mutex::new(None));
+    let (hook_locker, hook_gateway, hook_protector) =
+        (locker.clone(), gateway.clone(), protector.clone());
+    let third = filled(7, &[(1, "0.4"), (2, "0.3"), (3, "0.3")], "1");
+    let account_id = account.id;
+    // Runs when sync sends its new generation: its claim is in the store.
+    exchange.before_next_oco(move || {
+        Box::pin(async move {
+            let mut conn = hook_locker.lock().await;
+            conn.batch_execute(&format!(
+                "BEGIN; SELECT 1 FROM entries WHERE id = {entry} FOR NO KEY UPDATE"
+            ))
+            .await
+            .unwrap();
+            let task = tokio::spawn(async move {
+                hook_protector
+                    .protect_seen(account_id, entry, "BTCUSDT", &third, Source::Websocket)
+                    .await
+            });
+            *hook_gateway.lock().unwrap() = Some(task);
+            // The gateway has read the entry and its legs, and waits to write.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let waiting: Count = diesel::sql_query(
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .get_result(&mut *conn)
+                .await
+                .unwrap();
+                if waiting.n > 0 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the gateway never reached its write"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    });
+    let second = filled(7, &[(1, "0.4"), (2, "0.3")], "0.7");
+    let sync = protector
+        .protect(entry, Some(&second), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(sync.outcome, ProtectOutcome::Placed { .. }),
+        "{sync:?}"
+    );
+    locker.lock().await.batch_execute("COMMIT").await.unwrap();
+    let task = gateway.lock().unwrap().take().unwrap();
+    let gateway = task.await.unwrap().unwrap().unwrap();
+
+    assert_ne!(
+        gateway.outcome,
+        ProtectOutcome::Nothing(Idle::InFlight),
+        "the claim the gateway read was done before its write"
+    );
+    assert_eq!(open_qty(), dec!(1), "every filled coin has its stop");
+    assert_eq!(store.entry(entry).await.unwrap().fills_qty, qty("1"));
+}

@@ -12,7 +12,7 @@ use oco_core::model::Protection;
 use oco_core::ports::{ApiCredentials, OrderListSnapshot, event};
 use oco_core::protect::{Idle, Protector};
 use oco_core::{
-    AccountId, Clock, Entry, EntryId, EntryStatus, Evidence, Exchange, ExchangeError, LegKey,
+    AccountId, Clock, Entry, EntryId, EntryStatus, Evidence, Exchange, ExchangeError, Leg, LegKey,
     LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store,
 };
 use rust_decimal::Decimal;
@@ -772,10 +772,8 @@ impl Reconciler {
             .iter()
             .any(|l| matches!(l.state, LegState::Claimed | LegState::Unknown));
         let protected = matches!(entry.protection, Protection::Protected { .. });
-        // A protected entry with no active leg left is checked whatever else:
-        // only `protect` can tell whether its coins are sold or bare.
-        let covered = legs.iter().any(|l| l.state.is_active());
-        if protected && covered && !news && !in_doubt && !adopted {
+        if protected && !news && !in_doubt && !adopted && self.legs_cover(creds, entry, &legs).await
+        {
             // Covered, nothing new, every placed list still open: nothing to ask.
             return Ok(());
         }
@@ -806,6 +804,49 @@ impl Reconciler {
         }
         report.protections.push((entry.id, outcome));
         Ok(())
+    }
+
+    /// Whether `entry`'s working legs hold its whole position: net filled
+    /// minus what legs sold, floored to the step when the symbol's rules are
+    /// at hand. `Protected` alone does not say so: a fill recorded while
+    /// another caller replaced the legs leaves the entry protected with less
+    /// covered. With no working leg the answer is no: only `protect` can tell
+    /// whether the coins are sold or bare.
+    async fn legs_cover(&self, creds: &ApiCredentials, entry: &Entry, legs: &[Leg]) -> bool {
+        let active: Qty = legs
+            .iter()
+            .filter(|l| l.state.is_active())
+            .map(|l| l.qty)
+            .sum();
+        if active.is_zero() {
+            return false;
+        }
+        let sold: Qty = legs.iter().map(|l| l.sold.total()).sum();
+        let mut position = entry.net_qty().saturating_sub(sold);
+        let rules = self.exchange.cached_symbol_rules(&entry.symbol.name);
+        if let Some(rules) = &rules {
+            position = position.floor_to(rules.step);
+        }
+        if active >= position {
+            return true;
+        }
+        // Coins sold by hand leave legs smaller than the position for good:
+        // what the account no longer holds is no reason to replace working
+        // stops every pass. Coins free on the account are.
+        match self.read(|| self.exchange.balances(creds)).await {
+            Ok(balances) => {
+                let free = balances
+                    .iter()
+                    .find(|b| b.asset == entry.symbol.base.0)
+                    .map_or(Qty::ZERO, |b| b.free);
+                let free = rules.map_or(free, |r| free.floor_to(r.step));
+                free.is_zero()
+            }
+            Err(err) => {
+                debug!(entry = %entry.id, error = %err, "balance unread, protect decides");
+                false
+            }
+        }
     }
 
     /// The exchange has no order under the entry's client id.

@@ -474,3 +474,84 @@ async fn a_disabled_account_is_left_alone() {
     assert_eq!(w.exchange.all_calls("k1"), 0);
     assert_eq!(sync.pass().await.unwrap().accounts, 0);
 }
+
+/// The end a race leaves: the entry `Protected` by legs of its first 0.7,
+/// its last 0.3 recorded (by a caller that then found a claim in flight)
+/// and held with no stop.
+async fn protected_short_of_its_last_fill(w: &World, a: &Acct) -> oco_core::EntryId {
+    let id = w.sent_entry(a, EntryKind::Market, dec!(1)).await;
+    let fill = |n: usize, status| {
+        let all = [(1, dec!(0.7)), (2, dec!(0.3))];
+        let fills: Vec<oco_core::Fill> = all[..n]
+            .iter()
+            .map(|(trade, qty)| oco_core::Fill {
+                trade_id: *trade,
+                price: p(dec!(100)),
+                qty: q(*qty),
+                commission: dec!(0),
+                commission_asset: oco_core::Asset("BNB".into()),
+                time: oco_core::Millis(1_000 + trade),
+            })
+            .collect();
+        oco_core::Evidence {
+            order_id: Some(1),
+            status,
+            executed_qty: fills.iter().map(|f| f.qty).sum(),
+            cumulative_quote: fills.iter().map(|f| f.qty.notional(f.price)).sum(),
+            fills,
+            holding: None,
+            observed_at: oco_core::Millis(2_000),
+        }
+    };
+    w.protector
+        .protect(
+            id,
+            Some(&fill(1, EntryStatus::PartiallyFilled)),
+            Source::Websocket,
+        )
+        .await
+        .unwrap();
+    w.store
+        .record_evidence(id, &fill(2, EntryStatus::Filled))
+        .await
+        .unwrap();
+    let e = w.store.entry(id).await.unwrap();
+    assert!(matches!(e.protection, Protection::Protected { .. }));
+    assert_eq!((e.net_qty(), w.open_qty("k1")), (q(dec!(1)), dec!(0.7)));
+    id
+}
+
+#[tokio::test]
+async fn a_protected_entry_whose_legs_fall_short_of_its_position_is_protected_in_full() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = protected_short_of_its_last_fill(&w, &a).await;
+    let sync = w.reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(placed(r.outcome(id)), "{r:?}");
+    assert_eq!(w.open_qty("k1"), dec!(1), "the last fill has its stop");
+    // Covered in full now: the next pass asks nothing more.
+    let calls = w.fake.oco_calls();
+    let again = sync.reconcile_account(a.id).await.unwrap();
+    assert!(again.protections.is_empty(), "{again:?}");
+    assert_eq!(w.fake.oco_calls(), calls);
+}
+
+#[tokio::test]
+async fn legs_short_of_the_position_after_a_manual_sell_are_not_replaced_every_pass() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = protected_short_of_its_last_fill(&w, &a).await;
+    // The user sold the bare 0.3 by hand: nothing on the account lacks a stop.
+    w.fake.set_free("k1", "BTC", dec!(0));
+    let calls = w.fake.oco_calls();
+    let sync = w.reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(r.protections.is_empty(), "{r:?}");
+    assert_eq!(w.fake.oco_calls(), calls, "working stops left alone");
+    assert_eq!(w.open_qty("k1"), dec!(0.7));
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+}

@@ -1,6 +1,8 @@
 //! Shared test world: the in-memory store, the exchange double and a test clock.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod gated;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
