@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use rust_decimal::Decimal;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::ids::{AccountId, IdError, IdScheme, LegIndex, LegKey};
 use crate::levels::{LevelsError, resolve_levels};
@@ -540,7 +540,9 @@ impl Protector {
         }
 
         // Claim the new generation before anything is sent; only the claimant goes on.
-        let wanted = self.claims_of(entry, &plan, generation, source, now)?;
+        // Stamped now, not at the round's start: the lookups above can wait, and
+        // a claim born old could be taken over as abandoned while it is sent.
+        let wanted = self.claims_of(entry, &plan, generation, source, self.clock.now())?;
         // Every leg of the generation in one durable write; only legs won are sent.
         let won = self.store.claim_legs(&wanted).await?;
         self.send_claimed(Claimed {
@@ -783,7 +785,36 @@ impl Protector {
                 }
             }
         }
-        self.cancel_orphaned_take_profits(creds, legs).await;
+        let canceled_any = self.cancel_orphaned_take_profits(creds, legs).await;
+        // The exchange calls above can wait (a node-wide rate-limit pause) past
+        // the claim timeout, and a stale claim may be taken over meanwhile:
+        // fence the claims now, so that a taken one is not sent, and a fenced
+        // one is not taken before the timeout runs again from here. Without
+        // such calls the claim's own write, just made, is the fence.
+        if !active.is_empty() || canceled_any {
+            let keys: Vec<LegKey> = claims.iter().map(|c| c.key).collect();
+            let fenced = self
+                .store
+                .fence_legs(entry.id, &keys, self.clock.now())
+                .await?;
+            if fenced.iter().any(|f| !f) {
+                warn!(entry = %entry.id, generation = claims[0].key.generation, "claim taken over before it was sent; sending nothing");
+                let ours: Vec<LegClaim> = claims
+                    .iter()
+                    .zip(&fenced)
+                    .filter(|(_, f)| **f)
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                // A generation goes out whole or not at all.
+                self.release(
+                    &ours,
+                    None,
+                    "superseded: the claim was taken over before it was sent",
+                )
+                .await?;
+                return Ok(Round::Again { holding: None });
+            }
+        }
 
         let requests: Vec<OcoRequest> = claims
             .iter()
@@ -843,12 +874,19 @@ impl Protector {
                 });
             // The entry comes back read after the write: fills recorded while
             // we placed show without another round trip.
-            let fresh = self
+            let recorded = self
                 .store
                 .record_outcomes(entry.id, &updates, &events, protection.as_ref())
-                .await?
-                .entry;
-            if fresh.net_qty() > entry.net_qty() {
+                .await?;
+            let mut lost = false;
+            for (claim, applied) in claims.iter().zip(&recorded.applied) {
+                if !applied && !self.keep_or_withdraw(entry, creds, claim, source).await? {
+                    lost = true;
+                }
+            }
+            // A list withdrawn because its claim was taken over: whoever took it
+            // decides the coverage, and the next round sees what they did.
+            if lost || recorded.entry.net_qty() > entry.net_qty() {
                 return Ok(Round::Again { holding: None });
             }
             return Ok(Round::Done(ProtectOutcome::Placed {
@@ -864,19 +902,25 @@ impl Protector {
         let mut again = None;
         let mut late_reason = None;
         let mut cap_refused = false;
+        let mut lost = false;
         for ((claim, request), result) in claims.iter().zip(&requests).zip(results) {
             let key = claim.key;
             match result {
                 Ok(ack) => {
-                    self.update(
-                        key,
-                        "claimed",
-                        LegState::Placed {
-                            list_id: ack.list_id,
-                        },
-                        None,
-                    )
-                    .await?;
+                    let ours = self
+                        .update(
+                            key,
+                            "claimed",
+                            LegState::Placed {
+                                list_id: ack.list_id,
+                            },
+                            None,
+                        )
+                        .await?;
+                    if !ours && !self.keep_or_withdraw(entry, creds, claim, source).await? {
+                        lost = true;
+                        continue;
+                    }
                     info!(entry = %entry.id, leg = %key, list_id = ack.list_id, client_id = %request.ids.list, %source, "protection leg placed");
                     placed.push(key);
                 }
@@ -885,8 +929,16 @@ impl Protector {
                     if matches!(err, ExchangeError::UnknownOutcome(_)) || err.is_duplicate() =>
                 {
                     warn!(entry = %entry.id, leg = %key, client_id = %request.ids.list, error = %err, "outcome unknown, looking it up");
-                    self.update(key, "claimed", LegState::Unknown, Some(err.to_string()))
+                    let ours = self
+                        .update(key, "claimed", LegState::Unknown, Some(err.to_string()))
                         .await?;
+                    // Taken over while we sent: whatever we may have placed is not ours to keep.
+                    if !ours {
+                        if !self.keep_or_withdraw(entry, creds, claim, source).await? {
+                            lost = true;
+                        }
+                        continue;
+                    }
                     match self
                         .exchange
                         .order_list(creds, &request.symbol, request.ids.list.as_str())
@@ -938,6 +990,9 @@ impl Protector {
                     self.clock.now(),
                 ))
                 .await?;
+        }
+        if lost {
+            return Ok(Round::Again { holding: None });
         }
         // The market passed a level of some legs. Those that went out keep their
         // stops; the rest of the position takes the late policy, or it would sit
@@ -1010,6 +1065,12 @@ impl Protector {
     /// filled, ended outside, or (for a stale claim or unknown outcome that the
     /// exchange does not know) never placed.
     ///
+    /// A miss counts as absence only once the leg has gone unwritten for the
+    /// claim timeout (the lookup reads a database that may lag a fresh
+    /// placement), counted from its last write: the claim, the claimant's
+    /// fence right before it sent, or the lost answer. Within it, and when the
+    /// lookup fails, the leg is left in doubt.
+    ///
     /// # Errors
     /// [`ProtectError::Store`] when the result cannot be recorded; exchange read
     /// failures leave the leg as it was.
@@ -1021,21 +1082,8 @@ impl Protector {
         {
             Ok(Some(snap)) => self.apply_list(leg.key, leg.state.name(), &snap).await,
             Ok(None) | Err(ExchangeError::NotFound) => {
-                let age = self.clock.now().since(leg.claimed_at);
-                // The list lookup reads a database that may lag a fresh placement.
-                if matches!(leg.state, LegState::Claimed | LegState::Unknown)
-                    && age > self.config.claim_timeout
-                {
-                    self.update(
-                        leg.key,
-                        leg.state.name(),
-                        LegState::NotPlaced {
-                            code: None,
-                            reason: "lookup found no such list".into(),
-                        },
-                        None,
-                    )
-                    .await?;
+                if matches!(leg.state, LegState::Claimed | LegState::Unknown) {
+                    self.take_over(leg, "lookup found no such list").await?;
                 } else if matches!(leg.state, LegState::Placed { .. })
                     && self.clock.now().since(leg.updated_at) > self.config.claim_timeout
                 {
@@ -1056,6 +1104,34 @@ impl Protector {
                 Ok(())
             }
         }
+    }
+
+    /// Records a leg in doubt that a lookup did not find as never placed, if
+    /// it has gone unwritten for the claim timeout. The store checks that in
+    /// the same step as the state, so a claimant that fenced its claim since
+    /// the leg was read keeps it (and sends), and one that had not yet
+    /// fenced finds its fence refused (and sends nothing).
+    async fn take_over(&self, leg: &Leg, reason: &str) -> Result<bool, ProtectError> {
+        let now = self.clock.now();
+        if now.since(leg.updated_at) <= self.config.claim_timeout {
+            return Ok(false);
+        }
+        Ok(self
+            .store
+            .take_over_leg(
+                &LegUpdate {
+                    key: leg.key,
+                    from: leg.state.name(),
+                    to: LegState::NotPlaced {
+                        code: None,
+                        reason: reason.into(),
+                    },
+                    error: None,
+                    at: now,
+                },
+                self.config.claim_timeout,
+            )
+            .await?)
     }
 
     async fn apply_list(
@@ -1351,7 +1427,10 @@ impl Protector {
             .map_or(Qty::ZERO, |b| b.free))
     }
 
-    async fn cancel_orphaned_take_profits(&self, creds: &ApiCredentials, legs: &[Leg]) {
+    /// Whether it sent any cancel (an exchange call that can wait, see
+    /// [`Protector::send_claimed`]).
+    async fn cancel_orphaned_take_profits(&self, creds: &ApiCredentials, legs: &[Leg]) -> bool {
+        let mut sent = false;
         for leg in legs {
             if leg.state
                 == (LegState::CanceledExternally {
@@ -1359,6 +1438,7 @@ impl Protector {
                 })
             {
                 // The rest of a partly filled take-profit rests without a stop and locks coins.
+                sent = true;
                 if let Err(err) = self
                     .exchange
                     .cancel_order(creds, &leg.symbol, leg.ids.take_profit.as_str())
@@ -1368,6 +1448,64 @@ impl Protector {
                 }
             }
         }
+        sent
+    }
+
+    /// A list of ours went out, but the write of its outcome found the claim
+    /// no longer `claimed`. If the leg was recorded placed meanwhile (someone
+    /// found the list by its client id and adopted it), the list is ours and
+    /// stays: `true`. Otherwise the claim was taken over as abandoned and
+    /// another generation may cover the same coins: the list is canceled, so
+    /// that the exchange never holds two sets of legs for one position
+    /// (`false`).
+    async fn keep_or_withdraw(
+        &self,
+        entry: &Entry,
+        creds: &ApiCredentials,
+        claim: &LegClaim,
+        source: Source,
+    ) -> Result<bool, ProtectError> {
+        let legs = self.store.legs(entry.id).await?;
+        let now = legs.iter().find(|l| l.key == claim.key).map(|l| &l.state);
+        if now.is_some_and(crate::mem::was_placed) {
+            return Ok(true);
+        }
+        error!(entry = %entry.id, leg = %claim.key, client_id = %claim.ids.list, state = now.map_or("missing", LegState::name), %source, "claim taken over while its list was sent; canceling the list");
+        // A refusal here is final (the list is not open); an unanswered cancel
+        // is tried again, as each try is idempotent by the client id.
+        let mut result = Err(ExchangeError::UnknownOutcome("not tried".into()));
+        for _ in 0..3 {
+            result = self
+                .exchange
+                .cancel_order_list(creds, &claim.symbol, claim.ids.list.as_str())
+                .await;
+            if !matches!(
+                result,
+                Err(ExchangeError::UnknownOutcome(_) | ExchangeError::Transient(_))
+            ) {
+                break;
+            }
+        }
+        let detail = match &result {
+            Ok(_) => format!("{}: claim taken over while sent; list canceled", claim.key),
+            Err(err) => {
+                error!(entry = %entry.id, leg = %claim.key, client_id = %claim.ids.list, error = %err, "could not cancel a list whose claim was taken over");
+                format!(
+                    "{}: claim taken over while sent; cancel failed: {err}",
+                    claim.key
+                )
+            }
+        };
+        self.store
+            .append_event(&event(
+                entry.id,
+                "leg_withdrawn",
+                detail,
+                Some(source),
+                self.clock.now(),
+            ))
+            .await?;
+        Ok(false)
     }
 
     async fn release(

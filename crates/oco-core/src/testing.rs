@@ -93,6 +93,7 @@ struct FakeState {
 pub struct FakeExchange {
     state: Mutex<FakeState>,
     before_oco: Mutex<Option<OcoHook>>,
+    before_cancel: Mutex<Option<OcoHook>>,
 }
 
 /// What runs before the next OCO placement (see [`FakeExchange::before_next_oco`]).
@@ -120,6 +121,19 @@ impl FakeExchange {
     ) {
         *self
             .before_oco
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(hook));
+    }
+
+    /// Runs `hook` once, at the start of the next list cancel: what happens
+    /// elsewhere while a replacement cancels the lists it replaces (a
+    /// rate-limit pause holding the call, say).
+    pub fn before_next_cancel(
+        &self,
+        hook: impl FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send + 'static,
+    ) {
+        *self
+            .before_cancel
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(hook));
     }
@@ -634,6 +648,14 @@ impl Exchange for FakeExchange {
         _symbol: &str,
         list_client_id: &str,
     ) -> Result<CancelOutcome, ExchangeError> {
+        let hook = self
+            .before_cancel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(hook) = hook {
+            hook().await;
+        }
         YieldNow::default().await;
         if self.lock().cancel_list(list_client_id) {
             Ok(CancelOutcome::Canceled)
@@ -1120,7 +1142,140 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         "an unknown account is not flagged"
     );
     due_behaviour(store, account.id).await?;
-    batch_behaviour(store, account.id).await
+    batch_behaviour(store, account.id).await?;
+    fence_behaviour(store, account.id).await
+}
+
+/// A claim fenced right before its send is not taken over until the claim
+/// timeout has run again from the fence; a claim taken over cannot be fenced
+/// (its claimant sends nothing); of a fence and a takeover racing, exactly one
+/// applies.
+async fn fence_behaviour(store: &dyn Store, account: AccountId) -> Result<(), SuiteError> {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(30);
+    let id_of = |id: EntryId| ClientOrderId::new(format!("t-E-{id}")).expect("literal id");
+    let entry = store
+        .create_entry(
+            NewEntry {
+                account,
+                symbol: btc_usdt(),
+                kind: crate::model::EntryKind::Market,
+                size: OrderSize::Base(qty("1")),
+                levels: crate::levels::EntryLevels::default(),
+                tags: crate::model::EntryTags::default(),
+            },
+            &id_of,
+            Millis(1_000),
+        )
+        .await?;
+    let key = |leg: LegIndex| LegKey {
+        entry: entry.id,
+        leg,
+        generation: 0,
+    };
+    let claim = |leg: LegIndex| {
+        let id = |k: &str| {
+            ClientOrderId::new(format!("f-{k}-{}-{}-0", entry.id, leg.number()))
+                .expect("literal id")
+        };
+        LegClaim {
+            key: key(leg),
+            ids: OcoClientIds {
+                list: id("L"),
+                take_profit: id("T"),
+                stop_loss: id("S"),
+            },
+            symbol: "BTCUSDT".into(),
+            qty: qty("0.5"),
+            take_profit: price("101"),
+            stop: price("99"),
+            stop_limit: None,
+            source: crate::model::Source::Sync,
+            at: Millis(1_000),
+        }
+    };
+    let (first, second) = (key(LegIndex::First), key(LegIndex::Second));
+    let won = store
+        .claim_legs(&[claim(LegIndex::First), claim(LegIndex::Second)])
+        .await?;
+    ensure!(won == [true, true], "both legs claimed, got {won:?}");
+    let take = |key: LegKey, at: i64| LegUpdate {
+        key,
+        from: "claimed",
+        to: LegState::NotPlaced {
+            code: None,
+            reason: "lookup found no such list".into(),
+        },
+        error: None,
+        at: Millis(at),
+    };
+    ensure!(
+        !store.take_over_leg(&take(first, 31_000), STALE).await?,
+        "a claim exactly the timeout old is not taken over"
+    );
+    let fenced = store
+        .fence_legs(entry.id, &[first, second], Millis(20_000))
+        .await?;
+    ensure!(
+        fenced == [true, true],
+        "claimed legs are fenced, got {fenced:?}"
+    );
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        legs.iter()
+            .all(|l| l.state == LegState::Claimed && l.updated_at == Millis(20_000)),
+        "a fence keeps the claim and stamps it: {legs:?}"
+    );
+    ensure!(
+        !store.take_over_leg(&take(first, 45_000), STALE).await?,
+        "a claim fenced 25 s ago is not taken over, though claimed 44 s ago"
+    );
+    ensure!(
+        store.legs(entry.id).await?[0].state == LegState::Claimed,
+        "a refused takeover changes nothing"
+    );
+    ensure!(
+        store.take_over_leg(&take(first, 50_001), STALE).await?,
+        "a claim unwritten for longer than the timeout is taken over"
+    );
+    ensure!(
+        !store.take_over_leg(&take(first, 90_000), STALE).await?,
+        "a leg taken over is not taken again"
+    );
+    let fenced = store
+        .fence_legs(entry.id, &[first, second], Millis(50_002))
+        .await?;
+    ensure!(
+        fenced == [false, true],
+        "a claim taken over cannot be fenced, got {fenced:?}"
+    );
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        matches!(legs[0].state, LegState::NotPlaced { .. }) && legs[1].state == LegState::Claimed,
+        "a refused fence changes nothing: {legs:?}"
+    );
+    // The claimant's fence and a taker's compare-and-set race: one applies.
+    let (fence, taken) = futures_util::future::join(
+        store.fence_legs(entry.id, &[second], Millis(90_000)),
+        store.take_over_leg(&take(second, 90_000), STALE),
+    )
+    .await;
+    let (fence, taken) = (fence?, taken?);
+    ensure!(
+        (fence == [true]) != taken,
+        "exactly one of a racing fence and takeover applies, got {fence:?} and {taken}"
+    );
+    let missing = LegKey {
+        generation: 7,
+        ..first
+    };
+    ensure!(
+        matches!(
+            store.take_over_leg(&take(missing, 90_000), STALE).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "taking over a leg that does not exist is an error"
+    );
+    Ok(())
 }
 
 /// Claims of several legs in one write, and outcomes recorded together.
