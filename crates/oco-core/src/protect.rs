@@ -13,7 +13,7 @@ use futures_util::future::join_all;
 use rust_decimal::Decimal;
 use tracing::{Instrument, error, info, warn};
 
-use crate::ids::{AccountId, IdError, IdScheme, LegIndex, LegKey};
+use crate::ids::{AccountId, IdError, IdScheme, LegIndex, LegKey, OcoClientIds, OrderRole};
 use crate::levels::{LevelsError, resolve_levels};
 use crate::model::{
     Entry, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize, Protection, Source,
@@ -1063,7 +1063,8 @@ impl Protector {
 
     /// Looks a leg's list up on the exchange and records what it finds: placed,
     /// filled, ended outside, or (for a stale claim or unknown outcome that the
-    /// exchange does not know) never placed.
+    /// exchange does not know) never placed. A market exit's leg is looked up
+    /// as the order it is, by its exit client id.
     ///
     /// A miss counts as absence only once the leg has gone unwritten for the
     /// claim timeout (the lookup reads a database that may lag a fresh
@@ -1075,6 +1076,9 @@ impl Protector {
     /// [`ProtectError::Store`] when the result cannot be recorded; exchange read
     /// failures leave the leg as it was.
     pub async fn refresh_leg(&self, creds: &ApiCredentials, leg: &Leg) -> Result<(), ProtectError> {
+        if self.is_exit(leg) {
+            return self.refresh_exit(creds, leg).await;
+        }
         match self
             .exchange
             .order_list(creds, &leg.symbol, leg.ids.list.as_str())
@@ -1132,6 +1136,105 @@ impl Protector {
                 self.config.claim_timeout,
             )
             .await?)
+    }
+
+    /// Whether a leg is a market exit rather than a list. Exits are claimed
+    /// with their exit client id as the list id; older ones are known by
+    /// their shape (a list always has its target above its stop, an exit's
+    /// claim row holds the fill price in both).
+    fn is_exit(&self, leg: &Leg) -> bool {
+        matches!(
+            self.config.ids.parse(leg.ids.list.as_str()),
+            Some(OrderRole::Exit(_))
+        ) || (leg.take_profit == leg.stop && leg.stop_limit.is_none())
+    }
+
+    /// [`Protector::refresh_leg`] for a market exit: looked up by its exit
+    /// client id. Found, what it sold is recorded; not found, it is never
+    /// placed only past the claim timeout, as a list is, so that a lagging
+    /// lookup never leads to a second sale.
+    async fn refresh_exit(&self, creds: &ApiCredentials, leg: &Leg) -> Result<(), ProtectError> {
+        if !matches!(leg.state, LegState::Claimed | LegState::Unknown) {
+            return Ok(());
+        }
+        let exit_id = self.config.ids.exit(leg.key)?;
+        match self
+            .exchange
+            .query_order(creds, &leg.symbol, exit_id.as_str())
+            .await
+        {
+            Ok(snap) => {
+                let why = "late protection, exited at market (found by its client id)";
+                if self
+                    .record_exit(leg.key, leg.state.name(), &snap, why, None)
+                    .await?
+                {
+                    info!(leg = %leg.key, client_id = %exit_id, qty = %snap.executed_qty, "market exit found by lookup, recorded");
+                    // As `late` records it: the entry is exited unless lists of
+                    // it still hold stops.
+                    let legs = self.store.legs(leg.key.entry).await?;
+                    if !legs
+                        .iter()
+                        .any(|l| matches!(l.state, LegState::Placed { .. }))
+                    {
+                        self.store
+                            .set_protection(
+                                leg.key.entry,
+                                &Protection::Exited { reason: why.into() },
+                            )
+                            .await?;
+                    }
+                }
+                Ok(())
+            }
+            Err(ExchangeError::NotFound) => {
+                self.take_over(leg, "lookup found no such exit").await?;
+                Ok(())
+            }
+            Err(err) => {
+                warn!(leg = %leg.key, client_id = %exit_id, error = %err, "exit lookup failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Records what a market exit sold and ends its leg (`from` →
+    /// `NotPlaced`, the way exits are kept: what they sold is in the leg's
+    /// `sold`). `false` when the leg had already left `from` (another caller
+    /// recorded the same exit).
+    async fn record_exit(
+        &self,
+        key: LegKey,
+        from: &'static str,
+        snap: &crate::ports::OrderSnapshot,
+        why: &str,
+        source: Option<Source>,
+    ) -> Result<bool, ProtectError> {
+        let now = self.clock.now();
+        let sold = LegSold {
+            stop_loss: snap.executed_qty,
+            stop_loss_quote: snap.cumulative_quote,
+            ..LegSold::default()
+        };
+        // What it sold is a fact whoever records the end: kept by maximum.
+        self.store.record_leg_sold(key, sold, now).await?;
+        let moved = self
+            .update(
+                key,
+                from,
+                LegState::NotPlaced {
+                    code: None,
+                    reason: why.to_owned(),
+                },
+                None,
+            )
+            .await?;
+        if moved {
+            self.store
+                .append_event(&event(key.entry, "exited", why, source, now))
+                .await?;
+        }
+        Ok(moved)
     }
 
     async fn apply_list(
@@ -1237,7 +1340,13 @@ impl Protector {
             generation,
         };
         let now = self.clock.now();
-        let ids = self.config.ids.oco(key)?;
+        let exit_id = self.config.ids.exit(key)?;
+        // The exit's own client id stands as the claim's list id: a lookup of
+        // the leg (after a crash, or a lost answer) asks for the order it is.
+        let ids = OcoClientIds {
+            list: exit_id.clone(),
+            ..self.config.ids.oco(key)?
+        };
         let claim = LegClaim {
             key,
             ids,
@@ -1250,10 +1359,10 @@ impl Protector {
             source,
             at: now,
         };
+        // The claim is also the fence: the order goes out right after it.
         if !self.store.claim_leg(&claim).await? {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
         }
-        let exit_id = self.config.ids.exit(key)?;
         let order = OrderRequest {
             symbol: entry.symbol.name.clone(),
             side: Side::Sell,
@@ -1261,59 +1370,27 @@ impl Protector {
             size: OrderSize::Base(qty),
             client_id: exit_id.clone(),
         };
-        let result = match self.exchange.place_order(creds, &order).await {
-            Err(ExchangeError::UnknownOutcome(msg)) => {
-                warn!(entry = %entry.id, client_id = %exit_id, error = %msg, "exit outcome unknown, looking it up");
-                self.exchange
+        let why = format!("late protection, exited at market: {reason}");
+        let (from, snap) = match self.exchange.place_order(creds, &order).await {
+            Ok(snap) => ("claimed", snap),
+            // The sale may have happened: it is looked up, now and by later
+            // calls, and never sent again unless the exchange, past the claim
+            // timeout, still does not know it.
+            Err(err) if matches!(err, ExchangeError::UnknownOutcome(_)) || err.is_duplicate() => {
+                warn!(entry = %entry.id, client_id = %exit_id, error = %err, "exit outcome unknown, looking it up");
+                self.update(key, "claimed", LegState::Unknown, Some(err.to_string()))
+                    .await?;
+                match self
+                    .exchange
                     .query_order(creds, &order.symbol, exit_id.as_str())
                     .await
-            }
-            other => other,
-        };
-        match result {
-            Ok(snap) => {
-                let sold = LegSold {
-                    stop_loss: snap.executed_qty,
-                    stop_loss_quote: snap.cumulative_quote,
-                    ..LegSold::default()
-                };
-                self.store.record_leg_sold(key, sold, now).await?;
-                let why = format!("late protection, exited at market: {reason}");
-                self.update(
-                    key,
-                    "claimed",
-                    LegState::NotPlaced {
-                        code: None,
-                        reason: why.clone(),
-                    },
-                    None,
-                )
-                .await?;
-                if partly_protected {
-                    // Lists still hold the rest: the entry stays protected, and
-                    // followed, rather than settled.
-                    self.mark_protected(entry, source, self.clock.now()).await?;
-                } else {
-                    self.store
-                        .set_protection(
-                            entry.id,
-                            &Protection::Exited {
-                                reason: why.clone(),
-                            },
-                        )
-                        .await?;
+                {
+                    Ok(snap) => ("unknown", snap),
+                    Err(lookup) => {
+                        warn!(entry = %entry.id, client_id = %exit_id, error = %lookup, "exit not found yet; left in doubt");
+                        return Ok(Round::Done(ProtectOutcome::Pending { legs: vec![key] }));
+                    }
                 }
-                self.store
-                    .append_event(&event(
-                        entry.id,
-                        "exited",
-                        &why,
-                        Some(source),
-                        self.clock.now(),
-                    ))
-                    .await?;
-                warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
-                Ok(Round::Done(ProtectOutcome::Exited { reason: why }))
             }
             Err(err) => {
                 let why = format!("late protection, exit failed: {err}");
@@ -1336,9 +1413,32 @@ impl Protector {
                         self.clock.now(),
                     ))
                     .await?;
-                Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
+                return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }));
             }
+        };
+        if !self
+            .record_exit(key, from, &snap, &why, Some(source))
+            .await?
+        {
+            // Recorded by another caller that looked it up meanwhile.
+            return Ok(Round::Done(ProtectOutcome::Exited { reason: why }));
         }
+        if partly_protected {
+            // Lists still hold the rest: the entry stays protected, and
+            // followed, rather than settled.
+            self.mark_protected(entry, source, self.clock.now()).await?;
+        } else {
+            self.store
+                .set_protection(
+                    entry.id,
+                    &Protection::Exited {
+                        reason: why.clone(),
+                    },
+                )
+                .await?;
+        }
+        warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
+        Ok(Round::Done(ProtectOutcome::Exited { reason: why }))
     }
 
     async fn unprotectable(

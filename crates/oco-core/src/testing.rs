@@ -82,6 +82,9 @@ struct FakeState {
     lists: Vec<FakeList>,
     orders: HashMap<(String, String), OrderSnapshot>,
     oco_faults: VecDeque<OcoFault>,
+    order_faults: VecDeque<OcoFault>,
+    lagging_lookups: usize,
+    market_sells: Vec<String>,
     next_id: i64,
     oco_calls: usize,
 }
@@ -136,6 +139,100 @@ impl FakeExchange {
             .before_cancel
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(hook));
+    }
+
+    /// Scripts the next `place_order` call (the faults mean for an order
+    /// what they mean for a list).
+    pub fn push_order_fault(&self, fault: OcoFault) {
+        self.lock().order_faults.push_back(fault);
+    }
+
+    /// The next `n` lookups (`query_order`, `order_list`) answer as if the
+    /// order or list did not exist: the exchange's lookups read a database
+    /// that can lag its matching engine.
+    pub fn lag_next_lookups(&self, n: usize) {
+        self.lock().lagging_lookups = n;
+    }
+
+    /// The client ids of the SELL market orders executed, in order.
+    pub fn market_sells(&self) -> Vec<String> {
+        self.lock().market_sells.clone()
+    }
+
+    /// Executes an order as the matching engine would.
+    fn execute_order(
+        &self,
+        creds: &ApiCredentials,
+        order: &OrderRequest,
+    ) -> Result<OrderSnapshot, ExchangeError> {
+        let mut s = self.lock();
+        let price = *s
+            .prices
+            .get(&order.symbol)
+            .ok_or_else(|| rejected(-1121, "Invalid symbol."))?;
+        let qty = match order.size {
+            OrderSize::Base(q) => q,
+            OrderSize::Quote(q) => Qty::new(q / price.get()).unwrap_or(Qty::ZERO),
+        };
+        let (base, quote) = s.split_symbol(&order.symbol);
+        let crosses = order.limit.is_none_or(|l| match order.side {
+            Side::Buy => l >= price,
+            Side::Sell => l <= price,
+        });
+        let book = s.balances.entry(creds.api_key.clone()).or_default();
+        if crosses {
+            let (from, to, out, inc) = match order.side {
+                Side::Buy => (quote, base, qty.notional(price), qty.get()),
+                Side::Sell => (base, quote, qty.get(), qty.notional(price)),
+            };
+            let slot = book.entry(from).or_default();
+            if slot.0 < out {
+                return Err(rejected(
+                    -2010,
+                    "Account has insufficient balance for requested action.",
+                ));
+            }
+            slot.0 -= out;
+            book.entry(to).or_default().0 += inc;
+        }
+        s.next_id += 1;
+        let snap = OrderSnapshot {
+            order_id: s.next_id,
+            client_id: order.client_id.as_str().to_owned(),
+            symbol: order.symbol.clone(),
+            status: if crosses {
+                EntryStatus::Filled
+            } else {
+                EntryStatus::New
+            },
+            executed_qty: if crosses { qty } else { Qty::ZERO },
+            cumulative_quote: if crosses {
+                qty.notional(price)
+            } else {
+                Decimal::ZERO
+            },
+            fills: if crosses {
+                vec![Fill {
+                    trade_id: s.next_id,
+                    price,
+                    qty,
+                    commission: Decimal::ZERO,
+                    commission_asset: Asset("BNB".into()),
+                    time: Millis(0),
+                }]
+            } else {
+                Vec::new()
+            },
+            updated_at: Millis(0),
+        };
+        if crosses && order.side == Side::Sell {
+            s.market_sells.push(order.client_id.as_str().to_owned());
+        }
+        s.orders.insert(
+            (creds.api_key.clone(), order.client_id.as_str().to_owned()),
+            snap.clone(),
+        );
+        Ok(snap)
     }
 
     fn lock(&self) -> MutexGuard<'_, FakeState> {
@@ -446,71 +543,20 @@ impl Exchange for FakeExchange {
         order: &OrderRequest,
     ) -> Result<OrderSnapshot, ExchangeError> {
         YieldNow::default().await;
-        let mut s = self.lock();
-        let price = *s
-            .prices
-            .get(&order.symbol)
-            .ok_or_else(|| rejected(-1121, "Invalid symbol."))?;
-        let qty = match order.size {
-            OrderSize::Base(q) => q,
-            OrderSize::Quote(q) => Qty::new(q / price.get()).unwrap_or(Qty::ZERO),
-        };
-        let (base, quote) = s.split_symbol(&order.symbol);
-        let crosses = order.limit.is_none_or(|l| match order.side {
-            Side::Buy => l >= price,
-            Side::Sell => l <= price,
-        });
-        let book = s.balances.entry(creds.api_key.clone()).or_default();
-        if crosses {
-            let (from, to, out, inc) = match order.side {
-                Side::Buy => (quote, base, qty.notional(price), qty.get()),
-                Side::Sell => (base, quote, qty.get(), qty.notional(price)),
-            };
-            let slot = book.entry(from).or_default();
-            if slot.0 < out {
-                return Err(rejected(
-                    -2010,
-                    "Account has insufficient balance for requested action.",
-                ));
+        let fault = self.lock().order_faults.pop_front();
+        match fault {
+            None => self.execute_order(creds, order),
+            Some(OcoFault::UnknownAfterApply) => {
+                self.execute_order(creds, order)?;
+                Err(ExchangeError::UnknownOutcome(
+                    "connection reset after send".into(),
+                ))
             }
-            slot.0 -= out;
-            book.entry(to).or_default().0 += inc;
+            Some(OcoFault::UnknownBeforeApply) => {
+                Err(ExchangeError::UnknownOutcome("timeout".into()))
+            }
+            Some(OcoFault::Fail(err)) => Err(err),
         }
-        s.next_id += 1;
-        let snap = OrderSnapshot {
-            order_id: s.next_id,
-            client_id: order.client_id.as_str().to_owned(),
-            symbol: order.symbol.clone(),
-            status: if crosses {
-                EntryStatus::Filled
-            } else {
-                EntryStatus::New
-            },
-            executed_qty: if crosses { qty } else { Qty::ZERO },
-            cumulative_quote: if crosses {
-                qty.notional(price)
-            } else {
-                Decimal::ZERO
-            },
-            fills: if crosses {
-                vec![Fill {
-                    trade_id: s.next_id,
-                    price,
-                    qty,
-                    commission: Decimal::ZERO,
-                    commission_asset: Asset("BNB".into()),
-                    time: Millis(0),
-                }]
-            } else {
-                Vec::new()
-            },
-            updated_at: Millis(0),
-        };
-        s.orders.insert(
-            (creds.api_key.clone(), order.client_id.as_str().to_owned()),
-            snap.clone(),
-        );
-        Ok(snap)
     }
 
     async fn query_order(
@@ -520,13 +566,16 @@ impl Exchange for FakeExchange {
         client_id: &str,
     ) -> Result<OrderSnapshot, ExchangeError> {
         YieldNow::default().await;
-        self.lock()
-            .orders
+        let mut s = self.lock();
+        if s.lagging_lookups > 0 {
+            s.lagging_lookups -= 1;
+            return Err(ExchangeError::NotFound);
+        }
+        s.orders
             .get(&(creds.api_key.clone(), client_id.to_owned()))
             .cloned()
             .ok_or(ExchangeError::NotFound)
     }
-
     async fn order_trades(
         &self,
         creds: &ApiCredentials,
@@ -618,10 +667,13 @@ impl Exchange for FakeExchange {
         list_client_id: &str,
     ) -> Result<Option<OrderListSnapshot>, ExchangeError> {
         YieldNow::default().await;
+        let mut s = self.lock();
+        if s.lagging_lookups > 0 {
+            s.lagging_lookups -= 1;
+            return Ok(None);
+        }
         // The latest list under that id: ids are reusable once a list is done.
-        Ok(self
-            .lock()
-            .lists
+        Ok(s.lists
             .iter()
             .rev()
             .find(|l| l.api_key == creds.api_key && l.request.ids.list.as_str() == list_client_id)

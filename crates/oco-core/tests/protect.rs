@@ -779,3 +779,120 @@ async fn a_fenced_claim_is_not_taken_over() {
     assert_eq!(open_generations(&w), ["1"], "{:?}", w.exchange.open_lists());
     assert_eq!(w.open_qty(), dec!(1));
 }
+
+/// Sells `qty` BTC at market with the exit client id of `key`, as `late`
+/// does, and claims the exit leg as `late` claims it.
+async fn exit_sent_then_crashed(w: &World, key: oco_core::LegKey, qty: Decimal) {
+    use oco_core::ports::{ApiCredentials, Exchange, OrderRequest, Side};
+    let ids = oco_core::IdScheme::new("og").unwrap();
+    let exit = ids.exit(key).unwrap();
+    let claim = oco_core::model::LegClaim {
+        key,
+        ids: oco_core::ids::OcoClientIds {
+            list: exit.clone(),
+            ..ids.oco(key).unwrap()
+        },
+        symbol: "BTCUSDT".into(),
+        qty: q(qty),
+        take_profit: p(dec!(100)),
+        stop: p(dec!(100)),
+        stop_limit: None,
+        source: Source::Sync,
+        at: w.clock.now(),
+    };
+    assert!(w.store.claim_leg(&claim).await.unwrap());
+    let creds = ApiCredentials {
+        api_key: KEY.into(),
+        secret: secrecy::SecretString::from("s"),
+    };
+    w.exchange
+        .place_order(
+            &creds,
+            &OrderRequest {
+                symbol: "BTCUSDT".into(),
+                side: Side::Sell,
+                limit: None,
+                size: oco_core::model::OrderSize::Base(q(qty)),
+                client_id: exit,
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_exit_whose_answer_and_first_lookup_are_lost_sells_once() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.credit(dec!(5)); // held for other reasons: a second exit would sell them
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.exchange.push_order_fault(OcoFault::UnknownAfterApply);
+    w.exchange.lag_next_lookups(1);
+    let first = w
+        .protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Pending { ref legs } if legs.len() == 1),
+        "{first:?}"
+    );
+    let exits = w.exits(id).await;
+    assert!(
+        exits.len() == 1 && exits[0].state == LegState::Unknown,
+        "{exits:?}"
+    );
+    w.clock.advance(Duration::from_secs(1));
+    let second = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(second.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    assert_eq!(w.exchange.market_sells().len(), 1, "sold once");
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(5));
+    let exits = w.exits(id).await;
+    assert_eq!(exits.len(), 1, "no second exit claimed: {exits:?}");
+    assert_eq!(exits[0].sold.total(), q(dec!(1)));
+    w.clock.advance(Duration::from_secs(60));
+    let later = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(later.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    assert_eq!(w.exchange.market_sells().len(), 1, "still sold once");
+}
+
+#[tokio::test]
+async fn an_exit_sent_before_a_crash_is_adopted_not_sold_again() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.credit(dec!(5)); // held for other reasons: a second exit would sell them
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.store.record_evidence(id, &ev).await.unwrap();
+    let key = oco_core::LegKey {
+        entry: id,
+        leg: oco_core::ids::LegIndex::First,
+        generation: 0,
+    };
+    // The exit went out; its claimant died before recording it.
+    exit_sent_then_crashed(&w, key, dec!(1)).await;
+    w.clock.advance(Duration::from_secs(31));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(report.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    assert_eq!(w.exchange.market_sells().len(), 1, "sold once");
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(5));
+    let exits = w.exits(id).await;
+    assert_eq!(exits.len(), 1, "no second exit claimed: {exits:?}");
+    assert_eq!(exits[0].sold.total(), q(dec!(1)));
+    assert!(
+        matches!(
+            w.store.entry(id).await.unwrap().protection,
+            Protection::Closed
+        ),
+        "the exit's coins are sold: the entry is closed"
+    );
+}
