@@ -144,6 +144,32 @@ fn claim_locked(inner: &mut Inner, claim: &LegClaim) -> Result<bool, StoreError>
     Ok(true)
 }
 
+/// [`Store::update_leg`] under the store's lock; with `stale_after`, only
+/// if the leg was last written more than that before `update.at`
+/// ([`Store::take_over_leg`]).
+fn update_locked(
+    inner: &mut Inner,
+    update: &LegUpdate,
+    stale_after: Option<std::time::Duration>,
+) -> Result<bool, StoreError> {
+    let leg = inner
+        .legs
+        .get_mut(&update.key)
+        .ok_or_else(|| not_found("leg", update.key))?;
+    if leg.state.name() != update.from {
+        return Ok(false);
+    }
+    if stale_after.is_some_and(|stale| update.at.since(leg.updated_at) <= stale) {
+        return Ok(false);
+    }
+    leg.state = update.to.clone();
+    if update.error.is_some() {
+        leg.last_error = update.error.clone();
+    }
+    leg.updated_at = update.at;
+    Ok(true)
+}
+
 #[async_trait]
 impl Store for MemStore {
     async fn create_account(&self, account: NewAccount) -> Result<Account, StoreError> {
@@ -324,20 +350,15 @@ impl Store for MemStore {
     }
 
     async fn update_leg(&self, update: &LegUpdate) -> Result<bool, StoreError> {
-        let mut inner = self.lock();
-        let leg = inner
-            .legs
-            .get_mut(&update.key)
-            .ok_or_else(|| not_found("leg", update.key))?;
-        if leg.state.name() != update.from {
-            return Ok(false);
-        }
-        leg.state = update.to.clone();
-        if update.error.is_some() {
-            leg.last_error = update.error.clone();
-        }
-        leg.updated_at = update.at;
-        Ok(true)
+        update_locked(&mut self.lock(), update, None)
+    }
+
+    async fn take_over_leg(
+        &self,
+        update: &LegUpdate,
+        stale_after: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        update_locked(&mut self.lock(), update, Some(stale_after))
     }
 
     async fn record_leg_sold(

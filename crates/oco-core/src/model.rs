@@ -337,7 +337,8 @@ pub struct Leg {
     pub last_error: Option<String>,
     /// Claim time.
     pub claimed_at: Millis,
-    /// Last change.
+    /// Last change. For a claimed leg: its claim, or its claimant's fence
+    /// right before sending; the claim timeout runs from here.
     pub updated_at: Millis,
 }
 

@@ -504,6 +504,46 @@ pub trait Store: Send + Sync {
     async fn claim_leg(&self, claim: &LegClaim) -> Result<bool, StoreError>;
     /// Applies `update` if the leg is still in `update.from`; `Ok(false)` if not.
     async fn update_leg(&self, update: &LegUpdate) -> Result<bool, StoreError>;
+    /// Takes a leg over from a claimant that went quiet: [`Store::update_leg`],
+    /// applied only if the leg is still in `update.from` and was last written
+    /// (claimed, fenced, or moved to `from`) more than `stale_after` before
+    /// `update.at`. The staleness is checked in the same atomic step as the
+    /// state, so a claimant that fenced its claim in between (see
+    /// [`Store::fence_legs`]) keeps it, and one that did not finds its fence
+    /// refused and sends nothing.
+    async fn take_over_leg(
+        &self,
+        update: &LegUpdate,
+        stale_after: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Fences claimed legs right before they are sent: each leg still
+    /// `claimed` (nobody took it over) is stamped as written at `at`, so that
+    /// a takeover must wait out the claim timeout from now, not from the
+    /// claim. Element `i` tells whether `keys[i]` was fenced; a leg that was
+    /// not must not be sent. One durable write for all of them (by default
+    /// one [`Store::record_outcomes`] call, which is one statement in
+    /// PostgreSQL).
+    async fn fence_legs(
+        &self,
+        entry: EntryId,
+        keys: &[LegKey],
+        at: Millis,
+    ) -> Result<Vec<bool>, StoreError> {
+        let updates: Vec<LegUpdate> = keys
+            .iter()
+            .map(|key| LegUpdate {
+                key: *key,
+                from: "claimed",
+                to: crate::state::LegState::Claimed,
+                error: None,
+                at,
+            })
+            .collect();
+        Ok(self
+            .record_outcomes(entry, &updates, &[], None)
+            .await?
+            .applied)
+    }
     /// Raises what a leg has sold (never lowers it).
     async fn record_leg_sold(
         &self,

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use rust_decimal::Decimal;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, error, info, warn};
 
-use crate::ids::{AccountId, IdError, IdScheme, LegIndex, LegKey};
+use crate::ids::{AccountId, IdError, IdScheme, LegIndex, LegKey, OcoClientIds, OrderRole};
 use crate::levels::{LevelsError, resolve_levels};
 use crate::model::{
     Entry, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize, Protection, Source,
@@ -574,7 +574,9 @@ impl Protector {
         }
 
         // Claim the new generation before anything is sent; only the claimant goes on.
-        let wanted = self.claims_of(entry, &plan, generation, source, now)?;
+        // Stamped now, not at the round's start: the lookups above can wait, and
+        // a claim born old could be taken over as abandoned while it is sent.
+        let wanted = self.claims_of(entry, &plan, generation, source, self.clock.now())?;
         // Every leg of the generation in one durable write; only legs won are sent.
         let won = self.store.claim_legs(&wanted).await?;
         self.send_claimed(Claimed {
@@ -817,7 +819,36 @@ impl Protector {
                 }
             }
         }
-        self.cancel_orphaned_take_profits(creds, legs).await;
+        let canceled_any = self.cancel_orphaned_take_profits(creds, legs).await;
+        // The exchange calls above can wait (a node-wide rate-limit pause) past
+        // the claim timeout, and a stale claim may be taken over meanwhile:
+        // fence the claims now, so that a taken one is not sent, and a fenced
+        // one is not taken before the timeout runs again from here. Without
+        // such calls the claim's own write, just made, is the fence.
+        if !active.is_empty() || canceled_any {
+            let keys: Vec<LegKey> = claims.iter().map(|c| c.key).collect();
+            let fenced = self
+                .store
+                .fence_legs(entry.id, &keys, self.clock.now())
+                .await?;
+            if fenced.iter().any(|f| !f) {
+                warn!(entry = %entry.id, generation = claims[0].key.generation, "claim taken over before it was sent; sending nothing");
+                let ours: Vec<LegClaim> = claims
+                    .iter()
+                    .zip(&fenced)
+                    .filter(|(_, f)| **f)
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                // A generation goes out whole or not at all.
+                self.release(
+                    &ours,
+                    None,
+                    "superseded: the claim was taken over before it was sent",
+                )
+                .await?;
+                return Ok(Round::Again { holding: None });
+            }
+        }
 
         let requests: Vec<OcoRequest> = claims
             .iter()
@@ -877,12 +908,19 @@ impl Protector {
                 });
             // The entry comes back read after the write: fills recorded while
             // we placed show without another round trip.
-            let fresh = self
+            let recorded = self
                 .store
                 .record_outcomes(entry.id, &updates, &events, protection.as_ref())
-                .await?
-                .entry;
-            if fresh.net_qty() > entry.net_qty() {
+                .await?;
+            let mut lost = false;
+            for (claim, applied) in claims.iter().zip(&recorded.applied) {
+                if !applied && !self.keep_or_withdraw(entry, creds, claim, source).await? {
+                    lost = true;
+                }
+            }
+            // A list withdrawn because its claim was taken over: whoever took it
+            // decides the coverage, and the next round sees what they did.
+            if lost || recorded.entry.net_qty() > entry.net_qty() {
                 return Ok(Round::Again { holding: None });
             }
             return Ok(Round::Done(ProtectOutcome::Placed {
@@ -898,19 +936,25 @@ impl Protector {
         let mut again = None;
         let mut late_reason = None;
         let mut cap_refused = false;
+        let mut lost = false;
         for ((claim, request), result) in claims.iter().zip(&requests).zip(results) {
             let key = claim.key;
             match result {
                 Ok(ack) => {
-                    self.update(
-                        key,
-                        "claimed",
-                        LegState::Placed {
-                            list_id: ack.list_id,
-                        },
-                        None,
-                    )
-                    .await?;
+                    let ours = self
+                        .update(
+                            key,
+                            "claimed",
+                            LegState::Placed {
+                                list_id: ack.list_id,
+                            },
+                            None,
+                        )
+                        .await?;
+                    if !ours && !self.keep_or_withdraw(entry, creds, claim, source).await? {
+                        lost = true;
+                        continue;
+                    }
                     info!(entry = %entry.id, leg = %key, list_id = ack.list_id, client_id = %request.ids.list, %source, "protection leg placed");
                     placed.push(key);
                 }
@@ -919,8 +963,16 @@ impl Protector {
                     if matches!(err, ExchangeError::UnknownOutcome(_)) || err.is_duplicate() =>
                 {
                     warn!(entry = %entry.id, leg = %key, client_id = %request.ids.list, error = %err, "outcome unknown, looking it up");
-                    self.update(key, "claimed", LegState::Unknown, Some(err.to_string()))
+                    let ours = self
+                        .update(key, "claimed", LegState::Unknown, Some(err.to_string()))
                         .await?;
+                    // Taken over while we sent: whatever we may have placed is not ours to keep.
+                    if !ours {
+                        if !self.keep_or_withdraw(entry, creds, claim, source).await? {
+                            lost = true;
+                        }
+                        continue;
+                    }
                     match self
                         .exchange
                         .order_list(creds, &request.symbol, request.ids.list.as_str())
@@ -972,6 +1024,9 @@ impl Protector {
                     self.clock.now(),
                 ))
                 .await?;
+        }
+        if lost {
+            return Ok(Round::Again { holding: None });
         }
         // The market passed a level of some legs. Those that went out keep their
         // stops; the rest of the position takes the late policy, or it would sit
@@ -1042,12 +1097,22 @@ impl Protector {
 
     /// Looks a leg's list up on the exchange and records what it finds: placed,
     /// filled, ended outside, or (for a stale claim or unknown outcome that the
-    /// exchange does not know) never placed.
+    /// exchange does not know) never placed. A market exit's leg is looked up
+    /// as the order it is, by its exit client id.
+    ///
+    /// A miss counts as absence only once the leg has gone unwritten for the
+    /// claim timeout (the lookup reads a database that may lag a fresh
+    /// placement), counted from its last write: the claim, the claimant's
+    /// fence right before it sent, or the lost answer. Within it, and when the
+    /// lookup fails, the leg is left in doubt.
     ///
     /// # Errors
     /// [`ProtectError::Store`] when the result cannot be recorded; exchange read
     /// failures leave the leg as it was.
     pub async fn refresh_leg(&self, creds: &ApiCredentials, leg: &Leg) -> Result<(), ProtectError> {
+        if self.is_exit(leg) {
+            return self.refresh_exit(creds, leg).await;
+        }
         match self
             .exchange
             .order_list(creds, &leg.symbol, leg.ids.list.as_str())
@@ -1055,21 +1120,8 @@ impl Protector {
         {
             Ok(Some(snap)) => self.apply_list(leg.key, leg.state.name(), &snap).await,
             Ok(None) | Err(ExchangeError::NotFound) => {
-                let age = self.clock.now().since(leg.claimed_at);
-                // The list lookup reads a database that may lag a fresh placement.
-                if matches!(leg.state, LegState::Claimed | LegState::Unknown)
-                    && age > self.config.claim_timeout
-                {
-                    self.update(
-                        leg.key,
-                        leg.state.name(),
-                        LegState::NotPlaced {
-                            code: None,
-                            reason: "lookup found no such list".into(),
-                        },
-                        None,
-                    )
-                    .await?;
+                if matches!(leg.state, LegState::Claimed | LegState::Unknown) {
+                    self.take_over(leg, "lookup found no such list").await?;
                 } else if matches!(leg.state, LegState::Placed { .. })
                     && self.clock.now().since(leg.updated_at) > self.config.claim_timeout
                 {
@@ -1090,6 +1142,133 @@ impl Protector {
                 Ok(())
             }
         }
+    }
+
+    /// Records a leg in doubt that a lookup did not find as never placed, if
+    /// it has gone unwritten for the claim timeout. The store checks that in
+    /// the same step as the state, so a claimant that fenced its claim since
+    /// the leg was read keeps it (and sends), and one that had not yet
+    /// fenced finds its fence refused (and sends nothing).
+    async fn take_over(&self, leg: &Leg, reason: &str) -> Result<bool, ProtectError> {
+        let now = self.clock.now();
+        if now.since(leg.updated_at) <= self.config.claim_timeout {
+            return Ok(false);
+        }
+        Ok(self
+            .store
+            .take_over_leg(
+                &LegUpdate {
+                    key: leg.key,
+                    from: leg.state.name(),
+                    to: LegState::NotPlaced {
+                        code: None,
+                        reason: reason.into(),
+                    },
+                    error: None,
+                    at: now,
+                },
+                self.config.claim_timeout,
+            )
+            .await?)
+    }
+
+    /// Whether a leg is a market exit rather than a list. Exits are claimed
+    /// with their exit client id as the list id; older ones are known by
+    /// their shape (a list always has its target above its stop, an exit's
+    /// claim row holds the fill price in both).
+    fn is_exit(&self, leg: &Leg) -> bool {
+        matches!(
+            self.config.ids.parse(leg.ids.list.as_str()),
+            Some(OrderRole::Exit(_))
+        ) || (leg.take_profit == leg.stop && leg.stop_limit.is_none())
+    }
+
+    /// [`Protector::refresh_leg`] for a market exit: looked up by its exit
+    /// client id. Found, what it sold is recorded; not found, it is never
+    /// placed only past the claim timeout, as a list is, so that a lagging
+    /// lookup never leads to a second sale.
+    async fn refresh_exit(&self, creds: &ApiCredentials, leg: &Leg) -> Result<(), ProtectError> {
+        if !matches!(leg.state, LegState::Claimed | LegState::Unknown) {
+            return Ok(());
+        }
+        let exit_id = self.config.ids.exit(leg.key)?;
+        match self
+            .exchange
+            .query_order(creds, &leg.symbol, exit_id.as_str())
+            .await
+        {
+            Ok(snap) => {
+                let why = "late protection, exited at market (found by its client id)";
+                if self
+                    .record_exit(leg.key, leg.state.name(), &snap, why, None)
+                    .await?
+                {
+                    info!(leg = %leg.key, client_id = %exit_id, qty = %snap.executed_qty, "market exit found by lookup, recorded");
+                    // As `late` records it: the entry is exited unless lists of
+                    // it still hold stops.
+                    let legs = self.store.legs(leg.key.entry).await?;
+                    if !legs
+                        .iter()
+                        .any(|l| matches!(l.state, LegState::Placed { .. }))
+                    {
+                        self.store
+                            .set_protection(
+                                leg.key.entry,
+                                &Protection::Exited { reason: why.into() },
+                            )
+                            .await?;
+                    }
+                }
+                Ok(())
+            }
+            Err(ExchangeError::NotFound) => {
+                self.take_over(leg, "lookup found no such exit").await?;
+                Ok(())
+            }
+            Err(err) => {
+                warn!(leg = %leg.key, client_id = %exit_id, error = %err, "exit lookup failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Records what a market exit sold and ends its leg (`from` →
+    /// `NotPlaced`, the way exits are kept: what they sold is in the leg's
+    /// `sold`). `false` when the leg had already left `from` (another caller
+    /// recorded the same exit).
+    async fn record_exit(
+        &self,
+        key: LegKey,
+        from: &'static str,
+        snap: &crate::ports::OrderSnapshot,
+        why: &str,
+        source: Option<Source>,
+    ) -> Result<bool, ProtectError> {
+        let now = self.clock.now();
+        let sold = LegSold {
+            stop_loss: snap.executed_qty,
+            stop_loss_quote: snap.cumulative_quote,
+            ..LegSold::default()
+        };
+        // What it sold is a fact whoever records the end: kept by maximum.
+        self.store.record_leg_sold(key, sold, now).await?;
+        let moved = self
+            .update(
+                key,
+                from,
+                LegState::NotPlaced {
+                    code: None,
+                    reason: why.to_owned(),
+                },
+                None,
+            )
+            .await?;
+        if moved {
+            self.store
+                .append_event(&event(key.entry, "exited", why, source, now))
+                .await?;
+        }
+        Ok(moved)
     }
 
     async fn apply_list(
@@ -1195,7 +1374,13 @@ impl Protector {
             generation,
         };
         let now = self.clock.now();
-        let ids = self.config.ids.oco(key)?;
+        let exit_id = self.config.ids.exit(key)?;
+        // The exit's own client id stands as the claim's list id: a lookup of
+        // the leg (after a crash, or a lost answer) asks for the order it is.
+        let ids = OcoClientIds {
+            list: exit_id.clone(),
+            ..self.config.ids.oco(key)?
+        };
         let claim = LegClaim {
             key,
             ids,
@@ -1208,10 +1393,10 @@ impl Protector {
             source,
             at: now,
         };
+        // The claim is also the fence: the order goes out right after it.
         if !self.store.claim_leg(&claim).await? {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
         }
-        let exit_id = self.config.ids.exit(key)?;
         let order = OrderRequest {
             symbol: entry.symbol.name.clone(),
             side: Side::Sell,
@@ -1219,64 +1404,27 @@ impl Protector {
             size: OrderSize::Base(qty),
             client_id: exit_id.clone(),
         };
-        let result = match self.exchange.place_order(creds, &order).await {
-            Err(ExchangeError::UnknownOutcome(msg)) => {
-                warn!(entry = %entry.id, client_id = %exit_id, error = %msg, "exit outcome unknown, looking it up");
-                self.exchange
+        let why = format!("late protection, exited at market: {reason}");
+        let (from, snap) = match self.exchange.place_order(creds, &order).await {
+            Ok(snap) => ("claimed", snap),
+            // The sale may have happened: it is looked up, now and by later
+            // calls, and never sent again unless the exchange, past the claim
+            // timeout, still does not know it.
+            Err(err) if matches!(err, ExchangeError::UnknownOutcome(_)) || err.is_duplicate() => {
+                warn!(entry = %entry.id, client_id = %exit_id, error = %err, "exit outcome unknown, looking it up");
+                self.update(key, "claimed", LegState::Unknown, Some(err.to_string()))
+                    .await?;
+                match self
+                    .exchange
                     .query_order(creds, &order.symbol, exit_id.as_str())
                     .await
-            }
-            other => other,
-        };
-        match result {
-            Ok(snap) => {
-                let sold = LegSold {
-                    stop_loss: snap.executed_qty,
-                    stop_loss_quote: snap.cumulative_quote,
-                    ..LegSold::default()
-                };
-                self.store.record_leg_sold(key, sold, now).await?;
-                if snap.executed_qty < qty {
-                    return self
-                        .short_exit(entry, key, qty, &snap, source, &reason)
-                        .await;
+                {
+                    Ok(snap) => ("unknown", snap),
+                    Err(lookup) => {
+                        warn!(entry = %entry.id, client_id = %exit_id, error = %lookup, "exit not found yet; left in doubt");
+                        return Ok(Round::Done(ProtectOutcome::Pending { legs: vec![key] }));
+                    }
                 }
-                let why = format!("late protection, exited at market: {reason}");
-                self.update(
-                    key,
-                    "claimed",
-                    LegState::NotPlaced {
-                        code: None,
-                        reason: why.clone(),
-                    },
-                    None,
-                )
-                .await?;
-                if partly_protected {
-                    // Lists still hold the rest: the entry stays protected, and
-                    // followed, rather than settled.
-                    self.mark_protected(entry, source, self.clock.now()).await?;
-                } else {
-                    self.store
-                        .set_protection(
-                            entry.id,
-                            &Protection::Exited {
-                                reason: why.clone(),
-                            },
-                        )
-                        .await?;
-                }
-                self.store
-                    .append_event(&event(
-                        entry.id,
-                        "exited",
-                        &why,
-                        Some(source),
-                        self.clock.now(),
-                    ))
-                    .await?;
-                warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
-                Ok(Round::Done(ProtectOutcome::Exited { reason: why }))
             }
             Err(err) => {
                 let why = format!("late protection, exit failed: {err}");
@@ -1299,18 +1447,48 @@ impl Protector {
                         self.clock.now(),
                     ))
                     .await?;
-                Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
+                return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }));
             }
+        };
+        if snap.executed_qty < qty {
+            return self
+                .short_exit(entry, key, from, qty, &snap, source, &reason)
+                .await;
         }
+        if !self
+            .record_exit(key, from, &snap, &why, Some(source))
+            .await?
+        {
+            // Recorded by another caller that looked it up meanwhile.
+            return Ok(Round::Done(ProtectOutcome::Exited { reason: why }));
+        }
+        if partly_protected {
+            // Lists still hold the rest: the entry stays protected, and
+            // followed, rather than settled.
+            self.mark_protected(entry, source, self.clock.now()).await?;
+        } else {
+            self.store
+                .set_protection(
+                    entry.id,
+                    &Protection::Exited {
+                        reason: why.clone(),
+                    },
+                )
+                .await?;
+        }
+        warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
+        Ok(Round::Done(ProtectOutcome::Exited { reason: why }))
     }
 
     /// A market exit that ended with less sold than asked (Binance expires
     /// what its price range cannot fill): the coins left are still held, so
     /// the entry is not settled; the next call protects or exits them.
+    #[allow(clippy::too_many_arguments)] // the exit's facts, each needed once
     async fn short_exit(
         &self,
         entry: &Entry,
         key: LegKey,
+        from: &'static str,
         asked: Qty,
         snap: &crate::ports::OrderSnapshot,
         source: Source,
@@ -1320,25 +1498,37 @@ impl Protector {
             "late protection, exit sold {} of {asked} ({}): {reason}",
             snap.executed_qty, snap.status
         );
-        self.update(
-            key,
-            "claimed",
-            LegState::NotPlaced {
-                code: None,
-                reason: why.clone(),
-            },
-            None,
-        )
-        .await?;
+        let sold = LegSold {
+            stop_loss: snap.executed_qty,
+            stop_loss_quote: snap.cumulative_quote,
+            ..LegSold::default()
+        };
+        // What it sold is a fact whoever records the end: kept by maximum.
         self.store
-            .append_event(&event(
-                entry.id,
-                "exit_short",
-                &why,
-                Some(source),
-                self.clock.now(),
-            ))
+            .record_leg_sold(key, sold, self.clock.now())
             .await?;
+        let moved = self
+            .update(
+                key,
+                from,
+                LegState::NotPlaced {
+                    code: None,
+                    reason: why.clone(),
+                },
+                None,
+            )
+            .await?;
+        if moved {
+            self.store
+                .append_event(&event(
+                    entry.id,
+                    "exit_short",
+                    &why,
+                    Some(source),
+                    self.clock.now(),
+                ))
+                .await?;
+        }
         warn!(entry = %entry.id, leg = %key, sold = %snap.executed_qty, %asked, %source, "market exit sold less than asked");
         Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
     }
@@ -1429,7 +1619,10 @@ impl Protector {
             .map_or(Qty::ZERO, |b| b.free))
     }
 
-    async fn cancel_orphaned_take_profits(&self, creds: &ApiCredentials, legs: &[Leg]) {
+    /// Whether it sent any cancel (an exchange call that can wait, see
+    /// [`Protector::send_claimed`]).
+    async fn cancel_orphaned_take_profits(&self, creds: &ApiCredentials, legs: &[Leg]) -> bool {
+        let mut sent = false;
         for leg in legs {
             if leg.state
                 == (LegState::CanceledExternally {
@@ -1437,6 +1630,7 @@ impl Protector {
                 })
             {
                 // The rest of a partly filled take-profit rests without a stop and locks coins.
+                sent = true;
                 if let Err(err) = self
                     .exchange
                     .cancel_order(creds, &leg.symbol, leg.ids.take_profit.as_str())
@@ -1446,6 +1640,64 @@ impl Protector {
                 }
             }
         }
+        sent
+    }
+
+    /// A list of ours went out, but the write of its outcome found the claim
+    /// no longer `claimed`. If the leg was recorded placed meanwhile (someone
+    /// found the list by its client id and adopted it), the list is ours and
+    /// stays: `true`. Otherwise the claim was taken over as abandoned and
+    /// another generation may cover the same coins: the list is canceled, so
+    /// that the exchange never holds two sets of legs for one position
+    /// (`false`).
+    async fn keep_or_withdraw(
+        &self,
+        entry: &Entry,
+        creds: &ApiCredentials,
+        claim: &LegClaim,
+        source: Source,
+    ) -> Result<bool, ProtectError> {
+        let legs = self.store.legs(entry.id).await?;
+        let now = legs.iter().find(|l| l.key == claim.key).map(|l| &l.state);
+        if now.is_some_and(crate::mem::was_placed) {
+            return Ok(true);
+        }
+        error!(entry = %entry.id, leg = %claim.key, client_id = %claim.ids.list, state = now.map_or("missing", LegState::name), %source, "claim taken over while its list was sent; canceling the list");
+        // A refusal here is final (the list is not open); an unanswered cancel
+        // is tried again, as each try is idempotent by the client id.
+        let mut result = Err(ExchangeError::UnknownOutcome("not tried".into()));
+        for _ in 0..3 {
+            result = self
+                .exchange
+                .cancel_order_list(creds, &claim.symbol, claim.ids.list.as_str())
+                .await;
+            if !matches!(
+                result,
+                Err(ExchangeError::UnknownOutcome(_) | ExchangeError::Transient(_))
+            ) {
+                break;
+            }
+        }
+        let detail = match &result {
+            Ok(_) => format!("{}: claim taken over while sent; list canceled", claim.key),
+            Err(err) => {
+                error!(entry = %entry.id, leg = %claim.key, client_id = %claim.ids.list, error = %err, "could not cancel a list whose claim was taken over");
+                format!(
+                    "{}: claim taken over while sent; cancel failed: {err}",
+                    claim.key
+                )
+            }
+        };
+        self.store
+            .append_event(&event(
+                entry.id,
+                "leg_withdrawn",
+                detail,
+                Some(source),
+                self.clock.now(),
+            ))
+            .await?;
+        Ok(false)
     }
 
     async fn release(

@@ -83,6 +83,9 @@ struct FakeState {
     orders: HashMap<(String, String), OrderSnapshot>,
     oco_faults: VecDeque<OcoFault>,
     market_depth: HashMap<String, Qty>,
+    order_faults: VecDeque<OcoFault>,
+    lagging_lookups: usize,
+    market_sells: Vec<String>,
     next_id: i64,
     oco_calls: usize,
 }
@@ -94,6 +97,7 @@ struct FakeState {
 pub struct FakeExchange {
     state: Mutex<FakeState>,
     before_oco: Mutex<Option<OcoHook>>,
+    before_cancel: Mutex<Option<OcoHook>>,
 }
 
 /// What runs before the next OCO placement (see [`FakeExchange::before_next_oco`]).
@@ -123,6 +127,120 @@ impl FakeExchange {
             .before_oco
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(hook));
+    }
+
+    /// Runs `hook` once, at the start of the next list cancel: what happens
+    /// elsewhere while a replacement cancels the lists it replaces (a
+    /// rate-limit pause holding the call, say).
+    pub fn before_next_cancel(
+        &self,
+        hook: impl FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send + 'static,
+    ) {
+        *self
+            .before_cancel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(hook));
+    }
+
+    /// Scripts the next `place_order` call (the faults mean for an order
+    /// what they mean for a list).
+    pub fn push_order_fault(&self, fault: OcoFault) {
+        self.lock().order_faults.push_back(fault);
+    }
+
+    /// The next `n` lookups (`query_order`, `order_list`) answer as if the
+    /// order or list did not exist: the exchange's lookups read a database
+    /// that can lag its matching engine.
+    pub fn lag_next_lookups(&self, n: usize) {
+        self.lock().lagging_lookups = n;
+    }
+
+    /// The client ids of the SELL market orders executed, in order.
+    pub fn market_sells(&self) -> Vec<String> {
+        self.lock().market_sells.clone()
+    }
+
+    /// Executes an order as the matching engine would.
+    fn execute_order(
+        &self,
+        creds: &ApiCredentials,
+        order: &OrderRequest,
+    ) -> Result<OrderSnapshot, ExchangeError> {
+        let mut s = self.lock();
+        let price = *s
+            .prices
+            .get(&order.symbol)
+            .ok_or_else(|| rejected(-1121, "Invalid symbol."))?;
+        let qty = match order.size {
+            OrderSize::Base(q) => q,
+            OrderSize::Quote(q) => Qty::new(q / price.get()).unwrap_or(Qty::ZERO),
+        };
+        let (base, quote) = s.split_symbol(&order.symbol);
+        let crosses = order.limit.is_none_or(|l| match order.side {
+            Side::Buy => l >= price,
+            Side::Sell => l <= price,
+        });
+        let asked = qty;
+        let qty = match s.market_depth.get(&order.symbol) {
+            Some(depth) if order.limit.is_none() => qty.min(*depth),
+            _ => qty,
+        };
+        let book = s.balances.entry(creds.api_key.clone()).or_default();
+        if crosses {
+            let (from, to, out, inc) = match order.side {
+                Side::Buy => (quote, base, qty.notional(price), qty.get()),
+                Side::Sell => (base, quote, qty.get(), qty.notional(price)),
+            };
+            let slot = book.entry(from).or_default();
+            if slot.0 < out {
+                return Err(rejected(
+                    -2010,
+                    "Account has insufficient balance for requested action.",
+                ));
+            }
+            slot.0 -= out;
+            book.entry(to).or_default().0 += inc;
+        }
+        s.next_id += 1;
+        let snap = OrderSnapshot {
+            order_id: s.next_id,
+            client_id: order.client_id.as_str().to_owned(),
+            symbol: order.symbol.clone(),
+            status: if crosses && qty < asked {
+                EntryStatus::Expired
+            } else if crosses {
+                EntryStatus::Filled
+            } else {
+                EntryStatus::New
+            },
+            executed_qty: if crosses { qty } else { Qty::ZERO },
+            cumulative_quote: if crosses {
+                qty.notional(price)
+            } else {
+                Decimal::ZERO
+            },
+            fills: if crosses && !qty.is_zero() {
+                vec![Fill {
+                    trade_id: s.next_id,
+                    price,
+                    qty,
+                    commission: Decimal::ZERO,
+                    commission_asset: Asset("BNB".into()),
+                    time: Millis(0),
+                }]
+            } else {
+                Vec::new()
+            },
+            updated_at: Millis(0),
+        };
+        if crosses && order.side == Side::Sell && !qty.is_zero() {
+            s.market_sells.push(order.client_id.as_str().to_owned());
+        }
+        s.orders.insert(
+            (creds.api_key.clone(), order.client_id.as_str().to_owned()),
+            snap.clone(),
+        );
+        Ok(snap)
     }
 
     fn lock(&self) -> MutexGuard<'_, FakeState> {
@@ -444,78 +562,20 @@ impl Exchange for FakeExchange {
         order: &OrderRequest,
     ) -> Result<OrderSnapshot, ExchangeError> {
         YieldNow::default().await;
-        let mut s = self.lock();
-        let price = *s
-            .prices
-            .get(&order.symbol)
-            .ok_or_else(|| rejected(-1121, "Invalid symbol."))?;
-        let qty = match order.size {
-            OrderSize::Base(q) => q,
-            OrderSize::Quote(q) => Qty::new(q / price.get()).unwrap_or(Qty::ZERO),
-        };
-        let (base, quote) = s.split_symbol(&order.symbol);
-        let crosses = order.limit.is_none_or(|l| match order.side {
-            Side::Buy => l >= price,
-            Side::Sell => l <= price,
-        });
-        let asked = qty;
-        let qty = match s.market_depth.get(&order.symbol) {
-            Some(depth) if order.limit.is_none() => qty.min(*depth),
-            _ => qty,
-        };
-        let book = s.balances.entry(creds.api_key.clone()).or_default();
-        if crosses {
-            let (from, to, out, inc) = match order.side {
-                Side::Buy => (quote, base, qty.notional(price), qty.get()),
-                Side::Sell => (base, quote, qty.get(), qty.notional(price)),
-            };
-            let slot = book.entry(from).or_default();
-            if slot.0 < out {
-                return Err(rejected(
-                    -2010,
-                    "Account has insufficient balance for requested action.",
-                ));
+        let fault = self.lock().order_faults.pop_front();
+        match fault {
+            None => self.execute_order(creds, order),
+            Some(OcoFault::UnknownAfterApply) => {
+                self.execute_order(creds, order)?;
+                Err(ExchangeError::UnknownOutcome(
+                    "connection reset after send".into(),
+                ))
             }
-            slot.0 -= out;
-            book.entry(to).or_default().0 += inc;
+            Some(OcoFault::UnknownBeforeApply) => {
+                Err(ExchangeError::UnknownOutcome("timeout".into()))
+            }
+            Some(OcoFault::Fail(err)) => Err(err),
         }
-        s.next_id += 1;
-        let snap = OrderSnapshot {
-            order_id: s.next_id,
-            client_id: order.client_id.as_str().to_owned(),
-            symbol: order.symbol.clone(),
-            status: if crosses && qty < asked {
-                EntryStatus::Expired
-            } else if crosses {
-                EntryStatus::Filled
-            } else {
-                EntryStatus::New
-            },
-            executed_qty: if crosses { qty } else { Qty::ZERO },
-            cumulative_quote: if crosses {
-                qty.notional(price)
-            } else {
-                Decimal::ZERO
-            },
-            fills: if crosses && !qty.is_zero() {
-                vec![Fill {
-                    trade_id: s.next_id,
-                    price,
-                    qty,
-                    commission: Decimal::ZERO,
-                    commission_asset: Asset("BNB".into()),
-                    time: Millis(0),
-                }]
-            } else {
-                Vec::new()
-            },
-            updated_at: Millis(0),
-        };
-        s.orders.insert(
-            (creds.api_key.clone(), order.client_id.as_str().to_owned()),
-            snap.clone(),
-        );
-        Ok(snap)
     }
 
     async fn query_order(
@@ -525,13 +585,16 @@ impl Exchange for FakeExchange {
         client_id: &str,
     ) -> Result<OrderSnapshot, ExchangeError> {
         YieldNow::default().await;
-        self.lock()
-            .orders
+        let mut s = self.lock();
+        if s.lagging_lookups > 0 {
+            s.lagging_lookups -= 1;
+            return Err(ExchangeError::NotFound);
+        }
+        s.orders
             .get(&(creds.api_key.clone(), client_id.to_owned()))
             .cloned()
             .ok_or(ExchangeError::NotFound)
     }
-
     async fn order_trades(
         &self,
         creds: &ApiCredentials,
@@ -623,10 +686,13 @@ impl Exchange for FakeExchange {
         list_client_id: &str,
     ) -> Result<Option<OrderListSnapshot>, ExchangeError> {
         YieldNow::default().await;
+        let mut s = self.lock();
+        if s.lagging_lookups > 0 {
+            s.lagging_lookups -= 1;
+            return Ok(None);
+        }
         // The latest list under that id: ids are reusable once a list is done.
-        Ok(self
-            .lock()
-            .lists
+        Ok(s.lists
             .iter()
             .rev()
             .find(|l| l.api_key == creds.api_key && l.request.ids.list.as_str() == list_client_id)
@@ -653,6 +719,14 @@ impl Exchange for FakeExchange {
         _symbol: &str,
         list_client_id: &str,
     ) -> Result<CancelOutcome, ExchangeError> {
+        let hook = self
+            .before_cancel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(hook) = hook {
+            hook().await;
+        }
         YieldNow::default().await;
         if self.lock().cancel_list(list_client_id) {
             Ok(CancelOutcome::Canceled)
@@ -1197,7 +1271,140 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         "an unknown account is not flagged"
     );
     due_behaviour(store, account.id).await?;
-    batch_behaviour(store, account.id).await
+    batch_behaviour(store, account.id).await?;
+    fence_behaviour(store, account.id).await
+}
+
+/// A claim fenced right before its send is not taken over until the claim
+/// timeout has run again from the fence; a claim taken over cannot be fenced
+/// (its claimant sends nothing); of a fence and a takeover racing, exactly one
+/// applies.
+async fn fence_behaviour(store: &dyn Store, account: AccountId) -> Result<(), SuiteError> {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(30);
+    let id_of = |id: EntryId| ClientOrderId::new(format!("t-E-{id}")).expect("literal id");
+    let entry = store
+        .create_entry(
+            NewEntry {
+                account,
+                symbol: btc_usdt(),
+                kind: crate::model::EntryKind::Market,
+                size: OrderSize::Base(qty("1")),
+                levels: crate::levels::EntryLevels::default(),
+                tags: crate::model::EntryTags::default(),
+            },
+            &id_of,
+            Millis(1_000),
+        )
+        .await?;
+    let key = |leg: LegIndex| LegKey {
+        entry: entry.id,
+        leg,
+        generation: 0,
+    };
+    let claim = |leg: LegIndex| {
+        let id = |k: &str| {
+            ClientOrderId::new(format!("f-{k}-{}-{}-0", entry.id, leg.number()))
+                .expect("literal id")
+        };
+        LegClaim {
+            key: key(leg),
+            ids: OcoClientIds {
+                list: id("L"),
+                take_profit: id("T"),
+                stop_loss: id("S"),
+            },
+            symbol: "BTCUSDT".into(),
+            qty: qty("0.5"),
+            take_profit: price("101"),
+            stop: price("99"),
+            stop_limit: None,
+            source: crate::model::Source::Sync,
+            at: Millis(1_000),
+        }
+    };
+    let (first, second) = (key(LegIndex::First), key(LegIndex::Second));
+    let won = store
+        .claim_legs(&[claim(LegIndex::First), claim(LegIndex::Second)])
+        .await?;
+    ensure!(won == [true, true], "both legs claimed, got {won:?}");
+    let take = |key: LegKey, at: i64| LegUpdate {
+        key,
+        from: "claimed",
+        to: LegState::NotPlaced {
+            code: None,
+            reason: "lookup found no such list".into(),
+        },
+        error: None,
+        at: Millis(at),
+    };
+    ensure!(
+        !store.take_over_leg(&take(first, 31_000), STALE).await?,
+        "a claim exactly the timeout old is not taken over"
+    );
+    let fenced = store
+        .fence_legs(entry.id, &[first, second], Millis(20_000))
+        .await?;
+    ensure!(
+        fenced == [true, true],
+        "claimed legs are fenced, got {fenced:?}"
+    );
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        legs.iter()
+            .all(|l| l.state == LegState::Claimed && l.updated_at == Millis(20_000)),
+        "a fence keeps the claim and stamps it: {legs:?}"
+    );
+    ensure!(
+        !store.take_over_leg(&take(first, 45_000), STALE).await?,
+        "a claim fenced 25 s ago is not taken over, though claimed 44 s ago"
+    );
+    ensure!(
+        store.legs(entry.id).await?[0].state == LegState::Claimed,
+        "a refused takeover changes nothing"
+    );
+    ensure!(
+        store.take_over_leg(&take(first, 50_001), STALE).await?,
+        "a claim unwritten for longer than the timeout is taken over"
+    );
+    ensure!(
+        !store.take_over_leg(&take(first, 90_000), STALE).await?,
+        "a leg taken over is not taken again"
+    );
+    let fenced = store
+        .fence_legs(entry.id, &[first, second], Millis(50_002))
+        .await?;
+    ensure!(
+        fenced == [false, true],
+        "a claim taken over cannot be fenced, got {fenced:?}"
+    );
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        matches!(legs[0].state, LegState::NotPlaced { .. }) && legs[1].state == LegState::Claimed,
+        "a refused fence changes nothing: {legs:?}"
+    );
+    // The claimant's fence and a taker's compare-and-set race: one applies.
+    let (fence, taken) = futures_util::future::join(
+        store.fence_legs(entry.id, &[second], Millis(90_000)),
+        store.take_over_leg(&take(second, 90_000), STALE),
+    )
+    .await;
+    let (fence, taken) = (fence?, taken?);
+    ensure!(
+        (fence == [true]) != taken,
+        "exactly one of a racing fence and takeover applies, got {fence:?} and {taken}"
+    );
+    let missing = LegKey {
+        generation: 7,
+        ..first
+    };
+    ensure!(
+        matches!(
+            store.take_over_leg(&take(missing, 90_000), STALE).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "taking over a leg that does not exist is an error"
+    );
+    Ok(())
 }
 
 /// Claims of several legs in one write, and outcomes recorded together.

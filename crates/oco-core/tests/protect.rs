@@ -1082,3 +1082,258 @@ async fn a_later_fill_that_cannot_be_planned_is_not_called_covered() {
         entry.protection
     );
 }
+
+/// The lists open on the exchange, by generation (the last part of the id).
+fn open_generations(w: &World) -> Vec<String> {
+    let mut gens: Vec<String> = w
+        .exchange
+        .open_lists()
+        .iter()
+        .filter_map(|l| {
+            l.request
+                .ids
+                .list
+                .as_str()
+                .rsplit('-')
+                .next()
+                .map(str::to_owned)
+        })
+        .collect();
+    gens.sort();
+    gens.dedup();
+    gens
+}
+
+/// A claimant held up inside its send for longer than the claim timeout (a
+/// node-wide rate-limit pause) while another caller takes the stale claim
+/// over and places the next generation: the late list is withdrawn, never
+/// kept beside the other.
+#[tokio::test]
+async fn a_slow_claimant_and_a_takeover_never_both_place() {
+    let one_leg = ProtectionConfig {
+        split: dec!(1),
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    // Other coins of the same asset on the account (another entry's, the user's).
+    w.credit(dec!(5));
+    w.store.record_evidence(id, &full_fill()).await.unwrap();
+    let (clock, other) = (w.clock.clone(), w.protector.clone());
+    let taker = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = taker.clone();
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            clock.advance(Duration::from_secs(31));
+            let r = other.protect(id, None, Source::Websocket).await.unwrap();
+            *seen.lock().unwrap() = Some(r.outcome);
+        })
+    });
+    let slow = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let taker = taker.lock().unwrap().clone();
+    assert!(
+        matches!(taker, Some(ProtectOutcome::Placed { .. })),
+        "{taker:?}"
+    );
+    assert!(
+        !matches!(slow.outcome, ProtectOutcome::Placed { .. }),
+        "the slow claimant must not report its taken claim placed: {slow:?}"
+    );
+    assert_eq!(
+        w.open_qty(),
+        dec!(0.999),
+        "lists: {:?}",
+        w.exchange.open_lists()
+    );
+    assert_eq!(open_generations(&w), ["1"], "one set of lists, the taker's");
+    let legs = w.store.legs(id).await.unwrap();
+    assert!(
+        matches!(legs[0].state, LegState::NotPlaced { .. })
+            && matches!(legs[1].state, LegState::Placed { .. }),
+        "{legs:?}"
+    );
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Covered));
+}
+
+/// A replacement held up canceling the list it replaces for longer than the
+/// claim timeout fences its claim before it sends: a caller arriving while it
+/// sends finds the claim fresh and leaves it alone, though it was claimed
+/// long ago.
+#[tokio::test]
+async fn a_fenced_claim_is_not_taken_over() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.4));
+    // Coins held for other reasons, which a second set of legs would lock and sell.
+    w.credit(dec!(5));
+    let part = evidence(
+        EntryStatus::PartiallyFilled,
+        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&part), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(open_generations(&w), ["0"]);
+    w.credit(dec!(0.6));
+    let rest = evidence(
+        EntryStatus::Filled,
+        &[
+            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
+        ],
+    );
+    w.store.record_evidence(id, &rest).await.unwrap();
+    // Generation 1 is claimed; the cancel of generation 0 waits 31 s.
+    let clock = w.clock.clone();
+    w.exchange.before_next_cancel(move || {
+        Box::pin(async move { clock.advance(Duration::from_secs(31)) })
+    });
+    // Then, while generation 1 is on its way out, another caller comes.
+    let (clock, other) = (w.clock.clone(), w.protector.clone());
+    let taker = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = taker.clone();
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            clock.advance(Duration::from_secs(5));
+            let r = other.protect(id, None, Source::Websocket).await.unwrap();
+            *seen.lock().unwrap() = Some(r.outcome);
+        })
+    });
+    let replacing = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let taker = taker.lock().unwrap().clone();
+    assert_eq!(
+        taker,
+        Some(ProtectOutcome::Nothing(Idle::InFlight)),
+        "the fenced claim is in flight, not abandoned"
+    );
+    assert!(
+        matches!(replacing.outcome, ProtectOutcome::Placed { .. }),
+        "{replacing:?}"
+    );
+    assert_eq!(open_generations(&w), ["1"], "{:?}", w.exchange.open_lists());
+    assert_eq!(w.open_qty(), dec!(1));
+}
+
+/// Sells `qty` BTC at market with the exit client id of `key`, as `late`
+/// does, and claims the exit leg as `late` claims it.
+async fn exit_sent_then_crashed(w: &World, key: oco_core::LegKey, qty: Decimal) {
+    use oco_core::ports::{ApiCredentials, Exchange, OrderRequest, Side};
+    let ids = oco_core::IdScheme::new("og").unwrap();
+    let exit = ids.exit(key).unwrap();
+    let claim = oco_core::model::LegClaim {
+        key,
+        ids: oco_core::ids::OcoClientIds {
+            list: exit.clone(),
+            ..ids.oco(key).unwrap()
+        },
+        symbol: "BTCUSDT".into(),
+        qty: q(qty),
+        take_profit: p(dec!(100)),
+        stop: p(dec!(100)),
+        stop_limit: None,
+        source: Source::Sync,
+        at: w.clock.now(),
+    };
+    assert!(w.store.claim_leg(&claim).await.unwrap());
+    let creds = ApiCredentials {
+        api_key: KEY.into(),
+        secret: secrecy::SecretString::from("s"),
+    };
+    w.exchange
+        .place_order(
+            &creds,
+            &OrderRequest {
+                symbol: "BTCUSDT".into(),
+                side: Side::Sell,
+                limit: None,
+                size: oco_core::model::OrderSize::Base(q(qty)),
+                client_id: exit,
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_exit_whose_answer_and_first_lookup_are_lost_sells_once() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.credit(dec!(5)); // held for other reasons: a second exit would sell them
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.exchange.push_order_fault(OcoFault::UnknownAfterApply);
+    w.exchange.lag_next_lookups(1);
+    let first = w
+        .protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Pending { ref legs } if legs.len() == 1),
+        "{first:?}"
+    );
+    let exits = w.exits(id).await;
+    assert!(
+        exits.len() == 1 && exits[0].state == LegState::Unknown,
+        "{exits:?}"
+    );
+    w.clock.advance(Duration::from_secs(1));
+    let second = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(second.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    assert_eq!(w.exchange.market_sells().len(), 1, "sold once");
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(5));
+    let exits = w.exits(id).await;
+    assert_eq!(exits.len(), 1, "no second exit claimed: {exits:?}");
+    assert_eq!(exits[0].sold.total(), q(dec!(1)));
+    w.clock.advance(Duration::from_secs(60));
+    let later = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(later.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    assert_eq!(w.exchange.market_sells().len(), 1, "still sold once");
+}
+
+#[tokio::test]
+async fn an_exit_sent_before_a_crash_is_adopted_not_sold_again() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.credit(dec!(5)); // held for other reasons: a second exit would sell them
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.store.record_evidence(id, &ev).await.unwrap();
+    let key = oco_core::LegKey {
+        entry: id,
+        leg: oco_core::ids::LegIndex::First,
+        generation: 0,
+    };
+    // The exit went out; its claimant died before recording it.
+    exit_sent_then_crashed(&w, key, dec!(1)).await;
+    w.clock.advance(Duration::from_secs(31));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(report.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    assert_eq!(w.exchange.market_sells().len(), 1, "sold once");
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(5));
+    let exits = w.exits(id).await;
+    assert_eq!(exits.len(), 1, "no second exit claimed: {exits:?}");
+    assert_eq!(exits[0].sold.total(), q(dec!(1)));
+    assert!(
+        matches!(
+            w.store.entry(id).await.unwrap().protection,
+            Protection::Closed
+        ),
+        "the exit's coins are sold: the entry is closed"
+    );
+}

@@ -1361,6 +1361,53 @@ impl Store for PgStore {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(leg = %update.key, from = update.from, to = update.to.name()))]
+    async fn take_over_leg(
+        &self,
+        update: &LegUpdate,
+        stale_after: Duration,
+    ) -> Result<bool, StoreError> {
+        let (entry_id, leg, generation) = leg_key_columns(update.key);
+        let columns =
+            LegUpdateColumns::new(&update.to, update.error.clone(), timestamp(update.at)?);
+        // Judged on the taker's clock, as every leg time in this table is
+        // written on the writer's clock (claims are stamped in the statements
+        // of a fill's hot path): comparing them with the database's `now()`
+        // would trade the skew between two processes for the skew between a
+        // process and the database, not remove it.
+        let stale_before =
+            timestamp(Millis(update.at.0.saturating_sub(
+                i64::try_from(stale_after.as_millis()).unwrap_or(i64::MAX),
+            )))?;
+        let mut conn = self.conn().await?;
+        // Compare-and-set on the state and on the last write's time, in one
+        // statement: a fence written since the taker read the leg makes it
+        // match nothing.
+        let n = diesel::update(
+            protection_legs::table
+                .find((entry_id, leg, generation))
+                .filter(protection_legs::state.eq(update.from))
+                .filter(protection_legs::updated_at.lt(stale_before)),
+        )
+        .set(columns)
+        .execute(&mut conn)
+        .await
+        .map_err(|e| {
+            db(
+                &format!("taking leg {} over to {}", update.key, update.to.name()),
+                e,
+            )
+        })?;
+        if n == 1 {
+            return Ok(true);
+        }
+        if Self::leg_exists(&mut conn, update.key).await? {
+            Ok(false)
+        } else {
+            Err(not_found("leg", update.key))
+        }
+    }
+
     async fn record_leg_sold(
         &self,
         key: LegKey,

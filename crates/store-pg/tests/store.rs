@@ -115,6 +115,85 @@ async fn pg_store_passes_the_store_behaviour_suite() {
     oco_core::testing::store_behaviour(&store).await.unwrap();
 }
 
+/// The claimant's fence right before it sends and a taker's takeover of the
+/// same stale claim, racing on separate connections: for every leg exactly
+/// one of them applies, and the row says which.
+#[tokio::test]
+async fn a_fence_and_a_takeover_racing_never_both_apply() {
+    use oco_core::model::LegUpdate;
+    use oco_core::state::LegState;
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let account = new_account(&store, "k-fence").await;
+    let entry = new_entry(&store, account.id).await;
+    let claims: Vec<LegClaim> = (0..24).map(|g| claim(entry.id, g)).collect();
+    for c in &claims {
+        assert!(store.claim_leg(c).await.unwrap());
+    }
+    // Claimed at 5 ms, raced at 60 s: every claim is stale for a 30 s timeout.
+    let at = Millis(60_000);
+    let stale = Duration::from_secs(30);
+    let fences = claims
+        .iter()
+        .map(|c| store.fence_legs(entry.id, std::slice::from_ref(&c.key), at));
+    let takes: Vec<LegUpdate> = claims
+        .iter()
+        .map(|c| LegUpdate {
+            key: c.key,
+            from: "claimed",
+            to: LegState::NotPlaced {
+                code: None,
+                reason: "lookup found no such list".into(),
+            },
+            error: None,
+            at,
+        })
+        .collect();
+    let takeovers = takes.iter().map(|u| store.take_over_leg(u, stale));
+    let (fenced, taken) = futures_util::future::join(
+        futures_util::future::join_all(fences),
+        futures_util::future::join_all(takeovers),
+    )
+    .await;
+    let legs = store.legs(entry.id).await.unwrap();
+    for ((claim, fenced), taken) in claims.iter().zip(fenced).zip(taken) {
+        let fenced = fenced.unwrap() == [true];
+        let taken = taken.unwrap();
+        assert!(
+            fenced != taken,
+            "{}: fenced {fenced}, taken {taken}",
+            claim.key
+        );
+        let leg = legs.iter().find(|l| l.key == claim.key).unwrap();
+        if fenced {
+            assert_eq!((&leg.state, leg.updated_at), (&LegState::Claimed, at));
+        } else {
+            assert!(matches!(leg.state, LegState::NotPlaced { .. }), "{leg:?}");
+        }
+    }
+    // A fenced claim is not taken over before the timeout has run from its fence.
+    let late_claim = claim(entry.id, 24);
+    assert!(store.claim_leg(&late_claim).await.unwrap());
+    assert_eq!(
+        store
+            .fence_legs(entry.id, &[late_claim.key], at)
+            .await
+            .unwrap(),
+        [true]
+    );
+    let early = LegUpdate {
+        key: late_claim.key,
+        at: Millis(60_000 + 30_000),
+        ..takes[0].clone()
+    };
+    assert!(!store.take_over_leg(&early, stale).await.unwrap());
+    let late = LegUpdate {
+        at: Millis(60_000 + 30_001),
+        ..early
+    };
+    assert!(store.take_over_leg(&late, stale).await.unwrap());
+}
+
 #[tokio::test]
 async fn pg_store_records_a_fill_and_its_claims_in_one_write() {
     let db = TestDb::new().await;

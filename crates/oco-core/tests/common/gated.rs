@@ -86,6 +86,17 @@ impl Store for Gated {
     async fn claim_leg(&self, c: &LegClaim) -> Result<bool, StoreError> {
         self.inner.claim_leg(c).await
     }
+    async fn take_over_leg(&self, u: &LegUpdate, stale: Duration) -> Result<bool, StoreError> {
+        self.inner.take_over_leg(u, stale).await
+    }
+    async fn fence_legs(
+        &self,
+        e: EntryId,
+        k: &[LegKey],
+        at: Millis,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.inner.fence_legs(e, k, at).await
+    }
     async fn update_leg(&self, u: &LegUpdate) -> Result<bool, StoreError> {
         self.inner.update_leg(u).await
     }

@@ -114,6 +114,17 @@ impl World {
         self.exchange.set_free(KEY, "BTC", free + qty);
     }
 
+    /// The entry's market-exit legs (claimed under their exit client id).
+    pub async fn exits(&self, id: EntryId) -> Vec<oco_core::model::Leg> {
+        self.store
+            .legs(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.ids.list.as_str().starts_with("og-X-"))
+            .collect()
+    }
+
     pub fn open_qty(&self) -> Decimal {
         self.exchange
             .open_lists()
