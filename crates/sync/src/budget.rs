@@ -135,6 +135,21 @@ impl WeightMeter {
     /// Waits until `weight` fits in the budget (four fifths of it outside
     /// [`urgent`] work) and no pause is in force, then charges it.
     pub async fn acquire(&self, weight: u32) {
+        // Without a deadline the only way out of the loop is a charge.
+        let _charged = self.charge(weight, None).await;
+    }
+
+    /// [`WeightMeter::acquire`], waiting at most `max`: `Err` with the wait
+    /// still ahead when the budget or a pause would hold the call longer,
+    /// and nothing is charged then.
+    ///
+    /// # Errors
+    /// The wait that remained, when it would pass `max`.
+    pub async fn acquire_within(&self, weight: u32, max: Duration) -> Result<(), Duration> {
+        self.charge(weight, Some(Instant::now() + max)).await
+    }
+
+    async fn charge(&self, weight: u32, deadline: Option<Instant>) -> Result<(), Duration> {
         let budget = if is_urgent() {
             self.budget_per_minute
         } else {
@@ -158,7 +173,8 @@ impl WeightMeter {
                 }
             };
             match wait {
-                None => return,
+                None => return Ok(()),
+                Some(d) if deadline.is_some_and(|end| Instant::now() + d > end) => return Err(d),
                 Some(d) => tokio::time::sleep(d.max(Duration::from_millis(1))).await,
             }
         }
@@ -239,11 +255,18 @@ impl OrderMeter {
     }
 }
 
+/// Longest an order write (a list, an exit) waits for the node's budget or a
+/// rate-limit pause before it is refused as rate-limited, unsent. Its legs are
+/// claimed before it waits, and a claim without an outcome is taken over as
+/// stale after the claim timeout (30 s): an order held past that could go out
+/// beside the one that replaced it.
+pub const ORDER_WAIT_MAX: Duration = Duration::from_secs(10);
+
 /// An [`Exchange`] that charges each call's documented weight to a
 /// [`WeightMeter`] before sending it (waiting when the budget is spent), and
 /// pauses the meter when the exchange answers "rate limited". Give the same
 /// wrapped exchange to the [`oco_core::Protector`] so that the calls made
-/// inside `protect` are counted and paced too.
+/// inside `protect` are counted and paced too. Order writes wait at most [`ORDER_WAIT_MAX`].
 pub struct MeteredExchange {
     inner: Arc<dyn Exchange>,
     meter: Arc<WeightMeter>,
@@ -263,6 +286,22 @@ impl MeteredExchange {
     /// The meter charged.
     pub fn meter(&self) -> &Arc<WeightMeter> {
         &self.meter
+    }
+
+    /// Charges an order write, waiting at most [`ORDER_WAIT_MAX`]; beyond,
+    /// the order is refused as rate-limited (not sent: its claim is released
+    /// and it is tried again later).
+    async fn acquire_order_write(&self) -> Result<(), ExchangeError> {
+        self.meter
+            .acquire_within(weight::ORDER_WRITE, ORDER_WAIT_MAX)
+            .await
+            .map_err(|retry_after| {
+                warn!(
+                    retry_after_ms = retry_after.as_millis(),
+                    "order write not sent: the node's request budget holds it too long"
+                );
+                ExchangeError::RateLimited { retry_after }
+            })
     }
 
     fn observe<T>(&self, result: Result<T, ExchangeError>) -> Result<T, ExchangeError> {
@@ -316,7 +355,7 @@ impl Exchange for MeteredExchange {
         creds: &ApiCredentials,
         order: &OrderRequest,
     ) -> Result<OrderSnapshot, ExchangeError> {
-        self.meter.acquire(weight::ORDER_WRITE).await;
+        self.acquire_order_write().await?;
         self.observe(self.inner.place_order(creds, order).await)
     }
 
@@ -355,7 +394,7 @@ impl Exchange for MeteredExchange {
         creds: &ApiCredentials,
         oco: &OcoRequest,
     ) -> Result<OcoAck, ExchangeError> {
-        self.meter.acquire(weight::ORDER_WRITE).await;
+        self.acquire_order_write().await?;
         self.observe(self.inner.place_oco(creds, oco).await)
     }
 
@@ -446,6 +485,54 @@ mod tests {
         meter.acquire(1).await;
         assert!(start.elapsed() >= Duration::from_secs(7));
         assert_eq!(meter.rate_limited(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_order_write_held_past_its_limit_is_refused_unsent() {
+        use oco_core::ports::OrderRequest;
+        use oco_core::testing::{FakeExchange, btcusdt_rules};
+
+        let fake = Arc::new(FakeExchange::new());
+        fake.add_symbol(btcusdt_rules(), "100".parse().unwrap());
+        let meter = Arc::new(WeightMeter::new(1_000));
+        let metered = MeteredExchange::new(fake.clone(), Arc::clone(&meter));
+        let creds = oco_core::ApiCredentials {
+            api_key: "k".into(),
+            secret: secrecy::SecretString::from("s"),
+        };
+        // A 418 answered elsewhere holds the node for two minutes.
+        meter.pause(Duration::from_secs(120));
+        let start = Instant::now();
+        let order = OrderRequest {
+            symbol: "BTCUSDT".into(),
+            side: oco_core::ports::Side::Sell,
+            limit: None,
+            size: oco_core::model::OrderSize::Base("0.1".parse().unwrap()),
+            client_id: oco_core::ClientOrderId::new("og-x-1").unwrap(),
+        };
+        let refused = metered.place_order(&creds, &order).await;
+        assert!(
+            matches!(refused, Err(ExchangeError::RateLimited { retry_after }) if retry_after > ORDER_WAIT_MAX),
+            "{refused:?}"
+        );
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "refused at once: the pause outlasts the limit"
+        );
+        assert_eq!(fake.market_sells().len(), 0, "nothing sent");
+        assert_eq!(meter.total(), 0, "nothing charged");
+        // A pause shorter than the limit is waited out, and the order sent.
+        fake.set_free("k", "BTC", "1".parse().unwrap());
+        let meter = Arc::new(WeightMeter::new(1_000));
+        let metered = MeteredExchange::new(fake.clone(), Arc::clone(&meter));
+        meter.pause(ORDER_WAIT_MAX / 2);
+        let start = Instant::now();
+        let sold = metered.place_order(&creds, &order).await;
+        assert!(sold.is_ok(), "{sold:?}");
+        assert!(start.elapsed() >= ORDER_WAIT_MAX / 2);
+        assert_eq!(fake.market_sells().len(), 1);
+        assert_eq!(meter.total(), u64::from(weight::ORDER_WRITE));
     }
 
     #[tokio::test(start_paused = true)]

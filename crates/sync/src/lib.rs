@@ -18,7 +18,7 @@ pub mod metrics;
 pub mod reconcile;
 
 pub use breaker::OpenReason;
-pub use budget::{MeteredExchange, OrderMeter, WeightMeter, urgent, weight};
+pub use budget::{MeteredExchange, ORDER_WAIT_MAX, OrderMeter, WeightMeter, urgent, weight};
 pub use config::{BreakerConfig, RetryConfig, SyncConfig};
 pub use error::SyncError;
 pub use metrics::{MetricsSnapshot, outcome_name};
