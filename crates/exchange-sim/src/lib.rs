@@ -82,6 +82,7 @@ impl Sim {
             }),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            stream_attempts: Mutex::new(VecDeque::new()),
             ws: Mutex::new(WsSettings {
                 ping_interval: config.ping_interval,
                 pong_timeout: config.pong_timeout,
