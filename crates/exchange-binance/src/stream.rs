@@ -137,6 +137,13 @@ impl BinanceUserStream {
     }
 }
 
+impl BinanceUserStream {
+    /// Connections open or being opened, for metrics and tests.
+    pub fn connections(&self) -> usize {
+        self.shared.pool().conns.len()
+    }
+}
+
 #[async_trait]
 impl UserStream for BinanceUserStream {
     /// Subscribes on a shared connection and returns once the subscription
@@ -335,6 +342,21 @@ impl Shared {
 
     fn server_now_ms(&self) -> i64 {
         now_ms() + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// The IP is banned (418): REST requests sharing the weight pacer and
+    /// every connection attempt wait it out, since each refused request
+    /// lengthens the ban.
+    fn banned(&self, wait: Duration) {
+        warn!(
+            ?wait,
+            "binance banned this IP, holding back requests and connections"
+        );
+        self.limiter.hold(Instant::now(), wait);
+        if let Some(p) = &self.weight {
+            let ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+            p.block_until(self.server_now_ms().saturating_add(ms));
+        }
     }
 
     fn charge_weight(&self, weight: u32) {
@@ -1031,11 +1053,14 @@ impl Conn {
                 return Err("subscription ids of the connection used up (-2042)".into());
             }
             let mapped = match err.data.as_ref().and_then(|d| d.retry_after) {
-                Some(until) => ExchangeError::RateLimited {
-                    retry_after: Duration::from_millis(
-                        u64::try_from(until - now_ms()).unwrap_or(0),
-                    ),
-                },
+                Some(until) => {
+                    let retry_after =
+                        Duration::from_millis(u64::try_from(until - now_ms()).unwrap_or(0));
+                    if frame.status == Some(418) {
+                        self.shared.banned(retry_after);
+                    }
+                    ExchangeError::RateLimited { retry_after }
+                }
                 None if frame.status == Some(401) => {
                     ExchangeError::Auth(format!("{} {}", err.code, err.msg))
                 }
@@ -1192,10 +1217,14 @@ async fn handshake(shared: &Shared) -> Result<Ws, ExchangeError> {
     shared.charge_weight(WS_WEIGHT);
     match tokio_tungstenite::connect_async(shared.url.as_str()).await {
         Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::Error::Http(resp)) => Err(map_refusal(
-            resp.status().as_u16(),
-            retry_after(resp.headers()),
-        )),
+        Err(tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let refusal = map_refusal(status, retry_after(resp.headers()));
+            if let (418, ExchangeError::RateLimited { retry_after }) = (status, &refusal) {
+                shared.banned(*retry_after);
+            }
+            Err(refusal)
+        }
         Err(e) => Err(ExchangeError::Transient(format!(
             "websocket connect failed: {e}"
         ))),

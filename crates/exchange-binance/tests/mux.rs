@@ -131,6 +131,7 @@ async fn sessions_share_connections_and_each_gets_only_its_own_events() {
         "250 sessions on 3 connections"
     );
     assert_eq!(ctl.stream_attempts().len(), 3, "one attempt per connection");
+    assert_eq!(stream.connections(), 3);
     // Each account gets a balance no other account has.
     for i in 0..N {
         deposit(&sim, i, Decimal::from(i + 1));
@@ -291,6 +292,7 @@ async fn dropping_a_session_unsubscribes_it_and_keeps_the_connection() {
         || ctl.connection_count() == 0 && ctl.subscription_count() == 0,
     )
     .await;
+    assert_eq!(stream.connections(), 0);
 }
 
 /// µs between consecutive attempts `limit` apart: at most `limit` in any window.
@@ -409,4 +411,43 @@ async fn a_handshake_refused_with_429_holds_back_every_attempt() {
         "reconnected {} ms after the 429",
         (next - refused) / 1000
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_near_its_last_subscription_id_takes_no_new_sessions() {
+    let sim = sim(3).await;
+    let ctl = sim.control();
+    // Ids 59,998 and 59,999: the connection has then handed out 60,000.
+    ctl.set_first_subscription_id(59_998);
+    let stream = BinanceUserStream::new(config(&sim, |_| {})).unwrap();
+    let mut first = open_all(&stream, 2).await;
+    assert_eq!(ctl.connection_count(), 1);
+    ctl.set_first_subscription_id(0);
+    let _third = open(&stream, 2).await;
+    assert_eq!(
+        ctl.connection_count(),
+        2,
+        "the third went to a new connection"
+    );
+    // The retired connection keeps resubscribing its own.
+    assert_eq!(ctl.terminate_subscriptions(&key(0)), 1);
+    expect_gap(&mut first[0]).await;
+    assert_eq!(ctl.connection_count(), 2);
+    deposit(&sim, 1, dec!(1));
+    expect_balance(&mut first[1], START + dec!(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_out_of_subscription_ids_is_renewed() {
+    let sim = sim(1).await;
+    let ctl = sim.control();
+    // The last id a connection may hand out: resubscribing needs another.
+    ctl.set_first_subscription_id(65_535);
+    let stream = BinanceUserStream::new(config(&sim, |_| {})).unwrap();
+    let mut s = open(&stream, 0).await;
+    assert_eq!(ctl.terminate_subscriptions(&key(0)), 1);
+    expect_gap(&mut s).await;
+    assert_eq!(ctl.stream_attempts().len(), 2, "a fresh connection");
+    deposit(&sim, 0, dec!(1));
+    expect_balance(&mut s, START + dec!(1)).await;
 }

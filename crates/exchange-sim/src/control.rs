@@ -467,6 +467,13 @@ impl SimControl {
         ws.max_age = max_age;
     }
 
+    /// Subscription ids of connections opened from now on start at `id` (Binance: 0),
+    /// so that a test reaches the 65,535 ids a connection may hand out (`-2042` after
+    /// them) in a few subscriptions.
+    pub fn set_first_subscription_id(&self, id: u64) {
+        lock(&self.shared.ws).first_subscription_id = id;
+    }
+
     // ---- faults -------------------------------------------------------------------------
 
     /// Drops user-stream connections (TCP closed, no close frame): all, or those subscribed

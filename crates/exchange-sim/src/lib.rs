@@ -87,6 +87,7 @@ impl Sim {
                 ping_interval: config.ping_interval,
                 pong_timeout: config.pong_timeout,
                 max_age: config.max_connection_age,
+                first_subscription_id: 0,
             }),
             admin: config.admin,
             faults_enabled: config.faults,

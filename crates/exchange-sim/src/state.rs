@@ -339,6 +339,8 @@ pub(crate) struct WsSettings {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
     pub max_age: Duration,
+    /// First subscription id of a new connection (Binance: 0).
+    pub first_subscription_id: u64,
 }
 
 /// Everything the server tasks share.

@@ -471,7 +471,7 @@ async fn connection(sh: Arc<Shared>, socket: WebSocket, peer: SocketAddr) {
         connected_ms: now_ms(),
         logon: None,
         subs: Vec::new(),
-        next_sub: 0,
+        next_sub: settings.first_subscription_id,
     };
     let (mut sink, mut stream) = socket.split();
     let mut ping = tokio::time::interval_at(
