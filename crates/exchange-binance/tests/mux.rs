@@ -451,3 +451,21 @@ async fn a_connection_out_of_subscription_ids_is_renewed() {
     deposit(&sim, 0, dec!(1));
     expect_balance(&mut s, START + dec!(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_output_and_errors_hold_no_secret() {
+    let sim = sim(1).await;
+    let stream = BinanceUserStream::new(config(&sim, |_| {})).unwrap();
+    let _session = open(&stream, 0).await;
+    let bad = ApiCredentials {
+        api_key: key(0),
+        secret: SecretString::from("wrong-secret-0123"),
+    };
+    let err = stream.open(&bad).await.err().unwrap();
+    assert!(matches!(err, ExchangeError::Auth(_)), "{err:?}");
+    let text = format!("{stream:?} {err} {err:?}");
+    assert!(text.contains(&key(0)), "the pool is in the output: {text}");
+    for secret in ["mux-secret-0", "wrong-secret-0123", "signature"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+}
