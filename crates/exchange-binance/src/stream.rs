@@ -654,7 +654,13 @@ impl Conn {
                         return Connect::Failed;
                     }
                     debug!(conn = self.id, ?wait, "user-data connection attempt paced");
-                    if !self.offline_for(wait).await {
+                    // Look again within half a connect timeout, so that a
+                    // session joining meanwhile is answered `RateLimited`
+                    // rather than left to time out in `open`.
+                    let nap = wait
+                        .min(self.cfg().connect_timeout / 2)
+                        .max(Duration::from_millis(1));
+                    if !self.offline_for(nap).await {
                         return Connect::Exit;
                     }
                 }

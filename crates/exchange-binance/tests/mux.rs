@@ -469,3 +469,28 @@ async fn debug_output_and_errors_hold_no_secret() {
         assert!(!text.contains(secret), "{secret} in {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_joining_a_held_connection_is_rate_limited() {
+    let sim = sim(2).await;
+    let stream = BinanceUserStream::new(config(&sim, |_| {})).unwrap();
+    let ctl = sim.control();
+    let _s = open(&stream, 0).await;
+    ctl.throttle_streams(1, 30);
+    assert_eq!(ctl.drop_streams(None), 1);
+    wait_until("the refused reconnect", Duration::from_secs(5), || {
+        ctl.stream_attempts().len() == 2
+    })
+    .await;
+    // The connection has room but waits out the Retry-After: the newcomer
+    // is told so within about half a connect timeout (1 s here).
+    let t0 = Instant::now();
+    let err = stream.open(&creds(1)).await.err().unwrap();
+    assert!(
+        matches!(err, ExchangeError::RateLimited { retry_after } if retry_after > Duration::from_secs(20)),
+        "{err:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(ctl.stream_attempts().len(), 2, "no attempt while held");
+    assert_eq!(stream.connections(), 1);
+}
