@@ -202,3 +202,55 @@ impl BinanceConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(tweak: impl FnOnce(&mut StreamConfig)) -> &'static str {
+        let mut c = StreamConfig::binance();
+        tweak(&mut c);
+        match c.validate() {
+            Err(BinanceError::BadConfig { field, .. }) => field,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stream_settings_out_of_range_are_refused_by_name() {
+        assert!(StreamConfig::binance().validate().is_ok());
+        for ok in [1, MAX_SUBSCRIPTIONS_PER_CONNECTION] {
+            let mut c = StreamConfig::binance();
+            c.subscriptions_per_connection = ok;
+            assert!(c.validate().is_ok(), "{ok}");
+        }
+        for bad in [0, MAX_SUBSCRIPTIONS_PER_CONNECTION + 1] {
+            assert_eq!(
+                refused(|c| c.subscriptions_per_connection = bad),
+                "stream.subscriptions_per_connection"
+            );
+        }
+        assert_eq!(
+            refused(|c| c.connect_attempts = 0),
+            "stream.connect_attempts"
+        );
+        assert_eq!(
+            refused(|c| c.connect_window = Duration::ZERO),
+            "stream.connect_window"
+        );
+        assert_eq!(refused(|c| c.connect_burst = 0), "stream.connect_burst");
+        assert_eq!(
+            refused(|c| c.connect_burst = c.connect_attempts + 1),
+            "stream.connect_burst"
+        );
+        assert_eq!(refused(|c| c.buffer = 0), "stream.buffer");
+    }
+
+    #[test]
+    fn the_default_pace_stays_under_binances_connection_limit() {
+        let c = StreamConfig::binance();
+        // Binance: 300 connection attempts per 5 minutes per IP.
+        assert!(c.connect_window >= Duration::from_secs(300));
+        assert!(c.connect_attempts < 300);
+    }
+}

@@ -1400,6 +1400,19 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_stream_with_settings_out_of_range_is_not_built() {
+        let mut config = BinanceConfig::testnet();
+        config.stream.subscriptions_per_connection = 1001;
+        assert!(matches!(
+            BinanceUserStream::new(config),
+            Err(BinanceError::BadConfig {
+                field: "stream.subscriptions_per_connection",
+                ..
+            })
+        ));
+    }
+
     fn limiter(attempts: u32, window_s: u64, burst: u32) -> ConnectLimiter {
         let mut cfg = StreamConfig::binance();
         cfg.connect_attempts = attempts;
