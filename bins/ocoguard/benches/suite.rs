@@ -216,6 +216,8 @@ impl ChildSim {
         c.pacing.weight_per_minute = u32::MAX / 2;
         c.pacing.orders_per_10s = u32::MAX / 2;
         c.pacing.orders_per_day = u32::MAX / 2;
+        c.stream.connect_attempts = u32::MAX / 2;
+        c.stream.connect_burst = u32::MAX / 2;
         c
     }
 

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::error::BinanceError;
+
 /// Where the adapter connects and how it behaves. Build it with
 /// [`BinanceConfig::production`], [`BinanceConfig::testnet`] or
 /// [`BinanceConfig::custom`], then adjust the public fields.
@@ -44,7 +46,7 @@ pub struct Pacing {
     pub max_wait: Duration,
 }
 
-/// Timings of the user-data stream session.
+/// Timings of the user-data stream and how sessions share connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamConfig {
     /// Reconnect when nothing at all (event, ping, pong) arrived for this long.
@@ -53,7 +55,9 @@ pub struct StreamConfig {
     /// through its missing pongs even when it never pings.
     pub ping_interval: Duration,
     /// Reconnect proactively once a connection is this old (Binance closes
-    /// them at 24 h).
+    /// them at 24 h). Each connection takes a random share of the last tenth
+    /// off it, so that connections opened together do not all reconnect in
+    /// the same second a day later.
     pub max_connection_age: Duration,
     /// First reconnect delay; doubled after each failed attempt.
     pub backoff_initial: Duration,
@@ -61,14 +65,39 @@ pub struct StreamConfig {
     pub backoff_max: Duration,
     /// Time allowed for connect + subscribe.
     pub connect_timeout: Duration,
-    /// Events buffered between the connection task and the consumer.
+    /// Events buffered per session between the connection's reader and the
+    /// consumer. A session whose buffer is full is ended (the others on its
+    /// connection never wait for it).
     pub buffer: usize,
+    /// Most live subscriptions (accounts) one connection carries, 1 to 1000
+    /// (Binance's cap per connection). The default, 100, keeps a thousand
+    /// accounts on ten connections (ten connection attempts when all of
+    /// them reconnect, far under Binance's 300 per 5 minutes per IP), while
+    /// one lost connection interrupts, and sends to reconciliation, only a
+    /// tenth of them, and one reader task parses the events of at most a
+    /// hundred accounts.
+    pub subscriptions_per_connection: usize,
+    /// Connection attempts (first opens and reconnects together, refused
+    /// ones included) this process makes at most per
+    /// [`StreamConfig::connect_window`]. Binance allows 300 per 5 minutes
+    /// per IP; the default, 250, leaves room for a restart's overlap and
+    /// other processes on the IP.
+    pub connect_attempts: u32,
+    /// The window of [`StreamConfig::connect_attempts`].
+    pub connect_window: Duration,
+    /// Attempts that may go at once; beyond them attempts are spread
+    /// evenly, one every `connect_window / connect_attempts`, so a burst of
+    /// reconnects (a `serverShutdown` everywhere) never spends the budget
+    /// in a second. Between 1 and `connect_attempts`.
+    pub connect_burst: u32,
 }
 
 impl StreamConfig {
     /// Values for Binance: a stall after 60 s of silence (the server pings
-    /// every 20 s), our pings every 20 s, reconnect at 23 h 50 min, backoff
-    /// 250 ms doubling to 30 s, 10 s to connect and subscribe.
+    /// every 20 s), our pings every 20 s, reconnect between 21 h 27 min and
+    /// 23 h 50 min, backoff 250 ms doubling to 30 s, 10 s to connect and
+    /// subscribe, 100 subscriptions per connection, at most 250 connection
+    /// attempts per 5 minutes, 10 at once, then one every 1.2 s.
     pub fn binance() -> Self {
         Self {
             stall_timeout: Duration::from_secs(60),
@@ -78,9 +107,53 @@ impl StreamConfig {
             backoff_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             buffer: 4096,
+            subscriptions_per_connection: 100,
+            connect_attempts: 250,
+            connect_window: Duration::from_secs(5 * 60),
+            connect_burst: 10,
         }
     }
+
+    /// Checks the values that have a valid range.
+    ///
+    /// # Errors
+    /// [`BinanceError::BadConfig`] naming the field and its rule.
+    pub fn validate(&self) -> Result<(), BinanceError> {
+        let bad =
+            |field: &'static str, reason: String| Err(BinanceError::BadConfig { field, reason });
+        if !(1..=MAX_SUBSCRIPTIONS_PER_CONNECTION).contains(&self.subscriptions_per_connection) {
+            return bad(
+                "stream.subscriptions_per_connection",
+                format!(
+                    "{} is not between 1 and {MAX_SUBSCRIPTIONS_PER_CONNECTION}",
+                    self.subscriptions_per_connection
+                ),
+            );
+        }
+        if self.connect_attempts == 0 {
+            return bad("stream.connect_attempts", "0 is not at least 1".into());
+        }
+        if self.connect_window.is_zero() {
+            return bad("stream.connect_window", "0 s is not positive".into());
+        }
+        if !(1..=self.connect_attempts).contains(&self.connect_burst) {
+            return bad(
+                "stream.connect_burst",
+                format!(
+                    "{} is not between 1 and connect_attempts ({})",
+                    self.connect_burst, self.connect_attempts
+                ),
+            );
+        }
+        if self.buffer == 0 {
+            return bad("stream.buffer", "0 is not at least 1".into());
+        }
+        Ok(())
+    }
 }
+
+/// Binance's cap on active user-data subscriptions per connection.
+pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 1000;
 
 impl Pacing {
     /// 5000 weight/min (of 6000), 40 orders/10 s (of 50), 150 000/day (of
@@ -127,5 +200,57 @@ impl BinanceConfig {
             pacing: Pacing::binance(),
             stream: StreamConfig::binance(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(tweak: impl FnOnce(&mut StreamConfig)) -> &'static str {
+        let mut c = StreamConfig::binance();
+        tweak(&mut c);
+        match c.validate() {
+            Err(BinanceError::BadConfig { field, .. }) => field,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stream_settings_out_of_range_are_refused_by_name() {
+        assert!(StreamConfig::binance().validate().is_ok());
+        for ok in [1, MAX_SUBSCRIPTIONS_PER_CONNECTION] {
+            let mut c = StreamConfig::binance();
+            c.subscriptions_per_connection = ok;
+            assert!(c.validate().is_ok(), "{ok}");
+        }
+        for bad in [0, MAX_SUBSCRIPTIONS_PER_CONNECTION + 1] {
+            assert_eq!(
+                refused(|c| c.subscriptions_per_connection = bad),
+                "stream.subscriptions_per_connection"
+            );
+        }
+        assert_eq!(
+            refused(|c| c.connect_attempts = 0),
+            "stream.connect_attempts"
+        );
+        assert_eq!(
+            refused(|c| c.connect_window = Duration::ZERO),
+            "stream.connect_window"
+        );
+        assert_eq!(refused(|c| c.connect_burst = 0), "stream.connect_burst");
+        assert_eq!(
+            refused(|c| c.connect_burst = c.connect_attempts + 1),
+            "stream.connect_burst"
+        );
+        assert_eq!(refused(|c| c.buffer = 0), "stream.buffer");
+    }
+
+    #[test]
+    fn the_default_pace_stays_under_binances_connection_limit() {
+        let c = StreamConfig::binance();
+        // Binance: 300 connection attempts per 5 minutes per IP.
+        assert!(c.connect_window >= Duration::from_secs(300));
+        assert!(c.connect_attempts < 300);
     }
 }

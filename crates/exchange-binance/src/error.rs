@@ -18,6 +18,14 @@ pub enum BinanceError {
         /// Why it was refused.
         reason: String,
     },
+    /// A config value is out of its range.
+    #[error("invalid {field}: {reason}")]
+    BadConfig {
+        /// Which setting.
+        field: &'static str,
+        /// The value and the rule it breaks.
+        reason: String,
+    },
     /// The HTTP client could not be built (TLS setup).
     #[error("cannot build the http client: {0}")]
     Client(String),

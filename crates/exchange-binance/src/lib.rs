@@ -5,7 +5,10 @@
 //! requests under the weight and order-count limits, maps every Binance
 //! answer into the domain's [`ExchangeError`] kinds, caches `exchangeInfo`
 //! rules, and keeps the user-data stream alive across reconnects, reporting
-//! each interruption as a [`StreamEvent::Gap`].
+//! each interruption as a [`StreamEvent::Gap`]. User-data sessions are
+//! subscriptions multiplexed onto shared connections (100 per connection by
+//! default), and every connection attempt of the process is paced under
+//! Binance's per-IP limit.
 //!
 //! Not here: deciding what to place (that is `oco-core`'s `protect`),
 //! retrying placements (an unknown outcome is returned, never resent), any

@@ -133,6 +133,14 @@ impl Pacer {
         Admit::Go
     }
 
+    /// Counts `weight` spent at server time `now_ms` by requests that do not
+    /// wait for the pacer (the user-data stream's connections and
+    /// subscriptions, bounded by their own limiter), so that the requests
+    /// which do wait leave room for it.
+    pub fn charge(&self, now_ms: i64, weight: u32) {
+        self.lock().weight.add(now_ms.div_euclid(MINUTE_MS), weight);
+    }
+
     /// Records the `X-MBX-USED-WEIGHT-1M` and `X-MBX-ORDER-COUNT-10S/1D`
     /// figures of an answer received at server time `now_ms`.
     pub fn observe(
@@ -247,6 +255,16 @@ mod tests {
             "another account has its own count"
         );
         assert_eq!(p.snapshot(t, Some("a")).order_count_10s, 4);
+    }
+
+    #[test]
+    fn charged_weight_holds_back_later_requests() {
+        let p = pacer(10, 100);
+        let t = 9 * MINUTE_MS;
+        p.charge(t, 8);
+        assert_eq!(p.snapshot(t, None).used_weight_1m, 8);
+        assert!(matches!(p.admit(t, 4, None, 0), Admit::Wait(_)));
+        assert_eq!(p.admit(t, 2, None, 0), Admit::Go);
     }
 
     #[test]

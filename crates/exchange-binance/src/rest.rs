@@ -53,7 +53,7 @@ struct Inner {
     config: BinanceConfig,
     /// Server time minus local time, ms.
     offset_ms: AtomicI64,
-    pacer: Pacer,
+    pacer: Arc<Pacer>,
     rules: Mutex<HashMap<String, (Instant, SymbolRules)>>,
 }
 
@@ -136,12 +136,18 @@ impl BinanceExchange {
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
-                pacer: Pacer::new(config.pacing.clone()),
+                pacer: Arc::new(Pacer::new(config.pacing.clone())),
                 config,
                 offset_ms: AtomicI64::new(0),
                 rules: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// The request-weight pacer, for the user-data stream to charge its own
+    /// requests to the same per-IP budget.
+    pub(crate) fn pacer(&self) -> Arc<Pacer> {
+        self.inner.pacer.clone()
     }
 
     /// Request weight used in the current minute by this instance (its IP).
@@ -360,7 +366,7 @@ fn parse_ok<T: DeserializeOwned>(op: Op, answer: &Answer) -> Result<T, ExchangeE
     from_json(&answer.body).map_err(|e| map_malformed(op, e.0))
 }
 
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     headers
         .get("retry-after")
         .and_then(|v| v.to_str().ok())

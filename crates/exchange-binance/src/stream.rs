@@ -1,37 +1,70 @@
 //! [`BinanceUserStream`]: the user-data stream over the WebSocket API
 //! (`userDataStream.subscribe.signature`; the listenKey endpoints are
-//! retired). One background task per session owns the connection: it
-//! answers pings, pings the server itself, detects a silent stall, reconnects
-//! before the 24 h limit and on `serverShutdown` / `eventStreamTerminated`,
-//! backs off with jitter, and reports every interruption as a gap.
+//! retired).
+//!
+//! A session is one subscription on a shared connection. A connection
+//! carries up to [`StreamConfig::subscriptions_per_connection`] of them; a
+//! new session joins the first connection with room, or opens another. One
+//! task per connection owns the socket: it sends the subscribe and
+//! unsubscribe requests (matched to their answers by request id), hands each
+//! event to its session's bounded channel by `subscriptionId` without ever
+//! waiting for a consumer (a session that falls a full buffer behind is
+//! ended alone), answers pings, pings the server itself, detects a silent
+//! stall, reconnects before the age limit and on `serverShutdown`, resubscribes
+//! a single subscription after its `eventStreamTerminated`, backs off with
+//! jitter, and reports every interruption to each session as a gap.
+//!
+//! Every connection attempt of the process, first or reconnect, goes through
+//! one limiter ([`StreamConfig::connect_attempts`] per
+//! [`StreamConfig::connect_window`], spread out), and a handshake refused
+//! with 429/418 holds back all of them for its `Retry-After`: Binance counts
+//! connection attempts per IP and answers persistent excess with an IP ban
+//! that would stop REST order placement too.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use oco_core::ports::{StreamEvent, UserStream, UserStreamSession};
 use oco_core::{ApiCredentials, ExchangeError, Millis};
 use rand::Rng;
 use serde_json::json;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
-use tokio_tungstenite::tungstenite::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, info, warn};
 
 use crate::config::{BinanceConfig, StreamConfig};
 use crate::error::BinanceError;
-use crate::rest::{install_crypto_provider, map_ws_error};
+use crate::pacing::Pacer;
+use crate::rest::{BinanceExchange, install_crypto_provider, map_ws_error, retry_after};
 use crate::sign::ws_signature;
 use crate::wire::{Decoded, WsFrame, decode_event};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-type Item = Result<StreamEvent, ExchangeError>;
+type Sink = SplitSink<Ws, Message>;
 
-/// Opens user-data streams on Binance's WebSocket API.
+/// A connection takes no new subscriptions once the server has handed out
+/// this many ids on it (Binance: 65,535 per connection, then `-2042`); the
+/// rest is headroom for resubscribing the ones it carries.
+const RETIRE_AFTER_IDS: i64 = 60_000;
+/// Wait after a handshake refused with 429 and no `Retry-After`.
+const HANDSHAKE_429_WAIT: Duration = Duration::from_secs(60);
+/// Wait after a handshake refused with 418 and no `Retry-After` (Binance's
+/// shortest ban).
+const HANDSHAKE_418_WAIT: Duration = Duration::from_secs(120);
+/// Request weight of a connection and of each subscribe or unsubscribe.
+const WS_WEIGHT: u32 = 2;
+
+/// Opens user-data streams on Binance's WebSocket API. Cheap to clone;
+/// clones share the connections and the connection-attempt limiter, so a
+/// process should build one and share it.
 #[derive(Debug, Clone)]
 pub struct BinanceUserStream {
     shared: Arc<Shared>,
@@ -44,14 +77,38 @@ struct Shared {
     cfg: StreamConfig,
     /// Server time minus local time, learnt after a `-1021`.
     offset_ms: AtomicI64,
+    limiter: ConnectLimiter,
+    pool: Mutex<Pool>,
+    /// The REST adapter's request-weight pacer, when shared: the WebSocket
+    /// API's weight counts against the same per-IP budget.
+    weight: Option<Arc<Pacer>>,
 }
 
 impl BinanceUserStream {
-    /// Checks the WebSocket API URL.
+    /// Checks the WebSocket API URL and the stream settings.
     ///
     /// # Errors
-    /// [`BinanceError::BadUrl`] when it is not a `ws://` or `wss://` URL.
+    /// [`BinanceError::BadUrl`] when it is not a `ws://` or `wss://` URL;
+    /// [`BinanceError::BadConfig`] for a stream setting out of its range.
     pub fn new(config: BinanceConfig) -> Result<Self, BinanceError> {
+        Self::build(config, None)
+    }
+
+    /// As [`BinanceUserStream::new`], charging the stream's request weight
+    /// (2 per connection, subscribe and unsubscribe) to `exchange`'s pacer,
+    /// so that REST requests leave room for it. The stream never waits for
+    /// that pacer: its own limiter bounds what it spends.
+    ///
+    /// # Errors
+    /// As [`BinanceUserStream::new`].
+    pub fn sharing_weight_with(
+        config: BinanceConfig,
+        exchange: &BinanceExchange,
+    ) -> Result<Self, BinanceError> {
+        Self::build(config, Some(exchange.pacer()))
+    }
+
+    fn build(config: BinanceConfig, weight: Option<Arc<Pacer>>) -> Result<Self, BinanceError> {
         let url = url::Url::parse(&config.ws_api_url).map_err(|e| BinanceError::BadUrl {
             what: "websocket api",
             url: config.ws_api_url.clone(),
@@ -64,48 +121,95 @@ impl BinanceUserStream {
                 reason: "scheme must be ws or wss".into(),
             });
         }
+        config.stream.validate()?;
         install_crypto_provider();
         Ok(Self {
             shared: Arc::new(Shared {
                 url: config.ws_api_url,
                 recv_window: config.recv_window,
+                limiter: ConnectLimiter::new(&config.stream),
                 cfg: config.stream,
                 offset_ms: AtomicI64::new(0),
+                pool: Mutex::new(Pool::default()),
+                weight,
             }),
         })
     }
 }
 
+impl BinanceUserStream {
+    /// Connections open or being opened, for metrics and tests.
+    pub fn connections(&self) -> usize {
+        self.shared.pool().conns.len()
+    }
+}
+
 #[async_trait]
 impl UserStream for BinanceUserStream {
-    /// Connects and subscribes once before returning, so refused keys come
-    /// back here as [`ExchangeError::Auth`]; later failures reconnect inside.
+    /// Subscribes on a shared connection and returns once the subscription
+    /// is confirmed, so refused keys come back here as
+    /// [`ExchangeError::Auth`]; later failures resubscribe inside. A
+    /// connection attempt held back longer than `connect_timeout` (the
+    /// limiter, or a 429's `Retry-After`) comes back as
+    /// [`ExchangeError::RateLimited`].
     async fn open(
         &self,
         creds: &ApiCredentials,
     ) -> Result<Box<dyn UserStreamSession>, ExchangeError> {
-        let ws = connect_and_subscribe(&self.shared, creds).await?;
         let (tx, rx) = mpsc::channel(self.shared.cfg.buffer.max(1));
-        let task = tokio::spawn(run_session(self.shared.clone(), creds.clone(), ws, tx));
-        Ok(Box::new(BinanceStreamSession {
-            rx,
-            task,
-            ended: None,
-        }))
+        let end = Arc::new(OnceLock::new());
+        let (reply, confirmed) = oneshot::channel();
+        let slot = Slot {
+            creds: creds.clone(),
+            tx,
+            end: end.clone(),
+            reply: Some(reply),
+            state: SlotState::Wanted,
+            gap_from: None,
+            resynced: false,
+            retry_backoff: self.shared.cfg.backoff_initial,
+        };
+        let member = Shared::join(&self.shared, slot);
+        // The limiter may hold the connection up to `connect_timeout`, then
+        // the handshake and the subscription have as long again.
+        let patience = self.shared.cfg.connect_timeout * 2;
+        match timeout(patience, confirmed).await {
+            Ok(Ok(Ok(()))) => Ok(Box::new(BinanceStreamSession {
+                rx,
+                end,
+                ended: None,
+                _member: member,
+            })),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(ExchangeError::Transient(
+                "user-data connection ended before the subscription was confirmed".into(),
+            )),
+            Err(_) => Err(ExchangeError::Transient(format!(
+                "user-data subscription not confirmed within {patience:?}"
+            ))),
+        }
     }
 }
 
-/// One account's stream; dropping it closes the connection.
+/// One account's stream: a subscription on a shared connection. Dropping
+/// it unsubscribes; the connection closes when its last session goes.
 #[derive(Debug)]
 pub struct BinanceStreamSession {
-    rx: mpsc::Receiver<Item>,
-    task: tokio::task::JoinHandle<()>,
+    rx: mpsc::Receiver<StreamEvent>,
+    /// Why the connection task ended this subscription; read once the
+    /// events it delivered before are drained.
+    end: Arc<OnceLock<ExchangeError>>,
     ended: Option<ExchangeError>,
+    _member: Membership,
 }
 
-impl Drop for BinanceStreamSession {
-    fn drop(&mut self) {
-        self.task.abort();
+impl BinanceStreamSession {
+    fn finish(&mut self) -> ExchangeError {
+        let e = self.end.get().cloned().unwrap_or_else(|| {
+            ExchangeError::Transient("user-data stream connection task ended".into())
+        });
+        self.ended = Some(e.clone());
+        e
     }
 }
 
@@ -116,16 +220,8 @@ impl UserStreamSession for BinanceStreamSession {
             return Err(e.clone());
         }
         match self.rx.recv().await {
-            Some(Ok(ev)) => Ok(ev),
-            Some(Err(e)) => {
-                self.ended = Some(e.clone());
-                Err(e)
-            }
-            None => {
-                let e = ExchangeError::Transient("user-data stream task ended".into());
-                self.ended = Some(e.clone());
-                Err(e)
-            }
+            Some(ev) => Ok(ev),
+            None => Err(self.finish()),
         }
     }
 
@@ -134,18 +230,968 @@ impl UserStreamSession for BinanceStreamSession {
             return None;
         }
         match self.rx.try_recv() {
-            Ok(Ok(ev)) => Some(Ok(ev)),
-            Ok(Err(e)) => {
-                self.ended = Some(e.clone());
-                Some(Err(e))
-            }
+            Ok(ev) => Some(Ok(ev)),
             Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => {
-                let e = ExchangeError::Transient("user-data stream task ended".into());
-                self.ended = Some(e.clone());
-                Some(Err(e))
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(self.finish())),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ pool
+
+/// The connections that take new sessions.
+#[derive(Debug, Default)]
+struct Pool {
+    conns: Vec<Entry>,
+    next_conn: u64,
+    next_slot: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    /// API keys of the sessions on it: Binance allows one subscription per
+    /// account per connection.
+    keys: HashSet<String>,
+    /// Set by the connection task once its subscription ids run low.
+    retired: Arc<AtomicBool>,
+}
+
+/// A session's place on a connection; dropping it leaves.
+#[derive(Debug)]
+struct Membership {
+    shared: Arc<Shared>,
+    conn: u64,
+    slot: u64,
+    api_key: String,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.shared.leave(self.conn, self.slot, &self.api_key);
+    }
+}
+
+impl Shared {
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        // A poisoned lock only means a panic elsewhere mid-update of plain
+        // bookkeeping; the pool stays usable.
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts `slot` on a connection with room, opening one if none has.
+    /// Joining under the pool's lock means a connection is never closed
+    /// while a session is on its way to it.
+    fn join(this: &Arc<Self>, slot: Slot) -> Membership {
+        let api_key = slot.creds.api_key.clone();
+        let mut pool = this.pool();
+        let key = pool.next_slot;
+        pool.next_slot += 1;
+        let per = this.cfg.subscriptions_per_connection;
+        let found = pool.conns.iter().position(|e| {
+            e.keys.len() < per && !e.retired.load(Ordering::Relaxed) && !e.keys.contains(&api_key)
+        });
+        let idx = match found {
+            Some(i) => i,
+            None => {
+                let id = pool.next_conn;
+                pool.next_conn += 1;
+                let (cmds, rx) = mpsc::unbounded_channel();
+                let retired = Arc::new(AtomicBool::new(false));
+                tokio::spawn(Conn::new(id, this.clone(), rx, retired.clone()).run());
+                debug!(conn = id, "user-data connection added");
+                pool.conns.push(Entry {
+                    id,
+                    cmds,
+                    keys: HashSet::new(),
+                    retired,
+                });
+                pool.conns.len() - 1
+            }
+        };
+        let entry = &mut pool.conns[idx];
+        entry.keys.insert(api_key.clone());
+        // A failed send drops the slot and its reply: `open` then fails.
+        let _sent = entry.cmds.send(Cmd::Join {
+            key,
+            slot: Box::new(slot),
+        });
+        Membership {
+            shared: this.clone(),
+            conn: entry.id,
+            slot: key,
+            api_key,
+        }
+    }
+
+    fn leave(&self, conn: u64, slot: u64, api_key: &str) {
+        let mut pool = self.pool();
+        let Some(idx) = pool.conns.iter().position(|e| e.id == conn) else {
+            return;
+        };
+        let entry = &mut pool.conns[idx];
+        entry.keys.remove(api_key);
+        let _sent = entry.cmds.send(Cmd::Leave(slot));
+        if entry.keys.is_empty() {
+            let entry = pool.conns.remove(idx);
+            let _sent = entry.cmds.send(Cmd::Close);
+            debug!(conn, "user-data connection closing: its last session left");
+        }
+    }
+
+    fn server_now_ms(&self) -> i64 {
+        now_ms() + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// The IP is banned (418): REST requests sharing the weight pacer and
+    /// every connection attempt wait it out, since each refused request
+    /// lengthens the ban.
+    fn banned(&self, wait: Duration) {
+        warn!(
+            ?wait,
+            "binance banned this IP, holding back requests and connections"
+        );
+        self.limiter.hold(Instant::now(), wait);
+        if let Some(p) = &self.weight {
+            let ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+            p.block_until(self.server_now_ms().saturating_add(ms));
+        }
+    }
+
+    fn charge_weight(&self, weight: u32) {
+        if let Some(p) = &self.weight {
+            p.charge(self.server_now_ms(), weight);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ limiter
+
+/// Paces connection attempts: at most `attempts` in any `window`, and
+/// beyond a burst one every `window / attempts` (a generic cell rate
+/// algorithm), and none while a `Retry-After` holds.
+#[derive(Debug)]
+struct ConnectLimiter {
+    attempts: usize,
+    window: Duration,
+    interval: Duration,
+    tolerance: Duration,
+    state: Mutex<LimiterState>,
+}
+
+#[derive(Debug, Default)]
+struct LimiterState {
+    /// When the next attempt would be due at the steady rate.
+    due: Option<Instant>,
+    /// Attempts within the last window, oldest first.
+    recent: VecDeque<Instant>,
+    held_until: Option<Instant>,
+}
+
+impl ConnectLimiter {
+    fn new(cfg: &StreamConfig) -> Self {
+        let attempts = cfg.connect_attempts.max(1);
+        let interval = cfg.connect_window / attempts;
+        Self {
+            attempts: usize::try_from(attempts).unwrap_or(usize::MAX),
+            window: cfg.connect_window,
+            interval,
+            tolerance: interval * cfg.connect_burst.clamp(1, attempts).saturating_sub(1),
+            state: Mutex::new(LimiterState::default()),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, LimiterState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts an attempt at `now` if one may go, else says how long to wait.
+    fn reserve(&self, now: Instant) -> Result<(), Duration> {
+        let mut s = self.state();
+        if let Some(until) = s.held_until
+            && until > now
+        {
+            return Err(until - now);
+        }
+        while s.recent.front().is_some_and(|t| *t + self.window <= now) {
+            s.recent.pop_front();
+        }
+        if s.recent.len() >= self.attempts
+            && let Some(oldest) = s.recent.front()
+        {
+            return Err(*oldest + self.window - now);
+        }
+        let due = s.due.map_or(now, |d| d.max(now));
+        if due > now + self.tolerance {
+            return Err(due - self.tolerance - now);
+        }
+        s.due = Some(due + self.interval);
+        s.recent.push_back(now);
+        Ok(())
+    }
+
+    /// Holds every attempt until `now + wait`.
+    fn hold(&self, now: Instant, wait: Duration) {
+        let mut s = self.state();
+        let until = now + wait;
+        s.held_until = Some(s.held_until.map_or(until, |h| h.max(until)));
+    }
+}
+
+// ------------------------------------------------------------------ connection task
+
+/// A subscription as its connection task sees it.
+struct Slot {
+    creds: ApiCredentials,
+    tx: mpsc::Sender<StreamEvent>,
+    end: Arc<OnceLock<ExchangeError>>,
+    /// `open`'s answer, until the first subscription is confirmed.
+    reply: Option<oneshot::Sender<Result<(), ExchangeError>>>,
+    state: SlotState,
+    /// Start of the interruption to report once resubscribed.
+    gap_from: Option<i64>,
+    /// A `-1021` was answered by re-reading the server's clock once.
+    resynced: bool,
+    retry_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// Needs a subscribe: no connection yet, or waiting for a retry.
+    Wanted,
+    Subscribing,
+    Active(i64),
+}
+
+enum Cmd {
+    Join { key: u64, slot: Box<Slot> },
+    Leave(u64),
+    Close,
+}
+
+/// What a request sent on the connection was.
+enum Pending {
+    Subscribe(u64),
+    Unsubscribe,
+    /// Clock re-read after a `-1021`, then the slot subscribes again.
+    Time(u64),
+}
+
+/// Why a physical connection ended.
+#[derive(Debug)]
+enum End {
+    /// Every session left.
+    Exit,
+    /// Reconnect at once (server asked, the age limit, ids used up).
+    Planned(&'static str),
+    /// Reconnect after a backoff (drop, error, stall).
+    Broken(String),
+}
+
+enum Connect {
+    Up(Box<Ws>),
+    Failed,
+    Exit,
+}
+
+struct Conn {
+    id: u64,
+    shared: Arc<Shared>,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    retired: Arc<AtomicBool>,
+    slots: HashMap<u64, Slot>,
+    by_sub: HashMap<i64, u64>,
+    pending: HashMap<u64, Pending>,
+    next_request: u64,
+    backoff: Duration,
+    /// Highest subscription id handed out on this physical connection + 1.
+    ids_used: i64,
+    /// Last moment the connection was known healthy (a frame arrived).
+    healthy_at: i64,
+    /// Slots to subscribe again at a given time (after a refused resubscribe).
+    retries: Vec<(Instant, u64)>,
+}
+
+impl Conn {
+    fn new(
+        id: u64,
+        shared: Arc<Shared>,
+        cmds: mpsc::UnboundedReceiver<Cmd>,
+        retired: Arc<AtomicBool>,
+    ) -> Self {
+        let backoff = shared.cfg.backoff_initial;
+        Self {
+            id,
+            shared,
+            cmds,
+            retired,
+            slots: HashMap::new(),
+            by_sub: HashMap::new(),
+            pending: HashMap::new(),
+            next_request: 1,
+            backoff,
+            ids_used: 0,
+            healthy_at: now_ms(),
+            retries: Vec::new(),
+        }
+    }
+
+    fn cfg(&self) -> &StreamConfig {
+        &self.shared.cfg
+    }
+
+    async fn run(mut self) {
+        let mut planned = true;
+        loop {
+            while !self.wants_connection() {
+                match self.cmds.recv().await {
+                    Some(cmd) => {
+                        if !self.apply_offline(cmd) {
+                            return;
+                        }
+                    }
+                    None => return,
+                }
+            }
+            if !planned {
+                let d = jitter(self.backoff);
+                debug!(conn = self.id, delay = ?d, "user-data reconnect backoff");
+                if !self.offline_for(d).await {
+                    return;
+                }
+                self.backoff = (self.backoff * 2).min(self.cfg().backoff_max);
+            }
+            let ws = match self.connect().await {
+                Connect::Up(ws) => ws,
+                Connect::Failed => {
+                    planned = false;
+                    continue;
+                }
+                Connect::Exit => return,
+            };
+            let started = Instant::now();
+            let end = self.run_connection(*ws).await;
+            if started.elapsed() >= self.cfg().backoff_max {
+                // Lived long enough to count as healthy: start the backoff over.
+                self.backoff = self.cfg().backoff_initial;
+            }
+            self.interrupted();
+            match end {
+                End::Exit => return,
+                End::Planned(why) => {
+                    info!(
+                        conn = self.id,
+                        reason = why,
+                        subscriptions = self.slots.len(),
+                        "user-data connection reconnecting"
+                    );
+                    planned = true;
+                }
+                End::Broken(why) => {
+                    warn!(conn = self.id, reason = %why, subscriptions = self.slots.len(), "user-data connection interrupted, reconnecting");
+                    planned = false;
+                }
             }
         }
+    }
+
+    fn wants_connection(&self) -> bool {
+        self.slots.values().any(|s| s.state == SlotState::Wanted)
+    }
+
+    /// Applies a command while no socket is open; false on `Close`.
+    fn apply_offline(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Join { key, slot } => {
+                self.slots.insert(key, *slot);
+                true
+            }
+            Cmd::Leave(key) => {
+                self.slots.remove(&key);
+                true
+            }
+            Cmd::Close => false,
+        }
+    }
+
+    /// Waits `d` while taking commands; false on `Close`.
+    async fn offline_for(&mut self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        loop {
+            tokio::select! {
+                cmd = self.cmds.recv() => match cmd {
+                    Some(cmd) => if !self.apply_offline(cmd) { return false; },
+                    None => return false,
+                },
+                () = sleep_until(until) => return true,
+            }
+        }
+    }
+
+    /// Fails the sessions still waiting in `open` with `e`.
+    fn fail_openers(&mut self, e: &ExchangeError) {
+        let waiting: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.reply.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in waiting {
+            self.end_slot(key, e.clone());
+        }
+    }
+
+    async fn connect(&mut self) -> Connect {
+        loop {
+            match self.shared.limiter.reserve(Instant::now()) {
+                Ok(()) => break,
+                Err(wait) => {
+                    if wait > self.cfg().connect_timeout {
+                        self.fail_openers(&ExchangeError::RateLimited { retry_after: wait });
+                    }
+                    if !self.wants_connection() {
+                        return Connect::Failed;
+                    }
+                    debug!(conn = self.id, ?wait, "user-data connection attempt paced");
+                    // Look again within half a connect timeout, so that a
+                    // session joining meanwhile is answered `RateLimited`
+                    // rather than left to time out in `open`.
+                    let nap = wait
+                        .min(self.cfg().connect_timeout / 2)
+                        .max(Duration::from_millis(1));
+                    if !self.offline_for(nap).await {
+                        return Connect::Exit;
+                    }
+                }
+            }
+        }
+        let attempt = match timeout(self.cfg().connect_timeout, handshake(&self.shared)).await {
+            Ok(r) => r,
+            Err(_) => Err(ExchangeError::Transient(
+                "user-data stream connect timed out".into(),
+            )),
+        };
+        match attempt {
+            Ok(ws) => Connect::Up(Box::new(ws)),
+            Err(e) => {
+                if let ExchangeError::RateLimited { retry_after } = e {
+                    // Binance counts attempts per IP: nobody in this process tries again before it passes.
+                    self.shared.limiter.hold(Instant::now(), retry_after);
+                }
+                warn!(conn = self.id, error = %e, "user-data connection attempt failed");
+                self.fail_openers(&e);
+                Connect::Failed
+            }
+        }
+    }
+
+    /// After a physical connection ended: every subscription is wanted
+    /// again, and the confirmed ones owe their session a gap.
+    fn interrupted(&mut self) {
+        let from = self.healthy_at;
+        self.by_sub.clear();
+        self.pending.clear();
+        self.retries.clear();
+        self.ids_used = 0;
+        self.retired.store(false, Ordering::Relaxed);
+        for slot in self.slots.values_mut() {
+            if slot.reply.is_none() {
+                slot.gap_from.get_or_insert(from);
+            }
+            slot.state = SlotState::Wanted;
+            slot.resynced = false;
+        }
+    }
+
+    async fn run_connection(&mut self, ws: Ws) -> End {
+        let (mut sink, mut stream) = ws.split();
+        let cfg = self.shared.cfg.clone();
+        let opened = Instant::now();
+        self.healthy_at = now_ms();
+        let age_deadline = opened + age_with_jitter(cfg.max_connection_age);
+        // Liveness. A server that pings (Binance: every 20 s) must keep doing so:
+        // our own pings may still be answered by a transport whose event side is
+        // stuck. A server that never pings is judged by the pongs to our pings.
+        let mut last_server = opened;
+        let mut last_pong = opened;
+        let mut server_pings = false;
+        let mut ping = tokio::time::interval_at(opened + cfg.ping_interval, cfg.ping_interval);
+        let wanted: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.state == SlotState::Wanted)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut end = None;
+        for key in wanted {
+            if let Err(e) = self.subscribe(&mut sink, key).await {
+                end = Some(End::Broken(e));
+                break;
+            }
+        }
+        let end = match end {
+            Some(end) => end,
+            None => loop {
+                let alive_at = if server_pings {
+                    last_server
+                } else {
+                    last_server.max(last_pong)
+                };
+                let retry_at = self.retries.iter().map(|(t, _)| *t).min();
+                tokio::select! {
+                    biased;
+                    cmd = self.cmds.recv() => {
+                        let outcome = match cmd {
+                            None | Some(Cmd::Close) => Err(End::Exit),
+                            Some(Cmd::Join { key, slot }) => {
+                                self.slots.insert(key, *slot);
+                                self.subscribe(&mut sink, key).await.map_err(End::Broken)
+                            }
+                            Some(Cmd::Leave(key)) => self.leave(&mut sink, key).await.map_err(End::Broken),
+                        };
+                        if let Err(end) = outcome {
+                            break end;
+                        }
+                    }
+                    msg = stream.next() => {
+                        let msg = match msg {
+                            None => break End::Broken("connection closed".into()),
+                            Some(Err(e)) => break End::Broken(format!("read failed: {e}")),
+                            Some(Ok(m)) => m,
+                        };
+                        if let Message::Pong(_) = msg {
+                            last_pong = Instant::now();
+                            if !server_pings {
+                                self.healthy_at = now_ms();
+                            }
+                            continue;
+                        }
+                        last_server = Instant::now();
+                        self.healthy_at = now_ms();
+                        match msg {
+                            Message::Text(text) => {
+                                if let Some(end) = self.on_text(&mut sink, text.as_str()).await {
+                                    break end;
+                                }
+                            }
+                            Message::Ping(payload) => {
+                                server_pings = true;
+                                if let Err(e) = sink.send(Message::Pong(payload)).await {
+                                    break End::Broken(format!("pong failed: {e}"));
+                                }
+                            }
+                            Message::Close(frame) => break End::Broken(format!("closed by server: {frame:?}")),
+                            Message::Pong(_) | Message::Binary(_) | Message::Frame(_) => {}
+                        }
+                    }
+                    () = sleep_until(alive_at + cfg.stall_timeout) => {
+                        break End::Broken(format!("stalled: nothing from the server for {:?}", cfg.stall_timeout));
+                    }
+                    () = sleep_until(age_deadline) => break End::Planned("connection age limit"),
+                    _ = ping.tick() => {
+                        if let Err(e) = sink.send(Message::Ping(Vec::new().into())).await {
+                            break End::Broken(format!("ping failed: {e}"));
+                        }
+                    }
+                    () = sleep_until(retry_at.unwrap_or(age_deadline)), if retry_at.is_some() => {
+                        if let Err(e) = self.retry_due(&mut sink).await {
+                            break End::Broken(e);
+                        }
+                    }
+                }
+            },
+        };
+        // Best effort: tell the server we are leaving.
+        let _closing = timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
+        end
+    }
+
+    fn request_id(&mut self) -> u64 {
+        let id = self.next_request;
+        self.next_request += 1;
+        id
+    }
+
+    async fn subscribe(&mut self, sink: &mut Sink, key: u64) -> Result<(), String> {
+        let id = self.request_id();
+        let timestamp = self.shared.server_now_ms();
+        let recv_window = self.shared.recv_window;
+        let Some(slot) = self.slots.get_mut(&key) else {
+            return Ok(());
+        };
+        let text = subscribe_request(id, &slot.creds, timestamp, recv_window);
+        slot.state = SlotState::Subscribing;
+        self.pending.insert(id, Pending::Subscribe(key));
+        self.shared.charge_weight(WS_WEIGHT);
+        sink.send(Message::Text(text.into()))
+            .await
+            .map_err(|e| format!("subscribe send failed: {e}"))
+    }
+
+    async fn unsubscribe(&mut self, sink: &mut Sink, sub: i64) -> Result<(), String> {
+        let id = self.request_id();
+        self.pending.insert(id, Pending::Unsubscribe);
+        self.shared.charge_weight(WS_WEIGHT);
+        let text = json!({
+            "id": id,
+            "method": "userDataStream.unsubscribe",
+            "params": { "subscriptionId": sub },
+        })
+        .to_string();
+        sink.send(Message::Text(text.into()))
+            .await
+            .map_err(|e| format!("unsubscribe send failed: {e}"))
+    }
+
+    /// A session left: its subscription goes, the connection stays. One
+    /// still being subscribed is unsubscribed when its answer comes.
+    async fn leave(&mut self, sink: &mut Sink, key: u64) -> Result<(), String> {
+        let Some(slot) = self.slots.remove(&key) else {
+            return Ok(());
+        };
+        if let SlotState::Active(sub) = slot.state {
+            self.by_sub.remove(&sub);
+            return self.unsubscribe(sink, sub).await;
+        }
+        Ok(())
+    }
+
+    /// Ends one subscription for good; its session reads `why` after the
+    /// events already delivered. The caller unsubscribes it if active.
+    fn end_slot(&mut self, key: u64, why: ExchangeError) -> Option<i64> {
+        let slot = self.slots.remove(&key)?;
+        let _first = slot.end.set(why.clone());
+        if let Some(reply) = slot.reply {
+            let _gone = reply.send(Err(why));
+        }
+        match slot.state {
+            SlotState::Active(sub) => {
+                self.by_sub.remove(&sub);
+                Some(sub)
+            }
+            SlotState::Wanted | SlotState::Subscribing => None,
+        }
+    }
+
+    /// Hands `ev` to its session without waiting: a session whose buffer
+    /// is full is ended alone, so that no consumer holds up the others.
+    async fn deliver(&mut self, sink: &mut Sink, key: u64, ev: StreamEvent) -> Result<(), String> {
+        let Some(slot) = self.slots.get(&key) else {
+            return Ok(());
+        };
+        match slot.tx.try_send(ev) {
+            // Closed: the session was dropped; its `Leave` is on its way.
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let buffer = self.cfg().buffer;
+                warn!(
+                    conn = self.id,
+                    buffer, "user-data consumer fell behind, ending its subscription"
+                );
+                let why = ExchangeError::Transient(format!(
+                    "user-data consumer fell {buffer} events behind; subscription ended"
+                ));
+                match self.end_slot(key, why) {
+                    Some(sub) => self.unsubscribe(sink, sub).await,
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    async fn on_text(&mut self, sink: &mut Sink, text: &str) -> Option<End> {
+        let result = match classify(text) {
+            Incoming::Response { id, frame } => self.on_response(sink, id, frame).await,
+            Incoming::Unsolicited(what) => {
+                // Not an answer to a request, so it cannot say which key it
+                // is about (a revoked key: 401 -2015). Every subscription
+                // reconnects; a revoked key is refused at its resubscription
+                // and ends that session alone.
+                warn!(conn = self.id, error = %what, "user-data connection error frame");
+                return Some(End::Broken(format!("error frame {what}")));
+            }
+            Incoming::Shutdown => return Some(End::Planned("serverShutdown")),
+            Incoming::Terminated(sub) => {
+                self.resubscribe(sink, sub, now_ms(), "eventStreamTerminated")
+                    .await
+            }
+            Incoming::Event(sub, ev) => match self.by_sub.get(&sub) {
+                Some(&key) => self.deliver(sink, key, *ev).await,
+                None => {
+                    debug!(
+                        conn = self.id,
+                        subscription = sub,
+                        "event of an ended subscription ignored"
+                    );
+                    Ok(())
+                }
+            },
+            Incoming::Malformed(sub, e) => {
+                // A known event we cannot read may be a fill: resubscribe so
+                // that the gap sends the account to reconciliation, rather than
+                // silently skipping it.
+                warn!(conn = self.id, subscription = sub, error = %e, "malformed user-data event, resubscribing to force reconciliation");
+                let from = self.healthy_at;
+                match self.by_sub.get(&sub) {
+                    Some(_) => match self.unsubscribe(sink, sub).await {
+                        Ok(()) => self.resubscribe(sink, sub, from, "malformed event").await,
+                        Err(e) => Err(e),
+                    },
+                    None => Ok(()),
+                }
+            }
+            Incoming::Ignored(kind) => {
+                debug!(conn = self.id, kind = %kind, "user-data frame ignored");
+                Ok(())
+            }
+        };
+        result.err().map(End::Broken)
+    }
+
+    /// Subscribes one subscription again; its session gets a gap from `from`.
+    async fn resubscribe(
+        &mut self,
+        sink: &mut Sink,
+        sub: i64,
+        from: i64,
+        why: &str,
+    ) -> Result<(), String> {
+        let Some(key) = self.by_sub.remove(&sub) else {
+            return Ok(());
+        };
+        info!(
+            conn = self.id,
+            subscription = sub,
+            reason = why,
+            "user-data subscription ended, resubscribing"
+        );
+        if let Some(slot) = self.slots.get_mut(&key) {
+            slot.gap_from.get_or_insert(from);
+            slot.state = SlotState::Wanted;
+        }
+        self.subscribe(sink, key).await
+    }
+
+    async fn retry_due(&mut self, sink: &mut Sink) -> Result<(), String> {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = self.retries.drain(..).partition(|(t, _)| *t <= now);
+        self.retries = later;
+        for (_, key) in due {
+            if self
+                .slots
+                .get(&key)
+                .is_some_and(|s| s.state == SlotState::Wanted)
+            {
+                self.subscribe(sink, key).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_response(
+        &mut self,
+        sink: &mut Sink,
+        id: u64,
+        frame: WsFrame,
+    ) -> Result<(), String> {
+        match self.pending.remove(&id) {
+            None => Ok(()),
+            Some(Pending::Unsubscribe) => {
+                if let Some(err) = frame.error {
+                    debug!(conn = self.id, code = err.code, msg = %err.msg, "unsubscribe refused");
+                }
+                Ok(())
+            }
+            Some(Pending::Time(key)) => {
+                if let Some(server) = frame
+                    .result
+                    .as_ref()
+                    .and_then(|r| r.get("serverTime"))
+                    .and_then(serde_json::Value::as_i64)
+                {
+                    self.shared
+                        .offset_ms
+                        .store(server - now_ms(), Ordering::Relaxed);
+                }
+                self.subscribe(sink, key).await
+            }
+            Some(Pending::Subscribe(key)) => self.on_subscribed(sink, key, frame).await,
+        }
+    }
+
+    async fn on_subscribed(
+        &mut self,
+        sink: &mut Sink,
+        key: u64,
+        frame: WsFrame,
+    ) -> Result<(), String> {
+        let sub = frame
+            .result
+            .as_ref()
+            .and_then(|r| r.get("subscriptionId"))
+            .and_then(serde_json::Value::as_i64);
+        let backoff_max = self.cfg().backoff_max;
+        let Some(slot) = self.slots.get_mut(&key) else {
+            // The session left while its subscription was on its way.
+            return match sub {
+                Some(sub) => self.unsubscribe(sink, sub).await,
+                None => Ok(()),
+            };
+        };
+        if let Some(err) = frame.error {
+            if err.code == -1021 && !slot.resynced {
+                slot.resynced = true;
+                let id = self.request_id();
+                self.pending.insert(id, Pending::Time(key));
+                return sink
+                    .send(Message::Text(
+                        json!({"id": id, "method": "time"}).to_string().into(),
+                    ))
+                    .await
+                    .map_err(|e| format!("time send failed: {e}"));
+            }
+            if err.code == -2042 {
+                // Ids used up before we retired the connection (another
+                // client's requests, or a lower server limit): start afresh.
+                self.retired.store(true, Ordering::Relaxed);
+                slot.state = SlotState::Wanted;
+                return Err("subscription ids of the connection used up (-2042)".into());
+            }
+            let mapped = match err.data.as_ref().and_then(|d| d.retry_after) {
+                Some(until) => {
+                    let retry_after =
+                        Duration::from_millis(u64::try_from(until - now_ms()).unwrap_or(0));
+                    if frame.status == Some(418) {
+                        self.shared.banned(retry_after);
+                    }
+                    ExchangeError::RateLimited { retry_after }
+                }
+                None if frame.status == Some(401) => {
+                    ExchangeError::Auth(format!("{} {}", err.code, err.msg))
+                }
+                None => map_ws_error(err.code, &err.msg),
+            };
+            if matches!(mapped, ExchangeError::Auth(_)) || slot.reply.is_some() {
+                // Refused keys end the session; a first subscription's
+                // failure is `open`'s answer, as it always was.
+                if matches!(mapped, ExchangeError::Auth(_)) {
+                    warn!(conn = self.id, error = %mapped, "user-data subscription refused, ending the session");
+                }
+                self.end_slot(key, mapped);
+                return Ok(());
+            }
+            let delay = match mapped {
+                ExchangeError::RateLimited { retry_after } => retry_after,
+                _ => jitter(slot.retry_backoff),
+            };
+            slot.retry_backoff = (slot.retry_backoff * 2).min(backoff_max);
+            slot.state = SlotState::Wanted;
+            warn!(conn = self.id, error = %mapped, ?delay, "user-data resubscription failed, retrying");
+            self.retries.push((Instant::now() + delay, key));
+            return Ok(());
+        }
+        let Some(sub) = sub else {
+            return Err("subscribe answer without a subscriptionId".into());
+        };
+        slot.state = SlotState::Active(sub);
+        slot.resynced = false;
+        slot.retry_backoff = self.shared.cfg.backoff_initial;
+        self.by_sub.insert(sub, key);
+        self.ids_used = self.ids_used.max(sub.saturating_add(1));
+        if self.ids_used >= RETIRE_AFTER_IDS {
+            self.retired.store(true, Ordering::Relaxed);
+        }
+        let gap = slot.gap_from.take().map(|from| {
+            let to = now_ms();
+            info!(
+                conn = self.id,
+                subscription = sub,
+                from,
+                to,
+                "user-data stream resubscribed after a gap"
+            );
+            StreamEvent::Gap {
+                from: Millis(from),
+                to: Millis(to.max(from)),
+            }
+        });
+        let reply = slot.reply.take();
+        debug!(
+            conn = self.id,
+            subscription = sub,
+            "user-data stream subscribed"
+        );
+        self.deliver(sink, key, StreamEvent::Connected).await?;
+        if let Some(gap) = gap {
+            self.deliver(sink, key, gap).await?;
+        }
+        if let Some(reply) = reply
+            && reply.send(Ok(())).is_err()
+        {
+            debug!(
+                conn = self.id,
+                "open gave up before its subscription was confirmed"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A frame from the server, sorted by who it concerns.
+// Short-lived, moved once per frame: boxing would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+enum Incoming {
+    /// The answer to one of our requests.
+    Response {
+        id: u64,
+        frame: WsFrame,
+    },
+    /// An error that answers no request: about the whole connection.
+    Unsolicited(String),
+    /// `serverShutdown`: every subscription of the connection moves.
+    Shutdown,
+    /// `eventStreamTerminated`: that subscription alone ended.
+    Terminated(i64),
+    Event(i64, Box<StreamEvent>),
+    Malformed(i64, String),
+    Ignored(String),
+}
+
+fn classify(text: &str) -> Incoming {
+    let frame: WsFrame = match serde_json::from_str(text) {
+        Ok(f) => f,
+        Err(e) => return Incoming::Ignored(format!("unreadable frame: {e}")),
+    };
+    if let Some(id) = frame.id.as_ref().and_then(serde_json::Value::as_u64) {
+        return Incoming::Response { id, frame };
+    }
+    if let Some(err) = &frame.error {
+        return Incoming::Unsolicited(format!(
+            "{} {} (status {:?})",
+            err.code, err.msg, frame.status
+        ));
+    }
+    let Some(event) = frame.event else {
+        return Incoming::Ignored("response to no request of ours".into());
+    };
+    let Some(sub) = frame.subscription_id else {
+        let kind = event
+            .get("e")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        return if kind == "serverShutdown" {
+            Incoming::Shutdown
+        } else {
+            Incoming::Ignored(format!("event without a subscription: {kind}"))
+        };
+    };
+    match decode_event(event) {
+        Ok(Decoded::Event(ev)) => Incoming::Event(sub, Box::new(ev)),
+        Ok(Decoded::Reconnect("serverShutdown")) => Incoming::Shutdown,
+        Ok(Decoded::Reconnect(_)) => Incoming::Terminated(sub),
+        Ok(Decoded::Ignored(kind)) => Incoming::Ignored(kind),
+        Err(e) => Incoming::Malformed(sub, e.to_string()),
     }
 }
 
@@ -156,117 +1202,6 @@ fn now_ms() -> i64 {
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Why a connection ended.
-#[derive(Debug)]
-enum End {
-    /// The consumer dropped the session.
-    ConsumerGone,
-    /// Keys refused or revoked: the session ends.
-    Fatal(ExchangeError),
-    /// Reconnect at once (server asked, or the age limit).
-    Planned(&'static str),
-    /// Reconnect after a backoff (drop, error, stall).
-    Broken(String),
-}
-
-async fn run_session(
-    shared: Arc<Shared>,
-    creds: ApiCredentials,
-    first: Ws,
-    tx: mpsc::Sender<Item>,
-) {
-    let cfg = &shared.cfg;
-    let mut ws = Some(first);
-    // Last moment the stream was known healthy (a frame arrived).
-    let mut healthy_at = now_ms();
-    let mut backoff = cfg.backoff_initial;
-    let mut first_connection = true;
-    let mut pending_delay = false;
-    loop {
-        let conn = match ws.take() {
-            Some(c) => c,
-            None => {
-                if pending_delay {
-                    let d = jitter(backoff);
-                    debug!(delay = ?d, "user-data stream reconnect backoff");
-                    tokio::select! {
-                        () = tx.closed() => return,
-                        () = sleep(d) => {}
-                    }
-                    backoff = (backoff * 2).min(cfg.backoff_max);
-                }
-                pending_delay = true;
-                let attempt = tokio::select! {
-                    () = tx.closed() => return,
-                    r = connect_and_subscribe(&shared, &creds) => r,
-                };
-                match attempt {
-                    Ok(c) => c,
-                    Err(e @ ExchangeError::Auth(_)) => {
-                        warn!(error = %e, "user-data stream refused, ending the session");
-                        let _gone = tx.send(Err(e)).await;
-                        return;
-                    }
-                    Err(ExchangeError::RateLimited { retry_after }) => {
-                        warn!(?retry_after, "user-data stream rate limited");
-                        tokio::select! {
-                            () = tx.closed() => return,
-                            () = sleep(retry_after) => {}
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "user-data stream reconnect failed");
-                        continue;
-                    }
-                }
-            }
-        };
-        let subscribed_at = now_ms();
-        if tx.send(Ok(StreamEvent::Connected)).await.is_err() {
-            return;
-        }
-        if !first_connection {
-            let gap = StreamEvent::Gap {
-                from: Millis(healthy_at),
-                to: Millis(subscribed_at),
-            };
-            info!(
-                from = healthy_at,
-                to = subscribed_at,
-                "user-data stream resubscribed after a gap"
-            );
-            if tx.send(Ok(gap)).await.is_err() {
-                return;
-            }
-        }
-        first_connection = false;
-        healthy_at = subscribed_at;
-        let started = Instant::now();
-        let end = run_connection(cfg, conn, &tx, &mut healthy_at).await;
-        if started.elapsed() >= cfg.backoff_max {
-            // Lived long enough to count as healthy: start the backoff over.
-            backoff = cfg.backoff_initial;
-        }
-        match end {
-            End::ConsumerGone => return,
-            End::Fatal(e) => {
-                warn!(error = %e, "user-data stream revoked, ending the session");
-                let _gone = tx.send(Err(e)).await;
-                return;
-            }
-            End::Planned(why) => {
-                info!(reason = why, "user-data stream reconnecting");
-                pending_delay = false;
-            }
-            End::Broken(why) => {
-                warn!(reason = %why, "user-data stream interrupted, reconnecting");
-                pending_delay = true;
-            }
-        }
-    }
-}
-
 /// Full jitter in `[d/2, d]`.
 fn jitter(d: Duration) -> Duration {
     let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -274,183 +1209,49 @@ fn jitter(d: Duration) -> Duration {
     Duration::from_millis(rand::rng().random_range(low..=ms))
 }
 
-async fn run_connection(
-    cfg: &StreamConfig,
-    ws: Ws,
-    tx: &mpsc::Sender<Item>,
-    healthy_at: &mut i64,
-) -> End {
-    let (mut sink, mut stream) = ws.split();
-    let opened = Instant::now();
-    let age_deadline = opened + cfg.max_connection_age;
-    // Liveness. A server that pings (Binance: every 20 s) must keep doing so:
-    // our own pings may still be answered by a transport whose event side is
-    // stuck. A server that never pings is judged by the pongs to our pings.
-    let mut last_server = opened;
-    let mut last_pong = opened;
-    let mut server_pings = false;
-    let mut ping = tokio::time::interval_at(opened + cfg.ping_interval, cfg.ping_interval);
-    let end = loop {
-        let alive_at = if server_pings {
-            last_server
-        } else {
-            last_server.max(last_pong)
-        };
-        tokio::select! {
-            biased;
-            () = tx.closed() => break End::ConsumerGone,
-            msg = stream.next() => {
-                let msg = match msg {
-                    None => break End::Broken("connection closed".into()),
-                    Some(Err(e)) => break End::Broken(format!("read failed: {e}")),
-                    Some(Ok(m)) => m,
-                };
-                if let Message::Pong(_) = msg {
-                    last_pong = Instant::now();
-                    if !server_pings {
-                        *healthy_at = now_ms();
-                    }
-                    continue;
-                }
-                last_server = Instant::now();
-                *healthy_at = now_ms();
-                match msg {
-                    Message::Text(text) => match handle_text(text.as_str()) {
-                        Handled::Event(ev) => {
-                            if tx.send(Ok(ev)).await.is_err() {
-                                break End::ConsumerGone;
-                            }
-                        }
-                        Handled::Nothing => {}
-                        Handled::End(end) => break end,
-                    },
-                    Message::Ping(payload) => {
-                        server_pings = true;
-                        if let Err(e) = sink.send(Message::Pong(payload)).await {
-                            break End::Broken(format!("pong failed: {e}"));
-                        }
-                    }
-                    Message::Close(frame) => break End::Broken(format!("closed by server: {frame:?}")),
-                    Message::Pong(_) | Message::Binary(_) | Message::Frame(_) => {}
-                }
-            }
-            () = sleep_until(alive_at + cfg.stall_timeout) => {
-                break End::Broken(format!("stalled: nothing from the server for {:?}", cfg.stall_timeout));
-            }
-            () = sleep_until(age_deadline) => break End::Planned("connection age limit"),
-            _ = ping.tick() => {
-                if let Err(e) = sink.send(Message::Ping(Vec::new().into())).await {
-                    break End::Broken(format!("ping failed: {e}"));
-                }
-            }
-        }
-    };
-    // Best effort: tell the server we are leaving.
-    let _closing = timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
-    end
+/// A connection's planned lifetime: `age` less a random share of its last
+/// tenth, so that connections opened together are renewed apart.
+fn age_with_jitter(age: Duration) -> Duration {
+    let ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+    let off = rand::rng().random_range(0..=ms / 10);
+    Duration::from_millis(ms - off)
 }
 
-// Short-lived, moved once per frame: boxing would cost an allocation per event.
-#[allow(clippy::large_enum_variant)]
-enum Handled {
-    Event(StreamEvent),
-    Nothing,
-    End(End),
-}
-
-fn handle_text(text: &str) -> Handled {
-    let frame: WsFrame = match serde_json::from_str(text) {
-        Ok(f) => f,
-        Err(e) => {
-            warn!(error = %e, "unreadable user-data frame ignored");
-            return Handled::Nothing;
+/// Opens the WebSocket. A refusal with 429/418 is `RateLimited` with its
+/// `Retry-After`.
+async fn handshake(shared: &Shared) -> Result<Ws, ExchangeError> {
+    shared.charge_weight(WS_WEIGHT);
+    match tokio_tungstenite::connect_async(shared.url.as_str()).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let refusal = map_refusal(status, retry_after(resp.headers()));
+            if let (418, ExchangeError::RateLimited { retry_after }) = (status, &refusal) {
+                shared.banned(*retry_after);
+            }
+            Err(refusal)
         }
-    };
-    if let Some(err) = frame.error {
-        let mapped = map_ws_error(err.code, &err.msg);
-        return if matches!(mapped, ExchangeError::Auth(_)) || frame.status == Some(401) {
-            Handled::End(End::Fatal(ExchangeError::Auth(format!(
-                "{} {}",
-                err.code, err.msg
-            ))))
-        } else {
-            warn!(code = err.code, msg = %err.msg, "user-data stream error frame");
-            Handled::End(End::Broken(format!("error frame {} {}", err.code, err.msg)))
-        };
-    }
-    let Some(event) = frame.event else {
-        debug!("user-data response frame ignored");
-        return Handled::Nothing;
-    };
-    match decode_event(event) {
-        Ok(Decoded::Event(ev)) => Handled::Event(ev),
-        Ok(Decoded::Reconnect(why)) => Handled::End(End::Planned(why)),
-        Ok(Decoded::Ignored(kind)) => {
-            debug!(kind = %kind, "user-data event ignored");
-            Handled::Nothing
-        }
-        Err(e) => {
-            // A known event we cannot read may be a fill: treat it as a gap
-            // so the account is reconciled rather than silently skipping it.
-            warn!(error = %e, "malformed user-data event, reconnecting to force reconciliation");
-            Handled::End(End::Broken(format!("malformed event: {e}")))
-        }
+        Err(e) => Err(ExchangeError::Transient(format!(
+            "websocket connect failed: {e}"
+        ))),
     }
 }
 
-/// Connects and subscribes within `connect_timeout`.
-async fn connect_and_subscribe(
-    shared: &Shared,
-    creds: &ApiCredentials,
-) -> Result<Ws, ExchangeError> {
-    match timeout(shared.cfg.connect_timeout, connect_inner(shared, creds)).await {
-        Ok(r) => r,
-        Err(_) => Err(ExchangeError::Transient(
-            "user-data stream connect timed out".into(),
-        )),
-    }
-}
-
-async fn connect_inner(shared: &Shared, creds: &ApiCredentials) -> Result<Ws, ExchangeError> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(shared.url.as_str())
-        .await
-        .map_err(|e| ExchangeError::Transient(format!("websocket connect failed: {e}")))?;
-    let mut resynced = false;
-    loop {
-        let id = format!("sub-{}", rand::rng().random::<u64>());
-        let request = subscribe_request(
-            &id,
-            creds,
-            now_ms() + shared.offset_ms.load(Ordering::Relaxed),
-            shared.recv_window,
-        );
-        ws.send(Message::Text(request.into()))
-            .await
-            .map_err(|e| ExchangeError::Transient(format!("subscribe send failed: {e}")))?;
-        let frame = await_response(&mut ws, &id).await?;
-        if let Some(err) = frame.error {
-            if err.code == -1021 && !resynced {
-                resynced = true;
-                let server = server_time(&mut ws).await?;
-                shared.offset_ms.store(server - now_ms(), Ordering::Relaxed);
-                continue;
-            }
-            if let Some(until) = err.data.as_ref().and_then(|d| d.retry_after) {
-                let wait = u64::try_from(until - now_ms()).unwrap_or(0);
-                return Err(ExchangeError::RateLimited {
-                    retry_after: Duration::from_millis(wait),
-                });
-            }
-            return Err(map_ws_error(err.code, &err.msg));
-        }
-        debug!(subscription = ?frame.result, "user-data stream subscribed");
-        return Ok(ws);
+fn map_refusal(status: u16, retry_after: Option<Duration>) -> ExchangeError {
+    match status {
+        429 => ExchangeError::RateLimited {
+            retry_after: retry_after.unwrap_or(HANDSHAKE_429_WAIT),
+        },
+        418 => ExchangeError::RateLimited {
+            retry_after: retry_after.unwrap_or(HANDSHAKE_418_WAIT),
+        },
+        _ => ExchangeError::Transient(format!("websocket handshake refused: http {status}")),
     }
 }
 
 /// `userDataStream.subscribe.signature` with an HMAC over the sorted params.
 pub(crate) fn subscribe_request(
-    id: &str,
+    id: u64,
     creds: &ApiCredentials,
     timestamp: i64,
     recv_window: Duration,
@@ -478,58 +1279,6 @@ pub(crate) fn subscribe_request(
     .to_string()
 }
 
-/// Reads until the response to `id`, answering pings on the way.
-async fn await_response(ws: &mut Ws, id: &str) -> Result<WsFrame, ExchangeError> {
-    loop {
-        let msg = ws
-            .next()
-            .await
-            .ok_or_else(|| ExchangeError::Transient("closed before the subscribe answer".into()))?
-            .map_err(|e| ExchangeError::Transient(format!("read failed: {e}")))?;
-        match msg {
-            Message::Text(text) => {
-                let frame: WsFrame = serde_json::from_str(text.as_str())
-                    .map_err(|e| ExchangeError::Transient(format!("unreadable answer: {e}")))?;
-                let ours = frame.id.as_ref().and_then(|v| v.as_str()) == Some(id);
-                if ours
-                    || (frame.id.as_ref().is_none_or(serde_json::Value::is_null)
-                        && frame.error.is_some())
-                {
-                    return Ok(frame);
-                }
-            }
-            Message::Ping(p) => {
-                ws.send(Message::Pong(p))
-                    .await
-                    .map_err(|e| ExchangeError::Transient(format!("pong failed: {e}")))?;
-            }
-            Message::Close(_) => {
-                return Err(ExchangeError::Transient(
-                    "closed before the subscribe answer".into(),
-                ));
-            }
-            _ => {}
-        }
-    }
-}
-
-/// WebSocket API `time`, for the clock offset after a `-1021`.
-async fn server_time(ws: &mut Ws) -> Result<i64, ExchangeError> {
-    let id = format!("time-{}", rand::rng().random::<u64>());
-    ws.send(Message::Text(
-        json!({"id": id, "method": "time"}).to_string().into(),
-    ))
-    .await
-    .map_err(|e| ExchangeError::Transient(format!("time send failed: {e}")))?;
-    let frame = await_response(ws, &id).await?;
-    frame
-        .result
-        .as_ref()
-        .and_then(|r| r.get("serverTime"))
-        .and_then(serde_json::Value::as_i64)
-        .ok_or_else(|| ExchangeError::Transient("no serverTime in the time answer".into()))
-}
-
 #[cfg(test)]
 mod tests {
     use secrecy::SecretString;
@@ -544,9 +1293,10 @@ mod tests {
                 "NhqPtmdSJYdKjVHjA7PZj4Mge3R5YNiP1e3UZjInClVN65XAbvqqM6A7H5fATj0j",
             ),
         };
-        let text = subscribe_request("1", &creds, 1_747_385_641_636, Duration::from_millis(5000));
+        let text = subscribe_request(1, &creds, 1_747_385_641_636, Duration::from_millis(5000));
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["method"], "userDataStream.subscribe.signature");
+        assert_eq!(v["id"], 1);
         assert_eq!(v["params"]["timestamp"], 1_747_385_641_636_i64);
         let expected = crate::sign::hmac_hex(
             b"NhqPtmdSJYdKjVHjA7PZj4Mge3R5YNiP1e3UZjInClVN65XAbvqqM6A7H5fATj0j",
@@ -564,30 +1314,153 @@ mod tests {
     }
 
     #[test]
-    fn revoked_session_frame_is_fatal() {
+    fn connection_ages_spread_over_the_last_tenth() {
+        let age = Duration::from_secs(1000);
+        let ages: Vec<Duration> = (0..200).map(|_| age_with_jitter(age)).collect();
+        assert!(
+            ages.iter()
+                .all(|a| *a >= Duration::from_secs(900) && *a <= age)
+        );
+        let distinct: HashSet<Duration> = ages.into_iter().collect();
+        assert!(
+            distinct.len() > 50,
+            "spread: {} distinct ages",
+            distinct.len()
+        );
+    }
+
+    #[test]
+    fn revoked_session_frame_concerns_the_whole_connection() {
         let text = include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../../shared/binance/fixtures/ws_api_error_-2015_session_revoked.json"
         ));
+        assert!(matches!(classify(text), Incoming::Unsolicited(m) if m.contains("-2015")));
+    }
+
+    #[test]
+    fn shutdown_moves_the_connection_and_termination_one_subscription() {
+        let shutdown = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/binance/fixtures/ws_server_shutdown.json"
+        ));
+        assert!(matches!(classify(shutdown), Incoming::Shutdown));
+        let terminated = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/binance/fixtures/ws_event_stream_terminated.json"
+        ));
+        assert!(matches!(classify(terminated), Incoming::Terminated(0)));
+    }
+
+    #[test]
+    fn answers_are_matched_by_request_id_and_events_by_subscription() {
+        let answer = r#"{"id":7,"status":200,"result":{"subscriptionId":3}}"#;
+        assert!(matches!(classify(answer), Incoming::Response { id: 7, .. }));
+        let event = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/binance/fixtures/ws_outbound_account_position.json"
+        ));
+        let v: serde_json::Value = serde_json::from_str(event).unwrap();
+        let wrapped = if v.get("event").is_some() {
+            let mut v = v;
+            v["subscriptionId"] = json!(4);
+            v
+        } else {
+            json!({"subscriptionId": 4, "event": v})
+        };
         assert!(matches!(
-            handle_text(text),
-            Handled::End(End::Fatal(ExchangeError::Auth(_)))
+            classify(&wrapped.to_string()),
+            Incoming::Event(4, ev) if matches!(*ev, StreamEvent::Balances(_))
         ));
     }
 
     #[test]
-    fn shutdown_and_termination_reconnect_at_once() {
-        for text in [
-            include_str!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/binance/fixtures/ws_server_shutdown.json"
-            )),
-            include_str!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/binance/fixtures/ws_event_stream_terminated.json"
-            )),
-        ] {
-            assert!(matches!(handle_text(text), Handled::End(End::Planned(_))));
+    fn handshake_refusals_are_rate_limits_with_their_retry_after() {
+        assert_eq!(
+            map_refusal(429, Some(Duration::from_secs(7))),
+            ExchangeError::RateLimited {
+                retry_after: Duration::from_secs(7)
+            }
+        );
+        assert_eq!(
+            map_refusal(429, None),
+            ExchangeError::RateLimited {
+                retry_after: HANDSHAKE_429_WAIT
+            }
+        );
+        assert_eq!(
+            map_refusal(418, None),
+            ExchangeError::RateLimited {
+                retry_after: HANDSHAKE_418_WAIT
+            }
+        );
+        assert!(matches!(
+            map_refusal(503, None),
+            ExchangeError::Transient(_)
+        ));
+    }
+
+    #[test]
+    fn a_stream_with_settings_out_of_range_is_not_built() {
+        let mut config = BinanceConfig::testnet();
+        config.stream.subscriptions_per_connection = 1001;
+        assert!(matches!(
+            BinanceUserStream::new(config),
+            Err(BinanceError::BadConfig {
+                field: "stream.subscriptions_per_connection",
+                ..
+            })
+        ));
+    }
+
+    fn limiter(attempts: u32, window_s: u64, burst: u32) -> ConnectLimiter {
+        let mut cfg = StreamConfig::binance();
+        cfg.connect_attempts = attempts;
+        cfg.connect_window = Duration::from_secs(window_s);
+        cfg.connect_burst = burst;
+        ConnectLimiter::new(&cfg)
+    }
+
+    #[test]
+    fn limiter_lets_a_burst_go_then_spreads_attempts() {
+        let l = limiter(250, 300, 10);
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(l.reserve(t0), Ok(()));
         }
+        // One every 300 s / 250 = 1.2 s after the burst.
+        assert_eq!(l.reserve(t0), Err(Duration::from_millis(1200)));
+        assert_eq!(l.reserve(t0 + Duration::from_millis(1200)), Ok(()));
+        assert!(l.reserve(t0 + Duration::from_millis(1300)).is_err());
+    }
+
+    #[test]
+    fn limiter_never_exceeds_its_attempts_in_any_window() {
+        let (attempts, window) = (5_usize, Duration::from_secs(10));
+        let l = limiter(5, 10, 5);
+        let t0 = Instant::now();
+        let mut went = Vec::new();
+        for step in 0..400_u32 {
+            let now = t0 + Duration::from_millis(u64::from(step) * 100);
+            if l.reserve(now).is_ok() {
+                went.push(now);
+            }
+        }
+        assert!(went.len() >= 15, "{} attempts in 40 s", went.len());
+        for w in went.windows(attempts + 1) {
+            assert!(w[attempts] - w[0] >= window, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn a_hold_stops_every_attempt_until_it_passes() {
+        let l = limiter(250, 300, 10);
+        let t0 = Instant::now();
+        l.hold(t0, Duration::from_secs(60));
+        assert_eq!(
+            l.reserve(t0 + Duration::from_secs(1)),
+            Err(Duration::from_secs(59))
+        );
+        assert_eq!(l.reserve(t0 + Duration::from_secs(60)), Ok(()));
     }
 }

@@ -276,7 +276,9 @@ fn route(ctl: &SimControl, method: &Method, path: &str, uri: &Uri, raw: &[u8]) -
         ("GET", ["streams"]) => Ok(json!({
             "connections": ctl.connection_count(),
             "subscriptions": ctl.subscription_count(),
+            "attempts": ctl.stream_attempts().len(),
         })),
+        ("GET", ["streams", "attempts"]) => Ok(json!(ctl.stream_attempts())),
         ("POST", ["rate-limits"]) => {
             let b: LimitsBody = body(raw)?;
             let d = RateLimits::binance();
@@ -366,6 +368,11 @@ fn route(ctl: &SimControl, method: &Method, path: &str, uri: &Uri, raw: &[u8]) -
         ("POST", ["faults", "throttle"]) => {
             let b: CountBody = body(raw)?;
             ctl.throttle_requests(b.count.unwrap_or(1), b.retry_after.unwrap_or(1));
+            ok()
+        }
+        ("POST", ["faults", "streams", "throttle"]) => {
+            let b: CountBody = body(raw)?;
+            ctl.throttle_streams(b.count.unwrap_or(1), b.retry_after.unwrap_or(1));
             ok()
         }
         ("POST", ["faults", "expire-next-stop"]) => {

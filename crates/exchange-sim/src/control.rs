@@ -433,6 +433,12 @@ impl SimControl {
         lock(&self.shared.conns).len()
     }
 
+    /// When each `/ws-api/v3` upgrade request arrived (µs since the epoch, oldest first),
+    /// refused and throttled ones included; the last 10,000 are kept.
+    pub fn stream_attempts(&self) -> Vec<u64> {
+        lock(&self.shared.stream_attempts).iter().copied().collect()
+    }
+
     /// Active user-data subscriptions (over all connections).
     pub fn subscription_count(&self) -> usize {
         self.shared.engine().subs.values().map(Vec::len).sum()
@@ -459,6 +465,13 @@ impl SimControl {
         ws.ping_interval = ping_interval;
         ws.pong_timeout = pong_timeout;
         ws.max_age = max_age;
+    }
+
+    /// Subscription ids of connections opened from now on start at `id` (Binance: 0),
+    /// so that a test reaches the 65,535 ids a connection may hand out (`-2042` after
+    /// them) in a few subscriptions.
+    pub fn set_first_subscription_id(&self, id: u64) {
+        lock(&self.shared.ws).first_subscription_id = id;
     }
 
     // ---- faults -------------------------------------------------------------------------
@@ -547,6 +560,15 @@ impl SimControl {
         let mut r = lock(&self.shared.faults.rules);
         r.throttle = n;
         r.throttle_retry_after = retry_after_secs;
+        self.shared.faults.rearm(&r);
+    }
+
+    /// Answers HTTP 429 (`-1003`, `Retry-After: retry_after_secs`) to the next `n`
+    /// `/ws-api/v3` upgrade requests, before any WebSocket is opened.
+    pub fn throttle_streams(&self, n: u32, retry_after_secs: u64) {
+        let mut r = lock(&self.shared.faults.rules);
+        r.stream_throttle = n;
+        r.stream_throttle_retry_after = retry_after_secs;
         self.shared.faults.rearm(&r);
     }
 

@@ -82,10 +82,12 @@ impl Sim {
             }),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            stream_attempts: Mutex::new(VecDeque::new()),
             ws: Mutex::new(WsSettings {
                 ping_interval: config.ping_interval,
                 pong_timeout: config.pong_timeout,
                 max_age: config.max_connection_age,
+                first_subscription_id: 0,
             }),
             admin: config.admin,
             faults_enabled: config.faults,

@@ -25,6 +25,8 @@ pub(crate) struct FaultRules {
     pub force_1021: u32,
     pub throttle: u32,
     pub throttle_retry_after: u64,
+    pub stream_throttle: u32,
+    pub stream_throttle_retry_after: u64,
     pub delay: Duration,
     pub delay_prefix: Option<String>,
 }
@@ -40,7 +42,11 @@ pub(crate) struct Faults {
 
 impl Faults {
     pub fn rearm(&self, r: &FaultRules) {
-        let on = !r.requests.is_empty() || r.force_1021 > 0 || r.throttle > 0 || !r.delay.is_zero();
+        let on = !r.requests.is_empty()
+            || r.force_1021 > 0
+            || r.throttle > 0
+            || r.stream_throttle > 0
+            || !r.delay.is_zero();
         self.armed.store(on, Ordering::Relaxed);
     }
 
@@ -77,6 +83,21 @@ impl Faults {
         }
         r.throttle -= 1;
         let secs = r.throttle_retry_after;
+        self.rearm(&r);
+        Some(secs)
+    }
+
+    /// Takes one use of the handshake throttle; returns its `Retry-After` seconds.
+    pub fn take_stream_throttle(&self) -> Option<u64> {
+        if !self.armed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut r = lock(&self.rules);
+        if r.stream_throttle == 0 {
+            return None;
+        }
+        r.stream_throttle -= 1;
+        let secs = r.stream_throttle_retry_after;
         self.rearm(&r);
         Some(secs)
     }
@@ -318,6 +339,8 @@ pub(crate) struct WsSettings {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
     pub max_age: Duration,
+    /// First subscription id of a new connection (Binance: 0).
+    pub first_subscription_id: u64,
 }
 
 /// Everything the server tasks share.
@@ -329,10 +352,16 @@ pub(crate) struct Shared {
     pub log: Mutex<RequestLog>,
     pub conns: Mutex<HashMap<u64, ConnHandle>>,
     pub next_conn: AtomicU64,
+    /// When each `/ws-api/v3` upgrade request arrived (µs), refused ones included.
+    pub stream_attempts: Mutex<VecDeque<u64>>,
     pub ws: Mutex<WsSettings>,
     pub admin: bool,
     pub faults_enabled: bool,
 }
+
+/// Upgrade times kept for [`Shared::stream_attempts`]: enough for any test, bounded for
+/// a long-running simulator.
+pub(crate) const STREAM_ATTEMPTS_KEPT: usize = 10_000;
 
 impl Shared {
     pub fn engine(&self) -> MutexGuard<'_, Engine> {

@@ -20,17 +20,36 @@ use crate::control::RequestRecord;
 use crate::engine::{ConnMsg, Subscriber};
 use crate::error::ApiError;
 use crate::params::{parse_decimal, parse_u64};
-use crate::state::{ConnHandle, Shared, lock};
+use crate::state::{ConnHandle, STREAM_ATTEMPTS_KEPT, Shared, lock};
 use crate::util::{now_ms, now_us, verify_hmac};
 
-/// Upgrades `/ws-api/v3` unless the refuse-streams fault is on.
+/// Upgrades `/ws-api/v3` unless the refuse-streams or throttle-streams fault is on.
 pub(crate) async fn upgrade(
     State(sh): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    {
+        let mut attempts = lock(&sh.stream_attempts);
+        if attempts.len() >= STREAM_ATTEMPTS_KEPT {
+            attempts.pop_front();
+        }
+        attempts.push_back(now_us());
+    }
     if sh.faults.refuse_streams.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "").into_response();
+    }
+    if let Some(secs) = sh.faults.take_stream_throttle() {
+        let e = ApiError::new(
+            429,
+            -1003,
+            "Too many requests; current limit of connections is 300 per 5 MINUTE.",
+        );
+        let mut resp = (StatusCode::TOO_MANY_REQUESTS, e.body()).into_response();
+        if let Ok(v) = secs.to_string().parse() {
+            resp.headers_mut().insert("retry-after", v);
+        }
+        return resp;
     }
     if let Err(e) = sh.limiter.request(peer.ip(), 2, now_ms()) {
         let mut resp = (
@@ -452,7 +471,7 @@ async fn connection(sh: Arc<Shared>, socket: WebSocket, peer: SocketAddr) {
         connected_ms: now_ms(),
         logon: None,
         subs: Vec::new(),
-        next_sub: 0,
+        next_sub: settings.first_subscription_id,
     };
     let (mut sink, mut stream) = socket.split();
     let mut ping = tokio::time::interval_at(

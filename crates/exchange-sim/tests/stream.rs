@@ -411,3 +411,54 @@ async fn several_accounts_on_one_connection() {
     let evs = events_until(&mut ws, |e| e["e"] == "executionReport").await;
     assert_eq!(evs.last().unwrap()["subscriptionId"], 1);
 }
+
+#[tokio::test]
+async fn handshakes_are_counted_throttled_with_retry_after_and_ids_can_start_high() {
+    let sim = start().await;
+    let ctl = sim.control();
+    let url = sim.ws_api_url();
+    ctl.throttle_streams(1, 7);
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 429);
+            assert_eq!(resp.headers()["retry-after"], "7");
+        }
+        other => panic!("expected a 429, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(ctl.connection_count(), 0);
+    // One refusal only; the next subscribes, its id where the test put it.
+    ctl.set_first_subscription_id(65_535);
+    let mut ws = ws_connect(&url).await;
+    let r = ws_call(&mut ws, json!({"id": 1, "method": "userDataStream.subscribe.signature", "params": ws_signature_params(KEY, SECRET)})).await;
+    assert_eq!(r["result"]["subscriptionId"], 65_535);
+    let r = ws_call(
+        &mut ws,
+        json!({"id": 2, "method": "userDataStream.unsubscribe"}),
+    )
+    .await;
+    assert_eq!(r["status"], 200);
+    let r = ws_call(&mut ws, json!({"id": 3, "method": "userDataStream.subscribe.signature", "params": ws_signature_params(KEY, SECRET)})).await;
+    assert_eq!(r["error"]["code"], -2042);
+    let attempts = ctl.stream_attempts();
+    assert_eq!(attempts.len(), 2, "the refused handshake counts");
+    assert!(attempts[0] <= attempts[1]);
+    let listed = http(sim.addr(), "GET", "/admin/streams/attempts", &[], "").await;
+    assert_eq!(listed.status, 200);
+    let listed: Vec<u64> = serde_json::from_str(&listed.body).unwrap();
+    assert_eq!(listed, attempts);
+    let r = http(
+        sim.addr(),
+        "POST",
+        "/admin/faults/streams/throttle",
+        &[],
+        r#"{"count":1,"retryAfter":3}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .is_err()
+    );
+    assert_eq!(ctl.stream_attempts().len(), 3);
+}
