@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use exchange_binance::config::MAX_SUBSCRIPTIONS_PER_CONNECTION;
 use oco_core::IdScheme;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -122,6 +123,18 @@ pub const OPTIONS: &[OptionDoc] = &[
         env: &["OCO_CPU_WAKEUP_LATENCY_US"],
         default: "(not held)",
         meaning: "hold the machine's CPU wake-up latency at most this many µs while running (Linux PM QoS; needs write access to /dev/cpu_dma_latency): each hop of a fill's path starts sooner; costs power and CPU machine-wide, helps at low rates, not at saturation",
+    },
+    OptionDoc {
+        key: "gateway.accounts_per_connection",
+        env: &["OCO_ACCOUNTS_PER_CONNECTION"],
+        default: "100",
+        meaning: "user-data subscriptions sharing one WebSocket connection (1–1000): a lost connection sends this many accounts to reconciliation",
+    },
+    OptionDoc {
+        key: "gateway.stream_connect_attempts",
+        env: &["OCO_STREAM_CONNECT_ATTEMPTS"],
+        default: "250",
+        meaning: "most WebSocket connection attempts (first opens and reconnects) per 5 minutes; Binance allows 300 per IP, so split it between the processes sharing an IP",
     },
     OptionDoc {
         key: "sync.interval_secs",
@@ -244,6 +257,10 @@ pub struct Settings {
     pub max_accounts: usize,
     /// CPU wake-up latency held while running, µs (`None`: not held).
     pub cpu_wakeup_latency_us: Option<u64>,
+    /// User-data subscriptions per WebSocket connection.
+    pub accounts_per_connection: usize,
+    /// WebSocket connection attempts allowed per 5 minutes.
+    pub stream_connect_attempts: u32,
     /// Seconds between full sync passes.
     pub sync_interval_secs: u64,
     /// Seconds before the first pass.
@@ -274,6 +291,8 @@ impl fmt::Debug for Settings {
             .field("lease_renew_secs", &self.lease_renew_secs)
             .field("max_accounts", &self.max_accounts)
             .field("cpu_wakeup_latency_us", &self.cpu_wakeup_latency_us)
+            .field("accounts_per_connection", &self.accounts_per_connection)
+            .field("stream_connect_attempts", &self.stream_connect_attempts)
             .field("sync_interval_secs", &self.sync_interval_secs)
             .field("sync_startup_delay_secs", &self.sync_startup_delay_secs)
             .field("sync_concurrency", &self.sync_concurrency)
@@ -354,6 +373,8 @@ struct GatewayFile {
     lease_renew_secs: Option<u64>,
     max_accounts: Option<usize>,
     cpu_wakeup_latency_us: Option<u64>,
+    accounts_per_connection: Option<usize>,
+    stream_connect_attempts: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -631,6 +652,20 @@ impl Settings {
         let max_accounts = r.positive("gateway.max_accounts", max_accounts)?;
         let f = r.file.gateway.cpu_wakeup_latency_us.take();
         let cpu_wakeup_latency_us = r.get("gateway.cpu_wakeup_latency_us", f)?;
+        let f = r.file.gateway.accounts_per_connection.take();
+        let accounts_per_connection = r.get_or("gateway.accounts_per_connection", f, 100)?;
+        let accounts_per_connection =
+            r.positive("gateway.accounts_per_connection", accounts_per_connection)?;
+        if accounts_per_connection > MAX_SUBSCRIPTIONS_PER_CONNECTION {
+            return Err(ConfigError(format!(
+                "{}: at most {MAX_SUBSCRIPTIONS_PER_CONNECTION} (Binance's cap of active subscriptions per connection), got {accounts_per_connection}",
+                r.named("gateway.accounts_per_connection"),
+            )));
+        }
+        let f = r.file.gateway.stream_connect_attempts.take();
+        let stream_connect_attempts = r.get_or("gateway.stream_connect_attempts", f, 250)?;
+        let stream_connect_attempts =
+            r.positive("gateway.stream_connect_attempts", stream_connect_attempts)?;
 
         let f = r.file.sync.interval_secs.take();
         let sync_interval_secs = r.get_or("sync.interval_secs", f, 300)?;
@@ -660,6 +695,8 @@ impl Settings {
             lease_renew_secs,
             max_accounts,
             cpu_wakeup_latency_us,
+            accounts_per_connection,
+            stream_connect_attempts,
             sync_interval_secs,
             sync_startup_delay_secs,
             sync_concurrency,
@@ -705,6 +742,14 @@ impl Settings {
                 "gateway.cpu_wakeup_latency_us",
                 self.cpu_wakeup_latency_us
                     .map_or_else(|| "(not held)".to_owned(), |us| us.to_string()),
+            ),
+            (
+                "gateway.accounts_per_connection",
+                self.accounts_per_connection.to_string(),
+            ),
+            (
+                "gateway.stream_connect_attempts",
+                self.stream_connect_attempts.to_string(),
             ),
             ("sync.interval_secs", self.sync_interval_secs.to_string()),
             (

@@ -30,11 +30,23 @@ pub struct RunArgs {
 }
 
 impl Settings {
-    /// The adapter configuration for the chosen exchange and URL overrides.
+    /// The adapter configuration for the chosen exchange, URL overrides and
+    /// stream settings.
     ///
     /// # Errors
     /// `sim` without both URLs.
     pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
+        let mut config = self.binance_urls()?;
+        config.stream.subscriptions_per_connection = self.accounts_per_connection;
+        config.stream.connect_attempts = self.stream_connect_attempts;
+        config.stream.connect_burst = config
+            .stream
+            .connect_burst
+            .min(self.stream_connect_attempts);
+        Ok(config)
+    }
+
+    fn binance_urls(&self) -> anyhow::Result<BinanceConfig> {
         let mut config = match self.exchange {
             ExchangeKind::Production => BinanceConfig::production(),
             ExchangeKind::Testnet => BinanceConfig::testnet(),
@@ -149,7 +161,9 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     // Layer 1: the user-data streams.
     let gateway_config = args.gateway_config();
     let holder = gateway_config.holder.clone();
-    let streams = BinanceUserStream::new(binance.clone())
+    // The stream's connections and subscriptions spend the same per-IP
+    // weight as the orders: charged to the gateway's REST client's pacer.
+    let streams = BinanceUserStream::sharing_weight_with(binance.clone(), &gw_exchange)
         .context("building the Binance stream client (`exchange.ws_url`)")?;
     let gw_protector = Arc::new(Protector::new(
         observed(gw_exchange),

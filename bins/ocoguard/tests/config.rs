@@ -73,6 +73,10 @@ fn environment_alone_gives_the_defaults_for_the_rest() {
     assert_eq!(s.log_format, LogFormat::Auto);
     assert_eq!((s.lease_ttl_secs, s.lease_renew_secs), (30, 10));
     assert_eq!(s.max_accounts, 1000);
+    assert_eq!(
+        (s.accounts_per_connection, s.stream_connect_attempts),
+        (100, 250)
+    );
     assert_eq!((s.sync_interval_secs, s.sync_startup_delay_secs), (300, 15));
     assert_eq!((s.sync_concurrency, s.sync_weight_budget), (8, 3000));
     assert_eq!(s.gateway_id, None);
@@ -409,6 +413,32 @@ fn unusable_values_and_inline_secrets_are_refused() {
             "`gateway.lease_renew_secs` in {p} (10) must be below `gateway.lease_ttl_secs` in {p} (10)",
             p = path.display()
         )
+    );
+    let (err, path, _dir) = bad_file("[gateway]\naccounts_per_connection = 1001\n", MINIMAL_ENV);
+    assert!(
+        err.starts_with(&format!(
+            "`gateway.accounts_per_connection` in {}: at most 1000",
+            path.display()
+        )),
+        "{err}"
+    );
+    let mut env = MINIMAL_ENV.to_vec();
+    env.push(("OCO_STREAM_CONNECT_ATTEMPTS", "0"));
+    assert_eq!(
+        load(None, &env).unwrap_err(),
+        "OCO_STREAM_CONNECT_ATTEMPTS: must be above 0"
+    );
+    let mut env = MINIMAL_ENV.to_vec();
+    env.push(("OCO_ACCOUNTS_PER_CONNECTION", "20"));
+    env.push(("OCO_STREAM_CONNECT_ATTEMPTS", "5"));
+    let stream = load(None, &env).unwrap().binance_config().unwrap().stream;
+    assert_eq!(
+        (
+            stream.subscriptions_per_connection,
+            stream.connect_attempts,
+            stream.connect_burst
+        ),
+        (20, 5, 5)
     );
     let (err, path, _dir) = bad_file("[sync]\nconcurrency = 0\n", MINIMAL_ENV);
     assert_eq!(

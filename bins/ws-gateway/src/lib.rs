@@ -62,6 +62,17 @@ pub struct Config {
     /// Most accounts this process streams.
     #[arg(long, env = "OCO_MAX_ACCOUNTS", default_value_t = 1000)]
     pub max_accounts: usize,
+    /// User-data subscriptions sharing one WebSocket connection (1–1000): a
+    /// lost connection sends this many accounts to reconciliation.
+    #[arg(long, env = "OCO_ACCOUNTS_PER_CONNECTION", default_value_t = 100,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub accounts_per_connection: u16,
+    /// Most WebSocket connection attempts (first opens and reconnects) per 5
+    /// minutes. Binance allows 300 per IP: split them between the processes
+    /// that share an IP.
+    #[arg(long, env = "OCO_STREAM_CONNECT_ATTEMPTS", default_value_t = 250,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub stream_connect_attempts: u32,
     /// Log format.
     #[arg(long, env = "OCO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
@@ -132,11 +143,23 @@ impl Config {
             .context("DATABASE_URL (or --database-url) is required")
     }
 
-    /// The adapter configuration for the chosen exchange and URL overrides.
+    /// The adapter configuration for the chosen exchange, URL overrides and
+    /// stream settings.
     ///
     /// # Errors
     /// `sim` without both URLs.
     pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
+        let mut config = self.binance_urls()?;
+        config.stream.subscriptions_per_connection = usize::from(self.accounts_per_connection);
+        config.stream.connect_attempts = self.stream_connect_attempts;
+        config.stream.connect_burst = config
+            .stream
+            .connect_burst
+            .min(self.stream_connect_attempts);
+        Ok(config)
+    }
+
+    fn binance_urls(&self) -> anyhow::Result<BinanceConfig> {
         let mut config = match self.exchange {
             ExchangeKind::Production => BinanceConfig::production(),
             ExchangeKind::Testnet => BinanceConfig::testnet(),
@@ -253,7 +276,9 @@ pub async fn wire_observed(
         // Not fatal: the adapter re-syncs by itself after a -1021.
         tracing::warn!(error = %err, "could not read the exchange's time at start");
     }
-    let streams = BinanceUserStream::new(binance)
+    // The stream's connections and subscriptions spend the same per-IP
+    // weight as the orders: charged to the REST client's pacer.
+    let streams = BinanceUserStream::sharing_weight_with(binance, &exchange)
         .context("building the Binance stream client (BINANCE_WS_URL)")?;
     let weight = exchange.clone();
     metrics.watch_weight(move || weight.used_weight());

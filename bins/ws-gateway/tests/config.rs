@@ -59,10 +59,42 @@ fn defaults_and_overrides() {
         "hostname-pid: {}",
         g.holder
     );
+    let binance = c.binance_config().unwrap();
+    assert_eq!(binance.rest_base, "https://api.binance.com");
     assert_eq!(
-        c.binance_config().unwrap().rest_base,
-        "https://api.binance.com"
+        (
+            binance.stream.subscriptions_per_connection,
+            binance.stream.connect_attempts,
+            binance.stream.connect_burst
+        ),
+        (100, 250, 10)
     );
+
+    let c = Config::try_parse_from([
+        "ws-gateway",
+        "--exchange",
+        "sim",
+        "--binance-rest-url",
+        "http://127.0.0.1:9400",
+        "--binance-ws-url",
+        "ws://127.0.0.1:9400/ws-api/v3",
+        "--accounts-per-connection",
+        "1000",
+        "--stream-connect-attempts",
+        "4",
+    ])
+    .unwrap();
+    let stream = c.binance_config().unwrap().stream;
+    assert_eq!(
+        (
+            stream.subscriptions_per_connection,
+            stream.connect_attempts,
+            stream.connect_burst
+        ),
+        (1000, 4, 4),
+        "the sim's streams take the settings too; the burst stays within the attempts"
+    );
+    stream.validate().unwrap();
 
     let c = Config::try_parse_from([
         "ws-gateway",
@@ -98,6 +130,24 @@ fn defaults_and_overrides() {
 
     let c = Config::try_parse_from(["ws-gateway", "migrate"]).unwrap();
     assert!(matches!(c.command, Some(Command::Migrate)));
+}
+
+#[test]
+fn stream_settings_out_of_range_are_refused_by_name() {
+    for (flag, value) in [
+        ("--accounts-per-connection", "0"),
+        ("--accounts-per-connection", "1001"),
+        ("--stream-connect-attempts", "0"),
+    ] {
+        let err = Config::try_parse_from(["ws-gateway", flag, value])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(flag) && err.contains(value),
+            "{flag} {value}: {err}"
+        );
+    }
 }
 
 #[test]
