@@ -178,7 +178,7 @@ impl BinanceExchange {
     pub async fn sync_time(&self) -> Result<(), ExchangeError> {
         let before = local_now_ms();
         let answer = self
-            .send(&Call::new(Method::GET, "/api/v3/time", Op::Read, 1))
+            .send(&Call::new(Method::GET, "/api/v3/time", Op::Read, 1), None)
             .await?;
         let after = local_now_ms();
         let t: ServerTime = parse_ok(Op::Read, &answer)?;
@@ -197,8 +197,15 @@ impl BinanceExchange {
     async fn request(&self, call: &Call<'_>) -> Result<Answer, ExchangeError> {
         let mut resynced = false;
         let mut rate_retries = 0;
+        // An order write leaves within `pacing.max_wait` of the call or not at
+        // all, whatever the waits and retries add up to: its legs are claimed
+        // before it, and a claim without an outcome is taken over as stale
+        // after the claim timeout, so an order held longer could go out
+        // beside the one that replaced it (a market sell cannot be withdrawn).
+        let deadline = (call.orders > 0)
+            .then(|| tokio::time::Instant::now() + self.inner.config.pacing.max_wait);
         loop {
-            let answer = self.send(call).await?;
+            let answer = self.send(call, deadline).await?;
             if (200..300).contains(&answer.status) {
                 return Ok(answer);
             }
@@ -246,9 +253,14 @@ impl BinanceExchange {
         }
     }
 
-    /// One HTTP exchange, after pacing. Never logs or returns the signed URL.
-    async fn send(&self, call: &Call<'_>) -> Result<Answer, ExchangeError> {
-        self.pace(call).await?;
+    /// One HTTP exchange, after pacing (refused as rate-limited when pacing
+    /// would pass `deadline`). Never logs or returns the signed URL.
+    async fn send(
+        &self,
+        call: &Call<'_>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Answer, ExchangeError> {
+        self.pace(call, deadline).await?;
         let url = self.signed_url(call);
         let mut req = self.inner.http.request(call.method.clone(), url);
         if let Some(creds) = call.creds {
@@ -296,7 +308,11 @@ impl BinanceExchange {
         }
     }
 
-    async fn pace(&self, call: &Call<'_>) -> Result<(), ExchangeError> {
+    async fn pace(
+        &self,
+        call: &Call<'_>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), ExchangeError> {
         let key = call.creds.map(|c| c.api_key.as_str());
         loop {
             match self
@@ -305,7 +321,10 @@ impl BinanceExchange {
                 .admit(self.server_now_ms(), call.weight, key, call.orders)
             {
                 Admit::Go => return Ok(()),
-                Admit::Wait(d) if d <= self.inner.config.pacing.max_wait => {
+                Admit::Wait(d)
+                    if d <= self.inner.config.pacing.max_wait
+                        && deadline.is_none_or(|end| tokio::time::Instant::now() + d <= end) =>
+                {
                     debug!(path = call.path, wait = ?d, "pacing");
                     tokio::time::sleep(d).await;
                 }

@@ -406,6 +406,36 @@ async fn a_429_is_waited_out_and_the_request_succeeds() {
     );
 }
 
+/// An order write leaves within `pacing.max_wait` of the call or not at all:
+/// its legs were claimed before it, and a claim without an outcome is taken
+/// over after the claim timeout. Waits that each fit the limit but together
+/// pass it refuse the order, unsent; a read still waits them out.
+#[tokio::test]
+async fn an_order_write_is_not_sent_past_its_waiting_limit() {
+    let sim = Sim::start(sim_config()).await.unwrap();
+    let mut config = adapter_config(&sim);
+    config.pacing.max_wait = Duration::from_secs(2);
+    let ex = BinanceExchange::new(config).unwrap();
+    let c = creds();
+    // Two 429s of 1 s each: the second wait would end past 2 s from the call.
+    sim.control().throttle_requests(2, 1);
+    let t0 = Instant::now();
+    let err = ex
+        .place_order(&c, &market_buy("t-E-9", dec!(0.01)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ExchangeError::RateLimited { .. }), "{err:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let placed = sim.control().orders(None);
+    assert!(placed.is_empty(), "nothing placed: {placed:?}");
+    // A read is not bound by it: it waits each 429 out and succeeds.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sim.control().throttle_requests(2, 1);
+    let t0 = Instant::now();
+    assert_eq!(ex.last_price(SYMBOL).await.unwrap().get(), dec!(60000));
+    assert!(t0.elapsed() >= Duration::from_millis(1900));
+}
+
 #[tokio::test]
 async fn a_1021_resyncs_the_clock_and_succeeds() {
     let (sim, ex) = start().await;

@@ -453,13 +453,36 @@ impl Protector {
         }
 
         let sold: Qty = legs.iter().map(|l| l.sold.total()).sum();
-        let mut position = entry.net_qty().saturating_sub(sold);
+        // What the fills and the recorded sales say is still held.
+        let owed = entry.net_qty().saturating_sub(sold);
+        let mut position = owed;
         if let Some(h) = holding {
             position = position.min(h);
         }
         let active: Vec<&Leg> = legs.iter().filter(|l| l.state.is_active()).collect();
         let active_qty: Qty = active.iter().map(|l| l.qty).sum();
         let exited = matches!(entry.protection, Protection::Exited { .. });
+        if position.is_zero() && active.is_empty() && !owed.is_zero() {
+            // Only a balance read says the coins are gone. They may be locked by an
+            // order no leg follows any more (a list placed under a claim that was
+            // taken over while its lookup lagged), or sold outside ocoguard: neither
+            // closes the entry, which stays in sight and is looked at again.
+            let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
+            let floored = owed.floor_to(rules.step);
+            if rules.check_qty(floored).is_ok() {
+                return self
+                    .unprotectable(
+                        entry,
+                        source,
+                        format!(
+                            "{floored} {} filled and not known sold, but none of it is free: \
+                             held by an order no leg follows, or sold outside ocoguard",
+                            entry.symbol.base.0
+                        ),
+                    )
+                    .await;
+            }
+        }
         if position.is_zero() && active.is_empty() {
             // An exit keeps its record; there is nothing more to close.
             if entry.status.is_final() && entry.protection != Protection::Closed && !exited {
@@ -1204,6 +1227,24 @@ impl Protector {
                     .await?
                 {
                     info!(leg = %leg.key, client_id = %exit_id, qty = %snap.executed_qty, "market exit found by lookup, recorded");
+                    if snap.executed_qty < leg.qty {
+                        // As `late` takes a short exit: the coins it left are still
+                        // held, so the entry is not exited; the round goes on with them.
+                        warn!(leg = %leg.key, client_id = %exit_id, sold = %snap.executed_qty, asked = %leg.qty, "market exit found by lookup sold less than asked");
+                        self.store
+                            .append_event(&event(
+                                leg.key.entry,
+                                "exit_short",
+                                format!(
+                                    "exit found by its client id sold {} of {} ({})",
+                                    snap.executed_qty, leg.qty, snap.status
+                                ),
+                                None,
+                                self.clock.now(),
+                            ))
+                            .await?;
+                        return Ok(());
+                    }
                     // As `late` records it: the entry is exited unless lists of
                     // it still hold stops.
                     let legs = self.store.legs(leg.key.entry).await?;

@@ -1337,3 +1337,122 @@ async fn an_exit_sent_before_a_crash_is_adopted_not_sold_again() {
         "the exit's coins are sold: the entry is closed"
     );
 }
+
+/// A market exit whose answer was lost and which, looked up by a later call,
+/// had sold only part (Binance expires what its price range cannot fill): the
+/// entry is not called exited while coins remain, and later calls sell them.
+#[tokio::test]
+async fn an_exit_found_short_by_its_lookup_leaves_the_rest_to_the_next_calls() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    // Under the stop: the late policy exits at market; the book takes 0.4 at a time.
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    w.exchange.set_market_depth("BTCUSDT", Some(q(dec!(0.4))));
+    w.exchange.push_order_fault(OcoFault::UnknownAfterApply);
+    w.exchange.lag_next_lookups(1);
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let first = w
+        .protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Pending { .. }),
+        "{first:?}"
+    );
+
+    w.clock.advance(Duration::from_secs(1));
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        !matches!(entry.protection, Protection::Exited { .. }),
+        "0.6 still held: {:?}",
+        entry.protection
+    );
+    assert!(
+        w.store
+            .open_entries(w.account)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.id == id),
+        "sync still sees the entry"
+    );
+    for _ in 0..3 {
+        if w.exchange.balance(KEY, "BTC").0.is_zero() {
+            break;
+        }
+        w.clock.advance(Duration::from_secs(1));
+        w.protector.protect(id, None, Source::Sync).await.unwrap();
+    }
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0), "every coin sold");
+    assert_eq!(w.exchange.market_sells().len(), 3, "0.4, 0.4, 0.2");
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Exited { .. }
+    ));
+}
+
+/// A list placed under a claim that a later caller took over (its lookup
+/// lagged past the claim timeout) locks the coins: the taker's own list is
+/// refused for balance and finds nothing free. That is not a sale: the entry
+/// is not closed but unprotectable, in sight, and protected again once the
+/// coins are free.
+#[tokio::test]
+async fn coins_locked_by_a_list_no_leg_follows_do_not_close_the_entry() {
+    let one_leg = ProtectionConfig {
+        split: dec!(1),
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.store.record_evidence(id, &full_fill()).await.unwrap();
+    w.exchange.push_oco_fault(OcoFault::UnknownAfterApply);
+    w.exchange.lag_next_lookups(1);
+    let first = w
+        .protector
+        .protect(id, None, Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Pending { .. }),
+        "{first:?}"
+    );
+    w.clock.advance(Duration::from_secs(31));
+    w.exchange.lag_next_lookups(1);
+    let second = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(second.outcome, ProtectOutcome::Unprotectable { .. }),
+        "{second:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Unprotectable { ref reason } if reason.contains("none of it is free")),
+        "{:?}",
+        entry.protection
+    );
+    assert!(
+        w.store
+            .open_entries(w.account)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.id == id)
+    );
+    // Someone cancels the stray list: the coins are free, and protected.
+    let stray = w.exchange.open_lists();
+    assert_eq!(stray.len(), 1);
+    w.exchange
+        .cancel_externally(stray[0].request.ids.list.as_str());
+    let third = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(third.outcome, ProtectOutcome::Placed { .. }),
+        "{third:?}"
+    );
+    assert_eq!(w.exchange.open_lists().len(), 1);
+}
