@@ -470,6 +470,12 @@ enum Cmd {
     Close,
 }
 
+/// A request sent on the connection and the moment its answer is due.
+struct Request {
+    what: Pending,
+    deadline: Instant,
+}
+
 /// What a request sent on the connection was.
 enum Pending {
     Subscribe(u64),
@@ -502,7 +508,10 @@ struct Conn {
     retired: Arc<AtomicBool>,
     slots: HashMap<u64, Slot>,
     by_sub: HashMap<i64, u64>,
-    pending: HashMap<u64, Pending>,
+    /// Requests awaiting their answer. One left unanswered past its deadline
+    /// breaks the connection: its slot would otherwise wait forever while
+    /// pings keep the socket looking healthy.
+    pending: HashMap<u64, Request>,
     next_request: u64,
     backoff: Duration,
     /// Highest subscription id handed out on this physical connection + 1.
@@ -739,6 +748,7 @@ impl Conn {
                     last_server.max(last_pong)
                 };
                 let retry_at = self.retries.iter().map(|(t, _)| *t).min();
+                let answer_by = self.pending.values().map(|r| r.deadline).min();
                 tokio::select! {
                     biased;
                     cmd = self.cmds.recv() => {
@@ -799,6 +809,9 @@ impl Conn {
                             break End::Broken(e);
                         }
                     }
+                    () = sleep_until(answer_by.unwrap_or(age_deadline)), if answer_by.is_some() => {
+                        break End::Broken(format!("a request was not answered within {:?}", cfg.connect_timeout));
+                    }
                 }
             },
         };
@@ -807,14 +820,21 @@ impl Conn {
         end
     }
 
-    fn request_id(&mut self) -> u64 {
+    /// A fresh request id, recorded as awaiting its answer for at most
+    /// `connect_timeout`.
+    fn request(&mut self, what: Pending) -> u64 {
         let id = self.next_request;
         self.next_request += 1;
+        let deadline = Instant::now() + self.cfg().connect_timeout;
+        self.pending.insert(id, Request { what, deadline });
         id
     }
 
     async fn subscribe(&mut self, sink: &mut Sink, key: u64) -> Result<(), String> {
-        let id = self.request_id();
+        if !self.slots.contains_key(&key) {
+            return Ok(());
+        }
+        let id = self.request(Pending::Subscribe(key));
         let timestamp = self.shared.server_now_ms();
         let recv_window = self.shared.recv_window;
         let Some(slot) = self.slots.get_mut(&key) else {
@@ -822,7 +842,6 @@ impl Conn {
         };
         let text = subscribe_request(id, &slot.creds, timestamp, recv_window);
         slot.state = SlotState::Subscribing;
-        self.pending.insert(id, Pending::Subscribe(key));
         self.shared.charge_weight(WS_WEIGHT);
         sink.send(Message::Text(text.into()))
             .await
@@ -830,8 +849,7 @@ impl Conn {
     }
 
     async fn unsubscribe(&mut self, sink: &mut Sink, sub: i64) -> Result<(), String> {
-        let id = self.request_id();
-        self.pending.insert(id, Pending::Unsubscribe);
+        let id = self.request(Pending::Unsubscribe);
         self.shared.charge_weight(WS_WEIGHT);
         let text = json!({
             "id": id,
@@ -941,6 +959,12 @@ impl Conn {
                     None => Ok(()),
                 }
             }
+            Incoming::Unreadable(e) => {
+                // It may have been the answer to one of our requests, which
+                // would then never come.
+                warn!(conn = self.id, error = %e, "unreadable user-data frame, reconnecting");
+                return Some(End::Broken(format!("unreadable frame: {e}")));
+            }
             Incoming::Ignored(kind) => {
                 debug!(conn = self.id, kind = %kind, "user-data frame ignored");
                 Ok(())
@@ -995,7 +1019,7 @@ impl Conn {
         id: u64,
         frame: WsFrame,
     ) -> Result<(), String> {
-        match self.pending.remove(&id) {
+        match self.pending.remove(&id).map(|r| r.what) {
             None => Ok(()),
             Some(Pending::Unsubscribe) => {
                 if let Some(err) = frame.error {
@@ -1042,8 +1066,7 @@ impl Conn {
         if let Some(err) = frame.error {
             if err.code == -1021 && !slot.resynced {
                 slot.resynced = true;
-                let id = self.request_id();
-                self.pending.insert(id, Pending::Time(key));
+                let id = self.request(Pending::Time(key));
                 return sink
                     .send(Message::Text(
                         json!({"id": id, "method": "time"}).to_string().into(),
@@ -1155,13 +1178,15 @@ enum Incoming {
     Terminated(i64),
     Event(i64, Box<StreamEvent>),
     Malformed(i64, String),
+    /// Not JSON: whoever it concerned cannot be told.
+    Unreadable(String),
     Ignored(String),
 }
 
 fn classify(text: &str) -> Incoming {
     let frame: WsFrame = match serde_json::from_str(text) {
         Ok(f) => f,
-        Err(e) => return Incoming::Ignored(format!("unreadable frame: {e}")),
+        Err(e) => return Incoming::Unreadable(e.to_string()),
     };
     if let Some(id) = frame.id.as_ref().and_then(serde_json::Value::as_u64) {
         return Incoming::Response { id, frame };
@@ -1350,6 +1375,11 @@ mod tests {
             "/../../../shared/binance/fixtures/ws_event_stream_terminated.json"
         ));
         assert!(matches!(classify(terminated), Incoming::Terminated(0)));
+    }
+
+    #[test]
+    fn a_frame_that_is_not_json_is_unreadable_not_ignored() {
+        assert!(matches!(classify("{\"id\":7,"), Incoming::Unreadable(_)));
     }
 
     #[test]

@@ -1,0 +1,217 @@
+//! The user-data stream against a scripted WebSocket API server, for the
+//! answers `exchange-sim` never gives: requests left unanswered, refusals
+//! repeated, rate limits on a skewed clock, a peer that stops reading.
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use exchange_binance::{BinanceConfig, BinanceUserStream};
+use futures_util::{SinkExt, StreamExt};
+use oco_core::ports::{StreamEvent, UserStream, UserStreamSession};
+use oco_core::{ApiCredentials, ExchangeError};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+
+type Session = Box<dyn UserStreamSession>;
+
+// ------------------------------------------------------------------ scripted server
+
+/// Requests the server has seen, over all its connections.
+#[derive(Debug, Default)]
+struct Seen {
+    connections: AtomicUsize,
+    subscribes: AtomicUsize,
+}
+
+/// One accepted connection: `conn` counts them from 0.
+struct Peer {
+    conn: usize,
+    ws: WebSocketStream<TcpStream>,
+    seen: Arc<Seen>,
+    /// Subscription ids handed out on this connection.
+    next_sub: i64,
+}
+
+impl Peer {
+    /// The next request; `None` once the client is gone. Pings are answered
+    /// while reading, as Binance does.
+    async fn request(&mut self) -> Option<Value> {
+        loop {
+            match self.ws.next().await? {
+                Ok(Message::Text(text)) => {
+                    let v: Value = serde_json::from_str(text.as_str()).unwrap();
+                    if v["method"] == "userDataStream.subscribe.signature" {
+                        self.seen.subscribes.fetch_add(1, Ordering::SeqCst);
+                    }
+                    return Some(v);
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn send(&mut self, v: Value) -> bool {
+        self.ws.send(Message::Text(v.to_string().into())).await.is_ok()
+    }
+
+    /// Answers `request` as Binance does when all is well.
+    async fn answer(&mut self, request: &Value) -> bool {
+        let result = if request["method"] == "userDataStream.subscribe.signature" {
+            self.next_sub += 1;
+            json!({"subscriptionId": self.next_sub - 1})
+        } else {
+            json!({})
+        };
+        self.send(json!({"id": request["id"], "status": 200, "result": result}))
+            .await
+    }
+
+    async fn refuse(&mut self, request: &Value, status: u16, error: Value) -> bool {
+        self.send(json!({"id": request["id"], "status": status, "error": error}))
+            .await
+    }
+
+    /// Ends subscription `sub` as Binance does when it drops one alone.
+    async fn terminate(&mut self, sub: i64) -> bool {
+        self.send(json!({"subscriptionId": sub, "event": {"e": "eventStreamTerminated", "E": now_ms()}}))
+            .await
+    }
+
+    /// Answers every request as all is well, until the client leaves.
+    async fn serve(mut self) {
+        while let Some(request) = self.request().await {
+            if !self.answer(&request).await {
+                return;
+            }
+        }
+    }
+}
+
+/// Starts a server on `127.0.0.1:0` running `script` on each connection;
+/// returns its WebSocket API URL. The listener's receive buffer is as small
+/// as the kernel allows, so a peer that stops reading soon pushes back.
+async fn scripted<F, Fut>(script: F) -> (String, Arc<Seen>)
+where
+    F: Fn(Peer) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(16).unwrap();
+    let url = format!("ws://{}/ws-api/v3", listener.local_addr().unwrap());
+    let seen = Arc::new(Seen::default());
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let conn = counts.connections.fetch_add(1, Ordering::SeqCst);
+            let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                continue;
+            };
+            tokio::spawn(script(Peer {
+                conn,
+                ws,
+                seen: counts.clone(),
+                next_sub: 0,
+            }));
+        }
+    });
+    (url, seen)
+}
+
+// ------------------------------------------------------------------ client side
+
+fn now_ms() -> i64 {
+    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
+
+fn config(url: &str) -> BinanceConfig {
+    let mut c = BinanceConfig::custom("http://127.0.0.1:1", url);
+    c.stream.stall_timeout = Duration::from_secs(1);
+    c.stream.ping_interval = Duration::from_millis(300);
+    c.stream.connect_timeout = Duration::from_secs(2);
+    c.stream.backoff_initial = Duration::from_millis(50);
+    c.stream.backoff_max = Duration::from_millis(400);
+    c
+}
+
+fn creds(i: usize) -> ApiCredentials {
+    ApiCredentials {
+        api_key: format!("scripted-key-{i}"),
+        secret: SecretString::from(format!("scripted-secret-{i}")),
+    }
+}
+
+async fn open(stream: &BinanceUserStream, i: usize) -> Session {
+    let mut s = stream.open(&creds(i)).await.unwrap();
+    assert_eq!(s.next_event().await.unwrap(), StreamEvent::Connected);
+    s
+}
+
+/// The session's next outcome within `limit`; a silent session fails.
+async fn within(limit: Duration, s: &mut Session) -> Result<StreamEvent, ExchangeError> {
+    match tokio::time::timeout(limit, s.next_event()).await {
+        Ok(r) => r,
+        Err(_) => panic!("the session stayed silent for {limit:?}: no event, no gap, no error"),
+    }
+}
+
+/// The session was told of its interruption within `limit`: `Connected`
+/// then `Gap`, or its end.
+async fn told_within(limit: Duration, s: &mut Session) {
+    match within(limit, s).await {
+        Err(_) => {}
+        Ok(StreamEvent::Connected) => {
+            let ev = within(limit, s).await.unwrap();
+            assert!(matches!(ev, StreamEvent::Gap { .. }), "{ev:?}");
+        }
+        Ok(other) => panic!("expected Connected then Gap, got {other:?}"),
+    }
+}
+
+/// The first connection answers the first subscribe, ends it at once and
+/// hands every later request to `resubscribed`; later connections serve.
+async fn terminated_then<F, Fut>(resubscribed: F) -> (String, Arc<Seen>)
+where
+    F: Fn(Peer, Value) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Option<Peer>> + Send + 'static,
+{
+    scripted(move |mut peer| {
+        let resubscribed = resubscribed.clone();
+        async move {
+            if peer.conn > 0 {
+                return peer.serve().await;
+            }
+            let Some(first) = peer.request().await else {
+                return;
+            };
+            if !peer.answer(&first).await || !peer.terminate(0).await {
+                return;
+            }
+            while let Some(request) = peer.request().await {
+                match resubscribed(peer, request).await {
+                    Some(p) => peer = p,
+                    None => return,
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_unanswered_resubscription_surfaces_as_an_error_or_a_gap() {
+    // The connection stays healthy (pongs), the resubscription is never answered.
+    let (url, seen) = terminated_then(|peer, _request| async move { Some(peer) }).await;
+    let stream = BinanceUserStream::new(config(&url)).unwrap();
+    let mut s = open(&stream, 0).await;
+    told_within(Duration::from_secs(6), &mut s).await;
+    assert!(seen.subscribes.load(Ordering::SeqCst) >= 2, "resubscribed");
+}
