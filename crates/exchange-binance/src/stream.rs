@@ -168,6 +168,7 @@ impl UserStream for BinanceUserStream {
             gap_from: None,
             resynced: false,
             retry_backoff: self.shared.cfg.backoff_initial,
+            not_before: None,
         };
         let member = Shared::join(&self.shared, slot);
         // The limiter may hold the connection up to `connect_timeout`, then
@@ -344,10 +345,11 @@ impl Shared {
         now_ms() + self.offset_ms.load(Ordering::Relaxed)
     }
 
-    /// The IP is banned (418): REST requests sharing the weight pacer and
-    /// every connection attempt wait it out, since each refused request
-    /// lengthens the ban.
-    fn banned(&self, wait: Duration) {
+    /// The IP is banned (418) for `wait`, until `until_ms` by the server's
+    /// clock when the server said so: REST requests sharing the weight
+    /// pacer and every connection attempt wait it out, since each refused
+    /// request lengthens the ban.
+    fn banned(&self, wait: Duration, until_ms: Option<i64>) {
         warn!(
             ?wait,
             "binance banned this IP, holding back requests and connections"
@@ -355,8 +357,21 @@ impl Shared {
         self.limiter.hold(Instant::now(), wait);
         if let Some(p) = &self.weight {
             let ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
-            p.block_until(self.server_now_ms().saturating_add(ms));
+            p.block_until(until_ms.unwrap_or_else(|| self.server_now_ms().saturating_add(ms)));
         }
+    }
+
+    /// The wait a 429/418 answer asks for. Its `retryAfter` is the
+    /// server's time, so it is measured against the server's clock: the
+    /// answer's own `serverTime`, else ours corrected by the known offset.
+    /// A local clock ahead of the server's would otherwise read it as
+    /// already past.
+    fn server_wait(&self, retry_after_ms: i64, server_time_ms: Option<i64>) -> Duration {
+        if let Some(server) = server_time_ms {
+            self.offset_ms.store(server - now_ms(), Ordering::Relaxed);
+        }
+        let now = server_time_ms.unwrap_or_else(|| self.server_now_ms());
+        Duration::from_millis(u64::try_from(retry_after_ms.saturating_sub(now)).unwrap_or(0))
     }
 
     fn charge_weight(&self, weight: u32) {
@@ -454,6 +469,10 @@ struct Slot {
     /// A `-1021` was answered by re-reading the server's clock once.
     resynced: bool,
     retry_backoff: Duration,
+    /// No subscribe before this (a refused one's retry, or a rate limit's):
+    /// kept across reconnects, so that a new connection does not resend at
+    /// once what the server asked us to hold.
+    not_before: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -831,8 +850,16 @@ impl Conn {
     }
 
     async fn subscribe(&mut self, sink: &mut Sink, key: u64) -> Result<(), String> {
-        if !self.slots.contains_key(&key) {
-            return Ok(());
+        let now = Instant::now();
+        match self.slots.get_mut(&key) {
+            None => return Ok(()),
+            Some(slot) => {
+                if let Some(at) = slot.not_before.filter(|at| *at > now) {
+                    slot.state = SlotState::Wanted;
+                    self.retries.push((at, key));
+                    return Ok(());
+                }
+            }
         }
         let id = self.request(Pending::Subscribe(key));
         let timestamp = self.shared.server_now_ms();
@@ -1056,6 +1083,7 @@ impl Conn {
             .and_then(|r| r.get("subscriptionId"))
             .and_then(serde_json::Value::as_i64);
         let backoff_max = self.cfg().backoff_max;
+        let backoff_initial = self.cfg().backoff_initial;
         let Some(slot) = self.slots.get_mut(&key) else {
             // The session left while its subscription was on its way.
             return match sub {
@@ -1083,10 +1111,10 @@ impl Conn {
             }
             let mapped = match err.data.as_ref().and_then(|d| d.retry_after) {
                 Some(until) => {
-                    let retry_after =
-                        Duration::from_millis(u64::try_from(until - now_ms()).unwrap_or(0));
+                    let server_time = err.data.as_ref().and_then(|d| d.server_time);
+                    let retry_after = self.shared.server_wait(until, server_time);
                     if frame.status == Some(418) {
-                        self.shared.banned(retry_after);
+                        self.shared.banned(retry_after, Some(until));
                     }
                     ExchangeError::RateLimited { retry_after }
                 }
@@ -1105,13 +1133,20 @@ impl Conn {
                 return Ok(());
             }
             let delay = match mapped {
-                ExchangeError::RateLimited { retry_after } => retry_after,
+                // Never sooner than a first backoff, whatever the clocks
+                // say, and spread so that sessions held together do not
+                // all come back in the same instant.
+                ExchangeError::RateLimited { retry_after } => {
+                    spread(retry_after.max(backoff_initial))
+                }
                 _ => jitter(slot.retry_backoff),
             };
             slot.retry_backoff = (slot.retry_backoff * 2).min(backoff_max);
             slot.state = SlotState::Wanted;
+            let at = Instant::now() + delay;
+            slot.not_before = Some(at);
             warn!(conn = self.id, error = %mapped, ?delay, "user-data resubscription failed, retrying");
-            self.retries.push((Instant::now() + delay, key));
+            self.retries.push((at, key));
             return Ok(());
         }
         let Some(sub) = sub else {
@@ -1234,6 +1269,13 @@ fn jitter(d: Duration) -> Duration {
     Duration::from_millis(rand::rng().random_range(low..=ms))
 }
 
+/// `d` plus up to a quarter more, at random: a wait that must not be
+/// shortened, spread out.
+fn spread(d: Duration) -> Duration {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(ms.saturating_add(rand::rng().random_range(0..=ms / 4)))
+}
+
 /// A connection's planned lifetime: `age` less a random share of its last
 /// tenth, so that connections opened together are renewed apart.
 fn age_with_jitter(age: Duration) -> Duration {
@@ -1252,7 +1294,7 @@ async fn handshake(shared: &Shared) -> Result<Ws, ExchangeError> {
             let status = resp.status().as_u16();
             let refusal = map_refusal(status, retry_after(resp.headers()));
             if let (418, ExchangeError::RateLimited { retry_after }) = (status, &refusal) {
-                shared.banned(*retry_after);
+                shared.banned(*retry_after, None);
             }
             Err(refusal)
         }
@@ -1336,6 +1378,36 @@ mod tests {
             let d = jitter(Duration::from_millis(1000));
             assert!(d >= Duration::from_millis(500) && d <= Duration::from_millis(1000));
         }
+    }
+
+    #[test]
+    fn spread_never_shortens_a_wait() {
+        for _ in 0..100 {
+            let d = spread(Duration::from_millis(1000));
+            assert!(d >= Duration::from_millis(1000) && d <= Duration::from_millis(1250));
+        }
+    }
+
+    #[test]
+    fn a_retry_after_is_measured_on_the_servers_clock() {
+        let stream = BinanceUserStream::new(BinanceConfig::testnet()).unwrap();
+        let shared = &stream.shared;
+        // The answer's own server time wins, and teaches the offset.
+        let server = now_ms() - 5000;
+        assert_eq!(
+            shared.server_wait(server + 4000, Some(server)),
+            Duration::from_secs(4)
+        );
+        let offset = shared.offset_ms.load(Ordering::Relaxed);
+        assert!((-5100..=-4900).contains(&offset), "{offset}");
+        // Without it, the learnt offset corrects our clock.
+        let wait = shared.server_wait(server + 3000, None);
+        assert!(
+            wait > Duration::from_millis(2800) && wait <= Duration::from_secs(3),
+            "{wait:?}"
+        );
+        // Past is no wait at all: the caller's floor applies.
+        assert_eq!(shared.server_wait(server - 1, None), Duration::ZERO);
     }
 
     #[test]

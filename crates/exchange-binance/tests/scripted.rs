@@ -4,9 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use exchange_binance::{BinanceConfig, BinanceUserStream};
 use futures_util::{SinkExt, StreamExt};
@@ -26,7 +26,14 @@ type Session = Box<dyn UserStreamSession>;
 #[derive(Debug, Default)]
 struct Seen {
     connections: AtomicUsize,
-    subscribes: AtomicUsize,
+    /// When each subscribe arrived.
+    subscribes: Mutex<Vec<Instant>>,
+}
+
+impl Seen {
+    fn subscribes(&self) -> Vec<Instant> {
+        self.subscribes.lock().unwrap().clone()
+    }
 }
 
 /// One accepted connection: `conn` counts them from 0.
@@ -47,7 +54,7 @@ impl Peer {
                 Ok(Message::Text(text)) => {
                     let v: Value = serde_json::from_str(text.as_str()).unwrap();
                     if v["method"] == "userDataStream.subscribe.signature" {
-                        self.seen.subscribes.fetch_add(1, Ordering::SeqCst);
+                        self.seen.subscribes.lock().unwrap().push(Instant::now());
                     }
                     return Some(v);
                 }
@@ -213,5 +220,45 @@ async fn an_unanswered_resubscription_surfaces_as_an_error_or_a_gap() {
     let stream = BinanceUserStream::new(config(&url)).unwrap();
     let mut s = open(&stream, 0).await;
     told_within(Duration::from_secs(6), &mut s).await;
-    assert!(seen.subscribes.load(Ordering::SeqCst) >= 2, "resubscribed");
+    assert!(seen.subscribes().len() >= 2, "resubscribed");
+}
+
+#[tokio::test]
+async fn a_retry_after_already_past_by_the_local_clock_does_not_hammer() {
+    // The server's clock is 5 s behind ours: its `retryAfter`, 4 s ahead of
+    // it, is already past by our clock.
+    let (url, seen) = terminated_then(|mut peer, request| async move {
+        let server = now_ms() - 5000;
+        let error = json!({"code": -1003, "msg": "Too much request weight used",
+            "data": {"serverTime": server, "retryAfter": server + 4000}});
+        peer.refuse(&request, 429, error).await.then_some(peer)
+    })
+    .await;
+    let stream = BinanceUserStream::new(config(&url)).unwrap();
+    let _s = open(&stream, 0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = seen.subscribes().len();
+    assert!(n <= 3, "{n} subscribe requests within 1 s of a 429");
+}
+
+#[tokio::test]
+async fn a_rate_limited_resubscription_waits_across_a_reconnect() {
+    // The 429 asks for 1.5 s, then the connection drops at once.
+    let (url, seen) = terminated_then(|mut peer, request| async move {
+        let error = json!({"code": -1003, "msg": "Too much request weight used",
+            "data": {"serverTime": now_ms(), "retryAfter": now_ms() + 1500}});
+        peer.refuse(&request, 429, error).await;
+        None
+    })
+    .await;
+    let stream = BinanceUserStream::new(config(&url)).unwrap();
+    let mut s = open(&stream, 0).await;
+    told_within(Duration::from_secs(6), &mut s).await;
+    let at = seen.subscribes();
+    assert_eq!(at.len(), 3, "subscribed, refused, resubscribed on the next connection");
+    assert!(
+        at[2] - at[1] >= Duration::from_millis(1400),
+        "resubscribed {:?} after the 429",
+        at[2] - at[1]
+    );
 }
