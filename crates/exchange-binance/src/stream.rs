@@ -59,6 +59,12 @@ const HANDSHAKE_429_WAIT: Duration = Duration::from_secs(60);
 /// Wait after a handshake refused with 418 and no `Retry-After` (Binance's
 /// shortest ban).
 const HANDSHAKE_418_WAIT: Duration = Duration::from_secs(120);
+/// A confirmed session whose resubscription fails this many times in a
+/// row (or keeps failing for three connect timeouts) is ended with the
+/// last error: the gateway then reopens it and sends the account to
+/// reconciliation, rather than the session waiting unseen for a server
+/// that keeps refusing.
+const RESUBSCRIBE_TRIES: u32 = 3;
 /// Request weight of a connection and of each subscribe or unsubscribe.
 const WS_WEIGHT: u32 = 2;
 
@@ -169,6 +175,8 @@ impl UserStream for BinanceUserStream {
             resynced: false,
             retry_backoff: self.shared.cfg.backoff_initial,
             not_before: None,
+            failures: 0,
+            failing_since: None,
         };
         let member = Shared::join(&self.shared, slot);
         // The limiter may hold the connection up to `connect_timeout`, then
@@ -473,6 +481,9 @@ struct Slot {
     /// kept across reconnects, so that a new connection does not resend at
     /// once what the server asked us to hold.
     not_before: Option<Instant>,
+    /// Resubscriptions failed in a row, and since when.
+    failures: u32,
+    failing_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -829,7 +840,9 @@ impl Conn {
                         }
                     }
                     () = sleep_until(answer_by.unwrap_or(age_deadline)), if answer_by.is_some() => {
-                        break End::Broken(format!("a request was not answered within {:?}", cfg.connect_timeout));
+                        let why = format!("a request was not answered within {:?}", cfg.connect_timeout);
+                        self.unanswered(&why);
+                        break End::Broken(why);
                     }
                 }
             },
@@ -837,6 +850,50 @@ impl Conn {
         // Best effort: tell the server we are leaving.
         let _closing = timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
         end
+    }
+
+    /// Counts an unanswered subscribe (or its clock re-read) as a failure of
+    /// its session, so that a server that never answers ends the session
+    /// too rather than reconnecting for ever.
+    fn unanswered(&mut self, why: &str) {
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .pending
+            .values()
+            .filter(|r| r.deadline <= now)
+            .filter_map(|r| match r.what {
+                Pending::Subscribe(key) | Pending::Time(key) => Some(key),
+                Pending::Unsubscribe => None,
+            })
+            .collect();
+        for key in late {
+            let err = ExchangeError::Transient(format!("user-data subscription failed: {why}"));
+            self.failed(key, err, Duration::ZERO);
+        }
+    }
+
+    /// Records a failed resubscription of `key`; ends its session when it
+    /// has failed [`RESUBSCRIBE_TRIES`] times or `delay` would take it past
+    /// three connect timeouts of failing. True when it was ended.
+    fn failed(&mut self, key: u64, err: ExchangeError, delay: Duration) -> bool {
+        let bound = self.cfg().connect_timeout * 3;
+        let now = Instant::now();
+        let Some(slot) = self.slots.get_mut(&key) else {
+            return false;
+        };
+        if slot.reply.is_some() {
+            // Not yet confirmed: `open` has its own deadline.
+            return false;
+        }
+        slot.failures += 1;
+        let since = *slot.failing_since.get_or_insert(now);
+        if slot.failures < RESUBSCRIBE_TRIES && now + delay <= since + bound {
+            return false;
+        }
+        warn!(conn = self.id, error = %err, failures = slot.failures, "user-data resubscription keeps failing, ending the session");
+        // Being resubscribed, it holds no subscription to unsubscribe.
+        let _none = self.end_slot(key, err);
+        true
     }
 
     /// A fresh request id, recorded as awaiting its answer for at most
@@ -1145,6 +1202,9 @@ impl Conn {
             slot.state = SlotState::Wanted;
             let at = Instant::now() + delay;
             slot.not_before = Some(at);
+            if self.failed(key, mapped.clone(), delay) {
+                return Ok(());
+            }
             warn!(conn = self.id, error = %mapped, ?delay, "user-data resubscription failed, retrying");
             self.retries.push((at, key));
             return Ok(());
@@ -1154,6 +1214,8 @@ impl Conn {
         };
         slot.state = SlotState::Active(sub);
         slot.resynced = false;
+        slot.failures = 0;
+        slot.failing_since = None;
         slot.retry_backoff = self.shared.cfg.backoff_initial;
         self.by_sub.insert(sub, key);
         self.ids_used = self.ids_used.max(sub.saturating_add(1));

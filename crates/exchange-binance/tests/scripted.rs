@@ -262,3 +262,17 @@ async fn a_rate_limited_resubscription_waits_across_a_reconnect() {
         at[2] - at[1]
     );
 }
+
+#[tokio::test]
+async fn a_resubscription_refused_every_time_ends_the_session() {
+    let (url, seen) = terminated_then(|mut peer, request| async move {
+        let error = json!({"code": -2035, "msg": "User Data Stream subscription already active."});
+        peer.refuse(&request, 400, error).await.then_some(peer)
+    })
+    .await;
+    let stream = BinanceUserStream::new(config(&url)).unwrap();
+    let mut s = open(&stream, 0).await;
+    let err = within(Duration::from_secs(3), &mut s).await.unwrap_err();
+    assert!(err.to_string().contains("-2035"), "{err:?}");
+    assert_eq!(seen.subscribes().len(), 1 + 3, "three tries");
+}
