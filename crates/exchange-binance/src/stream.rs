@@ -817,8 +817,8 @@ impl Conn {
                             }
                             Message::Ping(payload) => {
                                 server_pings = true;
-                                if let Err(e) = sink.send(Message::Pong(payload)).await {
-                                    break End::Broken(format!("pong failed: {e}"));
+                                if let Err(e) = send_within(&mut sink, Message::Pong(payload), cfg.stall_timeout, "pong").await {
+                                    break End::Broken(e);
                                 }
                             }
                             Message::Close(frame) => break End::Broken(format!("closed by server: {frame:?}")),
@@ -830,8 +830,8 @@ impl Conn {
                     }
                     () = sleep_until(age_deadline) => break End::Planned("connection age limit"),
                     _ = ping.tick() => {
-                        if let Err(e) = sink.send(Message::Ping(Vec::new().into())).await {
-                            break End::Broken(format!("ping failed: {e}"));
+                        if let Err(e) = send_within(&mut sink, Message::Ping(Vec::new().into()), cfg.stall_timeout, "ping").await {
+                            break End::Broken(e);
                         }
                     }
                     () = sleep_until(retry_at.unwrap_or(age_deadline)), if retry_at.is_some() => {
@@ -927,9 +927,7 @@ impl Conn {
         let text = subscribe_request(id, &slot.creds, timestamp, recv_window);
         slot.state = SlotState::Subscribing;
         self.shared.charge_weight(WS_WEIGHT);
-        sink.send(Message::Text(text.into()))
-            .await
-            .map_err(|e| format!("subscribe send failed: {e}"))
+        send_within(sink, Message::Text(text.into()), self.cfg().stall_timeout, "subscribe").await
     }
 
     async fn unsubscribe(&mut self, sink: &mut Sink, sub: i64) -> Result<(), String> {
@@ -941,9 +939,7 @@ impl Conn {
             "params": { "subscriptionId": sub },
         })
         .to_string();
-        sink.send(Message::Text(text.into()))
-            .await
-            .map_err(|e| format!("unsubscribe send failed: {e}"))
+        send_within(sink, Message::Text(text.into()), self.cfg().stall_timeout, "unsubscribe").await
     }
 
     /// A session left: its subscription goes, the connection stays. One
@@ -1152,12 +1148,9 @@ impl Conn {
             if err.code == -1021 && !slot.resynced {
                 slot.resynced = true;
                 let id = self.request(Pending::Time(key));
-                return sink
-                    .send(Message::Text(
-                        json!({"id": id, "method": "time"}).to_string().into(),
-                    ))
-                    .await
-                    .map_err(|e| format!("time send failed: {e}"));
+                let text = json!({"id": id, "method": "time"}).to_string();
+                let limit = self.cfg().stall_timeout;
+                return send_within(sink, Message::Text(text.into()), limit, "time").await;
             }
             if err.code == -2042 {
                 // Ids used up before we retired the connection (another
@@ -1314,6 +1307,22 @@ fn classify(text: &str) -> Incoming {
         Ok(Decoded::Reconnect(_)) => Incoming::Terminated(sub),
         Ok(Decoded::Ignored(kind)) => Incoming::Ignored(kind),
         Err(e) => Incoming::Malformed(sub, e.to_string()),
+    }
+}
+
+/// Sends `msg` within `limit`. A peer that stops reading would otherwise
+/// hold the connection task, and with it every session on the connection,
+/// without a gap: past `limit` the connection is broken.
+async fn send_within(
+    sink: &mut Sink,
+    msg: Message,
+    limit: Duration,
+    what: &str,
+) -> Result<(), String> {
+    match timeout(limit, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{what} send failed: {e}")),
+        Err(_) => Err(format!("{what} send not taken within {limit:?}")),
     }
 }
 

@@ -276,3 +276,31 @@ async fn a_resubscription_refused_every_time_ends_the_session() {
     assert!(err.to_string().contains("-2035"), "{err:?}");
     assert_eq!(seen.subscribes().len(), 1 + 3, "three tries");
 }
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_interrupts_its_sessions() {
+    // The first connection subscribes two accounts, then floods pings and
+    // never reads again: the pongs back up until a send cannot finish.
+    let (url, _seen) = scripted(|mut peer| async move {
+        if peer.conn > 0 {
+            return peer.serve().await;
+        }
+        for _ in 0..2 {
+            let Some(request) = peer.request().await else {
+                return;
+            };
+            if !peer.answer(&request).await {
+                return;
+            }
+        }
+        let payload = vec![7_u8; 125];
+        while peer.ws.send(Message::Ping(payload.clone().into())).await.is_ok() {}
+    })
+    .await;
+    let stream = BinanceUserStream::new(config(&url)).unwrap();
+    let mut sessions = [open(&stream, 0).await, open(&stream, 1).await];
+    assert_eq!(stream.connections(), 1);
+    for s in &mut sessions {
+        told_within(Duration::from_secs(8), s).await;
+    }
+}
