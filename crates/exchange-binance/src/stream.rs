@@ -298,34 +298,54 @@ impl Shared {
         let key = pool.next_slot;
         pool.next_slot += 1;
         let per = this.cfg.subscriptions_per_connection;
-        let found = pool.conns.iter().position(|e| {
-            e.keys.len() < per && !e.retired.load(Ordering::Relaxed) && !e.keys.contains(&api_key)
-        });
-        let idx = match found {
-            Some(i) => i,
-            None => {
-                let id = pool.next_conn;
-                pool.next_conn += 1;
-                let (cmds, rx) = mpsc::unbounded_channel();
-                let retired = Arc::new(AtomicBool::new(false));
-                tokio::spawn(Conn::new(id, this.clone(), rx, retired.clone()).run());
-                debug!(conn = id, "user-data connection added");
-                pool.conns.push(Entry {
-                    id,
-                    cmds,
-                    keys: HashSet::new(),
-                    retired,
-                });
-                pool.conns.len() - 1
-            }
-        };
-        let entry = &mut pool.conns[idx];
-        entry.keys.insert(api_key.clone());
-        // A failed send drops the slot and its reply: `open` then fails.
-        let _sent = entry.cmds.send(Cmd::Join {
+        let mut cmd = Cmd::Join {
             key,
             slot: Box::new(slot),
-        });
+        };
+        let mut idx = 0;
+        // A second try only when the connection picked died meanwhile; if
+        // even a new one is gone at once (the runtime is shutting down),
+        // the slot and its reply are dropped and `open` fails.
+        for _ in 0..2 {
+            // A connection task that is gone (its runtime shut down, or it
+            // panicked) would take every later session and answer none.
+            pool.conns.retain(|e| {
+                let alive = !e.cmds.is_closed();
+                if !alive {
+                    warn!(conn = e.id, "user-data connection task gone, leaving the pool");
+                }
+                alive
+            });
+            let found = pool.conns.iter().position(|e| {
+                e.keys.len() < per
+                    && !e.retired.load(Ordering::Relaxed)
+                    && !e.keys.contains(&api_key)
+            });
+            idx = match found {
+                Some(i) => i,
+                None => {
+                    let id = pool.next_conn;
+                    pool.next_conn += 1;
+                    let (cmds, rx) = mpsc::unbounded_channel();
+                    let retired = Arc::new(AtomicBool::new(false));
+                    tokio::spawn(Conn::new(id, this.clone(), rx, retired.clone()).run());
+                    debug!(conn = id, "user-data connection added");
+                    pool.conns.push(Entry {
+                        id,
+                        cmds,
+                        keys: HashSet::new(),
+                        retired,
+                    });
+                    pool.conns.len() - 1
+                }
+            };
+            match pool.conns[idx].cmds.send(cmd) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => cmd = back,
+            }
+        }
+        let entry = &mut pool.conns[idx];
+        entry.keys.insert(api_key.clone());
         Membership {
             shared: this.clone(),
             conn: entry.id,

@@ -304,3 +304,32 @@ async fn a_peer_that_stops_reading_interrupts_its_sessions() {
         told_within(Duration::from_secs(8), s).await;
     }
 }
+
+#[test]
+fn a_dead_connection_task_does_not_take_later_sessions() {
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let server = rt();
+    let (url, seen) = server.block_on(scripted(Peer::serve));
+    let stream = BinanceUserStream::new(config(&url)).unwrap();
+    // The first connection's task dies with the runtime it was spawned on,
+    // while its session is still held.
+    let first = rt();
+    let held = first.block_on(open(&stream, 0));
+    drop(first);
+    let second = rt();
+    second.block_on(async {
+        let mut s = tokio::time::timeout(Duration::from_secs(5), stream.open(&creds(1)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.next_event().await.unwrap(), StreamEvent::Connected);
+    });
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    drop(held);
+}
