@@ -45,7 +45,7 @@ use crate::error::BinanceError;
 use crate::pacing::Pacer;
 use crate::rest::{BinanceExchange, install_crypto_provider, map_ws_error, retry_after};
 use crate::sign::ws_signature;
-use crate::wire::{Decoded, WsFrame, decode_event};
+use crate::wire::{Decoded, WsError, WsFrame, decode_event};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Sink = SplitSink<Ws, Message>;
@@ -389,6 +389,36 @@ impl Shared {
         }
     }
 
+    /// An answer refused with 429/418 holds back every connection attempt
+    /// and every subscribe of the process (a 418 its REST requests too), as
+    /// a refused handshake does: Binance counts them all against the IP,
+    /// and each request sent into a ban lengthens it. Returns the wait, or
+    /// `None` for an answer that is no rate limit.
+    fn rate_limited(&self, status: Option<u16>, err: &WsError) -> Option<Duration> {
+        let data = err.data.as_ref();
+        let until = data.and_then(|d| d.retry_after);
+        let banned = status == Some(418);
+        if !banned && status != Some(429) && until.is_none() {
+            return None;
+        }
+        let wait = match until {
+            Some(until) => self.server_wait(until, data.and_then(|d| d.server_time)),
+            None if banned => HANDSHAKE_418_WAIT,
+            None => HANDSHAKE_429_WAIT,
+        };
+        if banned {
+            self.banned(wait, until);
+        } else {
+            warn!(
+                ?wait,
+                code = err.code,
+                "binance rate-limited a user-data request, holding back connections"
+            );
+            self.limiter.hold(Instant::now(), wait);
+        }
+        Some(wait)
+    }
+
     /// The wait a 429/418 answer asks for. Its `retryAfter` is the
     /// server's time, so it is measured against the server's clock: the
     /// answer's own `serverTime`, else ours corrected by the known offset.
@@ -472,6 +502,11 @@ impl ConnectLimiter {
         s.due = Some(due + self.interval);
         s.recent.push_back(now);
         Ok(())
+    }
+
+    /// The end of a hold still running at `now`.
+    fn held_until(&self, now: Instant) -> Option<Instant> {
+        self.state().held_until.filter(|until| *until > now)
     }
 
     /// Holds every attempt until `now + wait`.
@@ -928,15 +963,24 @@ impl Conn {
 
     async fn subscribe(&mut self, sink: &mut Sink, key: u64) -> Result<(), String> {
         let now = Instant::now();
-        match self.slots.get_mut(&key) {
-            None => return Ok(()),
-            Some(slot) => {
-                if let Some(at) = slot.not_before.filter(|at| *at > now) {
-                    slot.state = SlotState::Wanted;
-                    self.retries.push((at, key));
-                    return Ok(());
-                }
+        let held = self.shared.limiter.held_until(now);
+        let patience = self.cfg().connect_timeout;
+        let Some(slot) = self.slots.get_mut(&key) else {
+            return Ok(());
+        };
+        let not_before = slot.not_before.filter(|at| *at > now);
+        if let Some(at) = not_before.max(held) {
+            if slot.reply.is_some() && at - now > patience {
+                // `open` is told now rather than left to time out.
+                let why = ExchangeError::RateLimited {
+                    retry_after: at - now,
+                };
+                let _none = self.end_slot(key, why);
+                return Ok(());
             }
+            slot.state = SlotState::Wanted;
+            self.retries.push((at, key));
+            return Ok(());
         }
         let id = self.request(Pending::Subscribe(key));
         let timestamp = self.shared.server_now_ms();
@@ -1119,6 +1163,10 @@ impl Conn {
         id: u64,
         frame: WsFrame,
     ) -> Result<(), String> {
+        let held = frame
+            .error
+            .as_ref()
+            .and_then(|err| self.shared.rate_limited(frame.status, err));
         match self.pending.remove(&id).map(|r| r.what) {
             None => Ok(()),
             Some(Pending::Unsubscribe) => {
@@ -1140,7 +1188,7 @@ impl Conn {
                 }
                 self.subscribe(sink, key).await
             }
-            Some(Pending::Subscribe(key)) => self.on_subscribed(sink, key, frame).await,
+            Some(Pending::Subscribe(key)) => self.on_subscribed(sink, key, frame, held).await,
         }
     }
 
@@ -1149,6 +1197,7 @@ impl Conn {
         sink: &mut Sink,
         key: u64,
         frame: WsFrame,
+        held: Option<Duration>,
     ) -> Result<(), String> {
         let sub = frame
             .result
@@ -1179,15 +1228,8 @@ impl Conn {
                 slot.state = SlotState::Wanted;
                 return Err("subscription ids of the connection used up (-2042)".into());
             }
-            let mapped = match err.data.as_ref().and_then(|d| d.retry_after) {
-                Some(until) => {
-                    let server_time = err.data.as_ref().and_then(|d| d.server_time);
-                    let retry_after = self.shared.server_wait(until, server_time);
-                    if frame.status == Some(418) {
-                        self.shared.banned(retry_after, Some(until));
-                    }
-                    ExchangeError::RateLimited { retry_after }
-                }
+            let mapped = match held {
+                Some(retry_after) => ExchangeError::RateLimited { retry_after },
                 None if frame.status == Some(401) => {
                     ExchangeError::Auth(format!("{} {}", err.code, err.msg))
                 }
@@ -1499,6 +1541,37 @@ mod tests {
         );
         // Past is no wait at all: the caller's floor applies.
         assert_eq!(shared.server_wait(server - 1, None), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_ban_on_any_answer_holds_connections_and_rest_until_the_servers_time() {
+        let exchange = BinanceExchange::new(BinanceConfig::testnet()).unwrap();
+        let stream =
+            BinanceUserStream::sharing_weight_with(BinanceConfig::testnet(), &exchange).unwrap();
+        let shared = &stream.shared;
+        let pacer = exchange.pacer();
+        // The server's clock is 5 s behind ours.
+        let server = now_ms() - 5000;
+        let err: WsError = serde_json::from_value(json!({"code": -1003, "msg": "banned",
+            "data": {"serverTime": server, "retryAfter": server + 60_000}}))
+        .unwrap();
+        let wait = shared.rate_limited(Some(418), &err).unwrap();
+        assert_eq!(wait, Duration::from_secs(60));
+        let held = shared.limiter.held_until(Instant::now()).unwrap();
+        assert!(held > Instant::now() + Duration::from_secs(59));
+        // REST waits until the server's own `retryAfter`, to the millisecond.
+        assert_eq!(
+            pacer.admit(server + 59_999, 1, None, 0),
+            crate::pacing::Admit::Wait(Duration::from_millis(1))
+        );
+        assert_eq!(
+            pacer.admit(server + 60_000, 1, None, 0),
+            crate::pacing::Admit::Go
+        );
+        // Any other refusal holds nothing.
+        let other: WsError =
+            serde_json::from_value(json!({"code": -2035, "msg": "already active"})).unwrap();
+        assert_eq!(shared.rate_limited(Some(400), &other), None);
     }
 
     #[test]

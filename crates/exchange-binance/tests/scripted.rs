@@ -333,3 +333,40 @@ fn a_dead_connection_task_does_not_take_later_sessions() {
     assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
     drop(held);
 }
+
+#[tokio::test]
+async fn an_unsubscribe_answered_418_holds_back_every_request() {
+    // The ban answers an unsubscribe; the balance event sent after it tells
+    // the test that the client has read it.
+    let (url, seen) = scripted(|mut peer| async move {
+        while let Some(request) = peer.request().await {
+            let sent = if request["method"] == "userDataStream.unsubscribe" {
+                let error = json!({"code": -1003, "msg": "Way too much request weight used; IP banned",
+                    "data": {"serverTime": now_ms(), "retryAfter": now_ms() + 60_000}});
+                let balance = json!({"subscriptionId": 0, "event": {"e": "outboundAccountPosition",
+                    "E": now_ms(), "u": now_ms(), "B": [{"a": "USDT", "f": "1.00", "l": "0.00"}]}});
+                peer.refuse(&request, 418, error).await && peer.send(balance).await
+            } else {
+                peer.answer(&request).await
+            };
+            if !sent {
+                return;
+            }
+        }
+    })
+    .await;
+    let stream = BinanceUserStream::new(config(&url)).unwrap();
+    let mut first = open(&stream, 0).await;
+    drop(open(&stream, 1).await);
+    let ev = within(Duration::from_secs(5), &mut first).await.unwrap();
+    assert!(matches!(ev, StreamEvent::Balances(_)), "{ev:?}");
+    // The connection has room, but a subscribe sent into the ban would
+    // lengthen it: the newcomer is told to wait instead.
+    let err = stream.open(&creds(2)).await.err().unwrap();
+    assert!(
+        matches!(err, ExchangeError::RateLimited { retry_after } if retry_after > Duration::from_secs(50)),
+        "{err:?}"
+    );
+    assert_eq!(seen.subscribes().len(), 2, "no subscribe while banned");
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+}
