@@ -14,12 +14,21 @@
 //! a single subscription after its `eventStreamTerminated`, backs off with
 //! jitter, and reports every interruption to each session as a gap.
 //!
+//! Nothing the task waits for is unbounded, since a session that silently
+//! stops receiving leaves fills unprotected: a request unanswered within
+//! [`StreamConfig::connect_timeout`], a send not taken within
+//! [`StreamConfig::stall_timeout`] or a frame that is not JSON breaks the
+//! connection (every session then gets a gap), and a session whose
+//! resubscription keeps failing is ended with the last error.
+//!
 //! Every connection attempt of the process, first or reconnect, goes through
 //! one limiter ([`StreamConfig::connect_attempts`] per
 //! [`StreamConfig::connect_window`], spread out), and a handshake refused
-//! with 429/418 holds back all of them for its `Retry-After`: Binance counts
-//! connection attempts per IP and answers persistent excess with an IP ban
-//! that would stop REST order placement too.
+//! with 429/418 holds back all of them for its `Retry-After`, as does any
+//! answer on a connection refused with 429/418 (subscribes wait too):
+//! Binance counts connection attempts and requests per IP and answers
+//! persistent excess with an IP ban that would stop REST order placement
+//! too.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -312,7 +321,10 @@ impl Shared {
             pool.conns.retain(|e| {
                 let alive = !e.cmds.is_closed();
                 if !alive {
-                    warn!(conn = e.id, "user-data connection task gone, leaving the pool");
+                    warn!(
+                        conn = e.id,
+                        "user-data connection task gone, leaving the pool"
+                    );
                 }
                 alive
             });
@@ -991,7 +1003,13 @@ impl Conn {
         let text = subscribe_request(id, &slot.creds, timestamp, recv_window);
         slot.state = SlotState::Subscribing;
         self.shared.charge_weight(WS_WEIGHT);
-        send_within(sink, Message::Text(text.into()), self.cfg().stall_timeout, "subscribe").await
+        send_within(
+            sink,
+            Message::Text(text.into()),
+            self.cfg().stall_timeout,
+            "subscribe",
+        )
+        .await
     }
 
     async fn unsubscribe(&mut self, sink: &mut Sink, sub: i64) -> Result<(), String> {
@@ -1003,7 +1021,13 @@ impl Conn {
             "params": { "subscriptionId": sub },
         })
         .to_string();
-        send_within(sink, Message::Text(text.into()), self.cfg().stall_timeout, "unsubscribe").await
+        send_within(
+            sink,
+            Message::Text(text.into()),
+            self.cfg().stall_timeout,
+            "unsubscribe",
+        )
+        .await
     }
 
     /// A session left: its subscription goes, the connection stays. One

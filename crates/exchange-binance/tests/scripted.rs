@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use exchange_binance::{BinanceConfig, BinanceUserStream};
@@ -65,7 +65,10 @@ impl Peer {
     }
 
     async fn send(&mut self, v: Value) -> bool {
-        self.ws.send(Message::Text(v.to_string().into())).await.is_ok()
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .is_ok()
     }
 
     /// Answers `request` as Binance does when all is well.
@@ -87,8 +90,10 @@ impl Peer {
 
     /// Ends subscription `sub` as Binance does when it drops one alone.
     async fn terminate(&mut self, sub: i64) -> bool {
-        self.send(json!({"subscriptionId": sub, "event": {"e": "eventStreamTerminated", "E": now_ms()}}))
-            .await
+        self.send(
+            json!({"subscriptionId": sub, "event": {"e": "eventStreamTerminated", "E": now_ms()}}),
+        )
+        .await
     }
 
     /// Answers every request as all is well, until the client leaves.
@@ -136,7 +141,13 @@ where
 // ------------------------------------------------------------------ client side
 
 fn now_ms() -> i64 {
-    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
 }
 
 fn config(url: &str) -> BinanceConfig {
@@ -255,7 +266,11 @@ async fn a_rate_limited_resubscription_waits_across_a_reconnect() {
     let mut s = open(&stream, 0).await;
     told_within(Duration::from_secs(6), &mut s).await;
     let at = seen.subscribes();
-    assert_eq!(at.len(), 3, "subscribed, refused, resubscribed on the next connection");
+    assert_eq!(
+        at.len(),
+        3,
+        "subscribed, refused, resubscribed on the next connection"
+    );
     assert!(
         at[2] - at[1] >= Duration::from_millis(1400),
         "resubscribed {:?} after the 429",
@@ -294,7 +309,12 @@ async fn a_peer_that_stops_reading_interrupts_its_sessions() {
             }
         }
         let payload = vec![7_u8; 125];
-        while peer.ws.send(Message::Ping(payload.clone().into())).await.is_ok() {}
+        while peer
+            .ws
+            .send(Message::Ping(payload.clone().into()))
+            .await
+            .is_ok()
+        {}
     })
     .await;
     let stream = BinanceUserStream::new(config(&url)).unwrap();
