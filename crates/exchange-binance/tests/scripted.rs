@@ -293,6 +293,29 @@ async fn a_resubscription_refused_every_time_ends_the_session() {
 }
 
 #[tokio::test]
+async fn a_server_that_never_answers_a_resubscription_ends_the_session() {
+    // After the first subscription ends, no connection answers anything.
+    let (url, seen) = scripted(|mut peer| async move {
+        if peer.conn == 0 {
+            let Some(first) = peer.request().await else {
+                return;
+            };
+            if !peer.answer(&first).await || !peer.terminate(0).await {
+                return;
+            }
+        }
+        while peer.request().await.is_some() {}
+    })
+    .await;
+    let stream = BinanceUserStream::new(config(&url)).unwrap();
+    let mut s = open(&stream, 0).await;
+    // Three deadlines of 2 s, each followed by a reconnect.
+    let err = within(Duration::from_secs(10), &mut s).await.unwrap_err();
+    assert!(err.to_string().contains("not answered"), "{err:?}");
+    assert_eq!(seen.subscribes().len(), 1 + 3, "three tries");
+}
+
+#[tokio::test]
 async fn a_peer_that_stops_reading_interrupts_its_sessions() {
     // The first connection subscribes two accounts, then floods pings and
     // never reads again: the pongs back up until a send cannot finish.
