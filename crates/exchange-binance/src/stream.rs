@@ -14,12 +14,21 @@
 //! a single subscription after its `eventStreamTerminated`, backs off with
 //! jitter, and reports every interruption to each session as a gap.
 //!
+//! Nothing the task waits for is unbounded, since a session that silently
+//! stops receiving leaves fills unprotected: a request unanswered within
+//! [`StreamConfig::connect_timeout`], a send not taken within
+//! [`StreamConfig::stall_timeout`] or a frame that is not JSON breaks the
+//! connection (every session then gets a gap), and a session whose
+//! resubscription keeps failing is ended with the last error.
+//!
 //! Every connection attempt of the process, first or reconnect, goes through
 //! one limiter ([`StreamConfig::connect_attempts`] per
 //! [`StreamConfig::connect_window`], spread out), and a handshake refused
-//! with 429/418 holds back all of them for its `Retry-After`: Binance counts
-//! connection attempts per IP and answers persistent excess with an IP ban
-//! that would stop REST order placement too.
+//! with 429/418 holds back all of them for its `Retry-After`, as does any
+//! answer on a connection refused with 429/418 (subscribes wait too):
+//! Binance counts connection attempts and requests per IP and answers
+//! persistent excess with an IP ban that would stop REST order placement
+//! too.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -45,7 +54,7 @@ use crate::error::BinanceError;
 use crate::pacing::Pacer;
 use crate::rest::{BinanceExchange, install_crypto_provider, map_ws_error, retry_after};
 use crate::sign::ws_signature;
-use crate::wire::{Decoded, WsFrame, decode_event};
+use crate::wire::{Decoded, WsError, WsFrame, decode_event};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Sink = SplitSink<Ws, Message>;
@@ -59,6 +68,12 @@ const HANDSHAKE_429_WAIT: Duration = Duration::from_secs(60);
 /// Wait after a handshake refused with 418 and no `Retry-After` (Binance's
 /// shortest ban).
 const HANDSHAKE_418_WAIT: Duration = Duration::from_secs(120);
+/// A confirmed session whose resubscription fails this many times in a
+/// row (or keeps failing for three connect timeouts) is ended with the
+/// last error: the gateway then reopens it and sends the account to
+/// reconciliation, rather than the session waiting unseen for a server
+/// that keeps refusing.
+const RESUBSCRIBE_TRIES: u32 = 3;
 /// Request weight of a connection and of each subscribe or unsubscribe.
 const WS_WEIGHT: u32 = 2;
 
@@ -168,6 +183,9 @@ impl UserStream for BinanceUserStream {
             gap_from: None,
             resynced: false,
             retry_backoff: self.shared.cfg.backoff_initial,
+            not_before: None,
+            failures: 0,
+            failing_since: None,
         };
         let member = Shared::join(&self.shared, slot);
         // The limiter may hold the connection up to `connect_timeout`, then
@@ -289,34 +307,57 @@ impl Shared {
         let key = pool.next_slot;
         pool.next_slot += 1;
         let per = this.cfg.subscriptions_per_connection;
-        let found = pool.conns.iter().position(|e| {
-            e.keys.len() < per && !e.retired.load(Ordering::Relaxed) && !e.keys.contains(&api_key)
-        });
-        let idx = match found {
-            Some(i) => i,
-            None => {
-                let id = pool.next_conn;
-                pool.next_conn += 1;
-                let (cmds, rx) = mpsc::unbounded_channel();
-                let retired = Arc::new(AtomicBool::new(false));
-                tokio::spawn(Conn::new(id, this.clone(), rx, retired.clone()).run());
-                debug!(conn = id, "user-data connection added");
-                pool.conns.push(Entry {
-                    id,
-                    cmds,
-                    keys: HashSet::new(),
-                    retired,
-                });
-                pool.conns.len() - 1
-            }
-        };
-        let entry = &mut pool.conns[idx];
-        entry.keys.insert(api_key.clone());
-        // A failed send drops the slot and its reply: `open` then fails.
-        let _sent = entry.cmds.send(Cmd::Join {
+        let mut cmd = Cmd::Join {
             key,
             slot: Box::new(slot),
-        });
+        };
+        let mut idx = 0;
+        // A second try only when the connection picked died meanwhile; if
+        // even a new one is gone at once (the runtime is shutting down),
+        // the slot and its reply are dropped and `open` fails.
+        for _ in 0..2 {
+            // A connection task that is gone (its runtime shut down, or it
+            // panicked) would take every later session and answer none.
+            pool.conns.retain(|e| {
+                let alive = !e.cmds.is_closed();
+                if !alive {
+                    warn!(
+                        conn = e.id,
+                        "user-data connection task gone, leaving the pool"
+                    );
+                }
+                alive
+            });
+            let found = pool.conns.iter().position(|e| {
+                e.keys.len() < per
+                    && !e.retired.load(Ordering::Relaxed)
+                    && !e.keys.contains(&api_key)
+            });
+            idx = match found {
+                Some(i) => i,
+                None => {
+                    let id = pool.next_conn;
+                    pool.next_conn += 1;
+                    let (cmds, rx) = mpsc::unbounded_channel();
+                    let retired = Arc::new(AtomicBool::new(false));
+                    tokio::spawn(Conn::new(id, this.clone(), rx, retired.clone()).run());
+                    debug!(conn = id, "user-data connection added");
+                    pool.conns.push(Entry {
+                        id,
+                        cmds,
+                        keys: HashSet::new(),
+                        retired,
+                    });
+                    pool.conns.len() - 1
+                }
+            };
+            match pool.conns[idx].cmds.send(cmd) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => cmd = back,
+            }
+        }
+        let entry = &mut pool.conns[idx];
+        entry.keys.insert(api_key.clone());
         Membership {
             shared: this.clone(),
             conn: entry.id,
@@ -344,10 +385,11 @@ impl Shared {
         now_ms() + self.offset_ms.load(Ordering::Relaxed)
     }
 
-    /// The IP is banned (418): REST requests sharing the weight pacer and
-    /// every connection attempt wait it out, since each refused request
-    /// lengthens the ban.
-    fn banned(&self, wait: Duration) {
+    /// The IP is banned (418) for `wait`, until `until_ms` by the server's
+    /// clock when the server said so: REST requests sharing the weight
+    /// pacer and every connection attempt wait it out, since each refused
+    /// request lengthens the ban.
+    fn banned(&self, wait: Duration, until_ms: Option<i64>) {
         warn!(
             ?wait,
             "binance banned this IP, holding back requests and connections"
@@ -355,8 +397,51 @@ impl Shared {
         self.limiter.hold(Instant::now(), wait);
         if let Some(p) = &self.weight {
             let ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
-            p.block_until(self.server_now_ms().saturating_add(ms));
+            p.block_until(until_ms.unwrap_or_else(|| self.server_now_ms().saturating_add(ms)));
         }
+    }
+
+    /// An answer refused with 429/418 holds back every connection attempt
+    /// and every subscribe of the process (a 418 its REST requests too), as
+    /// a refused handshake does: Binance counts them all against the IP,
+    /// and each request sent into a ban lengthens it. Returns the wait, or
+    /// `None` for an answer that is no rate limit.
+    fn rate_limited(&self, status: Option<u16>, err: &WsError) -> Option<Duration> {
+        let data = err.data.as_ref();
+        let until = data.and_then(|d| d.retry_after);
+        let banned = status == Some(418);
+        if !banned && status != Some(429) && until.is_none() {
+            return None;
+        }
+        let wait = match until {
+            Some(until) => self.server_wait(until, data.and_then(|d| d.server_time)),
+            None if banned => HANDSHAKE_418_WAIT,
+            None => HANDSHAKE_429_WAIT,
+        };
+        if banned {
+            self.banned(wait, until);
+        } else {
+            warn!(
+                ?wait,
+                code = err.code,
+                "binance rate-limited a user-data request, holding back connections"
+            );
+            self.limiter.hold(Instant::now(), wait);
+        }
+        Some(wait)
+    }
+
+    /// The wait a 429/418 answer asks for. Its `retryAfter` is the
+    /// server's time, so it is measured against the server's clock: the
+    /// answer's own `serverTime`, else ours corrected by the known offset.
+    /// A local clock ahead of the server's would otherwise read it as
+    /// already past.
+    fn server_wait(&self, retry_after_ms: i64, server_time_ms: Option<i64>) -> Duration {
+        if let Some(server) = server_time_ms {
+            self.offset_ms.store(server - now_ms(), Ordering::Relaxed);
+        }
+        let now = server_time_ms.unwrap_or_else(|| self.server_now_ms());
+        Duration::from_millis(u64::try_from(retry_after_ms.saturating_sub(now)).unwrap_or(0))
     }
 
     fn charge_weight(&self, weight: u32) {
@@ -431,6 +516,11 @@ impl ConnectLimiter {
         Ok(())
     }
 
+    /// The end of a hold still running at `now`.
+    fn held_until(&self, now: Instant) -> Option<Instant> {
+        self.state().held_until.filter(|until| *until > now)
+    }
+
     /// Holds every attempt until `now + wait`.
     fn hold(&self, now: Instant, wait: Duration) {
         let mut s = self.state();
@@ -454,6 +544,13 @@ struct Slot {
     /// A `-1021` was answered by re-reading the server's clock once.
     resynced: bool,
     retry_backoff: Duration,
+    /// No subscribe before this (a refused one's retry, or a rate limit's):
+    /// kept across reconnects, so that a new connection does not resend at
+    /// once what the server asked us to hold.
+    not_before: Option<Instant>,
+    /// Resubscriptions failed in a row, and since when.
+    failures: u32,
+    failing_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -468,6 +565,12 @@ enum Cmd {
     Join { key: u64, slot: Box<Slot> },
     Leave(u64),
     Close,
+}
+
+/// A request sent on the connection and the moment its answer is due.
+struct Request {
+    what: Pending,
+    deadline: Instant,
 }
 
 /// What a request sent on the connection was.
@@ -502,7 +605,10 @@ struct Conn {
     retired: Arc<AtomicBool>,
     slots: HashMap<u64, Slot>,
     by_sub: HashMap<i64, u64>,
-    pending: HashMap<u64, Pending>,
+    /// Requests awaiting their answer. One left unanswered past its deadline
+    /// breaks the connection: its slot would otherwise wait forever while
+    /// pings keep the socket looking healthy.
+    pending: HashMap<u64, Request>,
     next_request: u64,
     backoff: Duration,
     /// Highest subscription id handed out on this physical connection + 1.
@@ -739,6 +845,7 @@ impl Conn {
                     last_server.max(last_pong)
                 };
                 let retry_at = self.retries.iter().map(|(t, _)| *t).min();
+                let answer_by = self.pending.values().map(|r| r.deadline).min();
                 tokio::select! {
                     biased;
                     cmd = self.cmds.recv() => {
@@ -777,8 +884,8 @@ impl Conn {
                             }
                             Message::Ping(payload) => {
                                 server_pings = true;
-                                if let Err(e) = sink.send(Message::Pong(payload)).await {
-                                    break End::Broken(format!("pong failed: {e}"));
+                                if let Err(e) = send_within(&mut sink, Message::Pong(payload), cfg.stall_timeout, "pong").await {
+                                    break End::Broken(e);
                                 }
                             }
                             Message::Close(frame) => break End::Broken(format!("closed by server: {frame:?}")),
@@ -790,14 +897,19 @@ impl Conn {
                     }
                     () = sleep_until(age_deadline) => break End::Planned("connection age limit"),
                     _ = ping.tick() => {
-                        if let Err(e) = sink.send(Message::Ping(Vec::new().into())).await {
-                            break End::Broken(format!("ping failed: {e}"));
+                        if let Err(e) = send_within(&mut sink, Message::Ping(Vec::new().into()), cfg.stall_timeout, "ping").await {
+                            break End::Broken(e);
                         }
                     }
                     () = sleep_until(retry_at.unwrap_or(age_deadline)), if retry_at.is_some() => {
                         if let Err(e) = self.retry_due(&mut sink).await {
                             break End::Broken(e);
                         }
+                    }
+                    () = sleep_until(answer_by.unwrap_or(age_deadline)), if answer_by.is_some() => {
+                        let why = format!("a request was not answered within {:?}", cfg.connect_timeout);
+                        self.unanswered(&why);
+                        break End::Broken(why);
                     }
                 }
             },
@@ -807,14 +919,82 @@ impl Conn {
         end
     }
 
-    fn request_id(&mut self) -> u64 {
+    /// Counts an unanswered subscribe (or its clock re-read) as a failure of
+    /// its session, so that a server that never answers ends the session
+    /// too rather than reconnecting for ever.
+    fn unanswered(&mut self, why: &str) {
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .pending
+            .values()
+            .filter(|r| r.deadline <= now)
+            .filter_map(|r| match r.what {
+                Pending::Subscribe(key) | Pending::Time(key) => Some(key),
+                Pending::Unsubscribe => None,
+            })
+            .collect();
+        for key in late {
+            let err = ExchangeError::Transient(format!("user-data subscription failed: {why}"));
+            self.failed(key, err, Duration::ZERO);
+        }
+    }
+
+    /// Records a failed resubscription of `key`; ends its session when it
+    /// has failed [`RESUBSCRIBE_TRIES`] times or `delay` would take it past
+    /// three connect timeouts of failing. True when it was ended.
+    fn failed(&mut self, key: u64, err: ExchangeError, delay: Duration) -> bool {
+        let bound = self.cfg().connect_timeout * 3;
+        let now = Instant::now();
+        let Some(slot) = self.slots.get_mut(&key) else {
+            return false;
+        };
+        if slot.reply.is_some() {
+            // Not yet confirmed: `open` has its own deadline.
+            return false;
+        }
+        slot.failures += 1;
+        let since = *slot.failing_since.get_or_insert(now);
+        if slot.failures < RESUBSCRIBE_TRIES && now + delay <= since + bound {
+            return false;
+        }
+        warn!(conn = self.id, error = %err, failures = slot.failures, "user-data resubscription keeps failing, ending the session");
+        // Being resubscribed, it holds no subscription to unsubscribe.
+        let _none = self.end_slot(key, err);
+        true
+    }
+
+    /// A fresh request id, recorded as awaiting its answer for at most
+    /// `connect_timeout`.
+    fn request(&mut self, what: Pending) -> u64 {
         let id = self.next_request;
         self.next_request += 1;
+        let deadline = Instant::now() + self.cfg().connect_timeout;
+        self.pending.insert(id, Request { what, deadline });
         id
     }
 
     async fn subscribe(&mut self, sink: &mut Sink, key: u64) -> Result<(), String> {
-        let id = self.request_id();
+        let now = Instant::now();
+        let held = self.shared.limiter.held_until(now);
+        let patience = self.cfg().connect_timeout;
+        let Some(slot) = self.slots.get_mut(&key) else {
+            return Ok(());
+        };
+        let not_before = slot.not_before.filter(|at| *at > now);
+        if let Some(at) = not_before.max(held) {
+            if slot.reply.is_some() && at - now > patience {
+                // `open` is told now rather than left to time out.
+                let why = ExchangeError::RateLimited {
+                    retry_after: at - now,
+                };
+                let _none = self.end_slot(key, why);
+                return Ok(());
+            }
+            slot.state = SlotState::Wanted;
+            self.retries.push((at, key));
+            return Ok(());
+        }
+        let id = self.request(Pending::Subscribe(key));
         let timestamp = self.shared.server_now_ms();
         let recv_window = self.shared.recv_window;
         let Some(slot) = self.slots.get_mut(&key) else {
@@ -822,16 +1002,18 @@ impl Conn {
         };
         let text = subscribe_request(id, &slot.creds, timestamp, recv_window);
         slot.state = SlotState::Subscribing;
-        self.pending.insert(id, Pending::Subscribe(key));
         self.shared.charge_weight(WS_WEIGHT);
-        sink.send(Message::Text(text.into()))
-            .await
-            .map_err(|e| format!("subscribe send failed: {e}"))
+        send_within(
+            sink,
+            Message::Text(text.into()),
+            self.cfg().stall_timeout,
+            "subscribe",
+        )
+        .await
     }
 
     async fn unsubscribe(&mut self, sink: &mut Sink, sub: i64) -> Result<(), String> {
-        let id = self.request_id();
-        self.pending.insert(id, Pending::Unsubscribe);
+        let id = self.request(Pending::Unsubscribe);
         self.shared.charge_weight(WS_WEIGHT);
         let text = json!({
             "id": id,
@@ -839,9 +1021,13 @@ impl Conn {
             "params": { "subscriptionId": sub },
         })
         .to_string();
-        sink.send(Message::Text(text.into()))
-            .await
-            .map_err(|e| format!("unsubscribe send failed: {e}"))
+        send_within(
+            sink,
+            Message::Text(text.into()),
+            self.cfg().stall_timeout,
+            "unsubscribe",
+        )
+        .await
     }
 
     /// A session left: its subscription goes, the connection stays. One
@@ -941,6 +1127,12 @@ impl Conn {
                     None => Ok(()),
                 }
             }
+            Incoming::Unreadable(e) => {
+                // It may have been the answer to one of our requests, which
+                // would then never come.
+                warn!(conn = self.id, error = %e, "unreadable user-data frame, reconnecting");
+                return Some(End::Broken(format!("unreadable frame: {e}")));
+            }
             Incoming::Ignored(kind) => {
                 debug!(conn = self.id, kind = %kind, "user-data frame ignored");
                 Ok(())
@@ -995,7 +1187,11 @@ impl Conn {
         id: u64,
         frame: WsFrame,
     ) -> Result<(), String> {
-        match self.pending.remove(&id) {
+        let held = frame
+            .error
+            .as_ref()
+            .and_then(|err| self.shared.rate_limited(frame.status, err));
+        match self.pending.remove(&id).map(|r| r.what) {
             None => Ok(()),
             Some(Pending::Unsubscribe) => {
                 if let Some(err) = frame.error {
@@ -1016,7 +1212,7 @@ impl Conn {
                 }
                 self.subscribe(sink, key).await
             }
-            Some(Pending::Subscribe(key)) => self.on_subscribed(sink, key, frame).await,
+            Some(Pending::Subscribe(key)) => self.on_subscribed(sink, key, frame, held).await,
         }
     }
 
@@ -1025,6 +1221,7 @@ impl Conn {
         sink: &mut Sink,
         key: u64,
         frame: WsFrame,
+        held: Option<Duration>,
     ) -> Result<(), String> {
         let sub = frame
             .result
@@ -1032,6 +1229,7 @@ impl Conn {
             .and_then(|r| r.get("subscriptionId"))
             .and_then(serde_json::Value::as_i64);
         let backoff_max = self.cfg().backoff_max;
+        let backoff_initial = self.cfg().backoff_initial;
         let Some(slot) = self.slots.get_mut(&key) else {
             // The session left while its subscription was on its way.
             return match sub {
@@ -1042,14 +1240,10 @@ impl Conn {
         if let Some(err) = frame.error {
             if err.code == -1021 && !slot.resynced {
                 slot.resynced = true;
-                let id = self.request_id();
-                self.pending.insert(id, Pending::Time(key));
-                return sink
-                    .send(Message::Text(
-                        json!({"id": id, "method": "time"}).to_string().into(),
-                    ))
-                    .await
-                    .map_err(|e| format!("time send failed: {e}"));
+                let id = self.request(Pending::Time(key));
+                let text = json!({"id": id, "method": "time"}).to_string();
+                let limit = self.cfg().stall_timeout;
+                return send_within(sink, Message::Text(text.into()), limit, "time").await;
             }
             if err.code == -2042 {
                 // Ids used up before we retired the connection (another
@@ -1058,15 +1252,8 @@ impl Conn {
                 slot.state = SlotState::Wanted;
                 return Err("subscription ids of the connection used up (-2042)".into());
             }
-            let mapped = match err.data.as_ref().and_then(|d| d.retry_after) {
-                Some(until) => {
-                    let retry_after =
-                        Duration::from_millis(u64::try_from(until - now_ms()).unwrap_or(0));
-                    if frame.status == Some(418) {
-                        self.shared.banned(retry_after);
-                    }
-                    ExchangeError::RateLimited { retry_after }
-                }
+            let mapped = match held {
+                Some(retry_after) => ExchangeError::RateLimited { retry_after },
                 None if frame.status == Some(401) => {
                     ExchangeError::Auth(format!("{} {}", err.code, err.msg))
                 }
@@ -1082,13 +1269,23 @@ impl Conn {
                 return Ok(());
             }
             let delay = match mapped {
-                ExchangeError::RateLimited { retry_after } => retry_after,
+                // Never sooner than a first backoff, whatever the clocks
+                // say, and spread so that sessions held together do not
+                // all come back in the same instant.
+                ExchangeError::RateLimited { retry_after } => {
+                    spread(retry_after.max(backoff_initial))
+                }
                 _ => jitter(slot.retry_backoff),
             };
             slot.retry_backoff = (slot.retry_backoff * 2).min(backoff_max);
             slot.state = SlotState::Wanted;
+            let at = Instant::now() + delay;
+            slot.not_before = Some(at);
+            if self.failed(key, mapped.clone(), delay) {
+                return Ok(());
+            }
             warn!(conn = self.id, error = %mapped, ?delay, "user-data resubscription failed, retrying");
-            self.retries.push((Instant::now() + delay, key));
+            self.retries.push((at, key));
             return Ok(());
         }
         let Some(sub) = sub else {
@@ -1096,6 +1293,8 @@ impl Conn {
         };
         slot.state = SlotState::Active(sub);
         slot.resynced = false;
+        slot.failures = 0;
+        slot.failing_since = None;
         slot.retry_backoff = self.shared.cfg.backoff_initial;
         self.by_sub.insert(sub, key);
         self.ids_used = self.ids_used.max(sub.saturating_add(1));
@@ -1155,13 +1354,15 @@ enum Incoming {
     Terminated(i64),
     Event(i64, Box<StreamEvent>),
     Malformed(i64, String),
+    /// Not JSON: whoever it concerned cannot be told.
+    Unreadable(String),
     Ignored(String),
 }
 
 fn classify(text: &str) -> Incoming {
     let frame: WsFrame = match serde_json::from_str(text) {
         Ok(f) => f,
-        Err(e) => return Incoming::Ignored(format!("unreadable frame: {e}")),
+        Err(e) => return Incoming::Unreadable(e.to_string()),
     };
     if let Some(id) = frame.id.as_ref().and_then(serde_json::Value::as_u64) {
         return Incoming::Response { id, frame };
@@ -1195,6 +1396,22 @@ fn classify(text: &str) -> Incoming {
     }
 }
 
+/// Sends `msg` within `limit`. A peer that stops reading would otherwise
+/// hold the connection task, and with it every session on the connection,
+/// without a gap: past `limit` the connection is broken.
+async fn send_within(
+    sink: &mut Sink,
+    msg: Message,
+    limit: Duration,
+    what: &str,
+) -> Result<(), String> {
+    match timeout(limit, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{what} send failed: {e}")),
+        Err(_) => Err(format!("{what} send not taken within {limit:?}")),
+    }
+}
+
 fn now_ms() -> i64 {
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1207,6 +1424,13 @@ fn jitter(d: Duration) -> Duration {
     let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
     let low = ms / 2;
     Duration::from_millis(rand::rng().random_range(low..=ms))
+}
+
+/// `d` plus up to a quarter more, at random: a wait that must not be
+/// shortened, spread out.
+fn spread(d: Duration) -> Duration {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(ms.saturating_add(rand::rng().random_range(0..=ms / 4)))
 }
 
 /// A connection's planned lifetime: `age` less a random share of its last
@@ -1227,7 +1451,7 @@ async fn handshake(shared: &Shared) -> Result<Ws, ExchangeError> {
             let status = resp.status().as_u16();
             let refusal = map_refusal(status, retry_after(resp.headers()));
             if let (418, ExchangeError::RateLimited { retry_after }) = (status, &refusal) {
-                shared.banned(*retry_after);
+                shared.banned(*retry_after, None);
             }
             Err(refusal)
         }
@@ -1314,6 +1538,67 @@ mod tests {
     }
 
     #[test]
+    fn spread_never_shortens_a_wait() {
+        for _ in 0..100 {
+            let d = spread(Duration::from_millis(1000));
+            assert!(d >= Duration::from_millis(1000) && d <= Duration::from_millis(1250));
+        }
+    }
+
+    #[test]
+    fn a_retry_after_is_measured_on_the_servers_clock() {
+        let stream = BinanceUserStream::new(BinanceConfig::testnet()).unwrap();
+        let shared = &stream.shared;
+        // The answer's own server time wins, and teaches the offset.
+        let server = now_ms() - 5000;
+        assert_eq!(
+            shared.server_wait(server + 4000, Some(server)),
+            Duration::from_secs(4)
+        );
+        let offset = shared.offset_ms.load(Ordering::Relaxed);
+        assert!((-5100..=-4900).contains(&offset), "{offset}");
+        // Without it, the learnt offset corrects our clock.
+        let wait = shared.server_wait(server + 3000, None);
+        assert!(
+            wait > Duration::from_millis(2800) && wait <= Duration::from_secs(3),
+            "{wait:?}"
+        );
+        // Past is no wait at all: the caller's floor applies.
+        assert_eq!(shared.server_wait(server - 1, None), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_ban_on_any_answer_holds_connections_and_rest_until_the_servers_time() {
+        let exchange = BinanceExchange::new(BinanceConfig::testnet()).unwrap();
+        let stream =
+            BinanceUserStream::sharing_weight_with(BinanceConfig::testnet(), &exchange).unwrap();
+        let shared = &stream.shared;
+        let pacer = exchange.pacer();
+        // The server's clock is 5 s behind ours.
+        let server = now_ms() - 5000;
+        let err: WsError = serde_json::from_value(json!({"code": -1003, "msg": "banned",
+            "data": {"serverTime": server, "retryAfter": server + 60_000}}))
+        .unwrap();
+        let wait = shared.rate_limited(Some(418), &err).unwrap();
+        assert_eq!(wait, Duration::from_secs(60));
+        let held = shared.limiter.held_until(Instant::now()).unwrap();
+        assert!(held > Instant::now() + Duration::from_secs(59));
+        // REST waits until the server's own `retryAfter`, to the millisecond.
+        assert_eq!(
+            pacer.admit(server + 59_999, 1, None, 0),
+            crate::pacing::Admit::Wait(Duration::from_millis(1))
+        );
+        assert_eq!(
+            pacer.admit(server + 60_000, 1, None, 0),
+            crate::pacing::Admit::Go
+        );
+        // Any other refusal holds nothing.
+        let other: WsError =
+            serde_json::from_value(json!({"code": -2035, "msg": "already active"})).unwrap();
+        assert_eq!(shared.rate_limited(Some(400), &other), None);
+    }
+
+    #[test]
     fn connection_ages_spread_over_the_last_tenth() {
         let age = Duration::from_secs(1000);
         let ages: Vec<Duration> = (0..200).map(|_| age_with_jitter(age)).collect();
@@ -1350,6 +1635,11 @@ mod tests {
             "/../../../shared/binance/fixtures/ws_event_stream_terminated.json"
         ));
         assert!(matches!(classify(terminated), Incoming::Terminated(0)));
+    }
+
+    #[test]
+    fn a_frame_that_is_not_json_is_unreadable_not_ignored() {
+        assert!(matches!(classify("{\"id\":7,"), Incoming::Unreadable(_)));
     }
 
     #[test]
