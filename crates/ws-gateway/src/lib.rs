@@ -480,6 +480,12 @@ impl AccountWorker {
                     warn!(account = %self.account, error = %msg, "stream refused: keys rejected");
                     backoff = self.max_backoff;
                 }
+                // The exchange (or the adapter's connection limiter) said when:
+                // asking sooner is only refused again, and a ban grows with it.
+                Err(ExchangeError::RateLimited { retry_after }) => {
+                    warn!(account = %self.account, ?retry_after, "stream rate limited, waiting as told");
+                    backoff = retry_after.max(self.min_backoff);
+                }
                 // A stream that stayed up a while was healthy: this failure
                 // starts the backoff over instead of adding to earlier ones.
                 Err(err) if began.elapsed() >= self.max_backoff => {

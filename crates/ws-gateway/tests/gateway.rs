@@ -37,6 +37,8 @@ struct Streams {
     senders: Mutex<HashMap<String, Vec<Tx>>>,
     /// Events a stream of the key holds from its start, already arrived.
     preloaded: Mutex<HashMap<String, Vec<StreamEvent>>>,
+    /// Opens refused as rate-limited, each for its wait, before any succeeds.
+    rate_limited: Mutex<Vec<Duration>>,
 }
 
 struct Session(mpsc::UnboundedReceiver<Result<StreamEvent, ExchangeError>>);
@@ -61,6 +63,9 @@ impl UserStream for Streams {
         &self,
         creds: &ApiCredentials,
     ) -> Result<Box<dyn UserStreamSession>, ExchangeError> {
+        if let Some(retry_after) = self.rate_limited.lock().unwrap().pop() {
+            return Err(ExchangeError::RateLimited { retry_after });
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         for event in self
             .preloaded
@@ -784,4 +789,33 @@ async fn a_gateway_stopping_finishes_the_protection_in_hand() {
         .await
         .unwrap();
     assert!(held.is_empty(), "its leases are released: {held:?}");
+}
+
+/// A stream refused as rate-limited is opened again once the wait it was
+/// told has passed, not at the next step of the reopen backoff (500 ms, then
+/// 1 s): asking a rate-limiting exchange sooner only draws another refusal,
+/// and a ban of the IP grows with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_as_rate_limited_waits_as_told() {
+    let w = world(1).await;
+    w.streams
+        .rate_limited
+        .lock()
+        .unwrap()
+        .push(Duration::from_millis(1500));
+    let started = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(w.gateway("gw-1").run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("the stream", Duration::from_secs(10), || {
+        w.streams.open_count(&key(0)) == 1
+    })
+    .await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1450),
+        "opened again after {waited:?}, before the 1.5 s it was told"
+    );
+    let _ = stop_tx.send(());
 }
