@@ -315,6 +315,16 @@ impl BinanceExchange {
     ) -> Result<(), ExchangeError> {
         let key = call.creds.map(|c| c.api_key.as_str());
         loop {
+            // Past the deadline even a free slot is refused: a -1021 re-sync
+            // or a short Retry-After may have spent the time already.
+            if let Some(end) = deadline {
+                let now = tokio::time::Instant::now();
+                if now >= end {
+                    return Err(ExchangeError::RateLimited {
+                        retry_after: Duration::from_millis(1),
+                    });
+                }
+            }
             match self
                 .inner
                 .pacer

@@ -436,6 +436,30 @@ async fn an_order_write_is_not_sent_past_its_waiting_limit() {
     assert!(t0.elapsed() >= Duration::from_millis(1900));
 }
 
+/// The bound holds across a -1021 re-sync too: a clock read that takes
+/// the rest of the time leaves the order unsent, not signed again and sent
+/// late.
+#[tokio::test]
+async fn an_order_write_is_not_sent_late_after_a_slow_resync() {
+    let sim = Sim::start(sim_config()).await.unwrap();
+    let mut config = adapter_config(&sim);
+    config.pacing.max_wait = Duration::from_secs(1);
+    config.request_timeout = Duration::from_secs(5);
+    let ex = BinanceExchange::new(config).unwrap();
+    let c = creds();
+    sim.control().force_timestamp_errors(1);
+    sim.control()
+        .set_response_delay(Duration::from_millis(1200), Some("/api/v3/time".into()));
+    let err = ex
+        .place_order(&c, &market_buy("t-E-8", dec!(0.01)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ExchangeError::RateLimited { .. }), "{err:?}");
+    let placed = sim.control().orders(None);
+    assert!(placed.is_empty(), "nothing placed: {placed:?}");
+    assert_eq!(count_requests(&sim, "/api/v3/time"), 1, "re-synced once");
+}
+
 #[tokio::test]
 async fn a_1021_resyncs_the_clock_and_succeeds() {
     let (sim, ex) = start().await;

@@ -462,26 +462,14 @@ impl Protector {
         let active: Vec<&Leg> = legs.iter().filter(|l| l.state.is_active()).collect();
         let active_qty: Qty = active.iter().map(|l| l.qty).sum();
         let exited = matches!(entry.protection, Protection::Exited { .. });
-        if position.is_zero() && active.is_empty() && !owed.is_zero() {
-            // Only a balance read says the coins are gone. They may be locked by an
-            // order no leg follows any more (a list placed under a claim that was
-            // taken over while its lookup lagged), or sold outside ocoguard: neither
-            // closes the entry, which stays in sight and is looked at again.
-            let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
-            let floored = owed.floor_to(rules.step);
-            if rules.check_qty(floored).is_ok() {
-                return self
-                    .unprotectable(
-                        entry,
-                        source,
-                        format!(
-                            "{floored} {} filled and not known sold, but none of it is free: \
-                             held by an order no leg follows, or sold outside ocoguard",
-                            entry.symbol.base.0
-                        ),
-                    )
-                    .await;
-            }
+        if position.is_zero()
+            && active.is_empty()
+            && !owed.is_zero()
+            && self.adopt_stray_list(&creds, entry, &legs, source).await?
+        {
+            // Only a balance read said the coins were gone, and a list of this
+            // entry no leg followed held them: it follows it now.
+            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
         }
         if position.is_zero() && active.is_empty() {
             // An exit keeps its record; there is nothing more to close.
@@ -1221,28 +1209,30 @@ impl Protector {
             .await
         {
             Ok(snap) => {
-                let why = "late protection, exited at market (found by its client id)";
+                // As `late` takes a short exit: the coins it left are still held,
+                // so the entry is not exited; the round goes on with them.
+                let short = snap.executed_qty < leg.qty;
+                let (why, kind) = if short {
+                    warn!(leg = %leg.key, client_id = %exit_id, sold = %snap.executed_qty, asked = %leg.qty, "market exit found by lookup sold less than asked");
+                    (
+                        format!(
+                            "late protection, exit found by its client id sold {} of {} ({})",
+                            snap.executed_qty, leg.qty, snap.status
+                        ),
+                        "exit_short",
+                    )
+                } else {
+                    (
+                        "late protection, exited at market (found by its client id)".to_owned(),
+                        "exited",
+                    )
+                };
                 if self
-                    .record_exit(leg.key, leg.state.name(), &snap, why, None)
+                    .record_exit(leg.key, leg.state.name(), &snap, &why, kind, None)
                     .await?
                 {
                     info!(leg = %leg.key, client_id = %exit_id, qty = %snap.executed_qty, "market exit found by lookup, recorded");
-                    if snap.executed_qty < leg.qty {
-                        // As `late` takes a short exit: the coins it left are still
-                        // held, so the entry is not exited; the round goes on with them.
-                        warn!(leg = %leg.key, client_id = %exit_id, sold = %snap.executed_qty, asked = %leg.qty, "market exit found by lookup sold less than asked");
-                        self.store
-                            .append_event(&event(
-                                leg.key.entry,
-                                "exit_short",
-                                format!(
-                                    "exit found by its client id sold {} of {} ({})",
-                                    snap.executed_qty, leg.qty, snap.status
-                                ),
-                                None,
-                                self.clock.now(),
-                            ))
-                            .await?;
+                    if short {
                         return Ok(());
                     }
                     // As `late` records it: the entry is exited unless lists of
@@ -1253,10 +1243,7 @@ impl Protector {
                         .any(|l| matches!(l.state, LegState::Placed { .. }))
                     {
                         self.store
-                            .set_protection(
-                                leg.key.entry,
-                                &Protection::Exited { reason: why.into() },
-                            )
+                            .set_protection(leg.key.entry, &Protection::Exited { reason: why })
                             .await?;
                     }
                 }
@@ -1275,14 +1262,16 @@ impl Protector {
 
     /// Records what a market exit sold and ends its leg (`from` →
     /// `NotPlaced`, the way exits are kept: what they sold is in the leg's
-    /// `sold`). `false` when the leg had already left `from` (another caller
-    /// recorded the same exit).
+    /// `sold`), with an event of `kind` ("exited", "exit_short"). `false`
+    /// when the leg had already left `from` (another caller recorded the
+    /// same exit).
     async fn record_exit(
         &self,
         key: LegKey,
         from: &'static str,
         snap: &crate::ports::OrderSnapshot,
         why: &str,
+        kind: &str,
         source: Option<Source>,
     ) -> Result<bool, ProtectError> {
         let now = self.clock.now();
@@ -1306,7 +1295,7 @@ impl Protector {
             .await?;
         if moved {
             self.store
-                .append_event(&event(key.entry, "exited", why, source, now))
+                .append_event(&event(key.entry, kind, why, source, now))
                 .await?;
         }
         Ok(moved)
@@ -1497,7 +1486,7 @@ impl Protector {
                 .await;
         }
         if !self
-            .record_exit(key, from, &snap, &why, Some(source))
+            .record_exit(key, from, &snap, &why, "exited", Some(source))
             .await?
         {
             // Recorded by another caller that looked it up meanwhile.
@@ -1539,37 +1528,8 @@ impl Protector {
             "late protection, exit sold {} of {asked} ({}): {reason}",
             snap.executed_qty, snap.status
         );
-        let sold = LegSold {
-            stop_loss: snap.executed_qty,
-            stop_loss_quote: snap.cumulative_quote,
-            ..LegSold::default()
-        };
-        // What it sold is a fact whoever records the end: kept by maximum.
-        self.store
-            .record_leg_sold(key, sold, self.clock.now())
+        self.record_exit(key, from, snap, &why, "exit_short", Some(source))
             .await?;
-        let moved = self
-            .update(
-                key,
-                from,
-                LegState::NotPlaced {
-                    code: None,
-                    reason: why.clone(),
-                },
-                None,
-            )
-            .await?;
-        if moved {
-            self.store
-                .append_event(&event(
-                    entry.id,
-                    "exit_short",
-                    &why,
-                    Some(source),
-                    self.clock.now(),
-                ))
-                .await?;
-        }
         warn!(entry = %entry.id, leg = %key, sold = %snap.executed_qty, %asked, %source, "market exit sold less than asked");
         Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
     }
@@ -1605,6 +1565,62 @@ impl Protector {
                 .await?;
         }
         Ok(Round::Done(ProtectOutcome::Unprotectable { reason }))
+    }
+
+    /// When a balance read says an entry's coins are gone while its fills
+    /// and recorded sales say they are held, they were sold or moved outside
+    /// ocoguard, or they are locked by a list of this entry that no leg
+    /// follows (placed under a claim that was taken over while its lookup
+    /// lagged: the leg reads `not_placed`). The account's open lists tell
+    /// which: such a list is adopted (its leg moves to `placed` and the entry
+    /// is protected) and `true` returned; with none, `false` (the caller
+    /// closes the entry, as for coins sold outside). A failed read is an
+    /// error: nothing is closed on a guess.
+    async fn adopt_stray_list(
+        &self,
+        creds: &ApiCredentials,
+        entry: &Entry,
+        legs: &[Leg],
+        source: Source,
+    ) -> Result<bool, ProtectError> {
+        let lists = self.exchange.open_order_lists(creds).await?;
+        let mut adopted = false;
+        for list in lists.iter().filter(|l| l.executing) {
+            let Some(OrderRole::List(key)) = self.config.ids.parse(&list.list_client_id) else {
+                continue;
+            };
+            let stray = legs.iter().any(|l| {
+                l.key == key
+                    && matches!(l.state, LegState::NotPlaced { .. })
+                    && l.sold.total().is_zero()
+            });
+            if key.entry != entry.id || !stray {
+                continue;
+            }
+            let placed = LegState::Placed {
+                list_id: list.list_id,
+            };
+            if self.update(key, "not_placed", placed, None).await? {
+                warn!(entry = %entry.id, leg = %key, list_id = list.list_id, client_id = %list.list_client_id, "open list of a leg recorded as not placed: adopted");
+                self.store
+                    .append_event(&event(
+                        entry.id,
+                        "leg_adopted",
+                        format!(
+                            "list {} ({}) found open on the exchange",
+                            list.list_client_id, list.list_id
+                        ),
+                        Some(source),
+                        self.clock.now(),
+                    ))
+                    .await?;
+                adopted = true;
+            }
+        }
+        if adopted {
+            self.mark_protected(entry, source, self.clock.now()).await?;
+        }
+        Ok(adopted)
     }
 
     async fn mark_protected(

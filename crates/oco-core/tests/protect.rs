@@ -261,23 +261,14 @@ async fn a_partial_fill_then_the_rest_ends_fully_covered() {
     let w = world(ProtectionConfig::DEFAULT).await;
     let id = w.entry(EntryLevels::default()).await;
     w.credit(dec!(0.4));
-    let part = evidence(
-        EntryStatus::PartiallyFilled,
-        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
-    );
+    let part = first_part();
     w.protector
         .protect(id, Some(&part), Source::Websocket)
         .await
         .unwrap();
     assert_eq!(w.open_qty(), dec!(0.4));
     w.credit(dec!(0.6));
-    let rest = evidence(
-        EntryStatus::Filled,
-        &[
-            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
-            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
-        ],
-    );
+    let rest = whole_after_part();
     let report = w
         .protector
         .protect(id, Some(&rest), Source::Websocket)
@@ -606,26 +597,10 @@ async fn a_fill_recorded_while_the_legs_are_placed_is_covered_in_the_same_call()
     let w = world(ProtectionConfig::DEFAULT).await;
     let id = w.entry(EntryLevels::default()).await;
     w.credit(dec!(0.4));
-    let part = evidence(
-        EntryStatus::PartiallyFilled,
-        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
-    );
-    let rest = evidence(
-        EntryStatus::Filled,
-        &[
-            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
-            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
-        ],
-    );
+    let part = first_part();
+    let rest = whole_after_part();
     // Another layer records the rest of the fill while the first list goes out.
-    let (store, exchange) = (w.store.clone(), w.exchange.clone());
-    w.exchange.before_next_oco(move || {
-        Box::pin(async move {
-            store.record_evidence(id, &rest).await.unwrap();
-            let (free, _) = exchange.balance(KEY, "BTC");
-            exchange.set_free(KEY, "BTC", free + dec!(0.6));
-        })
-    });
+    w.record_before_next_oco(id, rest, dec!(0.6));
 
     let report = w
         .protector
@@ -723,10 +698,7 @@ async fn coins_filled_after_an_exit_are_protected() {
     // A resting bid part-fills while the market is under its stop: the part is exited.
     w.credit(dec!(0.4));
     w.exchange.set_price("BTCUSDT", p(dec!(98)));
-    let part = evidence(
-        EntryStatus::PartiallyFilled,
-        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
-    );
+    let part = first_part();
     let first = w
         .protector
         .protect(id, Some(&part), Source::Websocket)
@@ -748,13 +720,7 @@ async fn coins_filled_after_an_exit_are_protected() {
     // The market comes back and the rest of the order fills.
     w.exchange.set_price("BTCUSDT", p(dec!(100)));
     w.credit(dec!(0.6));
-    let rest = evidence(
-        EntryStatus::Filled,
-        &[
-            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
-            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
-        ],
-    );
+    let rest = whole_after_part();
     let second = w
         .protector
         .protect(id, Some(&rest), Source::Websocket)
@@ -779,27 +745,11 @@ async fn a_fill_recorded_while_an_exit_goes_out_is_not_left_bare() {
     let id = w.entry(EntryLevels::default()).await;
     w.credit(dec!(0.4));
     w.exchange.set_price("BTCUSDT", p(dec!(98)));
-    let part = evidence(
-        EntryStatus::PartiallyFilled,
-        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
-    );
-    let rest = evidence(
-        EntryStatus::Filled,
-        &[
-            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
-            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
-        ],
-    );
+    let part = first_part();
+    let rest = whole_after_part();
     // Another layer records the rest while this call's lists are refused and
     // its exit of the first part goes out.
-    let (store, exchange) = (w.store.clone(), w.exchange.clone());
-    w.exchange.before_next_oco(move || {
-        Box::pin(async move {
-            store.record_evidence(id, &rest).await.unwrap();
-            let (free, _) = exchange.balance(KEY, "BTC");
-            exchange.set_free(KEY, "BTC", free + dec!(0.6));
-        })
-    });
+    w.record_before_next_oco(id, rest, dec!(0.6));
     let report = w
         .protector
         .protect(id, Some(&part), Source::Sync)
@@ -996,10 +946,7 @@ async fn a_later_fill_whose_levels_are_passed_is_not_called_covered() {
     };
     let id = w.entry(own).await;
     w.credit(dec!(0.4));
-    let part = evidence(
-        EntryStatus::PartiallyFilled,
-        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
-    );
+    let part = first_part();
     w.protector
         .protect(id, Some(&part), Source::Websocket)
         .await
@@ -1043,10 +990,7 @@ async fn a_later_fill_that_cannot_be_planned_is_not_called_covered() {
     let w = world(ProtectionConfig::DEFAULT).await;
     let id = w.entry(EntryLevels::default()).await;
     w.credit(dec!(0.4));
-    let part = evidence(
-        EntryStatus::PartiallyFilled,
-        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
-    );
+    let part = first_part();
     w.protector
         .protect(id, Some(&part), Source::Websocket)
         .await
@@ -1059,13 +1003,7 @@ async fn a_later_fill_that_cannot_be_planned_is_not_called_covered() {
     };
     w.exchange.add_symbol(closed, p(dec!(100)));
     w.credit(dec!(0.6));
-    let rest = evidence(
-        EntryStatus::Filled,
-        &[
-            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
-            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
-        ],
-    );
+    let rest = whole_after_part();
     let report = w
         .protector
         .protect(id, Some(&rest), Source::Websocket)
@@ -1172,23 +1110,14 @@ async fn a_fenced_claim_is_not_taken_over() {
     w.credit(dec!(0.4));
     // Coins held for other reasons, which a second set of legs would lock and sell.
     w.credit(dec!(5));
-    let part = evidence(
-        EntryStatus::PartiallyFilled,
-        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
-    );
+    let part = first_part();
     w.protector
         .protect(id, Some(&part), Source::Websocket)
         .await
         .unwrap();
     assert_eq!(open_generations(&w), ["0"]);
     w.credit(dec!(0.6));
-    let rest = evidence(
-        EntryStatus::Filled,
-        &[
-            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
-            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
-        ],
-    );
+    let rest = whole_after_part();
     w.store.record_evidence(id, &rest).await.unwrap();
     // Generation 1 is claimed; the cancel of generation 0 waits 31 s.
     let clock = w.clock.clone();
@@ -1399,11 +1328,11 @@ async fn an_exit_found_short_by_its_lookup_leaves_the_rest_to_the_next_calls() {
 
 /// A list placed under a claim that a later caller took over (its lookup
 /// lagged past the claim timeout) locks the coins: the taker's own list is
-/// refused for balance and finds nothing free. That is not a sale: the entry
-/// is not closed but unprotectable, in sight, and protected again once the
-/// coins are free.
+/// refused for balance and finds nothing free. That is not a sale: the list
+/// is found open on the exchange and adopted, and the entry stays protected
+/// by it; later calls place nothing more.
 #[tokio::test]
-async fn coins_locked_by_a_list_no_leg_follows_do_not_close_the_entry() {
+async fn a_list_no_leg_follows_is_adopted_not_taken_for_a_sale() {
     let one_leg = ProtectionConfig {
         split: dec!(1),
         ..ProtectionConfig::DEFAULT
@@ -1426,33 +1355,58 @@ async fn coins_locked_by_a_list_no_leg_follows_do_not_close_the_entry() {
     w.clock.advance(Duration::from_secs(31));
     w.exchange.lag_next_lookups(1);
     let second = w.protector.protect(id, None, Source::Sync).await.unwrap();
-    assert!(
-        matches!(second.outcome, ProtectOutcome::Unprotectable { .. }),
+    assert_eq!(
+        second.outcome,
+        ProtectOutcome::Nothing(Idle::Covered),
         "{second:?}"
     );
-    let entry = w.store.entry(id).await.unwrap();
-    assert!(
-        matches!(entry.protection, Protection::Unprotectable { ref reason } if reason.contains("none of it is free")),
-        "{:?}",
-        entry.protection
-    );
-    assert!(
-        w.store
-            .open_entries(w.account)
-            .await
-            .unwrap()
-            .iter()
-            .any(|e| e.id == id)
-    );
-    // Someone cancels the stray list: the coins are free, and protected.
     let stray = w.exchange.open_lists();
-    assert_eq!(stray.len(), 1);
-    w.exchange
-        .cancel_externally(stray[0].request.ids.list.as_str());
-    let third = w.protector.protect(id, None, Source::Sync).await.unwrap();
-    assert!(
-        matches!(third.outcome, ProtectOutcome::Placed { .. }),
-        "{third:?}"
+    assert_eq!(stray.len(), 1, "the first list, still open");
+    let legs = w.store.legs(id).await.unwrap();
+    let adopted = legs
+        .iter()
+        .find(|l| l.ids.list == stray[0].request.ids.list)
+        .unwrap();
+    assert_eq!(
+        adopted.state,
+        LegState::Placed {
+            list_id: stray[0].list_id
+        }
     );
-    assert_eq!(w.exchange.open_lists().len(), 1);
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+    let sent = w.exchange.oco_calls();
+    let third = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(third.outcome, ProtectOutcome::Nothing(Idle::Covered));
+    assert_eq!(w.exchange.oco_calls(), sent, "nothing sent again");
+}
+
+/// Coins sold outside ocoguard before it protected them: the placement is
+/// refused for balance, no list of the entry is open, and the entry is
+/// closed once; later calls send nothing.
+#[tokio::test]
+async fn coins_sold_outside_before_protection_close_the_entry_once() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    // Filled, and the coins already gone (sold by hand): nothing credited.
+    let report = w
+        .protector
+        .protect(id, Some(&full_fill()), Source::Sync)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.outcome,
+        ProtectOutcome::Nothing(Idle::Settled),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Closed
+    );
+    let sent = w.exchange.oco_calls();
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(w.exchange.oco_calls(), sent, "a closed entry sends nothing");
+    assert!(w.exchange.open_lists().is_empty());
 }

@@ -980,6 +980,23 @@ impl PgStore {
         }))
     }
 
+    /// Whether a compare-and-set on leg `key` wrote it (`n` rows): `false`
+    /// when the leg exists but was not as asked, `NotFound` when it does not.
+    async fn leg_written(
+        conn: &mut AsyncPgConnection,
+        key: LegKey,
+        n: usize,
+    ) -> Result<bool, StoreError> {
+        if n == 1 {
+            return Ok(true);
+        }
+        if Self::leg_exists(conn, key).await? {
+            Ok(false)
+        } else {
+            Err(not_found("leg", key))
+        }
+    }
+
     async fn leg_exists(conn: &mut AsyncPgConnection, key: LegKey) -> Result<bool, StoreError> {
         let (entry, leg, generation) = leg_key_columns(key);
         diesel::select(diesel::dsl::exists(
@@ -1351,14 +1368,7 @@ impl Store for PgStore {
                 e,
             )
         })?;
-        if n == 1 {
-            return Ok(true);
-        }
-        if Self::leg_exists(&mut conn, update.key).await? {
-            Ok(false)
-        } else {
-            Err(not_found("leg", update.key))
-        }
+        Self::leg_written(&mut conn, update.key, n).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(leg = %update.key, from = update.from, to = update.to.name()))]
@@ -1398,14 +1408,7 @@ impl Store for PgStore {
                 e,
             )
         })?;
-        if n == 1 {
-            return Ok(true);
-        }
-        if Self::leg_exists(&mut conn, update.key).await? {
-            Ok(false)
-        } else {
-            Err(not_found("leg", update.key))
-        }
+        Self::leg_written(&mut conn, update.key, n).await
     }
 
     async fn record_leg_sold(

@@ -203,6 +203,32 @@ impl World {
         }
     }
 
+    /// Another caller claims the first leg of `entry`'s `generation` for
+    /// `qty` and dies before sending it.
+    async fn claim_and_die(&self, entry: EntryId, generation: u32, qty: Decimal) {
+        let leg = oco_core::LegKey {
+            entry,
+            leg: oco_core::LegIndex::First,
+            generation,
+        };
+        let claimed = self
+            .store
+            .claim_legs(&[oco_core::model::LegClaim {
+                key: leg,
+                ids: IdScheme::new("og").unwrap().oco(leg).unwrap(),
+                symbol: "BTCUSDT".into(),
+                qty: Qty::new(qty).unwrap(),
+                take_profit: Price::new(dec!(101)).unwrap(),
+                stop: Price::new(dec!(99)).unwrap(),
+                stop_limit: None,
+                source: oco_core::model::Source::Sync,
+                at: oco_core::Clock::now(&SystemClock),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec![true], "claimed by the caller that dies");
+    }
+
     async fn entry(&self, account: AccountId) -> (EntryId, String) {
         let ids = IdScheme::new("og").unwrap();
         let e = self
@@ -622,27 +648,7 @@ async fn a_claim_that_never_completes_flags_the_account_once_stale() {
     let _stop = w.streaming_one().await;
     let (entry, client_id) = w.entry(w.accounts[0]).await;
     // Another caller claimed the entry's first leg and died before sending.
-    let leg = oco_core::LegKey {
-        entry,
-        leg: oco_core::LegIndex::First,
-        generation: 0,
-    };
-    let claimed = w
-        .store
-        .claim_legs(&[oco_core::model::LegClaim {
-            key: leg,
-            ids: IdScheme::new("og").unwrap().oco(leg).unwrap(),
-            symbol: "BTCUSDT".into(),
-            qty: Qty::new(dec!(0.1)).unwrap(),
-            take_profit: Price::new(dec!(101)).unwrap(),
-            stop: Price::new(dec!(99)).unwrap(),
-            stop_limit: None,
-            source: oco_core::model::Source::Direct,
-            at: oco_core::Clock::now(&SystemClock),
-        }])
-        .await
-        .unwrap();
-    assert_eq!(claimed, vec![true]);
+    w.claim_and_die(entry, 0, dec!(0.1)).await;
     assert_eq!(w.streams.send(&key(0), fill_event(&client_id, 1)), 1);
     // The gateway finds the claim in flight and places nothing...
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -701,27 +707,7 @@ async fn a_stale_claim_on_an_entry_already_protected_flags_the_account() {
     }
     let placed = w.exchange.oco_calls();
     // Another caller saw the rest, claimed generation 1 and died.
-    let leg = oco_core::LegKey {
-        entry,
-        leg: oco_core::LegIndex::First,
-        generation: 1,
-    };
-    let claimed = w
-        .store
-        .claim_legs(&[oco_core::model::LegClaim {
-            key: leg,
-            ids: IdScheme::new("og").unwrap().oco(leg).unwrap(),
-            symbol: "BTCUSDT".into(),
-            qty: Qty::new(dec!(0.2)).unwrap(),
-            take_profit: Price::new(dec!(101)).unwrap(),
-            stop: Price::new(dec!(99)).unwrap(),
-            stop_limit: None,
-            source: oco_core::model::Source::Sync,
-            at: oco_core::Clock::now(&SystemClock),
-        }])
-        .await
-        .unwrap();
-    assert_eq!(claimed, vec![true]);
+    w.claim_and_die(entry, 1, dec!(0.2)).await;
     w.streams.send(
         &key(0),
         part_fill_event(&client_id, 2, dec!(0.1), dec!(0.2)),

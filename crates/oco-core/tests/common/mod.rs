@@ -125,6 +125,20 @@ impl World {
             .collect()
     }
 
+    /// At the start of the next OCO placement, another layer records `rest`
+    /// and the account receives the `more` BTC it adds: the rest of a fill
+    /// seen while this call's lists go out.
+    pub fn record_before_next_oco(&self, id: EntryId, rest: Evidence, more: Decimal) {
+        let (store, exchange) = (self.store.clone(), self.exchange.clone());
+        self.exchange.before_next_oco(move || {
+            Box::pin(async move {
+                store.record_evidence(id, &rest).await.unwrap();
+                let (free, _) = exchange.balance(KEY, "BTC");
+                exchange.set_free(KEY, "BTC", free + more);
+            })
+        });
+    }
+
     pub fn open_qty(&self) -> Decimal {
         self.exchange
             .open_lists()
@@ -155,6 +169,25 @@ pub fn evidence(status: EntryStatus, fills: &[(i64, Decimal, Decimal, Decimal, &
         holding: None,
         observed_at: Millis(999_500),
     }
+}
+
+/// The first 0.4 of a 1.0 entry, at 100.
+pub fn first_part() -> Evidence {
+    evidence(
+        EntryStatus::PartiallyFilled,
+        &[(1, dec!(0.4), dec!(100), dec!(0), "BNB")],
+    )
+}
+
+/// The whole 1.0 of that entry: its first 0.4 and 0.6 more, at 100.
+pub fn whole_after_part() -> Evidence {
+    evidence(
+        EntryStatus::Filled,
+        &[
+            (1, dec!(0.4), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.6), dec!(100), dec!(0), "BNB"),
+        ],
+    )
 }
 
 pub fn full_fill() -> Evidence {
