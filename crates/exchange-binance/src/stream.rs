@@ -617,6 +617,8 @@ struct Conn {
     healthy_at: i64,
     /// Slots to subscribe again at a given time (after a refused resubscribe).
     retries: Vec<(Instant, u64)>,
+    /// When the connection went down and has not come back since.
+    down_since: Option<Instant>,
 }
 
 impl Conn {
@@ -640,6 +642,7 @@ impl Conn {
             ids_used: 0,
             healthy_at: now_ms(),
             retries: Vec::new(),
+            down_since: None,
         }
     }
 
@@ -669,7 +672,10 @@ impl Conn {
                 self.backoff = (self.backoff * 2).min(self.cfg().backoff_max);
             }
             let ws = match self.connect().await {
-                Connect::Up(ws) => ws,
+                Connect::Up(ws) => {
+                    self.down_since = None;
+                    ws
+                }
                 Connect::Failed => {
                     planned = false;
                     continue;
@@ -735,6 +741,36 @@ impl Conn {
         }
     }
 
+    /// Ends every session of a connection that has stayed down for longer
+    /// than [`RESUBSCRIBE_TRIES`] connect timeouts (reconnects refused, timed
+    /// out, or held by the limiter): a confirmed session otherwise hears
+    /// nothing, neither events nor a gap, until a connection comes back, and
+    /// its account would count as streamed while its fills go unseen. Ended,
+    /// the consumer sees it (the gateway flags the account for
+    /// reconciliation over REST and shows its stream down). A rate limit is
+    /// passed on as such, so the consumer waits as told.
+    fn end_if_down_too_long(&mut self, why: &ExchangeError) {
+        let Some(since) = self.down_since else {
+            return;
+        };
+        let down = since.elapsed();
+        if down < self.cfg().connect_timeout * RESUBSCRIBE_TRIES || self.slots.is_empty() {
+            return;
+        }
+        warn!(conn = self.id, ?down, sessions = self.slots.len(), error = %why, "user-data connection down too long: ending its sessions");
+        let ended = match why {
+            ExchangeError::RateLimited { .. } => why.clone(),
+            other => ExchangeError::Transient(format!(
+                "user-data connection down for {} s: {other}",
+                down.as_secs()
+            )),
+        };
+        let keys: Vec<u64> = self.slots.keys().copied().collect();
+        for key in keys {
+            self.end_slot(key, ended.clone());
+        }
+    }
+
     /// Fails the sessions still waiting in `open` with `e`.
     fn fail_openers(&mut self, e: &ExchangeError) {
         let waiting: Vec<u64> = self
@@ -753,9 +789,11 @@ impl Conn {
             match self.shared.limiter.reserve(Instant::now()) {
                 Ok(()) => break,
                 Err(wait) => {
+                    let held = ExchangeError::RateLimited { retry_after: wait };
                     if wait > self.cfg().connect_timeout {
-                        self.fail_openers(&ExchangeError::RateLimited { retry_after: wait });
+                        self.fail_openers(&held);
                     }
+                    self.end_if_down_too_long(&held);
                     if !self.wants_connection() {
                         return Connect::Failed;
                     }
@@ -787,6 +825,7 @@ impl Conn {
                 }
                 warn!(conn = self.id, error = %e, "user-data connection attempt failed");
                 self.fail_openers(&e);
+                self.end_if_down_too_long(&e);
                 Connect::Failed
             }
         }
@@ -795,6 +834,7 @@ impl Conn {
     /// After a physical connection ended: every subscription is wanted
     /// again, and the confirmed ones owe their session a gap.
     fn interrupted(&mut self) {
+        self.down_since.get_or_insert_with(Instant::now);
         let from = self.healthy_at;
         self.by_sub.clear();
         self.pending.clear();

@@ -213,6 +213,39 @@ async fn a_dropped_connection_gives_each_of_its_sessions_a_gap() {
     }
 }
 
+/// A connection that cannot come back (every handshake refused) ends its
+/// sessions after three connect timeouts, instead of leaving them silent,
+/// with neither events nor a gap, for as long as the outage lasts: the
+/// consumer then knows its account is not streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stays_down_ends_its_sessions() {
+    let sim = sim(2).await;
+    let stream = BinanceUserStream::new(config(&sim, |c| {
+        c.stream.connect_timeout = Duration::from_millis(500);
+    }))
+    .unwrap();
+    let mut sessions = open_all(&stream, 2).await;
+    let ctl = sim.control();
+    ctl.set_refuse_streams(true);
+    let dropped = Instant::now();
+    assert_eq!(ctl.drop_streams(None), 1);
+    for s in &mut sessions {
+        let ended = next(s).await;
+        assert!(
+            matches!(ended, Err(ExchangeError::Transient(ref m)) if m.contains("down for")),
+            "{ended:?}"
+        );
+    }
+    let waited = dropped.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5),
+        "ended after {waited:?} (three connect timeouts: 1.5 s)"
+    );
+    // Back up: a new session opens as usual.
+    ctl.set_refuse_streams(false);
+    let _again = open(&stream, 0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_shutdown_moves_every_subscription_of_the_connection() {
     let sim = sim(3).await;

@@ -525,11 +525,24 @@ impl AccountWorker {
         loop {
             let event = match pending.pop_front() {
                 Some(event) => event,
-                None => tokio::select! {
-                    biased;
-                    _ = self.stopped.wait_for(|stop| *stop) => return Ok(()),
-                    event = session.next_event() => event?,
-                },
+                None => {
+                    let next = tokio::select! {
+                        biased;
+                        _ = self.stopped.wait_for(|stop| *stop) => None,
+                        event = session.next_event() => Some(event),
+                    };
+                    match next {
+                        None => return Ok(()),
+                        Some(Ok(event)) => event,
+                        // From here until a stream is up again, events are
+                        // missed: sync's, at once rather than when (if ever
+                        // soon) the stream reopens.
+                        Some(Err(err)) => {
+                            self.flag("stream ended");
+                            return Err(err);
+                        }
+                    }
+                }
             };
             self.stats.events.fetch_add(1, Ordering::Relaxed);
             match event {

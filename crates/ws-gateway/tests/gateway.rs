@@ -39,6 +39,8 @@ struct Streams {
     preloaded: Mutex<HashMap<String, Vec<StreamEvent>>>,
     /// Opens refused as rate-limited, each for its wait, before any succeeds.
     rate_limited: Mutex<Vec<Duration>>,
+    /// Every open refused while set (the exchange unreachable).
+    refuse: std::sync::atomic::AtomicBool,
 }
 
 struct Session(mpsc::UnboundedReceiver<Result<StreamEvent, ExchangeError>>);
@@ -65,6 +67,9 @@ impl UserStream for Streams {
     ) -> Result<Box<dyn UserStreamSession>, ExchangeError> {
         if let Some(retry_after) = self.rate_limited.lock().unwrap().pop() {
             return Err(ExchangeError::RateLimited { retry_after });
+        }
+        if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ExchangeError::Transient("connection refused".into()));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         for event in self
@@ -95,6 +100,14 @@ impl Streams {
         list.iter()
             .filter(|tx| tx.send(Ok(event.clone())).is_ok())
             .count()
+    }
+
+    /// Ends every open stream of `key` with an error.
+    fn end(&self, key: &str) {
+        let mut senders = self.senders.lock().unwrap();
+        for tx in senders.entry(key.to_owned()).or_default().drain(..) {
+            let _ = tx.send(Err(ExchangeError::Transient("connection lost".into())));
+        }
     }
 
     fn open_count(&self, key: &str) -> usize {
@@ -804,4 +817,20 @@ async fn a_stream_refused_as_rate_limited_waits_as_told() {
         "opened again after {waited:?}, before the 1.5 s it was told"
     );
     let _ = stop_tx.send(());
+}
+
+/// A stream that ends while it cannot be opened again (the exchange's
+/// WebSocket API unreachable) flags its account at once: its fills meanwhile
+/// are sync's, over REST, not left until a stream is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ends_and_cannot_reopen_flags_the_account_at_once() {
+    let w = world(1).await;
+    let _stop = w.streaming_one().await;
+    w.streams
+        .refuse
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    w.streams.end(&key(0));
+    w.flagged_again("the ended stream", Duration::from_secs(1))
+        .await;
+    assert_eq!(w.streams.open_count(&key(0)), 0, "not reopened");
 }
