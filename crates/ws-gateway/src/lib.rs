@@ -532,7 +532,15 @@ impl AccountWorker {
                         event = session.next_event() => Some(event),
                     };
                     match next {
-                        None => return Ok(()),
+                        None => {
+                            // Let go: what already arrived is handled first
+                            // (within the drain grace); then nothing more is read.
+                            drain_ready(session.as_mut(), &mut pending);
+                            match pending.pop_front() {
+                                Some(event) => event,
+                                None => return Ok(()),
+                            }
+                        }
                         Some(Ok(event)) => event,
                         // From here until a stream is up again, events are
                         // missed: sync's, at once rather than when (if ever

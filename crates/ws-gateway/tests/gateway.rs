@@ -834,3 +834,51 @@ async fn a_stream_that_ends_and_cannot_reopen_flags_the_account_at_once() {
         .await;
     assert_eq!(w.streams.open_count(&key(0)), 0, "not reopened");
 }
+
+/// A stopping gateway handles the events its streams had already delivered
+/// (here a fill that arrived just as it was asked to stop) before it lets
+/// the account go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stopping_handles_the_events_already_delivered() {
+    let w = world(1).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(w.gateway("gw-1").run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("the stream", Duration::from_secs(5), || {
+        w.streams.open_count(&key(0)) == 1
+    })
+    .await;
+    let (first, first_client) = w.entry(w.accounts[0]).await;
+    let (second, second_client) = w.entry(w.accounts[0]).await;
+    // The first fill's protection is on its way when the stop comes; the
+    // second fill is already in the stream's channel behind it.
+    let (placing_tx, placing) = tokio::sync::oneshot::channel::<()>();
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            let _ = placing_tx.send(());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        })
+    });
+    assert_eq!(w.streams.send(&key(0), fill_event(&first_client, 1)), 1);
+    tokio::time::timeout(Duration::from_secs(5), placing)
+        .await
+        .expect("the first protection is being placed")
+        .unwrap();
+    assert_eq!(w.streams.send(&key(0), fill_event(&second_client, 2)), 1);
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(4), run)
+        .await
+        .expect("the gateway stops within its drain grace")
+        .unwrap()
+        .unwrap();
+    for entry in [first, second] {
+        assert!(
+            matches!(
+                w.store.entry(entry).await.unwrap().protection,
+                Protection::Protected { .. }
+            ),
+            "entry {entry} protected before the gateway let go"
+        );
+    }
+}
