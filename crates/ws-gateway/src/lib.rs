@@ -110,7 +110,10 @@ pub struct GatewayStats {
     /// Accounts owed a flag not written yet (the database is down or slow).
     pub flags_owed: AtomicU64,
     /// Stream state of every account leased here: up or down.
-    accounts: std::sync::Mutex<std::collections::BTreeMap<AccountId, bool>>,
+    accounts: std::sync::Mutex<BTreeMap<AccountId, (u64, bool)>>,
+    /// Numbers each lease taken here, so that a task of an earlier lease of
+    /// an account (still ending) cannot report the account of a later one.
+    leases: AtomicU64,
 }
 
 /// A snapshot of [`GatewayStats`].
@@ -161,26 +164,44 @@ impl GatewayStats {
 }
 
 impl GatewayStats {
-    fn accounts(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<AccountId, bool>> {
+    fn accounts(&self) -> std::sync::MutexGuard<'_, BTreeMap<AccountId, (u64, bool)>> {
         // Plain flags inside: a poisoned lock holds consistent data.
         self.accounts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every account leased here and whether its stream is up, by account id.
     pub fn stream_states(&self) -> Vec<(AccountId, bool)> {
-        self.accounts().iter().map(|(a, up)| (*a, *up)).collect()
+        self.accounts()
+            .iter()
+            .map(|(a, (_, up))| (*a, *up))
+            .collect()
     }
 
-    fn leased(&self, account: AccountId) {
-        self.accounts().insert(account, false);
+    /// Records `account` as leased here (stream down so far); the lease's
+    /// number, which its task reports under.
+    fn leased(&self, account: AccountId) -> u64 {
+        let lease = self.leases.fetch_add(1, Ordering::Relaxed) + 1;
+        self.accounts().insert(account, (lease, false));
+        lease
     }
 
-    fn stream(&self, account: AccountId, up: bool) {
-        // Only for accounts still leased: a stream aborted after its lease
-        // was lost must not report the account again.
-        if let Some(state) = self.accounts().get_mut(&account) {
+    fn stream(&self, account: AccountId, lease: u64, up: bool) {
+        // Only for the account's current lease: a stream ended after its lease
+        // was lost, or replaced, must not report the account again.
+        if let Some((current, state)) = self.accounts().get_mut(&account)
+            && *current == lease
+        {
             *state = up;
         }
+    }
+
+    fn stream_down(&self) {
+        // Saturating: the count is zeroed at shutdown while tasks still end.
+        let _ = self
+            .streams_up
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     fn unleased(&self, account: AccountId) {
@@ -369,7 +390,7 @@ impl Gateway {
     }
 
     fn spawn_account(&self, account: AccountId, why: &'static str, flagger: &Flagger) -> Running {
-        self.stats.leased(account);
+        let lease = self.stats.leased(account);
         let (stop, stopped) = watch::channel(false);
         let worker = AccountWorker {
             account,
@@ -382,6 +403,7 @@ impl Gateway {
             min_backoff: self.config.min_backoff,
             max_backoff: self.config.max_backoff,
             stopped,
+            lease,
         };
         Running {
             task: tokio::spawn(async move { worker.run(why).await }),
@@ -409,6 +431,8 @@ struct AccountWorker {
     max_backoff: Duration,
     /// Turns true when the account is to be let go.
     stopped: watch::Receiver<bool>,
+    /// The number of the lease it follows the account under.
+    lease: u64,
 }
 
 /// How long after a fetch of a symbol's rules began another may begin.
@@ -458,12 +482,12 @@ impl RulesPrefetch {
 }
 
 /// Decrements the up-gauge however the stream ends (error, abort).
-struct UpGuard(Arc<GatewayStats>, AccountId);
+struct UpGuard(Arc<GatewayStats>, AccountId, u64);
 
 impl Drop for UpGuard {
     fn drop(&mut self) {
-        self.0.streams_up.fetch_sub(1, Ordering::Relaxed);
-        self.0.stream(self.1, false);
+        self.0.stream_down();
+        self.0.stream(self.1, self.2, false);
     }
 }
 
@@ -516,8 +540,8 @@ impl AccountWorker {
             .map_err(|e| ExchangeError::Transient(e.to_string()))?;
         let mut session = self.streams.open(&creds).await?;
         self.stats.streams_up.fetch_add(1, Ordering::Relaxed);
-        self.stats.stream(self.account, true);
-        let _up = UpGuard(self.stats.clone(), self.account);
+        self.stats.stream(self.account, self.lease, true);
+        let _up = UpGuard(self.stats.clone(), self.account, self.lease);
         // Nothing is replayed on a stream: whatever happened before this subscription is sync's.
         self.flag(reason);
         // Events already received behind the one in hand, in order.
@@ -1160,6 +1184,29 @@ mod tests {
         ) -> BoxFuture<'a, Result<(), StoreError>> {
             self.write(&[(account, reason.to_owned())])
         }
+    }
+
+    #[test]
+    fn a_task_of_an_earlier_lease_does_not_report_the_account_of_a_later_one() {
+        let stats = Arc::new(GatewayStats::default());
+        let account = AccountId(7);
+        let first = stats.leased(account);
+        stats.streams_up.fetch_add(1, Ordering::Relaxed);
+        stats.stream(account, first, true);
+        let old = UpGuard(stats.clone(), account, first);
+        // Leased again (the task replaced); the new stream is up before the
+        // old task's guard drops.
+        let second = stats.leased(account);
+        stats.streams_up.fetch_add(1, Ordering::Relaxed);
+        stats.stream(account, second, true);
+        drop(old);
+        assert_eq!(stats.stream_states(), vec![(account, true)]);
+        assert_eq!(stats.snapshot().streams_up, 1);
+        // At shutdown the count is zeroed while guards still drop.
+        stats.streams_up.store(0, Ordering::Relaxed);
+        drop(UpGuard(stats.clone(), account, second));
+        assert_eq!(stats.snapshot().streams_up, 0);
+        assert_eq!(stats.stream_states(), vec![(account, false)]);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
