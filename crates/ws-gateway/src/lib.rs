@@ -524,7 +524,7 @@ impl AccountWorker {
             reason = "stream reopened";
             tokio::select! {
                 _ = self.stopped.wait_for(|stop| *stop) => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(spread(backoff)) => {}
             }
         }
     }
@@ -802,6 +802,17 @@ async fn claims_settled(store: &dyn Store, entry: EntryId) -> bool {
         && !legs
             .iter()
             .any(|l| matches!(l.state, LegState::Claimed | LegState::Unknown))
+}
+
+/// A reopen wait of `d` made somewhere between `d` and a half more, at
+/// random: accounts whose streams failed together (a connection of a hundred
+/// of them, an exchange incident) must not all subscribe again in the same
+/// instant, each wave spending the node's request weight at once. Never
+/// shorter than `d`, which may be a wait the exchange asked for.
+fn spread(d: Duration) -> Duration {
+    use rand::Rng;
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(ms.saturating_add(rand::rng().random_range(0..=ms / 2)))
 }
 
 /// Most flags in one write.
@@ -1184,6 +1195,23 @@ mod tests {
         ) -> BoxFuture<'a, Result<(), StoreError>> {
             self.write(&[(account, reason.to_owned())])
         }
+    }
+
+    #[test]
+    fn reopen_waits_are_spread_and_never_shortened() {
+        let d = Duration::from_millis(1000);
+        let waits: Vec<Duration> = (0..200).map(|_| spread(d)).collect();
+        assert!(
+            waits.iter().all(|w| *w >= d && *w <= d * 3 / 2),
+            "{waits:?}"
+        );
+        let distinct: std::collections::BTreeSet<_> = waits.iter().collect();
+        assert!(
+            distinct.len() > 50,
+            "spread: {} distinct of 200",
+            distinct.len()
+        );
+        assert_eq!(spread(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]
