@@ -37,12 +37,9 @@ impl Settings {
     /// `sim` without both URLs.
     pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
         let mut config = self.binance_urls()?;
-        config.stream.subscriptions_per_connection = self.accounts_per_connection;
-        config.stream.connect_attempts = self.stream_connect_attempts;
-        config.stream.connect_burst = config
+        config
             .stream
-            .connect_burst
-            .min(self.stream_connect_attempts);
+            .set_connection_limits(self.accounts_per_connection, self.stream_connect_attempts);
         Ok(config)
     }
 

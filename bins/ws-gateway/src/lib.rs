@@ -150,12 +150,10 @@ impl Config {
     /// `sim` without both URLs.
     pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
         let mut config = self.binance_urls()?;
-        config.stream.subscriptions_per_connection = usize::from(self.accounts_per_connection);
-        config.stream.connect_attempts = self.stream_connect_attempts;
-        config.stream.connect_burst = config
-            .stream
-            .connect_burst
-            .min(self.stream_connect_attempts);
+        config.stream.set_connection_limits(
+            usize::from(self.accounts_per_connection),
+            self.stream_connect_attempts,
+        );
         Ok(config)
     }
 

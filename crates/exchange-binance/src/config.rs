@@ -114,6 +114,15 @@ impl StreamConfig {
         }
     }
 
+    /// Sets the operator's connection limits: `per_connection` accounts on
+    /// one connection and `attempts` connection attempts per
+    /// [`StreamConfig::connect_window`], the burst kept within them.
+    pub fn set_connection_limits(&mut self, per_connection: usize, attempts: u32) {
+        self.subscriptions_per_connection = per_connection;
+        self.connect_attempts = attempts;
+        self.connect_burst = self.connect_burst.min(attempts);
+    }
+
     /// Checks the values that have a valid range.
     ///
     /// # Errors

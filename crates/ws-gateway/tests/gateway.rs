@@ -745,22 +745,9 @@ async fn a_stale_claim_on_an_entry_already_protected_flags_the_account() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_stopping_finishes_the_protection_in_hand() {
     let w = world(1).await;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(w.gateway("gw-1").run(async move {
-        let _ = stop_rx.await;
-    }));
-    wait_until("the stream", Duration::from_secs(5), || {
-        w.streams.open_count(&key(0)) == 1
-    })
-    .await;
+    let (stop_tx, run) = running(&w).await;
     let (entry, client_id) = w.entry(w.accounts[0]).await;
-    let (placing_tx, placing) = tokio::sync::oneshot::channel::<()>();
-    w.exchange.before_next_oco(move || {
-        Box::pin(async move {
-            let _ = placing_tx.send(());
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        })
-    });
+    let placing = hold_next_oco(&w, 500);
     assert_eq!(w.streams.send(&key(0), fill_event(&client_id, 1)), 1);
     tokio::time::timeout(Duration::from_secs(5), placing)
         .await
@@ -841,25 +828,12 @@ async fn a_stream_that_ends_and_cannot_reopen_flags_the_account_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_stopping_handles_the_events_already_delivered() {
     let w = world(1).await;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(w.gateway("gw-1").run(async move {
-        let _ = stop_rx.await;
-    }));
-    wait_until("the stream", Duration::from_secs(5), || {
-        w.streams.open_count(&key(0)) == 1
-    })
-    .await;
+    let (stop_tx, run) = running(&w).await;
     let (first, first_client) = w.entry(w.accounts[0]).await;
     let (second, second_client) = w.entry(w.accounts[0]).await;
     // The first fill's protection is on its way when the stop comes; the
     // second fill is already in the stream's channel behind it.
-    let (placing_tx, placing) = tokio::sync::oneshot::channel::<()>();
-    w.exchange.before_next_oco(move || {
-        Box::pin(async move {
-            let _ = placing_tx.send(());
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        })
-    });
+    let placing = hold_next_oco(&w, 300);
     assert_eq!(w.streams.send(&key(0), fill_event(&first_client, 1)), 1);
     tokio::time::timeout(Duration::from_secs(5), placing)
         .await
@@ -881,4 +855,35 @@ async fn a_gateway_stopping_handles_the_events_already_delivered() {
             "entry {entry} protected before the gateway let go"
         );
     }
+}
+
+/// Starts gateway `gw-1` and waits for the single account's stream; the
+/// sender stops it, the handle ends when it has stopped.
+async fn running(
+    w: &World,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), ws_gateway::GatewayError>>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(w.gateway("gw-1").run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("the stream", Duration::from_secs(5), || {
+        w.streams.open_count(&key(0)) == 1
+    })
+    .await;
+    (stop_tx, run)
+}
+
+/// Holds the next OCO placement for `ms`; the receiver hears when it begins.
+fn hold_next_oco(w: &World, ms: u64) -> tokio::sync::oneshot::Receiver<()> {
+    let (placing_tx, placing) = tokio::sync::oneshot::channel::<()>();
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            let _ = placing_tx.send(());
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        })
+    });
+    placing
 }
