@@ -1067,6 +1067,16 @@ async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
             let merges = prepared(conn, "WITH new_fills AS (INSERT INTO fills%").await;
             let hinted = prepared(conn, "WITH new_fills%merged AS%version FROM accounts%").await;
             let outcomes = prepared(conn, "%FROM record_outcomes(%").await;
+            // Past PostgreSQL's custom plans: the merges' next binds reuse a
+            // generic plan instead of planning again (about 1.2 ms a fill).
+            let unsettled = count(
+                conn,
+                "SELECT count(*) AS n FROM pg_prepared_statements \
+                 WHERE statement LIKE 'WITH new_fills AS (INSERT INTO fills%' \
+                 AND generic_plans = 0",
+            )
+            .await;
+            assert_eq!(unsettled, 0, "every merge has settled on its generic plan");
             if std::ptr::eq(pool, store.pool()) {
                 assert_eq!(
                     (merges, hinted, outcomes),
@@ -1085,7 +1095,8 @@ async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
     let written = count(
         &mut raw,
         "SELECT (SELECT count(*) FROM entries) + (SELECT count(*) FROM fills) \
-         + (SELECT count(*) FROM protection_legs) AS n",
+         + (SELECT count(*) FROM protection_legs) + (SELECT count(*) FROM accounts) \
+         + (SELECT count(*) FROM reconcile_schedule) AS n",
     )
     .await;
     assert_eq!(written, 0);

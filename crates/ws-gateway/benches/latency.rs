@@ -530,6 +530,9 @@ struct RateResult {
     all_protected: bool,
     /// Trade → second OCO request received, µs, sorted.
     received: Vec<u64>,
+    /// The slowest fills as (trade → second OCO received µs, trade time µs
+    /// since the epoch), slowest first: `BENCH_SLOWEST` of them.
+    slowest: Vec<(u64, u64)>,
     /// Trade → second OCO answered, µs, sorted.
     answered: Vec<u64>,
     /// `received` of the fills traded [`SETTLED_AFTER_US`] or more after the
@@ -631,6 +634,7 @@ async fn paced(
         }
     }
     let (mut received, mut answered, mut settled) = (Vec::new(), Vec::new(), Vec::new());
+    let mut timed = Vec::new();
     let first_trade = trade_us.values().copied().min().unwrap_or(0);
     let (mut last_trade, mut last_oco) = (0, 0);
     for (key, &t) in &trade_us {
@@ -641,6 +645,7 @@ async fn paced(
         list.sort_unstable();
         if let Some(&(rx, tx)) = list.get(1) {
             received.push(rx.saturating_sub(t));
+            timed.push((rx.saturating_sub(t), t));
             answered.push(tx.saturating_sub(t));
             if t >= first_trade + SETTLED_AFTER_US {
                 settled.push(rx.saturating_sub(t));
@@ -649,6 +654,8 @@ async fn paced(
         }
     }
     received.sort_unstable();
+    timed.sort_unstable_by(|a, b| b.cmp(a));
+    timed.truncate(env_usize("BENCH_SLOWEST", 0));
     answered.sort_unstable();
     settled.sort_unstable();
     let span = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / 1e6;
@@ -660,6 +667,7 @@ async fn paced(
         protected_rate: received.len() as f64 / span(first_trade, last_oco).max(1e-6),
         all_protected,
         received,
+        slowest: timed,
         answered,
         settled,
     }
@@ -823,6 +831,20 @@ async fn run() {
             v.len(),
             100.0 * over as f64 / v.len().max(1) as f64
         );
+        // When the slowest were traded (UTC time of day), to set beside the
+        // database's and the machine's logs.
+        for &(us, at) in &r.slowest {
+            let day_us = at % 86_400_000_000;
+            println!(
+                "  slow fill at {}/s: {:.3} ms, traded {:02}:{:02}:{:02}.{:06} UTC",
+                r.target,
+                us as f64 / 1000.0,
+                day_us / 3_600_000_000,
+                day_us / 60_000_000 % 60,
+                day_us / 1_000_000 % 60,
+                day_us % 1_000_000
+            );
+        }
     }
     let best = results
         .iter()
