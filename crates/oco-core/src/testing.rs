@@ -88,6 +88,7 @@ struct FakeState {
     market_sells: Vec<String>,
     next_id: i64,
     oco_calls: usize,
+    order_calls: usize,
 }
 
 /// An exchange double with Binance's OCO semantics: one quantity locked for
@@ -160,6 +161,11 @@ impl FakeExchange {
         self.lock().market_sells.clone()
     }
 
+    /// How many times `place_order` was called, refused or not.
+    pub fn order_calls(&self) -> usize {
+        self.lock().order_calls
+    }
+
     /// Executes an order as the matching engine would.
     fn execute_order(
         &self,
@@ -175,6 +181,12 @@ impl FakeExchange {
             OrderSize::Base(q) => q,
             OrderSize::Quote(q) => Qty::new(q / price.get()).unwrap_or(Qty::ZERO),
         };
+        // As Binance's NOTIONAL with applyMinToMarket (BTCUSDT): a MARKET order
+        // is measured at the market price.
+        let min_notional = s.rules.get(&order.symbol).map(|r| r.min_notional);
+        if order.limit.is_none() && min_notional.is_some_and(|m| qty.notional(price) < m) {
+            return Err(rejected(-1013, "Filter failure: NOTIONAL"));
+        }
         let (base, quote) = s.split_symbol(&order.symbol);
         let crosses = order.limit.is_none_or(|l| match order.side {
             Side::Buy => l >= price,
@@ -562,7 +574,11 @@ impl Exchange for FakeExchange {
         order: &OrderRequest,
     ) -> Result<OrderSnapshot, ExchangeError> {
         YieldNow::default().await;
-        let fault = self.lock().order_faults.pop_front();
+        let fault = {
+            let mut s = self.lock();
+            s.order_calls += 1;
+            s.order_faults.pop_front()
+        };
         match fault {
             None => self.execute_order(creds, order),
             Some(OcoFault::UnknownAfterApply) => {

@@ -1410,3 +1410,53 @@ async fn coins_sold_outside_before_protection_close_the_entry_once() {
     assert_eq!(w.exchange.oco_calls(), sent, "a closed entry sends nothing");
     assert!(w.exchange.open_lists().is_empty());
 }
+
+#[tokio::test]
+async fn a_late_exit_under_the_min_notional_is_recorded_and_not_sent() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    // 0.06 bought at 100 (notional 6); the market fell to 80, past the stop:
+    // a market exit would be worth 4.8, under BTCUSDT's minimum of 5.
+    w.credit(dec!(0.06));
+    w.exchange.set_price("BTCUSDT", p(dec!(80)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(0.06), dec!(100), dec!(0), "BNB")],
+    );
+    let unprotectable = |outcome: &ProtectOutcome| {
+        matches!(outcome, ProtectOutcome::Unprotectable { reason }
+            if reason.contains("0.06") && reason.contains("80") && reason.contains("4.8") && reason.contains("min notional 5"))
+    };
+    let first = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(unprotectable(&first.outcome), "{first:?}");
+    assert_eq!(
+        w.exchange.order_calls(),
+        0,
+        "no exit the exchange would refuse"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Unprotectable { ref reason } if reason.contains("4.8")),
+        "{:?}",
+        entry.protection
+    );
+    // Sync comes back every interval: still nothing sent, nothing recorded twice.
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(unprotectable(&again.outcome), "{again:?}");
+    assert_eq!(w.exchange.order_calls(), 0);
+    let events = w.store.events(id).await.unwrap();
+    assert_eq!(
+        events.iter().filter(|e| e.kind == "unprotectable").count(),
+        1,
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.kind == "exit_failed"),
+        "{events:?}"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0.06), "nothing sold");
+}
