@@ -19,7 +19,7 @@ use crate::model::{
     Entry, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize, Protection, Source,
 };
 use crate::money::Qty;
-use crate::plan::{Degraded, Plan, PlanInput, plan_protection};
+use crate::plan::{Degraded, Plan, PlanInput, Shortfall, plan_protection};
 use crate::ports::{
     ApiCredentials, CancelOutcome, Clock, Exchange, ExchangeError, OcoRequest, OrderListSnapshot,
     OrderRequest, Side, Store, StoreError, event,
@@ -168,6 +168,9 @@ struct Claimed<'a> {
     position: Qty,
     late: LatePolicy,
     degraded: Option<Degraded>,
+    /// Coins the plan's lists cannot hold: the entry is recorded
+    /// unprotectable with it rather than protected.
+    short: Option<Shortfall>,
     /// The claims won; nothing else is sent.
     claims: Vec<LegClaim>,
     source: Source,
@@ -574,6 +577,11 @@ impl Protector {
             Err(reason) => return self.unprotectable(entry, source, reason.to_string()).await,
         };
         if !active.is_empty() && active_qty >= plan.total() {
+            // Lists that hold all they can still leave the rest without a stop:
+            // said every call, never called covered.
+            if let Some(short) = plan.short {
+                return self.unprotectable(entry, source, short.to_string()).await;
+            }
             // Coverage is credited to the layer that placed it, not to whoever
             // notices it: a caller that raced the placer placed nothing.
             let by = active
@@ -599,6 +607,7 @@ impl Protector {
             position,
             late: account.protection.late,
             degraded: plan.degraded,
+            short: plan.short,
             claims: won_claims(wanted, won),
             source,
         })
@@ -769,6 +778,7 @@ impl Protector {
             position: first.position,
             late: context.account.protection.late,
             degraded: first.plan.degraded,
+            short: first.plan.short,
             claims: won_claims(claims, won),
             source,
         })
@@ -787,6 +797,7 @@ impl Protector {
             position,
             late,
             degraded,
+            short,
             claims,
             source,
         } = claimed;
@@ -903,8 +914,25 @@ impl Protector {
                 ));
                 placed.push(claim.key);
             }
-            let protection =
-                (!matches!(entry.protection, Protection::Protected { .. })).then(|| {
+            let protection = match short {
+                // Coins no list can hold: said with the placement, in the same write.
+                Some(short) => {
+                    let unprotectable = Protection::Unprotectable {
+                        reason: short.to_string(),
+                    };
+                    (entry.protection != unprotectable).then(|| {
+                        warn!(entry = %entry.id, reason = %short, %source, "entry unprotectable");
+                        events.push(event(
+                            entry.id,
+                            "unprotectable",
+                            short.to_string(),
+                            Some(source),
+                            now,
+                        ));
+                        unprotectable
+                    })
+                }
+                None => (!matches!(entry.protection, Protection::Protected { .. })).then(|| {
                     events.push(event(
                         entry.id,
                         "protected",
@@ -916,7 +944,8 @@ impl Protector {
                         at: now,
                         by: source,
                     }
-                });
+                }),
+            };
             // The entry comes back read after the write: fills recorded while
             // we placed show without another round trip.
             let recorded = self
@@ -1092,7 +1121,11 @@ impl Protector {
                 ProtectOutcome::Pending { legs: pending }
             }));
         }
-        self.mark_protected(entry, source, self.clock.now()).await?;
+        if let Some(short) = short {
+            self.unprotectable(entry, source, short.to_string()).await?;
+        } else {
+            self.mark_protected(entry, source, self.clock.now()).await?;
+        }
         // New fills may have arrived while we placed; the caller that saw them found our
         // claim in flight and left the rest to us.
         let fresh = self.store.entry(entry.id).await?;

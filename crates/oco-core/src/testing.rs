@@ -1576,6 +1576,24 @@ async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
         "the entry answered is the entry after the write: {:?}",
         recorded.entry
     );
+    // Lists that cannot hold the whole position: placed, and the entry
+    // unprotectable with the reason, in the same write.
+    let short = Protection::Unprotectable {
+        reason: "position 1 is over LOT_SIZE maxQty 0.3".into(),
+    };
+    let recorded = store
+        .record_outcomes(
+            entry.id,
+            &[update(LegIndex::Second, 0, "claimed")],
+            &[event(entry.id, "unprotectable", "c", None, Millis(122))],
+            Some(&short),
+        )
+        .await?;
+    ensure!(
+        recorded.applied == [true] && recorded.entry.protection == short,
+        "an unprotectable reason is set with the outcomes: {:?}",
+        recorded.entry.protection
+    );
 
     // A generation is won whole or not at all, whatever shape each claimer
     // planned: one leg of everything from a smaller fill, or two.

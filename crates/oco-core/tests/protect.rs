@@ -1460,3 +1460,59 @@ async fn a_late_exit_under_the_min_notional_is_recorded_and_not_sent() {
     );
     assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0.06), "nothing sold");
 }
+
+#[tokio::test]
+async fn coins_over_what_max_qty_lists_hold_are_recorded_not_called_covered() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let capped = oco_core::symbol::SymbolRules {
+        max_qty: Some(q(dec!(0.3))),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(capped, p(dec!(100)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let first = w
+        .protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Placed { ref legs, .. } if legs.len() == 2),
+        "{first:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.6), "two lists of maxQty each");
+    let said =
+        |reason: &str| reason.contains("maxQty 0.3") && reason.contains("0.4 left without a stop");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Unprotectable { ref reason } if said(reason)),
+        "{:?}",
+        entry.protection
+    );
+    // Later calls neither churn the lists nor call the entry covered.
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(again.outcome, ProtectOutcome::Unprotectable { ref reason } if said(reason)),
+        "{again:?}"
+    );
+    assert_eq!(w.exchange.oco_calls(), 2);
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Unprotectable { .. }),
+        "{:?}",
+        entry.protection
+    );
+    let events = w.store.events(id).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "unprotectable" && said(&e.detail))
+            .count(),
+        1,
+        "{events:?}"
+    );
+}
