@@ -161,8 +161,6 @@ struct Claimed<'a> {
     entry: &'a Entry,
     creds: &'a ApiCredentials,
     rules: &'a SymbolRules,
-    /// Every leg of the entry as read before the claim.
-    legs: &'a [Leg],
     /// The legs still working, to cancel before the new ones go out.
     active: Vec<&'a Leg>,
     position: Qty,
@@ -359,10 +357,16 @@ impl Protector {
         };
         name_span(&current);
         let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
+        // Once a call: a cancel that failed is not hammered round after round.
+        let mut cancel_rests = true;
         for _ in 0..self.config.max_rounds {
             let round = match first.take() {
                 Some(round) => round,
-                None => self.round(&current, holding, source, known.take()).await?,
+                None => {
+                    let rests = std::mem::take(&mut cancel_rests);
+                    self.round(&current, holding, source, known.take(), rests)
+                        .await?
+                }
             };
             match round {
                 Round::Done(o @ ProtectOutcome::Exited { .. }) => {
@@ -404,6 +408,7 @@ impl Protector {
         holding: Option<Qty>,
         source: Source,
         known: Option<FillContext>,
+        cancel_rests: bool,
     ) -> Result<Round, ProtectError> {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
@@ -453,6 +458,14 @@ impl Protector {
                 .map(|l| l.key)
                 .collect();
             return Ok(Round::Done(ProtectOutcome::Pending { legs: pending }));
+        }
+
+        if cancel_rests
+            && self
+                .cancel_take_profit_rests(&creds, entry, &legs, source)
+                .await?
+        {
+            legs = self.store.legs(entry.id).await?;
         }
 
         let sold: Qty = legs.iter().map(|l| l.sold.total()).sum();
@@ -602,7 +615,6 @@ impl Protector {
             entry,
             creds: &creds,
             rules: &rules,
-            legs: &legs,
             active,
             position,
             late: account.protection.late,
@@ -773,7 +785,6 @@ impl Protector {
             entry: &entry,
             creds: &context.credentials,
             rules: &rules,
-            legs: &context.legs,
             active: Vec::new(),
             position: first.position,
             late: context.account.protection.late,
@@ -792,7 +803,6 @@ impl Protector {
             entry,
             creds,
             rules,
-            legs,
             active,
             position,
             late,
@@ -841,13 +851,12 @@ impl Protector {
                 }
             }
         }
-        let canceled_any = self.cancel_orphaned_take_profits(creds, legs).await;
         // The exchange calls above can wait (a node-wide rate-limit pause) past
         // the claim timeout, and a stale claim may be taken over meanwhile:
         // fence the claims now, so that a taken one is not sent, and a fenced
         // one is not taken before the timeout runs again from here. Without
         // such calls the claim's own write, just made, is the fence.
-        if !active.is_empty() || canceled_any {
+        if !active.is_empty() {
             let keys: Vec<LegKey> = claims.iter().map(|c| c.key).collect();
             let fenced = self
                 .store
@@ -1747,28 +1756,74 @@ impl Protector {
             .map_or(Qty::ZERO, |b| b.free))
     }
 
-    /// Whether it sent any cancel (an exchange call that can wait, see
-    /// [`Protector::send_claimed`]).
-    async fn cancel_orphaned_take_profits(&self, creds: &ApiCredentials, legs: &[Leg]) -> bool {
-        let mut sent = false;
-        for leg in legs {
-            if leg.state
-                == (LegState::CanceledExternally {
-                    why: ExternalEnd::TakeProfitPartial,
-                })
+    /// Cancels the rest of each partly filled take-profit: it rests on the
+    /// book without a stop and locks coins that a new generation must cover.
+    /// A canceled rest (or one no longer open) has what its list sold
+    /// recorded and its leg moves to `Replaced`; the leg stays
+    /// `take_profit_partial` until then, so that a cancel that failed is tried
+    /// again by the next call, and its failure is an event
+    /// (`take_profit_cancel_failed`). A failure does not stop the round: the
+    /// free coins are protected meanwhile. `true` when a leg was written.
+    async fn cancel_take_profit_rests(
+        &self,
+        creds: &ApiCredentials,
+        entry: &Entry,
+        legs: &[Leg],
+        source: Source,
+    ) -> Result<bool, ProtectError> {
+        let rest = LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial,
+        };
+        let mut wrote = false;
+        for leg in legs.iter().filter(|l| l.state == rest) {
+            let client_id = leg.ids.take_profit.as_str();
+            let failed = match self
+                .exchange
+                .cancel_order(creds, &leg.symbol, client_id)
+                .await
             {
-                // The rest of a partly filled take-profit rests without a stop and locks coins.
-                sent = true;
-                if let Err(err) = self
+                // Canceled, or already filled or canceled: what it sold is read
+                // before the leg is closed, as the rest may have sold more.
+                Ok(_) => match self
                     .exchange
-                    .cancel_order(creds, &leg.symbol, leg.ids.take_profit.as_str())
+                    .order_list(creds, &leg.symbol, leg.ids.list.as_str())
                     .await
                 {
-                    warn!(leg = %leg.key, client_id = %leg.ids.take_profit, error = %err, "could not cancel take-profit remainder");
-                }
+                    Ok(snap) => {
+                        if let Some(tp) = snap.as_ref().and_then(|s| s.take_profit.as_ref()) {
+                            let sold = LegSold {
+                                take_profit: tp.executed_qty,
+                                take_profit_quote: tp.cumulative_quote,
+                                ..LegSold::default()
+                            };
+                            self.store
+                                .record_leg_sold(leg.key, sold, self.clock.now())
+                                .await?;
+                        }
+                        if self.transition(leg, LegState::Replaced, None).await? {
+                            info!(entry = %entry.id, leg = %leg.key, %client_id, "take-profit rest canceled");
+                        }
+                        wrote = true;
+                        None
+                    }
+                    Err(err) => Some(format!("canceled, sale unread: {err}")),
+                },
+                Err(err) => Some(err.to_string()),
+            };
+            if let Some(err) = failed {
+                warn!(entry = %entry.id, leg = %leg.key, %client_id, error = %err, "could not cancel take-profit rest; the next call tries again");
+                self.store
+                    .append_event(&event(
+                        entry.id,
+                        "take_profit_cancel_failed",
+                        format!("{}: {client_id}: {err}", leg.key),
+                        Some(source),
+                        self.clock.now(),
+                    ))
+                    .await?;
             }
         }
-        sent
+        Ok(wrote)
     }
 
     /// A list of ours went out, but the write of its outcome found the claim

@@ -208,7 +208,8 @@ pub enum LegState {
         /// How it ended.
         why: ExternalEnd,
     },
-    /// Canceled by ocoguard to make room for a newer generation.
+    /// Canceled by ocoguard to make room for a newer generation (a working
+    /// list, or the rest of a partly filled take-profit).
     Replaced,
     /// The exchange refused it, or a lookup proved it was never placed.
     NotPlaced {
@@ -275,6 +276,9 @@ impl LegState {
             (S::Claimed | S::Unknown | S::Placed { .. }, E::StopLossFilled) => S::StopLossFilled,
             (S::Claimed | S::Unknown | S::Placed { .. }, E::EndedExternally(why)) => S::CanceledExternally { why: *why },
             (S::Placed { .. } | S::Unknown, E::Replaced) => S::Replaced,
+            // The one way out of an end: the rest of a partly filled take-profit
+            // rests alone, without a stop, until ocoguard cancels it.
+            (S::CanceledExternally { why: ExternalEnd::TakeProfitPartial }, E::Replaced) => S::Replaced,
             (state, event) => return Err(TransitionError { state: state.name(), event: event.name() }),
         })
     }
@@ -437,6 +441,23 @@ mod tests {
             }
         }
         assert_eq!(seen, legal.len());
+    }
+
+    #[test]
+    fn only_a_take_profit_rest_leaves_an_external_end() {
+        let ends = [
+            ExternalEnd::Canceled,
+            ExternalEnd::StopExpired,
+            ExternalEnd::TakeProfitPartial,
+        ];
+        for why in ends {
+            let state = LegState::CanceledExternally { why };
+            for e in leg_events() {
+                let expected = (why == ExternalEnd::TakeProfitPartial && e == LegEvent::Replaced)
+                    .then_some(LegState::Replaced);
+                assert_eq!(state.on(&e).ok(), expected, "{} on {:?}", e.name(), why);
+            }
+        }
     }
 
     #[test]

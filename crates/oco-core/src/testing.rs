@@ -89,6 +89,7 @@ struct FakeState {
     next_id: i64,
     oco_calls: usize,
     order_calls: usize,
+    cancel_failure: Option<ExchangeError>,
 }
 
 /// An exchange double with Binance's OCO semantics: one quantity locked for
@@ -159,6 +160,12 @@ impl FakeExchange {
     /// The client ids of the SELL market orders executed, in order.
     pub fn market_sells(&self) -> Vec<String> {
         self.lock().market_sells.clone()
+    }
+
+    /// Every `cancel_order` call fails with `err` until this is called with
+    /// `None` (a rate limit, an outage of the order API).
+    pub fn fail_cancels(&self, err: Option<ExchangeError>) {
+        self.lock().cancel_failure = err;
     }
 
     /// How many times `place_order` was called, refused or not.
@@ -635,6 +642,9 @@ impl Exchange for FakeExchange {
     ) -> Result<CancelOutcome, ExchangeError> {
         YieldNow::default().await;
         let mut s = self.lock();
+        if let Some(err) = s.cancel_failure.clone() {
+            return Err(err);
+        }
         // Only the resting rest of a partly filled take-profit can be open outside a list.
         let Some(i) = s.lists.iter().position(|l| {
             l.api_key == creds.api_key
@@ -1137,6 +1147,48 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         legs[0].sold == sold_big.merge(sold_small),
         "sold only grows, got {:?}",
         legs[0].sold
+    );
+
+    // The rest of a partly filled take-profit, canceled by ocoguard: the one
+    // move out of an external end, written as a compare-and-set like any other.
+    let rest = LegKey {
+        leg: LegIndex::Second,
+        ..key
+    };
+    let rest_claim = LegClaim {
+        key: rest,
+        ids: OcoClientIds {
+            list: ClientOrderId::new("t-L-1-2-0").expect("literal id"),
+            take_profit: ClientOrderId::new("t-T-1-2-0").expect("literal id"),
+            stop_loss: ClientOrderId::new("t-S-1-2-0").expect("literal id"),
+        },
+        ..claim.clone()
+    };
+    ensure!(store.claim_leg(&rest_claim).await?, "second leg claimed");
+    let moves = [
+        ("claimed", LegState::Placed { list_id: 10 }),
+        (
+            "placed",
+            LegState::CanceledExternally {
+                why: crate::state::ExternalEnd::TakeProfitPartial,
+            },
+        ),
+        ("canceled_externally", LegState::Replaced),
+    ];
+    for (from, to) in moves {
+        let update = LegUpdate {
+            key: rest,
+            from,
+            to: to.clone(),
+            error: None,
+            at: Millis(42),
+        };
+        ensure!(store.update_leg(&update).await?, "{from} -> {to} applies");
+    }
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        legs.iter().find(|l| l.key == rest).map(|l| &l.state) == Some(&LegState::Replaced),
+        "a canceled take-profit rest reads replaced: {legs:?}"
     );
 
     // Protection state, closing, history.

@@ -1516,3 +1516,74 @@ async fn coins_over_what_max_qty_lists_hold_are_recorded_not_called_covered() {
         "{events:?}"
     );
 }
+
+#[tokio::test]
+async fn a_take_profit_rest_whose_cancel_failed_is_canceled_by_a_later_call() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    let first = w.exchange.open_lists()[0].request.ids.list.clone();
+    // 0.2 of the first list's 0.5 sells at its target; 0.3 rests there without a stop.
+    w.exchange.fill_take_profit(first.as_str(), q(dec!(0.2)));
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    let orphan = |legs: &[oco_core::model::Leg]| {
+        legs.iter()
+            .find(|l| l.ids.list == first)
+            .map(|l| l.state.clone())
+    };
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    // The rest of the take-profit keeps its list executing; the other lists are new.
+    let stopped = || -> Decimal {
+        w.exchange
+            .open_lists()
+            .iter()
+            .filter(|l| l.request.ids.list != first)
+            .map(|l| l.request.qty.get())
+            .sum()
+    };
+    assert_eq!(stopped(), dec!(0.5), "the free coins still get their stop");
+    let events = w.store.events(id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "take_profit_cancel_failed" && e.detail.contains("rate limited")),
+        "{events:?}"
+    );
+    assert_eq!(
+        orphan(&w.store.legs(id).await.unwrap()),
+        Some(LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial
+        }),
+        "left for the next call"
+    );
+    // The exchange answers again: the next call cancels the rest and covers it.
+    w.exchange.fail_cancels(None);
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(
+        orphan(&w.store.legs(id).await.unwrap()),
+        Some(LegState::Replaced)
+    );
+    assert_eq!(stopped(), dec!(0.8));
+    assert_eq!(w.open_qty(), dec!(0.8), "no rest of a take-profit rests");
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0.8)));
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Covered));
+}
