@@ -1430,19 +1430,16 @@ impl Protector {
         };
         let qty = position.floor_to(rules.step);
         if rules.check_qty(qty).is_err() {
+            let why = match rules.max_qty {
+                Some(max) if qty > max => format!("over LOT_SIZE maxQty {max}"),
+                _ => "too small to exit".to_owned(),
+            };
             return self
                 .unprotectable(
                     entry,
                     source,
-                    format!("late protection: {reason}; position {qty} too small to exit"),
+                    format!("late protection: {reason}; position {qty} {why}"),
                 )
-                .await;
-        }
-        if let Some(why) = self.exit_under_min_notional(rules, qty).await {
-            // Refused by the exchange on every try: sending it again each call
-            // would only repeat the refusal. The coins stay, recorded as such.
-            return self
-                .unprotectable(entry, source, format!("late protection: {reason}; {why}"))
                 .await;
         }
         // The exit is claimed like a leg, so that two layers never both sell.
@@ -1505,6 +1502,28 @@ impl Protector {
                     }
                 }
             }
+            Err(err) if err.is_notional_filter() => {
+                // The exchange measures a MARKET order at its reference price,
+                // which only it knows: the refusal is the one answer. The claim
+                // is released, and the reason holds only the quantity and the
+                // minimum, so that later calls (which send the exit again, as
+                // the price may have risen) do not rewrite it or its event.
+                let why = format!(
+                    "late protection: {reason}; exit of {qty} refused under min notional {}",
+                    rules.min_notional
+                );
+                self.update(
+                    key,
+                    "claimed",
+                    LegState::NotPlaced {
+                        code: None,
+                        reason: format!("late protection, exit refused: {err}"),
+                    },
+                    None,
+                )
+                .await?;
+                return self.unprotectable(entry, source, why).await;
+            }
             Err(err) => {
                 let why = format!("late protection, exit failed: {err}");
                 self.update(
@@ -1557,37 +1576,6 @@ impl Protector {
         }
         warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
         Ok(Round::Done(ProtectOutcome::Exited { reason: why }))
-    }
-
-    /// Why a market exit of `qty` would be refused by the symbol's minimum
-    /// notional (`NOTIONAL.applyMinToMarket`, `MIN_NOTIONAL.applyToMarket`),
-    /// or `None` when it would pass or the price cannot be read.
-    ///
-    /// The exchange measures a MARKET order at its reference price, which
-    /// follows the market: the last price is the estimate. Not the stop (the
-    /// market is already past it, below, or far above when a target was
-    /// passed) nor the fill price (older still). Only the minimum is checked:
-    /// Binance does not apply the maximum to MARKET orders on its major
-    /// symbols. An unread price sends the exit as before: the exchange decides,
-    /// and a refusal is recorded and tried again by the next call.
-    async fn exit_under_min_notional(&self, rules: &SymbolRules, qty: Qty) -> Option<String> {
-        if rules.min_notional <= Decimal::ZERO {
-            return None;
-        }
-        let price = match self.exchange.last_price(&rules.symbol.name).await {
-            Ok(price) => price,
-            Err(err) => {
-                warn!(symbol = %rules.symbol, error = %err, "last price unread; exit sent unchecked");
-                return None;
-            }
-        };
-        let notional = qty.notional(price);
-        (notional < rules.min_notional).then(|| {
-            format!(
-                "exit of {qty} at last price {price} is notional {notional}, under min notional {}",
-                rules.min_notional
-            )
-        })
     }
 
     /// A market exit that ended with less sold than asked (Binance expires

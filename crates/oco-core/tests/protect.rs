@@ -1412,42 +1412,45 @@ async fn coins_sold_outside_before_protection_close_the_entry_once() {
 }
 
 #[tokio::test]
-async fn a_late_exit_under_the_min_notional_is_recorded_and_not_sent() {
+async fn a_late_exit_refused_under_the_min_notional_is_recorded_once() {
     let w = world(ProtectionConfig::DEFAULT).await;
     let id = w.entry(EntryLevels::default()).await;
     // 0.06 bought at 100 (notional 6); the market fell to 80, past the stop:
-    // a market exit would be worth 4.8, under BTCUSDT's minimum of 5.
+    // the exchange refuses a market exit worth 4.8, under BTCUSDT's minimum of 5.
     w.credit(dec!(0.06));
     w.exchange.set_price("BTCUSDT", p(dec!(80)));
     let ev = evidence(
         EntryStatus::Filled,
         &[(1, dec!(0.06), dec!(100), dec!(0), "BNB")],
     );
-    let unprotectable = |outcome: &ProtectOutcome| {
-        matches!(outcome, ProtectOutcome::Unprotectable { reason }
-            if reason.contains("0.06") && reason.contains("80") && reason.contains("4.8") && reason.contains("min notional 5"))
+    // The reason holds the quantity and the minimum, never a live price.
+    let said = |reason: &str| {
+        reason.contains("exit of 0.06 refused under min notional 5") && !reason.contains("80")
     };
     let first = w
         .protector
         .protect(id, Some(&ev), Source::Sync)
         .await
         .unwrap();
-    assert!(unprotectable(&first.outcome), "{first:?}");
-    assert_eq!(
-        w.exchange.order_calls(),
-        0,
-        "no exit the exchange would refuse"
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Unprotectable { ref reason } if said(reason)),
+        "{first:?}"
     );
+    assert_eq!(w.exchange.order_calls(), 1, "the exchange decides");
     let entry = w.store.entry(id).await.unwrap();
     assert!(
-        matches!(entry.protection, Protection::Unprotectable { ref reason } if reason.contains("4.8")),
+        matches!(entry.protection, Protection::Unprotectable { ref reason } if said(reason)),
         "{:?}",
         entry.protection
     );
-    // Sync comes back every interval: still nothing sent, nothing recorded twice.
+    // Sync comes back every interval: the exit is sent again (the price may
+    // have risen), and the same refusal writes nothing new.
     let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
-    assert!(unprotectable(&again.outcome), "{again:?}");
-    assert_eq!(w.exchange.order_calls(), 0);
+    assert!(
+        matches!(again.outcome, ProtectOutcome::Unprotectable { ref reason } if said(reason)),
+        "{again:?}"
+    );
+    assert_eq!(w.exchange.order_calls(), 2);
     let events = w.store.events(id).await.unwrap();
     assert_eq!(
         events.iter().filter(|e| e.kind == "unprotectable").count(),
@@ -1459,6 +1462,13 @@ async fn a_late_exit_under_the_min_notional_is_recorded_and_not_sent() {
         "{events:?}"
     );
     assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0.06), "nothing sold");
+    // Once the price lets it pass, the same call exits.
+    w.exchange.set_price("BTCUSDT", p(dec!(90)));
+    let exited = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(exited.outcome, ProtectOutcome::Exited { .. }),
+        "{exited:?}"
+    );
 }
 
 #[tokio::test]
