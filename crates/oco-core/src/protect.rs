@@ -460,14 +460,6 @@ impl Protector {
             return Ok(Round::Done(ProtectOutcome::Pending { legs: pending }));
         }
 
-        if cancel_rests
-            && self
-                .cancel_take_profit_rests(&creds, entry, &legs, source)
-                .await?
-        {
-            legs = self.store.legs(entry.id).await?;
-        }
-
         let sold: Qty = legs.iter().map(|l| l.sold.total()).sum();
         // What the fills and the recorded sales say is still held.
         let owed = entry.net_qty().saturating_sub(sold);
@@ -477,6 +469,21 @@ impl Protector {
         }
         let active: Vec<&Leg> = legs.iter().filter(|l| l.state.is_active()).collect();
         let active_qty: Qty = active.iter().map(|l| l.qty).sum();
+        // The rests of partly filled take-profits: on the book without a stop,
+        // locking what they have not sold until they are canceled.
+        let rests: Vec<&Leg> = legs
+            .iter()
+            .filter(|l| {
+                l.state
+                    == LegState::CanceledExternally {
+                        why: ExternalEnd::TakeProfitPartial,
+                    }
+            })
+            .collect();
+        let rest_open: Qty = rests
+            .iter()
+            .map(|l| l.qty.saturating_sub(l.sold.take_profit))
+            .sum();
         let exited = matches!(entry.protection, Protection::Exited { .. });
         if position.is_zero()
             && active.is_empty()
@@ -541,7 +548,10 @@ impl Protector {
                         &rules,
                         &legs,
                         LateCase {
-                            position: position.saturating_sub(active_qty),
+                            // What a rest locks cannot be sold until it is canceled.
+                            position: position
+                                .saturating_sub(active_qty)
+                                .saturating_sub(rest_open),
                             partly_protected: !active.is_empty(),
                         },
                         account.protection.late,
@@ -605,6 +615,40 @@ impl Protector {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
         }
 
+        // A rest is canceled only in a round that places lists: canceling it in
+        // one that places nothing would drop a take-profit for no stop.
+        let (plan, position) = if rests.is_empty() {
+            (plan, position)
+        } else {
+            if cancel_rests
+                && self
+                    .cancel_take_profit_rests(&creds, entry, &rests, source)
+                    .await?
+            {
+                // Coins freed (and what the rests sold recorded): plan again.
+                return Ok(Round::Again { holding: None });
+            }
+            // A rest not canceled still locks its open part: lists over those
+            // coins would lock another entry's. Only the rest is planned.
+            let free = position.saturating_sub(rest_open);
+            let open = format!("take-profit rest of {rest_open} still open");
+            match plan_protection(&PlanInput {
+                rules: &rules,
+                levels,
+                reference: fill_price,
+                position: free,
+                split: account.protection.split,
+                stop_budget,
+            }) {
+                Ok(plan) if active_qty < plan.total() => (plan, free),
+                Ok(_) => return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![open] })),
+                Err(err) => {
+                    return Ok(Round::Done(ProtectOutcome::Failed {
+                        errors: vec![format!("{open}; {err}")],
+                    }));
+                }
+            }
+        };
         // Claim the new generation before anything is sent; only the claimant goes on.
         // Stamped now, not at the round's start: the lookups above can wait, and
         // a claim born old could be taken over as abandoned while it is sent.
@@ -1746,24 +1790,23 @@ impl Protector {
 
     /// Cancels the rest of each partly filled take-profit: it rests on the
     /// book without a stop and locks coins that a new generation must cover.
-    /// A canceled rest (or one no longer open) has what its list sold
-    /// recorded and its leg moves to `Replaced`; the leg stays
-    /// `take_profit_partial` until then, so that a cancel that failed is tried
-    /// again by the next call, and its failure is an event
-    /// (`take_profit_cancel_failed`). A failure does not stop the round: the
-    /// free coins are protected meanwhile. `true` when a leg was written.
+    /// Called only by a round that will place lists. A canceled rest (or one
+    /// no longer open) has what its list sold recorded and its leg moves to
+    /// `Replaced`; the leg stays `take_profit_partial` until then, so that a
+    /// cancel that failed, or a list not found after it (the cancel answers
+    /// no quantities, and sales are never dropped), is tried again by the
+    /// next call, and the failure is an event (`take_profit_cancel_failed`).
+    /// A failure does not stop the round: the coins the rest does not lock
+    /// are protected meanwhile. `true` when a leg was written.
     async fn cancel_take_profit_rests(
         &self,
         creds: &ApiCredentials,
         entry: &Entry,
-        legs: &[Leg],
+        rests: &[&Leg],
         source: Source,
     ) -> Result<bool, ProtectError> {
-        let rest = LegState::CanceledExternally {
-            why: ExternalEnd::TakeProfitPartial,
-        };
         let mut wrote = false;
-        for leg in legs.iter().filter(|l| l.state == rest) {
+        for leg in rests {
             let client_id = leg.ids.take_profit.as_str();
             let failed = match self
                 .exchange
@@ -1777,8 +1820,8 @@ impl Protector {
                     .order_list(creds, &leg.symbol, leg.ids.list.as_str())
                     .await
                 {
-                    Ok(snap) => {
-                        if let Some(tp) = snap.as_ref().and_then(|s| s.take_profit.as_ref()) {
+                    Ok(Some(snap)) if snap.take_profit.is_some() => {
+                        if let Some(tp) = snap.take_profit.as_ref() {
                             let sold = LegSold {
                                 take_profit: tp.executed_qty,
                                 take_profit_quote: tp.cumulative_quote,
@@ -1794,6 +1837,9 @@ impl Protector {
                         wrote = true;
                         None
                     }
+                    // The cancel answers no quantities: without the list's sale
+                    // the leg stays as it is, and the next call reads it again.
+                    Ok(_) => Some("canceled, list not found: sale unread".to_owned()),
                     Err(err) => Some(format!("canceled, sale unread: {err}")),
                 },
                 Err(err) => Some(err.to_string()),

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use oco_core::ids::EntryId;
 use oco_core::levels::EntryLevels;
 use oco_core::model::{Protection, ProtectionConfig, Source};
 use oco_core::ports::{ExchangeError, Store};
@@ -1556,11 +1557,12 @@ async fn a_take_profit_rest_whose_cancel_failed_is_canceled_by_a_later_call() {
         retry_after: Duration::from_secs(1),
     }));
     let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    // The free coins are held by the second list already: nothing to replace.
     assert!(
-        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        matches!(report.outcome, ProtectOutcome::Failed { ref errors } if errors[0].contains("rest of 0.3 still open")),
         "{report:?}"
     );
-    // The rest of the take-profit keeps its list executing; the other lists are new.
+    // The rest of the take-profit keeps its list executing.
     let stopped = || -> Decimal {
         w.exchange
             .open_lists()
@@ -1596,4 +1598,105 @@ async fn a_take_profit_rest_whose_cancel_failed_is_canceled_by_a_later_call() {
     assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0.8)));
     let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
     assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Covered));
+}
+
+/// An entry of 1 with its two lists, the first of which sold 0.2 at its
+/// target and rests with 0.3 (recorded `take_profit_partial`, its sale
+/// read or not).
+async fn with_a_take_profit_rest(read_sale: bool) -> (World, EntryId, String, String) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    let lists = w.exchange.open_lists();
+    let first = lists[0].request.ids.list.to_string();
+    let second = lists[1].request.ids.list.to_string();
+    w.exchange.fill_take_profit(&first, q(dec!(0.2)));
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        if read_sale {
+            w.protector.refresh_leg(&creds, &leg).await.unwrap();
+        } else if leg.ids.list.as_str() == first {
+            let rest = LegState::CanceledExternally {
+                why: ExternalEnd::TakeProfitPartial,
+            };
+            assert!(w.protector.transition_leg(&leg, rest).await.unwrap());
+        }
+    }
+    (w, id, first, second)
+}
+
+#[tokio::test]
+async fn a_take_profit_rest_whose_list_is_not_found_after_its_cancel_keeps_its_leg() {
+    let (w, id, first, _) = with_a_take_profit_rest(false).await;
+    let leg_of = |legs: Vec<oco_core::model::Leg>| {
+        legs.into_iter()
+            .find(|l| l.ids.list.as_str() == first)
+            .unwrap()
+    };
+    // The cancel goes through; the list's lookup lags and answers not found.
+    w.exchange.lag_next_lookups(1);
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let leg = leg_of(w.store.legs(id).await.unwrap());
+    assert_eq!(
+        leg.state,
+        LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial
+        },
+        "left for the next call to read"
+    );
+    let events = w.store.events(id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "take_profit_cancel_failed" && e.detail.contains("not found")),
+        "{events:?}"
+    );
+    // The next call finds the list, records its sale and covers the rest.
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let leg = leg_of(w.store.legs(id).await.unwrap());
+    assert_eq!(leg.state, LegState::Replaced);
+    assert_eq!(leg.sold.take_profit, q(dec!(0.2)), "the sale is kept");
+    assert_eq!(w.open_qty(), dec!(0.8));
+}
+
+#[tokio::test]
+async fn coins_of_another_entry_are_not_covered_while_a_rest_stays_open() {
+    let (w, id, first, second) = with_a_take_profit_rest(true).await;
+    // The second list is canceled by hand: 0.5 free, 0.3 locked by the rest.
+    w.exchange.cancel_externally(&second);
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    // Another entry's 0.4 of the same coin, free and not yet protected.
+    w.credit(dec!(0.4));
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    let new: Decimal = w
+        .exchange
+        .open_lists()
+        .iter()
+        .filter(|l| l.request.ids.list.as_str() != first)
+        .map(|l| l.request.qty.get())
+        .sum();
+    assert_eq!(new, dec!(0.5), "only the coins the rest does not lock");
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC").0,
+        dec!(0.4),
+        "the other entry's coins stay free"
+    );
 }
