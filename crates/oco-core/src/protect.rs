@@ -599,6 +599,25 @@ impl Protector {
             }
             Err(reason) => return self.unprotectable(entry, source, reason.to_string()).await,
         };
+        // Coins the lists cannot hold may have been sold by hand since (sync
+        // passes no holding): the position is capped at what the lists, the
+        // rests and the free balance hold, read once, so the shortfall label
+        // does not outlive the coins.
+        if plan.short.is_some() && holding.is_none() {
+            match self.held_base(&creds, &rules).await {
+                Ok(free) => {
+                    let held = active_qty.plus(rest_open).plus(free);
+                    if held < position {
+                        return Ok(Round::Again {
+                            holding: Some(held),
+                        });
+                    }
+                }
+                Err(err) => {
+                    warn!(entry = %entry.id, error = %err, "balance unread; the shortfall is planned from the fills");
+                }
+            }
+        }
         if !active.is_empty() && active_qty >= plan.total() {
             // Lists that hold all they can still leave the rest without a stop:
             // said every call, never called covered.

@@ -1526,6 +1526,21 @@ async fn coins_over_what_max_qty_lists_hold_are_recorded_not_called_covered() {
         1,
         "{events:?}"
     );
+    // The coins no list could hold are sold by hand: the label goes with them.
+    w.exchange.set_free(KEY, "BTC", dec!(0));
+    let sold = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(
+        sold.outcome,
+        ProtectOutcome::Nothing(Idle::Covered),
+        "{sold:?}"
+    );
+    assert_eq!(w.exchange.oco_calls(), 2, "the lists stay");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
 }
 
 #[tokio::test]
@@ -1699,4 +1714,31 @@ async fn coins_of_another_entry_are_not_covered_while_a_rest_stays_open() {
         dec!(0.4),
         "the other entry's coins stay free"
     );
+}
+
+#[tokio::test]
+async fn a_late_exit_over_max_qty_says_so() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let capped = oco_core::symbol::SymbolRules {
+        max_qty: Some(q(dec!(0.3))),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(capped, p(dec!(80)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Unprotectable { ref reason }
+            if reason.contains("over LOT_SIZE maxQty 0.3") && !reason.contains("too small")),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.order_calls(), 0);
 }
