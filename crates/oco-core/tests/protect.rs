@@ -1742,3 +1742,41 @@ async fn a_late_exit_over_max_qty_says_so() {
     );
     assert_eq!(w.exchange.order_calls(), 0);
 }
+
+#[tokio::test]
+async fn a_take_profit_rest_is_not_canceled_by_a_round_that_places_nothing() {
+    let (w, id, first, _) = with_a_take_profit_rest(true).await;
+    // The symbol's minimum notional rises past what the entry is worth: no
+    // list can be planned, so canceling the rest would gain no stop.
+    let dear = oco_core::symbol::SymbolRules {
+        min_notional: dec!(1000),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(dear, p(dec!(100)));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Unprotectable { .. }),
+        "{report:?}"
+    );
+    let leg = w
+        .store
+        .legs(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| l.ids.list.as_str() == first)
+        .unwrap();
+    assert_eq!(
+        leg.state,
+        LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial
+        }
+    );
+    assert!(
+        w.exchange
+            .open_lists()
+            .iter()
+            .any(|l| l.request.ids.list.as_str() == first),
+        "the take-profit rest still rests"
+    );
+}
