@@ -1,5 +1,7 @@
 //! Turning a position into OCO legs that the exchange will accept.
 
+use std::fmt;
+
 use rust_decimal::Decimal;
 
 use crate::ids::LegIndex;
@@ -55,10 +57,54 @@ pub enum Degraded {
 pub struct Plan {
     /// One or two legs; their quantities sum to at most the position.
     pub legs: Vec<PlannedLeg>,
-    /// What flooring to the step left out.
+    /// What the legs leave out: what flooring to the step left, and any
+    /// [`Plan::short`].
     pub uncovered: Qty,
     /// Set when the plan has fewer legs than configured.
     pub degraded: Option<Degraded>,
+    /// Set when the legs cannot hold the whole floored position (each list
+    /// is capped at `LOT_SIZE.maxQty`): the coins left without a stop.
+    pub short: Option<Shortfall>,
+}
+
+/// Coins of a position the planned lists cannot hold, each list being capped
+/// at `LOT_SIZE.maxQty`. A generation has at most two lists (leg numbers 1
+/// and 2 in the client ids and in the store) and replaces the lists before
+/// it rather than adding to them, so more lists are not an option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortfall {
+    /// The position planned for.
+    pub position: Qty,
+    /// `LOT_SIZE.maxQty`, floored to the step.
+    pub max_qty: Qty,
+    /// How many lists were planned.
+    pub lists: usize,
+    /// What they hold.
+    pub covered: Qty,
+    /// Floored coins they leave without a stop.
+    pub left: Qty,
+    /// Fewer lists than two because of the symbol's stop-order budget.
+    pub stop_budget: bool,
+}
+
+impl fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (lists, cover) = if self.lists == 1 {
+            ("list", "covers")
+        } else {
+            ("lists", "cover")
+        };
+        let why = if self.stop_budget {
+            "the symbol's stop-order budget takes one more"
+        } else {
+            "at most two lists per entry"
+        };
+        write!(
+            f,
+            "position {} is over LOT_SIZE maxQty {}: {} {lists} {cover} {}, {} left without a stop ({why})",
+            self.position, self.max_qty, self.lists, self.covered, self.left
+        )
+    }
 }
 
 impl Plan {
@@ -109,7 +155,11 @@ pub enum Unprotectable {
 /// Plans the OCO legs for a position.
 ///
 /// Quantities are floored to the step; a leg under `minQty` or the minimum
-/// notional merges into the other; a budget of one stop yields one leg.
+/// notional merges into the other; a budget of one stop yields one leg. No
+/// leg exceeds `LOT_SIZE.maxQty`: a leg over it hands the excess to the
+/// other (so a position one list cannot hold gets two, whatever the split),
+/// and what two (or, with a budget of one stop, one) such lists cannot hold
+/// is [`Plan::short`].
 ///
 /// # Errors
 /// [`Unprotectable`] with the reason and numbers when no leg can be placed.
@@ -145,9 +195,9 @@ pub fn plan_protection(input: &PlanInput<'_>) -> Result<Plan, Unprotectable> {
             && rules.check_notional(q, lv.lowest()).is_ok()
             && rules.check_notional(q, lv.tp2).is_ok()
     };
-    let max_one = rules
-        .max_qty
-        .map_or(floored, |m| floored.min(m.floor_to(rules.step)));
+    let max = rules.max_qty.map(|m| m.floor_to(rules.step));
+    let cap = |q: Qty| max.map_or(q, |m| q.min(m));
+    let max_one = cap(floored);
     if !fits(max_one) {
         return Err(Unprotectable::Dust {
             position: input.position,
@@ -168,11 +218,16 @@ pub fn plan_protection(input: &PlanInput<'_>) -> Result<Plan, Unprotectable> {
         stop_limit: lv.stop_limit,
     };
     let split = input.split.clamp(Decimal::ZERO, Decimal::ONE);
-    let q1 = Qty::new(floored.get() * split)
-        .unwrap_or(Qty::ZERO)
-        .floor_to(rules.step);
-    let q2 = floored.saturating_sub(q1);
+    let (q1, q2) = split_within(floored, split, max, rules);
     let two_fit = fits(q1) && fits(q2);
+    // When one list cannot hold the position, halves may fit where the
+    // configured split left a sliver under the minimum on the second leg.
+    let (q1, q2, two_fit) = if !two_fit && max_one < floored {
+        let (h1, h2) = split_within(floored, Decimal::new(5, 1), max, rules);
+        (h1, h2, fits(h1) && fits(h2))
+    } else {
+        (q1, q2, two_fit)
+    };
     let budget_two = input.stop_budget.is_none_or(|b| b >= 2);
     let (legs, degraded) = if two_fit && budget_two {
         (
@@ -191,12 +246,39 @@ pub fn plan_protection(input: &PlanInput<'_>) -> Result<Plan, Unprotectable> {
         let degraded = (split < Decimal::ONE).then_some(why);
         (vec![leg(LegIndex::First, max_one, lv.tp1)], degraded)
     };
-    let plan = Plan {
-        uncovered: input
-            .position
-            .saturating_sub(legs.iter().map(|l| l.qty).sum()),
+    let total: Qty = legs.iter().map(|l| l.qty).sum();
+    let short = max.filter(|_| total < floored).map(|max_qty| Shortfall {
+        position: input.position,
+        max_qty,
+        lists: legs.len(),
+        covered: total,
+        left: floored.saturating_sub(total),
+        stop_budget: legs.len() == 1 && !budget_two,
+    });
+    Ok(Plan {
+        uncovered: input.position.saturating_sub(total),
         legs,
         degraded,
+        short,
+    })
+}
+
+/// `floored` cut at `split` into two step-aligned legs, neither over `max`
+/// when two such legs can hold it: a leg over it hands the excess to the
+/// other. Over twice `max`, both legs are `max`.
+fn split_within(floored: Qty, split: Decimal, max: Option<Qty>, rules: &SymbolRules) -> (Qty, Qty) {
+    let q1 = Qty::new(floored.get() * split)
+        .unwrap_or(Qty::ZERO)
+        .floor_to(rules.step);
+    let Some(max) = max else {
+        return (q1, floored.saturating_sub(q1));
     };
-    Ok(plan)
+    // The first leg must leave the second at most `max`, and be at most `max` itself.
+    let least = floored.saturating_sub(max);
+    let q1 = if least > max {
+        max
+    } else {
+        q1.max(least).min(max)
+    };
+    (q1, floored.saturating_sub(q1).min(max))
 }

@@ -74,6 +74,13 @@ impl ExchangeError {
         matches!(self, Self::Rejected { msg, .. } if msg.contains("insufficient balance"))
     }
 
+    /// True for a refusal by the minimum notional (`-1013 Filter failure:
+    /// NOTIONAL` or `MIN_NOTIONAL`): the order's quantity is worth too little
+    /// at the price the exchange measured it at.
+    pub fn is_notional_filter(&self) -> bool {
+        matches!(self, Self::Rejected { code: -1013, msg } if msg.contains("NOTIONAL"))
+    }
+
     /// True for the SELL OCO price rule (the market already passed a level).
     pub fn is_bad_prices(&self) -> bool {
         matches!(self, Self::Rejected { msg, .. } if msg.contains("relationship of the prices")

@@ -19,7 +19,7 @@ use crate::model::{
     Entry, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize, Protection, Source,
 };
 use crate::money::Qty;
-use crate::plan::{Degraded, Plan, PlanInput, plan_protection};
+use crate::plan::{Degraded, Plan, PlanInput, Shortfall, plan_protection};
 use crate::ports::{
     ApiCredentials, CancelOutcome, Clock, Exchange, ExchangeError, OcoRequest, OrderListSnapshot,
     OrderRequest, Side, Store, StoreError, event,
@@ -161,13 +161,14 @@ struct Claimed<'a> {
     entry: &'a Entry,
     creds: &'a ApiCredentials,
     rules: &'a SymbolRules,
-    /// Every leg of the entry as read before the claim.
-    legs: &'a [Leg],
     /// The legs still working, to cancel before the new ones go out.
     active: Vec<&'a Leg>,
     position: Qty,
     late: LatePolicy,
     degraded: Option<Degraded>,
+    /// Coins the plan's lists cannot hold: the entry is recorded
+    /// unprotectable with it rather than protected.
+    short: Option<Shortfall>,
     /// The claims won; nothing else is sent.
     claims: Vec<LegClaim>,
     source: Source,
@@ -356,10 +357,16 @@ impl Protector {
         };
         name_span(&current);
         let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
+        // Once a call: a cancel that failed is not hammered round after round.
+        let mut cancel_rests = true;
         for _ in 0..self.config.max_rounds {
             let round = match first.take() {
                 Some(round) => round,
-                None => self.round(&current, holding, source, known.take()).await?,
+                None => {
+                    let rests = std::mem::take(&mut cancel_rests);
+                    self.round(&current, holding, source, known.take(), rests)
+                        .await?
+                }
             };
             match round {
                 Round::Done(o @ ProtectOutcome::Exited { .. }) => {
@@ -401,6 +408,7 @@ impl Protector {
         holding: Option<Qty>,
         source: Source,
         known: Option<FillContext>,
+        cancel_rests: bool,
     ) -> Result<Round, ProtectError> {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
@@ -461,6 +469,21 @@ impl Protector {
         }
         let active: Vec<&Leg> = legs.iter().filter(|l| l.state.is_active()).collect();
         let active_qty: Qty = active.iter().map(|l| l.qty).sum();
+        // The rests of partly filled take-profits: on the book without a stop,
+        // locking what they have not sold until they are canceled.
+        let rests: Vec<&Leg> = legs
+            .iter()
+            .filter(|l| {
+                l.state
+                    == LegState::CanceledExternally {
+                        why: ExternalEnd::TakeProfitPartial,
+                    }
+            })
+            .collect();
+        let rest_open: Qty = rests
+            .iter()
+            .map(|l| l.qty.saturating_sub(l.sold.take_profit))
+            .sum();
         let exited = matches!(entry.protection, Protection::Exited { .. });
         if position.is_zero()
             && active.is_empty()
@@ -525,7 +548,10 @@ impl Protector {
                         &rules,
                         &legs,
                         LateCase {
-                            position: position.saturating_sub(active_qty),
+                            // What a rest locks cannot be sold until it is canceled.
+                            position: position
+                                .saturating_sub(active_qty)
+                                .saturating_sub(rest_open),
                             partly_protected: !active.is_empty(),
                         },
                         account.protection.late,
@@ -573,7 +599,31 @@ impl Protector {
             }
             Err(reason) => return self.unprotectable(entry, source, reason.to_string()).await,
         };
+        // Coins the lists cannot hold may have been sold by hand since (sync
+        // passes no holding): the position is capped at what the lists, the
+        // rests and the free balance hold, read once, so the shortfall label
+        // does not outlive the coins.
+        if plan.short.is_some() && holding.is_none() {
+            match self.held_base(&creds, &rules).await {
+                Ok(free) => {
+                    let held = active_qty.plus(rest_open).plus(free);
+                    if held < position {
+                        return Ok(Round::Again {
+                            holding: Some(held),
+                        });
+                    }
+                }
+                Err(err) => {
+                    warn!(entry = %entry.id, error = %err, "balance unread; the shortfall is planned from the fills");
+                }
+            }
+        }
         if !active.is_empty() && active_qty >= plan.total() {
+            // Lists that hold all they can still leave the rest without a stop:
+            // said every call, never called covered.
+            if let Some(short) = plan.short {
+                return self.unprotectable(entry, source, short.to_string()).await;
+            }
             // Coverage is credited to the layer that placed it, not to whoever
             // notices it: a caller that raced the placer placed nothing.
             let by = active
@@ -584,6 +634,40 @@ impl Protector {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
         }
 
+        // A rest is canceled only in a round that places lists: canceling it in
+        // one that places nothing would drop a take-profit for no stop.
+        let (plan, position) = if rests.is_empty() {
+            (plan, position)
+        } else {
+            if cancel_rests
+                && self
+                    .cancel_take_profit_rests(&creds, entry, &rests, source)
+                    .await?
+            {
+                // Coins freed (and what the rests sold recorded): plan again.
+                return Ok(Round::Again { holding: None });
+            }
+            // A rest not canceled still locks its open part: lists over those
+            // coins would lock another entry's. Only the rest is planned.
+            let free = position.saturating_sub(rest_open);
+            let open = format!("take-profit rest of {rest_open} still open");
+            match plan_protection(&PlanInput {
+                rules: &rules,
+                levels,
+                reference: fill_price,
+                position: free,
+                split: account.protection.split,
+                stop_budget,
+            }) {
+                Ok(plan) if active_qty < plan.total() => (plan, free),
+                Ok(_) => return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![open] })),
+                Err(err) => {
+                    return Ok(Round::Done(ProtectOutcome::Failed {
+                        errors: vec![format!("{open}; {err}")],
+                    }));
+                }
+            }
+        };
         // Claim the new generation before anything is sent; only the claimant goes on.
         // Stamped now, not at the round's start: the lookups above can wait, and
         // a claim born old could be taken over as abandoned while it is sent.
@@ -594,11 +678,11 @@ impl Protector {
             entry,
             creds: &creds,
             rules: &rules,
-            legs: &legs,
             active,
             position,
             late: account.protection.late,
             degraded: plan.degraded,
+            short: plan.short,
             claims: won_claims(wanted, won),
             source,
         })
@@ -764,11 +848,11 @@ impl Protector {
             entry: &entry,
             creds: &context.credentials,
             rules: &rules,
-            legs: &context.legs,
             active: Vec::new(),
             position: first.position,
             late: context.account.protection.late,
             degraded: first.plan.degraded,
+            short: first.plan.short,
             claims: won_claims(claims, won),
             source,
         })
@@ -782,11 +866,11 @@ impl Protector {
             entry,
             creds,
             rules,
-            legs,
             active,
             position,
             late,
             degraded,
+            short,
             claims,
             source,
         } = claimed;
@@ -830,13 +914,12 @@ impl Protector {
                 }
             }
         }
-        let canceled_any = self.cancel_orphaned_take_profits(creds, legs).await;
         // The exchange calls above can wait (a node-wide rate-limit pause) past
         // the claim timeout, and a stale claim may be taken over meanwhile:
         // fence the claims now, so that a taken one is not sent, and a fenced
         // one is not taken before the timeout runs again from here. Without
         // such calls the claim's own write, just made, is the fence.
-        if !active.is_empty() || canceled_any {
+        if !active.is_empty() {
             let keys: Vec<LegKey> = claims.iter().map(|c| c.key).collect();
             let fenced = self
                 .store
@@ -903,8 +986,25 @@ impl Protector {
                 ));
                 placed.push(claim.key);
             }
-            let protection =
-                (!matches!(entry.protection, Protection::Protected { .. })).then(|| {
+            let protection = match short {
+                // Coins no list can hold: said with the placement, in the same write.
+                Some(short) => {
+                    let unprotectable = Protection::Unprotectable {
+                        reason: short.to_string(),
+                    };
+                    (entry.protection != unprotectable).then(|| {
+                        warn!(entry = %entry.id, reason = %short, %source, "entry unprotectable");
+                        events.push(event(
+                            entry.id,
+                            "unprotectable",
+                            short.to_string(),
+                            Some(source),
+                            now,
+                        ));
+                        unprotectable
+                    })
+                }
+                None => (!matches!(entry.protection, Protection::Protected { .. })).then(|| {
                     events.push(event(
                         entry.id,
                         "protected",
@@ -916,7 +1016,8 @@ impl Protector {
                         at: now,
                         by: source,
                     }
-                });
+                }),
+            };
             // The entry comes back read after the write: fills recorded while
             // we placed show without another round trip.
             let recorded = self
@@ -1092,7 +1193,11 @@ impl Protector {
                 ProtectOutcome::Pending { legs: pending }
             }));
         }
-        self.mark_protected(entry, source, self.clock.now()).await?;
+        if let Some(short) = short {
+            self.unprotectable(entry, source, short.to_string()).await?;
+        } else {
+            self.mark_protected(entry, source, self.clock.now()).await?;
+        }
         // New fills may have arrived while we placed; the caller that saw them found our
         // claim in flight and left the rest to us.
         let fresh = self.store.entry(entry.id).await?;
@@ -1388,11 +1493,15 @@ impl Protector {
         };
         let qty = position.floor_to(rules.step);
         if rules.check_qty(qty).is_err() {
+            let why = match rules.max_qty {
+                Some(max) if qty > max => format!("over LOT_SIZE maxQty {max}"),
+                _ => "too small to exit".to_owned(),
+            };
             return self
                 .unprotectable(
                     entry,
                     source,
-                    format!("late protection: {reason}; position {qty} too small to exit"),
+                    format!("late protection: {reason}; position {qty} {why}"),
                 )
                 .await;
         }
@@ -1455,6 +1564,28 @@ impl Protector {
                         return Ok(Round::Done(ProtectOutcome::Pending { legs: vec![key] }));
                     }
                 }
+            }
+            Err(err) if err.is_notional_filter() => {
+                // The exchange measures a MARKET order at its reference price,
+                // which only it knows: the refusal is the one answer. The claim
+                // is released, and the reason holds only the quantity and the
+                // minimum, so that later calls (which send the exit again, as
+                // the price may have risen) do not rewrite it or its event.
+                let why = format!(
+                    "late protection: {reason}; exit of {qty} refused under min notional {}",
+                    rules.min_notional
+                );
+                self.update(
+                    key,
+                    "claimed",
+                    LegState::NotPlaced {
+                        code: None,
+                        reason: format!("late protection, exit refused: {err}"),
+                    },
+                    None,
+                )
+                .await?;
+                return self.unprotectable(entry, source, why).await;
             }
             Err(err) => {
                 let why = format!("late protection, exit failed: {err}");
@@ -1676,28 +1807,76 @@ impl Protector {
             .map_or(Qty::ZERO, |b| b.free))
     }
 
-    /// Whether it sent any cancel (an exchange call that can wait, see
-    /// [`Protector::send_claimed`]).
-    async fn cancel_orphaned_take_profits(&self, creds: &ApiCredentials, legs: &[Leg]) -> bool {
-        let mut sent = false;
-        for leg in legs {
-            if leg.state
-                == (LegState::CanceledExternally {
-                    why: ExternalEnd::TakeProfitPartial,
-                })
+    /// Cancels the rest of each partly filled take-profit: it rests on the
+    /// book without a stop and locks coins that a new generation must cover.
+    /// Called only by a round that will place lists. A canceled rest (or one
+    /// no longer open) has what its list sold recorded and its leg moves to
+    /// `Replaced`; the leg stays `take_profit_partial` until then, so that a
+    /// cancel that failed, or a list not found after it (the cancel answers
+    /// no quantities, and sales are never dropped), is tried again by the
+    /// next call, and the failure is an event (`take_profit_cancel_failed`).
+    /// A failure does not stop the round: the coins the rest does not lock
+    /// are protected meanwhile. `true` when a leg was written.
+    async fn cancel_take_profit_rests(
+        &self,
+        creds: &ApiCredentials,
+        entry: &Entry,
+        rests: &[&Leg],
+        source: Source,
+    ) -> Result<bool, ProtectError> {
+        let mut wrote = false;
+        for leg in rests {
+            let client_id = leg.ids.take_profit.as_str();
+            let failed = match self
+                .exchange
+                .cancel_order(creds, &leg.symbol, client_id)
+                .await
             {
-                // The rest of a partly filled take-profit rests without a stop and locks coins.
-                sent = true;
-                if let Err(err) = self
+                // Canceled, or already filled or canceled: what it sold is read
+                // before the leg is closed, as the rest may have sold more.
+                Ok(_) => match self
                     .exchange
-                    .cancel_order(creds, &leg.symbol, leg.ids.take_profit.as_str())
+                    .order_list(creds, &leg.symbol, leg.ids.list.as_str())
                     .await
                 {
-                    warn!(leg = %leg.key, client_id = %leg.ids.take_profit, error = %err, "could not cancel take-profit remainder");
-                }
+                    Ok(Some(snap)) if snap.take_profit.is_some() => {
+                        if let Some(tp) = snap.take_profit.as_ref() {
+                            let sold = LegSold {
+                                take_profit: tp.executed_qty,
+                                take_profit_quote: tp.cumulative_quote,
+                                ..LegSold::default()
+                            };
+                            self.store
+                                .record_leg_sold(leg.key, sold, self.clock.now())
+                                .await?;
+                        }
+                        if self.transition(leg, LegState::Replaced, None).await? {
+                            info!(entry = %entry.id, leg = %leg.key, %client_id, "take-profit rest canceled");
+                        }
+                        wrote = true;
+                        None
+                    }
+                    // The cancel answers no quantities: without the list's sale
+                    // the leg stays as it is, and the next call reads it again.
+                    Ok(_) => Some("canceled, list not found: sale unread".to_owned()),
+                    Err(err) => Some(format!("canceled, sale unread: {err}")),
+                },
+                Err(err) => Some(err.to_string()),
+            };
+            if let Some(err) = failed {
+                warn!(entry = %entry.id, leg = %leg.key, %client_id, error = %err, "could not cancel take-profit rest; the next call tries again");
+                self.store
+                    .append_event(&event(
+                        entry.id,
+                        "take_profit_cancel_failed",
+                        format!("{}: {client_id}: {err}", leg.key),
+                        Some(source),
+                        self.clock.now(),
+                    ))
+                    .await?;
             }
         }
-        sent
+        Ok(wrote)
     }
 
     /// A list of ours went out, but the write of its outcome found the claim

@@ -208,7 +208,8 @@ pub enum LegState {
         /// How it ended.
         why: ExternalEnd,
     },
-    /// Canceled by ocoguard to make room for a newer generation.
+    /// Canceled by ocoguard to make room for a newer generation (a working
+    /// list, or the rest of a partly filled take-profit).
     Replaced,
     /// The exchange refused it, or a lookup proved it was never placed.
     NotPlaced {
@@ -275,6 +276,9 @@ impl LegState {
             (S::Claimed | S::Unknown | S::Placed { .. }, E::StopLossFilled) => S::StopLossFilled,
             (S::Claimed | S::Unknown | S::Placed { .. }, E::EndedExternally(why)) => S::CanceledExternally { why: *why },
             (S::Placed { .. } | S::Unknown, E::Replaced) => S::Replaced,
+            // The one way out of an end: the rest of a partly filled take-profit
+            // rests alone, without a stop, until ocoguard cancels it.
+            (S::CanceledExternally { why: ExternalEnd::TakeProfitPartial }, E::Replaced) => S::Replaced,
             (state, event) => return Err(TransitionError { state: state.name(), event: event.name() }),
         })
     }
@@ -284,7 +288,10 @@ impl LegState {
         matches!(self, Self::Claimed | Self::Placed { .. } | Self::Unknown)
     }
 
-    /// No event moves it any more.
+    /// Not active: no longer coverage. No event moves it any more, with one
+    /// exception: the rest of a partly filled take-profit
+    /// (`CanceledExternally { TakeProfitPartial }`) still rests on the book
+    /// and moves to `Replaced` once ocoguard cancels it.
     pub fn is_terminal(&self) -> bool {
         !self.is_active()
     }
@@ -378,6 +385,9 @@ mod tests {
             LegState::CanceledExternally {
                 why: ExternalEnd::StopExpired,
             },
+            LegState::CanceledExternally {
+                why: ExternalEnd::TakeProfitPartial,
+            },
             LegState::Replaced,
             LegState::NotPlaced {
                 code: Some(-2010),
@@ -424,11 +434,19 @@ mod tests {
             ("placed", "ended_externally"),
             ("placed", "replaced"),
             ("unknown", "replaced"),
+            ("take_profit_partial", "replaced"),
         ];
+        // The stored name, but the rest of a partly filled take-profit apart.
+        let label = |s: &LegState| match s {
+            LegState::CanceledExternally {
+                why: ExternalEnd::TakeProfitPartial,
+            } => "take_profit_partial",
+            s => s.name(),
+        };
         let mut seen = 0;
         for s in leg_states() {
             for e in leg_events() {
-                let allowed = legal.contains(&(s.name(), e.name()));
+                let allowed = legal.contains(&(label(&s), e.name()));
                 let got = s.on(&e);
                 assert_eq!(got.is_ok(), allowed, "{} on {}", e.name(), s.name());
                 if allowed {
@@ -437,6 +455,23 @@ mod tests {
             }
         }
         assert_eq!(seen, legal.len());
+    }
+
+    #[test]
+    fn only_a_take_profit_rest_leaves_an_external_end() {
+        let ends = [
+            ExternalEnd::Canceled,
+            ExternalEnd::StopExpired,
+            ExternalEnd::TakeProfitPartial,
+        ];
+        for why in ends {
+            let state = LegState::CanceledExternally { why };
+            for e in leg_events() {
+                let expected = (why == ExternalEnd::TakeProfitPartial && e == LegEvent::Replaced)
+                    .then_some(LegState::Replaced);
+                assert_eq!(state.on(&e).ok(), expected, "{} on {:?}", e.name(), why);
+            }
+        }
     }
 
     #[test]
@@ -489,15 +524,22 @@ mod tests {
 
     proptest! {
         #[test]
-        fn terminal_leg_states_stay_terminal(si in 0usize..9, events in proptest::collection::vec(0usize..8, 1..6)) {
+        fn terminal_leg_states_stay_terminal(si in 0usize..10, events in proptest::collection::vec(0usize..8, 1..6)) {
             let mut state = leg_states()[si].clone();
+            // The one exception: a take-profit rest moves to `Replaced`, and
+            // only there (then terminal like any other).
+            if state == (LegState::CanceledExternally { why: ExternalEnd::TakeProfitPartial }) {
+                prop_assert_eq!(state.on(&LegEvent::Replaced).ok(), Some(LegState::Replaced));
+                state = LegState::Replaced;
+            }
             let was_terminal = state.is_terminal();
+            let start = state.clone();
             for ei in events {
                 if let Ok(next) = state.on(&leg_events()[ei]) {
                     prop_assert!(!was_terminal, "{} left terminal state", state.name());
                     state = next;
                 }
-                if was_terminal { prop_assert_eq!(&state, &leg_states()[si]); }
+                if was_terminal { prop_assert_eq!(&state, &start); }
             }
         }
 

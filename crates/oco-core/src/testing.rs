@@ -88,6 +88,8 @@ struct FakeState {
     market_sells: Vec<String>,
     next_id: i64,
     oco_calls: usize,
+    order_calls: usize,
+    cancel_failure: Option<ExchangeError>,
 }
 
 /// An exchange double with Binance's OCO semantics: one quantity locked for
@@ -160,6 +162,17 @@ impl FakeExchange {
         self.lock().market_sells.clone()
     }
 
+    /// Every `cancel_order` call fails with `err` until this is called with
+    /// `None` (a rate limit, an outage of the order API).
+    pub fn fail_cancels(&self, err: Option<ExchangeError>) {
+        self.lock().cancel_failure = err;
+    }
+
+    /// How many times `place_order` was called, refused or not.
+    pub fn order_calls(&self) -> usize {
+        self.lock().order_calls
+    }
+
     /// Executes an order as the matching engine would.
     fn execute_order(
         &self,
@@ -175,6 +188,12 @@ impl FakeExchange {
             OrderSize::Base(q) => q,
             OrderSize::Quote(q) => Qty::new(q / price.get()).unwrap_or(Qty::ZERO),
         };
+        // As Binance's NOTIONAL with applyMinToMarket (BTCUSDT): a MARKET order
+        // is measured at the market price.
+        let min_notional = s.rules.get(&order.symbol).map(|r| r.min_notional);
+        if order.limit.is_none() && min_notional.is_some_and(|m| qty.notional(price) < m) {
+            return Err(rejected(-1013, "Filter failure: NOTIONAL"));
+        }
         let (base, quote) = s.split_symbol(&order.symbol);
         let crosses = order.limit.is_none_or(|l| match order.side {
             Side::Buy => l >= price,
@@ -562,7 +581,11 @@ impl Exchange for FakeExchange {
         order: &OrderRequest,
     ) -> Result<OrderSnapshot, ExchangeError> {
         YieldNow::default().await;
-        let fault = self.lock().order_faults.pop_front();
+        let fault = {
+            let mut s = self.lock();
+            s.order_calls += 1;
+            s.order_faults.pop_front()
+        };
         match fault {
             None => self.execute_order(creds, order),
             Some(OcoFault::UnknownAfterApply) => {
@@ -619,6 +642,9 @@ impl Exchange for FakeExchange {
     ) -> Result<CancelOutcome, ExchangeError> {
         YieldNow::default().await;
         let mut s = self.lock();
+        if let Some(err) = s.cancel_failure.clone() {
+            return Err(err);
+        }
         // Only the resting rest of a partly filled take-profit can be open outside a list.
         let Some(i) = s.lists.iter().position(|l| {
             l.api_key == creds.api_key
@@ -1123,6 +1149,48 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         legs[0].sold
     );
 
+    // The rest of a partly filled take-profit, canceled by ocoguard: the one
+    // move out of an external end, written as a compare-and-set like any other.
+    let rest = LegKey {
+        leg: LegIndex::Second,
+        ..key
+    };
+    let rest_claim = LegClaim {
+        key: rest,
+        ids: OcoClientIds {
+            list: ClientOrderId::new("t-L-1-2-0").expect("literal id"),
+            take_profit: ClientOrderId::new("t-T-1-2-0").expect("literal id"),
+            stop_loss: ClientOrderId::new("t-S-1-2-0").expect("literal id"),
+        },
+        ..claim.clone()
+    };
+    ensure!(store.claim_leg(&rest_claim).await?, "second leg claimed");
+    let moves = [
+        ("claimed", LegState::Placed { list_id: 10 }),
+        (
+            "placed",
+            LegState::CanceledExternally {
+                why: crate::state::ExternalEnd::TakeProfitPartial,
+            },
+        ),
+        ("canceled_externally", LegState::Replaced),
+    ];
+    for (from, to) in moves {
+        let update = LegUpdate {
+            key: rest,
+            from,
+            to: to.clone(),
+            error: None,
+            at: Millis(42),
+        };
+        ensure!(store.update_leg(&update).await?, "{from} -> {to} applies");
+    }
+    let legs = store.legs(entry.id).await?;
+    ensure!(
+        legs.iter().find(|l| l.key == rest).map(|l| &l.state) == Some(&LegState::Replaced),
+        "a canceled take-profit rest reads replaced: {legs:?}"
+    );
+
     // Protection state, closing, history.
     store
         .set_protection(
@@ -1559,6 +1627,24 @@ async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
         recorded.entry == after,
         "the entry answered is the entry after the write: {:?}",
         recorded.entry
+    );
+    // Lists that cannot hold the whole position: placed, and the entry
+    // unprotectable with the reason, in the same write.
+    let short = Protection::Unprotectable {
+        reason: "position 1 is over LOT_SIZE maxQty 0.3".into(),
+    };
+    let recorded = store
+        .record_outcomes(
+            entry.id,
+            &[update(LegIndex::Second, 0, "claimed")],
+            &[event(entry.id, "unprotectable", "c", None, Millis(122))],
+            Some(&short),
+        )
+        .await?;
+    ensure!(
+        recorded.applied == [true] && recorded.entry.protection == short,
+        "an unprotectable reason is set with the outcomes: {:?}",
+        recorded.entry.protection
     );
 
     // A generation is won whole or not at all, whatever shape each claimer

@@ -41,11 +41,13 @@ proptest! {
         held_pct in 0i64..=100,
         split_pct in 1i64..=100,
         budget in proptest::option::of(0u32..4),
+        max_steps in proptest::option::of(1i64..2_000_000),
         tp1 in 1i64..500,
         tp_gap in 0i64..500,
         sl in 1i64..500,
     ) {
-        let r = rules(decimal(1, tick_exp), decimal(1, step_exp), min_qty_steps, Decimal::from(min_notional));
+        let mut r = rules(decimal(1, tick_exp), decimal(1, step_exp), min_qty_steps, Decimal::from(min_notional));
+        r.max_qty = max_steps.map(|n| Qty::new(r.step.get() * Decimal::from(n)).unwrap());
         let fill = Price::new(decimal(fill_m, 2)).unwrap();
         let filled = decimal(filled_m, 5);
         let net = filled - filled * Decimal::from(fee_permille) / dec!(1000);
@@ -72,6 +74,16 @@ proptest! {
                 prop_assert!(!plan.legs.is_empty() && plan.legs.len() <= 2);
                 prop_assert!(plan.total() <= position, "legs {} exceed position {}", plan.total(), position);
                 if budget == Some(1) { prop_assert_eq!(plan.legs.len(), 1); }
+                // Whatever the lists leave above the step's floor is said, with its numbers.
+                let floored = position.floor_to(r.step);
+                match plan.short {
+                    None => prop_assert!(plan.total() >= floored, "{} of {} silently uncovered", plan.total(), floored),
+                    Some(short) => {
+                        prop_assert_eq!(short.left.plus(plan.total()), floored);
+                        prop_assert!(plan.legs.iter().all(|l| Some(l.qty) == r.max_qty), "{plan:?}");
+                        if budget.is_none_or(|b| b >= 2) { prop_assert_eq!(plan.legs.len(), 2, "{:?}", plan); }
+                    }
+                }
                 for leg in &plan.legs {
                     prop_assert!(r.check_qty(leg.qty).is_ok(), "{:?}", r.check_qty(leg.qty));
                     prop_assert!(r.check_notional(leg.qty, leg.stop_limit.unwrap()).is_ok());
@@ -185,5 +197,80 @@ fn a_fill_with_no_tick_under_it_has_no_stop() {
             fill,
             tick: dec!(2)
         }
+    );
+}
+
+/// `btcusdt_rules` with `LOT_SIZE.maxQty` at `max`, planned at the default
+/// levels around a fill of 100.
+fn plan_under_max_qty(
+    max: Decimal,
+    position: Decimal,
+    split: Decimal,
+    stop_budget: Option<u32>,
+) -> oco_core::plan::Plan {
+    let mut r = btcusdt_rules();
+    r.max_qty = Some(Qty::new(max).unwrap());
+    let fill = Price::new(dec!(100)).unwrap();
+    let levels = resolve_levels(
+        EntryLevels::default(),
+        None,
+        fill,
+        &r,
+        StopKind::Limit {
+            offset_pct: dec!(0.5),
+        },
+    )
+    .unwrap();
+    plan_protection(&PlanInput {
+        rules: &r,
+        levels,
+        reference: fill,
+        position: Qty::new(position).unwrap(),
+        split,
+        stop_budget,
+    })
+    .unwrap()
+}
+
+fn leg_qtys(plan: &oco_core::plan::Plan) -> Vec<Decimal> {
+    plan.legs.iter().map(|l| l.qty.get()).collect()
+}
+
+#[test]
+fn a_leg_over_max_qty_hands_its_excess_to_the_other() {
+    // 0.8 of 0.5 is 0.4, over a maxQty of 0.3: the second leg takes the rest.
+    let plan = plan_under_max_qty(dec!(0.3), dec!(0.5), dec!(0.8), None);
+    assert_eq!(leg_qtys(&plan), vec![dec!(0.3), dec!(0.2)]);
+    // One target configured, more than one list can hold: a second list too.
+    let plan = plan_under_max_qty(dec!(0.3), dec!(0.5), dec!(1), None);
+    assert_eq!(leg_qtys(&plan), vec![dec!(0.3), dec!(0.2)]);
+    // The configured split would leave a second leg under the minimum: even halves.
+    let plan = plan_under_max_qty(dec!(0.3), dec!(0.30001), dec!(1), None);
+    assert_eq!(leg_qtys(&plan), vec![dec!(0.15), dec!(0.15001)]);
+    assert_eq!(plan.uncovered, Qty::ZERO);
+}
+
+#[test]
+fn a_position_no_lists_can_hold_says_what_is_left_without_a_stop() {
+    let plan = plan_under_max_qty(dec!(0.3), dec!(1), dec!(0.5), None);
+    assert_eq!(leg_qtys(&plan), vec![dec!(0.3), dec!(0.3)]);
+    assert_eq!(plan.uncovered.get(), dec!(0.4));
+    let short = plan.short.expect("a shortfall");
+    assert_eq!(
+        short.to_string(),
+        "position 1 is over LOT_SIZE maxQty 0.3: 2 lists cover 0.6, 0.4 left without a stop (at most two lists per entry)"
+    );
+    // One stop left on the symbol: one list, and the reason says so.
+    let plan = plan_under_max_qty(dec!(0.3), dec!(0.5), dec!(0.5), Some(1));
+    assert_eq!(leg_qtys(&plan), vec![dec!(0.3)]);
+    let short = plan.short.expect("a shortfall");
+    assert_eq!(
+        short.to_string(),
+        "position 0.5 is over LOT_SIZE maxQty 0.3: 1 list covers 0.3, 0.2 left without a stop (the symbol's stop-order budget takes one more)"
+    );
+    // What fits has no shortfall.
+    assert_eq!(
+        plan_under_max_qty(dec!(0.3), dec!(0.6), dec!(0.5), None).short,
+        None
     );
 }

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use oco_core::ids::EntryId;
 use oco_core::levels::EntryLevels;
 use oco_core::model::{Protection, ProtectionConfig, Source};
 use oco_core::ports::{ExchangeError, Store};
@@ -1409,4 +1410,373 @@ async fn coins_sold_outside_before_protection_close_the_entry_once() {
     w.protector.protect(id, None, Source::Sync).await.unwrap();
     assert_eq!(w.exchange.oco_calls(), sent, "a closed entry sends nothing");
     assert!(w.exchange.open_lists().is_empty());
+}
+
+#[tokio::test]
+async fn a_late_exit_refused_under_the_min_notional_is_recorded_once() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    // 0.06 bought at 100 (notional 6); the market fell to 80, past the stop:
+    // the exchange refuses a market exit worth 4.8, under BTCUSDT's minimum of 5.
+    w.credit(dec!(0.06));
+    w.exchange.set_price("BTCUSDT", p(dec!(80)));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(0.06), dec!(100), dec!(0), "BNB")],
+    );
+    // The reason holds the quantity and the minimum, never a live price.
+    let said = |reason: &str| {
+        reason.contains("exit of 0.06 refused under min notional 5") && !reason.contains("80")
+    };
+    let first = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Unprotectable { ref reason } if said(reason)),
+        "{first:?}"
+    );
+    assert_eq!(w.exchange.order_calls(), 1, "the exchange decides");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Unprotectable { ref reason } if said(reason)),
+        "{:?}",
+        entry.protection
+    );
+    // Sync comes back every interval: the exit is sent again (the price may
+    // have risen), and the same refusal writes nothing new.
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(again.outcome, ProtectOutcome::Unprotectable { ref reason } if said(reason)),
+        "{again:?}"
+    );
+    assert_eq!(w.exchange.order_calls(), 2);
+    let events = w.store.events(id).await.unwrap();
+    assert_eq!(
+        events.iter().filter(|e| e.kind == "unprotectable").count(),
+        1,
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.kind == "exit_failed"),
+        "{events:?}"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0.06), "nothing sold");
+    // Once the price lets it pass, the same call exits.
+    w.exchange.set_price("BTCUSDT", p(dec!(90)));
+    let exited = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(exited.outcome, ProtectOutcome::Exited { .. }),
+        "{exited:?}"
+    );
+}
+
+#[tokio::test]
+async fn coins_over_what_max_qty_lists_hold_are_recorded_not_called_covered() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let capped = oco_core::symbol::SymbolRules {
+        max_qty: Some(q(dec!(0.3))),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(capped, p(dec!(100)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let first = w
+        .protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Placed { ref legs, .. } if legs.len() == 2),
+        "{first:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.6), "two lists of maxQty each");
+    let said =
+        |reason: &str| reason.contains("maxQty 0.3") && reason.contains("0.4 left without a stop");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Unprotectable { ref reason } if said(reason)),
+        "{:?}",
+        entry.protection
+    );
+    // Later calls neither churn the lists nor call the entry covered.
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(again.outcome, ProtectOutcome::Unprotectable { ref reason } if said(reason)),
+        "{again:?}"
+    );
+    assert_eq!(w.exchange.oco_calls(), 2);
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Unprotectable { .. }),
+        "{:?}",
+        entry.protection
+    );
+    let events = w.store.events(id).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "unprotectable" && said(&e.detail))
+            .count(),
+        1,
+        "{events:?}"
+    );
+    // The coins no list could hold are sold by hand: the label goes with them.
+    w.exchange.set_free(KEY, "BTC", dec!(0));
+    let sold = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(
+        sold.outcome,
+        ProtectOutcome::Nothing(Idle::Covered),
+        "{sold:?}"
+    );
+    assert_eq!(w.exchange.oco_calls(), 2, "the lists stay");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+}
+
+#[tokio::test]
+async fn a_take_profit_rest_whose_cancel_failed_is_canceled_by_a_later_call() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    let first = w.exchange.open_lists()[0].request.ids.list.clone();
+    // 0.2 of the first list's 0.5 sells at its target; 0.3 rests there without a stop.
+    w.exchange.fill_take_profit(first.as_str(), q(dec!(0.2)));
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    let orphan = |legs: &[oco_core::model::Leg]| {
+        legs.iter()
+            .find(|l| l.ids.list == first)
+            .map(|l| l.state.clone())
+    };
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    // The free coins are held by the second list already: nothing to replace.
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { ref errors } if errors[0].contains("rest of 0.3 still open")),
+        "{report:?}"
+    );
+    // The rest of the take-profit keeps its list executing.
+    let stopped = || -> Decimal {
+        w.exchange
+            .open_lists()
+            .iter()
+            .filter(|l| l.request.ids.list != first)
+            .map(|l| l.request.qty.get())
+            .sum()
+    };
+    assert_eq!(stopped(), dec!(0.5), "the free coins still get their stop");
+    let events = w.store.events(id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "take_profit_cancel_failed" && e.detail.contains("rate limited")),
+        "{events:?}"
+    );
+    assert_eq!(
+        orphan(&w.store.legs(id).await.unwrap()),
+        Some(LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial
+        }),
+        "left for the next call"
+    );
+    // The exchange answers again: the next call cancels the rest and covers it.
+    w.exchange.fail_cancels(None);
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(
+        orphan(&w.store.legs(id).await.unwrap()),
+        Some(LegState::Replaced)
+    );
+    assert_eq!(stopped(), dec!(0.8));
+    assert_eq!(w.open_qty(), dec!(0.8), "no rest of a take-profit rests");
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0.8)));
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Covered));
+}
+
+/// An entry of 1 with its two lists, the first of which sold 0.2 at its
+/// target and rests with 0.3 (recorded `take_profit_partial`, its sale
+/// read or not).
+async fn with_a_take_profit_rest(read_sale: bool) -> (World, EntryId, String, String) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    let lists = w.exchange.open_lists();
+    let first = lists[0].request.ids.list.to_string();
+    let second = lists[1].request.ids.list.to_string();
+    w.exchange.fill_take_profit(&first, q(dec!(0.2)));
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        if read_sale {
+            w.protector.refresh_leg(&creds, &leg).await.unwrap();
+        } else if leg.ids.list.as_str() == first {
+            let rest = LegState::CanceledExternally {
+                why: ExternalEnd::TakeProfitPartial,
+            };
+            assert!(w.protector.transition_leg(&leg, rest).await.unwrap());
+        }
+    }
+    (w, id, first, second)
+}
+
+#[tokio::test]
+async fn a_take_profit_rest_whose_list_is_not_found_after_its_cancel_keeps_its_leg() {
+    let (w, id, first, _) = with_a_take_profit_rest(false).await;
+    let leg_of = |legs: Vec<oco_core::model::Leg>| {
+        legs.into_iter()
+            .find(|l| l.ids.list.as_str() == first)
+            .unwrap()
+    };
+    // The cancel goes through; the list's lookup lags and answers not found.
+    w.exchange.lag_next_lookups(1);
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let leg = leg_of(w.store.legs(id).await.unwrap());
+    assert_eq!(
+        leg.state,
+        LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial
+        },
+        "left for the next call to read"
+    );
+    let events = w.store.events(id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "take_profit_cancel_failed" && e.detail.contains("not found")),
+        "{events:?}"
+    );
+    // The next call finds the list, records its sale and covers the rest.
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let leg = leg_of(w.store.legs(id).await.unwrap());
+    assert_eq!(leg.state, LegState::Replaced);
+    assert_eq!(leg.sold.take_profit, q(dec!(0.2)), "the sale is kept");
+    assert_eq!(w.open_qty(), dec!(0.8));
+}
+
+#[tokio::test]
+async fn coins_of_another_entry_are_not_covered_while_a_rest_stays_open() {
+    let (w, id, first, second) = with_a_take_profit_rest(true).await;
+    // The second list is canceled by hand: 0.5 free, 0.3 locked by the rest.
+    w.exchange.cancel_externally(&second);
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    // Another entry's 0.4 of the same coin, free and not yet protected.
+    w.credit(dec!(0.4));
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    let new: Decimal = w
+        .exchange
+        .open_lists()
+        .iter()
+        .filter(|l| l.request.ids.list.as_str() != first)
+        .map(|l| l.request.qty.get())
+        .sum();
+    assert_eq!(new, dec!(0.5), "only the coins the rest does not lock");
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC").0,
+        dec!(0.4),
+        "the other entry's coins stay free"
+    );
+}
+
+#[tokio::test]
+async fn a_late_exit_over_max_qty_says_so() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let capped = oco_core::symbol::SymbolRules {
+        max_qty: Some(q(dec!(0.3))),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(capped, p(dec!(80)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Unprotectable { ref reason }
+            if reason.contains("over LOT_SIZE maxQty 0.3") && !reason.contains("too small")),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.order_calls(), 0);
+}
+
+#[tokio::test]
+async fn a_take_profit_rest_is_not_canceled_by_a_round_that_places_nothing() {
+    let (w, id, first, _) = with_a_take_profit_rest(true).await;
+    // The symbol's minimum notional rises past what the entry is worth: no
+    // list can be planned, so canceling the rest would gain no stop.
+    let dear = oco_core::symbol::SymbolRules {
+        min_notional: dec!(1000),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(dear, p(dec!(100)));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Unprotectable { .. }),
+        "{report:?}"
+    );
+    let leg = w
+        .store
+        .legs(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| l.ids.list.as_str() == first)
+        .unwrap();
+    assert_eq!(
+        leg.state,
+        LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial
+        }
+    );
+    assert!(
+        w.exchange
+            .open_lists()
+            .iter()
+            .any(|l| l.request.ids.list.as_str() == first),
+        "the take-profit rest still rests"
+    );
 }

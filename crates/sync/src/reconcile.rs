@@ -11,6 +11,7 @@ use oco_core::ids::OrderRole;
 use oco_core::model::Protection;
 use oco_core::ports::{ApiCredentials, OrderListSnapshot, event};
 use oco_core::protect::{Idle, Protector};
+use oco_core::state::ExternalEnd;
 use oco_core::{
     AccountId, Clock, Entry, EntryId, EntryStatus, Evidence, Exchange, ExchangeError, Leg, LegKey,
     LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store,
@@ -813,6 +814,15 @@ impl Reconciler {
     /// covered. With no working leg the answer is no: only `protect` can tell
     /// whether the coins are sold or bare.
     async fn legs_cover(&self, creds: &ApiCredentials, entry: &Entry, legs: &[Leg]) -> bool {
+        // The rest of a partly filled take-profit may rest with no stop, its
+        // coins locked (so not free below): `protect` cancels it, and tries
+        // again after a cancel that failed.
+        let rest = LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial,
+        };
+        if legs.iter().any(|l| l.state == rest) {
+            return false;
+        }
         let active: Qty = legs
             .iter()
             .filter(|l| l.state.is_active())

@@ -365,6 +365,48 @@ async fn a_list_canceled_outside_is_recorded_and_the_remainder_protected() {
 }
 
 #[tokio::test]
+async fn a_take_profit_rest_whose_cancel_failed_is_canceled_on_a_later_pass() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.reconciler(config());
+    sync.reconcile_account(a.id).await.unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    let first = legs.iter().find(|l| l.key.leg == LegIndex::First).unwrap();
+    let (key, list) = (first.key, first.ids.list.clone());
+    let state = || async {
+        let legs = w.store.legs(id).await.unwrap();
+        legs.into_iter().find(|l| l.key == key).unwrap().state
+    };
+    // 0.2 of 0.5 sells at the target; 0.3 rests there without a stop. The
+    // gateway follows it and protects, but the cancel of the rest is refused.
+    w.fake.fill_take_profit(list.as_str(), q(dec!(0.2)));
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&a.creds, &leg).await.unwrap();
+    }
+    w.fake.fail_cancels(Some(ExchangeError::Transient(
+        "503 service unavailable".into(),
+    )));
+    w.protector
+        .protect(id, None, Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(
+        state().await,
+        LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial
+        }
+    );
+    // Every free coin has its stop; only the rest of the take-profit has none.
+    assert_eq!(w.fake.balance("k1", "BTC"), (dec!(0), dec!(0.8)));
+    w.fake.fail_cancels(None);
+    sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(state().await, LegState::Replaced, "the rest is canceled");
+    assert_eq!(w.open_qty("k1"), dec!(0.8), "and covered with the rest");
+    assert_eq!(w.fake.balance("k1", "BTC"), (dec!(0), dec!(0.8)));
+}
+
+#[tokio::test]
 async fn a_price_already_past_the_stop_applies_the_late_policy() {
     let w = world();
     let a = w.account("k1").await;
