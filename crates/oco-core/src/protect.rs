@@ -358,13 +358,13 @@ impl Protector {
         name_span(&current);
         let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
         // Once a call: a cancel that failed is not hammered round after round.
+        // Taken by the round that tries it, not by a round that ends before.
         let mut cancel_rests = true;
         for _ in 0..self.config.max_rounds {
             let round = match first.take() {
                 Some(round) => round,
                 None => {
-                    let rests = std::mem::take(&mut cancel_rests);
-                    self.round(&current, holding, source, known.take(), rests)
+                    self.round(&current, holding, source, known.take(), &mut cancel_rests)
                         .await?
                 }
             };
@@ -408,7 +408,7 @@ impl Protector {
         holding: Option<Qty>,
         source: Source,
         known: Option<FillContext>,
-        cancel_rests: bool,
+        cancel_rests: &mut bool,
     ) -> Result<Round, ProtectError> {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
@@ -471,15 +471,7 @@ impl Protector {
         let active_qty: Qty = active.iter().map(|l| l.qty).sum();
         // The rests of partly filled take-profits: on the book without a stop,
         // locking what they have not sold until they are canceled.
-        let rests: Vec<&Leg> = legs
-            .iter()
-            .filter(|l| {
-                l.state
-                    == LegState::CanceledExternally {
-                        why: ExternalEnd::TakeProfitPartial,
-                    }
-            })
-            .collect();
+        let rests: Vec<&Leg> = legs.iter().filter(|l| is_take_profit_rest(l)).collect();
         let rest_open: Qty = rests
             .iter()
             .map(|l| l.qty.saturating_sub(l.sold.take_profit))
@@ -538,6 +530,16 @@ impl Protector {
                 return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
             }
             Err(err @ LevelsError::Order { .. }) => {
+                // A late exit sells at market, so a rest's take-profit is worth
+                // less than the coins it locks: it is canceled first.
+                if !rests.is_empty()
+                    && std::mem::take(cancel_rests)
+                    && self
+                        .cancel_take_profit_rests(&creds, entry, &rests, source)
+                        .await?
+                {
+                    return Ok(Round::Again { holding: None });
+                }
                 // The entry filled beyond its own stop or target: the market passed a level.
                 // Lists already working keep their stops; the rest takes the late policy.
                 let reason = format!("levels passed at fill: {err}");
@@ -639,7 +641,7 @@ impl Protector {
         let (plan, position) = if rests.is_empty() {
             (plan, position)
         } else {
-            if cancel_rests
+            if std::mem::take(cancel_rests)
                 && self
                     .cancel_take_profit_rests(&creds, entry, &rests, source)
                     .await?
@@ -1623,6 +1625,19 @@ impl Protector {
             // Recorded by another caller that looked it up meanwhile.
             return Ok(Round::Done(ProtectOutcome::Exited { reason: why }));
         }
+        if legs.iter().any(is_take_profit_rest) {
+            // A take-profit rest still locks coins of the entry, without a
+            // stop: settled or called protected, the entry would drop out of
+            // reconciliation with them. The next call cancels the rest first.
+            let why = format!("{why}; a take-profit rest is still open");
+            warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "exited at market; a take-profit rest still open");
+            if entry.protection != Protection::Unprotected {
+                self.store
+                    .set_protection(entry.id, &Protection::Unprotected)
+                    .await?;
+            }
+            return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }));
+        }
         if partly_protected {
             // Lists still hold the rest: the entry stays protected, and
             // followed, rather than settled.
@@ -1839,7 +1854,15 @@ impl Protector {
                     .order_list(creds, &leg.symbol, leg.ids.list.as_str())
                     .await
                 {
-                    Ok(Some(snap)) if snap.take_profit.is_some() => {
+                    // Only a take-profit the exchange calls finished tells all it
+                    // sold: a lookup lagging the cancel would leave a later sale
+                    // out of the record for good.
+                    Ok(Some(snap))
+                        if snap
+                            .take_profit
+                            .as_ref()
+                            .is_some_and(|tp| tp.status.is_final()) =>
+                    {
                         if let Some(tp) = snap.take_profit.as_ref() {
                             let sold = LegSold {
                                 take_profit: tp.executed_qty,
@@ -1856,9 +1879,9 @@ impl Protector {
                         wrote = true;
                         None
                     }
-                    // The cancel answers no quantities: without the list's sale
-                    // the leg stays as it is, and the next call reads it again.
-                    Ok(_) => Some("canceled, list not found: sale unread".to_owned()),
+                    // The cancel answers no quantities: without the list's final
+                    // sale the leg stays as it is, and the next call reads it again.
+                    Ok(_) => Some("canceled, list not found or not final: sale unread".to_owned()),
                     Err(err) => Some(format!("canceled, sale unread: {err}")),
                 },
                 Err(err) => Some(err.to_string()),
@@ -1988,6 +2011,15 @@ impl Protector {
 
 /// Whether working legs of `active_qty` cover `position`: all of it that
 /// flooring to the step leaves, and something at all.
+/// Whether `leg` is the rest of a partly filled take-profit: on the book
+/// without a stop until it is canceled.
+fn is_take_profit_rest(leg: &Leg) -> bool {
+    leg.state
+        == LegState::CanceledExternally {
+            why: ExternalEnd::TakeProfitPartial,
+        }
+}
+
 fn legs_cover(active_qty: Qty, position: Qty, rules: &SymbolRules) -> bool {
     !active_qty.is_zero() && active_qty >= position.floor_to(rules.step)
 }

@@ -1780,3 +1780,48 @@ async fn a_take_profit_rest_is_not_canceled_by_a_round_that_places_nothing() {
         "the take-profit rest still rests"
     );
 }
+
+#[tokio::test]
+async fn an_exit_with_a_take_profit_rest_still_open_does_not_settle_the_entry() {
+    let (w, id, first, second) = with_a_take_profit_rest(true).await;
+    // The second list is canceled by hand and the market falls past the stop:
+    // its 0.5 is free, the rest still locks 0.3, and its cancel fails.
+    w.exchange.cancel_externally(&second);
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { ref errors } if errors[0].contains("take-profit rest is still open")),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.market_sells().len(), 1, "the free 0.5 was sold");
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Unprotected,
+        "an entry whose rest holds coins without a stop stays followed, and says so"
+    );
+    // The exchange answers again: the rest is canceled, its coins exit too.
+    w.exchange.fail_cancels(None);
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    assert!(
+        !w.exchange
+            .open_lists()
+            .iter()
+            .any(|l| l.request.ids.list.as_str() == first),
+        "the rest is gone"
+    );
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Exited { .. }
+    ));
+}
