@@ -3,7 +3,8 @@
 //! account's open entries with the exchange and calls
 //! [`oco_core::Protector::protect`] (source `sync`) for whatever Layer 1
 //! missed: fills seen by nobody, legs whose answer was lost, lists that ended
-//! while nobody listened. It paces itself under the node's request-weight
+//! while nobody listened. Open lists of ours whose leg is not live (stray
+//! lists) are reported, never canceled. It paces itself under the node's request-weight
 //! budget and stops hammering accounts whose keys or requests keep failing.
 //!
 //! Not here: planning, placing or recording protection (that is `protect`, in
@@ -22,4 +23,4 @@ pub use budget::{MeteredExchange, ORDER_WAIT_MAX, OrderMeter, WeightMeter, urgen
 pub use config::{BreakerConfig, RetryConfig, SyncConfig};
 pub use error::SyncError;
 pub use metrics::{MetricsSnapshot, outcome_name};
-pub use reconcile::{AccountReport, PassReport, Reconciler};
+pub use reconcile::{AccountReport, PassReport, Reconciler, StrayList};

@@ -27,6 +27,10 @@ pub struct MetricsSnapshot {
     pub lists_ended: BTreeMap<&'static str, u64>,
     /// Legs whose placement the store had lost, adopted from the open lists.
     pub legs_adopted: u64,
+    /// Stray lists seen: open lists of ours whose leg is not live, reported
+    /// only. Counted once per list per account pass, so a stray left open
+    /// over three passes counts three.
+    pub stray_lists: u64,
     /// Entries recorded as never sent.
     pub entries_never_sent: u64,
     /// Request weight charged to the meter.
@@ -46,6 +50,7 @@ pub struct Metrics {
     accounts_skipped: AtomicU64,
     flagged_taken: AtomicU64,
     legs_adopted: AtomicU64,
+    stray_lists: AtomicU64,
     entries_never_sent: AtomicU64,
     breaker_opens: AtomicU64,
     labelled: Mutex<Labelled>,
@@ -85,6 +90,9 @@ impl Metrics {
     pub(crate) fn adopted(&self) {
         bump(&self.legs_adopted, 1);
     }
+    pub(crate) fn strays(&self, n: usize) {
+        bump(&self.stray_lists, n as u64);
+    }
     pub(crate) fn never_sent(&self) {
         bump(&self.entries_never_sent, 1);
     }
@@ -114,6 +122,7 @@ impl Metrics {
             protections: l.protections.clone(),
             lists_ended: l.lists_ended.clone(),
             legs_adopted: self.legs_adopted.load(Ordering::Relaxed),
+            stray_lists: self.stray_lists.load(Ordering::Relaxed),
             entries_never_sent: self.entries_never_sent.load(Ordering::Relaxed),
             weight_used,
             rate_limited,

@@ -14,7 +14,7 @@ use oco_core::protect::{Idle, Protector};
 use oco_core::state::ExternalEnd;
 use oco_core::{
     AccountId, Clock, Entry, EntryId, EntryStatus, Evidence, Exchange, ExchangeError, Leg, LegKey,
-    LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store,
+    LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store, StoreError,
 };
 use rust_decimal::Decimal;
 use tokio::sync::Notify;
@@ -62,6 +62,28 @@ pub struct AccountReport {
     /// Open lists carrying one of our list ids that match no leg of an open
     /// entry (a restored database, another namespace's twin): reported only.
     pub unknown_lists: Vec<String>,
+    /// Open lists carrying the list id of a leg of an open entry that the
+    /// store holds in a state that is not live (see [`StrayList`]): reported
+    /// only, sorted by list id.
+    pub stray_lists: Vec<StrayList>,
+}
+
+/// A stray list: open on the exchange under the list id of a leg the store
+/// holds in a state that is not live (not claimed, placed or unknown), e.g.
+/// `not_placed` after a list sent under a claim that was taken over failed to
+/// be withdrawn. Sync reports it and leaves it alone: canceling it could free
+/// coins another entry of the symbol needs, and whether it is extra is for
+/// the owner to decide after checking the account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StrayList {
+    /// The entry of its leg.
+    pub entry: EntryId,
+    /// Its leg.
+    pub leg: LegKey,
+    /// Its `listClientOrderId`.
+    pub client_id: String,
+    /// Its leg's state in the store, as read in the pass.
+    pub state: LegState,
 }
 
 impl AccountReport {
@@ -79,6 +101,7 @@ impl AccountReport {
             protections: Vec::new(),
             entry_errors: Vec::new(),
             unknown_lists: Vec::new(),
+            stray_lists: Vec::new(),
         }
     }
 
@@ -167,7 +190,16 @@ pub struct Reconciler {
     /// Rung when an account was flagged: the flag loop takes flags at once
     /// instead of at its next poll.
     flag_bell: Arc<Notify>,
+    /// Stray lists whose `stray_list` event is in their entry's history, by
+    /// account: the history is read only the first time this process sees a
+    /// stray. A list is forgotten once it is no longer open (or its account
+    /// has no open entry left), so the set holds no more than the strays
+    /// open now.
+    strays_noted: Mutex<HashMap<AccountId, HashSet<String>>>,
 }
+
+/// The kind of the history line a stray list gets, once.
+const STRAY_EVENT: &str = "stray_list";
 
 /// Why an account is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +254,7 @@ impl Reconciler {
             busy: Mutex::new(HashSet::new()),
             retries: Mutex::new(HashMap::new()),
             flag_bell: Arc::new(Notify::new()),
+            strays_noted: Mutex::new(HashMap::new()),
             protector,
             config,
             meter,
@@ -610,12 +643,14 @@ impl Reconciler {
         let account = self.store.account(id).await?;
         if !account.active {
             report.inactive = true;
+            lock(&self.strays_noted).remove(&id);
             return Ok(report);
         }
         let entries = self.store.open_entries(id).await?;
         report.entries = entries.len();
         if entries.is_empty() {
             // Nothing to check: no request at all.
+            lock(&self.strays_noted).remove(&id);
             return Ok(report);
         }
         let creds = self.store.credentials(id).await?;
@@ -654,7 +689,81 @@ impl Reconciler {
             }
         }
         report.unknown_lists.sort();
+        report
+            .stray_lists
+            .sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        self.note_strays(&open, &report).await;
         Ok(report)
+    }
+
+    /// Logs and counts the pass's stray lists, and writes each to its
+    /// entry's history once. Nothing is canceled or adopted: the list may
+    /// hold coins another entry of the symbol needs. With no stray and
+    /// nothing remembered for the account, this costs nothing; otherwise the
+    /// store is read and written only for a stray this process has not
+    /// noted yet. A failed read or write is logged and tried again on the
+    /// next pass; it stops nothing.
+    async fn note_strays(&self, open: &HashMap<String, OrderListSnapshot>, report: &AccountReport) {
+        let account = report.account;
+        {
+            let mut noted = lock(&self.strays_noted);
+            if let Some(lists) = noted.get_mut(&account) {
+                lists.retain(|id| open.contains_key(id));
+                if lists.is_empty() {
+                    noted.remove(&account);
+                }
+            }
+        }
+        if report.stray_lists.is_empty() {
+            return;
+        }
+        self.metrics.strays(report.stray_lists.len());
+        for stray in &report.stray_lists {
+            warn!(account = %account, entry = %stray.entry, leg = %stray.leg, client_id = %stray.client_id, state = stray.state.name(), "open list of ours whose leg is not live: reported only, cancel it by hand after checking the account");
+            let noted = lock(&self.strays_noted)
+                .get(&account)
+                .is_some_and(|lists| lists.contains(&stray.client_id));
+            if noted {
+                continue;
+            }
+            match self.write_stray_event(stray).await {
+                Ok(()) => {
+                    lock(&self.strays_noted)
+                        .entry(account)
+                        .or_default()
+                        .insert(stray.client_id.clone());
+                }
+                Err(err) => {
+                    warn!(account = %account, entry = %stray.entry, client_id = %stray.client_id, error = %err, "stray list not written to the entry's history; tried again next pass");
+                }
+            }
+        }
+    }
+
+    /// Appends the `stray_list` event unless the history has it already (a
+    /// restarted process, or another sync process, may have written it).
+    async fn write_stray_event(&self, stray: &StrayList) -> Result<(), StoreError> {
+        let head = format!("{}: list {} ", stray.leg, stray.client_id);
+        let events = self.store.events(stray.entry).await?;
+        if events
+            .iter()
+            .any(|e| e.kind == STRAY_EVENT && e.detail.starts_with(&head))
+        {
+            return Ok(());
+        }
+        let detail = format!(
+            "{head}open on the exchange while its leg is {}; reported only: cancel it by hand after checking the account",
+            stray.state.name()
+        );
+        self.store
+            .append_event(&event(
+                stray.entry,
+                STRAY_EVENT,
+                detail,
+                Some(Source::Sync),
+                self.clock.now(),
+            ))
+            .await
     }
 
     async fn entry_pass(
@@ -742,6 +851,15 @@ impl Reconciler {
                         report.legs_adopted.push(leg.key);
                         adopted = true;
                     }
+                }
+                (state, Some(_)) if is_stray(state) => {
+                    // Left alone: see `StrayList`. Logged and noted by the account's pass.
+                    report.stray_lists.push(StrayList {
+                        entry: entry.id,
+                        leg: leg.key,
+                        client_id: id.to_owned(),
+                        state: state.clone(),
+                    });
                 }
                 _ => {}
             }
@@ -921,6 +1039,17 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// Whether an open list whose leg is in `state` is a stray: its leg is not
+/// live (claimed, placed, unknown). The rest of a partly filled take-profit is
+/// not one: it stays on the book by design until `protect` cancels it.
+fn is_stray(state: &LegState) -> bool {
+    !state.is_active()
+        && *state
+            != LegState::CanceledExternally {
+                why: ExternalEnd::TakeProfitPartial,
+            }
 }
 
 /// Orders a `protect` outcome sent (an OCO is two orders).

@@ -16,14 +16,14 @@ use oco_core::model::{
 use oco_core::ports::{ApiCredentials, Clock, Exchange, NewAccount, OrderRequest, Side, Store};
 use oco_core::protect::Protector;
 use oco_core::{
-    AccountId, EntryStatus, LegState, Price, ProtectOutcome, ProtectorConfig, Qty, SystemClock,
+    AccountId, EntryStatus, Leg, LegState, Price, ProtectOutcome, ProtectorConfig, Qty, SystemClock,
 };
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use secrecy::SecretString;
 use store_pg::PgStore;
 use store_pg::testing::TestDb;
-use sync::{Reconciler, SyncConfig};
+use sync::{Reconciler, StrayList, SyncConfig};
 
 struct Acct {
     id: AccountId,
@@ -147,6 +147,72 @@ impl E2e {
             .await
             .unwrap();
         entry.id
+    }
+
+    /// Layer 1 protects the entry's fill from what its stream showed.
+    async fn protect_as_gateway(&self, acct: &Acct, id: EntryId) -> ProtectOutcome {
+        let protector = Protector::new(
+            self.exchange.clone(),
+            self.store.clone(),
+            Arc::new(SystemClock),
+            ProtectorConfig::new(self.ids.clone()),
+        );
+        let client_id = self.store.entry(id).await.unwrap().client_id;
+        let snap = self
+            .exchange
+            .query_order(&acct.creds, "BTCUSDT", client_id.as_str())
+            .await
+            .unwrap();
+        let ev = Evidence {
+            order_id: Some(snap.order_id),
+            status: snap.status,
+            executed_qty: snap.executed_qty,
+            cumulative_quote: snap.cumulative_quote,
+            fills: self
+                .exchange
+                .order_trades(&acct.creds, "BTCUSDT", snap.order_id)
+                .await
+                .unwrap(),
+            holding: None,
+            observed_at: SystemClock.now(),
+        };
+        protector
+            .protect(id, Some(&ev), Source::Websocket)
+            .await
+            .unwrap()
+            .outcome
+    }
+
+    /// Moves one placed leg to `to` in the store alone, the exchange
+    /// untouched (what a claim taken over while its list was sent leaves when
+    /// the withdrawal failed); returns its list client id.
+    async fn rewrite_leg(&self, leg: &Leg, to: LegState) -> String {
+        let moved = self
+            .store
+            .update_leg(&LegUpdate {
+                key: leg.key,
+                from: "placed",
+                to,
+                error: None,
+                at: leg.updated_at,
+            })
+            .await
+            .unwrap();
+        assert!(moved);
+        leg.ids.list.as_str().to_owned()
+    }
+
+    /// Client ids of the account's executing lists, sorted.
+    fn executing_lists(&self, key: &str) -> Vec<String> {
+        let mut lists: Vec<String> = self
+            .ctl
+            .order_lists(Some(key))
+            .into_iter()
+            .filter(|l| l.list_order_status == "EXECUTING")
+            .map(|l| l.list_client_order_id)
+            .collect();
+        lists.sort();
+        lists
     }
 
     fn open_lists(&self, key: &str) -> usize {
@@ -630,4 +696,84 @@ async fn a_flagged_account_is_reconciled_within_two_seconds_on_postgres() {
     );
     assert_eq!(t.open_lists("k1"), 2);
     assert_eq!(sync.metrics().passes, 0, "no full pass ran");
+}
+
+fn stray_events(events: &[oco_core::model::EntryEventRecord]) -> Vec<&str> {
+    events
+        .iter()
+        .filter(|e| e.kind == "stray_list")
+        .map(|e| e.detail.as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stray_list_is_reported_with_its_leg_state_noted_once_and_left_on_the_exchange() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let id = t.sent_entry(&a, None, dec!(0.01)).await;
+    let placed = t.protect_as_gateway(&a, id).await;
+    assert!(
+        matches!(placed, ProtectOutcome::Placed { .. }),
+        "{placed:?}"
+    );
+    let mut legs = t.store.legs(id).await.unwrap();
+    legs.sort_by_key(|l| l.key.leg);
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    // The first list lives on while the store says it was never placed.
+    let not_placed = LegState::NotPlaced {
+        code: None,
+        reason: "lookup found no such list".into(),
+    };
+    let stray = t.rewrite_leg(&legs[0], not_placed.clone()).await;
+    let before = t.executing_lists("k1");
+    assert_eq!(before.len(), 2);
+    assert!(before.contains(&stray));
+    let expected = vec![StrayList {
+        entry: id,
+        leg: legs[0].key,
+        client_id: stray.clone(),
+        state: not_placed.clone(),
+    }];
+    t.ctl.clear_requests();
+
+    let sync = t.reconciler();
+    for pass in 1..=2_u64 {
+        let r = sync.reconcile_account(a.id).await.unwrap();
+        assert_eq!(r.stray_lists, expected, "pass {pass}: {r:?}");
+        assert!(r.unknown_lists.is_empty(), "pass {pass}: {r:?}");
+        assert!(r.legs_adopted.is_empty(), "pass {pass}: {r:?}");
+        assert_eq!(sync.metrics().stray_lists, pass, "counted once per pass");
+        // Untouched: no cancel, no new list, its leg as the store had it.
+        assert_eq!(t.executing_lists("k1"), before, "pass {pass}: {r:?}");
+        let legs_now = t.store.legs(id).await.unwrap();
+        let leg = legs_now.iter().find(|l| l.key == legs[0].key).unwrap();
+        assert_eq!(leg.state, not_placed, "pass {pass}");
+        // Written to the entry's history on the first pass only.
+        let events = t.store.events(id).await.unwrap();
+        let noted = stray_events(&events);
+        assert_eq!(noted.len(), 1, "pass {pass}: {events:?}");
+        assert!(
+            noted[0].contains(&stray) && noted[0].contains("not_placed"),
+            "{noted:?}"
+        );
+    }
+    let writes: Vec<_> = t
+        .ctl
+        .requests()
+        .into_iter()
+        .filter(|q| q.method != "GET")
+        .map(|q| (q.method, q.path))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "nothing sent to the exchange: {writes:?}"
+    );
+
+    // A restarted process finds the line in the history and writes no other.
+    let restarted = t.reconciler();
+    let r = restarted.reconcile_account(a.id).await.unwrap();
+    assert_eq!(r.stray_lists, expected, "{r:?}");
+    let events = t.store.events(id).await.unwrap();
+    assert_eq!(stray_events(&events).len(), 1, "{events:?}");
+    assert_eq!(t.executing_lists("k1"), before);
 }

@@ -400,7 +400,9 @@ async fn a_take_profit_rest_whose_cancel_failed_is_canceled_on_a_later_pass() {
     // Every free coin has its stop; only the rest of the take-profit has none.
     assert_eq!(w.fake.balance("k1", "BTC"), (dec!(0), dec!(0.8)));
     w.fake.fail_cancels(None);
-    sync.reconcile_account(a.id).await.unwrap();
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    // On the book by design until canceled: not a stray.
+    assert!(r.stray_lists.is_empty(), "{r:?}");
     assert_eq!(state().await, LegState::Replaced, "the rest is canceled");
     assert_eq!(w.open_qty("k1"), dec!(0.8), "and covered with the rest");
     assert_eq!(w.fake.balance("k1", "BTC"), (dec!(0), dec!(0.8)));
