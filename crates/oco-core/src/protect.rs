@@ -359,12 +359,14 @@ impl Protector {
         let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
         // Once a call: a cancel that failed is not hammered round after round.
         // Taken by the round that tries it, not by a round that ends before.
-        let mut cancel_rests = true;
+        // What stays locked after it: a later round of the call (a re-plan)
+        // plans from that, not from a cancel it never tried.
+        let mut rests_tried: Option<Qty> = None;
         for _ in 0..self.config.max_rounds {
             let round = match first.take() {
                 Some(round) => round,
                 None => {
-                    self.round(&current, holding, source, known.take(), &mut cancel_rests)
+                    self.round(&current, holding, source, known.take(), &mut rests_tried)
                         .await?
                 }
             };
@@ -408,7 +410,7 @@ impl Protector {
         holding: Option<Qty>,
         source: Source,
         known: Option<FillContext>,
-        cancel_rests: &mut bool,
+        rests_tried: &mut Option<Qty>,
     ) -> Result<Round, ProtectError> {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
@@ -532,13 +534,14 @@ impl Protector {
             Err(err @ LevelsError::Order { .. }) => {
                 // A late exit sells at market, so a rest's take-profit is worth
                 // less than the coins it locks: it is canceled first.
-                if !rests.is_empty()
-                    && std::mem::take(cancel_rests)
-                    && self
+                if !rests.is_empty() && rests_tried.is_none() {
+                    let canceled = self
                         .cancel_take_profit_rests(&creds, entry, &rests, source)
-                        .await?
-                {
-                    return Ok(Round::Again { holding: None });
+                        .await?;
+                    *rests_tried = Some(canceled.locked);
+                    if canceled.recorded {
+                        return Ok(Round::Again { holding: None });
+                    }
                 }
                 // The entry filled beyond its own stop or target: the market passed a level.
                 // Lists already working keep their stops; the rest takes the late policy.
@@ -641,18 +644,26 @@ impl Protector {
         let (plan, position) = if rests.is_empty() {
             (plan, position)
         } else {
-            if std::mem::take(cancel_rests)
-                && self
-                    .cancel_take_profit_rests(&creds, entry, &rests, source)
-                    .await?
-            {
-                // Coins freed (and what the rests sold recorded): plan again.
-                return Ok(Round::Again { holding: None });
-            }
+            // A rest canceled whose sale is still unread locks nothing any
+            // more: its coins are planned now, not a call later.
+            let locked = match *rests_tried {
+                Some(locked) => locked.min(rest_open),
+                None => {
+                    let canceled = self
+                        .cancel_take_profit_rests(&creds, entry, &rests, source)
+                        .await?;
+                    *rests_tried = Some(canceled.locked);
+                    if canceled.recorded {
+                        // Coins freed (and what the rests sold recorded): plan again.
+                        return Ok(Round::Again { holding: None });
+                    }
+                    canceled.locked
+                }
+            };
             // A rest not canceled still locks its open part: lists over those
             // coins would lock another entry's. Only the rest is planned.
-            let free = position.saturating_sub(rest_open);
-            let open = format!("take-profit rest of {rest_open} still open");
+            let free = position.saturating_sub(locked);
+            let open = format!("take-profit rest of {locked} still open");
             match plan_protection(&PlanInput {
                 rules: &rules,
                 levels,
@@ -1831,15 +1842,18 @@ impl Protector {
     /// no quantities, and sales are never dropped), is tried again by the
     /// next call, and the failure is an event (`take_profit_cancel_failed`).
     /// A failure does not stop the round: the coins the rest does not lock
-    /// are protected meanwhile. `true` when a leg was written.
+    /// are protected meanwhile.
     async fn cancel_take_profit_rests(
         &self,
         creds: &ApiCredentials,
         entry: &Entry,
         rests: &[&Leg],
         source: Source,
-    ) -> Result<bool, ProtectError> {
-        let mut wrote = false;
+    ) -> Result<RestsCanceled, ProtectError> {
+        let mut done = RestsCanceled {
+            recorded: false,
+            locked: Qty::ZERO,
+        };
         for leg in rests {
             let client_id = leg.ids.take_profit.as_str();
             let failed = match self
@@ -1876,7 +1890,7 @@ impl Protector {
                         if self.transition(leg, LegState::Replaced, None).await? {
                             info!(entry = %entry.id, leg = %leg.key, %client_id, "take-profit rest canceled");
                         }
-                        wrote = true;
+                        done.recorded = true;
                         None
                     }
                     // The cancel answers no quantities: without the list's final
@@ -1884,7 +1898,13 @@ impl Protector {
                     Ok(_) => Some("canceled, list not found or not final: sale unread".to_owned()),
                     Err(err) => Some(format!("canceled, sale unread: {err}")),
                 },
-                Err(err) => Some(err.to_string()),
+                // Not canceled: the rest still locks its open part.
+                Err(err) => {
+                    done.locked = done
+                        .locked
+                        .plus(leg.qty.saturating_sub(leg.sold.take_profit));
+                    Some(err.to_string())
+                }
             };
             if let Some(err) = failed {
                 warn!(entry = %entry.id, leg = %leg.key, %client_id, error = %err, "could not cancel take-profit rest; the next call tries again");
@@ -1899,7 +1919,7 @@ impl Protector {
                     .await?;
             }
         }
-        Ok(wrote)
+        Ok(done)
     }
 
     /// A list of ours went out, but the write of its outcome found the claim
@@ -2011,6 +2031,15 @@ impl Protector {
 
 /// Whether working legs of `active_qty` cover `position`: all of it that
 /// flooring to the step leaves, and something at all.
+/// What [`Protector::cancel_take_profit_rests`] did.
+struct RestsCanceled {
+    /// A rest's sale was recorded and its leg moved to `Replaced`: the
+    /// position changed, plan again.
+    recorded: bool,
+    /// The open part of the rests whose cancel failed: still locked.
+    locked: Qty,
+}
+
 /// Whether `leg` is the rest of a partly filled take-profit: on the book
 /// without a stop until it is canceled.
 fn is_take_profit_rest(leg: &Leg) -> bool {

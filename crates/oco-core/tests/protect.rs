@@ -1674,6 +1674,14 @@ async fn a_take_profit_rest_whose_list_is_not_found_after_its_cancel_keeps_its_l
             .any(|e| e.kind == "take_profit_cancel_failed" && e.detail.contains("not found")),
         "{events:?}"
     );
+    // The cancel went through: the rest's coins are free, and covered now
+    // rather than a call later.
+    assert_eq!(
+        w.open_qty(),
+        dec!(0.8),
+        "the freed coins get their stop at once"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0.8)));
     // The next call finds the list, records its sale and covers the rest.
     w.protector.protect(id, None, Source::Sync).await.unwrap();
     let leg = leg_of(w.store.legs(id).await.unwrap());
