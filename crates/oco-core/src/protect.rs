@@ -479,14 +479,32 @@ impl Protector {
             .map(|l| l.qty.saturating_sub(l.sold.take_profit))
             .sum();
         let exited = matches!(entry.protection, Protection::Exited { .. });
-        if position.is_zero()
-            && active.is_empty()
-            && !owed.is_zero()
-            && self.adopt_stray_list(&creds, entry, &legs, source).await?
-        {
-            // Only a balance read said the coins were gone, and a list of this
-            // entry no leg followed held them: it follows it now.
-            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
+        if position.is_zero() && active.is_empty() && !owed.is_zero() {
+            match self.adopt_stray_list(&creds, entry, &legs, source).await? {
+                // Only a balance read said the coins were gone, and a list of
+                // this entry no leg followed held them: it follows it now.
+                StrayCheck::Adopted => {
+                    return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
+                }
+                StrayCheck::HeldBy(list) => {
+                    // A list of ours that no live leg follows may lock these
+                    // coins (placed over them by another entry's generation):
+                    // closing the entry as sold would leave them without a
+                    // stop and without an entry once that list is gone.
+                    let why = format!(
+                        "coins not free, and list {list} of ours that no live leg follows is open on {}: not closed; check the account and cancel it by hand",
+                        entry.symbol.name
+                    );
+                    warn!(entry = %entry.id, client_id = %list, %source, "coins not free while a list of ours no leg follows is open: entry not closed");
+                    if entry.protection != Protection::Unprotected {
+                        self.store
+                            .set_protection(entry.id, &Protection::Unprotected)
+                            .await?;
+                    }
+                    return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }));
+                }
+                StrayCheck::Nothing => {}
+            }
         }
         if position.is_zero() && active.is_empty() {
             // An exit keeps its record; there is nothing more to close.
@@ -1728,30 +1746,44 @@ impl Protector {
     /// and recorded sales say they are held, they were sold or moved outside
     /// ocoguard, or they are locked by a list of this entry that no leg
     /// follows (placed under a claim that was taken over while its lookup
-    /// lagged: the leg reads `not_placed`). The account's open lists tell
-    /// which: such a list is adopted (its leg moves to `placed` and the entry
-    /// is protected) and `true` returned; with none, `false` (the caller
-    /// closes the entry, as for coins sold outside). A failed read is an
-    /// error: nothing is closed on a guess.
+    /// lagged: the leg reads `not_placed`), or by a list of ours on the
+    /// symbol that no live leg follows (another entry's, which a generation
+    /// placed over these coins). The account's open lists tell which: a list
+    /// of this entry is adopted (its leg moves to `placed` and the entry is
+    /// protected); another's without a live leg is named, and the caller does
+    /// not close the entry; with neither, the caller closes it, as for coins
+    /// sold outside. A failed read is an error: nothing is closed on a guess.
     async fn adopt_stray_list(
         &self,
         creds: &ApiCredentials,
         entry: &Entry,
         legs: &[Leg],
         source: Source,
-    ) -> Result<bool, ProtectError> {
+    ) -> Result<StrayCheck, ProtectError> {
         let lists = self.exchange.open_order_lists(creds).await?;
         let mut adopted = false;
+        let mut held_by = None;
         for list in lists.iter().filter(|l| l.executing) {
             let Some(OrderRole::List(key)) = self.config.ids.parse(&list.list_client_id) else {
                 continue;
             };
+            if key.entry != entry.id {
+                // Another entry's list on this symbol: normal while a live leg
+                // follows it; without one it may hold these coins.
+                if held_by.is_none() && list.symbol == entry.symbol.name {
+                    let other = self.store.legs(key.entry).await?;
+                    if !other.iter().any(|l| l.key == key && l.state.is_active()) {
+                        held_by = Some(list.list_client_id.clone());
+                    }
+                }
+                continue;
+            }
             let stray = legs.iter().any(|l| {
                 l.key == key
                     && matches!(l.state, LegState::NotPlaced { .. })
                     && l.sold.total().is_zero()
             });
-            if key.entry != entry.id || !stray {
+            if !stray {
                 continue;
             }
             let placed = LegState::Placed {
@@ -1776,8 +1808,9 @@ impl Protector {
         }
         if adopted {
             self.mark_protected(entry, source, self.clock.now()).await?;
+            return Ok(StrayCheck::Adopted);
         }
-        Ok(adopted)
+        Ok(held_by.map_or(StrayCheck::Nothing, StrayCheck::HeldBy))
     }
 
     async fn mark_protected(
@@ -2031,6 +2064,18 @@ impl Protector {
 
 /// Whether working legs of `active_qty` cover `position`: all of it that
 /// flooring to the step leaves, and something at all.
+/// What the account's open lists tell of an entry whose coins a balance read
+/// calls gone ([`Protector::adopt_stray_list`]).
+enum StrayCheck {
+    /// A list of the entry that no leg followed holds them: adopted.
+    Adopted,
+    /// A list of ours on the symbol that no live leg follows (its client id)
+    /// may hold them: the entry is not closed.
+    HeldBy(String),
+    /// No list of ours explains it: the coins were sold or moved outside.
+    Nothing,
+}
+
 /// What [`Protector::cancel_take_profit_rests`] did.
 struct RestsCanceled {
     /// A rest's sale was recorded and its leg moved to `Replaced`: the

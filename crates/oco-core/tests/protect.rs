@@ -1833,3 +1833,69 @@ async fn an_exit_with_a_take_profit_rest_still_open_does_not_settle_the_entry() 
         Protection::Exited { .. }
     ));
 }
+
+/// One entry's list that no live leg follows (its withdrawal failed, the leg
+/// reads `not_placed`) still locks coins, so the entry's next generation is
+/// placed over another entry's free coins. That entry's own placement is then
+/// refused for balance and finds nothing free: not a sale. It is not closed,
+/// and the call names the list.
+#[tokio::test]
+async fn coins_a_list_no_live_leg_follows_may_hold_do_not_close_another_entry() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let a = w.entry(EntryLevels::default()).await;
+    let b = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let filled = |trade, qty| {
+        evidence(
+            EntryStatus::Filled,
+            &[(trade, qty, dec!(100), dec!(0), "BNB")],
+        )
+    };
+    w.protector
+        .protect(a, Some(&filled(1, dec!(1))), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(a).await.unwrap();
+    assert_eq!(legs.len(), 2);
+    let stranded = legs[0].clone();
+    assert!(
+        w.store
+            .update_leg(&oco_core::model::LegUpdate {
+                key: stranded.key,
+                from: "placed",
+                to: LegState::NotPlaced {
+                    code: None,
+                    reason: "withdrawal failed".into(),
+                },
+                error: None,
+                at: w.clock.now(),
+            })
+            .await
+            .unwrap()
+    );
+    // B's coins arrive; A's next call covers its whole position again, over them.
+    w.credit(dec!(0.5));
+    w.store
+        .record_evidence(b, &filled(2, dec!(0.5)))
+        .await
+        .unwrap();
+    w.protector.protect(a, None, Source::Sync).await.unwrap();
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0), "nothing free");
+    let lists = w.exchange.open_lists().len();
+
+    let report = w
+        .protector
+        .protect(b, None, Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { ref errors } if errors[0].contains(stranded.ids.list.as_str())),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.store.entry(b).await.unwrap().protection,
+        Protection::Unprotected,
+        "not closed as sold"
+    );
+    assert_eq!(w.exchange.open_lists().len(), lists, "no list touched");
+}
