@@ -359,9 +359,7 @@ impl Protector {
         let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
         // Once a call: a cancel that failed is not hammered round after round.
         // Taken by the round that tries it, not by a round that ends before.
-        // What stays locked after it: a later round of the call (a re-plan)
-        // plans from that, not from a cancel it never tried.
-        let mut rests_tried: Option<Qty> = None;
+        let mut rests_tried = false;
         for _ in 0..self.config.max_rounds {
             let round = match first.take() {
                 Some(round) => round,
@@ -410,7 +408,7 @@ impl Protector {
         holding: Option<Qty>,
         source: Source,
         known: Option<FillContext>,
-        rests_tried: &mut Option<Qty>,
+        rests_tried: &mut bool,
     ) -> Result<Round, ProtectError> {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
@@ -552,14 +550,13 @@ impl Protector {
             Err(err @ LevelsError::Order { .. }) => {
                 // A late exit sells at market, so a rest's take-profit is worth
                 // less than the coins it locks: it is canceled first.
-                if !rests.is_empty() && rests_tried.is_none() {
-                    let canceled = self
+                if !rests.is_empty()
+                    && !std::mem::replace(rests_tried, true)
+                    && self
                         .cancel_take_profit_rests(&creds, entry, &rests, source)
-                        .await?;
-                    *rests_tried = Some(canceled.locked);
-                    if canceled.recorded {
-                        return Ok(Round::Again { holding: None });
-                    }
+                        .await?
+                {
+                    return Ok(Round::Again { holding: None });
                 }
                 // The entry filled beyond its own stop or target: the market passed a level.
                 // Lists already working keep their stops; the rest takes the late policy.
@@ -662,26 +659,21 @@ impl Protector {
         let (plan, position) = if rests.is_empty() {
             (plan, position)
         } else {
-            // A rest canceled whose sale is still unread locks nothing any
-            // more: its coins are planned now, not a call later.
-            let locked = match *rests_tried {
-                Some(locked) => locked.min(rest_open),
-                None => {
-                    let canceled = self
-                        .cancel_take_profit_rests(&creds, entry, &rests, source)
-                        .await?;
-                    *rests_tried = Some(canceled.locked);
-                    if canceled.recorded {
-                        // Coins freed (and what the rests sold recorded): plan again.
-                        return Ok(Round::Again { holding: None });
-                    }
-                    canceled.locked
-                }
-            };
-            // A rest not canceled still locks its open part: lists over those
-            // coins would lock another entry's. Only the rest is planned.
-            let free = position.saturating_sub(locked);
-            let open = format!("take-profit rest of {locked} still open");
+            if !std::mem::replace(rests_tried, true)
+                && self
+                    .cancel_take_profit_rests(&creds, entry, &rests, source)
+                    .await?
+            {
+                // Coins freed (and what the rests sold recorded): plan again.
+                return Ok(Round::Again { holding: None });
+            }
+            // A rest whose sale is not recorded still counts its open part as
+            // held and locked, even when its cancel went through: it may have
+            // sold them (filled whole, or more since the last read), and lists
+            // planned over coins it sold would lock another entry's. Only the
+            // coins no rest counts are planned.
+            let free = position.saturating_sub(rest_open);
+            let open = format!("take-profit rest of {rest_open} still open");
             match plan_protection(&PlanInput {
                 rules: &rules,
                 levels,
@@ -1373,8 +1365,14 @@ impl Protector {
                     }
                     // As `late` records it: the entry is exited unless lists of
                     // it still hold stops.
+                    // A take-profit rest still open locks coins without a stop:
+                    // the entry stays followed (as `late` leaves it).
                     let legs = self.store.legs(leg.key.entry).await?;
-                    if !legs
+                    if legs.iter().any(is_take_profit_rest) {
+                        self.store
+                            .set_protection(leg.key.entry, &Protection::Unprotected)
+                            .await?;
+                    } else if !legs
                         .iter()
                         .any(|l| matches!(l.state, LegState::Placed { .. }))
                     {
@@ -1875,18 +1873,15 @@ impl Protector {
     /// no quantities, and sales are never dropped), is tried again by the
     /// next call, and the failure is an event (`take_profit_cancel_failed`).
     /// A failure does not stop the round: the coins the rest does not lock
-    /// are protected meanwhile.
+    /// are protected meanwhile. `true` when a leg was written.
     async fn cancel_take_profit_rests(
         &self,
         creds: &ApiCredentials,
         entry: &Entry,
         rests: &[&Leg],
         source: Source,
-    ) -> Result<RestsCanceled, ProtectError> {
-        let mut done = RestsCanceled {
-            recorded: false,
-            locked: Qty::ZERO,
-        };
+    ) -> Result<bool, ProtectError> {
+        let mut recorded = false;
         for leg in rests {
             let client_id = leg.ids.take_profit.as_str();
             let failed = match self
@@ -1923,7 +1918,7 @@ impl Protector {
                         if self.transition(leg, LegState::Replaced, None).await? {
                             info!(entry = %entry.id, leg = %leg.key, %client_id, "take-profit rest canceled");
                         }
-                        done.recorded = true;
+                        recorded = true;
                         None
                     }
                     // The cancel answers no quantities: without the list's final
@@ -1931,13 +1926,7 @@ impl Protector {
                     Ok(_) => Some("canceled, list not found or not final: sale unread".to_owned()),
                     Err(err) => Some(format!("canceled, sale unread: {err}")),
                 },
-                // Not canceled: the rest still locks its open part.
-                Err(err) => {
-                    done.locked = done
-                        .locked
-                        .plus(leg.qty.saturating_sub(leg.sold.take_profit));
-                    Some(err.to_string())
-                }
+                Err(err) => Some(err.to_string()),
             };
             if let Some(err) = failed {
                 warn!(entry = %entry.id, leg = %leg.key, %client_id, error = %err, "could not cancel take-profit rest; the next call tries again");
@@ -1952,7 +1941,7 @@ impl Protector {
                     .await?;
             }
         }
-        Ok(done)
+        Ok(recorded)
     }
 
     /// A list of ours went out, but the write of its outcome found the claim
@@ -2074,15 +2063,6 @@ enum StrayCheck {
     HeldBy(String),
     /// No list of ours explains it: the coins were sold or moved outside.
     Nothing,
-}
-
-/// What [`Protector::cancel_take_profit_rests`] did.
-struct RestsCanceled {
-    /// A rest's sale was recorded and its leg moved to `Replaced`: the
-    /// position changed, plan again.
-    recorded: bool,
-    /// The open part of the rests whose cancel failed: still locked.
-    locked: Qty,
 }
 
 /// Whether `leg` is the rest of a partly filled take-profit: on the book
