@@ -477,6 +477,28 @@ impl Protector {
             .map(|l| l.qty.saturating_sub(l.sold.take_profit))
             .sum();
         let exited = matches!(entry.protection, Protection::Exited { .. });
+        if position.is_zero() && active.is_empty() && !rests.is_empty() {
+            // A balance read does not count coins the entry's own take-profit
+            // rest locks: closing would leave them on the book without a stop
+            // and without an entry. The rest is canceled (its sale read) first.
+            if !std::mem::replace(rests_tried, true)
+                && self
+                    .cancel_take_profit_rests(&creds, entry, &rests, source)
+                    .await?
+            {
+                return Ok(Round::Again { holding: None });
+            }
+            if entry.protection != Protection::Unprotected {
+                self.store
+                    .set_protection(entry.id, &Protection::Unprotected)
+                    .await?;
+            }
+            return Ok(Round::Done(ProtectOutcome::Failed {
+                errors: vec![format!(
+                    "take-profit rest of {rest_open} still open; no other coins free"
+                )],
+            }));
+        }
         if position.is_zero() && active.is_empty() && !owed.is_zero() {
             match self.adopt_stray_list(&creds, entry, &legs, source).await? {
                 // Only a balance read said the coins were gone, and a list of
@@ -1770,7 +1792,12 @@ impl Protector {
                 // follows it; without one it may hold these coins.
                 if held_by.is_none() && list.symbol == entry.symbol.name {
                     let other = self.store.legs(key.entry).await?;
-                    if !other.iter().any(|l| l.key == key && l.state.is_active()) {
+                    // A take-profit rest keeps its list executing by design:
+                    // its own entry follows and cancels it.
+                    if !other
+                        .iter()
+                        .any(|l| l.key == key && (l.state.is_active() || is_take_profit_rest(l)))
+                    {
                         held_by = Some(list.list_client_id.clone());
                     }
                 }

@@ -1925,3 +1925,70 @@ async fn an_exit_found_by_lookup_with_a_take_profit_rest_open_does_not_settle_th
         "followed until the rest is gone"
     );
 }
+
+#[tokio::test]
+async fn coins_held_only_by_the_entrys_own_take_profit_rest_do_not_close_it() {
+    let (w, id, first, second) = with_a_take_profit_rest(true).await;
+    // The second list is canceled by hand and its 0.5 sold by hand: only the
+    // rest's 0.3 is left, locked, and its cancel fails.
+    w.exchange.cancel_externally(&second);
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    let (free, _) = w.exchange.balance(KEY, "BTC");
+    w.exchange.set_free(KEY, "BTC", free - dec!(0.5));
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { ref errors } if errors[0].contains("rest of 0.3 still open")),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Unprotected,
+        "not closed while its rest holds coins"
+    );
+    // The exchange answers again: the rest goes, its coins get a stop.
+    w.exchange.fail_cancels(None);
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        !w.exchange
+            .open_lists()
+            .iter()
+            .any(|l| l.request.ids.list.as_str() == first)
+    );
+    assert_eq!(w.open_qty(), dec!(0.3));
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+}
+
+#[tokio::test]
+async fn another_entrys_take_profit_rest_is_no_stray() {
+    let (w, _, _, _) = with_a_take_profit_rest(true).await;
+    // Another entry filled, its coins sold by hand before it was protected:
+    // nothing free, and the only lists are the first entry's (one a rest).
+    let other = w.entry(EntryLevels::default()).await;
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(9, dec!(0.5), dec!(100), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(other, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.outcome,
+        ProtectOutcome::Nothing(Idle::Settled),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.store.entry(other).await.unwrap().protection,
+        Protection::Closed
+    );
+}
