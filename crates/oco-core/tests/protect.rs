@@ -1648,6 +1648,16 @@ async fn with_a_take_profit_rest(read_sale: bool) -> (World, EntryId, String, St
     (w, id, first, second)
 }
 
+/// List `list` of entry `id` canceled by hand on the exchange, and the legs
+/// refreshed from it (as the stream or sync would record it).
+async fn cancel_by_hand(w: &World, id: EntryId, list: &str) {
+    w.exchange.cancel_externally(list);
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_take_profit_rest_whose_list_is_not_found_after_its_cancel_keeps_its_leg() {
     let (w, id, first, _) = with_a_take_profit_rest(false).await;
@@ -1689,11 +1699,7 @@ async fn a_take_profit_rest_whose_list_is_not_found_after_its_cancel_keeps_its_l
 async fn coins_of_another_entry_are_not_covered_while_a_rest_stays_open() {
     let (w, id, first, second) = with_a_take_profit_rest(true).await;
     // The second list is canceled by hand: 0.5 free, 0.3 locked by the rest.
-    w.exchange.cancel_externally(&second);
-    let creds = w.store.credentials(w.account).await.unwrap();
-    for leg in w.store.legs(id).await.unwrap() {
-        w.protector.refresh_leg(&creds, &leg).await.unwrap();
-    }
+    cancel_by_hand(&w, id, &second).await;
     // Another entry's 0.4 of the same coin, free and not yet protected.
     w.credit(dec!(0.4));
     w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
@@ -1789,11 +1795,7 @@ async fn an_exit_with_a_take_profit_rest_still_open_does_not_settle_the_entry() 
     let (w, id, first, second) = with_a_take_profit_rest(true).await;
     // The second list is canceled by hand and the market falls past the stop:
     // its 0.5 is free, the rest still locks 0.3, and its cancel fails.
-    w.exchange.cancel_externally(&second);
-    let creds = w.store.credentials(w.account).await.unwrap();
-    for leg in w.store.legs(id).await.unwrap() {
-        w.protector.refresh_leg(&creds, &leg).await.unwrap();
-    }
+    cancel_by_hand(&w, id, &second).await;
     w.exchange.set_price("BTCUSDT", p(dec!(98)));
     w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
         retry_after: Duration::from_secs(1),
@@ -1898,11 +1900,7 @@ async fn coins_a_list_no_live_leg_follows_may_hold_do_not_close_another_entry() 
 #[tokio::test]
 async fn an_exit_found_by_lookup_with_a_take_profit_rest_open_does_not_settle_the_entry() {
     let (w, id, _, second) = with_a_take_profit_rest(true).await;
-    w.exchange.cancel_externally(&second);
-    let creds = w.store.credentials(w.account).await.unwrap();
-    for leg in w.store.legs(id).await.unwrap() {
-        w.protector.refresh_leg(&creds, &leg).await.unwrap();
-    }
+    cancel_by_hand(&w, id, &second).await;
     // Past the stop, the rest's cancel failing; the exit's answer is lost.
     w.exchange.set_price("BTCUSDT", p(dec!(98)));
     w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
@@ -1931,11 +1929,7 @@ async fn coins_held_only_by_the_entrys_own_take_profit_rest_do_not_close_it() {
     let (w, id, first, second) = with_a_take_profit_rest(true).await;
     // The second list is canceled by hand and its 0.5 sold by hand: only the
     // rest's 0.3 is left, locked, and its cancel fails.
-    w.exchange.cancel_externally(&second);
-    let creds = w.store.credentials(w.account).await.unwrap();
-    for leg in w.store.legs(id).await.unwrap() {
-        w.protector.refresh_leg(&creds, &leg).await.unwrap();
-    }
+    cancel_by_hand(&w, id, &second).await;
     let (free, _) = w.exchange.balance(KEY, "BTC");
     w.exchange.set_free(KEY, "BTC", free - dec!(0.5));
     w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
