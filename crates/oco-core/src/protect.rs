@@ -521,6 +521,23 @@ impl Protector {
                             .set_protection(entry.id, &Protection::Unprotected)
                             .await?;
                     }
+                    // Once per list: the entry's history says why it stays open,
+                    // however often it is retried.
+                    let history = self.store.events(entry.id).await?;
+                    if !history
+                        .iter()
+                        .any(|e| e.kind == HELD_BY_STRAY && e.detail == why)
+                    {
+                        self.store
+                            .append_event(&event(
+                                entry.id,
+                                HELD_BY_STRAY,
+                                &why,
+                                Some(source),
+                                self.clock.now(),
+                            ))
+                            .await?;
+                    }
                     return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }));
                 }
                 StrayCheck::Nothing => {}
@@ -2080,6 +2097,10 @@ impl Protector {
 
 /// Whether working legs of `active_qty` cover `position`: all of it that
 /// flooring to the step leaves, and something at all.
+/// The history line of an entry kept open because a list of ours that no
+/// live leg follows may hold its coins.
+const HELD_BY_STRAY: &str = "coins_held_by_stray";
+
 /// What the account's open lists tell of an entry whose coins a balance read
 /// calls gone ([`Protector::adopt_stray_list`]).
 enum StrayCheck {

@@ -1895,6 +1895,19 @@ async fn coins_a_list_no_live_leg_follows_may_hold_do_not_close_another_entry() 
         "not closed as sold"
     );
     assert_eq!(w.exchange.open_lists().len(), lists, "no list touched");
+    // Said once in the entry's history, however often it is retried.
+    w.protector.protect(b, None, Source::Sync).await.unwrap();
+    let said = w
+        .store
+        .events(b)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| {
+            e.kind == "coins_held_by_stray" && e.detail.contains(stranded.ids.list.as_str())
+        })
+        .count();
+    assert_eq!(said, 1);
 }
 
 #[tokio::test]
