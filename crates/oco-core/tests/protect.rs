@@ -1474,18 +1474,7 @@ async fn a_late_exit_refused_under_the_min_notional_is_recorded_once() {
 
 #[tokio::test]
 async fn coins_over_what_max_qty_lists_hold_are_recorded_not_called_covered() {
-    let w = world(ProtectionConfig::DEFAULT).await;
-    let capped = oco_core::symbol::SymbolRules {
-        max_qty: Some(q(dec!(0.3))),
-        ..oco_core::testing::btcusdt_rules()
-    };
-    w.exchange.add_symbol(capped, p(dec!(100)));
-    let id = w.entry(EntryLevels::default()).await;
-    w.credit(dec!(1));
-    let ev = evidence(
-        EntryStatus::Filled,
-        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
-    );
+    let (w, id, ev) = one_bought_under_max_qty(dec!(0.3), dec!(100)).await;
     let first = w
         .protector
         .protect(id, Some(&ev), Source::Websocket)
@@ -1545,27 +1534,10 @@ async fn coins_over_what_max_qty_lists_hold_are_recorded_not_called_covered() {
 
 #[tokio::test]
 async fn a_take_profit_rest_whose_cancel_failed_is_canceled_by_a_later_call() {
-    let w = world(ProtectionConfig::DEFAULT).await;
-    let id = w.entry(EntryLevels::default()).await;
-    w.credit(dec!(1));
-    let ev = evidence(
-        EntryStatus::Filled,
-        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
-    );
-    w.protector
-        .protect(id, Some(&ev), Source::Websocket)
-        .await
-        .unwrap();
-    let first = w.exchange.open_lists()[0].request.ids.list.clone();
-    // 0.2 of the first list's 0.5 sells at its target; 0.3 rests there without a stop.
-    w.exchange.fill_take_profit(first.as_str(), q(dec!(0.2)));
-    let creds = w.store.credentials(w.account).await.unwrap();
-    for leg in w.store.legs(id).await.unwrap() {
-        w.protector.refresh_leg(&creds, &leg).await.unwrap();
-    }
+    let (w, id, first, _) = with_a_take_profit_rest(true).await;
     let orphan = |legs: &[oco_core::model::Leg]| {
         legs.iter()
-            .find(|l| l.ids.list == first)
+            .find(|l| l.ids.list.as_str() == first)
             .map(|l| l.state.clone())
     };
     w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
@@ -1582,7 +1554,7 @@ async fn a_take_profit_rest_whose_cancel_failed_is_canceled_by_a_later_call() {
         w.exchange
             .open_lists()
             .iter()
-            .filter(|l| l.request.ids.list != first)
+            .filter(|l| l.request.ids.list.as_str() != first)
             .map(|l| l.request.qty.get())
             .sum()
     };
@@ -1727,18 +1699,7 @@ async fn coins_of_another_entry_are_not_covered_while_a_rest_stays_open() {
 
 #[tokio::test]
 async fn a_late_exit_over_max_qty_says_so() {
-    let w = world(ProtectionConfig::DEFAULT).await;
-    let capped = oco_core::symbol::SymbolRules {
-        max_qty: Some(q(dec!(0.3))),
-        ..oco_core::testing::btcusdt_rules()
-    };
-    w.exchange.add_symbol(capped, p(dec!(80)));
-    let id = w.entry(EntryLevels::default()).await;
-    w.credit(dec!(1));
-    let ev = evidence(
-        EntryStatus::Filled,
-        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
-    );
+    let (w, id, ev) = one_bought_under_max_qty(dec!(0.3), dec!(80)).await;
     let report = w
         .protector
         .protect(id, Some(&ev), Source::Sync)
@@ -1998,4 +1959,25 @@ async fn another_entrys_take_profit_rest_is_no_stray() {
         w.store.entry(other).await.unwrap().protection,
         Protection::Closed
     );
+}
+
+/// 1 BTC bought at 100 and held, on BTCUSDT with `LOT_SIZE.maxQty` `max`
+/// and the market at `price`: the world, the entry and its fill (unrecorded).
+async fn one_bought_under_max_qty(
+    max: Decimal,
+    price: Decimal,
+) -> (World, EntryId, oco_core::model::Evidence) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let capped = oco_core::symbol::SymbolRules {
+        max_qty: Some(q(max)),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(capped, p(price));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    (w, id, ev)
 }
