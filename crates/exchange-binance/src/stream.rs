@@ -1485,7 +1485,9 @@ fn age_with_jitter(age: Duration) -> Duration {
 /// `Retry-After`.
 async fn handshake(shared: &Shared) -> Result<Ws, ExchangeError> {
     shared.charge_weight(WS_WEIGHT);
-    match tokio_tungstenite::connect_async(shared.url.as_str()).await {
+    // Nagle off: our requests (subscribe, pong) are small writes that must
+    // not wait for the ACK of the previous one.
+    match tokio_tungstenite::connect_async_with_config(shared.url.as_str(), None, true).await {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(resp)) => {
             let status = resp.status().as_u16();

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{any, get};
+use axum::serve::ListenerExt as _;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -67,6 +68,14 @@ impl Sim {
                 source,
             })?;
         let addr = listener.local_addr()?;
+        // Nagle off, as an exchange's servers have it: a stream's events are
+        // small frames written one after another, and with Nagle each waits
+        // for the ACK of the one before, which a client may delay by 40 ms.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted connection");
+            }
+        });
         let mut engine = Engine::new(symbols::builtin());
         for a in &config.accounts {
             engine.upsert_account(a, util::now_us());
