@@ -212,6 +212,9 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     // the flag loop at once; the guard ends the task however this returns.
     let ringer = store_pg::ring_on_flags(store.clone(), reconciler.flag_bell());
     metrics.watch_flag_listener(store_pg::RECONCILE_CHANNEL, ringer.listening());
+    // New entries of the accounts the gateway follows are read as they are
+    // stored, so that their fills skip that read.
+    let _learner = store_pg::learn_announced_entries(store.clone());
     // Layer 3: the entry API.
     let state = api_bin::app_state(
         store.clone(),

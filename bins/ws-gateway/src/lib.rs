@@ -329,6 +329,9 @@ pub async fn run(
         .and_then(ws_gateway::CpuWakeupLatency::hold_or_warn);
     let metrics = Metrics::new();
     let (gateway, store) = wire_observed(config, &metrics).await?;
+    // New entries of the accounts followed here are read as they are stored,
+    // so that their fills skip that read; the guard ends the task on return.
+    let _learner = store_pg::learn_announced_entries(store.clone());
     let exporter = Exporter::start(config.metrics_listen, metrics, store, Arc::new(SystemClock))
         .await
         .with_context(|| format!("binding OCO_METRICS_LISTEN {}", config.metrics_listen))?;

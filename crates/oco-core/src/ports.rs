@@ -484,6 +484,14 @@ pub trait Store: Send + Sync {
             Err(e) => Err(e),
         }
     }
+    /// The caller follows `account`'s stream from now on (it took the
+    /// account's lease): a store may read the account's new entries ahead
+    /// of their fills, to write those fills without a read. Until
+    /// [`Store::unfollowed`]. Nothing stored changes; stores that keep
+    /// nothing ignore it.
+    fn following(&self, account: AccountId) {
+        let _ = account;
+    }
     /// The caller no longer follows `account`'s stream (its lease was lost
     /// or released): whatever the store kept to speed that stream up is
     /// dropped, its decrypted keys first. Nothing stored changes; stores

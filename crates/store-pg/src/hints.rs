@@ -8,7 +8,7 @@
 //! its keys and settings; a stale hint makes it match nothing, and the fill
 //! is then read and planned as it is without a hint.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -24,6 +24,12 @@ const MAX_ENTRIES: usize = 20_000;
 
 /// Stale pairs `order` may hold beyond twice the live ones before it is swept.
 const ORDER_SLACK: usize = 1024;
+
+/// Entries whose fill or other evidence this process handled lately, kept so
+/// that a read ahead that finishes after does not leave a hint of them. A
+/// hint left despite it (more handled meanwhile than this) is stale and
+/// harmless: the write from it matches nothing.
+const HANDLED_CAP: usize = 4096;
 
 /// An entry as a write of this process left it, nothing filled.
 #[derive(Clone)]
@@ -48,6 +54,27 @@ struct Inner {
     order: VecDeque<(EntryId, u64)>,
     next: u64,
     accounts: HashMap<AccountId, AccountHint>,
+    /// Accounts whose streams this process follows: the only ones whose
+    /// announced entries are read ahead of their fill.
+    followed: HashSet<AccountId>,
+    /// See [`HANDLED_CAP`]; `handled_order` is its insertion order.
+    handled: HashSet<EntryId>,
+    handled_order: VecDeque<EntryId>,
+}
+
+impl Inner {
+    /// Notes that evidence of `id` was handled here: a read ahead of its fill
+    /// that was in flight is out of date.
+    fn handled(&mut self, id: EntryId) {
+        if self.handled.insert(id) {
+            self.handled_order.push_back(id);
+            if self.handled_order.len() > HANDLED_CAP
+                && let Some(oldest) = self.handled_order.pop_front()
+            {
+                self.handled.remove(&oldest);
+            }
+        }
+    }
 }
 
 /// The hints of one `PgStore` (see the module's documentation).
@@ -94,10 +121,14 @@ impl Hints {
     /// Remembers `entry` as written, if nothing of it is filled: a first fill
     /// is the only write planned from a hint.
     pub(crate) fn entry_written(&self, entry: &Entry, seen: &SeenEntry) {
+        self.insert_entry(&mut self.lock(), entry, seen);
+    }
+
+    /// Keeps `entry` as `seen` in `inner`, the oldest going past the cap.
+    fn insert_entry(&self, inner: &mut Inner, entry: &Entry, seen: &SeenEntry) {
         if !entry.executed_qty.is_zero() {
             return;
         }
-        let mut inner = self.lock();
         let seq = inner.next;
         inner.next += 1;
         let hint = EntryHint {
@@ -117,15 +148,63 @@ impl Hints {
         // Pairs of entries taken since pile up in `order`; drop them once
         // they outnumber the live ones.
         if inner.order.len() > 2 * inner.entries.len() + ORDER_SLACK {
-            let Inner { entries, order, .. } = &mut *inner;
+            let Inner { entries, order, .. } = inner;
             order.retain(|(id, seq)| entries.get(id).is_some_and(|(s, _)| s == seq));
         }
+    }
+
+    /// Remembers that this process follows `account`'s stream.
+    pub(crate) fn follow(&self, account: AccountId) {
+        self.lock().followed.insert(account);
+    }
+
+    /// Whether this process follows `account`'s stream.
+    pub(crate) fn follows(&self, account: AccountId) -> bool {
+        self.lock().followed.contains(&account)
+    }
+
+    /// Keeps `entry`, read with nothing filled, and its account's keys and
+    /// settings when given, as [`Hints::entry_written`] and
+    /// [`Hints::account_read`] do, but only while `entry`'s account is
+    /// followed: checked under the same lock as the insertion, so a read
+    /// that finishes after the account was let go keeps nothing of it.
+    /// The entry is not kept either when a hint of it is already kept (it
+    /// came from a write here, at least as recent as this read) or when its
+    /// evidence was handled here since (the read is out of date). Whether
+    /// the entry was kept.
+    pub(crate) fn entry_read(
+        &self,
+        entry: &Entry,
+        seen: &SeenEntry,
+        account: Option<AccountHint>,
+    ) -> bool {
+        let mut inner = self.lock();
+        if !inner.followed.contains(&entry.account) {
+            return false;
+        }
+        // Keys and settings read at an older version than kept would only
+        // make the next write from them match nothing.
+        if let Some(hint) = account
+            && inner
+                .accounts
+                .get(&entry.account)
+                .is_none_or(|kept| kept.version < hint.version)
+        {
+            inner.accounts.insert(entry.account, hint);
+        }
+        if inner.entries.contains_key(&entry.id) || inner.handled.contains(&entry.id) {
+            return false;
+        }
+        self.insert_entry(&mut inner, entry, seen);
+        true
     }
 
     /// Forgets entry `id`: other evidence of it was written, which a hint
     /// taken before would not match.
     pub(crate) fn forget(&self, id: EntryId) {
-        self.lock().entries.remove(&id);
+        let mut inner = self.lock();
+        inner.entries.remove(&id);
+        inner.handled(id);
     }
 
     /// Whether `account`'s keys and settings are known.
@@ -143,6 +222,9 @@ impl Hints {
     /// being written).
     pub(crate) fn take(&self, account: AccountId, id: EntryId) -> Option<(EntryHint, AccountHint)> {
         let mut inner = self.lock();
+        // Known or not, the fill is being written: a read ahead of it in
+        // flight must not leave a hint behind.
+        inner.handled(id);
         // Another account's stream naming the id leaves the owner's hint.
         if inner.entries.get(&id)?.1.entry.account != account {
             return None;
@@ -157,9 +239,15 @@ impl Hints {
     pub(crate) fn forget_account(&self, account: AccountId) {
         let mut inner = self.lock();
         inner.accounts.remove(&account);
+        inner.followed.remove(&account);
         inner
             .entries
             .retain(|_, (_, hint)| hint.entry.account != account);
+    }
+
+    /// Entries remembered.
+    pub(crate) fn entries_known(&self) -> usize {
+        self.lock().entries.len()
     }
 
     /// Accounts whose keys and settings are remembered.
@@ -306,6 +394,45 @@ mod tests {
         hints.forget(EntryId(6));
         assert!(hints.take(AccountId(1), EntryId(6)).is_none(), "forgotten");
         assert!(hints.take(AccountId(1), EntryId(7)).is_some());
+    }
+
+    #[test]
+    fn a_read_ahead_keeps_an_entry_only_of_an_account_followed_and_not_handled_since() {
+        let hints = Hints::default();
+        let (e, s) = entry(1, 1, Decimal::ZERO);
+        assert!(
+            !hints.entry_read(&e, &s, Some(account(1, 1))),
+            "not followed"
+        );
+        assert!(!hints.knows_account(AccountId(1)), "no keys kept either");
+        hints.follow(AccountId(1));
+        assert!(hints.entry_read(&e, &s, Some(account(1, 1))));
+        assert!(hints.knows_account(AccountId(1)));
+        assert_eq!(hints.entries_known(), 1);
+        // Written here meanwhile: the write's hint stays.
+        let (mut newer, newer_seen) = entry(1, 1, Decimal::ZERO);
+        newer.order_id = Some(99);
+        hints.entry_written(&newer, &newer_seen);
+        assert!(!hints.entry_read(&e, &s, None), "a hint is kept already");
+        let (taken, _) = hints.take(AccountId(1), EntryId(1)).unwrap();
+        assert_eq!(taken.entry.order_id, Some(99));
+        // Its fill taken (with or without a hint) or its evidence written
+        // since: a read ahead that was in flight is out of date.
+        assert!(!hints.entry_read(&e, &s, None), "taken");
+        let (two, two_seen) = entry(2, 1, Decimal::ZERO);
+        assert!(hints.take(AccountId(1), EntryId(2)).is_none());
+        assert!(
+            !hints.entry_read(&two, &two_seen, None),
+            "its fill came first"
+        );
+        let (three, three_seen) = entry(3, 1, Decimal::ZERO);
+        hints.forget(EntryId(3));
+        assert!(!hints.entry_read(&three, &three_seen, None), "forgotten");
+        // Let go: nothing more is kept.
+        hints.forget_account(AccountId(1));
+        let (four, four_seen) = entry(4, 1, Decimal::ZERO);
+        assert!(!hints.entry_read(&four, &four_seen, Some(account(1, 2))));
+        assert_eq!((hints.entries_known(), hints.accounts_known()), (0, 0));
     }
 
     #[test]

@@ -32,6 +32,9 @@ mod users;
 
 pub use config::{KeyError, PgConfig, SecretKey};
 pub use hints::HintStats;
-pub use listen::{FlagRinger, RECONCILE_CHANNEL, ReconcileListener, ring_on_flags};
+pub use listen::{
+    ENTRY_CHANNEL, EntryLearner, EntryListener, FlagRinger, RECONCILE_CHANNEL, ReconcileListener,
+    learn_announced_entries, ring_on_flags,
+};
 pub use migrate::{MIGRATIONS, migrate};
 pub use store::{PgStore, STARTUP_PATIENCE};

@@ -194,6 +194,14 @@ const CHECKS_WARM_UP: &str = "SELECT \
     protection_legs_state_ok('claimed', NULL, NULL, NULL, NULL), \
     protection_legs_values_ok(1::SMALLINT, 0, 0, 1, 1, NULL, 'sync')";
 
+/// A pool checkout that takes a free connection (or opens one, within the
+/// pool's size) but never waits for one in use: for work that may be skipped.
+const NO_WAIT: deadpool::managed::Timeouts = deadpool::managed::Timeouts {
+    wait: Some(Duration::ZERO),
+    create: Some(POOL_TIMEOUT),
+    recycle: Some(POOL_TIMEOUT),
+};
+
 /// PostgreSQL plans a prepared statement anew at each of its first five
 /// executions on a connection (custom plans) and builds its generic plan at
 /// the sixth; only after that is a bind cheap. For the merge with its claims
@@ -652,11 +660,108 @@ impl PgStore {
         self.learn(owner, entry, seen, account);
     }
 
+    /// Announces entry `id` of `account`, committed, on
+    /// [`crate::ENTRY_CHANNEL`] for the gateway that follows the account
+    /// ([`crate::learn_announced_entries`]), in the background: the caller
+    /// (the API, about to send the order) does not wait for it.
+    ///
+    /// Not in the entry's own transaction: PostgreSQL serialises the commits
+    /// of notifying transactions on one lock held through their WAL flush,
+    /// and every entry's durable commit would queue behind the others'. Sent
+    /// alone on a connection whose commits do not wait for the flush, the
+    /// lock is held for no flush. Best effort, as any notification: when no
+    /// connection is free at once or the send fails, the entry is read at
+    /// its fill.
+    fn announce_entry(&self, account: AccountId, id: EntryId) {
+        let connections = self.evidence_pool.clone();
+        tokio::spawn(async move {
+            let Ok(mut conn) = connections.timeout_get(&NO_WAIT).await else {
+                tracing::debug!(entry = %id, "no connection free to announce the new entry: read at its fill");
+                return;
+            };
+            // Two integers: nothing to quote.
+            let notify = format!("NOTIFY {}, '{account} {id}'", crate::ENTRY_CHANNEL);
+            if let Err(err) = conn.batch_execute(&notify).await {
+                tracing::debug!(entry = %id, error = %err, "new entry not announced: read at its fill");
+            }
+        });
+    }
+
+    /// Whether this store's process follows `account`'s stream
+    /// ([`Store::following`]).
+    pub(crate) fn follows(&self, account: AccountId) -> bool {
+        self.hints.follows(account)
+    }
+
+    /// Reads entry `id` of `account`, announced as new (see
+    /// [`crate::learn_announced_entries`]), ahead of its first fill, and
+    /// keeps it as a hint when this store's process follows the account and
+    /// nothing of the entry is filled yet; the account's keys and settings
+    /// too, when not known. Its first fill is then written and claimed
+    /// without a read on its way to the exchange. Whether it was kept.
+    ///
+    /// # Errors
+    /// `Unavailable` when the database cannot be read; a hint is then not
+    /// kept, and the fill reads what it needs.
+    pub async fn learn_announced(
+        &self,
+        account: AccountId,
+        id: EntryId,
+    ) -> Result<bool, StoreError> {
+        if !self.hints.follows(account) {
+            return Ok(false);
+        }
+        // Only a connection free now: the fills' own reads must never queue
+        // behind a read ahead.
+        let Ok(mut conn) = self.evidence_pool.timeout_get(&NO_WAIT).await else {
+            return Ok(false);
+        };
+        let snapshot = Self::start_snapshot(&mut conn, id, Some(account), Vec::new());
+        let keys = (!self.hints.knows_account(account))
+            .then(|| self.start_keys_and_settings(&mut conn, account));
+        let (snapshot, keys) = futures_util::future::join(snapshot, async move {
+            match keys {
+                Some(read) => Some(read.await),
+                None => None,
+            }
+        })
+        .await;
+        let Some(snapshot) = snapshot? else {
+            return Ok(false);
+        };
+        let account_hint = match keys.transpose()? {
+            Some((credentials, settings, Some(version))) if settings.id == account => {
+                Some(AccountHint {
+                    version,
+                    credentials,
+                    account: settings,
+                })
+            }
+            // Keys and settings read at different versions: the fill reads them.
+            Some(_) => return Ok(false),
+            None => None,
+        };
+        let entry = &snapshot.entry;
+        // A hint is planned as if nothing were stored: only an entry with
+        // nothing filled, still to be accepted or resting, serves.
+        let unfilled = snapshot.seen.stored_fills == 0
+            && entry.executed_qty.is_zero()
+            && matches!(entry.status, EntryStatus::PendingNew | EntryStatus::New);
+        Ok(unfilled && self.hints.entry_read(entry, &snapshot.seen, account_hint))
+    }
+
     /// Counts of first fills written from what this store already knew of
     /// their entry and account (see [`HintStats`]).
     #[must_use]
     pub fn hint_stats(&self) -> HintStats {
         self.hints.stats()
+    }
+
+    /// Entries with nothing filled that this store keeps as hints for their
+    /// first fill.
+    #[must_use]
+    pub fn hinted_entries(&self) -> usize {
+        self.hints.entries_known()
     }
 
     /// Accounts whose keys and settings this store keeps as hints: the
@@ -1212,7 +1317,11 @@ impl Store for PgStore {
             .await
             .and_then(only);
         match created {
-            Ok(row) => row.into_entry(),
+            Ok(row) => {
+                drop(conn);
+                self.announce_entry(entry.account, EntryId(id));
+                row.into_entry()
+            }
             Err(e) if is_foreign_key(&e) => Err(not_found("account", entry.account)),
             Err(e) => Err(db(&format!("creating entry {id} ({client_id})"), e)),
         }
@@ -1258,6 +1367,10 @@ impl Store for PgStore {
         self.merge(id, None, evidence)
             .await?
             .ok_or_else(|| not_found("entry", id))
+    }
+
+    fn following(&self, account: AccountId) {
+        self.hints.follow(account);
     }
 
     fn unfollowed(&self, account: AccountId) {

@@ -1382,6 +1382,192 @@ async fn a_stale_hint_is_caught_by_the_write_and_the_fill_read_again() {
     assert_eq!(here.hint_stats(), store_pg::HintStats { used: 1, stale: 2 });
 }
 
+/// A new entry of an account this process follows, read when it is
+/// announced and before anything of it was accepted (a MARKET entry's fill
+/// is the first the stream says of it), has its first fill written and
+/// claimed without a read, and ends exactly as one written the long way.
+/// Nothing is kept of an account not followed, of another account's entry,
+/// of an entry already filled, or once the account is let go.
+#[tokio::test]
+async fn an_announced_entry_of_a_followed_account_is_read_ahead_of_its_fill() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let account = new_account(&store, "ahead-key").await;
+    let other = new_account(&store, "other-ahead-key").await;
+    let entry = new_entry(&store, account.id).await;
+    assert!(
+        !store.learn_announced(account.id, entry.id).await.unwrap(),
+        "not followed"
+    );
+    assert_eq!((store.hinted_entries(), store.hinted_accounts()), (0, 0));
+    store.following(account.id);
+    let others = new_entry(&store, other.id).await;
+    assert!(
+        !store.learn_announced(account.id, others.id).await.unwrap(),
+        "another account's entry"
+    );
+    assert!(store.learn_announced(account.id, entry.id).await.unwrap());
+    assert_eq!((store.hinted_entries(), store.hinted_accounts()), (1, 1));
+
+    // The two fills below differ in their trades' ids, hence times.
+    let strip = |e: Entry| Entry {
+        id: EntryId(0),
+        client_id: ClientOrderId::new("x").unwrap(),
+        filled_at: None,
+        ..e
+    };
+    let ahead = fill_first(
+        &store,
+        account.id,
+        entry.id,
+        &filled(561, &[(1101, "1")], "1"),
+    )
+    .await;
+    assert_eq!(
+        store.hint_stats(),
+        store_pg::HintStats { used: 1, stale: 0 }
+    );
+    assert_eq!(ahead.won, vec![true, true], "{ahead:?}");
+    assert_eq!(ahead.context.credentials.api_key, "ahead-key");
+    assert_eq!(store.entry(entry.id).await.unwrap(), ahead.entry);
+    assert!(
+        !store.learn_announced(account.id, entry.id).await.unwrap(),
+        "filled: nothing to read ahead"
+    );
+    // The long way, for the same fill on an entry not read ahead.
+    let long = new_entry(&store, account.id).await;
+    let read = fill_first(
+        &store,
+        account.id,
+        long.id,
+        &filled(561, &[(1102, "1")], "1"),
+    )
+    .await;
+    assert_eq!(store.hint_stats().used, 1, "this one was read");
+    assert_eq!(strip(read.entry), strip(ahead.entry));
+    assert_eq!(
+        leg_qtys(&store, long.id).await,
+        leg_qtys(&store, entry.id).await
+    );
+
+    store.unfollowed(account.id);
+    let later = new_entry(&store, account.id).await;
+    assert!(
+        !store.learn_announced(account.id, later.id).await.unwrap(),
+        "let go"
+    );
+    assert_eq!((store.hinted_entries(), store.hinted_accounts()), (0, 0));
+}
+
+/// A read ahead goes stale when another process (the API, from the order's
+/// own response) writes the entry's acceptance or its fill first: the write
+/// from it matches nothing, the fill is read, and what is stored is what the
+/// long way stores, with each leg claimed once.
+#[tokio::test]
+async fn a_read_ahead_made_stale_by_another_process_claims_nothing_twice() {
+    let db = TestDb::new().await;
+    let config = db.config(8);
+    let gateway = PgStore::connect(config.clone()).await.unwrap();
+    let api = PgStore::connect(config).await.unwrap();
+    let account = new_account(&gateway, "race-key").await;
+    gateway.following(account.id);
+
+    // The API recorded the acceptance from its response after the read ahead.
+    let accepted_there = new_entry(&api, account.id).await;
+    assert!(
+        gateway
+            .learn_announced(account.id, accepted_there.id)
+            .await
+            .unwrap()
+    );
+    api.record_evidence(accepted_there.id, &accepted(563))
+        .await
+        .unwrap();
+    let recorded = fill_first(
+        &gateway,
+        account.id,
+        accepted_there.id,
+        &filled(563, &[(1301, "1")], "1"),
+    )
+    .await;
+    assert_eq!(
+        gateway.hint_stats(),
+        store_pg::HintStats { used: 0, stale: 1 }
+    );
+    assert_eq!(recorded.won, vec![true, true]);
+    assert_eq!(recorded.entry.fills_qty, qty("1"));
+    assert_eq!(
+        leg_qtys(&gateway, accepted_there.id).await,
+        vec![qty("0.5"), qty("0.5")]
+    );
+
+    // The API recorded the fill and claimed its legs first: the gateway's
+    // write from the read ahead claims nothing, and nothing is claimed twice.
+    let filled_there = new_entry(&api, account.id).await;
+    assert!(
+        gateway
+            .learn_announced(account.id, filled_there.id)
+            .await
+            .unwrap()
+    );
+    let fill = filled(564, &[(1401, "1")], "1");
+    let first = fill_first(&api, account.id, filled_there.id, &fill).await;
+    assert_eq!(first.won, vec![true, true]);
+    let plan = split_planner(filled_there.id);
+    let second = gateway
+        .record_fill_and_claim(account.id, filled_there.id, &fill, &plan)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second.won.iter().all(|won| !won), "{second:?}");
+    assert_eq!(gateway.hint_stats().stale, 2);
+    assert_eq!(gateway.hint_stats().used, 0);
+    let stored = gateway.entry(filled_there.id).await.unwrap();
+    assert_eq!(stored.fills_qty, qty("1"), "the fill stored once");
+    assert_eq!(
+        leg_qtys(&gateway, filled_there.id).await,
+        vec![qty("0.5"), qty("0.5")],
+        "two legs, claimed once"
+    );
+}
+
+/// `create_entry` announces every new entry, and the learner task reads
+/// those of the accounts followed as they come: the fill after it skips the
+/// read.
+#[tokio::test]
+async fn new_entries_are_read_as_they_are_announced() {
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let account = new_account(&*store, "announced-key").await;
+    let other = new_account(&*store, "unfollowed-key").await;
+    store.following(account.id);
+    let learner = store_pg::learn_announced_entries(store.clone());
+    let listening = learner.listening();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::sync::atomic::AtomicBool::load(&listening, std::sync::atomic::Ordering::Relaxed) {
+        assert!(Instant::now() < deadline, "the learner never listened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    new_entry(&*store, other.id).await;
+    let entry = new_entry(&*store, account.id).await;
+    while store.hinted_entries() == 0 {
+        assert!(Instant::now() < deadline, "the entry was never read ahead");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Of the two announced, only the followed account's entry and keys are kept.
+    assert_eq!(store.hinted_entries(), 1);
+    assert_eq!(store.hinted_accounts(), 1);
+    fill_first(
+        &store,
+        account.id,
+        entry.id,
+        &filled(562, &[(1201, "1")], "1"),
+    )
+    .await;
+    assert_eq!(store.hint_stats().used, 1);
+    drop(learner);
+}
+
 /// A hint names its account: another account's stream reporting the id
 /// neither uses it nor writes anything.
 #[tokio::test]

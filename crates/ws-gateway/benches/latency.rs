@@ -365,6 +365,8 @@ struct Running {
     task: tokio::task::JoinHandle<Result<(), ws_gateway::GatewayError>>,
     stats: Arc<GatewayStats>,
     store: Arc<PgStore>,
+    /// Reads new entries ahead of their fills, as the binary does.
+    _learner: store_pg::EntryLearner,
 }
 
 async fn gateway(
@@ -381,6 +383,7 @@ async fn gateway(
     let store = Arc::new(PgStore::connect(pg).await.unwrap());
     // As the binary does at start.
     store.warm_up().await.unwrap();
+    let learner = store_pg::learn_announced_entries(store.clone());
     let gw_store = store.clone();
     let exchange = BinanceExchange::new(cfg.clone()).unwrap();
     let streams = BinanceUserStream::new(cfg.clone()).unwrap();
@@ -411,6 +414,7 @@ async fn gateway(
         task,
         stats,
         store: gw_store,
+        _learner: learner,
     }
 }
 

@@ -222,6 +222,10 @@ pub struct Gateway {
     config: GatewayConfig,
     stats: Arc<GatewayStats>,
     rules: RulesPrefetch,
+    /// The latest task started per account, numbered: a task let go tells
+    /// the store it no longer follows the account only if no later task
+    /// follows it meanwhile (its end can come after the next task's start).
+    following: Arc<std::sync::Mutex<HashMap<AccountId, u64>>>,
 }
 
 impl Gateway {
@@ -241,6 +245,7 @@ impl Gateway {
             config,
             stats: Arc::new(GatewayStats::default()),
             rules: RulesPrefetch::default(),
+            following: Arc::default(),
         }
     }
 
@@ -375,9 +380,14 @@ impl Gateway {
     /// again), the store drops what it kept for the stream, decrypted keys
     /// included.
     fn unfollow(&self, id: AccountId, running: Running) {
-        let Running { mut task, stop } = running;
+        let Running {
+            mut task,
+            stop,
+            started,
+        } = running;
         let _ = stop.send(true);
         let store = self.store.clone();
+        let following = self.following.clone();
         let grace = self.config.drain_grace;
         tokio::spawn(async move {
             if tokio::time::timeout(grace, &mut task).await.is_err() {
@@ -385,12 +395,30 @@ impl Gateway {
                 task.abort();
                 let _ = task.await;
             }
-            store.unfollowed(id);
+            // Under the lock, so that a task started now follows after this.
+            let mut latest = following
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if latest.get(&id) == Some(&started) {
+                latest.remove(&id);
+                store.unfollowed(id);
+            }
         });
     }
 
     fn spawn_account(&self, account: AccountId, why: &'static str, flagger: &Flagger) -> Running {
         let lease = self.stats.leased(account);
+        let started = {
+            let mut latest = self
+                .following
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let next = latest.get(&account).map_or(0, |n| n + 1);
+            latest.insert(account, next);
+            // Its new entries may be read ahead of their fills from now on.
+            self.store.following(account);
+            next
+        };
         let (stop, stopped) = watch::channel(false);
         let worker = AccountWorker {
             account,
@@ -408,6 +436,7 @@ impl Gateway {
         Running {
             task: tokio::spawn(async move { worker.run(why).await }),
             stop,
+            started,
         }
     }
 }
@@ -417,6 +446,8 @@ impl Gateway {
 struct Running {
     task: JoinHandle<()>,
     stop: watch::Sender<bool>,
+    /// Its number among the tasks started for the account.
+    started: u64,
 }
 
 struct AccountWorker {

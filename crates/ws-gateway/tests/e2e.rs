@@ -71,6 +71,8 @@ struct Running {
     stats: Arc<GatewayStats>,
     /// The gateway's own store.
     store: Arc<PgStore>,
+    /// Reads new entries ahead of their fills, as the binary does.
+    learner: store_pg::EntryLearner,
 }
 
 impl Running {
@@ -156,6 +158,7 @@ impl World {
             protector,
             config,
         );
+        let learner = store_pg::learn_announced_entries(store.clone());
         let stats = gateway.stats();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.run(async move {
@@ -166,6 +169,7 @@ impl World {
             task,
             stats,
             store,
+            learner,
         }
     }
 
@@ -183,11 +187,24 @@ impl World {
         qty: Decimal,
         limit: Option<Decimal>,
     ) -> EntryId {
+        let entry = self.stored(account, symbol, qty, limit).await;
+        self.place(account, &entry).await;
+        entry.id
+    }
+
+    /// The first half of [`World::buy_at`]: the entry stored as the API
+    /// stores it, not sent yet.
+    async fn stored(
+        &self,
+        account: usize,
+        symbol: &str,
+        qty: Decimal,
+        limit: Option<Decimal>,
+    ) -> oco_core::Entry {
         let ids = self.ids.clone();
         let limit = limit.map(|l| Price::new(l).unwrap());
         let size = OrderSize::Base(Qty::new(qty).unwrap());
-        let entry = self
-            .store
+        self.store
             .create_entry(
                 NewEntry {
                     account: self.accounts[account],
@@ -201,21 +218,28 @@ impl World {
                 SystemClock.now(),
             )
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The second half of [`World::buy_at`]: `entry` sent under its client id.
+    async fn place(&self, account: usize, entry: &oco_core::Entry) {
+        let limit = match entry.kind {
+            EntryKind::Limit { price } => Some(price),
+            _ => None,
+        };
         self.placer
             .place_order(
                 &creds(account),
                 &OrderRequest {
-                    symbol: symbol.into(),
+                    symbol: entry.symbol.name.clone(),
                     side: Side::Buy,
                     limit,
-                    size,
+                    size: entry.size,
                     client_id: entry.client_id.clone(),
                 },
             )
             .await
             .unwrap();
-        entry.id
     }
 
     /// Open order lists on the sim.
@@ -323,6 +347,55 @@ async fn one_fill_gets_both_legs_on_the_exchange() {
         .await
         .unwrap();
     assert_eq!(taken.len(), 1);
+}
+
+/// A MARKET entry stored while the gateway follows its account is read as
+/// it is announced: its fill, which reaches the gateway with no acceptance
+/// written before it, is written and claimed without a read, once. (The
+/// symbol's first fill in the process only fetches its rules: a plan from
+/// what was read needs them at hand, so a first MARKET entry is protected
+/// the long way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_market_entry_stored_while_its_account_is_followed_is_filled_without_a_read() {
+    let w = world(1).await;
+    w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
+    let gw = w.gateway("gw-1", 10).await;
+    let listening = gw.learner.listening();
+    wait_for(
+        "the stream and the listener",
+        Duration::from_secs(10),
+        || async { gw.up() == 1 && listening.load(Ordering::Relaxed) },
+    )
+    .await;
+    let first = w.buy(0, "BTCUSDT", dec!(0.01)).await;
+    wait_for("the first protected", Duration::from_secs(10), || async {
+        w.all_protected(&[first], Some(Source::Websocket)).await
+    })
+    .await;
+    // The first entry's hint, if its read ahead won the race, went with its fill.
+    assert_eq!(gw.store.hinted_entries(), 0);
+    let entry = w.stored(0, "BTCUSDT", dec!(0.01), None).await;
+    wait_for("the entry read ahead", Duration::from_secs(10), || async {
+        gw.store.hinted_entries() == 1
+    })
+    .await;
+    assert_eq!(gw.store.hinted_accounts(), 1, "its keys read with it");
+    let before = gw.store.hint_stats();
+    w.place(0, &entry).await;
+    wait_for(
+        "protected by websocket",
+        Duration::from_secs(10),
+        || async { w.all_protected(&[entry.id], Some(Source::Websocket)).await },
+    )
+    .await;
+    w.assert_each_protected_once(&[first, entry.id]).await;
+    let after = gw.store.hint_stats();
+    assert_eq!(
+        (after.used - before.used, after.stale - before.stale),
+        (1, 0),
+        "the fill written from what was read ahead"
+    );
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
