@@ -118,8 +118,32 @@ impl Hints {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Keeps `entry`, as a write or read of this process left it with
+    /// nothing filled, and its account's keys and settings when given (read
+    /// with it), while the account is followed: checked under the same lock
+    /// as the insertion, so that once [`Hints::forget_account`] ran, nothing
+    /// of the account is kept again until it is followed anew (a write of a
+    /// task let go may finish after). Whether it was kept.
+    pub(crate) fn entry_learnt(
+        &self,
+        entry: &Entry,
+        seen: &SeenEntry,
+        account: Option<AccountHint>,
+    ) -> bool {
+        let mut inner = self.lock();
+        if !inner.followed.contains(&entry.account) {
+            return false;
+        }
+        if let Some(hint) = account {
+            inner.accounts.insert(entry.account, hint);
+        }
+        self.insert_entry(&mut inner, entry, seen);
+        true
+    }
+
     /// Remembers `entry` as written, if nothing of it is filled: a first fill
     /// is the only write planned from a hint.
+    #[cfg(test)]
     pub(crate) fn entry_written(&self, entry: &Entry, seen: &SeenEntry) {
         self.insert_entry(&mut self.lock(), entry, seen);
     }
@@ -163,15 +187,12 @@ impl Hints {
         self.lock().followed.contains(&account)
     }
 
-    /// Keeps `entry`, read with nothing filled, and its account's keys and
-    /// settings when given, as [`Hints::entry_written`] and
-    /// [`Hints::account_read`] do, but only while `entry`'s account is
-    /// followed: checked under the same lock as the insertion, so a read
-    /// that finishes after the account was let go keeps nothing of it.
-    /// The entry is not kept either when a hint of it is already kept (it
-    /// came from a write here, at least as recent as this read) or when its
-    /// evidence was handled here since (the read is out of date). Whether
-    /// the entry was kept.
+    /// Keeps `entry`, read ahead of its fill with nothing filled, and its
+    /// account's keys and settings when given, as [`Hints::entry_learnt`]
+    /// does, only while the account is followed. The entry is not kept
+    /// either when a hint of it is already kept (it came from a write here,
+    /// at least as recent as this read) or when its evidence was handled here
+    /// since (the read is out of date). Whether the entry was kept.
     pub(crate) fn entry_read(
         &self,
         entry: &Entry,
@@ -213,6 +234,7 @@ impl Hints {
     }
 
     /// Remembers `account`'s keys and settings as read at `version`.
+    #[cfg(test)]
     pub(crate) fn account_read(&self, id: AccountId, hint: AccountHint) {
         self.lock().accounts.insert(id, hint);
     }

@@ -159,7 +159,8 @@ fn parse_entry_payload(payload: &str) -> Result<(AccountId, EntryId), StoreError
 }
 
 /// The channel every new entry is announced on, with the payload
-/// `'<account id> <entry id>'`, when its transaction commits.
+/// `'<account id> <entry id>'`: after its commit, in a transaction of its
+/// own, best effort (`PgStore::create_entry`).
 pub const ENTRY_CHANNEL: &str = "oco_entry";
 
 /// A live `LISTEN oco_entry` connection.

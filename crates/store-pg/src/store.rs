@@ -169,6 +169,9 @@ pub struct PgStore {
     /// Entries with nothing filled and accounts, as last written or read
     /// here: a first fill written from them skips its read.
     hints: Hints,
+    /// New entries to announce (see [`PgStore::announce_entry`]); the task
+    /// that sends them ends when the store is dropped.
+    announcements: tokio::sync::mpsc::Sender<(AccountId, EntryId)>,
     // Kept for LISTEN connections; may hold a password, so never shown.
     url: String,
 }
@@ -193,6 +196,59 @@ const CHECKS_WARM_UP: &str = "SELECT \
     entries_values_ok('market', NULL, 1, NULL, 0, 0, 0, 0), \
     protection_legs_state_ok('claimed', NULL, NULL, NULL, NULL), \
     protection_legs_values_ok(1::SMALLINT, 0, 0, 1, 1, NULL, 'sync')";
+
+/// New entries waiting to be announced, at most; see [`announce`].
+const ANNOUNCE_QUEUE: usize = 4096;
+
+/// New entries announced in one transaction, at most.
+const ANNOUNCE_BATCH: usize = 256;
+
+/// Sends the announcements of new entries queued by
+/// [`PgStore::announce_entry`], as many as are waiting (up to
+/// [`ANNOUNCE_BATCH`]) in one transaction of `NOTIFY`s, one transaction at a
+/// time, until the store is dropped.
+///
+/// Not in the entries' own transactions: PostgreSQL holds one lock from a
+/// notifying transaction's commit through its WAL flush, so every entry's
+/// durable commit would queue behind the others'. On `connections`, whose
+/// commits do not wait for the flush, the lock is held for no flush. Only a
+/// connection free at that moment is taken, tried for up to 50 ms: fills
+/// read on the same pool and must not queue behind an announcement. A batch
+/// that finds none, or fails, is dropped (its entries are read at their
+/// fills).
+async fn announce(
+    connections: Pool<AsyncPgConnection>,
+    mut queued: tokio::sync::mpsc::Receiver<(AccountId, EntryId)>,
+) {
+    let mut batch = Vec::with_capacity(ANNOUNCE_BATCH);
+    while queued.recv_many(&mut batch, ANNOUNCE_BATCH).await > 0 {
+        let mut conn = None;
+        for _ in 0..50 {
+            if let Ok(free) = connections.timeout_get(&NO_WAIT).await {
+                conn = Some(free);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let Some(mut conn) = conn else {
+            tracing::debug!(
+                entries = batch.len(),
+                "no connection free to announce new entries: read at their fills"
+            );
+            batch.clear();
+            continue;
+        };
+        // Ids only: nothing to quote.
+        let notify: String = batch
+            .iter()
+            .map(|(account, id)| format!("NOTIFY {}, '{account} {id}';", crate::ENTRY_CHANNEL))
+            .collect();
+        if let Err(err) = conn.batch_execute(&notify).await {
+            tracing::debug!(entries = batch.len(), error = %err, "new entries not announced: read at their fills");
+        }
+        batch.clear();
+    }
+}
 
 /// A pool checkout that takes a free connection (or opens one, within the
 /// pool's size) but never waits for one in use: for work that may be skipped.
@@ -283,11 +339,14 @@ impl PgStore {
             config.pool_size,
             Some("SET synchronous_commit = off"),
         )?;
+        let (announcements, to_announce) = tokio::sync::mpsc::channel(ANNOUNCE_QUEUE);
+        tokio::spawn(announce(evidence_pool.clone(), to_announce));
         let store = PgStore {
             pool,
             evidence_pool,
             cipher: Cipher::new(&config.secret_key),
             hints: Hints::default(),
+            announcements,
             url: config.url,
         };
         store.check_secret_key().await?;
@@ -604,8 +663,10 @@ impl PgStore {
     /// Keeps `entry`, accepted with nothing filled and stored as `seen`, and
     /// `account`'s keys and settings when read with it: hints for its first
     /// fill. Only for a caller that follows the entry's account (`owner`, the
-    /// gateway on that account's stream): it is the one to see the fill, and
-    /// no other process keeps decrypted keys it has no use for.
+    /// gateway on that account's stream, which said so with
+    /// [`Store::following`] and has not let it go since): it is the one to
+    /// see the fill, and no other process keeps decrypted keys it has no use
+    /// for.
     fn learn(
         &self,
         owner: Option<AccountId>,
@@ -616,19 +677,17 @@ impl PgStore {
         if !Self::worth_learning(owner, entry) {
             return;
         }
-        if let Some((credentials, account, Some(version))) = account
-            && account.id == entry.account
-        {
-            self.hints.account_read(
-                entry.account,
-                AccountHint {
+        let account = match account {
+            Some((credentials, account, Some(version))) if account.id == entry.account => {
+                Some(AccountHint {
                     version,
                     credentials,
                     account,
-                },
-            );
-        }
-        self.hints.entry_written(entry, seen);
+                })
+            }
+            _ => None,
+        };
+        self.hints.entry_learnt(entry, seen, account);
     }
 
     /// Whether hints of `entry` serve: the caller follows its account's
@@ -660,31 +719,16 @@ impl PgStore {
         self.learn(owner, entry, seen, account);
     }
 
-    /// Announces entry `id` of `account`, committed, on
+    /// Queues entry `id` of `account`, committed, to be announced on
     /// [`crate::ENTRY_CHANNEL`] for the gateway that follows the account
-    /// ([`crate::learn_announced_entries`]), in the background: the caller
-    /// (the API, about to send the order) does not wait for it.
-    ///
-    /// Not in the entry's own transaction: PostgreSQL serialises the commits
-    /// of notifying transactions on one lock held through their WAL flush,
-    /// and every entry's durable commit would queue behind the others'. Sent
-    /// alone on a connection whose commits do not wait for the flush, the
-    /// lock is held for no flush. Best effort, as any notification: when no
-    /// connection is free at once or the send fails, the entry is read at
-    /// its fill.
+    /// ([`crate::learn_announced_entries`]); the caller (the API, about to
+    /// send the order) does not wait for it. Best effort, as any
+    /// notification: past [`ANNOUNCE_QUEUE`] waiting, or when the send
+    /// fails, the entry is read at its fill. See [`announce`].
     fn announce_entry(&self, account: AccountId, id: EntryId) {
-        let connections = self.evidence_pool.clone();
-        tokio::spawn(async move {
-            let Ok(mut conn) = connections.timeout_get(&NO_WAIT).await else {
-                tracing::debug!(entry = %id, "no connection free to announce the new entry: read at its fill");
-                return;
-            };
-            // Two integers: nothing to quote.
-            let notify = format!("NOTIFY {}, '{account} {id}'", crate::ENTRY_CHANNEL);
-            if let Err(err) = conn.batch_execute(&notify).await {
-                tracing::debug!(entry = %id, error = %err, "new entry not announced: read at its fill");
-            }
-        });
+        if self.announcements.try_send((account, id)).is_err() {
+            tracing::debug!(entry = %id, "new entry not announced (queue full): read at its fill");
+        }
     }
 
     /// Whether this store's process follows `account`'s stream

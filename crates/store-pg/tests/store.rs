@@ -1233,6 +1233,8 @@ async fn a_first_fill_after_its_acceptance_skips_the_read_and_ends_the_same() {
         ..e
     };
     let account = new_account(&store, "hint-key").await;
+    // As the gateway says so when it takes the account's lease.
+    store.following(account.id);
     let mut ends = Vec::new();
     for accept_first in [true, false] {
         let entry = new_entry(&store, account.id).await;
@@ -1299,6 +1301,7 @@ async fn a_stale_hint_is_caught_by_the_write_and_the_fill_read_again() {
     let here = PgStore::connect(config.clone()).await.unwrap();
     let elsewhere = PgStore::connect(config).await.unwrap();
     let account = new_account(&here, "stale-key").await;
+    here.following(account.id);
 
     // The entry moved on elsewhere: a first part filled there.
     let entry = accepted_entry(&here, account.id, 556).await;
@@ -1568,6 +1571,29 @@ async fn new_entries_are_read_as_they_are_announced() {
     drop(learner);
 }
 
+/// Only an account followed (`Store::following`, until `unfollowed`) is
+/// learnt: an acceptance written for an account let go (a task of an old
+/// lease finishing its write) keeps neither its keys nor the entry.
+#[tokio::test]
+async fn nothing_is_learnt_of_an_account_not_followed() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let account = new_account(&store, "let-go-key").await;
+    accepted_entry(&store, account.id, 565).await;
+    assert_eq!((store.hinted_entries(), store.hinted_accounts()), (0, 0));
+    store.following(account.id);
+    accepted_entry(&store, account.id, 566).await;
+    assert_eq!((store.hinted_entries(), store.hinted_accounts()), (1, 1));
+    store.unfollowed(account.id);
+    assert_eq!((store.hinted_entries(), store.hinted_accounts()), (0, 0));
+    accepted_entry(&store, account.id, 567).await;
+    assert_eq!(
+        (store.hinted_entries(), store.hinted_accounts()),
+        (0, 0),
+        "let go: nothing kept again"
+    );
+}
+
 /// A hint names its account: another account's stream reporting the id
 /// neither uses it nor writes anything.
 #[tokio::test]
@@ -1576,6 +1602,8 @@ async fn a_hint_serves_only_its_own_account() {
     let store = store(&db).await;
     let owner = new_account(&store, "own-key").await;
     let other = new_account(&store, "other-key").await;
+    store.following(owner.id);
+    store.following(other.id);
     let entry = accepted_entry(&store, owner.id, 559).await;
     // The other account's keys and settings are known too.
     let decoy = new_entry(&store, other.id).await;
@@ -1612,6 +1640,7 @@ async fn a_hinted_write_sees_fills_and_legs_stored_beside_the_row() {
     let store = store(&db).await;
     let mut raw = raw(&db).await;
     let account = new_account(&store, "beside-key").await;
+    store.following(account.id);
 
     let entry = accepted_entry(&store, account.id, 561).await;
     fill_beside(&mut raw, account.id, entry.id, 971).await;
@@ -1669,6 +1698,7 @@ async fn an_acceptance_recorded_elsewhere_first_is_still_learnt_by_the_follower(
     let gateway = PgStore::connect(config.clone()).await.unwrap();
     let api = PgStore::connect(config).await.unwrap();
     let account = new_account(&api, "follower-key").await;
+    gateway.following(account.id);
     let entry = new_entry(&api, account.id).await;
     api.record_evidence(entry.id, &accepted(563)).await.unwrap();
     let later = gateway

@@ -398,6 +398,77 @@ async fn a_market_entry_stored_while_its_account_is_followed_is_filled_without_a
     gw.stop().await;
 }
 
+/// A lease lost and taken back while the account's old task still finishes
+/// a protection (within the drain grace) leaves the account followed: the
+/// old task, once it ends, does not tell the store it no longer follows the
+/// account, which the new task follows. The account's next entries are still
+/// read ahead of their fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_back_while_the_old_task_drains_stays_followed() {
+    let w = world(1).await;
+    w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
+    let gw = w.gateway("gw-a", 1).await;
+    let listening = gw.learner.listening();
+    wait_for(
+        "the stream and the listener",
+        Duration::from_secs(10),
+        || async { gw.up() == 1 && listening.load(Ordering::Relaxed) },
+    )
+    .await;
+    // The old task is busy: its OCOs are answered 3 s late.
+    w.sim
+        .control()
+        .set_response_delay(Duration::from_secs(3), Some("/api/v3/orderList/oco".into()));
+    let entry = w.buy(0, "BTCUSDT", dec!(0.01)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lease = |holder: &str| {
+        format!(
+            "UPDATE account_leases SET holder = '{holder}', \
+             expires_at = now() + interval '1 hour' WHERE account_id = {}",
+            w.accounts[0].0
+        )
+    };
+    w.db.run_sql(&lease("gw-elsewhere")).await;
+    wait_for("the lease seen lost", Duration::from_secs(5), || async {
+        gw.stats.stream_states().is_empty()
+    })
+    .await;
+    w.db.run_sql(&lease("gw-a")).await;
+    wait_for("the lease seen back", Duration::from_secs(5), || async {
+        gw.stats.stream_states().len() == 1
+    })
+    .await;
+    assert!(
+        !w.all_protected(&[entry], None).await,
+        "the old task is still placing: the race this test is about"
+    );
+    w.sim.control().set_response_delay(Duration::ZERO, None);
+    wait_for(
+        "the old task's protection",
+        Duration::from_secs(10),
+        || async { w.all_protected(&[entry], Some(Source::Websocket)).await },
+    )
+    .await;
+    // The old task ends once its protection is recorded; its unfollow runs
+    // right after.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let next = w.stored(0, "BTCUSDT", dec!(0.01), None).await;
+    wait_for(
+        "the next entry read ahead",
+        Duration::from_secs(5),
+        || async { gw.store.hinted_entries() == 1 },
+    )
+    .await;
+    assert_eq!(gw.store.hinted_accounts(), 1, "its keys kept");
+    w.place(0, &next).await;
+    wait_for("the next protected", Duration::from_secs(10), || async {
+        w.all_protected(&[next.id], Some(Source::Websocket)).await
+    })
+    .await;
+    w.assert_each_protected_once(&[entry, next.id]).await;
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_stream_each_account_once_and_place_no_duplicate_legs() {
     let w = world(3).await;
