@@ -485,10 +485,11 @@ pub trait Store: Send + Sync {
         }
     }
     /// The caller follows `account`'s stream from now on (it took the
-    /// account's lease): a store may read the account's new entries ahead
-    /// of their fills, to write those fills without a read. Until
-    /// [`Store::unfollowed`]. Nothing stored changes; stores that keep
-    /// nothing ignore it.
+    /// account's lease): a store may keep what speeds its fills up (the
+    /// account's keys, its entries as accepted or read ahead of their
+    /// fills), until [`Store::unfollowed`]. A store keeps none of that for
+    /// an account not followed, whatever [`Store::record_evidence_of`] is
+    /// told. Nothing stored changes; stores that keep nothing ignore it.
     fn following(&self, account: AccountId) {
         let _ = account;
     }

@@ -159,8 +159,9 @@ fn parse_entry_payload(payload: &str) -> Result<(AccountId, EntryId), StoreError
 }
 
 /// The channel every new entry is announced on, with the payload
-/// `'<account id> <entry id>'`: after its commit, in a transaction of its
-/// own, best effort (`PgStore::create_entry`).
+/// `'<account id> <entry id>'`: after its commit, in a later transaction
+/// that announces up to 255 others with it, best effort
+/// (`PgStore::create_entry`).
 pub const ENTRY_CHANNEL: &str = "oco_entry";
 
 /// A live `LISTEN oco_entry` connection.

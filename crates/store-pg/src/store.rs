@@ -212,10 +212,10 @@ const ANNOUNCE_BATCH: usize = 256;
 /// notifying transaction's commit through its WAL flush, so every entry's
 /// durable commit would queue behind the others'. On `connections`, whose
 /// commits do not wait for the flush, the lock is held for no flush. Only a
-/// connection free at that moment is taken, tried for up to 50 ms: fills
-/// read on the same pool and must not queue behind an announcement. A batch
-/// that finds none, or fails, is dropped (its entries are read at their
-/// fills).
+/// connection free at that moment is taken (or opened, within the pool's
+/// size), tried 50 times 1 ms apart: fills read on the same pool and must not
+/// queue behind an announcement. A batch that finds none, or fails, is
+/// dropped (its entries are read at their fills).
 async fn announce(
     connections: Pool<AsyncPgConnection>,
     mut queued: tokio::sync::mpsc::Receiver<(AccountId, EntryId)>,
@@ -710,12 +710,13 @@ impl PgStore {
         if !Self::worth_learning(owner, entry) {
             return;
         }
-        let account = if self.hints.knows_account(entry.account) {
-            None
-        } else {
-            // A hint only: a failed read leaves the fill to read them.
-            self.start_keys_and_settings(conn, entry.account).await.ok()
-        };
+        let account =
+            if self.hints.knows_account(entry.account) || !self.hints.follows(entry.account) {
+                None
+            } else {
+                // A hint only: a failed read leaves the fill to read them.
+                self.start_keys_and_settings(conn, entry.account).await.ok()
+            };
         self.learn(owner, entry, seen, account);
     }
 
@@ -919,8 +920,9 @@ impl PgStore {
         if let Some(first) = Self::start_first_new(&mut conn, id, owner, evidence) {
             // An entry accepted with nothing filled will fill: what its first
             // fill would read first is learnt now, in the same round trip.
+            // Keys are decrypted only for an account followed here.
             let account = owner
-                .filter(|a| !self.hints.knows_account(*a))
+                .filter(|a| self.hints.follows(*a) && !self.hints.knows_account(*a))
                 .map(|a| self.start_keys_and_settings(&mut conn, a));
             let (accepted, account) = futures_util::future::join(first, async move {
                 // A hint only: a failed read leaves the fill to read them.
@@ -936,6 +938,11 @@ impl PgStore {
                 // this count matches nothing and reads them.
                 let seen = SeenEntry::of(&row, 0);
                 let entry = row.into_entry()?;
+                if owner.is_none() {
+                    // Written by the API or sync: a hint of it read ahead in
+                    // this process (`ocoguard run`) no longer matches.
+                    self.hints.forget(id);
+                }
                 self.learn(owner, &entry, &seen, account);
                 return Ok(Some(entry));
             }

@@ -1534,6 +1534,36 @@ async fn a_read_ahead_made_stale_by_another_process_claims_nothing_twice() {
     );
 }
 
+/// In one process serving the API and the gateway (`ocoguard run`), the
+/// API's own write of an acceptance drops the hint read ahead of it, which
+/// no longer matches: the fill then reads without a write that matches
+/// nothing first.
+#[tokio::test]
+async fn an_acceptance_written_by_the_api_drops_the_read_ahead_in_the_same_process() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let account = new_account(&store, "one-process-key").await;
+    store.following(account.id);
+    let entry = new_entry(&store, account.id).await;
+    assert!(store.learn_announced(account.id, entry.id).await.unwrap());
+    assert_eq!(store.hinted_entries(), 1);
+    // As the API records it: no owner.
+    store
+        .record_evidence(entry.id, &accepted(568))
+        .await
+        .unwrap();
+    assert_eq!(store.hinted_entries(), 0);
+    let recorded = fill_first(
+        &store,
+        account.id,
+        entry.id,
+        &filled(568, &[(1501, "1")], "1"),
+    )
+    .await;
+    assert_eq!(recorded.won, vec![true, true]);
+    assert_eq!(store.hint_stats(), store_pg::HintStats::default());
+}
+
 /// `create_entry` announces every new entry, and the learner task reads
 /// those of the accounts followed as they come: the fill after it skips the
 /// read.

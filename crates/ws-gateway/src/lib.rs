@@ -226,6 +226,8 @@ pub struct Gateway {
     /// the store it no longer follows the account only if no later task
     /// follows it meanwhile (its end can come after the next task's start).
     following: Arc<std::sync::Mutex<HashMap<AccountId, u64>>>,
+    /// Account tasks started by this gateway: each task's number.
+    tasks_started: AtomicU64,
 }
 
 impl Gateway {
@@ -246,6 +248,7 @@ impl Gateway {
             stats: Arc::new(GatewayStats::default()),
             rules: RulesPrefetch::default(),
             following: Arc::default(),
+            tasks_started: AtomicU64::new(0),
         }
     }
 
@@ -413,7 +416,9 @@ impl Gateway {
                 .following
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let next = latest.get(&account).map_or(0, |n| n + 1);
+            // Never reused, even once an account's entry is gone: an unfollow
+            // still waiting must not take a later task for its own.
+            let next = self.tasks_started.fetch_add(1, Ordering::Relaxed);
             latest.insert(account, next);
             // Its new entries may be read ahead of their fills from now on.
             self.store.following(account);
@@ -446,7 +451,7 @@ impl Gateway {
 struct Running {
     task: JoinHandle<()>,
     stop: watch::Sender<bool>,
-    /// Its number among the tasks started for the account.
+    /// Its number among the tasks this gateway started.
     started: u64,
 }
 

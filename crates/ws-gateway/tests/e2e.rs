@@ -379,7 +379,7 @@ async fn a_market_entry_stored_while_its_account_is_followed_is_filled_without_a
         gw.store.hinted_entries() == 1
     })
     .await;
-    assert_eq!(gw.store.hinted_accounts(), 1, "its keys read with it");
+    assert_eq!(gw.store.hinted_accounts(), 1, "the account's keys kept");
     let before = gw.store.hint_stats();
     w.place(0, &entry).await;
     wait_for(
