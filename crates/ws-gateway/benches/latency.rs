@@ -11,7 +11,10 @@
 //! another host; the link's `SELECT 1` and durable-commit round trips are
 //! printed beside the order round trip either way. `BENCH_ENTRIES=limit`
 //! fills resting LIMIT entries, accepted before the run, as the price comes
-//! down to each (default `market`: MARKET entries, accepted and filled at once).
+//! down to each (default `market`: MARKET entries, accepted and filled at once,
+//! stored before the timed part). `BENCH_ENTRIES=market-now` stores each MARKET
+//! entry in the timed part right before sending it, as the API does, so that
+//! its read ahead by the gateway races its fill.
 //! `BENCH_CPU_WAKEUP_US` holds the machine's CPU wake-up latency at that many
 //! µs for the run (`ws_gateway::wakeup`; needs write access to the device), as the gateway's
 //! `--cpu-wakeup-latency-us` does.
@@ -497,6 +500,8 @@ async fn store_entries(
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Entries {
     Market,
+    /// MARKET BUYs each stored right before it is sent, in the timed part.
+    MarketNow,
     Limit,
 }
 
@@ -504,7 +509,8 @@ fn env_entries() -> Entries {
     match std::env::var("BENCH_ENTRIES").as_deref() {
         Ok("limit") => Entries::Limit,
         Ok("market") | Err(_) => Entries::Market,
-        Ok(other) => panic!("BENCH_ENTRIES={other}: expected market or limit"),
+        Ok("market-now") => Entries::MarketNow,
+        Ok(other) => panic!("BENCH_ENTRIES={other}: expected market, market-now or limit"),
     }
 }
 
@@ -561,6 +567,7 @@ async fn paced(
     // the price moves (LIMIT), so the load generator keeps up with the rate.
     let stored = match entries {
         Entries::Market => store_entries(w, n, (symbol, qty), |_| None).await,
+        Entries::MarketNow => Vec::new(),
         Entries::Limit => {
             assert!(
                 price - limit_of(price, n) <= price * dec!(0.005),
@@ -595,10 +602,23 @@ async fn paced(
     let period = Duration::from_nanos(1_000_000_000 / rate);
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(n);
+    if entries == Entries::MarketNow {
+        for i in 0..n {
+            tokio::time::sleep_until(start + period * i as u32).await;
+            let (store, placer, ids) = (w.store.clone(), w.placer.clone(), w.ids.clone());
+            let account = w.accounts[i];
+            tasks.push(tokio::spawn(async move {
+                let entry =
+                    store_entry(store, placer.clone(), ids, account, (symbol, qty, None)).await;
+                place(placer, i, entry).await
+            }));
+        }
+    }
     for (i, entry) in stored.into_iter().enumerate() {
         tokio::time::sleep_until(start + period * i as u32).await;
         match entries {
             Entries::Market => tasks.push(tokio::spawn(place(w.placer.clone(), i, entry))),
+            Entries::MarketNow => unreachable!("stored in the timed part"),
             // The price comes down to the next resting entry, which fills.
             Entries::Limit => w.ctl.set_price(symbol, limit_of(price, i)).unwrap(),
         }
@@ -757,6 +777,9 @@ async fn run() {
         "ws-gateway latency bench — {n} accounts, {} entries, sim + gateway + PostgreSQL on 127.0.0.1; gateway ↔ database one-way delay {} µs; CPU wake-up latency {}",
         match entries {
             Entries::Market => "MARKET (accepted and filled together)",
+            Entries::MarketNow => {
+                "MARKET (each stored right before it is sent, accepted and filled together)"
+            }
             Entries::Limit => "resting LIMIT (accepted first, filled as the price comes down)",
         },
         delay.as_micros(),
