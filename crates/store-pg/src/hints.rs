@@ -130,12 +130,34 @@ impl Hints {
         seen: &SeenEntry,
         account: Option<AccountHint>,
     ) -> bool {
+        self.keep(entry, seen, account, false)
+    }
+
+    /// [`Hints::entry_learnt`] and [`Hints::entry_read`]: the latter passes
+    /// `ahead`.
+    fn keep(
+        &self,
+        entry: &Entry,
+        seen: &SeenEntry,
+        account: Option<AccountHint>,
+        ahead: bool,
+    ) -> bool {
         let mut inner = self.lock();
         if !inner.followed.contains(&entry.account) {
             return false;
         }
-        if let Some(hint) = account {
+        // Keys and settings read at an older version than kept would only
+        // make the next write from them match nothing.
+        if let Some(hint) = account
+            && inner
+                .accounts
+                .get(&entry.account)
+                .is_none_or(|kept| kept.version <= hint.version)
+        {
             inner.accounts.insert(entry.account, hint);
+        }
+        if ahead && (inner.entries.contains_key(&entry.id) || inner.handled.contains(&entry.id)) {
+            return false;
         }
         self.insert_entry(&mut inner, entry, seen);
         true
@@ -199,25 +221,7 @@ impl Hints {
         seen: &SeenEntry,
         account: Option<AccountHint>,
     ) -> bool {
-        let mut inner = self.lock();
-        if !inner.followed.contains(&entry.account) {
-            return false;
-        }
-        // Keys and settings read at an older version than kept would only
-        // make the next write from them match nothing.
-        if let Some(hint) = account
-            && inner
-                .accounts
-                .get(&entry.account)
-                .is_none_or(|kept| kept.version < hint.version)
-        {
-            inner.accounts.insert(entry.account, hint);
-        }
-        if inner.entries.contains_key(&entry.id) || inner.handled.contains(&entry.id) {
-            return false;
-        }
-        self.insert_entry(&mut inner, entry, seen);
-        true
+        self.keep(entry, seen, account, true)
     }
 
     /// Forgets entry `id`: other evidence of it was written, which a hint

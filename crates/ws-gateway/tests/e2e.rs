@@ -349,6 +349,22 @@ async fn one_fill_gets_both_legs_on_the_exchange() {
     assert_eq!(taken.len(), 1);
 }
 
+/// One account, BTCUSDT at 60,000, and gateway `holder` streaming it with its
+/// listener for new entries up.
+async fn streaming_and_listening(holder: &str) -> (World, Running) {
+    let w = world(1).await;
+    w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
+    let gw = w.gateway(holder, 1).await;
+    let listening = gw.learner.listening();
+    wait_for(
+        "the stream and the listener",
+        Duration::from_secs(10),
+        || async { gw.up() == 1 && listening.load(Ordering::Relaxed) },
+    )
+    .await;
+    (w, gw)
+}
+
 /// A MARKET entry stored while the gateway follows its account is read as
 /// it is announced: its fill, which reaches the gateway with no acceptance
 /// written before it, is written and claimed without a read, once. (The
@@ -357,16 +373,7 @@ async fn one_fill_gets_both_legs_on_the_exchange() {
 /// the long way.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_market_entry_stored_while_its_account_is_followed_is_filled_without_a_read() {
-    let w = world(1).await;
-    w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
-    let gw = w.gateway("gw-1", 10).await;
-    let listening = gw.learner.listening();
-    wait_for(
-        "the stream and the listener",
-        Duration::from_secs(10),
-        || async { gw.up() == 1 && listening.load(Ordering::Relaxed) },
-    )
-    .await;
+    let (w, gw) = streaming_and_listening("gw-1").await;
     let first = w.buy(0, "BTCUSDT", dec!(0.01)).await;
     wait_for("the first protected", Duration::from_secs(10), || async {
         w.all_protected(&[first], Some(Source::Websocket)).await
@@ -405,16 +412,7 @@ async fn a_market_entry_stored_while_its_account_is_followed_is_filled_without_a
 /// read ahead of their fills.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_taken_back_while_the_old_task_drains_stays_followed() {
-    let w = world(1).await;
-    w.sim.control().set_price("BTCUSDT", dec!(60000)).unwrap();
-    let gw = w.gateway("gw-a", 1).await;
-    let listening = gw.learner.listening();
-    wait_for(
-        "the stream and the listener",
-        Duration::from_secs(10),
-        || async { gw.up() == 1 && listening.load(Ordering::Relaxed) },
-    )
-    .await;
+    let (w, gw) = streaming_and_listening("gw-a").await;
     // The old task is busy: its OCOs are answered 3 s late.
     w.sim
         .control()
