@@ -584,7 +584,7 @@ impl Protector {
             Ok(l) => l,
             // Legs that cover the position keep it; nothing new is needed from levels.
             Err(_) if legs_cover(active_qty, position, &rules) => {
-                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
+                return self.covered(entry, &active, source, now).await;
             }
             Err(err @ LevelsError::Order { .. }) => {
                 // A late exit sells at market, so a rest's take-profit is worth
@@ -634,7 +634,7 @@ impl Protector {
         }) {
             Ok(plan) => plan,
             Err(_) if legs_cover(active_qty, position, &rules) => {
-                return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
+                return self.covered(entry, &active, source, now).await;
             }
             // What flooring to the step left after the legs sold out is dust, not a position.
             Err(crate::plan::Unprotectable::Dust { position, .. })
@@ -683,14 +683,7 @@ impl Protector {
             if let Some(short) = plan.short {
                 return self.unprotectable(entry, source, short.to_string()).await;
             }
-            // Coverage is credited to the layer that placed it, not to whoever
-            // notices it: a caller that raced the placer placed nothing.
-            let by = active
-                .iter()
-                .max_by_key(|l| l.key.generation)
-                .map_or(source, |l| l.source);
-            self.mark_protected(entry, by, now).await?;
-            return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
+            return self.covered(entry, &active, source, now).await;
         }
 
         // A rest is canceled only in a round that places lists: canceling it in
@@ -1853,6 +1846,27 @@ impl Protector {
             return Ok(StrayCheck::Adopted);
         }
         Ok(held_by.map_or(StrayCheck::Nothing, StrayCheck::HeldBy))
+    }
+
+    /// The entry's `active` lists cover its position: it is labelled
+    /// protected (a label left behind by an earlier call, `unprotected` while
+    /// a rest was open say, would otherwise raise an alert for a covered
+    /// entry), and the round is done.
+    async fn covered(
+        &self,
+        entry: &Entry,
+        active: &[&Leg],
+        source: Source,
+        now: Millis,
+    ) -> Result<Round, ProtectError> {
+        // Coverage is credited to the layer that placed it, not to whoever
+        // notices it: a caller that raced the placer placed nothing.
+        let by = active
+            .iter()
+            .max_by_key(|l| l.key.generation)
+            .map_or(source, |l| l.source);
+        self.mark_protected(entry, by, now).await?;
+        Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)))
     }
 
     async fn mark_protected(

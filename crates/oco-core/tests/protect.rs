@@ -1981,3 +1981,50 @@ async fn one_bought_under_max_qty(
     );
     (w, id, ev)
 }
+
+/// Lists that cover the position keep the entry protected when no new plan
+/// can be made (here the minimum notional rose past what the position is
+/// worth): a label an earlier call left `unprotected` is set right, credited
+/// to the layer that placed the lists, rather than raise an alert for a
+/// covered entry.
+#[tokio::test]
+async fn covering_lists_set_a_lagging_label_right_when_no_plan_can_be_made() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    let first = w
+        .protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.outcome, ProtectOutcome::Placed { .. }),
+        "{first:?}"
+    );
+    w.store
+        .set_protection(id, &Protection::Unprotected)
+        .await
+        .unwrap();
+    let mut rules = oco_core::testing::btcusdt_rules();
+    rules.min_notional = dec!(1000);
+    w.exchange.add_symbol(rules, p(dec!(100)));
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(
+        again.outcome,
+        ProtectOutcome::Nothing(Idle::Covered),
+        "{again:?}"
+    );
+    assert_eq!(w.exchange.open_lists().len(), 2, "the lists stay");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(
+            entry.protection,
+            Protection::Protected {
+                by: Source::Websocket,
+                ..
+            }
+        ),
+        "{:?}",
+        entry.protection
+    );
+}
