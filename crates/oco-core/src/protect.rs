@@ -1088,6 +1088,14 @@ impl Protector {
             // A list withdrawn because its claim was taken over: whoever took it
             // decides the coverage, and the next round sees what they did.
             if lost || recorded.entry.net_qty() > entry.net_qty() {
+                if lost && matches!(protection, Some(Protection::Protected { .. })) {
+                    // The write labelled the entry protected counting a list since
+                    // withdrawn: were the next rounds to fail, the label would say
+                    // covered with nothing on the book. They label what they find.
+                    self.store
+                        .set_protection(entry.id, &Protection::Unprotected)
+                        .await?;
+                }
                 return Ok(Round::Again { holding: None });
             }
             return Ok(Round::Done(ProtectOutcome::Placed {

@@ -2028,3 +2028,58 @@ async fn covering_lists_set_a_lagging_label_right_when_no_plan_can_be_made() {
         entry.protection
     );
 }
+
+/// The slow claimant of `a_slow_claimant_and_a_takeover_never_both_place`,
+/// but the taker's list is refused and so is the claimant's next generation:
+/// the claimant's outcome write labelled the entry protected counting the
+/// list it then withdrew, and that label must not stay on an entry with
+/// nothing on the book.
+#[tokio::test]
+async fn a_withdrawn_list_does_not_leave_the_entry_labelled_protected() {
+    let one_leg = ProtectionConfig {
+        split: dec!(1),
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.store.record_evidence(id, &full_fill()).await.unwrap();
+    let refused = || {
+        OcoFault::Fail(ExchangeError::Rejected {
+            code: -1013,
+            msg: "Filter failure: PRICE_FILTER".into(),
+        })
+    };
+    let (clock, other, exchange) = (w.clock.clone(), w.protector.clone(), w.exchange.clone());
+    let taker = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = taker.clone();
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            clock.advance(Duration::from_secs(31));
+            exchange.push_oco_fault(refused());
+            let r = other.protect(id, None, Source::Websocket).await.unwrap();
+            *seen.lock().unwrap() = Some(r.outcome);
+            // The claimant's next generation is refused too.
+            let next = exchange.clone();
+            exchange
+                .before_next_oco(move || Box::pin(async move { next.push_oco_fault(refused()) }));
+        })
+    });
+    let slow = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let taker = taker.lock().unwrap().clone();
+    assert!(
+        matches!(taker, Some(ProtectOutcome::Failed { .. })),
+        "{taker:?}"
+    );
+    assert!(
+        matches!(slow.outcome, ProtectOutcome::Failed { .. }),
+        "{slow:?}"
+    );
+    assert!(w.exchange.open_lists().is_empty(), "nothing on the book");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        !matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+}
