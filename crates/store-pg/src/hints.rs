@@ -454,6 +454,13 @@ mod tests {
         let (three, three_seen) = entry(3, 1, Decimal::ZERO);
         hints.forget(EntryId(3));
         assert!(!hints.entry_read(&three, &three_seen, None), "forgotten");
+        // Keys of an older account version never replace newer ones.
+        let (five, five_seen) = entry(5, 1, Decimal::ZERO);
+        assert!(hints.entry_learnt(&five, &five_seen, Some(account(1, 7))));
+        let (six, six_seen) = entry(6, 1, Decimal::ZERO);
+        assert!(hints.entry_read(&six, &six_seen, Some(account(1, 6))));
+        let (_, keys) = hints.take(AccountId(1), EntryId(6)).unwrap();
+        assert_eq!(keys.version, 7, "the newer keys stay");
         // Let go: nothing more is kept.
         hints.forget_account(AccountId(1));
         let (four, four_seen) = entry(4, 1, Decimal::ZERO);

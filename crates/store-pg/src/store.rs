@@ -250,6 +250,24 @@ async fn announce(
     }
 }
 
+/// `account`'s keys and settings as a hint, when `read` holds them for it at
+/// one version (read at two, they straddled a change: the fill reads them).
+fn account_hint(
+    account: AccountId,
+    read: Option<(ApiCredentials, Account, Option<i64>)>,
+) -> Option<AccountHint> {
+    match read {
+        Some((credentials, settings, Some(version))) if settings.id == account => {
+            Some(AccountHint {
+                version,
+                credentials,
+                account: settings,
+            })
+        }
+        _ => None,
+    }
+}
+
 /// A pool checkout that takes a free connection (or opens one, within the
 /// pool's size) but never waits for one in use: for work that may be skipped.
 const NO_WAIT: deadpool::managed::Timeouts = deadpool::managed::Timeouts {
@@ -677,17 +695,8 @@ impl PgStore {
         if !Self::worth_learning(owner, entry) {
             return;
         }
-        let account = match account {
-            Some((credentials, account, Some(version))) if account.id == entry.account => {
-                Some(AccountHint {
-                    version,
-                    credentials,
-                    account,
-                })
-            }
-            _ => None,
-        };
-        self.hints.entry_learnt(entry, seen, account);
+        self.hints
+            .entry_learnt(entry, seen, account_hint(entry.account, account));
     }
 
     /// Whether hints of `entry` serve: the caller follows its account's
@@ -774,18 +783,7 @@ impl PgStore {
         let Some(snapshot) = snapshot? else {
             return Ok(false);
         };
-        let account_hint = match keys.transpose()? {
-            Some((credentials, settings, Some(version))) if settings.id == account => {
-                Some(AccountHint {
-                    version,
-                    credentials,
-                    account: settings,
-                })
-            }
-            // Keys and settings read at different versions: the fill reads them.
-            Some(_) => return Ok(false),
-            None => None,
-        };
+        let account_hint = account_hint(account, keys.transpose()?);
         let entry = &snapshot.entry;
         // A hint is planned as if nothing were stored: only an entry with
         // nothing filled, still to be accepted or resting, serves.

@@ -295,40 +295,9 @@ async fn a_leg_whose_store_write_was_lost_is_found_by_client_id_not_duplicated()
     let a = t.account("k1").await;
     let id = t.sent_entry(&a, None, dec!(0.01)).await;
     // Layer 1 protects the fill...
-    let protector = Protector::new(
-        t.exchange.clone(),
-        t.store.clone(),
-        Arc::new(SystemClock),
-        ProtectorConfig::new(t.ids.clone()),
-    );
-    let snap = t
-        .exchange
-        .query_order(
-            &a.creds,
-            "BTCUSDT",
-            t.store.entry(id).await.unwrap().client_id.as_str(),
-        )
-        .await
-        .unwrap();
-    let ev = Evidence {
-        order_id: Some(snap.order_id),
-        status: snap.status,
-        executed_qty: snap.executed_qty,
-        cumulative_quote: snap.cumulative_quote,
-        fills: t
-            .exchange
-            .order_trades(&a.creds, "BTCUSDT", snap.order_id)
-            .await
-            .unwrap(),
-        holding: None,
-        observed_at: SystemClock.now(),
-    };
-    let placed = protector
-        .protect(id, Some(&ev), Source::Websocket)
-        .await
-        .unwrap();
+    let placed = t.protect_as_gateway(&a, id).await;
     assert!(
-        matches!(placed.outcome, ProtectOutcome::Placed { .. }),
+        matches!(placed, ProtectOutcome::Placed { .. }),
         "{placed:?}"
     );
     assert_eq!(t.all_lists("k1"), 2);
