@@ -164,6 +164,10 @@ struct Claimed<'a> {
     /// The legs still working, to cancel before the new ones go out.
     active: Vec<&'a Leg>,
     position: Qty,
+    /// What take-profit rests still lock: not in the free balance, yet the
+    /// entry's, so a balance refusal's re-plan counts them back in (the
+    /// round takes them out again before planning).
+    rest_open: Qty,
     late: LatePolicy,
     degraded: Option<Degraded>,
     /// Coins the plan's lists cannot hold: the entry is recorded
@@ -488,11 +492,7 @@ impl Protector {
             {
                 return Ok(Round::Again { holding: None });
             }
-            if entry.protection != Protection::Unprotected {
-                self.store
-                    .set_protection(entry.id, &Protection::Unprotected)
-                    .await?;
-            }
+            self.label_unprotected(entry).await?;
             return Ok(Round::Done(ProtectOutcome::Failed {
                 errors: vec![format!(
                     "take-profit rest of {rest_open} still open; no other coins free"
@@ -516,11 +516,7 @@ impl Protector {
                         entry.symbol.name
                     );
                     warn!(entry = %entry.id, client_id = %list, %source, "coins not free while a list of ours no leg follows is open: entry not closed");
-                    if entry.protection != Protection::Unprotected {
-                        self.store
-                            .set_protection(entry.id, &Protection::Unprotected)
-                            .await?;
-                    }
+                    self.label_unprotected(entry).await?;
                     // Once per list: the entry's history says why it stays open,
                     // however often it is retried.
                     let history = self.store.events(entry.id).await?;
@@ -715,8 +711,15 @@ impl Protector {
                 stop_budget,
             }) {
                 Ok(plan) if active_qty < plan.total() => (plan, free),
-                Ok(_) => return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![open] })),
+                // The rest has no stop, whatever the lists hold: labelled
+                // protected, the entry would not raise the unprotected alert
+                // for as long as its cancel keeps failing.
+                Ok(_) => {
+                    self.label_unprotected(entry).await?;
+                    return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![open] }));
+                }
                 Err(err) => {
+                    self.label_unprotected(entry).await?;
                     return Ok(Round::Done(ProtectOutcome::Failed {
                         errors: vec![format!("{open}; {err}")],
                     }));
@@ -735,6 +738,7 @@ impl Protector {
             rules: &rules,
             active,
             position,
+            rest_open,
             late: account.protection.late,
             degraded: plan.degraded,
             short: plan.short,
@@ -905,6 +909,7 @@ impl Protector {
             rules: &rules,
             active: Vec::new(),
             position: first.position,
+            rest_open: Qty::ZERO,
             late: context.account.protection.late,
             degraded: first.plan.degraded,
             short: first.plan.short,
@@ -923,6 +928,7 @@ impl Protector {
             rules,
             active,
             position,
+            rest_open,
             late,
             degraded,
             short,
@@ -1058,6 +1064,11 @@ impl Protector {
                         ));
                         unprotectable
                     })
+                }
+                // A take-profit rest left open has no stop: the lists cover
+                // the rest of the position, the entry is not protected yet.
+                None if !rest_open.is_zero() => {
+                    (entry.protection != Protection::Unprotected).then_some(Protection::Unprotected)
                 }
                 None => (!matches!(entry.protection, Protection::Protected { .. })).then(|| {
                     events.push(event(
@@ -1233,14 +1244,17 @@ impl Protector {
         }
         if !errors.is_empty() || !pending.is_empty() {
             if let Some(free) = again {
-                // What this entry can cover: the free coins plus those its own new lists lock.
+                // What this entry holds: the free coins, those its own new
+                // lists lock, and those its rests lock. The next round plans
+                // only the coins no rest counts, so the rests are counted here
+                // or they would be taken out twice.
                 let own: Qty = claims
                     .iter()
                     .filter(|c| placed.contains(&c.key))
                     .map(|c| c.qty)
                     .sum();
                 return Ok(Round::Again {
-                    holding: Some(free.plus(own)),
+                    holding: Some(free.plus(own).plus(rest_open)),
                 });
             }
             // The symbol's order cap refused part of the generation: re-plan now
@@ -1258,7 +1272,7 @@ impl Protector {
         }
         if let Some(short) = short {
             self.unprotectable(entry, source, short.to_string()).await?;
-        } else {
+        } else if rest_open.is_zero() {
             self.mark_protected(entry, source, self.clock.now()).await?;
         }
         // New fills may have arrived while we placed; the caller that saw them found our
@@ -1698,11 +1712,7 @@ impl Protector {
             // reconciliation with them. The next call cancels the rest first.
             let why = format!("{why}; a take-profit rest is still open");
             warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "exited at market; a take-profit rest still open");
-            if entry.protection != Protection::Unprotected {
-                self.store
-                    .set_protection(entry.id, &Protection::Unprotected)
-                    .await?;
-            }
+            self.label_unprotected(entry).await?;
             return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }));
         }
         if partly_protected {
@@ -1745,6 +1755,17 @@ impl Protector {
             .await?;
         warn!(entry = %entry.id, leg = %key, sold = %snap.executed_qty, %asked, %source, "market exit sold less than asked");
         Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
+    }
+
+    /// Labels `entry` unprotected unless it already is: coins of it are
+    /// without a stop and the call that found them fails.
+    async fn label_unprotected(&self, entry: &Entry) -> Result<(), ProtectError> {
+        if entry.protection != Protection::Unprotected {
+            self.store
+                .set_protection(entry.id, &Protection::Unprotected)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn unprotectable(

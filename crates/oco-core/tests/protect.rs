@@ -1698,6 +1698,42 @@ async fn coins_of_another_entry_are_not_covered_while_a_rest_stays_open() {
 }
 
 #[tokio::test]
+async fn a_balance_refusal_beside_an_open_rest_takes_the_rest_out_once() {
+    let (w, id, first, second) = with_a_take_profit_rest(true).await;
+    // The second list is canceled by hand: 0.5 free, 0.3 locked by the rest.
+    cancel_by_hand(&w, id, &second).await;
+    // 0.1 of it sold by hand meanwhile: the lists planned over 0.5 are
+    // refused for balance, and the round re-plans from what is held.
+    w.exchange.set_free(KEY, "BTC", dec!(0.4));
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let new: Decimal = w
+        .exchange
+        .open_lists()
+        .iter()
+        .filter(|l| l.request.ids.list.as_str() != first)
+        .map(|l| l.request.qty.get())
+        .sum();
+    assert_eq!(new, dec!(0.4), "every free coin gets its stop");
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0));
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Unprotected,
+        "the rest's 0.3 has no stop"
+    );
+    // The exchange answers again: the rest goes, and all 0.7 get stops.
+    w.exchange.fail_cancels(None);
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(w.open_qty(), dec!(0.7));
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+}
+
+#[tokio::test]
 async fn a_late_exit_over_max_qty_says_so() {
     let (w, id, ev) = one_bought_under_max_qty(dec!(0.3), dec!(80)).await;
     let report = w
