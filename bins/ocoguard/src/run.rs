@@ -214,7 +214,8 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     metrics.watch_flag_listener(store_pg::RECONCILE_CHANNEL, ringer.listening());
     // New entries of the accounts the gateway follows are read as they are
     // stored, so that their fills skip that read.
-    let _learner = store_pg::learn_announced_entries(store.clone());
+    let learner = store_pg::learn_announced_entries(store.clone());
+    metrics.watch_entry_listener(store_pg::ENTRY_CHANNEL, learner.listening());
     // Layer 3: the entry API.
     let state = api_bin::app_state(
         store.clone(),

@@ -173,6 +173,11 @@ async fn run_protects_an_entry_placed_through_its_api() {
             Some(1.0),
             "sync listens for flags: {text}"
         );
+        assert_eq!(
+            metric(&text, "oco_entry_listener_up{channel=\"oco_entry\"}"),
+            Some(1.0),
+            "the gateway reads new entries ahead: {text}"
+        );
         for file in ["ops/prometheus/alerts.yml", "ops/grafana/ocoguard.json"] {
             let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../").to_owned() + file;
             let body = std::fs::read_to_string(&path).unwrap();

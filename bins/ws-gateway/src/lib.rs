@@ -331,7 +331,8 @@ pub async fn run(
     let (gateway, store) = wire_observed(config, &metrics).await?;
     // New entries of the accounts followed here are read as they are stored,
     // so that their fills skip that read; the guard ends the task on return.
-    let _learner = store_pg::learn_announced_entries(store.clone());
+    let learner = store_pg::learn_announced_entries(store.clone());
+    metrics.watch_entry_listener(store_pg::ENTRY_CHANNEL, learner.listening());
     let exporter = Exporter::start(config.metrics_listen, metrics, store, Arc::new(SystemClock))
         .await
         .with_context(|| format!("binding OCO_METRICS_LISTEN {}", config.metrics_listen))?;

@@ -66,6 +66,7 @@ async fn the_wired_process_protects_a_fill_from_the_stream() {
     let wanted = [
         stream_up.as_str(),
         "oco_placements_total{source=\"websocket\"} 2",
+        "oco_entry_listener_up{channel=\"oco_entry\"} 1",
     ];
     let text = metrics_showing(&w, &wanted).await;
     assert!(!text.contains("k1-secret") && !text.contains(&w.key_hex));

@@ -53,18 +53,20 @@ fn latency_histogram() -> Histogram {
 }
 
 // Labelled families that can be empty: (name, type, help).
-const LABELLED: [(&str, &str, &str); 5] = [
+const LABELLED: [(&str, &str, &str); 6] = [
     ("oco_protect_calls", "counter", HELP_PROTECT_CALLS),
     ("oco_stream_up", "gauge", HELP_STREAM_UP),
     ("oco_breaker_open", "gauge", HELP_BREAKER_OPEN),
     ("oco_exchange_errors", "counter", HELP_EXCHANGE_ERRORS),
     ("oco_flag_listener_up", "gauge", HELP_FLAG_LISTENER_UP),
+    ("oco_entry_listener_up", "gauge", HELP_ENTRY_LISTENER_UP),
 ];
 const HELP_PROTECT_CALLS: &str = "protect calls by layer and outcome";
 const HELP_STREAM_UP: &str =
     "1 while the account's user-data stream is subscribed, 0 while it is leased here but down";
 const HELP_BREAKER_OPEN: &str = "1 while sync's circuit breaker for the account is open";
 const HELP_FLAG_LISTENER_UP: &str = "Whether this process listens for reconcile flags (1), or only polls them until it listens again (0)";
+const HELP_ENTRY_LISTENER_UP: &str = "Whether this process listens for new entries to read ahead of their fills (1), or their first fills take a read first until it listens again (0)";
 const HELP_EXCHANGE_ERRORS: &str =
     "Exchange errors by code (the exchange's code for refusals, else the kind)";
 
@@ -93,6 +95,7 @@ pub struct Metrics {
     hinted_fills: Counter,
     stale_hints: Counter,
     flag_listener_up: Family<ChannelLabels, Gauge>,
+    entry_listener_up: Family<ChannelLabels, Gauge>,
     flags_owed: Gauge,
     flag_write_failures: Counter,
     hooks: Mutex<Vec<Hook>>,
@@ -205,6 +208,13 @@ impl Metrics {
             HELP_FLAG_LISTENER_UP,
             flag_listener_up.clone(),
         );
+        // Likewise only where entries are read ahead (ws-gateway, ocoguard run).
+        let entry_listener_up = Family::<ChannelLabels, Gauge>::default();
+        registry.register(
+            "oco_entry_listener_up",
+            HELP_ENTRY_LISTENER_UP,
+            entry_listener_up.clone(),
+        );
         let flags_owed = Gauge::default();
         registry.register(
             "oco_gateway_flags_owed",
@@ -243,6 +253,7 @@ impl Metrics {
             hinted_fills,
             stale_hints,
             flag_listener_up,
+            entry_listener_up,
             flags_owed,
             flag_write_failures,
             hooks: Mutex::new(Vec::new()),
@@ -351,6 +362,20 @@ impl Metrics {
     /// `channel`) as `oco_flag_listener_up` at each scrape.
     pub fn watch_flag_listener(&self, channel: &'static str, up: Arc<AtomicBool>) {
         self.on_scrape(move |m| m.set_flag_listener(channel, up.load(Ordering::Relaxed)));
+    }
+
+    /// Shows `up` (true while the process listens for new entries on
+    /// `channel` to read them ahead of their fills) as
+    /// `oco_entry_listener_up` at each scrape. Down costs speed, not
+    /// protection: a fill not read ahead is read when it comes.
+    pub fn watch_entry_listener(&self, channel: &'static str, up: Arc<AtomicBool>) {
+        self.on_scrape(move |m| {
+            m.entry_listener_up
+                .get_or_create(&ChannelLabels {
+                    channel: channel.to_owned(),
+                })
+                .set(i64::from(up.load(Ordering::Relaxed)));
+        });
     }
 
     /// Whether the process's listener for reconcile flags on `channel` is

@@ -176,6 +176,31 @@ fn the_flag_listener_shows_at_each_scrape_and_only_where_there_is_one() {
 }
 
 #[test]
+fn the_entry_listener_shows_at_each_scrape_and_only_where_there_is_one() {
+    let m = Metrics::new();
+    let text = m.encode();
+    assert!(
+        text.contains("# TYPE oco_entry_listener_up gauge"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("oco_entry_listener_up{"),
+        "no series without a listener (api, sync): {text}"
+    );
+    let up = Arc::new(AtomicBool::new(false));
+    m.watch_entry_listener("oco_entry", up.clone());
+    let series = "oco_entry_listener_up{channel=\"oco_entry\"}";
+    assert_eq!(sample(&m.encode(), series), Some(0.0));
+    up.store(true, Ordering::Relaxed);
+    assert_eq!(sample(&m.encode(), series), Some(1.0));
+    assert_eq!(
+        sample(&m.encode(), "oco_flag_listener_up{channel=\"oco_entry\"}"),
+        None,
+        "not counted as a flag listener"
+    );
+}
+
+#[test]
 fn exchange_errors_by_bounded_code() {
     let m = Metrics::new();
     for err in [
