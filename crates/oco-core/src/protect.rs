@@ -388,8 +388,15 @@ impl Protector {
                     break;
                 }
                 Round::Again { holding: h } => {
-                    holding = h.or(holding);
-                    current = self.store.entry(entry).await?;
+                    let fresh = self.store.entry(entry).await?;
+                    // A holding read from the balance before fills recorded
+                    // since would cap the position below them, and the lists
+                    // over the old holding would be called covering it. Too
+                    // much is refused for balance and read again; too little
+                    // would leave the new coins without a stop.
+                    let added = fresh.net_qty().saturating_sub(current.net_qty());
+                    holding = h.or(holding).map(|held| held.plus(added));
+                    current = fresh;
                 }
             }
         }
@@ -969,6 +976,10 @@ impl Protector {
                         &format!("could not cancel older list: {err}"),
                     )
                     .await?;
+                    if replaced > 0 {
+                        // Older lists already canceled took their stops along.
+                        self.label_unprotected(entry).await?;
+                    }
                     return Ok(Round::Done(ProtectOutcome::Failed {
                         errors: vec![err.to_string()],
                     }));
@@ -1190,7 +1201,14 @@ impl Protector {
                     if err.is_bad_prices() {
                         late_reason = Some(format!("market passed a level: {err}"));
                     } else if err.is_insufficient_balance() {
-                        again = Some(self.held_base(creds, rules).await?);
+                        // Unread, the call fails as for any refusal (labelled
+                        // below) rather than leaving the label behind.
+                        match self.held_base(creds, rules).await {
+                            Ok(free) => again = Some(free),
+                            Err(read) => {
+                                warn!(entry = %entry.id, error = %read, "balance unread after a refusal for balance; not re-planned");
+                            }
+                        }
                     } else if code == Some(-1013) {
                         self.exchange.invalidate_rules(&entry.symbol.name);
                     } else if is_order_cap(&err.to_string()) {
@@ -1245,12 +1263,13 @@ impl Protector {
         if !errors.is_empty() || !pending.is_empty() {
             if let Some(free) = again {
                 // What this entry holds: the free coins, those its own new
-                // lists lock, and those its rests lock. The next round plans
-                // only the coins no rest counts, so the rests are counted here
-                // or they would be taken out twice.
+                // lists lock (a list in doubt may lock them too), and those
+                // its rests lock. The next round plans only the coins no rest
+                // counts, so the rests are counted here or they would be
+                // taken out twice.
                 let own: Qty = claims
                     .iter()
-                    .filter(|c| placed.contains(&c.key))
+                    .filter(|c| placed.contains(&c.key) || pending.contains(&c.key))
                     .map(|c| c.qty)
                     .sum();
                 return Ok(Round::Again {
@@ -1263,7 +1282,10 @@ impl Protector {
             if cap_refused && pending.is_empty() {
                 return Ok(Round::Again { holding: None });
             }
-            // Lists that did go out keep their coins locked; the next call replaces them.
+            // Lists that did go out keep their coins locked; the next call
+            // replaces them. The older lists were canceled: some coins are
+            // without a stop, or may be, until then.
+            self.label_unprotected(entry).await?;
             return Ok(Round::Done(if pending.is_empty() {
                 ProtectOutcome::Failed { errors }
             } else {
@@ -1274,6 +1296,8 @@ impl Protector {
             self.unprotectable(entry, source, short.to_string()).await?;
         } else if rest_open.is_zero() {
             self.mark_protected(entry, source, self.clock.now()).await?;
+        } else {
+            self.label_unprotected(entry).await?;
         }
         // New fills may have arrived while we placed; the caller that saw them found our
         // claim in flight and left the rest to us.

@@ -82,6 +82,8 @@ struct FakeState {
     lists: Vec<FakeList>,
     orders: HashMap<(String, String), OrderSnapshot>,
     oco_faults: VecDeque<OcoFault>,
+    /// Per coming list cancel: `None` cancels as usual, `Some` refuses.
+    list_cancel_faults: VecDeque<Option<ExchangeError>>,
     market_depth: HashMap<String, Qty>,
     order_faults: VecDeque<OcoFault>,
     lagging_lookups: usize,
@@ -314,6 +316,12 @@ impl FakeExchange {
     /// Scripts the next `place_oco` call.
     pub fn push_oco_fault(&self, fault: OcoFault) {
         self.lock().oco_faults.push_back(fault);
+    }
+
+    /// Scripts the next list cancel: `None` cancels as usual, `Some(err)`
+    /// refuses with `err` and leaves the list open. Queued in order.
+    pub fn push_list_cancel_fault(&self, fault: Option<ExchangeError>) {
+        self.lock().list_cancel_faults.push_back(fault);
     }
 
     /// Every list ever created, in order.
@@ -754,7 +762,11 @@ impl Exchange for FakeExchange {
             hook().await;
         }
         YieldNow::default().await;
-        if self.lock().cancel_list(list_client_id) {
+        let mut state = self.lock();
+        if let Some(Some(err)) = state.list_cancel_faults.pop_front() {
+            return Err(err);
+        }
+        if state.cancel_list(list_client_id) {
             Ok(CancelOutcome::Canceled)
         } else {
             Ok(CancelOutcome::NotOpen)

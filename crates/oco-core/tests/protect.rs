@@ -1734,6 +1734,149 @@ async fn a_balance_refusal_beside_an_open_rest_takes_the_rest_out_once() {
 }
 
 #[tokio::test]
+async fn a_replacement_refused_after_the_old_stops_went_does_not_stay_labelled_protected() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let second = w.exchange.open_lists()[1].request.ids.list.to_string();
+    // One list canceled by hand: the next call replaces the other with a
+    // whole new generation, and every new list is refused.
+    cancel_by_hand(&w, id, &second).await;
+    for _ in 0..2 {
+        w.exchange
+            .push_oco_fault(OcoFault::Fail(ExchangeError::RateLimited {
+                retry_after: Duration::from_secs(1),
+            }));
+    }
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0), "the old stops are gone");
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Unprotected
+    );
+}
+
+#[tokio::test]
+async fn a_replacement_stopped_by_a_failed_cancel_does_not_stay_labelled_protected() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.4));
+    w.protector
+        .protect(id, Some(&first_part()), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(w.exchange.open_lists().len(), 2);
+    // The rest of the order fills: the next call replaces both lists. The
+    // first cancel goes through, the second is refused.
+    w.credit(dec!(0.6));
+    w.exchange.push_list_cancel_fault(None);
+    w.exchange
+        .push_list_cancel_fault(Some(ExchangeError::RateLimited {
+            retry_after: Duration::from_secs(1),
+        }));
+    let report = w
+        .protector
+        .protect(id, Some(&whole_after_part()), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.open_lists().len(), 1, "one old list is gone");
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Unprotected
+    );
+}
+
+#[tokio::test]
+async fn a_fill_recorded_after_a_balance_refusal_is_planned_in_the_same_call() {
+    let single = ProtectionConfig {
+        split: dec!(1),
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(single).await;
+    let id = w.entry(EntryLevels::default()).await;
+    // 0.4 bought, 0.3 of it still held: the first list (0.4) is refused
+    // for balance and the round re-plans over 0.3. While that list goes
+    // out, the rest of the order (0.6) fills and is recorded.
+    w.credit(dec!(0.3));
+    let (store, exchange) = (w.store.clone(), w.exchange.clone());
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            let inner = exchange.clone();
+            exchange.before_next_oco(move || {
+                Box::pin(async move {
+                    store
+                        .record_evidence(id, &whole_after_part())
+                        .await
+                        .unwrap();
+                    let (free, _) = inner.balance(KEY, "BTC");
+                    inner.set_free(KEY, "BTC", free + dec!(0.6));
+                })
+            });
+        })
+    });
+    w.protector
+        .protect(id, Some(&first_part()), Source::Sync)
+        .await
+        .unwrap();
+    assert_eq!(w.open_qty(), dec!(0.9), "the new 0.6 gets its stop too");
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0));
+}
+
+#[tokio::test]
+async fn a_leg_in_doubt_counts_as_held_when_a_balance_refusal_re_plans() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    // 1 bought, 0.2 of it sold by hand: the first list (0.5) goes out but
+    // its answer is lost, and the second is refused for balance.
+    w.credit(dec!(0.8));
+    w.exchange.push_oco_fault(OcoFault::UnknownAfterApply);
+    w.exchange.lag_next_lookups(1);
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(
+        w.open_qty(),
+        dec!(0.8),
+        "every coin held gets its stop in the same call"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0));
+}
+
+#[tokio::test]
+async fn lists_placed_beside_an_open_rest_after_a_lost_answer_leave_the_entry_unprotected() {
+    let (w, id, _, second) = with_a_take_profit_rest(true).await;
+    cancel_by_hand(&w, id, &second).await;
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    // The new list goes out but its answer is lost; the lookup finds it.
+    w.exchange.push_oco_fault(OcoFault::UnknownAfterApply);
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Unprotected,
+        "the rest's 0.3 has no stop"
+    );
+}
+
+#[tokio::test]
 async fn a_late_exit_over_max_qty_says_so() {
     let (w, id, ev) = one_bought_under_max_qty(dec!(0.3), dec!(80)).await;
     let report = w
