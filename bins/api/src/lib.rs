@@ -6,6 +6,7 @@
 //! Not here: request handling or any rule (the `api` crate), SQL (`store-pg`),
 //! exchange protocol (`exchange-binance`).
 
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,8 +59,9 @@ pub enum UsersCommand {
     },
 }
 
-/// Where the database is and the key for API secrets at rest.
-#[derive(Debug, Args)]
+/// Where the database is and the key for API secrets at rest. `Debug` shows
+/// neither the URL nor the key.
+#[derive(Args)]
 pub struct DbArgs {
     /// `postgres://user:password@host:port/database`.
     #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
@@ -70,6 +72,18 @@ pub struct DbArgs {
     /// Database connections.
     #[arg(long = "db-pool-size", env = "OCO_DB_POOL_SIZE", default_value_t = 8)]
     pub pool_size: usize,
+}
+
+impl fmt::Debug for DbArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may carry the database password, and the key opens every
+        // stored API secret.
+        f.debug_struct("DbArgs")
+            .field("database_url", &"[redacted]")
+            .field("secret_key", &"[redacted]")
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
 }
 
 /// Which exchange endpoints to use.
@@ -323,5 +337,39 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    const PASSWORD: &str = "db-pass-4f1c";
+    const KEY: &str = "7f3a9c2e5b8d1f4a6c0e9b2d5f8a1c4e7b0d3f6a9c2e5b8d1f4a7c0e3b6d9f2a";
+
+    fn debug_of(args: &[&str]) -> String {
+        match Cli::try_parse_from(args) {
+            Ok(cli) => format!("{cli:?}"),
+            Err(e) => panic!("{args:?} did not parse: {e}"),
+        }
+    }
+
+    #[test]
+    fn debug_shows_neither_the_database_password_nor_the_secret_key() {
+        let url = format!("postgres://oco:{PASSWORD}@db.internal:5432/oco");
+        let db = ["--database-url", url.as_str(), "--secret-key", KEY];
+        let users = [&["api", "users", "add", "alice"][..], &db[..]].concat();
+        let serve = [&["api", "serve", "--exchange", "testnet"][..], &db[..]].concat();
+        for args in [users, serve] {
+            let debug = debug_of(&args);
+            assert!(debug.contains("DbArgs"), "{debug}");
+            assert!(
+                !debug.contains(PASSWORD),
+                "Debug shows the password: {debug}"
+            );
+            assert!(!debug.contains(KEY), "Debug shows the key: {debug}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use oco_core::AccountId;
 use oco_core::model::{Account, ProtectionConfig};
 use oco_core::ports::{ApiCredentials, NewAccount};
 use secrecy::SecretString;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::AppState;
 use crate::auth::AuthUser;
@@ -152,7 +152,19 @@ pub(crate) async fn get_account(
     Ok(JsonOut(AccountView::of(&account)))
 }
 
+/// Most entry ids a refusal to disable an account lists.
+const LISTED_OPEN_ENTRIES: usize = 5;
+
 /// Changes an account's protection settings or active flag.
+///
+/// Disabling (`"active": false`) is refused with `409
+/// account_has_open_entries` while the account has open entries: an order
+/// not final yet (resting, or sent with its outcome unknown), or a filled
+/// entry whose protection has not closed. A disabled account is neither
+/// streamed nor reconciled, so those entries would lose all protection.
+/// Cancel resting entries with `DELETE /v1/entries/{id}` and wait for filled
+/// entries to close (take-profit or stop-loss filled). Re-enabling and
+/// changing the settings are always allowed.
 #[utoipa::path(
     patch, path = "/v1/accounts/{id}", tag = "accounts",
     params(("id" = i64, Path, description = "Account id")),
@@ -162,6 +174,7 @@ pub(crate) async fn get_account(
         (status = 400, body = Problem),
         (status = 401, body = Problem),
         (status = 404, body = Problem),
+        (status = 409, description = "`account_has_open_entries`: disabling refused while entries are open; `openEntries` counts them and `entryIds` lists up to five", body = Problem),
     ),
     security(("bearer" = []))
 )]
@@ -178,7 +191,69 @@ pub(crate) async fn update_account(
         None => account.protection,
     };
     let active = req.active.unwrap_or(account.active);
+    let disabling = req.active == Some(false);
+    if disabling {
+        refuse_if_open(&state, id).await?;
+    }
     let updated = state.store.update_account(id, protection, active).await?;
+    if disabling {
+        // An entry stored between the check above and this write would go
+        // unfollowed. The create path re-reads `active` after storing its
+        // entry; checking again after writing means one of the two sides
+        // always sees the other.
+        if let Err(refusal) = refuse_if_open(&state, id).await {
+            if account.active {
+                if let Err(e) = state.store.update_account(id, protection, true).await {
+                    error!(account = %id, error = %e, "an entry arrived while the account was being disabled and it could not be enabled again");
+                    return Err(e.into());
+                }
+                warn!(account = %id, "an entry arrived while the account was being disabled; it stays enabled");
+            }
+            return Err(refusal);
+        }
+    }
     info!(account = %id, active, "account settings changed");
     Ok(JsonOut(AccountView::of(&updated)))
+}
+
+/// `Err(account_has_open_entries)` while any entry of `id` still needs
+/// following: its order can fill, or its filled coins are not known sold.
+async fn refuse_if_open(state: &AppState, id: AccountId) -> Result<(), ApiError> {
+    let open = state.store.open_entries(id).await?;
+    if open.is_empty() {
+        return Ok(());
+    }
+    let mut ids: Vec<i64> = open.iter().map(|e| e.id.0).collect();
+    ids.sort_unstable();
+    ids.truncate(LISTED_OPEN_ENTRIES);
+    let resting = open.iter().filter(|e| !e.status.is_final()).count();
+    let filled = open.len() - resting;
+    let listed = ids
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = if open.len() > ids.len() { ", …" } else { "" };
+    let entries = |n: usize| if n == 1 { "entry" } else { "entries" };
+    let mut todo = Vec::new();
+    if resting > 0 {
+        todo.push(format!(
+            "{resting} not final on the exchange yet: cancel them with DELETE /v1/entries/{{id}}"
+        ));
+    }
+    if filled > 0 {
+        todo.push(format!(
+            "{filled} filled and still followed: wait until their protection closes them"
+        ));
+    }
+    Err(ApiError::OpenEntries {
+        message: format!(
+            "account {id} has {} open {} ({listed}{more}); disabled, it would be neither streamed nor reconciled and they would lose their protection; {}",
+            open.len(),
+            entries(open.len()),
+            todo.join("; ")
+        ),
+        count: open.len(),
+        ids,
+    })
 }

@@ -28,6 +28,13 @@ pub struct Problem {
     /// The entry concerned, when one was stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry_id: Option<i64>,
+    /// For `account_has_open_entries`: how many entries of the account are
+    /// still open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_entries: Option<usize>,
+    /// For `account_has_open_entries`: up to five of them, lowest id first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_ids: Option<Vec<i64>>,
 }
 
 /// How the stop leg executes once triggered.
@@ -137,7 +144,9 @@ pub struct UpdateAccountRequest {
     /// Fields to change; absent fields keep their value.
     #[serde(default)]
     pub protection: Option<ProtectionSettings>,
-    /// False disables the account (no new entries, no streaming).
+    /// False disables the account (no new entries, no streaming, no
+    /// reconciliation); refused with `account_has_open_entries` while any of
+    /// its entries is open.
     #[serde(default)]
     pub active: Option<bool>,
 }

@@ -3,20 +3,23 @@
 //! with the FULL response, and protects whatever filled at once (source
 //! `direct`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
 
 use axum::Json as JsonOut;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use oco_core::model::{Entry, Evidence, NewEntry, Source};
+use oco_core::mem::merge_evidence;
+use oco_core::model::{Entry, Evidence, NewEntry, Protection, Source};
 use oco_core::ports::{
     ApiCredentials, CancelOutcome, ExchangeError, OrderRequest, OrderSnapshot, Side, event,
 };
 use oco_core::protect::ProtectOutcome;
 use oco_core::{ClientOrderId, EntryId, EntryStatus, Qty, StoreError};
 use rust_decimal::Decimal;
+use tracing::instrument::WithSubscriber;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::AppState;
@@ -77,7 +80,38 @@ pub(crate) async fn create_entry(
     check_market(&parsed, &rules, last, &account.protection)?;
     // Credentials come from the entry's account in the store, every time.
     let creds = state.store.credentials(account.id).await?;
+    let new = NewEntry {
+        account: account.id,
+        symbol: rules.symbol.clone(),
+        kind: parsed.kind,
+        size: parsed.size,
+        levels: parsed.levels,
+        tags: parsed.tags,
+    };
 
+    // From the store onwards the work runs as its own task: hyper drops this
+    // handler's future when the client hangs up, and an order on the
+    // exchange whose answer is never recorded, and whose fill nobody
+    // protects or flags, must not depend on the client's patience.
+    let stored = Arc::new(OnceLock::new());
+    let task = tokio::spawn(
+        place(state.clone(), new, creds, stored.clone())
+            .in_current_span()
+            .with_current_subscriber(),
+    );
+    match task.await {
+        Ok(answer) => answer,
+        Err(err) => Err(aborted(&state, stored.get(), &err).await),
+    }
+}
+
+/// Stores the entry, sends it and protects what fills, to the end.
+async fn place(
+    state: AppState,
+    new: NewEntry,
+    creds: ApiCredentials,
+    stored: Arc<OnceLock<Entry>>,
+) -> Result<Response, ApiError> {
     // Stored before it is sent: a crash after this line loses nothing, and the
     // deterministic client id lets reconciliation find the order.
     let ids = state.ids.clone();
@@ -87,19 +121,9 @@ pub(crate) async fn create_entry(
     let client_id_of = move |id: EntryId| ids.entry(id).unwrap_or_else(|_| fallback.clone());
     let entry = state
         .store
-        .create_entry(
-            NewEntry {
-                account: account.id,
-                symbol: rules.symbol.clone(),
-                kind: parsed.kind,
-                size: parsed.size,
-                levels: parsed.levels,
-                tags: parsed.tags,
-            },
-            &client_id_of,
-            state.clock.now(),
-        )
+        .create_entry(new, &client_id_of, state.clock.now())
         .await?;
+    let _ = stored.set(entry.clone());
     if state.ids.entry(entry.id).ok().as_ref() != Some(&entry.client_id) {
         // Only an id beyond the layout can get here; never send such an order.
         refuse(&state, &entry, "client id does not fit the layout").await;
@@ -108,10 +132,61 @@ pub(crate) async fn create_entry(
             entry.id
         )));
     }
-    info!(account = %account.id, entry = %entry.id, client_id = %entry.client_id, symbol = %entry.symbol, "entry stored, sending");
+    // Disabling an account checks for open entries after it writes the flag;
+    // reading the flag after the entry is stored means that an entry racing a
+    // disable is either seen by it or refused here, never sent unfollowed.
+    match state.store.account(entry.account).await {
+        Ok(account) if account.active => {}
+        Ok(_) => {
+            refuse(&state, &entry, "account disabled before the entry was sent").await;
+            return Err(ApiError::Unprocessable {
+                code: "account_inactive",
+                message: format!(
+                    "account {} was disabled while entry {} was being stored; nothing was sent",
+                    entry.account, entry.id
+                ),
+            });
+        }
+        Err(e) => {
+            refuse(
+                &state,
+                &entry,
+                "account unreadable before the entry was sent",
+            )
+            .await;
+            return Err(ApiError::from(e).with_entry(entry.id.0));
+        }
+    }
+    info!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, symbol = %entry.symbol, "entry stored, sending");
     send(&state, &entry, &creds)
         .instrument(order_span(&entry))
         .await
+}
+
+/// The placement task ended without an answer: a panic, or a runtime
+/// shutting down. The order may be on the exchange, so the account is
+/// flagged and the answer is not one a client retries.
+async fn aborted(
+    state: &AppState,
+    entry: Option<&Entry>,
+    err: &tokio::task::JoinError,
+) -> ApiError {
+    let Some(entry) = entry else {
+        error!(error = %err, "entry placement ended before the entry was stored");
+        return ApiError::PlacementAborted {
+            message: format!("the placement ended before the entry was stored ({err})"),
+            entry: None,
+        };
+    };
+    error!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %err, "entry placement ended without an answer");
+    flag(state, entry, "entry placement ended without an answer").await;
+    ApiError::PlacementAborted {
+        message: format!(
+            "the placement of entry {} ended without an answer ({err}); its order may be on the exchange, reconciliation resolves it by client id {}; do not resend, read GET /v1/entries/{}",
+            entry.id, entry.client_id, entry.id
+        ),
+        entry: Some(entry.id.0),
+    }
 }
 
 /// Lines logged by the exchange adapter and the HTTP client while an order
@@ -169,11 +244,8 @@ async fn send(
             return pending(state, entry, &err, &lookup).await;
         }
     };
-    let note = absorb(state, entry, &snap).await;
-    let mut view = view_of(state, entry.id)
-        .await
-        .map_err(|e| e.with_entry(entry.id.0))?;
-    view.note = note;
+    let absorbed = absorb(state, entry, &snap).await;
+    let view = sent_view(state, entry, absorbed.known, absorbed.note).await;
     let location = HeaderValue::from_str(&format!("/v1/entries/{}", entry.id))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok((
@@ -266,10 +338,7 @@ async fn pending(
             state.clock.now(),
         ))
         .await;
-    let mut view = view_of(state, entry.id)
-        .await
-        .map_err(|e| e.with_entry(entry.id.0))?;
-    view.note = Some(note);
+    let view = sent_view(state, entry, entry.clone(), Some(note)).await;
     Ok((StatusCode::ACCEPTED, JsonOut(view)).into_response())
 }
 
@@ -285,16 +354,28 @@ fn evidence_of(state: &AppState, snap: &OrderSnapshot) -> Evidence {
     }
 }
 
+/// What [`absorb`] made of an answer: a note when protection is not (yet)
+/// complete, and the entry as it stands by that answer, for a reply that
+/// cannot read it back from the store.
+struct Absorbed {
+    note: Option<String>,
+    known: Entry,
+}
+
 /// Records what the exchange said of the entry order and, when anything
-/// filled, protects it at once. Returns a note when protection is not (yet)
-/// complete. Failures here never hide the placement: the account is flagged
-/// and the reply says so.
-async fn absorb(state: &AppState, entry: &Entry, snap: &OrderSnapshot) -> Option<String> {
+/// filled, protects it at once. Failures here never hide the placement: the
+/// account is flagged and the reply says so.
+async fn absorb(state: &AppState, entry: &Entry, snap: &OrderSnapshot) -> Absorbed {
     let ev = evidence_of(state, snap);
     info!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, status = %snap.status, executed = %snap.executed_qty, "entry answered");
+    let mut known = entry.clone();
+    merge_evidence(&mut known, &mut BTreeMap::new(), &ev);
     if snap.executed_qty.is_zero() {
-        return match state.store.record_evidence(entry.id, &ev).await {
-            Ok(_) => None,
+        let note = match state.store.record_evidence(entry.id, &ev).await {
+            Ok(recorded) => {
+                known = recorded;
+                None
+            }
             Err(e) => {
                 error!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %e, "could not record the entry's answer");
                 flag(state, entry, "entry answer not recorded").await;
@@ -304,14 +385,36 @@ async fn absorb(state: &AppState, entry: &Entry, snap: &OrderSnapshot) -> Option
                 ))
             }
         };
+        return Absorbed { note, known };
     }
-    match state
+    let note = match state
         .protector
         .protect(entry.id, Some(&ev), Source::Direct)
         .await
     {
         Ok(report) => {
             info!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, outcome = ?report.outcome, "direct protection");
+            // Only what this call itself established; anything else stays
+            // `unprotected` in the in-memory view.
+            match &report.outcome {
+                ProtectOutcome::Placed { .. } => {
+                    known.protection = Protection::Protected {
+                        at: report.finished_at,
+                        by: Source::Direct,
+                    };
+                }
+                ProtectOutcome::Unprotectable { reason } => {
+                    known.protection = Protection::Unprotectable {
+                        reason: reason.clone(),
+                    };
+                }
+                ProtectOutcome::Exited { reason } => {
+                    known.protection = Protection::Exited {
+                        reason: reason.clone(),
+                    };
+                }
+                _ => {}
+            }
             match report.outcome {
                 ProtectOutcome::Placed { .. } | ProtectOutcome::Nothing(_) => None,
                 ProtectOutcome::Exited { reason } => Some(format!(
@@ -336,6 +439,38 @@ async fn absorb(state: &AppState, entry: &Entry, snap: &OrderSnapshot) -> Option
             Some(format!(
                 "filled, but protection failed ({e}); reconciliation retries it"
             ))
+        }
+    };
+    Absorbed { note, known }
+}
+
+/// The reply about an entry whose order was sent: the stored view, else
+/// `known` (the entry as the exchange's answer left it, without legs).
+/// Once an order is out, a failing read must not turn into an error a
+/// client retries: the retry would place a second order.
+async fn sent_view(
+    state: &AppState,
+    entry: &Entry,
+    known: Entry,
+    note: Option<String>,
+) -> EntryView {
+    match view_of(state, entry.id).await {
+        Ok(mut view) => {
+            view.note = note;
+            view
+        }
+        Err(e) => {
+            warn!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %e, "stored entry unreadable after sending, answering from memory");
+            let unread = format!(
+                "the stored view could not be read ({e}); this reply is built from the exchange's answer and shows no legs: read GET /v1/entries/{} later; do not resend",
+                entry.id
+            );
+            let mut view = EntryView::of(&known, &[]);
+            view.note = Some(match note {
+                Some(note) => format!("{note}; {unread}"),
+                None => unread,
+            });
+            view
         }
     }
 }
@@ -536,13 +671,17 @@ async fn cancel(state: &AppState, user: &AuthUser, entry: &Entry) -> Result<Resp
         .query_order(&creds, symbol, client_id.as_str())
         .await
     {
+        Ok(snap) => with_trades(state, &creds, snap).await,
+        Err(e) => Err(e),
+    };
+    let snap = match snap {
         Ok(snap) => snap,
         Err(e) => {
             warn!(account = %entry.account, entry = %id, client_id = %client_id, error = %e, "cancel sent, order state unknown");
             flag(state, entry, "entry cancel not confirmed").await;
             let mut view = view_of(state, id).await?;
             view.note = Some(format!(
-                "cancel {}; its final state could not be read ({e}); reconciliation records it",
+                "cancel {}; its final state or its trades could not be read ({e}); reconciliation records it",
                 match canceled {
                     CancelOutcome::Canceled => "accepted",
                     CancelOutcome::NotOpen => "found the order no longer open",
@@ -551,7 +690,7 @@ async fn cancel(state: &AppState, user: &AuthUser, entry: &Entry) -> Result<Resp
             return Ok((StatusCode::ACCEPTED, JsonOut(view)).into_response());
         }
     };
-    let note = absorb(state, entry, &snap).await;
+    let note = absorb(state, entry, &snap).await.note;
     let _ = state
         .store
         .append_event(&event(

@@ -1,6 +1,6 @@
 //! Every failure the API reports, and the one place where each maps to an
 //! HTTP status and a JSON problem body `{code, message, field?, binanceCode?,
-//! entryId?}`.
+//! entryId?, openEntries?, entryIds?}`.
 
 use std::time::Duration;
 
@@ -77,6 +77,18 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
+    /// The account still has entries that need following, so it cannot be
+    /// disabled: 409 `account_has_open_entries`, with their count and the
+    /// first few ids.
+    #[error("{message}")]
+    OpenEntries {
+        /// Why, and what to do about each kind of entry.
+        message: String,
+        /// How many entries are open.
+        count: usize,
+        /// Up to five of them, lowest id first.
+        ids: Vec<i64>,
+    },
     /// The exchange refused: 422 `exchange_rejected` with Binance's code and
     /// message, and the entry that recorded the refusal.
     #[error("rejected by the exchange: {code} {msg}")]
@@ -115,6 +127,16 @@ pub enum ApiError {
     /// A bug or corrupt data; never caused by input: 500 `internal`.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The task placing an entry ended without an answer (it panicked, or
+    /// the runtime is shutting down): 500 `internal`, with the entry if it
+    /// was stored. Not retryable: the order may be on the exchange.
+    #[error("internal error: {message}")]
+    PlacementAborted {
+        /// What happened and what to do.
+        message: String,
+        /// The entry, if it was stored.
+        entry: Option<i64>,
+    },
 }
 
 fn retry_after_secs(d: Duration) -> u64 {
@@ -145,12 +167,12 @@ impl ApiError {
             Self::Unprocessable { .. } | Self::ExchangeRejected { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Conflict { .. } | Self::OpenEntries { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ExchangeUnavailable { .. } | Self::StoreUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) | Self::PlacementAborted { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -169,11 +191,12 @@ impl ApiError {
             Self::InvalidField { .. } => "invalid_field",
             Self::UnknownSymbol(_) => "unknown_symbol",
             Self::Unprocessable { code, .. } | Self::Conflict { code, .. } => code,
+            Self::OpenEntries { .. } => "account_has_open_entries",
             Self::ExchangeRejected { .. } => "exchange_rejected",
             Self::RateLimited { .. } => "rate_limited",
             Self::ExchangeUnavailable { .. } => "exchange_unavailable",
             Self::StoreUnavailable { .. } => "store_unavailable",
-            Self::Internal(_) => "internal",
+            Self::Internal(_) | Self::PlacementAborted { .. } => "internal",
         }
     }
 
@@ -194,8 +217,13 @@ impl ApiError {
             Self::ExchangeRejected { entry, .. }
             | Self::RateLimited { entry, .. }
             | Self::ExchangeUnavailable { entry, .. }
-            | Self::StoreUnavailable { entry, .. } => *entry,
+            | Self::StoreUnavailable { entry, .. }
+            | Self::PlacementAborted { entry, .. } => *entry,
             _ => None,
+        };
+        let (open_entries, entry_ids) = match self {
+            Self::OpenEntries { count, ids, .. } => (Some(*count), Some(ids.clone())),
+            _ => (None, None),
         };
         Problem {
             code: self.code().to_owned(),
@@ -206,6 +234,8 @@ impl ApiError {
                 _ => None,
             },
             entry_id,
+            open_entries,
+            entry_ids,
         }
     }
 
@@ -215,7 +245,8 @@ impl ApiError {
             Self::ExchangeRejected { entry, .. }
             | Self::RateLimited { entry, .. }
             | Self::ExchangeUnavailable { entry, .. }
-            | Self::StoreUnavailable { entry, .. } => *entry = Some(id),
+            | Self::StoreUnavailable { entry, .. }
+            | Self::PlacementAborted { entry, .. } => *entry = Some(id),
             _ => {}
         }
         self

@@ -51,6 +51,18 @@ fn tag(field: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
             field,
             format!("must be 1 to {MAX_TAG_LEN} characters, got {}", v.len()),
         )),
+        // PostgreSQL's jsonb refuses U+0000, which would surface as a
+        // retryable store failure naming no field; other control characters
+        // only garble logs and listings.
+        Some(v) if v.chars().any(char::is_control) => {
+            let at = v.chars().position(char::is_control).unwrap_or_default();
+            Err(ApiError::field(
+                field,
+                format!(
+                    "holds a control character at position {at}; only printable characters are allowed"
+                ),
+            ))
+        }
         other => Ok(other),
     }
 }
@@ -459,6 +471,28 @@ mod tests {
             let dbg = format!("{req:?}");
             assert_eq!(field_of(check(req)).as_deref(), Some(field), "{dbg}");
         }
+    }
+
+    #[test]
+    fn a_tag_with_a_control_character_is_refused_naming_its_field() {
+        for (signal, portfolio, field) in [
+            (Some("sig\u{0}7"), None, "signalId"),
+            (None, Some("p\n1"), "portfolioId"),
+        ] {
+            let mut req = request("1", &["101"], None);
+            req.signal_id = signal.map(str::to_owned);
+            req.portfolio_id = portfolio.map(str::to_owned);
+            let err = parse_entry(req).err().map(|e| e.problem());
+            assert_eq!(
+                err.as_ref().and_then(|p| p.field.as_deref()),
+                Some(field),
+                "{err:?}"
+            );
+            assert_eq!(err.map(|p| p.code).as_deref(), Some("invalid_field"));
+        }
+        let mut req = request("1", &["101"], None);
+        req.signal_id = Some("sig-7 ü".into());
+        assert!(parse_entry(req).is_ok(), "printable text passes");
     }
 
     #[test]

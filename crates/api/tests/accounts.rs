@@ -4,11 +4,13 @@
 mod common;
 
 use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use api::dto::CreateAccountRequest;
 use axum::http::{Method, StatusCode};
 use common::*;
+use oco_core::model::Protection;
 use oco_core::ports::{Store, Users};
 use oco_core::{AccountId, StopKind};
 use rust_decimal_macros::dec;
@@ -87,6 +89,88 @@ async fn an_account_is_registered_read_and_changed_without_its_secret() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "nor change it");
     assert!(!w.store.account(AccountId(id)).await.unwrap().active);
+}
+
+/// `PATCH /v1/accounts/{alice}` with `body`.
+async fn patch_alice(w: &World, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
+    let path = format!("/v1/accounts/{}", w.alice_account);
+    w.call(Method::PATCH, &path, Some(ALICE_TOKEN), Some(body))
+        .await
+}
+
+#[tokio::test]
+async fn an_account_with_open_entries_cannot_be_disabled() {
+    let w = world().await;
+    let mut resting = w.market();
+    resting["type"] = json!("LIMIT");
+    resting["price"] = json!("95");
+    resting["tp"] = json!(["98"]);
+    resting["sl"] = json!("93");
+    let (_, rest) = w.post_entry(ALICE_TOKEN, resting).await;
+    let (_, filled) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(filled["protection"]["state"], "protected", "{filled}");
+    let (rest_id, filled_id) = (rest["id"].as_i64().unwrap(), filled["id"].as_i64().unwrap());
+
+    let (status, problem) = patch_alice(&w, json!({"active": false})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "account_has_open_entries");
+    assert_eq!(problem["openEntries"], 2);
+    assert_eq!(problem["entryIds"], json!([rest_id, filled_id]));
+    let message = problem["message"].as_str().unwrap();
+    for part in ["2 open entries", "DELETE /v1/entries/{id}", "wait until"] {
+        assert!(message.contains(part), "'{message}' lacks '{part}'");
+    }
+    let account = AccountId(w.alice_account);
+    assert!(
+        w.store.account(account).await.unwrap().active,
+        "still enabled"
+    );
+
+    // Settings still change, and re-enabling an enabled account is no change.
+    let (status, body) =
+        patch_alice(&w, json!({"protection": {"slPct": "2"}, "active": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Canceled, the resting entry no longer counts; the filled one still does.
+    let path = format!("/v1/entries/{rest_id}");
+    let (status, body) = w.call(Method::DELETE, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, problem) = patch_alice(&w, json!({"active": false})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["entryIds"], json!([filled_id]));
+    assert!(
+        problem["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 open entry"),
+        "{problem}"
+    );
+
+    // Once its protection has closed it (a take-profit or stop filled), the
+    // account can be disabled, and enabled again.
+    w.store
+        .set_protection(oco_core::EntryId(filled_id), &Protection::Closed)
+        .await
+        .unwrap();
+    let (status, body) = patch_alice(&w, json!({"active": false})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["active"], false);
+    let (status, body) = patch_alice(&w, json!({"active": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["active"], true);
+}
+
+#[tokio::test]
+async fn an_entry_stored_while_the_account_is_being_disabled_keeps_it_enabled() {
+    let w = world().await;
+    // An entry lands between the disable's check and its write.
+    w.hooks.entry_on_disable.store(true, Ordering::SeqCst);
+    let (status, problem) = patch_alice(&w, json!({"active": false})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "account_has_open_entries");
+    assert_eq!(problem["openEntries"], 1);
+    let account = w.store.account(AccountId(w.alice_account)).await.unwrap();
+    assert!(account.active, "enabled again: its entry is followed");
 }
 
 #[tokio::test]
@@ -241,6 +325,13 @@ async fn the_openapi_document_describes_every_route() {
         assert!(paths[path][method].is_object(), "{method} {path} missing");
     }
     assert!(doc["components"]["schemas"]["CreateEntryRequest"].is_object());
+    let patch = &paths["/v1/accounts/{id}"]["patch"];
+    let rule = patch["description"].as_str().unwrap_or_default();
+    assert!(
+        rule.contains("account_has_open_entries") && rule.contains("DELETE /v1/entries/{id}"),
+        "the disable rule is documented: {patch}"
+    );
+    assert!(patch["responses"]["409"].is_object(), "{patch}");
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"

@@ -3,11 +3,12 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use common::*;
-use oco_core::ports::{ExchangeError, Store};
+use oco_core::ports::{Clock, ExchangeError, Store, Users};
 use oco_core::{EntryId, EntryStatus};
 use rust_decimal_macros::dec;
 use serde_json::{Value, json};
@@ -306,6 +307,20 @@ async fn bad_input_is_refused_with_a_clear_message_and_stores_nothing() {
             "unknown field `stopLoss`",
         ),
         (
+            Ok(with(m.clone(), "signalId", json!("sig\u{0}7"))),
+            bad,
+            "invalid_field",
+            Some("signalId"),
+            "control character",
+        ),
+        (
+            Ok(with(m.clone(), "portfolioId", json!("p\u{1b}[31m"))),
+            bad,
+            "invalid_field",
+            Some("portfolioId"),
+            "control character",
+        ),
+        (
             Ok(with(m.clone(), "symbol", json!("BTC/USDT"))),
             bad,
             "invalid_field",
@@ -583,6 +598,129 @@ async fn delete_of_a_partly_filled_entry_protects_the_filled_part() {
         .map(|l| l.request.qty.get())
         .sum();
     assert_eq!(qty, dec!(0.4), "the filled part is covered");
+}
+
+#[tokio::test]
+async fn delete_of_a_partly_filled_entry_nets_a_base_asset_fee_out_of_the_legs() {
+    let w = world().await;
+    let (_, body) = w.post_entry(ALICE_TOKEN, resting_limit(&w)).await;
+    let client_id = body["clientId"].as_str().unwrap();
+    // Coins held from before: the balance does not cap the legs at the net fill.
+    w.exchange.fake.set_free(ALICE_KEY, "BTC", dec!(1));
+    w.exchange
+        .fake
+        .set_price("BTCUSDT", oco_core::Price::new(dec!(95)).unwrap());
+    // The lookup of the order carries no trades; only its trades show the fee.
+    w.exchange
+        .fill_resting_paying(ALICE_KEY, client_id, dec!(0.4), dec!(95), dec!(0.0004));
+    let path = format!("/v1/entries/{}", body["id"]);
+    let (status, body) = w.call(Method::DELETE, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["executedQty"], "0.4");
+    assert_eq!(body["baseCommission"], "0.0004", "{body}");
+    assert_eq!(body["protection"]["state"], "protected");
+    let qty: rust_decimal::Decimal = w
+        .exchange
+        .fake
+        .open_lists()
+        .iter()
+        .map(|l| l.request.qty.get())
+        .sum();
+    assert_eq!(
+        qty,
+        dec!(0.3996),
+        "the fill net of its fee is covered, no more"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_does_not_cancel_the_placement() {
+    let w = world().await;
+    // The order is on the exchange (filled) well before its answer arrives.
+    w.exchange
+        .push_fault(PlaceFault::SlowAnswer(Duration::from_millis(300)));
+    let gone = tokio::time::timeout(
+        Duration::from_millis(50),
+        w.post_entry(ALICE_TOKEN, w.market()),
+    )
+    .await;
+    assert!(gone.is_err(), "the client hung up before the answer");
+    let entries = w
+        .store
+        .entries_of(oco_core::AccountId(w.alice_account), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    let id = entries[0].id;
+    let settled = wait_until(Duration::from_secs(3), || async {
+        matches!(
+            w.store.entry(id).await.map(|e| e.protection),
+            Ok(oco_core::model::Protection::Protected { .. })
+        )
+    })
+    .await;
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(settled, "never protected: {entry:?}");
+    // Exactly as if the client had waited.
+    assert_eq!(entry.status, EntryStatus::Filled);
+    assert_eq!(
+        entry.protection,
+        oco_core::model::Protection::Protected {
+            at: TestClock.now(),
+            by: oco_core::Source::Direct,
+        }
+    );
+    assert_eq!(w.exchange.place_calls(), 1);
+    let lists = w.exchange.fake.open_lists();
+    assert_eq!(tps(&lists), ["101", "102"]);
+    let qty: rust_decimal::Decimal = lists.iter().map(|l| l.request.qty.get()).sum();
+    assert_eq!(qty, dec!(1));
+}
+
+#[tokio::test]
+async fn a_store_read_failing_after_the_send_answers_from_memory_never_503() {
+    let w = world().await;
+    w.hooks
+        .fail_entry_reads_after_create
+        .store(true, Ordering::SeqCst);
+    // Filled and protected: 201 from what is in memory.
+    let (status, body) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["status"], "filled");
+    assert_eq!(body["executedQty"], "1");
+    assert_eq!(body["protection"]["state"], "protected");
+    let note = body["note"].as_str().unwrap();
+    assert!(note.contains("stored view could not be read"), "{note}");
+    assert!(note.contains("do not resend"), "{note}");
+    assert_eq!(w.exchange.fake.open_lists().len(), 2, "protection placed");
+
+    // Outcome unknown: 202 pending_new from memory, never a retryable 503.
+    w.exchange.push_fault(PlaceFault::UnknownBeforeApply);
+    let (status, body) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "pending_new");
+    let note = body["note"].as_str().unwrap();
+    assert!(note.contains("outcome unknown"), "{note}");
+    assert!(note.contains("stored view could not be read"), "{note}");
+    assert_eq!(w.exchange.place_calls(), 2, "placed once per request");
+}
+
+#[tokio::test]
+async fn an_entry_racing_a_disable_is_refused_before_it_is_sent() {
+    let w = world().await;
+    // The account is disabled between the handler's check and the send.
+    w.hooks.disable_on_create.store(true, Ordering::SeqCst);
+    let (status, problem) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(problem["code"], "account_inactive");
+    assert_eq!(w.exchange.place_calls(), 0, "nothing sent");
+    let entries = w
+        .store
+        .entries_of(oco_core::AccountId(w.alice_account), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].status, EntryStatus::Rejected, "not left pending");
 }
 
 #[tokio::test]

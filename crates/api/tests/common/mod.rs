@@ -1,11 +1,16 @@
-//! Shared test world: the router on `MemStore` and an exchange double that
-//! adds resting-entry cancels, partial fills and scripted placement faults
-//! to oco-core's `FakeExchange`.
+//! Shared test world: the router on `MemStore` (behind [`HookStore`]) and an
+//! exchange double that adds resting-entry cancels, partial fills and
+//! scripted placement faults to oco-core's `FakeExchange`.
 #![allow(dead_code, clippy::unwrap_used)]
+
+mod hooks;
+
+pub use hooks::HookStore;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use api::{AppState, hash_token};
 use async_trait::async_trait;
@@ -52,6 +57,8 @@ pub enum PlaceFault {
     UnknownAfterApply,
     /// Refuses with this error.
     Fail(ExchangeError),
+    /// Places the order, then waits this long before answering.
+    SlowAnswer(Duration),
 }
 
 #[derive(Default)]
@@ -98,6 +105,19 @@ impl TestExchange {
 
     /// Fills `qty` of a resting entry at its limit price and credits the base.
     pub fn fill_resting(&self, api_key: &str, client_id: &str, qty: Decimal, price: Decimal) {
+        self.fill_resting_paying(api_key, client_id, qty, price, Decimal::ZERO);
+    }
+
+    /// [`TestExchange::fill_resting`] with a commission of `base_fee` paid in
+    /// the base asset: `qty - base_fee` is credited.
+    pub fn fill_resting_paying(
+        &self,
+        api_key: &str,
+        client_id: &str,
+        qty: Decimal,
+        price: Decimal,
+        base_fee: Decimal,
+    ) {
         let mut r = self.resting.lock().unwrap();
         let snap = r
             .orders
@@ -108,8 +128,9 @@ impl TestExchange {
             trade_id,
             price: Price::new(price).unwrap(),
             qty: Qty::new(qty).unwrap(),
-            commission: Decimal::ZERO,
-            commission_asset: Asset("BNB".into()),
+            commission: base_fee,
+            // Resting entries are all on BTCUSDT.
+            commission_asset: Asset(if base_fee.is_zero() { "BNB" } else { "BTC" }.into()),
             time: Millis(1_700_000_000_000),
         };
         snap.executed_qty = snap.executed_qty.plus(fill.qty);
@@ -117,7 +138,7 @@ impl TestExchange {
         snap.status = EntryStatus::PartiallyFilled;
         snap.fills.push(fill);
         let (free, _) = self.fake.balance(api_key, "BTC");
-        self.fake.set_free(api_key, "BTC", free + qty);
+        self.fake.set_free(api_key, "BTC", free + qty - base_fee);
     }
 
     fn resting(&self, api_key: &str, client_id: &str) -> Option<OrderSnapshot> {
@@ -156,10 +177,13 @@ impl Exchange for TestExchange {
                 return Err(ExchangeError::UnknownOutcome("timeout".into()));
             }
             Some(PlaceFault::Fail(e)) => return Err(e),
-            Some(PlaceFault::UnknownAfterApply) | None => {
+            Some(PlaceFault::UnknownAfterApply | PlaceFault::SlowAnswer(_)) | None => {
                 self.fake.place_order(creds, order).await?
             }
         };
+        if let Some(PlaceFault::SlowAnswer(delay)) = fault {
+            tokio::time::sleep(delay).await;
+        }
         if result.status == EntryStatus::New {
             self.resting.lock().unwrap().orders.insert(
                 (creds.api_key.clone(), order.client_id.as_str().to_owned()),
@@ -178,7 +202,11 @@ impl Exchange for TestExchange {
         client_id: &str,
     ) -> Result<OrderSnapshot, ExchangeError> {
         match self.resting(&creds.api_key, client_id) {
-            Some(snap) => Ok(snap),
+            // As on Binance, an order lookup carries no trades.
+            Some(snap) => Ok(OrderSnapshot {
+                fills: Vec::new(),
+                ..snap
+            }),
             None => self.fake.query_order(creds, symbol, client_id).await,
         }
     }
@@ -188,7 +216,18 @@ impl Exchange for TestExchange {
         symbol: &str,
         order_id: i64,
     ) -> Result<Vec<Fill>, ExchangeError> {
-        self.fake.order_trades(creds, symbol, order_id).await
+        let resting = self
+            .resting
+            .lock()
+            .unwrap()
+            .orders
+            .iter()
+            .find(|((key, _), snap)| key == &creds.api_key && snap.order_id == order_id)
+            .map(|(_, snap)| snap.fills.clone());
+        match resting {
+            Some(fills) => Ok(fills),
+            None => self.fake.order_trades(creds, symbol, order_id).await,
+        }
     }
     async fn cancel_order(
         &self,
@@ -246,6 +285,8 @@ impl Exchange for TestExchange {
 pub struct World {
     pub router: Router,
     pub store: Arc<MemStore>,
+    /// The same store as the router sees it, with hooks to arm.
+    pub hooks: Arc<HookStore>,
     pub exchange: Arc<TestExchange>,
     pub alice_account: i64,
     pub bob_account: i64,
@@ -255,12 +296,13 @@ pub struct World {
 
 pub async fn world() -> World {
     let store = Arc::new(MemStore::new());
+    let hooks = Arc::new(HookStore::new(store.clone()));
     let exchange = Arc::new(TestExchange::new());
     let clock = Arc::new(TestClock);
     let ids = IdScheme::new("og").unwrap();
     let protector = Arc::new(Protector::new(
         exchange.clone(),
-        store.clone(),
+        hooks.clone(),
         clock.clone(),
         ProtectorConfig::new(ids.clone()),
     ));
@@ -273,7 +315,7 @@ pub async fn world() -> World {
         .await
         .unwrap();
     let router = api::router(AppState {
-        store: store.clone(),
+        store: hooks.clone(),
         users: store.clone(),
         exchange: exchange.clone(),
         protector,
@@ -287,6 +329,7 @@ pub async fn world() -> World {
     let mut w = World {
         router,
         store,
+        hooks,
         exchange,
         alice_account: 0,
         bob_account: 0,
@@ -389,5 +432,23 @@ impl World {
             .await
             .unwrap()
             .len()
+    }
+}
+
+/// Polls `check` until it holds (true) or `within` has passed (false).
+pub async fn wait_until<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
