@@ -677,6 +677,26 @@ impl Exchange for BinanceExchange {
     }
 
     #[instrument(skip(self, creds), level = "debug")]
+    async fn open_order_ids(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+    ) -> Result<Option<Vec<String>>, ExchangeError> {
+        // With the symbol: weight 6 (80 without). The orders of lists are
+        // included, each under its own client id.
+        let orders: Vec<OrderWire> = self
+            .get_json(
+                Call::new(Method::GET, "/api/v3/openOrders", Op::Read, 6)
+                    .signed(creds)
+                    .param("symbol", symbol),
+            )
+            .await?;
+        Ok(Some(
+            orders.into_iter().map(|o| o.client_order_id).collect(),
+        ))
+    }
+
+    #[instrument(skip(self, creds), level = "debug")]
     async fn cancel_order_list(
         &self,
         creds: &ApiCredentials,

@@ -565,6 +565,32 @@ async fn assert_reconnects_with_gap(session: &mut Box<dyn UserStreamSession>) {
 }
 
 #[tokio::test]
+async fn open_order_ids_show_a_list_that_lost_its_stop() {
+    let (sim, ex) = start().await;
+    let c = creds();
+    ex.place_order(&c, &market_buy("t-E-1", dec!(0.01)))
+        .await
+        .unwrap();
+    ex.place_oco(
+        &c,
+        &oco(1, dec!(0.009), dec!(61000), dec!(59000), Some(dec!(58900))),
+    )
+    .await
+    .unwrap();
+    let mut ids = ex.open_order_ids(&c, SYMBOL).await.unwrap().unwrap();
+    ids.sort();
+    assert_eq!(ids, vec!["t-S-1".to_owned(), "t-T-1".to_owned()]);
+    // The take-profit fills in part: the stop goes, the list executes on.
+    sim.control().partial_fill_next(SYMBOL, dec!(0.4)).unwrap();
+    sim.control().set_price(SYMBOL, dec!(61000)).unwrap();
+    assert_eq!(
+        ex.open_order_ids(&c, SYMBOL).await.unwrap().unwrap(),
+        vec!["t-T-1".to_owned()]
+    );
+    assert_eq!(ex.open_order_lists(&c).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn stream_delivers_fills_lists_and_balances() {
     let (sim, ex) = start().await;
     let mut s = open(&sim, |_| {}).await;

@@ -295,6 +295,19 @@ pub trait Exchange: Send + Sync {
         symbol: &str,
         list_client_id: &str,
     ) -> Result<CancelOutcome, ExchangeError>;
+    /// The client ids of the account's open orders on `symbol`, the orders
+    /// of lists included (Binance: one `openOrders` call, weight 6). A list
+    /// keeps executing after its take-profit filled in part, with its stop
+    /// canceled: the open lists alone cannot show that, the open orders can.
+    /// `Ok(None)`: this exchange cannot say, and callers trust the lists.
+    /// A wrapper must forward it, or the check it serves is silently off.
+    async fn open_order_ids(
+        &self,
+        _creds: &ApiCredentials,
+        _symbol: &str,
+    ) -> Result<Option<Vec<String>>, ExchangeError> {
+        Ok(None)
+    }
 }
 
 /// An order update from the user-data stream (`executionReport`).

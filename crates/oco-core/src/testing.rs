@@ -747,6 +747,34 @@ impl Exchange for FakeExchange {
             .collect())
     }
 
+    async fn open_order_ids(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+    ) -> Result<Option<Vec<String>>, ExchangeError> {
+        YieldNow::default().await;
+        let open = |o: &ListOrderSnapshot| {
+            matches!(
+                o.status,
+                EntryStatus::New | EntryStatus::PartiallyFilled | EntryStatus::PendingNew
+            )
+        };
+        let state = self.lock();
+        let mut ids = Vec::new();
+        for list in state
+            .lists
+            .iter()
+            .filter(|l| l.api_key == creds.api_key && l.executing && l.request.symbol == symbol)
+        {
+            for order in [&list.take_profit, &list.stop_loss] {
+                if open(order) {
+                    ids.push(order.client_id.clone());
+                }
+            }
+        }
+        Ok(Some(ids))
+    }
+
     async fn cancel_order_list(
         &self,
         _creds: &ApiCredentials,

@@ -22,6 +22,8 @@ use tracing::warn;
 pub mod weight {
     /// `GET /api/v3/openOrderList`.
     pub const OPEN_ORDER_LISTS: u32 = 6;
+    /// `GET /api/v3/openOrders` with a symbol.
+    pub const OPEN_ORDERS: u32 = 6;
     /// `GET /api/v3/order`.
     pub const QUERY_ORDER: u32 = 4;
     /// `GET /api/v3/myTrades` with `orderId`.
@@ -406,6 +408,15 @@ impl Exchange for MeteredExchange {
     ) -> Result<Option<OrderListSnapshot>, ExchangeError> {
         self.meter.acquire(weight::ORDER_LIST).await;
         self.observe(self.inner.order_list(creds, symbol, list_client_id).await)
+    }
+
+    async fn open_order_ids(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+    ) -> Result<Option<Vec<String>>, ExchangeError> {
+        self.meter.acquire(weight::OPEN_ORDERS).await;
+        self.observe(self.inner.open_order_ids(creds, symbol).await)
     }
 
     async fn open_order_lists(

@@ -201,6 +201,14 @@ pub struct Reconciler {
 /// The kind of the history line a stray list gets, once.
 const STRAY_EVENT: &str = "stray_list";
 
+/// What one read of the account's book showed: its open lists by client
+/// id, and the client ids of its open orders on those lists' symbols
+/// (`None` when the exchange cannot say).
+struct Book<'a> {
+    lists: &'a HashMap<String, OrderListSnapshot>,
+    orders: Option<&'a HashSet<String>>,
+}
+
 /// Why an account is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Retry {
@@ -661,11 +669,16 @@ impl Reconciler {
             .into_iter()
             .map(|l| (l.list_client_id.clone(), l))
             .collect();
+        let orders = self.open_order_ids(&creds, &open).await?;
+        let book = Book {
+            lists: &open,
+            orders: orders.as_ref(),
+        };
         let mut matched = HashSet::new();
         for entry in &entries {
             let span = info_span!("sync_entry", entry = %entry.id, client_id = %entry.client_id);
             let result = self
-                .entry_pass(&creds, entry, &open, &mut report, &mut matched)
+                .entry_pass(&creds, entry, &book, &mut report, &mut matched)
                 .instrument(span)
                 .await;
             if let Err(err) = result {
@@ -766,14 +779,46 @@ impl Reconciler {
             .await
     }
 
+    /// The client ids of the account's open orders on every symbol where a
+    /// list of ours is open (one read per symbol; none without such a
+    /// list). `None` when the exchange cannot say.
+    async fn open_order_ids(
+        &self,
+        creds: &ApiCredentials,
+        open: &HashMap<String, OrderListSnapshot>,
+    ) -> Result<Option<HashSet<String>>, SyncError> {
+        let symbols: BTreeSet<&str> = open
+            .values()
+            .filter(|l| {
+                matches!(
+                    self.protector.ids().parse(&l.list_client_id),
+                    Some(OrderRole::List(_))
+                )
+            })
+            .map(|l| l.symbol.as_str())
+            .collect();
+        let mut ids = HashSet::new();
+        for symbol in symbols {
+            match self
+                .read(|| self.exchange.open_order_ids(creds, symbol))
+                .await?
+            {
+                Some(found) => ids.extend(found),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(ids))
+    }
+
     async fn entry_pass(
         &self,
         creds: &ApiCredentials,
         entry: &Entry,
-        open: &HashMap<String, OrderListSnapshot>,
+        book: &Book<'_>,
         report: &mut AccountReport,
         matched: &mut HashSet<String>,
     ) -> Result<(), SyncError> {
+        let open = book.lists;
         let now = self.clock.now();
         let mut evidence = None;
         let mut news = false;
@@ -834,9 +879,19 @@ impl Reconciler {
             if on_book.is_some() {
                 matched.insert(id.to_owned());
             }
+            let stop_gone = book
+                .orders
+                .is_some_and(|ids| !ids.contains(leg.ids.stop_loss.as_str()));
             match (&leg.state, on_book) {
                 (LegState::Placed { .. }, None) => {
                     // Ended while nobody listened: TP or SL filled, or canceled outside.
+                    self.protector.refresh_leg(creds, leg).await?;
+                    ended.push(leg.key);
+                }
+                (LegState::Placed { .. }, Some(_)) if stop_gone => {
+                    // Still executing without its stop: the take-profit
+                    // filled in part while nobody listened (the exchange
+                    // cancels the stop then), and its rest has no stop.
                     self.protector.refresh_leg(creds, leg).await?;
                     ended.push(leg.key);
                 }

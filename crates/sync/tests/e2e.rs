@@ -283,8 +283,8 @@ async fn market_and_limit_fills_without_the_gateway_are_protected_on_the_next_pa
     assert!(third.reconciled[0].protections.is_empty(), "{third:?}");
     assert_eq!(t.all_lists("k1"), 4, "no list placed twice");
     assert!(
-        third.weight_used <= 6,
-        "one open-list read, got {}",
+        third.weight_used <= 12,
+        "one open-list read and one open-order read, got {}",
         third.weight_used
     );
 }
@@ -363,6 +363,84 @@ async fn a_price_already_past_the_stop_exits_at_market_and_is_recorded() {
         .map_or(Decimal::ZERO, |b| b.free + b.locked);
     assert!(btc < dec!(0.00001), "position sold, {btc} BTC left");
     assert!(t.store.open_entries(a.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_take_profit_filled_in_part_while_nobody_listened_gets_its_rest_a_stop() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let id = t.sent_entry(&a, None, dec!(0.01)).await;
+    let sync = t.reconciler();
+    sync.pass().await.unwrap();
+    assert!(is_protected_by_sync(&t.protection(id).await));
+    // The market touches TP1 and fills 40 % of it. The exchange cancels
+    // that list's stop, and the list keeps executing with the rest of its
+    // take-profit: the open lists look as before. No gateway listens.
+    let legs = t.store.legs(id).await.unwrap();
+    let first = legs
+        .iter()
+        .find(|l| l.key.leg == oco_core::ids::LegIndex::First)
+        .unwrap();
+    t.ctl.partial_fill_next("BTCUSDT", dec!(0.4)).unwrap();
+    t.ctl.set_price("BTCUSDT", first.take_profit.get()).unwrap();
+    let bare = |t: &E2e| -> Vec<String> {
+        let open = t.ctl.open_orders("k1");
+        let mut lists: Vec<i64> = open.iter().map(|o| o.order_list_id).collect();
+        lists.sort_unstable();
+        lists.dedup();
+        lists
+            .into_iter()
+            .filter(|id| {
+                *id >= 0
+                    && !open
+                        .iter()
+                        .any(|o| o.order_list_id == *id && o.order_type.starts_with("STOP_LOSS"))
+            })
+            .map(|id| id.to_string())
+            .collect()
+    };
+    // The market comes back: nothing else fills.
+    t.ctl.set_price("BTCUSDT", dec!(60000)).unwrap();
+    assert_eq!(bare(&t).len(), 1, "one list rests without its stop");
+    assert_eq!(t.open_lists("k1"), 2, "both lists still executing");
+
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(
+        r.lists_ended.iter().any(|(key, state)| *key == first.key
+            && *state
+                == LegState::CanceledExternally {
+                    why: oco_core::state::ExternalEnd::TakeProfitPartial
+                }),
+        "{r:?}"
+    );
+    assert!(bare(&t).is_empty(), "every open list has its stop again");
+    let sold = t.store.legs(id).await.unwrap();
+    let first = sold.iter().find(|l| l.key == first.key).unwrap();
+    assert!(
+        first.sold.take_profit.get() > Decimal::ZERO,
+        "its sale recorded"
+    );
+    let held: Decimal = t
+        .ctl
+        .open_orders("k1")
+        .iter()
+        .filter(|o| o.order_type.starts_with("STOP_LOSS"))
+        .map(|o| o.orig_qty)
+        .sum();
+    let sold: Decimal = t
+        .store
+        .legs(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.sold.total().get())
+        .sum();
+    let owed = t.store.entry(id).await.unwrap().net_qty().get() - sold;
+    assert!(
+        owed - held < dec!(0.00001),
+        "the stops hold the {owed} left, not {held}"
+    );
+    assert!(is_protected_by_sync(&t.protection(id).await));
 }
 
 #[tokio::test]

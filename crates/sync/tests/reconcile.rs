@@ -77,8 +77,11 @@ async fn fills_nobody_reported_are_protected_on_the_next_pass() {
     let m = sync.metrics();
     assert_eq!((m.passes, m.accounts_reconciled), (2, 2));
     assert_eq!(m.protections.get("placed"), Some(&2));
-    // Sync's own reads: 2 x open lists (6) + 2 x order (4).
-    assert_eq!(m.weight_used, 2 * 6 + 2 * 4);
+    // The stops of the open lists are checked among the open orders, on
+    // the one symbol with lists of ours; the first pass found none open.
+    assert_eq!(w.exchange.calls("k1", "open_order_ids"), 1);
+    // Sync's own reads: 2 x open lists (6) + 2 x order (4) + open orders (6).
+    assert_eq!(m.weight_used, 2 * 6 + 2 * 4 + 6);
 }
 
 #[tokio::test]

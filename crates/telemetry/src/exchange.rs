@@ -112,6 +112,14 @@ impl Exchange for ObservedExchange {
         self.seen(self.inner.place_oco(creds, oco).await)
     }
 
+    async fn open_order_ids(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+    ) -> Result<Option<Vec<String>>, ExchangeError> {
+        self.seen(self.inner.open_order_ids(creds, symbol).await)
+    }
+
     async fn order_list(
         &self,
         creds: &ApiCredentials,

@@ -183,6 +183,14 @@ impl Exchange for TestExchange {
         self.check(creds, "order_list")?;
         self.fake.order_list(creds, symbol, list_client_id).await
     }
+    async fn open_order_ids(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+    ) -> Result<Option<Vec<String>>, ExchangeError> {
+        self.check(creds, "open_order_ids")?;
+        self.fake.open_order_ids(creds, symbol).await
+    }
     async fn open_order_lists(
         &self,
         creds: &ApiCredentials,
