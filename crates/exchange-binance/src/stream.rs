@@ -19,7 +19,10 @@
 //! [`StreamConfig::connect_timeout`], a send not taken within
 //! [`StreamConfig::stall_timeout`] or a frame that is not JSON breaks the
 //! connection (every session then gets a gap), and a session whose
-//! resubscription keeps failing is ended with the last error.
+//! resubscription keeps failing, or that is not resubscribed within three
+//! connect timeouts of losing its subscription for any reason (connections
+//! that open and drop again before answering, a rate limit's hold), is
+//! ended with the last error.
 //!
 //! Every connection attempt of the process, first or reconnect, goes through
 //! one limiter ([`StreamConfig::connect_attempts`] per
@@ -69,10 +72,11 @@ const HANDSHAKE_429_WAIT: Duration = Duration::from_secs(60);
 /// shortest ban).
 const HANDSHAKE_418_WAIT: Duration = Duration::from_secs(120);
 /// A confirmed session whose resubscription fails this many times in a
-/// row (or keeps failing for three connect timeouts) is ended with the
-/// last error: the gateway then reopens it and sends the account to
-/// reconciliation, rather than the session waiting unseen for a server
-/// that keeps refusing.
+/// row, or that is not resubscribed within this many connect timeouts of
+/// losing its subscription, is ended with the last error: the gateway then
+/// reopens it and sends the account to reconciliation, rather than the
+/// session waiting unseen for a server that keeps refusing, a connection
+/// that keeps dropping before it answers, or a rate limit's hold.
 const RESUBSCRIBE_TRIES: u32 = 3;
 /// Request weight of a connection and of each subscribe or unsubscribe.
 const WS_WEIGHT: u32 = 2;
@@ -185,7 +189,7 @@ impl UserStream for BinanceUserStream {
             retry_backoff: self.shared.cfg.backoff_initial,
             not_before: None,
             failures: 0,
-            failing_since: None,
+            last_error: None,
         };
         let member = Shared::join(&self.shared, slot);
         // The limiter may hold the connection up to `connect_timeout`, then
@@ -548,9 +552,10 @@ struct Slot {
     /// kept across reconnects, so that a new connection does not resend at
     /// once what the server asked us to hold.
     not_before: Option<Instant>,
-    /// Resubscriptions failed in a row, and since when.
+    /// Resubscriptions failed in a row.
     failures: u32,
-    failing_since: Option<Instant>,
+    /// Why the session is still without its subscription, for its end.
+    last_error: Option<ExchangeError>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -617,8 +622,12 @@ struct Conn {
     healthy_at: i64,
     /// Slots to subscribe again at a given time (after a refused resubscribe).
     retries: Vec<(Instant, u64)>,
-    /// When the connection went down and has not come back since.
-    down_since: Option<Instant>,
+    /// Confirmed sessions that lost their subscription, and since when,
+    /// until resubscribed. Kept per session, not per connection: a
+    /// connection that opens fine and drops again before answering a
+    /// subscribe restores nobody, and on one connection a session may come
+    /// back while another does not.
+    lost: HashMap<u64, Instant>,
 }
 
 impl Conn {
@@ -642,7 +651,7 @@ impl Conn {
             ids_used: 0,
             healthy_at: now_ms(),
             retries: Vec::new(),
-            down_since: None,
+            lost: HashMap::new(),
         }
     }
 
@@ -670,12 +679,13 @@ impl Conn {
                     return;
                 }
                 self.backoff = (self.backoff * 2).min(self.cfg().backoff_max);
+                if !self.wants_connection() {
+                    // Every session waiting was ended meanwhile.
+                    continue;
+                }
             }
             let ws = match self.connect().await {
-                Connect::Up(ws) => {
-                    self.down_since = None;
-                    ws
-                }
+                Connect::Up(ws) => ws,
                 Connect::Failed => {
                     planned = false;
                     continue;
@@ -688,7 +698,8 @@ impl Conn {
                 // Lived long enough to count as healthy: start the backoff over.
                 self.backoff = self.cfg().backoff_initial;
             }
-            self.interrupted();
+            self.interrupted(&end);
+            self.end_overdue();
             match end {
                 End::Exit => return,
                 End::Planned(why) => {
@@ -720,54 +731,98 @@ impl Conn {
                 true
             }
             Cmd::Leave(key) => {
-                self.slots.remove(&key);
+                self.remove_slot(key);
                 true
             }
             Cmd::Close => false,
         }
     }
 
-    /// Waits `d` while taking commands; false on `Close`.
+    /// Waits `d` while taking commands; false on `Close`. Sessions whose
+    /// time to be resubscribed runs out meanwhile are ended on time.
     async fn offline_for(&mut self, d: Duration) -> bool {
         let until = Instant::now() + d;
         loop {
+            let overdue = self.restore_by().filter(|at| *at < until);
             tokio::select! {
                 cmd = self.cmds.recv() => match cmd {
                     Some(cmd) => if !self.apply_offline(cmd) { return false; },
                     None => return false,
                 },
+                () = sleep_until(overdue.unwrap_or(until)), if overdue.is_some() => self.end_overdue(),
                 () = sleep_until(until) => return true,
             }
         }
     }
 
-    /// Ends every session of a connection that has stayed down for longer
-    /// than [`RESUBSCRIBE_TRIES`] connect timeouts (reconnects refused, timed
-    /// out, or held by the limiter): a confirmed session otherwise hears
-    /// nothing, neither events nor a gap, until a connection comes back, and
-    /// its account would count as streamed while its fills go unseen. Ended,
-    /// the consumer sees it (the gateway flags the account for
-    /// reconciliation over REST and shows its stream down). A rate limit is
+    /// How long a confirmed session may be without its subscription.
+    fn restore_bound(&self) -> Duration {
+        self.cfg().connect_timeout * RESUBSCRIBE_TRIES
+    }
+
+    /// When the first session still without its subscription runs out of
+    /// time.
+    fn restore_by(&self) -> Option<Instant> {
+        let bound = self.restore_bound();
+        self.lost.values().min().map(|since| *since + bound)
+    }
+
+    /// Ends every confirmed session that has been without its subscription
+    /// for [`RESUBSCRIBE_TRIES`] connect timeouts, whatever kept it so:
+    /// connections that open and drop again before the subscribe is
+    /// answered, reconnects refused, timing out or held by the limiter, or a
+    /// resubscription held by a rate limit. Such a session otherwise hears
+    /// nothing, neither events nor a gap, until it is back, and its account
+    /// would count as streamed while its fills go unseen. Ended, the
+    /// consumer sees it (the gateway flags the account for reconciliation
+    /// over REST and shows its stream down). A rate limit still holding is
     /// passed on as such, so the consumer waits as told.
-    fn end_if_down_too_long(&mut self, why: &ExchangeError) {
-        let Some(since) = self.down_since else {
-            return;
-        };
-        let down = since.elapsed();
-        if down < self.cfg().connect_timeout * RESUBSCRIBE_TRIES || self.slots.is_empty() {
+    fn end_overdue(&mut self) {
+        let now = Instant::now();
+        let bound = self.restore_bound();
+        let overdue: Vec<(u64, Instant)> = self
+            .lost
+            .iter()
+            .filter(|(_, since)| **since + bound <= now)
+            .map(|(key, since)| (*key, *since))
+            .collect();
+        if overdue.is_empty() {
             return;
         }
-        warn!(conn = self.id, ?down, sessions = self.slots.len(), error = %why, "user-data connection down too long: ending its sessions");
-        let ended = match why {
-            ExchangeError::RateLimited { .. } => why.clone(),
-            other => ExchangeError::Transient(format!(
-                "user-data connection down for {} s: {other}",
-                down.as_secs()
-            )),
-        };
-        let keys: Vec<u64> = self.slots.keys().copied().collect();
-        for key in keys {
-            self.end_slot(key, ended.clone());
+        let held = self.shared.limiter.held_until(now);
+        for (key, since) in overdue {
+            let down = now - since;
+            let last = self.slots.get(&key).and_then(|s| s.last_error.clone());
+            let why = match (held, last) {
+                (Some(until), _) => ExchangeError::RateLimited {
+                    retry_after: until - now,
+                },
+                (None, Some(e @ ExchangeError::RateLimited { .. })) => e,
+                (None, last) => {
+                    let cause = match last {
+                        Some(ExchangeError::Transient(msg)) => msg,
+                        Some(other) => other.to_string(),
+                        None => "not resubscribed".into(),
+                    };
+                    ExchangeError::Transient(format!(
+                        "user-data stream down for {} s: {cause}",
+                        down.as_secs()
+                    ))
+                }
+            };
+            warn!(conn = self.id, ?down, error = %why, "user-data subscription not restored in time, ending the session");
+            // Not active, so there is no subscription to unsubscribe.
+            let _none = self.end_slot(key, why);
+        }
+    }
+
+    /// Records `e` as the reason the sessions without their subscription
+    /// are still so.
+    fn note(&mut self, e: &ExchangeError) {
+        for key in self.lost.keys() {
+            if let Some(slot) = self.slots.get_mut(key) {
+                slot.last_error = Some(e.clone());
+            }
         }
     }
 
@@ -792,8 +847,12 @@ impl Conn {
                     let held = ExchangeError::RateLimited { retry_after: wait };
                     if wait > self.cfg().connect_timeout {
                         self.fail_openers(&held);
+                        // A wait this long is the news, as it is for
+                        // `open`; a shorter pacing keeps the cause of the
+                        // reconnects as the sessions' last error.
+                        self.note(&held);
                     }
-                    self.end_if_down_too_long(&held);
+                    self.end_overdue();
                     if !self.wants_connection() {
                         return Connect::Failed;
                     }
@@ -810,7 +869,18 @@ impl Conn {
                 }
             }
         }
-        let attempt = match timeout(self.cfg().connect_timeout, handshake(&self.shared)).await {
+        let shared = self.shared.clone();
+        let attempting = timeout(self.cfg().connect_timeout, handshake(&shared));
+        tokio::pin!(attempting);
+        // A session's deadline does not wait for the handshake to end.
+        let done = loop {
+            let restore_by = self.restore_by();
+            tokio::select! {
+                done = &mut attempting => break done,
+                () = sleep_until(restore_by.unwrap_or_else(Instant::now)), if restore_by.is_some() => self.end_overdue(),
+            }
+        };
+        let attempt = match done {
             Ok(r) => r,
             Err(_) => Err(ExchangeError::Transient(
                 "user-data stream connect timed out".into(),
@@ -825,25 +895,39 @@ impl Conn {
                 }
                 warn!(conn = self.id, error = %e, "user-data connection attempt failed");
                 self.fail_openers(&e);
-                self.end_if_down_too_long(&e);
+                self.note(&e);
+                self.end_overdue();
                 Connect::Failed
             }
         }
     }
 
     /// After a physical connection ended: every subscription is wanted
-    /// again, and the confirmed ones owe their session a gap.
-    fn interrupted(&mut self) {
-        self.down_since.get_or_insert_with(Instant::now);
+    /// again, and the confirmed ones owe their session a gap and must be
+    /// resubscribed in time. The ones not yet back from an earlier loss keep
+    /// their deadline: a connection lost before it answered their subscribe
+    /// gives them no more time.
+    fn interrupted(&mut self, end: &End) {
+        let now = Instant::now();
         let from = self.healthy_at;
         self.by_sub.clear();
         self.pending.clear();
         self.retries.clear();
         self.ids_used = 0;
         self.retired.store(false, Ordering::Relaxed);
-        for slot in self.slots.values_mut() {
+        let why = match end {
+            End::Broken(why) => Some(ExchangeError::Transient(format!(
+                "user-data connection interrupted: {why}"
+            ))),
+            End::Exit | End::Planned(_) => None,
+        };
+        for (key, slot) in &mut self.slots {
             if slot.reply.is_none() {
                 slot.gap_from.get_or_insert(from);
+                self.lost.entry(*key).or_insert(now);
+                if let Some(why) = &why {
+                    slot.last_error = Some(why.clone());
+                }
             }
             slot.state = SlotState::Wanted;
             slot.resynced = false;
@@ -863,6 +947,8 @@ impl Conn {
         let mut last_pong = opened;
         let mut server_pings = false;
         let mut ping = tokio::time::interval_at(opened + cfg.ping_interval, cfg.ping_interval);
+        // The handshake may have taken a session past its deadline.
+        self.end_overdue();
         let wanted: Vec<u64> = self
             .slots
             .iter()
@@ -886,6 +972,7 @@ impl Conn {
                 };
                 let retry_at = self.retries.iter().map(|(t, _)| *t).min();
                 let answer_by = self.pending.values().map(|r| r.deadline).min();
+                let restore_by = self.restore_by();
                 tokio::select! {
                     biased;
                     cmd = self.cmds.recv() => {
@@ -951,6 +1038,11 @@ impl Conn {
                         self.unanswered(&why);
                         break End::Broken(why);
                     }
+                    () = sleep_until(restore_by.unwrap_or(age_deadline)), if restore_by.is_some() => {
+                        // A resubscription held (a rate limit) or refused
+                        // while the connection itself stays up.
+                        self.end_overdue();
+                    }
                 }
             },
         };
@@ -981,10 +1073,13 @@ impl Conn {
 
     /// Records a failed resubscription of `key`; ends its session when it
     /// has failed [`RESUBSCRIBE_TRIES`] times or `delay` would take it past
-    /// three connect timeouts of failing. True when it was ended.
+    /// its deadline (see [`Conn::end_overdue`]). True when it was ended.
     fn failed(&mut self, key: u64, err: ExchangeError, delay: Duration) -> bool {
-        let bound = self.cfg().connect_timeout * 3;
         let now = Instant::now();
+        let deadline = self
+            .lost
+            .get(&key)
+            .map(|since| *since + self.restore_bound());
         let Some(slot) = self.slots.get_mut(&key) else {
             return false;
         };
@@ -993,8 +1088,8 @@ impl Conn {
             return false;
         }
         slot.failures += 1;
-        let since = *slot.failing_since.get_or_insert(now);
-        if slot.failures < RESUBSCRIBE_TRIES && now + delay <= since + bound {
+        if slot.failures < RESUBSCRIBE_TRIES && deadline.is_none_or(|by| now + delay <= by) {
+            slot.last_error = Some(err);
             return false;
         }
         warn!(conn = self.id, error = %err, failures = slot.failures, "user-data resubscription keeps failing, ending the session");
@@ -1017,16 +1112,29 @@ impl Conn {
         let now = Instant::now();
         let held = self.shared.limiter.held_until(now);
         let patience = self.cfg().connect_timeout;
+        let deadline = self
+            .lost
+            .get(&key)
+            .map(|since| *since + self.restore_bound());
         let Some(slot) = self.slots.get_mut(&key) else {
             return Ok(());
         };
         let not_before = slot.not_before.filter(|at| *at > now);
         if let Some(at) = not_before.max(held) {
-            if slot.reply.is_some() && at - now > patience {
-                // `open` is told now rather than left to time out.
+            // `open` is told now rather than left to time out, and a
+            // confirmed session now rather than at its deadline, when the
+            // wait (another connection's 429, a ban) outlasts it.
+            let too_long = match slot.reply {
+                Some(_) => at - now > patience,
+                None => deadline.is_some_and(|by| at > by),
+            };
+            if too_long {
                 let why = ExchangeError::RateLimited {
                     retry_after: at - now,
                 };
+                if slot.reply.is_none() {
+                    warn!(conn = self.id, error = %why, "user-data resubscription held past its deadline, ending the session");
+                }
                 let _none = self.end_slot(key, why);
                 return Ok(());
             }
@@ -1073,7 +1181,7 @@ impl Conn {
     /// A session left: its subscription goes, the connection stays. One
     /// still being subscribed is unsubscribed when its answer comes.
     async fn leave(&mut self, sink: &mut Sink, key: u64) -> Result<(), String> {
-        let Some(slot) = self.slots.remove(&key) else {
+        let Some(slot) = self.remove_slot(key) else {
             return Ok(());
         };
         if let SlotState::Active(sub) = slot.state {
@@ -1083,10 +1191,16 @@ impl Conn {
         Ok(())
     }
 
+    /// Forgets a session, and with it its deadline.
+    fn remove_slot(&mut self, key: u64) -> Option<Slot> {
+        self.lost.remove(&key);
+        self.slots.remove(&key)
+    }
+
     /// Ends one subscription for good; its session reads `why` after the
     /// events already delivered. The caller unsubscribes it if active.
     fn end_slot(&mut self, key: u64, why: ExchangeError) -> Option<i64> {
-        let slot = self.slots.remove(&key)?;
+        let slot = self.remove_slot(key)?;
         let _first = slot.end.set(why.clone());
         if let Some(reply) = slot.reply {
             let _gone = reply.send(Err(why));
@@ -1201,6 +1315,9 @@ impl Conn {
         if let Some(slot) = self.slots.get_mut(&key) {
             slot.gap_from.get_or_insert(from);
             slot.state = SlotState::Wanted;
+            if slot.reply.is_none() {
+                self.lost.entry(key).or_insert_with(Instant::now);
+            }
         }
         self.subscribe(sink, key).await
     }
@@ -1334,7 +1451,8 @@ impl Conn {
         slot.state = SlotState::Active(sub);
         slot.resynced = false;
         slot.failures = 0;
-        slot.failing_since = None;
+        slot.last_error = None;
+        self.lost.remove(&key);
         slot.retry_backoff = self.shared.cfg.backoff_initial;
         self.by_sub.insert(sub, key);
         self.ids_used = self.ids_used.max(sub.saturating_add(1));

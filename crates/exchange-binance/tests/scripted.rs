@@ -1,6 +1,7 @@
 //! The user-data stream against a scripted WebSocket API server, for the
 //! answers `exchange-sim` never gives: requests left unanswered, refusals
-//! repeated, rate limits on a skewed clock, a peer that stops reading.
+//! repeated, rate limits on a skewed clock or met by another connection, a
+//! peer that stops reading, connections that drop before answering.
 #![allow(clippy::unwrap_used)]
 
 use std::future::Future;
@@ -412,4 +413,166 @@ async fn an_unsubscribe_answered_418_holds_back_every_request() {
     );
     assert_eq!(seen.subscribes().len(), 2, "no subscribe while banned");
     assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+}
+
+/// How a connection after the first goes down before answering anything.
+#[derive(Debug, Clone, Copy)]
+enum GoesDown {
+    /// Reads the resubscription and closes the socket.
+    Closes,
+    /// Sends a close frame right after the upgrade.
+    CloseFrame,
+    /// Reads the resubscription and answers with a proxy's error page.
+    NotJson,
+    /// Reads the resubscription and answers with an error frame of no id.
+    ErrorFrame,
+}
+
+/// Connection 0 answers the first subscribe and closes; every later
+/// connection opens fine and goes down as `how` says, as behind a proxy
+/// whose backend is down. Returns the session's end and how long after
+/// the first drop it came.
+async fn flapping(how: GoesDown) -> (ExchangeError, Duration, usize) {
+    let (url, seen) = scripted(move |mut peer| async move {
+        if peer.conn > 0
+            && let GoesDown::CloseFrame = how
+        {
+            let _closed = peer.ws.close(None).await;
+            return;
+        }
+        let Some(request) = peer.request().await else {
+            return;
+        };
+        if peer.conn == 0 {
+            let _sent = peer.answer(&request).await;
+            return;
+        }
+        match how {
+            GoesDown::Closes | GoesDown::CloseFrame => return,
+            GoesDown::NotJson => {
+                let page = "<html><body>502 Bad Gateway</body></html>";
+                let _sent = peer.ws.send(Message::Text(page.into())).await;
+            }
+            GoesDown::ErrorFrame => {
+                let error = json!({"id": null, "status": 502,
+                    "error": {"code": -1001, "msg": "Internal error; unable to process your request."}});
+                let _sent = peer.send(error).await;
+            }
+        }
+        // Keep reading until the client gives up on the connection.
+        while peer.request().await.is_some() {}
+    })
+    .await;
+    let stream = BinanceUserStream::new(config(&url)).unwrap();
+    let mut s = open(&stream, 0).await;
+    let dropped = Instant::now();
+    let ended = within(Duration::from_secs(10), &mut s).await;
+    let err = match ended {
+        Err(e) => e,
+        Ok(ev) => panic!("{how:?}: expected the session's end, got {ev:?}"),
+    };
+    (
+        err,
+        dropped.elapsed(),
+        seen.connections.load(Ordering::SeqCst),
+    )
+}
+
+/// Every reconnect opens fine but goes down before the resubscription is
+/// answered: the session must not stay silent while the connection flaps,
+/// or its account counts as streamed while its fills go unseen.
+#[tokio::test]
+async fn a_connection_that_keeps_dropping_before_resubscribing_ends_the_session() {
+    let (closes, close_frame, not_json, error_frame) = tokio::join!(
+        flapping(GoesDown::Closes),
+        flapping(GoesDown::CloseFrame),
+        flapping(GoesDown::NotJson),
+        flapping(GoesDown::ErrorFrame),
+    );
+    for (how, (err, after, connections)) in [
+        (GoesDown::Closes, closes),
+        (GoesDown::CloseFrame, close_frame),
+        (GoesDown::NotJson, not_json),
+        (GoesDown::ErrorFrame, error_frame),
+    ] {
+        assert!(
+            matches!(err, ExchangeError::Transient(ref m) if m.contains("down for")),
+            "{how:?}: {err:?}"
+        );
+        // Three connect timeouts of 2 s, as for a connection that cannot
+        // come back at all.
+        assert!(
+            after >= Duration::from_secs(5) && after < Duration::from_secs(8),
+            "{how:?}: ended {after:?} after the drop"
+        );
+        assert!(connections >= 3, "{how:?}: {connections} connections");
+    }
+}
+
+/// A resubscription held back by a rate limit another connection met must
+/// not wait unseen for the whole hold (a ban's can last hours): held past
+/// its deadline, the session is ended with the wait at once.
+#[tokio::test]
+async fn a_resubscription_held_by_another_connections_rate_limit_ends_the_session() {
+    // Connection 0 serves the first session and ends its subscription when
+    // told; connection 1 refuses the second session's subscribe with a
+    // 429 asking for a minute.
+    let terminate = Arc::new(tokio::sync::Notify::new());
+    let told = terminate.clone();
+    let (url, seen) = scripted(move |mut peer| {
+        let told = told.clone();
+        async move {
+            let Some(first) = peer.request().await else {
+                return;
+            };
+            if peer.conn == 0 {
+                if !peer.answer(&first).await {
+                    return;
+                }
+                // Reading answers the client's pings meanwhile.
+                tokio::select! {
+                    () = told.notified() => {}
+                    () = async { while peer.request().await.is_some() {} } => return,
+                }
+                if !peer.terminate(0).await {
+                    return;
+                }
+            } else {
+                let error = json!({"code": -1003, "msg": "Too much request weight used",
+                    "data": {"serverTime": now_ms(), "retryAfter": now_ms() + 60_000}});
+                if !peer.refuse(&first, 429, error).await {
+                    return;
+                }
+            }
+            while peer.request().await.is_some() {}
+        }
+    })
+    .await;
+    let mut c = config(&url);
+    c.stream.subscriptions_per_connection = 1;
+    let stream = BinanceUserStream::new(c).unwrap();
+    let mut s = open(&stream, 0).await;
+    let err = stream.open(&creds(1)).await.err().unwrap();
+    assert!(
+        matches!(err, ExchangeError::RateLimited { retry_after } if retry_after > Duration::from_secs(50)),
+        "{err:?}"
+    );
+    terminate.notify_one();
+    let terminated = Instant::now();
+    let err = within(Duration::from_secs(10), &mut s).await.unwrap_err();
+    assert!(
+        matches!(err, ExchangeError::RateLimited { retry_after } if retry_after > Duration::from_secs(40)),
+        "{err:?}"
+    );
+    // Three connect timeouts of 2 s at most.
+    assert!(
+        terminated.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        terminated.elapsed()
+    );
+    assert_eq!(
+        seen.subscribes().len(),
+        2,
+        "no subscribe sent into the hold"
+    );
 }
