@@ -6,10 +6,10 @@
 //! orders placed by hand are ignored.
 
 use crate::ids::{AccountId, LegKey, OrderRole};
-use crate::model::{Evidence, Protection, Source};
+use crate::model::{Evidence, Leg, Protection, Source};
 use crate::ports::{ExecutionUpdate, StoreError};
 use crate::protect::{ProtectError, ProtectReport, Protector};
-use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold};
+use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold, LegState};
 
 /// What an update was about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,14 +135,13 @@ impl Protector {
                         protect: None,
                     });
                 }
-                let event = leg_event(take_profit, update);
-                let mut state = leg.state.clone();
-                if let Some(event) = event
-                    && let Ok(next) = leg.state.on(&event)
-                    && self.transition_leg(&leg, next.clone()).await?
-                {
-                    state = next;
-                }
+                let state = match leg_event(take_profit, update) {
+                    Some(event) => self.move_leg(leg.clone(), &event).await?,
+                    None => leg.state.clone(),
+                };
+                // Judged from the state first read: a leg another writer ended
+                // meanwhile still left the position changed (`protect` is
+                // idempotent, so the other writer's own call costs nothing).
                 let position_changed = state.is_terminal() && leg.state.is_active();
                 let settled = matches!(
                     entry.protection,
@@ -160,6 +159,55 @@ impl Protector {
                 })
             }
         }
+    }
+}
+
+/// How many times [`Protector::move_leg`] writes a leg's move, each from a
+/// fresh read, before it gives up.
+const LEG_MOVE_ATTEMPTS: usize = 4;
+
+impl Protector {
+    /// Moves `leg` on `event` and returns its state afterwards: the one the
+    /// move wrote, or, when the event no longer applies to what is stored
+    /// (another writer ended the leg first), the stored one.
+    ///
+    /// The write is a compare-and-set on the state read. Another writer can
+    /// move the leg in between (the placer recording `Placed` for a leg read
+    /// `Claimed`, a lookup settling one read `Unknown`); the event still
+    /// happened, so it is applied again to the leg as read anew. Dropping it
+    /// would leave the rest of a partly filled take-profit without a stop
+    /// and nobody told: its list goes on `EXECUTING`, so no list end follows.
+    ///
+    /// # Errors
+    /// [`ProtectError::Store`] when the store fails, the leg is gone, or it
+    /// kept changing for [`LEG_MOVE_ATTEMPTS`] writes (the caller flags the
+    /// account for reconciliation).
+    async fn move_leg(&self, mut leg: Leg, event: &LegEvent) -> Result<LegState, ProtectError> {
+        for _ in 0..LEG_MOVE_ATTEMPTS {
+            let Ok(next) = leg.state.on(event) else {
+                return Ok(leg.state);
+            };
+            if self.transition_leg(&leg, next.clone()).await? {
+                return Ok(next);
+            }
+            let key = leg.key;
+            leg = self
+                .store()
+                .legs(key.entry)
+                .await?
+                .into_iter()
+                .find(|l| l.key == key)
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "leg",
+                    id: key.to_string(),
+                })?;
+        }
+        Err(StoreError::Unavailable(format!(
+            "moving leg {} on {}: the leg kept changing under {LEG_MOVE_ATTEMPTS} attempts",
+            leg.key,
+            event.name()
+        ))
+        .into())
     }
 }
 

@@ -3,13 +3,24 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
 use common::*;
 use oco_core::follow::Followed;
+use oco_core::ids::{ClientOrderId, EntryId, IdScheme, LegKey};
 use oco_core::levels::EntryLevels;
-use oco_core::model::{Fill, Millis, Protection, ProtectionConfig, Source};
-use oco_core::ports::{ExecutionUpdate, Side, Store};
-use oco_core::protect::ProtectOutcome;
-use oco_core::state::{EntryStatus, LegState};
+use oco_core::mem::MemStore;
+use oco_core::model::{
+    Account, Entry, EntryEventRecord, Evidence, Fill, Leg, LegClaim, LegUpdate, Millis, NewEntry,
+    Protection, ProtectionConfig, Source,
+};
+use oco_core::ports::{
+    ApiCredentials, ExecutionUpdate, NewAccount, RecordedOutcomes, Side, Store, StoreError,
+};
+use oco_core::protect::{ProtectOutcome, Protector, ProtectorConfig};
+use oco_core::state::{EntryStatus, LegSold, LegState};
 use oco_core::symbol::Asset;
 use oco_core::{AccountId, Qty};
 use rust_decimal::Decimal;
@@ -333,4 +344,205 @@ async fn a_second_fill_on_the_stream_replaces_the_first_fills_legs() {
             .any(|l| l.key.generation == 1 && l.state.is_active()),
         "a new generation covers it: {legs:?}"
     );
+}
+
+/// The in-memory store, except that the next read of one leg shows it
+/// `Claimed`: as read by a caller that got there just before the placer
+/// recorded the leg `Placed`. Every read of it, when `always`.
+struct ReadBeforePlaced {
+    inner: Arc<MemStore>,
+    stale: Mutex<Option<LegKey>>,
+    always: bool,
+}
+
+#[async_trait]
+impl Store for ReadBeforePlaced {
+    async fn create_account(&self, a: NewAccount) -> Result<Account, StoreError> {
+        self.inner.create_account(a).await
+    }
+    async fn account(&self, id: AccountId) -> Result<Account, StoreError> {
+        self.inner.account(id).await
+    }
+    async fn credentials(&self, id: AccountId) -> Result<ApiCredentials, StoreError> {
+        self.inner.credentials(id).await
+    }
+    async fn update_account(
+        &self,
+        id: AccountId,
+        p: ProtectionConfig,
+        a: bool,
+    ) -> Result<Account, StoreError> {
+        self.inner.update_account(id, p, a).await
+    }
+    async fn active_accounts(&self) -> Result<Vec<Account>, StoreError> {
+        self.inner.active_accounts().await
+    }
+    async fn create_entry(
+        &self,
+        e: NewEntry,
+        c: &(dyn Fn(EntryId) -> ClientOrderId + Send + Sync),
+        at: Millis,
+    ) -> Result<Entry, StoreError> {
+        self.inner.create_entry(e, c, at).await
+    }
+    async fn entry(&self, id: EntryId) -> Result<Entry, StoreError> {
+        self.inner.entry(id).await
+    }
+    async fn open_entries(&self, a: AccountId) -> Result<Vec<Entry>, StoreError> {
+        self.inner.open_entries(a).await
+    }
+    async fn record_evidence(&self, id: EntryId, e: &Evidence) -> Result<Entry, StoreError> {
+        self.inner.record_evidence(id, e).await
+    }
+    async fn set_protection(&self, id: EntryId, p: &Protection) -> Result<(), StoreError> {
+        self.inner.set_protection(id, p).await
+    }
+    async fn close_entry(&self, id: EntryId, r: Decimal, at: Millis) -> Result<(), StoreError> {
+        self.inner.close_entry(id, r, at).await
+    }
+    async fn legs(&self, e: EntryId) -> Result<Vec<Leg>, StoreError> {
+        let mut legs = self.inner.legs(e).await?;
+        let stale = if self.always {
+            *self.stale.lock().unwrap()
+        } else {
+            self.stale.lock().unwrap().take()
+        };
+        for leg in &mut legs {
+            if Some(leg.key) == stale {
+                leg.state = LegState::Claimed;
+            }
+        }
+        Ok(legs)
+    }
+    async fn claim_leg(&self, c: &LegClaim) -> Result<bool, StoreError> {
+        self.inner.claim_leg(c).await
+    }
+    async fn update_leg(&self, u: &LegUpdate) -> Result<bool, StoreError> {
+        self.inner.update_leg(u).await
+    }
+    async fn take_over_leg(&self, u: &LegUpdate, stale: Duration) -> Result<bool, StoreError> {
+        self.inner.take_over_leg(u, stale).await
+    }
+    async fn record_leg_sold(&self, k: LegKey, s: LegSold, at: Millis) -> Result<(), StoreError> {
+        self.inner.record_leg_sold(k, s, at).await
+    }
+    async fn append_event(&self, e: &EntryEventRecord) -> Result<(), StoreError> {
+        self.inner.append_event(e).await
+    }
+    async fn events(&self, e: EntryId) -> Result<Vec<EntryEventRecord>, StoreError> {
+        self.inner.events(e).await
+    }
+    async fn flag_reconcile(&self, a: AccountId, r: &str, at: Millis) -> Result<(), StoreError> {
+        self.inner.flag_reconcile(a, r, at).await
+    }
+    async fn take_flagged(&self, l: usize) -> Result<Vec<AccountId>, StoreError> {
+        self.inner.take_flagged(l).await
+    }
+    async fn take_due_accounts(
+        &self,
+        h: &str,
+        i: Duration,
+        l: Duration,
+        n: usize,
+    ) -> Result<Vec<AccountId>, StoreError> {
+        self.inner.take_due_accounts(h, i, l, n).await
+    }
+    async fn mark_reconciled(&self, a: AccountId) -> Result<(), StoreError> {
+        self.inner.mark_reconciled(a).await
+    }
+    async fn claim_legs(&self, c: &[LegClaim]) -> Result<Vec<bool>, StoreError> {
+        self.inner.claim_legs(c).await
+    }
+    async fn record_outcomes(
+        &self,
+        e: EntryId,
+        u: &[LegUpdate],
+        ev: &[EntryEventRecord],
+        p: Option<&Protection>,
+    ) -> Result<RecordedOutcomes, StoreError> {
+        self.inner.record_outcomes(e, u, ev, p).await
+    }
+}
+
+/// An entry protected by two legs, a protector over a store that reads its
+/// first leg `Claimed` (every time when `always`) while it is `Placed`, and
+/// that leg's take-profit partly filled (0.1) with its update.
+async fn partial_take_profit_read_before_placed(
+    always: bool,
+) -> (World, Protector, ExecutionUpdate) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    assert!(matches!(leg.state, LegState::Placed { .. }), "{leg:?}");
+    let store = Arc::new(ReadBeforePlaced {
+        inner: w.store.clone(),
+        stale: Mutex::new(Some(leg.key)),
+        always,
+    });
+    let protector = Protector::new(
+        w.exchange.clone(),
+        store,
+        w.clock.clone(),
+        ProtectorConfig::new(IdScheme::new("og").unwrap()),
+    );
+    w.exchange
+        .fill_take_profit(leg.ids.list.as_str(), q(dec!(0.1)));
+    let tp = update(
+        leg.ids.take_profit.as_str(),
+        EntryStatus::PartiallyFilled,
+        dec!(0.1),
+        leg.take_profit.get(),
+    );
+    (w, protector, tp)
+}
+
+/// A take-profit's partial fill read against a leg still `Claimed`, whose
+/// placer records it `Placed` before the move is written: the move loses its
+/// compare-and-set. The fill still ended the list's stop, so the move is
+/// made on the leg as read again, and the rest is protected.
+#[tokio::test]
+async fn a_partial_take_profit_racing_the_placers_record_still_reprotects_the_rest() {
+    let (w, protector, tp) = partial_take_profit_read_before_placed(false).await;
+    let followed = protector
+        .follow(w.account, &tp, Source::Websocket)
+        .await
+        .unwrap();
+    let Followed::Leg {
+        state,
+        protect: Some(report),
+        ..
+    } = followed
+    else {
+        panic!("the rest is protected again: {followed:?}")
+    };
+    assert_eq!(state, "canceled_externally");
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.9), "what is still held has a stop");
+}
+
+/// A leg whose move keeps losing its compare-and-set is reported as an
+/// error (the gateway flags the account), not dropped.
+#[tokio::test]
+async fn a_leg_move_that_keeps_losing_is_an_error() {
+    let (w, protector, tp) = partial_take_profit_read_before_placed(true).await;
+    let err = protector
+        .follow(w.account, &tp, Source::Websocket)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("kept changing"), "{err}");
 }

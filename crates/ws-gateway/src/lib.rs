@@ -29,6 +29,7 @@ use oco_core::state::LegState;
 use oco_core::{AccountId, EntryId, EntryStatus, ExchangeError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub mod wakeup;
@@ -43,7 +44,9 @@ pub struct GatewayConfig {
     /// How long a lease lasts without renewal: the longest an account can go
     /// unstreamed after its gateway dies.
     pub lease_ttl: Duration,
-    /// How often leases are renewed and new accounts picked up.
+    /// How often leases are renewed and new accounts picked up. Keep it well
+    /// under `lease_ttl`: accounts are let go once no renewal has gone
+    /// through for [`GatewayConfig::lease_hold`].
     pub renew_every: Duration,
     /// Most accounts this process streams.
     pub max_accounts: usize,
@@ -60,6 +63,19 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// How long after a renewal began its accounts are still streamed when
+    /// no renewal has gone through since: the lease period less a margin, so
+    /// that the accounts are let go before their leases end and another
+    /// gateway takes them. The margin is one renewal interval, or half of
+    /// what the period leaves past one interval when that is less: the next
+    /// renewal, due one interval after the last, must have time to go
+    /// through before the accounts are let go.
+    pub fn lease_hold(&self) -> Duration {
+        let slack = self.lease_ttl.saturating_sub(self.renew_every);
+        self.lease_ttl
+            .saturating_sub(self.renew_every.min(slack / 2))
+    }
+
     /// Leases of 30 s renewed every 10 s, up to 1,000 accounts, reopen
     /// backoff from 500 ms to 30 s, 5 s to finish the events in hand.
     pub fn standard(holder: impl Into<String>) -> Self {
@@ -272,20 +288,46 @@ impl Gateway {
         let mut tasks: HashMap<AccountId, Running> = HashMap::new();
         let mut tick = tokio::time::interval(self.config.renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_renewed = tokio::time::Instant::now();
+        let hold = self.config.lease_hold();
+        // When the last renewal that went through began. The store set each
+        // expiry from its own clock at its statement, after this instant, so
+        // every lease held then is ours until `lease_ttl` after it; the
+        // accounts are let go `hold` after it, before another gateway can
+        // take them.
+        let mut renewed_at = Instant::now();
         tokio::pin!(shutdown);
         loop {
+            let lapse = renewed_at + hold;
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = tick.tick() => {}
+                () = tokio::time::sleep_until(lapse), if !tasks.is_empty() => {
+                    self.lapsed(&mut tasks, renewed_at);
+                    continue;
+                }
             }
-            match self
-                .leases
-                .renew_leases(&self.config.holder, self.config.lease_ttl)
-                .await
-            {
-                Ok(held) => {
-                    last_renewed = tokio::time::Instant::now();
+            let began = Instant::now();
+            // Bounded by the lapse: a call on a connection gone half-open
+            // waits for TCP to give up (about 15 min), while the tasks would
+            // go on streaming accounts another gateway takes and the loop
+            // would not hear the shutdown. Not shorter: a renewal that waits
+            // for a pool busy with fills is slow, not lost, and cut short it
+            // would let every account go for nothing.
+            let bound = if tasks.is_empty() {
+                began + hold
+            } else {
+                lapse
+            };
+            let renewal = tokio::select! {
+                () = &mut shutdown => break,
+                renewal = tokio::time::timeout_at(
+                    bound,
+                    self.leases.renew_leases(&self.config.holder, self.config.lease_ttl),
+                ) => renewal,
+            };
+            match renewal {
+                Ok(Ok(held)) => {
+                    renewed_at = began;
                     let lost: Vec<AccountId> = tasks
                         .keys()
                         .filter(|id| !held.contains(id))
@@ -299,21 +341,25 @@ impl Gateway {
                     }
                     // A task that ended on its own (keys refused, store down) starts again below.
                     tasks.retain(|_, running| !running.task.is_finished());
-                    // An account still leased whose task ended (keys refused, store down) starts again.
+                    // An account still leased whose task ended (keys refused,
+                    // store down, let go at a lapse) starts again.
                     for id in held {
                         tasks.entry(id).or_insert_with(|| {
                             self.spawn_account(id, "stream restarted", &flagger)
                         });
                     }
                 }
-                Err(err) => {
-                    warn!(holder = %self.config.holder, error = %err, "lease renewal failed");
-                    // Past the lease period another gateway may hold our accounts: stop streaming them.
-                    if last_renewed.elapsed() >= self.config.lease_ttl {
-                        for (id, running) in tasks.drain() {
-                            self.unfollow(id, running);
-                        }
-                        self.stats.unleased_all();
+                failed => {
+                    let error = match failed {
+                        Ok(Err(err)) => err.to_string(),
+                        _ => format!(
+                            "no answer within {:?}",
+                            bound.saturating_duration_since(began)
+                        ),
+                    };
+                    warn!(holder = %self.config.holder, %error, "lease renewal failed");
+                    if !tasks.is_empty() && Instant::now() >= lapse {
+                        self.lapsed(&mut tasks, renewed_at);
                     }
                     continue;
                 }
@@ -322,12 +368,18 @@ impl Gateway {
             if room == 0 {
                 continue;
             }
-            match self
-                .leases
-                .acquire_leases(&self.config.holder, room, self.config.lease_ttl)
-                .await
-            {
-                Ok(taken) => {
+            // Bounded as the renewal. Cut short, it may still have taken
+            // leases: the next renewal returns them and starts their tasks.
+            let bound = renewed_at + hold;
+            let acquired = tokio::select! {
+                () = &mut shutdown => break,
+                acquired = tokio::time::timeout_at(
+                    bound,
+                    self.leases.acquire_leases(&self.config.holder, room, self.config.lease_ttl),
+                ) => acquired,
+            };
+            match acquired {
+                Ok(Ok(taken)) => {
                     for (id, taken_over) in taken {
                         let why = if taken_over {
                             "lease takeover"
@@ -341,8 +393,11 @@ impl Gateway {
                         }
                     }
                 }
-                Err(err) => {
+                Ok(Err(err)) => {
                     warn!(holder = %self.config.holder, error = %err, "lease acquisition failed")
+                }
+                Err(_) => {
+                    warn!(holder = %self.config.holder, "lease acquisition failed: no answer in time")
                 }
             }
         }
@@ -371,10 +426,33 @@ impl Gateway {
         }
         self.stats.streams_up.store(0, Ordering::Relaxed);
         self.stats.unleased_all();
-        self.leases
-            .release_leases(&self.config.holder)
-            .await
-            .map_err(GatewayError::Release)
+        // Past the lease period the leases are gone anyway: a release that
+        // hangs must not keep the process from ending.
+        let ttl = self.config.lease_ttl;
+        match tokio::time::timeout(ttl, self.leases.release_leases(&self.config.holder)).await {
+            Ok(released) => released.map_err(GatewayError::Release),
+            Err(_) => Err(GatewayError::Release(StoreError::Unavailable(format!(
+                "releasing the leases of {}: no answer within {ttl:?}",
+                self.config.holder
+            )))),
+        }
+    }
+
+    /// Lets every account go: the last renewal that went through began
+    /// `hold` ago, and its leases end soon, when another gateway may take
+    /// them.
+    fn lapsed(&self, tasks: &mut HashMap<AccountId, Running>, renewed_at: Instant) {
+        warn!(
+            holder = %self.config.holder,
+            accounts = tasks.len(),
+            since = ?renewed_at.elapsed(),
+            ttl = ?self.config.lease_ttl,
+            "leases not renewed in time, letting the accounts go"
+        );
+        for (id, running) in tasks.drain() {
+            self.unfollow(id, running);
+        }
+        self.stats.unleased_all();
     }
 
     /// Stops following `id`: its task finishes the events it already
@@ -437,6 +515,7 @@ impl Gateway {
             max_backoff: self.config.max_backoff,
             stopped,
             lease,
+            gap_flagged: false,
         };
         Running {
             task: tokio::spawn(async move { worker.run(why).await }),
@@ -469,6 +548,10 @@ struct AccountWorker {
     stopped: watch::Receiver<bool>,
     /// The number of the lease it follows the account under.
     lease: u64,
+    /// Whether the account was flagged since its stream was last up (or
+    /// since the task began): a stream that fails to open flags it only
+    /// then.
+    gap_flagged: bool,
 }
 
 /// How long after a fetch of a symbol's rules began another may begin.
@@ -569,12 +652,30 @@ impl AccountWorker {
     /// account is let go (`Ok`, once the events already received are
     /// handled).
     async fn stream_once(&mut self, reason: &'static str) -> Result<(), ExchangeError> {
-        let creds = self
-            .store
-            .credentials(self.account)
-            .await
-            .map_err(|e| ExchangeError::Transient(e.to_string()))?;
-        let mut session = self.streams.open(&creds).await?;
+        let opened = async {
+            let creds = self
+                .store
+                .credentials(self.account)
+                .await
+                .map_err(|e| ExchangeError::Transient(e.to_string()))?;
+            self.streams.open(&creds).await
+        }
+        .await;
+        let mut session = match opened {
+            Ok(session) => session,
+            Err(err) => {
+                // Events are missed until a stream opens, which may take long
+                // (rate limits, the exchange down): a lease taken over from a
+                // dead gateway must not wait for it to be reconciled. Once per
+                // gap; the stream that opens in the end flags it again.
+                if !self.gap_flagged {
+                    self.gap_flagged = true;
+                    self.flag(reason);
+                }
+                return Err(err);
+            }
+        };
+        self.gap_flagged = false;
         self.stats.streams_up.fetch_add(1, Ordering::Relaxed);
         self.stats.stream(self.account, self.lease, true);
         let _up = UpGuard(self.stats.clone(), self.account, self.lease);
@@ -606,6 +707,7 @@ impl AccountWorker {
                         // missed: sync's, at once rather than when (if ever
                         // soon) the stream reopens.
                         Some(Err(err)) => {
+                            self.gap_flagged = true;
                             self.flag("stream ended");
                             return Err(err);
                         }
@@ -746,6 +848,19 @@ impl AccountWorker {
 
     async fn list_ended(&self, list: &ListUpdate, key: LegKey) {
         let result = async {
+            // The client id names an entry, not whose it is: a list of this
+            // account whose id reads as another account's entry (an id
+            // reused by hand, another deployment sharing the namespace) must
+            // not have this account's list, or its absence, applied to that
+            // entry's leg.
+            match self.store.entry(key.entry).await {
+                Ok(entry) if entry.account == self.account => {}
+                Ok(_) | Err(StoreError::NotFound { .. }) => {
+                    warn!(account = %self.account, entry = %key.entry, client_id = %list.list_client_id, "list end names an entry of another account, ignored");
+                    return Ok(None);
+                }
+                Err(err) => return Err(err.into()),
+            }
             let legs = self.store.legs(key.entry).await?;
             let Some(leg) = legs.iter().find(|l| l.key == key && l.state.is_active()) else {
                 return Ok(None);
@@ -1230,6 +1345,30 @@ mod tests {
             _at: oco_core::Millis,
         ) -> BoxFuture<'a, Result<(), StoreError>> {
             self.write(&[(account, reason.to_owned())])
+        }
+    }
+
+    #[test]
+    fn accounts_are_held_past_the_next_renewal_and_let_go_before_the_lease_ends() {
+        let hold = |renew: u64, ttl: u64| {
+            let mut c = GatewayConfig::standard("gw");
+            c.renew_every = Duration::from_secs(renew);
+            c.lease_ttl = Duration::from_secs(ttl);
+            c.lease_hold()
+        };
+        // One interval's margin when the period leaves room for it.
+        assert_eq!(hold(10, 30), Duration::from_secs(20));
+        assert_eq!(hold(1, 3), Duration::from_secs(2));
+        // Otherwise half of what is left past one interval.
+        assert_eq!(hold(20, 30), Duration::from_secs(25));
+        for ttl in 2..60 {
+            for renew in 1..ttl {
+                let h = hold(renew, ttl);
+                assert!(
+                    h > Duration::from_secs(renew) && h < Duration::from_secs(ttl),
+                    "renew {renew} s, ttl {ttl} s: hold {h:?}"
+                );
+            }
         }
     }
 

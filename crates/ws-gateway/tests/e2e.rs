@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
@@ -20,7 +20,7 @@ use oco_core::ports::{
     ApiCredentials, Clock, Exchange, Leases, NewAccount, OrderRequest, Side, Store,
 };
 use oco_core::protect::{Protector, ProtectorConfig};
-use oco_core::{AccountId, EntryId, EntryStatus, Price, Qty, SystemClock};
+use oco_core::{AccountId, EntryId, EntryStatus, Price, Qty, StoreError, SystemClock};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use secrecy::SecretString;
@@ -137,6 +137,20 @@ impl World {
         max_accounts: usize,
         adapter: BinanceConfig,
     ) -> Running {
+        self.gateway_on(holder, max_accounts, adapter, |store| store, |_| {})
+            .await
+    }
+
+    /// [`World::gateway_with`], its leases taken through what `leases`
+    /// makes of its store, its settings changed by `tune`.
+    async fn gateway_on(
+        &self,
+        holder: &str,
+        max_accounts: usize,
+        adapter: BinanceConfig,
+        leases: impl FnOnce(Arc<PgStore>) -> Arc<dyn Leases>,
+        tune: impl FnOnce(&mut GatewayConfig),
+    ) -> Running {
         let store = Arc::new(PgStore::connect(pg_config(&self.db, 8)).await.unwrap());
         let exchange = BinanceExchange::new(adapter.clone()).unwrap();
         let streams = BinanceUserStream::new(adapter).unwrap();
@@ -151,9 +165,10 @@ impl World {
         config.lease_ttl = Duration::from_secs(3);
         config.max_accounts = max_accounts;
         config.min_backoff = Duration::from_millis(50);
+        tune(&mut config);
         let gateway = Gateway::new(
             store.clone(),
-            store.clone() as Arc<dyn Leases>,
+            leases(store.clone()),
             Arc::new(streams),
             protector,
             config,
@@ -558,6 +573,140 @@ async fn a_gateway_whose_lease_moves_elsewhere_forgets_the_accounts_keys() {
     .await;
     assert_eq!(w.store.entry(entry).await.unwrap().status, EntryStatus::New);
     a.stop().await;
+}
+
+/// A gateway's leases, except that every renewal after the first never
+/// answers, as on a pooled connection gone half-open.
+struct RenewalsHang {
+    store: Arc<PgStore>,
+    renewals: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl Leases for RenewalsHang {
+    async fn acquire_leases(
+        &self,
+        holder: &str,
+        max: usize,
+        ttl: Duration,
+    ) -> Result<Vec<(AccountId, bool)>, StoreError> {
+        Leases::acquire_leases(self.store.as_ref(), holder, max, ttl).await
+    }
+
+    async fn renew_leases(
+        &self,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Vec<AccountId>, StoreError> {
+        if self.renewals.fetch_add(1, Ordering::Relaxed) > 0 {
+            std::future::pending::<()>().await;
+        }
+        Leases::renew_leases(self.store.as_ref(), holder, ttl).await
+    }
+
+    async fn release_leases(&self, holder: &str) -> Result<(), StoreError> {
+        Leases::release_leases(self.store.as_ref(), holder).await
+    }
+}
+
+/// A gateway's leases that note, when an acquisition first returns an
+/// account, how many streams another gateway had up at that moment.
+struct NoteOtherAtAcquire {
+    store: Arc<PgStore>,
+    other: Arc<GatewayStats>,
+    noted: Arc<std::sync::Mutex<Option<u64>>>,
+}
+
+#[async_trait::async_trait]
+impl Leases for NoteOtherAtAcquire {
+    async fn acquire_leases(
+        &self,
+        holder: &str,
+        max: usize,
+        ttl: Duration,
+    ) -> Result<Vec<(AccountId, bool)>, StoreError> {
+        let taken = Leases::acquire_leases(self.store.as_ref(), holder, max, ttl).await?;
+        if !taken.is_empty() {
+            let mut noted = self.noted.lock().unwrap();
+            noted.get_or_insert(self.other.streams_up.load(Ordering::Relaxed));
+        }
+        Ok(taken)
+    }
+
+    async fn renew_leases(
+        &self,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Vec<AccountId>, StoreError> {
+        Leases::renew_leases(self.store.as_ref(), holder, ttl).await
+    }
+
+    async fn release_leases(&self, holder: &str) -> Result<(), StoreError> {
+        Leases::release_leases(self.store.as_ref(), holder).await
+    }
+}
+
+/// A gateway whose lease renewal hangs (a half-open pooled connection: TCP
+/// would give up after about 15 min) lets its accounts go before their
+/// leases end: by the time another gateway takes the account, the first no
+/// longer streams it. And it still stops when told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_renewal_hangs_lets_its_accounts_go_before_another_takes_them() {
+    let w = world(1).await;
+    // Leases of 3 s renewed every second: let go 2 s after the last renewal
+    // that went through began.
+    let a = w
+        .gateway_on(
+            "gw-a",
+            10,
+            binance(&w.sim),
+            |store| {
+                Arc::new(RenewalsHang {
+                    store,
+                    renewals: AtomicU64::new(0),
+                })
+            },
+            |config| config.renew_every = Duration::from_secs(1),
+        )
+        .await;
+    wait_for("gw-a's stream", Duration::from_secs(10), || async {
+        a.up() == 1 && w.sim.control().subscription_count() == 1
+    })
+    .await;
+    let noted = Arc::new(std::sync::Mutex::new(None));
+    let b = w
+        .gateway_on(
+            "gw-b",
+            10,
+            binance(&w.sim),
+            |store| {
+                Arc::new(NoteOtherAtAcquire {
+                    store,
+                    other: a.stats.clone(),
+                    noted: noted.clone(),
+                })
+            },
+            |_| {},
+        )
+        .await;
+    wait_for("gw-b's stream", Duration::from_secs(15), || async {
+        b.up() == 1
+    })
+    .await;
+    assert_eq!(
+        *noted.lock().unwrap(),
+        Some(0),
+        "gw-a still streamed the account when gw-b took it"
+    );
+    assert!(a.stats.stream_states().is_empty(), "gw-a let it go");
+    wait_for("one subscription", Duration::from_secs(10), || async {
+        w.sim.control().subscription_count() == 1
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), a.stop())
+        .await
+        .expect("gw-a stops while its renewal hangs");
+    b.stop().await;
 }
 
 /// Every kind of gap on a real stream flags the account for `sync` with a

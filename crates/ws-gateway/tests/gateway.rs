@@ -41,6 +41,8 @@ struct Streams {
     rate_limited: Mutex<Vec<Duration>>,
     /// Every open refused while set (the exchange unreachable).
     refuse: std::sync::atomic::AtomicBool,
+    /// Opens asked for, refused ones included.
+    opens: std::sync::atomic::AtomicU64,
 }
 
 struct Session(mpsc::UnboundedReceiver<Result<StreamEvent, ExchangeError>>);
@@ -65,6 +67,8 @@ impl UserStream for Streams {
         &self,
         creds: &ApiCredentials,
     ) -> Result<Box<dyn UserStreamSession>, ExchangeError> {
+        self.opens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(retry_after) = self.rate_limited.lock().unwrap().pop() {
             return Err(ExchangeError::RateLimited { retry_after });
         }
@@ -886,4 +890,210 @@ fn hold_next_oco(w: &World, ms: u64) -> tokio::sync::oneshot::Receiver<()> {
         })
     });
     placing
+}
+
+/// A lease taken over from a gateway that died is flagged for
+/// reconciliation even while its stream cannot be opened (the exchange
+/// refuses): the dead gateway's missed events are sync's at once, not at its
+/// next full pass. Failing again, it is not flagged again; the stream that
+/// opens in the end flags it (events since were missed too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_over_is_flagged_while_its_stream_cannot_open() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let w = world(1).await;
+    // A gateway that died holding the account's lease.
+    w.store
+        .acquire_leases("gw-dead", 10, Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    w.streams.refuse.store(true, Relaxed);
+    let gateway = w.gateway("gw-1");
+    let stats = gateway.stats();
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.run(async move {
+        let _ = stop_rx.await;
+    }));
+    w.flagged_again("the takeover", Duration::from_secs(2))
+        .await;
+    assert_eq!(w.streams.open_count(&key(0)), 0, "no stream open");
+    wait_until("two refused opens", Duration::from_secs(5), || {
+        w.streams.opens.load(Relaxed) >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        w.store.take_flagged(10).await.unwrap().is_empty(),
+        "flagged once for the gap"
+    );
+    assert_eq!(stats.snapshot().flags, 1);
+    w.streams.refuse.store(false, Relaxed);
+    w.flagged_again("the stream opening at last", Duration::from_secs(5))
+        .await;
+    assert_eq!(w.streams.open_count(&key(0)), 1);
+}
+
+/// A stream that opens at the first attempt flags its account once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_opened_at_once_flags_its_account_once() {
+    let w = world(1).await;
+    let gateway = w.gateway("gw-1");
+    let stats = gateway.stats();
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.run(async move {
+        let _ = stop_rx.await;
+    }));
+    w.flagged_again("the stream opening", Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(w.store.take_flagged(10).await.unwrap().is_empty());
+    assert_eq!(stats.snapshot().flags, 1);
+}
+
+/// A list end on one account's stream whose client id names an entry of
+/// another account is not applied to that entry: looked up with this
+/// account's keys the list is not found, and that absence must not end the
+/// other account's leg (nor place a new generation for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_end_naming_another_accounts_entry_is_ignored() {
+    let mut config = ProtectorConfig::new(IdScheme::new("og").unwrap());
+    // A placed leg a lookup does not find counts as ended outside once this old.
+    config.claim_timeout = Duration::from_millis(100);
+    let w = world_with(2, config).await;
+    let gateway = w.gateway("gw-1");
+    let stats = gateway.stats();
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("two streams", Duration::from_secs(5), || {
+        (0..2).all(|i| w.streams.open_count(&key(i)) == 1)
+    })
+    .await;
+    let (entry, client_id) = w.entry(w.accounts[1]).await;
+    w.streams.send(&key(1), fill_event(&client_id, 1));
+    wait_until("two legs", Duration::from_secs(5), || {
+        w.exchange.open_lists().len() == 2
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !matches!(
+        w.store.entry(entry).await.unwrap().protection,
+        Protection::Protected { .. }
+    ) {
+        assert!(Instant::now() < deadline, "the entry is protected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let legs = w.store.legs(entry).await.unwrap();
+    let placed = w.exchange.oco_calls();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Account 0's stream: a list of its own under an id naming account 1's entry.
+    w.streams.send(
+        &key(0),
+        StreamEvent::List(oco_core::ports::ListUpdate {
+            symbol: "BTCUSDT".into(),
+            list_id: 77,
+            list_client_id: legs[0].ids.list.as_str().to_owned(),
+            executing: false,
+            event_time: Millis(3),
+        }),
+    );
+    // Handled in order: once the gap behind it is counted, the list end was handled.
+    w.streams.send(
+        &key(0),
+        StreamEvent::Gap {
+            from: Millis(1),
+            to: Millis(2),
+        },
+    );
+    wait_until("the events handled", Duration::from_secs(5), || {
+        stats.snapshot().gaps == 1
+    })
+    .await;
+    assert_eq!(w.store.legs(entry).await.unwrap(), legs, "legs unchanged");
+    assert_eq!(w.exchange.oco_calls(), placed, "nothing placed");
+    assert_eq!(w.exchange.open_lists().len(), 2);
+}
+
+/// The world's leases, except that every renewal after the first fails at
+/// once; notes when the first began.
+struct RenewalsFail {
+    store: Arc<MemStore>,
+    first: Mutex<Option<Instant>>,
+}
+
+#[async_trait]
+impl Leases for RenewalsFail {
+    async fn acquire_leases(
+        &self,
+        holder: &str,
+        max: usize,
+        ttl: Duration,
+    ) -> Result<Vec<(AccountId, bool)>, oco_core::StoreError> {
+        self.store.acquire_leases(holder, max, ttl).await
+    }
+
+    async fn renew_leases(
+        &self,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Vec<AccountId>, oco_core::StoreError> {
+        {
+            let mut first = self.first.lock().unwrap();
+            if first.is_some() {
+                return Err(oco_core::StoreError::Unavailable(
+                    "connection refused".into(),
+                ));
+            }
+            *first = Some(Instant::now());
+        }
+        self.store.renew_leases(holder, ttl).await
+    }
+
+    async fn release_leases(&self, holder: &str) -> Result<(), oco_core::StoreError> {
+        self.store.release_leases(holder).await
+    }
+}
+
+/// A gateway that cannot renew its leases lets its accounts go one renewal
+/// interval before the lease period since the last renewal that went
+/// through began (not at the first failed renewal after the whole period):
+/// by then another gateway may be about to take them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_are_let_go_a_renewal_interval_before_their_leases_end() {
+    let w = world(1).await;
+    let leases = Arc::new(RenewalsFail {
+        store: w.store.clone(),
+        first: Mutex::new(None),
+    });
+    let mut config = GatewayConfig::standard("gw-1");
+    config.renew_every = Duration::from_millis(500);
+    config.lease_ttl = Duration::from_secs(2);
+    let gateway = Gateway::new(
+        w.store.clone(),
+        leases.clone(),
+        w.streams.clone(),
+        w.protector.clone(),
+        config,
+    );
+    let stats = gateway.stats();
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_until("the stream", Duration::from_secs(5), || {
+        stats.snapshot().streams_up == 1
+    })
+    .await;
+    wait_until("the stream let go", Duration::from_secs(5), || {
+        stats.snapshot().streams_up == 0
+    })
+    .await;
+    let renewed = leases.first.lock().unwrap().unwrap();
+    let held = renewed.elapsed();
+    assert!(
+        held >= Duration::from_millis(1400) && held < Duration::from_millis(1900),
+        "let go {held:?} after the last renewal began; leases of 2 s renewed every 500 ms"
+    );
+    assert!(stats.stream_states().is_empty());
 }
