@@ -2,7 +2,7 @@
 //! HMAC-sign it, parse the answer), next to the bare HTTP round trip to
 //! `exchange-sim` and the adapter's full round trip, in one run.
 //!
-//! `CARGO_TARGET_DIR=/work/tgt/binance cargo bench -p exchange-binance --bench overhead`
+//! `cargo bench -p exchange-binance --bench overhead`
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::hint::black_box;

@@ -9,7 +9,7 @@
 //! `synchronous_commit = off` on the bench's own connections: that isolates
 //! the store's own cost and is never how the service runs.
 //!
-//! Run: `CARGO_TARGET_DIR=/work/tgt/store cargo bench -p store-pg --bench claims`
+//! Run: `cargo bench -p store-pg --bench claims`
 //! (needs `DATABASE_URL` or the default server; about 15 s).
 // A bench binary: a panic is its failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
