@@ -31,6 +31,7 @@ struct Inner {
     leases: BTreeMap<AccountId, (String, std::time::Instant)>,
     reconciled: BTreeMap<AccountId, std::time::Instant>,
     due_taken: BTreeMap<AccountId, (String, std::time::Instant)>,
+    retry_at: BTreeMap<AccountId, std::time::Instant>,
     users: BTreeMap<String, String>,
     next_account: i64,
     next_entry: i64,
@@ -430,7 +431,11 @@ impl Store for MemStore {
             .values()
             .filter(|(a, _)| a.active)
             .map(|(a, _)| (inner.reconciled.get(&a.id).copied(), a.id))
-            .filter(|(last, _)| last.is_none_or(|at| now.duration_since(at) >= interval))
+            .filter(|(last, id)| match inner.retry_at.get(id) {
+                // A pending retry rules over the interval, as in PostgreSQL.
+                Some(at) => *at <= now,
+                None => last.is_none_or(|at| now.duration_since(at) >= interval),
+            })
             .filter(|(_, id)| {
                 inner
                     .due_taken
@@ -455,8 +460,56 @@ impl Store for MemStore {
             return Err(not_found("account", account));
         }
         inner.due_taken.remove(&account);
+        inner.retry_at.remove(&account);
         inner.reconciled.insert(account, std::time::Instant::now());
         Ok(())
+    }
+
+    async fn defer_reconcile(
+        &self,
+        account: AccountId,
+        after: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if !inner.accounts.contains_key(&account) {
+            return Err(not_found("account", account));
+        }
+        inner.due_taken.remove(&account);
+        inner
+            .retry_at
+            .insert(account, std::time::Instant::now() + after);
+        Ok(())
+    }
+
+    async fn take_due_retries(
+        &self,
+        holder: &str,
+        lease: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<AccountId>, StoreError> {
+        let now = std::time::Instant::now();
+        let mut inner = self.lock();
+        let mut due: Vec<(std::time::Instant, AccountId)> = inner
+            .retry_at
+            .iter()
+            .filter(|(id, at)| {
+                **at <= now
+                    && inner.accounts.get(id).is_some_and(|(a, _)| a.active)
+                    && inner
+                        .due_taken
+                        .get(id)
+                        .is_none_or(|(_, until)| *until <= now)
+            })
+            .map(|(id, at)| (*at, *id))
+            .collect();
+        due.sort();
+        let taken: Vec<AccountId> = due.into_iter().take(limit).map(|(_, id)| id).collect();
+        for id in &taken {
+            inner
+                .due_taken
+                .insert(*id, (holder.to_owned(), now + lease));
+        }
+        Ok(taken)
     }
 
     async fn claim_legs(&self, claims: &[LegClaim]) -> Result<Vec<bool>, StoreError> {

@@ -617,7 +617,9 @@ pub trait Store: Send + Sync {
     /// longer ago) that no live pass has taken, and marks them taken by
     /// `holder` for `lease`. Concurrent takers never get the same account; an
     /// account taken but not [marked reconciled](Store::mark_reconciled)
-    /// within `lease` (its taker died or failed) is due again. Oldest first.
+    /// within `lease` (its taker died or failed) is due again. An account
+    /// with a [deferred](Store::defer_reconcile) reconciliation is due when
+    /// its retry is, whatever its last reconciliation. Oldest first.
     async fn take_due_accounts(
         &self,
         holder: &str,
@@ -625,9 +627,30 @@ pub trait Store: Send + Sync {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<AccountId>, StoreError>;
-    /// Records that `account` was reconciled just now, ending any take of it:
-    /// it is next due `interval` from now.
+    /// Records that `account` was reconciled just now, ending any take of it
+    /// and any [deferred](Store::defer_reconcile) retry: it is next due
+    /// `interval` from now.
     async fn mark_reconciled(&self, account: AccountId) -> Result<(), StoreError>;
+    /// Records that a pass of `account` left work undone (a protection
+    /// refused or unanswered, an entry unread): it is not marked reconciled,
+    /// and it is due again `after` from now, not before, whatever its last
+    /// reconciliation, for whichever process takes it then
+    /// ([`Store::take_due_retries`], [`Store::take_due_accounts`]), this one
+    /// or another, after a restart too. Ends any take of the account and
+    /// replaces an earlier retry; [`Store::mark_reconciled`] clears it.
+    async fn defer_reconcile(&self, account: AccountId, after: Duration) -> Result<(), StoreError>;
+    /// Takes up to `limit` active accounts whose [deferred](Store::defer_reconcile)
+    /// retry is due and that no live pass has taken, and marks them taken by
+    /// `holder` for `lease`, as [`Store::take_due_accounts`] does: concurrent
+    /// takers never get the same account, and one taken but neither marked
+    /// nor deferred again within `lease` is due again. Accounts only due for
+    /// their periodic reconciliation are not taken. Longest due first.
+    async fn take_due_retries(
+        &self,
+        holder: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<AccountId>, StoreError>;
 
     /// Claims several legs in one durable write (one commit instead of one per
     /// leg); element `i` tells whether `claims[i]` was won. Each leg is won by

@@ -1835,6 +1835,88 @@ async fn due_behaviour(store: &dyn Store, first: AccountId) -> Result<(), SuiteE
         ),
         "marking an unknown account is not found"
     );
+    retry_behaviour(store, first, second, off).await
+}
+
+/// Deferred reconciliations: `first` and `second` active and taken by
+/// `sync-a` for an hour, `off` inactive.
+async fn retry_behaviour(
+    store: &dyn Store,
+    first: AccountId,
+    second: AccountId,
+    off: AccountId,
+) -> Result<(), SuiteError> {
+    use std::time::Duration;
+    let hour = Duration::from_secs(3600);
+    store.mark_reconciled(first).await?;
+    store.mark_reconciled(second).await?;
+    ensure!(
+        store.take_due_retries("sync-a", hour, 10).await?.is_empty(),
+        "no retry pending, none taken"
+    );
+    // A pass of `first` left work undone: due again after the backoff, not before.
+    store
+        .defer_reconcile(first, Duration::from_millis(300))
+        .await?;
+    store.defer_reconcile(off, Duration::ZERO).await?;
+    let early = store.take_due_retries("sync-a", hour, 10).await?;
+    ensure!(
+        early.is_empty(),
+        "a retry is not taken before its time, nor an inactive account's: {early:?}"
+    );
+    let periodic = store
+        .take_due_accounts("sync-a", Duration::ZERO, hour, 10)
+        .await?;
+    ensure!(
+        periodic == [second],
+        "a pending retry holds the account back from the periodic pass too: {periodic:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let retried = loop {
+        let got = store.take_due_retries("sync-b", hour, 10).await?;
+        if !got.is_empty() {
+            break got;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "a deferred account is due once its backoff has passed"
+        );
+        YieldNow::default().await;
+    };
+    ensure!(retried == [first], "only the retry is taken: {retried:?}");
+    let again = store.take_due_retries("sync-c", hour, 10).await?;
+    ensure!(
+        again.is_empty(),
+        "a taken retry is not taken again: {again:?}"
+    );
+    let again = store
+        .take_due_accounts("sync-c", Duration::ZERO, hour, 10)
+        .await?;
+    ensure!(again.is_empty(), "nor by the periodic pass: {again:?}");
+    // The retry left work undone again: a new retry, and the take ends.
+    store.defer_reconcile(first, Duration::ZERO).await?;
+    let due = store.take_due_accounts("sync-c", hour, hour, 10).await?;
+    ensure!(
+        due == [first],
+        "a due retry makes the account due within its interval too: {due:?}"
+    );
+    store.mark_reconciled(first).await?;
+    ensure!(
+        store.take_due_retries("sync-c", hour, 10).await?.is_empty()
+            && store
+                .take_due_accounts("sync-c", hour, hour, 10)
+                .await?
+                .is_empty(),
+        "a reconciliation clears the retry"
+    );
+    let unknown = AccountId(off.0 + 1000);
+    ensure!(
+        matches!(
+            store.defer_reconcile(unknown, Duration::ZERO).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "deferring an unknown account is not found"
+    );
     Ok(())
 }
 

@@ -138,6 +138,7 @@ diesel::table! {
         last_reconciled_at -> Nullable<Timestamptz>,
         taken_by -> Nullable<Text>,
         taken_until -> Nullable<Timestamptz>,
+        retry_at -> Nullable<Timestamptz>,
     }
 }
 

@@ -1814,8 +1814,10 @@ impl Store for PgStore {
                  SELECT d.account_id FROM reconcile_schedule d \
                  JOIN accounts a ON a.id = d.account_id \
                  WHERE a.active \
-                   AND (d.last_reconciled_at IS NULL \
-                        OR d.last_reconciled_at <= now() - $2 * interval '1 millisecond') \
+                   AND (d.retry_at <= now() \
+                        OR d.retry_at IS NULL \
+                           AND (d.last_reconciled_at IS NULL \
+                                OR d.last_reconciled_at <= now() - $2 * interval '1 millisecond')) \
                    AND (d.taken_until IS NULL OR d.taken_until <= now()) \
                  ORDER BY d.last_reconciled_at NULLS FIRST, d.account_id \
                  LIMIT $4 \
@@ -1848,7 +1850,8 @@ impl Store for PgStore {
         let marked = diesel::sql_query(
             "INSERT INTO reconcile_schedule (account_id, last_reconciled_at) VALUES ($1, now()) \
              ON CONFLICT (account_id) DO UPDATE \
-                 SET last_reconciled_at = now(), taken_by = NULL, taken_until = NULL",
+                 SET last_reconciled_at = now(), taken_by = NULL, taken_until = NULL, \
+                     retry_at = NULL",
         )
         .bind::<BigInt, _>(account.0)
         .execute(&mut conn)
@@ -1861,6 +1864,66 @@ impl Store for PgStore {
                 e,
             )),
         }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(account = %account, after_ms = after.as_millis()))]
+    async fn defer_reconcile(&self, account: AccountId, after: Duration) -> Result<(), StoreError> {
+        let after = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+        let mut conn = self.conn().await?;
+        // An upsert, as `mark_reconciled`; the take ends, so that the retry,
+        // not the lease, says when the account is due.
+        let deferred = diesel::sql_query(
+            "INSERT INTO reconcile_schedule (account_id, retry_at) \
+             VALUES ($1, now() + $2 * interval '1 millisecond') \
+             ON CONFLICT (account_id) DO UPDATE \
+                 SET retry_at = EXCLUDED.retry_at, taken_by = NULL, taken_until = NULL",
+        )
+        .bind::<BigInt, _>(account.0)
+        .bind::<BigInt, _>(after)
+        .execute(&mut conn)
+        .await;
+        match deferred {
+            Ok(_) => Ok(()),
+            Err(e) if is_foreign_key(&e) => Err(not_found("account", account)),
+            Err(e) => Err(db(&format!("scheduling the retry of account {account}"), e)),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(holder = holder, limit = limit))]
+    async fn take_due_retries(
+        &self,
+        holder: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<AccountId>, StoreError> {
+        let lease = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let mut conn = self.conn().await?;
+        // As `take_due_accounts`: rows another taker holds are skipped, and a
+        // row taken since the statement's snapshot is re-checked when locked.
+        let mut taken: Vec<i64> = diesel::sql_query(
+            "UPDATE reconcile_schedule s \
+                 SET taken_by = $1, taken_until = now() + $2 * interval '1 millisecond' \
+             WHERE s.account_id IN ( \
+                 SELECT d.account_id FROM reconcile_schedule d \
+                 JOIN accounts a ON a.id = d.account_id \
+                 WHERE d.retry_at <= now() AND a.active \
+                   AND (d.taken_until IS NULL OR d.taken_until <= now()) \
+                 ORDER BY d.retry_at, d.account_id \
+                 LIMIT $3 \
+                 FOR UPDATE OF d SKIP LOCKED) \
+             RETURNING s.account_id",
+        )
+        .bind::<diesel::sql_types::Text, _>(holder)
+        .bind::<BigInt, _>(lease)
+        .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+        .load::<AccountIdRow>(&mut conn)
+        .await
+        .map_err(|e| db(&format!("taking accounts due for a retry for {holder}"), e))?
+        .into_iter()
+        .map(|r| r.account_id)
+        .collect();
+        taken.sort_unstable();
+        Ok(taken.into_iter().map(AccountId).collect())
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(legs = claims.len()))]

@@ -24,7 +24,8 @@ pub struct SyncConfig {
     /// rings ([`crate::Reconciler::flag_bell`]); at most 500 ms so that a
     /// flagged account is reconciled within 2 s even when no ring arrives.
     pub flag_poll: Duration,
-    /// Accounts reconciled in parallel.
+    /// Accounts reconciled in parallel by each of the flag loop and the
+    /// periodic pass; each takes the next account as one is done.
     pub concurrency: usize,
     /// Per-account circuit breaker.
     pub breaker: BreakerConfig,
@@ -51,8 +52,9 @@ pub struct SyncConfig {
     pub retry: RetryConfig,
 }
 
-/// When an account whose pass left work undone is reconciled again, by the
-/// flag loop, before its periodic pass.
+/// When an account whose pass left work undone is due again, before its
+/// periodic pass: recorded in the store (`Store::defer_reconcile`), taken by
+/// whichever sync process polls for it first once the wait has passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryConfig {
     /// First wait after a protection was left incomplete (refused,
@@ -64,8 +66,9 @@ pub struct RetryConfig {
     pub after_errors: Duration,
     /// Longest wait between two retries.
     pub max: Duration,
-    /// Retries of one account before the periodic pass takes it back, so that
-    /// a refusal that persists is not sent again every `max`.
+    /// Retries of one account before it is due only once per `interval`, so
+    /// that a refusal that persists is not sent again every `max`; until its
+    /// open entries change or a pass completes (the count is this process's).
     pub attempts: u32,
 }
 

@@ -56,19 +56,4 @@ impl SyncError {
     pub fn is_auth(&self) -> bool {
         matches!(self.exchange_error(), Some(ExchangeError::Auth(_)))
     }
-
-    /// True for failures that say something about the account's health and
-    /// count towards its breaker: refused keys, and reads that keep failing.
-    /// Rate limits are the node's, store failures the database's, and a
-    /// refusal or a missing order is one entry's business.
-    pub(crate) fn counts_for_breaker(&self) -> bool {
-        matches!(
-            self.exchange_error(),
-            Some(
-                ExchangeError::Auth(_)
-                    | ExchangeError::Transient(_)
-                    | ExchangeError::UnknownOutcome(_)
-            )
-        )
-    }
 }

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{self, FuturesUnordered, StreamExt};
 use oco_core::ids::OrderRole;
 use oco_core::model::Protection;
 use oco_core::ports::{ApiCredentials, OrderListSnapshot, event};
@@ -182,11 +182,12 @@ pub struct Reconciler {
     breakers: Breakers,
     metrics: Metrics,
     busy: Mutex<HashSet<AccountId>>,
-    /// Accounts left with an incomplete protection (refused, unanswered) or
-    /// an entry that could not be read: retried by the flag loop after a
-    /// backoff, not an interval later. Per account: attempts so far and when
-    /// the next one is due.
-    retries: Mutex<HashMap<AccountId, (u32, Instant)>>,
+    /// How far the retries of accounts whose passes left work undone have
+    /// gone. When the next one is due lives in the store
+    /// (`Store::defer_reconcile`), where it outlives this process and any
+    /// sync process takes it; this process keeps only the count behind the
+    /// backoff.
+    retries: Mutex<HashMap<AccountId, RetryState>>,
     /// Rung when an account was flagged: the flag loop takes flags at once
     /// instead of at its next poll.
     flag_bell: Arc<Notify>,
@@ -218,6 +219,41 @@ enum Retry {
     Protection,
     /// A read failed (an entry's or the account's).
     Errors,
+}
+
+impl Retry {
+    /// What the pass that produced `report` left undone.
+    fn of(report: &AccountReport) -> Retry {
+        if !report.entry_errors.is_empty() {
+            Retry::Errors
+        } else if report.protections.iter().any(|(_, o)| {
+            matches!(
+                o,
+                ProtectOutcome::Failed { .. }
+                    | ProtectOutcome::Pending { .. }
+                    // A claimant in flight may have died: its claim is
+                    // looked up once stale (the claim timeout).
+                    | ProtectOutcome::Nothing(Idle::InFlight | Idle::Busy)
+            )
+        }) {
+            Retry::Protection
+        } else {
+            Retry::No
+        }
+    }
+}
+
+/// What an account's open entries were when its retries ran out: while they
+/// stay so, the account is retried once per interval only.
+type EntryFacts = Vec<(EntryId, EntryStatus, Qty)>;
+
+/// How far an account's retries have gone.
+#[derive(Debug, Default)]
+struct RetryState {
+    /// Retries scheduled since its last complete pass.
+    attempts: u32,
+    /// Set when the retries ran out: the account's open entries then.
+    exhausted: Option<EntryFacts>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -325,9 +361,11 @@ impl Reconciler {
         self.breakers.open()
     }
 
-    /// Runs until `shutdown` completes: flagged accounts are taken whenever
-    /// the [`Reconciler::flag_bell`] rings, and polled every `flag_poll` from
-    /// the start in case a ring was missed; after `startup_delay`, accounts due for
+    /// Runs until `shutdown` completes: flagged accounts, then accounts whose
+    /// retry is due, are taken whenever the [`Reconciler::flag_bell`] rings
+    /// or one of the flag loop's accounts is done, and polled every
+    /// `flag_poll` from the start in case a ring was missed, up to
+    /// `concurrency` in flight; after `startup_delay`, accounts due for
     /// their periodic reconciliation are polled every `due_poll` (at most
     /// `interval`) and reconciled by [`Reconciler::due_pass`], so each
     /// account is reconciled about once per `interval` by one of the sync
@@ -358,61 +396,47 @@ impl Reconciler {
             }
         };
         let flagged = async {
-            let mut retry = BTreeSet::new();
+            let slots = self.config.concurrency.max(1);
+            // Accounts flagged while another task of this process had them.
+            let mut reruns = BTreeSet::new();
+            // Accounts run as they come, each slot refilled as soon as its
+            // account is done: one slow account (many entries paced by its
+            // order budget) must not hold up the flags behind it.
+            let mut running = FuturesUnordered::new();
             let mut ticker = tokio::time::interval(self.config.flag_poll);
             ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}
                     () = self.flag_bell.notified() => {}
+                    Some((id, result)) = running.next() => {
+                        flagged_done(id, result, &mut reruns);
+                    }
                 }
-                let batch = self.config.concurrency.max(1) * 4;
-                let mut ids: Vec<AccountId> = std::mem::take(&mut retry).into_iter().collect();
-                // Flags first: a fresh gap must not wait behind a crowd of retries.
-                match self.store.take_flagged(batch).await {
-                    Ok(taken) => {
-                        // A full batch may leave flags behind (a failover flags
-                        // every account of a gateway): take again at once.
-                        if taken.len() == batch {
-                            self.flag_bell.notify_one();
-                        }
-                        self.metrics.flagged(taken.len());
-                        for id in taken {
-                            if !ids.contains(&id) {
-                                ids.push(id);
-                            }
+                let free = slots.saturating_sub(running.len());
+                if free == 0 {
+                    continue;
+                }
+                let mut ids = take_reruns(&lock(&self.busy), &mut reruns, free);
+                let take = self.take_flag_work(free - ids.len());
+                tokio::pin!(take);
+                // The accounts in flight are polled while the store is asked:
+                // one holding a pooled connection must not stall the take.
+                let taken = loop {
+                    tokio::select! {
+                        taken = &mut take => break taken,
+                        Some((id, result)) = running.next() => {
+                            flagged_done(id, result, &mut reruns);
                         }
                     }
-                    Err(err) => warn!(error = %err, "taking flagged accounts failed"),
-                }
-                for id in self.due_retries(batch.saturating_sub(ids.len())) {
+                };
+                for id in taken {
                     if !ids.contains(&id) {
                         ids.push(id);
                     }
                 }
-                if ids.is_empty() {
-                    continue;
-                }
-                for (id, result) in urgent(self.reconcile_many(ids)).await {
-                    match result {
-                        // Being reconciled by the full pass, which may have read the
-                        // account before the flag's cause: go again once it is done.
-                        Err(SyncError::InProgress { .. }) => {
-                            retry.insert(id);
-                        }
-                        // An open breaker reports the account and paces its retries itself.
-                        Err(err @ SyncError::BreakerOpen { .. }) => {
-                            debug!(account = %id, error = %err, "flagged account not reconciled")
-                        }
-                        // The flag was taken and the work not done: the account is
-                        // retried after a backoff (`schedule_retry`) rather than at the
-                        // next full pass. Errors that persist open the breaker, which
-                        // ends the retries.
-                        Err(err) => {
-                            warn!(account = %id, error = %err, "flagged account not reconciled, retrying after a backoff");
-                        }
-                        Ok(_) => debug!(account = %id, "flagged account reconciled"),
-                    }
+                for id in ids {
+                    running.push(self.reconcile_urgent(id));
                 }
             }
         };
@@ -446,41 +470,70 @@ impl Reconciler {
 
     /// The periodic pass, shared with every other sync process on the store:
     /// takes the accounts due (`Store::take_due_accounts`: last reconciled
-    /// `interval` ago or never, not taken by a live pass) `concurrency` at a
-    /// time, reconciles them, and marks each one reconciled, until none is
-    /// due. Several processes running it at once split the accounts; an
-    /// account a process took and did not finish (it died, or the account
-    /// failed) is due again after `pass_lease`.
+    /// `interval` ago or never, or whose retry is due, and not taken by a
+    /// live pass), reconciles up to `concurrency` at a time, taking the next
+    /// as each one is done, and marks each one reconciled (or, when its pass
+    /// left work undone, due again after a backoff), until none is due.
+    /// Several processes running it at once split the accounts; an account a
+    /// process took and did not finish (it died) is due again after
+    /// `pass_lease`.
     ///
     /// # Errors
-    /// [`SyncError::Store`] when due accounts cannot be taken; each account's
-    /// own failure is in the report.
+    /// [`SyncError::Store`] when due accounts cannot be taken (the accounts
+    /// already taken are reconciled first); each account's own failure is in
+    /// the report.
     pub async fn due_pass(&self) -> Result<PassReport, SyncError> {
         let started = Instant::now();
         let weight_before = self.meter.total();
+        let slots = self.config.concurrency.max(1);
         let mut report = PassReport::new(0);
         let mut seen = HashSet::new();
+        let mut running = FuturesUnordered::new();
+        let mut taking = true;
+        let mut failure = None;
         loop {
-            let ids = self
-                .store
-                .take_due_accounts(
+            let free = slots.saturating_sub(running.len());
+            if taking && free > 0 {
+                let take = self.store.take_due_accounts(
                     &self.config.holder,
                     self.config.interval,
                     self.config.pass_lease,
-                    self.config.concurrency.max(1),
-                )
-                .await?;
-            if ids.is_empty() {
-                break;
+                    free,
+                );
+                tokio::pin!(take);
+                // The accounts in flight are polled while the store is asked:
+                // one holding a pooled connection must not stall the take.
+                let taken = loop {
+                    tokio::select! {
+                        taken = &mut take => break taken,
+                        Some((id, result)) = running.next() => report.add(vec![(id, result)]),
+                    }
+                };
+                match taken {
+                    Ok(ids) => {
+                        // Fewer than asked: none other is due now. An account
+                        // due again within the same pass (an interval shorter
+                        // than the pass) ends it too: the next poll goes on.
+                        taking = ids.len() == free;
+                        for id in ids {
+                            taking &= seen.insert(id);
+                            running.push(self.reconcile_tagged(id));
+                        }
+                        report.accounts = seen.len();
+                    }
+                    Err(err) => {
+                        taking = false;
+                        failure = Some(err);
+                    }
+                }
             }
-            // An account due again within the same pass (an interval shorter than
-            // the pass) ends it: the next poll goes on.
-            let repeated = ids.iter().any(|id| !seen.insert(*id));
-            report.accounts = seen.len();
-            report.add(self.reconcile_many(ids).await);
-            if repeated {
-                break;
+            match running.next().await {
+                Some((id, result)) => report.add(vec![(id, result)]),
+                None => break,
             }
+        }
+        if let Some(err) = failure {
+            return Err(err.into());
         }
         report.reconciled.sort_by_key(|r| r.account);
         report.weight_used = self.meter.total() - weight_before;
@@ -502,6 +555,62 @@ impl Reconciler {
             .await
     }
 
+    /// [`Reconciler::reconcile_exclusive`], with the account's id.
+    async fn reconcile_tagged(
+        &self,
+        account: AccountId,
+    ) -> (AccountId, Result<AccountReport, SyncError>) {
+        (account, self.reconcile_exclusive(account).await)
+    }
+
+    /// [`Reconciler::reconcile_tagged`] as urgent work (see [`urgent`]).
+    async fn reconcile_urgent(
+        &self,
+        account: AccountId,
+    ) -> (AccountId, Result<AccountReport, SyncError>) {
+        urgent(self.reconcile_tagged(account)).await
+    }
+
+    /// Up to `limit` accounts for the flag loop from the store: flagged
+    /// accounts, then accounts whose retry is due (`Store::take_due_retries`,
+    /// whichever process scheduled it). Flags before retries: a fresh gap
+    /// must not wait behind a crowd of retries. Flags left in the store are
+    /// taken as slots free up, or by another sync process.
+    async fn take_flag_work(&self, limit: usize) -> Vec<AccountId> {
+        let mut ids = Vec::new();
+        if limit == 0 {
+            return ids;
+        }
+        match self.store.take_flagged(limit).await {
+            Ok(taken) => {
+                self.metrics.flagged(taken.len());
+                ids = taken;
+            }
+            Err(err) => warn!(error = %err, "taking flagged accounts failed"),
+        }
+        if ids.len() < limit {
+            match self
+                .store
+                .take_due_retries(
+                    &self.config.holder,
+                    self.config.pass_lease,
+                    limit - ids.len(),
+                )
+                .await
+            {
+                Ok(taken) => {
+                    for id in taken {
+                        if !ids.contains(&id) {
+                            ids.push(id);
+                        }
+                    }
+                }
+                Err(err) => warn!(error = %err, "taking accounts due for a retry failed"),
+            }
+        }
+        ids
+    }
+
     async fn reconcile_exclusive(&self, account: AccountId) -> Result<AccountReport, SyncError> {
         if !lock(&self.busy).insert(account) {
             return Err(SyncError::InProgress { account });
@@ -514,74 +623,114 @@ impl Reconciler {
         }
         let _release = Release(&self.busy, account);
         let result = self.reconcile_account(account).await;
-        match &result {
-            Ok(report) => {
-                // Whichever trigger ran it, the account is next due an interval from now.
-                if let Err(err) = self.store.mark_reconciled(account).await {
-                    warn!(account = %account, error = %err, "could not record the reconciliation");
-                }
-                let retry = if !report.entry_errors.is_empty() {
-                    Retry::Errors
-                } else if report.protections.iter().any(|(_, o)| {
-                    matches!(
-                        o,
-                        ProtectOutcome::Failed { .. }
-                            | ProtectOutcome::Pending { .. }
-                            // A claimant in flight may have died: its claim is
-                            // looked up once stale (the claim timeout).
-                            | ProtectOutcome::Nothing(Idle::InFlight | Idle::Busy)
-                    )
-                }) {
-                    Retry::Protection
-                } else {
-                    Retry::No
-                };
-                self.schedule_retry(account, retry);
-            }
-            // An open breaker paces the account's attempts itself.
-            Err(SyncError::BreakerOpen { .. }) => self.schedule_retry(account, Retry::No),
-            // Not marked reconciled: the periodic pass also finds it due (after a crash too).
-            Err(_) => self.schedule_retry(account, Retry::Errors),
-        }
+        // Still busy: no other pass of the account can race this record.
+        self.follow_up(account, &result).await;
         result
     }
 
-    /// Schedules the account's next attempt, with a backoff, when its pass
-    /// left work undone; forgets it once a pass completes, and after the
-    /// configured attempts (the periodic pass goes on from there).
-    fn schedule_retry(&self, account: AccountId, retry: Retry) {
-        let mut retries = lock(&self.retries);
-        let first = match retry {
-            Retry::No => {
-                retries.remove(&account);
+    /// Records in the store, for every sync process, when the account is
+    /// next due after a pass, whichever trigger ran it: a complete pass marks
+    /// it reconciled (due an interval from now); a pass that left work
+    /// undone is not a reconciliation, and defers it by a backoff; a pass an
+    /// open breaker skipped defers it until the breaker lets a trial pass
+    /// through, so that a flag taken meanwhile is not lost.
+    async fn follow_up(&self, account: AccountId, result: &Result<AccountReport, SyncError>) {
+        let retry = match result {
+            Ok(report) => Retry::of(report),
+            Err(SyncError::BreakerOpen { retry_in, .. }) => {
+                self.defer(account, *retry_in).await;
                 return;
             }
-            Retry::Protection => self.config.retry.after_protection,
-            Retry::Errors => self.config.retry.after_errors,
+            // Another task has the account and records its own pass.
+            Err(SyncError::InProgress { .. }) => return,
+            Err(_) => Retry::Errors,
         };
-        let attempts = retries.get(&account).map_or(0, |(n, _)| *n);
-        if attempts >= self.config.retry.attempts {
-            warn!(account = %account, attempts, "account still incomplete after its retries; left to the periodic pass");
-            retries.remove(&account);
+        if retry == Retry::No {
+            lock(&self.retries).remove(&account);
+            if let Err(err) = self.store.mark_reconciled(account).await {
+                warn!(account = %account, error = %err, "could not record the reconciliation");
+            }
             return;
+        }
+        let wait = self.backoff(account, retry).await;
+        self.defer(account, wait).await;
+    }
+
+    /// The wait before the account's next attempt after a pass that left
+    /// work undone: the configured backoff, doubling per attempt; once the
+    /// attempts ran out, the interval, until the account's open entries
+    /// change (a new entry, a fill, a status), when the backoff starts over.
+    /// Without that memory each periodic pass of an account whose error
+    /// persists (an entry the exchange no longer knows) would start a new
+    /// series of retries.
+    async fn backoff(&self, account: AccountId, retry: Retry) -> Duration {
+        let first = match retry {
+            Retry::Protection => self.config.retry.after_protection,
+            Retry::Errors | Retry::No => self.config.retry.after_errors,
+        };
+        let exhausted = lock(&self.retries)
+            .get(&account)
+            .and_then(|s| s.exhausted.clone());
+        if let Some(then) = exhausted {
+            // Unread counts as unchanged: a failing store is no reason to retry faster.
+            match self.entry_facts(account).await {
+                Some(now) if now != then => {
+                    debug!(account = %account, "entries changed, retrying the account again");
+                    lock(&self.retries).remove(&account);
+                }
+                _ => return self.config.interval,
+            }
+        }
+        let attempts = lock(&self.retries).get(&account).map_or(0, |s| s.attempts);
+        if attempts >= self.config.retry.attempts {
+            warn!(account = %account, attempts, "account still incomplete after its retries; retried once per interval until its entries change");
+            let facts = self.entry_facts(account).await.unwrap_or_default();
+            lock(&self.retries).insert(
+                account,
+                RetryState {
+                    attempts,
+                    exhausted: Some(facts),
+                },
+            );
+            return self.config.interval;
         }
         let wait = first
             .saturating_mul(1 << attempts.min(16))
             .min(self.config.retry.max);
         debug!(account = %account, attempts, wait_ms = wait.as_millis(), "pass incomplete, retrying the account");
-        retries.insert(account, (attempts + 1, Instant::now() + wait));
+        lock(&self.retries).insert(
+            account,
+            RetryState {
+                attempts: attempts + 1,
+                exhausted: None,
+            },
+        );
+        wait
     }
 
-    /// At most `limit` accounts whose retry is due now, the longest due first.
-    fn due_retries(&self, limit: usize) -> Vec<AccountId> {
-        let now = Instant::now();
-        let mut due: Vec<(Instant, AccountId)> = lock(&self.retries)
-            .iter()
-            .filter(|(_, (_, at))| *at <= now)
-            .map(|(id, (_, at))| (*at, *id))
-            .collect();
-        due.sort_unstable();
-        due.into_iter().take(limit).map(|(_, id)| id).collect()
+    /// The account's open entries as far as its retries care (`None`: unread).
+    async fn entry_facts(&self, account: AccountId) -> Option<EntryFacts> {
+        match self.store.open_entries(account).await {
+            Ok(entries) => {
+                let mut facts: EntryFacts = entries
+                    .iter()
+                    .map(|e| (e.id, e.status, e.executed_qty))
+                    .collect();
+                facts.sort_by_key(|f| f.0);
+                Some(facts)
+            }
+            Err(err) => {
+                debug!(account = %account, error = %err, "open entries unread");
+                None
+            }
+        }
+    }
+
+    /// Makes the account due again `after` from now, in the store.
+    async fn defer(&self, account: AccountId, after: Duration) {
+        if let Err(err) = self.store.defer_reconcile(account, after).await {
+            warn!(account = %account, error = %err, "could not schedule the account's retry; it is due again when its take or its interval runs out");
+        }
     }
 
     /// Reconciles one account: its open entries against the exchange, with
@@ -607,13 +756,13 @@ impl Reconciler {
             .instrument(info_span!("sync_account", account = %account))
             .await;
         let failure = match &result {
-            Ok(report) => {
+            // An error of one entry (its lookup, its protection) is that
+            // entry's, reported and retried: counted, it would keep the
+            // account's other entries from being reconciled while open.
+            // Account-wide failures (refused keys, the store) end the pass.
+            Ok(_) => {
                 self.metrics.reconciled();
-                report
-                    .entry_errors
-                    .iter()
-                    .map(|(_, e)| e)
-                    .find(|e| e.counts_for_breaker())
+                None
             }
             Err(err) => {
                 self.metrics.failed();
@@ -1093,6 +1242,50 @@ impl Reconciler {
                 other => return other,
             }
         }
+    }
+}
+
+/// Up to `limit` of the accounts whose flag came while another task had them,
+/// those no task has now; the rest stay.
+fn take_reruns(
+    busy: &HashSet<AccountId>,
+    reruns: &mut BTreeSet<AccountId>,
+    limit: usize,
+) -> Vec<AccountId> {
+    let mut ids = Vec::new();
+    reruns.retain(|id| {
+        if ids.len() < limit && !busy.contains(id) {
+            ids.push(*id);
+            false
+        } else {
+            true
+        }
+    });
+    ids
+}
+
+/// Handles a flag loop's account that is done.
+fn flagged_done(
+    id: AccountId,
+    result: Result<AccountReport, SyncError>,
+    reruns: &mut BTreeSet<AccountId>,
+) {
+    match result {
+        // Being reconciled by the full pass, which may have read the account
+        // before the flag's cause: go again once it is done.
+        Err(SyncError::InProgress { .. }) => {
+            reruns.insert(id);
+        }
+        // Due again in the store when the breaker lets a trial pass through.
+        Err(err @ SyncError::BreakerOpen { .. }) => {
+            debug!(account = %id, error = %err, "flagged account not reconciled, breaker open")
+        }
+        // Due again in the store after a backoff; errors that persist open
+        // the breaker, which then paces the account.
+        Err(err) => {
+            warn!(account = %id, error = %err, "flagged account not reconciled, retrying after a backoff");
+        }
+        Ok(_) => debug!(account = %id, "flagged account reconciled"),
     }
 }
 

@@ -824,3 +824,74 @@ async fn a_stray_list_is_reported_with_its_leg_state_noted_once_and_left_on_the_
     assert_eq!(stray_events(&events).len(), 1, "{events:?}");
     assert_eq!(t.executing_lists("k1"), before);
 }
+
+/// A pass that leaves a protection undone (the exchange answers 503 to the
+/// lists) is not recorded as a reconciliation: its retry is kept in the
+/// store, so after the process is gone another one takes the account once
+/// the backoff has passed, not an interval later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_left_by_a_pass_whose_lists_failed_outlives_its_process() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let entry = t.sent_entry(&a, None, dec!(0.01)).await;
+    t.ctl.fail_requests(exchange_sim::RequestFault {
+        method: Some("POST".into()),
+        path_prefix: "/api/v3/orderList".into(),
+        count: 2,
+        when: exchange_sim::FaultWhen::Before,
+        outcome: exchange_sim::FaultOutcome::Status(503),
+    });
+    let backoff = Duration::from_secs(2);
+    // The 503s leave the lists' outcome unknown: a claim that old is looked
+    // up and, not found, placed again by the next pass.
+    let reconciler = |c: SyncConfig| {
+        let mut protector = ProtectorConfig::new(t.ids.clone());
+        protector.claim_timeout = backoff;
+        Reconciler::wired(
+            t.exchange.clone(),
+            t.store.clone(),
+            Arc::new(SystemClock),
+            protector,
+            c,
+        )
+    };
+    let mut c = shared_config("sync-gone");
+    c.retry.after_protection = backoff;
+    let gone = reconciler(c);
+    let report = gone.due_pass().await.unwrap();
+    let outcome = report.reconciled[0].outcome(entry).cloned();
+    assert!(
+        matches!(
+            outcome,
+            Some(ProtectOutcome::Failed { .. } | ProtectOutcome::Pending { .. })
+        ),
+        "the lists were refused: {report:?}"
+    );
+    let failed_at = std::time::Instant::now();
+    assert_eq!(t.open_lists("k1"), 0);
+    // The process restarts: its memory is gone.
+    drop(gone);
+
+    let next = reconciler(shared_config("sync-next"));
+    let deadline = failed_at + Duration::from_secs(15);
+    let mut taken_at = None;
+    while !is_protected_by_sync(&t.protection(entry).await) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not protected; the account was taken again after {:?}",
+            taken_at.map(|at: std::time::Instant| at.duration_since(failed_at))
+        );
+        let pass = next.due_pass().await.unwrap();
+        if taken_at.is_none() && reconciled(&pass).contains(&a.id) {
+            taken_at = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = taken_at.unwrap().duration_since(failed_at);
+    assert!(
+        waited >= backoff - Duration::from_millis(100),
+        "due again before the backoff: {waited:?}"
+    );
+    assert!(is_protected_by_sync(&t.protection(entry).await));
+    assert_eq!(t.open_lists("k1"), 2);
+}

@@ -602,3 +602,35 @@ async fn legs_short_of_the_position_after_a_manual_sell_are_not_replaced_every_p
         Protection::Protected { .. }
     ));
 }
+
+/// One entry whose lookup keeps failing is that entry's business: it does
+/// not open the account's breaker, and the account's other entries are still
+/// protected.
+#[tokio::test]
+async fn an_error_of_one_entry_does_not_open_the_accounts_breaker() {
+    let w = world();
+    let a = w.account("k1").await;
+    let stuck = w
+        .sent_entry(&a, EntryKind::Limit { price: p(dec!(90)) }, dec!(1))
+        .await;
+    let client_id = w.store.entry(stuck).await.unwrap().client_id;
+    w.exchange.fail_queries_of(
+        client_id.as_str(),
+        ExchangeError::Transient("connection reset".into()),
+    );
+    let mut c = config();
+    c.breaker.failures_to_open = 2;
+    let sync = w.reconciler(c);
+    for _ in 0..3 {
+        let r = sync.reconcile_account(a.id).await.unwrap();
+        assert_eq!(r.entry_errors.len(), 1, "{r:?}");
+    }
+    assert!(
+        sync.open_breakers().is_empty(),
+        "{:?}",
+        sync.open_breakers()
+    );
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(placed(r.outcome(id)), "{r:?}");
+}

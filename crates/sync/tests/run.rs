@@ -347,3 +347,193 @@ async fn a_refusal_that_persists_is_retried_a_bounded_number_of_times() {
         "retries stop after the configured attempts"
     );
 }
+
+/// An account with many entries to protect under a tight order budget takes
+/// a while; a flag of another account set meanwhile is not held up by it.
+#[tokio::test]
+async fn a_slow_account_does_not_hold_up_the_flag_of_another() {
+    let w = world();
+    let slow = w.account("slow").await;
+    for _ in 0..4 {
+        w.sent_entry(&slow, EntryKind::Market, dec!(0.1)).await;
+    }
+    let quick = w.account("quick").await;
+    let mut c = flags_only(Duration::from_millis(50));
+    // One protection (two lists, four orders at most) per account per 10 s:
+    // the slow account's pass takes 30 s.
+    c.order_budget_per_10s = 4;
+    let sync = w.reconciler(c);
+    let (slow_started, quick_protected) = while_running(&sync, async {
+        w.store
+            .flag_reconcile(slow.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        let slow_started = wait_until(Duration::from_secs(2), || async {
+            w.open_qty("slow") > dec!(0)
+        })
+        .await;
+        let id = w.sent_entry(&quick, EntryKind::Market, dec!(1)).await;
+        w.store
+            .flag_reconcile(quick.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        (
+            slow_started,
+            protected_within(&w, id, Duration::from_secs(2)).await,
+        )
+    })
+    .await;
+    assert!(slow_started, "the slow account's pass began");
+    assert!(
+        quick_protected,
+        "the other account's flag waited behind the slow account"
+    );
+    assert!(
+        w.open_qty("slow") < dec!(0.4),
+        "the slow pass was still going"
+    );
+}
+
+/// A flag taken while the account's breaker is open is not dropped: the
+/// account is reconciled once the breaker lets a trial pass through.
+#[tokio::test]
+async fn a_flag_taken_while_the_breaker_is_open_is_reconciled_when_it_closes() {
+    let w = world();
+    let a = w.account("k1").await;
+    let mut c = flags_only(Duration::from_millis(50));
+    c.breaker.open_for = Duration::from_millis(800);
+    let sync = w.reconciler(c);
+    // A resting entry: a pass has something to ask the exchange.
+    w.sent_entry(&a, EntryKind::Limit { price: p(dec!(90)) }, dec!(1))
+        .await;
+    let (opened, protected) = while_running(&sync, async {
+        // Refused keys open the breaker at once.
+        w.exchange.revoke("k1");
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        let opened = wait_until(Duration::from_secs(2), || async {
+            !sync.open_breakers().is_empty()
+        })
+        .await;
+        // The keys work again; a fill comes and is flagged while the breaker is open.
+        w.exchange.restore("k1");
+        let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        (
+            opened,
+            protected_within(&w, id, Duration::from_secs(4)).await,
+        )
+    })
+    .await;
+    assert!(opened, "the refused keys opened the breaker");
+    assert!(protected, "the flag was dropped by the open breaker");
+    assert!(sync.open_breakers().is_empty(), "the trial pass closed it");
+    assert_eq!(sync.metrics().passes, 0, "no full pass ran");
+}
+
+/// An acknowledged entry the exchange no longer knows is an error that
+/// persists: after its retries the account is left to one pass per
+/// interval, not a new series of retries every interval.
+#[tokio::test]
+async fn an_account_whose_retries_ran_out_is_not_retried_again_every_interval() {
+    let w = world();
+    let a = w.account("k1").await;
+    forgotten_entry(&w, &a).await;
+    let mut c = config();
+    c.startup_delay = Duration::ZERO;
+    c.interval = Duration::from_millis(400);
+    c.due_poll = Duration::from_millis(20);
+    c.flag_poll = Duration::from_millis(20);
+    c.retry.after_errors = Duration::from_millis(20);
+    c.retry.max = Duration::from_millis(40);
+    c.retry.attempts = 2;
+    let sync = w.reconciler(c);
+    let (early, late) = while_running(&sync, async {
+        // The first pass and its two retries take about 100 ms.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let early = w.exchange.calls("k1", "query_order");
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        (early, w.exchange.calls("k1", "query_order") - early)
+    })
+    .await;
+    assert!(early >= 3, "the first pass and its retries ran: {early}");
+    // Five intervals: one pass each, and some slack for a slow machine.
+    assert!(
+        late <= 7,
+        "{late} passes in 2 s: the retries started again every interval"
+    );
+    assert!(
+        late >= 3,
+        "the account is still reconciled every interval: {late}"
+    );
+}
+
+/// Once the retries ran out, a change of the account's entries (a new one)
+/// starts them again.
+#[tokio::test]
+async fn ran_out_retries_start_again_when_the_entries_change() {
+    let w = world();
+    let a = w.account("k1").await;
+    forgotten_entry(&w, &a).await;
+    let mut c = flags_only(Duration::from_millis(20));
+    c.retry.after_errors = Duration::from_millis(20);
+    c.retry.max = Duration::from_millis(40);
+    c.retry.attempts = 2;
+    let sync = w.reconciler(c);
+    let calls = || w.exchange.calls("k1", "query_order");
+    let (first, unchanged, changed) = while_running(&sync, async {
+        let flag = || async {
+            w.store
+                .flag_reconcile(a.id, "stream gap", w.clock.now())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        flag().await;
+        let first = calls();
+        flag().await;
+        let unchanged = calls() - first;
+        w.sent_entry(&a, EntryKind::Limit { price: p(dec!(90)) }, dec!(1))
+            .await;
+        let before = calls();
+        flag().await;
+        (first, unchanged, calls() - before)
+    })
+    .await;
+    assert_eq!(first, 3, "the flagged pass and two retries");
+    assert_eq!(unchanged, 1, "nothing changed: the flag's pass alone");
+    // Each pass looks up both entries: the flagged pass and two retries.
+    assert_eq!(changed, 6, "a new entry starts the retries again");
+}
+
+/// An entry the exchange acknowledged once and no longer knows: every pass
+/// reports it as an entry error.
+async fn forgotten_entry(w: &World, a: &Acct) -> oco_core::EntryId {
+    let id = w
+        .sent_entry(a, EntryKind::Limit { price: p(dec!(90)) }, dec!(1))
+        .await;
+    let entry = w.store.entry(id).await.unwrap();
+    w.store
+        .record_evidence(
+            id,
+            &oco_core::Evidence {
+                order_id: Some(1),
+                status: oco_core::EntryStatus::New,
+                executed_qty: oco_core::Qty::ZERO,
+                cumulative_quote: rust_decimal::Decimal::ZERO,
+                fills: Vec::new(),
+                holding: None,
+                observed_at: w.clock.now(),
+            },
+        )
+        .await
+        .unwrap();
+    w.exchange
+        .fail_queries_of(entry.client_id.as_str(), oco_core::ExchangeError::NotFound);
+    id
+}

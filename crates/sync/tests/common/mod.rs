@@ -46,6 +46,7 @@ pub struct TestExchange {
     pub fake: Arc<FakeExchange>,
     revoked: Mutex<HashSet<String>>,
     fail_open_lists: Mutex<(u32, Option<ExchangeError>)>,
+    fail_queries_of: Mutex<HashMap<String, ExchangeError>>,
     query_without_fills: AtomicBool,
     calls: Mutex<HashMap<(String, &'static str), usize>>,
 }
@@ -56,6 +57,7 @@ impl TestExchange {
             fake,
             revoked: Mutex::new(HashSet::new()),
             fail_open_lists: Mutex::new((0, None)),
+            fail_queries_of: Mutex::new(HashMap::new()),
             query_without_fills: AtomicBool::new(false),
             calls: Mutex::new(HashMap::new()),
         }
@@ -63,6 +65,19 @@ impl TestExchange {
 
     pub fn revoke(&self, api_key: &str) {
         self.revoked.lock().unwrap().insert(api_key.to_owned());
+    }
+
+    /// Undoes [`Self::revoke`].
+    pub fn restore(&self, api_key: &str) {
+        self.revoked.lock().unwrap().remove(api_key);
+    }
+
+    /// Every lookup of the order `client_id` fails with `error`.
+    pub fn fail_queries_of(&self, client_id: &str, error: ExchangeError) {
+        self.fail_queries_of
+            .lock()
+            .unwrap()
+            .insert(client_id.to_owned(), error);
     }
 
     /// The next `times` open-list reads fail with `error`.
@@ -142,6 +157,9 @@ impl Exchange for TestExchange {
         client_id: &str,
     ) -> Result<OrderSnapshot, ExchangeError> {
         self.check(creds, "query_order")?;
+        if let Some(err) = self.fail_queries_of.lock().unwrap().get(client_id) {
+            return Err(err.clone());
+        }
         let mut snap = self.fake.query_order(creds, symbol, client_id).await?;
         if self.query_without_fills.load(Ordering::SeqCst) {
             snap.fills.clear();

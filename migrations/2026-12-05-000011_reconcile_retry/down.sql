@@ -1,0 +1,2 @@
+DROP INDEX reconcile_schedule_retry_idx;
+ALTER TABLE reconcile_schedule DROP COLUMN retry_at;
