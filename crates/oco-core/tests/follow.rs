@@ -450,6 +450,17 @@ impl Store for ReadBeforePlaced {
     async fn mark_reconciled(&self, a: AccountId) -> Result<(), StoreError> {
         self.inner.mark_reconciled(a).await
     }
+    async fn defer_reconcile(&self, a: AccountId, after: Duration) -> Result<(), StoreError> {
+        self.inner.defer_reconcile(a, after).await
+    }
+    async fn take_due_retries(
+        &self,
+        h: &str,
+        l: Duration,
+        n: usize,
+    ) -> Result<Vec<AccountId>, StoreError> {
+        self.inner.take_due_retries(h, l, n).await
+    }
     async fn claim_legs(&self, c: &[LegClaim]) -> Result<Vec<bool>, StoreError> {
         self.inner.claim_legs(c).await
     }
