@@ -1,7 +1,9 @@
 //! Request pacing: keeps the used request weight (per IP, i.e. per adapter
 //! instance) and the order counts (per API key) under configured budgets, in
 //! Binance's fixed, aligned windows (1 minute, 10 seconds, 1 day UTC), and
-//! honours `Retry-After` for every request of the instance.
+//! honours `Retry-After`: for every request of the instance after an IP-wide
+//! refusal (request weight, ban), for one key's order placements after that
+//! account's order-count refusal.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -62,6 +64,8 @@ struct State {
     orders_10s: HashMap<String, Counter>,
     orders_1d: HashMap<String, Counter>,
     blocked_until_ms: i64,
+    /// Per API key: no new order before this server time (after a `-1015`).
+    orders_held_until_ms: HashMap<String, i64>,
 }
 
 /// What the pacer decides for a request about to be sent.
@@ -112,6 +116,13 @@ impl Pacer {
         }
         let (ten, day) = (now_ms.div_euclid(TEN_S_MS), now_ms.div_euclid(DAY_MS));
         if let (Some(key), true) = (api_key, orders > 0) {
+            match s.orders_held_until_ms.get(key).copied() {
+                Some(until) if until > now_ms => return Admit::Wait(ms(until - now_ms)),
+                Some(_) => {
+                    s.orders_held_until_ms.remove(key);
+                }
+                None => {}
+            }
             let in_10s = s.orders_10s.get(key).map_or(0, |c| c.current(ten));
             if in_10s > 0 && in_10s.saturating_add(orders) > self.budget.orders_per_10s {
                 return Admit::Wait(ms((ten + 1) * TEN_S_MS - now_ms + 5));
@@ -171,10 +182,23 @@ impl Pacer {
         }
     }
 
-    /// Holds every request until `until_ms` (after a 429/418).
+    /// Holds every request until `until_ms` (after an IP-wide 429/418:
+    /// request weight or a ban, which Binance counts per IP).
     pub fn block_until(&self, until_ms: i64) {
         let mut s = self.lock();
         s.blocked_until_ms = s.blocked_until_ms.max(until_ms);
+    }
+
+    /// Holds the order placements of `api_key` until `until_ms` (after a
+    /// `-1015`). Binance counts unfilled orders per account, so the other
+    /// keys, and this key's reads and cancels, go on.
+    pub fn hold_orders(&self, api_key: &str, until_ms: i64) {
+        let mut s = self.lock();
+        let until = s
+            .orders_held_until_ms
+            .entry(api_key.to_owned())
+            .or_insert(until_ms);
+        *until = (*until).max(until_ms);
     }
 
     /// Current figures at `now_ms`, order counts for `api_key`.
@@ -265,6 +289,27 @@ mod tests {
         assert_eq!(p.snapshot(t, None).used_weight_1m, 8);
         assert!(matches!(p.admit(t, 4, None, 0), Admit::Wait(_)));
         assert_eq!(p.admit(t, 2, None, 0), Admit::Go);
+    }
+
+    #[test]
+    fn an_order_hold_stops_only_that_keys_placements() {
+        let p = pacer(1000, 100);
+        p.hold_orders("a", 50_000);
+        assert_eq!(
+            p.admit(40_000, 1, Some("a"), 2),
+            Admit::Wait(Duration::from_secs(10))
+        );
+        assert_eq!(p.admit(40_000, 1, Some("a"), 0), Admit::Go, "reads go on");
+        assert_eq!(
+            p.admit(40_000, 1, Some("b"), 2),
+            Admit::Go,
+            "other keys go on"
+        );
+        assert_eq!(p.admit(40_000, 1, None, 0), Admit::Go);
+        // A shorter hold learnt later does not shorten it.
+        p.hold_orders("a", 45_000);
+        assert!(matches!(p.admit(46_000, 1, Some("a"), 1), Admit::Wait(_)));
+        assert_eq!(p.admit(50_000, 1, Some("a"), 1), Admit::Go);
     }
 
     #[test]

@@ -218,9 +218,22 @@ impl BinanceExchange {
                 } else {
                     10
                 }));
-                self.inner.pacer.block_until(
-                    self.server_now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX),
-                );
+                let until = self
+                    .server_now_ms()
+                    .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+                match (answer.status, code, call.creds) {
+                    // Too many new orders: Binance counts unfilled orders per
+                    // account, so only this key's placements wait; blocking
+                    // the instance would leave every other account's stops
+                    // unplaced until then (up to the next UTC midnight for
+                    // the daily count).
+                    (429, Some(-1015), Some(creds)) => {
+                        self.inner.pacer.hold_orders(&creds.api_key, until);
+                    }
+                    // Request weight and bans are per IP: every request of
+                    // the instance waits.
+                    _ => self.inner.pacer.block_until(until),
+                }
                 // A 429 is a refusal before execution: waiting and sending
                 // again is safe, even for a placement. A 418 ban is not waited out.
                 if answer.status == 429

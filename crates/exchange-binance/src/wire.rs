@@ -9,7 +9,7 @@ use oco_core::ports::{
     Balance, ExecutionUpdate, ListOrderSnapshot, ListUpdate, OcoAck, OrderListSnapshot,
     OrderSnapshot, Side, StreamEvent,
 };
-use oco_core::symbol::PercentPriceBySide;
+use oco_core::symbol::{MarketLotSize, PercentPriceBySide};
 use oco_core::{
     Asset, EntryStatus, Fill, Millis, Price, Qty, StepSize, Symbol, SymbolRules, TickSize,
 };
@@ -149,6 +149,12 @@ pub enum Filter {
         max_qty: String,
         step_size: String,
     },
+    #[serde(rename = "MARKET_LOT_SIZE", rename_all = "camelCase")]
+    MarketLotSize {
+        min_qty: String,
+        max_qty: String,
+        step_size: String,
+    },
     #[serde(rename = "NOTIONAL", rename_all = "camelCase")]
     Notional {
         min_notional: String,
@@ -185,6 +191,7 @@ impl SymbolInfo {
         let mut tick = None;
         let (mut min_price, mut max_price) = (None, None);
         let mut lot = None;
+        let mut market_lot = None;
         let (mut notional, mut legacy_min_notional, mut max_notional) = (None, None, None);
         let mut percent = None;
         let (mut max_orders, mut max_algo, mut max_lists) = (None, None, None);
@@ -210,6 +217,27 @@ impl SymbolInfo {
                     let min = qty("minQty", min_qty)?;
                     let max = qty("maxQty", max_qty)?;
                     lot = Some((step, min, (!max.is_zero()).then_some(max)));
+                }
+                Filter::MarketLotSize {
+                    min_qty,
+                    max_qty,
+                    step_size,
+                } => {
+                    // Zero disables a bound (BTCUSDT sends stepSize 0 with a
+                    // maxQty of about 128.5).
+                    let non_zero = |field, s| qty(field, s).map(|q| (!q.is_zero()).then_some(q));
+                    let step = match non_zero("MARKET_LOT_SIZE stepSize", step_size)? {
+                        Some(s) => Some(
+                            StepSize::new(s.get())
+                                .map_err(|e| perr(format!("MARKET_LOT_SIZE stepSize: {e}")))?,
+                        ),
+                        None => None,
+                    };
+                    market_lot = Some(MarketLotSize {
+                        min_qty: non_zero("MARKET_LOT_SIZE minQty", min_qty)?,
+                        max_qty: non_zero("MARKET_LOT_SIZE maxQty", max_qty)?,
+                        step,
+                    });
                 }
                 Filter::Notional {
                     min_notional,
@@ -271,6 +299,7 @@ impl SymbolInfo {
             max_num_orders: max_orders,
             max_num_algo_orders: max_algo,
             max_num_order_lists: max_lists,
+            market_lot_size: market_lot,
         })
     }
 }

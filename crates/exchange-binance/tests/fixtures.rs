@@ -139,6 +139,11 @@ fn check(name: &str) -> bool {
             assert_eq!(r.max_num_orders, Some(200));
             assert_eq!(r.max_num_algo_orders, Some(5));
             assert_eq!(r.max_num_order_lists, Some(20));
+            // Market orders stop far below LOT_SIZE's 9000; stepSize and
+            // minQty 0 are disabled, not a zero grid.
+            let m = r.market_lot_size.unwrap();
+            assert_eq!(m.max_qty.unwrap().get(), dec!(128.52621715));
+            assert_eq!((m.min_qty, m.step), (None, None));
         }
         "exchange_info_skeleton.json" => {
             // The official skeleton lists no filters: parsed, but no usable rules.
@@ -174,6 +179,12 @@ fn check(name: &str) -> bool {
             assert_eq!(r.min_notional, dec!(10), "NOTIONAL wins over MIN_NOTIONAL");
             assert_eq!(r.percent_price_by_side.unwrap().ask_down, dec!(0.8));
             assert_eq!(r.max_num_orders, Some(25));
+            let m = r.market_lot_size.unwrap();
+            assert_eq!(
+                (m.min_qty.unwrap().get(), m.max_qty.unwrap().get()),
+                (dec!(0.001), dec!(100000))
+            );
+            assert_eq!(m.step.unwrap().get(), dec!(0.001));
         }
         // ---------------------------------------------------------------- orders
         "order_result_response.json" | "order_query_response.json" => {

@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
-use exchange_sim::{AccountSpec, FaultOutcome, FaultWhen, RequestFault, Sim, SimConfig};
+use exchange_sim::{
+    AccountSpec, FaultOutcome, FaultWhen, RateLimits, RequestFault, Sim, SimConfig,
+};
 use oco_core::model::OrderSize;
 use oco_core::ports::{
     CancelOutcome, Exchange, OcoRequest, OrderRequest, Side, StreamEvent, UserStream,
@@ -403,6 +405,77 @@ async fn a_429_is_waited_out_and_the_request_succeeds() {
     assert!(
         matches!(err, ExchangeError::RateLimited { .. }),
         "held back without asking: {err:?}"
+    );
+}
+
+/// Binance counts unfilled orders per account (`-1015`), request weight per
+/// IP: one account over its order count holds back its own placements only,
+/// never another account's stops, nor its own reads and cancels.
+#[tokio::test]
+async fn an_order_count_refusal_holds_back_only_that_account() {
+    let (sim, ex) = start().await;
+    let a = creds();
+    let b = ApiCredentials {
+        api_key: "binance-test-key-b".into(),
+        secret: SecretString::from("binance-test-secret-b-0123456789"),
+    };
+    sim.control().add_account(AccountSpec::new(
+        b.api_key.clone(),
+        "binance-test-secret-b-0123456789",
+        vec![("USDT".into(), dec!(100000)), ("BTC".into(), dec!(1))],
+    ));
+    // Two orders a day: one OCO. The Retry-After of the daily count runs to
+    // the next UTC midnight, far past the adapter's own patience.
+    sim.control().set_rate_limits(RateLimits {
+        orders_per_day: 2,
+        ..RateLimits::binance()
+    });
+    ex.place_oco(
+        &a,
+        &oco(1, dec!(0.01), dec!(61000), dec!(59000), Some(dec!(58900))),
+    )
+    .await
+    .unwrap();
+    let err = ex
+        .place_oco(
+            &a,
+            &oco(2, dec!(0.01), dec!(61000), dec!(59000), Some(dec!(58900))),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ExchangeError::RateLimited { .. }), "{err:?}");
+
+    let ack = ex
+        .place_oco(
+            &b,
+            &oco(3, dec!(0.01), dec!(61000), dec!(59000), Some(dec!(58900))),
+        )
+        .await;
+    assert!(ack.is_ok(), "another account is not held back: {ack:?}");
+
+    let sent = count_requests(&sim, "/api/v3/orderList/oco");
+    let err = ex
+        .place_oco(
+            &a,
+            &oco(4, dec!(0.01), dec!(61000), dec!(59000), Some(dec!(58900))),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ExchangeError::RateLimited { retry_after } if retry_after > Duration::from_secs(1)),
+        "{err:?}"
+    );
+    assert_eq!(
+        count_requests(&sim, "/api/v3/orderList/oco"),
+        sent,
+        "the held placement never left"
+    );
+    // The held account still reads and cancels.
+    let list = ex.order_list(&a, SYMBOL, "t-L-1").await.unwrap();
+    assert!(list.is_some_and(|l| l.executing));
+    assert_eq!(
+        ex.cancel_order_list(&a, SYMBOL, "t-L-1").await.unwrap(),
+        CancelOutcome::Canceled
     );
 }
 

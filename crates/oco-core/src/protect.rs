@@ -1598,10 +1598,15 @@ impl Protector {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
         };
-        let qty = position.floor_to(rules.step);
-        if rules.check_qty(qty).is_err() {
-            let why = match rules.max_qty {
-                Some(max) if qty > max => format!("over LOT_SIZE maxQty {max}"),
+        // The exit is a MARKET order: MARKET_LOT_SIZE binds it besides
+        // LOT_SIZE, and Binance refuses it (-1013) every time it is sent over
+        // either, while the coins keep no stop.
+        let qty = rules.floor_market_qty(position);
+        if rules.check_qty(qty).is_err() || rules.check_market_qty(qty).is_err() {
+            let market_max = rules.market_lot_size.and_then(|m| m.max_qty);
+            let why = match (rules.max_qty, market_max) {
+                (Some(max), _) if qty > max => format!("over LOT_SIZE maxQty {max}"),
+                (_, Some(max)) if qty > max => format!("over MARKET_LOT_SIZE maxQty {max}"),
                 _ => "too small to exit".to_owned(),
             };
             return self

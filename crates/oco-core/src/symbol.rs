@@ -46,6 +46,18 @@ pub struct PercentPriceBySide {
     pub ask_down: Decimal,
 }
 
+/// `MARKET_LOT_SIZE`: the quantity rules of MARKET orders, which must pass
+/// `LOT_SIZE` too. Binance disables a bound by giving it as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarketLotSize {
+    /// `minQty` (`None`: disabled).
+    pub min_qty: Option<Qty>,
+    /// `maxQty` (`None`: disabled).
+    pub max_qty: Option<Qty>,
+    /// `stepSize` (`None`: disabled).
+    pub step: Option<StepSize>,
+}
+
 /// What the exchange allows on one symbol, typed once from `exchangeInfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SymbolRules {
@@ -79,6 +91,9 @@ pub struct SymbolRules {
     pub max_num_algo_orders: Option<u32>,
     /// `MAX_NUM_ORDER_LISTS`: open order lists per symbol and account.
     pub max_num_order_lists: Option<u32>,
+    /// `MARKET_LOT_SIZE`, when the symbol has it (`None`: MARKET orders
+    /// answer to `LOT_SIZE` alone).
+    pub market_lot_size: Option<MarketLotSize>,
 }
 
 /// A filter a planned order would break.
@@ -107,6 +122,18 @@ pub enum FilterViolation {
         max: Option<Qty>,
         /// Grid.
         step: StepSize,
+    },
+    /// A MARKET order's quantity out of `MARKET_LOT_SIZE`.
+    #[error("quantity {qty} is outside MARKET_LOT_SIZE [{min:?}, {max:?}] or off step {step:?}")]
+    MarketLotSize {
+        /// The quantity.
+        qty: Qty,
+        /// Lower bound.
+        min: Option<Qty>,
+        /// Upper bound.
+        max: Option<Qty>,
+        /// Grid.
+        step: Option<StepSize>,
     },
     /// `price × qty` out of `NOTIONAL`.
     #[error("notional {notional} is outside NOTIONAL [{min}, {max:?}]")]
@@ -196,6 +223,39 @@ impl SymbolRules {
                 max: self.max_qty,
                 step: self.step,
             })
+        }
+    }
+
+    /// Checks the quantity of a MARKET order against `MARKET_LOT_SIZE` (its
+    /// `LOT_SIZE` check is [`SymbolRules::check_qty`]).
+    ///
+    /// # Errors
+    /// The violated filter.
+    pub fn check_market_qty(&self, qty: Qty) -> Result<(), FilterViolation> {
+        let Some(m) = self.market_lot_size else {
+            return Ok(());
+        };
+        let in_range =
+            m.min_qty.is_none_or(|min| qty >= min) && m.max_qty.is_none_or(|max| qty <= max);
+        if in_range && m.step.is_none_or(|step| qty.is_on(step)) {
+            Ok(())
+        } else {
+            Err(FilterViolation::MarketLotSize {
+                qty,
+                min: m.min_qty,
+                max: m.max_qty,
+                step: m.step,
+            })
+        }
+    }
+
+    /// Floors a MARKET order's quantity to `LOT_SIZE.stepSize` and, when set,
+    /// to `MARKET_LOT_SIZE.stepSize`.
+    pub fn floor_market_qty(&self, qty: Qty) -> Qty {
+        let qty = qty.floor_to(self.step);
+        match self.market_lot_size.and_then(|m| m.step) {
+            Some(step) => qty.floor_to(step),
+            None => qty,
         }
     }
 

@@ -12,6 +12,7 @@ use oco_core::model::{Protection, ProtectionConfig, Source};
 use oco_core::ports::{ExchangeError, Store};
 use oco_core::protect::{Idle, ProtectOutcome};
 use oco_core::state::{EntryStatus, ExternalEnd, LegState};
+use oco_core::symbol::MarketLotSize;
 use oco_core::testing::OcoFault;
 use oco_core::{Clock, Price};
 use rust_decimal::Decimal;
@@ -1890,6 +1891,73 @@ async fn a_late_exit_over_max_qty_says_so() {
         "{report:?}"
     );
     assert_eq!(w.exchange.order_calls(), 0);
+}
+
+/// The late exit is a MARKET order, bound by `MARKET_LOT_SIZE` as well
+/// (BTCUSDT: 128.5 BTC against `LOT_SIZE`'s 9000): one over it is refused by
+/// the exchange every time, so it is recorded unprotectable, never sent.
+#[tokio::test]
+async fn a_late_exit_over_market_max_qty_says_so() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let capped = oco_core::symbol::SymbolRules {
+        market_lot_size: Some(MarketLotSize {
+            min_qty: None,
+            max_qty: Some(q(dec!(0.3))),
+            step: None,
+        }),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(capped, p(dec!(80)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    for source in [Source::Websocket, Source::Sync] {
+        let report = w.protector.protect(id, Some(&ev), source).await.unwrap();
+        assert!(
+            matches!(report.outcome, ProtectOutcome::Unprotectable { ref reason }
+                if reason.contains("over MARKET_LOT_SIZE maxQty 0.3") && !reason.contains("too small")),
+            "{report:?}"
+        );
+    }
+    assert_eq!(w.exchange.order_calls(), 0);
+}
+
+/// A late exit is floored to `MARKET_LOT_SIZE.stepSize` when the symbol sets
+/// one, so that the exchange takes it.
+#[tokio::test]
+async fn a_late_exit_is_floored_to_the_market_step() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let coarse = oco_core::symbol::SymbolRules {
+        market_lot_size: Some(MarketLotSize {
+            min_qty: None,
+            max_qty: None,
+            step: Some(oco_core::StepSize::new(dec!(0.01)).unwrap()),
+        }),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    w.exchange.add_symbol(coarse, p(dec!(80)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    // 1 bought, 0.00123 paid in BTC: 0.99877 held, 0.99 on the market step.
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0.00123), "BTC")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    let exits = w.exits(id).await;
+    assert_eq!(exits.len(), 1, "{exits:?}");
+    assert_eq!(exits[0].sold.total(), q(dec!(0.99)));
 }
 
 #[tokio::test]
