@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use clap::Parser;
+use anyhow::{Context as _, bail};
+use clap::{Parser, ValueEnum};
 use exchange_binance::{BinanceConfig, BinanceExchange};
 use oco_core::{IdScheme, ProtectorConfig, SystemClock};
 use store_pg::{PgConfig, PgStore, SecretKey};
@@ -27,20 +27,18 @@ pub struct Config {
     /// Key the API secrets are encrypted under (64 hex digits or base64).
     #[arg(long, env = "OCO_SECRET_KEY", hide_env_values = true, value_parser = parse_secret)]
     pub secret_key: SecretText,
-    /// Binance REST base URL.
-    #[arg(
-        long,
-        env = "BINANCE_REST_URL",
-        default_value = "https://api.binance.com"
-    )]
-    pub binance_rest_url: String,
-    /// Binance WebSocket API URL (unused by sync's REST calls, kept for one config).
-    #[arg(
-        long,
-        env = "BINANCE_WS_URL",
-        default_value = "wss://ws-api.binance.com:443/ws-api/v3"
-    )]
-    pub binance_ws_url: String,
+    /// Which exchange: Binance production, the Binance Spot testnet, or an
+    /// `exchange-sim` (which needs both URLs). Required, as for every other
+    /// process: keys of one exchange sent to another fail every request.
+    #[arg(long, env = "OCO_EXCHANGE", value_enum)]
+    pub exchange: Option<ExchangeKind>,
+    /// REST base URL; overrides the exchange's default.
+    #[arg(long, env = "BINANCE_REST_URL")]
+    pub binance_rest_url: Option<String>,
+    /// WebSocket API URL; overrides the exchange's default (unused by sync's
+    /// REST calls, read so that one environment serves every process).
+    #[arg(long, env = "BINANCE_WS_URL")]
+    pub binance_ws_url: Option<String>,
     /// Seconds between full passes.
     #[arg(long, env = "SYNC_INTERVAL_SECS", default_value_t = 300)]
     pub interval_secs: u64,
@@ -70,6 +68,17 @@ pub struct Config {
 /// The default of `--metrics-listen`.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9182";
 
+/// The exchange endpoints to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExchangeKind {
+    /// `api.binance.com`.
+    Production,
+    /// `testnet.binance.vision`.
+    Testnet,
+    /// An `exchange-sim`: `BINANCE_REST_URL` and `BINANCE_WS_URL` are required.
+    Sim,
+}
+
 /// Configuration text that must never be shown: `Debug` redacts it. Parsed
 /// only in [`wire`], because clap repeats a refused value in its message.
 #[derive(Clone)]
@@ -93,6 +102,39 @@ fn parse_secret(text: &str) -> Result<SecretText, std::convert::Infallible> {
 }
 
 impl Config {
+    /// The chosen exchange, or an error naming `OCO_EXCHANGE`.
+    ///
+    /// # Errors
+    /// When it is not set.
+    pub fn exchange(&self) -> anyhow::Result<ExchangeKind> {
+        self.exchange
+            .context("OCO_EXCHANGE (or --exchange) is required: production, testnet or sim")
+    }
+
+    /// The adapter configuration for the chosen exchange and URL overrides.
+    ///
+    /// # Errors
+    /// No exchange chosen; `sim` without both URLs.
+    pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
+        let mut config = match self.exchange()? {
+            ExchangeKind::Production => BinanceConfig::production(),
+            ExchangeKind::Testnet => BinanceConfig::testnet(),
+            ExchangeKind::Sim => {
+                let (Some(rest), Some(ws)) = (&self.binance_rest_url, &self.binance_ws_url) else {
+                    bail!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL");
+                };
+                return Ok(BinanceConfig::custom(rest.clone(), ws.clone()));
+            }
+        };
+        if let Some(rest) = &self.binance_rest_url {
+            config.rest_base.clone_from(rest);
+        }
+        if let Some(ws) = &self.binance_ws_url {
+            config.ws_api_url.clone_from(ws);
+        }
+        Ok(config)
+    }
+
     /// Database connections: `OCO_DB_POOL_SIZE`, else the older `SYNC_DB_POOL`, else 8.
     pub fn pool_size(&self) -> usize {
         self.db_pool_size.or(self.db_pool).unwrap_or(8).max(1)
@@ -112,7 +154,7 @@ impl Config {
 /// Connects the store (migrating it) and the exchange, and builds the reconciler.
 ///
 /// # Errors
-/// Bad namespace or URL, a database that cannot be reached or whose secrets
+/// No exchange chosen, bad namespace or URL, a database that cannot be reached or whose secrets
 /// were encrypted under another key.
 pub async fn wire(config: &Config) -> anyhow::Result<Reconciler> {
     Ok(wire_observed(config, &Metrics::new()).await?.0)
@@ -128,6 +170,7 @@ pub async fn wire_observed(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Reconciler, Arc<PgStore>)> {
     let ids = IdScheme::new(&config.id_namespace).context("OCO_ID_NAMESPACE")?;
+    let binance = config.binance_config()?;
     let secret_key = SecretKey::parse(&config.secret_key.0).context("OCO_SECRET_KEY")?;
     let store = PgStore::connect_patiently(
         PgConfig {
@@ -139,11 +182,8 @@ pub async fn wire_observed(
     )
     .await
     .context("connecting to the database (DATABASE_URL, OCO_SECRET_KEY)")?;
-    let exchange = BinanceExchange::new(BinanceConfig::custom(
-        config.binance_rest_url.clone(),
-        config.binance_ws_url.clone(),
-    ))
-    .context("building the Binance client (BINANCE_REST_URL)")?;
+    let exchange =
+        BinanceExchange::new(binance).context("building the Binance client (BINANCE_REST_URL)")?;
     if let Err(err) = exchange.sync_time().await {
         // Not fatal: the adapter re-syncs by itself after a -1021.
         tracing::warn!(error = %err, "could not read the exchange's time at start");
@@ -193,6 +233,7 @@ pub async fn run(
         .await
         .with_context(|| format!("binding OCO_METRICS_LISTEN {}", config.metrics_listen))?;
     tracing::info!(
+        exchange = ?config.exchange()?,
         metrics = %exporter.local_addr(),
         interval_s = config.interval_secs,
         startup_delay_s = config.startup_delay_secs,

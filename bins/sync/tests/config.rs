@@ -1,9 +1,11 @@
-//! `sync`'s pool size reads `OCO_DB_POOL_SIZE` like the other binaries and
-//! still accepts the older `SYNC_DB_POOL` (here through their flags).
+//! `sync`'s settings as `main` parses them (here through their flags): the
+//! exchange is chosen as for every other process, never assumed; the pool
+//! size reads `OCO_DB_POOL_SIZE` like the other binaries and still accepts
+//! the older `SYNC_DB_POOL`.
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
 use clap::Parser;
-use sync_bin::Config;
+use sync_bin::{Config, ExchangeKind};
 
 fn parse(extra: &[&str]) -> Config {
     let mut args = vec![
@@ -26,4 +28,54 @@ fn the_pool_size_takes_the_shared_name_before_the_old_one() {
         5
     );
     assert_eq!(parse(&["--db-pool-size", "0"]).pool_size(), 1);
+}
+
+#[test]
+fn the_exchange_is_chosen_as_for_every_other_process() {
+    // Without a choice sync used to go to production, even beside a testnet
+    // gateway and api sharing its environment.
+    let c = parse(&[]);
+    assert_eq!(c.exchange, None);
+    assert_eq!(
+        c.binance_config().unwrap_err().to_string(),
+        "OCO_EXCHANGE (or --exchange) is required: production, testnet or sim"
+    );
+    let c = parse(&["--exchange", "testnet"]);
+    assert_eq!(c.exchange, Some(ExchangeKind::Testnet));
+    assert!(
+        c.binance_config()
+            .unwrap()
+            .rest_base
+            .contains("testnet.binance.vision")
+    );
+    let c = parse(&["--exchange", "production"]);
+    assert_eq!(
+        c.binance_config().unwrap().rest_base,
+        "https://api.binance.com"
+    );
+    let c = parse(&[
+        "--exchange",
+        "sim",
+        "--binance-rest-url",
+        "http://127.0.0.1:9",
+    ]);
+    let err = c.binance_config().unwrap_err().to_string();
+    assert!(
+        err.contains("BINANCE_REST_URL") && err.contains("BINANCE_WS_URL"),
+        "{err}"
+    );
+    let c = parse(&[
+        "--exchange",
+        "sim",
+        "--binance-rest-url",
+        "http://127.0.0.1:9",
+        "--binance-ws-url",
+        "ws://127.0.0.1:9/ws-api/v3",
+    ]);
+    let b = c.binance_config().unwrap();
+    assert_eq!(
+        (b.rest_base.as_str(), b.ws_api_url.as_str()),
+        ("http://127.0.0.1:9", "ws://127.0.0.1:9/ws-api/v3")
+    );
+    assert!(Config::try_parse_from(["sync", "--exchange", "mainnet"]).is_err());
 }

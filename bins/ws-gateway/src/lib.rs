@@ -37,9 +37,10 @@ pub struct Config {
     #[arg(long, env = "OCO_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: usize,
     /// Which exchange: Binance production, the Binance Spot testnet, or an
-    /// `exchange-sim` (which needs both URLs).
-    #[arg(long, env = "OCO_EXCHANGE", value_enum, default_value_t = ExchangeKind::Production)]
-    pub exchange: ExchangeKind,
+    /// `exchange-sim` (which needs both URLs). Required to run the gateway:
+    /// keys of one exchange sent to another fail every request.
+    #[arg(long, env = "OCO_EXCHANGE", value_enum)]
+    pub exchange: Option<ExchangeKind>,
     /// REST base URL; overrides the exchange's default.
     #[arg(long, env = "BINANCE_REST_URL")]
     pub binance_rest_url: Option<String>,
@@ -133,6 +134,15 @@ fn parse_secret(text: &str) -> Result<SecretText, std::convert::Infallible> {
 }
 
 impl Config {
+    /// The chosen exchange, or an error naming `OCO_EXCHANGE`.
+    ///
+    /// # Errors
+    /// When it is not set.
+    pub fn exchange(&self) -> anyhow::Result<ExchangeKind> {
+        self.exchange
+            .context("OCO_EXCHANGE (or --exchange) is required: production, testnet or sim")
+    }
+
     /// The database URL, or an error naming `DATABASE_URL`.
     ///
     /// # Errors
@@ -147,7 +157,7 @@ impl Config {
     /// stream settings.
     ///
     /// # Errors
-    /// `sim` without both URLs.
+    /// No exchange chosen; `sim` without both URLs.
     pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
         let mut config = self.binance_urls()?;
         config.stream.set_connection_limits(
@@ -158,7 +168,7 @@ impl Config {
     }
 
     fn binance_urls(&self) -> anyhow::Result<BinanceConfig> {
-        let mut config = match self.exchange {
+        let mut config = match self.exchange()? {
             ExchangeKind::Production => BinanceConfig::production(),
             ExchangeKind::Testnet => BinanceConfig::testnet(),
             ExchangeKind::Sim => {
@@ -340,7 +350,7 @@ pub async fn run(
     let holder = config.gateway_config()?.holder;
     tracing::info!(
         holder = %holder,
-        exchange = ?config.exchange,
+        exchange = ?config.exchange()?,
         namespace = %config.id_namespace,
         lease_ttl_s = config.lease_ttl_secs,
         renew_s = config.lease_renew_secs,
