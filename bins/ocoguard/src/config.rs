@@ -301,16 +301,36 @@ impl fmt::Debug for Settings {
     }
 }
 
-/// `url` with its password, if any, replaced by `***`.
+/// `url` with its password replaced by `***`, whether it sits in the user
+/// part or in a `password` query parameter (libpq reads both).
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) => "[unparsable URL]".to_owned(),
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "[unparsable URL]".to_owned();
+    };
+    let in_query = parsed
+        .query_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("password"));
+    if parsed.password().is_none() && !in_query {
+        return url.to_owned();
     }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    if in_query {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.eq_ignore_ascii_case("password") {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 // The file's shape. Every table refuses keys it does not know, so that a typo

@@ -602,3 +602,33 @@ fn a_bad_file_is_placed_by_line_and_column_without_its_source_text() {
         assert!(!err.contains('\n'), "{err}");
     }
 }
+
+#[test]
+fn a_password_in_the_query_is_hidden_too() {
+    // libpq takes `?password=` as readily as `user:password@`.
+    let mut env = MINIMAL_ENV.to_vec();
+    env[0] = (
+        "DATABASE_URL",
+        "postgres://u@db/oco?sslmode=require&password=hunter2",
+    );
+    let s = load(None, &env).unwrap();
+    let debug = format!("{s:?}");
+    let mut printed = Vec::new();
+    ocoguard::print_settings(&mut printed, &s).unwrap();
+    let printed = String::from_utf8(printed).unwrap();
+    for shown in [&debug, &printed] {
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("postgres://u@db/oco?sslmode=require&password=***"),
+            "{shown}"
+        );
+    }
+    assert_eq!(
+        ocoguard::config::redact_url("postgres://u:pw@db/o?PASSWORD=x&password=y"),
+        "postgres://u:***@db/o?PASSWORD=***&password=***"
+    );
+    assert_eq!(
+        ocoguard::config::redact_url("postgres://u@db/o?sslmode=disable"),
+        "postgres://u@db/o?sslmode=disable"
+    );
+}

@@ -17,8 +17,9 @@ use sync::{Reconciler, SyncConfig};
 use telemetry::{Exporter, Metrics, ObservedExchange};
 
 /// Reconciles every active account against Binance and protects what the
-/// real-time layer missed.
-#[derive(Debug, Clone, Parser)]
+/// real-time layer missed. `Debug` shows neither the database URL nor the
+/// secret key.
+#[derive(Clone, Parser)]
 #[command(name = "sync", version, about)]
 pub struct Config {
     /// PostgreSQL URL.
@@ -99,6 +100,43 @@ impl std::fmt::Debug for SecretText {
 
 fn parse_secret(text: &str) -> Result<SecretText, std::convert::Infallible> {
     Ok(SecretText::new(text))
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be left out unnoticed. The
+        // URL may carry the database password: it is never shown.
+        let Self {
+            database_url: _,
+            secret_key,
+            exchange,
+            binance_rest_url,
+            binance_ws_url,
+            interval_secs,
+            startup_delay_secs,
+            id_namespace,
+            concurrency,
+            weight_budget,
+            db_pool_size,
+            db_pool,
+            metrics_listen,
+        } = self;
+        f.debug_struct("Config")
+            .field("database_url", &"[redacted]")
+            .field("secret_key", &secret_key)
+            .field("exchange", &exchange)
+            .field("binance_rest_url", &binance_rest_url)
+            .field("binance_ws_url", &binance_ws_url)
+            .field("interval_secs", &interval_secs)
+            .field("startup_delay_secs", &startup_delay_secs)
+            .field("id_namespace", &id_namespace)
+            .field("concurrency", &concurrency)
+            .field("weight_budget", &weight_budget)
+            .field("db_pool_size", &db_pool_size)
+            .field("db_pool", &db_pool)
+            .field("metrics_listen", &metrics_listen)
+            .finish()
+    }
 }
 
 impl Config {

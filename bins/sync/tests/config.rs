@@ -79,3 +79,19 @@ fn the_exchange_is_chosen_as_for_every_other_process() {
     );
     assert!(Config::try_parse_from(["sync", "--exchange", "mainnet"]).is_err());
 }
+
+#[test]
+fn debug_shows_no_database_password() {
+    let c = Config::try_parse_from([
+        "sync",
+        "--database-url",
+        "postgres://u:hunter2@h/db",
+        "--secret-key",
+        "k",
+    ])
+    .unwrap();
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("database_url: \"[redacted]\""), "{shown}");
+    assert!(shown.contains("interval_secs: 300"), "{shown}");
+}

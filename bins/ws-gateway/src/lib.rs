@@ -20,8 +20,9 @@ use telemetry::{Exporter, Metrics, ObservedExchange};
 use ws_gateway::{Gateway, GatewayConfig};
 
 /// Streams every leased account's user data from Binance and protects each
-/// filled entry with SELL OCO orders as the fill arrives.
-#[derive(Debug, Clone, Parser)]
+/// filled entry with SELL OCO orders as the fill arrives. `Debug` shows
+/// neither the database URL nor the secret key.
+#[derive(Clone, Parser)]
 #[command(name = "ws-gateway", version, about)]
 pub struct Config {
     /// What to do (default: run the gateway).
@@ -131,6 +132,52 @@ impl std::fmt::Debug for SecretText {
 
 fn parse_secret(text: &str) -> Result<SecretText, std::convert::Infallible> {
     Ok(SecretText::new(text))
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be left out unnoticed.
+        let Self {
+            command,
+            database_url,
+            secret_key,
+            db_pool_size,
+            exchange,
+            binance_rest_url,
+            binance_ws_url,
+            id_namespace,
+            gateway_id,
+            lease_ttl_secs,
+            lease_renew_secs,
+            max_accounts,
+            accounts_per_connection,
+            stream_connect_attempts,
+            log_format,
+            metrics_listen,
+            cpu_wakeup_latency_us,
+        } = self;
+        // The URL may carry the database password.
+        let database_url = database_url.as_ref().map(|_| "[redacted]");
+        f.debug_struct("Config")
+            .field("command", &command)
+            .field("database_url", &database_url)
+            .field("secret_key", &secret_key)
+            .field("db_pool_size", &db_pool_size)
+            .field("exchange", &exchange)
+            .field("binance_rest_url", &binance_rest_url)
+            .field("binance_ws_url", &binance_ws_url)
+            .field("id_namespace", &id_namespace)
+            .field("gateway_id", &gateway_id)
+            .field("lease_ttl_secs", &lease_ttl_secs)
+            .field("lease_renew_secs", &lease_renew_secs)
+            .field("max_accounts", &max_accounts)
+            .field("accounts_per_connection", &accounts_per_connection)
+            .field("stream_connect_attempts", &stream_connect_attempts)
+            .field("log_format", &log_format)
+            .field("metrics_listen", &metrics_listen)
+            .field("cpu_wakeup_latency_us", &cpu_wakeup_latency_us)
+            .finish()
+    }
 }
 
 impl Config {

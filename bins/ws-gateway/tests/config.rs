@@ -202,3 +202,22 @@ async fn the_exchange_is_never_assumed() {
     let c = Config::try_parse_from(["ws-gateway", "migrate"]).unwrap();
     assert!(matches!(c.command, Some(Command::Migrate)));
 }
+
+#[test]
+fn debug_shows_no_database_password() {
+    let c = Config::try_parse_from([
+        "ws-gateway",
+        "--database-url",
+        "postgres://u:hunter2@h/db",
+        "--exchange",
+        "testnet",
+    ])
+    .unwrap();
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(
+        shown.contains("database_url: Some(\"[redacted]\")"),
+        "{shown}"
+    );
+    assert!(shown.contains("exchange: Some(Testnet)"), "{shown}");
+}
