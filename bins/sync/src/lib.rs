@@ -174,25 +174,45 @@ impl Config {
     }
 
     /// Database connections: `OCO_DB_POOL_SIZE`, else the older `SYNC_DB_POOL`, else 8.
-    pub fn pool_size(&self) -> usize {
-        self.db_pool_size.or(self.db_pool).unwrap_or(8).max(1)
+    ///
+    /// # Errors
+    /// Zero, naming the variable it came from.
+    pub fn pool_size(&self) -> anyhow::Result<usize> {
+        match (self.db_pool_size, self.db_pool) {
+            (Some(n), _) => positive("OCO_DB_POOL_SIZE", n),
+            (None, Some(n)) => positive("SYNC_DB_POOL", n),
+            (None, None) => Ok(8),
+        }
     }
 
     /// The reconciler's settings: the standard ones, overridden by the flags.
-    pub fn sync_config(&self) -> SyncConfig {
+    ///
+    /// # Errors
+    /// A zero interval, concurrency or weight budget: each would run sync
+    /// other than asked (a pass every second, or none at all), so it is
+    /// refused by name rather than bent to 1.
+    pub fn sync_config(&self) -> anyhow::Result<SyncConfig> {
         let mut c = SyncConfig::standard();
-        c.interval = Duration::from_secs(self.interval_secs.max(1));
+        c.interval = Duration::from_secs(positive("SYNC_INTERVAL_SECS", self.interval_secs)?);
         c.startup_delay = Duration::from_secs(self.startup_delay_secs);
-        c.concurrency = self.concurrency.max(1);
-        c.weight_budget_per_minute = self.weight_budget.max(1);
-        c
+        c.concurrency = positive("SYNC_CONCURRENCY", self.concurrency)?;
+        c.weight_budget_per_minute = positive("SYNC_WEIGHT_BUDGET", self.weight_budget)?;
+        Ok(c)
+    }
+}
+
+fn positive<T: Default + PartialOrd>(var: &str, v: T) -> anyhow::Result<T> {
+    if v > T::default() {
+        Ok(v)
+    } else {
+        bail!("{var}: must be above 0")
     }
 }
 
 /// Connects the store (migrating it) and the exchange, and builds the reconciler.
 ///
 /// # Errors
-/// No exchange chosen, bad namespace or URL, a database that cannot be reached or whose secrets
+/// No exchange chosen, a zero setting, bad namespace or URL, a database that cannot be reached or whose secrets
 /// were encrypted under another key.
 pub async fn wire(config: &Config) -> anyhow::Result<Reconciler> {
     Ok(wire_observed(config, &Metrics::new()).await?.0)
@@ -209,11 +229,13 @@ pub async fn wire_observed(
 ) -> anyhow::Result<(Reconciler, Arc<PgStore>)> {
     let ids = IdScheme::new(&config.id_namespace).context("OCO_ID_NAMESPACE")?;
     let binance = config.binance_config()?;
+    let sync_config = config.sync_config()?;
+    let pool_size = config.pool_size()?;
     let secret_key = SecretKey::parse(&config.secret_key.0).context("OCO_SECRET_KEY")?;
     let store = PgStore::connect_patiently(
         PgConfig {
             url: config.database_url.clone(),
-            pool_size: config.pool_size(),
+            pool_size,
             secret_key,
         },
         store_pg::STARTUP_PATIENCE,
@@ -234,7 +256,7 @@ pub async fn wire_observed(
         store.clone(),
         Arc::new(SystemClock),
         ProtectorConfig::new(ids),
-        config.sync_config(),
+        sync_config,
     );
     reconciler.protector().set_observer(metrics.clone());
     Ok((reconciler, store))

@@ -21,13 +21,46 @@ fn parse(extra: &[&str]) -> Config {
 
 #[test]
 fn the_pool_size_takes_the_shared_name_before_the_old_one() {
-    assert_eq!(parse(&[]).pool_size(), 8);
-    assert_eq!(parse(&["--db-pool", "3"]).pool_size(), 3);
+    assert_eq!(parse(&[]).pool_size().unwrap(), 8);
+    assert_eq!(parse(&["--db-pool", "3"]).pool_size().unwrap(), 3);
     assert_eq!(
-        parse(&["--db-pool", "3", "--db-pool-size", "5"]).pool_size(),
+        parse(&["--db-pool", "3", "--db-pool-size", "5"])
+            .pool_size()
+            .unwrap(),
         5
     );
-    assert_eq!(parse(&["--db-pool-size", "0"]).pool_size(), 1);
+}
+
+#[test]
+fn zero_settings_are_refused_by_name() {
+    // Each used to be bent silently: a pass every second, a sync that never
+    // spends weight, one account or one connection at a time.
+    for (flag, var) in [
+        ("--interval-secs", "SYNC_INTERVAL_SECS"),
+        ("--concurrency", "SYNC_CONCURRENCY"),
+        ("--weight-budget", "SYNC_WEIGHT_BUDGET"),
+    ] {
+        let err = parse(&[flag, "0"]).sync_config().unwrap_err().to_string();
+        assert_eq!(err, format!("{var}: must be above 0"));
+    }
+    for (flags, var) in [
+        (&["--db-pool-size", "0"][..], "OCO_DB_POOL_SIZE"),
+        (&["--db-pool", "0"][..], "SYNC_DB_POOL"),
+        (
+            &["--db-pool", "3", "--db-pool-size", "0"][..],
+            "OCO_DB_POOL_SIZE",
+        ),
+    ] {
+        let err = parse(flags).pool_size().unwrap_err().to_string();
+        assert_eq!(err, format!("{var}: must be above 0"));
+    }
+    let c = parse(&["--startup-delay-secs", "0"]).sync_config().unwrap();
+    assert_eq!(
+        c.startup_delay,
+        std::time::Duration::ZERO,
+        "no delay is a choice"
+    );
+    assert_eq!(c.interval, std::time::Duration::from_secs(300));
 }
 
 #[test]
