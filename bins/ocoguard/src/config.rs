@@ -301,16 +301,36 @@ impl fmt::Debug for Settings {
     }
 }
 
-/// `url` with its password, if any, replaced by `***`.
+/// `url` with its password replaced by `***`, whether it sits in the user
+/// part or in a `password` query parameter (libpq reads both).
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) => "[unparsable URL]".to_owned(),
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "[unparsable URL]".to_owned();
+    };
+    let in_query = parsed
+        .query_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("password"));
+    if parsed.password().is_none() && !in_query {
+        return url.to_owned();
     }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    if in_query {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.eq_ignore_ascii_case("password") {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 // The file's shape. Every table refuses keys it does not know, so that a typo
@@ -386,6 +406,71 @@ struct SyncFile {
     weight_budget: Option<u32>,
 }
 
+/// `path`, line and column, what went wrong and, when toml knows it, the
+/// key. Never toml's own rendering: it quotes the offending source line, which
+/// may hold the secret key or a database password.
+fn describe_toml_error(path: &Path, text: &str, mut err: toml::de::Error) -> String {
+    let place = match err.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("line {line}, column {column}: ")
+        }
+        None => String::new(),
+    };
+    // Without the input toml renders the message and the key path alone.
+    err.set_input(None);
+    let rendered = err.to_string();
+    let mut lines = rendered.trim_end().lines();
+    let message = redact_quoted(lines.next().unwrap_or_default());
+    let key = lines
+        .next()
+        .and_then(|l| l.strip_prefix("in "))
+        .map(|k| format!(" (in {k})"))
+        .unwrap_or_default();
+    format!("config file {}: {place}{message}{key}", path.display())
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// `message` with every double-quoted string replaced by `"…"`: serde quotes
+/// a refused string value that way (`invalid type: string "…"`), and a value
+/// put under the wrong key may be a password.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    let mut escaped = false;
+    for c in message.chars() {
+        if inside {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                inside = false;
+                out.push_str("…\"");
+            }
+        } else {
+            out.push(c);
+            inside = c == '"';
+        }
+    }
+    if inside {
+        out.push('…');
+    }
+    out
+}
+
 /// The environment as a lookup, so that tests need not touch the process's.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -418,13 +503,8 @@ impl<'a> Resolver<'a> {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError(format!("cannot read config file {}: {e}", path.display()))
                 })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| {
-                    ConfigError(format!(
-                        "config file {}: {}",
-                        path.display(),
-                        e.to_string().trim_end()
-                    ))
-                })?
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError(describe_toml_error(path, &text, e)))?
             }
         };
         if file.database.secret_key.is_some() {

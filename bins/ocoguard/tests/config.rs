@@ -309,14 +309,14 @@ fn an_unknown_key_is_refused_with_its_line() {
     assert_eq!(
         err,
         format!(
-            "config file {}: TOML parse error at line 5, column 1\n  |\n5 | intervall_secs = 60\n  | ^^^^^^^^^^^^^^\nunknown field `intervall_secs`, expected one of `interval_secs`, `startup_delay_secs`, `concurrency`, `weight_budget`",
+            "config file {}: line 5, column 1: unknown field `intervall_secs`, expected one of `interval_secs`, `startup_delay_secs`, `concurrency`, `weight_budget` (in `sync`)",
             path.display()
         )
     );
     let (err, path, _dir) = bad_file("databse_url = \"x\"\n", MINIMAL_ENV);
     assert!(
         err.starts_with(&format!(
-            "config file {}: TOML parse error at line 1, column 1",
+            "config file {}: line 1, column 1: ",
             path.display()
         )),
         "{err}"
@@ -330,20 +330,22 @@ fn a_value_of_the_wrong_type_is_refused_with_its_line() {
     assert_eq!(
         err,
         format!(
-            "config file {}: TOML parse error at line 2, column 17\n  |\n2 | interval_secs = \"five\"\n  |                 ^^^^^^\ninvalid type: string \"five\", expected u64",
+            "config file {}: line 2, column 17: invalid type: string \"…\", expected u64 (in `sync.interval_secs`)",
             path.display()
         )
     );
     let (err, _path, _dir) = bad_file("[exchange]\nkind = \"prod\"\n", MINIMAL_ENV);
     assert!(
-        err.ends_with("unknown variant `prod`, expected one of `production`, `testnet`, `sim`"),
+        err.ends_with(
+            "unknown variant `prod`, expected one of `production`, `testnet`, `sim` (in `exchange.kind`)"
+        ),
         "{err}"
     );
     let (err, _path, _dir) = bad_file("[api]\nlisten = \"localhost\"\n", MINIMAL_ENV);
     assert!(err.contains("line 2, column 10"), "{err}");
     assert!(err.contains("invalid socket address syntax"), "{err}");
     let (err, _path, _dir) = bad_file("[database\nurl = 1\n", MINIMAL_ENV);
-    assert!(err.contains("TOML parse error at line 1"), "{err}");
+    assert!(err.contains(": line 1, column "), "{err}");
 }
 
 #[test]
@@ -530,7 +532,7 @@ fn the_binary_refuses_a_bad_file_before_touching_anything() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
         stderr.starts_with(&format!(
-            "ocoguard: config file {}: TOML parse error at line 2, column 1",
+            "ocoguard: config file {}: line 2, column 1: unknown field `intervall_secs`",
             path.display()
         )),
         "{stderr}"
@@ -563,5 +565,70 @@ fn the_binary_refuses_a_bad_file_before_touching_anything() {
     assert!(
         !stdout.contains(KEY_HEX) && !stdout.contains(":pw@"),
         "{stdout}"
+    );
+}
+
+#[test]
+fn a_bad_file_is_placed_by_line_and_column_without_its_source_text() {
+    // Each file puts a secret where the parser or the field list refuses it;
+    // the error names the place and never shows the value.
+    let cases: &[(&str, &str)] = &[
+        (
+            "[database]\nsecret_key = 00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+            "line 2, column 14: unexpected leading zero",
+        ),
+        (
+            "secret_key = \"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"\n",
+            "line 1, column 1: unknown field `secret_key`",
+        ),
+        (
+            "[database]\nulr = \"postgres://u:hunter2@db/o\"\n",
+            "line 2, column 1: unknown field `ulr`",
+        ),
+        (
+            "[database]\npool_size = \"postgres://u:hunter2@db/o\"\n",
+            "line 2, column 13: invalid type: string \"…\", expected usize",
+        ),
+    ];
+    for (text, place) in cases {
+        let (err, path, _dir) = bad_file(text, MINIMAL_ENV);
+        assert!(
+            err.starts_with(&format!("config file {}: {place}", path.display())),
+            "{err}"
+        );
+        assert!(!err.contains(KEY_HEX), "{err}");
+        assert!(!err.contains("0011"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+}
+
+#[test]
+fn a_password_in_the_query_is_hidden_too() {
+    // libpq takes `?password=` as readily as `user:password@`.
+    let mut env = MINIMAL_ENV.to_vec();
+    env[0] = (
+        "DATABASE_URL",
+        "postgres://u@db/oco?sslmode=require&password=hunter2",
+    );
+    let s = load(None, &env).unwrap();
+    let debug = format!("{s:?}");
+    let mut printed = Vec::new();
+    ocoguard::print_settings(&mut printed, &s).unwrap();
+    let printed = String::from_utf8(printed).unwrap();
+    for shown in [&debug, &printed] {
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("postgres://u@db/oco?sslmode=require&password=***"),
+            "{shown}"
+        );
+    }
+    assert_eq!(
+        ocoguard::config::redact_url("postgres://u:pw@db/o?PASSWORD=x&password=y"),
+        "postgres://u:***@db/o?PASSWORD=***&password=***"
+    );
+    assert_eq!(
+        ocoguard::config::redact_url("postgres://u@db/o?sslmode=disable"),
+        "postgres://u@db/o?sslmode=disable"
     );
 }

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use clap::Parser;
+use anyhow::{Context as _, bail};
+use clap::{Parser, ValueEnum};
 use exchange_binance::{BinanceConfig, BinanceExchange};
 use oco_core::{IdScheme, ProtectorConfig, SystemClock};
 use store_pg::{PgConfig, PgStore, SecretKey};
@@ -17,8 +17,9 @@ use sync::{Reconciler, SyncConfig};
 use telemetry::{Exporter, Metrics, ObservedExchange};
 
 /// Reconciles every active account against Binance and protects what the
-/// real-time layer missed.
-#[derive(Debug, Clone, Parser)]
+/// real-time layer missed. `Debug` shows neither the database URL nor the
+/// secret key.
+#[derive(Clone, Parser)]
 #[command(name = "sync", version, about)]
 pub struct Config {
     /// PostgreSQL URL.
@@ -27,20 +28,18 @@ pub struct Config {
     /// Key the API secrets are encrypted under (64 hex digits or base64).
     #[arg(long, env = "OCO_SECRET_KEY", hide_env_values = true, value_parser = parse_secret)]
     pub secret_key: SecretText,
-    /// Binance REST base URL.
-    #[arg(
-        long,
-        env = "BINANCE_REST_URL",
-        default_value = "https://api.binance.com"
-    )]
-    pub binance_rest_url: String,
-    /// Binance WebSocket API URL (unused by sync's REST calls, kept for one config).
-    #[arg(
-        long,
-        env = "BINANCE_WS_URL",
-        default_value = "wss://ws-api.binance.com:443/ws-api/v3"
-    )]
-    pub binance_ws_url: String,
+    /// Which exchange: Binance production, the Binance Spot testnet, or an
+    /// `exchange-sim` (which needs both URLs). Required, as for every other
+    /// process: keys of one exchange sent to another fail every request.
+    #[arg(long, env = "OCO_EXCHANGE", value_enum)]
+    pub exchange: Option<ExchangeKind>,
+    /// REST base URL; overrides the exchange's default.
+    #[arg(long, env = "BINANCE_REST_URL")]
+    pub binance_rest_url: Option<String>,
+    /// WebSocket API URL; overrides the exchange's default (unused by sync's
+    /// REST calls, read so that one environment serves every process).
+    #[arg(long, env = "BINANCE_WS_URL")]
+    pub binance_ws_url: Option<String>,
     /// Seconds between full passes.
     #[arg(long, env = "SYNC_INTERVAL_SECS", default_value_t = 300)]
     pub interval_secs: u64,
@@ -70,6 +69,17 @@ pub struct Config {
 /// The default of `--metrics-listen`.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9182";
 
+/// The exchange endpoints to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExchangeKind {
+    /// `api.binance.com`.
+    Production,
+    /// `testnet.binance.vision`.
+    Testnet,
+    /// An `exchange-sim`: `BINANCE_REST_URL` and `BINANCE_WS_URL` are required.
+    Sim,
+}
+
 /// Configuration text that must never be shown: `Debug` redacts it. Parsed
 /// only in [`wire`], because clap repeats a refused value in its message.
 #[derive(Clone)]
@@ -92,27 +102,117 @@ fn parse_secret(text: &str) -> Result<SecretText, std::convert::Infallible> {
     Ok(SecretText::new(text))
 }
 
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be left out unnoticed. The
+        // URL may carry the database password: it is never shown.
+        let Self {
+            database_url: _,
+            secret_key,
+            exchange,
+            binance_rest_url,
+            binance_ws_url,
+            interval_secs,
+            startup_delay_secs,
+            id_namespace,
+            concurrency,
+            weight_budget,
+            db_pool_size,
+            db_pool,
+            metrics_listen,
+        } = self;
+        f.debug_struct("Config")
+            .field("database_url", &"[redacted]")
+            .field("secret_key", &secret_key)
+            .field("exchange", &exchange)
+            .field("binance_rest_url", &binance_rest_url)
+            .field("binance_ws_url", &binance_ws_url)
+            .field("interval_secs", &interval_secs)
+            .field("startup_delay_secs", &startup_delay_secs)
+            .field("id_namespace", &id_namespace)
+            .field("concurrency", &concurrency)
+            .field("weight_budget", &weight_budget)
+            .field("db_pool_size", &db_pool_size)
+            .field("db_pool", &db_pool)
+            .field("metrics_listen", &metrics_listen)
+            .finish()
+    }
+}
+
 impl Config {
+    /// The chosen exchange, or an error naming `OCO_EXCHANGE`.
+    ///
+    /// # Errors
+    /// When it is not set.
+    pub fn exchange(&self) -> anyhow::Result<ExchangeKind> {
+        self.exchange
+            .context("OCO_EXCHANGE (or --exchange) is required: production, testnet or sim")
+    }
+
+    /// The adapter configuration for the chosen exchange and URL overrides.
+    ///
+    /// # Errors
+    /// No exchange chosen; `sim` without both URLs.
+    pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
+        let mut config = match self.exchange()? {
+            ExchangeKind::Production => BinanceConfig::production(),
+            ExchangeKind::Testnet => BinanceConfig::testnet(),
+            ExchangeKind::Sim => {
+                let (Some(rest), Some(ws)) = (&self.binance_rest_url, &self.binance_ws_url) else {
+                    bail!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL");
+                };
+                return Ok(BinanceConfig::custom(rest.clone(), ws.clone()));
+            }
+        };
+        if let Some(rest) = &self.binance_rest_url {
+            config.rest_base.clone_from(rest);
+        }
+        if let Some(ws) = &self.binance_ws_url {
+            config.ws_api_url.clone_from(ws);
+        }
+        Ok(config)
+    }
+
     /// Database connections: `OCO_DB_POOL_SIZE`, else the older `SYNC_DB_POOL`, else 8.
-    pub fn pool_size(&self) -> usize {
-        self.db_pool_size.or(self.db_pool).unwrap_or(8).max(1)
+    ///
+    /// # Errors
+    /// Zero, naming the variable it came from.
+    pub fn pool_size(&self) -> anyhow::Result<usize> {
+        match (self.db_pool_size, self.db_pool) {
+            (Some(n), _) => positive("OCO_DB_POOL_SIZE", n),
+            (None, Some(n)) => positive("SYNC_DB_POOL", n),
+            (None, None) => Ok(8),
+        }
     }
 
     /// The reconciler's settings: the standard ones, overridden by the flags.
-    pub fn sync_config(&self) -> SyncConfig {
+    ///
+    /// # Errors
+    /// A zero interval, concurrency or weight budget: each would run sync
+    /// other than asked (a pass every second, or none at all), so it is
+    /// refused by name rather than bent to 1.
+    pub fn sync_config(&self) -> anyhow::Result<SyncConfig> {
         let mut c = SyncConfig::standard();
-        c.interval = Duration::from_secs(self.interval_secs.max(1));
+        c.interval = Duration::from_secs(positive("SYNC_INTERVAL_SECS", self.interval_secs)?);
         c.startup_delay = Duration::from_secs(self.startup_delay_secs);
-        c.concurrency = self.concurrency.max(1);
-        c.weight_budget_per_minute = self.weight_budget.max(1);
-        c
+        c.concurrency = positive("SYNC_CONCURRENCY", self.concurrency)?;
+        c.weight_budget_per_minute = positive("SYNC_WEIGHT_BUDGET", self.weight_budget)?;
+        Ok(c)
+    }
+}
+
+fn positive<T: Default + PartialOrd>(var: &str, v: T) -> anyhow::Result<T> {
+    if v > T::default() {
+        Ok(v)
+    } else {
+        bail!("{var}: must be above 0")
     }
 }
 
 /// Connects the store (migrating it) and the exchange, and builds the reconciler.
 ///
 /// # Errors
-/// Bad namespace or URL, a database that cannot be reached or whose secrets
+/// No exchange chosen, a zero setting, bad namespace or URL, a database that cannot be reached or whose secrets
 /// were encrypted under another key.
 pub async fn wire(config: &Config) -> anyhow::Result<Reconciler> {
     Ok(wire_observed(config, &Metrics::new()).await?.0)
@@ -128,22 +228,22 @@ pub async fn wire_observed(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Reconciler, Arc<PgStore>)> {
     let ids = IdScheme::new(&config.id_namespace).context("OCO_ID_NAMESPACE")?;
+    let binance = config.binance_config()?;
+    let sync_config = config.sync_config()?;
+    let pool_size = config.pool_size()?;
     let secret_key = SecretKey::parse(&config.secret_key.0).context("OCO_SECRET_KEY")?;
     let store = PgStore::connect_patiently(
         PgConfig {
             url: config.database_url.clone(),
-            pool_size: config.pool_size(),
+            pool_size,
             secret_key,
         },
         store_pg::STARTUP_PATIENCE,
     )
     .await
     .context("connecting to the database (DATABASE_URL, OCO_SECRET_KEY)")?;
-    let exchange = BinanceExchange::new(BinanceConfig::custom(
-        config.binance_rest_url.clone(),
-        config.binance_ws_url.clone(),
-    ))
-    .context("building the Binance client (BINANCE_REST_URL)")?;
+    let exchange =
+        BinanceExchange::new(binance).context("building the Binance client (BINANCE_REST_URL)")?;
     if let Err(err) = exchange.sync_time().await {
         // Not fatal: the adapter re-syncs by itself after a -1021.
         tracing::warn!(error = %err, "could not read the exchange's time at start");
@@ -156,7 +256,7 @@ pub async fn wire_observed(
         store.clone(),
         Arc::new(SystemClock),
         ProtectorConfig::new(ids),
-        config.sync_config(),
+        sync_config,
     );
     reconciler.protector().set_observer(metrics.clone());
     Ok((reconciler, store))
@@ -193,6 +293,7 @@ pub async fn run(
         .await
         .with_context(|| format!("binding OCO_METRICS_LISTEN {}", config.metrics_listen))?;
     tracing::info!(
+        exchange = ?config.exchange()?,
         metrics = %exporter.local_addr(),
         interval_s = config.interval_secs,
         startup_delay_s = config.startup_delay_secs,

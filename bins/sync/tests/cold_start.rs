@@ -93,6 +93,8 @@ async fn fills_made_while_everything_was_down_are_protected_at_startup() {
             &pg.url,
             "--secret-key",
             key,
+            "--exchange",
+            "sim",
             "--binance-rest-url",
             &sim.base_url(),
             "--binance-ws-url",
@@ -153,6 +155,8 @@ async fn a_malformed_secret_key_is_refused_without_echoing_it() {
         "postgres://127.0.0.1/none",
         "--secret-key",
         "not-a-key-at-all",
+        "--exchange",
+        "testnet",
     ])
     .unwrap();
     let err = sync_bin::wire(&config).await.err().unwrap();

@@ -20,8 +20,9 @@ use telemetry::{Exporter, Metrics, ObservedExchange};
 use ws_gateway::{Gateway, GatewayConfig};
 
 /// Streams every leased account's user data from Binance and protects each
-/// filled entry with SELL OCO orders as the fill arrives.
-#[derive(Debug, Clone, Parser)]
+/// filled entry with SELL OCO orders as the fill arrives. `Debug` shows
+/// neither the database URL nor the secret key.
+#[derive(Clone, Parser)]
 #[command(name = "ws-gateway", version, about)]
 pub struct Config {
     /// What to do (default: run the gateway).
@@ -37,9 +38,10 @@ pub struct Config {
     #[arg(long, env = "OCO_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: usize,
     /// Which exchange: Binance production, the Binance Spot testnet, or an
-    /// `exchange-sim` (which needs both URLs).
-    #[arg(long, env = "OCO_EXCHANGE", value_enum, default_value_t = ExchangeKind::Production)]
-    pub exchange: ExchangeKind,
+    /// `exchange-sim` (which needs both URLs). Required to run the gateway:
+    /// keys of one exchange sent to another fail every request.
+    #[arg(long, env = "OCO_EXCHANGE", value_enum)]
+    pub exchange: Option<ExchangeKind>,
     /// REST base URL; overrides the exchange's default.
     #[arg(long, env = "BINANCE_REST_URL")]
     pub binance_rest_url: Option<String>,
@@ -132,7 +134,62 @@ fn parse_secret(text: &str) -> Result<SecretText, std::convert::Infallible> {
     Ok(SecretText::new(text))
 }
 
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be left out unnoticed.
+        let Self {
+            command,
+            database_url,
+            secret_key,
+            db_pool_size,
+            exchange,
+            binance_rest_url,
+            binance_ws_url,
+            id_namespace,
+            gateway_id,
+            lease_ttl_secs,
+            lease_renew_secs,
+            max_accounts,
+            accounts_per_connection,
+            stream_connect_attempts,
+            log_format,
+            metrics_listen,
+            cpu_wakeup_latency_us,
+        } = self;
+        // The URL may carry the database password.
+        let database_url = database_url.as_ref().map(|_| "[redacted]");
+        f.debug_struct("Config")
+            .field("command", &command)
+            .field("database_url", &database_url)
+            .field("secret_key", &secret_key)
+            .field("db_pool_size", &db_pool_size)
+            .field("exchange", &exchange)
+            .field("binance_rest_url", &binance_rest_url)
+            .field("binance_ws_url", &binance_ws_url)
+            .field("id_namespace", &id_namespace)
+            .field("gateway_id", &gateway_id)
+            .field("lease_ttl_secs", &lease_ttl_secs)
+            .field("lease_renew_secs", &lease_renew_secs)
+            .field("max_accounts", &max_accounts)
+            .field("accounts_per_connection", &accounts_per_connection)
+            .field("stream_connect_attempts", &stream_connect_attempts)
+            .field("log_format", &log_format)
+            .field("metrics_listen", &metrics_listen)
+            .field("cpu_wakeup_latency_us", &cpu_wakeup_latency_us)
+            .finish()
+    }
+}
+
 impl Config {
+    /// The chosen exchange, or an error naming `OCO_EXCHANGE`.
+    ///
+    /// # Errors
+    /// When it is not set.
+    pub fn exchange(&self) -> anyhow::Result<ExchangeKind> {
+        self.exchange
+            .context("OCO_EXCHANGE (or --exchange) is required: production, testnet or sim")
+    }
+
     /// The database URL, or an error naming `DATABASE_URL`.
     ///
     /// # Errors
@@ -147,7 +204,7 @@ impl Config {
     /// stream settings.
     ///
     /// # Errors
-    /// `sim` without both URLs.
+    /// No exchange chosen; `sim` without both URLs.
     pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
         let mut config = self.binance_urls()?;
         config.stream.set_connection_limits(
@@ -158,7 +215,7 @@ impl Config {
     }
 
     fn binance_urls(&self) -> anyhow::Result<BinanceConfig> {
-        let mut config = match self.exchange {
+        let mut config = match self.exchange()? {
             ExchangeKind::Production => BinanceConfig::production(),
             ExchangeKind::Testnet => BinanceConfig::testnet(),
             ExchangeKind::Sim => {
@@ -340,7 +397,7 @@ pub async fn run(
     let holder = config.gateway_config()?.holder;
     tracing::info!(
         holder = %holder,
-        exchange = ?config.exchange,
+        exchange = ?config.exchange()?,
         namespace = %config.id_namespace,
         lease_ttl_s = config.lease_ttl_secs,
         renew_s = config.lease_renew_secs,

@@ -14,6 +14,8 @@ async fn a_malformed_secret_key_is_refused_without_echoing_it() {
         "postgres://127.0.0.1/none",
         "--secret-key",
         "not-a-key-at-all",
+        "--exchange",
+        "testnet",
     ])
     .unwrap();
     assert!(
@@ -34,18 +36,23 @@ async fn a_malformed_secret_key_is_refused_without_echoing_it() {
 
 #[tokio::test]
 async fn a_missing_secret_key_is_named() {
-    let config =
-        Config::try_parse_from(["ws-gateway", "--database-url", "postgres://127.0.0.1/none"])
-            .unwrap();
+    let config = Config::try_parse_from([
+        "ws-gateway",
+        "--database-url",
+        "postgres://127.0.0.1/none",
+        "--exchange",
+        "testnet",
+    ])
+    .unwrap();
     let err = ws_gateway_bin::wire(&config).await.err().unwrap();
     assert!(format!("{err:#}").contains("OCO_SECRET_KEY"));
 }
 
 #[test]
 fn defaults_and_overrides() {
-    let c = Config::try_parse_from(["ws-gateway"]).unwrap();
+    let c = Config::try_parse_from(["ws-gateway", "--exchange", "production"]).unwrap();
     assert!(c.command.is_none());
-    assert_eq!(c.exchange, ExchangeKind::Production);
+    assert_eq!(c.exchange, Some(ExchangeKind::Production));
     assert_eq!(c.id_namespace, "og");
     assert_eq!(c.db_pool_size, 8);
     assert_eq!(c.log_format, LogFormat::Auto);
@@ -169,4 +176,48 @@ fn bad_settings_are_refused_by_name() {
             .to_string()
             .contains("OCO_LEASE_RENEW_SECS")
     );
+}
+
+#[tokio::test]
+async fn the_exchange_is_never_assumed() {
+    // Testnet keys sent to production fail every request: the gateway must
+    // be told where it is, as every other process is.
+    let c = Config::try_parse_from([
+        "ws-gateway",
+        "--database-url",
+        "postgres://127.0.0.1/none",
+        "--secret-key",
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    ])
+    .unwrap();
+    assert_eq!(c.exchange, None);
+    let err = c.binance_config().unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "OCO_EXCHANGE (or --exchange) is required: production, testnet or sim"
+    );
+    let err = ws_gateway_bin::wire(&c).await.err().unwrap();
+    assert!(format!("{err:#}").contains("OCO_EXCHANGE"), "{err:#}");
+    // Migrations touch no exchange and do not need one.
+    let c = Config::try_parse_from(["ws-gateway", "migrate"]).unwrap();
+    assert!(matches!(c.command, Some(Command::Migrate)));
+}
+
+#[test]
+fn debug_shows_no_database_password() {
+    let c = Config::try_parse_from([
+        "ws-gateway",
+        "--database-url",
+        "postgres://u:hunter2@h/db",
+        "--exchange",
+        "testnet",
+    ])
+    .unwrap();
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(
+        shown.contains("database_url: Some(\"[redacted]\")"),
+        "{shown}"
+    );
+    assert!(shown.contains("exchange: Some(Testnet)"), "{shown}");
 }
