@@ -13,6 +13,13 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations")
 /// processes starting together migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x6f63_6f67_7561_7264;
 
+/// How long connecting to migrate may take before the attempt fails.
+const MIGRATE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a start waits for another process's migrations before the
+/// attempt fails (and `connect_patiently` tries again within its patience).
+const MIGRATION_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Applies every pending migration to the database at `url` and returns the
 /// versions it applied (empty when the schema was current). Safe to call
 /// from several processes at once: they queue on an advisory lock, and the
@@ -78,13 +85,27 @@ where
         + Send
         + 'static,
 {
-    let conn = AsyncPgConnection::establish(url)
+    // Bounded: a server that accepts the connection and never answers (or
+    // an address that swallows packets) must fail this attempt, so that a
+    // caller's patience is kept rather than waited past.
+    let conn = tokio::time::timeout(MIGRATE_CONNECT_TIMEOUT, AsyncPgConnection::establish(url))
         .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "connecting to migrate: no answer within {MIGRATE_CONNECT_TIMEOUT:?}"
+            ))
+        })?
         .map_err(|e| StoreError::Unavailable(format!("connecting to migrate: {e}")))?;
     tokio::task::spawn_blocking(move || {
         let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
-        conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
-            .map_err(|e| StoreError::Unavailable(format!("taking the migration lock: {e}")))?;
+        // Another process migrating holds the lock: waiting is right, for a
+        // while; a process stuck while holding it must not hold every start
+        // for ever. The wait is bounded, then lifted for the migrations.
+        conn.batch_execute(&format!(
+            "SET lock_timeout = '{}ms'; SELECT pg_advisory_lock({MIGRATION_LOCK}); SET lock_timeout = 0",
+            MIGRATION_LOCK_WAIT.as_millis()
+        ))
+        .map_err(|e| StoreError::Unavailable(format!("taking the migration lock: {e}")))?;
         let result = work(&mut conn);
         // Closing the session releases the lock too; unlock early when we can.
         let _ = conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"));

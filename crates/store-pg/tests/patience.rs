@@ -101,3 +101,33 @@ async fn a_malformed_url_is_refused_at_once() {
     assert!(err.to_string().contains("not a PostgreSQL URL"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5), "no waiting");
 }
+
+#[tokio::test]
+async fn a_server_that_accepts_and_never_answers_is_given_up() {
+    let db = TestDb::new().await;
+    let mut config = db.config(2);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts every connection and holds it, saying nothing.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    config.url = via_relay(db.url(), port).1;
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(40),
+        PgStore::connect_patiently(config, Duration::from_secs(1)),
+    )
+    .await;
+    let took = started.elapsed();
+    silent.abort();
+    let err = outcome
+        .expect("an attempt that never ends keeps the patience waiting for ever")
+        .unwrap_err();
+    assert!(matches!(err, oco_core::StoreError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("no answer"), "{err}");
+    assert!(took < Duration::from_secs(20), "given up after {took:?}");
+}
