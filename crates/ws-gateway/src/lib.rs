@@ -60,6 +60,10 @@ pub struct GatewayConfig {
     /// claimed protection waits for the claim timeout and a lookup. Keep it
     /// well under `lease_ttl`.
     pub drain_grace: Duration,
+    /// While an account's stream stays down, how often it is flagged for
+    /// reconciliation again: each flag has `sync` look for fills the stream
+    /// missed, so a long outage protects them within this, not the interval.
+    pub reflag_while_down: Duration,
 }
 
 impl GatewayConfig {
@@ -87,6 +91,7 @@ impl GatewayConfig {
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             drain_grace: Duration::from_secs(5),
+            reflag_while_down: Duration::from_secs(30),
         }
     }
 }
@@ -513,9 +518,10 @@ impl Gateway {
             rules: self.rules.clone(),
             min_backoff: self.config.min_backoff,
             max_backoff: self.config.max_backoff,
+            reflag_while_down: self.config.reflag_while_down,
             stopped,
             lease,
-            gap_flagged: false,
+            down_flagged_at: None,
         };
         Running {
             task: tokio::spawn(async move { worker.run(why).await }),
@@ -544,14 +550,15 @@ struct AccountWorker {
     rules: RulesPrefetch,
     min_backoff: Duration,
     max_backoff: Duration,
+    reflag_while_down: Duration,
     /// Turns true when the account is to be let go.
     stopped: watch::Receiver<bool>,
     /// The number of the lease it follows the account under.
     lease: u64,
-    /// Whether the account was flagged since its stream was last up (or
-    /// since the task began): a stream that fails to open flags it only
-    /// then.
-    gap_flagged: bool,
+    /// When the account was last flagged since its stream was last up (or
+    /// since the task began): a stream that fails to open flags it then,
+    /// and again each `reflag_while_down` while it stays down.
+    down_flagged_at: Option<tokio::time::Instant>,
 }
 
 /// How long after a fetch of a symbol's rules began another may begin.
@@ -666,16 +673,27 @@ impl AccountWorker {
             Err(err) => {
                 // Events are missed until a stream opens, which may take long
                 // (rate limits, the exchange down): a lease taken over from a
-                // dead gateway must not wait for it to be reconciled. Once per
-                // gap; the stream that opens in the end flags it again.
-                if !self.gap_flagged {
-                    self.gap_flagged = true;
-                    self.flag(reason);
+                // dead gateway must not wait for it to be reconciled. Flagged
+                // at the first failure, then again each `reflag_while_down`
+                // while it stays down, so that fills missed meanwhile wait for
+                // that, not sync's interval; the stream that opens in the end
+                // flags it once more.
+                let now = tokio::time::Instant::now();
+                match self.down_flagged_at {
+                    None => {
+                        self.down_flagged_at = Some(now);
+                        self.flag(reason);
+                    }
+                    Some(at) if now.duration_since(at) >= self.reflag_while_down => {
+                        self.down_flagged_at = Some(now);
+                        self.flag("stream still down");
+                    }
+                    Some(_) => {}
                 }
                 return Err(err);
             }
         };
-        self.gap_flagged = false;
+        self.down_flagged_at = None;
         self.stats.streams_up.fetch_add(1, Ordering::Relaxed);
         self.stats.stream(self.account, self.lease, true);
         let _up = UpGuard(self.stats.clone(), self.account, self.lease);
@@ -707,7 +725,7 @@ impl AccountWorker {
                         // missed: sync's, at once rather than when (if ever
                         // soon) the stream reopens.
                         Some(Err(err)) => {
-                            self.gap_flagged = true;
+                            self.down_flagged_at = Some(tokio::time::Instant::now());
                             self.flag("stream ended");
                             return Err(err);
                         }

@@ -177,11 +177,17 @@ async fn world_with(n_accounts: usize, config: ProtectorConfig) -> World {
 
 impl World {
     fn gateway(&self, holder: &str) -> Gateway {
+        self.gateway_tuned(holder, |_| {})
+    }
+
+    /// [`World::gateway`] with its settings changed by `tune`.
+    fn gateway_tuned(&self, holder: &str, tune: impl FnOnce(&mut GatewayConfig)) -> Gateway {
         let mut config = GatewayConfig::standard(holder);
         config.renew_every = Duration::from_millis(50);
         // Short enough for a test, long enough that a loaded machine's late
         // renewal does not expire a live gateway's lease and reopen its streams.
         config.lease_ttl = Duration::from_secs(3);
+        tune(&mut config);
         Gateway::new(
             self.store.clone(),
             self.store.clone() as Arc<dyn Leases>,
@@ -931,6 +937,28 @@ async fn a_lease_taken_over_is_flagged_while_its_stream_cannot_open() {
     w.flagged_again("the stream opening at last", Duration::from_secs(5))
         .await;
     assert_eq!(w.streams.open_count(&key(0)), 1);
+}
+
+/// A stream that stays down flags its account again while it is down, so
+/// that sync looks for the fills missed since the first flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stays_down_flags_its_account_again() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let w = world(1).await;
+    w.streams.refuse.store(true, Relaxed);
+    let gateway = w.gateway_tuned("gw-1", |config| {
+        config.reflag_while_down = Duration::from_millis(300);
+    });
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gateway.run(async move {
+        let _ = stop_rx.await;
+    }));
+    w.flagged_again("the first refused open", Duration::from_secs(2))
+        .await;
+    // Taken by sync: a later fill is missed too, and needs another flag.
+    w.flagged_again("the stream still down", Duration::from_secs(3))
+        .await;
+    assert_eq!(w.streams.open_count(&key(0)), 0, "no stream open");
 }
 
 /// A stream that opens at the first attempt flags its account once.
