@@ -1131,6 +1131,7 @@ impl Protector {
         let mut pending = Vec::new();
         let mut errors = Vec::new();
         let mut again = None;
+        let mut balance_read = false;
         let mut late_reason = None;
         let mut cap_refused = false;
         let mut lost = false;
@@ -1201,12 +1202,16 @@ impl Protector {
                     if err.is_bad_prices() {
                         late_reason = Some(format!("market passed a level: {err}"));
                     } else if err.is_insufficient_balance() {
+                        // Read once however many legs were refused: the
+                        // placements are all answered, so one read sees it all.
                         // Unread, the call fails as for any refusal (labelled
                         // below) rather than leaving the label behind.
-                        match self.held_base(creds, rules).await {
-                            Ok(free) => again = Some(free),
-                            Err(read) => {
-                                warn!(entry = %entry.id, error = %read, "balance unread after a refusal for balance; not re-planned");
+                        if !std::mem::replace(&mut balance_read, true) {
+                            match self.held_base(creds, rules).await {
+                                Ok(free) => again = Some(free),
+                                Err(read) => {
+                                    warn!(entry = %entry.id, error = %read, "balance unread after a refusal for balance; not re-planned");
+                                }
                             }
                         }
                     } else if code == Some(-1013) {

@@ -91,6 +91,7 @@ struct FakeState {
     next_id: i64,
     oco_calls: usize,
     order_calls: usize,
+    balance_reads: usize,
     cancel_failure: Option<ExchangeError>,
 }
 
@@ -173,6 +174,11 @@ impl FakeExchange {
     /// How many times `place_order` was called, refused or not.
     pub fn order_calls(&self) -> usize {
         self.lock().order_calls
+    }
+
+    /// How many times the balances were read.
+    pub fn balance_reads(&self) -> usize {
+        self.lock().balance_reads
     }
 
     /// Executes an order as the matching engine would.
@@ -568,7 +574,8 @@ impl Exchange for FakeExchange {
 
     async fn balances(&self, creds: &ApiCredentials) -> Result<Vec<Balance>, ExchangeError> {
         YieldNow::default().await;
-        let s = self.lock();
+        let mut s = self.lock();
+        s.balance_reads += 1;
         Ok(s.balances
             .get(&creds.api_key)
             .map(|b| {

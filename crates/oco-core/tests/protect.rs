@@ -1800,6 +1800,19 @@ async fn a_replacement_stopped_by_a_failed_cancel_does_not_stay_labelled_protect
 }
 
 #[tokio::test]
+async fn legs_refused_for_balance_together_read_the_balance_once() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    // 1 bought, all of it sold by hand: both lists are refused for balance.
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(w.open_qty(), dec!(0));
+    assert_eq!(w.exchange.balance_reads(), 1, "one read for both refusals");
+}
+
+#[tokio::test]
 async fn a_fill_recorded_after_a_balance_refusal_is_planned_in_the_same_call() {
     let single = ProtectionConfig {
         split: dec!(1),
