@@ -11,7 +11,12 @@ use zeroize::Zeroizing;
 pub struct PgConfig {
     /// `postgres://user[:password]@host[:port]/database`. Plain TCP (no TLS).
     pub url: String,
-    /// Most connections the pool opens at once (at least 1).
+    /// Most connections each of the store's two pools opens at once (at
+    /// least 1): the durable one and the evidence one (asynchronous commits).
+    /// The store opens up to [`crate::LEASE_CONNECTIONS`] more, for the
+    /// account leases alone, so a process may hold
+    /// `2 × pool_size + LEASE_CONNECTIONS` connections, plus any `LISTEN`
+    /// connection it opens.
     pub pool_size: usize,
     /// The key API secrets are encrypted under.
     pub secret_key: SecretKey,

@@ -2,6 +2,10 @@
 //! A lease expires unless renewed, so a dead node's accounts move to live
 //! ones. Expiry is judged on the database clock (`now()`), the one clock all
 //! nodes share.
+//!
+//! Every statement here runs on the store's lease pool, never on the one the
+//! fills write through: a gateway lets all its accounts go when its renewals
+//! stop going through, and must not take a burst of fills for a lost database.
 
 use std::time::Duration;
 
@@ -70,7 +74,7 @@ impl PgStore {
         max: usize,
         ttl: Duration,
     ) -> Result<Vec<(AccountId, bool)>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.lease_conn().await?;
         let mut rows: Vec<MarkedRow> = diesel::sql_query(
             "WITH candidates AS ( \
                  SELECT a.id, l.holder AS previous FROM accounts a \
@@ -113,7 +117,7 @@ impl PgStore {
         holder: &str,
         ttl: Duration,
     ) -> Result<Vec<AccountId>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.lease_conn().await?;
         let rows: Vec<AccountIdRow> = diesel::sql_query(
             "WITH dropped AS ( \
                  DELETE FROM account_leases l USING accounts a \
@@ -136,7 +140,7 @@ impl PgStore {
     /// # Errors
     /// `Unavailable` when the database cannot be reached.
     pub async fn release_leases(&self, holder: &str) -> Result<usize, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.lease_conn().await?;
         diesel::sql_query("DELETE FROM account_leases WHERE holder = $1")
             .bind::<Text, _>(holder)
             .execute(&mut conn)

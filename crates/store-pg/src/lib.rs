@@ -2,7 +2,8 @@
 //! diesel-async over a deadpool pool of `tokio-postgres` connections (no
 //! libpq), the schema's migrations (embedded from the workspace's
 //! `migrations/` and applied under an advisory lock), API secrets encrypted
-//! at rest, account leases for sharding gateways, and reconcile flags taken
+//! at rest, account leases for sharding gateways (on connections of their
+//! own, so that fills never delay a renewal), and reconcile flags taken
 //! with `FOR UPDATE SKIP LOCKED` and announced with `NOTIFY`.
 //!
 //! Not here: any domain rule (merging evidence and status moves are
@@ -37,4 +38,4 @@ pub use listen::{
     learn_announced_entries, ring_on_flags,
 };
 pub use migrate::{MIGRATIONS, migrate};
-pub use store::{PgStore, STARTUP_PATIENCE};
+pub use store::{LEASE_CONNECTIONS, PgStore, STARTUP_PATIENCE};

@@ -146,6 +146,15 @@ fn only<T>(rows: Vec<T>) -> diesel::QueryResult<T> {
 /// before the call fails as `Unavailable`.
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Connections of the account leases' own pool, on top of the durable and
+/// evidence pools ([`PgConfig`]'s `pool_size` each); opened at first use or
+/// by [`PgStore::warm_up`]. A gateway makes its lease calls one at a time,
+/// so one would serve it. The second keeps them going while a statement the
+/// gateway gave up on (its bound) still runs on the first (the pool hands
+/// idle connections out in turn), and serves a second gateway on the same
+/// store (tests run several).
+pub const LEASE_CONNECTIONS: usize = 2;
+
 /// How long a service waits at start for an unreachable database before it
 /// gives up (`PgStore::connect_patiently`): long enough for a database that
 /// boots or restarts alongside it, short enough that a wrong address is
@@ -165,6 +174,12 @@ pub struct PgStore {
     /// crash just before it was written. A fill then waits for one flush
     /// (its claim's), not two.
     evidence_pool: Pool<AsyncPgConnection>,
+    /// Connections for the account leases alone, with durable commits like
+    /// `pool`'s. A gateway lets every account go when no renewal has gone
+    /// through for its lease hold: on the pool the fills write through, a
+    /// burst of fills would delay a renewal long enough to look like a lost
+    /// database. Here a renewal waits for no fill.
+    lease_pool: Pool<AsyncPgConnection>,
     cipher: Cipher,
     /// Entries with nothing filled and accounts, as last written or read
     /// here: a first fill written from them skips its read.
@@ -183,6 +198,7 @@ impl fmt::Debug for PgStore {
             .field("pool_size", &status.max_size)
             .field("pool_open", &status.size)
             .field("pool_idle", &status.available)
+            .field("lease_pool_open", &self.lease_pool.status().size)
             .field("url", &"[redacted]")
             .field("secret_key", &"[redacted]")
             .finish()
@@ -357,11 +373,13 @@ impl PgStore {
             config.pool_size,
             Some("SET synchronous_commit = off"),
         )?;
+        let lease_pool = build_pool(&config.url, LEASE_CONNECTIONS, None)?;
         let (announcements, to_announce) = tokio::sync::mpsc::channel(ANNOUNCE_QUEUE);
         tokio::spawn(announce(evidence_pool.clone(), to_announce));
         let store = PgStore {
             pool,
             evidence_pool,
+            lease_pool,
             cipher: Cipher::new(&config.secret_key),
             hints: Hints::default(),
             announcements,
@@ -412,23 +430,38 @@ impl PgStore {
         migrate(&self.url).await
     }
 
-    /// Opens every connection of both pools and prepares on each the
-    /// statements a fill is read with. Without it the first fills after a
-    /// start pay for what a pool does lazily: a server process per
-    /// connection, its catalog caches and a parse per statement, several
-    /// milliseconds each, at the moment a restarted gateway meets the fills
-    /// it missed. Nothing is written.
+    /// Opens every connection of the three pools and prepares on those of
+    /// the fills' two the statements a fill is read with. Without it the
+    /// first fills after a start pay for what a pool does lazily: a server
+    /// process per connection, its catalog caches and a parse per statement,
+    /// several milliseconds each, at the moment a restarted gateway meets the
+    /// fills it missed. The leases' connections are only opened (their
+    /// statements are not prepared ones), so the first renewal does not wait
+    /// for a server process either. Nothing is written.
     ///
     /// # Errors
     /// `Unavailable` when a connection cannot be opened or a statement fails.
     pub async fn warm_up(&self) -> Result<(), StoreError> {
-        // Both pools, each whatever becomes of the other.
-        let (durable, evidence) = futures_util::future::join(
+        // Every pool, each whatever becomes of the others.
+        let (durable, evidence, leases) = futures_util::future::join3(
             self.warm_pool(&self.pool, true),
             self.warm_pool(&self.evidence_pool, false),
+            Self::open_all(&self.lease_pool),
         )
         .await;
-        durable.and(evidence)
+        durable.and(evidence).and(leases.map(drop))
+    }
+
+    /// Every connection `connections` may hold, opened and checked out at
+    /// once (one at a time, the pool would hand the same one back).
+    async fn open_all(
+        connections: &Pool<AsyncPgConnection>,
+    ) -> Result<Vec<Object<AsyncPgConnection>>, StoreError> {
+        futures_util::future::try_join_all(
+            (0..connections.status().max_size)
+                .map(|_| async { connections.get().await.map_err(pool) }),
+        )
+        .await
     }
 
     /// Warms every connection of `connections`: the checks' functions are
@@ -442,12 +475,7 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         // Ids no row has: each read finds nothing, and is prepared all the same.
         let (nobody, nothing) = (AccountId(0), EntryId(0));
-        // All at once, or the pool would hand the same connection back.
-        let conns = futures_util::future::try_join_all(
-            (0..connections.status().max_size)
-                .map(|_| async { connections.get().await.map_err(pool) }),
-        )
-        .await?;
+        let conns = Self::open_all(connections).await?;
         futures_util::future::try_join_all(conns.into_iter().map(|mut conn| async move {
             for _ in 0..PLAN_WARM_ROUNDS {
                 let snapshot = Self::start_snapshot(&mut conn, nothing, Some(nobody), Vec::new());
@@ -580,12 +608,23 @@ impl PgStore {
         &self.pool
     }
 
+    /// The pool the account leases are taken, renewed and released on
+    /// ([`LEASE_CONNECTIONS`] connections), for tests and tools that inspect it.
+    pub fn lease_pool(&self) -> &Pool<AsyncPgConnection> {
+        &self.lease_pool
+    }
+
     pub(crate) fn url(&self) -> &str {
         &self.url
     }
 
     pub(crate) async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         self.pool.get().await.map_err(pool)
+    }
+
+    /// A connection of the leases' own pool: never one a fill holds.
+    pub(crate) async fn lease_conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
+        self.lease_pool.get().await.map_err(pool)
     }
 
     async fn check_secret_key(&self) -> Result<(), StoreError> {

@@ -716,6 +716,102 @@ async fn concurrent_lease_acquirers_never_share_an_account() {
     assert!(n <= 20);
 }
 
+/// Fills holding every connection of the pool they write through (here
+/// claims, each waiting on a row lock another process holds) hold up no lease
+/// call of the gateway's: leases have connections of their own, so a gateway
+/// does not take a busy pool for a lost database and let its accounts go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_calls_go_through_while_fills_hold_every_pooled_connection() {
+    use diesel_async::SimpleAsyncConnection as _;
+    use oco_core::ports::Leases;
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    const POOL: usize = 2;
+    // Well under the pool's 5 s wait, which a lease call queued behind the
+    // fills would spend before failing.
+    const PROMPT: Duration = Duration::from_secs(2);
+    async fn prompt<T>(call: &str, leased: impl Future<Output = Result<T, StoreError>>) -> T {
+        tokio::time::timeout(PROMPT, leased)
+            .await
+            .unwrap_or_else(|_| panic!("{call} waited behind the fills for {PROMPT:?}"))
+            .unwrap()
+    }
+    let db = TestDb::new().await;
+    let store = Arc::new(PgStore::connect(db.config(POOL)).await.unwrap());
+    let account = new_account(store.as_ref(), "k1").await;
+    let entry = new_entry(store.as_ref(), account.id).await.id;
+
+    let mut locker = raw(&db).await;
+    locker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM entries WHERE id = {entry} FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let claims: Vec<_> = (0..POOL)
+        .map(|generation| {
+            let store = Arc::clone(&store);
+            let claim = claim(entry, u32::try_from(generation).unwrap());
+            tokio::spawn(async move { store.claim_legs(&[claim]).await })
+        })
+        .collect();
+    let busy = |store: &PgStore| {
+        let status = store.pool().status();
+        status.size == POOL && status.available == 0
+    };
+    // Not on the locker's connection: in a transaction the activity view
+    // stays as first read.
+    let mut watcher = raw(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: Count = diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .get_result(&mut watcher)
+        .await
+        .unwrap();
+        if usize::try_from(waiting.n).unwrap() == POOL && busy(&store) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the claims never took every pooled connection"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let long = Duration::from_secs(60);
+    let store_ref = store.as_ref();
+    assert_eq!(
+        prompt(
+            "acquiring",
+            Leases::acquire_leases(store_ref, "gw-1", 10, long)
+        )
+        .await,
+        vec![(account.id, false)]
+    );
+    assert_eq!(
+        prompt("renewing", Leases::renew_leases(store_ref, "gw-1", long)).await,
+        vec![account.id]
+    );
+    prompt("releasing", Leases::release_leases(store_ref, "gw-1")).await;
+    assert!(busy(&store), "the fills held the pool throughout");
+    assert!(
+        claims.iter().all(|c| !c.is_finished()),
+        "the claims still wait"
+    );
+
+    // Delayed, not failed: the claims go through once the row is free.
+    locker.batch_execute("COMMIT").await.unwrap();
+    for c in claims {
+        assert_eq!(c.await.unwrap().unwrap(), vec![true]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flagged_accounts_are_taken_once_and_announced() {
     let db = TestDb::new().await;
@@ -1041,6 +1137,11 @@ async fn warm_up_opens_every_connection_and_prepares_the_fill_reads() {
 
     assert_eq!(store.pool().status().size, 3);
     assert_eq!(store.evidence_pool().status().size, 3);
+    assert_eq!(
+        store.lease_pool().status().size,
+        store_pg::LEASE_CONNECTIONS,
+        "the leases' connections opened too"
+    );
     // Both pools' three connections, each prepared with the fill's four reads
     // (the snapshot, the keys, the settings, the legs).
     let reads = "SELECT count(*) AS n FROM pg_prepared_statements \

@@ -315,9 +315,10 @@ impl Gateway {
             // Bounded by the lapse: a call on a connection gone half-open
             // waits for TCP to give up (about 15 min), while the tasks would
             // go on streaming accounts another gateway takes and the loop
-            // would not hear the shutdown. Not shorter: a renewal that waits
-            // for a pool busy with fills is slow, not lost, and cut short it
-            // would let every account go for nothing.
+            // would not hear the shutdown. Not shorter: a renewal slowed by a
+            // loaded database is slow, not lost, and cut short it would let
+            // every account go for nothing. (`store-pg` renews on connections
+            // of its own, so fills do not slow it.)
             let bound = if tasks.is_empty() {
                 began + hold
             } else {
