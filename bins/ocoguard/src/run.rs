@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow};
 use clap::Args;
-use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
+use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream, MissingUrls};
 use oco_core::ports::{Exchange, Leases};
 use oco_core::{IdScheme, Protector, ProtectorConfig, SystemClock};
 use store_pg::{PgConfig, PgStore};
@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use ws_gateway::{Gateway, GatewayConfig};
 
-use crate::config::{ExchangeKind, Settings};
+use crate::config::Settings;
 
 /// `ocoguard run`.
 #[derive(Debug, Clone, Args)]
@@ -44,23 +44,14 @@ impl Settings {
     }
 
     fn binance_urls(&self) -> anyhow::Result<BinanceConfig> {
-        let mut config = match self.exchange {
-            ExchangeKind::Production => BinanceConfig::production(),
-            ExchangeKind::Testnet => BinanceConfig::testnet(),
-            ExchangeKind::Sim => {
-                let (Some(rest), Some(ws)) = (&self.binance_rest_url, &self.binance_ws_url) else {
-                    bail!("exchange `sim` needs `exchange.rest_url` and `exchange.ws_url`");
-                };
-                return Ok(BinanceConfig::custom(rest.clone(), ws.clone()));
-            }
-        };
-        if let Some(rest) = &self.binance_rest_url {
-            config.rest_base = rest.trim_end_matches('/').to_owned();
-        }
-        if let Some(ws) = &self.binance_ws_url {
-            config.ws_api_url.clone_from(ws);
-        }
-        Ok(config)
+        BinanceConfig::for_exchange(
+            self.exchange,
+            self.binance_rest_url.as_deref(),
+            self.binance_ws_url.as_deref(),
+        )
+        .map_err(|_: MissingUrls| {
+            anyhow!("exchange `sim` needs `exchange.rest_url` and `exchange.ws_url`")
+        })
     }
 
     /// The gateway's settings: the standard ones with this file's lease
