@@ -99,8 +99,10 @@ pub async fn migrate(database_url: &str) -> anyhow::Result<Vec<String>> {
 }
 
 /// Every layer in this process until `shutdown` completes: the gateway, sync
-/// and the entry API, over PostgreSQL and the configured exchange. Each layer
-/// has its own exchange client, as separate processes would.
+/// and the entry API, over PostgreSQL and the configured exchange. The three
+/// layers share one exchange client, hence one pacer: Binance counts request
+/// weight and bans per IP, so the process keeps one weight budget, and a
+/// 429 or 418 met by any layer holds back the requests of all of them.
 ///
 /// # Errors
 /// Bad settings (the message names the variable, never the secret key), an
@@ -131,30 +133,30 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     }
     // One registry for the three layers: placements are told apart by source.
     let metrics = Metrics::new();
-    let client = || {
-        BinanceExchange::new(binance.clone())
-            .context("building the Binance client (`exchange.rest_url`)")
-    };
-    let observed = |exchange: BinanceExchange| -> Arc<dyn Exchange> {
-        let weight = exchange.clone();
-        metrics.watch_weight(move || weight.used_weight());
-        Arc::new(ObservedExchange::new(Arc::new(exchange), metrics.clone()))
-    };
-    let gw_exchange = client()?;
-    if let Err(err) = gw_exchange.sync_time().await {
+    // One client for the three layers, as for the IP they share: one weight
+    // budget (three clients would each spend `pacing.weight_per_minute` of
+    // the IP's 6,000) and one hold after a 429 or 418 (repeated 429s from
+    // clients that did not hear of it get the IP banned).
+    let client = BinanceExchange::new(binance.clone())
+        .context("building the Binance client (`exchange.rest_url`)")?;
+    if let Err(err) = client.sync_time().await {
         // Not fatal: the adapter re-syncs by itself after a -1021.
         tracing::warn!(error = %err, "could not read the exchange's time at start");
     }
+    // The stream's connections and subscriptions spend the same per-IP
+    // weight as the orders: charged to the same pacer.
+    let streams = BinanceUserStream::sharing_weight_with(binance.clone(), &client)
+        .context("building the Binance stream client (`exchange.ws_url`)")?;
+    let weight = client.clone();
+    metrics.watch_weight(move || weight.used_weight());
+    let exchange: Arc<dyn Exchange> =
+        Arc::new(ObservedExchange::new(Arc::new(client), metrics.clone()));
 
     // Layer 1: the user-data streams.
     let gateway_config = args.gateway_config();
     let holder = gateway_config.holder.clone();
-    // The stream's connections and subscriptions spend the same per-IP
-    // weight as the orders: charged to the gateway's REST client's pacer.
-    let streams = BinanceUserStream::sharing_weight_with(binance.clone(), &gw_exchange)
-        .context("building the Binance stream client (`exchange.ws_url`)")?;
     let gw_protector = Arc::new(Protector::new(
-        observed(gw_exchange),
+        exchange.clone(),
         store.clone(),
         Arc::new(SystemClock),
         ProtectorConfig::new(ids.clone()),
@@ -181,7 +183,7 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     // Layer 2: reconciliation.
     let sync_config = args.sync_config();
     let reconciler = Arc::new(Reconciler::wired(
-        observed(client()?),
+        exchange.clone(),
         store.clone(),
         Arc::new(SystemClock),
         ProtectorConfig::new(ids.clone()),
@@ -210,7 +212,7 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     // Layer 3: the entry API.
     let state = api_bin::app_state(
         store.clone(),
-        observed(client()?),
+        exchange,
         Arc::new(SystemClock),
         &args.id_namespace,
     )?;
