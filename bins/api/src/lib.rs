@@ -11,11 +11,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use api::AppState;
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use exchange_binance::BinanceConfig;
-use exchange_binance::BinanceExchange;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
+use exchange_binance::{BinanceConfig, BinanceExchange, MissingUrls};
 use oco_core::ports::SystemClock;
 use oco_core::ports::{Clock, Coverage, Exchange, Store, Users};
 use oco_core::{IdScheme, Protector, ProtectorConfig};
@@ -86,15 +86,16 @@ impl fmt::Debug for DbArgs {
     }
 }
 
-/// Which exchange endpoints to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ExchangeKind {
-    /// Binance Spot.
-    Production,
-    /// The Binance Spot testnet.
-    Testnet,
-    /// An `exchange-sim` at `--binance-rest-url` / `--binance-ws-url`.
-    Sim,
+/// Which exchange (`OCO_EXCHANGE`): the adapter's names and endpoint presets,
+/// the same for every binary.
+pub use exchange_binance::ExchangeKind;
+
+/// `--exchange`'s parser: the adapter's names, each listed in the help.
+fn exchange_kind() -> impl TypedValueParser<Value = ExchangeKind> {
+    PossibleValuesParser::new(
+        ExchangeKind::ALL.map(|kind| PossibleValue::new(kind.name()).help(kind.about())),
+    )
+    .try_map(|name| name.parse::<ExchangeKind>())
 }
 
 /// `api serve`.
@@ -104,7 +105,7 @@ pub struct ServeArgs {
     #[arg(long, env = "OCO_API_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Exchange endpoints.
-    #[arg(long, env = "OCO_EXCHANGE", value_enum)]
+    #[arg(long, env = "OCO_EXCHANGE", value_parser = exchange_kind())]
     pub exchange: ExchangeKind,
     /// REST base, overriding the preset (required for `sim`).
     #[arg(long = "binance-rest-url", env = "BINANCE_REST_URL")]
@@ -126,23 +127,12 @@ pub struct ServeArgs {
 /// # Errors
 /// When `sim` lacks its URLs.
 pub fn binance_config(args: &ServeArgs) -> anyhow::Result<BinanceConfig> {
-    let mut config = match args.exchange {
-        ExchangeKind::Production => BinanceConfig::production(),
-        ExchangeKind::Testnet => BinanceConfig::testnet(),
-        ExchangeKind::Sim => {
-            let (Some(rest), Some(ws)) = (&args.rest_url, &args.ws_url) else {
-                bail!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL");
-            };
-            BinanceConfig::custom(rest.clone(), ws.clone())
-        }
-    };
-    if let Some(rest) = &args.rest_url {
-        config.rest_base = rest.trim_end_matches('/').to_owned();
-    }
-    if let Some(ws) = &args.ws_url {
-        config.ws_api_url = ws.clone();
-    }
-    Ok(config)
+    BinanceConfig::for_exchange(
+        args.exchange,
+        args.rest_url.as_deref(),
+        args.ws_url.as_deref(),
+    )
+    .map_err(|_: MissingUrls| anyhow!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL"))
 }
 
 /// Connects to the database (applying migrations) with `db`'s settings, at

@@ -162,29 +162,9 @@ pub const OPTIONS: &[OptionDoc] = &[
     },
 ];
 
-/// Which exchange endpoints to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExchangeKind {
-    /// `api.binance.com`.
-    Production,
-    /// `testnet.binance.vision`.
-    Testnet,
-    /// An `exchange-sim`: both URLs are required.
-    Sim,
-}
-
-impl FromStr for ExchangeKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "production" => Ok(Self::Production),
-            "testnet" => Ok(Self::Testnet),
-            "sim" => Ok(Self::Sim),
-            _ => Err("expected `production`, `testnet` or `sim`".to_owned()),
-        }
-    }
-}
+/// Which exchange (`exchange.kind`): the adapter's names and endpoint
+/// presets, the same for every binary.
+pub use exchange_binance::ExchangeKind;
 
 /// Log output: the format every binary shares (`auto`, `human`, `json`).
 pub use telemetry::LogFormat;

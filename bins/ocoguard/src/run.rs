@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow};
 use clap::Args;
-use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
+use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream, MissingUrls};
 use oco_core::ports::{Exchange, Leases};
 use oco_core::{IdScheme, Protector, ProtectorConfig, SystemClock};
 use store_pg::{PgConfig, PgStore};
@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use ws_gateway::{Gateway, GatewayConfig};
 
-use crate::config::{ExchangeKind, Settings};
+use crate::config::Settings;
 
 /// `ocoguard run`.
 #[derive(Debug, Clone, Args)]
@@ -44,23 +44,14 @@ impl Settings {
     }
 
     fn binance_urls(&self) -> anyhow::Result<BinanceConfig> {
-        let mut config = match self.exchange {
-            ExchangeKind::Production => BinanceConfig::production(),
-            ExchangeKind::Testnet => BinanceConfig::testnet(),
-            ExchangeKind::Sim => {
-                let (Some(rest), Some(ws)) = (&self.binance_rest_url, &self.binance_ws_url) else {
-                    bail!("exchange `sim` needs `exchange.rest_url` and `exchange.ws_url`");
-                };
-                return Ok(BinanceConfig::custom(rest.clone(), ws.clone()));
-            }
-        };
-        if let Some(rest) = &self.binance_rest_url {
-            config.rest_base = rest.trim_end_matches('/').to_owned();
-        }
-        if let Some(ws) = &self.binance_ws_url {
-            config.ws_api_url.clone_from(ws);
-        }
-        Ok(config)
+        BinanceConfig::for_exchange(
+            self.exchange,
+            self.binance_rest_url.as_deref(),
+            self.binance_ws_url.as_deref(),
+        )
+        .map_err(|_: MissingUrls| {
+            anyhow!("exchange `sim` needs `exchange.rest_url` and `exchange.ws_url`")
+        })
     }
 
     /// The gateway's settings: the standard ones with this file's lease
@@ -108,8 +99,10 @@ pub async fn migrate(database_url: &str) -> anyhow::Result<Vec<String>> {
 }
 
 /// Every layer in this process until `shutdown` completes: the gateway, sync
-/// and the entry API, over PostgreSQL and the configured exchange. Each layer
-/// has its own exchange client, as separate processes would.
+/// and the entry API, over PostgreSQL and the configured exchange. The three
+/// layers share one exchange client, hence one pacer: Binance counts request
+/// weight and bans per IP, so the process keeps one weight budget, and a
+/// 429 or 418 met by any layer holds back the requests of all of them.
 ///
 /// # Errors
 /// Bad settings (the message names the variable, never the secret key), an
@@ -140,30 +133,30 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     }
     // One registry for the three layers: placements are told apart by source.
     let metrics = Metrics::new();
-    let client = || {
-        BinanceExchange::new(binance.clone())
-            .context("building the Binance client (`exchange.rest_url`)")
-    };
-    let observed = |exchange: BinanceExchange| -> Arc<dyn Exchange> {
-        let weight = exchange.clone();
-        metrics.watch_weight(move || weight.used_weight());
-        Arc::new(ObservedExchange::new(Arc::new(exchange), metrics.clone()))
-    };
-    let gw_exchange = client()?;
-    if let Err(err) = gw_exchange.sync_time().await {
+    // One client for the three layers, as for the IP they share: one weight
+    // budget (three clients would each spend `pacing.weight_per_minute` of
+    // the IP's 6,000) and one hold after a 429 or 418 (repeated 429s from
+    // clients that did not hear of it get the IP banned).
+    let client = BinanceExchange::new(binance.clone())
+        .context("building the Binance client (`exchange.rest_url`)")?;
+    if let Err(err) = client.sync_time().await {
         // Not fatal: the adapter re-syncs by itself after a -1021.
         tracing::warn!(error = %err, "could not read the exchange's time at start");
     }
+    // The stream's connections and subscriptions spend the same per-IP
+    // weight as the orders: charged to the same pacer.
+    let streams = BinanceUserStream::sharing_weight_with(binance.clone(), &client)
+        .context("building the Binance stream client (`exchange.ws_url`)")?;
+    let weight = client.clone();
+    metrics.watch_weight(move || weight.used_weight());
+    let exchange: Arc<dyn Exchange> =
+        Arc::new(ObservedExchange::new(Arc::new(client), metrics.clone()));
 
     // Layer 1: the user-data streams.
     let gateway_config = args.gateway_config();
     let holder = gateway_config.holder.clone();
-    // The stream's connections and subscriptions spend the same per-IP
-    // weight as the orders: charged to the gateway's REST client's pacer.
-    let streams = BinanceUserStream::sharing_weight_with(binance.clone(), &gw_exchange)
-        .context("building the Binance stream client (`exchange.ws_url`)")?;
     let gw_protector = Arc::new(Protector::new(
-        observed(gw_exchange),
+        exchange.clone(),
         store.clone(),
         Arc::new(SystemClock),
         ProtectorConfig::new(ids.clone()),
@@ -190,7 +183,7 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     // Layer 2: reconciliation.
     let sync_config = args.sync_config();
     let reconciler = Arc::new(Reconciler::wired(
-        observed(client()?),
+        exchange.clone(),
         store.clone(),
         Arc::new(SystemClock),
         ProtectorConfig::new(ids.clone()),
@@ -219,7 +212,7 @@ pub async fn run_all(args: &Settings, shutdown: impl Future<Output = ()>) -> any
     // Layer 3: the entry API.
     let state = api_bin::app_state(
         store.clone(),
-        observed(client()?),
+        exchange,
         Arc::new(SystemClock),
         &args.id_namespace,
     )?;

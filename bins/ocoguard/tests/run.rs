@@ -23,8 +23,26 @@ async fn migrate_applies_every_migration_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_protects_an_entry_placed_through_its_api() {
+/// `ocoguard run` on its own database and simulator, started from a config
+/// file with the environment over it, with a user and the simulator's
+/// account registered through its entry API.
+struct Running {
+    db: TestDb,
+    sim: Sim,
+    /// The process's database, opened beside it with the same key.
+    store: PgStore,
+    http: reqwest::Client,
+    /// The entry API's base URL, `http://127.0.0.1:PORT/v1`.
+    base: String,
+    port: u16,
+    metrics_port: u16,
+    token: String,
+    account: Value,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(name: &str) -> Running {
     let db = TestDb::new().await;
     let sim = Sim::start(SimConfig::new("127.0.0.1:0".parse().unwrap()).with_account(
         AccountSpec::new(
@@ -52,7 +70,7 @@ async fn run_protects_an_entry_placed_through_its_api() {
     };
     let (port, metrics_port) = (free_port(), free_port());
     // The settings as `ocoguard run` reads them: a file, the environment over it.
-    let dir = std::env::temp_dir().join(format!("ocoguard-run-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("ocoguard-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("ocoguard.toml");
     std::fs::write(
@@ -120,6 +138,60 @@ async fn run_protects_an_entry_placed_through_its_api() {
         assert!(Instant::now() < deadline, "the API never came up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    Running {
+        db,
+        sim,
+        store,
+        http,
+        base,
+        port,
+        metrics_port,
+        token,
+        account,
+        stop,
+        task,
+    }
+}
+
+impl Running {
+    /// Places an entry of the account through the API; returns its id.
+    async fn entry(&self, mut body: Value) -> oco_core::EntryId {
+        body["account"] = self.account["id"].clone();
+        let reply = self
+            .http
+            .post(format!("{}/entries", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(reply.status().is_success(), "{:?}", reply.text().await);
+        let entry: Value = reply.json().await.unwrap();
+        oco_core::EntryId(entry["id"].as_i64().unwrap())
+    }
+
+    /// Stops the process as SIGTERM would, and checks it stopped cleanly.
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_protects_an_entry_placed_through_its_api() {
+    let Running {
+        db,
+        sim,
+        store,
+        http,
+        base,
+        port,
+        metrics_port,
+        token,
+        account,
+        stop,
+        task,
+    } = start("run").await;
     let reply = http
         .post(format!("{base}/entries"))
         .bearer_auth(&token)
@@ -271,6 +343,97 @@ async fn run_protects_an_entry_placed_through_its_api() {
     task.await.unwrap().unwrap();
 }
 
+/// Retry-After of the refusal in the test below, seconds.
+const HOLD_SECS: u64 = 3;
+
+/// The three layers of `run` spend one request budget, as Binance counts it
+/// (per IP): a 429 met by one layer's request holds back the requests of the
+/// others until its `Retry-After` has passed, instead of letting them go on
+/// hitting the limit (repeated 429s get the IP banned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_met_by_one_layer_holds_back_the_others() {
+    let run = start("hold").await;
+    let ctl = run.sim.control();
+    wait(Duration::from_secs(30), "the gateway to subscribe", || {
+        ctl.subscription_count() == 1
+    })
+    .await;
+    // A LIMIT that rests; the gateway protects it when it fills.
+    let resting = run
+        .entry(
+            json!({"symbol": "BTCUSDT", "type": "LIMIT", "quantity": "0.01",
+                      "price": "59900", "tp": ["61000"]}),
+        )
+        .await;
+    // The next REST request, whoever sends it, is refused: 429, Retry-After.
+    let seen = ctl.requests().last().map_or(0, |r| r.seq);
+    ctl.throttle_requests(1, HOLD_SECS);
+    ctl.set_price("BTCUSDT", Decimal::from(59_850)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let found = ctl
+            .requests()
+            .into_iter()
+            .find(|r| r.seq > seen && r.status == 429);
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway sent nothing for the fill"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let hold_us = HOLD_SECS * 1_000_000;
+    // Meanwhile an entry comes to the API, whose own requests met no
+    // refusal: they wait for the hold another layer met.
+    let sent_us = now_us();
+    assert!(
+        sent_us < refused.responded_us + hold_us / 2,
+        "the entry is placed during the hold"
+    );
+    let direct = run
+        .entry(
+            json!({"symbol": "ETHUSDT", "type": "MARKET", "quantity": "0.1",
+                      "tp": ["3100"]}),
+        )
+        .await;
+    // The API's order (no other layer sends one here). Only the API's
+    // requests are sure to have left after the refusal: the gateway's other
+    // leg went out beside the refused one and may arrive after it.
+    let orders: Vec<_> = ctl
+        .requests()
+        .into_iter()
+        .filter(|r| r.received_us > sent_us && r.method == "POST" && r.path == "/api/v3/order")
+        .collect();
+    let [order] = orders.as_slice() else {
+        panic!("the API's order reaches the exchange once: {orders:?}");
+    };
+    // The client waits from the moment it read the refusal: a little margin
+    // for the server-time offset it measured.
+    let margin_us = 250_000;
+    assert!(
+        order.received_us + margin_us >= refused.responded_us + hold_us,
+        "the API's order arrived {} ms into a {HOLD_SECS} s hold met by {} {}",
+        order.received_us.saturating_sub(refused.responded_us) / 1000,
+        refused.method,
+        refused.path
+    );
+    // Both are protected once the hold has passed: the market entry by the
+    // API or by the gateway, which hears of its fill while the API waits.
+    use oco_core::Source;
+    wait_protected_by(&run.store, direct, &[Source::Direct, Source::Websocket]).await;
+    wait_protected(&run.store, resting, Source::Websocket).await;
+    run.stop().await;
+}
+
+fn now_us() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    u64::try_from(since.as_micros()).unwrap()
+}
+
 async fn wait(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !ok() {
@@ -281,13 +444,21 @@ async fn wait(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
 
 /// Waits until `entry` is protected and checks by which layer.
 async fn wait_protected(store: &PgStore, entry: oco_core::EntryId, by: oco_core::Source) {
+    wait_protected_by(store, entry, &[by]).await;
+}
+
+/// Waits until `entry` is protected and checks that one of `layers` did it.
+async fn wait_protected_by(store: &PgStore, entry: oco_core::EntryId, layers: &[oco_core::Source]) {
     use oco_core::Store as _;
     use oco_core::model::Protection;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let e = store.entry(entry).await.unwrap();
         if let Protection::Protected { by: layer, .. } = e.protection {
-            assert_eq!(layer, by, "entry {entry} protected by {layer}, not {by}");
+            assert!(
+                layers.contains(&layer),
+                "entry {entry} protected by {layer}, not by {layers:?}"
+            );
             return;
         }
         assert!(

@@ -8,9 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use clap::{Parser, ValueEnum};
-use exchange_binance::{BinanceConfig, BinanceExchange};
+use anyhow::{Context as _, anyhow, bail};
+use clap::Parser;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use exchange_binance::{BinanceConfig, BinanceExchange, MissingUrls};
 use oco_core::{IdScheme, ProtectorConfig, SystemClock};
 use store_pg::{PgConfig, PgStore, SecretKey};
 use sync::{Reconciler, SyncConfig};
@@ -31,7 +32,7 @@ pub struct Config {
     /// Which exchange: Binance production, the Binance Spot testnet, or an
     /// `exchange-sim` (which needs both URLs). Required, as for every other
     /// process: keys of one exchange sent to another fail every request.
-    #[arg(long, env = "OCO_EXCHANGE", value_enum)]
+    #[arg(long, env = "OCO_EXCHANGE", value_parser = exchange_kind())]
     pub exchange: Option<ExchangeKind>,
     /// REST base URL; overrides the exchange's default.
     #[arg(long, env = "BINANCE_REST_URL")]
@@ -69,15 +70,16 @@ pub struct Config {
 /// The default of `--metrics-listen`.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9182";
 
-/// The exchange endpoints to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ExchangeKind {
-    /// `api.binance.com`.
-    Production,
-    /// `testnet.binance.vision`.
-    Testnet,
-    /// An `exchange-sim`: `BINANCE_REST_URL` and `BINANCE_WS_URL` are required.
-    Sim,
+/// Which exchange (`OCO_EXCHANGE`): the adapter's names and endpoint presets,
+/// the same for every binary.
+pub use exchange_binance::ExchangeKind;
+
+/// `--exchange`'s parser: the adapter's names, each listed in the help.
+fn exchange_kind() -> impl TypedValueParser<Value = ExchangeKind> {
+    PossibleValuesParser::new(
+        ExchangeKind::ALL.map(|kind| PossibleValue::new(kind.name()).help(kind.about())),
+    )
+    .try_map(|name| name.parse::<ExchangeKind>())
 }
 
 /// Configuration text that must never be shown: `Debug` redacts it. Parsed
@@ -154,23 +156,14 @@ impl Config {
     /// # Errors
     /// No exchange chosen; `sim` without both URLs.
     pub fn binance_config(&self) -> anyhow::Result<BinanceConfig> {
-        let mut config = match self.exchange()? {
-            ExchangeKind::Production => BinanceConfig::production(),
-            ExchangeKind::Testnet => BinanceConfig::testnet(),
-            ExchangeKind::Sim => {
-                let (Some(rest), Some(ws)) = (&self.binance_rest_url, &self.binance_ws_url) else {
-                    bail!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL");
-                };
-                return Ok(BinanceConfig::custom(rest.clone(), ws.clone()));
-            }
-        };
-        if let Some(rest) = &self.binance_rest_url {
-            config.rest_base.clone_from(rest);
-        }
-        if let Some(ws) = &self.binance_ws_url {
-            config.ws_api_url.clone_from(ws);
-        }
-        Ok(config)
+        BinanceConfig::for_exchange(
+            self.exchange()?,
+            self.binance_rest_url.as_deref(),
+            self.binance_ws_url.as_deref(),
+        )
+        .map_err(|_: MissingUrls| {
+            anyhow!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL")
+        })
     }
 
     /// Database connections: `OCO_DB_POOL_SIZE`, else the older `SYNC_DB_POOL`, else 8.

@@ -10,9 +10,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand, ValueEnum};
-use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream};
+use anyhow::{Context as _, anyhow, bail};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{Parser, Subcommand};
+use exchange_binance::{BinanceConfig, BinanceExchange, BinanceUserStream, MissingUrls};
 use oco_core::ports::Leases;
 use oco_core::{IdScheme, Protector, ProtectorConfig, SystemClock};
 use store_pg::{PgConfig, PgStore, SecretKey};
@@ -40,7 +41,7 @@ pub struct Config {
     /// Which exchange: Binance production, the Binance Spot testnet, or an
     /// `exchange-sim` (which needs both URLs). Required to run the gateway:
     /// keys of one exchange sent to another fail every request.
-    #[arg(long, env = "OCO_EXCHANGE", value_enum)]
+    #[arg(long, env = "OCO_EXCHANGE", value_parser = exchange_kind())]
     pub exchange: Option<ExchangeKind>,
     /// REST base URL; overrides the exchange's default.
     #[arg(long, env = "BINANCE_REST_URL")]
@@ -99,15 +100,16 @@ pub enum Command {
     Migrate,
 }
 
-/// The exchange endpoints to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ExchangeKind {
-    /// `api.binance.com`.
-    Production,
-    /// `testnet.binance.vision`.
-    Testnet,
-    /// An `exchange-sim`: `BINANCE_REST_URL` and `BINANCE_WS_URL` are required.
-    Sim,
+/// Which exchange (`OCO_EXCHANGE`): the adapter's names and endpoint presets,
+/// the same for every binary.
+pub use exchange_binance::ExchangeKind;
+
+/// `--exchange`'s parser: the adapter's names, each listed in the help.
+fn exchange_kind() -> impl TypedValueParser<Value = ExchangeKind> {
+    PossibleValuesParser::new(
+        ExchangeKind::ALL.map(|kind| PossibleValue::new(kind.name()).help(kind.about())),
+    )
+    .try_map(|name| name.parse::<ExchangeKind>())
 }
 
 pub use telemetry::LogFormat;
@@ -215,23 +217,14 @@ impl Config {
     }
 
     fn binance_urls(&self) -> anyhow::Result<BinanceConfig> {
-        let mut config = match self.exchange()? {
-            ExchangeKind::Production => BinanceConfig::production(),
-            ExchangeKind::Testnet => BinanceConfig::testnet(),
-            ExchangeKind::Sim => {
-                let (Some(rest), Some(ws)) = (&self.binance_rest_url, &self.binance_ws_url) else {
-                    bail!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL");
-                };
-                return Ok(BinanceConfig::custom(rest.clone(), ws.clone()));
-            }
-        };
-        if let Some(rest) = &self.binance_rest_url {
-            config.rest_base.clone_from(rest);
-        }
-        if let Some(ws) = &self.binance_ws_url {
-            config.ws_api_url.clone_from(ws);
-        }
-        Ok(config)
+        BinanceConfig::for_exchange(
+            self.exchange()?,
+            self.binance_rest_url.as_deref(),
+            self.binance_ws_url.as_deref(),
+        )
+        .map_err(|_: MissingUrls| {
+            anyhow!("--exchange sim needs BINANCE_REST_URL and BINANCE_WS_URL")
+        })
     }
 
     /// The gateway's settings: the standard ones, overridden by the flags.

@@ -1,9 +1,84 @@
 //! Typed configuration: where Binance is and how hard the adapter may push it.
 //! No `Default` and no environment reads: the binary builds it.
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
+use serde::Deserialize;
+
 use crate::error::BinanceError;
+
+/// Which Binance-compatible exchange a process talks to. Every binary is told
+/// (`OCO_EXCHANGE`, `--exchange`, `exchange.kind`), never assumes: keys of one
+/// exchange sent to another fail every request. Names are lowercase
+/// (`production`, `testnet`, `sim`) in flags, variables and files alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeKind {
+    /// Binance Spot, `api.binance.com`.
+    Production,
+    /// The Binance Spot testnet, `testnet.binance.vision`.
+    Testnet,
+    /// An `exchange-sim` (or any Binance-compatible endpoint): no preset,
+    /// both URLs are required.
+    Sim,
+}
+
+impl ExchangeKind {
+    /// Every kind, in the order help texts list them.
+    pub const ALL: [ExchangeKind; 3] = [Self::Production, Self::Testnet, Self::Sim];
+
+    /// The name operators write.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Production => "production",
+            Self::Testnet => "testnet",
+            Self::Sim => "sim",
+        }
+    }
+
+    /// One line for help texts.
+    pub fn about(self) -> &'static str {
+        match self {
+            Self::Production => "`api.binance.com`",
+            Self::Testnet => "`testnet.binance.vision`",
+            Self::Sim => "An `exchange-sim`: both URLs are required",
+        }
+    }
+}
+
+impl fmt::Display for ExchangeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ExchangeKind {
+    type Err = UnknownExchangeKind;
+
+    fn from_str(s: &str) -> Result<Self, UnknownExchangeKind> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.name() == s)
+            .ok_or(UnknownExchangeKind)
+    }
+}
+
+/// A name that is none of [`ExchangeKind::ALL`]'s. The caller names the
+/// setting and the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("expected `production`, `testnet` or `sim`")]
+pub struct UnknownExchangeKind;
+
+/// An exchange without preset endpoints was given fewer than both URLs. The
+/// caller names its own settings (flags, variables or file keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("exchange `{kind}` has no preset urls: both the rest and the ws url are required")]
+pub struct MissingUrls {
+    /// The kind chosen.
+    pub kind: ExchangeKind,
+}
 
 /// Where the adapter connects and how it behaves. Build it with
 /// [`BinanceConfig::production`], [`BinanceConfig::testnet`] or
@@ -178,6 +253,36 @@ impl Pacing {
 }
 
 impl BinanceConfig {
+    /// The configuration of `kind`: its preset endpoints, each replaced by
+    /// the URL given (the REST base without its trailing slash), with the
+    /// production timings. The one mapping of every binary's exchange
+    /// settings.
+    ///
+    /// # Errors
+    /// [`MissingUrls`] for a kind without presets (`sim`) unless both URLs
+    /// are given.
+    pub fn for_exchange(
+        kind: ExchangeKind,
+        rest_url: Option<&str>,
+        ws_url: Option<&str>,
+    ) -> Result<Self, MissingUrls> {
+        let mut config = match kind {
+            ExchangeKind::Production => Self::production(),
+            ExchangeKind::Testnet => Self::testnet(),
+            ExchangeKind::Sim => match (rest_url, ws_url) {
+                (Some(rest), Some(ws)) => return Ok(Self::custom(rest, ws)),
+                _ => return Err(MissingUrls { kind }),
+            },
+        };
+        if let Some(rest) = rest_url {
+            rest.trim_end_matches('/').clone_into(&mut config.rest_base);
+        }
+        if let Some(ws) = ws_url {
+            ws.clone_into(&mut config.ws_api_url);
+        }
+        Ok(config)
+    }
+
     /// Binance Spot production.
     pub fn production() -> Self {
         Self::custom(
@@ -253,6 +358,79 @@ mod tests {
             "stream.connect_burst"
         );
         assert_eq!(refused(|c| c.buffer = 0), "stream.buffer");
+    }
+
+    #[test]
+    fn each_exchange_kind_maps_to_its_endpoints() {
+        let check = |kind, rest: Option<&str>, ws: Option<&str>, expected: (&str, &str)| {
+            let c = BinanceConfig::for_exchange(kind, rest, ws)
+                .unwrap_or_else(|e| panic!("{kind} {rest:?} {ws:?}: {e}"));
+            assert_eq!(
+                (c.rest_base.as_str(), c.ws_api_url.as_str()),
+                expected,
+                "{kind} {rest:?} {ws:?}"
+            );
+            assert_eq!(c.pacing, Pacing::binance(), "{kind}: production timings");
+        };
+        let prod = BinanceConfig::production();
+        let test = BinanceConfig::testnet();
+        let presets = [
+            (ExchangeKind::Production, &prod),
+            (ExchangeKind::Testnet, &test),
+        ];
+        for (kind, preset) in presets {
+            check(kind, None, None, (&preset.rest_base, &preset.ws_api_url));
+            check(
+                kind,
+                Some("http://proxy:9/"),
+                None,
+                ("http://proxy:9", &preset.ws_api_url),
+            );
+            check(
+                kind,
+                None,
+                Some("ws://proxy:9/ws"),
+                (&preset.rest_base, "ws://proxy:9/ws"),
+            );
+        }
+        check(
+            ExchangeKind::Sim,
+            Some("http://127.0.0.1:9400/"),
+            Some("ws://127.0.0.1:9400/ws-api/v3"),
+            ("http://127.0.0.1:9400", "ws://127.0.0.1:9400/ws-api/v3"),
+        );
+        for (rest, ws) in [
+            (None, None),
+            (Some("http://s"), None),
+            (None, Some("ws://s")),
+        ] {
+            assert_eq!(
+                BinanceConfig::for_exchange(ExchangeKind::Sim, rest, ws),
+                Err(MissingUrls {
+                    kind: ExchangeKind::Sim
+                }),
+                "{rest:?} {ws:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn exchange_kinds_are_read_by_their_lowercase_names() {
+        for kind in ExchangeKind::ALL {
+            assert_eq!(kind.name().parse(), Ok(kind));
+            assert_eq!(kind.to_string(), kind.name());
+        }
+        for bad in ["Production", "prod", "mainnet", ""] {
+            assert_eq!(
+                bad.parse::<ExchangeKind>(),
+                Err(UnknownExchangeKind),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            UnknownExchangeKind.to_string(),
+            "expected `production`, `testnet` or `sim`"
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! Not here: deciding what to place (that is `oco-core`'s `protect`),
 //! retrying placements (an unknown outcome is returned, never resent), any
 //! storage, or reading the environment. Production, the spot testnet and
-//! `exchange-sim` differ only in [`BinanceConfig`]'s URLs.
+//! `exchange-sim` differ only in [`BinanceConfig`]'s URLs: every binary names
+//! them with [`ExchangeKind`] and maps the choice and its URL overrides with
+//! [`BinanceConfig::for_exchange`].
 //!
 //! [`Exchange`]: oco_core::ports::Exchange
 //! [`UserStream`]: oco_core::ports::UserStream
@@ -28,7 +30,9 @@ pub mod sign;
 mod stream;
 pub mod wire;
 
-pub use config::{BinanceConfig, Pacing, StreamConfig};
+pub use config::{
+    BinanceConfig, ExchangeKind, MissingUrls, Pacing, StreamConfig, UnknownExchangeKind,
+};
 pub use error::BinanceError;
 pub use pacing::PacingSnapshot;
 pub use rest::BinanceExchange;
