@@ -198,9 +198,10 @@ pub(crate) async fn update_account(
     let updated = state.store.update_account(id, protection, active).await?;
     if disabling {
         // An entry stored between the check above and this write would go
-        // unfollowed. The create path re-reads `active` after storing its
-        // entry; checking again after writing means one of the two sides
-        // always sees the other.
+        // unfollowed. The store inserts an entry only while its account is
+        // active, holding the account's row until the insert commits;
+        // checking again after writing means one of the two sides always
+        // sees the other.
         if let Err(refusal) = refuse_if_open(&state, id).await {
             if account.active {
                 if let Err(e) = state.store.update_account(id, protection, true).await {

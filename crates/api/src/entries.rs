@@ -63,10 +63,12 @@ pub(crate) async fn create_entry(
     let parsed = parse_entry(req)?;
     let account = owned_account(&state, &user, parsed.account).await?;
     if !account.active {
-        return Err(ApiError::Unprocessable {
-            code: "account_inactive",
-            message: format!("account {} is disabled; enable it first", account.id),
-        });
+        // Refused before any exchange call; the store refuses it too, for a
+        // disable that lands after this read.
+        return Err(StoreError::AccountInactive {
+            account: account.id,
+        }
+        .into());
     }
     let rules = match state.exchange.symbol_rules(&parsed.symbol).await {
         Ok(rules) => rules,
@@ -113,7 +115,11 @@ async fn place(
     stored: Arc<OnceLock<Entry>>,
 ) -> Result<Response, ApiError> {
     // Stored before it is sent: a crash after this line loses nothing, and the
-    // deterministic client id lets reconciliation find the order.
+    // deterministic client id lets reconciliation find the order. The store
+    // inserts it only while the account is active, holding the account
+    // against a disable until the insert commits: an entry racing a disable
+    // is either refused here (`account_inactive`, nothing stored) or seen by
+    // the disable's check after its write, never sent unfollowed.
     let ids = state.ids.clone();
     let fallback = ids
         .entry(EntryId(0))
@@ -131,31 +137,6 @@ async fn place(
             "entry {} does not fit the client id layout",
             entry.id
         )));
-    }
-    // Disabling an account checks for open entries after it writes the flag;
-    // reading the flag after the entry is stored means that an entry racing a
-    // disable is either seen by it or refused here, never sent unfollowed.
-    match state.store.account(entry.account).await {
-        Ok(account) if account.active => {}
-        Ok(_) => {
-            refuse(&state, &entry, "account disabled before the entry was sent").await;
-            return Err(ApiError::Unprocessable {
-                code: "account_inactive",
-                message: format!(
-                    "account {} was disabled while entry {} was being stored; nothing was sent",
-                    entry.account, entry.id
-                ),
-            });
-        }
-        Err(e) => {
-            refuse(
-                &state,
-                &entry,
-                "account unreadable before the entry was sent",
-            )
-            .await;
-            return Err(ApiError::from(e).with_entry(entry.id.0));
-        }
     }
     info!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, symbol = %entry.symbol, "entry stored, sending");
     send(&state, &entry, &creds)

@@ -286,6 +286,10 @@ impl From<StoreError> for ApiError {
                 code: "conflict",
                 message,
             },
+            err @ StoreError::AccountInactive { .. } => ApiError::Unprocessable {
+                code: "account_inactive",
+                message: err.to_string(),
+            },
             StoreError::Unavailable(message) => ApiError::StoreUnavailable {
                 message,
                 entry: None,

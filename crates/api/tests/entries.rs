@@ -708,19 +708,20 @@ async fn a_store_read_failing_after_the_send_answers_from_memory_never_503() {
 #[tokio::test]
 async fn an_entry_racing_a_disable_is_refused_before_it_is_sent() {
     let w = world().await;
-    // The account is disabled between the handler's check and the send.
+    // The account is disabled between the handler's check and the store:
+    // the store refuses the entry, and the API answers as for any entry on a
+    // disabled account.
     w.hooks.disable_on_create.store(true, Ordering::SeqCst);
     let (status, problem) = w.post_entry(ALICE_TOKEN, w.market()).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
     assert_eq!(problem["code"], "account_inactive");
+    let message = problem["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("account {}", w.alice_account)) && message.contains("disabled"),
+        "{message}"
+    );
     assert_eq!(w.exchange.place_calls(), 0, "nothing sent");
-    let entries = w
-        .store
-        .entries_of(oco_core::AccountId(w.alice_account), None, 10)
-        .await
-        .unwrap();
-    assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0].status, EntryStatus::Rejected, "not left pending");
+    assert_eq!(w.stored(w.alice_account).await, 0, "nothing stored");
 }
 
 #[tokio::test]

@@ -249,8 +249,16 @@ impl Store for MemStore {
         at: Millis,
     ) -> Result<Entry, StoreError> {
         let mut inner = self.lock();
-        if !inner.accounts.contains_key(&entry.account) {
-            return Err(not_found("account", entry.account));
+        // Checked under the same lock as the insert: a disable is either
+        // before it (refused here) or after it (and sees the entry).
+        match inner.accounts.get(&entry.account) {
+            None => return Err(not_found("account", entry.account)),
+            Some((account, _)) if !account.active => {
+                return Err(StoreError::AccountInactive {
+                    account: entry.account,
+                });
+            }
+            Some(_) => {}
         }
         inner.next_entry += 1;
         let id = EntryId(inner.next_entry);

@@ -421,6 +421,14 @@ pub enum StoreError {
     /// The input breaks a rule of the store (duplicate, bad reference).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The account is disabled, so no entry is stored on it (an entry there
+    /// would be neither streamed nor reconciled): enable it first. Nothing
+    /// was written.
+    #[error("account {account} is disabled; enable it first")]
+    AccountInactive {
+        /// The disabled account.
+        account: AccountId,
+    },
     /// The database could not be reached or failed: retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -463,7 +471,15 @@ pub trait Store: Send + Sync {
     async fn active_accounts(&self) -> Result<Vec<Account>, StoreError>;
 
     /// Persists an entry before it is sent; assigns its id and client id
-    /// from `client_id_of`.
+    /// from `client_id_of`. Only while its account is active, checked in the
+    /// same atomic step as the insert, which holds the account's row until it
+    /// commits: a disable written before it makes it fail, storing nothing,
+    /// and one written after it sees the entry in
+    /// [`Store::open_entries`] read once its write has returned.
+    ///
+    /// # Errors
+    /// [`StoreError::AccountInactive`] when the account is disabled,
+    /// `NotFound` when there is no such account.
     async fn create_entry(
         &self,
         entry: NewEntry,

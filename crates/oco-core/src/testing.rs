@@ -1930,6 +1930,87 @@ async fn retry_behaviour(
     Ok(())
 }
 
+/// Runs the behaviour of [`Store::create_entry`] on a disabled account on a
+/// fresh store: refused with [`StoreError::AccountInactive`] naming the
+/// account, nothing stored; taken again once the account is enabled; an
+/// unknown account is not found.
+///
+/// # Errors
+/// The first expectation that does not hold, or a store failure.
+pub async fn inactive_account_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
+    let account = store
+        .create_account(NewAccount {
+            owner: "dave".into(),
+            exchange: "binance".into(),
+            credentials: ApiCredentials {
+                api_key: "inactive-key".into(),
+                secret: SecretString::from("inactive-secret"),
+            },
+            protection: ProtectionConfig::DEFAULT,
+        })
+        .await?;
+    let new_entry = NewEntry {
+        account: account.id,
+        symbol: btc_usdt(),
+        kind: crate::model::EntryKind::Market,
+        size: OrderSize::Base(qty("1")),
+        levels: crate::levels::EntryLevels::default(),
+        tags: crate::model::EntryTags::default(),
+    };
+    let id_of = |id: EntryId| ClientOrderId::new(format!("ia-E-{id}")).expect("literal id");
+    store
+        .update_account(account.id, ProtectionConfig::DEFAULT, false)
+        .await?;
+    let refused = store
+        .create_entry(new_entry.clone(), &id_of, Millis(10))
+        .await;
+    ensure!(
+        refused
+            == Err(StoreError::AccountInactive {
+                account: account.id
+            }),
+        "an entry on a disabled account is refused as inactive, got {refused:?}"
+    );
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(
+        message.contains(&format!("account {}", account.id)) && message.contains("disabled"),
+        "the refusal names the account and why: '{message}'"
+    );
+    ensure!(
+        store.open_entries(account.id).await?.is_empty(),
+        "a refused entry is not stored"
+    );
+
+    store
+        .update_account(account.id, ProtectionConfig::DEFAULT, true)
+        .await?;
+    let entry = store
+        .create_entry(new_entry.clone(), &id_of, Millis(11))
+        .await?;
+    let open = store.open_entries(account.id).await?;
+    ensure!(
+        open.len() == 1 && open[0].id == entry.id,
+        "enabled again, the account takes the entry: {open:?}"
+    );
+
+    let unknown = AccountId(account.id.0 + 10_000);
+    let missing = store
+        .create_entry(
+            NewEntry {
+                account: unknown,
+                ..new_entry
+            },
+            &id_of,
+            Millis(12),
+        )
+        .await;
+    ensure!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "an entry on an unknown account is not found, got {missing:?}"
+    );
+    Ok(())
+}
+
 /// Runs the behaviour of [`Store::record_fill_and_claim`] on a fresh store:
 /// another account's fill writes nothing; a fill merges and claims what the
 /// planner asks, from the merged entry and the context read before; a

@@ -666,7 +666,15 @@ pub(crate) struct EntryIdRow {
 /// A new entry, every column bound (an absent value as NULL), so that one
 /// text serves every entry: diesel's own insert writes `DEFAULT` for an
 /// absent value, which makes the text vary and the statement prepared again
-/// on each call. `RETURNING *`.
+/// on each call.
+///
+/// Inserted only while its account is active, and the account's row is
+/// locked `FOR SHARE` until the insert commits: a disable (an `UPDATE` of
+/// the row) that commits first is seen (PostgreSQL re-checks `active` on the
+/// row as updated, and the insert matches nothing); one that comes later
+/// waits for the commit, so the open entries it reads after its write hold
+/// this one. The foreign key's own `FOR KEY SHARE` would not make it wait.
+/// `RETURNING *`: one row, or none when the account is disabled or absent.
 pub(crate) struct InsertEntry<'a> {
     pub row: &'a NewEntryRow,
 }
@@ -677,12 +685,10 @@ impl QueryFragment<Pg> for InsertEntry<'_> {
         out.push_sql(
             "INSERT INTO entries (id, account_id, symbol, base_asset, quote_asset, \
              client_order_id, order_type, limit_price, requested_qty, requested_quote, status, \
-             metadata, protection, created_at) VALUES (",
+             metadata, protection, created_at) SELECT ",
         );
         out.push_bind_param::<Int8, _>(&row.id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Int8, _>(&row.account_id)?;
-        out.push_sql(", ");
+        out.push_sql(", a.id, ");
         out.push_bind_param::<Text, _>(&row.symbol)?;
         out.push_sql(", ");
         out.push_bind_param::<Text, _>(&row.base_asset)?;
@@ -706,7 +712,9 @@ impl QueryFragment<Pg> for InsertEntry<'_> {
         out.push_bind_param::<Text, _>(row.protection)?;
         out.push_sql(", ");
         out.push_bind_param::<Timestamptz, _>(&row.created_at)?;
-        out.push_sql(") RETURNING *");
+        out.push_sql(" FROM accounts a WHERE a.id = ");
+        out.push_bind_param::<Int8, _>(&row.account_id)?;
+        out.push_sql(" AND a.active FOR SHARE RETURNING *");
         Ok(())
     }
 }

@@ -1410,7 +1410,23 @@ impl Store for PgStore {
                 self.announce_entry(entry.account, EntryId(id));
                 row.into_entry()
             }
-            Err(e) if is_foreign_key(&e) => Err(not_found("account", entry.account)),
+            // Nothing inserted: the account is disabled or absent. Only a
+            // refusal reads it again, to say which.
+            Err(DieselError::NotFound) => {
+                let exists = accounts::table
+                    .find(entry.account.0)
+                    .select(accounts::id)
+                    .first::<i64>(&mut conn)
+                    .await
+                    .optional()
+                    .map_err(|e| db(&format!("reading account {}", entry.account), e))?;
+                Err(match exists {
+                    Some(_) => StoreError::AccountInactive {
+                        account: entry.account,
+                    },
+                    None => not_found("account", entry.account),
+                })
+            }
             Err(e) => Err(db(&format!("creating entry {id} ({client_id})"), e)),
         }
     }

@@ -50,7 +50,18 @@ async fn new_account(store: &dyn Store, key: &str) -> oco_core::Account {
 }
 
 async fn new_entry(store: &dyn Store, account: AccountId) -> Entry {
-    let new = NewEntry {
+    store
+        .create_entry(
+            entry_request(account),
+            &|id| ClientOrderId::new(format!("t-E-{id}")).unwrap(),
+            Millis(1_700_000_000_000),
+        )
+        .await
+        .unwrap()
+}
+
+fn entry_request(account: AccountId) -> NewEntry {
+    NewEntry {
         account,
         symbol: Symbol {
             name: "BTCUSDT".into(),
@@ -70,15 +81,7 @@ async fn new_entry(store: &dyn Store, account: AccountId) -> Entry {
             signal_id: None,
             portfolio_id: Some("pf-9".into()),
         },
-    };
-    store
-        .create_entry(
-            new,
-            &|id| ClientOrderId::new(format!("t-E-{id}")).unwrap(),
-            Millis(1_700_000_000_000),
-        )
-        .await
-        .unwrap()
+    }
 }
 
 fn claim(entry: EntryId, generation: u32) -> LegClaim {
@@ -113,6 +116,183 @@ async fn pg_store_passes_the_store_behaviour_suite() {
     let db = TestDb::new().await;
     let store = store(&db).await;
     oco_core::testing::store_behaviour(&store).await.unwrap();
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+async fn entry_rows(db: &TestDb) -> i64 {
+    let row: Count = diesel::sql_query("SELECT count(*) AS n FROM entries")
+        .get_result(&mut raw(db).await)
+        .await
+        .unwrap();
+    row.n
+}
+
+/// Waits until `n` backends of the test database wait on a lock, or until
+/// `done()` (the racing call went through without waiting).
+async fn until_waiting_on_locks(conn: &mut AsyncPgConnection, n: i64, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: Count = diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .get_result(conn)
+        .await
+        .unwrap();
+        if waiting.n >= n || done() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} backends never waited on a lock"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn pg_store_refuses_an_entry_on_a_disabled_account() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    oco_core::testing::inactive_account_behaviour(&store)
+        .await
+        .unwrap();
+    assert_eq!(
+        entry_rows(&db).await,
+        1,
+        "only the entry taken once the account was enabled again"
+    );
+}
+
+/// The gate on the account is part of the insert's one statement, still
+/// prepared once per connection: no read and no second statement before an
+/// entry's order goes out.
+#[tokio::test]
+async fn create_entry_stays_one_statement_prepared_once_per_connection() {
+    let db = TestDb::new().await;
+    let store = PgStore::connect(db.config(1)).await.unwrap();
+    let account = new_account(&store, "k-prepared").await.id;
+    for _ in 0..3 {
+        new_entry(&store, account).await;
+    }
+    let mut conn = store.pool().get().await.unwrap();
+    let inserts: Count = diesel::sql_query(
+        "SELECT count(*) AS n FROM pg_prepared_statements \
+         WHERE statement LIKE 'INSERT INTO entries %FROM accounts a WHERE a.id = $% \
+         AND a.active FOR SHARE RETURNING *'",
+    )
+    .get_result(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        inserts.n, 1,
+        "one gated insert, prepared once for three entries"
+    );
+}
+
+/// A disable whose write is in (not yet committed) when an entry is
+/// created: the entry's insert waits for it and is then refused, so the
+/// disable's re-check finds nothing and the disable stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_behind_a_disables_write_is_refused() {
+    use diesel_async::SimpleAsyncConnection as _;
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let account = new_account(store.as_ref(), "k-disable-first").await.id;
+    let mut disable = raw(&db).await;
+    disable
+        .batch_execute(&format!(
+            "BEGIN; UPDATE accounts SET active = false WHERE id = {account}"
+        ))
+        .await
+        .unwrap();
+    let creating = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .create_entry(
+                    entry_request(account),
+                    &|id| ClientOrderId::new(format!("t-E-{id}")).unwrap(),
+                    Millis(1_700_000_000_000),
+                )
+                .await
+        }
+    });
+    until_waiting_on_locks(&mut raw(&db).await, 1, || creating.is_finished()).await;
+    disable.batch_execute("COMMIT").await.unwrap();
+
+    let created = creating.await.unwrap();
+    assert_eq!(created, Err(StoreError::AccountInactive { account }));
+    assert!(
+        store.open_entries(account).await.unwrap().is_empty(),
+        "the disable's re-check finds no entry"
+    );
+    assert_eq!(entry_rows(&db).await, 0, "nothing stored");
+}
+
+/// An entry whose insert is in (it holds the account, and waits on another
+/// transaction's row with its client id) when a disable writes: the
+/// disable's write waits for the entry's commit, so its re-check sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disable_behind_an_entrys_insert_sees_the_entry() {
+    use diesel_async::SimpleAsyncConnection as _;
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let account = new_account(store.as_ref(), "k-entry-first").await.id;
+    // Holds client id `t-held`: the entry's insert, once it has the
+    // account's row, waits on the unique index until this rolls back.
+    let mut holder = raw(&db).await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO entries (id, account_id, symbol, base_asset, quote_asset, \
+             client_order_id, order_type, requested_qty, status, metadata, protection, \
+             created_at) VALUES (nextval('entry_ids'), {account}, 'BTCUSDT', 'BTC', 'USDT', \
+             't-held', 'market', 1, 'pending_new', '{{}}', 'not_needed', now())"
+        ))
+        .await
+        .unwrap();
+    let creating = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .create_entry(
+                    entry_request(account),
+                    &|_| ClientOrderId::new("t-held").unwrap(),
+                    Millis(1_700_000_000_000),
+                )
+                .await
+        }
+    });
+    let mut watch = raw(&db).await;
+    until_waiting_on_locks(&mut watch, 1, || creating.is_finished()).await;
+    // The disable as the API runs it: check, write, check again.
+    let disabling = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let before = store.open_entries(account).await?;
+            store
+                .update_account(account, ProtectionConfig::DEFAULT, false)
+                .await?;
+            let after = store.open_entries(account).await?;
+            Ok::<_, StoreError>((before, after))
+        }
+    });
+    until_waiting_on_locks(&mut watch, 2, || disabling.is_finished()).await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    let entry = creating.await.unwrap().unwrap();
+    let (before, after) = disabling.await.unwrap().unwrap();
+    assert!(before.is_empty(), "{before:?}");
+    assert_eq!(
+        after.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [entry.id],
+        "the disable's re-check sees the entry stored before its write"
+    );
 }
 
 /// The claimant's fence right before it sends and a taker's takeover of the

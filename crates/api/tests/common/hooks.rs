@@ -26,8 +26,9 @@ pub struct HookStore {
     /// Once armed and an entry has been stored, every `entry()` fails.
     pub fail_entry_reads_after_create: AtomicBool,
     created: AtomicBool,
-    /// The next `create_entry` disables the account right after storing
-    /// the entry, as a concurrent `PATCH {"active": false}` would.
+    /// The next `create_entry` disables the account right before storing
+    /// the entry, as a concurrent `PATCH {"active": false}` landing between
+    /// the handler's check and the store would.
     pub disable_on_create: AtomicBool,
     /// The next disabling `update_account` first stores a resting entry on
     /// the account, as a concurrent `POST /v1/entries` would.
@@ -99,15 +100,14 @@ impl Store for HookStore {
         c: &(dyn Fn(EntryId) -> ClientOrderId + Send + Sync),
         at: Millis,
     ) -> Result<Entry, StoreError> {
-        let account = e.account;
-        let entry = self.inner.create_entry(e, c, at).await?;
-        self.created.store(true, Ordering::SeqCst);
         if self.disable_on_create.swap(false, Ordering::SeqCst) {
-            let settings = self.inner.account(account).await?;
+            let settings = self.inner.account(e.account).await?;
             self.inner
-                .update_account(account, settings.protection, false)
+                .update_account(e.account, settings.protection, false)
                 .await?;
         }
+        let entry = self.inner.create_entry(e, c, at).await?;
+        self.created.store(true, Ordering::SeqCst);
         Ok(entry)
     }
     async fn entry(&self, id: EntryId) -> Result<Entry, StoreError> {
