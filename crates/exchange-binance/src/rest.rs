@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use oco_core::ports::{
-    Balance, CancelOutcome, Exchange, OcoAck, OcoRequest, OrderListSnapshot, OrderRequest,
-    OrderSnapshot, Side,
+    Balance, CancelOutcome, Exchange, ListCancelOutcome, OcoAck, OcoRequest, OrderListSnapshot,
+    OrderRequest, OrderSnapshot, Side,
 };
 use oco_core::{ApiCredentials, ExchangeError, Fill, Price, SymbolRules};
 use reqwest::Method;
@@ -23,8 +23,8 @@ use crate::error::{
 use crate::pacing::{Admit, Pacer, PacingSnapshot};
 use crate::sign::{Query, rest_signature};
 use crate::wire::{
-    AccountWire, ApiErrorBody, ExchangeInfo, OrderListWire, OrderWire, ServerTime, TickerPrice,
-    TradeWire, from_json,
+    AccountWire, ApiErrorBody, ExchangeInfo, ListCancelWire, OrderListWire, OrderWire, ServerTime,
+    TickerPrice, TradeWire, from_json,
 };
 
 /// Installs the ring crypto provider for rustls once per process (reqwest is
@@ -715,12 +715,25 @@ impl Exchange for BinanceExchange {
         creds: &ApiCredentials,
         symbol: &str,
         list_client_id: &str,
-    ) -> Result<CancelOutcome, ExchangeError> {
+    ) -> Result<ListCancelOutcome, ExchangeError> {
         let call = Call::new(Method::DELETE, "/api/v3/orderList", Op::Write, 1)
             .signed(creds)
             .param("symbol", symbol)
             .param("listClientOrderId", list_client_id);
-        not_open_on_2011(self.request(&call).await)
+        let answer = match self.request(&call).await {
+            Ok(answer) => answer,
+            Err(ExchangeError::Rejected { code: -2011, .. }) => {
+                return Ok(ListCancelOutcome::NotOpen);
+            }
+            Err(e) => return Err(e),
+        };
+        // The list is canceled whatever the body says: an answer that cannot
+        // be read only sends the caller to look the sale up.
+        let sold = from_json::<ListCancelWire>(&answer.body).and_then(|w| w.to_sold());
+        Ok(ListCancelOutcome::Canceled(sold.unwrap_or_else(|e| {
+            warn!(list = list_client_id, error = %e, "list cancel answer unreadable");
+            None
+        })))
     }
 }
 

@@ -9,6 +9,7 @@ use oco_core::ports::{
     Balance, ExecutionUpdate, ListOrderSnapshot, ListUpdate, OcoAck, OrderListSnapshot,
     OrderSnapshot, Side, StreamEvent,
 };
+use oco_core::state::LegSold;
 use oco_core::symbol::{MarketLotSize, PercentPriceBySide};
 use oco_core::{
     Asset, EntryStatus, Fill, Millis, Price, Qty, StepSize, Symbol, SymbolRules, TickSize,
@@ -558,6 +559,43 @@ impl OrderListWire {
             take_profit: tp.map(OrderWire::to_list_order).transpose()?,
             stop_loss: sl.map(OrderWire::to_list_order).transpose()?,
         })
+    }
+}
+
+/// The answer to `DELETE /api/v3/orderList`: only its `orderReports` are
+/// read, so that a header field gone or renamed never hides what the
+/// canceled orders had sold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListCancelWire {
+    /// The state of each order of the list after the cancel.
+    #[serde(default)]
+    pub order_reports: Vec<OrderWire>,
+}
+
+impl ListCancelWire {
+    /// What the take-profit and the stop had executed when the list was
+    /// canceled; `None` unless the answer reports exactly one of each, both
+    /// in a final state (then their quantities can no longer grow).
+    ///
+    /// # Errors
+    /// [`ParseError`] on malformed quantities.
+    pub fn to_sold(&self) -> Result<Option<LegSold>, ParseError> {
+        let (stops, targets): (Vec<&OrderWire>, Vec<&OrderWire>) =
+            self.order_reports.iter().partition(|r| r.is_stop_type());
+        let ([sl], [tp]) = (stops.as_slice(), targets.as_slice()) else {
+            return Ok(None);
+        };
+        let (tp, sl) = (tp.to_list_order()?, sl.to_list_order()?);
+        if !(tp.status.is_final() && sl.status.is_final()) {
+            return Ok(None);
+        }
+        Ok(Some(LegSold {
+            take_profit: tp.executed_qty,
+            take_profit_quote: tp.cumulative_quote,
+            stop_loss: sl.executed_qty,
+            stop_loss_quote: sl.cumulative_quote,
+        }))
     }
 }
 

@@ -7,10 +7,11 @@ use std::collections::BTreeSet;
 
 use exchange_binance::error::{Op, map_code};
 use exchange_binance::wire::{
-    AccountWire, ApiErrorBody, Decoded, ExchangeInfo, Filter, OrderListWire, OrderWire, SymbolInfo,
-    TradeWire, WsFrame, decode_event, from_json,
+    AccountWire, ApiErrorBody, Decoded, ExchangeInfo, Filter, ListCancelWire, OrderListWire,
+    OrderWire, SymbolInfo, TradeWire, WsFrame, decode_event, from_json,
 };
 use oco_core::ports::{Side, StreamEvent};
+use oco_core::state::LegSold;
 use oco_core::{EntryStatus, ExchangeError};
 use rust_decimal_macros::dec;
 use serde_json::Value;
@@ -284,6 +285,34 @@ fn check(name: &str) -> bool {
             let sl = s.stop_loss.unwrap();
             assert_eq!(sl.client_id, "pO9ufTiFGg3nw2fOdgeOXa", "the leg's own id");
             assert_eq!(sl.status, EntryStatus::Canceled);
+            // What each order had executed, by type, never by position.
+            let sold = |v: Value| {
+                serde_json::from_value::<ListCancelWire>(v)
+                    .unwrap()
+                    .to_sold()
+                    .unwrap()
+            };
+            assert_eq!(sold(value(name)), Some(LegSold::default()));
+            // The same answer for a list whose take-profit (the second
+            // report) had sold 4 of its 10 before the cancel, its stop
+            // expired by that fill.
+            let mut v = value(name);
+            v["orderReports"][1]["executedQty"] = "4.00000000".into();
+            v["orderReports"][1]["cummulativeQuoteQty"] = "12.00000000".into();
+            v["orderReports"][0]["status"] = "EXPIRED".into();
+            let s = sold(v.clone()).unwrap();
+            assert_eq!(
+                (
+                    s.take_profit.get(),
+                    s.take_profit_quote,
+                    s.stop_loss.get(),
+                    s.stop_loss_quote
+                ),
+                (dec!(4), dec!(12), dec!(0), dec!(0))
+            );
+            // An answer that does not report both orders says nothing.
+            v["orderReports"].as_array_mut().unwrap().pop();
+            assert_eq!(sold(v), None);
         }
         "open_orderlist_response.json" | "all_orderlist_response.json" => {
             let v: Vec<OrderListWire> = from_json(&read(name)).unwrap();

@@ -10,9 +10,10 @@ use exchange_sim::{
 };
 use oco_core::model::OrderSize;
 use oco_core::ports::{
-    CancelOutcome, Exchange, OcoRequest, OrderRequest, Side, StreamEvent, UserStream,
-    UserStreamSession,
+    CancelOutcome, Exchange, ListCancelOutcome, OcoRequest, OrderRequest, Side, StreamEvent,
+    UserStream, UserStreamSession,
 };
+use oco_core::state::LegSold;
 use oco_core::{
     ApiCredentials, ClientOrderId, EntryStatus, ExchangeError, OcoClientIds, Price, Qty,
 };
@@ -181,14 +182,14 @@ async fn every_exchange_method_against_the_sim() {
         Err(e) => assert!(matches!(e, ExchangeError::Rejected { .. }), "{e:?}"),
     }
 
-    // Cancels: once, then not open.
+    // Cancels: once, answering that nothing had sold, then not open.
     assert_eq!(
         ex.cancel_order_list(&c, SYMBOL, "t-L-1").await.unwrap(),
-        CancelOutcome::Canceled
+        ListCancelOutcome::Canceled(Some(LegSold::default()))
     );
     assert_eq!(
         ex.cancel_order_list(&c, SYMBOL, "t-L-1").await.unwrap(),
-        CancelOutcome::NotOpen
+        ListCancelOutcome::NotOpen
     );
     let done = ex.order_list(&c, SYMBOL, "t-L-1").await.unwrap().unwrap();
     assert!(!done.executing);
@@ -473,10 +474,10 @@ async fn an_order_count_refusal_holds_back_only_that_account() {
     // The held account still reads and cancels.
     let list = ex.order_list(&a, SYMBOL, "t-L-1").await.unwrap();
     assert!(list.is_some_and(|l| l.executing));
-    assert_eq!(
+    assert!(matches!(
         ex.cancel_order_list(&a, SYMBOL, "t-L-1").await.unwrap(),
-        CancelOutcome::Canceled
-    );
+        ListCancelOutcome::Canceled(_)
+    ));
 }
 
 /// An order write leaves within `pacing.max_wait` of the call or not at all:
@@ -661,6 +662,44 @@ async fn open_order_ids_show_a_list_that_lost_its_stop() {
         vec!["t-T-1".to_owned()]
     );
     assert_eq!(ex.open_order_lists(&c).await.unwrap().len(), 1);
+}
+
+/// A list whose take-profit filled in part keeps executing; canceling it
+/// (to replace it) answers what the take-profit had sold, the stop's
+/// nothing, as Binance's `orderReports` do.
+#[tokio::test]
+async fn a_list_canceled_after_a_partial_take_profit_reports_what_it_sold() {
+    let (sim, ex) = start().await;
+    let c = creds();
+    ex.place_order(&c, &market_buy("t-E-1", dec!(0.01)))
+        .await
+        .unwrap();
+    ex.place_oco(
+        &c,
+        &oco(1, dec!(0.009), dec!(61000), dec!(59000), Some(dec!(58900))),
+    )
+    .await
+    .unwrap();
+    sim.control().partial_fill_next(SYMBOL, dec!(0.4)).unwrap();
+    sim.control().set_price(SYMBOL, dec!(61000)).unwrap();
+    assert_eq!(ex.open_order_lists(&c).await.unwrap().len(), 1);
+    let outcome = ex.cancel_order_list(&c, SYMBOL, "t-L-1").await.unwrap();
+    let ListCancelOutcome::Canceled(Some(sold)) = outcome else {
+        panic!("expected the sale in the answer, got {outcome:?}");
+    };
+    assert_eq!(
+        (
+            sold.take_profit.get(),
+            sold.take_profit_quote,
+            sold.stop_loss.get(),
+            sold.stop_loss_quote
+        ),
+        (dec!(0.0036), dec!(219.6), dec!(0), dec!(0))
+    );
+    assert_eq!(
+        ex.cancel_order_list(&c, SYMBOL, "t-L-1").await.unwrap(),
+        ListCancelOutcome::NotOpen
+    );
 }
 
 #[tokio::test]

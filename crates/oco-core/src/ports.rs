@@ -213,6 +213,20 @@ pub enum CancelOutcome {
     NotOpen,
 }
 
+/// Result of canceling a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListCancelOutcome {
+    /// Canceled now. Carries what its orders had executed until then, as
+    /// the cancel's answer reports them (Binance: `orderReports[]`): final,
+    /// as no order of a canceled list trades again. A take-profit that
+    /// filled in part keeps its list executing, so a cancel can end a list
+    /// that sold. `None` when the answer did not report both orders in a
+    /// final state: look the list up.
+    Canceled(Option<LegSold>),
+    /// Not open (already filled, expired or canceled): look it up.
+    NotOpen,
+}
+
 /// One asset's balance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Balance {
@@ -288,13 +302,14 @@ pub trait Exchange: Send + Sync {
         &self,
         creds: &ApiCredentials,
     ) -> Result<Vec<OrderListSnapshot>, ExchangeError>;
-    /// Cancels a list by `listClientOrderId`.
+    /// Cancels a list by `listClientOrderId`, answering what its orders had
+    /// sold until then (see [`ListCancelOutcome`]).
     async fn cancel_order_list(
         &self,
         creds: &ApiCredentials,
         symbol: &str,
         list_client_id: &str,
-    ) -> Result<CancelOutcome, ExchangeError>;
+    ) -> Result<ListCancelOutcome, ExchangeError>;
     /// The client ids of the account's open orders on `symbol`, the orders
     /// of lists included (Binance: one `openOrders` call, weight 6). A list
     /// keeps executing after its take-profit filled in part, with its stop

@@ -21,8 +21,8 @@ use crate::model::{
 use crate::money::Qty;
 use crate::plan::{Degraded, Plan, PlanInput, Shortfall, plan_protection};
 use crate::ports::{
-    ApiCredentials, CancelOutcome, Clock, Exchange, ExchangeError, OcoRequest, OrderListSnapshot,
-    OrderRequest, Side, Store, StoreError, event,
+    ApiCredentials, Clock, Exchange, ExchangeError, ListCancelOutcome, OcoRequest,
+    OrderListSnapshot, OrderRequest, Side, Store, StoreError, event,
 };
 use crate::ports::{FillContext, RecordedFill};
 use crate::state::{EntryStatus, ExternalEnd, LegSold, LegState};
@@ -947,7 +947,8 @@ impl Protector {
         }
 
         // Coins under an older list are locked: cancel it first (DESIGN rule 8 and
-        // partial fills). A list that already ended means the position changed: re-plan.
+        // partial fills). A list that already ended, or that sold part of its coins
+        // before the cancel, means the position changed: re-plan.
         let mut replaced = 0;
         for old in &active {
             match self
@@ -955,11 +956,50 @@ impl Protector {
                 .cancel_order_list(creds, &old.symbol, old.ids.list.as_str())
                 .await
             {
-                Ok(CancelOutcome::Canceled) => {
+                Ok(ListCancelOutcome::Canceled(answered)) => {
+                    // What it sold is recorded before the leg leaves the live
+                    // states: nothing reads a replaced leg's list again.
+                    let sold = match answered {
+                        Some(sold) => Some(sold),
+                        None => {
+                            self.final_sale(creds, &old.symbol, old.ids.list.as_str())
+                                .await
+                        }
+                    };
+                    let Some(sold) = sold else {
+                        // The leg stays placed: the next call's cancel finds its
+                        // list not open and looks the sale up.
+                        let why = format!("{}: older list canceled, what it sold unread", old.key);
+                        warn!(entry = %entry.id, leg = %old.key, client_id = %old.ids.list, "older list canceled, what it sold unread; the next call looks it up");
+                        self.release(&claims, None, &why).await?;
+                        self.label_unprotected(entry).await?;
+                        return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }));
+                    };
+                    if !sold.total().is_zero() {
+                        self.store
+                            .record_leg_sold(old.key, sold, self.clock.now())
+                            .await?;
+                    }
                     self.transition(old, LegState::Replaced, None).await?;
                     replaced += 1;
+                    if old.sold.merge(sold).total() > old.sold.total() {
+                        // The claims were sized counting those coins as held: sent,
+                        // they would lock other coins of the account (or be refused).
+                        info!(entry = %entry.id, leg = %old.key, client_id = %old.ids.list, sold = %sold.total(), "older list had sold part of the position; planning again");
+                        self.release(
+                            &claims,
+                            None,
+                            "superseded: an older list had sold coins before its cancel",
+                        )
+                        .await?;
+                        // The canceled lists took their stops along until the next round places.
+                        self.label_unprotected(entry).await?;
+                        return Ok(Round::Again { holding: None });
+                    }
                 }
-                Ok(CancelOutcome::NotOpen) => {
+                // Ended by itself, or unknown to the exchange: what it sold comes
+                // from a lookup, never assumed nothing.
+                Ok(ListCancelOutcome::NotOpen) | Err(ExchangeError::NotFound) => {
                     self.refresh_leg(creds, old).await?;
                     self.release(
                         &claims,
@@ -2065,6 +2105,39 @@ impl Protector {
         Ok(recorded)
     }
 
+    /// What a list that is no longer open sold, looked up: `None` unless the
+    /// exchange reports both its orders, each in a final state (a lookup
+    /// lagging a cancel would leave a later sale out of the record for good),
+    /// or when the lookup fails.
+    async fn final_sale(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        list_client_id: &str,
+    ) -> Option<LegSold> {
+        match self
+            .exchange
+            .order_list(creds, symbol, list_client_id)
+            .await
+        {
+            Ok(Some(OrderListSnapshot {
+                take_profit: Some(tp),
+                stop_loss: Some(sl),
+                ..
+            })) if tp.status.is_final() && sl.status.is_final() => Some(LegSold {
+                take_profit: tp.executed_qty,
+                take_profit_quote: tp.cumulative_quote,
+                stop_loss: sl.executed_qty,
+                stop_loss_quote: sl.cumulative_quote,
+            }),
+            Ok(_) => None,
+            Err(err) => {
+                warn!(client_id = %list_client_id, error = %err, "list lookup failed");
+                None
+            }
+        }
+    }
+
     /// A list of ours went out, but the write of its outcome found the claim
     /// no longer `claimed`. If the leg was recorded placed meanwhile (someone
     /// found the list by its client id and adopted it), the list is ours and
@@ -2099,6 +2172,20 @@ impl Protector {
             ) {
                 break;
             }
+        }
+        // Whatever the list sold before it ended is the entry's sale all the same.
+        let sold = match &result {
+            Ok(ListCancelOutcome::Canceled(Some(sold))) => Some(*sold),
+            Ok(_) => {
+                self.final_sale(creds, &claim.symbol, claim.ids.list.as_str())
+                    .await
+            }
+            Err(_) => None,
+        };
+        if let Some(sold) = sold.filter(|s| !s.total().is_zero()) {
+            self.store
+                .record_leg_sold(claim.key, sold, self.clock.now())
+                .await?;
         }
         let detail = match &result {
             Ok(_) => format!("{}: claim taken over while sent; list canceled", claim.key),

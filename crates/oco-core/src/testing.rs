@@ -21,9 +21,9 @@ use crate::model::{
 };
 use crate::money::{Price, Qty};
 use crate::ports::{
-    ApiCredentials, Balance, CancelOutcome, Exchange, ExchangeError, ListOrderSnapshot, NewAccount,
-    OcoAck, OcoRequest, OrderListSnapshot, OrderRequest, OrderSnapshot, Side, Store, StoreError,
-    event,
+    ApiCredentials, Balance, CancelOutcome, Exchange, ExchangeError, ListCancelOutcome,
+    ListOrderSnapshot, NewAccount, OcoAck, OcoRequest, OrderListSnapshot, OrderRequest,
+    OrderSnapshot, Side, Store, StoreError, event,
 };
 use crate::state::{EntryStatus, LegSold, LegState};
 use crate::symbol::{Asset, SymbolRules};
@@ -87,6 +87,8 @@ struct FakeState {
     market_depth: HashMap<String, Qty>,
     order_faults: VecDeque<OcoFault>,
     lagging_lookups: usize,
+    /// List cancels to come whose answer reports no quantities.
+    unreported_cancels: usize,
     market_sells: Vec<String>,
     next_id: i64,
     oco_calls: usize,
@@ -158,6 +160,12 @@ impl FakeExchange {
     /// that can lag its matching engine.
     pub fn lag_next_lookups(&self, n: usize) {
         self.lock().lagging_lookups = n;
+    }
+
+    /// The next `n` list cancels cancel as usual but answer without what
+    /// the orders had executed (an answer whose reports could not be read).
+    pub fn unreport_next_cancels(&self, n: usize) {
+        self.lock().unreported_cancels = n;
     }
 
     /// The client ids of the SELL market orders executed, in order.
@@ -442,19 +450,22 @@ impl FakeState {
         )
     }
 
-    fn cancel_list(&mut self, list_client_id: &str) -> bool {
-        let Some(i) = self
+    /// Cancels an executing list; `None` when there is none. Answers what
+    /// its orders had executed, as Binance's `orderReports` do.
+    fn cancel_list(&mut self, list_client_id: &str) -> Option<LegSold> {
+        let i = self
             .lists
             .iter()
-            .position(|l| l.request.ids.list.as_str() == list_client_id && l.executing)
-        else {
-            return false;
-        };
+            .position(|l| l.request.ids.list.as_str() == list_client_id && l.executing)?;
         let (api_key, symbol, rest) = {
             let l = &mut self.lists[i];
             l.executing = false;
-            l.take_profit.status = EntryStatus::Canceled;
-            l.stop_loss.status = EntryStatus::Canceled;
+            // An order already ended (the stop a take-profit fill expired) keeps its end.
+            for order in [&mut l.take_profit, &mut l.stop_loss] {
+                if !order.status.is_final() {
+                    order.status = EntryStatus::Canceled;
+                }
+            }
             (
                 l.api_key.clone(),
                 l.request.symbol.clone(),
@@ -474,7 +485,13 @@ impl FakeState {
             .or_default();
         slot.1 -= rest;
         slot.0 += rest;
-        true
+        let l = &self.lists[i];
+        Some(LegSold {
+            take_profit: l.take_profit.executed_qty,
+            take_profit_quote: l.take_profit.cumulative_quote,
+            stop_loss: l.stop_loss.executed_qty,
+            stop_loss_quote: l.stop_loss.cumulative_quote,
+        })
     }
 
     fn place(&mut self, api_key: &str, oco: &OcoRequest) -> Result<OcoAck, ExchangeError> {
@@ -787,7 +804,7 @@ impl Exchange for FakeExchange {
         _creds: &ApiCredentials,
         _symbol: &str,
         list_client_id: &str,
-    ) -> Result<CancelOutcome, ExchangeError> {
+    ) -> Result<ListCancelOutcome, ExchangeError> {
         let hook = self
             .before_cancel
             .lock()
@@ -801,11 +818,14 @@ impl Exchange for FakeExchange {
         if let Some(Some(err)) = state.list_cancel_faults.pop_front() {
             return Err(err);
         }
-        if state.cancel_list(list_client_id) {
-            Ok(CancelOutcome::Canceled)
-        } else {
-            Ok(CancelOutcome::NotOpen)
+        let Some(sold) = state.cancel_list(list_client_id) else {
+            return Ok(ListCancelOutcome::NotOpen);
+        };
+        if state.unreported_cancels > 0 {
+            state.unreported_cancels -= 1;
+            return Ok(ListCancelOutcome::Canceled(None));
         }
+        Ok(ListCancelOutcome::Canceled(Some(sold)))
     }
 }
 

@@ -329,6 +329,161 @@ async fn a_partly_filled_take_profit_leaves_the_rest_reprotected() {
     assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0.8)));
 }
 
+/// A resting entry of which 1 filled and is protected by two lists of 0.5;
+/// the first list's take-profit (at 101) then sells 0.1, Binance drops that
+/// list's stop and the list keeps executing, and nobody follows the event.
+/// The account holds 0.5 coins of its own besides, and the entry fills 0.2
+/// more: the evidence of that fill is returned.
+async fn a_sale_unseen_before_the_next_fill() -> (World, EntryId, oco_core::model::Evidence) {
+    use oco_core::ids::IdScheme;
+    use oco_core::model::{EntryKind, EntryTags, NewEntry, OrderSize};
+    use oco_core::testing::btcusdt_rules;
+
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let ids = IdScheme::new("og").unwrap();
+    let id = w
+        .store
+        .create_entry(
+            NewEntry {
+                account: w.account,
+                symbol: btcusdt_rules().symbol,
+                kind: EntryKind::Limit {
+                    price: p(dec!(100)),
+                },
+                size: OrderSize::Base(q(dec!(2))),
+                levels: EntryLevels::default(),
+                tags: EntryTags::default(),
+            },
+            &move |id| ids.entry(id).unwrap(),
+            w.clock.now(),
+        )
+        .await
+        .unwrap()
+        .id;
+    let fills = |n: usize| {
+        let all = [
+            (1, dec!(1), dec!(100), dec!(0), "BNB"),
+            (2, dec!(0.2), dec!(100), dec!(0), "BNB"),
+        ];
+        evidence(EntryStatus::PartiallyFilled, &all[..n])
+    };
+    w.credit(dec!(1));
+    w.protector
+        .protect(id, Some(&fills(1)), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(w.open_qty(), dec!(1));
+    let first = w
+        .exchange
+        .open_lists()
+        .into_iter()
+        .find(|l| l.request.take_profit == p(dec!(101)))
+        .unwrap();
+    w.exchange
+        .fill_take_profit(first.request.ids.list.as_str(), q(dec!(0.1)));
+    w.credit(dec!(0.5));
+    w.credit(dec!(0.2));
+    (w, id, fills(2))
+}
+
+/// After [`a_sale_unseen_before_the_next_fill`] was protected: the sale is
+/// recorded (its quote too, for the realised result), the lists cover 1.2
+/// bought less 0.1 sold, and the account's own coins stay free.
+async fn assert_the_sale_is_planned_around(w: &World, id: EntryId) {
+    let legs = w.store.legs(id).await.unwrap();
+    let sold: Decimal = legs.iter().map(|l| l.sold.total().get()).sum();
+    let quote: Decimal = legs.iter().map(|l| l.sold.total_quote()).sum();
+    assert_eq!(
+        (sold, quote),
+        (dec!(0.1), dec!(10.1)),
+        "what the canceled list sold is recorded"
+    );
+    assert_eq!(
+        w.open_qty(),
+        dec!(1.1),
+        "the new generation covers 1.2 bought less 0.1 sold"
+    );
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC"),
+        (dec!(0.5), dec!(1.1)),
+        "the account's own coins stay free"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+}
+
+/// The round that protects the new fill plans from what it knows (nothing
+/// sold) and cancels the old lists to replace them: the cancel's answer
+/// reveals the sale, and the generation is planned again from it rather
+/// than sent at the sizes first planned.
+#[tokio::test]
+async fn a_sale_a_replaced_list_made_before_its_cancel_is_recorded_and_not_protected_again() {
+    let (w, id, more) = a_sale_unseen_before_the_next_fill().await;
+    let report = w
+        .protector
+        .protect_seen(w.account, id, "BTCUSDT", &more, Source::Websocket)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    assert_the_sale_is_planned_around(&w, id).await;
+    let legs = w.store.legs(id).await.unwrap();
+    let first: Vec<_> = legs.iter().filter(|l| l.key.generation == 0).collect();
+    assert!(
+        first.len() == 2 && first.iter().all(|l| l.state == LegState::Replaced),
+        "{first:?}"
+    );
+}
+
+/// A cancel answered without quantities sends the replacement to look the
+/// list up; a lookup that does not find it ended leaves the leg placed and
+/// the call failed, and the next call's cancel finds the list not open and
+/// reads the sale then. Never is the sale taken as nothing.
+#[tokio::test]
+async fn a_cancel_answered_without_quantities_has_the_sale_looked_up() {
+    let (w, id, more) = a_sale_unseen_before_the_next_fill().await;
+    w.exchange.unreport_next_cancels(1);
+    w.protector
+        .protect(id, Some(&more), Source::Websocket)
+        .await
+        .unwrap();
+    assert_the_sale_is_planned_around(&w, id).await;
+
+    let (w, id, more) = a_sale_unseen_before_the_next_fill().await;
+    w.exchange.unreport_next_cancels(1);
+    w.exchange.lag_next_lookups(1);
+    let report = w
+        .protector
+        .protect(id, Some(&more), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { .. }),
+        "{report:?}"
+    );
+    let legs = w.store.legs(id).await.unwrap();
+    assert!(
+        legs.iter()
+            .filter(|l| l.key.generation == 0)
+            .all(|l| matches!(l.state, LegState::Placed { .. })),
+        "{legs:?}"
+    );
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Unprotected,
+        "a list was canceled: its coins have no stop"
+    );
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_the_sale_is_planned_around(&w, id).await;
+}
+
 #[tokio::test]
 async fn a_market_past_the_stop_exits_at_market_and_records_it() {
     let w = world(ProtectionConfig::DEFAULT).await;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use oco_core::AccountId;
 use oco_core::ports::{
-    ApiCredentials, Balance, CancelOutcome, Exchange, ExchangeError, OcoAck, OcoRequest,
-    OrderListSnapshot, OrderRequest, OrderSnapshot,
+    ApiCredentials, Balance, CancelOutcome, Exchange, ExchangeError, ListCancelOutcome, OcoAck,
+    OcoRequest, OrderListSnapshot, OrderRequest, OrderSnapshot,
 };
 use oco_core::{Fill, Price, SymbolRules};
 use tokio::time::Instant;
@@ -432,7 +432,7 @@ impl Exchange for MeteredExchange {
         creds: &ApiCredentials,
         symbol: &str,
         list_client_id: &str,
-    ) -> Result<CancelOutcome, ExchangeError> {
+    ) -> Result<ListCancelOutcome, ExchangeError> {
         self.meter.acquire(weight::ORDER_WRITE).await;
         self.observe(
             self.inner

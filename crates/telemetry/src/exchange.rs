@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use oco_core::ports::{
-    ApiCredentials, Balance, CancelOutcome, Exchange, ExchangeError, OcoAck, OcoRequest,
-    OrderListSnapshot, OrderRequest, OrderSnapshot,
+    ApiCredentials, Balance, CancelOutcome, Exchange, ExchangeError, ListCancelOutcome, OcoAck,
+    OcoRequest, OrderListSnapshot, OrderRequest, OrderSnapshot,
 };
 use oco_core::{Fill, Price, SymbolRules};
 
@@ -141,7 +141,7 @@ impl Exchange for ObservedExchange {
         creds: &ApiCredentials,
         symbol: &str,
         list_client_id: &str,
-    ) -> Result<CancelOutcome, ExchangeError> {
+    ) -> Result<ListCancelOutcome, ExchangeError> {
         self.seen(
             self.inner
                 .cancel_order_list(creds, symbol, list_client_id)

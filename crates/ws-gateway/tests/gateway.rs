@@ -576,7 +576,7 @@ impl oco_core::Exchange for SlowFor {
         c: &ApiCredentials,
         s: &str,
         id: &str,
-    ) -> Result<oco_core::ports::CancelOutcome, ExchangeError> {
+    ) -> Result<oco_core::ports::ListCancelOutcome, ExchangeError> {
         self.inner.cancel_order_list(c, s, id).await
     }
 }

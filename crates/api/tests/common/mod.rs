@@ -20,8 +20,8 @@ use axum::http::{Method, Request, StatusCode, header};
 use oco_core::mem::MemStore;
 use oco_core::model::{Fill, Millis};
 use oco_core::ports::{
-    ApiCredentials, Balance, CancelOutcome, Clock, Exchange, ExchangeError, OcoAck, OcoRequest,
-    OrderListSnapshot, OrderRequest, OrderSnapshot, Users,
+    ApiCredentials, Balance, CancelOutcome, Clock, Exchange, ExchangeError, ListCancelOutcome,
+    OcoAck, OcoRequest, OrderListSnapshot, OrderRequest, OrderSnapshot, Users,
 };
 use oco_core::testing::{FakeExchange, btcusdt_rules};
 use oco_core::{
@@ -275,7 +275,7 @@ impl Exchange for TestExchange {
         creds: &ApiCredentials,
         symbol: &str,
         list_client_id: &str,
-    ) -> Result<CancelOutcome, ExchangeError> {
+    ) -> Result<ListCancelOutcome, ExchangeError> {
         self.fake
             .cancel_order_list(creds, symbol, list_client_id)
             .await

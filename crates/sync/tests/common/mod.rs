@@ -14,8 +14,8 @@ use oco_core::levels::EntryLevels;
 use oco_core::mem::MemStore;
 use oco_core::model::{EntryKind, EntryTags, Millis, NewEntry, OrderSize, ProtectionConfig};
 use oco_core::ports::{
-    ApiCredentials, Balance, CancelOutcome, Clock, Exchange, ExchangeError, NewAccount, OcoAck,
-    OcoRequest, OrderListSnapshot, OrderRequest, OrderSnapshot, Side, Store,
+    ApiCredentials, Balance, CancelOutcome, Clock, Exchange, ExchangeError, ListCancelOutcome,
+    NewAccount, OcoAck, OcoRequest, OrderListSnapshot, OrderRequest, OrderSnapshot, Side, Store,
 };
 use oco_core::protect::{Protector, ProtectorConfig};
 use oco_core::testing::{FakeExchange, btcusdt_rules};
@@ -233,7 +233,7 @@ impl Exchange for TestExchange {
         creds: &ApiCredentials,
         symbol: &str,
         list_client_id: &str,
-    ) -> Result<CancelOutcome, ExchangeError> {
+    ) -> Result<ListCancelOutcome, ExchangeError> {
         self.check(creds, "cancel_order_list")?;
         self.fake
             .cancel_order_list(creds, symbol, list_client_id)
