@@ -5,10 +5,10 @@
 //! Orders are recognised by their deterministic client id alone; updates of
 //! orders placed by hand are ignored.
 
-use crate::ids::{AccountId, LegKey, OrderRole};
+use crate::ids::{AccountId, EntryId, LegKey, OrderRole};
 use crate::model::{Evidence, Leg, Protection, Source};
-use crate::ports::{ExecutionUpdate, StoreError};
-use crate::protect::{ProtectError, ProtectReport, Protector};
+use crate::ports::{ExecutionUpdate, StoreError, event};
+use crate::protect::{ProtectError, ProtectReport, Protector, realized_quote};
 use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold, LegState};
 
 /// What an update was about.
@@ -123,12 +123,16 @@ impl Protector {
                         ..LegSold::default()
                     }
                 };
-                if !update.executed_qty.is_zero() {
+                let sold_any = !update.executed_qty.is_zero();
+                if sold_any {
                     self.store()
                         .record_leg_sold(key, sold, update.event_time)
                         .await?;
                 }
                 if matches!(role, OrderRole::Exit(_)) {
+                    if sold_any {
+                        self.recount_closed(key.entry, source).await?;
+                    }
                     return Ok(Followed::Leg {
                         key,
                         state: leg.state.name(),
@@ -152,6 +156,9 @@ impl Protector {
                 } else {
                     None
                 };
+                if sold_any {
+                    self.recount_closed(key.entry, source).await?;
+                }
                 Ok(Followed::Leg {
                     key,
                     state: state.name(),
@@ -167,6 +174,36 @@ impl Protector {
 const LEG_MOVE_ATTEMPTS: usize = 4;
 
 impl Protector {
+    /// A sale recorded on an entry already closed (its update came after
+    /// the close: a lookup or a balance read settled the entry first, or the
+    /// take-profit's fill overtook its own placement) leaves the result the
+    /// close recorded stale. It is computed again as the close computes it
+    /// ([`realized_quote`]) and the entry closed again with it when it
+    /// changed (event `realized`).
+    async fn recount_closed(&self, id: EntryId, source: Source) -> Result<(), ProtectError> {
+        let entry = self.store().entry(id).await?;
+        if entry.protection != Protection::Closed {
+            return Ok(());
+        }
+        let legs = self.store().legs(id).await?;
+        let realized = realized_quote(&entry, &legs);
+        if entry.realized_quote == Some(realized) {
+            return Ok(());
+        }
+        let now = self.clock().now();
+        self.store().close_entry(id, realized, now).await?;
+        self.store()
+            .append_event(&event(
+                id,
+                "realized",
+                format!("realized {realized}: a sale recorded after the close"),
+                Some(source),
+                now,
+            ))
+            .await?;
+        Ok(())
+    }
+
     /// Moves `leg` on `event` and returns its state afterwards: the one the
     /// move wrote, or, when the event no longer applies to what is stored
     /// (another writer ended the leg first), the stored one.

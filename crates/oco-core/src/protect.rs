@@ -552,8 +552,7 @@ impl Protector {
         if position.is_zero() && active.is_empty() {
             // An exit keeps its record; there is nothing more to close.
             if entry.status.is_final() && entry.protection != Protection::Closed && !exited {
-                let realized = legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>()
-                    - entry.cumulative_quote;
+                let realized = realized_quote(entry, &legs);
                 self.store.close_entry(entry.id, realized, now).await?;
                 self.store
                     .append_event(&event(
@@ -647,8 +646,7 @@ impl Protector {
                 if active.is_empty() && !sold.is_zero() && entry.status.is_final() =>
             {
                 if entry.protection != Protection::Closed {
-                    let realized = legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>()
-                        - entry.cumulative_quote;
+                    let realized = realized_quote(entry, &legs);
                     self.store.close_entry(entry.id, realized, now).await?;
                     self.store
                         .append_event(&event(
@@ -2275,6 +2273,12 @@ enum Adoption {
     Changed,
     /// Left as it is; it may hold the entry's coins.
     Held,
+}
+
+/// The realised quote result of a closed entry: what its legs sold (exits
+/// included) less what it cost.
+pub fn realized_quote(entry: &Entry, legs: &[Leg]) -> Decimal {
+    legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>() - entry.cumulative_quote
 }
 
 /// Whether `leg` is the rest of a partly filled take-profit: on the book

@@ -1311,6 +1311,33 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
             .any(|x| x.id == entry.id),
         "a closed entry is not open"
     );
+    // A protection write from a copy of the entry read before it closed (a
+    // placer whose take-profit filled while it placed) leaves it closed.
+    let stale = Protection::Protected {
+        at: Millis(61),
+        by: crate::model::Source::Websocket,
+    };
+    store.set_protection(entry.id, &stale).await?;
+    let written = store
+        .record_outcomes(entry.id, &[], &[], Some(&stale))
+        .await?;
+    let e = store.entry(entry.id).await?;
+    ensure!(
+        e.protection == Protection::Closed
+            && written.entry.protection == Protection::Closed
+            && e.realized_quote == Some(dec("-1.5")),
+        "a closed entry stays closed under a protection write, got {:?} ({:?} answered)",
+        e.protection,
+        written.entry.protection
+    );
+    // A sale recorded after the close: closing again replaces the result.
+    store.close_entry(entry.id, dec("2.25"), Millis(62)).await?;
+    let e = store.entry(entry.id).await?;
+    ensure!(
+        e.protection == Protection::Closed && e.realized_quote == Some(dec("2.25")),
+        "closed again with the new result, got {:?}",
+        e.realized_quote
+    );
 
     // An exit settles the coins it sold, not the order: while the order can
     // still fill the entry is open, and coins filled after the exit make it

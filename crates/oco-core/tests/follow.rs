@@ -716,3 +716,114 @@ async fn an_order_canceled_without_a_reason_leaves_the_leg_to_its_lists_end() {
     );
     assert_eq!(w.open_qty(), dec!(1));
 }
+
+/// One leg; its take-profit fills, and the fill's update is followed before
+/// the placer records the list placed: the update ends the leg and closes the
+/// entry. The placer's write, from its copy of the entry read before, must
+/// not make it protected again.
+#[tokio::test]
+async fn a_take_profit_filled_before_its_placement_is_recorded_leaves_the_entry_closed() {
+    let one_leg = ProtectionConfig {
+        split: Decimal::ONE,
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let key = LegKey {
+        entry: id,
+        leg: oco_core::ids::LegIndex::First,
+        generation: 0,
+    };
+    let ids = IdScheme::new("og").unwrap().oco(key).unwrap();
+    // Bought 1 at 100; the take-profit (+1 %) sells it all at 101.
+    let filled = update(
+        ids.take_profit.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(101),
+    );
+    let (protector, account) = (w.protector.clone(), w.account);
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            protector
+                .follow(account, &filled, Source::Websocket)
+                .await
+                .unwrap();
+        })
+    });
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs[0].state, LegState::TakeProfitFilled, "{legs:?}");
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    assert_eq!(entry.realized_quote, Some(dec!(1)));
+}
+
+/// A list's lookup lagged past the claim timeout, so its leg was called
+/// ended outside, and the entry was closed as if its coins were sold outside
+/// (realised −cost). The take-profit's fill update arrives after: the sale is
+/// recorded and the entry's result follows it.
+#[tokio::test]
+async fn a_sale_recorded_after_the_entry_closed_updates_its_result() {
+    let one_leg = ProtectionConfig {
+        split: Decimal::ONE,
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    w.exchange.fill_take_profit(leg.ids.list.as_str(), leg.qty);
+    w.clock.advance(Duration::from_secs(31));
+    w.exchange.lag_next_lookups(1);
+    let creds = w.store.credentials(w.account).await.unwrap();
+    w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let closed = w.store.entry(id).await.unwrap();
+    assert_eq!(closed.protection, Protection::Closed);
+    assert_eq!(closed.realized_quote, Some(dec!(-100)), "no sale known yet");
+
+    let tp = update(
+        leg.ids.take_profit.as_str(),
+        EntryStatus::Filled,
+        leg.qty.get(),
+        leg.take_profit.get(),
+    );
+    w.protector
+        .follow(w.account, &tp, Source::Websocket)
+        .await
+        .unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    assert_eq!(entry.realized_quote, Some(dec!(1)), "sold 1 at 101");
+    assert!(
+        w.store
+            .events(id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "realized"),
+    );
+}
