@@ -5,10 +5,10 @@
 //! Orders are recognised by their deterministic client id alone; updates of
 //! orders placed by hand are ignored.
 
-use crate::ids::{AccountId, LegKey, OrderRole};
+use crate::ids::{AccountId, EntryId, LegKey, OrderRole};
 use crate::model::{Evidence, Leg, Protection, Source};
-use crate::ports::{ExecutionUpdate, StoreError};
-use crate::protect::{ProtectError, ProtectReport, Protector};
+use crate::ports::{ExecutionUpdate, StoreError, event};
+use crate::protect::{ProtectError, ProtectReport, Protector, realized_quote};
 use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold, LegState};
 
 /// What an update was about.
@@ -123,12 +123,16 @@ impl Protector {
                         ..LegSold::default()
                     }
                 };
-                if !update.executed_qty.is_zero() {
+                let sold_any = !update.executed_qty.is_zero();
+                if sold_any {
                     self.store()
                         .record_leg_sold(key, sold, update.event_time)
                         .await?;
                 }
                 if matches!(role, OrderRole::Exit(_)) {
+                    if sold_any {
+                        self.recount_closed(key.entry, source).await?;
+                    }
                     return Ok(Followed::Leg {
                         key,
                         state: leg.state.name(),
@@ -152,6 +156,9 @@ impl Protector {
                 } else {
                     None
                 };
+                if sold_any {
+                    self.recount_closed(key.entry, source).await?;
+                }
                 Ok(Followed::Leg {
                     key,
                     state: state.name(),
@@ -167,6 +174,36 @@ impl Protector {
 const LEG_MOVE_ATTEMPTS: usize = 4;
 
 impl Protector {
+    /// A sale recorded on an entry already closed (its update came after
+    /// the close: a lookup or a balance read settled the entry first, or the
+    /// take-profit's fill overtook its own placement) leaves the result the
+    /// close recorded stale. It is computed again as the close computes it
+    /// ([`realized_quote`]) and the entry closed again with it when it
+    /// changed (event `realized`).
+    async fn recount_closed(&self, id: EntryId, source: Source) -> Result<(), ProtectError> {
+        let entry = self.store().entry(id).await?;
+        if entry.protection != Protection::Closed {
+            return Ok(());
+        }
+        let legs = self.store().legs(id).await?;
+        let realized = realized_quote(&entry, &legs);
+        if entry.realized_quote == Some(realized) {
+            return Ok(());
+        }
+        let now = self.clock().now();
+        self.store().close_entry(id, realized, now).await?;
+        self.store()
+            .append_event(&event(
+                id,
+                "realized",
+                format!("realized {realized}: a sale recorded after the close"),
+                Some(source),
+                now,
+            ))
+            .await?;
+        Ok(())
+    }
+
     /// Moves `leg` on `event` and returns its state afterwards: the one the
     /// move wrote, or, when the event no longer applies to what is stored
     /// (another writer ended the leg first), the stored one.
@@ -212,11 +249,24 @@ impl Protector {
 }
 
 /// The leg event an order update of one of its orders means, if any.
+///
+/// An order that the other order of its list removed (the take-profit when
+/// the stop triggers, the stop when the take-profit is touched) is no end:
+/// its list goes on with the other order. Binance marks it with the expiry
+/// reason `OCO_TRIGGER`, but whether its status is `EXPIRED` or `CANCELED`
+/// is not documented, so both are read so. When the stop triggers, the
+/// take-profit is removed *before* the stop executes: read as an end, the
+/// coins the triggered stop still holds would be protected again (refused
+/// for balance) or the entry closed as if they were sold.
+///
+/// `eR` is a conditional field (only since 2026-03), so an order canceled or
+/// expired with nothing executed and no reason may be such a sibling too, or
+/// a list canceled by hand: that one order's update cannot tell. The list's
+/// end decides: its `listStatus` `ALL_DONE`, which the gateway follows with a
+/// lookup of the list (both of its orders), or sync's next pass.
 fn leg_event(take_profit: bool, update: &ExecutionUpdate) -> Option<LegEvent> {
-    let external_expiry = update
-        .expiry_reason
-        .as_deref()
-        .is_some_and(|r| r != "OCO_TRIGGER" && r != "NONE");
+    let reason = update.expiry_reason.as_deref().filter(|r| *r != "NONE");
+    let nothing_sold = update.executed_qty.is_zero();
     match (take_profit, update.status) {
         (true, EntryStatus::Filled) => Some(LegEvent::TakeProfitFilled),
         (false, EntryStatus::Filled) => Some(LegEvent::StopLossFilled),
@@ -224,13 +274,15 @@ fn leg_event(take_profit: bool, update: &ExecutionUpdate) -> Option<LegEvent> {
         (true, EntryStatus::PartiallyFilled) => {
             Some(LegEvent::EndedExternally(ExternalEnd::TakeProfitPartial))
         }
-        (false, EntryStatus::Expired) if external_expiry => {
+        // Removed by its sibling, whatever the status: not an end in itself.
+        (_, EntryStatus::Canceled | EntryStatus::Expired) if reason == Some("OCO_TRIGGER") => None,
+        // A triggered stop the exchange expired (e.g. the price-range rule).
+        (false, EntryStatus::Expired) if reason.is_some() || !nothing_sold => {
             Some(LegEvent::EndedExternally(ExternalEnd::StopExpired))
         }
-        // The sibling of a working order is expired with OCO_TRIGGER: not an end in itself.
-        (_, EntryStatus::Expired) if update.expiry_reason.as_deref() == Some("OCO_TRIGGER") => None,
-        (false, EntryStatus::Expired) if !update.executed_qty.is_zero() => {
-            Some(LegEvent::EndedExternally(ExternalEnd::StopExpired))
+        // No reason and nothing sold: a sibling or a cancel, left to the list's end.
+        (_, EntryStatus::Canceled | EntryStatus::Expired) if reason.is_none() && nothing_sold => {
+            None
         }
         (_, EntryStatus::Canceled | EntryStatus::Expired) => {
             Some(LegEvent::EndedExternally(ExternalEnd::Canceled))

@@ -324,7 +324,9 @@ impl Store for MemStore {
             .entries
             .get_mut(&id)
             .ok_or_else(|| not_found("entry", id))?;
-        entry.protection = protection.clone();
+        if !is_settled(&entry.protection) {
+            entry.protection = protection.clone();
+        }
         Ok(())
     }
 
@@ -582,7 +584,9 @@ impl Store for MemStore {
         let Some(e) = inner.entries.get_mut(&entry) else {
             return Err(not_found("entry", entry));
         };
-        if let Some(p) = protection {
+        if let Some(p) = protection
+            && !is_settled(&e.protection)
+        {
             e.protection = p.clone();
         }
         let entry = e.clone();
@@ -696,6 +700,16 @@ pub fn is_open(entry: &Entry) -> bool {
             entry.protection,
             Protection::Closed | Protection::Exited { .. } | Protection::NotNeeded
         )
+}
+
+/// Whether a protection state is final: a protection write
+/// ([`Store::set_protection`], [`Store::record_outcomes`]) leaves it as it is.
+/// Only `Closed` is: every coin is known sold, and a write over it comes from
+/// a copy of the entry read before it closed (a placer whose take-profit
+/// filled, and closed the entry, while it placed). `Exited` is not: coins
+/// filled after an exit are protected again.
+pub fn is_settled(protection: &Protection) -> bool {
+    *protection == Protection::Closed
 }
 
 /// Whether a leg's list was acknowledged by the exchange at some point.

@@ -544,13 +544,17 @@ pub trait Store: Send + Sync {
     fn unfollowed(&self, account: AccountId) {
         let _ = account;
     }
-    /// Sets the entry's protection state.
+    /// Sets the entry's protection state, unless it is `Closed`: a closed
+    /// entry stays closed ([`crate::mem::is_settled`]), as the write may come
+    /// from a copy of the entry read before it closed.
     async fn set_protection(
         &self,
         id: EntryId,
         protection: &crate::model::Protection,
     ) -> Result<(), StoreError>;
-    /// Records the realised result of a closed entry.
+    /// Closes the entry with its realised result. Closing a closed entry
+    /// again (a sale recorded after it closed) replaces the result; a store
+    /// that keeps the close time keeps the first.
     async fn close_entry(
         &self,
         id: EntryId,
@@ -696,9 +700,10 @@ pub trait Store: Send + Sync {
     /// each of `updates` as [`Store::update_leg`] (`applied[i]` of the answer
     /// tells whether `updates[i]` applied), then `events` appended to the
     /// entry's history, then the entry's protection set to `protection` if
-    /// given. The answer also holds the entry as read after the write, so
-    /// that the placer sees fills recorded while it placed without another
-    /// call.
+    /// given and the entry is not `Closed` (as [`Store::set_protection`]:
+    /// a placer's copy of the entry may predate its close). The answer also
+    /// holds the entry as read after the write, so that the placer sees
+    /// fills recorded while it placed without another call.
     async fn record_outcomes(
         &self,
         entry: EntryId,

@@ -513,6 +513,9 @@ impl Protector {
                 StrayCheck::Adopted => {
                     return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Covered)));
                 }
+                // A lookup of a list of this entry moved its leg (it ended
+                // meanwhile, its sale recorded): plan again from the legs.
+                StrayCheck::Changed => return Ok(Round::Again { holding: None }),
                 StrayCheck::HeldBy(list) => {
                     // A list of ours that no live leg follows may lock these
                     // coins (placed over them by another entry's generation):
@@ -549,8 +552,7 @@ impl Protector {
         if position.is_zero() && active.is_empty() {
             // An exit keeps its record; there is nothing more to close.
             if entry.status.is_final() && entry.protection != Protection::Closed && !exited {
-                let realized = legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>()
-                    - entry.cumulative_quote;
+                let realized = realized_quote(entry, &legs);
                 self.store.close_entry(entry.id, realized, now).await?;
                 self.store
                     .append_event(&event(
@@ -644,8 +646,7 @@ impl Protector {
                 if active.is_empty() && !sold.is_zero() && entry.status.is_final() =>
             {
                 if entry.protection != Protection::Closed {
-                    let realized = legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>()
-                        - entry.cumulative_quote;
+                    let realized = realized_quote(entry, &legs);
                     self.store.close_entry(entry.id, realized, now).await?;
                     self.store
                         .append_event(&event(
@@ -1877,15 +1878,27 @@ impl Protector {
 
     /// When a balance read says an entry's coins are gone while its fills
     /// and recorded sales say they are held, they were sold or moved outside
-    /// ocoguard, or they are locked by a list of this entry that no leg
-    /// follows (placed under a claim that was taken over while its lookup
-    /// lagged: the leg reads `not_placed`), or by a list of ours on the
-    /// symbol that no live leg follows (another entry's, which a generation
-    /// placed over these coins). The account's open lists tell which: a list
-    /// of this entry is adopted (its leg moves to `placed` and the entry is
-    /// protected); another's without a live leg is named, and the caller does
-    /// not close the entry; with neither, the caller closes it, as for coins
-    /// sold outside. A failed read is an error: nothing is closed on a guess.
+    /// ocoguard, or they are locked by a list of this entry that no live leg
+    /// follows, or by a list of ours on the symbol that no live leg follows
+    /// (another entry's, which a generation placed over these coins). The
+    /// account's open lists tell which:
+    ///
+    /// - a list of this entry whose leg reads `not_placed` (placed under a
+    ///   claim that was taken over while its lookup lagged) is adopted: its
+    ///   leg moves to `placed` and the entry is protected;
+    /// - a list of this entry whose leg reads ended outside (`canceled`,
+    ///   `stop_expired`: an end read from one order's update, the list still
+    ///   working, e.g. a triggered stop whose take-profit the exchange removed
+    ///   first) is looked up and its real state applied: working, it is
+    ///   adopted the same way; ended meanwhile, its end and sale are recorded
+    ///   and the round plans again;
+    /// - any other list of this entry that no live leg follows, or one whose
+    ///   lookup finds nothing yet, or another entry's without a live leg, is
+    ///   named, and the caller does not close the entry: the list may still
+    ///   sell these coins, and the entry must be there to record it.
+    ///
+    /// With none of these, the caller closes the entry, as for coins sold
+    /// outside. A failed read is an error: nothing is closed on a guess.
     async fn adopt_stray_list(
         &self,
         creds: &ApiCredentials,
@@ -1895,6 +1908,7 @@ impl Protector {
     ) -> Result<StrayCheck, ProtectError> {
         let lists = self.exchange.open_order_lists(creds).await?;
         let mut adopted = false;
+        let mut changed = false;
         let mut held_by = None;
         for list in lists.iter().filter(|l| l.executing) {
             let Some(OrderRole::List(key)) = self.config.ids.parse(&list.list_client_id) else {
@@ -1916,39 +1930,98 @@ impl Protector {
                 }
                 continue;
             }
-            let stray = legs.iter().any(|l| {
-                l.key == key
-                    && matches!(l.state, LegState::NotPlaced { .. })
-                    && l.sold.total().is_zero()
-            });
-            if !stray {
-                continue;
-            }
-            let placed = LegState::Placed {
-                list_id: list.list_id,
+            let leg = legs.iter().find(|l| l.key == key);
+            let adoption = match leg.map(|l| &l.state) {
+                Some(LegState::NotPlaced { .. })
+                    if leg.is_some_and(|l| l.sold.total().is_zero()) =>
+                {
+                    let placed = LegState::Placed {
+                        list_id: list.list_id,
+                    };
+                    if self.update(key, "not_placed", placed, None).await? {
+                        Adoption::Placed
+                    } else {
+                        // Another caller moved the leg first: read it again.
+                        Adoption::Changed
+                    }
+                }
+                Some(
+                    from @ LegState::CanceledExternally {
+                        why: ExternalEnd::Canceled | ExternalEnd::StopExpired,
+                    },
+                ) => self.readopt(creds, key, from, list).await?,
+                // Live legs (none while the caller is here), or a list no
+                // leg of the entry follows any more: it may hold the coins.
+                _ => Adoption::Held,
             };
-            if self.update(key, "not_placed", placed, None).await? {
-                warn!(entry = %entry.id, leg = %key, list_id = list.list_id, client_id = %list.list_client_id, "open list of a leg recorded as not placed: adopted");
-                self.store
-                    .append_event(&event(
-                        entry.id,
-                        "leg_adopted",
-                        format!(
-                            "list {} ({}) found open on the exchange",
-                            list.list_client_id, list.list_id
-                        ),
-                        Some(source),
-                        self.clock.now(),
-                    ))
-                    .await?;
-                adopted = true;
+            match adoption {
+                Adoption::Placed => {
+                    warn!(entry = %entry.id, leg = %key, list_id = list.list_id, client_id = %list.list_client_id, "open list of a leg recorded as not live: adopted");
+                    self.store
+                        .append_event(&event(
+                            entry.id,
+                            "leg_adopted",
+                            format!(
+                                "list {} ({}) found open on the exchange",
+                                list.list_client_id, list.list_id
+                            ),
+                            Some(source),
+                            self.clock.now(),
+                        ))
+                        .await?;
+                    adopted = true;
+                }
+                Adoption::Changed => changed = true,
+                Adoption::Held => {
+                    held_by.get_or_insert_with(|| list.list_client_id.clone());
+                }
             }
+        }
+        if changed {
+            return Ok(StrayCheck::Changed);
         }
         if adopted {
             self.mark_protected(entry, source, self.clock.now()).await?;
             return Ok(StrayCheck::Adopted);
         }
         Ok(held_by.map_or(StrayCheck::Nothing, StrayCheck::HeldBy))
+    }
+
+    /// Applies the real state of `list`, open on the exchange, to leg `key`
+    /// of its entry, recorded as ended outside in state `from`: the list is
+    /// looked up (both of its orders) and applied as a lookup of a leg in
+    /// doubt is. Not found (the lookup reads a database that may lag), or
+    /// the leg changed by another writer meanwhile, it is left as it is and
+    /// counted as holding the coins.
+    async fn readopt(
+        &self,
+        creds: &ApiCredentials,
+        key: LegKey,
+        from: &LegState,
+        list: &OrderListSnapshot,
+    ) -> Result<Adoption, ProtectError> {
+        let snap = match self
+            .exchange
+            .order_list(creds, &list.symbol, &list.list_client_id)
+            .await
+        {
+            Ok(Some(snap)) => snap,
+            Ok(None) | Err(ExchangeError::NotFound) => return Ok(Adoption::Held),
+            Err(err) => return Err(err.into()),
+        };
+        self.apply_list(key, from.name(), &snap).await?;
+        let now = self
+            .store
+            .legs(key.entry)
+            .await?
+            .into_iter()
+            .find(|l| l.key == key)
+            .map(|l| l.state);
+        Ok(match now {
+            Some(LegState::Placed { .. }) => Adoption::Placed,
+            Some(state) if state != *from => Adoption::Changed,
+            _ => Adoption::Held,
+        })
     }
 
     /// The entry's `active` lists cover its position: it is labelled
@@ -2270,11 +2343,29 @@ const HELD_BY_STRAY: &str = "coins_held_by_stray";
 enum StrayCheck {
     /// A list of the entry that no leg followed holds them: adopted.
     Adopted,
+    /// A leg of the entry moved while its list was looked at: plan again.
+    Changed,
     /// A list of ours on the symbol that no live leg follows (its client id)
     /// may hold them: the entry is not closed.
     HeldBy(String),
     /// No list of ours explains it: the coins were sold or moved outside.
     Nothing,
+}
+
+/// What became of one open list of the entry that no live leg followed.
+enum Adoption {
+    /// Its leg follows it again (`placed`).
+    Placed,
+    /// Its leg moved otherwise (or another writer moved it): read it again.
+    Changed,
+    /// Left as it is; it may hold the entry's coins.
+    Held,
+}
+
+/// The realised quote result of a closed entry: what its legs sold (exits
+/// included) less what it cost.
+pub fn realized_quote(entry: &Entry, legs: &[Leg]) -> Decimal {
+    legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>() - entry.cumulative_quote
 }
 
 /// Whether `leg` is the rest of a partly filled take-profit: on the book

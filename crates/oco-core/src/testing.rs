@@ -420,8 +420,11 @@ impl FakeExchange {
             l.stop_loss.status = EntryStatus::Filled;
             l.stop_loss.executed_qty = l.request.qty;
             l.stop_loss.cumulative_quote = l.request.qty.notional(price);
-            l.take_profit.status = EntryStatus::Expired;
-            l.take_profit.expiry_reason = Some("OCO_TRIGGER".into());
+            // Removed when the stop triggered, unless `trigger_stop` did already.
+            if l.take_profit.status == EntryStatus::New {
+                l.take_profit.status = EntryStatus::Expired;
+                l.take_profit.expiry_reason = Some("OCO_TRIGGER".into());
+            }
             (
                 l.api_key.clone(),
                 l.request.symbol.clone(),
@@ -433,6 +436,22 @@ impl FakeExchange {
         let book = s.balances.entry(api_key).or_default();
         book.entry(base).or_default().1 -= qty.get();
         book.entry(quote).or_default().0 += qty.notional(price);
+    }
+
+    /// Triggers the stop of an open list without filling it: like Binance,
+    /// the take-profit is removed first (reported as `removed_as`, `EXPIRED`
+    /// or `CANCELED`, with `OCO_TRIGGER`), and the list keeps executing with
+    /// the stop resting as a limit order, the coins still locked under it.
+    pub fn trigger_stop(&self, list_client_id: &str, removed_as: EntryStatus) {
+        let mut s = self.lock();
+        if let Some(l) = s
+            .lists
+            .iter_mut()
+            .find(|l| l.request.ids.list.as_str() == list_client_id && l.executing)
+        {
+            l.take_profit.status = removed_as;
+            l.take_profit.expiry_reason = Some("OCO_TRIGGER".into());
+        }
     }
 
     /// Cancels a list as a user would by hand.
@@ -1311,6 +1330,33 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
             .iter()
             .any(|x| x.id == entry.id),
         "a closed entry is not open"
+    );
+    // A protection write from a copy of the entry read before it closed (a
+    // placer whose take-profit filled while it placed) leaves it closed.
+    let stale = Protection::Protected {
+        at: Millis(61),
+        by: crate::model::Source::Websocket,
+    };
+    store.set_protection(entry.id, &stale).await?;
+    let written = store
+        .record_outcomes(entry.id, &[], &[], Some(&stale))
+        .await?;
+    let e = store.entry(entry.id).await?;
+    ensure!(
+        e.protection == Protection::Closed
+            && written.entry.protection == Protection::Closed
+            && e.realized_quote == Some(dec("-1.5")),
+        "a closed entry stays closed under a protection write, got {:?} ({:?} answered)",
+        e.protection,
+        written.entry.protection
+    );
+    // A sale recorded after the close: closing again replaces the result.
+    store.close_entry(entry.id, dec("2.25"), Millis(62)).await?;
+    let e = store.entry(entry.id).await?;
+    ensure!(
+        e.protection == Protection::Closed && e.realized_quote == Some(dec("2.25")),
+        "closed again with the new result, got {:?}",
+        e.realized_quote
     );
 
     // An exit settles the coins it sold, not the order: while the order can

@@ -557,3 +557,273 @@ async fn a_leg_move_that_keeps_losing_is_an_error() {
         .unwrap_err();
     assert!(err.to_string().contains("kept changing"), "{err}");
 }
+
+/// An update of one of `leg`'s orders (`take_profit` or its stop) with
+/// nothing executed, as the exchange sends it when the order leaves the book.
+fn leg_order_gone(
+    leg: &Leg,
+    take_profit: bool,
+    status: EntryStatus,
+    reason: Option<&str>,
+) -> ExecutionUpdate {
+    let client_id = if take_profit {
+        leg.ids.take_profit.as_str()
+    } else {
+        leg.ids.stop_loss.as_str()
+    };
+    ExecutionUpdate {
+        side: Side::Sell,
+        order_type: if take_profit {
+            "LIMIT_MAKER"
+        } else {
+            "STOP_LOSS_LIMIT"
+        }
+        .into(),
+        execution: if status == EntryStatus::Expired {
+            "EXPIRED"
+        } else {
+            "CANCELED"
+        }
+        .into(),
+        expiry_reason: reason.map(str::to_owned),
+        ..update(client_id, status, Decimal::ZERO, dec!(0))
+    }
+}
+
+/// An entry of 1 filled and protected by two lists: the world, the entry, its legs.
+async fn protected_by_two_lists() -> (World, EntryId, Vec<Leg>) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2);
+    assert!(
+        legs.iter()
+            .all(|l| matches!(l.state, LegState::Placed { .. })),
+        "{legs:?}"
+    );
+    (w, id, legs)
+}
+
+/// When a stop triggers, Binance removes the take-profit before the stop
+/// executes, with expiry reason `OCO_TRIGGER`; whether the removal reads
+/// `EXPIRED` or `CANCELED` is not documented. Either way the list still works
+/// (the triggered stop holds the coins): the leg stays placed, and nothing
+/// is placed over coins that are not free.
+#[tokio::test]
+async fn a_take_profit_removed_as_canceled_by_its_triggered_stop_is_no_end() {
+    for removed_as in [EntryStatus::Canceled, EntryStatus::Expired] {
+        let (w, id, legs) = protected_by_two_lists().await;
+        let leg = &legs[0];
+        w.exchange.trigger_stop(leg.ids.list.as_str(), removed_as);
+        let sent = w.exchange.oco_calls();
+        let removed = leg_order_gone(leg, true, removed_as, Some("OCO_TRIGGER"));
+        let followed = w
+            .protector
+            .follow(w.account, &removed, Source::Websocket)
+            .await
+            .unwrap();
+        assert_eq!(
+            followed,
+            Followed::Leg {
+                key: leg.key,
+                state: "placed",
+                protect: None,
+            },
+            "{removed_as}"
+        );
+        assert_eq!(w.store.legs(id).await.unwrap(), legs, "{removed_as}");
+        assert_eq!(
+            w.exchange.oco_calls(),
+            sent,
+            "nothing placed ({removed_as})"
+        );
+        assert_eq!(w.exchange.open_lists().len(), 2, "{removed_as}");
+    }
+}
+
+/// Without an expiry reason (`eR` is a conditional field), an order canceled
+/// with nothing executed may be the sibling a triggered stop removed, or a
+/// list canceled by hand: one order's update does not end the leg. The
+/// list's end (`listStatus` `ALL_DONE`, which the gateway follows with a
+/// lookup of both orders) does: a list canceled by hand is then protected
+/// again at once.
+#[tokio::test]
+async fn an_order_canceled_without_a_reason_leaves_the_leg_to_its_lists_end() {
+    let (w, id, legs) = protected_by_two_lists().await;
+    let creds = w.store.credentials(w.account).await.unwrap();
+    let (triggered, by_hand) = (&legs[0], &legs[1]);
+    w.exchange
+        .trigger_stop(triggered.ids.list.as_str(), EntryStatus::Canceled);
+    w.exchange.cancel_externally(by_hand.ids.list.as_str());
+    let sent = w.exchange.oco_calls();
+    for (leg, take_profit) in [(triggered, true), (by_hand, true), (by_hand, false)] {
+        let gone = leg_order_gone(leg, take_profit, EntryStatus::Canceled, None);
+        let followed = w
+            .protector
+            .follow(w.account, &gone, Source::Websocket)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                followed,
+                Followed::Leg {
+                    state: "placed",
+                    protect: None,
+                    ..
+                }
+            ),
+            "{followed:?}"
+        );
+    }
+    assert_eq!(w.store.legs(id).await.unwrap(), legs, "no leg moved");
+    assert_eq!(w.exchange.oco_calls(), sent, "nothing placed");
+
+    // The canceled list's end, as the gateway follows it.
+    w.protector.refresh_leg(&creds, by_hand).await.unwrap();
+    let report = w
+        .protector
+        .protect(id, None, Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    let after = w.store.legs(id).await.unwrap();
+    assert_eq!(
+        after.iter().find(|l| l.key == by_hand.key).unwrap().state,
+        LegState::CanceledExternally {
+            why: oco_core::state::ExternalEnd::Canceled
+        }
+    );
+    assert!(
+        after
+            .iter()
+            .any(|l| l.key.generation == 1 && matches!(l.state, LegState::Placed { .. })),
+        "a new generation covers it: {after:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(1));
+}
+
+/// One leg; its take-profit fills, and the fill's update is followed before
+/// the placer records the list placed: the update ends the leg and closes the
+/// entry. The placer's write, from its copy of the entry read before, must
+/// not make it protected again.
+#[tokio::test]
+async fn a_take_profit_filled_before_its_placement_is_recorded_leaves_the_entry_closed() {
+    let one_leg = ProtectionConfig {
+        split: Decimal::ONE,
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let key = LegKey {
+        entry: id,
+        leg: oco_core::ids::LegIndex::First,
+        generation: 0,
+    };
+    let ids = IdScheme::new("og").unwrap().oco(key).unwrap();
+    // Bought 1 at 100; the take-profit (+1 %) sells it all at 101.
+    let filled = update(
+        ids.take_profit.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(101),
+    );
+    let (protector, account) = (w.protector.clone(), w.account);
+    w.exchange.before_next_oco(move || {
+        Box::pin(async move {
+            protector
+                .follow(account, &filled, Source::Websocket)
+                .await
+                .unwrap();
+        })
+    });
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs[0].state, LegState::TakeProfitFilled, "{legs:?}");
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    assert_eq!(entry.realized_quote, Some(dec!(1)));
+}
+
+/// A list's lookup lagged past the claim timeout, so its leg was called
+/// ended outside, and the entry was closed as if its coins were sold outside
+/// (realised −cost). The take-profit's fill update arrives after: the sale is
+/// recorded and the entry's result follows it.
+#[tokio::test]
+async fn a_sale_recorded_after_the_entry_closed_updates_its_result() {
+    let one_leg = ProtectionConfig {
+        split: Decimal::ONE,
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    w.exchange.fill_take_profit(leg.ids.list.as_str(), leg.qty);
+    w.clock.advance(Duration::from_secs(31));
+    w.exchange.lag_next_lookups(1);
+    let creds = w.store.credentials(w.account).await.unwrap();
+    w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let closed = w.store.entry(id).await.unwrap();
+    assert_eq!(closed.protection, Protection::Closed);
+    assert_eq!(closed.realized_quote, Some(dec!(-100)), "no sale known yet");
+
+    let tp = update(
+        leg.ids.take_profit.as_str(),
+        EntryStatus::Filled,
+        leg.qty.get(),
+        leg.take_profit.get(),
+    );
+    w.protector
+        .follow(w.account, &tp, Source::Websocket)
+        .await
+        .unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    assert_eq!(entry.realized_quote, Some(dec!(1)), "sold 1 at 101");
+    assert!(
+        w.store
+            .events(id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "realized"),
+    );
+}

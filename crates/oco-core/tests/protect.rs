@@ -2498,3 +2498,101 @@ async fn a_withdrawn_list_does_not_leave_the_entry_labelled_protected() {
         entry.protection
     );
 }
+
+/// A leg recorded as canceled outside while its list still works: its stop
+/// triggered, the exchange removed the take-profit first, and that removal
+/// was read as the list's end. The triggered stop still locks every coin,
+/// so a new generation is refused for balance and nothing is free. That is
+/// not a sale: the entry is not closed (realised −cost), the list is looked
+/// up and followed again, and the stop's fill closes the entry with its
+/// real result.
+#[tokio::test]
+async fn a_leg_read_as_ended_while_its_list_still_works_is_followed_again_not_closed() {
+    let one_leg = ProtectionConfig {
+        split: dec!(1),
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    let LegState::Placed { list_id } = leg.state else {
+        panic!("{leg:?}")
+    };
+    w.exchange
+        .trigger_stop(leg.ids.list.as_str(), EntryStatus::Canceled);
+    assert!(
+        w.store
+            .update_leg(&oco_core::model::LegUpdate {
+                key: leg.key,
+                from: "placed",
+                to: LegState::CanceledExternally {
+                    why: ExternalEnd::Canceled,
+                },
+                error: None,
+                at: w.clock.now(),
+            })
+            .await
+            .unwrap()
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0), "nothing free");
+
+    let report = w
+        .protector
+        .protect(id, None, Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.outcome,
+        ProtectOutcome::Nothing(Idle::Covered),
+        "{report:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "not closed: {entry:?}"
+    );
+    assert_eq!(entry.realized_quote, None);
+    let followed = w.store.legs(id).await.unwrap();
+    assert_eq!(
+        followed.iter().find(|l| l.key == leg.key).unwrap().state,
+        LegState::Placed { list_id }
+    );
+    assert!(
+        w.store
+            .events(id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "leg_adopted")
+    );
+
+    // The stop fills at its limit: the list's end records the sale.
+    w.exchange.fill_stop(leg.ids.list.as_str());
+    let creds = w.store.credentials(w.account).await.unwrap();
+    let placed = w
+        .store
+        .legs(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| l.key == leg.key)
+        .unwrap();
+    w.protector.refresh_leg(&creds, &placed).await.unwrap();
+    w.protector
+        .protect(id, None, Source::Websocket)
+        .await
+        .unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    let limit = leg.stop_limit.unwrap_or(leg.stop).get();
+    assert_eq!(
+        entry.realized_quote,
+        Some(leg.qty.get() * limit - dec!(100)),
+        "the stop's sale less the cost"
+    );
+}

@@ -9,7 +9,7 @@ use deadpool::Runtime;
 use diesel::pg::data_types::{PgNumeric, PgTimestamp};
 use diesel::prelude::*;
 use diesel::result::Error as DieselError;
-use diesel::sql_types::{BigInt, Bool, Numeric};
+use diesel::sql_types::{BigInt, Bool, Nullable, Numeric, Timestamptz};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
@@ -51,6 +51,12 @@ use crate::schema::{accounts, entries, entry_events, fills, protection_legs, sec
 diesel::define_sql_function! {
     /// PostgreSQL's `GREATEST` on two numerics: the store's monotonic merge.
     fn greatest(a: Numeric, b: Numeric) -> Numeric;
+}
+
+diesel::define_sql_function! {
+    /// PostgreSQL's `COALESCE` on two timestamps: the first set one.
+    #[sql_name = "coalesce"]
+    fn coalesce_time(a: Nullable<Timestamptz>, b: Nullable<Timestamptz>) -> Nullable<Timestamptz>;
 }
 
 /// A leg key a claim inserted.
@@ -1572,13 +1578,28 @@ impl Store for PgStore {
     async fn set_protection(&self, id: EntryId, protection: &Protection) -> Result<(), StoreError> {
         let columns = EntryProtectionColumns::from_protection(protection)?;
         let mut conn = self.conn().await?;
-        let n = diesel::update(entries::table.find(id.0))
-            .set(columns)
-            .execute(&mut conn)
-            .await
-            .map_err(|e| db(&format!("setting the protection of entry {id}"), e))?;
+        // A closed entry stays closed: the caller's copy may predate the close.
+        let n = diesel::update(
+            entries::table
+                .find(id.0)
+                .filter(entries::protection.ne("closed")),
+        )
+        .set(columns)
+        .execute(&mut conn)
+        .await
+        .map_err(|e| db(&format!("setting the protection of entry {id}"), e))?;
         if n == 0 {
-            return Err(not_found("entry", id));
+            // Closed (nothing to write), or not there at all.
+            let found = entries::table
+                .find(id.0)
+                .select(entries::id)
+                .first::<i64>(&mut conn)
+                .await
+                .optional()
+                .map_err(|e| db(&format!("reading entry {id}"), e))?;
+            if found.is_none() {
+                return Err(not_found("entry", id));
+            }
         }
         Ok(())
     }
@@ -1595,7 +1616,9 @@ impl Store for PgStore {
             .set((
                 EntryProtectionColumns::from_protection(&Protection::Closed)?,
                 entries::realized_quote.eq(Some(numeric(realized_quote))),
-                entries::closed_at.eq(Some(closed_at)),
+                // Closed again (a sale recorded late): the result changes, the
+                // time it closed does not.
+                entries::closed_at.eq(coalesce_time(entries::closed_at, Some(closed_at))),
             ))
             .execute(&mut conn)
             .await

@@ -477,6 +477,82 @@ async fn claims_ride_only_on_a_merge_that_applied() {
     );
 }
 
+/// The placer writes its outcomes from a copy of the entry read before it
+/// placed; a take-profit that filled meanwhile may have closed the entry.
+/// The write still moves the legs, but leaves the entry closed (so does a
+/// plain protection write), and closing it again for a sale recorded late
+/// changes its result, not the time it closed.
+#[tokio::test]
+async fn a_stale_protection_write_leaves_a_closed_entry_closed() {
+    use oco_core::model::LegUpdate;
+    use oco_core::state::LegState;
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    let account = new_account(&store, "k-closed").await;
+    let entry = new_entry(&store, account.id).await;
+    let leg = claim(entry.id, 0);
+    assert!(store.claim_leg(&leg).await.unwrap());
+    let closed_at = Millis(1_700_000_060_000);
+    store
+        .close_entry(entry.id, dec!(-1.5), closed_at)
+        .await
+        .unwrap();
+
+    let stale = Protection::Protected {
+        at: Millis(1_700_000_061_000),
+        by: Source::Websocket,
+    };
+    let placed = LegUpdate {
+        key: leg.key,
+        from: "claimed",
+        to: LegState::Placed { list_id: 7 },
+        error: None,
+        at: Millis(1_700_000_061_000),
+    };
+    let written = store
+        .record_outcomes(entry.id, &[placed], &[], Some(&stale))
+        .await
+        .unwrap();
+    assert_eq!(written.applied, [true], "the legs still move");
+    assert_eq!(written.entry.protection, Protection::Closed);
+    store.set_protection(entry.id, &stale).await.unwrap();
+    let read = store.entry(entry.id).await.unwrap();
+    assert_eq!(read.protection, Protection::Closed);
+    assert_eq!(read.realized_quote, Some(dec!(-1.5)));
+    assert_eq!(
+        store.legs(entry.id).await.unwrap()[0].state,
+        LegState::Placed { list_id: 7 }
+    );
+    assert!(matches!(
+        store
+            .set_protection(EntryId(entry.id.0 + 1_000), &stale)
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    store
+        .close_entry(entry.id, dec!(2.25), Millis(1_700_000_090_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.entry(entry.id).await.unwrap().realized_quote,
+        Some(dec!(2.25))
+    );
+    #[derive(diesel::QueryableByName)]
+    struct Closed {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        ms: i64,
+    }
+    let row: Closed = diesel::sql_query(
+        "SELECT (extract(epoch FROM closed_at) * 1000)::int8 AS ms FROM entries WHERE id = $1",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(entry.id.0)
+    .get_result(&mut raw(&db).await)
+    .await
+    .unwrap();
+    assert_eq!(row.ms, closed_at.0, "the first close time is kept");
+}
+
 #[tokio::test]
 async fn mem_store_records_a_fill_and_its_claims_the_same_way() {
     oco_core::testing::fill_claim_behaviour(&oco_core::mem::MemStore::new())

@@ -1054,6 +1054,18 @@ impl Reconciler {
                         self.metrics.adopted();
                         report.legs_adopted.push(leg.key);
                         adopted = true;
+                        if stop_gone {
+                            // Adopted executing without its stop, as a placed
+                            // leg can be: its take-profit filled in part
+                            // meanwhile. Looked up as placed (read again: a
+                            // lagging lookup must not count from the claim's
+                            // age), so its sale and end are recorded.
+                            let fresh = self.store.legs(entry.id).await?;
+                            if let Some(adopted) = fresh.iter().find(|l| l.key == leg.key) {
+                                self.protector.refresh_leg(creds, adopted).await?;
+                                ended.push(leg.key);
+                            }
+                        }
                     }
                 }
                 (state, Some(_)) if is_stray(state) => {

@@ -443,6 +443,76 @@ async fn a_take_profit_filled_in_part_while_nobody_listened_gets_its_rest_a_stop
     assert!(is_protected_by_sync(&t.protection(id).await));
 }
 
+/// The gateway placed both lists and crashed before the store heard the
+/// answers; then TP1 filled in part, which cancels its list's stop while the
+/// list keeps executing. Sync finds both lists open by client id. The one
+/// without its stop is not adopted as working protection: it is followed
+/// as the placed leg it is (its sale recorded, its rest replaced), and the
+/// coins left get a stop.
+#[tokio::test]
+async fn a_list_found_open_without_its_stop_is_not_adopted_as_protection() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let id = t.sent_entry(&a, None, dec!(0.01)).await;
+    let placed = t.protect_as_gateway(&a, id).await;
+    assert!(
+        matches!(placed, ProtectOutcome::Placed { .. }),
+        "{placed:?}"
+    );
+    let legs = t.store.legs(id).await.unwrap();
+    for leg in &legs {
+        let reverted = t
+            .store
+            .update_leg(&LegUpdate {
+                key: leg.key,
+                from: "placed",
+                to: LegState::Claimed,
+                error: None,
+                at: leg.updated_at,
+            })
+            .await
+            .unwrap();
+        assert!(reverted);
+    }
+    let first = legs
+        .iter()
+        .find(|l| l.key.leg == oco_core::ids::LegIndex::First)
+        .unwrap();
+    t.ctl.partial_fill_next("BTCUSDT", dec!(0.4)).unwrap();
+    t.ctl.set_price("BTCUSDT", first.take_profit.get()).unwrap();
+    t.ctl.set_price("BTCUSDT", dec!(60000)).unwrap();
+    let stops = |t: &E2e| -> Decimal {
+        t.ctl
+            .open_orders("k1")
+            .iter()
+            .filter(|o| o.order_type.starts_with("STOP_LOSS"))
+            .map(|o| o.orig_qty)
+            .sum()
+    };
+    assert_eq!(t.open_lists("k1"), 2, "both lists still executing");
+    assert!(stops(&t) < first.qty.get() * dec!(2), "one stop is gone");
+
+    let r = t.reconciler().reconcile_account(a.id).await.unwrap();
+    assert_eq!(r.legs_adopted.len(), 2, "{r:?}");
+    assert!(
+        r.lists_ended.iter().any(|(key, state)| *key == first.key
+            && *state
+                == LegState::CanceledExternally {
+                    why: oco_core::state::ExternalEnd::TakeProfitPartial
+                }),
+        "{r:?}"
+    );
+    let after = t.store.legs(id).await.unwrap();
+    let sold: Decimal = after.iter().map(|l| l.sold.total().get()).sum();
+    assert!(sold > Decimal::ZERO, "the take-profit's sale recorded");
+    let owed = t.store.entry(id).await.unwrap().net_qty().get() - sold;
+    let held = stops(&t);
+    assert!(
+        owed - held < dec!(0.00001),
+        "the stops hold the {owed} left, not {held}"
+    );
+}
+
 #[tokio::test]
 async fn revoked_keys_open_the_breaker_and_other_accounts_are_unaffected() {
     let t = e2e().await;

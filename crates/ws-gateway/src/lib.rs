@@ -852,7 +852,10 @@ impl AccountWorker {
     }
 
     /// A list that ended is looked up (its orders' own events may have been
-    /// missed) and whatever it leaves unprotected is protected again.
+    /// missed, and an order canceled with nothing executed and no expiry
+    /// reason is left to this: `follow` cannot tell it from the take-profit
+    /// a triggered stop removed) and whatever it leaves unprotected is
+    /// protected again.
     async fn list_update(&self, list: &ListUpdate) {
         if list.executing {
             return;

@@ -1043,6 +1043,87 @@ async fn a_list_end_naming_another_accounts_entry_is_ignored() {
     assert_eq!(w.exchange.open_lists().len(), 2);
 }
 
+/// A list canceled by hand: both of its orders are reported canceled with
+/// nothing executed and no expiry reason, which one order's update cannot
+/// tell from the take-profit a triggered stop removes. The list's end
+/// (`listStatus` `ALL_DONE`) is looked up, and the coins it held are
+/// protected again at once, before any reconciliation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_canceled_by_hand_is_protected_again_at_its_end() {
+    let w = world(1).await;
+    let _stop_tx = w.streaming_one().await;
+    let (entry, client_id) = w.entry(w.accounts[0]).await;
+    w.streams.send(&key(0), fill_event(&client_id, 1));
+    wait_until("two legs", Duration::from_secs(5), || {
+        w.exchange.open_lists().len() == 2
+    })
+    .await;
+    let legs = w.store.legs(entry).await.unwrap();
+    let gone = legs
+        .iter()
+        .find(|l| matches!(l.state, oco_core::LegState::Placed { .. }))
+        .unwrap()
+        .clone();
+    w.exchange.cancel_externally(gone.ids.list.as_str());
+    for (client_id, order_type) in [
+        (gone.ids.stop_loss.as_str(), "STOP_LOSS_LIMIT"),
+        (gone.ids.take_profit.as_str(), "LIMIT_MAKER"),
+    ] {
+        let StreamEvent::Execution(accepted) = accepted_event(client_id, 9) else {
+            unreachable!("accepted_event makes an execution")
+        };
+        w.streams.send(
+            &key(0),
+            StreamEvent::Execution(ExecutionUpdate {
+                side: Side::Sell,
+                order_type: order_type.into(),
+                execution: "CANCELED".into(),
+                status: EntryStatus::Canceled,
+                ..accepted
+            }),
+        );
+    }
+    w.streams.send(
+        &key(0),
+        StreamEvent::List(oco_core::ports::ListUpdate {
+            symbol: "BTCUSDT".into(),
+            list_id: 77,
+            list_client_id: gone.ids.list.as_str().to_owned(),
+            executing: false,
+            event_time: Millis(3),
+        }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let legs = w.store.legs(entry).await.unwrap();
+        let ended = legs.iter().any(|l| {
+            l.key == gone.key && matches!(l.state, oco_core::LegState::CanceledExternally { .. })
+        });
+        let again = legs
+            .iter()
+            .any(|l| l.key.generation == 1 && matches!(l.state, oco_core::LegState::Placed { .. }));
+        if ended && again {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the list's end is protected again: {legs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let open: Decimal = w
+        .exchange
+        .open_lists()
+        .iter()
+        .map(|l| l.request.qty.get())
+        .sum();
+    assert_eq!(open, dec!(0.2), "the whole position has a stop again");
+    assert!(
+        w.store.take_flagged(10).await.unwrap().is_empty(),
+        "not left to reconciliation"
+    );
+}
+
 /// The world's leases, except that every renewal after the first fails at
 /// once; notes when the first began.
 struct RenewalsFail {
