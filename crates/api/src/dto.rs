@@ -47,7 +47,9 @@ pub enum StopSettings {
         #[serde(rename = "offsetPct")]
         offset_pct: String,
     },
-    /// `STOP_LOSS` (market once triggered).
+    /// `STOP_LOSS` (market once triggered) where the symbol allows it. Binance's
+    /// majors (BTCUSDT…) do not: there the stop is a `STOP_LOSS_LIMIT` 0.5 %
+    /// under the trigger, and the entry's `stop_substituted` event says so.
     Market,
 }
 

@@ -356,3 +356,40 @@ async fn unknown_routes_and_methods_answer_with_problems() {
         (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
     );
 }
+
+/// BTCUSDT takes no market stop (Binance's `orderTypes`): an account set to
+/// one gets stop-limits there, and its entries say so.
+#[tokio::test]
+async fn a_market_stop_account_is_protected_by_stop_limits_where_market_stops_are_refused() {
+    let w = world().await;
+    let (status, body) = patch_alice(&w, json!({"protection": {"stop": {"type": "market"}}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, filled) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::CREATED, "{filled}");
+    assert_eq!(filled["protection"]["state"], "protected", "{filled}");
+    let lists = w.exchange.fake.open_lists();
+    assert_eq!(lists.len(), 2);
+    // SL 99, its limit 0.5 % under it: 98.505 rounded down to the tick.
+    assert!(
+        lists
+            .iter()
+            .all(|l| l.request.stop_limit.map(|p| p.get()) == Some(dec!(98.5))),
+        "{lists:?}"
+    );
+    let path = format!("/v1/entries/{}", filled["id"]);
+    let (_, body) = w.call(Method::GET, &path, Some(ALICE_TOKEN), None).await;
+    let said: Vec<&str> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "stop_substituted")
+        .map(|e| e["detail"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        said,
+        [
+            "BTCUSDT: STOP_LOSS (market stop) not allowed, STOP_LOSS_LIMIT 0.5% under the trigger placed instead"
+        ],
+        "{body}"
+    );
+}

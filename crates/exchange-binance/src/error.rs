@@ -89,6 +89,10 @@ pub fn map_http_error(
 /// Maps a Binance error code (REST body or WebSocket API `error`).
 pub fn map_code(op: Op, code: i64, msg: &str) -> ExchangeError {
     match code {
+        // The code of a missing order list is undocumented (-2018 is only
+        // assumed): a lookup told it does not exist in so many words finds
+        // nothing, whatever the code, or the leg would stay in doubt forever.
+        _ if op == Op::Read && says_absent(msg) => ExchangeError::NotFound,
         // Execution status unknown by Binance's own words; -1008 (overload)
         // is read the same way for writes, to be safe.
         -1006 | -1007 | -1008 | -1000 | -1001 => {
@@ -106,6 +110,15 @@ pub fn map_code(op: Op, code: i64, msg: &str) -> ExchangeError {
             msg: msg.to_owned(),
         },
     }
+}
+
+/// Binance's words for a lookup that found nothing: "Order list does not
+/// exist." (`GET /api/v3/orderList`) and "Order does not exist."
+/// (`GET /api/v3/order`).
+fn says_absent(msg: &str) -> bool {
+    let words = msg.trim().trim_end_matches('.');
+    words.eq_ignore_ascii_case("Order list does not exist")
+        || words.eq_ignore_ascii_case("Order does not exist")
 }
 
 /// Maps a transport failure. `connect` is true when the connection was never
@@ -220,6 +233,25 @@ mod tests {
         for code in [-2013, -2018] {
             assert_eq!(map_code(Op::Read, code, "m"), ExchangeError::NotFound);
         }
+        // The missing list's code is undocumented: its words decide a lookup.
+        for (code, msg) in [
+            (-2011, "Order list does not exist."),
+            (-1121, "Order list does not exist."),
+            (-2010, "Order does not exist."),
+            (-2011, "order list does not exist"),
+        ] {
+            assert_eq!(map_code(Op::Read, code, msg), ExchangeError::NotFound);
+        }
+        // Other words under such codes are refusals still, and a write's
+        // answer is not read as a lookup's.
+        assert!(matches!(
+            map_code(Op::Read, -2011, "Unknown order sent."),
+            ExchangeError::Rejected { code: -2011, .. }
+        ));
+        assert!(matches!(
+            map_code(Op::Write, -2011, "Order list does not exist."),
+            ExchangeError::Rejected { code: -2011, .. }
+        ));
         assert_eq!(
             map_code(Op::Write, -2010, "Duplicate order sent."),
             ExchangeError::Rejected {

@@ -10,7 +10,7 @@ use oco_core::ports::{
     OrderSnapshot, Side, StreamEvent,
 };
 use oco_core::state::LegSold;
-use oco_core::symbol::{MarketLotSize, PercentPriceBySide};
+use oco_core::symbol::{MarketLotSize, OrderTypes, PercentPriceBySide};
 use oco_core::{
     Asset, EntryStatus, Fill, Millis, Price, Qty, StepSize, Symbol, SymbolRules, TickSize,
 };
@@ -125,9 +125,9 @@ pub struct SymbolInfo {
     /// OCO lists allowed.
     #[serde(default)]
     pub oco_allowed: bool,
-    /// Allowed order types.
+    /// Allowed order types (`None`: not sent, read as a major's).
     #[serde(default)]
-    pub order_types: Vec<String>,
+    pub order_types: Option<Vec<String>>,
     /// Filters; unknown ones parse as [`Filter::Other`].
     #[serde(default)]
     pub filters: Vec<Filter>,
@@ -288,6 +288,13 @@ impl SymbolInfo {
             },
             trading: self.status == "TRADING",
             oco_allowed: self.oco_allowed,
+            // Majors list no STOP_LOSS: a market stop there is refused.
+            order_types: self
+                .order_types
+                .as_ref()
+                .map_or(OrderTypes::MAJOR, |names| {
+                    OrderTypes::from_names(names.iter().map(String::as_str))
+                }),
             tick,
             min_price,
             max_price,

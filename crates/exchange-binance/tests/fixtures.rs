@@ -12,6 +12,7 @@ use exchange_binance::wire::{
 };
 use oco_core::ports::{Side, StreamEvent};
 use oco_core::state::LegSold;
+use oco_core::symbol::OrderTypes;
 use oco_core::{EntryStatus, ExchangeError};
 use rust_decimal_macros::dec;
 use serde_json::Value;
@@ -140,6 +141,10 @@ fn check(name: &str) -> bool {
             assert_eq!(r.max_num_orders, Some(200));
             assert_eq!(r.max_num_algo_orders, Some(5));
             assert_eq!(r.max_num_order_lists, Some(20));
+            // LIMIT, LIMIT_MAKER, MARKET, STOP_LOSS_LIMIT, TAKE_PROFIT_LIMIT:
+            // no market stop (STOP_LOSS) on BTCUSDT.
+            assert_eq!(r.order_types, OrderTypes::MAJOR);
+            assert!(!r.order_types.stop_loss);
             // Market orders stop far below LOT_SIZE's 9000; stepSize and
             // minQty 0 are disabled, not a zero grid.
             let m = r.market_lot_size.unwrap();
@@ -151,6 +156,10 @@ fn check(name: &str) -> bool {
             let info: ExchangeInfo = from_json(&read(name)).unwrap();
             assert_eq!(info.symbols[0].symbol, "ETHBTC");
             assert!(info.symbols[0].to_rules().is_err());
+            // The documentation's example symbol lists every order type.
+            let names = info.symbols[0].order_types.as_deref().unwrap_or_default();
+            let types = OrderTypes::from_names(names.iter().map(String::as_str));
+            assert_eq!(types, OrderTypes::ALL);
         }
         "ws_exchange_info_response.json" => {
             let f: WsFrame = from_json(&read(name)).unwrap();
@@ -158,6 +167,7 @@ fn check(name: &str) -> bool {
             let r = info.symbols[0].to_rules().unwrap();
             assert_eq!(r.symbol.name, "BNBBTC");
             assert_eq!(r.min_notional, dec!(0), "no NOTIONAL filter in this sample");
+            assert_eq!(r.order_types, OrderTypes::MAJOR, "no STOP_LOSS listed");
         }
         "filters_examples_assembled.json" => {
             let v = value(name);
@@ -172,11 +182,16 @@ fn check(name: &str) -> bool {
                 base_asset: "A".into(),
                 quote_asset: "B".into(),
                 oco_allowed: true,
-                order_types: vec![],
+                order_types: None,
                 filters,
             };
             let r = sym.to_rules().unwrap();
             assert!(!r.trading, "an unknown status is tolerated and not trading");
+            assert_eq!(
+                r.order_types,
+                OrderTypes::MAJOR,
+                "no orderTypes: no market stop"
+            );
             assert_eq!(r.min_notional, dec!(10), "NOTIONAL wins over MIN_NOTIONAL");
             assert_eq!(r.percent_price_by_side.unwrap().ask_down, dec!(0.8));
             assert_eq!(r.max_num_orders, Some(25));

@@ -113,6 +113,10 @@ async fn every_exchange_method_against_the_sim() {
         (dec!(0.01), dec!(0.00001))
     );
     assert!(rules.trading && rules.oco_allowed);
+    assert!(
+        !rules.order_types.stop_loss && rules.order_types.stop_loss_limit,
+        "BTCUSDT takes no market stop"
+    );
     ex.symbol_rules(SYMBOL).await.unwrap();
     assert_eq!(
         count_requests(&sim, "/api/v3/exchangeInfo"),
@@ -173,14 +177,20 @@ async fn every_exchange_method_against_the_sim() {
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].list_client_id, "t-L-1");
 
-    // A market stop (STOP_LOSS) when there is no stop limit, if the symbol allows it.
+    // A market stop (STOP_LOSS) when there is no stop limit: BTCUSDT refuses it.
     let market_stop = ex
         .place_oco(&c, &oco(2, dec!(0.0005), dec!(61000), dec!(59000), None))
-        .await;
-    match market_stop {
-        Ok(_) => assert_eq!(ex.open_order_lists(&c).await.unwrap().len(), 2),
-        Err(e) => assert!(matches!(e, ExchangeError::Rejected { .. }), "{e:?}"),
-    }
+        .await
+        .unwrap_err();
+    assert!(market_stop.is_stop_type_unsupported(), "{market_stop:?}");
+    assert_eq!(
+        market_stop,
+        ExchangeError::Rejected {
+            code: -2010,
+            msg: "Stop loss orders are not supported for this symbol.".into()
+        }
+    );
+    assert_eq!(ex.open_order_lists(&c).await.unwrap().len(), 1);
 
     // Cancels: once, answering that nothing had sold, then not open.
     assert_eq!(
@@ -250,6 +260,30 @@ async fn every_exchange_method_against_the_sim() {
 
     assert!(ex.used_weight() > 0);
     assert!(ex.pacing(KEY).order_count_10s > 0);
+}
+
+/// ETHBTC, the simulator's symbol that lists every order type, takes the
+/// market stop that BTCUSDT refuses; the rules say which does.
+#[tokio::test]
+async fn a_market_stop_goes_out_where_the_rules_allow_it() {
+    let (sim, ex) = start().await;
+    let c = creds();
+    let rules = ex.symbol_rules("ETHBTC").await.unwrap();
+    assert!(rules.order_types.stop_loss && rules.order_types.stop_loss_limit);
+    sim.control().deposit(KEY, "ETH", dec!(1)).unwrap();
+    sim.control().set_price("ETHBTC", dec!(0.05)).unwrap();
+    let request = OcoRequest {
+        symbol: "ETHBTC".into(),
+        ..oco(1, dec!(0.5), dec!(0.052), dec!(0.048), None)
+    };
+    ex.place_oco(&c, &request).await.unwrap();
+    let stop = sim
+        .control()
+        .orders(Some(KEY))
+        .into_iter()
+        .find(|o| o.client_order_id == "t-S-1")
+        .unwrap();
+    assert_eq!(stop.order_type, "STOP_LOSS");
 }
 
 #[tokio::test]

@@ -97,6 +97,19 @@ impl OType {
             Self::Limit | Self::StopLossLimit | Self::TakeProfitLimit
         )
     }
+    /// Binance's refusal of the type on a symbol whose `orderTypes` lacks it
+    /// (errors.md). No message is documented for LIMIT and LIMIT_MAKER, which
+    /// every symbol here allows.
+    pub fn unsupported(self) -> &'static str {
+        match self {
+            Self::Market => "Market orders are not supported for this symbol.",
+            Self::StopLoss => "Stop loss orders are not supported for this symbol.",
+            Self::StopLossLimit => "Stop loss limit orders are not supported for this symbol.",
+            Self::TakeProfit => "Take profit orders are not supported for this symbol.",
+            Self::TakeProfitLimit => "Take profit limit orders are not supported for this symbol.",
+            Self::Limit | Self::LimitMaker => "Unsupported order combination",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -756,6 +756,7 @@ fn check_order_filters(eng: &Engine, req: &NewOrder) -> Result<(), ApiError> {
         .symbols
         .get(&req.symbol)
         .ok_or_else(ApiError::bad_symbol)?;
+    st.info.allows(req.otype)?;
     st.info.check(&FilterInput {
         is_buy: req.side == Side::Buy,
         is_market: req.otype == OType::Market,
@@ -994,6 +995,10 @@ fn check_oco_filters(eng: &Engine, req: &NewOco) -> Result<(), ApiError> {
         .symbols
         .get(&req.symbol)
         .ok_or_else(ApiError::bad_symbol)?;
+    st.info.allows_oco()?;
+    for leg in [&req.below, &req.above] {
+        st.info.allows(leg.otype)?;
+    }
     for leg in [&req.below, &req.above] {
         st.info.check(&FilterInput {
             is_buy: req.side == Side::Buy,

@@ -3,8 +3,30 @@
 use rust_decimal::Decimal;
 use serde::Serialize;
 
+use crate::engine::OType;
 use crate::error::ApiError;
 use crate::util::{fmt8, is_multiple};
+
+/// `orderTypes` of Binance's majors (BTCUSDT capture): no plain `STOP_LOSS`
+/// nor `TAKE_PROFIT`.
+const MAJOR_ORDER_TYPES: [OType; 5] = [
+    OType::Limit,
+    OType::LimitMaker,
+    OType::Market,
+    OType::StopLossLimit,
+    OType::TakeProfitLimit,
+];
+
+/// Every order type, in Binance's order (the documentation's ETHBTC example).
+const ALL_ORDER_TYPES: [OType; 7] = [
+    OType::Limit,
+    OType::LimitMaker,
+    OType::Market,
+    OType::StopLoss,
+    OType::StopLossLimit,
+    OType::TakeProfit,
+    OType::TakeProfitLimit,
+];
 
 /// Static description of one symbol (filters as on Binance).
 #[derive(Debug, Clone)]
@@ -29,6 +51,10 @@ pub(crate) struct SymbolInfo {
     pub max_num_orders: usize,
     pub max_num_algo_orders: usize,
     pub max_num_order_lists: usize,
+    /// `orderTypes`: a type not listed is refused (`-2010`).
+    pub order_types: Vec<OType>,
+    /// `ocoAllowed`.
+    pub oco_allowed: bool,
 }
 
 fn d(s: &str) -> Decimal {
@@ -67,10 +93,14 @@ fn spot(
         max_num_orders: 200,
         max_num_algo_orders: 5,
         max_num_order_lists: 20,
+        order_types: MAJOR_ORDER_TYPES.to_vec(),
+        oco_allowed: true,
     }
 }
 
-/// BTCUSDT, ETHUSDT, BNBUSDT with Binance's filters (BTCUSDT values from a real capture).
+/// BTCUSDT, ETHUSDT, BNBUSDT with Binance's filters and order types
+/// (BTCUSDT values from a real capture); ETHBTC, the documentation's example
+/// symbol, with every order type, the market stop `STOP_LOSS` included.
 pub(crate) fn builtin() -> Vec<SymbolInfo> {
     vec![
         spot(
@@ -89,6 +119,13 @@ pub(crate) fn builtin() -> Vec<SymbolInfo> {
         spot(
             "BNBUSDT", "BNB", "USDT", "600.00", "0.01", "0.001", "9000", "5000",
         ),
+        SymbolInfo {
+            min_notional: d("0.0001"),
+            order_types: ALL_ORDER_TYPES.to_vec(),
+            ..spot(
+                "ETHBTC", "ETH", "BTC", "0.05000", "0.00001", "0.0001", "100000", "1000",
+            )
+        },
     ]
 }
 
@@ -103,6 +140,27 @@ pub(crate) struct FilterInput {
 }
 
 impl SymbolInfo {
+    /// Refuses an order type not in `orderTypes` as Binance's matching engine
+    /// does (`-2010 "Stop loss orders are not supported for this symbol."`).
+    pub fn allows(&self, otype: OType) -> Result<(), ApiError> {
+        if self.order_types.contains(&otype) {
+            Ok(())
+        } else {
+            Err(ApiError::rejected(otype.unsupported()))
+        }
+    }
+
+    /// Refuses an order list when `ocoAllowed` is false.
+    pub fn allows_oco(&self) -> Result<(), ApiError> {
+        if self.oco_allowed {
+            Ok(())
+        } else {
+            Err(ApiError::rejected(
+                "OCO orders are not supported for this symbol",
+            ))
+        }
+    }
+
     /// Static filters, in Binance's order; failures are `-1013 Filter failure: NAME`.
     pub fn check(&self, o: &FilterInput) -> Result<(), ApiError> {
         for p in [o.price, o.stop_price].into_iter().flatten() {
@@ -158,17 +216,9 @@ impl SymbolInfo {
             quote_asset_precision: 8,
             base_commission_precision: 8,
             quote_commission_precision: 8,
-            order_types: vec![
-                "LIMIT",
-                "LIMIT_MAKER",
-                "MARKET",
-                "STOP_LOSS",
-                "STOP_LOSS_LIMIT",
-                "TAKE_PROFIT",
-                "TAKE_PROFIT_LIMIT",
-            ],
+            order_types: self.order_types.iter().map(|t| t.as_str()).collect(),
             iceberg_allowed: false,
-            oco_allowed: true,
+            oco_allowed: self.oco_allowed,
             oto_allowed: false,
             opo_allowed: false,
             quote_order_qty_market_allowed: true,

@@ -76,8 +76,10 @@ async fn hang_after_keeps_the_client_waiting_but_places_the_order() {
         ("listClientOrderId", "hang-1"),
         ("aboveType", "LIMIT_MAKER"),
         ("abovePrice", "62000"),
-        ("belowType", "STOP_LOSS"),
+        ("belowType", "STOP_LOSS_LIMIT"),
         ("belowStopPrice", "58000"),
+        ("belowPrice", "57900"),
+        ("belowTimeInForce", "GTC"),
     ];
     let res = tokio::time::timeout(
         Duration::from_millis(300),

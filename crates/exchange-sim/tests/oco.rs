@@ -203,6 +203,84 @@ async fn oco_price_rules_and_structure_errors() {
     .assert_error(400, -1013, "Filter failure: NOTIONAL");
 }
 
+/// BTCUSDT's `orderTypes` (real capture) lack `STOP_LOSS` and `TAKE_PROFIT`:
+/// an OCO leg of either is refused as Binance's matching engine refuses it,
+/// with nothing placed or locked. ETHBTC lists them and takes the same list.
+#[tokio::test]
+async fn an_oco_leg_of_a_type_the_symbol_lacks_is_refused() {
+    let sim = start().await;
+    let a = sim.addr();
+    let ctl = sim.control();
+    ctl.set_price("BTCUSDT", d("60000")).unwrap();
+    let market_stop = |symbol: &'static str, tp: &'static str, stop: &'static str| {
+        vec![
+            ("symbol", symbol),
+            ("side", "SELL"),
+            ("quantity", "0.1"),
+            ("listClientOrderId", "market-stop"),
+            ("aboveType", "LIMIT_MAKER"),
+            ("abovePrice", tp),
+            ("belowType", "STOP_LOSS"),
+            ("belowStopPrice", stop),
+        ]
+    };
+    signed(
+        a,
+        "POST",
+        "/api/v3/orderList/oco",
+        &market_stop("BTCUSDT", "63000", "58000"),
+    )
+    .await
+    .assert_error(
+        400,
+        -2010,
+        "Stop loss orders are not supported for this symbol.",
+    );
+    let mut p = oco("x", "0.1", "63000", "58000", "57900");
+    p[4] = ("aboveType", "TAKE_PROFIT");
+    p[5] = ("aboveStopPrice", "63000");
+    signed(a, "POST", "/api/v3/orderList/oco", &p)
+        .await
+        .assert_error(
+            400,
+            -2010,
+            "Take profit orders are not supported for this symbol.",
+        );
+    // The legacy endpoint without stopLimitPrice sends a STOP_LOSS too.
+    signed(
+        a,
+        "POST",
+        "/api/v3/order/oco",
+        &[
+            ("symbol", "BTCUSDT"),
+            ("side", "SELL"),
+            ("quantity", "0.1"),
+            ("price", "62000"),
+            ("stopPrice", "58000"),
+        ],
+    )
+    .await
+    .assert_error(
+        400,
+        -2010,
+        "Stop loss orders are not supported for this symbol.",
+    );
+    assert!(ctl.order_lists(Some(KEY)).is_empty());
+    assert_eq!(ctl.balance(KEY, "BTC").unwrap().locked, Decimal::ZERO);
+
+    ctl.deposit(KEY, "ETH", d("1")).unwrap();
+    ctl.set_price("ETHBTC", d("0.05")).unwrap();
+    let r = signed(
+        a,
+        "POST",
+        "/api/v3/orderList/oco",
+        &market_stop("ETHBTC", "0.052", "0.048"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["orderReports"][0]["type"], "STOP_LOSS");
+}
+
 #[tokio::test]
 async fn legacy_order_oco_endpoint_places_the_same_list() {
     let sim = start().await;

@@ -27,15 +27,27 @@ async fn market_data_endpoints_answer_like_binance() {
         .iter()
         .map(|s| s["symbol"].as_str().unwrap())
         .collect();
-    for s in ["BTCUSDT", "ETHUSDT", "BNBUSDT"] {
+    for s in ["BTCUSDT", "ETHUSDT", "BNBUSDT", "ETHBTC"] {
         assert!(names.contains(&s), "{names:?}");
     }
-    let btc = info["symbols"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["symbol"] == "BTCUSDT")
-        .unwrap();
+    let symbol = |name: &str| {
+        info["symbols"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["symbol"] == name)
+            .unwrap()
+            .clone()
+    };
+    let btc = symbol("BTCUSDT");
+    // Order types as on Binance: no market stop on the majors, every type
+    // on the documentation's ETHBTC.
+    assert_eq!(btc["orderTypes"], derived["symbols"][0]["orderTypes"]);
+    assert_eq!(symbol("ETHUSDT")["orderTypes"], btc["orderTypes"]);
+    assert_eq!(
+        symbol("ETHBTC")["orderTypes"],
+        skeleton["symbols"][0]["orderTypes"]
+    );
     let real_filters = derived["symbols"][0]["filters"].as_array().unwrap();
     for f in btc["filters"].as_array().unwrap() {
         let real = real_filters
@@ -87,7 +99,7 @@ async fn market_data_endpoints_answer_like_binance() {
         serde_json::json!({"symbol": "BTCUSDT", "price": "61234.50000000"})
     );
     let all = http(a, "GET", "/api/v3/ticker/price", &[], "").await.json();
-    assert_eq!(all.as_array().unwrap().len(), 3);
+    assert_eq!(all.as_array().unwrap().len(), 4);
     let some = http(
         a,
         "GET",
@@ -757,31 +769,50 @@ async fn insufficient_balance_and_limit_maker_and_stop_rules() {
     )
     .await;
     assert_shape(&r.json(), &fixture("order_ack_response.json"), &[], &[]);
-    // Stop-loss (market) sell triggers when the price falls to its stop.
+    // BTCUSDT takes no stop-loss (market) order, as on Binance.
+    let stop_loss = |symbol, qty, stop| {
+        [
+            ("symbol", symbol),
+            ("side", "SELL"),
+            ("type", "STOP_LOSS"),
+            ("quantity", qty),
+            ("stopPrice", stop),
+        ]
+    };
+    signed(
+        a,
+        "POST",
+        "/api/v3/order",
+        &stop_loss("BTCUSDT", "0.1", "59000"),
+    )
+    .await
+    .assert_error(
+        400,
+        -2010,
+        "Stop loss orders are not supported for this symbol.",
+    );
+    let ctl = sim.control();
+    assert_eq!(ctl.balance(KEY, "BTC").unwrap().locked, d("0.1"));
+    // ETHBTC does: it triggers when the price falls to its stop.
+    ctl.deposit(KEY, "ETH", d("1")).unwrap();
+    ctl.set_price("ETHBTC", d("0.05")).unwrap();
     let r = signed(
         a,
         "POST",
         "/api/v3/order",
-        &[
-            ("symbol", "BTCUSDT"),
-            ("side", "SELL"),
-            ("type", "STOP_LOSS"),
-            ("quantity", "0.1"),
-            ("stopPrice", "59000"),
-        ],
+        &stop_loss("ETHBTC", "0.5", "0.049"),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let ctl = sim.control();
-    assert_eq!(ctl.balance(KEY, "BTC").unwrap().locked, d("0.2"));
-    ctl.set_price("BTCUSDT", d("58900")).unwrap();
+    assert_eq!(ctl.balance(KEY, "ETH").unwrap().locked, d("0.5"));
+    ctl.set_price("ETHBTC", d("0.0489")).unwrap();
     let stop = ctl
         .orders(Some(KEY))
         .into_iter()
         .find(|o| o.order_type == "STOP_LOSS")
         .unwrap();
     assert_eq!(stop.status, "FILLED");
-    assert_eq!(stop.cummulative_quote_qty, d("5890"));
+    assert_eq!(stop.cummulative_quote_qty, d("0.02445"));
 }
 
 #[tokio::test]

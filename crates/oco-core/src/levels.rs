@@ -7,11 +7,17 @@
 //! The stop's limit price rounds down, further under the trigger, so that a
 //! triggered stop is more likely to fill. A level that rounding would put on
 //! the fill or past it goes to the nearest tick on its own side instead.
+//!
+//! A stop the symbol does not take is replaced by the kind it does take
+//! (DESIGN rule 7: degrade, never to no stop-loss): Binance's majors refuse
+//! the market stop `STOP_LOSS`, so there it becomes a stop-limit.
+
+use std::fmt;
 
 use rust_decimal::Decimal;
 
 use crate::money::Price;
-use crate::symbol::SymbolRules;
+use crate::symbol::{OrderTypes, SymbolRules};
 
 /// Levels stored with an entry (its JSONB metadata in the store).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,6 +82,68 @@ pub enum StopKind {
     Market,
 }
 
+impl StopKind {
+    /// The default stop, also placed instead of a market stop on a symbol
+    /// that does not take one: `STOP_LOSS_LIMIT` 0.5 % under the trigger.
+    pub const DEFAULT_LIMIT: StopKind = StopKind::Limit {
+        offset_pct: Decimal::from_parts(5, 0, 0, false, 1),
+    };
+
+    /// Binance's name of the order type.
+    pub fn order_type(self) -> &'static str {
+        match self {
+            StopKind::Limit { .. } => "STOP_LOSS_LIMIT",
+            StopKind::Market => "STOP_LOSS",
+        }
+    }
+
+    /// The stop a symbol taking `types` gets: this one when it is allowed,
+    /// else the other kind when that is (a market stop becomes
+    /// [`StopKind::DEFAULT_LIMIT`]). When neither is, this one: planning
+    /// refuses it with the reason.
+    pub fn allowed_by(self, types: OrderTypes) -> StopKind {
+        match self {
+            StopKind::Market if !types.stop_loss && types.stop_loss_limit => {
+                StopKind::DEFAULT_LIMIT
+            }
+            StopKind::Limit { .. } if !types.stop_loss_limit && types.stop_loss => StopKind::Market,
+            kind => kind,
+        }
+    }
+}
+
+/// A stop kind the symbol does not take, and the kind placed instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopSubstitute {
+    /// What the settings asked for.
+    pub asked: StopKind,
+    /// What the lists carry.
+    pub placed: StopKind,
+}
+
+impl fmt::Display for StopSubstitute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = |kind: StopKind| match kind {
+            StopKind::Limit { offset_pct } => {
+                format!(
+                    "STOP_LOSS_LIMIT {}% under the trigger",
+                    offset_pct.normalize()
+                )
+            }
+            StopKind::Market => "STOP_LOSS (market stop)".to_owned(),
+        };
+        let asked = match self.asked {
+            StopKind::Limit { .. } => "STOP_LOSS_LIMIT",
+            StopKind::Market => "STOP_LOSS (market stop)",
+        };
+        write!(
+            f,
+            "{asked} not allowed, {} placed instead",
+            name(self.placed)
+        )
+    }
+}
+
 /// Resolved, tick-aligned protection prices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResolvedLevels {
@@ -87,6 +155,9 @@ pub struct ResolvedLevels {
     pub stop: Price,
     /// Stop limit price (`None` for a market stop).
     pub stop_limit: Option<Price>,
+    /// Set when the stop kind asked is not allowed on the symbol and the
+    /// other kind stands in.
+    pub substitute: Option<StopSubstitute>,
 }
 
 impl ResolvedLevels {
@@ -150,7 +221,9 @@ pub enum LevelsError {
     StopOffset(Decimal),
 }
 
-/// Resolves the levels for an entry filled at `fill`.
+/// Resolves the levels for an entry filled at `fill`, with a stop of the
+/// kind `stop_kind` where `rules` allow it, else of the kind they allow
+/// ([`StopKind::allowed_by`], recorded in [`ResolvedLevels::substitute`]).
 ///
 /// # Errors
 /// [`LevelsError`] naming the values when they cannot protect a BUY.
@@ -213,7 +286,12 @@ pub fn resolve_levels(
             }
         })?,
     };
-    let stop_limit = match stop_kind {
+    let placed = stop_kind.allowed_by(rules.order_types);
+    let substitute = (placed != stop_kind).then_some(StopSubstitute {
+        asked: stop_kind,
+        placed,
+    });
+    let stop_limit = match placed {
         StopKind::Market => None,
         StopKind::Limit { offset_pct } => {
             if offset_pct <= Decimal::ZERO || offset_pct >= Decimal::ONE_HUNDRED {
@@ -240,5 +318,6 @@ pub fn resolve_levels(
         tp2: tp2_r,
         stop: sl_r,
         stop_limit,
+        substitute,
     })
 }

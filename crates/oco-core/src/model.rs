@@ -116,9 +116,7 @@ impl ProtectionConfig {
     pub const DEFAULT: ProtectionConfig = ProtectionConfig {
         percents: None,
         split: Decimal::from_parts(5, 0, 0, false, 1),
-        stop: StopKind::Limit {
-            offset_pct: Decimal::from_parts(5, 0, 0, false, 1),
-        },
+        stop: StopKind::DEFAULT_LIMIT,
         late: LatePolicy::ExitAtMarket,
     };
 }

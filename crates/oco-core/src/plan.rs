@@ -5,7 +5,7 @@ use std::fmt;
 use rust_decimal::Decimal;
 
 use crate::ids::LegIndex;
-use crate::levels::ResolvedLevels;
+use crate::levels::{ResolvedLevels, StopSubstitute};
 use crate::money::{Price, Qty};
 use crate::symbol::{FilterViolation, SymbolRules};
 
@@ -65,6 +65,9 @@ pub struct Plan {
     /// Set when the legs cannot hold the whole floored position (each list
     /// is capped at `LOT_SIZE.maxQty`): the coins left without a stop.
     pub short: Option<Shortfall>,
+    /// Set when the legs carry another stop kind than the one asked, the
+    /// symbol not allowing it (from [`ResolvedLevels::substitute`]).
+    pub stop_substitute: Option<StopSubstitute>,
 }
 
 /// Coins of a position the planned lists cannot hold, each list being capped
@@ -139,12 +142,13 @@ pub enum Unprotectable {
         /// The symbol.
         symbol: String,
     },
-    /// The symbol accepts no new orders, or no OCO.
+    /// The symbol accepts no new orders, no OCO, or not the order types
+    /// of one.
     #[error("{symbol} does not accept {what}")]
     SymbolClosed {
         /// The symbol.
         symbol: String,
-        /// `new orders` or `OCO lists`.
+        /// `new orders`, `OCO lists`, or the order types it lacks.
         what: &'static str,
     },
     /// A level breaks a filter the exchange would enforce.
@@ -179,6 +183,23 @@ pub fn plan_protection(input: &PlanInput<'_>) -> Result<Plan, Unprotectable> {
         });
     }
     let lv = input.levels;
+    if !rules.order_types.limit_maker {
+        return Err(Unprotectable::SymbolClosed {
+            symbol,
+            what: "LIMIT_MAKER orders (the take-profit)",
+        });
+    }
+    // The levels hold the stop kind the symbol allows when it allows one.
+    let stop_allowed = match lv.stop_limit {
+        Some(_) => rules.order_types.stop_loss_limit,
+        None => rules.order_types.stop_loss,
+    };
+    if !stop_allowed {
+        return Err(Unprotectable::SymbolClosed {
+            symbol,
+            what: "stop orders (neither STOP_LOSS nor STOP_LOSS_LIMIT)",
+        });
+    }
     for price in [Some(lv.tp1), Some(lv.tp2), Some(lv.stop), lv.stop_limit]
         .into_iter()
         .flatten()
@@ -260,6 +281,7 @@ pub fn plan_protection(input: &PlanInput<'_>) -> Result<Plan, Unprotectable> {
         legs,
         degraded,
         short,
+        stop_substitute: lv.substitute,
     })
 }
 

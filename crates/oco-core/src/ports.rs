@@ -97,7 +97,21 @@ impl ExchangeError {
     pub fn is_duplicate(&self) -> bool {
         matches!(self, Self::Rejected { msg, .. } if msg.contains("Duplicate order"))
     }
+
+    /// True for a refusal of the stop's order type on the symbol (`STOP_LOSS`
+    /// or `STOP_LOSS_LIMIT` not in its `orderTypes`), whatever the code: the
+    /// rules that allowed it were read before the symbol dropped it.
+    pub fn is_stop_type_unsupported(&self) -> bool {
+        matches!(self, Self::Rejected { msg, .. }
+            if msg.contains(MARKET_STOP_UNSUPPORTED) || msg.contains(STOP_LIMIT_UNSUPPORTED))
+    }
 }
+
+/// Binance's words when a symbol does not take `STOP_LOSS` ("Stop loss orders
+/// are not supported for this symbol.").
+pub(crate) const MARKET_STOP_UNSUPPORTED: &str = "Stop loss orders are not supported";
+/// Binance's words when a symbol does not take `STOP_LOSS_LIMIT`.
+pub(crate) const STOP_LIMIT_UNSUPPORTED: &str = "Stop loss limit orders are not supported";
 
 /// Order side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

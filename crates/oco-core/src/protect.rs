@@ -14,15 +14,17 @@ use rust_decimal::Decimal;
 use tracing::{Instrument, error, info, warn};
 
 use crate::ids::{AccountId, IdError, IdScheme, LegIndex, LegKey, OcoClientIds, OrderRole};
-use crate::levels::{LevelsError, resolve_levels};
+use crate::levels::{LevelsError, StopSubstitute, resolve_levels};
 use crate::model::{
-    Entry, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize, Protection, Source,
+    Entry, EntryEventRecord, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize,
+    Protection, Source,
 };
 use crate::money::Qty;
 use crate::plan::{Degraded, Plan, PlanInput, Shortfall, plan_protection};
 use crate::ports::{
-    ApiCredentials, Clock, Exchange, ExchangeError, ListCancelOutcome, OcoRequest,
-    OrderListSnapshot, OrderRequest, Side, Store, StoreError, event,
+    ApiCredentials, Clock, Exchange, ExchangeError, ListCancelOutcome, MARKET_STOP_UNSUPPORTED,
+    OcoRequest, OrderListSnapshot, OrderRequest, STOP_LIMIT_UNSUPPORTED, Side, Store, StoreError,
+    event,
 };
 use crate::ports::{FillContext, RecordedFill};
 use crate::state::{EntryStatus, ExternalEnd, LegSold, LegState};
@@ -170,6 +172,9 @@ struct Claimed<'a> {
     rest_open: Qty,
     late: LatePolicy,
     degraded: Option<Degraded>,
+    /// The stop kind the symbol took in place of the one asked: said with
+    /// the placement.
+    stop_substitute: Option<StopSubstitute>,
     /// Coins the plan's lists cannot hold: the entry is recorded
     /// unprotectable with it rather than protected.
     short: Option<Shortfall>,
@@ -567,7 +572,8 @@ impl Protector {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
         }
 
-        let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
+        let mut rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
+        believe_stop_refusals(&mut rules, &legs);
         // An exit sold the coins it saw. Coins that came after it (the rest of a
         // resting order), or that it could not sell, are a position like any other;
         // only what no order could sell is left behind.
@@ -749,6 +755,7 @@ impl Protector {
             rest_open,
             late: account.protection.late,
             degraded: plan.degraded,
+            stop_substitute: plan.stop_substitute,
             short: plan.short,
             claims: won_claims(wanted, won),
             source,
@@ -920,6 +927,7 @@ impl Protector {
             rest_open: Qty::ZERO,
             late: context.account.protection.late,
             degraded: first.plan.degraded,
+            stop_substitute: first.plan.stop_substitute,
             short: first.plan.short,
             claims: won_claims(claims, won),
             source,
@@ -939,6 +947,7 @@ impl Protector {
             rest_open,
             late,
             degraded,
+            stop_substitute,
             short,
             claims,
             source,
@@ -1099,6 +1108,9 @@ impl Protector {
                 ));
                 placed.push(claim.key);
             }
+            if let Some(substitute) = stop_substitute {
+                events.push(self.stop_substituted(entry, substitute, source, now));
+            }
             let protection = match short {
                 // Coins no list can hold: said with the placement, in the same write.
                 Some(short) => {
@@ -1175,6 +1187,7 @@ impl Protector {
         let mut balance_read = false;
         let mut late_reason = None;
         let mut cap_refused = false;
+        let mut stop_type_refused = false;
         let mut lost = false;
         for ((claim, request), result) in claims.iter().zip(&requests).zip(results) {
             let key = claim.key;
@@ -1257,6 +1270,12 @@ impl Protector {
                         }
                     } else if code == Some(-1013) {
                         self.exchange.invalidate_rules(&entry.symbol.name);
+                    } else if err.is_stop_type_unsupported() {
+                        // Rules read before the symbol dropped that stop type.
+                        // The refusal stays on the leg: the next round places
+                        // the other kind whatever the rules still say.
+                        self.exchange.invalidate_rules(&entry.symbol.name);
+                        stop_type_refused = true;
                     } else if is_order_cap(&err.to_string()) {
                         cap_refused = true;
                     }
@@ -1274,6 +1293,10 @@ impl Protector {
                     self.clock.now(),
                 ))
                 .await?;
+        }
+        if let Some(substitute) = stop_substitute.filter(|_| !placed.is_empty()) {
+            let said = self.stop_substituted(entry, substitute, source, self.clock.now());
+            self.store.append_event(&said).await?;
         }
         if lost {
             return Ok(Round::Again { holding: None });
@@ -1326,6 +1349,11 @@ impl Protector {
             // within the budget the refusal revealed (fewer, larger lists), rather
             // than leave the refused part without a stop until the next call.
             if cap_refused && pending.is_empty() {
+                return Ok(Round::Again { holding: None });
+            }
+            // A stop type the symbol refused: re-plan now with the other kind
+            // rather than leave the position without a stop until the next call.
+            if stop_type_refused && pending.is_empty() {
                 return Ok(Round::Again { holding: None });
             }
             // Lists that did go out keep their coins locked; the next call
@@ -2068,6 +2096,24 @@ impl Protector {
         Ok(())
     }
 
+    /// Says that the lists of `entry` carry another stop kind than asked.
+    fn stop_substituted(
+        &self,
+        entry: &Entry,
+        substitute: StopSubstitute,
+        source: Source,
+        at: Millis,
+    ) -> EntryEventRecord {
+        warn!(entry = %entry.id, symbol = %entry.symbol, asked = substitute.asked.order_type(), placed = substitute.placed.order_type(), %source, "stop kind not allowed on the symbol, the other kind placed");
+        event(
+            entry.id,
+            STOP_SUBSTITUTED,
+            format!("{}: {substitute}", entry.symbol),
+            Some(source),
+            at,
+        )
+    }
+
     /// The stop budget learnt from a recent refusal of the latest generation.
     fn stop_budget_hint(&self, legs: &[Leg], next_generation: u32, now: Millis) -> Option<u32> {
         let last = next_generation.checked_sub(1)?;
@@ -2337,6 +2383,9 @@ impl Protector {
 /// The history line of an entry kept open because a list of ours that no
 /// live leg follows may hold its coins.
 const HELD_BY_STRAY: &str = "coins_held_by_stray";
+/// Event kind: the lists carry another stop kind than the settings ask, the
+/// symbol not allowing it.
+pub const STOP_SUBSTITUTED: &str = "stop_substituted";
 
 /// What the account's open lists tell of an entry whose coins a balance read
 /// calls gone ([`Protector::adopt_stray_list`]).
@@ -2379,6 +2428,25 @@ fn is_take_profit_rest(leg: &Leg) -> bool {
 
 fn legs_cover(active_qty: Qty, position: Qty, rules: &SymbolRules) -> bool {
     !active_qty.is_zero() && active_qty >= position.floor_to(rules.step)
+}
+
+/// Takes the exchange's word over `rules`: a stop type refused on one of the
+/// entry's legs as not supported on the symbol is not allowed, whatever the
+/// (possibly stale) rules say, so the next legs carry the other kind.
+fn believe_stop_refusals(rules: &mut SymbolRules, legs: &[Leg]) {
+    for leg in legs {
+        if let LegState::NotPlaced { reason, .. } = &leg.state {
+            match leg.stop_limit {
+                None if reason.contains(MARKET_STOP_UNSUPPORTED) => {
+                    rules.order_types.stop_loss = false;
+                }
+                Some(_) if reason.contains(STOP_LIMIT_UNSUPPORTED) => {
+                    rules.order_types.stop_loss_limit = false;
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Whether an exchange refusal is a per-symbol open-order cap

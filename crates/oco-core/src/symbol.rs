@@ -58,6 +58,55 @@ pub struct MarketLotSize {
     pub step: Option<StepSize>,
 }
 
+/// The order types of `exchangeInfo.orderTypes` that a protective list is
+/// made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderTypes {
+    /// `LIMIT_MAKER`: the take-profit.
+    pub limit_maker: bool,
+    /// `STOP_LOSS_LIMIT`: the stop-limit.
+    pub stop_loss_limit: bool,
+    /// `STOP_LOSS`: the market stop. Binance's majors (BTCUSDT, ETHUSDT,
+    /// BNBUSDT…) do not take it.
+    pub stop_loss: bool,
+}
+
+impl OrderTypes {
+    /// What Binance's majors list (`LIMIT, LIMIT_MAKER, MARKET,
+    /// STOP_LOSS_LIMIT, TAKE_PROFIT_LIMIT`, BTCUSDT capture): no market stop.
+    /// Also what is assumed when `exchangeInfo` does not say.
+    pub const MAJOR: OrderTypes = OrderTypes {
+        limit_maker: true,
+        stop_loss_limit: true,
+        stop_loss: false,
+    };
+
+    /// Every type protection uses, the market stop included.
+    pub const ALL: OrderTypes = OrderTypes {
+        limit_maker: true,
+        stop_loss_limit: true,
+        stop_loss: true,
+    };
+
+    /// Reads `exchangeInfo.orderTypes`; names it does not use are ignored.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> OrderTypes {
+        let mut types = OrderTypes {
+            limit_maker: false,
+            stop_loss_limit: false,
+            stop_loss: false,
+        };
+        for name in names {
+            match name {
+                "LIMIT_MAKER" => types.limit_maker = true,
+                "STOP_LOSS_LIMIT" => types.stop_loss_limit = true,
+                "STOP_LOSS" => types.stop_loss = true,
+                _ => {}
+            }
+        }
+        types
+    }
+}
+
 /// What the exchange allows on one symbol, typed once from `exchangeInfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SymbolRules {
@@ -67,6 +116,8 @@ pub struct SymbolRules {
     pub trading: bool,
     /// False when OCO lists are not allowed.
     pub oco_allowed: bool,
+    /// `orderTypes`: which stop (market or limit) the list may carry.
+    pub order_types: OrderTypes,
     /// `PRICE_FILTER.tickSize`.
     pub tick: TickSize,
     /// `PRICE_FILTER.minPrice` (`None`: disabled).

@@ -525,6 +525,21 @@ impl FakeState {
         if duplicate {
             return Err(rejected(-2010, "Duplicate order sent."));
         }
+        // As Binance: a stop type missing from the symbol's `orderTypes`.
+        if let Some(types) = self.rules.get(&oco.symbol).map(|r| r.order_types) {
+            if oco.stop_limit.is_none() && !types.stop_loss {
+                return Err(rejected(
+                    -2010,
+                    "Stop loss orders are not supported for this symbol.",
+                ));
+            }
+            if oco.stop_limit.is_some() && !types.stop_loss_limit {
+                return Err(rejected(
+                    -2010,
+                    "Stop loss limit orders are not supported for this symbol.",
+                ));
+            }
+        }
         if !(oco.take_profit > price && price > oco.stop) {
             return Err(rejected(
                 -2010,
@@ -849,12 +864,13 @@ impl Exchange for FakeExchange {
 }
 
 /// BTCUSDT with Binance's real filters (tick 0.01, step 0.00001, min
-/// notional 5, five stop orders per symbol).
+/// notional 5, five stop orders per symbol) and order types (no market stop).
 pub fn btcusdt_rules() -> SymbolRules {
     SymbolRules {
         symbol: btc_usdt(),
         trading: true,
         oco_allowed: true,
+        order_types: crate::symbol::OrderTypes::MAJOR,
         tick: crate::money::TickSize::new(dec("0.01")).expect("literal tick"),
         min_price: Some(price("0.01")),
         max_price: Some(price("1000000")),

@@ -1,9 +1,11 @@
 //! Invariants of planning over random rules, fills, fees and holdings.
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use oco_core::levels::{EntryLevels, LevelPercents, LevelsError, StopKind, resolve_levels};
+use oco_core::levels::{
+    EntryLevels, LevelPercents, LevelsError, StopKind, StopSubstitute, resolve_levels,
+};
 use oco_core::plan::{PlanInput, Unprotectable, plan_protection};
-use oco_core::symbol::SymbolRules;
+use oco_core::symbol::{OrderTypes, SymbolRules};
 use oco_core::testing::btcusdt_rules;
 use oco_core::{Price, Qty, StepSize, TickSize};
 use proptest::prelude::*;
@@ -273,4 +275,93 @@ fn a_position_no_lists_can_hold_says_what_is_left_without_a_stop() {
         plan_under_max_qty(dec!(0.3), dec!(0.6), dec!(0.5), None).short,
         None
     );
+}
+
+/// The stop and its limit planned for a fill of 100 at the default levels,
+/// on rules allowing `types`, with `kind` asked.
+fn stop_planned(
+    types: OrderTypes,
+    kind: StopKind,
+) -> Result<(Price, Option<Price>, Option<StopSubstitute>), Unprotectable> {
+    let r = SymbolRules {
+        order_types: types,
+        ..btcusdt_rules()
+    };
+    let fill = Price::new(dec!(100)).unwrap();
+    let levels = resolve_levels(EntryLevels::default(), None, fill, &r, kind).unwrap();
+    let plan = plan_protection(&PlanInput {
+        rules: &r,
+        levels,
+        reference: fill,
+        position: Qty::new(dec!(1)).unwrap(),
+        split: dec!(0.5),
+        stop_budget: None,
+    })?;
+    assert!(plan.legs.iter().all(|l| l.stop_limit == levels.stop_limit));
+    assert_eq!(plan.stop_substitute, levels.substitute);
+    Ok((levels.stop, levels.stop_limit, plan.stop_substitute))
+}
+
+#[test]
+fn a_stop_kind_the_symbol_lacks_gives_way_to_the_one_it_has() {
+    let price = |d| Price::new(d).unwrap();
+    let limit = StopKind::Limit {
+        offset_pct: dec!(0.25),
+    };
+    // BTCUSDT's types: a market stop becomes the default stop-limit (0.5 % under).
+    assert_eq!(
+        stop_planned(OrderTypes::MAJOR, StopKind::Market).unwrap(),
+        (
+            price(dec!(99)),
+            Some(price(dec!(98.50))),
+            Some(StopSubstitute {
+                asked: StopKind::Market,
+                placed: StopKind::DEFAULT_LIMIT
+            })
+        )
+    );
+    // Asked kinds the symbol has are kept.
+    assert_eq!(
+        stop_planned(OrderTypes::ALL, StopKind::Market).unwrap(),
+        (price(dec!(99)), None, None)
+    );
+    assert_eq!(
+        stop_planned(OrderTypes::MAJOR, limit).unwrap(),
+        (price(dec!(99)), Some(price(dec!(98.75))), None)
+    );
+    // A symbol with only the market stop: a stop-limit becomes one.
+    let market_only = OrderTypes {
+        stop_loss_limit: false,
+        ..OrderTypes::ALL
+    };
+    assert_eq!(
+        stop_planned(market_only, limit).unwrap(),
+        (
+            price(dec!(99)),
+            None,
+            Some(StopSubstitute {
+                asked: limit,
+                placed: StopKind::Market
+            })
+        )
+    );
+    // Neither, or no LIMIT_MAKER for the take-profit: unprotectable, said.
+    let none = OrderTypes {
+        stop_loss: false,
+        stop_loss_limit: false,
+        limit_maker: true,
+    };
+    let err = stop_planned(none, StopKind::Market).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "BTCUSDT does not accept stop orders (neither STOP_LOSS nor STOP_LOSS_LIMIT)"
+    );
+    let no_maker = OrderTypes {
+        limit_maker: false,
+        ..OrderTypes::ALL
+    };
+    assert!(matches!(
+        stop_planned(no_maker, limit),
+        Err(Unprotectable::SymbolClosed { .. })
+    ));
 }

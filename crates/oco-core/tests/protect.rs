@@ -2596,3 +2596,151 @@ async fn a_leg_read_as_ended_while_its_list_still_works_is_followed_again_not_cl
         "the stop's sale less the cost"
     );
 }
+
+/// An account set to a market stop.
+fn market_stop() -> ProtectionConfig {
+    ProtectionConfig {
+        stop: oco_core::StopKind::Market,
+        ..ProtectionConfig::DEFAULT
+    }
+}
+
+/// The `stop_substituted` events of `id`.
+async fn substitutions(w: &World, id: EntryId) -> Vec<String> {
+    w.store
+        .events(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == oco_core::protect::STOP_SUBSTITUTED)
+        .map(|e| e.detail)
+        .collect()
+}
+
+/// Binance's BTCUSDT takes no `STOP_LOSS`: an OCO with a market stop is
+/// refused there on every pass. The account's market stop becomes a
+/// stop-limit at the default offset, and the entry says so.
+#[tokio::test]
+async fn a_market_stop_on_a_symbol_without_one_is_placed_as_a_stop_limit_and_said() {
+    let w = world(market_stop()).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    let report = w
+        .protector
+        .protect(id, Some(&full_fill()), Source::Direct)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&report.outcome, ProtectOutcome::Placed { legs, .. } if legs.len() == 2),
+        "{:?}",
+        report.outcome
+    );
+    let lists = w.exchange.open_lists();
+    assert_eq!(lists.len(), 2);
+    // Stop 99 (−1 %), its limit 0.5 % under it: 98.505 rounded down to the tick.
+    for l in &lists {
+        assert_eq!(l.request.stop.get(), dec!(99));
+        assert_eq!(l.request.stop_limit.map(Price::get), Some(dec!(98.50)));
+    }
+    assert_eq!(
+        substitutions(&w, id).await,
+        [
+            "BTCUSDT: STOP_LOSS (market stop) not allowed, STOP_LOSS_LIMIT 0.5% under the trigger placed instead"
+        ]
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(matches!(entry.protection, Protection::Protected { .. }));
+}
+
+/// The same on a fill seen on the stream, whose legs are planned and
+/// claimed with the fill's own write.
+#[tokio::test]
+async fn a_market_stop_seen_on_the_stream_is_placed_as_a_stop_limit_too() {
+    let w = world(market_stop()).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    let report = w
+        .protector
+        .protect_seen(w.account, id, "BTCUSDT", &full_fill(), Source::Websocket)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{:?}",
+        report.outcome
+    );
+    let lists = w.exchange.open_lists();
+    assert_eq!(lists.len(), 2);
+    assert!(lists.iter().all(|l| l.request.stop_limit.is_some()));
+    assert_eq!(substitutions(&w, id).await.len(), 1);
+}
+
+/// Where the symbol does take a market stop, it is placed as asked and
+/// nothing is said.
+#[tokio::test]
+async fn a_market_stop_is_placed_where_the_symbol_allows_it() {
+    let w = world(market_stop()).await;
+    w.exchange.add_symbol(
+        oco_core::symbol::SymbolRules {
+            order_types: oco_core::symbol::OrderTypes::ALL,
+            ..oco_core::testing::btcusdt_rules()
+        },
+        p(dec!(100)),
+    );
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Direct)
+        .await
+        .unwrap();
+    let lists = w.exchange.open_lists();
+    assert_eq!(lists.len(), 2);
+    assert!(lists.iter().all(|l| l.request.stop_limit.is_none()));
+    assert!(substitutions(&w, id).await.is_empty());
+}
+
+/// Rules read before the symbol dropped `STOP_LOSS` still allow it: the
+/// exchange refuses the market stop, and the same call places stop-limits
+/// rather than failing on every pass.
+#[tokio::test]
+async fn a_market_stop_refused_under_stale_rules_is_replanned_as_a_stop_limit() {
+    let w = world(market_stop()).await;
+    w.exchange.add_symbol(
+        oco_core::symbol::SymbolRules {
+            order_types: oco_core::symbol::OrderTypes::ALL,
+            ..oco_core::testing::btcusdt_rules()
+        },
+        p(dec!(100)),
+    );
+    let refused = || {
+        OcoFault::Fail(ExchangeError::Rejected {
+            code: -2010,
+            msg: "Stop loss orders are not supported for this symbol.".into(),
+        })
+    };
+    w.exchange.push_oco_fault(refused());
+    w.exchange.push_oco_fault(refused());
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    let report = w
+        .protector
+        .protect(id, Some(&full_fill()), Source::Direct)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&report.outcome, ProtectOutcome::Placed { legs, .. } if legs.len() == 2),
+        "{:?}",
+        report.outcome
+    );
+    let lists = w.exchange.open_lists();
+    assert_eq!(lists.len(), 2);
+    assert!(lists.iter().all(|l| l.request.stop_limit.is_some()));
+    assert_eq!(substitutions(&w, id).await.len(), 1);
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(matches!(entry.protection, Protection::Protected { .. }));
+    // Later calls keep to the stop-limit: nothing more is sent.
+    let calls = w.exchange.oco_calls();
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(w.exchange.oco_calls(), calls);
+}
