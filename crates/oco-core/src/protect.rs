@@ -140,7 +140,16 @@ pub enum ProtectError {
 
 enum Round {
     Done(ProtectOutcome),
-    Again { holding: Option<Qty> },
+    /// Plan again; `holding`, when read, caps the position. `None` keeps a
+    /// holding read earlier in the call: nothing this round did moved coins.
+    Again {
+        holding: Option<Qty>,
+    },
+    /// Plan again from no holding: this round freed or moved coins (a rest
+    /// or an older list canceled, a list withdrawn, a leg re-read), so a
+    /// balance read before it is stale. Planned from a stale read, coins it
+    /// freed would be left out, and the entry closed over them.
+    Replan,
 }
 
 /// A first protection planned from facts alone.
@@ -403,6 +412,10 @@ impl Protector {
                     holding = h.or(holding).map(|held| held.plus(added));
                     current = fresh;
                 }
+                Round::Replan => {
+                    holding = None;
+                    current = self.store.entry(entry).await?;
+                }
             }
         }
         let report = ProtectReport {
@@ -502,7 +515,7 @@ impl Protector {
                     .cancel_take_profit_rests(&creds, entry, &rests, source)
                     .await?
             {
-                return Ok(Round::Again { holding: None });
+                return Ok(Round::Replan);
             }
             self.label_unprotected(entry).await?;
             return Ok(Round::Done(ProtectOutcome::Failed {
@@ -520,7 +533,7 @@ impl Protector {
                 }
                 // A lookup of a list of this entry moved its leg (it ended
                 // meanwhile, its sale recorded): plan again from the legs.
-                StrayCheck::Changed => return Ok(Round::Again { holding: None }),
+                StrayCheck::Changed => return Ok(Round::Replan),
                 StrayCheck::HeldBy(list) => {
                     // A list of ours that no live leg follows may lock these
                     // coins (placed over them by another entry's generation):
@@ -557,6 +570,20 @@ impl Protector {
         if position.is_zero() && active.is_empty() {
             // An exit keeps its record; there is nothing more to close.
             if entry.status.is_final() && entry.protection != Protection::Closed && !exited {
+                // Owed coins, capped to none by a balance read earlier in the
+                // call. A closed entry is never followed again: coins free now
+                // (freed since, or the read raced a list's end) are planned
+                // instead of being left without a stop.
+                if !owed.is_zero() {
+                    let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
+                    let free = self.held_base(&creds, &rules).await?;
+                    let plannable = owed.min(free).floor_to(rules.step);
+                    if !plannable.is_zero() && rules.check_qty(plannable).is_ok() {
+                        return Ok(Round::Again {
+                            holding: Some(free),
+                        });
+                    }
+                }
                 let realized = realized_quote(entry, &legs);
                 self.store.close_entry(entry.id, realized, now).await?;
                 self.store
@@ -606,7 +633,7 @@ impl Protector {
                         .cancel_take_profit_rests(&creds, entry, &rests, source)
                         .await?
                 {
-                    return Ok(Round::Again { holding: None });
+                    return Ok(Round::Replan);
                 }
                 // The entry filled beyond its own stop or target: the market passed a level.
                 // Lists already working keep their stops; the rest takes the late policy.
@@ -707,7 +734,7 @@ impl Protector {
                     .await?
             {
                 // Coins freed (and what the rests sold recorded): plan again.
-                return Ok(Round::Again { holding: None });
+                return Ok(Round::Replan);
             }
             // A rest whose sale is not recorded still counts its open part as
             // held and locked, even when its cancel went through: it may have
@@ -1004,7 +1031,7 @@ impl Protector {
                         .await?;
                         // The canceled lists took their stops along until the next round places.
                         self.label_unprotected(entry).await?;
-                        return Ok(Round::Again { holding: None });
+                        return Ok(Round::Replan);
                     }
                 }
                 // Ended by itself, or unknown to the exchange: what it sold comes
@@ -1017,7 +1044,7 @@ impl Protector {
                         "superseded: an older list ended while being replaced",
                     )
                     .await?;
-                    return Ok(Round::Again { holding: None });
+                    return Ok(Round::Replan);
                 }
                 Err(err) => {
                     self.release(
@@ -1171,7 +1198,12 @@ impl Protector {
                         .set_protection(entry.id, &Protection::Unprotected)
                         .await?;
                 }
-                return Ok(Round::Again { holding: None });
+                // A withdrawn list freed its coins.
+                return Ok(if lost {
+                    Round::Replan
+                } else {
+                    Round::Again { holding: None }
+                });
             }
             return Ok(Round::Done(ProtectOutcome::Placed {
                 legs: placed,
@@ -1299,7 +1331,8 @@ impl Protector {
             self.store.append_event(&said).await?;
         }
         if lost {
-            return Ok(Round::Again { holding: None });
+            // A withdrawn list freed its coins.
+            return Ok(Round::Replan);
         }
         // The market passed a level of some legs. Those that went out keep their
         // stops; the rest of the position takes the late policy, or it would sit

@@ -1964,7 +1964,16 @@ async fn legs_refused_for_balance_together_read_the_balance_once() {
         .await
         .unwrap();
     assert_eq!(w.open_qty(), dec!(0));
-    assert_eq!(w.exchange.balance_reads(), 1, "one read for both refusals");
+    // A close over owed coins reads the balance once more: it is for good.
+    assert_eq!(
+        w.exchange.balance_reads(),
+        2,
+        "one read for both refusals, one before the close"
+    );
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Closed
+    );
 }
 
 #[tokio::test]
@@ -2743,4 +2752,56 @@ async fn a_market_stop_refused_under_stale_rules_is_replanned_as_a_stop_limit() 
     let calls = w.exchange.oco_calls();
     w.protector.protect(id, None, Source::Sync).await.unwrap();
     assert_eq!(w.exchange.oco_calls(), calls);
+}
+
+/// A leg read as ended while its take-profit rests part-filled: a balance
+/// refusal caps the position at nothing free, the list is re-adopted as a
+/// rest, and the rest's cancel frees its coins. Those coins are planned,
+/// not closed over: a balance read before the cancel is not the holding
+/// after it, and a closed entry is never followed again.
+#[tokio::test]
+async fn coins_a_canceled_rest_frees_after_a_balance_refusal_get_a_stop_not_a_close() {
+    let one_leg = ProtectionConfig {
+        split: dec!(1),
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    assert!(matches!(leg.state, LegState::Placed { .. }), "{leg:?}");
+    // The take-profit sells 0.4: the stop goes, the list executes on.
+    w.exchange
+        .fill_take_profit(leg.ids.list.as_str(), q(dec!(0.4)));
+    // The leg was read as ended by hand (an order event misread, or a
+    // lookup that missed), so the store knows of no rest.
+    assert!(
+        w.store
+            .update_leg(&oco_core::model::LegUpdate {
+                key: leg.key,
+                from: "placed",
+                to: LegState::CanceledExternally {
+                    why: ExternalEnd::Canceled,
+                },
+                error: None,
+                at: w.clock.now(),
+            })
+            .await
+            .unwrap()
+    );
+
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_ne!(entry.protection, Protection::Closed, "{entry:?}");
+    let covered: Decimal = w
+        .exchange
+        .open_lists()
+        .iter()
+        .map(|l| l.request.qty.get())
+        .sum();
+    assert_eq!(covered, dec!(0.599), "the rest's coins under a stop");
 }

@@ -495,7 +495,7 @@ async fn an_open_list_of_ours_without_an_entry_is_reported() {
             qty: q(dec!(0.1)),
             take_profit: p(dec!(110)),
             stop: p(dec!(90)),
-            stop_limit: None,
+            stop_limit: Some(p(dec!(89))),
             ids: orphan.clone(),
         },
     )
