@@ -416,6 +416,89 @@ async fn a_timeout_on_a_placement_is_unknown() {
     );
 }
 
+/// Asks for the list until it is found, within 5 s.
+async fn list_once_found(
+    ex: &BinanceExchange,
+    c: &ApiCredentials,
+    list: &str,
+) -> Option<oco_core::ports::OrderListSnapshot> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = ex.order_list(c, SYMBOL, list).await.unwrap();
+        if found.is_some() || Instant::now() > deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Binance reads `GET orderList` (and, by field reports, `GET order`) from a
+/// database that a list placed a moment ago may not have reached: the
+/// adapter says "no such list" then, and finds it with both legs after.
+#[tokio::test]
+async fn a_list_placed_moments_ago_is_missing_from_lookups_then_found() {
+    let (sim, ex) = start().await;
+    let c = creds();
+    let lag = Duration::from_millis(500);
+    sim.control().set_lookup_lag(lag, Some(KEY));
+    ex.place_order(&c, &market_buy("t-E-1", dec!(0.01)))
+        .await
+        .unwrap();
+
+    // Acknowledged, then looked up at once.
+    let placed_at = Instant::now();
+    ex.place_oco(
+        &c,
+        &oco(1, dec!(0.004), dec!(61000), dec!(59000), Some(dec!(58900))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ex.order_list(&c, SYMBOL, "t-L-1").await.unwrap(), None);
+    assert_eq!(
+        ex.query_order(&c, SYMBOL, "t-S-1").await.unwrap_err(),
+        ExchangeError::NotFound
+    );
+    assert_eq!(
+        ex.open_order_lists(&c).await.unwrap().len(),
+        1,
+        "the open lists are read from memory first"
+    );
+
+    // Its answer lost after it was applied: the lookup misses it too.
+    sim.control().fail_requests(fault(
+        "/api/v3/orderList/oco",
+        FaultWhen::After,
+        FaultOutcome::Status(503),
+    ));
+    let err = ex
+        .place_oco(
+            &c,
+            &oco(2, dec!(0.004), dec!(61000), dec!(59000), Some(dec!(58900))),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ExchangeError::UnknownOutcome(_)), "{err:?}");
+    assert_eq!(ex.order_list(&c, SYMBOL, "t-L-2").await.unwrap(), None);
+
+    for n in 1..=2 {
+        let list = list_once_found(&ex, &c, &format!("t-L-{n}"))
+            .await
+            .unwrap_or_else(|| panic!("t-L-{n} never found"));
+        assert!(list.executing);
+        let (tp, sl) = (list.take_profit.unwrap(), list.stop_loss.unwrap());
+        assert_eq!(
+            (tp.client_id.as_str(), sl.client_id.as_str()),
+            (format!("t-T-{n}").as_str(), format!("t-S-{n}").as_str())
+        );
+    }
+    assert!(placed_at.elapsed() >= lag, "found before the lag passed");
+    assert_eq!(
+        sim.control().order_lists(Some(KEY)).len(),
+        2,
+        "one list each"
+    );
+}
+
 #[tokio::test]
 async fn a_429_is_waited_out_and_the_request_succeeds() {
     let (sim, ex) = start().await;

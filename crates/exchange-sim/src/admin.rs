@@ -117,6 +117,13 @@ struct CountBody {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
+struct LagBody {
+    ms: u64,
+    api_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct LimitsBody {
     enabled: bool,
     request_weight_per_minute: Option<u32>,
@@ -358,6 +365,11 @@ fn route(ctl: &SimControl, method: &Method, path: &str, uri: &Uri, raw: &[u8]) -
                 when,
                 outcome,
             });
+            ok()
+        }
+        ("POST", ["faults", "lookup-lag"]) => {
+            let b: LagBody = body(raw)?;
+            ctl.set_lookup_lag(Duration::from_millis(b.ms), b.api_key.as_deref());
             ok()
         }
         ("POST", ["faults", "timestamp"]) => {

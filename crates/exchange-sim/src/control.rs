@@ -548,6 +548,28 @@ impl SimControl {
         self.shared.faults.rearm(&r);
     }
 
+    /// Keeps each order and order list placed from now on out of the lookups
+    /// Binance serves from its database for `lag` after its placement:
+    /// `GET /api/v3/orderList` answers `-2018` "Order list does not exist.",
+    /// `GET /api/v3/order` `-2013` "Order does not exist." (a reused client id
+    /// finds the older order or list that had it), and `allOrderList` /
+    /// `allOrders` leave it out. The open-order listings (`openOrderList`,
+    /// `openOrders`), placements, cancels, matching and the user-data stream
+    /// see it at once. For `api_key`'s account (its own lag then wins over the
+    /// shared one), or every account with `None`. Each placement keeps the lag
+    /// in force when it was made: a zero `lag` (or [`Self::clear_faults`])
+    /// spares later placements, and those already lagging show when theirs ends.
+    pub fn set_lookup_lag(&self, lag: Duration, api_key: Option<&str>) {
+        let us = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX);
+        let mut eng = self.shared.engine();
+        match api_key {
+            Some(k) => {
+                eng.knobs.lookup_lag_us_of.insert(k.to_string(), us);
+            }
+            None => eng.knobs.lookup_lag_us = us,
+        }
+    }
+
     /// Answers `-1021` to the next `n` signed requests.
     pub fn force_timestamp_errors(&self, n: u32) {
         let mut r = lock(&self.shared.faults.rules);

@@ -197,6 +197,8 @@ pub(crate) struct Order {
     pub cum_quote: Decimal,
     pub status: Status,
     pub time_us: u64,
+    /// When the lookups Binance serves from its database first see it.
+    pub stored_us: u64,
     pub update_us: u64,
     pub working_us: Option<u64>,
     pub triggered: bool,
@@ -336,6 +338,8 @@ pub(crate) struct OrderList {
     pub done: bool,
     pub legs: Vec<u64>,
     pub time_us: u64,
+    /// When the lookups Binance serves from its database first see it.
+    pub stored_us: u64,
     pub update_us: u64,
     pub lock: Decimal,
     pub lock_asset: String,
@@ -428,6 +432,10 @@ pub(crate) struct Knobs {
     pub expire_next_stops: u32,
     pub fill_parts: HashMap<String, u32>,
     pub partial_next: HashMap<String, Decimal>,
+    /// How long (µs) a placement stays out of the lookups Binance serves
+    /// from its database: every account's, unless it has its own below.
+    pub lookup_lag_us: u64,
+    pub lookup_lag_us_of: HashMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -1008,6 +1016,7 @@ impl Engine {
             cum_quote: Decimal::ZERO,
             status: Status::New,
             time_us: now_us,
+            stored_us: self.stored_at(acct_key, now_us),
             update_us: now_us,
             working_us: if req.otype.is_algo() {
                 None
@@ -1183,6 +1192,7 @@ impl Engine {
                 cum_quote: Decimal::ZERO,
                 status: Status::New,
                 time_us: now_us,
+                stored_us: self.stored_at(acct_key, now_us),
                 update_us: now_us,
                 working_us: if leg.otype.is_algo() {
                     None
@@ -1216,6 +1226,7 @@ impl Engine {
                 done: false,
                 legs: ids.clone(),
                 time_us: now_us,
+                stored_us: self.stored_at(acct_key, now_us),
                 update_us: now_us,
                 lock: lock_amount,
                 lock_asset,
@@ -1694,6 +1705,81 @@ impl Engine {
             ));
         }
         Ok(id)
+    }
+
+    /// When something `acct` places at `now_us` reaches the lookups Binance
+    /// serves from its database: after the lookup lag in force for it then.
+    fn stored_at(&self, acct: &str, now_us: u64) -> u64 {
+        let lag = self
+            .knobs
+            .lookup_lag_us_of
+            .get(acct)
+            .copied()
+            .unwrap_or(self.knobs.lookup_lag_us);
+        now_us.saturating_add(lag)
+    }
+
+    /// [`Self::find_order`] as `GET /api/v3/order` answers it: an order
+    /// whose lookup lag still runs is not stored yet (`-2013`, even before a
+    /// client id that does not match it is noticed), and a client id reused
+    /// by it finds the newest stored order that had it.
+    pub fn find_stored_order(
+        &self,
+        acct: &str,
+        symbol: &str,
+        order_id: Option<u64>,
+        cid: Option<&str>,
+        now_us: u64,
+    ) -> Result<u64, ApiError> {
+        if let Some(o) = order_id.and_then(|id| self.orders.get(&id))
+            && o.account == acct
+            && o.stored_us > now_us
+        {
+            return Err(ApiError::no_order());
+        }
+        let id = self.find_order(acct, symbol, order_id, cid, ApiError::no_order)?;
+        let o = self.orders.get(&id).ok_or_else(ApiError::no_order)?;
+        if o.stored_us <= now_us {
+            return Ok(id);
+        }
+        let a = self.accounts.get(acct).ok_or_else(ApiError::bad_key)?;
+        a.orders
+            .iter()
+            .rev()
+            .filter_map(|id| self.orders.get(id))
+            .find(|o| {
+                o.symbol == symbol && cid.is_some_and(|c| o.cid == c) && o.stored_us <= now_us
+            })
+            .map(|o| o.id)
+            .ok_or_else(ApiError::no_order)
+    }
+
+    /// [`Self::find_list`] as `GET /api/v3/orderList` answers it: a list
+    /// whose lookup lag still runs is not stored yet (`-2018`), and a list
+    /// client id reused by it finds the newest stored list that had it.
+    pub fn find_stored_list(
+        &self,
+        acct: &str,
+        list_id: Option<i64>,
+        cid: Option<&str>,
+        now_us: u64,
+    ) -> Result<i64, ApiError> {
+        let id = self.find_list(acct, list_id, cid, ApiError::no_list)?;
+        let l = self.lists.get(&id).ok_or_else(ApiError::no_list)?;
+        if l.stored_us <= now_us {
+            return Ok(id);
+        }
+        if list_id.is_some() {
+            return Err(ApiError::no_list());
+        }
+        let a = self.accounts.get(acct).ok_or_else(ApiError::bad_key)?;
+        a.lists
+            .iter()
+            .rev()
+            .filter_map(|id| self.lists.get(id))
+            .find(|l| cid.is_some_and(|c| l.cid == c) && l.stored_us <= now_us)
+            .map(|l| l.id)
+            .ok_or_else(ApiError::no_list)
     }
 
     /// Cancels an order (a list leg cancels the whole list). Returns the order's cancel view.

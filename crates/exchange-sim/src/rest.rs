@@ -1092,7 +1092,7 @@ fn signed(sh: &Shared, ep: Ep, p: &Params, acct: &str) -> Result<String, ApiErro
             if !eng.symbols.contains_key(symbol) {
                 return Err(ApiError::bad_symbol());
             }
-            let oid = eng.find_order(acct, symbol, id, cid, ApiError::no_order)?;
+            let oid = eng.find_stored_order(acct, symbol, id, cid, now_us())?;
             let o = eng.orders.get(&oid).ok_or_else(ApiError::no_order)?;
             to_json(&o.query_view())
         }
@@ -1201,11 +1201,13 @@ fn signed(sh: &Shared, ep: Ep, p: &Params, acct: &str) -> Result<String, ApiErro
                 return Err(ApiError::bad_symbol());
             }
             let a = eng.accounts.get(acct).ok_or_else(ApiError::bad_key)?;
+            let now = now_us();
             let mut v: Vec<_> = a
                 .orders
                 .iter()
                 .filter_map(|id| eng.orders.get(id))
                 .filter(|o| o.symbol == symbol)
+                .filter(|o| o.stored_us <= now)
                 .filter(|o| from.is_none_or(|f| o.id >= f))
                 .filter(|o| start.is_none_or(|s| o.time_us / 1000 >= s))
                 .filter(|o| end.is_none_or(|e| o.time_us / 1000 <= e))
@@ -1278,7 +1280,7 @@ fn signed(sh: &Shared, ep: Ep, p: &Params, acct: &str) -> Result<String, ApiErro
                 return Err(ApiError::either("orderListId", "origClientOrderId"));
             }
             let eng = sh.engine();
-            let lid = eng.find_list(acct, id, cid, ApiError::no_list)?;
+            let lid = eng.find_stored_list(acct, id, cid, now_us())?;
             let l = eng.lists.get(&lid).ok_or_else(ApiError::no_list)?;
             to_json(&eng.list_view(l, None, l.time_us / 1000))
         }
@@ -1317,11 +1319,20 @@ fn signed(sh: &Shared, ep: Ep, p: &Params, acct: &str) -> Result<String, ApiErro
             let limit = p.u64("limit")?;
             let eng = sh.engine();
             let a = eng.accounts.get(acct).ok_or_else(ApiError::bad_key)?;
+            let now = now_us();
             let mut lists: Vec<_> = a
                 .lists
                 .iter()
                 .filter_map(|id| eng.lists.get(id))
-                .filter(|l| ep == Ep::AllLists || !l.done)
+                // The open lists are read from memory first; the history from
+                // the database alone, which a fresh list may not have reached.
+                .filter(|l| {
+                    if ep == Ep::AllLists {
+                        l.stored_us <= now
+                    } else {
+                        !l.done
+                    }
+                })
                 .filter(|l| from.is_none_or(|f| l.id >= f))
                 .filter(|l| start.is_none_or(|s| l.time_us / 1000 >= s))
                 .filter(|l| end.is_none_or(|e| l.time_us / 1000 <= e))

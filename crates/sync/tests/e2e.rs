@@ -2,11 +2,14 @@
 //! Binance adapter, PostgreSQL (`DATABASE_URL`, a fresh database per test).
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use exchange_binance::{BinanceConfig, BinanceExchange};
-use exchange_sim::{AccountSpec, Sim, SimConfig, SimControl};
+use exchange_sim::{
+    AccountSpec, FaultOutcome, FaultWhen, RequestFault, Sim, SimConfig, SimControl,
+};
 use oco_core::ids::{EntryId, IdScheme};
 use oco_core::levels::EntryLevels;
 use oco_core::model::{
@@ -14,7 +17,7 @@ use oco_core::model::{
     Source,
 };
 use oco_core::ports::{ApiCredentials, Clock, Exchange, NewAccount, OrderRequest, Side, Store};
-use oco_core::protect::Protector;
+use oco_core::protect::{Idle, Protector};
 use oco_core::{
     AccountId, EntryStatus, Leg, LegState, Price, ProtectOutcome, ProtectorConfig, Qty, SystemClock,
 };
@@ -151,19 +154,32 @@ impl E2e {
 
     /// Layer 1 protects the entry's fill from what its stream showed.
     async fn protect_as_gateway(&self, acct: &Acct, id: EntryId) -> ProtectOutcome {
-        let protector = Protector::new(
+        let ev = self.fill_evidence(acct, id).await;
+        self.protector(ProtectorConfig::new(self.ids.clone()))
+            .protect(id, Some(&ev), Source::Websocket)
+            .await
+            .unwrap()
+            .outcome
+    }
+
+    fn protector(&self, config: ProtectorConfig) -> Protector {
+        Protector::new(
             self.exchange.clone(),
             self.store.clone(),
             Arc::new(SystemClock),
-            ProtectorConfig::new(self.ids.clone()),
-        );
+            config,
+        )
+    }
+
+    /// The entry's fill as the gateway's stream shows it.
+    async fn fill_evidence(&self, acct: &Acct, id: EntryId) -> Evidence {
         let client_id = self.store.entry(id).await.unwrap().client_id;
         let snap = self
             .exchange
             .query_order(&acct.creds, "BTCUSDT", client_id.as_str())
             .await
             .unwrap();
-        let ev = Evidence {
+        Evidence {
             order_id: Some(snap.order_id),
             status: snap.status,
             executed_qty: snap.executed_qty,
@@ -175,12 +191,7 @@ impl E2e {
                 .unwrap(),
             holding: None,
             observed_at: SystemClock.now(),
-        };
-        protector
-            .protect(id, Some(&ev), Source::Websocket)
-            .await
-            .unwrap()
-            .outcome
+        }
     }
 
     /// Moves one placed leg to `to` in the store alone, the exchange
@@ -964,4 +975,216 @@ async fn a_retry_left_by_a_pass_whose_lists_failed_outlives_its_process() {
     );
     assert!(is_protected_by_sync(&t.protection(entry).await));
     assert_eq!(t.open_lists("k1"), 2);
+}
+
+/// How long the simulator keeps a fresh placement out of the lookups Binance
+/// serves from its database (`GET orderList`, `GET order`) in the tests
+/// below: longer than their first protect calls and pass take on a loaded
+/// machine, well within the claim timeout (30 s) past which a miss counts
+/// as absence.
+const LOOKUP_LAG: Duration = Duration::from_secs(3);
+
+/// The next two list placements (a generation's) fail with a 503 that
+/// leaves their outcome unknown, `when` the exchange applied them or not.
+fn lost_list_answers(when: FaultWhen) -> RequestFault {
+    RequestFault {
+        method: Some("POST".into()),
+        path_prefix: "/api/v3/orderList/oco".into(),
+        count: 2,
+        when,
+        outcome: FaultOutcome::Status(503),
+    }
+}
+
+impl E2e {
+    /// Gives the account coins of the entry's base asset that are not the
+    /// entry's (the user's own, another entry's): the exchange's balance
+    /// lock would not refuse a second set of lists then, only ocoguard can.
+    fn hold_other_coins(&self, key: &str) {
+        self.ctl.deposit(key, "BTC", dec!(1)).unwrap();
+    }
+
+    /// How many list placements reached the simulator.
+    fn list_posts(&self) -> usize {
+        self.ctl
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == "/api/v3/orderList/oco")
+            .count()
+    }
+
+    /// After lost answers: the simulator holds one list per client id, each
+    /// under the client id of a leg of the entry that follows it (`placed`
+    /// of them), no list under the others, and the entry is protected.
+    async fn assert_one_list_per_leg(&self, key: &str, id: EntryId, placed: usize) {
+        let mut on_sim: HashMap<String, Vec<i64>> = HashMap::new();
+        for l in self.ctl.order_lists(Some(key)) {
+            assert_eq!(l.list_order_status, "EXECUTING", "{l:?}");
+            on_sim
+                .entry(l.list_client_order_id)
+                .or_default()
+                .push(l.order_list_id);
+        }
+        assert!(on_sim.values().all(|ids| ids.len() == 1), "{on_sim:?}");
+        assert_eq!(on_sim.len(), placed, "{on_sim:?}");
+        let legs = self.store.legs(id).await.unwrap();
+        for leg in &legs {
+            let listed = on_sim.get(leg.ids.list.as_str()).map(|ids| ids[0]);
+            match leg.state {
+                LegState::Placed { list_id } => assert_eq!(Some(list_id), listed, "{leg:?}"),
+                _ => assert_eq!(listed, None, "a list no leg follows: {leg:?}"),
+            }
+        }
+        assert!(
+            matches!(self.protection(id).await, Protection::Protected { .. }),
+            "{:?}",
+            self.protection(id).await
+        );
+    }
+}
+
+/// Binance applies both lists of a generation but the answers are lost
+/// (503), and its lookups, read from a database, miss the lists for a few
+/// seconds. The gateway calls protect again meanwhile (the stream's
+/// `listStatus`, its retry): a miss that fresh is no absence, so no list is
+/// sent again; once the lookups see the lists, the legs follow them.
+#[tokio::test]
+async fn lists_whose_answers_were_lost_while_lookups_lag_are_found_not_placed_again() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let id = t.sent_entry(&a, None, dec!(0.01)).await;
+    t.hold_other_coins("k1");
+    let ev = t.fill_evidence(&a, id).await;
+    let gateway = t.protector(ProtectorConfig::new(t.ids.clone()));
+    t.ctl.set_lookup_lag(LOOKUP_LAG, None);
+    t.ctl.fail_requests(lost_list_answers(FaultWhen::After));
+
+    let sent = Instant::now();
+    let first = gateway
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap()
+        .outcome;
+    assert!(
+        matches!(&first, ProtectOutcome::Pending { legs } if legs.len() == 2),
+        "{first:?}"
+    );
+    assert_eq!(t.all_lists("k1"), 2, "both lists were applied");
+    let mut outcome = gateway
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap()
+        .outcome;
+    assert!(
+        sent.elapsed() < LOOKUP_LAG,
+        "the second call came after the lag ({:?}): it tested nothing",
+        sent.elapsed()
+    );
+    assert!(
+        matches!(outcome, ProtectOutcome::Pending { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(t.list_posts(), 2, "nothing sent again while lookups miss");
+
+    // Called again until the lookups see the lists.
+    let deadline = sent + Duration::from_secs(20);
+    while matches!(outcome, ProtectOutcome::Pending { .. }) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        outcome = gateway
+            .protect(id, None, Source::Websocket)
+            .await
+            .unwrap()
+            .outcome;
+    }
+    assert!(sent.elapsed() >= LOOKUP_LAG, "found before the lag passed");
+    assert_eq!(outcome, ProtectOutcome::Nothing(Idle::Covered));
+    assert_eq!(t.list_posts(), 2, "no list sent twice");
+    t.assert_one_list_per_leg("k1", id, 2).await;
+}
+
+/// The same lost answers; the gateway's `Pending` flags the account and
+/// sync's pass comes while the lookups still miss the lists. It reads the
+/// open lists (memory first on Binance, current) and adopts them by client
+/// id; nothing is sent again.
+#[tokio::test]
+async fn a_sync_pass_while_lookups_lag_adopts_lists_whose_answers_were_lost() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let id = t.sent_entry(&a, None, dec!(0.01)).await;
+    t.hold_other_coins("k1");
+    t.ctl.set_lookup_lag(LOOKUP_LAG, None);
+    t.ctl.fail_requests(lost_list_answers(FaultWhen::After));
+    let sent = Instant::now();
+    let first = t.protect_as_gateway(&a, id).await;
+    assert!(
+        matches!(&first, ProtectOutcome::Pending { legs } if legs.len() == 2),
+        "{first:?}"
+    );
+
+    let r = t.reconciler().reconcile_account(a.id).await.unwrap();
+    assert!(
+        sent.elapsed() < LOOKUP_LAG,
+        "the pass came after the lag ({:?}): it tested nothing",
+        sent.elapsed()
+    );
+    assert_eq!(r.legs_adopted.len(), 2, "{r:?}");
+    assert_eq!(t.list_posts(), 2, "no list sent twice");
+    t.assert_one_list_per_leg("k1", id, 2).await;
+}
+
+/// Both placements fail before the exchange applies them, with 503s that
+/// leave the outcome unknown, and the lookups lag. A miss counts as absence
+/// only past the claim timeout: calls before it send nothing, the first
+/// after it places the lists, once each.
+#[tokio::test]
+async fn lists_never_placed_are_placed_only_once_the_claim_timeout_has_passed() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let id = t.sent_entry(&a, None, dec!(0.01)).await;
+    t.hold_other_coins("k1");
+    let ev = t.fill_evidence(&a, id).await;
+    let claim_timeout = Duration::from_secs(2);
+    let gateway = t.protector(ProtectorConfig {
+        claim_timeout,
+        ..ProtectorConfig::new(t.ids.clone())
+    });
+    t.ctl.set_lookup_lag(Duration::from_secs(1), None);
+    t.ctl.fail_requests(lost_list_answers(FaultWhen::Before));
+
+    let first = gateway
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap()
+        .outcome;
+    let lost = Instant::now();
+    assert!(
+        matches!(&first, ProtectOutcome::Pending { legs } if legs.len() == 2),
+        "{first:?}"
+    );
+    assert_eq!(t.all_lists("k1"), 0, "nothing applied");
+    let deadline = lost + Duration::from_secs(20);
+    let mut outcome = first;
+    while matches!(outcome, ProtectOutcome::Pending { .. }) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = Instant::now();
+        outcome = gateway
+            .protect(id, None, Source::Websocket)
+            .await
+            .unwrap()
+            .outcome;
+        if before.duration_since(lost) < claim_timeout {
+            assert!(
+                matches!(outcome, ProtectOutcome::Pending { .. }),
+                "{outcome:?} within the claim timeout"
+            );
+            assert_eq!(t.list_posts(), 2, "sent again within the claim timeout");
+        }
+    }
+    assert!(
+        matches!(&outcome, ProtectOutcome::Placed { legs, .. } if legs.len() == 2),
+        "{outcome:?}"
+    );
+    assert!(lost.elapsed() >= claim_timeout);
+    assert_eq!(t.list_posts(), 4, "each list sent once more");
+    t.assert_one_list_per_leg("k1", id, 2).await;
 }
