@@ -429,7 +429,7 @@ pub struct EntryView {
     pub created_at: i64,
     /// Protection state.
     pub protection: ProtectionView,
-    /// Realised quote result, once closed.
+    /// Realised quote result, once closed or exited at market.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub realized_quote: Option<String>,
     /// Every leg, every generation.

@@ -174,15 +174,19 @@ impl Protector {
 const LEG_MOVE_ATTEMPTS: usize = 4;
 
 impl Protector {
-    /// A sale recorded on an entry already closed (its update came after
-    /// the close: a lookup or a balance read settled the entry first, or the
-    /// take-profit's fill overtook its own placement) leaves the result the
-    /// close recorded stale. It is computed again as the close computes it
-    /// ([`realized_quote`]) and the entry closed again with it when it
-    /// changed (event `realized`).
+    /// A sale recorded on an entry already closed or exited (its update
+    /// came after the close: a lookup or a balance read settled the entry
+    /// first, or the take-profit's fill overtook its own placement) leaves
+    /// the result recorded then stale. It is computed again as the close
+    /// computes it ([`realized_quote`]) and the entry closed (or exited,
+    /// with the same reason) again with it when it changed (event
+    /// `realized`).
     async fn recount_closed(&self, id: EntryId, source: Source) -> Result<(), ProtectError> {
         let entry = self.store().entry(id).await?;
-        if entry.protection != Protection::Closed {
+        if !matches!(
+            entry.protection,
+            Protection::Closed | Protection::Exited { .. }
+        ) {
             return Ok(());
         }
         let legs = self.store().legs(id).await?;
@@ -191,7 +195,12 @@ impl Protector {
             return Ok(());
         }
         let now = self.clock().now();
-        self.store().close_entry(id, realized, now).await?;
+        match &entry.protection {
+            Protection::Exited { reason } => {
+                self.store().exit_entry(id, reason, realized).await?;
+            }
+            _ => self.store().close_entry(id, realized, now).await?,
+        }
         self.store()
             .append_event(&event(
                 id,

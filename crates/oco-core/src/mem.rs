@@ -68,7 +68,7 @@ fn not_found(what: &'static str, id: impl ToString) -> StoreError {
 /// Merges evidence into an entry the way every store must: fills by trade id,
 /// executed quantity and quote by maximum, status only forward, base
 /// commission recomputed from the fills. An exited entry that fills further
-/// is unprotected again.
+/// is unprotected again, and its exit's result dropped until it closes.
 pub fn merge_evidence(entry: &mut Entry, fills: &mut BTreeMap<i64, Fill>, evidence: &Evidence) {
     let executed_before = entry.executed_qty;
     for fill in &evidence.fills {
@@ -110,6 +110,8 @@ pub fn merge_evidence(entry: &mut Entry, fills: &mut BTreeMap<i64, Fill>, eviden
             && entry.executed_qty > executed_before;
         if entry.protection == Protection::NotNeeded || exited_before_these {
             entry.protection = Protection::Unprotected;
+            // The exit's result was the entry's while it held nothing more.
+            entry.realized_quote = None;
         }
     }
 }
@@ -325,6 +327,9 @@ impl Store for MemStore {
             .get_mut(&id)
             .ok_or_else(|| not_found("entry", id))?;
         if !is_settled(&entry.protection) {
+            if !matches!(protection, Protection::Exited { .. }) {
+                entry.realized_quote = None;
+            }
             entry.protection = protection.clone();
         }
         Ok(())
@@ -343,6 +348,26 @@ impl Store for MemStore {
             .ok_or_else(|| not_found("entry", id))?;
         entry.protection = Protection::Closed;
         entry.realized_quote = Some(realized_quote);
+        Ok(())
+    }
+
+    async fn exit_entry(
+        &self,
+        id: EntryId,
+        reason: &str,
+        realized_quote: Decimal,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let entry = inner
+            .entries
+            .get_mut(&id)
+            .ok_or_else(|| not_found("entry", id))?;
+        if !is_settled(&entry.protection) {
+            entry.protection = Protection::Exited {
+                reason: reason.to_owned(),
+            };
+            entry.realized_quote = Some(realized_quote);
+        }
         Ok(())
     }
 

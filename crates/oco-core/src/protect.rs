@@ -550,7 +550,8 @@ impl Protector {
             }
         }
         if position.is_zero() && active.is_empty() {
-            // An exit keeps its record; there is nothing more to close.
+            // An exit keeps its record and the result it recorded; there is
+            // nothing more to close.
             if entry.status.is_final() && entry.protection != Protection::Closed && !exited {
                 let realized = realized_quote(entry, &legs);
                 self.store.close_entry(entry.id, realized, now).await?;
@@ -1500,9 +1501,7 @@ impl Protector {
                         .iter()
                         .any(|l| matches!(l.state, LegState::Placed { .. }))
                     {
-                        self.store
-                            .set_protection(leg.key.entry, &Protection::Exited { reason: why })
-                            .await?;
+                        self.record_exited(leg.key.entry, &why).await?;
                     }
                 }
                 Ok(())
@@ -1795,17 +1794,22 @@ impl Protector {
             // followed, rather than settled.
             self.mark_protected(entry, source, self.clock.now()).await?;
         } else {
-            self.store
-                .set_protection(
-                    entry.id,
-                    &Protection::Exited {
-                        reason: why.clone(),
-                    },
-                )
-                .await?;
+            self.record_exited(entry.id, &why).await?;
         }
         warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
         Ok(Round::Done(ProtectOutcome::Exited { reason: why }))
+    }
+
+    /// Records the entry `id` exited with `why`, with its realised result
+    /// computed as a close computes it ([`realized_quote`]) from the entry
+    /// and legs as stored now, the exit's sale included: an exit settles
+    /// the coins as a close does, and the trader is owed its result.
+    async fn record_exited(&self, id: crate::ids::EntryId, why: &str) -> Result<(), ProtectError> {
+        let (entry, legs) =
+            futures_util::future::join(self.store.entry(id), self.store.legs(id)).await;
+        let realized = realized_quote(&entry?, &legs?);
+        self.store.exit_entry(id, why, realized).await?;
+        Ok(())
     }
 
     /// A market exit that ended with less sold than asked (Binance expires

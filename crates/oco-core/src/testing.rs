@@ -1358,6 +1358,14 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         "closed again with the new result, got {:?}",
         e.realized_quote
     );
+    store.exit_entry(entry.id, "late", dec("-3")).await?;
+    let e = store.entry(entry.id).await?;
+    ensure!(
+        e.protection == Protection::Closed && e.realized_quote == Some(dec("2.25")),
+        "an exit recorded from a copy read before the close leaves it closed, got {:?} {:?}",
+        e.protection,
+        e.realized_quote
+    );
 
     // An exit settles the coins it sold, not the order: while the order can
     // still fill the entry is open, and coins filled after the exit make it
@@ -1378,7 +1386,14 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
     let why = Protection::Exited {
         reason: "late".into(),
     };
-    store.set_protection(exited.id, &why).await?;
+    store.exit_entry(exited.id, "late", dec("-0.8")).await?;
+    let e = store.entry(exited.id).await?;
+    ensure!(
+        e.protection == why && e.realized_quote == Some(dec("-0.8")),
+        "an exit is recorded with its reason and result, got {:?} {:?}",
+        e.protection,
+        e.realized_quote
+    );
     let is_open = |entries: Vec<Entry>| entries.iter().any(|x| x.id == exited.id);
     ensure!(
         is_open(store.open_entries(account.id).await?),
@@ -1403,14 +1418,39 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         after.protection
     );
     ensure!(
+        after.realized_quote.is_none() && store.entry(exited.id).await?.realized_quote.is_none(),
+        "coins filled after an exit drop its result until the entry closes, got {:?}",
+        after.realized_quote
+    );
+    store.exit_entry(exited.id, "late", dec("-1.5")).await?;
+    store
+        .set_protection(
+            exited.id,
+            &Protection::Protected {
+                at: Millis(63),
+                by: crate::model::Source::Sync,
+            },
+        )
+        .await?;
+    let e = store.entry(exited.id).await?;
+    ensure!(
+        matches!(e.protection, Protection::Protected { .. }) && e.realized_quote.is_none(),
+        "an exited entry protected again has no result, got {:?} {:?}",
+        e.protection,
+        e.realized_quote
+    );
+    ensure!(
         is_open(store.open_entries(account.id).await?),
         "an entry with coins filled after its exit is open"
     );
-    store.set_protection(exited.id, &why).await?;
+    store.exit_entry(exited.id, "late", dec("-1.25")).await?;
     store.record_evidence(exited.id, &rest).await?;
+    let e = store.entry(exited.id).await?;
     ensure!(
-        store.entry(exited.id).await?.protection == why,
-        "evidence already known leaves an exit as it is"
+        e.protection == why && e.realized_quote == Some(dec("-1.25")),
+        "evidence already known leaves an exit and its result as they are, got {:?} {:?}",
+        e.protection,
+        e.realized_quote
     );
     ensure!(
         !is_open(store.open_entries(account.id).await?),

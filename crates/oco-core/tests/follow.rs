@@ -400,6 +400,9 @@ impl Store for ReadBeforePlaced {
     async fn close_entry(&self, id: EntryId, r: Decimal, at: Millis) -> Result<(), StoreError> {
         self.inner.close_entry(id, r, at).await
     }
+    async fn exit_entry(&self, id: EntryId, why: &str, r: Decimal) -> Result<(), StoreError> {
+        self.inner.exit_entry(id, why, r).await
+    }
     async fn legs(&self, e: EntryId) -> Result<Vec<Leg>, StoreError> {
         let mut legs = self.inner.legs(e).await?;
         let stale = if self.always {

@@ -506,12 +506,76 @@ async fn a_market_past_the_stop_exits_at_market_and_records_it() {
     assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0), "position sold");
     let entry = w.store.entry(id).await.unwrap();
     assert!(matches!(entry.protection, Protection::Exited { .. }));
+    // Bought 1 at 100, sold 1 at market at 98.
+    assert_eq!(entry.realized_quote, Some(dec!(-2)), "the exit's result");
     let again = w
         .protector
         .protect(id, None, Source::Websocket)
         .await
         .unwrap();
     assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    assert_eq!(
+        w.store.entry(id).await.unwrap().realized_quote,
+        Some(dec!(-2)),
+        "kept by later calls"
+    );
+}
+
+/// Coins filled after a full exit are protected again: the exit's result
+/// does not stand for the entry meanwhile, and the later close counts the
+/// exit's sale with the lists' sales.
+#[tokio::test]
+async fn coins_filled_after_an_exit_make_the_later_close_count_both_sales() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.4));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let report = w
+        .protector
+        .protect(id, Some(&first_part()), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    // Bought 0.4 at 100, sold 0.4 at 98.
+    assert_eq!(
+        w.store.entry(id).await.unwrap().realized_quote,
+        Some(dec!(-0.8))
+    );
+
+    w.exchange.set_price("BTCUSDT", p(dec!(100)));
+    w.credit(dec!(0.6));
+    let report = w
+        .protector
+        .protect(id, Some(&whole_after_part()), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+    assert_eq!(entry.realized_quote, None, "open again: no result yet");
+
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        if matches!(leg.state, LegState::Placed { .. }) {
+            w.exchange.fill_take_profit(leg.ids.list.as_str(), leg.qty);
+            w.protector.refresh_leg(&creds, &leg).await.unwrap();
+        }
+    }
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    // 39.2 from the exit, 0.3 at 101 and 0.3 at 102 from the lists, for 100.
+    assert_eq!(entry.realized_quote, Some(dec!(0.1)));
 }
 
 #[tokio::test]

@@ -210,7 +210,11 @@ impl MergeWrite<'_> {
         out.push_bind_param::<Text, _>(self.protection)?;
         out.push_sql(" THEN protection_reason ELSE ");
         out.push_bind_param::<Nullable<Text>, _>(&self.protection_reason)?;
-        out.push_sql(" END WHERE id = ");
+        // An exit's result stands only while the entry is exited (or closed):
+        // coins filled after the exit reopen it, and its close says the result.
+        out.push_sql(" END, realized_quote = CASE WHEN ");
+        out.push_bind_param::<Text, _>(self.protection)?;
+        out.push_sql(" IN ('exited', 'closed') THEN realized_quote END WHERE id = ");
         out.push_bind_param::<Int8, _>(&self.entry)?;
         out.push_sql(" AND executed_qty = ");
         out.push_bind_param::<Numeric, _>(&self.seen.executed_qty)?;

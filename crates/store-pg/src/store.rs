@@ -1577,17 +1577,22 @@ impl Store for PgStore {
 
     async fn set_protection(&self, id: EntryId, protection: &Protection) -> Result<(), StoreError> {
         let columns = EntryProtectionColumns::from_protection(protection)?;
+        // An exit's result stands only while the entry is exited.
+        let kept = matches!(protection, Protection::Exited { .. });
         let mut conn = self.conn().await?;
         // A closed entry stays closed: the caller's copy may predate the close.
-        let n = diesel::update(
-            entries::table
-                .find(id.0)
-                .filter(entries::protection.ne("closed")),
-        )
-        .set(columns)
-        .execute(&mut conn)
-        .await
-        .map_err(|e| db(&format!("setting the protection of entry {id}"), e))?;
+        let open = entries::table
+            .find(id.0)
+            .filter(entries::protection.ne("closed"));
+        let written = if kept {
+            diesel::update(open).set(columns).execute(&mut conn).await
+        } else {
+            diesel::update(open)
+                .set((columns, entries::realized_quote.eq(None::<PgNumeric>)))
+                .execute(&mut conn)
+                .await
+        };
+        let n = written.map_err(|e| db(&format!("setting the protection of entry {id}"), e))?;
         if n == 0 {
             // Closed (nothing to write), or not there at all.
             let found = entries::table
@@ -1625,6 +1630,44 @@ impl Store for PgStore {
             .map_err(|e| db(&format!("closing entry {id}"), e))?;
         if n == 0 {
             return Err(not_found("entry", id));
+        }
+        Ok(())
+    }
+
+    async fn exit_entry(
+        &self,
+        id: EntryId,
+        reason: &str,
+        realized_quote: Decimal,
+    ) -> Result<(), StoreError> {
+        let columns = EntryProtectionColumns::from_protection(&Protection::Exited {
+            reason: reason.to_owned(),
+        })?;
+        let mut conn = self.conn().await?;
+        // As `set_protection`: a closed entry stays closed.
+        let n = diesel::update(
+            entries::table
+                .find(id.0)
+                .filter(entries::protection.ne("closed")),
+        )
+        .set((
+            columns,
+            entries::realized_quote.eq(Some(numeric(realized_quote))),
+        ))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| db(&format!("recording the exit of entry {id}"), e))?;
+        if n == 0 {
+            let found = entries::table
+                .find(id.0)
+                .select(entries::id)
+                .first::<i64>(&mut conn)
+                .await
+                .optional()
+                .map_err(|e| db(&format!("reading entry {id}"), e))?;
+            if found.is_none() {
+                return Err(not_found("entry", id));
+            }
         }
         Ok(())
     }

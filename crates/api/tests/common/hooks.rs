@@ -132,6 +132,9 @@ impl Store for HookStore {
     async fn close_entry(&self, id: EntryId, r: Decimal, at: Millis) -> Result<(), StoreError> {
         self.inner.close_entry(id, r, at).await
     }
+    async fn exit_entry(&self, id: EntryId, why: &str, r: Decimal) -> Result<(), StoreError> {
+        self.inner.exit_entry(id, why, r).await
+    }
     async fn legs(&self, e: EntryId) -> Result<Vec<Leg>, StoreError> {
         self.inner.legs(e).await
     }
