@@ -6,7 +6,7 @@
 //! orders placed by hand are ignored.
 
 use crate::ids::{AccountId, EntryId, LegKey, OrderRole};
-use crate::model::{Evidence, Leg, Protection, Source};
+use crate::model::{Evidence, Leg, Protection, SaleSide, Source};
 use crate::ports::{ExecutionUpdate, StoreError, event};
 use crate::protect::{ProtectError, ProtectReport, Protector, realized_quote};
 use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold, LegState};
@@ -124,6 +124,22 @@ impl Protector {
                     }
                 };
                 let sold_any = !update.executed_qty.is_zero();
+                // The trade first, with its commission: a close that sees the
+                // sale then finds it. By trade id: a lookup may record it too.
+                let side = if take_profit {
+                    SaleSide::TakeProfit
+                } else {
+                    SaleSide::StopLoss
+                };
+                if let Some(trade) = update
+                    .fill
+                    .as_ref()
+                    .filter(|t| !t.qty.is_zero() && !matches!(role, OrderRole::List(_)))
+                {
+                    self.store()
+                        .record_leg_trades(key, side, std::slice::from_ref(trade))
+                        .await?;
+                }
                 if sold_any {
                     self.store()
                         .record_leg_sold(key, sold, update.event_time)
@@ -174,15 +190,19 @@ impl Protector {
 const LEG_MOVE_ATTEMPTS: usize = 4;
 
 impl Protector {
-    /// A sale recorded on an entry already closed (its update came after
-    /// the close: a lookup or a balance read settled the entry first, or the
-    /// take-profit's fill overtook its own placement) leaves the result the
-    /// close recorded stale. It is computed again as the close computes it
-    /// ([`realized_quote`]) and the entry closed again with it when it
-    /// changed (event `realized`).
+    /// A sale recorded on an entry already closed or exited (its update
+    /// came after the close: a lookup or a balance read settled the entry
+    /// first, or the take-profit's fill overtook its own placement) leaves
+    /// the result recorded then stale. It is computed again as the close
+    /// computes it ([`realized_quote`]) and the entry closed (or exited,
+    /// with the same reason) again with it when it changed (event
+    /// `realized`).
     async fn recount_closed(&self, id: EntryId, source: Source) -> Result<(), ProtectError> {
         let entry = self.store().entry(id).await?;
-        if entry.protection != Protection::Closed {
+        if !matches!(
+            entry.protection,
+            Protection::Closed | Protection::Exited { .. }
+        ) {
             return Ok(());
         }
         let legs = self.store().legs(id).await?;
@@ -191,7 +211,12 @@ impl Protector {
             return Ok(());
         }
         let now = self.clock().now();
-        self.store().close_entry(id, realized, now).await?;
+        match &entry.protection {
+            Protection::Exited { reason } => {
+                self.store().exit_entry(id, reason, realized).await?;
+            }
+            _ => self.store().close_entry(id, realized, now).await?,
+        }
         self.store()
             .append_event(&event(
                 id,

@@ -560,7 +560,9 @@ pub trait Store: Send + Sync {
     }
     /// Sets the entry's protection state, unless it is `Closed`: a closed
     /// entry stays closed ([`crate::mem::is_settled`]), as the write may come
-    /// from a copy of the entry read before it closed.
+    /// from a copy of the entry read before it closed. Any state but
+    /// `Exited` drops a result an exit recorded ([`Store::exit_entry`]):
+    /// the entry holds coins again, and its close will say the result.
     async fn set_protection(
         &self,
         id: EntryId,
@@ -574,6 +576,18 @@ pub trait Store: Send + Sync {
         id: EntryId,
         realized_quote: Decimal,
         at: Millis,
+    ) -> Result<(), StoreError>;
+    /// Records that the entry's coins were sold at market (protection came
+    /// too late): protection `Exited` with `reason` and the realised result,
+    /// computed as a close computes it, in one write; unless the entry is
+    /// `Closed` (as [`Store::set_protection`]). Recording it again (a sale of
+    /// the exit recorded later) replaces both. Coins filled after the exit
+    /// reopen the entry ([`Store::record_evidence`]) and drop the result.
+    async fn exit_entry(
+        &self,
+        id: EntryId,
+        reason: &str,
+        realized_quote: Decimal,
     ) -> Result<(), StoreError>;
 
     /// The entry's legs, every generation.
@@ -628,6 +642,16 @@ pub trait Store: Send + Sync {
         key: LegKey,
         sold: LegSold,
         at: Millis,
+    ) -> Result<(), StoreError>;
+    /// Records trades of leg `key`'s `side` order, each once by trade id
+    /// (unique per account and symbol), and adds them to the leg's
+    /// [`crate::model::LegTrades`]: a trade reported twice (by the stream and
+    /// by a lookup) counts once, its commission with it.
+    async fn record_leg_trades(
+        &self,
+        key: LegKey,
+        side: crate::model::SaleSide,
+        trades: &[Fill],
     ) -> Result<(), StoreError>;
 
     /// Appends to the entry's history.

@@ -8,8 +8,9 @@ use std::time::Duration;
 use common::*;
 use oco_core::ids::EntryId;
 use oco_core::levels::EntryLevels;
+use oco_core::model::Millis;
 use oco_core::model::{Protection, ProtectionConfig, Source};
-use oco_core::ports::{ExchangeError, Store};
+use oco_core::ports::{Exchange, ExchangeError, Store};
 use oco_core::protect::{Idle, ProtectOutcome};
 use oco_core::state::{EntryStatus, ExternalEnd, LegState};
 use oco_core::symbol::MarketLotSize;
@@ -506,12 +507,76 @@ async fn a_market_past_the_stop_exits_at_market_and_records_it() {
     assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0), "position sold");
     let entry = w.store.entry(id).await.unwrap();
     assert!(matches!(entry.protection, Protection::Exited { .. }));
+    // Bought 1 at 100, sold 1 at market at 98.
+    assert_eq!(entry.realized_quote, Some(dec!(-2)), "the exit's result");
     let again = w
         .protector
         .protect(id, None, Source::Websocket)
         .await
         .unwrap();
     assert_eq!(again.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    assert_eq!(
+        w.store.entry(id).await.unwrap().realized_quote,
+        Some(dec!(-2)),
+        "kept by later calls"
+    );
+}
+
+/// Coins filled after a full exit are protected again: the exit's result
+/// does not stand for the entry meanwhile, and the later close counts the
+/// exit's sale with the lists' sales.
+#[tokio::test]
+async fn coins_filled_after_an_exit_make_the_later_close_count_both_sales() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.4));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    let report = w
+        .protector
+        .protect(id, Some(&first_part()), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    // Bought 0.4 at 100, sold 0.4 at 98.
+    assert_eq!(
+        w.store.entry(id).await.unwrap().realized_quote,
+        Some(dec!(-0.8))
+    );
+
+    w.exchange.set_price("BTCUSDT", p(dec!(100)));
+    w.credit(dec!(0.6));
+    let report = w
+        .protector
+        .protect(id, Some(&whole_after_part()), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+    assert_eq!(entry.realized_quote, None, "open again: no result yet");
+
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        if matches!(leg.state, LegState::Placed { .. }) {
+            w.exchange.fill_take_profit(leg.ids.list.as_str(), leg.qty);
+            w.protector.refresh_leg(&creds, &leg).await.unwrap();
+        }
+    }
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    // 39.2 from the exit, 0.3 at 101 and 0.3 at 102 from the lists, for 100.
+    assert_eq!(entry.realized_quote, Some(dec!(0.1)));
 }
 
 #[tokio::test]
@@ -633,6 +698,105 @@ async fn a_filled_stop_closes_the_entry_with_its_result() {
         Some(dec!(-1.5)),
         "sold 1 at 98.5 after buying at 100"
     );
+}
+
+/// The stop filled while nobody listened: the lookup that finds the list's
+/// end carries no trades, so the close reads the stop's trades for their
+/// commission; the stream's report of the same trade, later, adds nothing.
+#[tokio::test]
+async fn a_stop_learnt_by_lookup_counts_its_commission_once() {
+    let mut config = ProtectionConfig::DEFAULT;
+    config.split = Decimal::ONE;
+    let w = world(config).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Direct)
+        .await
+        .unwrap();
+    w.exchange.set_leg_commission(Some((dec!(0.0985), "USDT")));
+    let list = w.exchange.open_lists()[0].request.ids.list.clone();
+    w.exchange.fill_stop(list.as_str());
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(report.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    // Sold 1 at 98.5 after buying at 100, charged 0.0985 USDT.
+    assert_eq!(entry.realized_quote, Some(dec!(-1.5985)));
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    assert_eq!(leg.trades.stop_loss_qty, leg.qty, "{:?}", leg.trades);
+
+    // The stream's update of the same trade comes after.
+    let order = w
+        .exchange
+        .query_order(&creds, "BTCUSDT", leg.ids.stop_loss.as_str())
+        .await
+        .unwrap();
+    let trade = order.fills[0].clone();
+    let update = oco_core::ports::ExecutionUpdate {
+        symbol: "BTCUSDT".into(),
+        client_id: leg.ids.stop_loss.as_str().into(),
+        order_id: order.order_id,
+        list_id: 1,
+        side: oco_core::ports::Side::Sell,
+        order_type: "STOP_LOSS_LIMIT".into(),
+        execution: "TRADE".into(),
+        status: EntryStatus::Filled,
+        executed_qty: order.executed_qty,
+        cumulative_quote: order.cumulative_quote,
+        fill: Some(trade),
+        expiry_reason: None,
+        event_time: Millis(999_900),
+    };
+    w.protector
+        .follow(w.account, &update, Source::Websocket)
+        .await
+        .unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.realized_quote, Some(dec!(-1.5985)), "counted once");
+    assert!(
+        !w.store
+            .events(id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "realized"),
+        "nothing to recount"
+    );
+}
+
+#[tokio::test]
+async fn an_exit_at_market_counts_its_commission() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    w.exchange.set_leg_commission(Some((dec!(0.098), "USDT")));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(matches!(entry.protection, Protection::Exited { .. }));
+    // Sold 1 at 98 for 100, charged 0.098 USDT (the FULL answer's trade).
+    assert_eq!(entry.realized_quote, Some(dec!(-2.098)));
 }
 
 #[tokio::test]

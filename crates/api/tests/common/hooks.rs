@@ -132,6 +132,9 @@ impl Store for HookStore {
     async fn close_entry(&self, id: EntryId, r: Decimal, at: Millis) -> Result<(), StoreError> {
         self.inner.close_entry(id, r, at).await
     }
+    async fn exit_entry(&self, id: EntryId, why: &str, r: Decimal) -> Result<(), StoreError> {
+        self.inner.exit_entry(id, why, r).await
+    }
     async fn legs(&self, e: EntryId) -> Result<Vec<Leg>, StoreError> {
         self.inner.legs(e).await
     }
@@ -154,6 +157,14 @@ impl Store for HookStore {
     }
     async fn record_leg_sold(&self, k: LegKey, s: LegSold, at: Millis) -> Result<(), StoreError> {
         self.inner.record_leg_sold(k, s, at).await
+    }
+    async fn record_leg_trades(
+        &self,
+        k: LegKey,
+        side: oco_core::model::SaleSide,
+        t: &[oco_core::model::Fill],
+    ) -> Result<(), StoreError> {
+        self.inner.record_leg_trades(k, side, t).await
     }
     async fn append_event(&self, e: &EntryEventRecord) -> Result<(), StoreError> {
         self.inner.append_event(e).await
