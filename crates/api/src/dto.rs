@@ -2,12 +2,10 @@
 //! decimal notation (`"0.001"`), converted explicitly to and from the domain
 //! types. Core types derive no `Serialize`; these do.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use oco_core::model::{
-    Entry, EntryEventRecord, EntryKind, Fees, LatePolicy, Leg, OrderSize, Protection,
-    ProtectionConfig,
+    Entry, EntryEventRecord, EntryKind, LatePolicy, Leg, OrderSize, Protection, ProtectionConfig,
 };
 use oco_core::{Account, LegState, StopKind};
 use serde::{Deserialize, Serialize};
@@ -311,10 +309,6 @@ pub struct LegView {
     pub stop_limit: Option<String>,
     /// Base sold so far by either side.
     pub sold_qty: String,
-    /// Commissions its orders' trades were charged, by asset, as far as
-    /// they are recorded (absent when none).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub fees: BTreeMap<String, String>,
     /// Layer that claimed it.
     pub source: String,
     /// Placement attempts.
@@ -345,7 +339,6 @@ impl LegView {
             stop: leg.stop.to_string(),
             stop_limit: leg.stop_limit.map(|p| p.to_string()),
             sold_qty: leg.sold.total().to_string(),
-            fees: fees_view(&leg.trades.fees),
             source: leg.source.name().to_owned(),
             attempts: leg.attempts,
             last_error: leg.last_error.clone(),
@@ -438,17 +431,9 @@ pub struct EntryView {
     pub created_at: i64,
     /// Protection state.
     pub protection: ProtectionView,
-    /// Realised quote result, once closed or exited at market: what the
-    /// legs (and any market exit) sold, less the cost and less every
-    /// commission paid in the quote asset.
+    /// Realised quote result, once closed or exited at market.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub realized_quote: Option<String>,
-    /// Commissions `realizedQuote` does not count, by asset: those paid in
-    /// an asset other than the quote (BNB, say), by the entry's fills (but
-    /// the base asset's, in `baseCommission`) and by the legs' trades.
-    /// Absent when none.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub other_fees: BTreeMap<String, String>,
     /// Every leg, every generation.
     pub legs: Vec<LegView>,
     /// History, oldest first (on `GET /v1/entries/{id}`).
@@ -478,7 +463,6 @@ impl EntryView {
         if let Some(tp2) = entry.levels.tp2 {
             tp.push(tp2.to_string());
         }
-        let other_fees = fees_view(&oco_core::protect::other_fees(entry, legs));
         let mut legs: Vec<&Leg> = legs.iter().collect();
         legs.sort_by_key(|l| (l.key.generation, l.key.leg));
         EntryView {
@@ -504,19 +488,11 @@ impl EntryView {
             created_at: entry.created_at.0,
             protection: ProtectionView::of(&entry.protection),
             realized_quote: entry.realized_quote.map(|q| q.normalize().to_string()),
-            other_fees,
             legs: legs.into_iter().map(LegView::of).collect(),
             events: None,
             note: None,
         }
     }
-}
-
-/// Commissions by asset, as the wire shows them.
-fn fees_view(fees: &Fees) -> BTreeMap<String, String> {
-    fees.iter()
-        .map(|(asset, amount)| (asset.0.clone(), amount.normalize().to_string()))
-        .collect()
 }
 
 /// `GET /v1/entries`.

@@ -6,7 +6,7 @@
 //! orders placed by hand are ignored.
 
 use crate::ids::{AccountId, EntryId, LegKey, OrderRole};
-use crate::model::{Evidence, Leg, Protection, SaleSide, Source};
+use crate::model::{Evidence, Leg, Protection, Source};
 use crate::ports::{ExecutionUpdate, StoreError, event};
 use crate::protect::{ProtectError, ProtectReport, Protector, realized_quote};
 use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold, LegState};
@@ -124,22 +124,6 @@ impl Protector {
                     }
                 };
                 let sold_any = !update.executed_qty.is_zero();
-                // The trade first, with its commission: a close that sees the
-                // sale then finds it. By trade id: a lookup may record it too.
-                let side = if take_profit {
-                    SaleSide::TakeProfit
-                } else {
-                    SaleSide::StopLoss
-                };
-                if let Some(trade) = update
-                    .fill
-                    .as_ref()
-                    .filter(|t| !t.qty.is_zero() && !matches!(role, OrderRole::List(_)))
-                {
-                    self.store()
-                        .record_leg_trades(key, side, std::slice::from_ref(trade))
-                        .await?;
-                }
                 if sold_any {
                     self.store()
                         .record_leg_sold(key, sold, update.event_time)

@@ -10,8 +10,8 @@ use rust_decimal::Decimal;
 
 use crate::ids::{AccountId, ClientOrderId, EntryId, LegKey};
 use crate::model::{
-    Account, Entry, EntryEventRecord, Evidence, Fees, Fill, Leg, LegClaim, LegTrades, LegUpdate,
-    Millis, NewEntry, Protection, ProtectionConfig, SaleSide, Source,
+    Account, Entry, EntryEventRecord, Evidence, Fill, Leg, LegClaim, LegUpdate, Millis, NewEntry,
+    Protection, ProtectionConfig, Source,
 };
 use crate::money::Qty;
 use crate::ports::{
@@ -26,9 +26,6 @@ struct Inner {
     entries: BTreeMap<EntryId, Entry>,
     fills: BTreeMap<EntryId, BTreeMap<i64, Fill>>,
     legs: BTreeMap<LegKey, Leg>,
-    /// Trades of leg orders by account, symbol and trade id: the leg each
-    /// was recorded for.
-    leg_trades: BTreeMap<(AccountId, String, i64), LegKey>,
     events: Vec<EntryEventRecord>,
     flagged: BTreeSet<AccountId>,
     leases: BTreeMap<AccountId, (String, std::time::Instant)>,
@@ -70,9 +67,8 @@ fn not_found(what: &'static str, id: impl ToString) -> StoreError {
 
 /// Merges evidence into an entry the way every store must: fills by trade id,
 /// executed quantity and quote by maximum, status only forward, base
-/// commission and fees by asset recomputed from the fills. An exited entry
-/// that fills further is unprotected again, and its exit's result dropped
-/// until it closes.
+/// commission recomputed from the fills. An exited entry that fills further
+/// is unprotected again, and its exit's result dropped until it closes.
 pub fn merge_evidence(entry: &mut Entry, fills: &mut BTreeMap<i64, Fill>, evidence: &Evidence) {
     let executed_before = entry.executed_qty;
     for fill in &evidence.fills {
@@ -92,10 +88,6 @@ pub fn merge_evidence(entry: &mut Entry, fills: &mut BTreeMap<i64, Fill>, eviden
         .filter(|f| &f.commission_asset == base)
         .map(|f| Qty::new(f.commission).unwrap_or(Qty::ZERO))
         .sum();
-    entry.fees = fills
-        .values()
-        .map(|f| (f.commission_asset.clone(), f.commission))
-        .collect();
     let observed = if evidence.status == EntryStatus::New && !entry.executed_qty.is_zero() {
         EntryStatus::PartiallyFilled
     } else {
@@ -145,7 +137,6 @@ fn claim_locked(inner: &mut Inner, claim: &LegClaim) -> Result<bool, StoreError>
             stop_limit: claim.stop_limit,
             state: LegState::Claimed,
             sold: LegSold::default(),
-            trades: LegTrades::default(),
             source: claim.source,
             attempts: 1,
             last_error: None,
@@ -285,7 +276,6 @@ impl Store for MemStore {
             executed_qty: Qty::ZERO,
             cumulative_quote: Decimal::ZERO,
             base_commission: Qty::ZERO,
-            fees: Fees::default(),
             fills_qty: Qty::ZERO,
             levels: entry.levels,
             tags: entry.tags,
@@ -420,36 +410,6 @@ impl Store for MemStore {
             .ok_or_else(|| not_found("leg", key))?;
         leg.sold = leg.sold.merge(sold);
         leg.updated_at = at;
-        Ok(())
-    }
-
-    async fn record_leg_trades(
-        &self,
-        key: LegKey,
-        side: SaleSide,
-        trades: &[Fill],
-    ) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let account = inner
-            .entries
-            .get(&key.entry)
-            .map(|e| e.account)
-            .ok_or_else(|| not_found("entry", key.entry))?;
-        let symbol = inner
-            .legs
-            .get(&key)
-            .map(|l| l.symbol.clone())
-            .ok_or_else(|| not_found("leg", key))?;
-        for trade in trades {
-            let id = (account, symbol.clone(), trade.trade_id);
-            if inner.leg_trades.contains_key(&id) {
-                continue;
-            }
-            inner.leg_trades.insert(id, key);
-            if let Some(leg) = inner.legs.get_mut(&key) {
-                leg.trades.add(side, trade);
-            }
-        }
         Ok(())
     }
 

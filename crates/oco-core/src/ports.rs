@@ -643,16 +643,6 @@ pub trait Store: Send + Sync {
         sold: LegSold,
         at: Millis,
     ) -> Result<(), StoreError>;
-    /// Records trades of leg `key`'s `side` order, each once by trade id
-    /// (unique per account and symbol), and adds them to the leg's
-    /// [`crate::model::LegTrades`]: a trade reported twice (by the stream and
-    /// by a lookup) counts once, its commission with it.
-    async fn record_leg_trades(
-        &self,
-        key: LegKey,
-        side: crate::model::SaleSide,
-        trades: &[Fill],
-    ) -> Result<(), StoreError>;
 
     /// Appends to the entry's history.
     async fn append_event(&self, event: &EntryEventRecord) -> Result<(), StoreError>;

@@ -16,8 +16,8 @@ use tracing::{Instrument, error, info, warn};
 use crate::ids::{AccountId, IdError, IdScheme, LegIndex, LegKey, OcoClientIds, OrderRole};
 use crate::levels::{LevelsError, StopSubstitute, resolve_levels};
 use crate::model::{
-    Entry, EntryEventRecord, Evidence, Fees, LatePolicy, Leg, LegClaim, LegUpdate, Millis,
-    OrderSize, Protection, SaleSide, Source,
+    Entry, EntryEventRecord, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize,
+    Protection, Source,
 };
 use crate::money::Qty;
 use crate::plan::{Degraded, Plan, PlanInput, Shortfall, plan_protection};
@@ -585,8 +585,7 @@ impl Protector {
                         });
                     }
                 }
-                let fresh = self.complete_fees(&creds, &legs).await?;
-                let realized = realized_quote(entry, fresh.as_deref().unwrap_or(&legs));
+                let realized = realized_quote(entry, &legs);
                 self.store.close_entry(entry.id, realized, now).await?;
                 self.store
                     .append_event(&event(
@@ -681,8 +680,7 @@ impl Protector {
                 if active.is_empty() && !sold.is_zero() && entry.status.is_final() =>
             {
                 if entry.protection != Protection::Closed {
-                    let fresh = self.complete_fees(&creds, &legs).await?;
-                    let realized = realized_quote(entry, fresh.as_deref().unwrap_or(&legs));
+                    let realized = realized_quote(entry, &legs);
                     self.store.close_entry(entry.id, realized, now).await?;
                     self.store
                         .append_event(&event(
@@ -1564,7 +1562,7 @@ impl Protector {
                         .iter()
                         .any(|l| matches!(l.state, LegState::Placed { .. }))
                     {
-                        self.record_exited(creds, leg.key.entry, &why).await?;
+                        self.record_exited(leg.key.entry, &why).await?;
                     }
                 }
                 Ok(())
@@ -1600,13 +1598,6 @@ impl Protector {
             stop_loss_quote: snap.cumulative_quote,
             ..LegSold::default()
         };
-        // Its trades (a placement's FULL answer has them, a lookup does not)
-        // first: a close that sees the sale then finds their commissions.
-        if !snap.fills.is_empty() {
-            self.store
-                .record_leg_trades(key, SaleSide::StopLoss, &snap.fills)
-                .await?;
-        }
         // What it sold is a fact whoever records the end: kept by maximum.
         self.store.record_leg_sold(key, sold, now).await?;
         let moved = self
@@ -1864,7 +1855,7 @@ impl Protector {
             // followed, rather than settled.
             self.mark_protected(entry, source, self.clock.now()).await?;
         } else {
-            self.record_exited(creds, entry.id, &why).await?;
+            self.record_exited(entry.id, &why).await?;
         }
         warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
         Ok(Round::Done(ProtectOutcome::Exited { reason: why }))
@@ -1874,74 +1865,12 @@ impl Protector {
     /// computed as a close computes it ([`realized_quote`]) from the entry
     /// and legs as stored now, the exit's sale included: an exit settles
     /// the coins as a close does, and the trader is owed its result.
-    async fn record_exited(
-        &self,
-        creds: &ApiCredentials,
-        id: crate::ids::EntryId,
-        why: &str,
-    ) -> Result<(), ProtectError> {
+    async fn record_exited(&self, id: crate::ids::EntryId, why: &str) -> Result<(), ProtectError> {
         let (entry, legs) =
             futures_util::future::join(self.store.entry(id), self.store.legs(id)).await;
-        let legs = legs?;
-        let fresh = self.complete_fees(creds, &legs).await?;
-        let realized = realized_quote(&entry?, fresh.as_deref().unwrap_or(&legs));
+        let realized = realized_quote(&entry?, &legs?);
         self.store.exit_entry(id, why, realized).await?;
         Ok(())
-    }
-
-    /// Reads from the exchange the trades of each leg order that sold more
-    /// than its recorded trades cover, and records them (by trade id, so a
-    /// trade the stream reports too counts once): the result must count
-    /// their commissions. That is a sale learnt from a lookup or a cancel's
-    /// answer, its stream updates missed. Only orders that sold are read,
-    /// each once per close (two reads: the order by its client id for its
-    /// id, weight 4 on Binance, then its trades, weight 5). A failed read
-    /// leaves those commissions out, and says so; a trade the stream
-    /// delivers later recounts the result. `Some` with the legs as stored
-    /// after when anything was recorded.
-    async fn complete_fees(
-        &self,
-        creds: &ApiCredentials,
-        legs: &[Leg],
-    ) -> Result<Option<Vec<Leg>>, ProtectError> {
-        let mut recorded = None;
-        for leg in legs {
-            for side in leg.trades.missing(leg.sold) {
-                let client_id = match side {
-                    SaleSide::TakeProfit => leg.ids.take_profit.clone(),
-                    SaleSide::StopLoss if self.is_exit(leg) => self.config.ids.exit(leg.key)?,
-                    SaleSide::StopLoss => leg.ids.stop_loss.clone(),
-                };
-                let trades = match self
-                    .exchange
-                    .query_order(creds, &leg.symbol, client_id.as_str())
-                    .await
-                {
-                    Ok(order) => {
-                        self.exchange
-                            .order_trades(creds, &leg.symbol, order.order_id)
-                            .await
-                    }
-                    Err(err) => Err(err),
-                };
-                match trades {
-                    Ok(trades) if !trades.is_empty() => {
-                        self.store.record_leg_trades(leg.key, side, &trades).await?;
-                        recorded = Some(leg.key.entry);
-                    }
-                    Ok(_) => {
-                        warn!(leg = %leg.key, %client_id, side = side.name(), "no trades found for a leg order that sold; its commissions are left out");
-                    }
-                    Err(err) => {
-                        warn!(leg = %leg.key, %client_id, side = side.name(), error = %err, "trades of a leg order unread; its commissions are left out");
-                    }
-                }
-            }
-        }
-        Ok(match recorded {
-            Some(entry) => Some(self.store.legs(entry).await?),
-            None => None,
-        })
     }
 
     /// A market exit that ended with less sold than asked (Binance expires
@@ -2520,30 +2449,9 @@ enum Adoption {
 }
 
 /// The realised quote result of a closed entry: what its legs sold (exits
-/// included) less what it cost and less the commissions paid in the quote
-/// asset, the entry order's and the legs' (their recorded trades). A
-/// commission paid in the base asset on the entry is in it already: the legs
-/// sold that many coins fewer. Commissions in other assets are not: see
-/// [`other_fees`].
+/// included) less what it cost.
 pub fn realized_quote(entry: &Entry, legs: &[Leg]) -> Decimal {
-    let quote = &entry.symbol.quote;
-    let sales: Decimal = legs.iter().map(|l| l.sold.total_quote()).sum();
-    let fees: Decimal = legs.iter().map(|l| l.trades.fees.of(quote)).sum();
-    sales - entry.cumulative_quote - entry.fees.of(quote) - fees
-}
-
-/// The commissions [`realized_quote`] leaves out, by asset: those paid in
-/// any asset but the quote (BNB, say), by the entry order (but its base
-/// asset, which the result counts in coins) and by the legs' orders.
-pub fn other_fees(entry: &Entry, legs: &[Leg]) -> Fees {
-    let quote = &entry.symbol.quote;
-    let sales = legs
-        .iter()
-        .fold(Fees::default(), |all, l| all.plus(&l.trades.fees));
-    entry
-        .fees
-        .without(&[&entry.symbol.base, quote])
-        .plus(&sales.without(&[quote]))
+    legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>() - entry.cumulative_quote
 }
 
 /// Whether `leg` is the rest of a partly filled take-profit: on the book

@@ -332,7 +332,6 @@ mod tests {
             executed_qty: Qty::new(executed).unwrap(),
             cumulative_quote: Decimal::ZERO,
             base_commission: Qty::ZERO,
-            fees: oco_core::model::Fees::default(),
             fills_qty: Qty::ZERO,
             levels: EntryLevels::default(),
             tags: EntryTags::default(),

@@ -22,7 +22,6 @@ use futures_util::FutureExt as _;
 use oco_core::mem::{is_open, merge_evidence};
 use oco_core::model::{
     EntryEventRecord, EntryKind, Evidence, LegClaim, LegUpdate, NewEntry, OrderSize, Protection,
-    SaleSide,
 };
 use oco_core::ports::{ClaimPlanner, FillContext, NewAccount, RecordedFill, RecordedOutcomes};
 use oco_core::state::{EntryStatus, LegSold};
@@ -44,12 +43,10 @@ use crate::error::{corrupt, db, is_foreign_key, not_found, pool};
 use crate::hints::{AccountHint, HintStats, Hints};
 use crate::migrate::migrate;
 use crate::rows::{
-    AccountRow, EntryProtectionColumns, EntryRow, EventRow, FillRow, LegRow, LegTradeRow,
-    LegUpdateColumns, NewEntryRow, NewLegRow, ProtectionColumns, leg_key_columns, metadata,
+    AccountRow, EntryProtectionColumns, EntryRow, EventRow, FillRow, LegRow, LegUpdateColumns,
+    NewEntryRow, NewLegRow, ProtectionColumns, leg_key_columns, metadata,
 };
-use crate::schema::{
-    accounts, entries, entry_events, fills, leg_trades, protection_legs, secret_key_check,
-};
+use crate::schema::{accounts, entries, entry_events, fills, protection_legs, secret_key_check};
 
 diesel::define_sql_function! {
     /// PostgreSQL's `GREATEST` on two numerics: the store's monotonic merge.
@@ -72,32 +69,6 @@ struct ClaimedKey {
     #[diesel(sql_type = diesel::sql_types::Integer)]
     generation: i32,
 }
-
-/// The leg a trade is recorded for, locked: its entry's account and its symbol.
-#[derive(diesel::QueryableByName)]
-struct LockedLeg {
-    #[diesel(sql_type = BigInt)]
-    account_id: i64,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    symbol: String,
-}
-
-/// Locks a leg's row and reads what its trades are keyed by.
-const LOCK_LEG: &str = "SELECT e.account_id, l.symbol FROM protection_legs l \
-     JOIN entries e ON e.id = l.entry_id \
-     WHERE l.entry_id = $1 AND l.leg = $2 AND l.generation = $3 FOR UPDATE OF l";
-
-/// Sets a leg's sums from its stored trades.
-const SUM_LEG_TRADES: &str = "UPDATE protection_legs SET \
-     traded_take_profit = COALESCE((SELECT sum(qty) FROM leg_trades \
-         WHERE entry_id = $1 AND leg = $2 AND generation = $3 AND side = 'take_profit'), 0), \
-     traded_stop_loss = COALESCE((SELECT sum(qty) FROM leg_trades \
-         WHERE entry_id = $1 AND leg = $2 AND generation = $3 AND side = 'stop_loss'), 0), \
-     fees = COALESCE((SELECT jsonb_object_agg(commission_asset, total::text) FROM \
-         (SELECT commission_asset, sum(commission) AS total FROM leg_trades \
-          WHERE entry_id = $1 AND leg = $2 AND generation = $3 \
-          GROUP BY commission_asset HAVING sum(commission) <> 0) AS per_asset), '{}'::jsonb) \
-     WHERE entry_id = $1 AND leg = $2 AND generation = $3";
 
 #[derive(diesel::QueryableByName)]
 struct AccountIdRow {
@@ -593,7 +564,6 @@ impl PgStore {
                         order_id: Some(0),
                         status: "filled",
                         base_commission: zero.clone(),
-                        fees: serde_json::json!({}),
                         fills_qty: one.clone(),
                         filled_at: Some(PgTimestamp(0)),
                         protection: "unprotected",
@@ -1832,73 +1802,6 @@ impl Store for PgStore {
             return Err(not_found("leg", key));
         }
         Ok(())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all, fields(leg = %key, side = side.name(), trades = trades.len()))]
-    async fn record_leg_trades(
-        &self,
-        key: LegKey,
-        side: SaleSide,
-        trades: &[oco_core::model::Fill],
-    ) -> Result<(), StoreError> {
-        let (entry_id, leg, generation) = leg_key_columns(key);
-        let mut conn = self.conn().await?;
-        // One transaction under the leg's row lock: recorders of one leg take
-        // turns, and each sums what the ones before it committed. The lock is
-        // the leg's alone (never the entry's), taken first.
-        let result = conn
-            .transaction::<(), DieselError, _>(|conn| {
-                async move {
-                    let locked: Vec<LockedLeg> = diesel::sql_query(LOCK_LEG)
-                        .bind::<BigInt, _>(entry_id)
-                        .bind::<diesel::sql_types::SmallInt, _>(leg)
-                        .bind::<diesel::sql_types::Integer, _>(generation)
-                        .load(conn)
-                        .await?;
-                    let Some(locked) = last(locked) else {
-                        return Err(DieselError::NotFound);
-                    };
-                    let rows = trades
-                        .iter()
-                        .map(|t| {
-                            LegTradeRow::new(
-                                AccountId(locked.account_id),
-                                &locked.symbol,
-                                key,
-                                side,
-                                t,
-                            )
-                        })
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| DieselError::SerializationError(Box::new(e)))?;
-                    if rows.is_empty() {
-                        return Ok(());
-                    }
-                    // A trade stored before, for this leg or by another
-                    // report of it, is not stored again.
-                    let added = diesel::insert_into(leg_trades::table)
-                        .values(&rows)
-                        .on_conflict_do_nothing()
-                        .execute(conn)
-                        .await?;
-                    if added > 0 {
-                        diesel::sql_query(SUM_LEG_TRADES)
-                            .bind::<BigInt, _>(entry_id)
-                            .bind::<diesel::sql_types::SmallInt, _>(leg)
-                            .bind::<diesel::sql_types::Integer, _>(generation)
-                            .execute(conn)
-                            .await?;
-                    }
-                    Ok(())
-                }
-                .scope_boxed()
-            })
-            .await;
-        match result {
-            Ok(()) => Ok(()),
-            Err(DieselError::NotFound) => Err(not_found("leg", key)),
-            Err(e) => Err(db(&format!("recording trades of leg {key}"), e)),
-        }
     }
 
     async fn append_event(&self, event: &EntryEventRecord) -> Result<(), StoreError> {

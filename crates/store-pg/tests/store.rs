@@ -603,54 +603,6 @@ async fn fifty_concurrent_claimers_exactly_one_wins() {
     ));
 }
 
-/// The stream and sync's lookups report a leg's trades, each many times,
-/// all at once, some trades in several reports: each is stored once and the
-/// leg's sums count it once, as the trades table itself says.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn leg_trades_reported_many_times_at_once_count_once() {
-    let db = TestDb::new().await;
-    let store = Arc::new(store(&db).await);
-    let account = new_account(store.as_ref(), "k1").await;
-    let entry = new_entry(store.as_ref(), account.id).await;
-    let key = claim(entry.id, 0).key;
-    assert!(store.claim_leg(&claim(entry.id, 0)).await.unwrap());
-    // Trade t: 0.05 sold, charged 0.005 USDT; every third also 0.00001 BNB apart.
-    let trade = |t: i64| {
-        let (fee, asset) = if t % 3 == 0 {
-            ("0.00001", "BNB")
-        } else {
-            ("0.005", "USDT")
-        };
-        fill(t, "0.05", fee, asset)
-    };
-    let tasks: Vec<_> = (0..40)
-        .map(|n: i64| {
-            let store = Arc::clone(&store);
-            // Report n holds trades n % 10 + 1 ..= n % 10 + 3: overlapping.
-            let trades: Vec<Fill> = (n % 10 + 1..=n % 10 + 3).map(trade).collect();
-            tokio::spawn(async move {
-                store
-                    .record_leg_trades(key, oco_core::model::SaleSide::TakeProfit, &trades)
-                    .await
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
-    // Trades 1..=12 are known: 4 of them (3, 6, 9, 12) in BNB.
-    let leg = store.legs(entry.id).await.unwrap().remove(0);
-    assert_eq!(leg.trades.take_profit_qty, qty("0.6"));
-    assert_eq!(leg.trades.stop_loss_qty, Qty::ZERO);
-    assert_eq!(leg.trades.fees.of(&Asset("USDT".into())), dec!(0.04));
-    assert_eq!(leg.trades.fees.of(&Asset("BNB".into())), dec!(0.00004));
-    let stored: Count = diesel::sql_query("SELECT count(*) AS n FROM leg_trades")
-        .get_result(&mut raw(&db).await)
-        .await
-        .unwrap();
-    assert_eq!(stored.n, 12, "each trade stored once");
-}
-
 fn fill(trade_id: i64, q: &str, fee: &str, fee_asset: &str) -> Fill {
     Fill {
         trade_id,

@@ -340,50 +340,6 @@ async fn lists_filled_while_nobody_listened_close_the_entry() {
     assert_eq!(m.lists_ended.get("stop_loss_filled"), Some(&1));
 }
 
-/// Lists that sold while nobody listened: the pass learns their sales from
-/// lookups, which carry no trades, so it reads the trades of the orders that
-/// sold (only those) for their commissions: quote ones lower the result,
-/// BNB ones are kept apart.
-#[tokio::test]
-async fn lists_that_sold_while_nobody_listened_count_their_commissions() {
-    let w = world();
-    let a = w.account("k1").await;
-    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
-    let sync = w.reconciler(config());
-    sync.reconcile_account(a.id).await.unwrap();
-    let legs = w.store.legs(id).await.unwrap();
-    let first = legs.iter().find(|l| l.key.leg == LegIndex::First).unwrap();
-    let second = legs.iter().find(|l| l.key.leg == LegIndex::Second).unwrap();
-    w.fake.set_leg_commission(Some((dec!(0.0505), "USDT")));
-    w.fake.fill_take_profit(first.ids.list.as_str(), first.qty);
-    w.fake.set_leg_commission(Some((dec!(0.0001), "BNB")));
-    w.fake.fill_stop(second.ids.list.as_str());
-    let (queried, trades) = (
-        w.exchange.calls("k1", "query_order"),
-        w.exchange.calls("k1", "order_trades"),
-    );
-
-    sync.reconcile_account(a.id).await.unwrap();
-    let e = w.store.entry(id).await.unwrap();
-    assert_eq!(e.protection, Protection::Closed);
-    // TP1 0.5 @ 101, SL 0.5 @ 98.5, bought 1 @ 100; TP1 charged 0.0505 USDT.
-    assert_eq!(
-        e.realized_quote,
-        Some(dec!(50.5) + dec!(49.25) - dec!(100) - dec!(0.0505))
-    );
-    let legs = w.store.legs(id).await.unwrap();
-    let other = oco_core::protect::other_fees(&e, &legs);
-    assert_eq!(other.of(&oco_core::Asset("BNB".into())), dec!(0.0001));
-    assert_eq!(
-        (
-            w.exchange.calls("k1", "query_order") - queried,
-            w.exchange.calls("k1", "order_trades") - trades
-        ),
-        (2, 2),
-        "one order read and one trades read per order that sold"
-    );
-}
-
 #[tokio::test]
 async fn a_list_canceled_outside_is_recorded_and_the_remainder_protected() {
     let w = world();

@@ -106,14 +106,6 @@ impl Store for Gated {
     async fn record_leg_sold(&self, k: LegKey, s: LegSold, at: Millis) -> Result<(), StoreError> {
         self.inner.record_leg_sold(k, s, at).await
     }
-    async fn record_leg_trades(
-        &self,
-        k: LegKey,
-        side: oco_core::model::SaleSide,
-        t: &[oco_core::model::Fill],
-    ) -> Result<(), StoreError> {
-        self.inner.record_leg_trades(k, side, t).await
-    }
     async fn append_event(&self, e: &EntryEventRecord) -> Result<(), StoreError> {
         self.inner.append_event(e).await
     }
