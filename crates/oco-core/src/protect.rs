@@ -521,15 +521,25 @@ impl Protector {
                 // A lookup of a list of this entry moved its leg (it ended
                 // meanwhile, its sale recorded): plan again from the legs.
                 StrayCheck::Changed => return Ok(Round::Again { holding: None }),
-                StrayCheck::HeldBy(list) => {
+                StrayCheck::HeldBy { list, own } => {
                     // A list of ours that no live leg follows may lock these
                     // coins (placed over them by another entry's generation):
                     // closing the entry as sold would leave them without a
                     // stop and without an entry once that list is gone.
-                    let why = format!(
-                        "coins not free, and list {list} of ours that no live leg follows is open on {}: not closed; check the account and cancel it by hand",
-                        entry.symbol.name
-                    );
+                    let why = if own {
+                        // Most likely still working over these very coins (its
+                        // lookup lagging): canceled by hand, it would take
+                        // the entry's only stop along.
+                        format!(
+                            "coins not free, and list {list} of this entry that no live leg follows is open on {}: not closed; do not cancel it by hand, it may hold the entry's stop; it is read again on the next call",
+                            entry.symbol.name
+                        )
+                    } else {
+                        format!(
+                            "coins not free, and list {list} of another entry that no live leg follows is open on {}: not closed; check the account and cancel it by hand",
+                            entry.symbol.name
+                        )
+                    };
                     warn!(entry = %entry.id, client_id = %list, %source, "coins not free while a list of ours no leg follows is open: entry not closed");
                     self.label_unprotected(entry).await?;
                     // Once per list: the entry's history says why it stays open,
@@ -1922,8 +1932,10 @@ impl Protector {
     ///   and the round plans again;
     /// - any other list of this entry that no live leg follows, or one whose
     ///   lookup finds nothing yet, or another entry's without a live leg, is
-    ///   named, and the caller does not close the entry: the list may still
-    ///   sell these coins, and the entry must be there to record it.
+    ///   named (the entry's own first, said to be its own: it may be the
+    ///   entry's only stop, not one to cancel by hand), and the caller does
+    ///   not close the entry: the list may still sell these coins, and the
+    ///   entry must be there to record it.
     ///
     /// With none of these, the caller closes the entry, as for coins sold
     /// outside. A failed read is an error: nothing is closed on a guess.
@@ -1938,6 +1950,9 @@ impl Protector {
         let mut adopted = false;
         let mut changed = false;
         let mut held_by = None;
+        // The entry's own list is named before another's: it most likely
+        // holds these coins, and is not to be canceled by hand.
+        let mut own_held = None;
         for list in lists.iter().filter(|l| l.executing) {
             let Some(OrderRole::List(key)) = self.config.ids.parse(&list.list_client_id) else {
                 continue;
@@ -2001,7 +2016,7 @@ impl Protector {
                 }
                 Adoption::Changed => changed = true,
                 Adoption::Held => {
-                    held_by.get_or_insert_with(|| list.list_client_id.clone());
+                    own_held.get_or_insert_with(|| list.list_client_id.clone());
                 }
             }
         }
@@ -2012,7 +2027,11 @@ impl Protector {
             self.mark_protected(entry, source, self.clock.now()).await?;
             return Ok(StrayCheck::Adopted);
         }
-        Ok(held_by.map_or(StrayCheck::Nothing, StrayCheck::HeldBy))
+        Ok(match (own_held, held_by) {
+            (Some(list), _) => StrayCheck::HeldBy { list, own: true },
+            (None, Some(list)) => StrayCheck::HeldBy { list, own: false },
+            (None, None) => StrayCheck::Nothing,
+        })
     }
 
     /// Applies the real state of `list`, open on the exchange, to leg `key`
@@ -2394,9 +2413,15 @@ enum StrayCheck {
     Adopted,
     /// A leg of the entry moved while its list was looked at: plan again.
     Changed,
-    /// A list of ours on the symbol that no live leg follows (its client id)
-    /// may hold them: the entry is not closed.
-    HeldBy(String),
+    /// A list of ours on the symbol that no live leg follows may hold them:
+    /// the entry is not closed.
+    HeldBy {
+        /// Its client id.
+        list: String,
+        /// The entry's own list (one whose lookup missed, say), which may be
+        /// the entry's only stop, rather than another entry's.
+        own: bool,
+    },
     /// No list of ours explains it: the coins were sold or moved outside.
     Nothing,
 }

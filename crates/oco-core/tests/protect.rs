@@ -2597,6 +2597,76 @@ async fn a_leg_read_as_ended_while_its_list_still_works_is_followed_again_not_cl
     );
 }
 
+/// The same list when its lookup lags: it cannot be adopted yet, so the
+/// entry is kept open and the call fails naming the list. It is the entry's
+/// own list, still working with its stop: what the call and the entry's
+/// history say must not send the operator to cancel it by hand, as it says
+/// for another entry's list. The next call looks it up again and follows it.
+#[tokio::test]
+async fn an_entrys_own_list_whose_lookup_lags_is_not_given_to_cancel_by_hand() {
+    let one_leg = ProtectionConfig {
+        split: dec!(1),
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    w.exchange
+        .trigger_stop(leg.ids.list.as_str(), EntryStatus::Canceled);
+    assert!(
+        w.store
+            .update_leg(&oco_core::model::LegUpdate {
+                key: leg.key,
+                from: "placed",
+                to: LegState::CanceledExternally {
+                    why: ExternalEnd::Canceled,
+                },
+                error: None,
+                at: w.clock.now(),
+            })
+            .await
+            .unwrap()
+    );
+    w.exchange.lag_next_lookups(1);
+
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let ProtectOutcome::Failed { errors } = &report.outcome else {
+        panic!("{report:?}")
+    };
+    let said = &errors[0];
+    assert!(said.contains(leg.ids.list.as_str()), "{said}");
+    assert!(said.contains("do not cancel it by hand"), "{said}");
+    assert!(!said.contains("cancel it by hand;"), "{said}");
+    assert!(!said.contains("check the account"), "{said}");
+    let history: Vec<String> = w
+        .store
+        .events(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "coins_held_by_stray")
+        .map(|e| e.detail)
+        .collect();
+    assert_eq!(history, [said.as_str()]);
+    assert_eq!(w.open_qty(), dec!(0.999), "the list is left working");
+
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(
+        report.outcome,
+        ProtectOutcome::Nothing(Idle::Covered),
+        "{report:?}"
+    );
+    assert!(matches!(
+        w.store.legs(id).await.unwrap()[0].state,
+        LegState::Placed { .. }
+    ));
+}
+
 /// An account set to a market stop.
 fn market_stop() -> ProtectionConfig {
     ProtectionConfig {
