@@ -1000,7 +1000,7 @@ impl Protector {
                             .record_leg_sold(old.key, sold, self.clock.now())
                             .await?;
                     }
-                    self.transition(old, LegState::Replaced, None).await?;
+                    self.replace_canceled(old).await?;
                     replaced += 1;
                     if old.sold.merge(sold).total() > old.sold.total() {
                         // The claims were sized counting those coins as held: sent,
@@ -2395,6 +2395,36 @@ impl Protector {
             })
             .await?)
     }
+
+    /// Moves `old`, whose list this call has just canceled (its sale already
+    /// recorded), to `Replaced`. The round read it placed, but another writer
+    /// may have moved it since: the stream's partly filled take-profit, or a
+    /// list end whose lookup reads any take-profit that executed as one. The
+    /// cancel ended a take-profit rest (or a leg still working) too, so it is
+    /// moved from where it is now: left a rest, its order already gone, it
+    /// would cost a cancel and keep the entry unprotected until then. Any
+    /// other end stands.
+    async fn replace_canceled(&self, old: &Leg) -> Result<(), ProtectError> {
+        let mut leg = old.clone();
+        for _ in 0..REPLACE_ATTEMPTS {
+            if self.transition(&leg, LegState::Replaced, None).await? {
+                return Ok(());
+            }
+            let now = self.store.legs(old.key.entry).await?;
+            let Some(now) = now.into_iter().find(|l| l.key == old.key) else {
+                return Ok(());
+            };
+            let ended_by_the_cancel =
+                matches!(now.state, LegState::Placed { .. } | LegState::Unknown)
+                    || is_take_profit_rest(&now);
+            if !ended_by_the_cancel {
+                return Ok(());
+            }
+            leg = now;
+        }
+        warn!(leg = %old.key, client_id = %old.ids.list, "leg of a canceled list kept changing; left as it is");
+        Ok(())
+    }
 }
 
 /// Whether working legs of `active_qty` cover `position`: all of it that
@@ -2405,6 +2435,9 @@ const HELD_BY_STRAY: &str = "coins_held_by_stray";
 /// Event kind: the lists carry another stop kind than the settings ask, the
 /// symbol not allowing it.
 pub const STOP_SUBSTITUTED: &str = "stop_substituted";
+/// Tries at moving a leg whose list was canceled to `Replaced` while other
+/// writers move it (`Protector::replace_canceled`).
+const REPLACE_ATTEMPTS: usize = 4;
 
 /// What the account's open lists tell of an entry whose coins a balance read
 /// calls gone ([`Protector::adopt_stray_list`]).

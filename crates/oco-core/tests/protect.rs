@@ -484,6 +484,75 @@ async fn a_cancel_answered_without_quantities_has_the_sale_looked_up() {
     assert_the_sale_is_planned_around(&w, id).await;
 }
 
+/// While a replacement cancels an older list, its take-profit fills in
+/// part and the stream moves the leg to `take_profit_partial` first (a list
+/// end read by lookup does the same with any take-profit that executed):
+/// the replacement's move to `replaced` finds the leg moved. The cancel
+/// ended the rest too, so the leg is moved to `replaced` from there, not
+/// left a rest whose order is already gone: later rounds would spend a
+/// cancel on it (refused here, as by a rate limit) and keep its coins out
+/// of the plan and the entry labelled unprotected meanwhile.
+#[tokio::test]
+async fn a_leg_moved_while_its_list_is_canceled_for_a_replacement_is_still_replaced() {
+    let one_leg = ProtectionConfig {
+        split: dec!(1),
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.protector
+        .protect(id, Some(&first_part()), Source::Websocket)
+        .await
+        .unwrap();
+    let old = w.store.legs(id).await.unwrap().remove(0);
+    assert!(matches!(old.state, LegState::Placed { .. }), "{old:?}");
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    let (exchange, protector, moved) = (w.exchange.clone(), w.protector.clone(), old.clone());
+    w.exchange.before_next_cancel(move || {
+        Box::pin(async move {
+            exchange.fill_take_profit(moved.ids.list.as_str(), q(dec!(0.1)));
+            let rest = LegState::CanceledExternally {
+                why: ExternalEnd::TakeProfitPartial,
+            };
+            assert!(protector.transition_leg(&moved, rest).await.unwrap());
+        })
+    });
+
+    let report = w
+        .protector
+        .protect(id, Some(&whole_after_part()), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    let legs = w.store.legs(id).await.unwrap();
+    let replaced = legs.iter().find(|l| l.key == old.key).unwrap();
+    assert_eq!(replaced.state, LegState::Replaced, "{legs:?}");
+    assert_eq!(replaced.sold.take_profit, q(dec!(0.1)), "its sale recorded");
+    assert_eq!(w.open_qty(), dec!(0.9), "1 bought less 0.1 sold has a stop");
+    assert!(
+        matches!(
+            w.store.entry(id).await.unwrap().protection,
+            Protection::Protected { .. }
+        ),
+        "{legs:?}"
+    );
+    assert!(
+        !w.store
+            .events(id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "take_profit_cancel_failed"),
+        "no cancel spent on an order already canceled"
+    );
+}
+
 #[tokio::test]
 async fn a_market_past_the_stop_exits_at_market_and_records_it() {
     let w = world(ProtectionConfig::DEFAULT).await;
