@@ -2841,7 +2841,8 @@ async fn a_market_stop_is_placed_where_the_symbol_allows_it() {
 
 /// Rules read before the symbol dropped `STOP_LOSS` still allow it: the
 /// exchange refuses the market stop, and the same call places stop-limits
-/// rather than failing on every pass.
+/// rather than failing on every pass. The refusal stays on the entry's legs,
+/// so a later generation is planned with a stop-limit too.
 #[tokio::test]
 async fn a_market_stop_refused_under_stale_rules_is_replanned_as_a_stop_limit() {
     let w = world(market_stop()).await;
@@ -2878,8 +2879,25 @@ async fn a_market_stop_refused_under_stale_rules_is_replanned_as_a_stop_limit() 
     assert_eq!(substitutions(&w, id).await.len(), 1);
     let entry = w.store.entry(id).await.unwrap();
     assert!(matches!(entry.protection, Protection::Protected { .. }));
-    // Later calls keep to the stop-limit: nothing more is sent.
-    let calls = w.exchange.oco_calls();
-    w.protector.protect(id, None, Source::Sync).await.unwrap();
-    assert_eq!(w.exchange.oco_calls(), calls);
+    // Later generations keep to the stop-limit while the stale rules still
+    // allow the market stop: both lists are canceled by hand, and the next
+    // call plans a new generation (lists still working would be covered,
+    // planning nothing).
+    for list in &lists {
+        cancel_by_hand(&w, id, list.request.ids.list.as_str()).await;
+    }
+    assert!(w.exchange.open_lists().is_empty());
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(&report.outcome, ProtectOutcome::Placed { legs, .. }
+            if legs.len() == 2 && legs.iter().all(|l| l.generation == 2)),
+        "{:?}",
+        report.outcome
+    );
+    let lists = w.exchange.open_lists();
+    assert_eq!(lists.len(), 2);
+    assert!(
+        lists.iter().all(|l| l.request.stop_limit.is_some()),
+        "{lists:?}"
+    );
 }
