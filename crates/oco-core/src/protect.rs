@@ -534,15 +534,25 @@ impl Protector {
                 // A lookup of a list of this entry moved its leg (it ended
                 // meanwhile, its sale recorded): plan again from the legs.
                 StrayCheck::Changed => return Ok(Round::Replan),
-                StrayCheck::HeldBy(list) => {
+                StrayCheck::HeldBy { list, own } => {
                     // A list of ours that no live leg follows may lock these
                     // coins (placed over them by another entry's generation):
                     // closing the entry as sold would leave them without a
                     // stop and without an entry once that list is gone.
-                    let why = format!(
-                        "coins not free, and list {list} of ours that no live leg follows is open on {}: not closed; check the account and cancel it by hand",
-                        entry.symbol.name
-                    );
+                    let why = if own {
+                        // Most likely still working over these very coins (its
+                        // lookup lagging): canceled by hand, it would take
+                        // the entry's only stop along.
+                        format!(
+                            "coins not free, and list {list} of this entry that no live leg follows is open on {}: not closed; do not cancel it by hand, it may hold the entry's stop; it is read again on the next call",
+                            entry.symbol.name
+                        )
+                    } else {
+                        format!(
+                            "coins not free, and list {list} of another entry that no live leg follows is open on {}: not closed; check the account and cancel it by hand",
+                            entry.symbol.name
+                        )
+                    };
                     warn!(entry = %entry.id, client_id = %list, %source, "coins not free while a list of ours no leg follows is open: entry not closed");
                     self.label_unprotected(entry).await?;
                     // Once per list: the entry's history says why it stays open,
@@ -1018,7 +1028,7 @@ impl Protector {
                             .record_leg_sold(old.key, sold, self.clock.now())
                             .await?;
                     }
-                    self.transition(old, LegState::Replaced, None).await?;
+                    self.replace_canceled(old).await?;
                     replaced += 1;
                     if old.sold.merge(sold).total() > old.sold.total() {
                         // The claims were sized counting those coins as held: sent,
@@ -1959,8 +1969,10 @@ impl Protector {
     ///   and the round plans again;
     /// - any other list of this entry that no live leg follows, or one whose
     ///   lookup finds nothing yet, or another entry's without a live leg, is
-    ///   named, and the caller does not close the entry: the list may still
-    ///   sell these coins, and the entry must be there to record it.
+    ///   named (the entry's own first, said to be its own: it may be the
+    ///   entry's only stop, not one to cancel by hand), and the caller does
+    ///   not close the entry: the list may still sell these coins, and the
+    ///   entry must be there to record it.
     ///
     /// With none of these, the caller closes the entry, as for coins sold
     /// outside. A failed read is an error: nothing is closed on a guess.
@@ -1975,6 +1987,9 @@ impl Protector {
         let mut adopted = false;
         let mut changed = false;
         let mut held_by = None;
+        // The entry's own list is named before another's: it most likely
+        // holds these coins, and is not to be canceled by hand.
+        let mut own_held = None;
         for list in lists.iter().filter(|l| l.executing) {
             let Some(OrderRole::List(key)) = self.config.ids.parse(&list.list_client_id) else {
                 continue;
@@ -2038,7 +2053,7 @@ impl Protector {
                 }
                 Adoption::Changed => changed = true,
                 Adoption::Held => {
-                    held_by.get_or_insert_with(|| list.list_client_id.clone());
+                    own_held.get_or_insert_with(|| list.list_client_id.clone());
                 }
             }
         }
@@ -2049,7 +2064,11 @@ impl Protector {
             self.mark_protected(entry, source, self.clock.now()).await?;
             return Ok(StrayCheck::Adopted);
         }
-        Ok(held_by.map_or(StrayCheck::Nothing, StrayCheck::HeldBy))
+        Ok(match (own_held, held_by) {
+            (Some(list), _) => StrayCheck::HeldBy { list, own: true },
+            (None, Some(list)) => StrayCheck::HeldBy { list, own: false },
+            (None, None) => StrayCheck::Nothing,
+        })
     }
 
     /// Applies the real state of `list`, open on the exchange, to leg `key`
@@ -2413,6 +2432,36 @@ impl Protector {
             })
             .await?)
     }
+
+    /// Moves `old`, whose list this call has just canceled (its sale already
+    /// recorded), to `Replaced`. The round read it placed, but another writer
+    /// may have moved it since: the stream's partly filled take-profit, or a
+    /// list end whose lookup reads any take-profit that executed as one. The
+    /// cancel ended a take-profit rest (or a leg still working) too, so it is
+    /// moved from where it is now: left a rest, its order already gone, it
+    /// would cost a cancel and keep the entry unprotected until then. Any
+    /// other end stands.
+    async fn replace_canceled(&self, old: &Leg) -> Result<(), ProtectError> {
+        let mut leg = old.clone();
+        for _ in 0..REPLACE_ATTEMPTS {
+            if self.transition(&leg, LegState::Replaced, None).await? {
+                return Ok(());
+            }
+            let now = self.store.legs(old.key.entry).await?;
+            let Some(now) = now.into_iter().find(|l| l.key == old.key) else {
+                return Ok(());
+            };
+            let ended_by_the_cancel =
+                matches!(now.state, LegState::Placed { .. } | LegState::Unknown)
+                    || is_take_profit_rest(&now);
+            if !ended_by_the_cancel {
+                return Ok(());
+            }
+            leg = now;
+        }
+        warn!(leg = %old.key, client_id = %old.ids.list, "leg of a canceled list kept changing; left as it is");
+        Ok(())
+    }
 }
 
 /// Whether working legs of `active_qty` cover `position`: all of it that
@@ -2423,6 +2472,9 @@ const HELD_BY_STRAY: &str = "coins_held_by_stray";
 /// Event kind: the lists carry another stop kind than the settings ask, the
 /// symbol not allowing it.
 pub const STOP_SUBSTITUTED: &str = "stop_substituted";
+/// Tries at moving a leg whose list was canceled to `Replaced` while other
+/// writers move it (`Protector::replace_canceled`).
+const REPLACE_ATTEMPTS: usize = 4;
 
 /// What the account's open lists tell of an entry whose coins a balance read
 /// calls gone ([`Protector::adopt_stray_list`]).
@@ -2431,9 +2483,15 @@ enum StrayCheck {
     Adopted,
     /// A leg of the entry moved while its list was looked at: plan again.
     Changed,
-    /// A list of ours on the symbol that no live leg follows (its client id)
-    /// may hold them: the entry is not closed.
-    HeldBy(String),
+    /// A list of ours on the symbol that no live leg follows may hold them:
+    /// the entry is not closed.
+    HeldBy {
+        /// Its client id.
+        list: String,
+        /// The entry's own list (one whose lookup missed, say), which may be
+        /// the entry's only stop, rather than another entry's.
+        own: bool,
+    },
     /// No list of ours explains it: the coins were sold or moved outside.
     Nothing,
 }

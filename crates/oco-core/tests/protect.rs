@@ -484,6 +484,75 @@ async fn a_cancel_answered_without_quantities_has_the_sale_looked_up() {
     assert_the_sale_is_planned_around(&w, id).await;
 }
 
+/// While a replacement cancels an older list, its take-profit fills in
+/// part and the stream moves the leg to `take_profit_partial` first (a list
+/// end read by lookup does the same with any take-profit that executed):
+/// the replacement's move to `replaced` finds the leg moved. The cancel
+/// ended the rest too, so the leg is moved to `replaced` from there, not
+/// left a rest whose order is already gone: later rounds would spend a
+/// cancel on it (refused here, as by a rate limit) and keep its coins out
+/// of the plan and the entry labelled unprotected meanwhile.
+#[tokio::test]
+async fn a_leg_moved_while_its_list_is_canceled_for_a_replacement_is_still_replaced() {
+    let one_leg = ProtectionConfig {
+        split: dec!(1),
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.protector
+        .protect(id, Some(&first_part()), Source::Websocket)
+        .await
+        .unwrap();
+    let old = w.store.legs(id).await.unwrap().remove(0);
+    assert!(matches!(old.state, LegState::Placed { .. }), "{old:?}");
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    let (exchange, protector, moved) = (w.exchange.clone(), w.protector.clone(), old.clone());
+    w.exchange.before_next_cancel(move || {
+        Box::pin(async move {
+            exchange.fill_take_profit(moved.ids.list.as_str(), q(dec!(0.1)));
+            let rest = LegState::CanceledExternally {
+                why: ExternalEnd::TakeProfitPartial,
+            };
+            assert!(protector.transition_leg(&moved, rest).await.unwrap());
+        })
+    });
+
+    let report = w
+        .protector
+        .protect(id, Some(&whole_after_part()), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    let legs = w.store.legs(id).await.unwrap();
+    let replaced = legs.iter().find(|l| l.key == old.key).unwrap();
+    assert_eq!(replaced.state, LegState::Replaced, "{legs:?}");
+    assert_eq!(replaced.sold.take_profit, q(dec!(0.1)), "its sale recorded");
+    assert_eq!(w.open_qty(), dec!(0.9), "1 bought less 0.1 sold has a stop");
+    assert!(
+        matches!(
+            w.store.entry(id).await.unwrap().protection,
+            Protection::Protected { .. }
+        ),
+        "{legs:?}"
+    );
+    assert!(
+        !w.store
+            .events(id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "take_profit_cancel_failed"),
+        "no cancel spent on an order already canceled"
+    );
+}
+
 #[tokio::test]
 async fn a_market_past_the_stop_exits_at_market_and_records_it() {
     let w = world(ProtectionConfig::DEFAULT).await;
@@ -2670,6 +2739,76 @@ async fn a_leg_read_as_ended_while_its_list_still_works_is_followed_again_not_cl
     );
 }
 
+/// The same list when its lookup lags: it cannot be adopted yet, so the
+/// entry is kept open and the call fails naming the list. It is the entry's
+/// own list, still working with its stop: what the call and the entry's
+/// history say must not send the operator to cancel it by hand, as it says
+/// for another entry's list. The next call looks it up again and follows it.
+#[tokio::test]
+async fn an_entrys_own_list_whose_lookup_lags_is_not_given_to_cancel_by_hand() {
+    let one_leg = ProtectionConfig {
+        split: dec!(1),
+        ..ProtectionConfig::DEFAULT
+    };
+    let w = world(one_leg).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    w.exchange
+        .trigger_stop(leg.ids.list.as_str(), EntryStatus::Canceled);
+    assert!(
+        w.store
+            .update_leg(&oco_core::model::LegUpdate {
+                key: leg.key,
+                from: "placed",
+                to: LegState::CanceledExternally {
+                    why: ExternalEnd::Canceled,
+                },
+                error: None,
+                at: w.clock.now(),
+            })
+            .await
+            .unwrap()
+    );
+    w.exchange.lag_next_lookups(1);
+
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let ProtectOutcome::Failed { errors } = &report.outcome else {
+        panic!("{report:?}")
+    };
+    let said = &errors[0];
+    assert!(said.contains(leg.ids.list.as_str()), "{said}");
+    assert!(said.contains("do not cancel it by hand"), "{said}");
+    assert!(!said.contains("cancel it by hand;"), "{said}");
+    assert!(!said.contains("check the account"), "{said}");
+    let history: Vec<String> = w
+        .store
+        .events(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "coins_held_by_stray")
+        .map(|e| e.detail)
+        .collect();
+    assert_eq!(history, [said.as_str()]);
+    assert_eq!(w.open_qty(), dec!(0.999), "the list is left working");
+
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(
+        report.outcome,
+        ProtectOutcome::Nothing(Idle::Covered),
+        "{report:?}"
+    );
+    assert!(matches!(
+        w.store.legs(id).await.unwrap()[0].state,
+        LegState::Placed { .. }
+    ));
+}
+
 /// An account set to a market stop.
 fn market_stop() -> ProtectionConfig {
     ProtectionConfig {
@@ -2775,7 +2914,8 @@ async fn a_market_stop_is_placed_where_the_symbol_allows_it() {
 
 /// Rules read before the symbol dropped `STOP_LOSS` still allow it: the
 /// exchange refuses the market stop, and the same call places stop-limits
-/// rather than failing on every pass.
+/// rather than failing on every pass. The refusal stays on the entry's legs,
+/// so a later generation is planned with a stop-limit too.
 #[tokio::test]
 async fn a_market_stop_refused_under_stale_rules_is_replanned_as_a_stop_limit() {
     let w = world(market_stop()).await;
@@ -2812,10 +2952,27 @@ async fn a_market_stop_refused_under_stale_rules_is_replanned_as_a_stop_limit() 
     assert_eq!(substitutions(&w, id).await.len(), 1);
     let entry = w.store.entry(id).await.unwrap();
     assert!(matches!(entry.protection, Protection::Protected { .. }));
-    // Later calls keep to the stop-limit: nothing more is sent.
-    let calls = w.exchange.oco_calls();
-    w.protector.protect(id, None, Source::Sync).await.unwrap();
-    assert_eq!(w.exchange.oco_calls(), calls);
+    // Later generations keep to the stop-limit while the stale rules still
+    // allow the market stop: both lists are canceled by hand, and the next
+    // call plans a new generation (lists still working would be covered,
+    // planning nothing).
+    for list in &lists {
+        cancel_by_hand(&w, id, list.request.ids.list.as_str()).await;
+    }
+    assert!(w.exchange.open_lists().is_empty());
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(&report.outcome, ProtectOutcome::Placed { legs, .. }
+            if legs.len() == 2 && legs.iter().all(|l| l.generation == 2)),
+        "{:?}",
+        report.outcome
+    );
+    let lists = w.exchange.open_lists();
+    assert_eq!(lists.len(), 2);
+    assert!(
+        lists.iter().all(|l| l.request.stop_limit.is_some()),
+        "{lists:?}"
+    );
 }
 
 /// A leg read as ended while its take-profit rests part-filled: a balance

@@ -51,6 +51,11 @@ pub struct AccountReport {
     pub legs_adopted: Vec<LegKey>,
     /// Lists that ended while nobody listened, with the state recorded.
     pub lists_ended: Vec<(LegKey, LegState)>,
+    /// Legs whose list was not open (or open without its stop) and whose
+    /// lookup did not show its end: it failed, or read a database lagging
+    /// the end. They still count as working; the account is retried after
+    /// a backoff.
+    pub lists_unread: Vec<LegKey>,
     /// Entries the exchange never received, recorded as rejected.
     pub never_sent: Vec<EntryId>,
     /// Entries the exchange does not know yet, still within the grace period.
@@ -96,6 +101,7 @@ impl AccountReport {
             trades_fetched: 0,
             legs_adopted: Vec::new(),
             lists_ended: Vec::new(),
+            lists_unread: Vec::new(),
             never_sent: Vec::new(),
             awaiting_send: Vec::new(),
             protections: Vec::new(),
@@ -226,6 +232,10 @@ impl Retry {
     fn of(report: &AccountReport) -> Retry {
         if !report.entry_errors.is_empty() {
             Retry::Errors
+        } else if !report.lists_unread.is_empty() {
+            // Lists gone from the book whose lookup did not show their end:
+            // `protect` counted them covering.
+            Retry::Protection
         } else if report.protections.iter().any(|(_, o)| {
             matches!(
                 o,
@@ -1092,14 +1102,20 @@ impl Reconciler {
                     LegState::CanceledExternally { why } => {
                         warn!(entry = %entry.id, leg = %key, client_id = %leg.ids.list, why = why.name(), "list ended outside ocoguard; protecting what remains");
                     }
-                    LegState::Placed { .. } => {}
+                    LegState::Placed { .. } => {
+                        // Gone from the book (or its stop gone), yet its
+                        // lookup failed or lagged the end: `protect` below
+                        // counts its coins covered, so the account is not
+                        // reconciled until a lookup shows the end.
+                        warn!(entry = %entry.id, leg = %key, client_id = %leg.ids.list, "list not open, its lookup did not show its end; the account is retried");
+                        report.lists_unread.push(key);
+                        continue;
+                    }
                     _ => {
                         info!(entry = %entry.id, leg = %key, client_id = %leg.ids.list, state = how, "list ended")
                     }
                 }
-                if !matches!(leg.state, LegState::Placed { .. }) {
-                    report.lists_ended.push((key, leg.state.clone()));
-                }
+                report.lists_ended.push((key, leg.state.clone()));
             }
             news = true;
         }

@@ -309,6 +309,43 @@ async fn a_claim_left_by_a_dead_claimant_is_retried_until_it_goes_stale() {
     one_flag_and_no_pass(&sync);
 }
 
+/// A list canceled by hand while nobody listened, whose lookup lags its end
+/// (the exchange reads lists from a database): after the flagged pass its
+/// leg still reads placed, and `protect` counts its coins covered. That pass
+/// is no reconciliation: a retry looks the list up again and the coins get a
+/// stop, not at the next full pass.
+#[tokio::test]
+async fn a_list_gone_whose_lookup_lags_its_end_is_looked_up_again_on_a_retry() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.reconciler(flags_only(Duration::from_millis(50)));
+    sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(w.open_qty("k1"), dec!(1));
+    let gone = w.store.legs(id).await.unwrap().remove(0);
+    w.fake.cancel_externally(gone.ids.list.as_str());
+    w.fake.lag_next_lookups(1);
+    let again = while_running(&sync, async {
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        wait_until(Duration::from_secs(5), || async {
+            w.open_qty("k1") == dec!(1)
+        })
+        .await
+    })
+    .await;
+    assert!(again, "the coins of the list canceled by hand have a stop");
+    let ended = w.store.legs(id).await.unwrap();
+    assert!(
+        ended.iter().any(|l| l.key == gone.key
+            && matches!(l.state, oco_core::LegState::CanceledExternally { .. })),
+        "{ended:?}"
+    );
+    one_flag_and_no_pass(&sync);
+}
+
 #[tokio::test]
 async fn a_refusal_that_persists_is_retried_a_bounded_number_of_times() {
     let w = world();

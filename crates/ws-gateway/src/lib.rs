@@ -855,7 +855,8 @@ impl AccountWorker {
     /// missed, and an order canceled with nothing executed and no expiry
     /// reason is left to this: `follow` cannot tell it from the take-profit
     /// a triggered stop removed) and whatever it leaves unprotected is
-    /// protected again.
+    /// protected again; a lookup that does not show the end flags the
+    /// account instead.
     async fn list_update(&self, list: &ListUpdate) {
         if list.executing {
             return;
@@ -889,6 +890,24 @@ impl AccountWorker {
             };
             let creds = self.store.credentials(self.account).await?;
             self.protector.refresh_leg(&creds, leg).await?;
+            // `ALL_DONE` says the list ended, but only the lookup tells what it
+            // sold, so only the lookup ends the leg. One that failed, or read
+            // a database lagging the end (a miss within the claim timeout, or
+            // the list still executing), leaves the leg working in the store:
+            // `protect` would count its coins covered and label the entry
+            // protected while they have no stop. Sync looks it up again.
+            let still_working = self
+                .store
+                .legs(key.entry)
+                .await?
+                .iter()
+                .any(|l| l.key == key && l.state.is_active());
+            if still_working {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(account = %self.account, entry = %key.entry, client_id = %list.list_client_id, "list ended, its lookup did not show the end; flagging for reconciliation");
+                self.flag("list end unread");
+                return Ok(None);
+            }
             Ok::<_, oco_core::protect::ProtectError>(Some(
                 self.protector
                     .protect(key.entry, None, Source::Websocket)

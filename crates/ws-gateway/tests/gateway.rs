@@ -272,6 +272,62 @@ impl World {
             .unwrap();
         (e.id, e.client_id.as_str().to_owned())
     }
+
+    /// Fills a new entry of the single account on its stream and waits for
+    /// its two lists: the entry and one of its placed legs.
+    async fn protected_from_the_stream(&self) -> (EntryId, oco_core::model::Leg) {
+        let (entry, client_id) = self.entry(self.accounts[0]).await;
+        self.streams.send(&key(0), fill_event(&client_id, 1));
+        wait_until("two legs", Duration::from_secs(5), || {
+            self.exchange.open_lists().len() == 2
+        })
+        .await;
+        let leg = self
+            .store
+            .legs(entry)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|l| matches!(l.state, oco_core::LegState::Placed { .. }))
+            .unwrap();
+        (entry, leg)
+    }
+
+    /// Cancels `leg`'s list as a user would by hand, and sends what the
+    /// stream says of it: both orders canceled with nothing executed and no
+    /// expiry reason (which one update cannot tell from the take-profit a
+    /// triggered stop removes), then the list's end.
+    fn cancel_by_hand_on_the_stream(&self, leg: &oco_core::model::Leg) {
+        self.exchange.cancel_externally(leg.ids.list.as_str());
+        for (client_id, order_type) in [
+            (leg.ids.stop_loss.as_str(), "STOP_LOSS_LIMIT"),
+            (leg.ids.take_profit.as_str(), "LIMIT_MAKER"),
+        ] {
+            let StreamEvent::Execution(accepted) = accepted_event(client_id, 9) else {
+                unreachable!("accepted_event makes an execution")
+            };
+            self.streams.send(
+                &key(0),
+                StreamEvent::Execution(ExecutionUpdate {
+                    side: Side::Sell,
+                    order_type: order_type.into(),
+                    execution: "CANCELED".into(),
+                    status: EntryStatus::Canceled,
+                    ..accepted
+                }),
+            );
+        }
+        self.streams.send(
+            &key(0),
+            StreamEvent::List(oco_core::ports::ListUpdate {
+                symbol: "BTCUSDT".into(),
+                list_id: 77,
+                list_client_id: leg.ids.list.as_str().to_owned(),
+                executing: false,
+                event_time: Millis(3),
+            }),
+        );
+    }
 }
 
 fn fill_event(client_id: &str, trade_id: i64) -> StreamEvent {
@@ -1052,47 +1108,8 @@ async fn a_list_end_naming_another_accounts_entry_is_ignored() {
 async fn a_list_canceled_by_hand_is_protected_again_at_its_end() {
     let w = world(1).await;
     let _stop_tx = w.streaming_one().await;
-    let (entry, client_id) = w.entry(w.accounts[0]).await;
-    w.streams.send(&key(0), fill_event(&client_id, 1));
-    wait_until("two legs", Duration::from_secs(5), || {
-        w.exchange.open_lists().len() == 2
-    })
-    .await;
-    let legs = w.store.legs(entry).await.unwrap();
-    let gone = legs
-        .iter()
-        .find(|l| matches!(l.state, oco_core::LegState::Placed { .. }))
-        .unwrap()
-        .clone();
-    w.exchange.cancel_externally(gone.ids.list.as_str());
-    for (client_id, order_type) in [
-        (gone.ids.stop_loss.as_str(), "STOP_LOSS_LIMIT"),
-        (gone.ids.take_profit.as_str(), "LIMIT_MAKER"),
-    ] {
-        let StreamEvent::Execution(accepted) = accepted_event(client_id, 9) else {
-            unreachable!("accepted_event makes an execution")
-        };
-        w.streams.send(
-            &key(0),
-            StreamEvent::Execution(ExecutionUpdate {
-                side: Side::Sell,
-                order_type: order_type.into(),
-                execution: "CANCELED".into(),
-                status: EntryStatus::Canceled,
-                ..accepted
-            }),
-        );
-    }
-    w.streams.send(
-        &key(0),
-        StreamEvent::List(oco_core::ports::ListUpdate {
-            symbol: "BTCUSDT".into(),
-            list_id: 77,
-            list_client_id: gone.ids.list.as_str().to_owned(),
-            executing: false,
-            event_time: Millis(3),
-        }),
-    );
+    let (entry, gone) = w.protected_from_the_stream().await;
+    w.cancel_by_hand_on_the_stream(&gone);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let legs = w.store.legs(entry).await.unwrap();
@@ -1122,6 +1139,39 @@ async fn a_list_canceled_by_hand_is_protected_again_at_its_end() {
         w.store.take_flagged(10).await.unwrap().is_empty(),
         "not left to reconciliation"
     );
+}
+
+/// The same list end, but its lookup does not show it: the exchange reads
+/// lists from a database that can lag the end (a failed lookup leaves the
+/// same). `ALL_DONE` alone does not say what the list sold, so the leg stays
+/// working in the store; the gateway must not let `protect` call the coins
+/// covered by it. Within moments the coins get a stop again or the account
+/// is flagged for reconciliation, never left to sync's next full pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_end_its_lookup_does_not_show_is_not_taken_for_coverage() {
+    let w = world(1).await;
+    let _stop_tx = w.streaming_one().await;
+    let (entry, gone) = w.protected_from_the_stream().await;
+    w.exchange.lag_next_lookups(1);
+    w.cancel_by_hand_on_the_stream(&gone);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if w.store.take_flagged(10).await.unwrap() == vec![w.accounts[0]] {
+            break;
+        }
+        let legs = w.store.legs(entry).await.unwrap();
+        let again = legs
+            .iter()
+            .any(|l| l.key.generation == 1 && matches!(l.state, oco_core::LegState::Placed { .. }));
+        if again {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a list end left unread is neither protected again nor flagged: {legs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The world's leases, except that every renewal after the first fails at
