@@ -13,7 +13,9 @@ use futures_util::future::join_all;
 use rust_decimal::Decimal;
 use tracing::{Instrument, error, info, warn};
 
-use crate::ids::{AccountId, IdError, IdScheme, LegIndex, LegKey, OcoClientIds, OrderRole};
+use crate::ids::{
+    AccountId, EntryId, IdError, IdScheme, LegIndex, LegKey, OcoClientIds, OrderRole,
+};
 use crate::levels::{LevelsError, StopSubstitute, resolve_levels};
 use crate::model::{
     Entry, EntryEventRecord, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize,
@@ -515,6 +517,9 @@ impl Protector {
                     .cancel_take_profit_rests(&creds, entry, &rests, source)
                     .await?
             {
+                // Its take-profit gone and no stop placed yet: labelled so
+                // until a round places one, should the rounds run out first.
+                self.label_unprotected(entry).await?;
                 return Ok(Round::Replan);
             }
             self.label_unprotected(entry).await?;
@@ -581,20 +586,6 @@ impl Protector {
             // An exit keeps its record and the result it recorded; there is
             // nothing more to close.
             if entry.status.is_final() && entry.protection != Protection::Closed && !exited {
-                // Owed coins, capped to none by a balance read earlier in the
-                // call. A closed entry is never followed again: coins free now
-                // (freed since, or the read raced a list's end) are planned
-                // instead of being left without a stop.
-                if !owed.is_zero() {
-                    let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
-                    let free = self.held_base(&creds, &rules).await?;
-                    let plannable = owed.min(free).floor_to(rules.step);
-                    if !plannable.is_zero() && rules.check_qty(plannable).is_ok() {
-                        return Ok(Round::Again {
-                            holding: Some(free),
-                        });
-                    }
-                }
                 let realized = realized_quote(entry, &legs);
                 self.store.close_entry(entry.id, realized, now).await?;
                 self.store
@@ -644,6 +635,9 @@ impl Protector {
                         .cancel_take_profit_rests(&creds, entry, &rests, source)
                         .await?
                 {
+                    // Its take-profit gone and no stop placed yet: labelled so
+                    // until a round places one, should the rounds run out first.
+                    self.label_unprotected(entry).await?;
                     return Ok(Round::Replan);
                 }
                 // The entry filled beyond its own stop or target: the market passed a level.
@@ -745,6 +739,9 @@ impl Protector {
                     .await?
             {
                 // Coins freed (and what the rests sold recorded): plan again.
+                // Its take-profit gone and no stop placed yet: labelled so
+                // until a round places one, should the rounds run out first.
+                self.label_unprotected(entry).await?;
                 return Ok(Round::Replan);
             }
             // A rest whose sale is not recorded still counts its open part as
@@ -1907,6 +1904,45 @@ impl Protector {
         Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }))
     }
 
+    /// Says that the list of `leg` ended (it left the book, or `ALL_DONE`
+    /// came) while no lookup has shown its end yet: its stop is gone
+    /// whatever it sold, yet its leg still reads working, and `protect`
+    /// counts working legs as covering their coins. The entry is labelled
+    /// unprotected (a closed one stays closed) and, once per list, its
+    /// history says why; the caller has the list looked up again.
+    ///
+    /// # Errors
+    /// The store's.
+    pub async fn list_end_unread(
+        &self,
+        entry: EntryId,
+        leg: &Leg,
+        source: Source,
+    ) -> Result<(), ProtectError> {
+        let current = self.store.entry(entry).await?;
+        self.label_unprotected(&current).await?;
+        let why = format!(
+            "list {} left the book; its lookup has not shown its end yet, so its stop counts as gone",
+            leg.ids.list
+        );
+        let history = self.store.events(entry).await?;
+        if !history
+            .iter()
+            .any(|e| e.kind == LIST_END_UNREAD && e.detail == why)
+        {
+            self.store
+                .append_event(&event(
+                    entry,
+                    LIST_END_UNREAD,
+                    &why,
+                    Some(source),
+                    self.clock.now(),
+                ))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Labels `entry` unprotected unless it already is: coins of it are
     /// without a stop and the call that found them fails.
     async fn label_unprotected(&self, entry: &Entry) -> Result<(), ProtectError> {
@@ -2469,6 +2505,9 @@ impl Protector {
 /// The history line of an entry kept open because a list of ours that no
 /// live leg follows may hold its coins.
 const HELD_BY_STRAY: &str = "coins_held_by_stray";
+
+/// History kind: a list left the book before a lookup showed its end.
+pub const LIST_END_UNREAD: &str = "list_end_unread";
 /// Event kind: the lists carry another stop kind than the settings ask, the
 /// symbol not allowing it.
 pub const STOP_SUBSTITUTED: &str = "stop_substituted";

@@ -1090,6 +1090,8 @@ impl Reconciler {
                 _ => {}
             }
         }
+        // Legs whose list left the book while no lookup has shown its end.
+        let mut unread = Vec::new();
         if !ended.is_empty() {
             let after = self.store.legs(entry.id).await?;
             for key in ended {
@@ -1109,6 +1111,7 @@ impl Reconciler {
                         // reconciled until a lookup shows the end.
                         warn!(entry = %entry.id, leg = %key, client_id = %leg.ids.list, "list not open, its lookup did not show its end; the account is retried");
                         report.lists_unread.push(key);
+                        unread.push(leg.clone());
                         continue;
                     }
                     _ => {
@@ -1152,6 +1155,13 @@ impl Reconciler {
                 warn!(entry = %entry.id, client_id = %entry.client_id, errors = ?errors, "protection failed, the account is retried after a backoff");
             }
             other => debug!(entry = %entry.id, outcome = outcome_name(other), "protect"),
+        }
+        // `protect` counted the unread legs as covering their coins, and
+        // may have labelled the entry protected for them: their stops are gone.
+        for leg in &unread {
+            self.protector
+                .list_end_unread(entry.id, leg, Source::Sync)
+                .await?;
         }
         report.protections.push((entry.id, outcome));
         Ok(())

@@ -346,6 +346,51 @@ async fn a_list_gone_whose_lookup_lags_its_end_is_looked_up_again_on_a_retry() {
     one_flag_and_no_pass(&sync);
 }
 
+/// While a lookup has not shown the end of a list that left the book, its
+/// stop counts as gone: the pass that finds it does not label the entry
+/// protected for it, and says why in its history.
+#[tokio::test]
+async fn a_list_gone_whose_end_is_unread_leaves_the_entry_labelled_unprotected() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.reconciler(flags_only(Duration::from_millis(50)));
+    sync.reconcile_account(a.id).await.unwrap();
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+    let gone = w.store.legs(id).await.unwrap().remove(0);
+    w.fake.cancel_externally(gone.ids.list.as_str());
+    w.fake.lag_next_lookups(100);
+    let report = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(report.lists_unread, vec![gone.key]);
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        !matches!(entry.protection, Protection::Protected { .. }),
+        "{entry:?}"
+    );
+    let history = w.store.events(id).await.unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .filter(|e| e.kind == oco_core::protect::LIST_END_UNREAD)
+            .count(),
+        1,
+        "{history:?}"
+    );
+    // Said once per list, however often the pass finds it unread.
+    sync.reconcile_account(a.id).await.unwrap();
+    let history = w.store.events(id).await.unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .filter(|e| e.kind == oco_core::protect::LIST_END_UNREAD)
+            .count(),
+        1
+    );
+}
+
 #[tokio::test]
 async fn a_refusal_that_persists_is_retried_a_bounded_number_of_times() {
     let w = world();

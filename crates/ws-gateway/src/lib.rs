@@ -900,11 +900,17 @@ impl AccountWorker {
                 .store
                 .legs(key.entry)
                 .await?
-                .iter()
-                .any(|l| l.key == key && l.state.is_active());
-            if still_working {
+                .into_iter()
+                .find(|l| l.key == key && l.state.is_active());
+            if let Some(leg) = still_working {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(account = %self.account, entry = %key.entry, client_id = %list.list_client_id, "list ended, its lookup did not show the end; flagging for reconciliation");
+                // Its stop is gone whatever it sold: the label must not say
+                // protected while sync looks it up again. A store that fails
+                // here still gets the account flagged, by the error's path.
+                self.protector
+                    .list_end_unread(key.entry, &leg, Source::Websocket)
+                    .await?;
                 self.flag("list end unread");
                 return Ok(None);
             }

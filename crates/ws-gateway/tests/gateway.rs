@@ -1157,6 +1157,19 @@ async fn a_list_end_its_lookup_does_not_show_is_not_taken_for_coverage() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if w.store.take_flagged(10).await.unwrap() == vec![w.accounts[0]] {
+            // Flagged, not protected again: the label must not say covered.
+            let e = w.store.entry(entry).await.unwrap();
+            assert!(
+                !matches!(e.protection, oco_core::model::Protection::Protected { .. }),
+                "labelled protected while the list's end is unread: {e:?}"
+            );
+            let history = w.store.events(entry).await.unwrap();
+            assert!(
+                history
+                    .iter()
+                    .any(|h| h.kind == oco_core::protect::LIST_END_UNREAD),
+                "{history:?}"
+            );
             break;
         }
         let legs = w.store.legs(entry).await.unwrap();
