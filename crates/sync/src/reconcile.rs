@@ -891,7 +891,7 @@ impl Reconciler {
         }
         self.metrics.strays(report.stray_lists.len());
         for stray in &report.stray_lists {
-            warn!(account = %account, entry = %stray.entry, leg = %stray.leg, client_id = %stray.client_id, state = stray.state.name(), "open list of ours whose leg is not live: reported only, cancel it by hand after checking the account");
+            warn!(account = %account, entry = %stray.entry, leg = %stray.leg, client_id = %stray.client_id, state = stray.state.name(), advice = stray_advice(&stray.state), "open list of ours whose leg is not live: reported only");
             let noted = lock(&self.strays_noted)
                 .get(&account)
                 .is_some_and(|lists| lists.contains(&stray.client_id));
@@ -924,8 +924,9 @@ impl Reconciler {
             return Ok(());
         }
         let detail = format!(
-            "{head}open on the exchange while its leg is {}; reported only: cancel it by hand after checking the account",
-            stray.state.name()
+            "{head}open on the exchange while its leg is {}; reported only: {}",
+            stray.state.name(),
+            stray_advice(&stray.state)
         );
         self.store
             .append_event(&event(
@@ -1330,6 +1331,21 @@ fn flagged_done(
 /// Whether an open list whose leg is in `state` is a stray: its leg is not
 /// live (claimed, placed, unknown). The rest of a partly filled take-profit is
 /// not one: it stays on the book by design until `protect` cancels it.
+/// What the operator is told to do about a stray list. A leg read as ended
+/// outside (`canceled`, `stop_expired`) while its list still executes may
+/// have had its end read from one order's update: the list may hold the
+/// entry's only stop, and `protect` looks it up again and follows it.
+fn stray_advice(state: &LegState) -> &'static str {
+    match state {
+        LegState::CanceledExternally {
+            why: ExternalEnd::Canceled | ExternalEnd::StopExpired,
+        } => {
+            "do not cancel it by hand: it may hold this entry's stop, and the entry's next protection looks it up and follows it again"
+        }
+        _ => "cancel it by hand after checking the account",
+    }
+}
+
 fn is_stray(state: &LegState) -> bool {
     !state.is_active()
         && *state
@@ -1348,5 +1364,30 @@ fn orders_sent(outcome: &ProtectOutcome) -> u32 {
         // A refusal may still count; charge the most a call sends.
         ProtectOutcome::Failed { .. } | ProtectOutcome::Pending { .. } => ORDERS_PER_PROTECT,
         ProtectOutcome::Nothing(_) | ProtectOutcome::Unprotectable { .. } => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_whose_leg_was_read_as_ended_is_not_given_to_cancel_by_hand() {
+        for why in [ExternalEnd::Canceled, ExternalEnd::StopExpired] {
+            let advice = stray_advice(&LegState::CanceledExternally { why });
+            assert!(advice.starts_with("do not cancel it by hand"), "{advice}");
+        }
+        for state in [
+            LegState::NotPlaced {
+                code: None,
+                reason: "lookup found no such list".into(),
+            },
+            LegState::Replaced,
+        ] {
+            assert_eq!(
+                stray_advice(&state),
+                "cancel it by hand after checking the account"
+            );
+        }
     }
 }

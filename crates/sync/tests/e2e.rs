@@ -881,7 +881,9 @@ async fn a_stray_list_is_reported_with_its_leg_state_noted_once_and_left_on_the_
         let noted = stray_events(&events);
         assert_eq!(noted.len(), 1, "pass {pass}: {events:?}");
         assert!(
-            noted[0].contains(&stray) && noted[0].contains("not_placed"),
+            noted[0].contains(&stray)
+                && noted[0].contains("not_placed")
+                && noted[0].contains("cancel it by hand after checking the account"),
             "{noted:?}"
         );
     }
