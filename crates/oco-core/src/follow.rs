@@ -6,9 +6,9 @@
 //! orders placed by hand are ignored.
 
 use crate::ids::{AccountId, EntryId, LegKey, OrderRole};
-use crate::model::{Evidence, Leg, Protection, Source};
+use crate::model::{Evidence, Leg, Protection, SaleSide, Source};
 use crate::ports::{ExecutionUpdate, StoreError, event};
-use crate::protect::{ProtectError, ProtectReport, Protector, realized_quote};
+use crate::protect::{ProtectError, ProtectReport, Protector, realized};
 use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold, LegState};
 
 /// What an update was about.
@@ -130,7 +130,8 @@ impl Protector {
                         .await?;
                 }
                 if matches!(role, OrderRole::Exit(_)) {
-                    if sold_any {
+                    let traded = self.record_trade(key, take_profit, &role, update).await;
+                    if sold_any || traded {
                         self.recount_closed(key.entry, source).await?;
                     }
                     return Ok(Followed::Leg {
@@ -156,7 +157,11 @@ impl Protector {
                 } else {
                     None
                 };
-                if sold_any {
+                // The trade's commission only now, best-effort: protection
+                // never waits on it nor fails for it. A close above counted
+                // without it; the recount below counts it.
+                let traded = self.record_trade(key, take_profit, &role, update).await;
+                if sold_any || traded {
                     self.recount_closed(key.entry, source).await?;
                 }
                 Ok(Followed::Leg {
@@ -174,11 +179,39 @@ impl Protector {
 const LEG_MOVE_ATTEMPTS: usize = 4;
 
 impl Protector {
+    /// Records the trade a leg order's update carries (`t`, `n`, `N`), once
+    /// by trade id, through [`Protector::record_trades_quietly`]: a failure
+    /// is logged and counted, never returned. `true` when written.
+    async fn record_trade(
+        &self,
+        key: LegKey,
+        take_profit: bool,
+        role: &OrderRole,
+        update: &ExecutionUpdate,
+    ) -> bool {
+        let side = if take_profit {
+            SaleSide::TakeProfit
+        } else {
+            SaleSide::StopLoss
+        };
+        match update
+            .fill
+            .as_ref()
+            .filter(|t| !t.qty.is_zero() && !matches!(role, OrderRole::List(_)))
+        {
+            Some(trade) => {
+                self.record_trades_quietly(key, side, std::slice::from_ref(trade))
+                    .await
+            }
+            None => false,
+        }
+    }
+
     /// A sale recorded on an entry already closed or exited (its update
     /// came after the close: a lookup or a balance read settled the entry
     /// first, or the take-profit's fill overtook its own placement) leaves
     /// the result recorded then stale. It is computed again as the close
-    /// computes it ([`realized_quote`]) and the entry closed (or exited,
+    /// computes it ([`realized`]) and the entry closed (or exited,
     /// with the same reason) again with it when it changed (event
     /// `realized`).
     async fn recount_closed(&self, id: EntryId, source: Source) -> Result<(), ProtectError> {
@@ -190,14 +223,23 @@ impl Protector {
             return Ok(());
         }
         let legs = self.store().legs(id).await?;
-        let realized = realized_quote(&entry, &legs);
-        if entry.realized_quote == Some(realized) {
+        let realized = realized(&entry, &legs);
+        if entry.realized_quote == Some(realized.quote)
+            && entry.fees_complete == realized.fees_complete
+        {
             return Ok(());
         }
         let now = self.clock().now();
         match &entry.protection {
             Protection::Exited { reason } => {
-                self.store().exit_entry(id, reason, realized).await?;
+                // `false`: a fill reopened it meanwhile; its close recounts.
+                if !self
+                    .store()
+                    .exit_entry(id, reason, realized, &entry)
+                    .await?
+                {
+                    return Ok(());
+                }
             }
             _ => self.store().close_entry(id, realized, now).await?,
         }
@@ -205,7 +247,10 @@ impl Protector {
             .append_event(&event(
                 id,
                 "realized",
-                format!("realized {realized}: a sale recorded after the close"),
+                format!(
+                    "realized {}: a sale or commission recorded after the close",
+                    realized.quote
+                ),
                 Some(source),
                 now,
             ))
