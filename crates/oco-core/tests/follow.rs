@@ -652,6 +652,68 @@ async fn a_leg_trade_that_cannot_be_written_still_reprotects_the_rest() {
     assert_eq!(protector.leg_trade_failures(), 1);
 }
 
+/// The gateway's two steps: `follow_protecting` protects the rest of a
+/// take-profit's partial fill and writes nothing of its commission; the
+/// bookkeeping it hands back records it afterwards.
+#[tokio::test]
+async fn a_leg_trade_is_recorded_only_by_the_bookkeeping_after_protection() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    w.exchange
+        .fill_take_profit(leg.ids.list.as_str(), q(dec!(0.1)));
+    let tp = ExecutionUpdate {
+        fill: Some(Fill {
+            trade_id: 901,
+            price: leg.take_profit,
+            qty: q(dec!(0.1)),
+            commission: dec!(0.0101),
+            commission_asset: Asset("USDT".into()),
+            time: Millis(999_100),
+        }),
+        ..update(
+            leg.ids.take_profit.as_str(),
+            EntryStatus::PartiallyFilled,
+            dec!(0.1),
+            leg.take_profit.get(),
+        )
+    };
+    let (followed, later) = w
+        .protector
+        .follow_protecting(w.account, &tp, Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(followed, Followed::Leg { protect: Some(ref r), .. }
+            if matches!(r.outcome, ProtectOutcome::Placed { .. })),
+        "{followed:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.9), "the rest has its stop");
+    let trades = |legs: Vec<oco_core::model::Leg>| {
+        legs.into_iter().find(|l| l.key == leg.key).unwrap().trades
+    };
+    assert!(
+        trades(w.store.legs(id).await.unwrap()).fees.is_empty(),
+        "nothing of the commission written before the bookkeeping"
+    );
+    w.protector.bookkeep(later.unwrap()).await.unwrap();
+    let recorded = trades(w.store.legs(id).await.unwrap());
+    assert_eq!(recorded.fees.of(&Asset("USDT".into())), dec!(0.0101));
+    assert_eq!(recorded.take_profit_qty, q(dec!(0.1)));
+}
+
 /// A leg whose move keeps losing its compare-and-set is reported as an
 /// error (the gateway flags the account), not dropped.
 #[tokio::test]
