@@ -2,10 +2,12 @@
 //! decimal notation (`"0.001"`), converted explicitly to and from the domain
 //! types. Core types derive no `Serialize`; these do.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use oco_core::model::{
-    Entry, EntryEventRecord, EntryKind, LatePolicy, Leg, OrderSize, Protection, ProtectionConfig,
+    Entry, EntryEventRecord, EntryKind, Fees, LatePolicy, Leg, OrderSize, Protection,
+    ProtectionConfig,
 };
 use oco_core::{Account, LegState, StopKind};
 use serde::{Deserialize, Serialize};
@@ -309,6 +311,10 @@ pub struct LegView {
     pub stop_limit: Option<String>,
     /// Base sold so far by either side.
     pub sold_qty: String,
+    /// Commissions its orders' trades were charged, by asset, as far as
+    /// they are recorded (absent when none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fees: BTreeMap<String, String>,
     /// Layer that claimed it.
     pub source: String,
     /// Placement attempts.
@@ -339,6 +345,7 @@ impl LegView {
             stop: leg.stop.to_string(),
             stop_limit: leg.stop_limit.map(|p| p.to_string()),
             sold_qty: leg.sold.total().to_string(),
+            fees: fees_view(&leg.trades.fees),
             source: leg.source.name().to_owned(),
             attempts: leg.attempts,
             last_error: leg.last_error.clone(),
@@ -431,9 +438,24 @@ pub struct EntryView {
     pub created_at: i64,
     /// Protection state.
     pub protection: ProtectionView,
-    /// Realised quote result, once closed or exited at market.
+    /// Realised quote result, once closed or exited at market: what the
+    /// legs (and any market exit) sold, less the cost and less every
+    /// commission paid in the quote asset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub realized_quote: Option<String>,
+    /// Whether `realizedQuote` counts every commission of the legs' sales,
+    /// with it (absent while there is no result). `false`: the result
+    /// leaves out commissions of sales learnt by lookup (a list's end found
+    /// while the stream was down carries no trades); a trade reported later
+    /// recounts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fees_complete: Option<bool>,
+    /// Commissions `realizedQuote` does not count, by asset: those paid in
+    /// an asset other than the quote (BNB, say), by the entry's fills (but
+    /// the base asset's, in `baseCommission`) and by the legs' trades.
+    /// Absent when none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub other_fees: BTreeMap<String, String>,
     /// Every leg, every generation.
     pub legs: Vec<LegView>,
     /// History, oldest first (on `GET /v1/entries/{id}`).
@@ -463,6 +485,7 @@ impl EntryView {
         if let Some(tp2) = entry.levels.tp2 {
             tp.push(tp2.to_string());
         }
+        let other_fees = fees_view(&oco_core::protect::other_fees(entry, legs));
         let mut legs: Vec<&Leg> = legs.iter().collect();
         legs.sort_by_key(|l| (l.key.generation, l.key.leg));
         EntryView {
@@ -488,11 +511,20 @@ impl EntryView {
             created_at: entry.created_at.0,
             protection: ProtectionView::of(&entry.protection),
             realized_quote: entry.realized_quote.map(|q| q.normalize().to_string()),
+            fees_complete: entry.realized_quote.map(|_| entry.fees_complete),
+            other_fees,
             legs: legs.into_iter().map(LegView::of).collect(),
             events: None,
             note: None,
         }
     }
+}
+
+/// Commissions by asset, as the wire shows them.
+fn fees_view(fees: &Fees) -> BTreeMap<String, String> {
+    fees.iter()
+        .map(|(asset, amount)| (asset.0.clone(), amount.normalize().to_string()))
+        .collect()
 }
 
 /// `GET /v1/entries`.

@@ -549,6 +549,91 @@ async fn get_shows_legs_and_events_and_list_filters_by_status() {
     );
 }
 
+/// The view keeps commissions paid outside the quote apart from the
+/// result, by asset, and shows each leg's.
+#[tokio::test]
+async fn the_entry_view_shows_commissions_outside_the_quote_apart() {
+    use oco_core::model::{Fill, Millis, SaleSide};
+    use oco_core::{Asset, Price, Qty};
+
+    let w = world().await;
+    let (_, body) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    let id = EntryId(body["id"].as_i64().unwrap());
+    let trade = |trade_id: i64, fee: rust_decimal::Decimal, asset: &str| Fill {
+        trade_id,
+        price: Price::new(dec!(101)).unwrap(),
+        qty: Qty::new(dec!(0.5)).unwrap(),
+        commission: fee,
+        commission_asset: Asset(asset.into()),
+        time: Millis(1),
+    };
+    let legs = w.store.legs(id).await.unwrap();
+    w.store
+        .record_leg_trades(
+            legs[0].key,
+            SaleSide::TakeProfit,
+            &[trade(901, dec!(0.0001), "BNB")],
+        )
+        .await
+        .unwrap();
+    w.store
+        .record_leg_trades(
+            legs[1].key,
+            SaleSide::StopLoss,
+            &[trade(902, dec!(0.0495), "USDT")],
+        )
+        .await
+        .unwrap();
+
+    let path = format!("/v1/entries/{}", id.0);
+    let (status, body) = w.call(Method::GET, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["otherFees"], json!({"BNB": "0.0001"}), "{body}");
+    let fees: Vec<&Value> = body["legs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["fees"])
+        .collect();
+    assert_eq!(
+        fees,
+        [&json!({"BNB": "0.0001"}), &json!({"USDT": "0.0495"})]
+    );
+}
+
+/// `feesComplete` stands next to the result: absent with it, `false` when
+/// the result leaves out commissions of sales learnt by lookup, `true` when
+/// a recount counted them.
+#[tokio::test]
+async fn the_entry_view_says_whether_the_result_counts_every_commission() {
+    use oco_core::model::{Millis, Realized};
+
+    let w = world().await;
+    let (_, body) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    let id = EntryId(body["id"].as_i64().unwrap());
+    let path = format!("/v1/entries/{}", id.0);
+    let (_, body) = w.call(Method::GET, &path, Some(ALICE_TOKEN), None).await;
+    assert!(body.get("feesComplete").is_none(), "no result yet: {body}");
+
+    let partial = Realized {
+        quote: dec!(1.5),
+        fees_complete: false,
+    };
+    w.store.close_entry(id, partial, Millis(5)).await.unwrap();
+    let (status, body) = w.call(Method::GET, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["realizedQuote"], json!("1.5"), "{body}");
+    assert_eq!(body["feesComplete"], json!(false), "{body}");
+
+    w.store
+        .close_entry(id, Realized::complete(dec!(1.399)), Millis(6))
+        .await
+        .unwrap();
+    let (_, body) = w.call(Method::GET, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(body["realizedQuote"], json!("1.399"), "{body}");
+    assert_eq!(body["feesComplete"], json!(true), "{body}");
+}
+
 fn resting_limit(w: &World) -> Value {
     let mut req = w.market();
     req["type"] = json!("LIMIT");

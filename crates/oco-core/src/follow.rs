@@ -6,9 +6,9 @@
 //! orders placed by hand are ignored.
 
 use crate::ids::{AccountId, EntryId, LegKey, OrderRole};
-use crate::model::{Evidence, Leg, Protection, Source};
+use crate::model::{Evidence, Leg, Protection, SaleSide, Source};
 use crate::ports::{ExecutionUpdate, StoreError, event};
-use crate::protect::{ProtectError, ProtectReport, Protector, realized_quote};
+use crate::protect::{ProtectError, ProtectReport, Protector, realized};
 use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold, LegState};
 
 /// What an update was about.
@@ -37,20 +37,56 @@ pub enum Followed {
     },
 }
 
+/// The bookkeeping a leg order's update leaves once protection is done
+/// ([`Protector::follow_protecting`]): its trade's commission to record and
+/// the result of a settled entry to recount. Run by
+/// [`Protector::bookkeep`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bookkeeping {
+    key: LegKey,
+    side: SaleSide,
+    trade: Option<crate::model::Fill>,
+    sold_any: bool,
+    source: Source,
+}
+
 impl Protector {
     /// Applies an order update of `account` and protects what it reveals:
-    /// a fill of an entry, or a leg that ended while coins remain.
+    /// a fill of an entry, or a leg that ended while coins remain; then
+    /// records a leg trade's commission and recounts a settled result
+    /// ([`Protector::bookkeep`]).
     ///
     /// # Errors
     /// [`ProtectError`] when the store or a read from the exchange fails.
+    /// A leg trade that cannot be recorded is no error (logged, counted).
     pub async fn follow(
         &self,
         account: AccountId,
         update: &ExecutionUpdate,
         source: Source,
     ) -> Result<Followed, ProtectError> {
+        let (followed, later) = self.follow_protecting(account, update, source).await?;
+        if let Some(later) = later {
+            self.bookkeep(later).await?;
+        }
+        Ok(followed)
+    }
+
+    /// [`Protector::follow`] without its bookkeeping, which it returns for
+    /// the caller to run when protection's own follow-up (a flag for an
+    /// incomplete placement) is done: nothing on protection's path waits on
+    /// a commission's write.
+    ///
+    /// # Errors
+    /// As [`Protector::follow`].
+    pub async fn follow_protecting(
+        &self,
+        account: AccountId,
+        update: &ExecutionUpdate,
+        source: Source,
+    ) -> Result<(Followed, Option<Bookkeeping>), ProtectError> {
         let Some(role) = self.ids().parse(&update.client_id) else {
-            return Ok(Followed::Foreign);
+            return Ok((Followed::Foreign, None));
         };
         match role {
             OrderRole::Entry(id) => {
@@ -66,7 +102,7 @@ impl Protector {
                 // The entry's ownership is checked by the write itself: an
                 // id of ours seen on another account's stream writes nothing.
                 if update.executed_qty.is_zero() {
-                    return Ok(
+                    return Ok((
                         match self
                             .store()
                             .record_evidence_of(account, id, &evidence)
@@ -75,9 +111,10 @@ impl Protector {
                             Some(_) => Followed::EntryAccepted,
                             None => Followed::Foreign,
                         },
-                    );
+                        None,
+                    ));
                 }
-                Ok(
+                Ok((
                     match self
                         .protect_seen(account, id, &update.symbol, &evidence, source)
                         .await?
@@ -85,14 +122,15 @@ impl Protector {
                         Some(report) => Followed::Entry(report),
                         None => Followed::Foreign,
                     },
-                )
+                    None,
+                ))
             }
             // A leg order accepted with nothing filled changes nothing: no
             // transition, nothing sold. Four of these follow every protection.
             OrderRole::TakeProfit(key) | OrderRole::StopLoss(key) | OrderRole::Exit(key)
                 if update.status == EntryStatus::New && update.executed_qty.is_zero() =>
             {
-                Ok(Followed::LegAccepted { key })
+                Ok((Followed::LegAccepted { key }, None))
             }
             OrderRole::TakeProfit(key)
             | OrderRole::StopLoss(key)
@@ -100,14 +138,16 @@ impl Protector {
             | OrderRole::Exit(key) => {
                 let entry = match self.store().entry(key.entry).await {
                     Ok(e) if e.account == account => e,
-                    Ok(_) | Err(StoreError::NotFound { .. }) => return Ok(Followed::Foreign),
+                    Ok(_) | Err(StoreError::NotFound { .. }) => {
+                        return Ok((Followed::Foreign, None));
+                    }
                     // Not a stranger's order: a store that failed must be
                     // reported (the caller flags the account), not ignored.
                     Err(err) => return Err(err.into()),
                 };
                 let legs = self.store().legs(key.entry).await?;
                 let Some(leg) = legs.into_iter().find(|l| l.key == key) else {
-                    return Ok(Followed::Foreign);
+                    return Ok((Followed::Foreign, None));
                 };
                 let take_profit = matches!(role, OrderRole::TakeProfit(_));
                 let sold = if take_profit {
@@ -124,20 +164,39 @@ impl Protector {
                     }
                 };
                 let sold_any = !update.executed_qty.is_zero();
+                // The trade's commission and any recount come after the sale,
+                // the leg's move and protection, best-effort: protection
+                // never waits on them nor fails for them. A close below
+                // counts without it; the recount counts it.
+                let later = Bookkeeping {
+                    key,
+                    side: if take_profit {
+                        SaleSide::TakeProfit
+                    } else {
+                        SaleSide::StopLoss
+                    },
+                    trade: update
+                        .fill
+                        .clone()
+                        .filter(|t| !t.qty.is_zero() && !matches!(role, OrderRole::List(_))),
+                    sold_any,
+                    source,
+                };
+                let later = (later.trade.is_some() || sold_any).then_some(later);
                 if sold_any {
                     self.store()
                         .record_leg_sold(key, sold, update.event_time)
                         .await?;
                 }
                 if matches!(role, OrderRole::Exit(_)) {
-                    if sold_any {
-                        self.recount_closed(key.entry, source).await?;
-                    }
-                    return Ok(Followed::Leg {
-                        key,
-                        state: leg.state.name(),
-                        protect: None,
-                    });
+                    return Ok((
+                        Followed::Leg {
+                            key,
+                            state: leg.state.name(),
+                            protect: None,
+                        },
+                        later,
+                    ));
                 }
                 let state = match leg_event(take_profit, update) {
                     Some(event) => self.move_leg(leg.clone(), &event).await?,
@@ -156,14 +215,14 @@ impl Protector {
                 } else {
                     None
                 };
-                if sold_any {
-                    self.recount_closed(key.entry, source).await?;
-                }
-                Ok(Followed::Leg {
-                    key,
-                    state: state.name(),
-                    protect,
-                })
+                Ok((
+                    Followed::Leg {
+                        key,
+                        state: state.name(),
+                        protect,
+                    },
+                    later,
+                ))
             }
         }
     }
@@ -174,11 +233,33 @@ impl Protector {
 const LEG_MOVE_ATTEMPTS: usize = 4;
 
 impl Protector {
+    /// Records the trade a leg order's update carried (`t`, `n`, `N`), once
+    /// by trade id, best-effort ([`Protector::record_trades_quietly`]: a
+    /// failure is logged and counted, not returned), then recounts the
+    /// result of an entry already settled when the update sold or its trade
+    /// was recorded.
+    ///
+    /// # Errors
+    /// [`ProtectError::Store`] when the recount cannot read or write.
+    pub async fn bookkeep(&self, later: Bookkeeping) -> Result<(), ProtectError> {
+        let traded = match &later.trade {
+            Some(trade) => {
+                self.record_trades_quietly(later.key, later.side, std::slice::from_ref(trade))
+                    .await
+            }
+            None => false,
+        };
+        if later.sold_any || traded {
+            self.recount_closed(later.key.entry, later.source).await?;
+        }
+        Ok(())
+    }
+
     /// A sale recorded on an entry already closed or exited (its update
     /// came after the close: a lookup or a balance read settled the entry
     /// first, or the take-profit's fill overtook its own placement) leaves
     /// the result recorded then stale. It is computed again as the close
-    /// computes it ([`realized_quote`]) and the entry closed (or exited,
+    /// computes it ([`realized`]) and the entry closed (or exited,
     /// with the same reason) again with it when it changed (event
     /// `realized`).
     async fn recount_closed(&self, id: EntryId, source: Source) -> Result<(), ProtectError> {
@@ -190,14 +271,23 @@ impl Protector {
             return Ok(());
         }
         let legs = self.store().legs(id).await?;
-        let realized = realized_quote(&entry, &legs);
-        if entry.realized_quote == Some(realized) {
+        let realized = realized(&entry, &legs);
+        if entry.realized_quote == Some(realized.quote)
+            && entry.fees_complete == realized.fees_complete
+        {
             return Ok(());
         }
         let now = self.clock().now();
         match &entry.protection {
             Protection::Exited { reason } => {
-                self.store().exit_entry(id, reason, realized).await?;
+                // `false`: a fill reopened it meanwhile; its close recounts.
+                if !self
+                    .store()
+                    .exit_entry(id, reason, realized, &entry)
+                    .await?
+                {
+                    return Ok(());
+                }
             }
             _ => self.store().close_entry(id, realized, now).await?,
         }
@@ -205,7 +295,10 @@ impl Protector {
             .append_event(&event(
                 id,
                 "realized",
-                format!("realized {realized}: a sale recorded after the close"),
+                format!(
+                    "realized {}: a sale or commission recorded after the close",
+                    realized.quote
+                ),
                 Some(source),
                 now,
             ))

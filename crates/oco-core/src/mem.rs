@@ -10,8 +10,8 @@ use rust_decimal::Decimal;
 
 use crate::ids::{AccountId, ClientOrderId, EntryId, LegKey};
 use crate::model::{
-    Account, Entry, EntryEventRecord, Evidence, Fill, Leg, LegClaim, LegUpdate, Millis, NewEntry,
-    Protection, ProtectionConfig, Source,
+    Account, Entry, EntryEventRecord, Evidence, Fees, Fill, Leg, LegClaim, LegTrades, LegUpdate,
+    Millis, NewEntry, Protection, ProtectionConfig, Realized, SaleSide, Source,
 };
 use crate::money::Qty;
 use crate::ports::{
@@ -26,6 +26,9 @@ struct Inner {
     entries: BTreeMap<EntryId, Entry>,
     fills: BTreeMap<EntryId, BTreeMap<i64, Fill>>,
     legs: BTreeMap<LegKey, Leg>,
+    /// Trades of leg orders by account, symbol and trade id: the leg each
+    /// was recorded for.
+    leg_trades: BTreeMap<(AccountId, String, i64), LegKey>,
     events: Vec<EntryEventRecord>,
     flagged: BTreeSet<AccountId>,
     leases: BTreeMap<AccountId, (String, std::time::Instant)>,
@@ -67,8 +70,9 @@ fn not_found(what: &'static str, id: impl ToString) -> StoreError {
 
 /// Merges evidence into an entry the way every store must: fills by trade id,
 /// executed quantity and quote by maximum, status only forward, base
-/// commission recomputed from the fills. An exited entry that fills further
-/// is unprotected again, and its exit's result dropped until it closes.
+/// commission and fees by asset recomputed from the fills. An exited entry
+/// that fills further is unprotected again, and its exit's result dropped
+/// until it closes.
 pub fn merge_evidence(entry: &mut Entry, fills: &mut BTreeMap<i64, Fill>, evidence: &Evidence) {
     let executed_before = entry.executed_qty;
     for fill in &evidence.fills {
@@ -88,6 +92,10 @@ pub fn merge_evidence(entry: &mut Entry, fills: &mut BTreeMap<i64, Fill>, eviden
         .filter(|f| &f.commission_asset == base)
         .map(|f| Qty::new(f.commission).unwrap_or(Qty::ZERO))
         .sum();
+    entry.fees = fills
+        .values()
+        .map(|f| (f.commission_asset.clone(), f.commission))
+        .collect();
     let observed = if evidence.status == EntryStatus::New && !entry.executed_qty.is_zero() {
         EntryStatus::PartiallyFilled
     } else {
@@ -137,6 +145,7 @@ fn claim_locked(inner: &mut Inner, claim: &LegClaim) -> Result<bool, StoreError>
             stop_limit: claim.stop_limit,
             state: LegState::Claimed,
             sold: LegSold::default(),
+            trades: LegTrades::default(),
             source: claim.source,
             attempts: 1,
             last_error: None,
@@ -276,12 +285,14 @@ impl Store for MemStore {
             executed_qty: Qty::ZERO,
             cumulative_quote: Decimal::ZERO,
             base_commission: Qty::ZERO,
+            fees: Fees::default(),
             fills_qty: Qty::ZERO,
             levels: entry.levels,
             tags: entry.tags,
             filled_at: None,
             protection: Protection::NotNeeded,
             realized_quote: None,
+            fees_complete: false,
             created_at: at,
         };
         inner.entries.insert(id, created.clone());
@@ -338,7 +349,7 @@ impl Store for MemStore {
     async fn close_entry(
         &self,
         id: EntryId,
-        realized_quote: Decimal,
+        realized: Realized,
         _at: Millis,
     ) -> Result<(), StoreError> {
         let mut inner = self.lock();
@@ -347,7 +358,8 @@ impl Store for MemStore {
             .get_mut(&id)
             .ok_or_else(|| not_found("entry", id))?;
         entry.protection = Protection::Closed;
-        entry.realized_quote = Some(realized_quote);
+        entry.realized_quote = Some(realized.quote);
+        entry.fees_complete = realized.fees_complete;
         Ok(())
     }
 
@@ -355,20 +367,26 @@ impl Store for MemStore {
         &self,
         id: EntryId,
         reason: &str,
-        realized_quote: Decimal,
-    ) -> Result<(), StoreError> {
+        realized: Realized,
+        read: &Entry,
+    ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         let entry = inner
             .entries
             .get_mut(&id)
             .ok_or_else(|| not_found("entry", id))?;
-        if !is_settled(&entry.protection) {
-            entry.protection = Protection::Exited {
-                reason: reason.to_owned(),
-            };
-            entry.realized_quote = Some(realized_quote);
+        if is_settled(&entry.protection)
+            || entry.executed_qty != read.executed_qty
+            || entry.protection != read.protection
+        {
+            return Ok(false);
         }
-        Ok(())
+        entry.protection = Protection::Exited {
+            reason: reason.to_owned(),
+        };
+        entry.realized_quote = Some(realized.quote);
+        entry.fees_complete = realized.fees_complete;
+        Ok(true)
     }
 
     async fn legs(&self, entry: EntryId) -> Result<Vec<Leg>, StoreError> {
@@ -410,6 +428,36 @@ impl Store for MemStore {
             .ok_or_else(|| not_found("leg", key))?;
         leg.sold = leg.sold.merge(sold);
         leg.updated_at = at;
+        Ok(())
+    }
+
+    async fn record_leg_trades(
+        &self,
+        key: LegKey,
+        side: SaleSide,
+        trades: &[Fill],
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let account = inner
+            .entries
+            .get(&key.entry)
+            .map(|e| e.account)
+            .ok_or_else(|| not_found("entry", key.entry))?;
+        let symbol = inner
+            .legs
+            .get(&key)
+            .map(|l| l.symbol.clone())
+            .ok_or_else(|| not_found("leg", key))?;
+        for trade in trades {
+            let id = (account, symbol.clone(), trade.trade_id);
+            if inner.leg_trades.contains_key(&id) {
+                continue;
+            }
+            inner.leg_trades.insert(id, key);
+            if let Some(leg) = inner.legs.get_mut(&key) {
+                leg.trades.add(side, trade);
+            }
+        }
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The records the layers share through the store: accounts, entries, fills, legs.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -274,6 +275,9 @@ pub struct Entry {
     pub cumulative_quote: Decimal,
     /// Commission paid in the base asset over the recorded fills.
     pub base_commission: Qty,
+    /// Commission paid over the recorded fills, by asset (the base asset's
+    /// too, as in `base_commission`).
+    pub fees: Fees,
     /// Quantity covered by the recorded fills (less than `executed_qty` when
     /// some trades have not been seen one by one).
     pub fills_qty: Qty,
@@ -285,8 +289,17 @@ pub struct Entry {
     pub filled_at: Option<Millis>,
     /// Protection state.
     pub protection: Protection,
-    /// Realised quote result once closed (sales − cost − quote fees).
+    /// Realised quote result once closed or exited at market: what the legs
+    /// sold, less the cost and the commissions paid in the quote asset, the
+    /// entry's and the legs' ([`crate::protect::realized_quote`]).
+    /// Commissions in other assets are apart
+    /// ([`crate::protect::other_fees`]).
     pub realized_quote: Option<Decimal>,
+    /// Whether `realized_quote` counts every commission of the legs' sales
+    /// (written with it, see [`crate::protect::fees_complete`]): `false`
+    /// when it leaves out those of sales learnt by lookup, without their
+    /// trades. Meaningless while there is no result.
+    pub fees_complete: bool,
     /// Creation time.
     pub created_at: Millis,
 }
@@ -327,6 +340,8 @@ pub struct Leg {
     pub state: LegState,
     /// Sold so far.
     pub sold: LegSold,
+    /// The trades of its orders recorded so far (commissions included).
+    pub trades: LegTrades,
     /// Layer that claimed it.
     pub source: Source,
     /// Placement attempts.
@@ -338,6 +353,142 @@ pub struct Leg {
     /// Last change. For a claimed leg: its claim, or its claimant's fence
     /// right before sending; the claim timeout runs from here.
     pub updated_at: Millis,
+}
+
+/// An entry's realised result as written by a close or an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Realized {
+    /// The result in the quote asset ([`crate::protect::realized_quote`]).
+    pub quote: Decimal,
+    /// Whether it counts every commission of the legs' sales.
+    pub fees_complete: bool,
+}
+
+impl Realized {
+    /// A result that counts every commission (tests, and sales with no
+    /// commission to learn).
+    pub fn complete(quote: Decimal) -> Realized {
+        Realized {
+            quote,
+            fees_complete: true,
+        }
+    }
+}
+
+/// Commissions by asset: one total per asset, zero totals left out.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fees(BTreeMap<Asset, Decimal>);
+
+impl Fees {
+    /// Adds `amount` of `asset`.
+    pub fn add(&mut self, asset: &Asset, amount: Decimal) {
+        let total = self.0.entry(asset.clone()).or_default();
+        *total += amount;
+        if total.is_zero() {
+            self.0.remove(asset);
+        }
+    }
+
+    /// The total charged in `asset` (zero when none).
+    pub fn of(&self, asset: &Asset) -> Decimal {
+        self.0.get(asset).copied().unwrap_or_default()
+    }
+
+    /// Each asset with its total, by asset.
+    pub fn iter(&self) -> impl Iterator<Item = (&Asset, Decimal)> + '_ {
+        self.0.iter().map(|(a, d)| (a, *d))
+    }
+
+    /// Nothing charged.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// These fees and `other`'s, asset by asset.
+    pub fn plus(&self, other: &Fees) -> Fees {
+        let mut sum = self.clone();
+        for (asset, amount) in other.iter() {
+            sum.add(asset, amount);
+        }
+        sum
+    }
+
+    /// These fees without those charged in any of `assets`.
+    pub fn without(&self, assets: &[&Asset]) -> Fees {
+        Fees(
+            self.0
+                .iter()
+                .filter(|(a, _)| !assets.contains(a))
+                .map(|(a, d)| (a.clone(), *d))
+                .collect(),
+        )
+    }
+}
+
+impl FromIterator<(Asset, Decimal)> for Fees {
+    fn from_iter<I: IntoIterator<Item = (Asset, Decimal)>>(iter: I) -> Fees {
+        let mut fees = Fees::default();
+        for (asset, amount) in iter {
+            fees.add(&asset, amount);
+        }
+        fees
+    }
+}
+
+/// Which order of a leg traded: its take-profit, or its stop. A market exit
+/// counts as a stop, as in [`LegSold`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SaleSide {
+    /// The take-profit (`LIMIT_MAKER` above).
+    TakeProfit,
+    /// The stop below, or a market exit.
+    StopLoss,
+}
+
+impl SaleSide {
+    /// Lower-case name, as stored.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::TakeProfit => "take_profit",
+            Self::StopLoss => "stop_loss",
+        }
+    }
+}
+
+/// What the trades recorded of a leg's orders (each once, by trade id) add
+/// up to: the base they sold, by side, and the commissions they were charged.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LegTrades {
+    /// Base sold by the take-profit's recorded trades.
+    pub take_profit_qty: Qty,
+    /// Base sold by the stop's (or the exit's) recorded trades.
+    pub stop_loss_qty: Qty,
+    /// Their commissions, by asset.
+    pub fees: Fees,
+}
+
+impl LegTrades {
+    /// The sides whose recorded trades cover less than `sold` says they
+    /// sold: not all of their commissions are known.
+    pub fn missing(&self, sold: LegSold) -> Vec<SaleSide> {
+        let mut short = Vec::new();
+        if self.take_profit_qty < sold.take_profit {
+            short.push(SaleSide::TakeProfit);
+        }
+        if self.stop_loss_qty < sold.stop_loss {
+            short.push(SaleSide::StopLoss);
+        }
+        short
+    }
+
+    /// Adds one trade of `side`.
+    pub fn add(&mut self, side: SaleSide, trade: &Fill) {
+        match side {
+            SaleSide::TakeProfit => self.take_profit_qty = self.take_profit_qty.plus(trade.qty),
+            SaleSide::StopLoss => self.stop_loss_qty = self.stop_loss_qty.plus(trade.qty),
+        }
+        self.fees.add(&trade.commission_asset, trade.commission);
+    }
 }
 
 /// A claim request: the leg as planned.

@@ -574,7 +574,7 @@ pub trait Store: Send + Sync {
     async fn close_entry(
         &self,
         id: EntryId,
-        realized_quote: Decimal,
+        realized: crate::model::Realized,
         at: Millis,
     ) -> Result<(), StoreError>;
     /// Records that the entry's coins were sold at market (protection came
@@ -583,12 +583,18 @@ pub trait Store: Send + Sync {
     /// `Closed` (as [`Store::set_protection`]). Recording it again (a sale of
     /// the exit recorded later) replaces both. Coins filled after the exit
     /// reopen the entry ([`Store::record_evidence`]) and drop the result.
+    ///
+    /// A compare-and-set on `read`, the entry as the caller read it: written
+    /// only if its executed quantity and protection are still those, so a
+    /// stale exit never writes `Exited` over an entry a fill reopened.
+    /// `Ok(false)`: the entry changed (or is closed); nothing written.
     async fn exit_entry(
         &self,
         id: EntryId,
         reason: &str,
-        realized_quote: Decimal,
-    ) -> Result<(), StoreError>;
+        realized: crate::model::Realized,
+        read: &Entry,
+    ) -> Result<bool, StoreError>;
 
     /// The entry's legs, every generation.
     async fn legs(&self, entry: EntryId) -> Result<Vec<Leg>, StoreError>;
@@ -642,6 +648,16 @@ pub trait Store: Send + Sync {
         key: LegKey,
         sold: LegSold,
         at: Millis,
+    ) -> Result<(), StoreError>;
+    /// Records trades of leg `key`'s `side` order, each once by trade id
+    /// (unique per account and symbol), and adds them to the leg's
+    /// [`crate::model::LegTrades`]: a trade reported twice (by the stream and
+    /// by a lookup) counts once, its commission with it.
+    async fn record_leg_trades(
+        &self,
+        key: LegKey,
+        side: crate::model::SaleSide,
+        trades: &[Fill],
     ) -> Result<(), StoreError>;
 
     /// Appends to the entry's history.

@@ -18,8 +18,8 @@ use crate::ids::{
 };
 use crate::levels::{LevelsError, StopSubstitute, resolve_levels};
 use crate::model::{
-    Entry, EntryEventRecord, Evidence, LatePolicy, Leg, LegClaim, LegUpdate, Millis, OrderSize,
-    Protection, Source,
+    Entry, EntryEventRecord, Evidence, Fees, LatePolicy, Leg, LegClaim, LegUpdate, Millis,
+    OrderSize, Protection, Realized, SaleSide, Source,
 };
 use crate::money::Qty;
 use crate::plan::{Degraded, Plan, PlanInput, Shortfall, plan_protection};
@@ -222,6 +222,8 @@ pub struct Protector {
     clock: Arc<dyn Clock>,
     config: ProtectorConfig,
     observer: std::sync::OnceLock<Arc<dyn ProtectObserver>>,
+    /// Leg trades whose best-effort write failed ([`Protector::leg_trade_failures`]).
+    trade_failures: std::sync::atomic::AtomicU64,
 }
 
 impl Protector {
@@ -238,6 +240,39 @@ impl Protector {
             clock,
             config,
             observer: std::sync::OnceLock::new(),
+            trade_failures: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// How many leg-trade writes failed since start (each logged): their
+    /// commissions are missing from a result until the trade is reported
+    /// again, and the entry says so (`Entry::fees_complete`).
+    pub fn leg_trade_failures(&self) -> u64 {
+        self.trade_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records trades of leg `key`'s `side` order for the result's
+    /// commissions, best-effort: never on protection's path. Called after
+    /// the sale is recorded and the leg moved (and protected); a failure is
+    /// logged and counted, not returned. `true` when written.
+    pub(crate) async fn record_trades_quietly(
+        &self,
+        key: LegKey,
+        side: SaleSide,
+        trades: &[crate::model::Fill],
+    ) -> bool {
+        if trades.is_empty() {
+            return false;
+        }
+        match self.store.record_leg_trades(key, side, trades).await {
+            Ok(()) => true,
+            Err(err) => {
+                self.trade_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(leg = %key, side = side.name(), trades = trades.len(), error = %err, "leg trades unrecorded; their commissions are left out of the result");
+                false
+            }
         }
     }
 
@@ -586,13 +621,13 @@ impl Protector {
             // An exit keeps its record and the result it recorded; there is
             // nothing more to close.
             if entry.status.is_final() && entry.protection != Protection::Closed && !exited {
-                let realized = realized_quote(entry, &legs);
+                let realized = realized(entry, &legs);
                 self.store.close_entry(entry.id, realized, now).await?;
                 self.store
                     .append_event(&event(
                         entry.id,
                         "closed",
-                        format!("realized {realized}"),
+                        format!("realized {}", realized.quote),
                         Some(source),
                         now,
                     ))
@@ -684,13 +719,13 @@ impl Protector {
                 if active.is_empty() && !sold.is_zero() && entry.status.is_final() =>
             {
                 if entry.protection != Protection::Closed {
-                    let realized = realized_quote(entry, &legs);
+                    let realized = realized(entry, &legs);
                     self.store.close_entry(entry.id, realized, now).await?;
                     self.store
                         .append_event(&event(
                             entry.id,
                             "closed",
-                            format!("realized {realized}, dust {position} left unsold"),
+                            format!("realized {}, dust {position} left unsold", realized.quote),
                             Some(source),
                             now,
                         ))
@@ -1618,6 +1653,12 @@ impl Protector {
                 None,
             )
             .await?;
+        // Its trades (a placement's FULL answer has them, a lookup does not)
+        // after the leg is released, best-effort: the result's commissions
+        // never hold the leg claimed. Before the caller's result, which then
+        // counts them when written.
+        self.record_trades_quietly(key, SaleSide::StopLoss, &snap.fills)
+            .await;
         if moved {
             self.store
                 .append_event(&event(key.entry, kind, why, source, now))
@@ -1872,11 +1913,31 @@ impl Protector {
     /// computed as a close computes it ([`realized_quote`]) from the entry
     /// and legs as stored now, the exit's sale included: an exit settles
     /// the coins as a close does, and the trader is owed its result.
+    ///
+    /// The write is a compare-and-set on the entry read (its executed
+    /// quantity and protection): a fill recorded in between reopens the
+    /// entry, and a stale exit must not write `Exited` over it.
     async fn record_exited(&self, id: crate::ids::EntryId, why: &str) -> Result<(), ProtectError> {
-        let (entry, legs) =
-            futures_util::future::join(self.store.entry(id), self.store.legs(id)).await;
-        let realized = realized_quote(&entry?, &legs?);
-        self.store.exit_entry(id, why, realized).await?;
+        let mut first_qty = None;
+        for _ in 0..EXIT_WRITE_ATTEMPTS {
+            let (entry, legs) =
+                futures_util::future::join(self.store.entry(id), self.store.legs(id)).await;
+            let entry = entry?;
+            // Coins filled since the exit's first read reopened the entry:
+            // its result is its next close's, not this exit's.
+            if *first_qty.get_or_insert(entry.executed_qty) != entry.executed_qty {
+                info!(entry = %id, "entry filled again since its exit; not recorded as exited");
+                return Ok(());
+            }
+            if self
+                .store
+                .exit_entry(id, why, realized(&entry, &legs?), &entry)
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        warn!(entry = %id, "entry kept changing; its exit is left to the next call");
         Ok(())
     }
 
@@ -2545,10 +2606,53 @@ enum Adoption {
     Held,
 }
 
+/// How many times an exit's result is written, each from a fresh read,
+/// before it is left to the next call.
+const EXIT_WRITE_ATTEMPTS: usize = 4;
+
+/// The realised result of a closed entry ([`realized_quote`]) and whether it
+/// counts every commission of its legs' sales ([`fees_complete`]).
+pub fn realized(entry: &Entry, legs: &[Leg]) -> Realized {
+    Realized {
+        quote: realized_quote(entry, legs),
+        fees_complete: fees_complete(legs),
+    }
+}
+
+/// Whether the recorded trades of every leg cover what it sold, so that
+/// [`realized_quote`] counts all of their commissions. `false` when a sale
+/// was learnt without its trades (a list's end found by lookup, a cancel's
+/// answer, a trade whose write failed): those commissions are left out
+/// until the trades are reported.
+pub fn fees_complete(legs: &[Leg]) -> bool {
+    legs.iter().all(|l| l.trades.missing(l.sold).is_empty())
+}
+
 /// The realised quote result of a closed entry: what its legs sold (exits
-/// included) less what it cost.
+/// included) less what it cost and less the commissions paid in the quote
+/// asset, the entry order's and the legs' (their recorded trades). A
+/// commission paid in the base asset on the entry is in it already: the legs
+/// sold that many coins fewer. Commissions in other assets are not: see
+/// [`other_fees`].
 pub fn realized_quote(entry: &Entry, legs: &[Leg]) -> Decimal {
-    legs.iter().map(|l| l.sold.total_quote()).sum::<Decimal>() - entry.cumulative_quote
+    let quote = &entry.symbol.quote;
+    let sales: Decimal = legs.iter().map(|l| l.sold.total_quote()).sum();
+    let fees: Decimal = legs.iter().map(|l| l.trades.fees.of(quote)).sum();
+    sales - entry.cumulative_quote - entry.fees.of(quote) - fees
+}
+
+/// The commissions [`realized_quote`] leaves out, by asset: those paid in
+/// any asset but the quote (BNB, say), by the entry order (but its base
+/// asset, which the result counts in coins) and by the legs' orders.
+pub fn other_fees(entry: &Entry, legs: &[Leg]) -> Fees {
+    let quote = &entry.symbol.quote;
+    let sales = legs
+        .iter()
+        .fold(Fees::default(), |all, l| all.plus(&l.trades.fees));
+    entry
+        .fees
+        .without(&[&entry.symbol.base, quote])
+        .plus(&sales.without(&[quote]))
 }
 
 /// Whether `leg` is the rest of a partly filled take-profit: on the book

@@ -17,7 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::ids::{AccountId, ClientOrderId, EntryId, LegIndex, LegKey, OcoClientIds};
 use crate::model::{
     Entry, Evidence, Fill, LegClaim, LegUpdate, Millis, NewEntry, OrderSize, Protection,
-    ProtectionConfig,
+    ProtectionConfig, Realized, SaleSide,
 };
 use crate::money::{Price, Qty};
 use crate::ports::{
@@ -95,6 +95,11 @@ struct FakeState {
     order_calls: usize,
     balance_reads: usize,
     cancel_failure: Option<ExchangeError>,
+    /// Commission of each trade of a list's order, and its asset.
+    leg_fee: Option<(Decimal, Asset)>,
+    /// Trade ids of lists' orders are counted apart, so that they move no
+    /// list or order id.
+    next_trade: i64,
 }
 
 /// An exchange double with Binance's OCO semantics: one quantity locked for
@@ -237,6 +242,11 @@ impl FakeExchange {
             book.entry(to).or_default().0 += inc;
         }
         s.next_id += 1;
+        // Our sells (market exits) are charged like a list's orders.
+        let (fee, fee_asset) = match (&s.leg_fee, order.side) {
+            (Some((fee, asset)), Side::Sell) => (*fee, asset.clone()),
+            _ => (Decimal::ZERO, Asset("BNB".into())),
+        };
         let snap = OrderSnapshot {
             order_id: s.next_id,
             client_id: order.client_id.as_str().to_owned(),
@@ -259,8 +269,8 @@ impl FakeExchange {
                     trade_id: s.next_id,
                     price,
                     qty,
-                    commission: Decimal::ZERO,
-                    commission_asset: Asset("BNB".into()),
+                    commission: fee,
+                    commission_asset: fee_asset,
                     time: Millis(0),
                 }]
             } else {
@@ -381,6 +391,7 @@ impl FakeExchange {
         };
         let qty = qty.min(total);
         let full = qty == total;
+        let before = s.lists[i].take_profit.executed_qty;
         {
             let l = &mut s.lists[i];
             // The list keeps executing while the rest of a partly filled take-profit rests.
@@ -395,6 +406,13 @@ impl FakeExchange {
             l.stop_loss.status = EntryStatus::Expired;
             l.stop_loss.expiry_reason = Some("OCO_TRIGGER".into());
         }
+        let list = s.lists[i].clone();
+        s.trade_list_order(
+            &list,
+            SaleSide::TakeProfit,
+            qty.saturating_sub(before),
+            price,
+        );
         let (base, quote) = s.split_symbol(&symbol);
         let book = s.balances.entry(api_key).or_default();
         let slot = book.entry(base).or_default();
@@ -432,6 +450,8 @@ impl FakeExchange {
                 price,
             )
         };
+        let list = s.lists[i].clone();
+        s.trade_list_order(&list, SaleSide::StopLoss, qty, price);
         let (base, quote) = s.split_symbol(&symbol);
         let book = s.balances.entry(api_key).or_default();
         book.entry(base).or_default().1 -= qty.get();
@@ -454,6 +474,12 @@ impl FakeExchange {
         }
     }
 
+    /// Charges each trade of a list's order, and each market sell, from now
+    /// on `fee` in `asset` (`None`: nothing, the default).
+    pub fn set_leg_commission(&self, fee: Option<(Decimal, &str)>) {
+        self.lock().leg_fee = fee.map(|(fee, asset)| (fee, Asset(asset.to_owned())));
+    }
+
     /// Cancels a list as a user would by hand.
     pub fn cancel_externally(&self, list_client_id: &str) {
         let mut s = self.lock();
@@ -462,6 +488,56 @@ impl FakeExchange {
 }
 
 impl FakeState {
+    /// A trade of `qty` at `price` by the `side` order of `list` (as it
+    /// stands after the trade): the order as `query_order` and
+    /// `order_trades` then answer it, its ids those the placement answered.
+    fn trade_list_order(&mut self, list: &FakeList, side: SaleSide, qty: Qty, price: Price) {
+        let (order, client_id, order_id) = match side {
+            SaleSide::TakeProfit => (
+                &list.take_profit,
+                &list.request.ids.take_profit,
+                list.list_id + 2,
+            ),
+            SaleSide::StopLoss => (
+                &list.stop_loss,
+                &list.request.ids.stop_loss,
+                list.list_id + 1,
+            ),
+        };
+        self.next_trade += 1;
+        let trade_id = 1_000_000 + self.next_trade;
+        let (fee, asset) = self
+            .leg_fee
+            .clone()
+            .unwrap_or((Decimal::ZERO, Asset("BNB".into())));
+        let snap = self
+            .orders
+            .entry((list.api_key.clone(), client_id.as_str().to_owned()))
+            .or_insert_with(|| OrderSnapshot {
+                order_id,
+                client_id: client_id.as_str().to_owned(),
+                symbol: list.request.symbol.clone(),
+                status: EntryStatus::New,
+                executed_qty: Qty::ZERO,
+                cumulative_quote: Decimal::ZERO,
+                fills: Vec::new(),
+                updated_at: Millis(0),
+            });
+        snap.status = order.status;
+        snap.executed_qty = order.executed_qty;
+        snap.cumulative_quote = order.cumulative_quote;
+        if !qty.is_zero() {
+            snap.fills.push(Fill {
+                trade_id,
+                price,
+                qty,
+                commission: fee,
+                commission_asset: asset,
+                time: Millis(0),
+            });
+        }
+    }
+
     fn split_symbol(&self, symbol: &str) -> (String, String) {
         self.rules.get(symbol).map_or_else(
             || (symbol.to_owned(), String::new()),
@@ -1088,6 +1164,14 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         after_old.base_commission
     );
     ensure!(
+        after_old.fees.of(&Asset("BTC".into())) == dec("0.0004")
+            && after_old.fees.of(&Asset("USDT".into())) == dec("0.06")
+            && after_old.fees.iter().count() == 2
+            && store.entry(entry.id).await?.fees == after_old.fees,
+        "the fills' fees are kept by asset, once each, got {:?}",
+        after_old.fees
+    );
+    ensure!(
         after_old.net_qty() == qty("0.9996"),
         "net = filled - base fee"
     );
@@ -1254,6 +1338,62 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         legs[0].sold
     );
 
+    // Trades of the leg's orders count once each, whoever reports them (the
+    // stream, a lookup), at once or not.
+    let take_profit = [
+        fill(501, "0.3", "101", "0.0303", "USDT"),
+        fill(502, "0.1", "101", "0.00002", "BNB"),
+    ];
+    store
+        .record_leg_trades(key, SaleSide::TakeProfit, &take_profit)
+        .await?;
+    let stop = [fill(503, "0.2", "99", "0.0198", "USDT")];
+    let (a, b) = futures_util::future::join(
+        store.record_leg_trades(key, SaleSide::TakeProfit, &take_profit),
+        store.record_leg_trades(key, SaleSide::StopLoss, &stop),
+    )
+    .await;
+    a?;
+    b?;
+    let late = [fill(504, "0.05", "101", "0.00505", "USDT")];
+    let (a, b) = futures_util::future::join(
+        store.record_leg_trades(key, SaleSide::TakeProfit, &late),
+        store.record_leg_trades(key, SaleSide::TakeProfit, &late),
+    )
+    .await;
+    a?;
+    b?;
+    let legs = store.legs(entry.id).await?;
+    let usdt = Asset("USDT".into());
+    let bnb = Asset("BNB".into());
+    ensure!(
+        legs[0].trades.take_profit_qty == qty("0.45")
+            && legs[0].trades.stop_loss_qty == qty("0.2")
+            && legs[0].trades.fees.of(&usdt) == dec("0.05515")
+            && legs[0].trades.fees.of(&bnb) == dec("0.00002")
+            && legs[0].trades.fees.iter().count() == 2,
+        "each leg trade counts once, got {:?}",
+        legs[0].trades
+    );
+    ensure!(
+        legs[0].sold == sold_big.merge(sold_small),
+        "trades leave what the leg sold as it was, got {:?}",
+        legs[0].sold
+    );
+    let stranger = LegKey {
+        generation: 7,
+        ..key
+    };
+    ensure!(
+        matches!(
+            store
+                .record_leg_trades(stranger, SaleSide::TakeProfit, &late)
+                .await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "trades of an unknown leg are refused"
+    );
+
     // The rest of a partly filled take-profit, canceled by ocoguard: the one
     // move out of an external end, written as a compare-and-set like any other.
     let rest = LegKey {
@@ -1333,7 +1473,9 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         history.iter().map(|h| h.kind.as_str()).collect::<Vec<_>>() == ["a", "b"],
         "history is append-only and ordered"
     );
-    store.close_entry(entry.id, dec("-1.5"), Millis(60)).await?;
+    store
+        .close_entry(entry.id, Realized::complete(dec("-1.5")), Millis(60))
+        .await?;
     let e = store.entry(entry.id).await?;
     ensure!(
         e.protection == Protection::Closed && e.realized_quote == Some(dec("-1.5")),
@@ -1367,14 +1509,32 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         written.entry.protection
     );
     // A sale recorded after the close: closing again replaces the result.
-    store.close_entry(entry.id, dec("2.25"), Millis(62)).await?;
+    // Its result leaving out commissions of sales learnt by lookup says so.
+    let partial = Realized {
+        quote: dec("2.25"),
+        fees_complete: false,
+    };
+    store.close_entry(entry.id, partial, Millis(62)).await?;
     let e = store.entry(entry.id).await?;
     ensure!(
-        e.protection == Protection::Closed && e.realized_quote == Some(dec("2.25")),
-        "closed again with the new result, got {:?}",
-        e.realized_quote
+        e.protection == Protection::Closed
+            && e.realized_quote == Some(dec("2.25"))
+            && !e.fees_complete,
+        "closed again with the new result, its commissions incomplete, got {:?} {}",
+        e.realized_quote,
+        e.fees_complete
     );
-    store.exit_entry(entry.id, "late", dec("-3")).await?;
+    store
+        .close_entry(entry.id, Realized::complete(dec("2.25")), Millis(63))
+        .await?;
+    ensure!(
+        store.entry(entry.id).await?.fees_complete,
+        "a recount with every commission says so"
+    );
+    let read = store.entry(entry.id).await?;
+    store
+        .exit_entry(entry.id, "late", Realized::complete(dec("-3")), &read)
+        .await?;
     let e = store.entry(entry.id).await?;
     ensure!(
         e.protection == Protection::Closed && e.realized_quote == Some(dec("2.25")),
@@ -1402,7 +1562,13 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
     let why = Protection::Exited {
         reason: "late".into(),
     };
-    store.exit_entry(exited.id, "late", dec("-0.8")).await?;
+    let read = store.entry(exited.id).await?;
+    ensure!(
+        store
+            .exit_entry(exited.id, "late", Realized::complete(dec("-0.8")), &read)
+            .await?,
+        "an exit of the entry as read is written"
+    );
     let e = store.entry(exited.id).await?;
     ensure!(
         e.protection == why && e.realized_quote == Some(dec("-0.8")),
@@ -1426,7 +1592,16 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         observed_at: Millis(63),
         ..part.clone()
     };
+    let stale = store.entry(exited.id).await?;
     let after = store.record_evidence(exited.id, &rest).await?;
+    // An exit's recount read before those coins filled must not write
+    // `Exited` over the entry they reopened.
+    ensure!(
+        !store
+            .exit_entry(exited.id, "late", Realized::complete(dec("-9")), &stale)
+            .await?,
+        "an exit from a read the entry has left behind is refused"
+    );
     ensure!(
         after.protection == Protection::Unprotected
             && store.entry(exited.id).await?.protection == Protection::Unprotected,
@@ -1438,7 +1613,10 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         "coins filled after an exit drop its result until the entry closes, got {:?}",
         after.realized_quote
     );
-    store.exit_entry(exited.id, "late", dec("-1.5")).await?;
+    let read = store.entry(exited.id).await?;
+    store
+        .exit_entry(exited.id, "late", Realized::complete(dec("-1.5")), &read)
+        .await?;
     store
         .set_protection(
             exited.id,
@@ -1459,7 +1637,10 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
         is_open(store.open_entries(account.id).await?),
         "an entry with coins filled after its exit is open"
     );
-    store.exit_entry(exited.id, "late", dec("-1.25")).await?;
+    let read = store.entry(exited.id).await?;
+    store
+        .exit_entry(exited.id, "late", Realized::complete(dec("-1.25")), &read)
+        .await?;
     store.record_evidence(exited.id, &rest).await?;
     let e = store.entry(exited.id).await?;
     ensure!(

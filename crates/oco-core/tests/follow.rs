@@ -353,6 +353,9 @@ struct ReadBeforePlaced {
     inner: Arc<MemStore>,
     stale: Mutex<Option<LegKey>>,
     always: bool,
+    /// Every leg-trade write fails (`Unavailable`), as a database that
+    /// went away between the sale and its commission.
+    fail_trades: bool,
 }
 
 #[async_trait]
@@ -397,11 +400,22 @@ impl Store for ReadBeforePlaced {
     async fn set_protection(&self, id: EntryId, p: &Protection) -> Result<(), StoreError> {
         self.inner.set_protection(id, p).await
     }
-    async fn close_entry(&self, id: EntryId, r: Decimal, at: Millis) -> Result<(), StoreError> {
+    async fn close_entry(
+        &self,
+        id: EntryId,
+        r: oco_core::model::Realized,
+        at: Millis,
+    ) -> Result<(), StoreError> {
         self.inner.close_entry(id, r, at).await
     }
-    async fn exit_entry(&self, id: EntryId, why: &str, r: Decimal) -> Result<(), StoreError> {
-        self.inner.exit_entry(id, why, r).await
+    async fn exit_entry(
+        &self,
+        id: EntryId,
+        why: &str,
+        r: oco_core::model::Realized,
+        read: &Entry,
+    ) -> Result<bool, StoreError> {
+        self.inner.exit_entry(id, why, r, read).await
     }
     async fn legs(&self, e: EntryId) -> Result<Vec<Leg>, StoreError> {
         let mut legs = self.inner.legs(e).await?;
@@ -428,6 +442,19 @@ impl Store for ReadBeforePlaced {
     }
     async fn record_leg_sold(&self, k: LegKey, s: LegSold, at: Millis) -> Result<(), StoreError> {
         self.inner.record_leg_sold(k, s, at).await
+    }
+    async fn record_leg_trades(
+        &self,
+        k: LegKey,
+        side: oco_core::model::SaleSide,
+        t: &[oco_core::model::Fill],
+    ) -> Result<(), StoreError> {
+        if self.fail_trades {
+            return Err(StoreError::Unavailable(
+                "leg trades: connection lost".into(),
+            ));
+        }
+        self.inner.record_leg_trades(k, side, t).await
     }
     async fn append_event(&self, e: &EntryEventRecord) -> Result<(), StoreError> {
         self.inner.append_event(e).await
@@ -504,6 +531,7 @@ async fn partial_take_profit_read_before_placed(
         inner: w.store.clone(),
         stale: Mutex::new(Some(leg.key)),
         always,
+        fail_trades: false,
     });
     let protector = Protector::new(
         w.exchange.clone(),
@@ -547,6 +575,143 @@ async fn a_partial_take_profit_racing_the_placers_record_still_reprotects_the_re
         "{report:?}"
     );
     assert_eq!(w.open_qty(), dec!(0.9), "what is still held has a stop");
+}
+
+/// A take-profit's partial fill whose trade (with its commission) cannot
+/// be written: the commission is bookkeeping, so the rest still gets its
+/// stop (generation 1), the follow succeeds, and the failure is counted.
+#[tokio::test]
+async fn a_leg_trade_that_cannot_be_written_still_reprotects_the_rest() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    let store = Arc::new(ReadBeforePlaced {
+        inner: w.store.clone(),
+        stale: Mutex::new(None),
+        always: false,
+        fail_trades: true,
+    });
+    let protector = Protector::new(
+        w.exchange.clone(),
+        store,
+        w.clock.clone(),
+        ProtectorConfig::new(IdScheme::new("og").unwrap()),
+    );
+    w.exchange
+        .fill_take_profit(leg.ids.list.as_str(), q(dec!(0.1)));
+    let tp = ExecutionUpdate {
+        fill: Some(Fill {
+            trade_id: 900,
+            price: leg.take_profit,
+            qty: q(dec!(0.1)),
+            commission: dec!(0.0101),
+            commission_asset: Asset("USDT".into()),
+            time: Millis(999_100),
+        }),
+        ..update(
+            leg.ids.take_profit.as_str(),
+            EntryStatus::PartiallyFilled,
+            dec!(0.1),
+            leg.take_profit.get(),
+        )
+    };
+    let followed = protector
+        .follow(w.account, &tp, Source::Websocket)
+        .await
+        .unwrap();
+    let Followed::Leg {
+        protect: Some(report),
+        ..
+    } = followed
+    else {
+        panic!("the rest is protected again: {followed:?}")
+    };
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    let legs = w.store.legs(id).await.unwrap();
+    assert!(
+        legs.iter()
+            .any(|l| l.key.generation == 1 && matches!(l.state, LegState::Placed { .. })),
+        "generation 1 placed: {legs:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.9), "what is still held has a stop");
+    assert_eq!(protector.leg_trade_failures(), 1);
+}
+
+/// The gateway's two steps: `follow_protecting` protects the rest of a
+/// take-profit's partial fill and writes nothing of its commission; the
+/// bookkeeping it hands back records it afterwards.
+#[tokio::test]
+async fn a_leg_trade_is_recorded_only_by_the_bookkeeping_after_protection() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    w.exchange
+        .fill_take_profit(leg.ids.list.as_str(), q(dec!(0.1)));
+    let tp = ExecutionUpdate {
+        fill: Some(Fill {
+            trade_id: 901,
+            price: leg.take_profit,
+            qty: q(dec!(0.1)),
+            commission: dec!(0.0101),
+            commission_asset: Asset("USDT".into()),
+            time: Millis(999_100),
+        }),
+        ..update(
+            leg.ids.take_profit.as_str(),
+            EntryStatus::PartiallyFilled,
+            dec!(0.1),
+            leg.take_profit.get(),
+        )
+    };
+    let (followed, later) = w
+        .protector
+        .follow_protecting(w.account, &tp, Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(followed, Followed::Leg { protect: Some(ref r), .. }
+            if matches!(r.outcome, ProtectOutcome::Placed { .. })),
+        "{followed:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.9), "the rest has its stop");
+    let trades = |legs: Vec<oco_core::model::Leg>| {
+        legs.into_iter().find(|l| l.key == leg.key).unwrap().trades
+    };
+    assert!(
+        trades(w.store.legs(id).await.unwrap()).fees.is_empty(),
+        "nothing of the commission written before the bookkeeping"
+    );
+    w.protector.bookkeep(later.unwrap()).await.unwrap();
+    let recorded = trades(w.store.legs(id).await.unwrap());
+    assert_eq!(recorded.fees.of(&Asset("USDT".into())), dec!(0.0101));
+    assert_eq!(recorded.take_profit_qty, q(dec!(0.1)));
 }
 
 /// A leg whose move keeps losing its compare-and-set is reported as an
@@ -829,4 +994,166 @@ async fn a_sale_recorded_after_the_entry_closed_updates_its_result() {
             .iter()
             .any(|e| e.kind == "realized"),
     );
+}
+
+/// What a take-profit or stop of ours sold in one trade, as the stream
+/// reports it: its own trade id, commission and commission asset.
+fn sold(
+    client_id: &str,
+    qty: Decimal,
+    price: Decimal,
+    trade_id: i64,
+    fee: Decimal,
+    fee_asset: &str,
+) -> ExecutionUpdate {
+    ExecutionUpdate {
+        side: Side::Sell,
+        order_type: "LIMIT_MAKER".into(),
+        fill: Some(Fill {
+            trade_id,
+            price: p(price),
+            qty: q(qty),
+            commission: fee,
+            commission_asset: Asset(fee_asset.into()),
+            time: Millis(999_100),
+        }),
+        ..update(client_id, EntryStatus::Filled, qty, price)
+    }
+}
+
+/// Bought 1 at 100 on the stream, protected by two lists of 0.5 (TP 101 and
+/// 102); then each take-profit fills in one trade charged `fee` in
+/// `fee_asset`, each update followed `times` times.
+async fn both_take_profits_sold(fee: Decimal, fee_asset: &str, times: usize) -> (World, EntryId) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    for (n, leg) in w.store.legs(id).await.unwrap().into_iter().enumerate() {
+        w.exchange.fill_take_profit(leg.ids.list.as_str(), leg.qty);
+        let tp = sold(
+            leg.ids.take_profit.as_str(),
+            leg.qty.get(),
+            leg.take_profit.get(),
+            700 + i64::try_from(n).unwrap(),
+            fee,
+            fee_asset,
+        );
+        for _ in 0..times {
+            w.protector
+                .follow(w.account, &tp, Source::Websocket)
+                .await
+                .unwrap();
+        }
+    }
+    (w, id)
+}
+
+#[tokio::test]
+async fn quote_commissions_of_the_take_profits_lower_the_result() {
+    let (w, id) = both_take_profits_sold(dec!(0.0505), "USDT", 1).await;
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    // Sold 0.5 at 101 and 0.5 at 102 for 100, less 0.0505 USDT twice.
+    assert_eq!(entry.realized_quote, Some(dec!(1.399)));
+    let legs = w.store.legs(id).await.unwrap();
+    for leg in &legs {
+        assert_eq!(leg.trades.fees.of(&Asset("USDT".into())), dec!(0.0505));
+        assert_eq!(
+            leg.trades.take_profit_qty, leg.qty,
+            "the trade covers the sale"
+        );
+    }
+    assert!(
+        oco_core::protect::other_fees(&entry, &legs).is_empty(),
+        "nothing charged outside the quote"
+    );
+}
+
+#[tokio::test]
+async fn a_commission_in_bnb_is_kept_apart_from_the_result() {
+    let (w, id) = both_take_profits_sold(dec!(0.0001), "BNB", 1).await;
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    assert_eq!(entry.realized_quote, Some(dec!(1.5)), "no BNB in the quote");
+    let legs = w.store.legs(id).await.unwrap();
+    let other = oco_core::protect::other_fees(&entry, &legs);
+    assert_eq!(other.of(&Asset("BNB".into())), dec!(0.0002));
+    assert_eq!(other.iter().count(), 1, "{other:?}");
+}
+
+#[tokio::test]
+async fn a_trade_reported_twice_counts_once() {
+    let (w, id) = both_take_profits_sold(dec!(0.0505), "USDT", 2).await;
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        entry.realized_quote,
+        Some(dec!(1.399)),
+        "each commission once"
+    );
+    for leg in w.store.legs(id).await.unwrap() {
+        assert_eq!(leg.trades.take_profit_qty, leg.qty);
+    }
+}
+
+/// The take-profits' fills reach the gateway only after the entry closed
+/// (a lookup settled it first, their commissions unread): each trade
+/// recounts the result with its commission.
+#[tokio::test]
+async fn a_commission_learnt_after_the_close_recounts_the_result() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let entry = w.store.entry(id).await.unwrap();
+    let up = update(
+        entry.client_id.as_str(),
+        EntryStatus::Filled,
+        dec!(1),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &up, Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in &legs {
+        w.exchange.fill_take_profit(leg.ids.list.as_str(), leg.qty);
+        w.protector.refresh_leg(&creds, leg).await.unwrap();
+    }
+    // The close reads no trades: learnt by lookup, the sales' commissions
+    // are left out, and the entry says so.
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let closed = w.store.entry(id).await.unwrap();
+    assert_eq!(closed.protection, Protection::Closed);
+    assert_eq!(closed.realized_quote, Some(dec!(1.5)));
+    assert!(!closed.fees_complete, "sales learnt without their trades");
+    for (n, leg) in legs.iter().enumerate() {
+        let tp = sold(
+            leg.ids.take_profit.as_str(),
+            leg.qty.get(),
+            leg.take_profit.get(),
+            800 + i64::try_from(n).unwrap(),
+            dec!(0.0505),
+            "USDT",
+        );
+        w.protector
+            .follow(w.account, &tp, Source::Websocket)
+            .await
+            .unwrap();
+    }
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    assert_eq!(entry.realized_quote, Some(dec!(1.399)));
+    assert!(entry.fees_complete, "every sale's trades recorded");
 }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use common::*;
 use oco_core::ids::EntryId;
 use oco_core::levels::EntryLevels;
+use oco_core::model::Millis;
 use oco_core::model::{Protection, ProtectionConfig, Source};
-use oco_core::ports::{ExchangeError, Store};
+use oco_core::ports::{Exchange, ExchangeError, Store};
 use oco_core::protect::{Idle, ProtectOutcome};
 use oco_core::state::{EntryStatus, ExternalEnd, LegState};
 use oco_core::symbol::MarketLotSize;
@@ -766,6 +767,113 @@ async fn a_filled_stop_closes_the_entry_with_its_result() {
         Some(dec!(-1.5)),
         "sold 1 at 98.5 after buying at 100"
     );
+}
+
+/// The stop filled while nobody listened: the lookup that finds the list's
+/// end carries no trades, and the close reads none (no trade reads on
+/// protection's path), so the result leaves the commission out and says so
+/// (`fees_complete` false). The stream's report of the trade, later,
+/// recounts it once, however often it comes.
+#[tokio::test]
+async fn a_stop_learnt_by_lookup_closes_incomplete_until_its_trade_comes() {
+    let mut config = ProtectionConfig::DEFAULT;
+    config.split = Decimal::ONE;
+    let w = world(config).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Direct)
+        .await
+        .unwrap();
+    w.exchange.set_leg_commission(Some((dec!(0.0985), "USDT")));
+    let list = w.exchange.open_lists()[0].request.ids.list.clone();
+    w.exchange.fill_stop(list.as_str());
+    let creds = w.store.credentials(w.account).await.unwrap();
+    for leg in w.store.legs(id).await.unwrap() {
+        w.protector.refresh_leg(&creds, &leg).await.unwrap();
+    }
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(report.outcome, ProtectOutcome::Nothing(Idle::Settled));
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    // Sold 1 at 98.5 after buying at 100; the commission is not known yet.
+    assert_eq!(entry.realized_quote, Some(dec!(-1.5)));
+    assert!(!entry.fees_complete, "a sale learnt without its trades");
+    let leg = w.store.legs(id).await.unwrap().remove(0);
+    assert!(leg.trades.stop_loss_qty.is_zero(), "{:?}", leg.trades);
+
+    // The stream's update of the trade comes after, twice.
+    let order = w
+        .exchange
+        .query_order(&creds, "BTCUSDT", leg.ids.stop_loss.as_str())
+        .await
+        .unwrap();
+    let trade = order.fills[0].clone();
+    let update = oco_core::ports::ExecutionUpdate {
+        symbol: "BTCUSDT".into(),
+        client_id: leg.ids.stop_loss.as_str().into(),
+        order_id: order.order_id,
+        list_id: 1,
+        side: oco_core::ports::Side::Sell,
+        order_type: "STOP_LOSS_LIMIT".into(),
+        execution: "TRADE".into(),
+        status: EntryStatus::Filled,
+        executed_qty: order.executed_qty,
+        cumulative_quote: order.cumulative_quote,
+        fill: Some(trade),
+        expiry_reason: None,
+        event_time: Millis(999_900),
+    };
+    for _ in 0..2 {
+        w.protector
+            .follow(w.account, &update, Source::Websocket)
+            .await
+            .unwrap();
+    }
+    let entry = w.store.entry(id).await.unwrap();
+    // Charged 0.0985 USDT, once.
+    assert_eq!(entry.realized_quote, Some(dec!(-1.5985)), "counted once");
+    assert!(entry.fees_complete, "the stream delivered the trade");
+    let recounts = w
+        .store
+        .events(id)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "realized")
+        .count();
+    assert_eq!(recounts, 1, "recounted once");
+}
+
+#[tokio::test]
+async fn an_exit_at_market_counts_its_commission() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    w.exchange.set_leg_commission(Some((dec!(0.098), "USDT")));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(matches!(entry.protection, Protection::Exited { .. }));
+    // Sold 1 at 98 for 100, charged 0.098 USDT (the FULL answer's trade).
+    assert_eq!(entry.realized_quote, Some(dec!(-2.098)));
+    assert!(entry.fees_complete, "the FULL answer carried the trades");
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ use oco_core::{Entry, EntryId, StoreError};
 
 use crate::convert::{numeric, timestamp};
 use crate::rows::{
-    EntryProtectionColumns, EntryRow, FillRow, LegUpdateColumns, NewEntryRow, NewLegRow,
+    EntryProtectionColumns, EntryRow, FillRow, LegUpdateColumns, NewEntryRow, NewLegRow, fees_json,
     leg_key_columns,
 };
 
@@ -99,6 +99,8 @@ pub(crate) struct MergeWrite<'a> {
     pub order_id: Option<i64>,
     pub status: &'a str,
     pub base_commission: PgNumeric,
+    /// The fills' commissions by asset, as `merge_evidence` computed them.
+    pub fees: serde_json::Value,
     pub fills_qty: PgNumeric,
     pub filled_at: Option<PgTimestamp>,
     pub protection: &'a str,
@@ -135,6 +137,7 @@ impl<'a> MergeWrite<'a> {
             order_id: merged.order_id,
             status: merged.status.name(),
             base_commission: numeric(merged.base_commission.get()),
+            fees: fees_json(&merged.fees),
             fills_qty: numeric(merged.fills_qty.get()),
             filled_at: merged.filled_at.map(timestamp).transpose()?,
             protection: protection.protection,
@@ -199,6 +202,8 @@ impl MergeWrite<'_> {
         out.push_bind_param::<Text, _>(self.status)?;
         out.push_sql(", base_commission = ");
         out.push_bind_param::<Numeric, _>(&self.base_commission)?;
+        out.push_sql(", fees = ");
+        out.push_bind_param::<Jsonb, _>(&self.fees)?;
         out.push_sql(", fills_qty = ");
         out.push_bind_param::<Numeric, _>(&self.fills_qty)?;
         out.push_sql(", filled_at = ");

@@ -332,12 +332,14 @@ mod tests {
             executed_qty: Qty::new(executed).unwrap(),
             cumulative_quote: Decimal::ZERO,
             base_commission: Qty::ZERO,
+            fees: oco_core::model::Fees::default(),
             fills_qty: Qty::ZERO,
             levels: EntryLevels::default(),
             tags: EntryTags::default(),
             filled_at: None,
             protection: Protection::NotNeeded,
             realized_quote: None,
+            fees_complete: false,
             created_at: Millis(0),
         };
         let seen = SeenEntry {

@@ -5,7 +5,10 @@
 use diesel::pg::data_types::{PgNumeric, PgTimestamp};
 use diesel::prelude::*;
 use oco_core::levels::{EntryLevels, LevelPercents, StopKind};
-use oco_core::model::{EntryEventRecord, EntryKind, EntryTags, LatePolicy, OrderSize, Protection};
+use oco_core::model::{
+    EntryEventRecord, EntryKind, EntryTags, Fees, LatePolicy, LegTrades, OrderSize, Protection,
+    SaleSide,
+};
 use oco_core::state::{ExternalEnd, LegSold, LegState};
 use oco_core::{
     Account, AccountId, Asset, ClientOrderId, Entry, EntryId, EntryStatus, LegIndex, LegKey,
@@ -17,7 +20,7 @@ use crate::convert::{
     millis, numeric, read_decimal, read_opt_price, read_price, read_qty, timestamp,
 };
 use crate::error::corrupt;
-use crate::schema::{accounts, entries, entry_events, fills, protection_legs};
+use crate::schema::{accounts, entries, entry_events, fills, leg_trades, protection_legs};
 
 /// An `accounts` row without its secret.
 #[derive(Queryable, Selectable)]
@@ -137,6 +140,8 @@ pub(crate) struct EntryRow {
     pub protected_by: Option<String>,
     pub realized_quote: Option<PgNumeric>,
     pub created_at: PgTimestamp,
+    pub fees: Value,
+    pub fees_complete: bool,
 }
 
 /// A new `entries` row (written by `cached::InsertEntry`).
@@ -311,6 +316,7 @@ impl EntryRow {
             executed_qty: read_qty(&self.executed_qty, &what("executed_qty"))?,
             cumulative_quote: read_decimal(&self.cumulative_quote, &what("cumulative_quote"))?,
             base_commission: read_qty(&self.base_commission, &what("base_commission"))?,
+            fees: read_fees(&self.fees, &what("fees"))?,
             fills_qty: read_qty(&self.fills_qty, &what("fills_qty"))?,
             levels,
             tags,
@@ -324,6 +330,7 @@ impl EntryRow {
                 .as_ref()
                 .map(|q| read_decimal(q, &what("realized_quote")))
                 .transpose()?,
+            fees_complete: self.fees_complete,
             created_at: millis(self.created_at, &what("created_at"))?,
         })
     }
@@ -370,6 +377,76 @@ impl FillRow {
             time: millis(self.traded_at, &what("traded_at"))?,
         })
     }
+}
+
+/// A `leg_trades` row: one trade of a leg's order.
+#[derive(Insertable)]
+#[diesel(table_name = leg_trades)]
+pub(crate) struct LegTradeRow {
+    pub account_id: i64,
+    pub symbol: String,
+    pub trade_id: i64,
+    pub entry_id: i64,
+    pub leg: i16,
+    pub generation: i32,
+    pub side: &'static str,
+    pub price: PgNumeric,
+    pub qty: PgNumeric,
+    pub commission: PgNumeric,
+    pub commission_asset: String,
+    pub traded_at: PgTimestamp,
+}
+
+impl LegTradeRow {
+    pub(crate) fn new(
+        account: AccountId,
+        symbol: &str,
+        key: LegKey,
+        side: SaleSide,
+        f: &oco_core::Fill,
+    ) -> Result<LegTradeRow, StoreError> {
+        let (entry_id, leg, generation) = leg_key_columns(key);
+        Ok(LegTradeRow {
+            account_id: account.0,
+            symbol: symbol.to_owned(),
+            trade_id: f.trade_id,
+            entry_id,
+            leg,
+            generation,
+            side: side.name(),
+            price: numeric(f.price.get()),
+            qty: numeric(f.qty.get()),
+            commission: numeric(f.commission),
+            commission_asset: f.commission_asset.0.clone(),
+            traded_at: timestamp(f.time)?,
+        })
+    }
+}
+
+/// Commissions by asset as stored: a JSONB object of decimal strings.
+pub(crate) fn fees_json(fees: &Fees) -> Value {
+    Value::Object(
+        fees.iter()
+            .map(|(asset, amount)| (asset.0.clone(), Value::String(amount.to_string())))
+            .collect(),
+    )
+}
+
+fn read_fees(value: &Value, what: &str) -> Result<Fees, StoreError> {
+    let Value::Object(map) = value else {
+        return Err(corrupt(format!("{what}: expected an object, got {value}")));
+    };
+    map.iter()
+        .map(|(asset, amount)| {
+            let amount = amount
+                .as_str()
+                .and_then(|s| s.parse::<rust_decimal::Decimal>().ok())
+                .ok_or_else(|| {
+                    corrupt(format!("{what} {asset}: not a decimal string: {amount}"))
+                })?;
+            Ok((Asset(asset.clone()), amount))
+        })
+        .collect()
 }
 
 /// An `entry_events` row.
@@ -430,6 +507,9 @@ pub(crate) struct LegRow {
     pub last_error: Option<String>,
     pub claimed_at: PgTimestamp,
     pub updated_at: PgTimestamp,
+    pub traded_take_profit: PgNumeric,
+    pub traded_stop_loss: PgNumeric,
+    pub fees: Value,
 }
 
 /// A new `protection_legs` row (a claim).
@@ -583,6 +663,11 @@ impl LegRow {
                     &self.sold_stop_loss_quote,
                     &what("sold_stop_loss_quote"),
                 )?,
+            },
+            trades: LegTrades {
+                take_profit_qty: read_qty(&self.traded_take_profit, &what("traded_take_profit"))?,
+                stop_loss_qty: read_qty(&self.traded_stop_loss, &what("traded_stop_loss"))?,
+                fees: read_fees(&self.fees, &what("fees"))?,
             },
             source: Source::from_name(&self.source)
                 .ok_or_else(|| corrupt(what(&format!("source '{}'", self.source))))?,

@@ -58,6 +58,8 @@ diesel::table! {
         realized_quote -> Nullable<Numeric>,
         closed_at -> Nullable<Timestamptz>,
         created_at -> Timestamptz,
+        fees -> Jsonb,
+        fees_complete -> Bool,
     }
 }
 
@@ -113,6 +115,26 @@ diesel::table! {
         last_error -> Nullable<Text>,
         claimed_at -> Timestamptz,
         updated_at -> Timestamptz,
+        traded_take_profit -> Numeric,
+        traded_stop_loss -> Numeric,
+        fees -> Jsonb,
+    }
+}
+
+diesel::table! {
+    leg_trades (account_id, symbol, trade_id) {
+        account_id -> Int8,
+        symbol -> Text,
+        trade_id -> Int8,
+        entry_id -> Int8,
+        leg -> Int2,
+        generation -> Int4,
+        side -> Text,
+        price -> Numeric,
+        qty -> Numeric,
+        commission -> Numeric,
+        commission_asset -> Text,
+        traded_at -> Timestamptz,
     }
 }
 
@@ -146,6 +168,7 @@ diesel::joinable!(entries -> accounts (account_id));
 diesel::joinable!(fills -> entries (entry_id));
 diesel::joinable!(entry_events -> entries (entry_id));
 diesel::joinable!(protection_legs -> entries (entry_id));
+diesel::joinable!(leg_trades -> accounts (account_id));
 diesel::joinable!(reconcile_flags -> accounts (account_id));
 diesel::joinable!(account_leases -> accounts (account_id));
 diesel::joinable!(reconcile_schedule -> accounts (account_id));
@@ -157,6 +180,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     fills,
     entry_events,
     protection_legs,
+    leg_trades,
     reconcile_flags,
     account_leases,
     reconcile_schedule,

@@ -22,6 +22,7 @@ use futures_util::FutureExt as _;
 use oco_core::mem::{is_open, merge_evidence};
 use oco_core::model::{
     EntryEventRecord, EntryKind, Evidence, LegClaim, LegUpdate, NewEntry, OrderSize, Protection,
+    Realized, SaleSide,
 };
 use oco_core::ports::{ClaimPlanner, FillContext, NewAccount, RecordedFill, RecordedOutcomes};
 use oco_core::state::{EntryStatus, LegSold};
@@ -43,10 +44,12 @@ use crate::error::{corrupt, db, is_foreign_key, not_found, pool};
 use crate::hints::{AccountHint, HintStats, Hints};
 use crate::migrate::migrate;
 use crate::rows::{
-    AccountRow, EntryProtectionColumns, EntryRow, EventRow, FillRow, LegRow, LegUpdateColumns,
-    NewEntryRow, NewLegRow, ProtectionColumns, leg_key_columns, metadata,
+    AccountRow, EntryProtectionColumns, EntryRow, EventRow, FillRow, LegRow, LegTradeRow,
+    LegUpdateColumns, NewEntryRow, NewLegRow, ProtectionColumns, leg_key_columns, metadata,
 };
-use crate::schema::{accounts, entries, entry_events, fills, protection_legs, secret_key_check};
+use crate::schema::{
+    accounts, entries, entry_events, fills, leg_trades, protection_legs, secret_key_check,
+};
 
 diesel::define_sql_function! {
     /// PostgreSQL's `GREATEST` on two numerics: the store's monotonic merge.
@@ -69,6 +72,32 @@ struct ClaimedKey {
     #[diesel(sql_type = diesel::sql_types::Integer)]
     generation: i32,
 }
+
+/// The leg a trade is recorded for, locked: its entry's account and its symbol.
+#[derive(diesel::QueryableByName)]
+struct LockedLeg {
+    #[diesel(sql_type = BigInt)]
+    account_id: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    symbol: String,
+}
+
+/// Locks a leg's row and reads what its trades are keyed by.
+const LOCK_LEG: &str = "SELECT e.account_id, l.symbol FROM protection_legs l \
+     JOIN entries e ON e.id = l.entry_id \
+     WHERE l.entry_id = $1 AND l.leg = $2 AND l.generation = $3 FOR UPDATE OF l";
+
+/// Sets a leg's sums from its stored trades.
+const SUM_LEG_TRADES: &str = "UPDATE protection_legs SET \
+     traded_take_profit = COALESCE((SELECT sum(qty) FROM leg_trades \
+         WHERE entry_id = $1 AND leg = $2 AND generation = $3 AND side = 'take_profit'), 0), \
+     traded_stop_loss = COALESCE((SELECT sum(qty) FROM leg_trades \
+         WHERE entry_id = $1 AND leg = $2 AND generation = $3 AND side = 'stop_loss'), 0), \
+     fees = COALESCE((SELECT jsonb_object_agg(commission_asset, total::text) FROM \
+         (SELECT commission_asset, sum(commission) AS total FROM leg_trades \
+          WHERE entry_id = $1 AND leg = $2 AND generation = $3 \
+          GROUP BY commission_asset HAVING sum(commission) <> 0) AS per_asset), '{}'::jsonb) \
+     WHERE entry_id = $1 AND leg = $2 AND generation = $3";
 
 #[derive(diesel::QueryableByName)]
 struct AccountIdRow {
@@ -564,6 +593,7 @@ impl PgStore {
                         order_id: Some(0),
                         status: "filled",
                         base_commission: zero.clone(),
+                        fees: serde_json::json!({}),
                         fills_qty: one.clone(),
                         filled_at: Some(PgTimestamp(0)),
                         protection: "unprotected",
@@ -1612,7 +1642,7 @@ impl Store for PgStore {
     async fn close_entry(
         &self,
         id: EntryId,
-        realized_quote: Decimal,
+        realized: Realized,
         at: Millis,
     ) -> Result<(), StoreError> {
         let closed_at = timestamp(at)?;
@@ -1620,7 +1650,8 @@ impl Store for PgStore {
         let n = diesel::update(entries::table.find(id.0))
             .set((
                 EntryProtectionColumns::from_protection(&Protection::Closed)?,
-                entries::realized_quote.eq(Some(numeric(realized_quote))),
+                entries::realized_quote.eq(Some(numeric(realized.quote))),
+                entries::fees_complete.eq(realized.fees_complete),
                 // Closed again (a sale recorded late): the result changes, the
                 // time it closed does not.
                 entries::closed_at.eq(coalesce_time(entries::closed_at, Some(closed_at))),
@@ -1638,21 +1669,30 @@ impl Store for PgStore {
         &self,
         id: EntryId,
         reason: &str,
-        realized_quote: Decimal,
-    ) -> Result<(), StoreError> {
+        realized: Realized,
+        read: &Entry,
+    ) -> Result<bool, StoreError> {
         let columns = EntryProtectionColumns::from_protection(&Protection::Exited {
             reason: reason.to_owned(),
         })?;
+        let was = EntryProtectionColumns::from_protection(&read.protection)?;
+        let was_reason = was.protection_reason.flatten();
         let mut conn = self.conn().await?;
-        // As `set_protection`: a closed entry stays closed.
+        // A compare-and-set on the entry as read: the same executed quantity
+        // and protection (a fill recorded since reopened it), and, as
+        // `set_protection`, never over a close.
         let n = diesel::update(
             entries::table
                 .find(id.0)
-                .filter(entries::protection.ne("closed")),
+                .filter(entries::protection.ne("closed"))
+                .filter(entries::protection.eq(was.protection))
+                .filter(entries::protection_reason.is_not_distinct_from(was_reason))
+                .filter(entries::executed_qty.eq(numeric(read.executed_qty.get()))),
         )
         .set((
             columns,
-            entries::realized_quote.eq(Some(numeric(realized_quote))),
+            entries::realized_quote.eq(Some(numeric(realized.quote))),
+            entries::fees_complete.eq(realized.fees_complete),
         ))
         .execute(&mut conn)
         .await
@@ -1669,7 +1709,7 @@ impl Store for PgStore {
                 return Err(not_found("entry", id));
             }
         }
-        Ok(())
+        Ok(n > 0)
     }
 
     async fn fill_context(
@@ -1802,6 +1842,73 @@ impl Store for PgStore {
             return Err(not_found("leg", key));
         }
         Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(leg = %key, side = side.name(), trades = trades.len()))]
+    async fn record_leg_trades(
+        &self,
+        key: LegKey,
+        side: SaleSide,
+        trades: &[oco_core::model::Fill],
+    ) -> Result<(), StoreError> {
+        let (entry_id, leg, generation) = leg_key_columns(key);
+        let mut conn = self.conn().await?;
+        // One transaction under the leg's row lock: recorders of one leg take
+        // turns, and each sums what the ones before it committed. The lock is
+        // the leg's alone (never the entry's), taken first.
+        let result = conn
+            .transaction::<(), DieselError, _>(|conn| {
+                async move {
+                    let locked: Vec<LockedLeg> = diesel::sql_query(LOCK_LEG)
+                        .bind::<BigInt, _>(entry_id)
+                        .bind::<diesel::sql_types::SmallInt, _>(leg)
+                        .bind::<diesel::sql_types::Integer, _>(generation)
+                        .load(conn)
+                        .await?;
+                    let Some(locked) = last(locked) else {
+                        return Err(DieselError::NotFound);
+                    };
+                    let rows = trades
+                        .iter()
+                        .map(|t| {
+                            LegTradeRow::new(
+                                AccountId(locked.account_id),
+                                &locked.symbol,
+                                key,
+                                side,
+                                t,
+                            )
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| DieselError::SerializationError(Box::new(e)))?;
+                    if rows.is_empty() {
+                        return Ok(());
+                    }
+                    // A trade stored before, for this leg or by another
+                    // report of it, is not stored again.
+                    let added = diesel::insert_into(leg_trades::table)
+                        .values(&rows)
+                        .on_conflict_do_nothing()
+                        .execute(conn)
+                        .await?;
+                    if added > 0 {
+                        diesel::sql_query(SUM_LEG_TRADES)
+                            .bind::<BigInt, _>(entry_id)
+                            .bind::<diesel::sql_types::SmallInt, _>(leg)
+                            .bind::<diesel::sql_types::Integer, _>(generation)
+                            .execute(conn)
+                            .await?;
+                    }
+                    Ok(())
+                }
+                .scope_boxed()
+            })
+            .await;
+        match result {
+            Ok(()) => Ok(()),
+            Err(DieselError::NotFound) => Err(not_found("leg", key)),
+            Err(e) => Err(db(&format!("recording trades of leg {key}"), e)),
+        }
     }
 
     async fn append_event(&self, event: &EntryEventRecord) -> Result<(), StoreError> {

@@ -36,7 +36,7 @@ async fn user_functions(url: &str) -> i64 {
 }
 
 /// Tables the migrations create, `__diesel_schema_migrations` included.
-const TABLES: i64 = 10;
+const TABLES: i64 = 11;
 
 #[tokio::test]
 async fn up_down_up_on_an_empty_database() {
@@ -387,4 +387,76 @@ async fn the_checks_accept_and_refuse_as_before_by_the_same_name() {
         "new row for relation \"protection_legs\" violates check constraint \"protection_legs_qty_check\""
     );
     assert_eq!(info.details(), Some("qty = '-0.5'"));
+}
+
+/// Migration `2026-12-05-000013` adds the fills' commissions to the entry
+/// (`entries.fees`) with no backfill under its exclusive lock; `000014`, a
+/// transaction of its own, gives entries not settled theirs from the fills
+/// already stored; settled ones are left as they closed.
+#[tokio::test]
+async fn the_commissions_migration_gives_open_entries_their_fills_fees() {
+    let db = TestDb::empty().await;
+    db.migrate_through("20261205000012").await.unwrap();
+    for setup in CHECKS_SETUP {
+        db.run_sql(setup).await;
+    }
+    db.run_sql(
+        "INSERT INTO entries (id, account_id, symbol, base_asset, quote_asset, client_order_id, \
+         order_type, status, requested_qty, executed_qty, cumulative_quote, protection, \
+         realized_quote, created_at) VALUES (2, 1, 'BTCUSDT', 'BTC', 'USDT', 'og-E-2', 'market', \
+         'filled', 0.001, 0.001, 60, 'closed', 1, now())",
+    )
+    .await;
+    db.run_sql(&entry_row(&[
+        ("status", "'filled'"),
+        ("protection", "'unprotected'"),
+        ("executed_qty", "0.001"),
+        ("cumulative_quote", "60"),
+    ]))
+    .await;
+    db.run_sql(
+        "INSERT INTO fills (account_id, symbol, trade_id, entry_id, price, qty, commission, \
+         commission_asset, traded_at) VALUES \
+         (1, 'BTCUSDT', 1, 1, 60000, 0.0004, 0.0000004, 'BTC', now()), \
+         (1, 'BTCUSDT', 2, 1, 60000, 0.0006, 0.00002, 'BNB', now()), \
+         (1, 'BTCUSDT', 3, 1, 60000, 0, 0.00001, 'BNB', now()), \
+         (1, 'BTCUSDT', 4, 2, 60000, 0.001, 0.00003, 'BNB', now())",
+    )
+    .await;
+    // The columns alone first: no backfill under their exclusive lock.
+    db.migrate_through("20261205000013").await.unwrap();
+    let fees = db
+        .texts("SELECT fees::text || ' ' || fees_complete::text AS s FROM entries ORDER BY id")
+        .await;
+    assert_eq!(
+        fees,
+        ["{} false", "{} false"],
+        "nothing written under the lock"
+    );
+    // Then the open entries' fees, in a migration of their own.
+    let applied = store_pg::migrate(db.url()).await.unwrap();
+    assert_eq!(
+        applied.len(),
+        store_pg_migration_count() - 13,
+        "{applied:?}"
+    );
+    let fees = db
+        .texts("SELECT fees::text AS s FROM entries ORDER BY id")
+        .await;
+    assert_eq!(
+        fees,
+        [
+            r#"{"BNB": "0.00003", "BTC": "0.0000004"}"#.to_owned(),
+            "{}".to_owned()
+        ]
+    );
+    // The store reads them back as the merge would have written them.
+    let store = store_pg::PgStore::connect(db.config(2)).await.unwrap();
+    let entry = oco_core::Store::entry(&store, oco_core::EntryId(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        entry.fees.of(&oco_core::Asset("BNB".into())),
+        rust_decimal_macros::dec!(0.00003)
+    );
 }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl as _};
 use oco_core::levels::EntryLevels;
-use oco_core::model::{EntryKind, EntryTags, Evidence, LegClaim, NewEntry, OrderSize, Protection};
+use oco_core::model::{
+    EntryKind, EntryTags, Evidence, LegClaim, NewEntry, OrderSize, Protection, Realized,
+};
 use oco_core::ports::NewAccount;
 use oco_core::{
     AccountId, ApiCredentials, Asset, ClientOrderId, Entry, EntryId, EntryStatus, Fill, LegIndex,
@@ -494,7 +496,7 @@ async fn a_stale_protection_write_leaves_a_closed_entry_closed() {
     assert!(store.claim_leg(&leg).await.unwrap());
     let closed_at = Millis(1_700_000_060_000);
     store
-        .close_entry(entry.id, dec!(-1.5), closed_at)
+        .close_entry(entry.id, Realized::complete(dec!(-1.5)), closed_at)
         .await
         .unwrap();
 
@@ -531,7 +533,11 @@ async fn a_stale_protection_write_leaves_a_closed_entry_closed() {
     ));
 
     store
-        .close_entry(entry.id, dec!(2.25), Millis(1_700_000_090_000))
+        .close_entry(
+            entry.id,
+            Realized::complete(dec!(2.25)),
+            Millis(1_700_000_090_000),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -601,6 +607,54 @@ async fn fifty_concurrent_claimers_exactly_one_wins() {
         store.claim_leg(&missing).await,
         Err(StoreError::NotFound { .. })
     ));
+}
+
+/// The stream and sync's lookups report a leg's trades, each many times,
+/// all at once, some trades in several reports: each is stored once and the
+/// leg's sums count it once, as the trades table itself says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leg_trades_reported_many_times_at_once_count_once() {
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let account = new_account(store.as_ref(), "k1").await;
+    let entry = new_entry(store.as_ref(), account.id).await;
+    let key = claim(entry.id, 0).key;
+    assert!(store.claim_leg(&claim(entry.id, 0)).await.unwrap());
+    // Trade t: 0.05 sold, charged 0.005 USDT; every third also 0.00001 BNB apart.
+    let trade = |t: i64| {
+        let (fee, asset) = if t % 3 == 0 {
+            ("0.00001", "BNB")
+        } else {
+            ("0.005", "USDT")
+        };
+        fill(t, "0.05", fee, asset)
+    };
+    let tasks: Vec<_> = (0..40)
+        .map(|n: i64| {
+            let store = Arc::clone(&store);
+            // Report n holds trades n % 10 + 1 ..= n % 10 + 3: overlapping.
+            let trades: Vec<Fill> = (n % 10 + 1..=n % 10 + 3).map(trade).collect();
+            tokio::spawn(async move {
+                store
+                    .record_leg_trades(key, oco_core::model::SaleSide::TakeProfit, &trades)
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // Trades 1..=12 are known: 4 of them (3, 6, 9, 12) in BNB.
+    let leg = store.legs(entry.id).await.unwrap().remove(0);
+    assert_eq!(leg.trades.take_profit_qty, qty("0.6"));
+    assert_eq!(leg.trades.stop_loss_qty, Qty::ZERO);
+    assert_eq!(leg.trades.fees.of(&Asset("USDT".into())), dec!(0.04));
+    assert_eq!(leg.trades.fees.of(&Asset("BNB".into())), dec!(0.00004));
+    let stored: Count = diesel::sql_query("SELECT count(*) AS n FROM leg_trades")
+        .get_result(&mut raw(&db).await)
+        .await
+        .unwrap();
+    assert_eq!(stored.n, 12, "each trade stored once");
 }
 
 fn fill(trade_id: i64, q: &str, fee: &str, fee_asset: &str) -> Fill {

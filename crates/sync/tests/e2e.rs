@@ -376,6 +376,38 @@ async fn a_price_already_past_the_stop_exits_at_market_and_is_recorded() {
     assert!(t.store.open_entries(a.id).await.unwrap().is_empty());
 }
 
+/// Both take-profits fill while no gateway listens; the next pass learns
+/// the sales from lookups, which carry no trades, and closes the entry
+/// without reading any: the result is the sales less the cost, and the
+/// entry says its commissions are not all counted.
+#[tokio::test]
+async fn take_profits_sold_while_nobody_listened_close_with_their_commissions_marked_missing() {
+    let t = e2e().await;
+    let a = t.account("k1").await;
+    let id = t.sent_entry(&a, None, dec!(0.01)).await;
+    let sync = t.reconciler();
+    sync.pass().await.unwrap();
+    assert!(is_protected_by_sync(&t.protection(id).await));
+    let legs = t.store.legs(id).await.unwrap();
+    let top = legs.iter().map(|l| l.take_profit.get()).max().unwrap();
+    t.ctl.set_price("BTCUSDT", top).unwrap();
+    assert_eq!(t.open_lists("k1"), 0, "both take-profits filled");
+
+    sync.reconcile_account(a.id).await.unwrap();
+    let e = t.store.entry(id).await.unwrap();
+    assert_eq!(e.protection, Protection::Closed);
+    let sells: Vec<_> = t
+        .ctl
+        .trades(Some("k1"))
+        .into_iter()
+        .filter(|tr| !tr.is_buyer)
+        .collect();
+    assert_eq!(sells.len(), 2, "{sells:?}");
+    let sales: Decimal = sells.iter().map(|tr| tr.quote_qty).sum();
+    assert_eq!(e.realized_quote, Some(sales - e.cumulative_quote));
+    assert!(!e.fees_complete, "the sales' commissions are not known");
+}
+
 #[tokio::test]
 async fn a_take_profit_filled_in_part_while_nobody_listened_gets_its_rest_a_stop() {
     let t = e2e().await;

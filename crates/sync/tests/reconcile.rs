@@ -340,6 +340,39 @@ async fn lists_filled_while_nobody_listened_close_the_entry() {
     assert_eq!(m.lists_ended.get("stop_loss_filled"), Some(&1));
 }
 
+/// Lists that sold while nobody listened: the pass learns their sales from
+/// lookups, which carry no trades, and reads none at the close (no trade
+/// reads in the pass's weight budget, ahead of re-protections): the result
+/// leaves those commissions out and the entry says so.
+#[tokio::test]
+async fn lists_that_sold_while_nobody_listened_close_without_reading_trades() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.reconciler(config());
+    sync.reconcile_account(a.id).await.unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    let first = legs.iter().find(|l| l.key.leg == LegIndex::First).unwrap();
+    let second = legs.iter().find(|l| l.key.leg == LegIndex::Second).unwrap();
+    w.fake.set_leg_commission(Some((dec!(0.0505), "USDT")));
+    w.fake.fill_take_profit(first.ids.list.as_str(), first.qty);
+    w.fake.set_leg_commission(Some((dec!(0.0001), "BNB")));
+    w.fake.fill_stop(second.ids.list.as_str());
+    let trades = w.exchange.calls("k1", "order_trades");
+
+    sync.reconcile_account(a.id).await.unwrap();
+    let e = w.store.entry(id).await.unwrap();
+    assert_eq!(e.protection, Protection::Closed);
+    // TP1 0.5 @ 101, SL 0.5 @ 98.5, bought 1 @ 100; commissions unknown.
+    assert_eq!(e.realized_quote, Some(dec!(50.5) + dec!(49.25) - dec!(100)));
+    assert!(!e.fees_complete, "sales learnt by lookup, without trades");
+    assert_eq!(
+        w.exchange.calls("k1", "order_trades") - trades,
+        0,
+        "no trade read at the close"
+    );
+}
+
 #[tokio::test]
 async fn a_list_canceled_outside_is_recorded_and_the_remainder_protected() {
     let w = world();

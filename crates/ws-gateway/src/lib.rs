@@ -827,8 +827,12 @@ impl AccountWorker {
     async fn execution(&self, update: &ExecutionUpdate, entry: Option<EntryId>) {
         let result = self
             .protector
-            .follow(self.account, update, Source::Websocket)
+            .follow_protecting(self.account, update, Source::Websocket)
             .await;
+        let (result, later) = match result {
+            Ok((followed, later)) => (Ok(followed), later),
+            Err(err) => (Err(err), None),
+        };
         match result {
             Ok(Followed::Entry(report)) => {
                 self.stats.entry_fills.fetch_add(1, Ordering::Relaxed);
@@ -848,6 +852,16 @@ impl AccountWorker {
                 warn!(account = %self.account, entry = entry.map(tracing::field::display), client_id = %update.client_id, error = %err, "protect failed, flagging for reconciliation");
                 self.flag("protect failed");
             }
+        }
+        // The leg trade's commission and a settled result's recount, only
+        // once protection and its flags are done: bookkeeping never delays
+        // them (a failed trade write is logged and counted by the protector).
+        if let Some(later) = later
+            && let Err(err) = self.protector.bookkeep(later).await
+        {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            warn!(account = %self.account, entry = entry.map(tracing::field::display), client_id = %update.client_id, error = %err, "result recount failed, flagging for reconciliation");
+            self.flag("recount failed");
         }
     }
 

@@ -16,7 +16,6 @@ use oco_core::ports::{
     ApiCredentials, ClaimPlanner, NewAccount, RecordedFill, RecordedOutcomes, Store, StoreError,
 };
 use oco_core::state::LegSold;
-use rust_decimal::Decimal;
 use tokio::sync::{Notify, oneshot};
 
 pub struct Gated {
@@ -77,11 +76,22 @@ impl Store for Gated {
     async fn set_protection(&self, id: EntryId, p: &Protection) -> Result<(), StoreError> {
         self.inner.set_protection(id, p).await
     }
-    async fn close_entry(&self, id: EntryId, r: Decimal, at: Millis) -> Result<(), StoreError> {
+    async fn close_entry(
+        &self,
+        id: EntryId,
+        r: oco_core::model::Realized,
+        at: Millis,
+    ) -> Result<(), StoreError> {
         self.inner.close_entry(id, r, at).await
     }
-    async fn exit_entry(&self, id: EntryId, why: &str, r: Decimal) -> Result<(), StoreError> {
-        self.inner.exit_entry(id, why, r).await
+    async fn exit_entry(
+        &self,
+        id: EntryId,
+        why: &str,
+        r: oco_core::model::Realized,
+        read: &Entry,
+    ) -> Result<bool, StoreError> {
+        self.inner.exit_entry(id, why, r, read).await
     }
     async fn legs(&self, e: EntryId) -> Result<Vec<Leg>, StoreError> {
         self.inner.legs(e).await
@@ -105,6 +115,14 @@ impl Store for Gated {
     }
     async fn record_leg_sold(&self, k: LegKey, s: LegSold, at: Millis) -> Result<(), StoreError> {
         self.inner.record_leg_sold(k, s, at).await
+    }
+    async fn record_leg_trades(
+        &self,
+        k: LegKey,
+        side: oco_core::model::SaleSide,
+        t: &[oco_core::model::Fill],
+    ) -> Result<(), StoreError> {
+        self.inner.record_leg_trades(k, side, t).await
     }
     async fn append_event(&self, e: &EntryEventRecord) -> Result<(), StoreError> {
         self.inner.append_event(e).await
