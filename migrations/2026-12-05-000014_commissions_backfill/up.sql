@@ -9,6 +9,10 @@
 -- for it. A merge that wrote an entry's fees first wins: the update skips an
 -- entry whose fees are no longer empty (re-checked on the row it locks), so
 -- an older view of the fills never replaces a newer one.
+-- Bounded: a row held elsewhere fails the migration (tried again at the
+-- next start) rather than holding the rows already updated, and the
+-- migration lock, for as long as it waits.
+SET LOCAL lock_timeout = '5s';
 UPDATE entries SET fees = f.fees
 FROM (
     SELECT entry_id, jsonb_object_agg(commission_asset, total::text) AS fees

@@ -296,7 +296,7 @@ impl Protector {
                 id,
                 "realized",
                 format!(
-                    "realized {}: a sale or commission recorded after the close",
+                    "realized {}: recounted with sales or commissions recorded once the entry had closed (a close's own last trade is written just after it)",
                     realized.quote
                 ),
                 Some(source),

@@ -316,7 +316,7 @@ impl EntryRow {
             executed_qty: read_qty(&self.executed_qty, &what("executed_qty"))?,
             cumulative_quote: read_decimal(&self.cumulative_quote, &what("cumulative_quote"))?,
             base_commission: read_qty(&self.base_commission, &what("base_commission"))?,
-            fees: read_fees(&self.fees, &what("fees"))?,
+            fees: read_fees(&self.fees, &what("fees")),
             fills_qty: read_qty(&self.fills_qty, &what("fills_qty"))?,
             levels,
             tags,
@@ -432,19 +432,23 @@ pub(crate) fn fees_json(fees: &Fees) -> Value {
     )
 }
 
-fn read_fees(value: &Value, what: &str) -> Result<Fees, StoreError> {
+/// Commissions by asset as stored. Leniently: they only ever enter the
+/// realised result, so a part that cannot be read is left out with a
+/// warning, never made an error that would fail the entry's protection.
+fn read_fees(value: &Value, what: &str) -> Fees {
     let Value::Object(map) = value else {
-        return Err(corrupt(format!("{what}: expected an object, got {value}")));
+        tracing::warn!(what, %value, "commissions not an object: left out of the result");
+        return Fees::default();
     };
     map.iter()
-        .map(|(asset, amount)| {
-            let amount = amount
+        .filter_map(|(asset, amount)| {
+            let parsed = amount
                 .as_str()
-                .and_then(|s| s.parse::<rust_decimal::Decimal>().ok())
-                .ok_or_else(|| {
-                    corrupt(format!("{what} {asset}: not a decimal string: {amount}"))
-                })?;
-            Ok((Asset(asset.clone()), amount))
+                .and_then(|s| s.parse::<rust_decimal::Decimal>().ok());
+            if parsed.is_none() {
+                tracing::warn!(what, asset = %asset, %amount, "commission not a decimal string: left out of the result");
+            }
+            parsed.map(|a| (Asset(asset.clone()), a))
         })
         .collect()
 }
@@ -667,7 +671,7 @@ impl LegRow {
             trades: LegTrades {
                 take_profit_qty: read_qty(&self.traded_take_profit, &what("traded_take_profit"))?,
                 stop_loss_qty: read_qty(&self.traded_stop_loss, &what("traded_stop_loss"))?,
-                fees: read_fees(&self.fees, &what("fees"))?,
+                fees: read_fees(&self.fees, &what("fees")),
             },
             source: Source::from_name(&self.source)
                 .ok_or_else(|| corrupt(what(&format!("source '{}'", self.source))))?,
@@ -676,5 +680,24 @@ impl LegRow {
             claimed_at: millis(self.claimed_at, &what("claimed_at"))?,
             updated_at: millis(self.updated_at, &what("updated_at"))?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commissions_that_cannot_be_read_are_left_out_not_an_error() {
+        let fees = read_fees(
+            &serde_json::json!({"BNB": "0.25", "USDT": 5, "BTC": "x"}),
+            "entry 1 fees",
+        );
+        assert_eq!(
+            fees.of(&Asset("BNB".into())),
+            rust_decimal::Decimal::new(25, 2)
+        );
+        assert_eq!(fees.iter().count(), 1, "only the readable part");
+        assert!(read_fees(&serde_json::json!([1, 2]), "entry 1 fees").is_empty());
     }
 }
