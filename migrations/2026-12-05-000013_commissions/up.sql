@@ -20,8 +20,8 @@
 -- recorded before this migration, which counted none).
 --
 -- Live processes write both tables while a starting one migrates, and every
--- fill's protection writes them: the exclusive locks the new columns need
--- are taken together, as in 2026-12-04-000009, waited for at most a second,
+-- fill's protection writes them: the locks the new table and columns need
+-- are taken first, as in 2026-12-04-000009, each waited for at most a second,
 -- and held only for catalogue changes (constant defaults: no rewrite, no
 -- scan). A migration that cannot get them fails and
 -- `PgStore::connect_patiently` tries again. The open entries' fees from the
@@ -29,6 +29,11 @@
 -- transaction of its own that takes no table lock.
 
 SET LOCAL lock_timeout = '1s';
+-- The new table's key to `accounts` takes SHARE ROW EXCLUSIVE on it: taken
+-- here first, under the same timeout, so that it is never waited for while
+-- the exclusive locks below hold every fill (it does not conflict with the
+-- row locks an entry's insert takes on its account).
+LOCK TABLE accounts IN SHARE ROW EXCLUSIVE MODE;
 LOCK TABLE entries, protection_legs IN ACCESS EXCLUSIVE MODE;
 
 CREATE TABLE leg_trades (
