@@ -621,6 +621,21 @@ impl Protector {
             // An exit keeps its record and the result it recorded; there is
             // nothing more to close.
             if entry.status.is_final() && entry.protection != Protection::Closed && !exited {
+                // Owed coins, capped to none by a balance read earlier in the
+                // call. A closed entry is never followed again: coins free now
+                // (a list that locked them at the read ended since, outside
+                // or by another entry's replacement) are planned instead of
+                // being left without a stop. One read, on a rare path.
+                if !owed.is_zero() {
+                    let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
+                    let free = self.held_base(&creds, &rules).await?;
+                    let plannable = owed.min(free).floor_to(rules.step);
+                    if !plannable.is_zero() && rules.check_qty(plannable).is_ok() {
+                        return Ok(Round::Again {
+                            holding: Some(free),
+                        });
+                    }
+                }
                 let realized = realized(entry, &legs);
                 self.store.close_entry(entry.id, realized, now).await?;
                 self.store

