@@ -42,7 +42,8 @@ pub enum ApiError {
     InvalidBody {
         /// Serde's message.
         message: String,
-        /// The field, when serde names it.
+        /// The value's path in the body (`tp[1]`, `protection.slPct`),
+        /// when serde stopped inside the body.
         field: Option<String>,
     },
     /// The body is not declared as JSON: 415 `unsupported_media_type`.

@@ -236,7 +236,7 @@ async fn bad_input_is_refused_with_a_clear_message_and_stores_nothing() {
             Ok(with(m.clone(), "quantity", json!(1.5))),
             bad,
             "invalid_body",
-            None,
+            Some("quantity"),
             "expected a string",
         ),
         (
@@ -257,7 +257,7 @@ async fn bad_input_is_refused_with_a_clear_message_and_stores_nothing() {
             Ok(with(m.clone(), "type", json!("STOP"))),
             bad,
             "invalid_body",
-            None,
+            Some("type"),
             "unknown variant `STOP`",
         ),
         (
