@@ -336,6 +336,13 @@ fn check_size(
             ),
         ));
     }
+    // A MARKET order also passes `MARKET_LOT_SIZE` (Binance's majors leave
+    // it open; others cap market orders well under `LOT_SIZE`).
+    if matches!(entry.kind, EntryKind::Market)
+        && let Err(violation) = rules.check_market_qty(qty)
+    {
+        return Err(ApiError::field(field, violation.to_string()));
+    }
     let notional = qty.notional(at).normalize();
     if notional < rules.min_notional {
         return Err(ApiError::field(
@@ -454,6 +461,36 @@ mod tests {
     #[test]
     fn sane_market_entry_passes() {
         assert_eq!(check(request("1", &["101", "102"], Some("99"))), Ok(()));
+    }
+
+    #[test]
+    fn a_market_quantity_over_market_lot_size_is_refused_and_a_limit_one_is_not() {
+        let mut rules = btcusdt_rules();
+        rules.market_lot_size = Some(oco_core::symbol::MarketLotSize {
+            min_qty: None,
+            max_qty: Some(Qty::new(dec!(0.5)).unwrap()),
+            step: None,
+        });
+        let last = Price::new(dec!(100)).unwrap();
+        let run = |req: CreateEntryRequest| {
+            parse_entry(req)
+                .and_then(|parsed| check_market(&parsed, &rules, last, &ProtectionConfig::DEFAULT))
+        };
+        let refused = run(request("1", &["101"], Some("99")))
+            .err()
+            .map(|e| e.problem());
+        let (field, message) = refused.map(|p| (p.field, p.message)).unwrap_or_default();
+        assert_eq!(field.as_deref(), Some("quantity"), "{message}");
+        assert!(message.contains("MARKET_LOT_SIZE"), "{message}");
+        assert_eq!(run(request("0.5", &["101"], Some("99"))), Ok(()));
+        let mut limit = request("1", &["101"], Some("98"));
+        limit.kind = EntryType::Limit;
+        limit.price = Some("99.5".into());
+        assert_eq!(
+            run(limit),
+            Ok(()),
+            "LIMIT orders are bound by LOT_SIZE only"
+        );
     }
 
     #[test]
