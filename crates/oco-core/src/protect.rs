@@ -1619,7 +1619,11 @@ impl Protector {
                         .iter()
                         .any(|l| matches!(l.state, LegState::Placed { .. }))
                     {
-                        self.record_exited(leg.key.entry, &why).await?;
+                        // Sent by an earlier call: what it was decided from
+                        // is not known here, only what the entry still owes.
+                        let rules = self.exchange.symbol_rules(&leg.symbol).await?;
+                        self.record_exited(leg.key.entry, ExitBasis::FoundLater(&rules), &why)
+                            .await?;
                     }
                 }
                 Ok(())
@@ -1913,14 +1917,21 @@ impl Protector {
             self.label_unprotected(entry).await?;
             return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }));
         }
+        warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
         if partly_protected {
             // Lists still hold the rest: the entry stays protected, and
             // followed, rather than settled.
             self.mark_protected(entry, source, self.clock.now()).await?;
-        } else {
-            self.record_exited(entry.id, &why).await?;
+        } else if self
+            .record_exited(entry.id, ExitBasis::Decided(entry), &why)
+            .await?
+            == ExitWrite::Reopened
+        {
+            // A fill recorded while the exit went out (its caller found the
+            // exit's claim in flight and left its coins to us): they are
+            // planned from the entry as it is now.
+            return Ok(Round::Replan);
         }
-        warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
         Ok(Round::Done(ProtectOutcome::Exited { reason: why }))
     }
 
@@ -1929,31 +1940,51 @@ impl Protector {
     /// and legs as stored now, the exit's sale included: an exit settles
     /// the coins as a close does, and the trader is owed its result.
     ///
-    /// The write is a compare-and-set on the entry read (its executed
-    /// quantity and protection): a fill recorded in between reopens the
-    /// entry, and a stale exit must not write `Exited` over it.
-    async fn record_exited(&self, id: crate::ids::EntryId, why: &str) -> Result<(), ProtectError> {
-        let mut first_qty = None;
+    /// Only while the entry holds nothing the exit was not decided over
+    /// (`basis`): a fill recorded after the decision is counted in the
+    /// entry's quantity, and written `Exited` those coins would never be
+    /// followed again, without a stop. The entry is then labelled
+    /// `unprotected` instead, and the caller plans again. The write itself
+    /// is a compare-and-set on the entry read (its executed quantity and
+    /// protection), so a fill recorded between that read and the write
+    /// reopens the entry too.
+    async fn record_exited(
+        &self,
+        id: crate::ids::EntryId,
+        basis: ExitBasis<'_>,
+        why: &str,
+    ) -> Result<ExitWrite, ProtectError> {
         for _ in 0..EXIT_WRITE_ATTEMPTS {
             let (entry, legs) =
                 futures_util::future::join(self.store.entry(id), self.store.legs(id)).await;
-            let entry = entry?;
-            // Coins filled since the exit's first read reopened the entry:
-            // its result is its next close's, not this exit's.
-            if *first_qty.get_or_insert(entry.executed_qty) != entry.executed_qty {
-                info!(entry = %id, "entry filled again since its exit; not recorded as exited");
-                return Ok(());
+            let (entry, legs) = (entry?, legs?);
+            let moved = match basis {
+                ExitBasis::Decided(decided) => entry.executed_qty != decided.executed_qty,
+                ExitBasis::FoundLater(rules) => {
+                    let sold: Qty = legs.iter().map(|l| l.sold.total()).sum();
+                    let owed = entry.net_qty().saturating_sub(sold);
+                    entry
+                        .average_price()
+                        .is_some_and(|price| !is_dust(owed, price, rules))
+                }
+            };
+            if moved {
+                // Coins filled since the exit was decided: its result is the
+                // entry's next close's, and they need a stop first.
+                warn!(entry = %id, executed = %entry.executed_qty, "entry holds coins its exit was not decided over; not recorded as exited");
+                self.label_unprotected(&entry).await?;
+                return Ok(ExitWrite::Reopened);
             }
             if self
                 .store
-                .exit_entry(id, why, realized(&entry, &legs?), &entry)
+                .exit_entry(id, why, realized(&entry, &legs), &entry)
                 .await?
             {
-                return Ok(());
+                return Ok(ExitWrite::Written);
             }
         }
         warn!(entry = %id, "entry kept changing; its exit is left to the next call");
-        Ok(())
+        Ok(ExitWrite::Busy)
     }
 
     /// A market exit that ended with less sold than asked (Binance expires
@@ -2624,6 +2655,40 @@ enum Adoption {
 /// How many times an exit's result is written, each from a fresh read,
 /// before it is left to the next call.
 const EXIT_WRITE_ATTEMPTS: usize = 4;
+
+/// What a market exit was decided from: its `Exited` write
+/// ([`Protector::record_exited`]) holds only while the entry has not moved
+/// past it.
+#[derive(Clone, Copy)]
+enum ExitBasis<'a> {
+    /// The entry as the round that sent the exit read it: any fill recorded
+    /// since (its executed quantity grew) is not the exit's.
+    Decided(&'a Entry),
+    /// An exit sent by an earlier call and found by its lookup: the entry
+    /// it was decided from is not kept, so the exit stands for the entry
+    /// only while what the fills owe, less every recorded sale (the exit's
+    /// included), is too small for any order of the symbol.
+    FoundLater(&'a SymbolRules),
+}
+
+/// What became of an exit's `Exited` write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExitWrite {
+    /// Written, with its result.
+    Written,
+    /// The entry holds coins the exit was not decided over: not written,
+    /// the entry labelled `unprotected` for them.
+    Reopened,
+    /// The entry kept changing under the write: left to the next call.
+    Busy,
+}
+
+/// Whether `qty` is too small for any order of the symbol: floored to the
+/// step, under its minimum quantity or its minimum notional at `price`.
+fn is_dust(qty: Qty, price: crate::money::Price, rules: &SymbolRules) -> bool {
+    let floored = qty.floor_to(rules.step);
+    floored.is_zero() || floored < rules.min_qty || floored.notional(price) < rules.min_notional
+}
 
 /// The realised result of a closed entry ([`realized_quote`]) and whether it
 /// counts every commission of its legs' sales ([`fees_complete`]).

@@ -110,9 +110,11 @@ pub struct FakeExchange {
     state: Mutex<FakeState>,
     before_oco: Mutex<Option<OcoHook>>,
     before_cancel: Mutex<Option<OcoHook>>,
+    before_order: Mutex<Option<OcoHook>>,
 }
 
-/// What runs before the next OCO placement (see [`FakeExchange::before_next_oco`]).
+/// What runs before the next call it is set for ([`FakeExchange::before_next_oco`],
+/// [`FakeExchange::before_next_cancel`], [`FakeExchange::before_next_order`]).
 type OcoHook = Box<dyn FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send>;
 
 fn rejected(code: i32, msg: &str) -> ExchangeError {
@@ -150,6 +152,19 @@ impl FakeExchange {
     ) {
         *self
             .before_cancel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(hook));
+    }
+
+    /// Runs `hook` once, at the start of the next `place_order` call: what
+    /// happens elsewhere (another layer recording a fill, say) while a
+    /// market exit goes out.
+    pub fn before_next_order(
+        &self,
+        hook: impl FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send + 'static,
+    ) {
+        *self
+            .before_order
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(hook));
     }
@@ -722,6 +737,14 @@ impl Exchange for FakeExchange {
         creds: &ApiCredentials,
         order: &OrderRequest,
     ) -> Result<OrderSnapshot, ExchangeError> {
+        let hook = self
+            .before_order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(hook) = hook {
+            hook().await;
+        }
         YieldNow::default().await;
         let fault = {
             let mut s = self.lock();
