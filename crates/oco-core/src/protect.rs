@@ -181,6 +181,10 @@ struct Claimed<'a> {
     /// entry's, so a balance refusal's re-plan counts them back in (the
     /// round takes them out again before planning).
     rest_open: Qty,
+    /// What lists left working because their stop has triggered hold
+    /// (`position` is without them): locked, counted back in the same way,
+    /// and their stops keep the entry partly protected.
+    kept: Qty,
     late: LatePolicy,
     degraded: Option<Degraded>,
     /// The stop kind the symbol took in place of the one asked: said with
@@ -777,6 +781,49 @@ impl Protector {
             }
             return self.covered(entry, &active, source, now).await;
         }
+        // A list whose stop has triggered is selling its coins: canceled, the
+        // sale would stop, and a new list for them would likely be refused
+        // (the price is under its stop). It stays, and the new generation
+        // covers only the coins it does not hold.
+        let triggered = self
+            .triggered_lists(&creds, &entry.symbol.name, &active)
+            .await?;
+        let (active, active_qty, position, plan, kept) = if triggered.is_empty() {
+            (active, active_qty, position, plan, Qty::ZERO)
+        } else {
+            let kept: Qty = triggered.iter().map(|l| l.qty).sum();
+            let others: Vec<&Leg> = active
+                .iter()
+                .copied()
+                .filter(|l| !triggered.iter().any(|t| t.key == l.key))
+                .collect();
+            let others_qty: Qty = others.iter().map(|l| l.qty).sum();
+            let uncovered = position.saturating_sub(kept);
+            info!(entry = %entry.id, lists = triggered.len(), qty = %kept, "lists whose stop has triggered are left selling; the rest is replaced");
+            let plan = match plan_protection(&PlanInput {
+                rules: &rules,
+                levels,
+                reference: fill_price,
+                position: uncovered,
+                split: account.protection.split,
+                stop_budget,
+            }) {
+                Ok(plan) => plan,
+                Err(_) if legs_cover(others_qty, uncovered, &rules) => {
+                    return self.covered(entry, &active, source, now).await;
+                }
+                Err(reason) => {
+                    return self.unprotectable(entry, source, reason.to_string()).await;
+                }
+            };
+            if !others.is_empty() && others_qty >= plan.total() {
+                if let Some(short) = plan.short {
+                    return self.unprotectable(entry, source, short.to_string()).await;
+                }
+                return self.covered(entry, &active, source, now).await;
+            }
+            (others, others_qty, uncovered, plan, kept)
+        };
 
         // A rest is canceled only in a round that places lists: canceling it in
         // one that places nothing would drop a take-profit for no stop.
@@ -838,6 +885,7 @@ impl Protector {
             active,
             position,
             rest_open,
+            kept,
             late: account.protection.late,
             degraded: plan.degraded,
             stop_substitute: plan.stop_substitute,
@@ -1010,6 +1058,7 @@ impl Protector {
             active: Vec::new(),
             position: first.position,
             rest_open: Qty::ZERO,
+            kept: Qty::ZERO,
             late: context.account.protection.late,
             degraded: first.plan.degraded,
             stop_substitute: first.plan.stop_substitute,
@@ -1030,6 +1079,7 @@ impl Protector {
             active,
             position,
             rest_open,
+            kept,
             late,
             degraded,
             stop_substitute,
@@ -1412,7 +1462,7 @@ impl Protector {
                     &legs,
                     LateCase {
                         position: position.saturating_sub(covered),
-                        partly_protected: !placed.is_empty(),
+                        partly_protected: !placed.is_empty() || !kept.is_zero(),
                     },
                     late,
                     source,
@@ -1433,7 +1483,7 @@ impl Protector {
                     .map(|c| c.qty)
                     .sum();
                 return Ok(Round::Again {
-                    holding: Some(free.plus(own).plus(rest_open)),
+                    holding: Some(free.plus(own).plus(rest_open).plus(kept)),
                 });
             }
             // The symbol's order cap refused part of the generation: re-plan now
@@ -2423,6 +2473,43 @@ impl Protector {
         Ok(recorded)
     }
 
+    /// The lists of `active` whose stop has triggered: the take-profit
+    /// removed, the stop resting as a limit order or executing. Read from
+    /// the symbol's open orders (one request, made only by a round about to
+    /// replace lists: the stop open, the take-profit not); an exchange that
+    /// cannot list them has each list looked up. A list taken for one while
+    /// it is not keeps working all the same, so a view that errs that way
+    /// costs a replacement, never a stop.
+    async fn triggered_lists<'l>(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        active: &[&'l Leg],
+    ) -> Result<Vec<&'l Leg>, ProtectError> {
+        if active.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(open) = self.exchange.open_order_ids(creds, symbol).await? {
+            let is_open = |id: &crate::ids::ClientOrderId| open.iter().any(|o| o == id.as_str());
+            return Ok(active
+                .iter()
+                .copied()
+                .filter(|l| is_open(&l.ids.stop_loss) && !is_open(&l.ids.take_profit))
+                .collect());
+        }
+        let mut triggered = Vec::new();
+        for leg in active {
+            let snap = self
+                .exchange
+                .order_list(creds, symbol, leg.ids.list.as_str())
+                .await?;
+            if snap.as_ref().is_some_and(stop_triggered) {
+                triggered.push(*leg);
+            }
+        }
+        Ok(triggered)
+    }
+
     /// What a list that is no longer open sold, looked up: `None` unless the
     /// exchange reports both its orders, each in a final state (a lookup
     /// lagging a cancel would leave a later sale out of the record for good),
@@ -2607,8 +2694,6 @@ impl Protector {
     }
 }
 
-/// Whether working legs of `active_qty` cover `position`: all of it that
-/// flooring to the step leaves, and something at all.
 /// The history line of an entry kept open because a list of ours that no
 /// live leg follows may hold its coins.
 const HELD_BY_STRAY: &str = "coins_held_by_stray";
@@ -2744,6 +2829,17 @@ fn is_take_profit_rest(leg: &Leg) -> bool {
         }
 }
 
+/// Whether a list still executes on its stop alone: the stop triggered
+/// (its take-profit removed) or selling, and not ended.
+fn stop_triggered(snap: &OrderListSnapshot) -> bool {
+    let (Some(tp), Some(sl)) = (&snap.take_profit, &snap.stop_loss) else {
+        return false;
+    };
+    snap.executing && !sl.status.is_final() && (tp.status.is_final() || !sl.executed_qty.is_zero())
+}
+
+/// Whether working legs of `active_qty` cover `position`: all of it that
+/// flooring to the step leaves, and something at all.
 fn legs_cover(active_qty: Qty, position: Qty, rules: &SymbolRules) -> bool {
     !active_qty.is_zero() && active_qty >= position.floor_to(rules.step)
 }

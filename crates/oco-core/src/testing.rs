@@ -100,6 +100,9 @@ struct FakeState {
     /// Trade ids of lists' orders are counted apart, so that they move no
     /// list or order id.
     next_trade: i64,
+    /// `open_order_ids` answers `None`, as an exchange that cannot list
+    /// open orders.
+    no_open_orders: bool,
 }
 
 /// An exchange double with Binance's OCO semantics: one quantity locked for
@@ -197,6 +200,12 @@ impl FakeExchange {
     /// `None` (a rate limit, an outage of the order API).
     pub fn fail_cancels(&self, err: Option<ExchangeError>) {
         self.lock().cancel_failure = err;
+    }
+
+    /// Whether `open_order_ids` answers `None` from now on, as for an
+    /// exchange that cannot list open orders (callers then trust the lists).
+    pub fn cannot_list_open_orders(&self, cannot: bool) {
+        self.lock().no_open_orders = cannot;
     }
 
     /// How many times `place_order` was called, refused or not.
@@ -917,6 +926,9 @@ impl Exchange for FakeExchange {
             )
         };
         let state = self.lock();
+        if state.no_open_orders {
+            return Ok(None);
+        }
         let mut ids = Vec::new();
         for list in state
             .lists
