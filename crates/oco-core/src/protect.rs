@@ -552,13 +552,11 @@ impl Protector {
             // rest locks: closing would leave them on the book without a stop
             // and without an entry. The rest is canceled (its sale read) first.
             if !std::mem::replace(rests_tried, true)
-                && self
+                && let Some(freed) = self
                     .cancel_take_profit_rests(&creds, entry, &rests, source)
                     .await?
             {
-                // Its take-profit gone and no stop placed yet: labelled so
-                // until a round places one, should the rounds run out first.
-                self.label_unprotected(entry).await?;
+                self.label_rest_canceled(entry, freed, source).await?;
                 return Ok(Round::Replan);
             }
             self.label_unprotected(entry).await?;
@@ -685,13 +683,11 @@ impl Protector {
                 // less than the coins it locks: it is canceled first.
                 if !rests.is_empty()
                     && !std::mem::replace(rests_tried, true)
-                    && self
+                    && let Some(freed) = self
                         .cancel_take_profit_rests(&creds, entry, &rests, source)
                         .await?
                 {
-                    // Its take-profit gone and no stop placed yet: labelled so
-                    // until a round places one, should the rounds run out first.
-                    self.label_unprotected(entry).await?;
+                    self.label_rest_canceled(entry, freed, source).await?;
                     return Ok(Round::Replan);
                 }
                 // The entry filled beyond its own stop or target: the market passed a level.
@@ -831,14 +827,12 @@ impl Protector {
             (plan, position)
         } else {
             if !std::mem::replace(rests_tried, true)
-                && self
+                && let Some(freed) = self
                     .cancel_take_profit_rests(&creds, entry, &rests, source)
                     .await?
             {
                 // Coins freed (and what the rests sold recorded): plan again.
-                // Its take-profit gone and no stop placed yet: labelled so
-                // until a round places one, should the rounds run out first.
-                self.label_unprotected(entry).await?;
+                self.label_rest_canceled(entry, freed, source).await?;
                 return Ok(Round::Replan);
             }
             // A rest whose sale is not recorded still counts its open part as
@@ -2111,6 +2105,26 @@ impl Protector {
         Ok(())
     }
 
+    /// Labels `entry` after a round canceled take-profit rests of it (their
+    /// sales recorded), before it plans again: the coins they `freed` have
+    /// no stop until a round places one, so the entry is labelled
+    /// `unprotected`, should the rounds run out first. An entry already
+    /// exited at market whose rests freed nothing (they had sold all) has
+    /// no coin without a stop: it keeps its exit and reason, which the
+    /// label would drop (and the next round close it instead), and its
+    /// result is counted again with the rests' sales.
+    async fn label_rest_canceled(
+        &self,
+        entry: &Entry,
+        freed: Qty,
+        source: Source,
+    ) -> Result<(), ProtectError> {
+        if freed.is_zero() && matches!(entry.protection, Protection::Exited { .. }) {
+            return self.recount_closed(entry.id, source).await;
+        }
+        self.label_unprotected(entry).await
+    }
+
     async fn unprotectable(
         &self,
         entry: &Entry,
@@ -2402,15 +2416,16 @@ impl Protector {
     /// no quantities, and sales are never dropped), is tried again by the
     /// next call, and the failure is an event (`take_profit_cancel_failed`).
     /// A failure does not stop the round: the coins the rest does not lock
-    /// are protected meanwhile. `true` when a leg was written.
+    /// are protected meanwhile. When a leg was written, what the canceled
+    /// rests still held (freed, and without a stop), else `None`.
     async fn cancel_take_profit_rests(
         &self,
         creds: &ApiCredentials,
         entry: &Entry,
         rests: &[&Leg],
         source: Source,
-    ) -> Result<bool, ProtectError> {
-        let mut recorded = false;
+    ) -> Result<Option<Qty>, ProtectError> {
+        let mut recorded = None;
         for leg in rests {
             let client_id = leg.ids.take_profit.as_str();
             let failed = match self
@@ -2434,6 +2449,7 @@ impl Protector {
                             .as_ref()
                             .is_some_and(|tp| tp.status.is_final()) =>
                     {
+                        let mut freed = leg.qty;
                         if let Some(tp) = snap.take_profit.as_ref() {
                             let sold = LegSold {
                                 take_profit: tp.executed_qty,
@@ -2443,11 +2459,12 @@ impl Protector {
                             self.store
                                 .record_leg_sold(leg.key, sold, self.clock.now())
                                 .await?;
+                            freed = leg.qty.saturating_sub(tp.executed_qty);
                         }
                         if self.transition(leg, LegState::Replaced, None).await? {
                             info!(entry = %entry.id, leg = %leg.key, %client_id, "take-profit rest canceled");
                         }
-                        recorded = true;
+                        recorded = Some(recorded.unwrap_or(Qty::ZERO).plus(freed));
                         None
                     }
                     // The cancel answers no quantities: without the list's final

@@ -152,3 +152,102 @@ async fn a_fill_recorded_while_the_exit_was_in_doubt_is_not_written_exited() {
     assert_open_for_the_later_coins(&entry, followed(&w, id).await);
     the_next_call_protects_the_later_coins(&w, id).await;
 }
+
+/// An entry exited at market while the rest of a partly filled take-profit
+/// of it still rested, and that rest sold its coins since: canceling the
+/// rest frees nothing, so nothing needs a stop. The entry keeps its exit
+/// (and reason), with its result counted again with the rest's sale, not
+/// reopened and closed in its place.
+#[tokio::test]
+async fn an_exited_entry_whose_rest_sold_out_keeps_its_exit() {
+    let (w, id, rest) = exited_with_a_take_profit_rest().await;
+    let reason = w.store.entry(id).await.unwrap().protection;
+    // The rest sells its last 0.3 at 101.
+    w.exchange.fill_take_profit(rest.as_str(), q(dec!(0.5)));
+
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        entry.protection, reason,
+        "the exit's state stays: nothing is left to protect"
+    );
+    // 0.5 at 101 from the take-profit, 0.5 at 98.5 from the stop, for 100.
+    assert_eq!(
+        entry.realized_quote,
+        Some(dec!(-0.25)),
+        "counted with the rest's sale"
+    );
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert_eq!(
+        again.outcome,
+        ProtectOutcome::Nothing(oco_core::protect::Idle::Settled)
+    );
+    assert_eq!(w.store.entry(id).await.unwrap().protection, reason);
+}
+
+/// The same entry whose rest still held coins when canceled: those are
+/// without a stop, so the entry is no longer exited, and they get one.
+#[tokio::test]
+async fn an_exited_entry_whose_rest_frees_coins_protects_them() {
+    let (w, id, _) = exited_with_a_take_profit_rest().await;
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.3), "the rest's coins have a stop");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+    assert_eq!(entry.realized_quote, None);
+}
+
+/// A filled 1.0 under two lists of 0.5; the first list's take-profit sells
+/// 0.2 (its stop goes, 0.3 rests), the second list's stop sells 0.5, and
+/// the entry is recorded exited at market with the rest still on the book
+/// (a state the routine does not write itself, but finds). Returns the
+/// rest's list client id.
+async fn exited_with_a_take_profit_rest() -> (World, EntryId, String) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let fill = evidence(
+        oco_core::state::EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&fill), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let creds = w.store.credentials(w.account).await.unwrap();
+    let rest = legs[0].ids.list.as_str().to_owned();
+    w.exchange.fill_take_profit(&rest, q(dec!(0.2)));
+    w.protector.refresh_leg(&creds, &legs[0]).await.unwrap();
+    w.exchange.fill_stop(legs[1].ids.list.as_str());
+    w.protector.refresh_leg(&creds, &legs[1]).await.unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(
+        legs[0].state,
+        oco_core::state::LegState::CanceledExternally {
+            why: oco_core::state::ExternalEnd::TakeProfitPartial
+        }
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        w.store
+            .exit_entry(
+                id,
+                "late protection, exited at market: levels passed at fill",
+                oco_core::protect::realized(&entry, &legs),
+                &entry,
+            )
+            .await
+            .unwrap()
+    );
+    (w, id, rest)
+}
