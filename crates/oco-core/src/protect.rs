@@ -2491,12 +2491,12 @@ impl Protector {
     }
 
     /// The lists of `active` whose stop has triggered: the take-profit
-    /// removed, the stop resting as a limit order or executing. Read from
-    /// the symbol's open orders (one request, made only by a round about to
-    /// replace lists: the stop open, the take-profit not); an exchange that
-    /// cannot list them has each list looked up. A list taken for one while
-    /// it is not keeps working all the same, so a view that errs that way
-    /// costs a replacement, never a stop.
+    /// removed, the stop resting as a limit order or executing. Such a list
+    /// has its stop among the symbol's open orders and its take-profit not
+    /// (one request, made only by a round about to replace lists); an
+    /// exchange that cannot list open orders has each list looked up. A
+    /// list taken for one while it is not keeps working all the same, so a
+    /// view that errs that way costs a replacement, never a stop.
     async fn triggered_lists<'l>(
         &self,
         creds: &ApiCredentials,
