@@ -262,7 +262,11 @@ impl Protector {
     /// computes it ([`realized`]) and the entry closed (or exited,
     /// with the same reason) again with it when it changed (event
     /// `realized`).
-    async fn recount_closed(&self, id: EntryId, source: Source) -> Result<(), ProtectError> {
+    pub(crate) async fn recount_closed(
+        &self,
+        id: EntryId,
+        source: Source,
+    ) -> Result<(), ProtectError> {
         let entry = self.store().entry(id).await?;
         if !matches!(
             entry.protection,

@@ -181,6 +181,10 @@ struct Claimed<'a> {
     /// entry's, so a balance refusal's re-plan counts them back in (the
     /// round takes them out again before planning).
     rest_open: Qty,
+    /// What lists left working because their stop has triggered hold
+    /// (`position` is without them): locked, counted back in the same way,
+    /// and their stops keep the entry partly protected.
+    kept: Qty,
     late: LatePolicy,
     degraded: Option<Degraded>,
     /// The stop kind the symbol took in place of the one asked: said with
@@ -548,13 +552,11 @@ impl Protector {
             // rest locks: closing would leave them on the book without a stop
             // and without an entry. The rest is canceled (its sale read) first.
             if !std::mem::replace(rests_tried, true)
-                && self
+                && let Some(freed) = self
                     .cancel_take_profit_rests(&creds, entry, &rests, source)
                     .await?
             {
-                // Its take-profit gone and no stop placed yet: labelled so
-                // until a round places one, should the rounds run out first.
-                self.label_unprotected(entry).await?;
+                self.label_rest_canceled(entry, freed, source).await?;
                 return Ok(Round::Replan);
             }
             self.label_unprotected(entry).await?;
@@ -681,13 +683,11 @@ impl Protector {
                 // less than the coins it locks: it is canceled first.
                 if !rests.is_empty()
                     && !std::mem::replace(rests_tried, true)
-                    && self
+                    && let Some(freed) = self
                         .cancel_take_profit_rests(&creds, entry, &rests, source)
                         .await?
                 {
-                    // Its take-profit gone and no stop placed yet: labelled so
-                    // until a round places one, should the rounds run out first.
-                    self.label_unprotected(entry).await?;
+                    self.label_rest_canceled(entry, freed, source).await?;
                     return Ok(Round::Replan);
                 }
                 // The entry filled beyond its own stop or target: the market passed a level.
@@ -777,6 +777,49 @@ impl Protector {
             }
             return self.covered(entry, &active, source, now).await;
         }
+        // A list whose stop has triggered is selling its coins: canceled, the
+        // sale would stop, and a new list for them would likely be refused
+        // (the price is under its stop). It stays, and the new generation
+        // covers only the coins it does not hold.
+        let triggered = self
+            .triggered_lists(&creds, &entry.symbol.name, &active)
+            .await?;
+        let (active, active_qty, position, plan, kept) = if triggered.is_empty() {
+            (active, active_qty, position, plan, Qty::ZERO)
+        } else {
+            let kept: Qty = triggered.iter().map(|l| l.qty).sum();
+            let others: Vec<&Leg> = active
+                .iter()
+                .copied()
+                .filter(|l| !triggered.iter().any(|t| t.key == l.key))
+                .collect();
+            let others_qty: Qty = others.iter().map(|l| l.qty).sum();
+            let uncovered = position.saturating_sub(kept);
+            info!(entry = %entry.id, lists = triggered.len(), qty = %kept, "lists whose stop has triggered are left selling; the rest is replaced");
+            let plan = match plan_protection(&PlanInput {
+                rules: &rules,
+                levels,
+                reference: fill_price,
+                position: uncovered,
+                split: account.protection.split,
+                stop_budget,
+            }) {
+                Ok(plan) => plan,
+                Err(_) if legs_cover(others_qty, uncovered, &rules) => {
+                    return self.covered(entry, &active, source, now).await;
+                }
+                Err(reason) => {
+                    return self.unprotectable(entry, source, reason.to_string()).await;
+                }
+            };
+            if !others.is_empty() && others_qty >= plan.total() {
+                if let Some(short) = plan.short {
+                    return self.unprotectable(entry, source, short.to_string()).await;
+                }
+                return self.covered(entry, &active, source, now).await;
+            }
+            (others, others_qty, uncovered, plan, kept)
+        };
 
         // A rest is canceled only in a round that places lists: canceling it in
         // one that places nothing would drop a take-profit for no stop.
@@ -784,14 +827,12 @@ impl Protector {
             (plan, position)
         } else {
             if !std::mem::replace(rests_tried, true)
-                && self
+                && let Some(freed) = self
                     .cancel_take_profit_rests(&creds, entry, &rests, source)
                     .await?
             {
                 // Coins freed (and what the rests sold recorded): plan again.
-                // Its take-profit gone and no stop placed yet: labelled so
-                // until a round places one, should the rounds run out first.
-                self.label_unprotected(entry).await?;
+                self.label_rest_canceled(entry, freed, source).await?;
                 return Ok(Round::Replan);
             }
             // A rest whose sale is not recorded still counts its open part as
@@ -838,6 +879,7 @@ impl Protector {
             active,
             position,
             rest_open,
+            kept,
             late: account.protection.late,
             degraded: plan.degraded,
             stop_substitute: plan.stop_substitute,
@@ -1010,6 +1052,7 @@ impl Protector {
             active: Vec::new(),
             position: first.position,
             rest_open: Qty::ZERO,
+            kept: Qty::ZERO,
             late: context.account.protection.late,
             degraded: first.plan.degraded,
             stop_substitute: first.plan.stop_substitute,
@@ -1030,6 +1073,7 @@ impl Protector {
             active,
             position,
             rest_open,
+            kept,
             late,
             degraded,
             stop_substitute,
@@ -1412,7 +1456,7 @@ impl Protector {
                     &legs,
                     LateCase {
                         position: position.saturating_sub(covered),
-                        partly_protected: !placed.is_empty(),
+                        partly_protected: !placed.is_empty() || !kept.is_zero(),
                     },
                     late,
                     source,
@@ -1433,7 +1477,7 @@ impl Protector {
                     .map(|c| c.qty)
                     .sum();
                 return Ok(Round::Again {
-                    holding: Some(free.plus(own).plus(rest_open)),
+                    holding: Some(free.plus(own).plus(rest_open).plus(kept)),
                 });
             }
             // The symbol's order cap refused part of the generation: re-plan now
@@ -1619,7 +1663,11 @@ impl Protector {
                         .iter()
                         .any(|l| matches!(l.state, LegState::Placed { .. }))
                     {
-                        self.record_exited(leg.key.entry, &why).await?;
+                        // Sent by an earlier call: what it was decided from
+                        // is not known here, only what the entry still owes.
+                        let rules = self.exchange.symbol_rules(&leg.symbol).await?;
+                        self.record_exited(leg.key.entry, ExitBasis::FoundLater(&rules), &why)
+                            .await?;
                     }
                 }
                 Ok(())
@@ -1913,14 +1961,21 @@ impl Protector {
             self.label_unprotected(entry).await?;
             return Ok(Round::Done(ProtectOutcome::Failed { errors: vec![why] }));
         }
+        warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
         if partly_protected {
             // Lists still hold the rest: the entry stays protected, and
             // followed, rather than settled.
             self.mark_protected(entry, source, self.clock.now()).await?;
-        } else {
-            self.record_exited(entry.id, &why).await?;
+        } else if self
+            .record_exited(entry.id, ExitBasis::Decided(entry), &why)
+            .await?
+            == ExitWrite::Reopened
+        {
+            // A fill recorded while the exit went out (its caller found the
+            // exit's claim in flight and left its coins to us): they are
+            // planned from the entry as it is now.
+            return Ok(Round::Replan);
         }
-        warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
         Ok(Round::Done(ProtectOutcome::Exited { reason: why }))
     }
 
@@ -1929,31 +1984,51 @@ impl Protector {
     /// and legs as stored now, the exit's sale included: an exit settles
     /// the coins as a close does, and the trader is owed its result.
     ///
-    /// The write is a compare-and-set on the entry read (its executed
-    /// quantity and protection): a fill recorded in between reopens the
-    /// entry, and a stale exit must not write `Exited` over it.
-    async fn record_exited(&self, id: crate::ids::EntryId, why: &str) -> Result<(), ProtectError> {
-        let mut first_qty = None;
+    /// Only while the entry holds nothing the exit was not decided over
+    /// (`basis`): a fill recorded after the decision is counted in the
+    /// entry's quantity, and written `Exited` those coins would never be
+    /// followed again, without a stop. The entry is then labelled
+    /// `unprotected` instead, and the caller plans again. The write itself
+    /// is a compare-and-set on the entry read (its executed quantity and
+    /// protection), so a fill recorded between that read and the write
+    /// reopens the entry too.
+    async fn record_exited(
+        &self,
+        id: crate::ids::EntryId,
+        basis: ExitBasis<'_>,
+        why: &str,
+    ) -> Result<ExitWrite, ProtectError> {
         for _ in 0..EXIT_WRITE_ATTEMPTS {
             let (entry, legs) =
                 futures_util::future::join(self.store.entry(id), self.store.legs(id)).await;
-            let entry = entry?;
-            // Coins filled since the exit's first read reopened the entry:
-            // its result is its next close's, not this exit's.
-            if *first_qty.get_or_insert(entry.executed_qty) != entry.executed_qty {
-                info!(entry = %id, "entry filled again since its exit; not recorded as exited");
-                return Ok(());
+            let (entry, legs) = (entry?, legs?);
+            let moved = match basis {
+                ExitBasis::Decided(decided) => entry.executed_qty != decided.executed_qty,
+                ExitBasis::FoundLater(rules) => {
+                    let sold: Qty = legs.iter().map(|l| l.sold.total()).sum();
+                    let owed = entry.net_qty().saturating_sub(sold);
+                    entry
+                        .average_price()
+                        .is_some_and(|price| !is_dust(owed, price, rules))
+                }
+            };
+            if moved {
+                // Coins filled since the exit was decided: its result is the
+                // entry's next close's, and they need a stop first.
+                warn!(entry = %id, executed = %entry.executed_qty, "entry holds coins its exit was not decided over; not recorded as exited");
+                self.label_unprotected(&entry).await?;
+                return Ok(ExitWrite::Reopened);
             }
             if self
                 .store
-                .exit_entry(id, why, realized(&entry, &legs?), &entry)
+                .exit_entry(id, why, realized(&entry, &legs), &entry)
                 .await?
             {
-                return Ok(());
+                return Ok(ExitWrite::Written);
             }
         }
         warn!(entry = %id, "entry kept changing; its exit is left to the next call");
-        Ok(())
+        Ok(ExitWrite::Busy)
     }
 
     /// A market exit that ended with less sold than asked (Binance expires
@@ -2028,6 +2103,26 @@ impl Protector {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Labels `entry` after a round canceled take-profit rests of it (their
+    /// sales recorded), before it plans again: the coins they `freed` have
+    /// no stop until a round places one, so the entry is labelled
+    /// `unprotected`, should the rounds run out first. An entry already
+    /// exited at market whose rests freed nothing (they had sold all) has
+    /// no coin without a stop: it keeps its exit and reason, which the
+    /// label would drop (and the next round close it instead), and its
+    /// result is counted again with the rests' sales.
+    async fn label_rest_canceled(
+        &self,
+        entry: &Entry,
+        freed: Qty,
+        source: Source,
+    ) -> Result<(), ProtectError> {
+        if freed.is_zero() && matches!(entry.protection, Protection::Exited { .. }) {
+            return self.recount_closed(entry.id, source).await;
+        }
+        self.label_unprotected(entry).await
     }
 
     async fn unprotectable(
@@ -2321,15 +2416,16 @@ impl Protector {
     /// no quantities, and sales are never dropped), is tried again by the
     /// next call, and the failure is an event (`take_profit_cancel_failed`).
     /// A failure does not stop the round: the coins the rest does not lock
-    /// are protected meanwhile. `true` when a leg was written.
+    /// are protected meanwhile. When a leg was written, what the canceled
+    /// rests still held (freed, and without a stop), else `None`.
     async fn cancel_take_profit_rests(
         &self,
         creds: &ApiCredentials,
         entry: &Entry,
         rests: &[&Leg],
         source: Source,
-    ) -> Result<bool, ProtectError> {
-        let mut recorded = false;
+    ) -> Result<Option<Qty>, ProtectError> {
+        let mut recorded = None;
         for leg in rests {
             let client_id = leg.ids.take_profit.as_str();
             let failed = match self
@@ -2353,6 +2449,7 @@ impl Protector {
                             .as_ref()
                             .is_some_and(|tp| tp.status.is_final()) =>
                     {
+                        let mut freed = leg.qty;
                         if let Some(tp) = snap.take_profit.as_ref() {
                             let sold = LegSold {
                                 take_profit: tp.executed_qty,
@@ -2362,11 +2459,12 @@ impl Protector {
                             self.store
                                 .record_leg_sold(leg.key, sold, self.clock.now())
                                 .await?;
+                            freed = leg.qty.saturating_sub(tp.executed_qty);
                         }
                         if self.transition(leg, LegState::Replaced, None).await? {
                             info!(entry = %entry.id, leg = %leg.key, %client_id, "take-profit rest canceled");
                         }
-                        recorded = true;
+                        recorded = Some(recorded.unwrap_or(Qty::ZERO).plus(freed));
                         None
                     }
                     // The cancel answers no quantities: without the list's final
@@ -2390,6 +2488,43 @@ impl Protector {
             }
         }
         Ok(recorded)
+    }
+
+    /// The lists of `active` whose stop has triggered: the take-profit
+    /// removed, the stop resting as a limit order or executing. Such a list
+    /// has its stop among the symbol's open orders and its take-profit not
+    /// (one request, made only by a round about to replace lists); an
+    /// exchange that cannot list open orders has each list looked up. A
+    /// list taken for one while it is not keeps working all the same, so a
+    /// view that errs that way costs a replacement, never a stop.
+    async fn triggered_lists<'l>(
+        &self,
+        creds: &ApiCredentials,
+        symbol: &str,
+        active: &[&'l Leg],
+    ) -> Result<Vec<&'l Leg>, ProtectError> {
+        if active.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(open) = self.exchange.open_order_ids(creds, symbol).await? {
+            let is_open = |id: &crate::ids::ClientOrderId| open.iter().any(|o| o == id.as_str());
+            return Ok(active
+                .iter()
+                .copied()
+                .filter(|l| is_open(&l.ids.stop_loss) && !is_open(&l.ids.take_profit))
+                .collect());
+        }
+        let mut triggered = Vec::new();
+        for leg in active {
+            let snap = self
+                .exchange
+                .order_list(creds, symbol, leg.ids.list.as_str())
+                .await?;
+            if snap.as_ref().is_some_and(stop_triggered) {
+                triggered.push(*leg);
+            }
+        }
+        Ok(triggered)
     }
 
     /// What a list that is no longer open sold, looked up: `None` unless the
@@ -2576,8 +2711,6 @@ impl Protector {
     }
 }
 
-/// Whether working legs of `active_qty` cover `position`: all of it that
-/// flooring to the step leaves, and something at all.
 /// The history line of an entry kept open because a list of ours that no
 /// live leg follows may hold its coins.
 const HELD_BY_STRAY: &str = "coins_held_by_stray";
@@ -2624,6 +2757,40 @@ enum Adoption {
 /// How many times an exit's result is written, each from a fresh read,
 /// before it is left to the next call.
 const EXIT_WRITE_ATTEMPTS: usize = 4;
+
+/// What a market exit was decided from: its `Exited` write
+/// ([`Protector::record_exited`]) holds only while the entry has not moved
+/// past it.
+#[derive(Clone, Copy)]
+enum ExitBasis<'a> {
+    /// The entry as the round that sent the exit read it: any fill recorded
+    /// since (its executed quantity grew) is not the exit's.
+    Decided(&'a Entry),
+    /// An exit sent by an earlier call and found by its lookup: the entry
+    /// it was decided from is not kept, so the exit stands for the entry
+    /// only while what the fills owe, less every recorded sale (the exit's
+    /// included), is too small for any order of the symbol.
+    FoundLater(&'a SymbolRules),
+}
+
+/// What became of an exit's `Exited` write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExitWrite {
+    /// Written, with its result.
+    Written,
+    /// The entry holds coins the exit was not decided over: not written,
+    /// the entry labelled `unprotected` for them.
+    Reopened,
+    /// The entry kept changing under the write: left to the next call.
+    Busy,
+}
+
+/// Whether `qty` is too small for any order of the symbol: floored to the
+/// step, under its minimum quantity or its minimum notional at `price`.
+fn is_dust(qty: Qty, price: crate::money::Price, rules: &SymbolRules) -> bool {
+    let floored = qty.floor_to(rules.step);
+    floored.is_zero() || floored < rules.min_qty || floored.notional(price) < rules.min_notional
+}
 
 /// The realised result of a closed entry ([`realized_quote`]) and whether it
 /// counts every commission of its legs' sales ([`fees_complete`]).
@@ -2679,6 +2846,17 @@ fn is_take_profit_rest(leg: &Leg) -> bool {
         }
 }
 
+/// Whether a list still executes on its stop alone: the stop triggered
+/// (its take-profit removed) or selling, and not ended.
+fn stop_triggered(snap: &OrderListSnapshot) -> bool {
+    let (Some(tp), Some(sl)) = (&snap.take_profit, &snap.stop_loss) else {
+        return false;
+    };
+    snap.executing && !sl.status.is_final() && (tp.status.is_final() || !sl.executed_qty.is_zero())
+}
+
+/// Whether working legs of `active_qty` cover `position`: all of it that
+/// flooring to the step leaves, and something at all.
 fn legs_cover(active_qty: Qty, position: Qty, rules: &SymbolRules) -> bool {
     !active_qty.is_zero() && active_qty >= position.floor_to(rules.step)
 }

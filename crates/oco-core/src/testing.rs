@@ -100,6 +100,9 @@ struct FakeState {
     /// Trade ids of lists' orders are counted apart, so that they move no
     /// list or order id.
     next_trade: i64,
+    /// `open_order_ids` answers `None`, as an exchange that cannot list
+    /// open orders.
+    no_open_orders: bool,
 }
 
 /// An exchange double with Binance's OCO semantics: one quantity locked for
@@ -110,9 +113,11 @@ pub struct FakeExchange {
     state: Mutex<FakeState>,
     before_oco: Mutex<Option<OcoHook>>,
     before_cancel: Mutex<Option<OcoHook>>,
+    before_order: Mutex<Option<OcoHook>>,
 }
 
-/// What runs before the next OCO placement (see [`FakeExchange::before_next_oco`]).
+/// What runs before the next call it is set for ([`FakeExchange::before_next_oco`],
+/// [`FakeExchange::before_next_cancel`], [`FakeExchange::before_next_order`]).
 type OcoHook = Box<dyn FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send>;
 
 fn rejected(code: i32, msg: &str) -> ExchangeError {
@@ -154,6 +159,19 @@ impl FakeExchange {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(hook));
     }
 
+    /// Runs `hook` once, at the start of the next `place_order` call: what
+    /// happens elsewhere (another layer recording a fill, say) while a
+    /// market exit goes out.
+    pub fn before_next_order(
+        &self,
+        hook: impl FnOnce() -> futures_util::future::BoxFuture<'static, ()> + Send + 'static,
+    ) {
+        *self
+            .before_order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(hook));
+    }
+
     /// Scripts the next `place_order` call (the faults mean for an order
     /// what they mean for a list).
     pub fn push_order_fault(&self, fault: OcoFault) {
@@ -182,6 +200,12 @@ impl FakeExchange {
     /// `None` (a rate limit, an outage of the order API).
     pub fn fail_cancels(&self, err: Option<ExchangeError>) {
         self.lock().cancel_failure = err;
+    }
+
+    /// Whether `open_order_ids` answers `None` from now on, as for an
+    /// exchange that cannot list open orders (callers then trust the lists).
+    pub fn cannot_list_open_orders(&self, cannot: bool) {
+        self.lock().no_open_orders = cannot;
     }
 
     /// How many times `place_order` was called, refused or not.
@@ -722,6 +746,14 @@ impl Exchange for FakeExchange {
         creds: &ApiCredentials,
         order: &OrderRequest,
     ) -> Result<OrderSnapshot, ExchangeError> {
+        let hook = self
+            .before_order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(hook) = hook {
+            hook().await;
+        }
         YieldNow::default().await;
         let fault = {
             let mut s = self.lock();
@@ -894,6 +926,9 @@ impl Exchange for FakeExchange {
             )
         };
         let state = self.lock();
+        if state.no_open_orders {
+            return Ok(None);
+        }
         let mut ids = Vec::new();
         for list in state
             .lists

@@ -1,0 +1,114 @@
+//! Replacing older lists with a new generation: what a replacement cancels
+//! and what it leaves working.
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+mod common;
+
+use common::*;
+use oco_core::levels::EntryLevels;
+use oco_core::model::{Protection, ProtectionConfig, Source};
+use oco_core::ports::Store;
+use oco_core::protect::ProtectOutcome;
+use oco_core::state::{EntryStatus, ExternalEnd, LegState};
+use rust_decimal_macros::dec;
+
+/// Two lists hold a fill; the user cancels one by hand while the other's
+/// stop has triggered and rests as a limit sell under the market. The
+/// replacement covers the coins of the canceled list only: canceling the
+/// triggered stop would stop the sale of its coins, and a new list for
+/// them is refused (the price is under its stop).
+#[tokio::test]
+async fn a_list_whose_stop_has_triggered_is_not_canceled_by_a_replacement() {
+    triggered_stop_left_selling(true).await;
+}
+
+/// The same on an exchange that cannot list open orders: each list is
+/// looked up.
+#[tokio::test]
+async fn a_triggered_stop_is_found_by_lookup_where_open_orders_are_not_listed() {
+    triggered_stop_left_selling(false).await;
+}
+
+async fn triggered_stop_left_selling(open_orders_listed: bool) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    w.exchange.cannot_list_open_orders(!open_orders_listed);
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let (selling, by_hand) = (&legs[0], &legs[1]);
+    let creds = w.store.credentials(w.account).await.unwrap();
+
+    // The market falls through the stop (99) and under its limit (98.5):
+    // the first list's take-profit is removed, its stop rests unfilled.
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    w.exchange
+        .trigger_stop(selling.ids.list.as_str(), EntryStatus::Expired);
+    // The second list is canceled by hand, and its end looked up.
+    w.exchange.cancel_externally(by_hand.ids.list.as_str());
+    w.protector.refresh_leg(&creds, by_hand).await.unwrap();
+    let ended = w.store.legs(id).await.unwrap();
+    assert_eq!(
+        ended[1].state,
+        LegState::CanceledExternally {
+            why: ExternalEnd::Canceled
+        }
+    );
+
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let still_selling = w
+        .exchange
+        .open_lists()
+        .iter()
+        .any(|l| l.request.ids.list == selling.ids.list);
+    assert!(
+        still_selling,
+        "the list whose stop triggered keeps selling its coins: {report:?}"
+    );
+    let now = w.store.legs(id).await.unwrap();
+    assert!(
+        matches!(now[0].state, LegState::Placed { .. }),
+        "followed as it is: {:?}",
+        now[0].state
+    );
+    // Only the hand-canceled list's coins took the late policy.
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.market_sells().len(), 1);
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC"),
+        (dec!(0), selling.qty.get()),
+        "the exit sold the uncovered coins; the triggered stop still holds its own"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "a stop still works over the rest: {:?}",
+        entry.protection
+    );
+
+    // Covered now: a later call places, cancels and sells nothing.
+    let (lists, sells) = (w.exchange.oco_calls(), w.exchange.market_sells().len());
+    let again = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(again.outcome, ProtectOutcome::Nothing(_)),
+        "{again:?}"
+    );
+    assert_eq!(w.exchange.oco_calls(), lists);
+    assert_eq!(w.exchange.market_sells().len(), sells);
+    assert_eq!(w.exchange.open_lists().len(), 1);
+
+    // The stop fills at its limit: every coin is sold, the entry closes.
+    w.exchange.fill_stop(selling.ids.list.as_str());
+    let now = w.store.legs(id).await.unwrap();
+    w.protector.refresh_leg(&creds, &now[0]).await.unwrap();
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed, "{entry:?}");
+}
