@@ -190,6 +190,12 @@ impl WeightMeter {
         s.rate_limited += 1;
     }
 
+    /// Counts a rate-limit answer that holds back one account only (its
+    /// order count), without pausing the node.
+    pub fn count_rate_limited(&self) {
+        lock(&self.state).rate_limited += 1;
+    }
+
     /// Weight charged since the meter was made.
     pub fn total(&self) -> u64 {
         lock(&self.state).total
@@ -306,6 +312,25 @@ impl MeteredExchange {
             })
     }
 
+    /// [`MeteredExchange::observe`] for a placement, whose rate-limit answer
+    /// is not the node's to act on: Binance counts new orders per account
+    /// (`-1015`, and the daily count), so the adapter holds back that key's
+    /// placements alone, and pausing the node for it would stop every
+    /// account's reads and stops until the account's limit passes (up to
+    /// the next UTC midnight). A weight limit or ban met by a placement has
+    /// already blocked the adapter's every request, which the next read
+    /// meets and pauses the node for.
+    fn observe_placement<T>(&self, result: Result<T, ExchangeError>) -> Result<T, ExchangeError> {
+        if let Err(ExchangeError::RateLimited { retry_after }) = &result {
+            warn!(
+                retry_after_ms = retry_after.as_millis(),
+                "placement rate limited: held back for this account, other accounts go on"
+            );
+            self.meter.count_rate_limited();
+        }
+        result
+    }
+
     fn observe<T>(&self, result: Result<T, ExchangeError>) -> Result<T, ExchangeError> {
         if let Err(ExchangeError::RateLimited { retry_after }) = &result {
             warn!(
@@ -358,7 +383,7 @@ impl Exchange for MeteredExchange {
         order: &OrderRequest,
     ) -> Result<OrderSnapshot, ExchangeError> {
         self.acquire_order_write().await?;
-        self.observe(self.inner.place_order(creds, order).await)
+        self.observe_placement(self.inner.place_order(creds, order).await)
     }
 
     async fn query_order(
@@ -397,7 +422,7 @@ impl Exchange for MeteredExchange {
         oco: &OcoRequest,
     ) -> Result<OcoAck, ExchangeError> {
         self.acquire_order_write().await?;
-        self.observe(self.inner.place_oco(creds, oco).await)
+        self.observe_placement(self.inner.place_oco(creds, oco).await)
     }
 
     async fn order_list(

@@ -311,6 +311,43 @@ async fn a_rate_limit_pauses_then_the_pass_succeeds() {
     assert!(sync.open_breakers().is_empty());
 }
 
+/// Binance counts new orders per account: one account out of its orders
+/// (`-1015`, or the daily count) has its placements held back, and the
+/// other accounts' reads and stops go on as before.
+#[tokio::test(start_paused = true)]
+async fn one_accounts_order_limit_does_not_hold_back_the_others() {
+    let w = world();
+    let limited = w.account("k1").await;
+    let other = w.account("k2").await;
+    w.sent_entry(&limited, EntryKind::Market, dec!(1)).await;
+    let sync = w.wired_reconciler(config());
+    w.fake.push_oco_fault(oco_core::testing::OcoFault::Fail(
+        ExchangeError::RateLimited {
+            retry_after: Duration::from_secs(6 * 3600),
+        },
+    ));
+    let start = tokio::time::Instant::now();
+    let first = sync.reconcile_account(limited.id).await;
+    assert!(
+        format!("{first:?}").contains("rate limited"),
+        "the limited account's placement is refused: {first:?}"
+    );
+
+    let id = w.sent_entry(&other, EntryKind::Market, dec!(1)).await;
+    let r = sync.reconcile_account(other.id).await.unwrap();
+    assert!(placed(r.outcome(id)), "{r:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "the other account waited {:?} for the limited one's limit",
+        start.elapsed()
+    );
+    assert_eq!(
+        sync.metrics().rate_limited,
+        1,
+        "the answer is still counted"
+    );
+}
+
 #[tokio::test]
 async fn lists_filled_while_nobody_listened_close_the_entry() {
     let w = world();

@@ -308,6 +308,18 @@ impl World {
         )
     }
 
+    /// A reconciler wired as the binaries wire it: the calls `protect` makes
+    /// go through the same metered exchange as the reconciler's reads.
+    pub fn wired_reconciler(&self, config: SyncConfig) -> Reconciler {
+        Reconciler::wired(
+            self.exchange.clone(),
+            self.store.clone(),
+            self.clock.clone(),
+            ProtectorConfig::new(self.ids.clone()),
+            config,
+        )
+    }
+
     pub async fn account(&self, api_key: &str) -> Acct {
         let creds = ApiCredentials {
             api_key: api_key.into(),
