@@ -28,6 +28,9 @@ use crate::ports::{
 use crate::state::{EntryStatus, LegSold, LegState};
 use crate::symbol::{Asset, SymbolRules};
 
+mod hooked;
+pub use hooked::{Hooked, StoreHooks};
+
 /// A future that returns `Pending` once, so concurrent tasks interleave at
 /// each exchange call the way real network round trips make them.
 #[derive(Debug, Default)]

@@ -9,19 +9,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::*;
 use oco_core::follow::Followed;
-use oco_core::ids::{ClientOrderId, EntryId, IdScheme, LegKey};
+use oco_core::ids::{EntryId, IdScheme, LegKey};
 use oco_core::levels::EntryLevels;
 use oco_core::mem::MemStore;
-use oco_core::model::{
-    Account, Entry, EntryEventRecord, Evidence, Fill, Leg, LegClaim, LegUpdate, Millis, NewEntry,
-    Protection, ProtectionConfig, Source,
-};
-use oco_core::ports::{
-    ApiCredentials, ExecutionUpdate, NewAccount, RecordedOutcomes, Side, Store, StoreError,
-};
+use oco_core::model::{Fill, Leg, Millis, Protection, ProtectionConfig, Source};
+use oco_core::ports::{ExecutionUpdate, FillContext, Side, Store, StoreError};
 use oco_core::protect::{ProtectOutcome, Protector, ProtectorConfig};
-use oco_core::state::{EntryStatus, LegSold, LegState};
+use oco_core::state::{EntryStatus, LegState};
 use oco_core::symbol::Asset;
+use oco_core::testing::{Hooked, StoreHooks};
 use oco_core::{AccountId, Qty};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
@@ -346,11 +342,10 @@ async fn a_second_fill_on_the_stream_replaces_the_first_fills_legs() {
     );
 }
 
-/// The in-memory store, except that the next read of one leg shows it
-/// `Claimed`: as read by a caller that got there just before the placer
+/// Hooks on the in-memory store: the next read of one leg shows it
+/// `Claimed`, as read by a caller that got there just before the placer
 /// recorded the leg `Placed`. Every read of it, when `always`.
 struct ReadBeforePlaced {
-    inner: Arc<MemStore>,
     stale: Mutex<Option<LegKey>>,
     always: bool,
     /// Every leg-trade write fails (`Unavailable`), as a database that
@@ -358,93 +353,59 @@ struct ReadBeforePlaced {
     fail_trades: bool,
 }
 
-#[async_trait]
-impl Store for ReadBeforePlaced {
-    async fn create_account(&self, a: NewAccount) -> Result<Account, StoreError> {
-        self.inner.create_account(a).await
+impl ReadBeforePlaced {
+    fn over(
+        inner: Arc<MemStore>,
+        stale: Option<LegKey>,
+        always: bool,
+        fail_trades: bool,
+    ) -> Arc<Hooked<MemStore, Self>> {
+        Arc::new(Hooked::new(
+            inner,
+            Arc::new(Self {
+                stale: Mutex::new(stale),
+                always,
+                fail_trades,
+            }),
+        ))
     }
-    async fn account(&self, id: AccountId) -> Result<Account, StoreError> {
-        self.inner.account(id).await
-    }
-    async fn credentials(&self, id: AccountId) -> Result<ApiCredentials, StoreError> {
-        self.inner.credentials(id).await
-    }
-    async fn update_account(
-        &self,
-        id: AccountId,
-        p: ProtectionConfig,
-        a: bool,
-    ) -> Result<Account, StoreError> {
-        self.inner.update_account(id, p, a).await
-    }
-    async fn active_accounts(&self) -> Result<Vec<Account>, StoreError> {
-        self.inner.active_accounts().await
-    }
-    async fn create_entry(
-        &self,
-        e: NewEntry,
-        c: &(dyn Fn(EntryId) -> ClientOrderId + Send + Sync),
-        at: Millis,
-    ) -> Result<Entry, StoreError> {
-        self.inner.create_entry(e, c, at).await
-    }
-    async fn entry(&self, id: EntryId) -> Result<Entry, StoreError> {
-        self.inner.entry(id).await
-    }
-    async fn open_entries(&self, a: AccountId) -> Result<Vec<Entry>, StoreError> {
-        self.inner.open_entries(a).await
-    }
-    async fn record_evidence(&self, id: EntryId, e: &Evidence) -> Result<Entry, StoreError> {
-        self.inner.record_evidence(id, e).await
-    }
-    async fn set_protection(&self, id: EntryId, p: &Protection) -> Result<(), StoreError> {
-        self.inner.set_protection(id, p).await
-    }
-    async fn close_entry(
-        &self,
-        id: EntryId,
-        r: oco_core::model::Realized,
-        at: Millis,
-    ) -> Result<(), StoreError> {
-        self.inner.close_entry(id, r, at).await
-    }
-    async fn exit_entry(
-        &self,
-        id: EntryId,
-        why: &str,
-        r: oco_core::model::Realized,
-        read: &Entry,
-    ) -> Result<bool, StoreError> {
-        self.inner.exit_entry(id, why, r, read).await
-    }
-    async fn legs(&self, e: EntryId) -> Result<Vec<Leg>, StoreError> {
-        let mut legs = self.inner.legs(e).await?;
+
+    fn read(&self, legs: &mut [Leg]) {
         let stale = if self.always {
             *self.stale.lock().unwrap()
         } else {
             self.stale.lock().unwrap().take()
         };
-        for leg in &mut legs {
+        for leg in legs {
             if Some(leg.key) == stale {
                 leg.state = LegState::Claimed;
             }
         }
+    }
+}
+
+#[async_trait]
+impl StoreHooks<MemStore> for ReadBeforePlaced {
+    async fn legs(&self, inner: &MemStore, e: EntryId) -> Result<Vec<Leg>, StoreError> {
+        let mut legs = inner.legs(e).await?;
+        self.read(&mut legs);
         Ok(legs)
     }
-    async fn claim_leg(&self, c: &LegClaim) -> Result<bool, StoreError> {
-        self.inner.claim_leg(c).await
-    }
-    async fn update_leg(&self, u: &LegUpdate) -> Result<bool, StoreError> {
-        self.inner.update_leg(u).await
-    }
-    async fn take_over_leg(&self, u: &LegUpdate, stale: Duration) -> Result<bool, StoreError> {
-        self.inner.take_over_leg(u, stale).await
-    }
-    async fn record_leg_sold(&self, k: LegKey, s: LegSold, at: Millis) -> Result<(), StoreError> {
-        self.inner.record_leg_sold(k, s, at).await
+    // `protect` reads the legs with the keys and settings: the in-memory
+    // store's own `legs` underneath is not the hooked one.
+    async fn fill_context(
+        &self,
+        inner: &MemStore,
+        account: AccountId,
+        id: EntryId,
+    ) -> Result<FillContext, StoreError> {
+        let mut context = inner.fill_context(account, id).await?;
+        self.read(&mut context.legs);
+        Ok(context)
     }
     async fn record_leg_trades(
         &self,
+        inner: &MemStore,
         k: LegKey,
         side: oco_core::model::SaleSide,
         t: &[oco_core::model::Fill],
@@ -454,54 +415,7 @@ impl Store for ReadBeforePlaced {
                 "leg trades: connection lost".into(),
             ));
         }
-        self.inner.record_leg_trades(k, side, t).await
-    }
-    async fn append_event(&self, e: &EntryEventRecord) -> Result<(), StoreError> {
-        self.inner.append_event(e).await
-    }
-    async fn events(&self, e: EntryId) -> Result<Vec<EntryEventRecord>, StoreError> {
-        self.inner.events(e).await
-    }
-    async fn flag_reconcile(&self, a: AccountId, r: &str, at: Millis) -> Result<(), StoreError> {
-        self.inner.flag_reconcile(a, r, at).await
-    }
-    async fn take_flagged(&self, l: usize) -> Result<Vec<AccountId>, StoreError> {
-        self.inner.take_flagged(l).await
-    }
-    async fn take_due_accounts(
-        &self,
-        h: &str,
-        i: Duration,
-        l: Duration,
-        n: usize,
-    ) -> Result<Vec<AccountId>, StoreError> {
-        self.inner.take_due_accounts(h, i, l, n).await
-    }
-    async fn mark_reconciled(&self, a: AccountId) -> Result<(), StoreError> {
-        self.inner.mark_reconciled(a).await
-    }
-    async fn defer_reconcile(&self, a: AccountId, after: Duration) -> Result<(), StoreError> {
-        self.inner.defer_reconcile(a, after).await
-    }
-    async fn take_due_retries(
-        &self,
-        h: &str,
-        l: Duration,
-        n: usize,
-    ) -> Result<Vec<AccountId>, StoreError> {
-        self.inner.take_due_retries(h, l, n).await
-    }
-    async fn claim_legs(&self, c: &[LegClaim]) -> Result<Vec<bool>, StoreError> {
-        self.inner.claim_legs(c).await
-    }
-    async fn record_outcomes(
-        &self,
-        e: EntryId,
-        u: &[LegUpdate],
-        ev: &[EntryEventRecord],
-        p: Option<&Protection>,
-    ) -> Result<RecordedOutcomes, StoreError> {
-        self.inner.record_outcomes(e, u, ev, p).await
+        inner.record_leg_trades(k, side, t).await
     }
 }
 
@@ -527,12 +441,7 @@ async fn partial_take_profit_read_before_placed(
         .unwrap();
     let leg = w.store.legs(id).await.unwrap().remove(0);
     assert!(matches!(leg.state, LegState::Placed { .. }), "{leg:?}");
-    let store = Arc::new(ReadBeforePlaced {
-        inner: w.store.clone(),
-        stale: Mutex::new(Some(leg.key)),
-        always,
-        fail_trades: false,
-    });
+    let store = ReadBeforePlaced::over(w.store.clone(), Some(leg.key), always, false);
     let protector = Protector::new(
         w.exchange.clone(),
         store,
@@ -597,12 +506,7 @@ async fn a_leg_trade_that_cannot_be_written_still_reprotects_the_rest() {
         .await
         .unwrap();
     let leg = w.store.legs(id).await.unwrap().remove(0);
-    let store = Arc::new(ReadBeforePlaced {
-        inner: w.store.clone(),
-        stale: Mutex::new(None),
-        always: false,
-        fail_trades: true,
-    });
+    let store = ReadBeforePlaced::over(w.store.clone(), None, false, true);
     let protector = Protector::new(
         w.exchange.clone(),
         store,

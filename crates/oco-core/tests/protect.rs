@@ -1295,7 +1295,7 @@ async fn a_fill_written_behind_a_replacement_is_covered() {
     // claim in flight) and is held before its write until sync is done.
     w.credit(dec!(0.6));
     let (open, gate) = tokio::sync::oneshot::channel();
-    *store.gate.lock().unwrap() = Some(gate);
+    *store.hooks().gate.lock().unwrap() = Some(gate);
     let gateway = Arc::new(std::sync::Mutex::new(None));
     let (gw_store, gw_protector, gw_task) = (store.clone(), protector.clone(), gateway.clone());
     let third = fills(3, EntryStatus::Filled);
@@ -1307,7 +1307,7 @@ async fn a_fill_written_behind_a_replacement_is_covered() {
                     .await
             });
             *gw_task.lock().unwrap() = Some(task);
-            gw_store.read.notified().await;
+            gw_store.hooks().read.notified().await;
         })
     });
     let sync = protector

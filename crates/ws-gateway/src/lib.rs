@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use oco_core::follow::Followed;
+use oco_core::follow::{Bookkeeping, Followed};
 use oco_core::ids::{LegKey, OrderRole};
 use oco_core::model::{Protection, Source};
 use oco_core::ports::{
@@ -56,9 +56,10 @@ pub struct GatewayConfig {
     pub max_backoff: Duration,
     /// At shutdown or when a lease moves away, how long an account's task
     /// may take to finish the events it already received (a protection
-    /// claimed but not yet sent) before it is aborted. Aborted halfway, a
-    /// claimed protection waits for the claim timeout and a lookup. Keep it
-    /// well under `lease_ttl`.
+    /// claimed but not yet sent) and the bookkeeping it queued before it is
+    /// aborted. Aborted halfway, a claimed protection waits for the claim
+    /// timeout and a lookup, and a leg trade not yet written is lost (its
+    /// entry's `fees_complete` stays false). Keep it well under `lease_ttl`.
     pub drain_grace: Duration,
     /// While an account's stream stays down, how often it is flagged for
     /// reconciliation again: each flag has `sync` look for fills the stream
@@ -409,7 +410,8 @@ impl Gateway {
         }
         // Every task first finishes what it holds (within the grace), so a
         // protection claimed but not yet sent goes out now, not after the
-        // claim timeout; the flags they owe are written before the leases go.
+        // claim timeout, and the leg trades it queued are written; the flags
+        // they owe are written before the leases go.
         let ended: Vec<_> = tasks
             .drain()
             .map(|(id, running)| {
@@ -509,6 +511,15 @@ impl Gateway {
             next
         };
         let (stop, stopped) = watch::channel(false);
+        let (books, jobs) = mpsc::channel(BOOKKEEPING_QUEUE);
+        let bookkeeper = Bookkeeper {
+            account,
+            protector: self.protector.clone(),
+            stats: self.stats.clone(),
+            flagger: flagger.clone(),
+            jobs,
+            in_hand: false,
+        };
         let worker = AccountWorker {
             account,
             store: self.store.clone(),
@@ -523,9 +534,18 @@ impl Gateway {
             stopped,
             lease,
             down_flagged_at: None,
+            books,
         };
+        // One task for both, not a task each: the bookkeeper outlives the
+        // stream's sessions (a reopen keeps its queue), ends when the worker
+        // is let go and its queue is done, and is dropped with it when the
+        // drain grace runs out, so it never writes for an account whose
+        // lease this gateway gave up (its next holder recounts the same
+        // entries). The worker's end drops its sender, which ends the queue.
         Running {
-            task: tokio::spawn(async move { worker.run(why).await }),
+            task: tokio::spawn(async move {
+                tokio::join!(worker.run(why), bookkeeper.run());
+            }),
             stop,
             started,
         }
@@ -560,6 +580,73 @@ struct AccountWorker {
     /// since the task began): a stream that fails to open flags it then,
     /// and again each `reflag_while_down` while it stays down.
     down_flagged_at: Option<tokio::time::Instant>,
+    /// The account's [`Bookkeeper`]: its queue.
+    books: mpsc::Sender<BookJob>,
+}
+
+/// Most bookkeeping jobs an account queues before its task waits to queue
+/// another. A burst of take-profit trades (entries of one account closing
+/// at one price) queues without waiting; a bookkeeper further behind than
+/// that slows its stream rather than grow without bound (a thousand
+/// accounts hold at most 64,000 small jobs).
+const BOOKKEEPING_QUEUE: usize = 64;
+
+/// A leg update's bookkeeping ([`Protector::bookkeep`]), and what names it
+/// in the logs.
+struct BookJob {
+    later: Bookkeeping,
+    entry: Option<EntryId>,
+    client_id: String,
+}
+
+/// Runs an account's bookkeeping (a leg trade's commission, a durable
+/// write, then a settled entry's recount) beside its stream, not on it: the
+/// account's next event (another entry's fill) must not wait for a
+/// commission's transaction. One per account task, one job at a time, in
+/// the order the events came: two recounts of one entry at once could
+/// write the older result last.
+///
+/// When the account is let go (shutdown, lease lost or lapsed) the queue is
+/// finished, within the drain grace the task has for its events: a leg
+/// trade dropped is read again by nobody (sync reads entries' trades, not
+/// legs'), so its commission would stay missing from the result. Past the
+/// grace the task is aborted and what is left is dropped, with a warning:
+/// the leases must go in time, and a trade lost only leaves its entry's
+/// `fees_complete` false.
+struct Bookkeeper {
+    account: AccountId,
+    protector: Arc<Protector>,
+    stats: Arc<GatewayStats>,
+    flagger: Flagger,
+    jobs: mpsc::Receiver<BookJob>,
+    /// A job taken off the queue and not done.
+    in_hand: bool,
+}
+
+impl Bookkeeper {
+    /// Runs the jobs until the account's worker has ended and none is left.
+    async fn run(mut self) {
+        while let Some(job) = self.jobs.recv().await {
+            self.in_hand = true;
+            let span = order_span(self.account, job.entry, &job.client_id);
+            if let Err(err) = self.protector.bookkeep(job.later).instrument(span).await {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(account = %self.account, entry = job.entry.map(tracing::field::display), client_id = %job.client_id, error = %err, "result recount failed, flagging for reconciliation");
+                self.flagger.flag(self.account, "recount failed");
+            }
+            self.in_hand = false;
+        }
+    }
+}
+
+impl Drop for Bookkeeper {
+    /// Dropped before its queue was done: the account's task was aborted.
+    fn drop(&mut self) {
+        let left = self.jobs.len() + usize::from(self.in_hand);
+        if left > 0 {
+            warn!(account = %self.account, left, "bookkeeping dropped with the account's task: leg trades unwritten (their entries' fees_complete stays false), results not recounted");
+        }
+    }
 }
 
 /// How long after a fetch of a symbol's rules began another may begin.
@@ -811,16 +898,9 @@ impl AccountWorker {
             })
     }
 
-    /// Lines logged while an order is followed (by `protect`, the leg
-    /// lookups, the exchange adapter) do not all know the account or the
-    /// entry: this span names them on every line.
+    /// [`order_span`] on this account.
     fn order_span(&self, entry: Option<EntryId>, client_id: &str) -> tracing::Span {
-        info_span!(
-            "order",
-            account = %self.account,
-            entry = entry.map(tracing::field::display),
-            client_id,
-        )
+        order_span(self.account, entry, client_id)
     }
 
     /// Protects what an order update of `entry` reveals.
@@ -853,15 +933,21 @@ impl AccountWorker {
                 self.flag("protect failed");
             }
         }
-        // The leg trade's commission and a settled result's recount, only
-        // once protection and its flags are done: bookkeeping never delays
-        // them (a failed trade write is logged and counted by the protector).
-        if let Some(later) = later
-            && let Err(err) = self.protector.bookkeep(later).await
-        {
-            self.stats.failures.fetch_add(1, Ordering::Relaxed);
-            warn!(account = %self.account, entry = entry.map(tracing::field::display), client_id = %update.client_id, error = %err, "result recount failed, flagging for reconciliation");
-            self.flag("recount failed");
+        // The leg trade's commission and a settled result's recount go to
+        // the account's bookkeeper, once protection and its flags are done:
+        // neither they nor the account's next event wait for them (a failed
+        // trade write is logged and counted by the protector). Waits only
+        // while the queue is full.
+        if let Some(later) = later {
+            let job = BookJob {
+                later,
+                entry,
+                client_id: update.client_id.clone(),
+            };
+            if self.books.send(job).await.is_err() {
+                // The bookkeeper ends only after this worker: not while it runs.
+                warn!(account = %self.account, client_id = %update.client_id, "bookkeeper gone, leg trade unrecorded");
+            }
         }
     }
 
@@ -990,6 +1076,18 @@ impl AccountWorker {
     fn flag(&self, reason: &str) {
         self.flagger.flag(self.account, reason);
     }
+}
+
+/// Lines logged while an order is followed (by `protect`, the leg lookups,
+/// the exchange adapter, its bookkeeping) do not all know the account or
+/// the entry: this span names them on every line.
+fn order_span(account: AccountId, entry: Option<EntryId>, client_id: &str) -> tracing::Span {
+    info_span!(
+        "order",
+        account = %account,
+        entry = entry.map(tracing::field::display),
+        client_id,
+    )
 }
 
 /// Whether nothing of `entry` waits on a claim: the entry reached a state

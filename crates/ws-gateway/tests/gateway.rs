@@ -21,7 +21,7 @@ use oco_core::ports::{
 use oco_core::protect::{Protector, ProtectorConfig};
 use oco_core::state::EntryStatus;
 use oco_core::symbol::Asset;
-use oco_core::testing::{FakeExchange, btcusdt_rules};
+use oco_core::testing::{FakeExchange, Hooked, StoreHooks, btcusdt_rules};
 use oco_core::{AccountId, EntryId, ExchangeError, Price, Qty, SystemClock};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
@@ -1268,4 +1268,248 @@ async fn accounts_are_let_go_a_renewal_interval_before_their_leases_end() {
         "let go {held:?} after the last renewal began; leases of 2 s renewed every 500 ms"
     );
     assert!(stats.stream_states().is_empty());
+}
+
+/// Hooks holding every leg-trade write (a take-profit's commission, written
+/// after protection as bookkeeping) until the test lets them through, as a
+/// database slow to commit would.
+struct HeldTrades {
+    /// Leg-trade writes that have arrived, held or not.
+    arrived: std::sync::atomic::AtomicUsize,
+    /// Holds a permit once the writes may go through.
+    open: tokio::sync::Semaphore,
+}
+
+impl HeldTrades {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            arrived: std::sync::atomic::AtomicUsize::new(0),
+            open: tokio::sync::Semaphore::new(0),
+        })
+    }
+
+    fn arrived(&self) -> usize {
+        self.arrived.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets every write through, held ones and later ones.
+    fn let_through(&self) {
+        self.open.add_permits(1);
+    }
+}
+
+#[async_trait]
+impl StoreHooks<MemStore> for HeldTrades {
+    async fn record_leg_trades(
+        &self,
+        inner: &MemStore,
+        key: oco_core::LegKey,
+        side: oco_core::model::SaleSide,
+        trades: &[Fill],
+    ) -> Result<(), oco_core::StoreError> {
+        self.arrived
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // The permit goes back when dropped: once open, every write passes.
+        let _open = self.open.acquire().await;
+        inner.record_leg_trades(key, side, trades).await
+    }
+}
+
+impl World {
+    /// The protector writes through `hooks` on the world's store (the
+    /// gateway's own reads, flags and leases go to the store beneath).
+    fn protector_through(&mut self, hooks: Arc<HeldTrades>) {
+        self.protector = Arc::new(Protector::new(
+            self.exchange.clone(),
+            Arc::new(Hooked::new(self.store.clone(), hooks)),
+            Arc::new(SystemClock),
+            ProtectorConfig::new(IdScheme::new("og").unwrap()),
+        ));
+    }
+
+    /// The USDT commissions recorded on leg `key` of `entry`.
+    async fn commission(&self, entry: EntryId, key: oco_core::LegKey) -> Decimal {
+        let legs = self.store.legs(entry).await.unwrap();
+        let leg = legs.into_iter().find(|l| l.key == key).unwrap();
+        leg.trades.fees.of(&Asset("USDT".into()))
+    }
+
+    /// Waits up to 5 s for `fee` USDT recorded on leg `key` of `entry`.
+    async fn commission_recorded(&self, entry: EntryId, key: oco_core::LegKey, fee: Decimal) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.commission(entry, key).await != fee {
+            assert!(
+                Instant::now() < deadline,
+                "the commission of {entry}'s take-profit is recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The update of `leg`'s take-profit filling whole in one trade that paid
+/// `fee` USDT.
+fn take_profit_trade(leg: &oco_core::model::Leg, trade_id: i64, fee: Decimal) -> StreamEvent {
+    StreamEvent::Execution(ExecutionUpdate {
+        symbol: "BTCUSDT".into(),
+        client_id: leg.ids.take_profit.as_str().into(),
+        order_id: trade_id,
+        list_id: 77,
+        side: Side::Sell,
+        order_type: "LIMIT_MAKER".into(),
+        execution: "TRADE".into(),
+        status: EntryStatus::Filled,
+        executed_qty: leg.qty,
+        cumulative_quote: leg.qty.notional(leg.take_profit),
+        fill: Some(Fill {
+            trade_id,
+            price: leg.take_profit,
+            qty: leg.qty,
+            commission: fee,
+            commission_asset: Asset("USDT".into()),
+            time: Millis(5),
+        }),
+        expiry_reason: None,
+        event_time: Millis(5),
+    })
+}
+
+/// Entry A protected from the stream and one of its legs' take-profit
+/// filled on the stream, its trade's write held: the entry, that leg.
+async fn take_profit_held(w: &World, held: &HeldTrades) -> (EntryId, oco_core::model::Leg) {
+    let (a, leg) = w.protected_from_the_stream().await;
+    w.exchange.fill_take_profit(leg.ids.list.as_str(), leg.qty);
+    assert_eq!(
+        w.streams
+            .send(&key(0), take_profit_trade(&leg, 900, dec!(0.0101))),
+        1
+    );
+    wait_until(
+        "the take-profit's trade write",
+        Duration::from_secs(5),
+        || held.arrived() == 1,
+    )
+    .await;
+    (a, leg)
+}
+
+/// A take-profit's trade write (its commission: bookkeeping) held up in the
+/// store does not hold up the account's next event: another entry's fill
+/// right behind it gets both its legs meanwhile, and the commission is
+/// recorded once the write goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leg_trade_write_held_up_does_not_delay_the_next_fill() {
+    let mut w = world(1).await;
+    let held = HeldTrades::new();
+    w.protector_through(held.clone());
+    let (stop_tx, run) = running(&w).await;
+    let (a, leg) = take_profit_held(&w, &held).await;
+
+    let (b, b_client) = w.entry(w.accounts[0]).await;
+    assert_eq!(w.streams.send(&key(0), fill_event(&b_client, 2)), 1);
+    // A's other leg, and B's two.
+    wait_until(
+        "B's two legs while A's trade write is held",
+        Duration::from_secs(5),
+        || w.exchange.open_lists().len() == 3,
+    )
+    .await;
+    let b_legs = w.store.legs(b).await.unwrap();
+    assert!(
+        b_legs.len() == 2
+            && b_legs
+                .iter()
+                .all(|l| matches!(l.state, oco_core::LegState::Placed { .. })),
+        "{b_legs:?}"
+    );
+    assert_eq!(held.arrived(), 1);
+    assert_eq!(
+        w.commission(a, leg.key).await,
+        dec!(0),
+        "A's trade is not written yet"
+    );
+
+    held.let_through();
+    w.commission_recorded(a, leg.key, dec!(0.0101)).await;
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(4), run)
+        .await
+        .expect("the gateway stops")
+        .unwrap()
+        .unwrap();
+}
+
+/// A gateway stopping finishes the bookkeeping its account queued (within
+/// the drain grace) before it lets the account go: nobody reads a leg's
+/// trades again, so a commission dropped would stay missing from the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stopping_finishes_the_bookkeeping_queued() {
+    let mut w = world(1).await;
+    let held = HeldTrades::new();
+    w.protector_through(held.clone());
+    let (stop_tx, run) = running(&w).await;
+    let (a, leg) = take_profit_held(&w, &held).await;
+
+    stop_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!run.is_finished(), "the gateway waits for the bookkeeping");
+    held.let_through();
+    tokio::time::timeout(Duration::from_secs(4), run)
+        .await
+        .expect("the gateway stops within its drain grace")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        w.commission(a, leg.key).await,
+        dec!(0.0101),
+        "recorded before the account was let go"
+    );
+    let held_leases = w
+        .store
+        .renew_leases("gw-1", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(held_leases.is_empty(), "its leases are released");
+}
+
+/// Bookkeeping held past the drain grace does not keep a stopping gateway
+/// from letting the account go and releasing its lease, and does not
+/// outlive the account's task (it would race the account's next holder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookkeeping_held_past_the_drain_grace_is_dropped_at_shutdown() {
+    let mut w = world(1).await;
+    let held = HeldTrades::new();
+    w.protector_through(held.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        w.gateway_tuned("gw-1", |c| c.drain_grace = Duration::from_millis(300))
+            .run(async move {
+                let _ = stop_rx.await;
+            }),
+    );
+    wait_until("the stream", Duration::from_secs(5), || {
+        w.streams.open_count(&key(0)) == 1
+    })
+    .await;
+    let (a, leg) = take_profit_held(&w, &held).await;
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(4), run)
+        .await
+        .expect("the gateway stops once its drain grace is over")
+        .unwrap()
+        .unwrap();
+    let held_leases = w
+        .store
+        .renew_leases("gw-1", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(held_leases.is_empty(), "its leases are released");
+    held.let_through();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        w.commission(a, leg.key).await,
+        dec!(0),
+        "the held write was dropped with the account's task"
+    );
 }

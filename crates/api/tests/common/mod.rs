@@ -1,11 +1,11 @@
-//! Shared test world: the router on `MemStore` (behind [`HookStore`]) and an
+//! Shared test world: the router on `MemStore` (behind [`Hooks`]) and an
 //! exchange double that adds resting-entry cancels, partial fills and
 //! scripted placement faults to oco-core's `FakeExchange`.
 #![allow(dead_code, clippy::unwrap_used)]
 
 mod hooks;
 
-pub use hooks::HookStore;
+pub use hooks::Hooks;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +23,7 @@ use oco_core::ports::{
     ApiCredentials, Balance, CancelOutcome, Clock, Exchange, ExchangeError, ListCancelOutcome,
     OcoAck, OcoRequest, OrderListSnapshot, OrderRequest, OrderSnapshot, Users,
 };
-use oco_core::testing::{FakeExchange, btcusdt_rules};
+use oco_core::testing::{FakeExchange, Hooked, btcusdt_rules};
 use oco_core::{
     AccountId, Asset, EntryStatus, IdScheme, Price, Protector, ProtectorConfig, Qty, SymbolRules,
 };
@@ -285,8 +285,8 @@ impl Exchange for TestExchange {
 pub struct World {
     pub router: Router,
     pub store: Arc<MemStore>,
-    /// The same store as the router sees it, with hooks to arm.
-    pub hooks: Arc<HookStore>,
+    /// The hooks on the store the router sees (`store` behind them), to arm.
+    pub hooks: Arc<Hooks>,
     pub exchange: Arc<TestExchange>,
     pub alice_account: i64,
     pub bob_account: i64,
@@ -296,13 +296,14 @@ pub struct World {
 
 pub async fn world() -> World {
     let store = Arc::new(MemStore::new());
-    let hooks = Arc::new(HookStore::new(store.clone()));
+    let hooks = Arc::new(Hooks::default());
+    let hooked = Arc::new(Hooked::new(store.clone(), hooks.clone()));
     let exchange = Arc::new(TestExchange::new());
     let clock = Arc::new(TestClock);
     let ids = IdScheme::new("og").unwrap();
     let protector = Arc::new(Protector::new(
         exchange.clone(),
-        hooks.clone(),
+        hooked.clone(),
         clock.clone(),
         ProtectorConfig::new(ids.clone()),
     ));
@@ -315,7 +316,7 @@ pub async fn world() -> World {
         .await
         .unwrap();
     let router = api::router(AppState {
-        store: hooks.clone(),
+        store: hooked,
         users: store.clone(),
         exchange: exchange.clone(),
         protector,
