@@ -234,8 +234,8 @@ const LEG_MOVE_ATTEMPTS: usize = 4;
 
 impl Protector {
     /// Records the trade a leg order's update carried (`t`, `n`, `N`), once
-    /// by trade id, best-effort ([`Protector::record_trades_quietly`]: a
-    /// failure is logged and counted, not returned), then recounts the
+    /// by trade id, best-effort (a failure is logged and counted in
+    /// [`Protector::leg_trade_failures`], not returned), then recounts the
     /// result of an entry already settled when the update sold or its trade
     /// was recorded.
     ///
