@@ -660,18 +660,18 @@ async fn cancel(state: &AppState, user: &AuthUser, entry: &Entry) -> Result<Resp
         Err(e) => {
             warn!(account = %entry.account, entry = %id, client_id = %client_id, error = %e, "cancel sent, order state unknown");
             flag(state, entry, "entry cancel not confirmed").await;
-            let mut view = view_of(state, id).await?;
-            view.note = Some(format!(
+            let note = format!(
                 "cancel {}; its final state or its trades could not be read ({e}); reconciliation records it",
                 match canceled {
                     CancelOutcome::Canceled => "accepted",
                     CancelOutcome::NotOpen => "found the order no longer open",
                 }
-            ));
+            );
+            let view = sent_view(state, entry, entry.clone(), Some(note)).await;
             return Ok((StatusCode::ACCEPTED, JsonOut(view)).into_response());
         }
     };
-    let note = absorb(state, entry, &snap).await.note;
+    let Absorbed { note, known } = absorb(state, entry, &snap).await;
     let _ = state
         .store
         .append_event(&event(
@@ -682,7 +682,8 @@ async fn cancel(state: &AppState, user: &AuthUser, entry: &Entry) -> Result<Resp
             state.clock.now(),
         ))
         .await;
-    let mut view = view_of(state, id).await?;
-    view.note = note;
+    // The cancel is out: a failing read answers from what is known, never
+    // with an error a client would take for a cancel not made.
+    let view = sent_view(state, entry, known, note).await;
     Ok((StatusCode::OK, JsonOut(view)).into_response())
 }

@@ -658,6 +658,24 @@ async fn delete_cancels_an_unfilled_entry() {
     assert_eq!(problem["code"], "not_cancelable");
 }
 
+/// The cancel is out once it is sent: a store read failing after it
+/// answers from what the exchange said, never with a 503 a client would
+/// take for a cancel not made.
+#[tokio::test]
+async fn a_store_read_failing_after_a_cancel_answers_from_memory_never_503() {
+    let w = world().await;
+    let (_, body) = w.post_entry(ALICE_TOKEN, resting_limit(&w)).await;
+    let path = format!("/v1/entries/{}", body["id"]);
+    w.hooks
+        .fail_entry_reads_after_evidence
+        .store(true, Ordering::SeqCst);
+    let (status, body) = w.call(Method::DELETE, &path, Some(ALICE_TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "canceled");
+    let note = body["note"].as_str().unwrap_or_default();
+    assert!(note.contains("stored view could not be read"), "{body}");
+}
+
 #[tokio::test]
 async fn delete_of_a_partly_filled_entry_protects_the_filled_part() {
     let w = world().await;

@@ -1,5 +1,6 @@
 //! Hooks on `MemStore` that do nothing until a test arms one: entry reads
-//! failing once an entry is stored, or another request's write landing
+//! failing once an entry is stored or an answer recorded, or another
+//! request's write landing
 //! between a handler's check and its own write.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,7 +9,7 @@ use async_trait::async_trait;
 use oco_core::ids::{AccountId, ClientOrderId, EntryId};
 use oco_core::mem::MemStore;
 use oco_core::model::{
-    Account, Entry, EntryKind, EntryTags, Millis, NewEntry, OrderSize, ProtectionConfig,
+    Account, Entry, EntryKind, EntryTags, Evidence, Millis, NewEntry, OrderSize, ProtectionConfig,
 };
 use oco_core::ports::{Store, StoreError};
 use oco_core::testing::{StoreHooks, btcusdt_rules};
@@ -29,6 +30,11 @@ pub struct Hooks {
     /// The next disabling `update_account` first stores a resting entry on
     /// the account, as a concurrent `POST /v1/entries` would.
     pub entry_on_disable: AtomicBool,
+    /// Once armed and an order's answer has been recorded
+    /// (`record_evidence`), every `entry()` fails: the database went away
+    /// between a cancel's record and its reply.
+    pub fail_entry_reads_after_evidence: AtomicBool,
+    evidence: AtomicBool,
 }
 
 async fn sneak_in_entry(store: &MemStore, account: AccountId) -> Result<Entry, StoreError> {
@@ -84,9 +90,22 @@ impl StoreHooks<MemStore> for Hooks {
         self.created.store(true, Ordering::SeqCst);
         Ok(entry)
     }
+    async fn record_evidence(
+        &self,
+        inner: &MemStore,
+        id: EntryId,
+        e: &Evidence,
+    ) -> Result<Entry, StoreError> {
+        let entry = inner.record_evidence(id, e).await?;
+        if self.fail_entry_reads_after_evidence.load(Ordering::SeqCst) {
+            self.evidence.store(true, Ordering::SeqCst);
+        }
+        Ok(entry)
+    }
     async fn entry(&self, inner: &MemStore, id: EntryId) -> Result<Entry, StoreError> {
         if self.fail_entry_reads_after_create.load(Ordering::SeqCst)
             && self.created.load(Ordering::SeqCst)
+            || self.evidence.load(Ordering::SeqCst)
         {
             return Err(StoreError::Unavailable(format!(
                 "reading entry {id}: connection refused"
