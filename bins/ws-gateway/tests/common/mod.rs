@@ -87,8 +87,11 @@ impl Wired {
             &ws,
             "--gateway-id",
             "gw-test",
+            // Leases that outlast a machine loaded by parallel builds and
+            // tests: a renewal seconds late must not let the account go (its
+            // hints would go with it), and shutdown releases them anyway.
             "--lease-ttl-secs",
-            "5",
+            "30",
             "--lease-renew-secs",
             "1",
             "--metrics-listen",
