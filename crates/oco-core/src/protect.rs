@@ -632,7 +632,9 @@ impl Protector {
                     let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
                     let free = self.held_base(&creds, &rules).await?;
                     let plannable = owed.min(free).floor_to(rules.step);
-                    if !plannable.is_zero() && rules.check_qty(plannable).is_ok() {
+                    // Too small for a list is a reason to close; too large for
+                    // one (over `maxQty`) is not: the plan splits or says so.
+                    if !plannable.is_zero() && plannable >= rules.min_qty {
                         return Ok(Round::Again {
                             holding: Some(free),
                         });
@@ -657,13 +659,10 @@ impl Protector {
         believe_stop_refusals(&mut rules, &legs);
         // An exit sold the coins it saw. Coins that came after it (the rest of a
         // resting order), or that it could not sell, are a position like any other;
-        // only what no order could sell is left behind.
-        let floored = position.floor_to(rules.step);
-        if exited
-            && active.is_empty()
-            && (rules.check_qty(floored).is_err()
-                || rules.check_notional(floored, fill_price).is_err())
-        {
+        // only what no order could sell is left behind. Too small only: coins
+        // over `maxQty` or the maximum notional are a position too large for
+        // one list, and settled they would never be followed again.
+        if exited && active.is_empty() && is_dust(position, fill_price, &rules) {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
         }
         let levels = match resolve_levels(
@@ -730,8 +729,19 @@ impl Protector {
                 return self.covered(entry, &active, source, now).await;
             }
             // What flooring to the step left after the legs sold out is dust, not a position.
-            Err(crate::plan::Unprotectable::Dust { position, .. })
-                if active.is_empty() && !sold.is_zero() && entry.status.is_final() =>
+            // Only when too small: the plan also calls dust a position whose lists
+            // would be over the maximum notional, and a close would leave it
+            // without a stop for good.
+            Err(crate::plan::Unprotectable::Dust {
+                position,
+                floored,
+                min_qty,
+                notional,
+                min_notional,
+            }) if active.is_empty()
+                && !sold.is_zero()
+                && entry.status.is_final()
+                && (floored.is_zero() || floored < min_qty || notional < min_notional) =>
             {
                 if entry.protection != Protection::Closed {
                     let realized = realized(entry, &legs);

@@ -251,3 +251,51 @@ async fn exited_with_a_take_profit_rest() -> (World, EntryId, String) {
     );
     (w, id, rest)
 }
+
+/// An entry exited at market over what it held then (0.3 of its 1: the
+/// other 0.7 were locked by an order of the user's own), whose 0.7 are free
+/// again later with the market back: 0.7 is over `LOT_SIZE.maxQty` (0.5),
+/// which makes it too large for one list, not dust. A later call (the
+/// fill's event delivered again) protects it rather than call the exit
+/// settled, which would leave the coins without a stop for good.
+#[tokio::test]
+async fn an_exited_entry_holding_more_than_max_qty_is_not_settled() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let capped = oco_core::symbol::SymbolRules {
+        max_qty: Some(q(dec!(0.5))),
+        ..oco_core::testing::btcusdt_rules()
+    };
+    // Under the stop: the lists are refused and the late policy exits.
+    w.exchange.add_symbol(capped, p(dec!(80)));
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.3));
+    let mut fill = evidence(
+        oco_core::state::EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    fill.holding = Some(q(dec!(0.3)));
+    let exit = w
+        .protector
+        .protect(id, Some(&fill), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(exit.outcome, ProtectOutcome::Exited { .. }),
+        "{exit:?}"
+    );
+    assert_eq!(w.exits(id).await[0].sold.total(), q(dec!(0.3)));
+
+    w.credit(dec!(0.7));
+    w.exchange.set_price("BTCUSDT", p(dec!(100)));
+    fill.holding = None;
+    let again = w
+        .protector
+        .protect(id, Some(&fill), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(again.outcome, ProtectOutcome::Placed { .. }),
+        "0.7 left after the exit is over maxQty 0.5, not dust: it must be protected, not settled: {again:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.7), "the 0.7 have their stops");
+}
