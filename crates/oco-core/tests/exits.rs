@@ -299,3 +299,105 @@ async fn an_exited_entry_holding_more_than_max_qty_is_not_settled() {
     );
     assert_eq!(w.open_qty(), dec!(0.7), "the 0.7 have their stops");
 }
+
+/// 1 bought at 100 with the market at 80, under the stop: the lists are
+/// refused and the late policy exits. The account holds `free` of the
+/// coins (the others were sold by hand, or are locked elsewhere).
+async fn late_with_free(
+    free: rust_decimal::Decimal,
+) -> (World, EntryId, oco_core::model::Evidence) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(free);
+    w.exchange.set_price("BTCUSDT", p(dec!(80)));
+    let fill = evidence(
+        oco_core::state::EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    (w, id, fill)
+}
+
+/// The coins were all sold by hand before the late exit: its refusal for
+/// balance is read as what it says, the balance read again, and the entry
+/// closed, not failed on every call.
+#[tokio::test]
+async fn a_late_exit_refused_for_balance_with_nothing_held_closes_the_entry() {
+    let (w, id, fill) = late_with_free(dec!(0)).await;
+    let report = w
+        .protector
+        .protect(id, Some(&fill), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.outcome,
+        ProtectOutcome::Nothing(oco_core::protect::Idle::Settled),
+        "an exit refused for balance with nothing held settles the entry: {report:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed);
+    assert!(!followed(&w, id).await, "sync no longer looks at it");
+    assert_eq!(w.exchange.order_calls(), 1, "one exit sent");
+}
+
+/// Part of the coins (0.6 of 1) was sold by hand: the exit of 1 is refused
+/// for balance, and the 0.4 still held are exited in the same call.
+#[tokio::test]
+async fn a_late_exit_refused_for_balance_exits_what_is_held() {
+    let (w, id, fill) = late_with_free(dec!(0.4)).await;
+    let report = w
+        .protector
+        .protect(id, Some(&fill), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "an exit refused for balance is planned again from the 0.4 held: {report:?}"
+    );
+    let sold: Vec<_> = w.exits(id).await.iter().map(|l| l.sold.total()).collect();
+    assert_eq!(
+        sold,
+        vec![q(dec!(0)), q(dec!(0.4))],
+        "the refused exit, then 0.4"
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0));
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Exited { .. }),
+        "{:?}",
+        entry.protection
+    );
+}
+
+/// A refusal for balance that the balance does not explain (the coins
+/// read free) is planned again once per call, not round after round: the
+/// second refusal fails the call, as any refused exit does.
+#[tokio::test]
+async fn a_late_exit_refused_for_balance_is_planned_again_once_per_call() {
+    let (w, id, fill) = late_with_free(dec!(1)).await;
+    for _ in 0..3 {
+        w.exchange
+            .push_order_fault(OcoFault::Fail(oco_core::ports::ExchangeError::Rejected {
+                code: -2010,
+                msg: "Account has insufficient balance for requested action.".into(),
+            }));
+    }
+    let report = w
+        .protector
+        .protect(id, Some(&fill), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.order_calls(), 2, "sent again once, not looped");
+    let failed = w
+        .store
+        .events(id)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "exit_failed")
+        .count();
+    assert_eq!(failed, 1);
+}
