@@ -2022,8 +2022,21 @@ impl Protector {
         warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
         if partly_protected {
             // Lists still hold the rest: the entry stays protected, and
-            // followed, rather than settled.
-            self.mark_protected(entry, source, self.clock.now()).await?;
+            // followed, rather than settled. Only while it holds nothing the
+            // exit was not decided over, as `record_exited` checks: a fill
+            // recorded while the exit was out (its caller found the exit's
+            // claim in flight and left its coins to us) has no stop yet, and
+            // a `protected` label would hide it should the call end here.
+            // Read after the exit's claim was released: a fill recorded later
+            // is its own caller's to protect.
+            let current = self.store.entry(entry.id).await?;
+            if current.executed_qty != entry.executed_qty {
+                warn!(entry = %entry.id, executed = %current.executed_qty, "entry filled more while its exit was out; planning again");
+                self.label_unprotected(&current).await?;
+                return Ok(Round::Replan);
+            }
+            self.mark_protected(&current, source, self.clock.now())
+                .await?;
         } else if self
             .record_exited(entry.id, ExitBasis::Decided(entry), &why)
             .await?

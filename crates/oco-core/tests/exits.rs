@@ -401,3 +401,55 @@ async fn a_late_exit_refused_for_balance_is_planned_again_once_per_call() {
         .count();
     assert_eq!(failed, 1);
 }
+
+/// The market between the targets: of the first 0.4's two lists, the one
+/// whose target it passed is refused and its 0.2 exited at market, the
+/// other keeps its stop. The rest of the order (0.6) fills, recorded by
+/// another layer, as the exit is sent. The entry is not labelled protected
+/// over those 0.6: a call that ends there (its rounds run out, its process
+/// stops) leaves it `unprotected`, and the next call gives them a stop.
+#[tokio::test]
+async fn a_fill_recorded_as_a_partly_protected_exit_is_sent_leaves_the_entry_unprotected() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.4));
+    // Between the targets (+1 % and +2 % of 100).
+    w.exchange.set_price("BTCUSDT", p(dec!(101.5)));
+    let (store, exchange) = (w.store.clone(), w.exchange.clone());
+    w.exchange.before_next_order(move || {
+        Box::pin(async move {
+            store
+                .record_evidence(id, &whole_after_part())
+                .await
+                .unwrap();
+            let (free, _) = exchange.balance(KEY, "BTC");
+            exchange.set_free(KEY, "BTC", free + dec!(0.6));
+        })
+    });
+    one_round(&w)
+        .protect(id, Some(&first_part()), Source::Websocket)
+        .await
+        .unwrap();
+    assert_eq!(w.exchange.market_sells().len(), 1, "the refused 0.2 exited");
+    assert_eq!(w.open_qty(), dec!(0.2), "the other 0.2 keep their stop");
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        entry.protection,
+        Protection::Unprotected,
+        "the 0.6 filled while the exit was out have no stop: the entry must not be labelled protected"
+    );
+    assert!(followed(&w, id).await);
+
+    // The next call covers the 0.2 still held under a list and the 0.6.
+    w.exchange.set_price("BTCUSDT", p(dec!(100)));
+    let next = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(next.outcome, ProtectOutcome::Placed { .. }),
+        "{next:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.8));
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+}
