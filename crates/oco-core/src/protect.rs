@@ -154,6 +154,17 @@ enum Round {
     Replan,
 }
 
+/// What a call tries at most once, taken by the round that tries it, not
+/// by a round that ends before: a failure is not hammered round after round.
+#[derive(Debug, Default)]
+struct Once {
+    /// The cancel of the entry's take-profit rests.
+    rests: bool,
+    /// The balance read after a market exit refused for balance, and the
+    /// re-plan from it.
+    exit_balance: bool,
+}
+
 /// A first protection planned from facts alone.
 struct FirstPlan {
     plan: Plan,
@@ -378,6 +389,7 @@ impl Protector {
             span.record("client_id", tracing::field::display(&entry.client_id));
         };
         let mut first = None;
+        let mut once = Once::default();
         let (mut current, mut known) = match (evidence, seen_on) {
             (Some(ev), Some((account, symbol))) => {
                 let Some(recorded) = self
@@ -391,7 +403,10 @@ impl Protector {
                     Some((plan, rules)) if won_any => {
                         let current = recorded.fill.entry.clone();
                         name_span(&current);
-                        first = Some(self.send_first(recorded.fill, plan, rules, source).await?);
+                        first = Some(
+                            self.send_first(recorded.fill, plan, rules, source, &mut once)
+                                .await?,
+                        );
                         (current, None)
                     }
                     // Nothing claimed (or, were a claim ever not re-planned the
@@ -416,14 +431,11 @@ impl Protector {
         };
         name_span(&current);
         let mut outcome = ProtectOutcome::Nothing(Idle::Busy);
-        // Once a call: a cancel that failed is not hammered round after round.
-        // Taken by the round that tries it, not by a round that ends before.
-        let mut rests_tried = false;
         for _ in 0..self.config.max_rounds {
             let round = match first.take() {
                 Some(round) => round,
                 None => {
-                    self.round(&current, holding, source, known.take(), &mut rests_tried)
+                    self.round(&current, holding, source, known.take(), &mut once)
                         .await?
                 }
             };
@@ -478,7 +490,7 @@ impl Protector {
         holding: Option<Qty>,
         source: Source,
         known: Option<FillContext>,
-        rests_tried: &mut bool,
+        once: &mut Once,
     ) -> Result<Round, ProtectError> {
         let Some(fill_price) = entry.average_price() else {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::NoFill)));
@@ -551,7 +563,7 @@ impl Protector {
             // A balance read does not count coins the entry's own take-profit
             // rest locks: closing would leave them on the book without a stop
             // and without an entry. The rest is canceled (its sale read) first.
-            if !std::mem::replace(rests_tried, true)
+            if !std::mem::replace(&mut once.rests, true)
                 && let Some(freed) = self
                     .cancel_take_profit_rests(&creds, entry, &rests, source)
                     .await?
@@ -632,7 +644,9 @@ impl Protector {
                     let rules = self.exchange.symbol_rules(&entry.symbol.name).await?;
                     let free = self.held_base(&creds, &rules).await?;
                     let plannable = owed.min(free).floor_to(rules.step);
-                    if !plannable.is_zero() && rules.check_qty(plannable).is_ok() {
+                    // Too small for a list is a reason to close; too large for
+                    // one (over `maxQty`) is not: the plan splits or says so.
+                    if !plannable.is_zero() && plannable >= rules.min_qty {
                         return Ok(Round::Again {
                             holding: Some(free),
                         });
@@ -657,13 +671,10 @@ impl Protector {
         believe_stop_refusals(&mut rules, &legs);
         // An exit sold the coins it saw. Coins that came after it (the rest of a
         // resting order), or that it could not sell, are a position like any other;
-        // only what no order could sell is left behind.
-        let floored = position.floor_to(rules.step);
-        if exited
-            && active.is_empty()
-            && (rules.check_qty(floored).is_err()
-                || rules.check_notional(floored, fill_price).is_err())
-        {
+        // only what no order could sell is left behind. Too small only: coins
+        // over `maxQty` or the maximum notional are a position too large for
+        // one list, and settled they would never be followed again.
+        if exited && active.is_empty() && is_dust(position, fill_price, &rules) {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::Settled)));
         }
         let levels = match resolve_levels(
@@ -682,7 +693,7 @@ impl Protector {
                 // A late exit sells at market, so a rest's take-profit is worth
                 // less than the coins it locks: it is canceled first.
                 if !rests.is_empty()
-                    && !std::mem::replace(rests_tried, true)
+                    && !std::mem::replace(&mut once.rests, true)
                     && let Some(freed) = self
                         .cancel_take_profit_rests(&creds, entry, &rests, source)
                         .await?
@@ -709,6 +720,7 @@ impl Protector {
                         account.protection.late,
                         source,
                         reason,
+                        once,
                     )
                     .await;
             }
@@ -730,8 +742,19 @@ impl Protector {
                 return self.covered(entry, &active, source, now).await;
             }
             // What flooring to the step left after the legs sold out is dust, not a position.
-            Err(crate::plan::Unprotectable::Dust { position, .. })
-                if active.is_empty() && !sold.is_zero() && entry.status.is_final() =>
+            // Only when too small: the plan also calls dust a position whose lists
+            // would be over the maximum notional, and a close would leave it
+            // without a stop for good.
+            Err(crate::plan::Unprotectable::Dust {
+                position,
+                floored,
+                min_qty,
+                notional,
+                min_notional,
+            }) if active.is_empty()
+                && !sold.is_zero()
+                && entry.status.is_final()
+                && (floored.is_zero() || floored < min_qty || notional < min_notional) =>
             {
                 if entry.protection != Protection::Closed {
                     let realized = realized(entry, &legs);
@@ -826,7 +849,7 @@ impl Protector {
         let (plan, position) = if rests.is_empty() {
             (plan, position)
         } else {
-            if !std::mem::replace(rests_tried, true)
+            if !std::mem::replace(&mut once.rests, true)
                 && let Some(freed) = self
                     .cancel_take_profit_rests(&creds, entry, &rests, source)
                     .await?
@@ -872,21 +895,24 @@ impl Protector {
         let wanted = self.claims_of(entry, &plan, generation, source, self.clock.now())?;
         // Every leg of the generation in one durable write; only legs won are sent.
         let won = self.store.claim_legs(&wanted).await?;
-        self.send_claimed(Claimed {
-            entry,
-            creds: &creds,
-            rules: &rules,
-            active,
-            position,
-            rest_open,
-            kept,
-            late: account.protection.late,
-            degraded: plan.degraded,
-            stop_substitute: plan.stop_substitute,
-            short: plan.short,
-            claims: won_claims(wanted, won),
-            source,
-        })
+        self.send_claimed(
+            Claimed {
+                entry,
+                creds: &creds,
+                rules: &rules,
+                active,
+                position,
+                rest_open,
+                kept,
+                late: account.protection.late,
+                degraded: plan.degraded,
+                stop_substitute: plan.stop_substitute,
+                short: plan.short,
+                claims: won_claims(wanted, won),
+                source,
+            },
+            once,
+        )
         .await
     }
 
@@ -1038,6 +1064,7 @@ impl Protector {
         first: FirstPlan,
         rules: SymbolRules,
         source: Source,
+        once: &mut Once,
     ) -> Result<Round, ProtectError> {
         let RecordedFill {
             entry,
@@ -1045,27 +1072,34 @@ impl Protector {
             claims,
             won,
         } = fill;
-        self.send_claimed(Claimed {
-            entry: &entry,
-            creds: &context.credentials,
-            rules: &rules,
-            active: Vec::new(),
-            position: first.position,
-            rest_open: Qty::ZERO,
-            kept: Qty::ZERO,
-            late: context.account.protection.late,
-            degraded: first.plan.degraded,
-            stop_substitute: first.plan.stop_substitute,
-            short: first.plan.short,
-            claims: won_claims(claims, won),
-            source,
-        })
+        self.send_claimed(
+            Claimed {
+                entry: &entry,
+                creds: &context.credentials,
+                rules: &rules,
+                active: Vec::new(),
+                position: first.position,
+                rest_open: Qty::ZERO,
+                kept: Qty::ZERO,
+                late: context.account.protection.late,
+                degraded: first.plan.degraded,
+                stop_substitute: first.plan.stop_substitute,
+                short: first.plan.short,
+                claims: won_claims(claims, won),
+                source,
+            },
+            once,
+        )
         .await
     }
 
     /// Everything after a generation is claimed: older lists canceled, the
     /// claimed legs placed concurrently, their outcomes recorded.
-    async fn send_claimed(&self, claimed: Claimed<'_>) -> Result<Round, ProtectError> {
+    async fn send_claimed(
+        &self,
+        claimed: Claimed<'_>,
+        once: &mut Once,
+    ) -> Result<Round, ProtectError> {
         let Claimed {
             entry,
             creds,
@@ -1461,6 +1495,7 @@ impl Protector {
                     late,
                     source,
                     reason,
+                    once,
                 )
                 .await;
         }
@@ -1798,6 +1833,7 @@ impl Protector {
         policy: LatePolicy,
         source: Source,
         reason: String,
+        once: &mut Once,
     ) -> Result<Round, ProtectError> {
         let LateCase {
             position,
@@ -1928,6 +1964,28 @@ impl Protector {
                     None,
                 )
                 .await?;
+                // The coins were sold by hand, or are locked elsewhere: refused
+                // on every call, the exit would fail for good. The round plans
+                // again from what the account holds, as a list refused for
+                // balance does (closed when nothing is left, the rest exited
+                // or protected). Once a call: a refusal the balance does not
+                // explain fails the call, and the next call tries again.
+                if err.is_insufficient_balance() && !std::mem::replace(&mut once.exit_balance, true)
+                {
+                    match self.held_base(creds, rules).await {
+                        Ok(free) => {
+                            warn!(entry = %entry.id, client_id = %exit_id, %qty, %free, %source, "exit refused for balance; planning again from the balance");
+                            // The entry's lists and rests lock their coins: not
+                            // free, yet held. The next round takes them out again.
+                            return Ok(Round::Again {
+                                holding: Some(free.plus(locked_by(legs))),
+                            });
+                        }
+                        Err(read) => {
+                            warn!(entry = %entry.id, error = %read, "balance unread after an exit refused for balance; not re-planned");
+                        }
+                    }
+                }
                 self.store
                     .append_event(&event(
                         entry.id,
@@ -1964,8 +2022,21 @@ impl Protector {
         warn!(entry = %entry.id, client_id = %exit_id, qty = %snap.executed_qty, %source, "protection late, exited at market");
         if partly_protected {
             // Lists still hold the rest: the entry stays protected, and
-            // followed, rather than settled.
-            self.mark_protected(entry, source, self.clock.now()).await?;
+            // followed, rather than settled. Only while it holds nothing the
+            // exit was not decided over, as `record_exited` checks: a fill
+            // recorded while the exit was out (its caller found the exit's
+            // claim in flight and left its coins to us) has no stop yet, and
+            // a `protected` label would hide it should the call end here.
+            // Read after the exit's claim was released: a fill recorded later
+            // is its own caller's to protect.
+            let current = self.store.entry(entry.id).await?;
+            if current.executed_qty != entry.executed_qty {
+                warn!(entry = %entry.id, executed = %current.executed_qty, "entry filled more while its exit was out; planning again");
+                self.label_unprotected(&current).await?;
+                return Ok(Round::Replan);
+            }
+            self.mark_protected(&current, source, self.clock.now())
+                .await?;
         } else if self
             .record_exited(entry.id, ExitBasis::Decided(entry), &why)
             .await?
@@ -2783,6 +2854,23 @@ enum ExitWrite {
     Reopened,
     /// The entry kept changing under the write: left to the next call.
     Busy,
+}
+
+/// What `legs` lock on the exchange: the coins of their working lists and
+/// what their take-profit rests have not sold. Not in the free balance, yet
+/// the entry's.
+fn locked_by(legs: &[Leg]) -> Qty {
+    legs.iter()
+        .map(|l| {
+            if l.state.is_active() {
+                l.qty
+            } else if is_take_profit_rest(l) {
+                l.qty.saturating_sub(l.sold.take_profit)
+            } else {
+                Qty::ZERO
+            }
+        })
+        .sum()
 }
 
 /// Whether `qty` is too small for any order of the symbol: floored to the

@@ -2311,6 +2311,79 @@ async fn a_late_exit_over_max_qty_says_so() {
     assert_eq!(w.exchange.order_calls(), 0);
 }
 
+/// A caller that read no coins free (`holding` 0) leaves the close to one
+/// more balance read, and coins free by then are planned. Over
+/// `LOT_SIZE.maxQty` they are too large for one list, still a position:
+/// closed, the entry would never be followed again.
+#[tokio::test]
+async fn coins_free_at_a_close_over_max_qty_are_protected_not_closed() {
+    let (w, id, mut ev) = one_bought_under_max_qty(dec!(0.5), dec!(100)).await;
+    ev.holding = Some(oco_core::Qty::ZERO);
+    let report = w
+        .protector
+        .protect(id, Some(&ev), Source::Sync)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "1 free at the close, over maxQty 0.5, is a position to protect, not a reason to close: {report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(1));
+    assert!(
+        matches!(
+            w.store.entry(id).await.unwrap().protection,
+            Protection::Protected { .. }
+        ),
+        "protected, not closed"
+    );
+}
+
+/// What a list left unsold is closed as dust only when too small for any
+/// list. A remainder whose lists would be over the symbol's
+/// `NOTIONAL.maxNotional` (lowered since the first lists went out) is too
+/// large, not dust: the entry is recorded unprotectable and stays
+/// followed, never closed over coins without a stop.
+#[tokio::test]
+async fn a_remainder_over_max_notional_is_not_closed_as_dust() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let creds = w.store.credentials(w.account).await.unwrap();
+    // The first list's take-profit sells its 0.5; the second list is
+    // canceled by hand.
+    w.exchange
+        .fill_take_profit(legs[0].ids.list.as_str(), legs[0].qty);
+    w.protector.refresh_leg(&creds, &legs[0]).await.unwrap();
+    w.exchange.cancel_externally(legs[1].ids.list.as_str());
+    w.protector.refresh_leg(&creds, &legs[1]).await.unwrap();
+    // 0.5 at about 100 is over a maxNotional of 40.
+    w.exchange.add_symbol(
+        oco_core::symbol::SymbolRules {
+            max_notional: Some(dec!(40)),
+            ..oco_core::testing::btcusdt_rules()
+        },
+        p(dec!(100)),
+    );
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Unprotectable { .. }),
+        "0.5 over maxNotional is not dust: the entry must stay open, not be closed: {:?}",
+        entry.protection
+    );
+    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0.5), "still held");
+}
+
 /// The late exit is a MARKET order, bound by `MARKET_LOT_SIZE` as well
 /// (BTCUSDT: 128.5 BTC against `LOT_SIZE`'s 9000): one over it is refused by
 /// the exchange every time, so it is recorded unprotectable, never sent.
