@@ -13,8 +13,8 @@ use oco_core::ports::{ApiCredentials, OrderListSnapshot, event};
 use oco_core::protect::{Idle, Protector};
 use oco_core::state::ExternalEnd;
 use oco_core::{
-    AccountId, Clock, Entry, EntryId, EntryStatus, Evidence, Exchange, ExchangeError, Leg, LegKey,
-    LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store, StoreError,
+    AccountId, Clock, Entry, EntryId, EntryStatus, Evidence, Exchange, ExchangeError, Fill, Leg,
+    LegKey, LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store, StoreError,
 };
 use rust_decimal::Decimal;
 use tokio::sync::Notify;
@@ -860,6 +860,7 @@ impl Reconciler {
                 report.unknown_lists.push(list_id.clone());
             }
         }
+        self.metrics.entry_errors(report.entry_errors.len());
         report.unknown_lists.sort();
         report
             .stray_lists
@@ -998,12 +999,12 @@ impl Reconciler {
             report.orders_queried += 1;
             let mut fills = snap.fills.clone();
             let seen: Qty = fills.iter().map(|f| f.qty).sum();
-            if snap.executed_qty > entry.fills_qty && seen < snap.executed_qty {
-                // Fills the store has not seen one by one: fetch them for their commission.
-                fills = self
-                    .read(|| self.exchange.order_trades(creds, symbol, snap.order_id))
-                    .await?;
-                report.trades_fetched += 1;
+            if snap.executed_qty > entry.fills_qty
+                && seen < snap.executed_qty
+                && let Some(trades) = self.trades(creds, entry, snap.order_id, report).await?
+            {
+                // Fills the store has not seen one by one: fetched for their commission.
+                fills = trades;
             }
             let fills_qty: Qty = fills.iter().map(|f| f.qty).sum();
             let ev = Evidence {
@@ -1028,6 +1029,27 @@ impl Reconciler {
             evidence = Some(ev);
         } else if entry.executed_qty.is_zero() {
             return Ok(());
+        } else if entry.fills_qty < entry.executed_qty
+            && let Some(order_id) = entry.order_id
+            && let Some(fills) = self.trades(creds, entry, order_id, report).await?
+        {
+            // Ended while some of its trades were unread (a pass whose trade
+            // read failed recorded the order's own figures): read for their
+            // commissions, which may shrink the position, as they would have
+            // been while the order was open.
+            let fills_qty: Qty = fills.iter().map(|f| f.qty).sum();
+            if fills_qty > entry.fills_qty {
+                news = true;
+                evidence = Some(Evidence {
+                    order_id: Some(order_id),
+                    status: entry.status,
+                    executed_qty: entry.executed_qty,
+                    cumulative_quote: entry.cumulative_quote,
+                    fills,
+                    holding: None,
+                    observed_at: now,
+                });
+            }
         }
 
         let legs = self.store.legs(entry.id).await?;
@@ -1173,6 +1195,43 @@ impl Reconciler {
         }
         report.protections.push((entry.id, outcome));
         Ok(())
+    }
+
+    /// The trades of the entry's order `order_id` (`myTrades`), or `None`
+    /// when they cannot be read: the failure is logged and reported as an
+    /// error of the entry (so the account is retried and the trades read
+    /// again), and the caller protects from what the order itself shows.
+    /// Only the commissions need the trades; a fill must not wait for them
+    /// without a stop. A base-asset commission left out makes the plan ask
+    /// for more than the account holds: `protect` plans again from the free
+    /// balance on the refusal. Fills are merged by trade id, so the trades
+    /// read later count once.
+    ///
+    /// # Errors
+    /// Refused keys, which end the account's pass.
+    async fn trades(
+        &self,
+        creds: &ApiCredentials,
+        entry: &Entry,
+        order_id: i64,
+        report: &mut AccountReport,
+    ) -> Result<Option<Vec<Fill>>, SyncError> {
+        let symbol = entry.symbol.name.as_str();
+        match self
+            .read(|| self.exchange.order_trades(creds, symbol, order_id))
+            .await
+        {
+            Ok(trades) => {
+                report.trades_fetched += 1;
+                Ok(Some(trades))
+            }
+            Err(err @ ExchangeError::Auth(_)) => Err(err.into()),
+            Err(err) => {
+                warn!(entry = %entry.id, client_id = %entry.client_id, order_id, error = %err, "trades unread, protecting from the order's own figures; read again on a retry");
+                report.entry_errors.push((entry.id, err.into()));
+                Ok(None)
+            }
+        }
     }
 
     /// Whether `entry`'s working legs hold its whole position: net filled

@@ -112,6 +112,60 @@ async fn trades_are_fetched_when_the_order_lookup_lacks_them() {
     );
 }
 
+/// A fill nobody reported, whose trades cannot be read (they are needed only
+/// for the commissions): the order's own figures are protected at once, the
+/// unread trades are an error of the entry, and a later pass reads them and
+/// counts the fill once.
+#[tokio::test]
+async fn a_fill_whose_trades_are_unread_is_protected_from_the_order_alone() {
+    let w = world();
+    w.exchange.query_without_fills();
+    w.exchange
+        .fail_trades(Some(ExchangeError::Transient("502 bad gateway".into())));
+    // Its commission, 0.001, was paid in BTC: the account holds 0.999.
+    w.exchange.trades_fee_in_base(dec!(0.001));
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    w.fake.set_free("k1", "BTC", dec!(0.999));
+    let sync = w.wired_reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(placed(r.outcome(id)), "{r:?}");
+    assert_eq!(
+        w.open_qty("k1"),
+        dec!(0.999),
+        "the coins held have a stop, planned again after the refusal for balance"
+    );
+    assert!(
+        matches!(r.entry_errors.as_slice(), [(e, _)] if *e == id),
+        "the unread trades stay visible: {r:?}"
+    );
+    assert_eq!(sync.metrics().entry_errors, 1);
+    let e = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        (e.status, e.executed_qty, e.fills_qty),
+        (EntryStatus::Filled, q(dec!(1)), q(dec!(0)))
+    );
+
+    // The trades can be read again: the next pass reads them, and the fill is
+    // counted once, net of its commission, covered by the lists in place.
+    w.exchange.fail_trades(None);
+    let calls = w.fake.oco_calls();
+    let again = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(again.trades_fetched, 1, "{again:?}");
+    assert!(again.entry_errors.is_empty(), "{again:?}");
+    let e = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        (e.executed_qty, e.fills_qty, e.net_qty()),
+        (q(dec!(1)), q(dec!(1)), q(dec!(0.999)))
+    );
+    assert_eq!(w.fake.oco_calls(), calls, "nothing placed again");
+    assert_eq!(w.open_qty("k1"), dec!(0.999));
+    // Complete now: no trade is read again.
+    let third = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(third.trades_fetched, 0, "{third:?}");
+    assert!(third.protections.is_empty(), "{third:?}");
+}
+
 #[tokio::test]
 async fn a_resting_entry_moves_forward_without_protection() {
     let w = world();

@@ -48,6 +48,8 @@ pub struct TestExchange {
     fail_open_lists: Mutex<(u32, Option<ExchangeError>)>,
     fail_queries_of: Mutex<HashMap<String, ExchangeError>>,
     query_without_fills: AtomicBool,
+    fail_trades: Mutex<Option<ExchangeError>>,
+    trades_fee_in_base: Mutex<Option<Decimal>>,
     calls: Mutex<HashMap<(String, &'static str), usize>>,
 }
 
@@ -59,6 +61,8 @@ impl TestExchange {
             fail_open_lists: Mutex::new((0, None)),
             fail_queries_of: Mutex::new(HashMap::new()),
             query_without_fills: AtomicBool::new(false),
+            fail_trades: Mutex::new(None),
+            trades_fee_in_base: Mutex::new(None),
             calls: Mutex::new(HashMap::new()),
         }
     }
@@ -88,6 +92,18 @@ impl TestExchange {
     /// Order lookups answer like Binance's `GET order`: no trades inside.
     pub fn query_without_fills(&self) {
         self.query_without_fills.store(true, Ordering::SeqCst);
+    }
+
+    /// Every trade-list read (`myTrades`) fails with `error` while it is set.
+    pub fn fail_trades(&self, error: Option<ExchangeError>) {
+        *self.fail_trades.lock().unwrap() = error;
+    }
+
+    /// The trades read (`myTrades`) each carry a commission of `fee` paid in
+    /// BTC, the base asset of the one symbol tests trade (the double charges
+    /// its buys none).
+    pub fn trades_fee_in_base(&self, fee: Decimal) {
+        *self.trades_fee_in_base.lock().unwrap() = Some(fee);
     }
 
     /// Calls of `method` made with `api_key`.
@@ -173,7 +189,17 @@ impl Exchange for TestExchange {
         order_id: i64,
     ) -> Result<Vec<Fill>, ExchangeError> {
         self.check(creds, "order_trades")?;
-        self.fake.order_trades(creds, symbol, order_id).await
+        if let Some(err) = self.fail_trades.lock().unwrap().clone() {
+            return Err(err);
+        }
+        let mut trades = self.fake.order_trades(creds, symbol, order_id).await?;
+        if let Some(fee) = *self.trades_fee_in_base.lock().unwrap() {
+            for trade in &mut trades {
+                trade.commission = fee;
+                trade.commission_asset = btcusdt_rules().symbol.base;
+            }
+        }
+        Ok(trades)
     }
     async fn cancel_order(
         &self,
