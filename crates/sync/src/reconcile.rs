@@ -971,6 +971,10 @@ impl Reconciler {
         Ok(Some(ids))
     }
 
+    /// Reconciles one entry (see [`Reconciler::entry_steps`]). When a step
+    /// fails after the entry's legs were read, a stop this pass found gone
+    /// is not left behind a `Protected` label: see
+    /// [`Reconciler::stops_gone_after_error`].
     async fn entry_pass(
         &self,
         creds: &ApiCredentials,
@@ -978,6 +982,29 @@ impl Reconciler {
         book: &Book<'_>,
         report: &mut AccountReport,
         matched: &mut HashSet<String>,
+    ) -> Result<(), SyncError> {
+        let mut legs = None;
+        let result = self
+            .entry_steps(creds, entry, book, report, matched, &mut legs)
+            .await;
+        if result.is_err()
+            && let Some(legs) = legs
+        {
+            self.stops_gone_after_error(entry, &legs, report).await;
+        }
+        result
+    }
+
+    /// The entry's order looked up, its legs followed, `protect` called;
+    /// `legs_read` gets the legs as read before they were followed.
+    async fn entry_steps(
+        &self,
+        creds: &ApiCredentials,
+        entry: &Entry,
+        book: &Book<'_>,
+        report: &mut AccountReport,
+        matched: &mut HashSet<String>,
+        legs_read: &mut Option<Vec<Leg>>,
     ) -> Result<(), SyncError> {
         let open = book.lists;
         let now = self.clock.now();
@@ -1053,6 +1080,7 @@ impl Reconciler {
         }
 
         let legs = self.store.legs(entry.id).await?;
+        *legs_read = Some(legs.clone());
         let mut ended = Vec::new();
         let mut adopted = false;
         for leg in &legs {
@@ -1195,6 +1223,61 @@ impl Reconciler {
         }
         report.protections.push((entry.id, outcome));
         Ok(())
+    }
+
+    /// After a step of the entry's pass failed (a lookup, `protect` before
+    /// it decided): a leg that was working when the pass read it and has
+    /// ended outside since (canceled, stop expired, take-profit filled in
+    /// part) left coins without a stop that nothing covered, so an entry
+    /// labelled `Protected` is labelled `unprotected` (the dashboard and the
+    /// unprotected-age alert see it); a leg the pass found gone from the
+    /// book with its end unread and still working gets what `protect`'s
+    /// success would have given it ([`Protector::list_end_unread`]). The
+    /// account is retried for the error. Best-effort: a store failure here
+    /// is logged, the error that stopped the pass is what is returned.
+    async fn stops_gone_after_error(&self, entry: &Entry, before: &[Leg], report: &AccountReport) {
+        let now = match self.store.legs(entry.id).await {
+            Ok(legs) => legs,
+            Err(err) => {
+                warn!(entry = %entry.id, error = %err, "legs unread after a failed pass of the entry; its label is left as it is");
+                return;
+            }
+        };
+        for key in report.lists_unread.iter().filter(|k| k.entry == entry.id) {
+            if let Some(leg) = now.iter().find(|l| l.key == *key && l.state.is_active())
+                && let Err(err) = self
+                    .protector
+                    .list_end_unread(entry.id, leg, Source::Sync)
+                    .await
+            {
+                warn!(entry = %entry.id, leg = %key, error = %err, "entry not labelled unprotected for a list whose end is unread");
+            }
+        }
+        let ended_outside = now.iter().any(|l| {
+            matches!(l.state, LegState::CanceledExternally { .. })
+                && before.iter().any(|b| b.key == l.key && b.state.is_active())
+        });
+        if !ended_outside {
+            return;
+        }
+        let labelled = match self.store.entry(entry.id).await {
+            Ok(current) if matches!(current.protection, Protection::Protected { .. }) => self
+                .store
+                .set_protection(entry.id, &Protection::Unprotected)
+                .await
+                .map(|()| true),
+            Ok(_) => Ok(false),
+            Err(err) => Err(err),
+        };
+        match labelled {
+            Ok(true) => {
+                warn!(entry = %entry.id, client_id = %entry.client_id, "a list ended outside and its coins are not covered yet: entry labelled unprotected, the account is retried");
+            }
+            Ok(false) => {}
+            Err(err) => {
+                warn!(entry = %entry.id, error = %err, "entry not labelled unprotected after a list ended outside");
+            }
+        }
     }
 
     /// The trades of the entry's order `order_id` (`myTrades`), or `None`

@@ -491,6 +491,51 @@ async fn a_list_canceled_outside_is_recorded_and_the_remainder_protected() {
     assert!(events.iter().filter(|e| e.kind == "leg_placed").count() >= 4);
 }
 
+/// A list canceled outside while nobody listened, after which `protect`
+/// stops before it decides (the symbol's rules unread): its coins have no
+/// stop, and the entry does not stay labelled protected meanwhile.
+#[tokio::test]
+async fn a_list_ended_outside_whose_protection_stops_leaves_the_entry_unprotected() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.reconciler(config());
+    sync.reconcile_account(a.id).await.unwrap();
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+    let gone = w.store.legs(id).await.unwrap().remove(0);
+    w.fake.cancel_externally(gone.ids.list.as_str());
+    w.exchange.fail_rules(Some(ExchangeError::Transient(
+        "503 service unavailable".into(),
+    )));
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(
+        r.lists_ended
+            .iter()
+            .any(|(k, s)| *k == gone.key && matches!(s, LegState::CanceledExternally { .. })),
+        "{r:?}"
+    );
+    assert!(
+        matches!(r.entry_errors.as_slice(), [(e, _)] if *e == id),
+        "{r:?}"
+    );
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Unprotected
+    );
+    // The rules can be read again: the next pass covers the coins.
+    w.exchange.fail_rules(None);
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(placed(r.outcome(id)), "{r:?}");
+    assert_eq!(w.open_qty("k1"), dec!(1));
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+}
+
 #[tokio::test]
 async fn a_take_profit_rest_whose_cancel_failed_is_canceled_on_a_later_pass() {
     let w = world();

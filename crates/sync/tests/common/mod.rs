@@ -49,6 +49,7 @@ pub struct TestExchange {
     fail_queries_of: Mutex<HashMap<String, ExchangeError>>,
     query_without_fills: AtomicBool,
     fail_trades: Mutex<Option<ExchangeError>>,
+    fail_rules: Mutex<Option<ExchangeError>>,
     trades_fee_in_base: Mutex<Option<Decimal>>,
     calls: Mutex<HashMap<(String, &'static str), usize>>,
 }
@@ -62,6 +63,7 @@ impl TestExchange {
             fail_queries_of: Mutex::new(HashMap::new()),
             query_without_fills: AtomicBool::new(false),
             fail_trades: Mutex::new(None),
+            fail_rules: Mutex::new(None),
             trades_fee_in_base: Mutex::new(None),
             calls: Mutex::new(HashMap::new()),
         }
@@ -97,6 +99,12 @@ impl TestExchange {
     /// Every trade-list read (`myTrades`) fails with `error` while it is set.
     pub fn fail_trades(&self, error: Option<ExchangeError>) {
         *self.fail_trades.lock().unwrap() = error;
+    }
+
+    /// Every read of a symbol's rules (`exchangeInfo`) fails with `error`
+    /// while it is set.
+    pub fn fail_rules(&self, error: Option<ExchangeError>) {
+        *self.fail_rules.lock().unwrap() = error;
     }
 
     /// The trades read (`myTrades`) each carry a commission of `fee` paid in
@@ -146,6 +154,9 @@ impl TestExchange {
 #[async_trait]
 impl Exchange for TestExchange {
     async fn symbol_rules(&self, symbol: &str) -> Result<SymbolRules, ExchangeError> {
+        if let Some(err) = self.fail_rules.lock().unwrap().clone() {
+            return Err(err);
+        }
         self.fake.symbol_rules(symbol).await
     }
     fn invalidate_rules(&self, symbol: &str) {
