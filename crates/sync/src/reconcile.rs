@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::stream::{self, FuturesUnordered, StreamExt};
 use oco_core::ids::OrderRole;
 use oco_core::model::Protection;
-use oco_core::ports::{ApiCredentials, OrderListSnapshot, event};
+use oco_core::ports::{ApiCredentials, Balance, OrderListSnapshot, event};
 use oco_core::protect::{Idle, Protector};
 use oco_core::state::ExternalEnd;
 use oco_core::{
@@ -214,6 +214,31 @@ const STRAY_EVENT: &str = "stray_list";
 struct Book<'a> {
     lists: &'a HashMap<String, OrderListSnapshot>,
     orders: Option<&'a HashSet<String>>,
+    /// The account's balances, read when an entry's legs first need them.
+    balances: BalanceRead,
+}
+
+/// The account's balances as read once in an account's pass, for every
+/// `Protected` entry whose legs are smaller than its position
+/// ([`Reconciler::legs_cover`]): one `account` read (weight 20) per pass,
+/// not one per such entry. Forgotten after each `protect` call of the pass,
+/// which may place or cancel lists and so move coins between free and
+/// locked. `Some(None)`: the read failed; not tried again until then.
+#[derive(Default)]
+struct BalanceRead(Mutex<Option<Option<Vec<Balance>>>>);
+
+impl BalanceRead {
+    fn get(&self) -> Option<Option<Vec<Balance>>> {
+        lock(&self.0).clone()
+    }
+
+    fn set(&self, read: Option<Vec<Balance>>) {
+        *lock(&self.0) = Some(read);
+    }
+
+    fn forget(&self) {
+        *lock(&self.0) = None;
+    }
 }
 
 /// Why an account is retried.
@@ -832,6 +857,7 @@ impl Reconciler {
         let book = Book {
             lists: &open,
             orders: orders.as_ref(),
+            balances: BalanceRead::default(),
         };
         let mut matched = HashSet::new();
         for entry in &entries {
@@ -1177,7 +1203,11 @@ impl Reconciler {
             .iter()
             .any(|l| matches!(l.state, LegState::Claimed | LegState::Unknown));
         let protected = matches!(entry.protection, Protection::Protected { .. });
-        if protected && !news && !in_doubt && !adopted && self.legs_cover(creds, entry, &legs).await
+        if protected
+            && !news
+            && !in_doubt
+            && !adopted
+            && self.legs_cover(creds, entry, &legs, &book.balances).await
         {
             // Covered, nothing new, every placed list still open: nothing to ask.
             return Ok(());
@@ -1185,11 +1215,12 @@ impl Reconciler {
         self.orders
             .wait_for_room(entry.account, ORDERS_PER_PROTECT)
             .await;
-        let outcome = self
+        let called = self
             .protector
             .protect(entry.id, evidence.as_ref(), Source::Sync)
-            .await?
-            .outcome;
+            .await;
+        book.balances.forget();
+        let outcome = called?.outcome;
         self.orders.record(entry.account, orders_sent(&outcome));
         self.metrics.protection(&outcome);
         match &outcome {
@@ -1323,7 +1354,13 @@ impl Reconciler {
     /// another caller replaced the legs leaves the entry protected with less
     /// covered. With no working leg the answer is no: only `protect` can tell
     /// whether the coins are sold or bare.
-    async fn legs_cover(&self, creds: &ApiCredentials, entry: &Entry, legs: &[Leg]) -> bool {
+    async fn legs_cover(
+        &self,
+        creds: &ApiCredentials,
+        entry: &Entry,
+        legs: &[Leg],
+        balances: &BalanceRead,
+    ) -> bool {
         // The rest of a partly filled take-profit may rest with no stop, its
         // coins locked (so not free below): `protect` cancels it, and tries
         // again after a cancel that failed.
@@ -1353,20 +1390,29 @@ impl Reconciler {
         // Coins sold by hand leave legs smaller than the position for good:
         // what the account no longer holds is no reason to replace working
         // stops every pass. Coins free on the account are.
-        match self.read(|| self.exchange.balances(creds)).await {
-            Ok(balances) => {
-                let free = balances
-                    .iter()
-                    .find(|b| b.asset == entry.symbol.base.0)
-                    .map_or(Qty::ZERO, |b| b.free);
-                let free = rules.map_or(free, |r| free.floor_to(r.step));
-                free.is_zero()
+        let read = match balances.get() {
+            Some(read) => read,
+            None => {
+                let read = match self.read(|| self.exchange.balances(creds)).await {
+                    Ok(read) => Some(read),
+                    Err(err) => {
+                        debug!(entry = %entry.id, error = %err, "balance unread, protect decides");
+                        None
+                    }
+                };
+                balances.set(read.clone());
+                read
             }
-            Err(err) => {
-                debug!(entry = %entry.id, error = %err, "balance unread, protect decides");
-                false
-            }
-        }
+        };
+        let Some(read) = read else {
+            return false;
+        };
+        let free = read
+            .iter()
+            .find(|b| b.asset == entry.symbol.base.0)
+            .map_or(Qty::ZERO, |b| b.free);
+        let free = rules.map_or(free, |r| free.floor_to(r.step));
+        free.is_zero()
     }
 
     /// The exchange has no order under the entry's client id.

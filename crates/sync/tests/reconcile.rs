@@ -695,6 +695,7 @@ async fn a_disabled_account_is_left_alone() {
 /// its last 0.3 recorded (by a caller that then found a claim in flight)
 /// and held with no stop.
 async fn protected_short_of_its_last_fill(w: &World, a: &Acct) -> oco_core::EntryId {
+    let open_before = w.open_qty(&a.creds.api_key);
     let id = w.sent_entry(a, EntryKind::Market, dec!(1)).await;
     let fill = |n: usize, status| {
         let all = [(1, dec!(0.7)), (2, dec!(0.3))];
@@ -733,7 +734,10 @@ async fn protected_short_of_its_last_fill(w: &World, a: &Acct) -> oco_core::Entr
         .unwrap();
     let e = w.store.entry(id).await.unwrap();
     assert!(matches!(e.protection, Protection::Protected { .. }));
-    assert_eq!((e.net_qty(), w.open_qty("k1")), (q(dec!(1)), dec!(0.7)));
+    assert_eq!(
+        (e.net_qty(), w.open_qty(&a.creds.api_key) - open_before),
+        (q(dec!(1)), dec!(0.7))
+    );
     id
 }
 
@@ -802,4 +806,21 @@ async fn an_error_of_one_entry_does_not_open_the_accounts_breaker() {
     let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
     let r = sync.reconcile_account(a.id).await.unwrap();
     assert!(placed(r.outcome(id)), "{r:?}");
+}
+
+/// Protected entries whose legs fall short of their positions after coins
+/// were sold by hand: the account's balance is read once for all of them in
+/// a pass, not once each.
+#[tokio::test]
+async fn the_balance_is_read_once_per_pass_for_every_entry_short_of_its_position() {
+    let w = world();
+    let a = w.account("k1").await;
+    protected_short_of_its_last_fill(&w, &a).await;
+    protected_short_of_its_last_fill(&w, &a).await;
+    w.fake.set_free("k1", "BTC", dec!(0));
+    let sync = w.reconciler(config());
+    let before = w.exchange.calls("k1", "balances");
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(r.protections.is_empty(), "{r:?}");
+    assert_eq!(w.exchange.calls("k1", "balances") - before, 1);
 }
