@@ -261,34 +261,61 @@ impl Retry {
             // Lists gone from the book whose lookup did not show their end:
             // `protect` counted them covering.
             Retry::Protection
-        } else if report.protections.iter().any(|(_, o)| {
-            matches!(
-                o,
-                ProtectOutcome::Failed { .. }
-                    | ProtectOutcome::Pending { .. }
-                    // A claimant in flight may have died: its claim is
-                    // looked up once stale (the claim timeout).
-                    | ProtectOutcome::Nothing(Idle::InFlight | Idle::Busy)
-            )
-        }) {
+        } else if report.protections.iter().any(|(_, o)| left_incomplete(o)) {
             Retry::Protection
         } else {
             Retry::No
         }
     }
+
+    /// The entries the pass that produced `report` left undone: an error, a
+    /// list whose end is unread, a protection left incomplete.
+    fn reasons(report: &AccountReport) -> BTreeSet<EntryId> {
+        let errors = report.entry_errors.iter().map(|(id, _)| *id);
+        let unread = report.lists_unread.iter().map(|key| key.entry);
+        let incomplete = report
+            .protections
+            .iter()
+            .filter(|(_, o)| left_incomplete(o))
+            .map(|(id, _)| *id);
+        errors.chain(unread).chain(incomplete).collect()
+    }
 }
 
-/// What an account's open entries were when its retries ran out: while they
-/// stay so, the account is retried once per interval only.
+/// Whether a `protect` outcome leaves the account to be retried.
+fn left_incomplete(outcome: &ProtectOutcome) -> bool {
+    matches!(
+        outcome,
+        ProtectOutcome::Failed { .. }
+            | ProtectOutcome::Pending { .. }
+            // A claimant in flight may have died: its claim is
+            // looked up once stale (the claim timeout).
+            | ProtectOutcome::Nothing(Idle::InFlight | Idle::Busy)
+    )
+}
+
+/// What an account's open entries were when its retries ran out.
 type EntryFacts = Vec<(EntryId, EntryStatus, Qty)>;
+
+/// An account whose retries ran out: while its open entries stay as they
+/// were and its passes leave undone only entries among `reasons`, it is
+/// retried once per interval only.
+#[derive(Debug, Clone)]
+struct Exhausted {
+    /// The account's open entries then.
+    facts: EntryFacts,
+    /// The entries its passes had left undone (none when the account's
+    /// pass as a whole failed).
+    reasons: BTreeSet<EntryId>,
+}
 
 /// How far an account's retries have gone.
 #[derive(Debug, Default)]
 struct RetryState {
     /// Retries scheduled since its last complete pass.
     attempts: u32,
-    /// Set when the retries ran out: the account's open entries then.
-    exhausted: Option<EntryFacts>,
+    /// Set when the retries ran out.
+    exhausted: Option<Exhausted>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -670,15 +697,16 @@ impl Reconciler {
     /// open breaker skipped defers it until the breaker lets a trial pass
     /// through, so that a flag taken meanwhile is not lost.
     async fn follow_up(&self, account: AccountId, result: &Result<AccountReport, SyncError>) {
-        let retry = match result {
-            Ok(report) => Retry::of(report),
+        let (retry, reasons) = match result {
+            Ok(report) => (Retry::of(report), Retry::reasons(report)),
             Err(SyncError::BreakerOpen { retry_in, .. }) => {
                 self.defer(account, *retry_in).await;
                 return;
             }
             // Another task has the account and records its own pass.
             Err(SyncError::InProgress { .. }) => return,
-            Err(_) => Retry::Errors,
+            // The account's own failure, no entry's: the breaker paces it.
+            Err(_) => (Retry::Errors, BTreeSet::new()),
         };
         if retry == Retry::No {
             lock(&self.retries).remove(&account);
@@ -687,18 +715,27 @@ impl Reconciler {
             }
             return;
         }
-        let wait = self.backoff(account, retry).await;
+        let wait = self.backoff(account, retry, reasons).await;
         self.defer(account, wait).await;
     }
 
     /// The wait before the account's next attempt after a pass that left
-    /// work undone: the configured backoff, doubling per attempt; once the
-    /// attempts ran out, the interval, until the account's open entries
-    /// change (a new entry, a fill, a status), when the backoff starts over.
-    /// Without that memory each periodic pass of an account whose error
-    /// persists (an entry the exchange no longer knows) would start a new
-    /// series of retries.
-    async fn backoff(&self, account: AccountId, retry: Retry) -> Duration {
+    /// work undone (`reasons`: the entries it left undone): the configured
+    /// backoff, doubling per attempt; once the attempts ran out, the
+    /// interval, until the account's open entries change (a new entry, a
+    /// fill, a status) or a pass leaves undone an entry that was not among
+    /// the reasons when they ran out (a list of a protected entry canceled by
+    /// hand, its replacement refused), when the backoff starts over. Without
+    /// that memory each periodic pass of an account whose error persists (an
+    /// entry the exchange no longer knows) would start a new series of
+    /// retries; without the reasons, that one entry would leave every other
+    /// failure of the account to one pass per interval.
+    async fn backoff(
+        &self,
+        account: AccountId,
+        retry: Retry,
+        reasons: BTreeSet<EntryId>,
+    ) -> Duration {
         let first = match retry {
             Retry::Protection => self.config.retry.after_protection,
             Retry::Errors | Retry::No => self.config.retry.after_errors,
@@ -707,24 +744,29 @@ impl Reconciler {
             .get(&account)
             .and_then(|s| s.exhausted.clone());
         if let Some(then) = exhausted {
-            // Unread counts as unchanged: a failing store is no reason to retry faster.
-            match self.entry_facts(account).await {
-                Some(now) if now != then => {
-                    debug!(account = %account, "entries changed, retrying the account again");
-                    lock(&self.retries).remove(&account);
+            if !reasons.is_subset(&then.reasons) {
+                debug!(account = %account, "another entry left undone, retrying the account again");
+                lock(&self.retries).remove(&account);
+            } else {
+                // Unread counts as unchanged: a failing store is no reason to retry faster.
+                match self.entry_facts(account).await {
+                    Some(now) if now != then.facts => {
+                        debug!(account = %account, "entries changed, retrying the account again");
+                        lock(&self.retries).remove(&account);
+                    }
+                    _ => return self.config.interval,
                 }
-                _ => return self.config.interval,
             }
         }
         let attempts = lock(&self.retries).get(&account).map_or(0, |s| s.attempts);
         if attempts >= self.config.retry.attempts {
-            warn!(account = %account, attempts, "account still incomplete after its retries; retried once per interval until its entries change");
+            warn!(account = %account, attempts, entries = ?reasons, "account still incomplete after its retries; retried once per interval until its entries change or another entry fails");
             let facts = self.entry_facts(account).await.unwrap_or_default();
             lock(&self.retries).insert(
                 account,
                 RetryState {
                     attempts,
-                    exhausted: Some(facts),
+                    exhausted: Some(Exhausted { facts, reasons }),
                 },
             );
             return self.config.interval;
