@@ -684,9 +684,13 @@ impl Reconciler {
             }
         }
         let _release = Release(&self.busy, account);
+        // Std's clock, not tokio's: the store compares it with when a retry
+        // was written, and a store in this process reads the same clock.
+        let started = std::time::Instant::now();
         let result = self.reconcile_account(account).await;
-        // Still busy: no other pass of the account can race this record.
-        self.follow_up(account, &result).await;
+        // Still busy: no other pass of the account in this process can race
+        // this record; another process's retry written meanwhile is kept.
+        self.follow_up(account, started, &result).await;
         result
     }
 
@@ -695,8 +699,16 @@ impl Reconciler {
     /// it reconciled (due an interval from now); a pass that left work
     /// undone is not a reconciliation, and defers it by a backoff; a pass an
     /// open breaker skipped defers it until the breaker lets a trial pass
-    /// through, so that a flag taken meanwhile is not lost.
-    async fn follow_up(&self, account: AccountId, result: &Result<AccountReport, SyncError>) {
+    /// through, so that a flag taken meanwhile is not lost. The mark keeps
+    /// a retry written after the pass began at `started`: another process's
+    /// pass of the account that failed meanwhile may have seen what this one
+    /// read before.
+    async fn follow_up(
+        &self,
+        account: AccountId,
+        started: std::time::Instant,
+        result: &Result<AccountReport, SyncError>,
+    ) {
         let (retry, reasons) = match result {
             Ok(report) => (Retry::of(report), Retry::reasons(report)),
             Err(SyncError::BreakerOpen { retry_in, .. }) => {
@@ -710,7 +722,7 @@ impl Reconciler {
         };
         if retry == Retry::No {
             lock(&self.retries).remove(&account);
-            if let Err(err) = self.store.mark_reconciled(account).await {
+            if let Err(err) = self.store.mark_reconciled(account, started).await {
                 warn!(account = %account, error = %err, "could not record the reconciliation");
             }
             return;

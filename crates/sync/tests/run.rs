@@ -646,6 +646,42 @@ async fn a_new_failing_entry_is_retried_after_another_ran_out_of_retries() {
     ));
 }
 
+/// A pass that read the account before another process's pass of it failed
+/// and deferred it completes after that: its mark keeps the retry, which
+/// is due after its backoff, not an interval later.
+#[tokio::test]
+async fn a_pass_that_began_before_a_retry_was_written_keeps_it() {
+    let w = world();
+    let a = w.account("k1").await;
+    // Something to read: a pass of an account with nothing open asks nothing.
+    w.sent_entry(&a, EntryKind::Limit { price: p(dec!(90)) }, dec!(1))
+        .await;
+    let sync = w.reconciler(config());
+    let bell = w.exchange.hold_next_open_lists();
+    let other_failed = async {
+        // This pass is reading the account.
+        assert!(
+            wait_until(Duration::from_secs(2), || async {
+                w.exchange.calls("k1", "open_order_lists") == 1
+            })
+            .await
+        );
+        // Another process's pass of the account leaves work undone.
+        w.store.defer_reconcile(a.id, Duration::ZERO).await.unwrap();
+        bell.notify_one();
+    };
+    let (report, ()) = tokio::join!(sync.pass(), other_failed);
+    let report = report.unwrap();
+    assert_eq!(report.reconciled.len(), 1, "{report:?}");
+    assert!(report.reconciled[0].entry_errors.is_empty(), "{report:?}");
+    let hour = Duration::from_secs(3600);
+    assert_eq!(
+        w.store.take_due_retries("sync-b", hour, 10).await.unwrap(),
+        [a.id],
+        "the other process's retry was cleared by a pass that began before it"
+    );
+}
+
 /// An entry the exchange acknowledged once and no longer knows: every pass
 /// reports it as an entry error.
 async fn forgotten_entry(w: &World, a: &Acct) -> oco_core::EntryId {

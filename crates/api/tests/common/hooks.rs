@@ -197,8 +197,12 @@ impl Store for HookStore {
     ) -> Result<Vec<AccountId>, StoreError> {
         self.inner.take_due_accounts(h, i, l, n).await
     }
-    async fn mark_reconciled(&self, a: AccountId) -> Result<(), StoreError> {
-        self.inner.mark_reconciled(a).await
+    async fn mark_reconciled(
+        &self,
+        a: AccountId,
+        since: std::time::Instant,
+    ) -> Result<(), StoreError> {
+        self.inner.mark_reconciled(a, since).await
     }
     async fn defer_reconcile(&self, a: AccountId, after: Duration) -> Result<(), StoreError> {
         self.inner.defer_reconcile(a, after).await

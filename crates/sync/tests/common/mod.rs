@@ -46,6 +46,7 @@ pub struct TestExchange {
     pub fake: Arc<FakeExchange>,
     revoked: Mutex<HashSet<String>>,
     fail_open_lists: Mutex<(u32, Option<ExchangeError>)>,
+    hold_open_lists: Mutex<Option<Arc<tokio::sync::Notify>>>,
     fail_queries_of: Mutex<HashMap<String, ExchangeError>>,
     query_without_fills: AtomicBool,
     fail_trades: Mutex<Option<ExchangeError>>,
@@ -60,6 +61,7 @@ impl TestExchange {
             fake,
             revoked: Mutex::new(HashSet::new()),
             fail_open_lists: Mutex::new((0, None)),
+            hold_open_lists: Mutex::new(None),
             fail_queries_of: Mutex::new(HashMap::new()),
             query_without_fills: AtomicBool::new(false),
             fail_trades: Mutex::new(None),
@@ -89,6 +91,14 @@ impl TestExchange {
     /// The next `times` open-list reads fail with `error`.
     pub fn fail_open_lists(&self, times: u32, error: ExchangeError) {
         *self.fail_open_lists.lock().unwrap() = (times, Some(error));
+    }
+
+    /// The next open-list read waits until the returned bell rings (once
+    /// is enough, before or after the read began).
+    pub fn hold_next_open_lists(&self) -> Arc<tokio::sync::Notify> {
+        let bell = Arc::new(tokio::sync::Notify::new());
+        *self.hold_open_lists.lock().unwrap() = Some(bell.clone());
+        bell
     }
 
     /// Order lookups answer like Binance's `GET order`: no trades inside.
@@ -251,6 +261,10 @@ impl Exchange for TestExchange {
         creds: &ApiCredentials,
     ) -> Result<Vec<OrderListSnapshot>, ExchangeError> {
         self.check(creds, "open_order_lists")?;
+        let hold = self.hold_open_lists.lock().unwrap().take();
+        if let Some(bell) = hold {
+            bell.notified().await;
+        }
         let fault = {
             let mut f = self.fail_open_lists.lock().unwrap();
             if f.0 > 0 {
