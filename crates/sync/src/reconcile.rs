@@ -1141,9 +1141,10 @@ impl Reconciler {
             && let Some(fills) = self.trades(creds, entry, order_id, report).await?
         {
             // Ended while some of its trades were unread (a pass whose trade
-            // read failed recorded the order's own figures): read for their
-            // commissions, which may shrink the position, as they would have
-            // been while the order was open.
+            // read failed recorded the order's own figures, or a layer saw
+            // only some fills one by one): read for their commissions, which
+            // may shrink the position, as they would have been while the
+            // order was open.
             let fills_qty: Qty = fills.iter().map(|f| f.qty).sum();
             if fills_qty > entry.fills_qty {
                 news = true;
