@@ -35,6 +35,8 @@ struct Inner {
     reconciled: BTreeMap<AccountId, std::time::Instant>,
     due_taken: BTreeMap<AccountId, (String, std::time::Instant)>,
     retry_at: BTreeMap<AccountId, std::time::Instant>,
+    /// When each pending retry was written.
+    retry_written: BTreeMap<AccountId, std::time::Instant>,
     users: BTreeMap<String, String>,
     next_account: i64,
     next_entry: i64,
@@ -537,13 +539,24 @@ impl Store for MemStore {
         Ok(taken)
     }
 
-    async fn mark_reconciled(&self, account: AccountId) -> Result<(), StoreError> {
+    async fn mark_reconciled(
+        &self,
+        account: AccountId,
+        since: std::time::Instant,
+    ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if !inner.accounts.contains_key(&account) {
             return Err(not_found("account", account));
         }
         inner.due_taken.remove(&account);
-        inner.retry_at.remove(&account);
+        if inner
+            .retry_written
+            .get(&account)
+            .is_none_or(|at| *at < since)
+        {
+            inner.retry_at.remove(&account);
+            inner.retry_written.remove(&account);
+        }
         inner.reconciled.insert(account, std::time::Instant::now());
         Ok(())
     }
@@ -558,9 +571,9 @@ impl Store for MemStore {
             return Err(not_found("account", account));
         }
         inner.due_taken.remove(&account);
-        inner
-            .retry_at
-            .insert(account, std::time::Instant::now() + after);
+        let now = std::time::Instant::now();
+        inner.retry_at.insert(account, now + after);
+        inner.retry_written.insert(account, now);
         Ok(())
     }
 

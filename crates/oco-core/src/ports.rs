@@ -706,17 +706,25 @@ pub trait Store: Send + Sync {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<AccountId>, StoreError>;
-    /// Records that `account` was reconciled just now, ending any take of it
-    /// and any [deferred](Store::defer_reconcile) retry: it is next due
-    /// `interval` from now.
-    async fn mark_reconciled(&self, account: AccountId) -> Result<(), StoreError>;
+    /// Records that `account` was reconciled just now by a pass that began
+    /// at `since` (on this process's monotonic clock), ending any take of it
+    /// and any [deferred](Store::defer_reconcile) retry written before
+    /// `since`: it is next due `interval` from now. A retry written since
+    /// (another process's pass of the account failed meanwhile) stays: this
+    /// pass may have read the account before what that one found.
+    async fn mark_reconciled(
+        &self,
+        account: AccountId,
+        since: std::time::Instant,
+    ) -> Result<(), StoreError>;
     /// Records that a pass of `account` left work undone (a protection
     /// refused or unanswered, an entry unread): it is not marked reconciled,
     /// and it is due again `after` from now, not before, whatever its last
     /// reconciliation, for whichever process takes it then
     /// ([`Store::take_due_retries`], [`Store::take_due_accounts`]), this one
     /// or another, after a restart too. Ends any take of the account and
-    /// replaces an earlier retry; [`Store::mark_reconciled`] clears it.
+    /// replaces an earlier retry; [`Store::mark_reconciled`] of a pass
+    /// begun after it clears it.
     async fn defer_reconcile(&self, account: AccountId, after: Duration) -> Result<(), StoreError>;
     /// Takes up to `limit` active accounts whose [deferred](Store::defer_reconcile)
     /// retry is due and that no live pass has taken, and marks them taken by

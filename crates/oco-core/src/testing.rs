@@ -2148,7 +2148,9 @@ async fn due_behaviour(store: &dyn Store, first: AccountId) -> Result<(), SuiteE
     );
 
     // sync-a finishes; sync-b dies: its account is due again once its take expires.
-    store.mark_reconciled(a[0]).await?;
+    store
+        .mark_reconciled(a[0], std::time::Instant::now())
+        .await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let retaken = loop {
         let got = store.take_due_accounts("sync-c", hour, hour, 10).await?;
@@ -2165,7 +2167,9 @@ async fn due_behaviour(store: &dyn Store, first: AccountId) -> Result<(), SuiteE
         retaken == b,
         "only the dead taker's account comes back, got {retaken:?}"
     );
-    store.mark_reconciled(b[0]).await?;
+    store
+        .mark_reconciled(b[0], std::time::Instant::now())
+        .await?;
     let none = store.take_due_accounts("sync-a", hour, hour, 10).await?;
     ensure!(
         none.is_empty(),
@@ -2181,7 +2185,9 @@ async fn due_behaviour(store: &dyn Store, first: AccountId) -> Result<(), SuiteE
     let unknown = AccountId(off.0 + 1000);
     ensure!(
         matches!(
-            store.mark_reconciled(unknown).await,
+            store
+                .mark_reconciled(unknown, std::time::Instant::now())
+                .await,
             Err(StoreError::NotFound { .. })
         ),
         "marking an unknown account is not found"
@@ -2199,8 +2205,12 @@ async fn retry_behaviour(
 ) -> Result<(), SuiteError> {
     use std::time::Duration;
     let hour = Duration::from_secs(3600);
-    store.mark_reconciled(first).await?;
-    store.mark_reconciled(second).await?;
+    store
+        .mark_reconciled(first, std::time::Instant::now())
+        .await?;
+    store
+        .mark_reconciled(second, std::time::Instant::now())
+        .await?;
     ensure!(
         store.take_due_retries("sync-a", hour, 10).await?.is_empty(),
         "no retry pending, none taken"
@@ -2251,7 +2261,9 @@ async fn retry_behaviour(
         due == [first],
         "a due retry makes the account due within its interval too: {due:?}"
     );
-    store.mark_reconciled(first).await?;
+    store
+        .mark_reconciled(first, std::time::Instant::now())
+        .await?;
     ensure!(
         store.take_due_retries("sync-c", hour, 10).await?.is_empty()
             && store

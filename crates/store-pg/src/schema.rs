@@ -161,6 +161,7 @@ diesel::table! {
         taken_by -> Nullable<Text>,
         taken_until -> Nullable<Timestamptz>,
         retry_at -> Nullable<Timestamptz>,
+        retry_written_at -> Nullable<Timestamptz>,
     }
 }
 

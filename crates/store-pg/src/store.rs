@@ -2071,17 +2071,33 @@ impl Store for PgStore {
         Ok(taken.into_iter().map(AccountId).collect())
     }
 
-    async fn mark_reconciled(&self, account: AccountId) -> Result<(), StoreError> {
+    async fn mark_reconciled(
+        &self,
+        account: AccountId,
+        since: std::time::Instant,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
+        // The pass's start on the database clock: now() less the time since it
+        // began, measured once the connection is at hand (not before waiting
+        // for the pool). Only the statement's way to the server is left over,
+        // by which the start reads late: a retry written in that window (well
+        // under a millisecond on a local network) is taken as older.
+        let began_us = i64::try_from(since.elapsed().as_micros()).unwrap_or(i64::MAX);
         // An upsert: the row exists from account creation on, but a missing one
-        // must not lose the fact.
+        // must not lose the fact. A retry written since the pass began stays.
         let marked = diesel::sql_query(
             "INSERT INTO reconcile_schedule (account_id, last_reconciled_at) VALUES ($1, now()) \
              ON CONFLICT (account_id) DO UPDATE \
                  SET last_reconciled_at = now(), taken_by = NULL, taken_until = NULL, \
-                     retry_at = NULL",
+                     retry_at = CASE WHEN reconcile_schedule.retry_written_at \
+                                          >= now() - $2 * interval '1 microsecond' \
+                                     THEN reconcile_schedule.retry_at END, \
+                     retry_written_at = CASE WHEN reconcile_schedule.retry_written_at \
+                                          >= now() - $2 * interval '1 microsecond' \
+                                     THEN reconcile_schedule.retry_written_at END",
         )
         .bind::<BigInt, _>(account.0)
+        .bind::<BigInt, _>(began_us)
         .execute(&mut conn)
         .await;
         match marked {
@@ -2101,10 +2117,11 @@ impl Store for PgStore {
         // An upsert, as `mark_reconciled`; the take ends, so that the retry,
         // not the lease, says when the account is due.
         let deferred = diesel::sql_query(
-            "INSERT INTO reconcile_schedule (account_id, retry_at) \
-             VALUES ($1, now() + $2 * interval '1 millisecond') \
+            "INSERT INTO reconcile_schedule (account_id, retry_at, retry_written_at) \
+             VALUES ($1, now() + $2 * interval '1 millisecond', now()) \
              ON CONFLICT (account_id) DO UPDATE \
-                 SET retry_at = EXCLUDED.retry_at, taken_by = NULL, taken_until = NULL",
+                 SET retry_at = EXCLUDED.retry_at, retry_written_at = EXCLUDED.retry_written_at, \
+                     taken_by = NULL, taken_until = NULL",
         )
         .bind::<BigInt, _>(account.0)
         .bind::<BigInt, _>(after)

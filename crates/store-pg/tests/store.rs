@@ -1228,7 +1228,7 @@ async fn concurrent_takers_split_due_accounts_once_each() {
                         return mine;
                     }
                     for id in &got {
-                        store.mark_reconciled(*id).await.unwrap();
+                        store.mark_reconciled(*id, Instant::now()).await.unwrap();
                     }
                     mine.extend(got);
                 }
@@ -1249,6 +1249,75 @@ async fn concurrent_takers_split_due_accounts_once_each() {
             .is_empty(),
         "nothing is due within the interval"
     );
+}
+
+/// A pass that began before another process deferred the account (its pass
+/// of the account failed meanwhile) and completes after: its mark keeps
+/// that retry. A retry written before the pass began is cleared by it.
+async fn a_stale_pass_keeps_a_newer_retry(store: &dyn Store) {
+    let account = new_account(store, "stale-pass").await.id;
+    let hour = Duration::from_secs(3600);
+    // Reconciled once: only a retry makes it due within the hour.
+    store
+        .mark_reconciled(account, Instant::now())
+        .await
+        .unwrap();
+    // Apart by more than any clock's grain, so the order is never in doubt.
+    let apart = Duration::from_millis(20);
+
+    // P1's pass begins; P2's pass of the account fails and defers it (due at
+    // once); P1's pass completes.
+    let began = Instant::now();
+    tokio::time::sleep(apart).await;
+    store
+        .defer_reconcile(account, Duration::ZERO)
+        .await
+        .unwrap();
+    store.mark_reconciled(account, began).await.unwrap();
+    assert_eq!(
+        store.take_due_retries("sync-c", hour, 10).await.unwrap(),
+        [account],
+        "the retry written while the pass ran was kept"
+    );
+
+    // P2's retry fails again and defers it; a pass begun after that
+    // completes: the retry is done with.
+    store
+        .defer_reconcile(account, Duration::ZERO)
+        .await
+        .unwrap();
+    tokio::time::sleep(apart).await;
+    store
+        .mark_reconciled(account, Instant::now())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .take_due_retries("sync-c", hour, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a retry written before the pass began is cleared"
+    );
+    assert!(
+        store
+            .take_due_accounts("sync-c", hour, hour, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nor is the account due within its interval"
+    );
+}
+
+#[tokio::test]
+async fn pg_store_keeps_a_retry_written_after_the_pass_began() {
+    let db = TestDb::new().await;
+    a_stale_pass_keeps_a_newer_retry(&store(&db).await).await;
+}
+
+#[tokio::test]
+async fn mem_store_keeps_a_retry_written_after_the_pass_began() {
+    a_stale_pass_keeps_a_newer_retry(&oco_core::mem::MemStore::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

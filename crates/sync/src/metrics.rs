@@ -19,6 +19,10 @@ pub struct MetricsSnapshot {
     pub account_failures: u64,
     /// Account passes skipped by an open breaker.
     pub accounts_skipped: u64,
+    /// Errors of single entries (a lookup or a trade list unread, a
+    /// `protect` that stopped), as reported in `AccountReport::entry_errors`:
+    /// each is retried with its account.
+    pub entry_errors: u64,
     /// Flagged accounts taken.
     pub flagged_taken: u64,
     /// `protect` calls by outcome (`placed`, `covered`, `exited`, …).
@@ -48,6 +52,7 @@ pub struct Metrics {
     accounts_reconciled: AtomicU64,
     account_failures: AtomicU64,
     accounts_skipped: AtomicU64,
+    entry_errors: AtomicU64,
     flagged_taken: AtomicU64,
     legs_adopted: AtomicU64,
     stray_lists: AtomicU64,
@@ -84,6 +89,9 @@ impl Metrics {
     pub(crate) fn skipped(&self) {
         bump(&self.accounts_skipped, 1);
     }
+    pub(crate) fn entry_errors(&self, n: usize) {
+        bump(&self.entry_errors, n as u64);
+    }
     pub(crate) fn flagged(&self, n: usize) {
         bump(&self.flagged_taken, n as u64);
     }
@@ -118,6 +126,7 @@ impl Metrics {
             accounts_reconciled: self.accounts_reconciled.load(Ordering::Relaxed),
             account_failures: self.account_failures.load(Ordering::Relaxed),
             accounts_skipped: self.accounts_skipped.load(Ordering::Relaxed),
+            entry_errors: self.entry_errors.load(Ordering::Relaxed),
             flagged_taken: self.flagged_taken.load(Ordering::Relaxed),
             protections: l.protections.clone(),
             lists_ended: l.lists_ended.clone(),

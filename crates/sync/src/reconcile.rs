@@ -9,12 +9,12 @@ use std::time::Duration;
 use futures_util::stream::{self, FuturesUnordered, StreamExt};
 use oco_core::ids::OrderRole;
 use oco_core::model::Protection;
-use oco_core::ports::{ApiCredentials, OrderListSnapshot, event};
+use oco_core::ports::{ApiCredentials, Balance, OrderListSnapshot, event};
 use oco_core::protect::{Idle, Protector};
 use oco_core::state::ExternalEnd;
 use oco_core::{
-    AccountId, Clock, Entry, EntryId, EntryStatus, Evidence, Exchange, ExchangeError, Leg, LegKey,
-    LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store, StoreError,
+    AccountId, Clock, Entry, EntryId, EntryStatus, Evidence, Exchange, ExchangeError, Fill, Leg,
+    LegKey, LegState, ProtectOutcome, ProtectorConfig, Qty, Source, Store, StoreError,
 };
 use rust_decimal::Decimal;
 use tokio::sync::Notify;
@@ -214,6 +214,31 @@ const STRAY_EVENT: &str = "stray_list";
 struct Book<'a> {
     lists: &'a HashMap<String, OrderListSnapshot>,
     orders: Option<&'a HashSet<String>>,
+    /// The account's balances, read when an entry's legs first need them.
+    balances: BalanceRead,
+}
+
+/// The account's balances as read once in an account's pass, for every
+/// `Protected` entry whose legs are smaller than its position
+/// ([`Reconciler::legs_cover`]): one `account` read (weight 20) per pass,
+/// not one per such entry. Forgotten after each `protect` call of the pass,
+/// which may place or cancel lists and so move coins between free and
+/// locked. `Some(None)`: the read failed; not tried again until then.
+#[derive(Default)]
+struct BalanceRead(Mutex<Option<Option<Vec<Balance>>>>);
+
+impl BalanceRead {
+    fn get(&self) -> Option<Option<Vec<Balance>>> {
+        lock(&self.0).clone()
+    }
+
+    fn set(&self, read: Option<Vec<Balance>>) {
+        *lock(&self.0) = Some(read);
+    }
+
+    fn forget(&self) {
+        *lock(&self.0) = None;
+    }
 }
 
 /// Why an account is retried.
@@ -236,34 +261,61 @@ impl Retry {
             // Lists gone from the book whose lookup did not show their end:
             // `protect` counted them covering.
             Retry::Protection
-        } else if report.protections.iter().any(|(_, o)| {
-            matches!(
-                o,
-                ProtectOutcome::Failed { .. }
-                    | ProtectOutcome::Pending { .. }
-                    // A claimant in flight may have died: its claim is
-                    // looked up once stale (the claim timeout).
-                    | ProtectOutcome::Nothing(Idle::InFlight | Idle::Busy)
-            )
-        }) {
+        } else if report.protections.iter().any(|(_, o)| left_incomplete(o)) {
             Retry::Protection
         } else {
             Retry::No
         }
     }
+
+    /// The entries the pass that produced `report` left undone: an error, a
+    /// list whose end is unread, a protection left incomplete.
+    fn reasons(report: &AccountReport) -> BTreeSet<EntryId> {
+        let errors = report.entry_errors.iter().map(|(id, _)| *id);
+        let unread = report.lists_unread.iter().map(|key| key.entry);
+        let incomplete = report
+            .protections
+            .iter()
+            .filter(|(_, o)| left_incomplete(o))
+            .map(|(id, _)| *id);
+        errors.chain(unread).chain(incomplete).collect()
+    }
 }
 
-/// What an account's open entries were when its retries ran out: while they
-/// stay so, the account is retried once per interval only.
+/// Whether a `protect` outcome leaves the account to be retried.
+fn left_incomplete(outcome: &ProtectOutcome) -> bool {
+    matches!(
+        outcome,
+        ProtectOutcome::Failed { .. }
+            | ProtectOutcome::Pending { .. }
+            // A claimant in flight may have died: its claim is
+            // looked up once stale (the claim timeout).
+            | ProtectOutcome::Nothing(Idle::InFlight | Idle::Busy)
+    )
+}
+
+/// What an account's open entries were when its retries ran out.
 type EntryFacts = Vec<(EntryId, EntryStatus, Qty)>;
+
+/// An account whose retries ran out: while its open entries stay as they
+/// were and its passes leave undone only entries among `reasons`, it is
+/// retried once per interval only.
+#[derive(Debug, Clone)]
+struct Exhausted {
+    /// The account's open entries then.
+    facts: EntryFacts,
+    /// The entries its passes had left undone (none when the account's
+    /// pass as a whole failed).
+    reasons: BTreeSet<EntryId>,
+}
 
 /// How far an account's retries have gone.
 #[derive(Debug, Default)]
 struct RetryState {
     /// Retries scheduled since its last complete pass.
     attempts: u32,
-    /// Set when the retries ran out: the account's open entries then.
-    exhausted: Option<EntryFacts>,
+    /// Set when the retries ran out.
+    exhausted: Option<Exhausted>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -632,9 +684,13 @@ impl Reconciler {
             }
         }
         let _release = Release(&self.busy, account);
+        // Std's clock, not tokio's: the store compares it with when a retry
+        // was written, and a store in this process reads the same clock.
+        let started = std::time::Instant::now();
         let result = self.reconcile_account(account).await;
-        // Still busy: no other pass of the account can race this record.
-        self.follow_up(account, &result).await;
+        // Still busy: no other pass of the account in this process can race
+        // this record; another process's retry written meanwhile is kept.
+        self.follow_up(account, started, &result).await;
         result
     }
 
@@ -643,37 +699,55 @@ impl Reconciler {
     /// it reconciled (due an interval from now); a pass that left work
     /// undone is not a reconciliation, and defers it by a backoff; a pass an
     /// open breaker skipped defers it until the breaker lets a trial pass
-    /// through, so that a flag taken meanwhile is not lost.
-    async fn follow_up(&self, account: AccountId, result: &Result<AccountReport, SyncError>) {
-        let retry = match result {
-            Ok(report) => Retry::of(report),
+    /// through, so that a flag taken meanwhile is not lost. The mark keeps
+    /// a retry written after the pass began at `started`: another process's
+    /// pass of the account that failed meanwhile may have seen what this one
+    /// read before.
+    async fn follow_up(
+        &self,
+        account: AccountId,
+        started: std::time::Instant,
+        result: &Result<AccountReport, SyncError>,
+    ) {
+        let (retry, reasons) = match result {
+            Ok(report) => (Retry::of(report), Retry::reasons(report)),
             Err(SyncError::BreakerOpen { retry_in, .. }) => {
                 self.defer(account, *retry_in).await;
                 return;
             }
             // Another task has the account and records its own pass.
             Err(SyncError::InProgress { .. }) => return,
-            Err(_) => Retry::Errors,
+            // The account's own failure, no entry's: the breaker paces it.
+            Err(_) => (Retry::Errors, BTreeSet::new()),
         };
         if retry == Retry::No {
             lock(&self.retries).remove(&account);
-            if let Err(err) = self.store.mark_reconciled(account).await {
+            if let Err(err) = self.store.mark_reconciled(account, started).await {
                 warn!(account = %account, error = %err, "could not record the reconciliation");
             }
             return;
         }
-        let wait = self.backoff(account, retry).await;
+        let wait = self.backoff(account, retry, reasons).await;
         self.defer(account, wait).await;
     }
 
     /// The wait before the account's next attempt after a pass that left
-    /// work undone: the configured backoff, doubling per attempt; once the
-    /// attempts ran out, the interval, until the account's open entries
-    /// change (a new entry, a fill, a status), when the backoff starts over.
-    /// Without that memory each periodic pass of an account whose error
-    /// persists (an entry the exchange no longer knows) would start a new
-    /// series of retries.
-    async fn backoff(&self, account: AccountId, retry: Retry) -> Duration {
+    /// work undone (`reasons`: the entries it left undone): the configured
+    /// backoff, doubling per attempt; once the attempts ran out, the
+    /// interval, until the account's open entries change (a new entry, a
+    /// fill, a status) or a pass leaves undone an entry that was not among
+    /// the reasons when they ran out (a list of a protected entry canceled by
+    /// hand, its replacement refused), when the backoff starts over. Without
+    /// that memory each periodic pass of an account whose error persists (an
+    /// entry the exchange no longer knows) would start a new series of
+    /// retries; without the reasons, that one entry would leave every other
+    /// failure of the account to one pass per interval.
+    async fn backoff(
+        &self,
+        account: AccountId,
+        retry: Retry,
+        reasons: BTreeSet<EntryId>,
+    ) -> Duration {
         let first = match retry {
             Retry::Protection => self.config.retry.after_protection,
             Retry::Errors | Retry::No => self.config.retry.after_errors,
@@ -682,24 +756,29 @@ impl Reconciler {
             .get(&account)
             .and_then(|s| s.exhausted.clone());
         if let Some(then) = exhausted {
-            // Unread counts as unchanged: a failing store is no reason to retry faster.
-            match self.entry_facts(account).await {
-                Some(now) if now != then => {
-                    debug!(account = %account, "entries changed, retrying the account again");
-                    lock(&self.retries).remove(&account);
+            if !reasons.is_subset(&then.reasons) {
+                debug!(account = %account, "another entry left undone, retrying the account again");
+                lock(&self.retries).remove(&account);
+            } else {
+                // Unread counts as unchanged: a failing store is no reason to retry faster.
+                match self.entry_facts(account).await {
+                    Some(now) if now != then.facts => {
+                        debug!(account = %account, "entries changed, retrying the account again");
+                        lock(&self.retries).remove(&account);
+                    }
+                    _ => return self.config.interval,
                 }
-                _ => return self.config.interval,
             }
         }
         let attempts = lock(&self.retries).get(&account).map_or(0, |s| s.attempts);
         if attempts >= self.config.retry.attempts {
-            warn!(account = %account, attempts, "account still incomplete after its retries; retried once per interval until its entries change");
+            warn!(account = %account, attempts, entries = ?reasons, "account still incomplete after its retries; retried once per interval until its entries change or another entry fails");
             let facts = self.entry_facts(account).await.unwrap_or_default();
             lock(&self.retries).insert(
                 account,
                 RetryState {
                     attempts,
-                    exhausted: Some(facts),
+                    exhausted: Some(Exhausted { facts, reasons }),
                 },
             );
             return self.config.interval;
@@ -832,6 +911,7 @@ impl Reconciler {
         let book = Book {
             lists: &open,
             orders: orders.as_ref(),
+            balances: BalanceRead::default(),
         };
         let mut matched = HashSet::new();
         for entry in &entries {
@@ -860,6 +940,7 @@ impl Reconciler {
                 report.unknown_lists.push(list_id.clone());
             }
         }
+        self.metrics.entry_errors(report.entry_errors.len());
         report.unknown_lists.sort();
         report
             .stray_lists
@@ -970,6 +1051,10 @@ impl Reconciler {
         Ok(Some(ids))
     }
 
+    /// Reconciles one entry (see [`Reconciler::entry_steps`]). When a step
+    /// fails after the entry's legs were read, a stop this pass found gone
+    /// is not left behind a `Protected` label: see
+    /// [`Reconciler::stops_gone_after_error`].
     async fn entry_pass(
         &self,
         creds: &ApiCredentials,
@@ -977,6 +1062,29 @@ impl Reconciler {
         book: &Book<'_>,
         report: &mut AccountReport,
         matched: &mut HashSet<String>,
+    ) -> Result<(), SyncError> {
+        let mut legs = None;
+        let result = self
+            .entry_steps(creds, entry, book, report, matched, &mut legs)
+            .await;
+        if result.is_err()
+            && let Some(legs) = legs
+        {
+            self.stops_gone_after_error(entry, &legs, report).await;
+        }
+        result
+    }
+
+    /// The entry's order looked up, its legs followed, `protect` called;
+    /// `legs_read` gets the legs as read before they were followed.
+    async fn entry_steps(
+        &self,
+        creds: &ApiCredentials,
+        entry: &Entry,
+        book: &Book<'_>,
+        report: &mut AccountReport,
+        matched: &mut HashSet<String>,
+        legs_read: &mut Option<Vec<Leg>>,
     ) -> Result<(), SyncError> {
         let open = book.lists;
         let now = self.clock.now();
@@ -998,12 +1106,12 @@ impl Reconciler {
             report.orders_queried += 1;
             let mut fills = snap.fills.clone();
             let seen: Qty = fills.iter().map(|f| f.qty).sum();
-            if snap.executed_qty > entry.fills_qty && seen < snap.executed_qty {
-                // Fills the store has not seen one by one: fetch them for their commission.
-                fills = self
-                    .read(|| self.exchange.order_trades(creds, symbol, snap.order_id))
-                    .await?;
-                report.trades_fetched += 1;
+            if snap.executed_qty > entry.fills_qty
+                && seen < snap.executed_qty
+                && let Some(trades) = self.trades(creds, entry, snap.order_id, report).await?
+            {
+                // Fills the store has not seen one by one: fetched for their commission.
+                fills = trades;
             }
             let fills_qty: Qty = fills.iter().map(|f| f.qty).sum();
             let ev = Evidence {
@@ -1028,9 +1136,32 @@ impl Reconciler {
             evidence = Some(ev);
         } else if entry.executed_qty.is_zero() {
             return Ok(());
+        } else if entry.fills_qty < entry.executed_qty
+            && let Some(order_id) = entry.order_id
+            && let Some(fills) = self.trades(creds, entry, order_id, report).await?
+        {
+            // Ended while some of its trades were unread (a pass whose trade
+            // read failed recorded the order's own figures, or a layer saw
+            // only some fills one by one): read for their commissions, which
+            // may shrink the position, as they would have been while the
+            // order was open.
+            let fills_qty: Qty = fills.iter().map(|f| f.qty).sum();
+            if fills_qty > entry.fills_qty {
+                news = true;
+                evidence = Some(Evidence {
+                    order_id: Some(order_id),
+                    status: entry.status,
+                    executed_qty: entry.executed_qty,
+                    cumulative_quote: entry.cumulative_quote,
+                    fills,
+                    holding: None,
+                    observed_at: now,
+                });
+            }
         }
 
         let legs = self.store.legs(entry.id).await?;
+        *legs_read = Some(legs.clone());
         let mut ended = Vec::new();
         let mut adopted = false;
         for leg in &legs {
@@ -1127,7 +1258,11 @@ impl Reconciler {
             .iter()
             .any(|l| matches!(l.state, LegState::Claimed | LegState::Unknown));
         let protected = matches!(entry.protection, Protection::Protected { .. });
-        if protected && !news && !in_doubt && !adopted && self.legs_cover(creds, entry, &legs).await
+        if protected
+            && !news
+            && !in_doubt
+            && !adopted
+            && self.legs_cover(creds, entry, &legs, &book.balances).await
         {
             // Covered, nothing new, every placed list still open: nothing to ask.
             return Ok(());
@@ -1135,11 +1270,12 @@ impl Reconciler {
         self.orders
             .wait_for_room(entry.account, ORDERS_PER_PROTECT)
             .await;
-        let outcome = self
+        let called = self
             .protector
             .protect(entry.id, evidence.as_ref(), Source::Sync)
-            .await?
-            .outcome;
+            .await;
+        book.balances.forget();
+        let outcome = called?.outcome;
         self.orders.record(entry.account, orders_sent(&outcome));
         self.metrics.protection(&outcome);
         match &outcome {
@@ -1175,13 +1311,111 @@ impl Reconciler {
         Ok(())
     }
 
+    /// After a step of the entry's pass failed (a lookup, `protect` before
+    /// it decided): a leg that was working when the pass read it and has
+    /// ended outside since (canceled, stop expired, take-profit filled in
+    /// part) left coins without a stop that nothing covered, so an entry
+    /// labelled `Protected` is labelled `unprotected` (the dashboard and the
+    /// unprotected-age alert see it); a leg the pass found gone from the
+    /// book with its end unread and still working gets what `protect`'s
+    /// success would have given it ([`Protector::list_end_unread`]). The
+    /// account is retried for the error. Best-effort: a store failure here
+    /// is logged, the error that stopped the pass is what is returned.
+    async fn stops_gone_after_error(&self, entry: &Entry, before: &[Leg], report: &AccountReport) {
+        let now = match self.store.legs(entry.id).await {
+            Ok(legs) => legs,
+            Err(err) => {
+                warn!(entry = %entry.id, error = %err, "legs unread after a failed pass of the entry; its label is left as it is");
+                return;
+            }
+        };
+        for key in report.lists_unread.iter().filter(|k| k.entry == entry.id) {
+            if let Some(leg) = now.iter().find(|l| l.key == *key && l.state.is_active())
+                && let Err(err) = self
+                    .protector
+                    .list_end_unread(entry.id, leg, Source::Sync)
+                    .await
+            {
+                warn!(entry = %entry.id, leg = %key, error = %err, "entry not labelled unprotected for a list whose end is unread");
+            }
+        }
+        let ended_outside = now.iter().any(|l| {
+            matches!(l.state, LegState::CanceledExternally { .. })
+                && before.iter().any(|b| b.key == l.key && b.state.is_active())
+        });
+        if !ended_outside {
+            return;
+        }
+        let labelled = match self.store.entry(entry.id).await {
+            Ok(current) if matches!(current.protection, Protection::Protected { .. }) => self
+                .store
+                .set_protection(entry.id, &Protection::Unprotected)
+                .await
+                .map(|()| true),
+            Ok(_) => Ok(false),
+            Err(err) => Err(err),
+        };
+        match labelled {
+            Ok(true) => {
+                warn!(entry = %entry.id, client_id = %entry.client_id, "a list ended outside and its coins are not covered yet: entry labelled unprotected, the account is retried");
+            }
+            Ok(false) => {}
+            Err(err) => {
+                warn!(entry = %entry.id, error = %err, "entry not labelled unprotected after a list ended outside");
+            }
+        }
+    }
+
+    /// The trades of the entry's order `order_id` (`myTrades`), or `None`
+    /// when they cannot be read: the failure is logged and reported as an
+    /// error of the entry (so the account is retried and the trades read
+    /// again), and the caller protects from what the order itself shows.
+    /// Only the commissions need the trades; a fill must not wait for them
+    /// without a stop. A base-asset commission left out makes the plan ask
+    /// for more than the account holds: `protect` plans again from the free
+    /// balance on the refusal. Fills are merged by trade id, so the trades
+    /// read later count once.
+    ///
+    /// # Errors
+    /// Refused keys, which end the account's pass.
+    async fn trades(
+        &self,
+        creds: &ApiCredentials,
+        entry: &Entry,
+        order_id: i64,
+        report: &mut AccountReport,
+    ) -> Result<Option<Vec<Fill>>, SyncError> {
+        let symbol = entry.symbol.name.as_str();
+        match self
+            .read(|| self.exchange.order_trades(creds, symbol, order_id))
+            .await
+        {
+            Ok(trades) => {
+                report.trades_fetched += 1;
+                Ok(Some(trades))
+            }
+            Err(err @ ExchangeError::Auth(_)) => Err(err.into()),
+            Err(err) => {
+                warn!(entry = %entry.id, client_id = %entry.client_id, order_id, error = %err, "trades unread, protecting from the order's own figures; read again on a retry");
+                report.entry_errors.push((entry.id, err.into()));
+                Ok(None)
+            }
+        }
+    }
+
     /// Whether `entry`'s working legs hold its whole position: net filled
     /// minus what legs sold, floored to the step when the symbol's rules are
     /// at hand. `Protected` alone does not say so: a fill recorded while
     /// another caller replaced the legs leaves the entry protected with less
     /// covered. With no working leg the answer is no: only `protect` can tell
     /// whether the coins are sold or bare.
-    async fn legs_cover(&self, creds: &ApiCredentials, entry: &Entry, legs: &[Leg]) -> bool {
+    async fn legs_cover(
+        &self,
+        creds: &ApiCredentials,
+        entry: &Entry,
+        legs: &[Leg],
+        balances: &BalanceRead,
+    ) -> bool {
         // The rest of a partly filled take-profit may rest with no stop, its
         // coins locked (so not free below): `protect` cancels it, and tries
         // again after a cancel that failed.
@@ -1211,20 +1445,29 @@ impl Reconciler {
         // Coins sold by hand leave legs smaller than the position for good:
         // what the account no longer holds is no reason to replace working
         // stops every pass. Coins free on the account are.
-        match self.read(|| self.exchange.balances(creds)).await {
-            Ok(balances) => {
-                let free = balances
-                    .iter()
-                    .find(|b| b.asset == entry.symbol.base.0)
-                    .map_or(Qty::ZERO, |b| b.free);
-                let free = rules.map_or(free, |r| free.floor_to(r.step));
-                free.is_zero()
+        let read = match balances.get() {
+            Some(read) => read,
+            None => {
+                let read = match self.read(|| self.exchange.balances(creds)).await {
+                    Ok(read) => Some(read),
+                    Err(err) => {
+                        debug!(entry = %entry.id, error = %err, "balance unread, protect decides");
+                        None
+                    }
+                };
+                balances.set(read.clone());
+                read
             }
-            Err(err) => {
-                debug!(entry = %entry.id, error = %err, "balance unread, protect decides");
-                false
-            }
-        }
+        };
+        let Some(read) = read else {
+            return false;
+        };
+        let free = read
+            .iter()
+            .find(|b| b.asset == entry.symbol.base.0)
+            .map_or(Qty::ZERO, |b| b.free);
+        let free = rules.map_or(free, |r| free.floor_to(r.step));
+        free.is_zero()
     }
 
     /// The exchange has no order under the entry's client id.

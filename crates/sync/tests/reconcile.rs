@@ -112,6 +112,60 @@ async fn trades_are_fetched_when_the_order_lookup_lacks_them() {
     );
 }
 
+/// A fill nobody reported, whose trades cannot be read (they are needed only
+/// for the commissions): the order's own figures are protected at once, the
+/// unread trades are an error of the entry, and a later pass reads them and
+/// counts the fill once.
+#[tokio::test]
+async fn a_fill_whose_trades_are_unread_is_protected_from_the_order_alone() {
+    let w = world();
+    w.exchange.query_without_fills();
+    w.exchange
+        .fail_trades(Some(ExchangeError::Transient("502 bad gateway".into())));
+    // Its commission, 0.001, was paid in BTC: the account holds 0.999.
+    w.exchange.trades_fee_in_base(dec!(0.001));
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    w.fake.set_free("k1", "BTC", dec!(0.999));
+    let sync = w.wired_reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(placed(r.outcome(id)), "{r:?}");
+    assert_eq!(
+        w.open_qty("k1"),
+        dec!(0.999),
+        "the coins held have a stop, planned again after the refusal for balance"
+    );
+    assert!(
+        matches!(r.entry_errors.as_slice(), [(e, _)] if *e == id),
+        "the unread trades stay visible: {r:?}"
+    );
+    assert_eq!(sync.metrics().entry_errors, 1);
+    let e = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        (e.status, e.executed_qty, e.fills_qty),
+        (EntryStatus::Filled, q(dec!(1)), q(dec!(0)))
+    );
+
+    // The trades can be read again: the next pass reads them, and the fill is
+    // counted once, net of its commission, covered by the lists in place.
+    w.exchange.fail_trades(None);
+    let calls = w.fake.oco_calls();
+    let again = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(again.trades_fetched, 1, "{again:?}");
+    assert!(again.entry_errors.is_empty(), "{again:?}");
+    let e = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        (e.executed_qty, e.fills_qty, e.net_qty()),
+        (q(dec!(1)), q(dec!(1)), q(dec!(0.999)))
+    );
+    assert_eq!(w.fake.oco_calls(), calls, "nothing placed again");
+    assert_eq!(w.open_qty("k1"), dec!(0.999));
+    // Complete now: no trade is read again.
+    let third = sync.reconcile_account(a.id).await.unwrap();
+    assert_eq!(third.trades_fetched, 0, "{third:?}");
+    assert!(third.protections.is_empty(), "{third:?}");
+}
+
 #[tokio::test]
 async fn a_resting_entry_moves_forward_without_protection() {
     let w = world();
@@ -437,6 +491,51 @@ async fn a_list_canceled_outside_is_recorded_and_the_remainder_protected() {
     assert!(events.iter().filter(|e| e.kind == "leg_placed").count() >= 4);
 }
 
+/// A list canceled outside while nobody listened, after which `protect`
+/// stops before it decides (the symbol's rules unread): its coins have no
+/// stop, and the entry does not stay labelled protected meanwhile.
+#[tokio::test]
+async fn a_list_ended_outside_whose_protection_stops_leaves_the_entry_unprotected() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.reconciler(config());
+    sync.reconcile_account(a.id).await.unwrap();
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+    let gone = w.store.legs(id).await.unwrap().remove(0);
+    w.fake.cancel_externally(gone.ids.list.as_str());
+    w.exchange.fail_rules(Some(ExchangeError::Transient(
+        "503 service unavailable".into(),
+    )));
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(
+        r.lists_ended
+            .iter()
+            .any(|(k, s)| *k == gone.key && matches!(s, LegState::CanceledExternally { .. })),
+        "{r:?}"
+    );
+    assert!(
+        matches!(r.entry_errors.as_slice(), [(e, _)] if *e == id),
+        "{r:?}"
+    );
+    assert_eq!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Unprotected
+    );
+    // The rules can be read again: the next pass covers the coins.
+    w.exchange.fail_rules(None);
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(placed(r.outcome(id)), "{r:?}");
+    assert_eq!(w.open_qty("k1"), dec!(1));
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+}
+
 #[tokio::test]
 async fn a_take_profit_rest_whose_cancel_failed_is_canceled_on_a_later_pass() {
     let w = world();
@@ -596,6 +695,7 @@ async fn a_disabled_account_is_left_alone() {
 /// its last 0.3 recorded (by a caller that then found a claim in flight)
 /// and held with no stop.
 async fn protected_short_of_its_last_fill(w: &World, a: &Acct) -> oco_core::EntryId {
+    let open_before = w.open_qty(&a.creds.api_key);
     let id = w.sent_entry(a, EntryKind::Market, dec!(1)).await;
     let fill = |n: usize, status| {
         let all = [(1, dec!(0.7)), (2, dec!(0.3))];
@@ -634,7 +734,10 @@ async fn protected_short_of_its_last_fill(w: &World, a: &Acct) -> oco_core::Entr
         .unwrap();
     let e = w.store.entry(id).await.unwrap();
     assert!(matches!(e.protection, Protection::Protected { .. }));
-    assert_eq!((e.net_qty(), w.open_qty("k1")), (q(dec!(1)), dec!(0.7)));
+    assert_eq!(
+        (e.net_qty(), w.open_qty(&a.creds.api_key) - open_before),
+        (q(dec!(1)), dec!(0.7))
+    );
     id
 }
 
@@ -703,4 +806,21 @@ async fn an_error_of_one_entry_does_not_open_the_accounts_breaker() {
     let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
     let r = sync.reconcile_account(a.id).await.unwrap();
     assert!(placed(r.outcome(id)), "{r:?}");
+}
+
+/// Protected entries whose legs fall short of their positions after coins
+/// were sold by hand: the account's balance is read once for all of them in
+/// a pass, not once each.
+#[tokio::test]
+async fn the_balance_is_read_once_per_pass_for_every_entry_short_of_its_position() {
+    let w = world();
+    let a = w.account("k1").await;
+    protected_short_of_its_last_fill(&w, &a).await;
+    protected_short_of_its_last_fill(&w, &a).await;
+    w.fake.set_free("k1", "BTC", dec!(0));
+    let sync = w.reconciler(config());
+    let before = w.exchange.calls("k1", "balances");
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(r.protections.is_empty(), "{r:?}");
+    assert_eq!(w.exchange.calls("k1", "balances") - before, 1);
 }

@@ -593,6 +593,95 @@ async fn ran_out_retries_start_again_when_the_entries_change() {
     assert_eq!(changed, 6, "a new entry starts the retries again");
 }
 
+/// Once the retries ran out over an entry the exchange no longer knows, a
+/// new failure of another entry (a list of it canceled by hand, its
+/// replacement refused by a 503) gets retries of its own, not one pass per
+/// interval: the entries' figures did not change, the reasons did.
+#[tokio::test]
+async fn a_new_failing_entry_is_retried_after_another_ran_out_of_retries() {
+    let w = world();
+    let a = w.account("k1").await;
+    forgotten_entry(&w, &a).await;
+    let id = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let mut c = flags_only(Duration::from_millis(20));
+    c.retry.after_errors = Duration::from_millis(20);
+    c.retry.max = Duration::from_millis(40);
+    c.retry.attempts = 2;
+    let sync = w.reconciler(c);
+    let (first, covered) = while_running(&sync, async {
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        // The flagged pass protects the fill; it and two retries report the
+        // forgotten entry, and the retries run out.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let first = w.exchange.calls("k1", "query_order");
+        let gone = w.store.legs(id).await.unwrap().remove(0);
+        w.fake.cancel_externally(gone.ids.list.as_str());
+        w.fake.push_oco_fault(oco_core::testing::OcoFault::Fail(
+            oco_core::ExchangeError::Transient("503 service unavailable".into()),
+        ));
+        w.store
+            .flag_reconcile(a.id, "stream gap", w.clock.now())
+            .await
+            .unwrap();
+        let covered = wait_until(Duration::from_secs(2), || async {
+            w.open_qty("k1") == dec!(1)
+        })
+        .await;
+        (first, covered)
+    })
+    .await;
+    // Both entries looked up by the flagged pass, the forgotten one alone
+    // (the other filled) by each retry.
+    assert_eq!(first, 4, "the flagged pass and two retries");
+    assert!(
+        covered,
+        "the refused replacement waited for the interval behind the forgotten entry"
+    );
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+}
+
+/// A pass that read the account before another process's pass of it failed
+/// and deferred it completes after that: its mark keeps the retry, which
+/// is due after its backoff, not an interval later.
+#[tokio::test]
+async fn a_pass_that_began_before_a_retry_was_written_keeps_it() {
+    let w = world();
+    let a = w.account("k1").await;
+    // Something to read: a pass of an account with nothing open asks nothing.
+    w.sent_entry(&a, EntryKind::Limit { price: p(dec!(90)) }, dec!(1))
+        .await;
+    let sync = w.reconciler(config());
+    let bell = w.exchange.hold_next_open_lists();
+    let other_failed = async {
+        // This pass is reading the account.
+        assert!(
+            wait_until(Duration::from_secs(2), || async {
+                w.exchange.calls("k1", "open_order_lists") == 1
+            })
+            .await
+        );
+        // Another process's pass of the account leaves work undone.
+        w.store.defer_reconcile(a.id, Duration::ZERO).await.unwrap();
+        bell.notify_one();
+    };
+    let (report, ()) = tokio::join!(sync.pass(), other_failed);
+    let report = report.unwrap();
+    assert_eq!(report.reconciled.len(), 1, "{report:?}");
+    assert!(report.reconciled[0].entry_errors.is_empty(), "{report:?}");
+    let hour = Duration::from_secs(3600);
+    assert_eq!(
+        w.store.take_due_retries("sync-b", hour, 10).await.unwrap(),
+        [a.id],
+        "the other process's retry was cleared by a pass that began before it"
+    );
+}
+
 /// An entry the exchange acknowledged once and no longer knows: every pass
 /// reports it as an entry error.
 async fn forgotten_entry(w: &World, a: &Acct) -> oco_core::EntryId {

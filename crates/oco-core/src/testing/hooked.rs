@@ -150,7 +150,7 @@ hooks_and_forwarding! {
         lease: Duration,
         limit: usize,
     ) -> Vec<AccountId>;
-    fn mark_reconciled(account: AccountId) -> ();
+    fn mark_reconciled(account: AccountId, since: std::time::Instant) -> ();
     fn defer_reconcile(account: AccountId, after: Duration) -> ();
     fn take_due_retries(holder: &str, lease: Duration, limit: usize) -> Vec<AccountId>;
     fn claim_legs(claims: &[LegClaim]) -> Vec<bool>;

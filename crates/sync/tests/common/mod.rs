@@ -46,8 +46,12 @@ pub struct TestExchange {
     pub fake: Arc<FakeExchange>,
     revoked: Mutex<HashSet<String>>,
     fail_open_lists: Mutex<(u32, Option<ExchangeError>)>,
+    hold_open_lists: Mutex<Option<Arc<tokio::sync::Notify>>>,
     fail_queries_of: Mutex<HashMap<String, ExchangeError>>,
     query_without_fills: AtomicBool,
+    fail_trades: Mutex<Option<ExchangeError>>,
+    fail_rules: Mutex<Option<ExchangeError>>,
+    trades_fee_in_base: Mutex<Option<Decimal>>,
     calls: Mutex<HashMap<(String, &'static str), usize>>,
 }
 
@@ -57,8 +61,12 @@ impl TestExchange {
             fake,
             revoked: Mutex::new(HashSet::new()),
             fail_open_lists: Mutex::new((0, None)),
+            hold_open_lists: Mutex::new(None),
             fail_queries_of: Mutex::new(HashMap::new()),
             query_without_fills: AtomicBool::new(false),
+            fail_trades: Mutex::new(None),
+            fail_rules: Mutex::new(None),
+            trades_fee_in_base: Mutex::new(None),
             calls: Mutex::new(HashMap::new()),
         }
     }
@@ -85,9 +93,35 @@ impl TestExchange {
         *self.fail_open_lists.lock().unwrap() = (times, Some(error));
     }
 
+    /// The next open-list read waits until the returned bell rings (once
+    /// is enough, before or after the read began).
+    pub fn hold_next_open_lists(&self) -> Arc<tokio::sync::Notify> {
+        let bell = Arc::new(tokio::sync::Notify::new());
+        *self.hold_open_lists.lock().unwrap() = Some(bell.clone());
+        bell
+    }
+
     /// Order lookups answer like Binance's `GET order`: no trades inside.
     pub fn query_without_fills(&self) {
         self.query_without_fills.store(true, Ordering::SeqCst);
+    }
+
+    /// Every trade-list read (`myTrades`) fails with `error` while it is set.
+    pub fn fail_trades(&self, error: Option<ExchangeError>) {
+        *self.fail_trades.lock().unwrap() = error;
+    }
+
+    /// Every read of a symbol's rules (`exchangeInfo`) fails with `error`
+    /// while it is set.
+    pub fn fail_rules(&self, error: Option<ExchangeError>) {
+        *self.fail_rules.lock().unwrap() = error;
+    }
+
+    /// The trades read (`myTrades`) each carry a commission of `fee` paid in
+    /// BTC, the base asset of the one symbol tests trade (the double charges
+    /// its buys none).
+    pub fn trades_fee_in_base(&self, fee: Decimal) {
+        *self.trades_fee_in_base.lock().unwrap() = Some(fee);
     }
 
     /// Calls of `method` made with `api_key`.
@@ -130,6 +164,9 @@ impl TestExchange {
 #[async_trait]
 impl Exchange for TestExchange {
     async fn symbol_rules(&self, symbol: &str) -> Result<SymbolRules, ExchangeError> {
+        if let Some(err) = self.fail_rules.lock().unwrap().clone() {
+            return Err(err);
+        }
         self.fake.symbol_rules(symbol).await
     }
     fn invalidate_rules(&self, symbol: &str) {
@@ -173,7 +210,17 @@ impl Exchange for TestExchange {
         order_id: i64,
     ) -> Result<Vec<Fill>, ExchangeError> {
         self.check(creds, "order_trades")?;
-        self.fake.order_trades(creds, symbol, order_id).await
+        if let Some(err) = self.fail_trades.lock().unwrap().clone() {
+            return Err(err);
+        }
+        let mut trades = self.fake.order_trades(creds, symbol, order_id).await?;
+        if let Some(fee) = *self.trades_fee_in_base.lock().unwrap() {
+            for trade in &mut trades {
+                trade.commission = fee;
+                trade.commission_asset = btcusdt_rules().symbol.base;
+            }
+        }
+        Ok(trades)
     }
     async fn cancel_order(
         &self,
@@ -214,6 +261,10 @@ impl Exchange for TestExchange {
         creds: &ApiCredentials,
     ) -> Result<Vec<OrderListSnapshot>, ExchangeError> {
         self.check(creds, "open_order_lists")?;
+        let hold = self.hold_open_lists.lock().unwrap().take();
+        if let Some(bell) = hold {
+            bell.notified().await;
+        }
         let fault = {
             let mut f = self.fail_open_lists.lock().unwrap();
             if f.0 > 0 {

@@ -1,0 +1,1 @@
+ALTER TABLE reconcile_schedule DROP COLUMN retry_written_at;
