@@ -102,6 +102,10 @@ struct Answer {
     status: u16,
     headers: HeaderMap,
     body: String,
+    /// Local time the request left, after pacing, ms.
+    sent_ms: i64,
+    /// Local time its answer's head came back, ms.
+    received_ms: i64,
 }
 
 impl BinanceExchange {
@@ -173,16 +177,21 @@ impl BinanceExchange {
     /// Measures the server-time offset now (`GET /api/v3/time`). Done by
     /// itself after a `-1021`; call it at start-up to begin in sync.
     ///
+    /// Refused with 429/418, it holds back the instance's requests as any
+    /// refused request does: it is sent after `-1021`s, which a clock gone
+    /// wrong repeats, and must not push the IP into a ban.
+    ///
     /// # Errors
-    /// [`ExchangeError::Transient`] when the server cannot be read.
+    /// [`ExchangeError::Transient`] when the server cannot be read;
+    /// [`ExchangeError::RateLimited`] when it refuses the read (429/418).
     pub async fn sync_time(&self) -> Result<(), ExchangeError> {
-        let before = local_now_ms();
         let answer = self
-            .send(&Call::new(Method::GET, "/api/v3/time", Op::Read, 1), None)
+            .request(&Call::new(Method::GET, "/api/v3/time", Op::Read, 1))
             .await?;
-        let after = local_now_ms();
         let t: ServerTime = parse_ok(Op::Read, &answer)?;
-        let offset = t.server_time - (before + after) / 2;
+        // Measured around the exchange that answered, not the pacing or the
+        // refusals waited out before it.
+        let offset = t.server_time - (answer.sent_ms + answer.received_ms) / 2;
         self.inner.offset_ms.store(offset, Ordering::Relaxed);
         debug!(offset_ms = offset, "server time offset measured");
         Ok(())
@@ -251,7 +260,9 @@ impl BinanceExchange {
                     path = call.path,
                     "timestamp outside recvWindow, re-syncing server time"
                 );
-                self.sync_time().await?;
+                // Boxed: the re-sync is itself a request (unsigned, so it
+                // never comes back here).
+                Box::pin(self.sync_time()).await?;
                 continue;
             }
             let err = map_http_error(
@@ -281,10 +292,12 @@ impl BinanceExchange {
         }
         let describe =
             |e: reqwest::Error| format!("{} {}: {}", call.method, call.path, e.without_url());
+        let sent_ms = local_now_ms();
         let resp = req
             .send()
             .await
             .map_err(|e| map_transport(call.op, e.is_connect(), e.is_timeout(), describe(e)))?;
+        let received_ms = local_now_ms();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         self.observe(&headers, call.creds.map(|c| c.api_key.as_str()));
@@ -296,6 +309,8 @@ impl BinanceExchange {
             status,
             headers,
             body,
+            sent_ms,
+            received_ms,
         })
     }
 
