@@ -97,6 +97,31 @@ impl<'a> Call<'a> {
     }
 }
 
+/// A request that failed: the error, and Binance's code when its answer
+/// carried one.
+struct Refusal {
+    err: ExchangeError,
+    code: Option<i64>,
+}
+
+impl From<ExchangeError> for Refusal {
+    fn from(err: ExchangeError) -> Self {
+        Self { err, code: None }
+    }
+}
+
+/// What an order of a list looked up by its id gave.
+// Short-lived, two per lookup: boxing would cost an allocation per order read.
+#[allow(clippy::large_enum_variant)]
+enum MemberRead {
+    Found(OrderWire),
+    /// `-2026`: canceled or expired without a fill more than 90 days ago,
+    /// archived by Binance for good. It sold nothing.
+    Archived,
+    /// Not found (yet): the order table may lag the list's.
+    Missing,
+}
+
 /// What came back from an HTTP exchange, before interpretation.
 struct Answer {
     status: u16,
@@ -204,6 +229,12 @@ impl BinanceExchange {
     /// Sends `call`: paces, signs, retries once after a `-1021` re-sync and
     /// after a short `Retry-After`, and maps failures.
     async fn request(&self, call: &Call<'_>) -> Result<Answer, ExchangeError> {
+        self.request_coded(call).await.map_err(|r| r.err)
+    }
+
+    /// [`Self::request`], keeping Binance's code of a refusal for the
+    /// callers that must tell codes mapped alike apart.
+    async fn request_coded(&self, call: &Call<'_>) -> Result<Answer, Refusal> {
         let mut resynced = false;
         let mut rate_retries = 0;
         // An order write leaves within `pacing.max_wait` of the call or not at
@@ -273,7 +304,7 @@ impl BinanceExchange {
                 retry_after,
             );
             debug!(path = call.path, status = answer.status, error = %err, "request failed");
-            return Err(err);
+            return Err(Refusal { err, code });
         }
     }
 
@@ -397,17 +428,21 @@ impl BinanceExchange {
         creds: &ApiCredentials,
         symbol: &str,
         order_id: i64,
-    ) -> Result<Option<OrderWire>, ExchangeError> {
+    ) -> Result<MemberRead, ExchangeError> {
         let call = Call::new(Method::GET, "/api/v3/order", Op::Read, 4)
             .signed(creds)
             .param("symbol", symbol)
             .param("orderId", order_id.to_string());
-        match self.get_json::<OrderWire>(call).await {
-            Ok(o) => Ok(Some(o)),
-            // The list is read from the database and may run ahead of (or
-            // behind) the order table for a moment.
-            Err(ExchangeError::NotFound) => Ok(None),
-            Err(e) => Err(e),
+        match self.request_coded(&call).await {
+            Ok(answer) => parse_ok(Op::Read, &answer).map(MemberRead::Found),
+            Err(Refusal {
+                code: Some(-2026), ..
+            }) => Ok(MemberRead::Archived),
+            Err(Refusal {
+                err: ExchangeError::NotFound,
+                ..
+            }) => Ok(MemberRead::Missing),
+            Err(r) => Err(r.err),
         }
     }
 
@@ -676,10 +711,30 @@ impl Exchange for BinanceExchange {
         )
         .await;
         let mut full = list.clone();
-        for leg in legs {
-            if let Some(order) = leg? {
-                full.order_reports.push(order);
+        let mut missing = Vec::new();
+        for (m, leg) in list.orders.iter().zip(legs) {
+            match leg? {
+                MemberRead::Found(order) => full.order_reports.push(order),
+                // Nothing sold and nothing to wait for: left out, the other
+                // order tells how the list ended.
+                MemberRead::Archived => {
+                    debug!(
+                        list = list_client_id,
+                        order_id = m.order_id,
+                        "list order archived"
+                    );
+                }
+                MemberRead::Missing => missing.push(m.order_id),
             }
+        }
+        // A list read without one of its orders would tell a different end
+        // (a take-profit fill read as its stop expired alone, the sale never
+        // recorded): the list is read from the database, which may run ahead
+        // of the order table for a moment, so the read is made again later.
+        if !missing.is_empty() {
+            return Err(ExchangeError::Transient(format!(
+                "list read incomplete: orders {missing:?} of list {list_client_id} not found"
+            )));
         }
         full.to_snapshot(None, None)
             .map(Some)

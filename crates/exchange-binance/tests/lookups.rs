@@ -4,30 +4,56 @@
 //! refused with 429/418.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::Query;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use exchange_binance::{BinanceConfig, BinanceExchange};
 use oco_core::ports::Exchange;
-use oco_core::{ApiCredentials, ExchangeError};
+use oco_core::{ApiCredentials, EntryStatus, ExchangeError};
 use secrecy::SecretString;
 
-/// A server answering every order-list lookup with `list` and every order
-/// lookup with `order`, both as HTTP 400 bodies.
-async fn scripted(list: &'static str, order: &'static str) -> BinanceExchange {
+/// What the scripted server answers: `GET /api/v3/orderList` with `list`,
+/// `GET /api/v3/openOrderList` with `open_lists`, and `GET /api/v3/order`
+/// with the answer of `orders` for its `orderId`, else `order`.
+struct Script {
+    list: (StatusCode, String),
+    open_lists: String,
+    orders: Vec<(i64, (StatusCode, String))>,
+    order: (StatusCode, String),
+}
+
+async fn serve(script: Script) -> BinanceExchange {
+    let Script {
+        list,
+        open_lists,
+        orders,
+        order,
+    } = script;
     let app = Router::new()
         .route(
             "/api/v3/orderList",
-            get(move || async move { (StatusCode::BAD_REQUEST, list) }),
+            get(move || async move { list.clone() }),
+        )
+        .route(
+            "/api/v3/openOrderList",
+            get(move || async move { open_lists.clone() }),
         )
         .route(
             "/api/v3/order",
-            get(move || async move { (StatusCode::BAD_REQUEST, order) }),
+            get(move |Query(q): Query<HashMap<String, String>>| async move {
+                let id = q.get("orderId").and_then(|id| id.parse::<i64>().ok());
+                orders
+                    .iter()
+                    .find(|(order_id, _)| Some(*order_id) == id)
+                    .map_or_else(|| order.clone(), |(_, answer)| answer.clone())
+            }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -35,6 +61,42 @@ async fn scripted(list: &'static str, order: &'static str) -> BinanceExchange {
     let mut config = BinanceConfig::custom(&base, "ws://127.0.0.1:1");
     config.request_timeout = Duration::from_secs(2);
     BinanceExchange::new(config).unwrap()
+}
+
+/// A server answering every order-list lookup with `list` and every order
+/// lookup with `order`, both as HTTP 400 bodies; no list is open.
+async fn scripted(list: &'static str, order: &'static str) -> BinanceExchange {
+    serve(Script {
+        list: (StatusCode::BAD_REQUEST, list.into()),
+        open_lists: "[]".into(),
+        orders: Vec::new(),
+        order: (StatusCode::BAD_REQUEST, order.into()),
+    })
+    .await
+}
+
+/// `GET /api/v3/orderList` of a finished OCO `og-L-1`: stop `10`,
+/// take-profit `11`.
+const DONE_LIST: &str = r#"{"orderListId":7,"contingencyType":"OCO","listStatusType":"ALL_DONE","listOrderStatus":"ALL_DONE","listClientOrderId":"og-L-1","transactionTime":1700000000000,"symbol":"BTCUSDT","orders":[{"symbol":"BTCUSDT","orderId":10,"clientOrderId":"og-S-1"},{"symbol":"BTCUSDT","orderId":11,"clientOrderId":"og-T-1"}]}"#;
+
+/// `GET /api/v3/order` of a member of [`DONE_LIST`].
+fn member(order_id: i64, status: &str, executed: &str, quote: &str, expiry: &str) -> String {
+    let (client_id, order_type) = if order_id == 10 {
+        ("og-S-1", "STOP_LOSS_LIMIT")
+    } else {
+        ("og-T-1", "LIMIT_MAKER")
+    };
+    format!(
+        r#"{{"symbol":"BTCUSDT","orderId":{order_id},"orderListId":7,"clientOrderId":"{client_id}","price":"61000.00","origQty":"0.004","executedQty":"{executed}","cummulativeQuoteQty":"{quote}","status":"{status}","timeInForce":"GTC","type":"{order_type}","side":"SELL","stopPrice":"0.00","time":1700000000000,"updateTime":1700000001000,"isWorking":true,"expiryReason":"{expiry}"}}"#
+    )
+}
+
+fn ok(body: String) -> (StatusCode, String) {
+    (StatusCode::OK, body)
+}
+
+fn refused(body: &str) -> (StatusCode, String) {
+    (StatusCode::BAD_REQUEST, body.into())
 }
 
 fn creds() -> ApiCredentials {
@@ -79,6 +141,68 @@ async fn other_refusals_of_a_lookup_are_not_absence() {
         ex.query_order(&creds(), "BTCUSDT", "og-E-1").await,
         Err(ExchangeError::Rejected { code: -1102, .. })
     ));
+}
+
+/// A finished list read while one of its orders cannot be (the order table
+/// lagging the list's): leaving that order out would tell the caller a
+/// different end (a take-profit fill read as a stop expired alone, its sale
+/// never recorded). The read fails instead, to be made again.
+#[tokio::test]
+async fn a_list_with_an_order_that_cannot_be_read_is_not_answered_in_part() {
+    let missing = r#"{"code":-2013,"msg":"Order does not exist."}"#;
+    for orders in [
+        vec![
+            (10, ok(member(10, "EXPIRED", "0", "0", "OCO_TRIGGER"))),
+            (11, refused(missing)),
+        ],
+        vec![
+            (10, refused(missing)),
+            (11, ok(member(11, "FILLED", "0.004", "244", "NONE"))),
+        ],
+    ] {
+        let ex = serve(Script {
+            list: ok(DONE_LIST.into()),
+            open_lists: "[]".into(),
+            orders,
+            order: refused(missing),
+        })
+        .await;
+        let read = ex.order_list(&creds(), "BTCUSDT", "og-L-1").await;
+        assert!(
+            matches!(&read, Err(ExchangeError::Transient(m)) if m.contains("list read incomplete")),
+            "{read:?}"
+        );
+    }
+}
+
+/// Binance archives an order canceled or expired without a fill after 90
+/// days (`-2026`): it sold nothing and will never be read again, so its
+/// list is answered without it rather than left in doubt for good.
+#[tokio::test]
+async fn an_archived_order_is_left_out_of_its_list() {
+    let ex = serve(Script {
+        list: ok(DONE_LIST.into()),
+        open_lists: "[]".into(),
+        orders: vec![
+            (
+                10,
+                refused(
+                    r#"{"code":-2026,"msg":"Order was canceled or expired with no executed qty over 90 days ago and has been archived."}"#,
+                ),
+            ),
+            (11, ok(member(11, "FILLED", "0.004", "244", "NONE"))),
+        ],
+        order: refused(r#"{"code":-2013,"msg":"Order does not exist."}"#),
+    })
+    .await;
+    let list = ex
+        .order_list(&creds(), "BTCUSDT", "og-L-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!list.executing);
+    assert_eq!(list.take_profit.unwrap().status, EntryStatus::Filled);
+    assert_eq!(list.stop_loss, None);
 }
 
 /// A server whose `GET /api/v3/time` answers `status` with `Retry-After:
