@@ -446,6 +446,21 @@ impl BinanceExchange {
         }
     }
 
+    /// The open list `list_client_id` of the account, if any
+    /// (`GET /api/v3/openOrderList`, weight 6, memory first).
+    async fn open_list(
+        &self,
+        creds: &ApiCredentials,
+        list_client_id: &str,
+    ) -> Result<Option<OrderListWire>, ExchangeError> {
+        let lists: Vec<OrderListWire> = self
+            .get_json(Call::new(Method::GET, "/api/v3/openOrderList", Op::Read, 6).signed(creds))
+            .await?;
+        Ok(lists
+            .into_iter()
+            .find(|l| l.list_client_order_id == list_client_id))
+    }
+
     fn after_rejection(&self, symbol: &str, err: &ExchangeError) {
         if is_filter_failure(err) {
             debug!(symbol, "filter failure, dropping cached rules");
@@ -697,9 +712,17 @@ impl Exchange for BinanceExchange {
         let call = Call::new(Method::GET, "/api/v3/orderList", Op::Read, 4)
             .signed(creds)
             .param("origClientOrderId", list_client_id);
-        let list: OrderListWire = match self.get_json(call).await {
-            Ok(l) => l,
-            Err(ExchangeError::NotFound) => return Ok(None),
+        // GET orderList reads the database only, which a list placed a
+        // moment ago (its answer lost, say) may not have reached; the open
+        // lists are read from memory first. "No such list" is answered only
+        // when neither has it: the caller takes it, past its claim timeout,
+        // as never placed and places another set beside it.
+        let (list, open) = match self.get_json::<OrderListWire>(call).await {
+            Ok(l) => (l, false),
+            Err(ExchangeError::NotFound) => match self.open_list(creds, list_client_id).await? {
+                Some(l) => (l, true),
+                None => return Ok(None),
+            },
             Err(e) => return Err(e),
         };
         // GET orderList names the orders only; each leg's state is one more
@@ -731,10 +754,22 @@ impl Exchange for BinanceExchange {
         // (a take-profit fill read as its stop expired alone, the sale never
         // recorded): the list is read from the database, which may run ahead
         // of the order table for a moment, so the read is made again later.
+        // A list found open has not ended: it is answered with no order
+        // states at all, as `open_order_lists` answers it (one found order
+        // alone, a stop canceled by a take-profit's partial fill say, would
+        // again tell another end).
         if !missing.is_empty() {
-            return Err(ExchangeError::Transient(format!(
-                "list read incomplete: orders {missing:?} of list {list_client_id} not found"
-            )));
+            if !open {
+                return Err(ExchangeError::Transient(format!(
+                    "list read incomplete: orders {missing:?} of list {list_client_id} not found"
+                )));
+            }
+            debug!(
+                list = list_client_id,
+                ?missing,
+                "open list's orders not found yet, answered without their states"
+            );
+            full.order_reports.clear();
         }
         full.to_snapshot(None, None)
             .map(Some)

@@ -24,7 +24,7 @@ use secrecy::SecretString;
 /// with the answer of `orders` for its `orderId`, else `order`.
 struct Script {
     list: (StatusCode, String),
-    open_lists: String,
+    open_lists: (StatusCode, String),
     orders: Vec<(i64, (StatusCode, String))>,
     order: (StatusCode, String),
 }
@@ -68,7 +68,7 @@ async fn serve(script: Script) -> BinanceExchange {
 async fn scripted(list: &'static str, order: &'static str) -> BinanceExchange {
     serve(Script {
         list: (StatusCode::BAD_REQUEST, list.into()),
-        open_lists: "[]".into(),
+        open_lists: ok("[]".into()),
         orders: Vec::new(),
         order: (StatusCode::BAD_REQUEST, order.into()),
     })
@@ -162,7 +162,7 @@ async fn a_list_with_an_order_that_cannot_be_read_is_not_answered_in_part() {
     ] {
         let ex = serve(Script {
             list: ok(DONE_LIST.into()),
-            open_lists: "[]".into(),
+            open_lists: ok("[]".into()),
             orders,
             order: refused(missing),
         })
@@ -182,7 +182,7 @@ async fn a_list_with_an_order_that_cannot_be_read_is_not_answered_in_part() {
 async fn an_archived_order_is_left_out_of_its_list() {
     let ex = serve(Script {
         list: ok(DONE_LIST.into()),
-        open_lists: "[]".into(),
+        open_lists: ok("[]".into()),
         orders: vec![
             (
                 10,
@@ -203,6 +203,83 @@ async fn an_archived_order_is_left_out_of_its_list() {
     assert!(!list.executing);
     assert_eq!(list.take_profit.unwrap().status, EntryStatus::Filled);
     assert_eq!(list.stop_loss, None);
+}
+
+/// `GET /api/v3/openOrderList` holding [`DONE_LIST`]'s list still open.
+const OPEN_LISTS: &str = r#"[{"orderListId":7,"contingencyType":"OCO","listStatusType":"EXEC_STARTED","listOrderStatus":"EXECUTING","listClientOrderId":"og-L-1","transactionTime":1700000000000,"symbol":"BTCUSDT","orders":[{"symbol":"BTCUSDT","orderId":10,"clientOrderId":"og-S-1"},{"symbol":"BTCUSDT","orderId":11,"clientOrderId":"og-T-1"}]}]"#;
+
+/// A list the database does not have yet is looked for among the open
+/// lists (read from memory first): found there, it is answered with its
+/// orders' states when both can be read, and with none when one cannot (a
+/// stop canceled by a partial take-profit fill, alone, would read as the
+/// list ended outside). A failed read of the open lists is no absence.
+#[tokio::test]
+async fn a_list_missing_from_the_database_is_looked_for_among_the_open_lists() {
+    let no_list = r#"{"code":-2018,"msg":"Order list does not exist."}"#;
+    let no_order = r#"{"code":-2013,"msg":"Order does not exist."}"#;
+    let both = vec![
+        (10, ok(member(10, "NEW", "0", "0", "NONE"))),
+        (
+            11,
+            ok(member(11, "PARTIALLY_FILLED", "0.001", "61", "NONE")),
+        ),
+    ];
+    let ex = serve(Script {
+        list: refused(no_list),
+        open_lists: ok(OPEN_LISTS.into()),
+        orders: both,
+        order: refused(no_order),
+    })
+    .await;
+    let list = ex
+        .order_list(&creds(), "BTCUSDT", "og-L-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((list.list_id, list.executing), (7, true));
+    assert_eq!(
+        (
+            list.take_profit.unwrap().status,
+            list.stop_loss.unwrap().status
+        ),
+        (EntryStatus::PartiallyFilled, EntryStatus::New)
+    );
+
+    let one = vec![
+        (10, ok(member(10, "CANCELED", "0", "0", "NONE"))),
+        (11, refused(no_order)),
+    ];
+    let ex = serve(Script {
+        list: refused(no_list),
+        open_lists: ok(OPEN_LISTS.into()),
+        orders: one,
+        order: refused(no_order),
+    })
+    .await;
+    let list = ex
+        .order_list(&creds(), "BTCUSDT", "og-L-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(list.executing);
+    assert_eq!(
+        (list.take_profit, list.stop_loss),
+        (None, None),
+        "no order states rather than a part"
+    );
+
+    let ex = serve(Script {
+        list: refused(no_list),
+        open_lists: (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            r#"{"code":-1001,"msg":"Internal error; unable to process your request. Please try again."}"#.into(),
+        ),
+        orders: Vec::new(),
+        order: refused(no_order),
+    })
+    .await;
+    let read = ex.order_list(&creds(), "BTCUSDT", "og-L-1").await;
+    assert!(matches!(read, Err(ExchangeError::Transient(_))), "{read:?}");
 }
 
 /// A server whose `GET /api/v3/time` answers `status` with `Retry-After:
