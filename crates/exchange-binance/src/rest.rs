@@ -97,11 +97,40 @@ impl<'a> Call<'a> {
     }
 }
 
+/// A request that failed: the error, and Binance's code when its answer
+/// carried one.
+struct Refusal {
+    err: ExchangeError,
+    code: Option<i64>,
+}
+
+impl From<ExchangeError> for Refusal {
+    fn from(err: ExchangeError) -> Self {
+        Self { err, code: None }
+    }
+}
+
+/// What an order of a list looked up by its id gave.
+// Short-lived, two per lookup: boxing would cost an allocation per order read.
+#[allow(clippy::large_enum_variant)]
+enum MemberRead {
+    Found(OrderWire),
+    /// `-2026`: canceled or expired without a fill more than 90 days ago,
+    /// archived by Binance for good. It sold nothing.
+    Archived,
+    /// Not found (yet): the order table may lag the list's.
+    Missing,
+}
+
 /// What came back from an HTTP exchange, before interpretation.
 struct Answer {
     status: u16,
     headers: HeaderMap,
     body: String,
+    /// Local time the request left, after pacing, ms.
+    sent_ms: i64,
+    /// Local time its answer's head came back, ms.
+    received_ms: i64,
 }
 
 impl BinanceExchange {
@@ -173,16 +202,21 @@ impl BinanceExchange {
     /// Measures the server-time offset now (`GET /api/v3/time`). Done by
     /// itself after a `-1021`; call it at start-up to begin in sync.
     ///
+    /// Refused with 429/418, it holds back the instance's requests as any
+    /// refused request does: it is sent after `-1021`s, which a clock gone
+    /// wrong repeats, and must not push the IP into a ban.
+    ///
     /// # Errors
-    /// [`ExchangeError::Transient`] when the server cannot be read.
+    /// [`ExchangeError::Transient`] when the server cannot be read;
+    /// [`ExchangeError::RateLimited`] when it refuses the read (429/418).
     pub async fn sync_time(&self) -> Result<(), ExchangeError> {
-        let before = local_now_ms();
         let answer = self
-            .send(&Call::new(Method::GET, "/api/v3/time", Op::Read, 1), None)
+            .request(&Call::new(Method::GET, "/api/v3/time", Op::Read, 1))
             .await?;
-        let after = local_now_ms();
         let t: ServerTime = parse_ok(Op::Read, &answer)?;
-        let offset = t.server_time - (before + after) / 2;
+        // Measured around the exchange that answered, not the pacing or the
+        // refusals waited out before it.
+        let offset = t.server_time - (answer.sent_ms + answer.received_ms) / 2;
         self.inner.offset_ms.store(offset, Ordering::Relaxed);
         debug!(offset_ms = offset, "server time offset measured");
         Ok(())
@@ -195,6 +229,12 @@ impl BinanceExchange {
     /// Sends `call`: paces, signs, retries once after a `-1021` re-sync and
     /// after a short `Retry-After`, and maps failures.
     async fn request(&self, call: &Call<'_>) -> Result<Answer, ExchangeError> {
+        self.request_coded(call).await.map_err(|r| r.err)
+    }
+
+    /// [`Self::request`], keeping Binance's code of a refusal for the
+    /// callers that must tell codes mapped alike apart.
+    async fn request_coded(&self, call: &Call<'_>) -> Result<Answer, Refusal> {
         let mut resynced = false;
         let mut rate_retries = 0;
         // An order write leaves within `pacing.max_wait` of the call or not at
@@ -251,7 +291,9 @@ impl BinanceExchange {
                     path = call.path,
                     "timestamp outside recvWindow, re-syncing server time"
                 );
-                self.sync_time().await?;
+                // Boxed: the re-sync is itself a request (unsigned, so it
+                // never comes back here).
+                Box::pin(self.sync_time()).await?;
                 continue;
             }
             let err = map_http_error(
@@ -262,7 +304,7 @@ impl BinanceExchange {
                 retry_after,
             );
             debug!(path = call.path, status = answer.status, error = %err, "request failed");
-            return Err(err);
+            return Err(Refusal { err, code });
         }
     }
 
@@ -281,10 +323,12 @@ impl BinanceExchange {
         }
         let describe =
             |e: reqwest::Error| format!("{} {}: {}", call.method, call.path, e.without_url());
+        let sent_ms = local_now_ms();
         let resp = req
             .send()
             .await
             .map_err(|e| map_transport(call.op, e.is_connect(), e.is_timeout(), describe(e)))?;
+        let received_ms = local_now_ms();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         self.observe(&headers, call.creds.map(|c| c.api_key.as_str()));
@@ -296,6 +340,8 @@ impl BinanceExchange {
             status,
             headers,
             body,
+            sent_ms,
+            received_ms,
         })
     }
 
@@ -382,18 +428,37 @@ impl BinanceExchange {
         creds: &ApiCredentials,
         symbol: &str,
         order_id: i64,
-    ) -> Result<Option<OrderWire>, ExchangeError> {
+    ) -> Result<MemberRead, ExchangeError> {
         let call = Call::new(Method::GET, "/api/v3/order", Op::Read, 4)
             .signed(creds)
             .param("symbol", symbol)
             .param("orderId", order_id.to_string());
-        match self.get_json::<OrderWire>(call).await {
-            Ok(o) => Ok(Some(o)),
-            // The list is read from the database and may run ahead of (or
-            // behind) the order table for a moment.
-            Err(ExchangeError::NotFound) => Ok(None),
-            Err(e) => Err(e),
+        match self.request_coded(&call).await {
+            Ok(answer) => parse_ok(Op::Read, &answer).map(MemberRead::Found),
+            Err(Refusal {
+                code: Some(-2026), ..
+            }) => Ok(MemberRead::Archived),
+            Err(Refusal {
+                err: ExchangeError::NotFound,
+                ..
+            }) => Ok(MemberRead::Missing),
+            Err(r) => Err(r.err),
         }
+    }
+
+    /// The open list `list_client_id` of the account, if any
+    /// (`GET /api/v3/openOrderList`, weight 6, memory first).
+    async fn open_list(
+        &self,
+        creds: &ApiCredentials,
+        list_client_id: &str,
+    ) -> Result<Option<OrderListWire>, ExchangeError> {
+        let lists: Vec<OrderListWire> = self
+            .get_json(Call::new(Method::GET, "/api/v3/openOrderList", Op::Read, 6).signed(creds))
+            .await?;
+        Ok(lists
+            .into_iter()
+            .find(|l| l.list_client_order_id == list_client_id))
     }
 
     fn after_rejection(&self, symbol: &str, err: &ExchangeError) {
@@ -647,9 +712,17 @@ impl Exchange for BinanceExchange {
         let call = Call::new(Method::GET, "/api/v3/orderList", Op::Read, 4)
             .signed(creds)
             .param("origClientOrderId", list_client_id);
-        let list: OrderListWire = match self.get_json(call).await {
-            Ok(l) => l,
-            Err(ExchangeError::NotFound) => return Ok(None),
+        // GET orderList reads the database only, which a list placed a
+        // moment ago (its answer lost, say) may not have reached; the open
+        // lists are read from memory first. "No such list" is answered only
+        // when neither has it: the caller takes it, past its claim timeout,
+        // as never placed and places another set beside it.
+        let (list, open) = match self.get_json::<OrderListWire>(call).await {
+            Ok(l) => (l, false),
+            Err(ExchangeError::NotFound) => match self.open_list(creds, list_client_id).await? {
+                Some(l) => (l, true),
+                None => return Ok(None),
+            },
             Err(e) => return Err(e),
         };
         // GET orderList names the orders only; each leg's state is one more
@@ -661,10 +734,42 @@ impl Exchange for BinanceExchange {
         )
         .await;
         let mut full = list.clone();
-        for leg in legs {
-            if let Some(order) = leg? {
-                full.order_reports.push(order);
+        let mut missing = Vec::new();
+        for (m, leg) in list.orders.iter().zip(legs) {
+            match leg? {
+                MemberRead::Found(order) => full.order_reports.push(order),
+                // Nothing sold and nothing to wait for: left out, the other
+                // order tells how the list ended.
+                MemberRead::Archived => {
+                    debug!(
+                        list = list_client_id,
+                        order_id = m.order_id,
+                        "list order archived"
+                    );
+                }
+                MemberRead::Missing => missing.push(m.order_id),
             }
+        }
+        // A list read without one of its orders would tell a different end
+        // (a take-profit fill read as its stop expired alone, the sale never
+        // recorded): the list is read from the database, which may run ahead
+        // of the order table for a moment, so the read is made again later.
+        // A list found open has not ended: it is answered with no order
+        // states at all, as `open_order_lists` answers it (one found order
+        // alone, a stop canceled by a take-profit's partial fill say, would
+        // again tell another end).
+        if !missing.is_empty() {
+            if !open {
+                return Err(ExchangeError::Transient(format!(
+                    "list read incomplete: orders {missing:?} of list {list_client_id} not found"
+                )));
+            }
+            debug!(
+                list = list_client_id,
+                ?missing,
+                "open list's orders not found yet, answered without their states"
+            );
+            full.order_reports.clear();
         }
         full.to_snapshot(None, None)
             .map(Some)

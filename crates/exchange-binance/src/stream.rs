@@ -57,7 +57,7 @@ use crate::error::BinanceError;
 use crate::pacing::Pacer;
 use crate::rest::{BinanceExchange, install_crypto_provider, map_ws_error, retry_after};
 use crate::sign::ws_signature;
-use crate::wire::{Decoded, WsError, WsFrame, decode_event};
+use crate::wire::{Decoded, WsError, WsFrame, decode_event, is_known_event};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Sink = SplitSink<Ws, Message>;
@@ -1251,6 +1251,17 @@ impl Conn {
                 warn!(conn = self.id, error = %what, "user-data connection error frame");
                 return Some(End::Broken(format!("error frame {what}")));
             }
+            Incoming::Unowned(kind) => {
+                // Binance names the subscription of every event; one without
+                // it (a changed shape) may be a fill of any account here.
+                // Dropping it would lose the fill without a gap: every
+                // subscription reconnects, and each session's gap sends its
+                // account to reconciliation.
+                warn!(conn = self.id, kind = %kind, "user-data event without a subscriptionId, reconnecting");
+                return Some(End::Broken(format!(
+                    "{kind} event without a subscriptionId"
+                )));
+            }
             Incoming::Shutdown => return Some(End::Planned("serverShutdown")),
             Incoming::Terminated(sub) => {
                 self.resubscribe(sink, sub, now_ms(), "eventStreamTerminated")
@@ -1506,6 +1517,10 @@ enum Incoming {
     },
     /// An error that answers no request: about the whole connection.
     Unsolicited(String),
+    /// A known event (of this type) without a subscription id: it cannot
+    /// be given to its session, so every session of the connection may
+    /// have missed it.
+    Unowned(String),
     /// `serverShutdown`: every subscription of the connection moves.
     Shutdown,
     /// `eventStreamTerminated`: that subscription alone ended.
@@ -1532,7 +1547,10 @@ fn classify(text: &str) -> Incoming {
         ));
     }
     let Some(event) = frame.event else {
-        return Incoming::Ignored("response to no request of ours".into());
+        return match frame.bare_event {
+            Some(kind) if is_known_event(&kind) => Incoming::Unowned(kind),
+            _ => Incoming::Ignored("response to no request of ours".into()),
+        };
     };
     let Some(sub) = frame.subscription_id else {
         let kind = event
@@ -1541,6 +1559,8 @@ fn classify(text: &str) -> Incoming {
             .unwrap_or("");
         return if kind == "serverShutdown" {
             Incoming::Shutdown
+        } else if is_known_event(kind) {
+            Incoming::Unowned(kind.to_owned())
         } else {
             Incoming::Ignored(format!("event without a subscription: {kind}"))
         };
@@ -1795,6 +1815,48 @@ mod tests {
             "/../../../shared/binance/fixtures/ws_event_stream_terminated.json"
         ));
         assert!(matches!(classify(terminated), Incoming::Terminated(0)));
+    }
+
+    /// Binance puts a `subscriptionId` on every event: a fill or a list
+    /// update without one cannot be handed to its session, and dropping it
+    /// would lose it without a gap.
+    #[test]
+    fn a_known_event_without_a_subscription_concerns_the_whole_connection() {
+        for text in [
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../../shared/binance/fixtures/ws_execution_report_new.json"
+            )),
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../../shared/binance/fixtures/ws_list_status.json"
+            )),
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../../shared/binance/fixtures/ws_outbound_account_position.json"
+            )),
+        ] {
+            let mut frame: serde_json::Value = serde_json::from_str(text).unwrap();
+            frame.as_object_mut().unwrap().remove("subscriptionId");
+            let kind = frame["event"]["e"].as_str().unwrap().to_owned();
+            assert!(
+                matches!(classify(&frame.to_string()), Incoming::Unowned(k) if k == kind),
+                "{kind} without a subscriptionId"
+            );
+            // The bare event, as the legacy streams sent it, is as unowned.
+            assert!(
+                matches!(classify(&frame["event"].to_string()), Incoming::Unowned(k) if k == kind),
+                "bare {kind}"
+            );
+        }
+        // What the domain does not use stays ignored without an id.
+        let balance = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/binance/fixtures/ws_balance_update.json"
+        ));
+        let mut frame: serde_json::Value = serde_json::from_str(balance).unwrap();
+        frame.as_object_mut().unwrap().remove("subscriptionId");
+        assert!(matches!(classify(&frame.to_string()), Incoming::Ignored(_)));
     }
 
     #[test]

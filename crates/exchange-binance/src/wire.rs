@@ -706,6 +706,10 @@ pub struct WsFrame {
     /// The event (events only).
     #[serde(default)]
     pub event: Option<serde_json::Value>,
+    /// Event type of a bare event, outside the `{subscriptionId, event}`
+    /// envelope (as the retired listenKey streams sent them).
+    #[serde(default, rename = "e")]
+    pub bare_event: Option<String>,
 }
 
 /// `error` of a WebSocket API response.
@@ -868,6 +872,15 @@ pub enum Decoded {
     Reconnect(&'static str),
     /// Nothing the domain uses (`balanceUpdate`, unknown types).
     Ignored(String),
+}
+
+/// True for the event types [`decode_event`] hands to the consumer: fills,
+/// list updates and balances, which must never be dropped unseen.
+pub fn is_known_event(kind: &str) -> bool {
+    matches!(
+        kind,
+        "executionReport" | "listStatus" | "outboundAccountPosition"
+    )
 }
 
 /// Decodes the inner `event` object of a user-data frame.
