@@ -26,7 +26,7 @@ pub use ids::{
 pub use levels::{EntryLevels, LevelPercents, ResolvedLevels, StopKind, resolve_levels};
 pub use model::{Account, Entry, Evidence, Fill, Leg, Millis, ProtectionConfig, Source};
 pub use money::{MoneyError, Price, Qty, StepSize, TickSize};
-pub use plan::{Plan, PlanInput, PlannedLeg, Unprotectable, plan_protection};
+pub use plan::{ListBound, Plan, PlanInput, PlannedLeg, Unprotectable, plan_protection};
 pub use ports::{
     ApiCredentials, Clock, Exchange, ExchangeError, Store, StoreError, SystemClock, UserStream,
 };

@@ -63,7 +63,8 @@ pub struct Plan {
     /// Set when the plan has fewer legs than configured.
     pub degraded: Option<Degraded>,
     /// Set when the legs cannot hold the whole floored position (each list
-    /// is capped at `LOT_SIZE.maxQty`): the coins left without a stop.
+    /// is capped at `LOT_SIZE.maxQty` and by `NOTIONAL.maxNotional`): the
+    /// coins left without a stop.
     pub short: Option<Shortfall>,
     /// Set when the legs carry another stop kind than the one asked, the
     /// symbol not allowing it (from [`ResolvedLevels::substitute`]).
@@ -71,14 +72,15 @@ pub struct Plan {
 }
 
 /// Coins of a position the planned lists cannot hold, each list being capped
-/// at `LOT_SIZE.maxQty`. A generation has at most two lists (leg numbers 1
+/// at `LOT_SIZE.maxQty` or by `NOTIONAL.maxNotional`. A generation has at most two lists (leg numbers 1
 /// and 2 in the client ids and in the store) and replaces the lists before
 /// it rather than adding to them, so more lists are not an option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shortfall {
     /// The position planned for.
     pub position: Qty,
-    /// `LOT_SIZE.maxQty`, floored to the step.
+    /// The most one list may hold, floored to the step: `LOT_SIZE.maxQty`,
+    /// or less where `NOTIONAL.maxNotional` binds first ([`Shortfall::bound`]).
     pub max_qty: Qty,
     /// How many lists were planned.
     pub lists: usize,
@@ -88,6 +90,17 @@ pub struct Shortfall {
     pub left: Qty,
     /// Fewer lists than two because of the symbol's stop-order budget.
     pub stop_budget: bool,
+    /// Which filter caps a list: `max_qty` is its quantity under it.
+    pub bound: ListBound,
+}
+
+/// The filter that caps one list's quantity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListBound {
+    /// `LOT_SIZE.maxQty`.
+    MaxQty,
+    /// `NOTIONAL.maxNotional`, at the highest price a list sells at.
+    MaxNotional,
 }
 
 impl fmt::Display for Shortfall {
@@ -102,9 +115,13 @@ impl fmt::Display for Shortfall {
         } else {
             "at most two lists per entry"
         };
+        let bound = match self.bound {
+            ListBound::MaxQty => "over LOT_SIZE maxQty",
+            ListBound::MaxNotional => "over what NOTIONAL maxNotional lets one list hold,",
+        };
         write!(
             f,
-            "position {} is over LOT_SIZE maxQty {}: {} {lists} {cover} {}, {} left without a stop ({why})",
+            "position {} is {bound} {}: {} {lists} {cover} {}, {} left without a stop ({why})",
             self.position, self.max_qty, self.lists, self.covered, self.left
         )
     }
@@ -160,7 +177,8 @@ pub enum Unprotectable {
 ///
 /// Quantities are floored to the step; a leg under `minQty` or the minimum
 /// notional merges into the other; a budget of one stop yields one leg. No
-/// leg exceeds `LOT_SIZE.maxQty`: a leg over it hands the excess to the
+/// leg exceeds `LOT_SIZE.maxQty`, nor what `NOTIONAL.maxNotional` lets it
+/// hold at its highest price: a leg over it hands the excess to the
 /// other (so a position one list cannot hold gets two, whatever the split),
 /// and what two (or, with a budget of one stop, one) such lists cannot hold
 /// is [`Plan::short`].
@@ -216,7 +234,24 @@ pub fn plan_protection(input: &PlanInput<'_>) -> Result<Plan, Unprotectable> {
             && rules.check_notional(q, lv.lowest()).is_ok()
             && rules.check_notional(q, lv.tp2).is_ok()
     };
-    let max = rules.max_qty.map(|m| m.floor_to(rules.step));
+    // A list over the maximum notional is refused as one over `maxQty` is,
+    // so that notional caps a list's quantity too: at the highest price
+    // either order sells at (checked below at `tp2`, the lowest otherwise).
+    // Too large is a shortfall to say, never dust.
+    let by_notional = rules.max_notional.and_then(|m| {
+        let highest = lv.tp2.get().max(lv.lowest().get());
+        Qty::new(m / highest).ok().map(|q| q.floor_to(rules.step))
+    });
+    let max = match (rules.max_qty.map(|m| m.floor_to(rules.step)), by_notional) {
+        (Some(q), Some(n)) => Some(q.min(n)),
+        (q, n) => q.or(n),
+    };
+    let bound =
+        if by_notional.is_some_and(|n| rules.max_qty.is_none_or(|q| n < q.floor_to(rules.step))) {
+            ListBound::MaxNotional
+        } else {
+            ListBound::MaxQty
+        };
     let cap = |q: Qty| max.map_or(q, |m| q.min(m));
     let max_one = cap(floored);
     if !fits(max_one) {
@@ -275,6 +310,7 @@ pub fn plan_protection(input: &PlanInput<'_>) -> Result<Plan, Unprotectable> {
         covered: total,
         left: floored.saturating_sub(total),
         stop_budget: legs.len() == 1 && !budget_two,
+        bound,
     });
     Ok(Plan {
         uncovered: input.position.saturating_sub(total),

@@ -82,7 +82,8 @@ proptest! {
                     None => prop_assert!(plan.total() >= floored, "{} of {} silently uncovered", plan.total(), floored),
                     Some(short) => {
                         prop_assert_eq!(short.left.plus(plan.total()), floored);
-                        prop_assert!(plan.legs.iter().all(|l| Some(l.qty) == r.max_qty), "{plan:?}");
+                        prop_assert!(plan.legs.iter().all(|l| l.qty == short.max_qty), "{plan:?}");
+                        prop_assert!(r.max_qty.is_none_or(|m| short.max_qty <= m), "{short:?}");
                         if budget.is_none_or(|b| b >= 2) { prop_assert_eq!(plan.legs.len(), 2, "{:?}", plan); }
                     }
                 }
@@ -94,9 +95,9 @@ proptest! {
                 }
             }
             Err(Unprotectable::Dust { floored, .. }) => {
-                // Dust only when even one leg of everything cannot pass the filters.
-                let whole_fits = r.check_qty(floored).is_ok() && r.check_notional(floored, levels.stop_limit.unwrap()).is_ok();
-                prop_assert!(!whole_fits);
+                // Dust only when too small for one list: never for being too large.
+                let too_small = floored < r.min_qty || floored.notional(levels.stop_limit.unwrap()) < r.min_notional;
+                prop_assert!(too_small, "{floored} called dust");
             }
             Err(Unprotectable::NoStopBudget { .. }) => prop_assert_eq!(budget, Some(0)),
             Err(Unprotectable::Filter(_)) => {}
@@ -275,6 +276,57 @@ fn a_position_no_lists_can_hold_says_what_is_left_without_a_stop() {
         plan_under_max_qty(dec!(0.3), dec!(0.6), dec!(0.5), None).short,
         None
     );
+}
+
+/// Binance caps a list's notional too (`NOTIONAL.maxNotional`, 9,000,000
+/// USDT on BTCUSDT): a position over what one list may hold is split and
+/// its shortfall said as for `maxQty`, never called dust.
+#[test]
+fn a_position_over_max_notional_is_split_not_dust() {
+    let plan_under = |position: Decimal| {
+        let mut r = btcusdt_rules();
+        r.max_qty = None;
+        r.max_notional = Some(dec!(50));
+        let fill = Price::new(dec!(100)).unwrap();
+        let levels = resolve_levels(
+            EntryLevels::default(),
+            None,
+            fill,
+            &r,
+            StopKind::Limit {
+                offset_pct: dec!(0.5),
+            },
+        )
+        .unwrap();
+        let plan = plan_protection(&PlanInput {
+            rules: &r,
+            levels,
+            reference: fill,
+            position: Qty::new(position).unwrap(),
+            split: dec!(0.5),
+            stop_budget: None,
+        });
+        (plan, levels, r)
+    };
+    // Whole, 1.2 × 102 is over 50 at the second target: two lists of what
+    // 50 buys there, the rest said.
+    let (plan, levels, r) = plan_under(dec!(1.2));
+    let plan = plan.unwrap_or_else(|e| panic!("a position over maxNotional is not dust: {e}"));
+    let most = (dec!(50) / levels.tp2.get())
+        .round_dp_with_strategy(5, rust_decimal::RoundingStrategy::ToZero);
+    assert_eq!(leg_qtys(&plan), vec![most, most]);
+    for leg in &plan.legs {
+        assert!(r.check_notional(leg.qty, leg.take_profit).is_ok());
+    }
+    let short = plan.short.expect("a shortfall");
+    assert_eq!(short.left.get(), dec!(1.2) - most * dec!(2));
+    assert!(
+        short.to_string().contains("NOTIONAL maxNotional"),
+        "{short}"
+    );
+    // Two lists can hold 0.6: no shortfall.
+    let (plan, _, _) = plan_under(dec!(0.6));
+    assert_eq!(plan.unwrap().short, None);
 }
 
 /// The stop and its limit planned for a fill of 100 at the default levels,

@@ -2377,11 +2377,19 @@ async fn a_remainder_over_max_notional_is_not_closed_as_dust() {
     w.protector.protect(id, None, Source::Sync).await.unwrap();
     let entry = w.store.entry(id).await.unwrap();
     assert!(
-        matches!(entry.protection, Protection::Unprotectable { .. }),
-        "0.5 over maxNotional is not dust: the entry must stay open, not be closed: {:?}",
+        matches!(entry.protection, Protection::Protected { .. }),
+        "0.5 over maxNotional is not dust: the entry must stay open and its coins get lists no larger than maxNotional allows, not be closed: {:?}",
         entry.protection
     );
-    assert_eq!(w.exchange.balance(KEY, "BTC").0, dec!(0.5), "still held");
+    let open = w.exchange.open_lists();
+    let covered: Decimal = open.iter().map(|l| l.request.qty.get()).sum();
+    assert_eq!(covered, dec!(0.5), "{open:?}");
+    for list in &open {
+        assert!(
+            list.request.qty.get() * list.request.take_profit.get() <= dec!(40),
+            "{list:?}"
+        );
+    }
 }
 
 /// The late exit is a MARKET order, bound by `MARKET_LOT_SIZE` as well
