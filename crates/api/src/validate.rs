@@ -234,8 +234,15 @@ pub(crate) fn check_market(
     .map_err(|e| ApiError::Unprocessable {
         code: "unprotectable",
         message: format!("once filled, this entry could not be protected: {e}"),
-    })?;
-    Ok(())
+    })
+    .and_then(|plan| match plan.short {
+        // Lists too small to hold it all would leave coins without a stop.
+        Some(short) => Err(ApiError::Unprocessable {
+            code: "unprotectable",
+            message: format!("once filled, this entry could not be protected whole: {short}"),
+        }),
+        None => Ok(()),
+    })
 }
 
 fn check_limit_price(rules: &SymbolRules, price: Price, last: Price) -> Result<(), ApiError> {
@@ -491,6 +498,28 @@ mod tests {
             Ok(()),
             "LIMIT orders are bound by LOT_SIZE only"
         );
+    }
+
+    #[test]
+    fn an_entry_its_lists_could_not_hold_whole_is_refused() {
+        // 2.9 at 40 passes NOTIONAL's 120 as an order. Lists at targets 41
+        // and 42 each hold up to 120 / 42 of it: two hold it whole. With a
+        // second target at 100, each holds at most 120 / 100: two hold 2.4.
+        let mut rules = btcusdt_rules();
+        rules.max_notional = Some(dec!(120));
+        rules.max_qty = None;
+        let last = Price::new(dec!(40)).unwrap();
+        let run = |req: CreateEntryRequest| {
+            parse_entry(req)
+                .and_then(|parsed| check_market(&parsed, &rules, last, &ProtectionConfig::DEFAULT))
+        };
+        assert_eq!(run(request("2.9", &["41", "42"], Some("39"))), Ok(()));
+        let refused = run(request("2.9", &["41", "100"], Some("39")))
+            .err()
+            .map(|e| e.problem());
+        let (code, message) = refused.map(|p| (p.code, p.message)).unwrap_or_default();
+        assert_eq!(code, "unprotectable", "{message}");
+        assert!(message.contains("maxNotional"), "{message}");
     }
 
     #[test]
