@@ -276,6 +276,18 @@ async fn the_openapi_document_describes_every_route() {
         "the disable rule is documented: {patch}"
     );
     assert!(patch["responses"]["409"].is_object(), "{patch}");
+    let post = &paths["/v1/entries"]["post"];
+    let key = post["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "Idempotency-Key")
+        .unwrap_or_else(|| panic!("no Idempotency-Key parameter: {post}"));
+    assert_eq!(key["in"], "header", "{key}");
+    assert_eq!(key["required"], false, "{key}");
+    for status in ["200", "409"] {
+        assert!(post["responses"][status].is_object(), "{status}: {post}");
+    }
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"

@@ -26,6 +26,10 @@ pub struct Hooks {
     /// the entry, as a concurrent `PATCH {"active": false}` landing between
     /// the handler's check and the store would.
     pub disable_on_create: AtomicBool,
+    /// The next `create_entry` first stores the same entry itself, as the
+    /// first try of a request racing its retry under one idempotency key
+    /// would, between the retry's look-up of the key and its store.
+    pub twin_on_create: AtomicBool,
     /// The next disabling `update_account` first stores a resting entry on
     /// the account, as a concurrent `POST /v1/entries` would.
     pub entry_on_disable: AtomicBool,
@@ -46,6 +50,7 @@ async fn sneak_in_entry(store: &MemStore, account: AccountId) -> Result<Entry, S
             sl: Some(Price::new(dec!(93)).unwrap()),
         },
         tags: EntryTags::default(),
+        idempotency_key: None,
     };
     let client_id_of = move |id: EntryId| ids.entry(id).unwrap();
     store
@@ -79,6 +84,9 @@ impl StoreHooks<MemStore> for Hooks {
             inner
                 .update_account(e.account, settings.protection, false)
                 .await?;
+        }
+        if self.twin_on_create.swap(false, Ordering::SeqCst) {
+            inner.create_entry(e.clone(), c, at).await?;
         }
         let entry = inner.create_entry(e, c, at).await?;
         self.created.store(true, Ordering::SeqCst);
