@@ -144,6 +144,20 @@ pub enum ApiError {
     /// `202` with the entry instead, never this.
     #[error("internal error: {0}")]
     PlacementAborted(String),
+    /// Disabling the account raced an entry, and enabling it again failed:
+    /// the account is disabled with open entries, which are neither streamed
+    /// nor reconciled until it is enabled. 500 `account_left_disabled`, with
+    /// the entries when known; the caller must enable it
+    /// (`PATCH {"active": true}`).
+    #[error("{message}")]
+    AccountLeftDisabled {
+        /// What happened and what to do.
+        message: String,
+        /// How many entries are open, when known.
+        count: Option<usize>,
+        /// Up to five of them, lowest id first.
+        ids: Vec<i64>,
+    },
 }
 
 fn retry_after_secs(d: Duration) -> u64 {
@@ -181,7 +195,9 @@ impl ApiError {
             Self::ExchangeUnavailable { .. } | Self::StoreUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::Internal(_) | Self::PlacementAborted(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) | Self::PlacementAborted(_) | Self::AccountLeftDisabled { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -207,6 +223,7 @@ impl ApiError {
             Self::ExchangeUnavailable { .. } => "exchange_unavailable",
             Self::StoreUnavailable { .. } => "store_unavailable",
             Self::Internal(_) | Self::PlacementAborted(_) => "internal",
+            Self::AccountLeftDisabled { .. } => "account_left_disabled",
         }
     }
 
@@ -233,6 +250,7 @@ impl ApiError {
         };
         let (open_entries, entry_ids) = match self {
             Self::OpenEntries { count, ids, .. } => (Some(*count), Some(ids.clone())),
+            Self::AccountLeftDisabled { count, ids, .. } => (*count, Some(ids.clone())),
             _ => (None, None),
         };
         Problem {

@@ -232,16 +232,20 @@ impl Store for MemStore {
     async fn update_account(
         &self,
         id: AccountId,
-        protection: ProtectionConfig,
-        active: bool,
+        protection: Option<ProtectionConfig>,
+        active: Option<bool>,
     ) -> Result<Account, StoreError> {
         let mut inner = self.lock();
         let (account, _) = inner
             .accounts
             .get_mut(&id)
             .ok_or_else(|| not_found("account", id))?;
-        account.protection = protection;
-        account.active = active;
+        if let Some(protection) = protection {
+            account.protection = protection;
+        }
+        if let Some(active) = active {
+            account.active = active;
+        }
         Ok(account.clone())
     }
 

@@ -495,12 +495,16 @@ pub trait Store: Send + Sync {
     async fn account(&self, id: AccountId) -> Result<Account, StoreError>;
     /// The account's credentials, decrypted.
     async fn credentials(&self, id: AccountId) -> Result<ApiCredentials, StoreError>;
-    /// Changes an account's protection settings and active flag.
+    /// Changes an account's protection settings, its active flag, or both;
+    /// `None` leaves that one as it is in the store, whatever the caller
+    /// read before: a settings change never writes back an active flag
+    /// that another request changed meanwhile. Both `None`: the account as
+    /// it is.
     async fn update_account(
         &self,
         id: AccountId,
-        protection: ProtectionConfig,
-        active: bool,
+        protection: Option<ProtectionConfig>,
+        active: Option<bool>,
     ) -> Result<Account, StoreError>;
     /// Active accounts.
     async fn active_accounts(&self) -> Result<Vec<Account>, StoreError>;

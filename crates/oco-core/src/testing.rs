@@ -1110,10 +1110,35 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
 
     let mut protection = ProtectionConfig::DEFAULT;
     protection.split = Decimal::ONE;
-    let updated = store.update_account(account.id, protection, true).await?;
+    let updated = store
+        .update_account(account.id, Some(protection), None)
+        .await?;
     ensure!(
-        updated.protection.split == Decimal::ONE,
-        "account settings update"
+        updated.protection.split == Decimal::ONE && updated.active,
+        "account settings update, the active flag as it was: {updated:?}"
+    );
+    let disabled = store.update_account(account.id, None, Some(false)).await?;
+    ensure!(
+        !disabled.active && disabled.protection.split == Decimal::ONE,
+        "the active flag changes alone, the settings as they were: {disabled:?}"
+    );
+    let settings_only = store
+        .update_account(account.id, Some(ProtectionConfig::DEFAULT), None)
+        .await?;
+    ensure!(
+        !settings_only.active,
+        "a settings change leaves a disabled account disabled: {settings_only:?}"
+    );
+    let enabled = store
+        .update_account(account.id, Some(protection), Some(true))
+        .await?;
+    ensure!(
+        enabled.active && enabled.protection.split == Decimal::ONE,
+        "both change together: {enabled:?}"
+    );
+    ensure!(
+        store.update_account(account.id, None, None).await? == enabled,
+        "no change answers the account as it is"
     );
     ensure!(
         store.active_accounts().await?.len() == 1,
@@ -2124,9 +2149,7 @@ async fn due_behaviour(store: &dyn Store, first: AccountId) -> Result<(), SuiteE
     };
     let second = store.create_account(new_account("suite-key-2")).await?.id;
     let off = store.create_account(new_account("suite-key-3")).await?.id;
-    store
-        .update_account(off, ProtectionConfig::DEFAULT, false)
-        .await?;
+    store.update_account(off, None, Some(false)).await?;
 
     let (a, b) = futures_util::future::join(
         store.take_due_accounts("sync-a", hour, short, 1),
@@ -2303,9 +2326,7 @@ pub async fn inactive_account_behaviour(store: &dyn Store) -> Result<(), SuiteEr
         idempotency_key: None,
     };
     let id_of = |id: EntryId| ClientOrderId::new(format!("ia-E-{id}")).expect("literal id");
-    store
-        .update_account(account.id, ProtectionConfig::DEFAULT, false)
-        .await?;
+    store.update_account(account.id, None, Some(false)).await?;
     let refused = store
         .create_entry(new_entry.clone(), &id_of, Millis(10))
         .await;
@@ -2326,9 +2347,7 @@ pub async fn inactive_account_behaviour(store: &dyn Store) -> Result<(), SuiteEr
         "a refused entry is not stored"
     );
 
-    store
-        .update_account(account.id, ProtectionConfig::DEFAULT, true)
-        .await?;
+    store.update_account(account.id, None, Some(true)).await?;
     let entry = store
         .create_entry(new_entry.clone(), &id_of, Millis(11))
         .await?;
@@ -2462,9 +2481,7 @@ pub async fn idempotency_behaviour<S: Store + crate::ports::Users>(
         "keys are per account and case-sensitive, and entries without one are all stored: {ids:?}"
     );
 
-    store
-        .update_account(a, ProtectionConfig::DEFAULT, false)
-        .await?;
+    store.update_account(a, None, Some(false)).await?;
     let disabled = store
         .create_entry(new_entry(a, "1", Some(key("retry 1"))), &id_of, Millis(8))
         .await;

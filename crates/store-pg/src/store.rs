@@ -1388,14 +1388,22 @@ impl Store for PgStore {
     async fn update_account(
         &self,
         id: AccountId,
-        protection: ProtectionConfig,
-        active: bool,
+        protection: Option<ProtectionConfig>,
+        active: Option<bool>,
     ) -> Result<Account, StoreError> {
         let mut conn = self.conn().await?;
+        if protection.is_none() && active.is_none() {
+            // Nothing to set: an UPDATE with no column is no statement.
+            return Self::start_account(&mut conn, id)
+                .await
+                .map(|(account, _)| account);
+        }
+        // Only the columns given are set: the others keep what the row
+        // holds when the update runs, not what the caller read before.
         diesel::update(accounts::table.find(id.0))
             .set((
-                ProtectionColumns::from_config(&protection),
-                accounts::active.eq(active),
+                protection.as_ref().map(ProtectionColumns::from_config),
+                active.map(|active| accounts::active.eq(active)),
             ))
             .returning(AccountRow::as_returning())
             .load(&mut conn)

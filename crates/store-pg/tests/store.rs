@@ -365,9 +365,7 @@ async fn a_disable_behind_an_entrys_insert_sees_the_entry() {
         let store = store.clone();
         async move {
             let before = store.open_entries(account).await?;
-            store
-                .update_account(account, ProtectionConfig::DEFAULT, false)
-                .await?;
+            store.update_account(account, None, Some(false)).await?;
             let after = store.open_entries(account).await?;
             Ok::<_, StoreError>((before, after))
         }
@@ -1018,10 +1016,7 @@ async fn expired_leases_move_to_another_holder() {
     let a = new_account(&store, "k1").await;
     let b = new_account(&store, "k2").await;
     let c = new_account(&store, "k3").await;
-    store
-        .update_account(c.id, ProtectionConfig::DEFAULT, false)
-        .await
-        .unwrap();
+    store.update_account(c.id, None, Some(false)).await.unwrap();
 
     let long = Duration::from_secs(60);
     assert_eq!(
@@ -1070,10 +1065,7 @@ async fn expired_leases_move_to_another_holder() {
     assert_eq!(held, vec![a.id, b.id]);
 
     // Disabling an account drops its lease at the next renewal.
-    store
-        .update_account(b.id, ProtectionConfig::DEFAULT, false)
-        .await
-        .unwrap();
+    store.update_account(b.id, None, Some(false)).await.unwrap();
     assert_eq!(
         store.renew_leases("node-2", long).await.unwrap(),
         vec![a.id]
@@ -1832,7 +1824,7 @@ async fn a_stale_hint_is_caught_by_the_write_and_the_fill_read_again() {
         ..ProtectionConfig::DEFAULT
     };
     elsewhere
-        .update_account(account.id, settings, true)
+        .update_account(account.id, Some(settings), None)
         .await
         .unwrap();
     let recorded = fill_first(
