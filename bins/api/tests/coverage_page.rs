@@ -141,6 +141,7 @@ impl World {
                     size: OrderSize::Base(qty),
                     levels: EntryLevels::default(),
                     tags: EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &move |id| ids.entry(id).unwrap(),
                 SystemClock.now(),

@@ -310,6 +310,70 @@ async fn bad_input_stores_and_sends_nothing<
     );
 }
 
+/// `POST /v1/entries` with an `Idempotency-Key`; the status, the
+/// `Idempotent-Replayed` header and the body.
+async fn post_keyed<S>(s: &Stack<S>, key: &str, body: &Value) -> (StatusCode, bool, Value) {
+    let resp = s
+        .http
+        .post(format!("{}/v1/entries", s.base))
+        .bearer_auth(&s.alice)
+        .header("content-type", "application/json")
+        .header("Idempotency-Key", key)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let replayed = resp.headers().get("idempotent-replayed").is_some();
+    (status, replayed, resp.json().await.unwrap())
+}
+
+async fn a_resend_with_its_idempotency_key_places_one_order<
+    S: Store + Users + oco_core::ports::Coverage + 'static,
+>(
+    store: Arc<S>,
+) {
+    let s = stack(store).await;
+    let sent = |s: &Stack<S>| {
+        s.sim
+            .control()
+            .orders(Some(ALICE_KEY))
+            .iter()
+            .filter(|o| o.client_order_id.starts_with("og-E-"))
+            .count()
+    };
+    let (status, replayed, first) = post_keyed(&s, "e2e-1", &s.market()).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{first}");
+    let (status, replayed, again) = post_keyed(&s, "e2e-1", &s.market()).await;
+    assert_eq!((status, replayed), (StatusCode::OK, true), "{again}");
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["protection"]["state"], "protected", "{again}");
+    assert_eq!(sent(&s), 1, "one order");
+    let mut other = s.market();
+    other["quantity"] = json!("0.02");
+    let (status, _, problem) = post_keyed(&s, "e2e-1", &other).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "idempotency_key_reused");
+    assert_eq!(problem["entryId"], first["id"]);
+
+    // Two requests with one new key at once: one entry, one order.
+    let body = s.market();
+    let (a, b) = tokio::join!(
+        post_keyed(&s, "e2e-2", &body),
+        post_keyed(&s, "e2e-2", &body),
+    );
+    assert_eq!(a.2["id"], b.2["id"], "{} {}", a.2, b.2);
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert!(
+        statuses[1] == StatusCode::CREATED
+            && [StatusCode::OK, StatusCode::CREATED].contains(&statuses[0]),
+        "{statuses:?}"
+    );
+    assert_eq!(s.stored().await, 2, "one entry per key");
+    assert_eq!(sent(&s), 2, "one order per key");
+}
+
 mod mem {
     use super::*;
 
@@ -327,6 +391,11 @@ mod mem {
     #[tokio::test]
     async fn bad_input_stores_and_sends_nothing() {
         super::bad_input_stores_and_sends_nothing(Arc::new(MemStore::new())).await;
+    }
+
+    #[tokio::test]
+    async fn a_resend_with_its_idempotency_key_places_one_order() {
+        super::a_resend_with_its_idempotency_key_places_one_order(Arc::new(MemStore::new())).await;
     }
 }
 
@@ -357,5 +426,11 @@ mod pg {
     async fn bad_input_stores_and_sends_nothing() {
         let db = TestDb::new().await;
         super::bad_input_stores_and_sends_nothing(store(&db).await).await;
+    }
+
+    #[tokio::test]
+    async fn a_resend_with_its_idempotency_key_places_one_order() {
+        let db = TestDb::new().await;
+        super::a_resend_with_its_idempotency_key_places_one_order(store(&db).await).await;
     }
 }

@@ -715,6 +715,7 @@ fn unprotected_buy(w: &World, i: usize) -> tokio::task::JoinHandle<()> {
                     size,
                     levels: EntryLevels::default(),
                     tags: EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &move |id| ids.entry(id).unwrap(),
                 SystemClock.now(),

@@ -64,6 +64,7 @@ async fn fills_made_while_everything_was_down_are_protected_at_startup() {
                     size: OrderSize::Base(Qty::new(dec!(0.01)).unwrap()),
                     levels: EntryLevels::default(),
                     tags: EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &move |id| ids.entry(id).unwrap(),
                 SystemClock.now(),

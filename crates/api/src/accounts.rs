@@ -1,6 +1,8 @@
 //! `/v1/accounts`: register an exchange account, read and change its settings.
 //! The secret is write-only; a user sees only the accounts they own.
 
+use std::time::Duration;
+
 use axum::Json as JsonOut;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -9,7 +11,8 @@ use oco_core::AccountId;
 use oco_core::model::{Account, ProtectionConfig};
 use oco_core::ports::{ApiCredentials, NewAccount};
 use secrecy::SecretString;
-use tracing::{error, info, warn};
+use tracing::instrument::WithSubscriber;
+use tracing::{Instrument, error, info, warn};
 
 use crate::AppState;
 use crate::auth::AuthUser;
@@ -164,7 +167,9 @@ const LISTED_OPEN_ENTRIES: usize = 5;
 /// streamed nor reconciled, so those entries would lose all protection.
 /// Cancel resting entries with `DELETE /v1/entries/{id}` and wait for filled
 /// entries to close (take-profit or stop-loss filled). Re-enabling and
-/// changing the settings are always allowed.
+/// changing the settings are always allowed. Only the fields the request
+/// carries are written: a settings change never writes back an active flag
+/// read before it.
 #[utoipa::path(
     patch, path = "/v1/accounts/{id}", tag = "accounts",
     params(("id" = i64, Path, description = "Account id")),
@@ -175,6 +180,7 @@ const LISTED_OPEN_ENTRIES: usize = 5;
         (status = 401, body = Problem),
         (status = 404, body = Problem),
         (status = 409, description = "`account_has_open_entries`: disabling refused while entries are open; `openEntries` counts them and `entryIds` lists up to five", body = Problem),
+        (status = 500, description = "`account_left_disabled`: the disable raced a new entry and enabling the account again failed; enable it with `{\"active\": true}`", body = Problem),
     ),
     security(("bearer" = []))
 )]
@@ -187,34 +193,111 @@ pub(crate) async fn update_account(
     let id = AccountId(path_id("account", &id)?);
     let account = owned_account(&state, &user, id).await?;
     let protection = match &req.protection {
-        Some(s) => apply_settings(account.protection, s)?,
-        None => account.protection,
+        Some(s) => Some(apply_settings(account.protection, s)?),
+        None => None,
     };
-    let active = req.active.unwrap_or(account.active);
     let disabling = req.active == Some(false);
     if disabling {
         refuse_if_open(&state, id).await?;
     }
+    // From the write on, the work runs as its own task: hyper drops this
+    // handler's future when the client hangs up, and a disable cut short
+    // between its write and its re-check would leave an entry that raced it
+    // on a disabled account, unfollowed.
+    let task = tokio::spawn(
+        write_account(state.clone(), id, protection, req.active)
+            .in_current_span()
+            .with_current_subscriber(),
+    );
+    let updated = task.await.map_err(|e| {
+        error!(account = %id, error = %e, "account update ended without an answer");
+        ApiError::Internal(format!(
+            "the update of account {id} ended without an answer ({e}); read GET /v1/accounts/{id}"
+        ))
+    })??;
+    info!(account = %id, active = updated.active, "account settings changed");
+    Ok(JsonOut(AccountView::of(&updated)))
+}
+
+/// Writes what the request carries, and no more: the active flag the
+/// handler read may be stale (an enable and a new entry since), and writing
+/// it back would disable the account without the open-entries check.
+async fn write_account(
+    state: AppState,
+    id: AccountId,
+    protection: Option<ProtectionConfig>,
+    active: Option<bool>,
+) -> Result<Account, ApiError> {
     let updated = state.store.update_account(id, protection, active).await?;
-    if disabling {
-        // An entry stored between the check above and this write would go
-        // unfollowed. The store inserts an entry only while its account is
-        // active, holding the account's row until the insert commits;
+    if active == Some(false) {
+        // An entry stored between the handler's check and this write would
+        // go unfollowed. The store inserts an entry only while its account
+        // is active, holding the account's row until the insert commits;
         // checking again after writing means one of the two sides always
         // sees the other.
         if let Err(refusal) = refuse_if_open(&state, id).await {
-            if account.active {
-                if let Err(e) = state.store.update_account(id, protection, true).await {
-                    error!(account = %id, error = %e, "an entry arrived while the account was being disabled and it could not be enabled again");
-                    return Err(e.into());
-                }
-                warn!(account = %id, "an entry arrived while the account was being disabled; it stays enabled");
-            }
-            return Err(refusal);
+            return Err(enable_again(&state, id, refusal).await);
         }
     }
-    info!(account = %id, active, "account settings changed");
-    Ok(JsonOut(AccountView::of(&updated)))
+    Ok(updated)
+}
+
+/// Attempts at enabling an account again after a disable that raced an entry.
+const ENABLE_ATTEMPTS: u32 = 3;
+/// Wait before the second attempt; doubled before each next one.
+const ENABLE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// An entry appeared (or the re-check failed) while the account was being
+/// disabled: enable it again and answer `refusal`. The entry was stored on
+/// an enabled account (the store takes none on a disabled one), so the
+/// account is enabled whatever this request read of it before. If that
+/// fails, the account is disabled with an entry nobody follows: logged as
+/// an error, and the answer says so and what to do.
+async fn enable_again(state: &AppState, id: AccountId, refusal: ApiError) -> ApiError {
+    let mut wait = ENABLE_BACKOFF;
+    let mut attempt = 1;
+    let failure = loop {
+        match state.store.update_account(id, None, Some(true)).await {
+            Ok(_) => {
+                warn!(account = %id, "an entry arrived while the account was being disabled; it stays enabled");
+                return refusal;
+            }
+            Err(e) if attempt < ENABLE_ATTEMPTS => {
+                warn!(account = %id, attempt, error = %e, "enabling the account again failed, retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    let (count, ids, why) = match &refusal {
+        ApiError::OpenEntries { count, ids, .. } => (
+            Some(*count),
+            ids.clone(),
+            format!(
+                "open entries ({}{}) were stored while it was being disabled",
+                ids.iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if *count > ids.len() { ", …" } else { "" }
+            ),
+        ),
+        other => (
+            None,
+            Vec::new(),
+            format!("its open entries could not be checked after the disable ({other})"),
+        ),
+    };
+    error!(account = %id, open_entries = ?count, entry_ids = ?ids, error = %failure, refusal = %refusal, "account left disabled with open entries: a disable raced an entry and enabling the account again failed; its entries are neither streamed nor reconciled until it is enabled");
+    ApiError::AccountLeftDisabled {
+        message: format!(
+            "account {id} is left disabled: {why}, and enabling it again failed {ENABLE_ATTEMPTS} times ({failure}); disabled, it is neither streamed nor reconciled, so those entries' fills are not protected: enable it now with PATCH /v1/accounts/{id} {{\"active\": true}}"
+        ),
+        count,
+        ids,
+    }
 }
 
 /// `Err(account_has_open_entries)` while any entry of `id` still needs

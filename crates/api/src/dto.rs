@@ -27,14 +27,16 @@ pub struct Problem {
     /// Binance's error code, for `exchange_rejected`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binance_code: Option<i32>,
-    /// The entry concerned, when one was stored.
+    /// The entry concerned, when one was stored (for
+    /// `idempotency_key_reused`: the entry stored under the key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry_id: Option<i64>,
-    /// For `account_has_open_entries`: how many entries of the account are
-    /// still open.
+    /// For `account_has_open_entries` and `account_left_disabled`: how many
+    /// entries of the account are still open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open_entries: Option<usize>,
-    /// For `account_has_open_entries`: up to five of them, lowest id first.
+    /// For `account_has_open_entries` and `account_left_disabled`: up to five
+    /// of them, lowest id first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry_ids: Option<Vec<i64>>,
 }

@@ -1,7 +1,8 @@
 //! `/v1/entries`: place, read, list and cancel entries. Placing stores the
 //! entry with its levels first, sends it under its deterministic client id
 //! with the FULL response, and protects whatever filled at once (source
-//! `direct`).
+//! `direct`). A request that carries an `Idempotency-Key` its account
+//! already used is answered with that entry, and nothing is sent again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -9,15 +10,15 @@ use std::sync::{Arc, OnceLock};
 use axum::Json as JsonOut;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use oco_core::mem::merge_evidence;
-use oco_core::model::{Entry, Evidence, NewEntry, Protection, Source};
+use oco_core::model::{Entry, EntryKind, Evidence, NewEntry, OrderSize, Protection, Source};
 use oco_core::ports::{
     ApiCredentials, CancelOutcome, ExchangeError, OrderRequest, OrderSnapshot, Side, event,
 };
 use oco_core::protect::ProtectOutcome;
-use oco_core::{ClientOrderId, EntryId, EntryStatus, Qty, StoreError};
+use oco_core::{ClientOrderId, EntryId, EntryLevels, EntryStatus, IdempotencyKey, Qty, StoreError};
 use rust_decimal::Decimal;
 use tracing::instrument::WithSubscriber;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -38,30 +39,61 @@ const DEFAULT_LIST: usize = 100;
 /// Unknown symbol codes: Binance's "Invalid symbol." (-1121).
 const INVALID_SYMBOL: i32 = -1121;
 
+/// The request header carrying the client's idempotency key.
+const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+/// Set (`true`) on an answer that is an earlier request's entry.
+static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
 /// Places a BUY entry and protects what fills in its own response.
 #[utoipa::path(
     post, path = "/v1/entries", tag = "entries",
     request_body = CreateEntryRequest,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Optional; 1 to 64 printable ASCII characters, no space first or last, unique per account. A request whose key the account already used places nothing: it is answered `200` with that entry (header `Idempotent-Replayed: true`), or `409 idempotency_key_reused` if it asks for another symbol, type, size, price or levels. Send one with every entry and resend with the same key after a lost answer, a timeout, a 5xx or a 202."),
+    ),
     responses(
+        (status = 200, description = "The entry of an earlier request with the same `Idempotency-Key`, as it stands now; nothing was sent again (see `note`)", body = EntryView),
         (status = 201, description = "Placed; any fill is already protected (see `protection` and `legs`)", body = EntryView),
-        (status = 202, description = "Stored and sent, outcome unknown: the entry stays `pending_new` and reconciliation resolves it by client id (never resend)", body = EntryView),
-        (status = 400, description = "Bad input (nothing stored)", body = Problem),
+        (status = 202, description = "Stored and sent, outcome unknown (or the placement ended without an answer): the entry stays `pending_new` and reconciliation resolves it by client id (never resend without the same `Idempotency-Key`)", body = EntryView),
+        (status = 400, description = "Bad input, or a malformed `Idempotency-Key` (nothing stored)", body = Problem),
         (status = 401, description = "No or unknown token", body = Problem),
         (status = 404, description = "No such account of yours", body = Problem),
+        (status = 409, description = "`idempotency_key_reused`: the key was used for an entry that differs from this request (`entryId`); nothing stored or sent", body = Problem),
         (status = 415, description = "Not JSON", body = Problem),
         (status = 422, description = "Refused: by the exchange (`exchange_rejected`, with `binanceCode`), or not protectable (`unprotectable`)", body = Problem),
         (status = 429, description = "Exchange rate limit; see Retry-After", body = Problem),
         (status = 503, description = "Exchange or store unavailable", body = Problem),
+        (status = 500, description = "The placement ended before the entry was stored: nothing was sent", body = Problem),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn create_entry(
     State(state): State<AppState>,
     user: AuthUser,
+    headers: HeaderMap,
     Json(req): Json<CreateEntryRequest>,
 ) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
     let parsed = parse_entry(req)?;
     let account = owned_account(&state, &user, parsed.account).await?;
+    if let Some(key) = &key {
+        // A retry is answered before anything else is checked: since its
+        // first try the market may have moved past its levels or the
+        // account been disabled, and its entry stands all the same.
+        if let Some(earlier) = state
+            .users
+            .entry_by_idempotency_key(account.id, key)
+            .await?
+        {
+            let asked = Asked {
+                symbol: parsed.symbol.clone(),
+                kind: parsed.kind,
+                size: parsed.size,
+                levels: parsed.levels,
+            };
+            return replay(&state, key, &asked, &earlier).await;
+        }
+    }
     if !account.active {
         // Refused before any exchange call; the store refuses it too, for a
         // disable that lands after this read.
@@ -89,6 +121,7 @@ pub(crate) async fn create_entry(
         size: parsed.size,
         levels: parsed.levels,
         tags: parsed.tags,
+        idempotency_key: key,
     };
 
     // From the store onwards the work runs as its own task: hyper drops this
@@ -103,8 +136,168 @@ pub(crate) async fn create_entry(
     );
     match task.await {
         Ok(answer) => answer,
-        Err(err) => Err(aborted(&state, stored.get(), &err).await),
+        Err(err) => aborted(&state, stored.get(), &err).await,
     }
+}
+
+/// The request's `Idempotency-Key`, if it carries one.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::field(IDEMPOTENCY_KEY, "must be sent once"));
+    }
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| IdempotencyKey::new(text).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::field(
+                IDEMPOTENCY_KEY,
+                oco_core::ids::IdError::IllegalIdempotencyKey.to_string(),
+            )
+        })
+}
+
+/// What an entry request asks for, as far as a request repeated under the
+/// same idempotency key must ask the same: tags may differ.
+struct Asked {
+    symbol: String,
+    kind: EntryKind,
+    size: OrderSize,
+    levels: EntryLevels,
+}
+
+impl Asked {
+    fn of(new: &NewEntry) -> Asked {
+        Asked {
+            symbol: new.symbol.name.clone(),
+            kind: new.kind,
+            size: new.size,
+            levels: new.levels,
+        }
+    }
+
+    /// How `entry` differs from this request, in the request's words.
+    fn differences(&self, entry: &Entry) -> Vec<String> {
+        let id = entry.id;
+        let mut differ = Vec::new();
+        if self.symbol != entry.symbol.name {
+            differ.push(format!(
+                "symbol is {}, entry {id}'s is {}",
+                self.symbol, entry.symbol.name
+            ));
+        }
+        match (self.kind, entry.kind) {
+            (EntryKind::Limit { price: asked }, EntryKind::Limit { price: stored })
+                if asked != stored =>
+            {
+                differ.push(format!("price is {asked}, entry {id}'s is {stored}"));
+            }
+            (EntryKind::Limit { .. }, EntryKind::Limit { .. }) => {}
+            (asked, stored) if asked != stored => differ.push(format!(
+                "type is {}, entry {id}'s is {}",
+                kind_name(asked),
+                kind_name(stored)
+            )),
+            _ => {}
+        }
+        if self.size != entry.size {
+            differ.push(format!(
+                "size is {}, entry {id}'s is {}",
+                size_text(self.size),
+                size_text(entry.size)
+            ));
+        }
+        let (asked, stored) = (self.levels, entry.levels);
+        if (asked.tp1, asked.tp2) != (stored.tp1, stored.tp2) {
+            differ.push(format!(
+                "tp is {}, entry {id}'s is {}",
+                targets_text(&asked),
+                targets_text(&stored)
+            ));
+        }
+        if asked.sl != stored.sl {
+            let sl =
+                |p: Option<oco_core::Price>| p.map_or_else(|| "absent".into(), |p| p.to_string());
+            differ.push(format!(
+                "sl is {}, entry {id}'s is {}",
+                sl(asked.sl),
+                sl(stored.sl)
+            ));
+        }
+        differ
+    }
+}
+
+fn kind_name(kind: EntryKind) -> &'static str {
+    match kind {
+        EntryKind::Market => "MARKET",
+        EntryKind::Limit { .. } => "LIMIT",
+    }
+}
+
+fn size_text(size: OrderSize) -> String {
+    match size {
+        OrderSize::Base(q) => format!("quantity {q}"),
+        OrderSize::Quote(q) => format!("quoteOrderQty {}", q.normalize()),
+    }
+}
+
+fn targets_text(levels: &EntryLevels) -> String {
+    let tps: Vec<String> = [levels.tp1, levels.tp2]
+        .into_iter()
+        .flatten()
+        .map(|p| p.to_string())
+        .collect();
+    format!("[{}]", tps.join(", "))
+}
+
+/// Answers a request whose idempotency key its account already used: with
+/// that entry as it stands now (`200`), if the request asks for the same
+/// order; else `409 idempotency_key_reused` naming each difference, rather
+/// than another order's answer. Either way nothing is stored or sent.
+async fn replay(
+    state: &AppState,
+    key: &IdempotencyKey,
+    asked: &Asked,
+    earlier: &Entry,
+) -> Result<Response, ApiError> {
+    let differ = asked.differences(earlier);
+    if !differ.is_empty() {
+        warn!(account = %earlier.account, entry = %earlier.id, differences = differ.len(), "idempotency key reused for another entry; refused");
+        return Err(ApiError::IdempotencyKeyReused {
+            message: format!(
+                "Idempotency-Key '{key}' was used for entry {} and this request differs: {}; nothing was stored or sent. Send a new entry with a new key",
+                earlier.id,
+                differ.join("; ")
+            ),
+            entry: earlier.id.0,
+        });
+    }
+    info!(account = %earlier.account, entry = %earlier.id, client_id = %earlier.client_id, "entry request repeated under its idempotency key; answering with its entry");
+    let mut view = view_of(state, earlier.id).await?;
+    view.note = Some(format!(
+        "this is entry {}, placed by an earlier request with Idempotency-Key '{key}'; this request sent nothing. Its state is as of now: read GET /v1/entries/{} to follow it",
+        earlier.id, earlier.id
+    ));
+    let location = HeaderValue::from_str(&format!("/v1/entries/{}", earlier.id))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        StatusCode::OK,
+        [
+            (header::LOCATION, location),
+            (
+                IDEMPOTENT_REPLAYED.clone(),
+                HeaderValue::from_static("true"),
+            ),
+        ],
+        JsonOut(view),
+    )
+        .into_response())
 }
 
 /// Stores the entry, sends it and protects what fills, to the end.
@@ -125,10 +318,26 @@ async fn place(
         .entry(EntryId(0))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let client_id_of = move |id: EntryId| ids.entry(id).unwrap_or_else(|_| fallback.clone());
-    let entry = state
+    let keyed = new
+        .idempotency_key
+        .clone()
+        .map(|key| (key, Asked::of(&new)));
+    let entry = match state
         .store
         .create_entry(new, &client_id_of, state.clock.now())
-        .await?;
+        .await
+    {
+        Ok(entry) => entry,
+        // A request with the same key was stored in the meantime (a retry
+        // racing its first try): this one sends nothing.
+        Err(StoreError::IdempotencyKeyUsed(earlier)) => {
+            return match &keyed {
+                Some((key, asked)) => replay(&state, key, asked, &earlier).await,
+                None => Err(StoreError::IdempotencyKeyUsed(earlier).into()),
+            };
+        }
+        Err(e) => return Err(e.into()),
+    };
     let _ = stored.set(entry.clone());
     if state.ids.entry(entry.id).ok().as_ref() != Some(&entry.client_id) {
         // Only an id beyond the layout can get here; never send such an order.
@@ -145,29 +354,35 @@ async fn place(
 }
 
 /// The placement task ended without an answer: a panic, or a runtime
-/// shutting down. The order may be on the exchange, so the account is
-/// flagged and the answer is not one a client retries.
+/// shutting down. Once the entry is stored its order may be on the
+/// exchange: the account is flagged and the answer is a `202` with the
+/// entry, as for an unknown outcome, never an error a client retries.
 async fn aborted(
     state: &AppState,
     entry: Option<&Entry>,
     err: &tokio::task::JoinError,
-) -> ApiError {
+) -> Result<Response, ApiError> {
     let Some(entry) = entry else {
         error!(error = %err, "entry placement ended before the entry was stored");
-        return ApiError::PlacementAborted {
-            message: format!("the placement ended before the entry was stored ({err})"),
-            entry: None,
-        };
+        return Err(ApiError::PlacementAborted(format!(
+            "the placement ended before the entry was stored ({err}); nothing was sent"
+        )));
     };
     error!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %err, "entry placement ended without an answer");
     flag(state, entry, "entry placement ended without an answer").await;
-    ApiError::PlacementAborted {
-        message: format!(
-            "the placement of entry {} ended without an answer ({err}); its order may be on the exchange, reconciliation resolves it by client id {}; do not resend, read GET /v1/entries/{}",
-            entry.id, entry.client_id, entry.id
-        ),
-        entry: Some(entry.id.0),
-    }
+    let note = format!(
+        "the placement of entry {} ended without an answer ({err}); its order may be on the exchange: reconciliation resolves it by client id {}. Do not resend (a resend with the same Idempotency-Key is answered with this entry); read GET /v1/entries/{} later",
+        entry.id, entry.client_id, entry.id
+    );
+    let view = sent_view(state, entry, entry.clone(), Some(note)).await;
+    let location = HeaderValue::from_str(&format!("/v1/entries/{}", entry.id))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        JsonOut(view),
+    )
+        .into_response())
 }
 
 /// Lines logged by the exchange adapter and the HTTP client while an order

@@ -78,6 +78,16 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
+    /// The request's `Idempotency-Key` was used by the account for an entry
+    /// that differs from this request: 409 `idempotency_key_reused`, with
+    /// that entry. Nothing was stored or sent.
+    #[error("{message}")]
+    IdempotencyKeyReused {
+        /// The key, the entry, and each difference.
+        message: String,
+        /// The entry stored under the key.
+        entry: i64,
+    },
     /// The account still has entries that need following, so it cannot be
     /// disabled: 409 `account_has_open_entries`, with their count and the
     /// first few ids.
@@ -129,14 +139,24 @@ pub enum ApiError {
     #[error("internal error: {0}")]
     Internal(String),
     /// The task placing an entry ended without an answer (it panicked, or
-    /// the runtime is shutting down): 500 `internal`, with the entry if it
-    /// was stored. Not retryable: the order may be on the exchange.
-    #[error("internal error: {message}")]
-    PlacementAborted {
+    /// the runtime is shutting down) before the entry was stored, so before
+    /// anything was sent: 500 `internal`. Once it is stored the answer is a
+    /// `202` with the entry instead, never this.
+    #[error("internal error: {0}")]
+    PlacementAborted(String),
+    /// Disabling the account raced an entry, and enabling it again failed:
+    /// the account is disabled with open entries, which are neither streamed
+    /// nor reconciled until it is enabled. 500 `account_left_disabled`, with
+    /// the entries when known; the caller must enable it
+    /// (`PATCH {"active": true}`).
+    #[error("{message}")]
+    AccountLeftDisabled {
         /// What happened and what to do.
         message: String,
-        /// The entry, if it was stored.
-        entry: Option<i64>,
+        /// How many entries are open, when known.
+        count: Option<usize>,
+        /// Up to five of them, lowest id first.
+        ids: Vec<i64>,
     },
 }
 
@@ -168,12 +188,16 @@ impl ApiError {
             Self::Unprocessable { .. } | Self::ExchangeRejected { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Self::Conflict { .. } | Self::OpenEntries { .. } => StatusCode::CONFLICT,
+            Self::Conflict { .. }
+            | Self::IdempotencyKeyReused { .. }
+            | Self::OpenEntries { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ExchangeUnavailable { .. } | Self::StoreUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::Internal(_) | Self::PlacementAborted { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) | Self::PlacementAborted(_) | Self::AccountLeftDisabled { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -192,12 +216,14 @@ impl ApiError {
             Self::InvalidField { .. } => "invalid_field",
             Self::UnknownSymbol(_) => "unknown_symbol",
             Self::Unprocessable { code, .. } | Self::Conflict { code, .. } => code,
+            Self::IdempotencyKeyReused { .. } => "idempotency_key_reused",
             Self::OpenEntries { .. } => "account_has_open_entries",
             Self::ExchangeRejected { .. } => "exchange_rejected",
             Self::RateLimited { .. } => "rate_limited",
             Self::ExchangeUnavailable { .. } => "exchange_unavailable",
             Self::StoreUnavailable { .. } => "store_unavailable",
-            Self::Internal(_) | Self::PlacementAborted { .. } => "internal",
+            Self::Internal(_) | Self::PlacementAborted(_) => "internal",
+            Self::AccountLeftDisabled { .. } => "account_left_disabled",
         }
     }
 
@@ -218,12 +244,13 @@ impl ApiError {
             Self::ExchangeRejected { entry, .. }
             | Self::RateLimited { entry, .. }
             | Self::ExchangeUnavailable { entry, .. }
-            | Self::StoreUnavailable { entry, .. }
-            | Self::PlacementAborted { entry, .. } => *entry,
+            | Self::StoreUnavailable { entry, .. } => *entry,
+            Self::IdempotencyKeyReused { entry, .. } => Some(*entry),
             _ => None,
         };
         let (open_entries, entry_ids) = match self {
             Self::OpenEntries { count, ids, .. } => (Some(*count), Some(ids.clone())),
+            Self::AccountLeftDisabled { count, ids, .. } => (*count, Some(ids.clone())),
             _ => (None, None),
         };
         Problem {
@@ -246,8 +273,7 @@ impl ApiError {
             Self::ExchangeRejected { entry, .. }
             | Self::RateLimited { entry, .. }
             | Self::ExchangeUnavailable { entry, .. }
-            | Self::StoreUnavailable { entry, .. }
-            | Self::PlacementAborted { entry, .. } => *entry = Some(id),
+            | Self::StoreUnavailable { entry, .. } => *entry = Some(id),
             _ => {}
         }
         self
@@ -290,6 +316,12 @@ impl From<StoreError> for ApiError {
             err @ StoreError::AccountInactive { .. } => ApiError::Unprocessable {
                 code: "account_inactive",
                 message: err.to_string(),
+            },
+            // The entry handler answers a used key itself; anywhere else it
+            // is a request that clashes with a stored entry.
+            StoreError::IdempotencyKeyUsed(entry) => ApiError::IdempotencyKeyReused {
+                message: format!("the idempotency key is already used by entry {}", entry.id),
+                entry: entry.id.0,
             },
             StoreError::Unavailable(message) => ApiError::StoreUnavailable {
                 message,

@@ -276,6 +276,18 @@ async fn the_openapi_document_describes_every_route() {
         "the disable rule is documented: {patch}"
     );
     assert!(patch["responses"]["409"].is_object(), "{patch}");
+    let post = &paths["/v1/entries"]["post"];
+    let key = post["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "Idempotency-Key")
+        .unwrap_or_else(|| panic!("no Idempotency-Key parameter: {post}"));
+    assert_eq!(key["in"], "header", "{key}");
+    assert_eq!(key["required"], false, "{key}");
+    for status in ["200", "409"] {
+        assert!(post["responses"][status].is_object(), "{status}: {post}");
+    }
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"
@@ -336,4 +348,106 @@ async fn a_market_stop_account_is_protected_by_stop_limits_where_market_stops_ar
         ],
         "{body}"
     );
+}
+
+/// A settings-only PATCH that read the account disabled, while an enable
+/// and a new entry land before its write: the write leaves the active flag
+/// to the store, so the account stays enabled and its entry followed.
+#[tokio::test]
+async fn a_settings_change_never_disables_an_account_enabled_meanwhile() {
+    let w = world().await;
+    let (status, _) = patch_alice(&w, json!({"active": false})).await;
+    assert_eq!(status, StatusCode::OK);
+    w.hooks.enable_on_update.store(true, Ordering::SeqCst);
+    let (status, body) = patch_alice(&w, json!({"protection": {"slPct": "2"}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["active"], true, "{body}");
+    assert_eq!(body["protection"]["slPct"], "2", "{body}");
+    let account = w.store.account(AccountId(w.alice_account)).await.unwrap();
+    assert!(account.active, "enabled by the other request, and left so");
+    assert_eq!(w.store.open_entries(account.id).await.unwrap().len(), 1);
+}
+
+/// A disable that read the account already disabled, while an enable and a
+/// new entry land before its write: its re-check finds the entry, and the
+/// account is enabled again, whatever the handler read before.
+#[tokio::test]
+async fn a_disable_racing_an_enable_and_an_entry_leaves_the_account_enabled() {
+    let w = world().await;
+    let (status, _) = patch_alice(&w, json!({"active": false})).await;
+    assert_eq!(status, StatusCode::OK);
+    w.hooks.enable_on_update.store(true, Ordering::SeqCst);
+    let (status, problem) = patch_alice(&w, json!({"active": false})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "account_has_open_entries");
+    let account = w.store.account(AccountId(w.alice_account)).await.unwrap();
+    assert!(account.active, "enabled again: its entry is followed");
+}
+
+/// The disable raced an entry and enabling the account again fails: the
+/// answer says the account is left disabled, with its entries and what to
+/// do, rather than a plain retryable store error.
+#[tokio::test]
+async fn a_failed_re_enable_is_reported_not_hidden() {
+    let w = world().await;
+    w.hooks.entry_on_disable.store(true, Ordering::SeqCst);
+    w.hooks.fail_enable.store(true, Ordering::SeqCst);
+    let (status, problem) = patch_alice(&w, json!({"active": false})).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{problem}");
+    assert_eq!(problem["code"], "account_left_disabled", "{problem}");
+    let account = AccountId(w.alice_account);
+    let open: Vec<i64> = w
+        .store
+        .open_entries(account)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id.0)
+        .collect();
+    assert_eq!(problem["openEntries"], 1, "{problem}");
+    assert_eq!(problem["entryIds"], json!(open), "{problem}");
+    let message = problem["message"].as_str().unwrap();
+    let left = format!("account {} is left disabled", w.alice_account);
+    for part in [
+        left.as_str(),
+        "neither streamed nor reconciled",
+        r#"{"active": true}"#,
+    ] {
+        assert!(message.contains(part), "'{message}' lacks '{part}'");
+    }
+    assert!(!w.store.account(account).await.unwrap().active);
+
+    // As told: enabling it works once the store does.
+    w.hooks.fail_enable.store(false, Ordering::SeqCst);
+    let (status, body) = patch_alice(&w, json!({"active": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["active"], true);
+}
+
+/// A client that hangs up after the disable's write, before its re-check:
+/// the rest still runs, and the entry that raced it keeps the account
+/// enabled.
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_disable_leaves_no_entry_unfollowed() {
+    let w = world().await;
+    w.hooks.entry_on_disable.store(true, Ordering::SeqCst);
+    w.hooks.hold_disable.store(true, Ordering::SeqCst);
+    let gone = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        patch_alice(&w, json!({"active": false})),
+    )
+    .await;
+    assert!(gone.is_err(), "the client hung up before the answer");
+    let account = AccountId(w.alice_account);
+    assert!(
+        !w.store.account(account).await.unwrap().active,
+        "written, not re-checked yet"
+    );
+    w.hooks.hold_disable.store(false, Ordering::SeqCst);
+    w.hooks.disable_written.notify_one();
+    let enabled = wait_until(std::time::Duration::from_secs(3), || async {
+        w.store.account(account).await.unwrap().active
+    })
+    .await;
+    assert!(enabled, "the raced entry's account was left disabled");
 }

@@ -872,3 +872,218 @@ async fn an_entry_on_a_disabled_account_is_refused() {
     assert_eq!(problem["code"], "account_inactive");
     assert_eq!(w.stored(w.alice_account).await, 0);
 }
+
+/// A retry with the same `Idempotency-Key` and body: nothing is sent again;
+/// the answer is the first request's entry as it stands now, even once the
+/// market has moved past its levels, and whatever its tags say.
+#[tokio::test]
+async fn a_retry_with_the_same_idempotency_key_places_one_order() {
+    let w = world().await;
+    let (status, _, first) = w
+        .post_entry_keyed(ALICE_TOKEN, w.market(), &[b"order 17/a"])
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["protection"]["state"], "protected");
+
+    let (status, headers, again) = w
+        .post_entry_keyed(ALICE_TOKEN, w.market(), &[b"order 17/a"])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], first["id"], "the same entry");
+    assert_eq!(again["clientId"], first["clientId"]);
+    assert_eq!(again["status"], "filled");
+    assert_eq!(
+        again["legs"], first["legs"],
+        "its current view, legs and all"
+    );
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(
+        headers["location"],
+        format!("/v1/entries/{}", first["id"]).as_str()
+    );
+    let note = again["note"].as_str().unwrap();
+    assert!(
+        note.contains("earlier request") && note.contains("sent nothing"),
+        "{note}"
+    );
+
+    // The price went through the first target since: the retry is still its
+    // entry, not a refusal of levels no longer valid.
+    w.exchange
+        .fake
+        .set_price("BTCUSDT", oco_core::Price::new(dec!(101.5)).unwrap());
+    let retag = with(w.market(), "signalId", json!("sig-8"));
+    let (status, _, late) = w
+        .post_entry_keyed(ALICE_TOKEN, retag, &[b"order 17/a"])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{late}");
+    assert_eq!(late["id"], first["id"]);
+
+    assert_eq!(w.exchange.place_calls(), 1, "one order");
+    assert_eq!(w.stored(w.alice_account).await, 1, "one entry");
+    assert_eq!(w.exchange.fake.open_lists().len(), 2, "one protection");
+}
+
+/// A key reused for another order is refused, naming each difference; it
+/// never answers with an entry the request did not ask for.
+#[tokio::test]
+async fn a_key_reused_for_another_entry_is_refused_with_409() {
+    let w = world().await;
+    let (status, _, first) = w
+        .post_entry_keyed(ALICE_TOKEN, resting_limit(&w), &[b"k1"])
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let id = first["id"].as_i64().unwrap();
+
+    let cases: [(Value, &[&str]); 5] = [
+        (
+            with(resting_limit(&w), "quantity", json!("2")),
+            &["size is quantity 2", "is quantity 1"],
+        ),
+        (
+            with(resting_limit(&w), "price", json!("96")),
+            &["price is 96, entry", "is 95"],
+        ),
+        (
+            w.market(),
+            &["type is MARKET", "is LIMIT", "tp is [101, 102]"],
+        ),
+        (
+            with(resting_limit(&w), "tp", json!(["98"])),
+            &["tp is [98], entry", "is [98, 99]"],
+        ),
+        (
+            without(resting_limit(&w), "sl"),
+            &["sl is absent, entry", "is 93"],
+        ),
+    ];
+    for (body, parts) in cases {
+        let (status, _, problem) = w.post_entry_keyed(ALICE_TOKEN, body, &[b"k1"]).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+        assert_eq!(problem["code"], "idempotency_key_reused", "{problem}");
+        assert_eq!(problem["entryId"], id, "{problem}");
+        let message = problem["message"].as_str().unwrap();
+        for part in parts
+            .iter()
+            .chain(&["Idempotency-Key 'k1'", "nothing was stored or sent"])
+        {
+            assert!(message.contains(part), "'{message}' lacks '{part}'");
+        }
+    }
+    assert_eq!(w.exchange.place_calls(), 1, "nothing sent again");
+    assert_eq!(w.stored(w.alice_account).await, 1, "nothing stored again");
+
+    // Keys are the account's own: another account may use the same one.
+    let mut bobs = resting_limit(&w);
+    bobs["account"] = json!(w.bob_account);
+    let (status, _, other) = w.post_entry_keyed(BOB_TOKEN, bobs, &[b"k1"]).await;
+    assert_eq!(status, StatusCode::CREATED, "{other}");
+    assert_ne!(other["id"], first["id"]);
+}
+
+#[tokio::test]
+async fn without_a_key_every_request_is_a_new_entry() {
+    let w = world().await;
+    let (s1, first) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    let (s2, second) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_ne!(first["id"], second["id"]);
+    assert_eq!(w.exchange.place_calls(), 2);
+    assert_eq!(w.stored(w.alice_account).await, 2);
+}
+
+#[tokio::test]
+async fn a_malformed_idempotency_key_is_refused_naming_the_header() {
+    let w = world().await;
+    let long = "k".repeat(65);
+    let cases: [&[&[u8]]; 6] = [
+        &[b""],
+        &[b" leading"],
+        &[b"trailing "],
+        &[long.as_bytes()],
+        &["caf\u{e9}".as_bytes()],
+        &[b"once", b"twice"],
+    ];
+    for keys in cases {
+        let (status, _, problem) = w.post_entry_keyed(ALICE_TOKEN, w.market(), keys).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{keys:?}: {problem}");
+        assert_eq!(problem["code"], "invalid_field", "{problem}");
+        assert_eq!(problem["field"], "Idempotency-Key", "{problem}");
+        let message = problem["message"].as_str().unwrap();
+        assert!(message.starts_with("Idempotency-Key: "), "{message}");
+    }
+    let (_, _, problem) = w.post_entry_keyed(ALICE_TOKEN, w.market(), &[b""]).await;
+    assert_eq!(
+        problem["message"],
+        "Idempotency-Key: must be 1 to 64 printable ASCII characters, not starting or ending with a space"
+    );
+    assert_eq!(w.stored(w.alice_account).await, 0, "nothing stored");
+    assert_eq!(w.exchange.place_calls(), 0, "nothing sent");
+    let (status, _, body) = w
+        .post_entry_keyed(ALICE_TOKEN, w.market(), &["k".repeat(64).as_bytes()])
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "64 characters are a key: {body}"
+    );
+}
+
+/// The first try of a request is stored between its retry's look-up of the
+/// key and the retry's own store: the store refuses the retry's entry, and
+/// the retry answers with the first one, sending nothing.
+#[tokio::test]
+async fn a_retry_racing_its_first_try_sends_nothing() {
+    let w = world().await;
+    w.hooks.twin_on_create.store(true, Ordering::SeqCst);
+    let (status, _, body) = w
+        .post_entry_keyed(ALICE_TOKEN, w.market(), &[b"racing"])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["status"], "pending_new",
+        "the first try's, not sent here"
+    );
+    assert_eq!(w.exchange.place_calls(), 0, "the retry sent nothing");
+    assert_eq!(w.stored(w.alice_account).await, 1);
+}
+
+/// The placement task dies once the entry is stored: its order may be out,
+/// so the answer is a 202 with the entry (not a 500 a client would retry),
+/// and a retry with the key gets that entry and sends nothing.
+#[tokio::test]
+async fn a_placement_that_dies_after_the_store_answers_202_with_the_entry() {
+    let w = world().await;
+    w.exchange.push_fault(PlaceFault::Panic);
+    let (status, headers, body) = w
+        .post_entry_keyed(ALICE_TOKEN, w.market(), &[b"dies"])
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let stored = w
+        .store
+        .entries_of(oco_core::AccountId(w.alice_account), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(body["id"], stored[0].id.0);
+    assert_eq!(body["clientId"], stored[0].client_id.as_str());
+    assert_eq!(body["status"], "pending_new");
+    assert_eq!(
+        headers["location"],
+        format!("/v1/entries/{}", stored[0].id).as_str()
+    );
+    let note = body["note"].as_str().unwrap();
+    assert!(
+        note.contains("ended without an answer") && note.contains("Do not resend"),
+        "{note}"
+    );
+    let flagged = w.store.take_flagged(10).await.unwrap();
+    assert_eq!(flagged, vec![oco_core::AccountId(w.alice_account)]);
+
+    let (status, _, again) = w
+        .post_entry_keyed(ALICE_TOKEN, w.market(), &[b"dies"])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], body["id"]);
+    assert_eq!(w.exchange.place_calls(), 1, "sent at most once");
+}

@@ -17,6 +17,12 @@ pub enum IdError {
     /// The namespace is not 1–6 ASCII letters or digits.
     #[error("id namespace '{0}' must be 1 to 6 ASCII letters or digits")]
     IllegalNamespace(String),
+    /// The text is not an idempotency key (see [`IdempotencyKey::new`]).
+    #[error(
+        "must be 1 to {max} printable ASCII characters, not starting or ending with a space",
+        max = IdempotencyKey::MAX_LEN
+    )]
+    IllegalIdempotencyKey,
     /// A number does not fit the id layout.
     #[error("{what} {value} does not fit a client order id (max {max})")]
     TooLarge {
@@ -81,6 +87,48 @@ impl ClientOrderId {
 }
 
 impl fmt::Display for ClientOrderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A client's key for one entry request (the `Idempotency-Key` header): a
+/// request that carries a key its account already used is answered with the
+/// entry stored under it, and nothing is sent again.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// Longest key accepted.
+    pub const MAX_LEN: usize = 64;
+
+    /// Checks the charset and length: 1 to [`IdempotencyKey::MAX_LEN`]
+    /// printable ASCII characters (space to `~`), no space first or last (a
+    /// proxy may trim it off a header value, and the retry would carry
+    /// another key).
+    ///
+    /// # Errors
+    /// [`IdError::IllegalIdempotencyKey`] otherwise.
+    pub fn new(text: impl Into<String>) -> Result<Self, IdError> {
+        let text = text.into();
+        let ok = (1..=Self::MAX_LEN).contains(&text.len())
+            && text.bytes().all(|b| (b' '..=b'~').contains(&b))
+            && !text.starts_with(' ')
+            && !text.ends_with(' ');
+        if ok {
+            Ok(Self(text))
+        } else {
+            Err(IdError::IllegalIdempotencyKey)
+        }
+    }
+
+    /// The key as the client sent it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
@@ -308,6 +356,33 @@ mod tests {
         assert_eq!(oco.take_profit.as_str(), "og-T-1042-2-3");
         assert_eq!(oco.stop_loss.as_str(), "og-S-1042-2-3");
         assert_eq!(ids.entry(EntryId(7)).unwrap().as_str(), "og-E-7");
+    }
+
+    #[test]
+    fn idempotency_keys_are_printable_ascii_up_to_64() {
+        for good in [
+            "a",
+            "order 17",
+            "~!#$%&'()*+,-./:;<=>?@[]^_`{|}",
+            &"k".repeat(64),
+        ] {
+            assert_eq!(IdempotencyKey::new(good).unwrap().as_str(), good);
+        }
+        for bad in [
+            "",
+            " a",
+            "a ",
+            "tab\there",
+            "caf\u{e9}",
+            "nul\0",
+            &"k".repeat(65),
+        ] {
+            assert_eq!(
+                IdempotencyKey::new(bad),
+                Err(IdError::IllegalIdempotencyKey),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -21,7 +21,8 @@ pub mod symbol;
 pub mod testing;
 
 pub use ids::{
-    AccountId, ClientOrderId, EntryId, IdScheme, LegIndex, LegKey, OcoClientIds, OrderRole,
+    AccountId, ClientOrderId, EntryId, IdScheme, IdempotencyKey, LegIndex, LegKey, OcoClientIds,
+    OrderRole,
 };
 pub use levels::{EntryLevels, LevelPercents, ResolvedLevels, StopKind, resolve_levels};
 pub use model::{Account, Entry, Evidence, Fill, Leg, Millis, ProtectionConfig, Source};

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use rust_decimal::Decimal;
 
-use crate::ids::{AccountId, ClientOrderId, EntryId, LegKey};
+use crate::ids::{AccountId, ClientOrderId, EntryId, IdempotencyKey, LegKey};
 use crate::model::{
     Account, Entry, EntryEventRecord, Evidence, Fees, Fill, Leg, LegClaim, LegTrades, LegUpdate,
     Millis, NewEntry, Protection, ProtectionConfig, Realized, SaleSide, Source,
@@ -24,6 +24,8 @@ use crate::state::{EntryStatus, LegSold, LegState};
 struct Inner {
     accounts: BTreeMap<AccountId, (Account, ApiCredentials)>,
     entries: BTreeMap<EntryId, Entry>,
+    /// Entries by their account's idempotency key.
+    keys: BTreeMap<(AccountId, IdempotencyKey), EntryId>,
     fills: BTreeMap<EntryId, BTreeMap<i64, Fill>>,
     legs: BTreeMap<LegKey, Leg>,
     /// Trades of leg orders by account, symbol and trade id: the leg each
@@ -232,16 +234,20 @@ impl Store for MemStore {
     async fn update_account(
         &self,
         id: AccountId,
-        protection: ProtectionConfig,
-        active: bool,
+        protection: Option<ProtectionConfig>,
+        active: Option<bool>,
     ) -> Result<Account, StoreError> {
         let mut inner = self.lock();
         let (account, _) = inner
             .accounts
             .get_mut(&id)
             .ok_or_else(|| not_found("account", id))?;
-        account.protection = protection;
-        account.active = active;
+        if let Some(protection) = protection {
+            account.protection = protection;
+        }
+        if let Some(active) = active {
+            account.active = active;
+        }
         Ok(account.clone())
     }
 
@@ -262,6 +268,18 @@ impl Store for MemStore {
         at: Millis,
     ) -> Result<Entry, StoreError> {
         let mut inner = self.lock();
+        // A key already used answers with its entry, as PostgreSQL's unique
+        // index does, even on an account disabled since.
+        if let Some(key) = &entry.idempotency_key
+            && let Some(id) = inner.keys.get(&(entry.account, key.clone()))
+        {
+            let stored = inner
+                .entries
+                .get(id)
+                .cloned()
+                .ok_or_else(|| not_found("entry", id))?;
+            return Err(StoreError::IdempotencyKeyUsed(Box::new(stored)));
+        }
         // Checked under the same lock as the insert: a disable is either
         // before it (refused here) or after it (and sees the entry).
         match inner.accounts.get(&entry.account) {
@@ -298,6 +316,9 @@ impl Store for MemStore {
             created_at: at,
         };
         inner.entries.insert(id, created.clone());
+        if let Some(key) = entry.idempotency_key {
+            inner.keys.insert((entry.account, key), id);
+        }
         Ok(created)
     }
 
@@ -775,6 +796,19 @@ impl Users for MemStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn entry_by_idempotency_key(
+        &self,
+        account: AccountId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Entry>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .keys
+            .get(&(account, key.clone()))
+            .and_then(|id| inner.entries.get(id))
+            .cloned())
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 
-use crate::ids::{AccountId, ClientOrderId, EntryId, LegKey, OcoClientIds};
+use crate::ids::{AccountId, ClientOrderId, EntryId, IdempotencyKey, LegKey, OcoClientIds};
 use crate::levels::{EntryLevels, LevelPercents, StopKind};
 use crate::money::{Price, Qty};
 use crate::state::{EntryStatus, LegSold, LegState};
@@ -184,6 +184,11 @@ pub struct NewEntry {
     pub levels: EntryLevels,
     /// Tags.
     pub tags: EntryTags,
+    /// The client's key for the request, unique per account: a second
+    /// entry under a key its account used is not stored
+    /// ([`crate::ports::StoreError::IdempotencyKeyUsed`]). `None`: no key,
+    /// every request is a new entry.
+    pub idempotency_key: Option<IdempotencyKey>,
 }
 
 /// One trade of an entry, by exchange trade id.

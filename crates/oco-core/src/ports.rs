@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rust_decimal::Decimal;
 use secrecy::SecretString;
 
-use crate::ids::{AccountId, ClientOrderId, EntryId, LegKey, OcoClientIds};
+use crate::ids::{AccountId, ClientOrderId, EntryId, IdempotencyKey, LegKey, OcoClientIds};
 use crate::model::{
     Account, Entry, EntryEventRecord, Evidence, Fill, Leg, LegClaim, LegUpdate, Millis, NewEntry,
     OrderSize, ProtectionConfig, Source,
@@ -458,6 +458,12 @@ pub enum StoreError {
         /// The disabled account.
         account: AccountId,
     },
+    /// The entry's idempotency key is already its account's, on the entry
+    /// it carries, as stored now: nothing was written. Not a failure for the
+    /// caller to retry: the request was made before, and this is its entry
+    /// (as `HashMap::try_insert` answers with the occupant).
+    #[error("idempotency key already used by entry {}", .0.id)]
+    IdempotencyKeyUsed(Box<Entry>),
     /// The database could not be reached or failed: retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -489,12 +495,16 @@ pub trait Store: Send + Sync {
     async fn account(&self, id: AccountId) -> Result<Account, StoreError>;
     /// The account's credentials, decrypted.
     async fn credentials(&self, id: AccountId) -> Result<ApiCredentials, StoreError>;
-    /// Changes an account's protection settings and active flag.
+    /// Changes an account's protection settings, its active flag, or both;
+    /// `None` leaves that one as it is in the store, whatever the caller
+    /// read before: a settings change never writes back an active flag
+    /// that another request changed meanwhile. Both `None`: the account as
+    /// it is.
     async fn update_account(
         &self,
         id: AccountId,
-        protection: ProtectionConfig,
-        active: bool,
+        protection: Option<ProtectionConfig>,
+        active: Option<bool>,
     ) -> Result<Account, StoreError>;
     /// Active accounts.
     async fn active_accounts(&self) -> Result<Vec<Account>, StoreError>;
@@ -506,7 +516,14 @@ pub trait Store: Send + Sync {
     /// and one written after it sees the entry in
     /// [`Store::open_entries`] read once its write has returned.
     ///
+    /// An entry with an idempotency key is stored only if its account has
+    /// no entry under that key, in the same atomic step: of two calls with
+    /// the same key, however close, one stores the entry and the other
+    /// answers with it, storing nothing.
+    ///
     /// # Errors
+    /// [`StoreError::IdempotencyKeyUsed`] with the entry already stored
+    /// under the key (whether or not the account is still active),
     /// [`StoreError::AccountInactive`] when the account is disabled,
     /// `NotFound` when there is no such account.
     async fn create_entry(
@@ -901,6 +918,13 @@ pub trait Users: Send + Sync {
         status: Option<EntryStatus>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError>;
+    /// The account's entry stored under `key`, if any
+    /// ([`crate::model::NewEntry::idempotency_key`]).
+    async fn entry_by_idempotency_key(
+        &self,
+        account: AccountId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Entry>, StoreError>;
 }
 
 /// Time, injected so that tests control it.

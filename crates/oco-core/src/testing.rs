@@ -4,7 +4,7 @@
 // Test support only: its literals are constants, so a failed parse is a bug in this file.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
@@ -1110,10 +1110,35 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
 
     let mut protection = ProtectionConfig::DEFAULT;
     protection.split = Decimal::ONE;
-    let updated = store.update_account(account.id, protection, true).await?;
+    let updated = store
+        .update_account(account.id, Some(protection), None)
+        .await?;
     ensure!(
-        updated.protection.split == Decimal::ONE,
-        "account settings update"
+        updated.protection.split == Decimal::ONE && updated.active,
+        "account settings update, the active flag as it was: {updated:?}"
+    );
+    let disabled = store.update_account(account.id, None, Some(false)).await?;
+    ensure!(
+        !disabled.active && disabled.protection.split == Decimal::ONE,
+        "the active flag changes alone, the settings as they were: {disabled:?}"
+    );
+    let settings_only = store
+        .update_account(account.id, Some(ProtectionConfig::DEFAULT), None)
+        .await?;
+    ensure!(
+        !settings_only.active,
+        "a settings change leaves a disabled account disabled: {settings_only:?}"
+    );
+    let enabled = store
+        .update_account(account.id, Some(protection), Some(true))
+        .await?;
+    ensure!(
+        enabled.active && enabled.protection.split == Decimal::ONE,
+        "both change together: {enabled:?}"
+    );
+    ensure!(
+        store.update_account(account.id, None, None).await? == enabled,
+        "no change answers the account as it is"
     );
     ensure!(
         store.active_accounts().await?.len() == 1,
@@ -1134,6 +1159,7 @@ pub async fn store_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
             signal_id: Some("sig-1".into()),
             portfolio_id: None,
         },
+        idempotency_key: None,
     };
     let id_of = |id: EntryId| ClientOrderId::new(format!("t-E-{id}")).expect("literal id");
     let entry = store
@@ -1750,6 +1776,7 @@ async fn fence_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
                 size: OrderSize::Base(qty("1")),
                 levels: crate::levels::EntryLevels::default(),
                 tags: crate::model::EntryTags::default(),
+                idempotency_key: None,
             },
             &id_of,
             Millis(1_000),
@@ -1878,6 +1905,7 @@ async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
                 size: OrderSize::Base(qty("1")),
                 levels: crate::levels::EntryLevels::default(),
                 tags: crate::model::EntryTags::default(),
+                idempotency_key: None,
             },
             &id_of,
             Millis(100),
@@ -2121,9 +2149,7 @@ async fn due_behaviour(store: &dyn Store, first: AccountId) -> Result<(), SuiteE
     };
     let second = store.create_account(new_account("suite-key-2")).await?.id;
     let off = store.create_account(new_account("suite-key-3")).await?.id;
-    store
-        .update_account(off, ProtectionConfig::DEFAULT, false)
-        .await?;
+    store.update_account(off, None, Some(false)).await?;
 
     let (a, b) = futures_util::future::join(
         store.take_due_accounts("sync-a", hour, short, 1),
@@ -2309,11 +2335,10 @@ pub async fn inactive_account_behaviour(store: &dyn Store) -> Result<(), SuiteEr
         size: OrderSize::Base(qty("1")),
         levels: crate::levels::EntryLevels::default(),
         tags: crate::model::EntryTags::default(),
+        idempotency_key: None,
     };
     let id_of = |id: EntryId| ClientOrderId::new(format!("ia-E-{id}")).expect("literal id");
-    store
-        .update_account(account.id, ProtectionConfig::DEFAULT, false)
-        .await?;
+    store.update_account(account.id, None, Some(false)).await?;
     let refused = store
         .create_entry(new_entry.clone(), &id_of, Millis(10))
         .await;
@@ -2334,9 +2359,7 @@ pub async fn inactive_account_behaviour(store: &dyn Store) -> Result<(), SuiteEr
         "a refused entry is not stored"
     );
 
-    store
-        .update_account(account.id, ProtectionConfig::DEFAULT, true)
-        .await?;
+    store.update_account(account.id, None, Some(true)).await?;
     let entry = store
         .create_entry(new_entry.clone(), &id_of, Millis(11))
         .await?;
@@ -2360,6 +2383,137 @@ pub async fn inactive_account_behaviour(store: &dyn Store) -> Result<(), SuiteEr
     ensure!(
         matches!(missing, Err(StoreError::NotFound { .. })),
         "an entry on an unknown account is not found, got {missing:?}"
+    );
+    Ok(())
+}
+
+/// Runs the behaviour of idempotency keys ([`NewEntry::idempotency_key`])
+/// on a fresh store: an entry under a key its account already used is not
+/// stored, and the call answers [`StoreError::IdempotencyKeyUsed`] with the
+/// entry as stored now, also once the account is disabled; keys are per
+/// account and case-sensitive; entries without a key are all stored; the
+/// [`Users`](crate::ports::Users) port finds an entry by its key.
+///
+/// # Errors
+/// The first expectation that does not hold, or a store failure.
+pub async fn idempotency_behaviour<S: Store + crate::ports::Users>(
+    store: &S,
+) -> Result<(), SuiteError> {
+    let mut accounts = Vec::new();
+    for key in ["idem-key-a", "idem-key-b"] {
+        let account = store
+            .create_account(NewAccount {
+                owner: "erin".into(),
+                exchange: "binance".into(),
+                credentials: ApiCredentials {
+                    api_key: key.into(),
+                    secret: SecretString::from("idem-secret"),
+                },
+                protection: ProtectionConfig::DEFAULT,
+            })
+            .await?;
+        accounts.push(account.id);
+    }
+    let (a, b) = (accounts[0], accounts[1]);
+    let key = |text: &str| crate::ids::IdempotencyKey::new(text).expect("literal key");
+    let new_entry = |account, q: &str, idempotency_key| NewEntry {
+        account,
+        symbol: btc_usdt(),
+        kind: crate::model::EntryKind::Limit { price: price("90") },
+        size: OrderSize::Base(qty(q)),
+        levels: crate::levels::EntryLevels::default(),
+        tags: crate::model::EntryTags::default(),
+        idempotency_key,
+    };
+    let id_of = |id: EntryId| ClientOrderId::new(format!("ik-E-{id}")).expect("literal id");
+
+    let first = store
+        .create_entry(new_entry(a, "1", Some(key("retry 1"))), &id_of, Millis(1))
+        .await?;
+    let seen = store
+        .record_evidence(
+            first.id,
+            &Evidence {
+                order_id: Some(7),
+                status: EntryStatus::New,
+                executed_qty: Qty::ZERO,
+                cumulative_quote: Decimal::ZERO,
+                fills: vec![],
+                holding: None,
+                observed_at: Millis(2),
+            },
+        )
+        .await?;
+    // Another body under the same key: the store answers with the entry
+    // and leaves telling them apart to the caller.
+    let again = store
+        .create_entry(new_entry(a, "2", Some(key("retry 1"))), &id_of, Millis(3))
+        .await;
+    ensure!(
+        again == Err(StoreError::IdempotencyKeyUsed(Box::new(seen.clone()))),
+        "a used key answers with its entry as stored now, got {again:?}"
+    );
+    let stored = store.entries_of(a, None, 10).await?;
+    ensure!(
+        stored.len() == 1,
+        "nothing stored under a used key: {stored:?}"
+    );
+    ensure!(
+        store.entry_by_idempotency_key(a, &key("retry 1")).await? == Some(seen.clone()),
+        "the key finds its entry"
+    );
+    ensure!(
+        store
+            .entry_by_idempotency_key(b, &key("retry 1"))
+            .await?
+            .is_none(),
+        "another account's key finds nothing"
+    );
+
+    let other_account = store
+        .create_entry(new_entry(b, "1", Some(key("retry 1"))), &id_of, Millis(4))
+        .await?;
+    let other_case = store
+        .create_entry(new_entry(a, "1", Some(key("Retry 1"))), &id_of, Millis(5))
+        .await?;
+    let keyless = [
+        store
+            .create_entry(new_entry(a, "1", None), &id_of, Millis(6))
+            .await?,
+        store
+            .create_entry(new_entry(a, "1", None), &id_of, Millis(7))
+            .await?,
+    ];
+    let ids: BTreeSet<EntryId> = [first.id, other_account.id, other_case.id]
+        .into_iter()
+        .chain(keyless.iter().map(|e| e.id))
+        .collect();
+    ensure!(
+        ids.len() == 5,
+        "keys are per account and case-sensitive, and entries without one are all stored: {ids:?}"
+    );
+
+    store.update_account(a, None, Some(false)).await?;
+    let disabled = store
+        .create_entry(new_entry(a, "1", Some(key("retry 1"))), &id_of, Millis(8))
+        .await;
+    ensure!(
+        matches!(&disabled, Err(StoreError::IdempotencyKeyUsed(e)) if e.id == first.id),
+        "a used key answers with its entry on a disabled account too, got {disabled:?}"
+    );
+    let fresh = store
+        .create_entry(new_entry(a, "1", Some(key("retry 2"))), &id_of, Millis(9))
+        .await;
+    ensure!(
+        fresh == Err(StoreError::AccountInactive { account: a }),
+        "a new key on a disabled account is refused as inactive, got {fresh:?}"
+    );
+    ensure!(
+        store
+            .entry_by_idempotency_key(a, &key("retry 2"))
+            .await?
+            .is_none(),
+        "a refused entry leaves its key free"
     );
     Ok(())
 }
@@ -2395,6 +2549,7 @@ pub async fn fill_claim_behaviour(store: &dyn Store) -> Result<(), SuiteError> {
                 size: OrderSize::Base(qty("1")),
                 levels: crate::levels::EntryLevels::default(),
                 tags: crate::model::EntryTags::default(),
+                idempotency_key: None,
             },
             &id_of,
             Millis(at),
@@ -2759,6 +2914,7 @@ pub async fn users_behaviour<S: Store + crate::ports::Users>(store: &S) -> Resul
         size: OrderSize::Base(qty("0.1")),
         levels: crate::levels::EntryLevels::default(),
         tags: crate::model::EntryTags::default(),
+        idempotency_key: None,
     };
     let id_of = |id: EntryId| ClientOrderId::new(format!("u-E-{id}")).expect("literal id");
     let first = store
@@ -2845,6 +3001,7 @@ pub async fn coverage_behaviour<S: Store + crate::ports::Coverage>(
                     size: OrderSize::Base(qty("1")),
                     levels: crate::levels::EntryLevels::default(),
                     tags: crate::model::EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &id_of,
                 Millis(n),

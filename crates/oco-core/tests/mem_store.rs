@@ -16,6 +16,14 @@ async fn mem_store_refuses_an_entry_on_a_disabled_account() {
 }
 
 #[tokio::test]
+async fn mem_store_keeps_one_entry_per_idempotency_key() {
+    let store = oco_core::mem::MemStore::new();
+    oco_core::testing::idempotency_behaviour(&store)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn mem_store_has_the_lease_behaviour() {
     use oco_core::model::ProtectionConfig;
     use oco_core::ports::{ApiCredentials, NewAccount, Store};

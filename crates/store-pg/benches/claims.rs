@@ -148,6 +148,7 @@ async fn setup(store: &PgStore) -> (Vec<EntryId>, Vec<Duration>) {
                     size: OrderSize::Base("0.01".parse().unwrap()),
                     levels: Default::default(),
                     tags: EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &|id| ClientOrderId::new(format!("b-E-{id}")).unwrap(),
                 Millis(1),

@@ -683,7 +683,12 @@ pub(crate) struct EntryIdRow {
 /// row as updated, and the insert matches nothing); one that comes later
 /// waits for the commit, so the open entries it reads after its write hold
 /// this one. The foreign key's own `FOR KEY SHARE` would not make it wait.
-/// `RETURNING *`: one row, or none when the account is disabled or absent.
+/// With an idempotency key its account already holds (on a committed row,
+/// or on one being inserted, whose commit it waits for), nothing is inserted
+/// (`ON CONFLICT DO NOTHING` on `entries_idempotency_key_unique`; a NULL key
+/// never conflicts).
+/// `RETURNING *`: one row, or none when the account is disabled or absent,
+/// or the key taken.
 pub(crate) struct InsertEntry<'a> {
     pub row: &'a NewEntryRow,
 }
@@ -694,7 +699,7 @@ impl QueryFragment<Pg> for InsertEntry<'_> {
         out.push_sql(
             "INSERT INTO entries (id, account_id, symbol, base_asset, quote_asset, \
              client_order_id, order_type, limit_price, requested_qty, requested_quote, status, \
-             metadata, protection, created_at) SELECT ",
+             metadata, protection, created_at, idempotency_key) SELECT ",
         );
         out.push_bind_param::<Int8, _>(&row.id)?;
         out.push_sql(", a.id, ");
@@ -721,9 +726,14 @@ impl QueryFragment<Pg> for InsertEntry<'_> {
         out.push_bind_param::<Text, _>(row.protection)?;
         out.push_sql(", ");
         out.push_bind_param::<Timestamptz, _>(&row.created_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.idempotency_key)?;
         out.push_sql(" FROM accounts a WHERE a.id = ");
         out.push_bind_param::<Int8, _>(&row.account_id)?;
-        out.push_sql(" AND a.active FOR SHARE RETURNING *");
+        out.push_sql(
+            " AND a.active FOR SHARE ON CONFLICT (account_id, idempotency_key) \
+             WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING *",
+        );
         Ok(())
     }
 }

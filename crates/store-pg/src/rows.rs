@@ -160,6 +160,7 @@ pub(crate) struct NewEntryRow {
     pub metadata: Value,
     pub protection: &'static str,
     pub created_at: PgTimestamp,
+    pub idempotency_key: Option<String>,
 }
 
 /// The protection columns of `entries`. `protected_at`/`protected_by` are

@@ -60,6 +60,7 @@ diesel::table! {
         created_at -> Timestamptz,
         fees -> Jsonb,
         fees_complete -> Bool,
+        idempotency_key -> Nullable<Text>,
     }
 }
 

@@ -27,8 +27,8 @@ use oco_core::model::{
 use oco_core::ports::{ClaimPlanner, FillContext, NewAccount, RecordedFill, RecordedOutcomes};
 use oco_core::state::{EntryStatus, LegSold};
 use oco_core::{
-    Account, AccountId, ApiCredentials, ClientOrderId, Entry, EntryId, Leg, LegKey, Millis,
-    ProtectionConfig, Store, StoreError,
+    Account, AccountId, ApiCredentials, ClientOrderId, Entry, EntryId, IdempotencyKey, Leg, LegKey,
+    Millis, ProtectionConfig, Store, StoreError,
 };
 use rust_decimal::Decimal;
 use secrecy::{ExposeSecret as _, SecretString};
@@ -708,6 +708,29 @@ impl PgStore {
             .into_entry()
     }
 
+    /// `account`'s entry stored under idempotency key `key`, if any.
+    pub(crate) async fn load_entry_by_key(
+        conn: &mut AsyncPgConnection,
+        account: AccountId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Entry>, StoreError> {
+        entries::table
+            .filter(entries::account_id.eq(account.0))
+            .filter(entries::idempotency_key.eq(key.as_str()))
+            .select(EntryRow::as_select())
+            .first(conn)
+            .await
+            .optional()
+            .map_err(|e| {
+                db(
+                    &format!("reading the entry of account {account} under key '{key}'"),
+                    e,
+                )
+            })?
+            .map(EntryRow::into_entry)
+            .transpose()
+    }
+
     /// `account`'s keys and settings and entry `id`'s legs, their three
     /// statements started on `conn` at once (pipelined): one round trip and
     /// one server process, where three connections would wake three.
@@ -1365,14 +1388,22 @@ impl Store for PgStore {
     async fn update_account(
         &self,
         id: AccountId,
-        protection: ProtectionConfig,
-        active: bool,
+        protection: Option<ProtectionConfig>,
+        active: Option<bool>,
     ) -> Result<Account, StoreError> {
         let mut conn = self.conn().await?;
+        if protection.is_none() && active.is_none() {
+            // Nothing to set: an UPDATE with no column is no statement.
+            return Self::start_account(&mut conn, id)
+                .await
+                .map(|(account, _)| account);
+        }
+        // Only the columns given are set: the others keep what the row
+        // holds when the update runs, not what the caller read before.
         diesel::update(accounts::table.find(id.0))
             .set((
-                ProtectionColumns::from_config(&protection),
-                accounts::active.eq(active),
+                protection.as_ref().map(ProtectionColumns::from_config),
+                active.map(|active| accounts::active.eq(active)),
             ))
             .returning(AccountRow::as_returning())
             .load(&mut conn)
@@ -1435,6 +1466,10 @@ impl Store for PgStore {
             metadata: metadata(&entry.levels, &entry.tags),
             protection: "not_needed",
             created_at: timestamp(at)?,
+            idempotency_key: entry
+                .idempotency_key
+                .as_ref()
+                .map(|k| k.as_str().to_owned()),
         };
         let created = InsertEntry { row: &row }
             .load::<EntryRow>(&mut conn)
@@ -1446,9 +1481,17 @@ impl Store for PgStore {
                 self.announce_entry(entry.account, EntryId(id));
                 row.into_entry()
             }
-            // Nothing inserted: the account is disabled or absent. Only a
-            // refusal reads it again, to say which.
+            // Nothing inserted: the key is taken, or the account is
+            // disabled or absent. Only a refusal reads again, to say which;
+            // the key first, as a used key answers with its entry whatever
+            // the account's state.
             Err(DieselError::NotFound) => {
+                if let Some(key) = &entry.idempotency_key
+                    && let Some(stored) =
+                        Self::load_entry_by_key(&mut conn, entry.account, key).await?
+                {
+                    return Err(StoreError::IdempotencyKeyUsed(Box::new(stored)));
+                }
                 let exists = accounts::table
                     .find(entry.account.0)
                     .select(accounts::id)

@@ -7,7 +7,7 @@ use diesel::sql_types::Text;
 use diesel_async::RunQueryDsl;
 use oco_core::ports::Users;
 use oco_core::state::EntryStatus;
-use oco_core::{Account, AccountId, Entry, StoreError};
+use oco_core::{Account, AccountId, Entry, IdempotencyKey, StoreError};
 
 use crate::error::db;
 use crate::rows::{AccountRow, EntryRow};
@@ -85,5 +85,14 @@ impl Users for PgStore {
             .into_iter()
             .map(EntryRow::into_entry)
             .collect()
+    }
+
+    async fn entry_by_idempotency_key(
+        &self,
+        account: AccountId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Entry>, StoreError> {
+        let mut conn = self.conn().await?;
+        PgStore::load_entry_by_key(&mut conn, account, key).await
     }
 }

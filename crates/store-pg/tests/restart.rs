@@ -100,6 +100,7 @@ async fn the_store_recovers_when_postgres_restarts() {
                 size: OrderSize::Base("1".parse().unwrap()),
                 levels: Default::default(),
                 tags: EntryTags::default(),
+                idempotency_key: None,
             },
             &|id| ClientOrderId::new(format!("r-E-{id}")).unwrap(),
             Millis(1),

@@ -11,10 +11,11 @@ use oco_core::levels::EntryLevels;
 use oco_core::model::{
     EntryKind, EntryTags, Evidence, LegClaim, NewEntry, OrderSize, Protection, Realized,
 };
-use oco_core::ports::NewAccount;
+use oco_core::ports::{NewAccount, Users as _};
 use oco_core::{
-    AccountId, ApiCredentials, Asset, ClientOrderId, Entry, EntryId, EntryStatus, Fill, LegIndex,
-    LegKey, Millis, OcoClientIds, Price, ProtectionConfig, Qty, Source, Store, StoreError, Symbol,
+    AccountId, ApiCredentials, Asset, ClientOrderId, Entry, EntryId, EntryStatus, Fill,
+    IdempotencyKey, LegIndex, LegKey, Millis, OcoClientIds, Price, ProtectionConfig, Qty, Source,
+    Store, StoreError, Symbol,
 };
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
@@ -83,6 +84,7 @@ fn entry_request(account: AccountId) -> NewEntry {
             signal_id: None,
             portfolio_id: Some("pf-9".into()),
         },
+        idempotency_key: None,
     }
 }
 
@@ -171,6 +173,80 @@ async fn pg_store_refuses_an_entry_on_a_disabled_account() {
     );
 }
 
+#[tokio::test]
+async fn pg_store_keeps_one_entry_per_idempotency_key() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    oco_core::testing::idempotency_behaviour(&store)
+        .await
+        .unwrap();
+}
+
+/// Two requests with the same idempotency key, let go together: their
+/// inserts race on the key, one stores the entry, the other waits for its
+/// commit and answers with it. One row; both name the same entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_entries_racing_with_one_key_store_one() {
+    use diesel_async::SimpleAsyncConnection as _;
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let account = new_account(store.as_ref(), "k-same-key").await.id;
+    // Holds the account's row, so that both inserts queue behind it and
+    // start together when it is let go.
+    let mut gate = raw(&db).await;
+    gate.batch_execute(&format!(
+        "BEGIN; SELECT id FROM accounts WHERE id = {account} FOR UPDATE"
+    ))
+    .await
+    .unwrap();
+    let racing: Vec<_> = (0..2)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .create_entry(
+                        NewEntry {
+                            idempotency_key: Some(IdempotencyKey::new("same-key").unwrap()),
+                            ..entry_request(account)
+                        },
+                        &|id| ClientOrderId::new(format!("t-E-{id}")).unwrap(),
+                        Millis(1_700_000_000_000 + n),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    until_waiting_on_locks(&mut raw(&db).await, 2, || {
+        racing.iter().all(tokio::task::JoinHandle::is_finished)
+    })
+    .await;
+    gate.batch_execute("ROLLBACK").await.unwrap();
+
+    let mut stored = Vec::new();
+    let mut answered = Vec::new();
+    for call in racing {
+        match call.await.unwrap() {
+            Ok(entry) => stored.push(entry),
+            Err(StoreError::IdempotencyKeyUsed(entry)) => answered.push(*entry),
+            Err(e) => panic!("neither stored nor answered with the entry: {e}"),
+        }
+    }
+    assert_eq!(entry_rows(&db).await, 1, "one row for one key");
+    assert_eq!(
+        (stored.len(), answered.len()),
+        (1, 1),
+        "one stores, one answers: {stored:?} {answered:?}"
+    );
+    assert_eq!(answered[0], stored[0], "both name the same entry");
+    assert_eq!(
+        store
+            .entry_by_idempotency_key(account, &IdempotencyKey::new("same-key").unwrap())
+            .await
+            .unwrap(),
+        Some(stored[0].clone())
+    );
+}
+
 /// The gate on the account is part of the insert's one statement, still
 /// prepared once per connection: no read and no second statement before an
 /// entry's order goes out.
@@ -182,18 +258,30 @@ async fn create_entry_stays_one_statement_prepared_once_per_connection() {
     for _ in 0..3 {
         new_entry(&store, account).await;
     }
+    // An idempotency key is one more bound value, not another text.
+    store
+        .create_entry(
+            NewEntry {
+                idempotency_key: Some(IdempotencyKey::new("k-1").unwrap()),
+                ..entry_request(account)
+            },
+            &|id| ClientOrderId::new(format!("t-E-{id}")).unwrap(),
+            Millis(1_700_000_000_000),
+        )
+        .await
+        .unwrap();
     let mut conn = store.pool().get().await.unwrap();
     let inserts: Count = diesel::sql_query(
         "SELECT count(*) AS n FROM pg_prepared_statements \
          WHERE statement LIKE 'INSERT INTO entries %FROM accounts a WHERE a.id = $% \
-         AND a.active FOR SHARE RETURNING *'",
+         AND a.active FOR SHARE ON CONFLICT % DO NOTHING RETURNING *'",
     )
     .get_result(&mut *conn)
     .await
     .unwrap();
     assert_eq!(
         inserts.n, 1,
-        "one gated insert, prepared once for three entries"
+        "one gated insert, prepared once for four entries"
     );
 }
 
@@ -277,9 +365,7 @@ async fn a_disable_behind_an_entrys_insert_sees_the_entry() {
         let store = store.clone();
         async move {
             let before = store.open_entries(account).await?;
-            store
-                .update_account(account, ProtectionConfig::DEFAULT, false)
-                .await?;
+            store.update_account(account, None, Some(false)).await?;
             let after = store.open_entries(account).await?;
             Ok::<_, StoreError>((before, after))
         }
@@ -930,10 +1016,7 @@ async fn expired_leases_move_to_another_holder() {
     let a = new_account(&store, "k1").await;
     let b = new_account(&store, "k2").await;
     let c = new_account(&store, "k3").await;
-    store
-        .update_account(c.id, ProtectionConfig::DEFAULT, false)
-        .await
-        .unwrap();
+    store.update_account(c.id, None, Some(false)).await.unwrap();
 
     let long = Duration::from_secs(60);
     assert_eq!(
@@ -982,10 +1065,7 @@ async fn expired_leases_move_to_another_holder() {
     assert_eq!(held, vec![a.id, b.id]);
 
     // Disabling an account drops its lease at the next renewal.
-    store
-        .update_account(b.id, ProtectionConfig::DEFAULT, false)
-        .await
-        .unwrap();
+    store.update_account(b.id, None, Some(false)).await.unwrap();
     assert_eq!(
         store.renew_leases("node-2", long).await.unwrap(),
         vec![a.id]
@@ -1813,7 +1893,7 @@ async fn a_stale_hint_is_caught_by_the_write_and_the_fill_read_again() {
         ..ProtectionConfig::DEFAULT
     };
     elsewhere
-        .update_account(account.id, settings, true)
+        .update_account(account.id, Some(settings), None)
         .await
         .unwrap();
     let recorded = fill_first(

@@ -134,6 +134,7 @@ async fn setup(n_accounts: usize, per_account: usize) -> World {
                                 size: OrderSize::Base(qty),
                                 levels: EntryLevels::default(),
                                 tags: EntryTags::default(),
+                                idempotency_key: None,
                             },
                             &move |id| ids2.entry(id).unwrap(),
                             SystemClock.now(),

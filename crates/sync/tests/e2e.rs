@@ -130,6 +130,7 @@ impl E2e {
                     size: OrderSize::Base(Qty::new(qty).unwrap()),
                     levels: EntryLevels::default(),
                     tags: EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &move |id| ids.entry(id).unwrap(),
                 SystemClock.now(),

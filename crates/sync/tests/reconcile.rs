@@ -681,7 +681,7 @@ async fn a_disabled_account_is_left_alone() {
     let a = w.account("k1").await;
     w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
     w.store
-        .update_account(a.id, oco_core::ProtectionConfig::DEFAULT, false)
+        .update_account(a.id, None, Some(false))
         .await
         .unwrap();
     let sync = w.reconciler(config());

@@ -441,6 +441,7 @@ async fn store_entry(
                 size: OrderSize::Base(Qty::new(qty).unwrap()),
                 levels: EntryLevels::default(),
                 tags: EntryTags::default(),
+                idempotency_key: None,
             },
             &move |id| ids.entry(id).unwrap(),
             SystemClock.now(),

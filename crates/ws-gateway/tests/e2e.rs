@@ -228,6 +228,7 @@ impl World {
                     size,
                     levels: EntryLevels::default(),
                     tags: EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &move |id| ids.entry(id).unwrap(),
                 SystemClock.now(),

@@ -264,6 +264,7 @@ impl World {
                     size: OrderSize::Base(Qty::new(dec!(0.2)).unwrap()),
                     levels: EntryLevels::default(),
                     tags: EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &move |id| ids.entry(id).unwrap(),
                 Millis(0),

@@ -161,6 +161,7 @@ impl Wired {
                     size: OrderSize::Base(Qty::new(dec!(0.01)).unwrap()),
                     levels: EntryLevels::default(),
                     tags: EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &move |id| ids.entry(id).unwrap(),
                 SystemClock.now(),

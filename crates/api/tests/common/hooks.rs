@@ -15,6 +15,7 @@ use oco_core::ports::{Store, StoreError};
 use oco_core::testing::{StoreHooks, btcusdt_rules};
 use oco_core::{EntryLevels, IdScheme, Price, Qty};
 use rust_decimal_macros::dec;
+use tokio::sync::Notify;
 
 /// What a test arms on the router's store (`Hooked` over the world's
 /// `MemStore`).
@@ -27,6 +28,10 @@ pub struct Hooks {
     /// the entry, as a concurrent `PATCH {"active": false}` landing between
     /// the handler's check and the store would.
     pub disable_on_create: AtomicBool,
+    /// The next `create_entry` first stores the same entry itself, as the
+    /// first try of a request racing its retry under one idempotency key
+    /// would, between the retry's look-up of the key and its store.
+    pub twin_on_create: AtomicBool,
     /// The next disabling `update_account` first stores a resting entry on
     /// the account, as a concurrent `POST /v1/entries` would.
     pub entry_on_disable: AtomicBool,
@@ -35,6 +40,17 @@ pub struct Hooks {
     /// between a cancel's record and its reply.
     pub fail_entry_reads_after_evidence: AtomicBool,
     evidence: AtomicBool,
+    /// The next `update_account` first enables the account and stores a
+    /// resting entry on it, as a concurrent `PATCH {"active": true}` and
+    /// `POST /v1/entries` landing after the handler read the account would.
+    pub enable_on_update: AtomicBool,
+    /// While armed, every enabling `update_account` fails.
+    pub fail_enable: AtomicBool,
+    /// While armed, a disabling `update_account` returns only once
+    /// `disable_written` is notified, after its write.
+    pub hold_disable: AtomicBool,
+    /// Lets a held disable return.
+    pub disable_written: Notify,
 }
 
 async fn sneak_in_entry(store: &MemStore, account: AccountId) -> Result<Entry, StoreError> {
@@ -52,6 +68,7 @@ async fn sneak_in_entry(store: &MemStore, account: AccountId) -> Result<Entry, S
             sl: Some(Price::new(dec!(93)).unwrap()),
         },
         tags: EntryTags::default(),
+        idempotency_key: None,
     };
     let client_id_of = move |id: EntryId| ids.entry(id).unwrap();
     store
@@ -65,13 +82,26 @@ impl StoreHooks<MemStore> for Hooks {
         &self,
         inner: &MemStore,
         id: AccountId,
-        p: ProtectionConfig,
-        a: bool,
+        p: Option<ProtectionConfig>,
+        a: Option<bool>,
     ) -> Result<Account, StoreError> {
-        if !a && self.entry_on_disable.swap(false, Ordering::SeqCst) {
+        if self.enable_on_update.swap(false, Ordering::SeqCst) {
+            inner.update_account(id, None, Some(true)).await?;
             sneak_in_entry(inner, id).await?;
         }
-        inner.update_account(id, p, a).await
+        if a == Some(false) && self.entry_on_disable.swap(false, Ordering::SeqCst) {
+            sneak_in_entry(inner, id).await?;
+        }
+        if a == Some(true) && self.fail_enable.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(format!(
+                "updating account {id}: connection refused"
+            )));
+        }
+        let updated = inner.update_account(id, p, a).await?;
+        if a == Some(false) && self.hold_disable.load(Ordering::SeqCst) {
+            self.disable_written.notified().await;
+        }
+        Ok(updated)
     }
     async fn create_entry(
         &self,
@@ -81,10 +111,10 @@ impl StoreHooks<MemStore> for Hooks {
         at: Millis,
     ) -> Result<Entry, StoreError> {
         if self.disable_on_create.swap(false, Ordering::SeqCst) {
-            let settings = inner.account(e.account).await?;
-            inner
-                .update_account(e.account, settings.protection, false)
-                .await?;
+            inner.update_account(e.account, None, Some(false)).await?;
+        }
+        if self.twin_on_create.swap(false, Ordering::SeqCst) {
+            inner.create_entry(e.clone(), c, at).await?;
         }
         let entry = inner.create_entry(e, c, at).await?;
         self.created.store(true, Ordering::SeqCst);

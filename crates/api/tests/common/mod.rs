@@ -16,7 +16,7 @@ use api::{AppState, hash_token};
 use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode, header};
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use oco_core::mem::MemStore;
 use oco_core::model::{Fill, Millis};
 use oco_core::ports::{
@@ -59,6 +59,9 @@ pub enum PlaceFault {
     Fail(ExchangeError),
     /// Places the order, then waits this long before answering.
     SlowAnswer(Duration),
+    /// Panics before anything reaches the exchange, as a bug in the
+    /// placement task would.
+    Panic,
 }
 
 #[derive(Default)]
@@ -177,6 +180,7 @@ impl Exchange for TestExchange {
                 return Err(ExchangeError::UnknownOutcome("timeout".into()));
             }
             Some(PlaceFault::Fail(e)) => return Err(e),
+            Some(PlaceFault::Panic) => panic!("placement task panics (scripted)"),
             Some(PlaceFault::UnknownAfterApply | PlaceFault::SlowAnswer(_)) | None => {
                 self.fake.place_order(creds, order).await?
             }
@@ -383,7 +387,46 @@ impl World {
         body: Option<&str>,
         content_type: Option<&str>,
     ) -> (StatusCode, Value) {
+        let (status, _, value) = self
+            .send(method, path, token, &[], body, content_type)
+            .await;
+        (status, value)
+    }
+
+    /// `POST /v1/entries` with `Idempotency-Key` headers (raw bytes, each
+    /// sent as given); the answer's headers too.
+    pub async fn post_entry_keyed(
+        &self,
+        token: &str,
+        body: Value,
+        keys: &[&[u8]],
+    ) -> (StatusCode, HeaderMap, Value) {
+        let headers: Vec<(&str, &[u8])> = keys.iter().map(|k| ("Idempotency-Key", *k)).collect();
+        self.send(
+            Method::POST,
+            "/v1/entries",
+            Some(token),
+            &headers,
+            Some(&body.to_string()),
+            Some("application/json"),
+        )
+        .await
+    }
+
+    /// Sends a request with extra headers; the answer's status, headers and body.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &[u8])],
+        body: Option<&str>,
+        content_type: Option<&str>,
+    ) -> (StatusCode, HeaderMap, Value) {
         let mut req = Request::builder().method(method).uri(path);
+        for (name, value) in headers {
+            req = req.header(*name, axum::http::HeaderValue::from_bytes(value).unwrap());
+        }
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -395,6 +438,7 @@ impl World {
             .unwrap();
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .unwrap();
@@ -405,7 +449,7 @@ impl World {
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
-        (status, value)
+        (status, headers, value)
     }
 
     pub async fn post_entry(&self, token: &str, body: Value) -> (StatusCode, Value) {

@@ -118,7 +118,11 @@ hooks_and_forwarding! {
     fn create_account(account: NewAccount) -> Account;
     fn account(id: AccountId) -> Account;
     fn credentials(id: AccountId) -> ApiCredentials;
-    fn update_account(id: AccountId, protection: ProtectionConfig, active: bool) -> Account;
+    fn update_account(
+        id: AccountId,
+        protection: Option<ProtectionConfig>,
+        active: Option<bool>,
+    ) -> Account;
     fn active_accounts() -> Vec<Account>;
     fn create_entry(
         entry: NewEntry,

@@ -99,6 +99,7 @@ impl World {
                     size: OrderSize::Base(q(dec!(1))),
                     levels,
                     tags: EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &move |id| ids.entry(id).unwrap(),
                 self.clock.now(),

@@ -405,6 +405,7 @@ impl World {
                     size: OrderSize::Base(q(qty)),
                     levels: EntryLevels::default(),
                     tags: EntryTags::default(),
+                    idempotency_key: None,
                 },
                 &move |id| ids.entry(id).unwrap(),
                 self.clock.now(),
