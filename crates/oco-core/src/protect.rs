@@ -1318,10 +1318,24 @@ impl Protector {
                 .record_outcomes(entry.id, &updates, &events, protection.as_ref())
                 .await?;
             let mut lost = false;
+            let mut ended = false;
             for (claim, applied) in claims.iter().zip(&recorded.applied) {
-                if !applied && !self.keep_or_withdraw(entry, creds, claim, source).await? {
-                    lost = true;
+                if *applied {
+                    continue;
                 }
+                match self.keep_or_withdraw(entry, creds, claim, source).await? {
+                    Sent::Placed => {}
+                    Sent::Ended => ended = true,
+                    Sent::Withdrawn => lost = true,
+                }
+            }
+            if ended {
+                // A list ended (its take-profit filled in part, its stop
+                // expired) while its answer was unrecorded: the stream's
+                // follow-up found this generation in flight and left the
+                // position to us, and the write's label counted that list.
+                self.ended_while_placing(&recorded.entry).await?;
+                return Ok(Round::Replan);
             }
             // A list withdrawn because its claim was taken over: whoever took it
             // decides the coverage, and the next round sees what they did.
@@ -1357,6 +1371,7 @@ impl Protector {
         let mut cap_refused = false;
         let mut stop_type_refused = false;
         let mut lost = false;
+        let mut ended = false;
         for ((claim, request), result) in claims.iter().zip(&requests).zip(results) {
             let key = claim.key;
             match result {
@@ -1371,9 +1386,15 @@ impl Protector {
                             None,
                         )
                         .await?;
-                    if !ours && !self.keep_or_withdraw(entry, creds, claim, source).await? {
-                        lost = true;
-                        continue;
+                    if !ours {
+                        match self.keep_or_withdraw(entry, creds, claim, source).await? {
+                            Sent::Placed => {}
+                            Sent::Ended => ended = true,
+                            Sent::Withdrawn => {
+                                lost = true;
+                                continue;
+                            }
+                        }
                     }
                     info!(entry = %entry.id, leg = %key, list_id = ack.list_id, client_id = %request.ids.list, %source, "protection leg placed");
                     placed.push(key);
@@ -1388,8 +1409,10 @@ impl Protector {
                         .await?;
                     // Taken over while we sent: whatever we may have placed is not ours to keep.
                     if !ours {
-                        if !self.keep_or_withdraw(entry, creds, claim, source).await? {
-                            lost = true;
+                        match self.keep_or_withdraw(entry, creds, claim, source).await? {
+                            Sent::Placed => {}
+                            Sent::Ended => ended = true,
+                            Sent::Withdrawn => lost = true,
                         }
                         continue;
                     }
@@ -1468,6 +1491,22 @@ impl Protector {
         }
         if lost {
             // A withdrawn list freed its coins.
+            return Ok(Round::Replan);
+        }
+        // Written leg by leg, the legs were not all recorded at once: one
+        // recorded placed (or found by its lookup) may have ended on the
+        // stream while another was still claimed or in doubt, whose
+        // follow-up then left the position to us. Read once, on this path
+        // only, before any label counts them.
+        if !ended && !placed.is_empty() {
+            let now = self.store.legs(entry.id).await?;
+            ended = now.iter().any(|l| {
+                placed.contains(&l.key) && crate::mem::was_placed(&l.state) && !l.state.is_active()
+            });
+        }
+        if ended {
+            let current = self.store.entry(entry.id).await?;
+            self.ended_while_placing(&current).await?;
             return Ok(Round::Replan);
         }
         // The market passed a level of some legs. Those that went out keep their
@@ -2634,21 +2673,30 @@ impl Protector {
     /// A list of ours went out, but the write of its outcome found the claim
     /// no longer `claimed`. If the leg was recorded placed meanwhile (someone
     /// found the list by its client id and adopted it), the list is ours and
-    /// stays: `true`. Otherwise the claim was taken over as abandoned and
+    /// stays: [`Sent::Placed`]. If the leg ended meanwhile (the stream
+    /// reported its take-profit filled, in part or whole, or its stop
+    /// expired, before the placement's answer was recorded), the list is
+    /// ours too and nothing is canceled, but it covers nothing any more:
+    /// [`Sent::Ended`]. Otherwise the claim was taken over as abandoned and
     /// another generation may cover the same coins: the list is canceled, so
     /// that the exchange never holds two sets of legs for one position
-    /// (`false`).
+    /// ([`Sent::Withdrawn`]).
     async fn keep_or_withdraw(
         &self,
         entry: &Entry,
         creds: &ApiCredentials,
         claim: &LegClaim,
         source: Source,
-    ) -> Result<bool, ProtectError> {
+    ) -> Result<Sent, ProtectError> {
         let legs = self.store.legs(entry.id).await?;
         let now = legs.iter().find(|l| l.key == claim.key).map(|l| &l.state);
-        if now.is_some_and(crate::mem::was_placed) {
-            return Ok(true);
+        match now {
+            Some(LegState::Placed { .. }) => return Ok(Sent::Placed),
+            Some(state) if crate::mem::was_placed(state) => {
+                warn!(entry = %entry.id, leg = %claim.key, client_id = %claim.ids.list, state = state.name(), %source, "list ended before its placement was recorded; planning again");
+                return Ok(Sent::Ended);
+            }
+            _ => {}
         }
         error!(entry = %entry.id, leg = %claim.key, client_id = %claim.ids.list, state = now.map_or("missing", LegState::name), %source, "claim taken over while its list was sent; canceling the list");
         // A refusal here is final (the list is not open); an unanswered cancel
@@ -2699,7 +2747,22 @@ impl Protector {
                 self.clock.now(),
             ))
             .await?;
-        Ok(false)
+        Ok(Sent::Withdrawn)
+    }
+
+    /// Labels `entry` (as read after the outcomes were written) after a list
+    /// of the generation being placed ended before its answer was recorded:
+    /// its coins, or some of them, are without a stop until the next round
+    /// places one, and a `protected` label (set by the outcomes' write, or
+    /// left by an earlier generation) would hide them should the call end
+    /// first. The next rounds label what they find.
+    async fn ended_while_placing(&self, entry: &Entry) -> Result<(), ProtectError> {
+        if matches!(entry.protection, Protection::Protected { .. }) {
+            self.store
+                .set_protection(entry.id, &Protection::Unprotected)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn release(
@@ -2794,6 +2857,18 @@ pub const STOP_SUBSTITUTED: &str = "stop_substituted";
 /// Tries at moving a leg whose list was canceled to `Replaced` while other
 /// writers move it (`Protector::replace_canceled`).
 const REPLACE_ATTEMPTS: usize = 4;
+
+/// What became of a list sent under a claim that its outcome's write found
+/// moved ([`Protector::keep_or_withdraw`]).
+enum Sent {
+    /// Recorded placed by another writer (adopted): it covers its coins.
+    Placed,
+    /// Ended before its answer was recorded: ours, kept, but no coverage;
+    /// the position changed and the round plans again.
+    Ended,
+    /// Its claim was taken over: canceled.
+    Withdrawn,
+}
 
 /// What the account's open lists tell of an entry whose coins a balance read
 /// calls gone ([`Protector::adopt_stray_list`]).
