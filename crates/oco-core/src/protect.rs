@@ -94,7 +94,9 @@ pub enum ProtectOutcome {
         /// The legs in doubt.
         legs: Vec<LegKey>,
     },
-    /// Some legs were refused or could not be sent; the next call retries.
+    /// Some legs were refused or could not be sent, or a take-profit rest
+    /// could not be canceled (lists placed over the other coins or not);
+    /// the next call retries.
     Failed {
         /// What went wrong, per leg.
         errors: Vec<String>,
@@ -1355,6 +1357,9 @@ impl Protector {
                     Round::Again { holding: None }
                 });
             }
+            if !rest_open.is_zero() {
+                return Ok(Round::Done(rest_still_open(rest_open, placed.len())));
+            }
             return Ok(Round::Done(ProtectOutcome::Placed {
                 legs: placed,
                 replaced,
@@ -1587,6 +1592,9 @@ impl Protector {
         let fresh = self.store.entry(entry.id).await?;
         if fresh.net_qty() > entry.net_qty() {
             return Ok(Round::Again { holding: None });
+        }
+        if !rest_open.is_zero() {
+            return Ok(Round::Done(rest_still_open(rest_open, placed.len())));
         }
         Ok(Round::Done(ProtectOutcome::Placed {
             legs: placed,
@@ -3000,9 +3008,24 @@ pub fn other_fees(entry: &Entry, legs: &[Leg]) -> Fees {
         .plus(&sales.without(&[quote]))
 }
 
+/// What a round that placed `placed` lists beside a take-profit rest it
+/// could not cancel (refused, or its sale unread) ends in: a failure, not
+/// `Placed`. The lists cover the other coins; the rest has no stop, and the
+/// entry is labelled `unprotected` for it. Every layer retries a failure
+/// (sync after its backoff, the gateway and the API by a flag), as when
+/// nothing was left to place beside the rest; called placed, the rest would
+/// wait for sync's next full pass.
+fn rest_still_open(rest_open: Qty, placed: usize) -> ProtectOutcome {
+    ProtectOutcome::Failed {
+        errors: vec![format!(
+            "take-profit rest of {rest_open} still open without a stop; {placed} lists placed over the other coins"
+        )],
+    }
+}
+
 /// Whether `leg` is the rest of a partly filled take-profit: on the book
 /// without a stop until it is canceled.
-fn is_take_profit_rest(leg: &Leg) -> bool {
+pub(crate) fn is_take_profit_rest(leg: &Leg) -> bool {
     leg.state
         == LegState::CanceledExternally {
             why: ExternalEnd::TakeProfitPartial,
