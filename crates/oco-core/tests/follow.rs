@@ -1233,3 +1233,108 @@ async fn a_leg_that_ends_before_its_placement_is_recorded_is_protected_again_by_
 async fn a_leg_that_ends_while_another_is_recorded_is_protected_again_by_the_placer() {
     a_leg_ends_while_its_generation_is_placed(true).await;
 }
+
+/// A take-profit fills 0.1 of its list's 0.3 and drops its stop; the
+/// rounds that follow cancel its rest, but the lookup after each cancel
+/// lags (the rest's sale unread), so they plan only the coins it does not
+/// lock: the entry's second fill gets lists of its own, beside a rest
+/// without a stop, and the call fails rather than say placed. The rest's
+/// own update, `CANCELED`, then reaches the stream: no event moves a rest's
+/// leg, yet its coins are free, and its end is protected at once.
+#[tokio::test]
+async fn a_take_profit_rests_cancel_on_the_stream_protects_its_coins() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let client_id = w.store.entry(id).await.unwrap().client_id;
+    let first = update(
+        client_id.as_str(),
+        EntryStatus::PartiallyFilled,
+        dec!(0.6),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &first, Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let leg = legs.into_iter().next().unwrap();
+    assert_eq!(leg.qty, q(dec!(0.3)));
+
+    w.exchange.lag_next_lookups(1);
+    w.exchange
+        .fill_take_profit(leg.ids.list.as_str(), q(dec!(0.1)));
+    let part = update(
+        leg.ids.take_profit.as_str(),
+        EntryStatus::PartiallyFilled,
+        dec!(0.1),
+        leg.take_profit.get(),
+    );
+    let followed = w
+        .protector
+        .follow(w.account, &part, Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&followed, Followed::Leg { protect: Some(r), .. }
+            if matches!(r.outcome, ProtectOutcome::Failed { .. })),
+        "the rest's sale unread: {followed:?}"
+    );
+
+    w.exchange.lag_next_lookups(1);
+    let mut second = update(client_id.as_str(), EntryStatus::Filled, dec!(1), dec!(100));
+    if let Some(fill) = second.fill.as_mut() {
+        fill.trade_id = 12;
+        fill.qty = q(dec!(0.4));
+    }
+    let Followed::Entry(report) = w
+        .protector
+        .follow(w.account, &second, Source::Websocket)
+        .await
+        .unwrap()
+    else {
+        panic!("the second fill is an entry update")
+    };
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { ref errors }
+            if errors[0].contains("rest of 0.2 still open")),
+        "lists placed beside a rest without a stop: {report:?}"
+    );
+    assert_eq!(stopped_qty(&w), dec!(0.7), "all but the rest's coins");
+
+    // The rest's own update: canceled (by the round), 0.1 of it executed.
+    let canceled = ExecutionUpdate {
+        side: Side::Sell,
+        order_type: "LIMIT_MAKER".into(),
+        execution: "CANCELED".into(),
+        fill: None,
+        ..update(
+            leg.ids.take_profit.as_str(),
+            EntryStatus::Canceled,
+            dec!(0.1),
+            leg.take_profit.get(),
+        )
+    };
+    let followed = w
+        .protector
+        .follow(w.account, &canceled, Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&followed, Followed::Leg { protect: Some(r), .. }
+            if matches!(r.outcome, ProtectOutcome::Placed { .. })),
+        "the rest's end is protected: {followed:?}"
+    );
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(
+        legs.iter().find(|l| l.key == leg.key).unwrap().state,
+        LegState::Replaced,
+        "{legs:?}"
+    );
+    assert_eq!(stopped_qty(&w), dec!(0.9), "every coin held has a stop");
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+}
