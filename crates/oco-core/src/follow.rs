@@ -8,7 +8,7 @@
 use crate::ids::{AccountId, EntryId, LegKey, OrderRole};
 use crate::model::{Evidence, Leg, Protection, SaleSide, Source};
 use crate::ports::{ExecutionUpdate, StoreError, event};
-use crate::protect::{ProtectError, ProtectReport, Protector, realized};
+use crate::protect::{ProtectError, ProtectReport, Protector, is_take_profit_rest, realized};
 use crate::state::{EntryStatus, ExternalEnd, LegEvent, LegSold, LegState};
 
 /// What an update was about.
@@ -205,7 +205,13 @@ impl Protector {
                 // Judged from the state first read: a leg another writer ended
                 // meanwhile still left the position changed (`protect` is
                 // idempotent, so the other writer's own call costs nothing).
-                let position_changed = state.is_terminal() && leg.state.is_active();
+                // So does the end of a take-profit rest (canceled, expired or
+                // filled): no event moves its leg, yet its coins are free or
+                // sold, and a round that tried to cancel it and could not read
+                // its sale (or saw its cancel refused) left them to this.
+                let rest_ended =
+                    take_profit && is_take_profit_rest(&leg) && update.status.is_final();
+                let position_changed = (state.is_terminal() && leg.state.is_active()) || rest_ended;
                 let settled = matches!(
                     entry.protection,
                     Protection::Closed | Protection::Exited { .. }

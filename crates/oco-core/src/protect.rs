@@ -94,7 +94,9 @@ pub enum ProtectOutcome {
         /// The legs in doubt.
         legs: Vec<LegKey>,
     },
-    /// Some legs were refused or could not be sent; the next call retries.
+    /// Some legs were refused or could not be sent, or a take-profit rest
+    /// could not be canceled (lists placed over the other coins or not);
+    /// the next call retries.
     Failed {
         /// What went wrong, per leg.
         errors: Vec<String>,
@@ -1318,10 +1320,24 @@ impl Protector {
                 .record_outcomes(entry.id, &updates, &events, protection.as_ref())
                 .await?;
             let mut lost = false;
+            let mut ended = false;
             for (claim, applied) in claims.iter().zip(&recorded.applied) {
-                if !applied && !self.keep_or_withdraw(entry, creds, claim, source).await? {
-                    lost = true;
+                if *applied {
+                    continue;
                 }
+                match self.keep_or_withdraw(entry, creds, claim, source).await? {
+                    Sent::Placed => {}
+                    Sent::Ended => ended = true,
+                    Sent::Withdrawn => lost = true,
+                }
+            }
+            if ended {
+                // A list ended (its take-profit filled in part, its stop
+                // expired) while its answer was unrecorded: the stream's
+                // follow-up found this generation in flight and left the
+                // position to us, and the write's label counted that list.
+                self.ended_while_placing(&recorded.entry).await?;
+                return Ok(Round::Replan);
             }
             // A list withdrawn because its claim was taken over: whoever took it
             // decides the coverage, and the next round sees what they did.
@@ -1341,6 +1357,9 @@ impl Protector {
                     Round::Again { holding: None }
                 });
             }
+            if !rest_open.is_zero() {
+                return Ok(Round::Done(rest_still_open(rest_open, placed.len())));
+            }
             return Ok(Round::Done(ProtectOutcome::Placed {
                 legs: placed,
                 replaced,
@@ -1357,6 +1376,7 @@ impl Protector {
         let mut cap_refused = false;
         let mut stop_type_refused = false;
         let mut lost = false;
+        let mut ended = false;
         for ((claim, request), result) in claims.iter().zip(&requests).zip(results) {
             let key = claim.key;
             match result {
@@ -1371,9 +1391,15 @@ impl Protector {
                             None,
                         )
                         .await?;
-                    if !ours && !self.keep_or_withdraw(entry, creds, claim, source).await? {
-                        lost = true;
-                        continue;
+                    if !ours {
+                        match self.keep_or_withdraw(entry, creds, claim, source).await? {
+                            Sent::Placed => {}
+                            Sent::Ended => ended = true,
+                            Sent::Withdrawn => {
+                                lost = true;
+                                continue;
+                            }
+                        }
                     }
                     info!(entry = %entry.id, leg = %key, list_id = ack.list_id, client_id = %request.ids.list, %source, "protection leg placed");
                     placed.push(key);
@@ -1388,8 +1414,10 @@ impl Protector {
                         .await?;
                     // Taken over while we sent: whatever we may have placed is not ours to keep.
                     if !ours {
-                        if !self.keep_or_withdraw(entry, creds, claim, source).await? {
-                            lost = true;
+                        match self.keep_or_withdraw(entry, creds, claim, source).await? {
+                            Sent::Placed => {}
+                            Sent::Ended => ended = true,
+                            Sent::Withdrawn => lost = true,
                         }
                         continue;
                     }
@@ -1470,6 +1498,22 @@ impl Protector {
             // A withdrawn list freed its coins.
             return Ok(Round::Replan);
         }
+        // Written leg by leg, the legs were not all recorded at once: one
+        // recorded placed (or found by its lookup) may have ended on the
+        // stream while another was still claimed or in doubt, whose
+        // follow-up then left the position to us. Read once, on this path
+        // only, before any label counts them.
+        if !ended && !placed.is_empty() {
+            let now = self.store.legs(entry.id).await?;
+            ended = now.iter().any(|l| {
+                placed.contains(&l.key) && crate::mem::was_placed(&l.state) && !l.state.is_active()
+            });
+        }
+        if ended {
+            let current = self.store.entry(entry.id).await?;
+            self.ended_while_placing(&current).await?;
+            return Ok(Round::Replan);
+        }
         // The market passed a level of some legs. Those that went out keep their
         // stops; the rest of the position takes the late policy, or it would sit
         // without a stop while every new generation is refused the same way.
@@ -1548,6 +1592,9 @@ impl Protector {
         let fresh = self.store.entry(entry.id).await?;
         if fresh.net_qty() > entry.net_qty() {
             return Ok(Round::Again { holding: None });
+        }
+        if !rest_open.is_zero() {
+            return Ok(Round::Done(rest_still_open(rest_open, placed.len())));
         }
         Ok(Round::Done(ProtectOutcome::Placed {
             legs: placed,
@@ -2634,21 +2681,30 @@ impl Protector {
     /// A list of ours went out, but the write of its outcome found the claim
     /// no longer `claimed`. If the leg was recorded placed meanwhile (someone
     /// found the list by its client id and adopted it), the list is ours and
-    /// stays: `true`. Otherwise the claim was taken over as abandoned and
+    /// stays: [`Sent::Placed`]. If the leg ended meanwhile (the stream
+    /// reported its take-profit filled, in part or whole, or its stop
+    /// expired, before the placement's answer was recorded), the list is
+    /// ours too and nothing is canceled, but it covers nothing any more:
+    /// [`Sent::Ended`]. Otherwise the claim was taken over as abandoned and
     /// another generation may cover the same coins: the list is canceled, so
     /// that the exchange never holds two sets of legs for one position
-    /// (`false`).
+    /// ([`Sent::Withdrawn`]).
     async fn keep_or_withdraw(
         &self,
         entry: &Entry,
         creds: &ApiCredentials,
         claim: &LegClaim,
         source: Source,
-    ) -> Result<bool, ProtectError> {
+    ) -> Result<Sent, ProtectError> {
         let legs = self.store.legs(entry.id).await?;
         let now = legs.iter().find(|l| l.key == claim.key).map(|l| &l.state);
-        if now.is_some_and(crate::mem::was_placed) {
-            return Ok(true);
+        match now {
+            Some(LegState::Placed { .. }) => return Ok(Sent::Placed),
+            Some(state) if crate::mem::was_placed(state) => {
+                warn!(entry = %entry.id, leg = %claim.key, client_id = %claim.ids.list, state = state.name(), %source, "list ended before its placement was recorded; planning again");
+                return Ok(Sent::Ended);
+            }
+            _ => {}
         }
         error!(entry = %entry.id, leg = %claim.key, client_id = %claim.ids.list, state = now.map_or("missing", LegState::name), %source, "claim taken over while its list was sent; canceling the list");
         // A refusal here is final (the list is not open); an unanswered cancel
@@ -2699,7 +2755,22 @@ impl Protector {
                 self.clock.now(),
             ))
             .await?;
-        Ok(false)
+        Ok(Sent::Withdrawn)
+    }
+
+    /// Labels `entry` (as read after the outcomes were written) after a list
+    /// of the generation being placed ended before its answer was recorded:
+    /// its coins, or some of them, are without a stop until the next round
+    /// places one, and a `protected` label (set by the outcomes' write, or
+    /// left by an earlier generation) would hide them should the call end
+    /// first. The next rounds label what they find.
+    async fn ended_while_placing(&self, entry: &Entry) -> Result<(), ProtectError> {
+        if matches!(entry.protection, Protection::Protected { .. }) {
+            self.store
+                .set_protection(entry.id, &Protection::Unprotected)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn release(
@@ -2794,6 +2865,18 @@ pub const STOP_SUBSTITUTED: &str = "stop_substituted";
 /// Tries at moving a leg whose list was canceled to `Replaced` while other
 /// writers move it (`Protector::replace_canceled`).
 const REPLACE_ATTEMPTS: usize = 4;
+
+/// What became of a list sent under a claim that its outcome's write found
+/// moved ([`Protector::keep_or_withdraw`]).
+enum Sent {
+    /// Recorded placed by another writer (adopted): it covers its coins.
+    Placed,
+    /// Ended before its answer was recorded: ours, kept, but no coverage;
+    /// the position changed and the round plans again.
+    Ended,
+    /// Its claim was taken over: canceled.
+    Withdrawn,
+}
 
 /// What the account's open lists tell of an entry whose coins a balance read
 /// calls gone ([`Protector::adopt_stray_list`]).
@@ -2925,9 +3008,24 @@ pub fn other_fees(entry: &Entry, legs: &[Leg]) -> Fees {
         .plus(&sales.without(&[quote]))
 }
 
+/// What a round that placed `placed` lists beside a take-profit rest it
+/// could not cancel (refused, or its sale unread) ends in: a failure, not
+/// `Placed`. The lists cover the other coins; the rest has no stop, and the
+/// entry is labelled `unprotected` for it. Every layer retries a failure
+/// (sync after its backoff, the gateway and the API by a flag), as when
+/// nothing was left to place beside the rest; called placed, the rest would
+/// wait for sync's next full pass.
+fn rest_still_open(rest_open: Qty, placed: usize) -> ProtectOutcome {
+    ProtectOutcome::Failed {
+        errors: vec![format!(
+            "take-profit rest of {rest_open} still open without a stop; {placed} lists placed over the other coins"
+        )],
+    }
+}
+
 /// Whether `leg` is the rest of a partly filled take-profit: on the book
 /// without a stop until it is canceled.
-fn is_take_profit_rest(leg: &Leg) -> bool {
+pub(crate) fn is_take_profit_rest(leg: &Leg) -> bool {
     leg.state
         == LegState::CanceledExternally {
             why: ExternalEnd::TakeProfitPartial,

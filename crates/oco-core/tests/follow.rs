@@ -1061,3 +1061,280 @@ async fn a_commission_learnt_after_the_close_recounts_the_result() {
     assert_eq!(entry.realized_quote, Some(dec!(1.399)));
     assert!(entry.fees_complete, "every sale's trades recorded");
 }
+
+/// What the open lists hold under a stop still working: a list whose
+/// take-profit filled in part lost its stop, and its rest holds none.
+fn stopped_qty(w: &World) -> Decimal {
+    w.exchange
+        .open_lists()
+        .iter()
+        .filter(|l| !l.stop_loss.status.is_final())
+        .map(|l| l.request.qty.get())
+        .sum()
+}
+
+/// Hooks on the in-memory store: once, while the placer records its
+/// outcomes, the take-profit of the entry's first list fills in part (0.1)
+/// and the stream's update of it is followed by another protector, as the
+/// gateway would while the placer's other leg is still claimed. Before the
+/// outcomes' one write when every list was acknowledged; before the second
+/// leg's own write when they are written leg by leg (`leg_by_leg`).
+struct EndsWhilePlacing {
+    exchange: Arc<oco_core::testing::FakeExchange>,
+    stream: Arc<Protector>,
+    account: AccountId,
+    leg_by_leg: bool,
+    armed: std::sync::atomic::AtomicBool,
+    followed: Mutex<Option<Followed>>,
+}
+
+impl EndsWhilePlacing {
+    async fn end_the_first(&self, inner: &MemStore, entry: EntryId) -> Result<(), StoreError> {
+        if !self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let legs = inner.legs(entry).await?;
+        let first = legs
+            .iter()
+            .find(|l| l.key.leg == oco_core::ids::LegIndex::First)
+            .unwrap();
+        self.exchange
+            .fill_take_profit(first.ids.list.as_str(), q(dec!(0.1)));
+        let tp = update(
+            first.ids.take_profit.as_str(),
+            EntryStatus::PartiallyFilled,
+            dec!(0.1),
+            first.take_profit.get(),
+        );
+        let followed = self
+            .stream
+            .follow(self.account, &tp, Source::Websocket)
+            .await
+            .unwrap();
+        *self.followed.lock().unwrap() = Some(followed);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StoreHooks<MemStore> for EndsWhilePlacing {
+    async fn record_outcomes(
+        &self,
+        inner: &MemStore,
+        entry: EntryId,
+        updates: &[oco_core::model::LegUpdate],
+        events: &[oco_core::model::EntryEventRecord],
+        protection: Option<&Protection>,
+    ) -> Result<oco_core::ports::RecordedOutcomes, StoreError> {
+        if !self.leg_by_leg {
+            self.end_the_first(inner, entry).await?;
+        }
+        inner
+            .record_outcomes(entry, updates, events, protection)
+            .await
+    }
+
+    async fn update_leg(
+        &self,
+        inner: &MemStore,
+        update: &oco_core::model::LegUpdate,
+    ) -> Result<bool, StoreError> {
+        if self.leg_by_leg
+            && update.key.leg == oco_core::ids::LegIndex::Second
+            && update.from == "claimed"
+        {
+            self.end_the_first(inner, update.key.entry).await?;
+        }
+        inner.update_leg(update).await
+    }
+}
+
+/// Places a fill of 1 through a protector over [`EndsWhilePlacing`], the
+/// first list's answer lost (found by its lookup) when `lost_answer`, and
+/// checks that the placer, not the stream's follow-up (which finds the
+/// generation in flight), gets every coin still held a stop.
+async fn a_leg_ends_while_its_generation_is_placed(lost_answer: bool) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let hooks = Arc::new(EndsWhilePlacing {
+        exchange: w.exchange.clone(),
+        stream: w.protector.clone(),
+        account: w.account,
+        leg_by_leg: lost_answer,
+        armed: std::sync::atomic::AtomicBool::new(true),
+        followed: Mutex::new(None),
+    });
+    let placer = Protector::new(
+        w.exchange.clone(),
+        Arc::new(Hooked::new(w.store.clone(), hooks.clone())),
+        w.clock.clone(),
+        ProtectorConfig::new(IdScheme::new("og").unwrap()),
+    );
+    if lost_answer {
+        w.exchange
+            .push_oco_fault(oco_core::testing::OcoFault::UnknownAfterApply);
+    }
+    let fill = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    let report = placer
+        .protect(id, Some(&fill), Source::Direct)
+        .await
+        .unwrap();
+
+    let followed = hooks.followed.lock().unwrap().take();
+    assert!(
+        matches!(
+            &followed,
+            Some(Followed::Leg { state: "canceled_externally", protect: Some(r), .. })
+                if r.outcome == ProtectOutcome::Nothing(oco_core::protect::Idle::InFlight)
+        ),
+        "the stream's follow-up found the placement in flight: {followed:?}"
+    );
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        "{report:?}"
+    );
+    let legs = w.store.legs(id).await.unwrap();
+    assert!(
+        legs.iter()
+            .any(|l| l.key.generation == 1 && matches!(l.state, LegState::Placed { .. })),
+        "a new generation covers the coins: {legs:?}"
+    );
+    assert_eq!(
+        stopped_qty(&w),
+        dec!(0.9),
+        "every coin still held has a stop: {legs:?}"
+    );
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+}
+
+/// Both lists of a fill go out; before their outcomes are written, the
+/// first one's take-profit fills in part, which drops its stop. The
+/// stream's follow-up finds the other leg still claimed and leaves the
+/// entry to the placer. The placer's write cannot record that list
+/// placed: it ended before. The placer must not call the entry protected
+/// on its strength, but plan again in the same call: the rest is canceled
+/// and every coin still held gets a stop from a new generation.
+#[tokio::test]
+async fn a_leg_that_ends_before_its_placement_is_recorded_is_protected_again_by_the_placer() {
+    a_leg_ends_while_its_generation_is_placed(false).await;
+}
+
+/// The same with the first list's answer lost: the outcomes are written
+/// leg by leg, the first found by its lookup and recorded placed, and its
+/// take-profit fills in part while the second is still claimed.
+#[tokio::test]
+async fn a_leg_that_ends_while_another_is_recorded_is_protected_again_by_the_placer() {
+    a_leg_ends_while_its_generation_is_placed(true).await;
+}
+
+/// A take-profit fills 0.1 of its list's 0.3 and drops its stop; the
+/// rounds that follow cancel its rest, but the lookup after each cancel
+/// lags (the rest's sale unread), so they plan only the coins it does not
+/// lock: the entry's second fill gets lists of its own, beside a rest
+/// without a stop, and the call fails rather than say placed. The rest's
+/// own update, `CANCELED`, then reaches the stream: no event moves a rest's
+/// leg, yet its coins are free, and its end is protected at once.
+#[tokio::test]
+async fn a_take_profit_rests_cancel_on_the_stream_protects_its_coins() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let client_id = w.store.entry(id).await.unwrap().client_id;
+    let first = update(
+        client_id.as_str(),
+        EntryStatus::PartiallyFilled,
+        dec!(0.6),
+        dec!(100),
+    );
+    w.protector
+        .follow(w.account, &first, Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let leg = legs.into_iter().next().unwrap();
+    assert_eq!(leg.qty, q(dec!(0.3)));
+
+    w.exchange.lag_next_lookups(1);
+    w.exchange
+        .fill_take_profit(leg.ids.list.as_str(), q(dec!(0.1)));
+    let part = update(
+        leg.ids.take_profit.as_str(),
+        EntryStatus::PartiallyFilled,
+        dec!(0.1),
+        leg.take_profit.get(),
+    );
+    let followed = w
+        .protector
+        .follow(w.account, &part, Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&followed, Followed::Leg { protect: Some(r), .. }
+            if matches!(r.outcome, ProtectOutcome::Failed { .. })),
+        "the rest's sale unread: {followed:?}"
+    );
+
+    w.exchange.lag_next_lookups(1);
+    let mut second = update(client_id.as_str(), EntryStatus::Filled, dec!(1), dec!(100));
+    if let Some(fill) = second.fill.as_mut() {
+        fill.trade_id = 12;
+        fill.qty = q(dec!(0.4));
+    }
+    let Followed::Entry(report) = w
+        .protector
+        .follow(w.account, &second, Source::Websocket)
+        .await
+        .unwrap()
+    else {
+        panic!("the second fill is an entry update")
+    };
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { ref errors }
+            if errors[0].contains("rest of 0.2 still open")),
+        "lists placed beside a rest without a stop: {report:?}"
+    );
+    assert_eq!(stopped_qty(&w), dec!(0.7), "all but the rest's coins");
+
+    // The rest's own update: canceled (by the round), 0.1 of it executed.
+    let canceled = ExecutionUpdate {
+        side: Side::Sell,
+        order_type: "LIMIT_MAKER".into(),
+        execution: "CANCELED".into(),
+        fill: None,
+        ..update(
+            leg.ids.take_profit.as_str(),
+            EntryStatus::Canceled,
+            dec!(0.1),
+            leg.take_profit.get(),
+        )
+    };
+    let followed = w
+        .protector
+        .follow(w.account, &canceled, Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&followed, Followed::Leg { protect: Some(r), .. }
+            if matches!(r.outcome, ProtectOutcome::Placed { .. })),
+        "the rest's end is protected: {followed:?}"
+    );
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(
+        legs.iter().find(|l| l.key == leg.key).unwrap().state,
+        LegState::Replaced,
+        "{legs:?}"
+    );
+    assert_eq!(stopped_qty(&w), dec!(0.9), "every coin held has a stop");
+    assert!(matches!(
+        w.store.entry(id).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+}

@@ -2077,8 +2077,11 @@ async fn coins_of_another_entry_are_not_covered_while_a_rest_stays_open() {
         retry_after: Duration::from_secs(1),
     }));
     let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    // Lists went out over the free coins, but the rest has no stop: a
+    // failure, which every layer retries, not a placement.
     assert!(
-        matches!(report.outcome, ProtectOutcome::Placed { .. }),
+        matches!(report.outcome, ProtectOutcome::Failed { ref errors }
+            if errors[0].contains("rest of 0.3 still open")),
         "{report:?}"
     );
     let new: Decimal = w
@@ -2287,8 +2290,9 @@ async fn lists_placed_beside_an_open_rest_after_a_lost_answer_leave_the_entry_un
     w.exchange.push_oco_fault(OcoFault::UnknownAfterApply);
     let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
     assert!(
-        matches!(report.outcome, ProtectOutcome::Placed { .. }),
-        "{report:?}"
+        matches!(report.outcome, ProtectOutcome::Failed { ref errors }
+            if errors[0].contains("rest of 0.3 still open")),
+        "placed beside a rest without a stop, the call is not complete: {report:?}"
     );
     assert_eq!(
         w.store.entry(id).await.unwrap().protection,

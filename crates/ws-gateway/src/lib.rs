@@ -916,12 +916,14 @@ impl AccountWorker {
         match result {
             Ok(Followed::Entry(report)) => {
                 self.stats.entry_fills.fetch_add(1, Ordering::Relaxed);
-                self.count(&report, &update.client_id).await;
+                self.count(&report, &update.client_id, After::Fill).await;
             }
             Ok(Followed::Leg {
                 protect: Some(report),
                 ..
-            }) => self.count(&report, &update.client_id).await,
+            }) => {
+                self.count(&report, &update.client_id, After::LegEnd).await;
+            }
             Ok(Followed::EntryAccepted) if update.status == EntryStatus::New => {
                 self.rules
                     .accepted(self.protector.exchange(), &update.symbol);
@@ -1022,7 +1024,10 @@ impl AccountWorker {
         }
         .await;
         match result {
-            Ok(Some(report)) => self.count(&report, &list.list_client_id).await,
+            Ok(Some(report)) => {
+                self.count(&report, &list.list_client_id, After::LegEnd)
+                    .await;
+            }
             Ok(None) => {}
             Err(err) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -1032,7 +1037,9 @@ impl AccountWorker {
         }
     }
 
-    async fn count(&self, report: &ProtectReport, client_id: &str) {
+    /// Counts a `protect` call made `after` an event, and flags the account
+    /// when the call left protection incomplete.
+    async fn count(&self, report: &ProtectReport, client_id: &str, after: After) {
         let outcome = &report.outcome;
         match outcome {
             ProtectOutcome::Placed { legs, .. } => {
@@ -1053,20 +1060,33 @@ impl AccountWorker {
             // Another caller holds a fresh claim and places, unless it died:
             // then only a lookup once the claim is stale finds out. Check again
             // then rather than leave it to sync's next full pass.
-            ProtectOutcome::Nothing(Idle::InFlight) => self.recheck_later(report.entry, client_id),
+            ProtectOutcome::Nothing(Idle::InFlight) => {
+                self.recheck_later(report.entry, client_id, after);
+            }
             _ => {}
         }
     }
 
     /// After the claim timeout, flags the account for sync if `entry` is
     /// still unprotected (sync looks the stale claim up and protects).
-    fn recheck_later(&self, entry: EntryId, client_id: &str) {
+    ///
+    /// After a leg's end, always: the position changed under a generation
+    /// planned before, and whether its placer saw the change does not show
+    /// in the label or the claims once it is done (a placer that did not
+    /// see it leaves the entry `Protected`, every claim recorded, and the
+    /// ended list's coins without a stop). Sync looks at the legs
+    /// themselves; a leg ending under a placement in flight is rare, and a
+    /// flag costs one account pass.
+    fn recheck_later(&self, entry: EntryId, client_id: &str, after: After) {
         let (store, flagger, account) = (self.store.clone(), self.flagger.clone(), self.account);
         let client_id = client_id.to_owned();
         let wait = self.protector.claim_timeout() + Duration::from_secs(1);
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
-            if !claims_settled(store.as_ref(), entry).await {
+            if after == After::LegEnd {
+                warn!(account = %account, entry = %entry, client_id, "a leg ended while another caller's placement was in flight, flagging for reconciliation");
+                flagger.flag(account, "leg ended while a placement was in flight");
+            } else if !claims_settled(store.as_ref(), entry).await {
                 warn!(account = %account, entry = %entry, client_id, "claim of another caller never completed, flagging for reconciliation");
                 flagger.flag(account, "claim never completed");
             }
@@ -1076,6 +1096,16 @@ impl AccountWorker {
     fn flag(&self, reason: &str) {
         self.flagger.flag(self.account, reason);
     }
+}
+
+/// What a `protect` call the gateway counts followed up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// An entry's fill.
+    Fill,
+    /// A leg that ended (its order's update, or its list's end): the
+    /// position changed under whatever generation was planned before.
+    LegEnd,
 }
 
 /// Lines logged while an order is followed (by `protect`, the leg lookups,

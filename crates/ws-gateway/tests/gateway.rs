@@ -806,6 +806,203 @@ async fn a_stale_claim_on_an_entry_already_protected_flags_the_account() {
     .await;
 }
 
+/// The update of `leg`'s take-profit filling `qty` of it in one trade: the
+/// exchange drops the list's stop, the rest of the take-profit rests alone.
+fn take_profit_part(leg: &oco_core::model::Leg, trade_id: i64, qty: Decimal) -> StreamEvent {
+    let StreamEvent::Execution(whole) = take_profit_trade(leg, trade_id, dec!(0)) else {
+        unreachable!("take_profit_trade makes an execution")
+    };
+    let qty = Qty::new(qty).unwrap();
+    StreamEvent::Execution(ExecutionUpdate {
+        status: EntryStatus::PartiallyFilled,
+        executed_qty: qty,
+        cumulative_quote: qty.notional(leg.take_profit),
+        fill: whole.fill.map(|f| Fill { qty, ..f }),
+        ..whole
+    })
+}
+
+/// Waits up to 5 s until leg `key` of `entry` is in the state named `state`.
+async fn leg_reaches(w: &World, entry: EntryId, key: oco_core::LegKey, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let legs = w.store.legs(entry).await.unwrap();
+        if legs.iter().any(|l| l.key == key && l.state.name() == state) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "leg {key} {state}: {legs:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A list's take-profit fills in part (the exchange drops its stop) while
+/// another caller's next generation is in flight: the follow-up finds the
+/// claim and leaves the position to that caller. Once it has recorded its
+/// lists the entry reads `Protected` with no claim left, whether or not it
+/// saw the end (one that placed what it had planned before would leave the
+/// rest without a stop, labelled covered). The gateway does not take the
+/// label's word for it: past the claim timeout it flags the account, and
+/// sync looks at the legs themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leg_ending_while_another_callers_placement_is_in_flight_flags_the_account() {
+    let mut config = ProtectorConfig::new(IdScheme::new("og").unwrap());
+    config.claim_timeout = Duration::from_secs(1);
+    let w = world_with(1, config).await;
+    let _stop = w.streaming_one().await;
+    let (entry, leg) = w.protected_from_the_stream().await;
+    // Another caller claimed generation 1 and is placing it.
+    w.claim_and_die(entry, 1, dec!(0.2)).await;
+    let next = oco_core::LegKey {
+        entry,
+        leg: oco_core::LegIndex::First,
+        generation: 1,
+    };
+    w.exchange
+        .fill_take_profit(leg.ids.list.as_str(), Qty::new(dec!(0.04)).unwrap());
+    assert_eq!(
+        w.streams
+            .send(&key(0), take_profit_part(&leg, 901, dec!(0.04))),
+        1
+    );
+    leg_reaches(&w, entry, leg.key, "canceled_externally").await;
+    leg_reaches(&w, entry, next, "claimed").await;
+    // That caller records its list placed and the entry stays labelled
+    // protected, as by one that did not see the end.
+    assert!(
+        w.store
+            .update_leg(&oco_core::model::LegUpdate {
+                key: next,
+                from: "claimed",
+                to: oco_core::LegState::Placed { list_id: 9_999 },
+                error: None,
+                at: oco_core::Clock::now(&SystemClock),
+            })
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        w.store.entry(entry).await.unwrap().protection,
+        Protection::Protected { .. }
+    ));
+    assert!(
+        w.store.take_flagged(10).await.unwrap().is_empty(),
+        "not before the claim timeout"
+    );
+    w.flagged_again(
+        "a leg's end left to a placement in flight",
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
+/// What the open lists hold under a stop still working (a list whose
+/// take-profit filled in part lost its stop; its rest holds none).
+fn stopped_qty(w: &World) -> Decimal {
+    w.exchange
+        .open_lists()
+        .iter()
+        .filter(|l| !l.stop_loss.status.is_final())
+        .map(|l| l.request.qty.get())
+        .sum()
+}
+
+/// The rest of a partly filled take-profit cannot be canceled (the order
+/// API refuses, as under a rate limit): the entry's next fill still gets
+/// lists of its own, over the coins the rest does not lock, but the rest
+/// has no stop, so the account is flagged as for any protection left
+/// incomplete, not left to sync's next full pass. When the rest is
+/// canceled in the end (by hand here), its own update frees its coins, and
+/// they are protected at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_placed_beside_a_take_profit_rest_still_open_flag_the_account() {
+    let w = world(1).await;
+    let _stop = w.streaming_one().await;
+    let (entry, client_id) = w.entry(w.accounts[0]).await;
+    w.streams.send(
+        &key(0),
+        part_fill_event(&client_id, 1, dec!(0.1), dec!(0.1)),
+    );
+    wait_until("the first part's list", Duration::from_secs(5), || {
+        w.exchange.open_lists().len() == 1
+    })
+    .await;
+    let leg = w.store.legs(entry).await.unwrap().remove(0);
+    assert_eq!(leg.qty, Qty::new(dec!(0.1)).unwrap());
+
+    w.exchange.fail_cancels(Some(ExchangeError::RateLimited {
+        retry_after: Duration::from_secs(1),
+    }));
+    w.exchange
+        .fill_take_profit(leg.ids.list.as_str(), Qty::new(dec!(0.04)).unwrap());
+    w.streams
+        .send(&key(0), take_profit_part(&leg, 901, dec!(0.04)));
+    // Nothing else to place beside the rest: that call fails already.
+    w.flagged_again("the rest's refused cancel", Duration::from_secs(5))
+        .await;
+
+    w.streams.send(
+        &key(0),
+        part_fill_event(&client_id, 2, dec!(0.1), dec!(0.2)),
+    );
+    let next = oco_core::LegKey {
+        entry,
+        leg: oco_core::LegIndex::First,
+        generation: 1,
+    };
+    leg_reaches(&w, entry, next, "placed").await;
+    assert_eq!(stopped_qty(&w), dec!(0.1), "the second part has its stop");
+    assert_eq!(
+        w.store.entry(entry).await.unwrap().protection,
+        Protection::Unprotected
+    );
+    w.flagged_again(
+        "lists placed beside a rest without a stop",
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // The rest canceled by hand: its order's update and its list's end.
+    w.exchange.fail_cancels(None);
+    w.exchange.cancel_externally(leg.ids.list.as_str());
+    let StreamEvent::Execution(part) = take_profit_part(&leg, 902, dec!(0.04)) else {
+        unreachable!("take_profit_part makes an execution")
+    };
+    w.streams.send(
+        &key(0),
+        StreamEvent::Execution(ExecutionUpdate {
+            execution: "CANCELED".into(),
+            status: EntryStatus::Canceled,
+            fill: None,
+            ..part
+        }),
+    );
+    w.streams.send(
+        &key(0),
+        StreamEvent::List(oco_core::ports::ListUpdate {
+            symbol: "BTCUSDT".into(),
+            list_id: 77,
+            list_client_id: leg.ids.list.as_str().to_owned(),
+            executing: false,
+            event_time: Millis(6),
+        }),
+    );
+    leg_reaches(&w, entry, leg.key, "replaced").await;
+    wait_until(
+        "every coin held under a stop",
+        Duration::from_secs(5),
+        || stopped_qty(&w) == dec!(0.16),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !matches!(
+        w.store.entry(entry).await.unwrap().protection,
+        Protection::Protected { .. }
+    ) {
+        assert!(Instant::now() < deadline, "labelled protected again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A gateway asked to stop while a protection is on its way finishes it
 /// first: aborted between its claim and the exchange, the position would
 /// wait for the claim timeout and a lookup.
