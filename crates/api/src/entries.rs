@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Json as JsonOut;
 use axum::extract::rejection::QueryRejection;
@@ -17,7 +18,7 @@ use oco_core::model::{Entry, EntryKind, Evidence, NewEntry, OrderSize, Protectio
 use oco_core::ports::{
     ApiCredentials, CancelOutcome, ExchangeError, OrderRequest, OrderSnapshot, Side, event,
 };
-use oco_core::protect::ProtectOutcome;
+use oco_core::protect::{Idle, ProtectOutcome, claims_settled};
 use oco_core::{ClientOrderId, EntryId, EntryLevels, EntryStatus, IdempotencyKey, Qty, StoreError};
 use rust_decimal::Decimal;
 use tracing::instrument::WithSubscriber;
@@ -500,6 +501,22 @@ async fn refuse(state: &AppState, entry: &Entry, why: &str) {
         .await;
 }
 
+/// Once the claim timeout has passed, flags `entry`'s account for
+/// reconciliation unless the claims another caller held on the fill have
+/// settled ([`claims_settled`]): a caller that died holding them leaves
+/// the fill to sync's next periodic pass otherwise.
+fn recheck_after_claim(state: &AppState, entry: &Entry) {
+    let (state, entry) = (state.clone(), entry.clone());
+    let wait = state.protector.claim_timeout() + Duration::from_secs(1);
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        if !claims_settled(state.store.as_ref(), entry.id).await {
+            warn!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, "another caller's claim on the fill never completed, flagging for reconciliation");
+            flag(&state, &entry, "claim never completed").await;
+        }
+    });
+}
+
 async fn flag(state: &AppState, entry: &Entry, reason: &str) {
     if let Err(e) = state
         .store
@@ -612,7 +629,16 @@ async fn absorb(state: &AppState, entry: &Entry, snap: &OrderSnapshot) -> Absorb
                 _ => {}
             }
             match report.outcome {
-                ProtectOutcome::Placed { .. } | ProtectOutcome::Nothing(_) => None,
+                ProtectOutcome::Placed { .. }
+                | ProtectOutcome::Nothing(Idle::NoFill | Idle::Covered | Idle::Settled) => None,
+                ProtectOutcome::Nothing(Idle::InFlight) => {
+                    // Another layer (the gateway on the stream, sync) holds
+                    // the fill's claim and is placing now; its answer is its
+                    // own to record. Should it die first, its claim outlives
+                    // the claim timeout unsettled: checked then, and flagged.
+                    recheck_after_claim(state, entry);
+                    None
+                }
                 ProtectOutcome::Exited { reason } => Some(format!(
                     "protection came too late and the position was sold at market: {reason}"
                 )),
@@ -820,9 +846,29 @@ pub(crate) async fn cancel_entry(
 ) -> Result<Response, ApiError> {
     let id = EntryId(path_id("entry", &id)?);
     let entry = owned_entry(&state, &user, id).await?;
-    cancel(&state, &user, &entry)
-        .instrument(order_span(&entry))
-        .await
+    // Its own task, as a placement is: a client hanging up after the cancel
+    // went out must not drop the read of the order's final state, nor the
+    // protection of what filled before the cancel.
+    let span = order_span(&entry);
+    let task = {
+        let (state, entry) = (state.clone(), entry.clone());
+        tokio::spawn(
+            async move { cancel(&state, &user, &entry).await }
+                .instrument(span)
+                .with_current_subscriber(),
+        )
+    };
+    match task.await {
+        Ok(answer) => answer,
+        Err(err) => {
+            error!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %err, "cancel task ended without an answer");
+            flag(&state, &entry, "entry cancel task failed").await;
+            Err(ApiError::Internal(format!(
+                "the cancel of entry {} ended without an answer ({err}); the account is flagged for reconciliation, read GET /v1/entries/{} later",
+                entry.id, entry.id
+            )))
+        }
+    }
 }
 
 /// Cancels the rest of `entry` and records the order's own final state.

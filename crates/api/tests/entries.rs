@@ -703,6 +703,48 @@ async fn delete_of_a_partly_filled_entry_protects_the_filled_part() {
     assert_eq!(qty, dec!(0.4), "the filled part is covered");
 }
 
+/// The client hangs up while the cancel's follow-up read is out: the
+/// order's final state is recorded and what filled before the cancel is
+/// protected all the same.
+#[tokio::test]
+async fn a_client_that_hangs_up_does_not_drop_a_cancel_halfway() {
+    let w = world().await;
+    let (_, body) = w.post_entry(ALICE_TOKEN, resting_limit(&w)).await;
+    let client_id = body["clientId"].as_str().unwrap();
+    let id = oco_core::EntryId(body["id"].as_i64().unwrap());
+    w.exchange
+        .fake
+        .set_price("BTCUSDT", oco_core::Price::new(dec!(95)).unwrap());
+    w.exchange
+        .fill_resting(ALICE_KEY, client_id, dec!(0.4), dec!(95));
+    w.exchange.slow_next_query(Duration::from_millis(300));
+    let path = format!("/v1/entries/{id}");
+    let gone = tokio::time::timeout(
+        Duration::from_millis(50),
+        w.call(Method::DELETE, &path, Some(ALICE_TOKEN), None),
+    )
+    .await;
+    assert!(gone.is_err(), "the client hung up before the answer");
+    let settled = wait_until(Duration::from_secs(3), || async {
+        matches!(
+            w.store.entry(id).await.map(|e| e.protection),
+            Ok(oco_core::model::Protection::Protected { .. })
+        )
+    })
+    .await;
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(settled, "the filled part was never protected: {entry:?}");
+    assert_eq!(entry.status, EntryStatus::Canceled);
+    let qty: rust_decimal::Decimal = w
+        .exchange
+        .fake
+        .open_lists()
+        .iter()
+        .map(|l| l.request.qty.get())
+        .sum();
+    assert_eq!(qty, dec!(0.4), "the filled part is covered");
+}
+
 #[tokio::test]
 async fn delete_of_a_partly_filled_entry_nets_a_base_asset_fee_out_of_the_legs() {
     let w = world().await;
@@ -806,6 +848,39 @@ async fn a_store_read_failing_after_the_send_answers_from_memory_never_503() {
     assert!(note.contains("outcome unknown"), "{note}");
     assert!(note.contains("stored view could not be read"), "{note}");
     assert_eq!(w.exchange.place_calls(), 2, "placed once per request");
+}
+
+/// The fill's claim is held by another layer (the gateway, on the stream)
+/// that dies before sending: the entry's reply says nothing is wrong yet,
+/// and once the claim timeout has passed unsettled the account is flagged,
+/// so sync protects the fill now rather than at its next periodic pass.
+#[tokio::test]
+async fn a_claim_another_layer_never_completes_flags_the_account() {
+    let w = world_with(|config| oco_core::ProtectorConfig {
+        claim_timeout: Duration::from_millis(200),
+        ..config
+    })
+    .await;
+    w.hooks.steal_next_claims.store(true, Ordering::SeqCst);
+    let (status, body) = w.post_entry(ALICE_TOKEN, w.market()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(
+        w.exchange.fake.open_lists().is_empty(),
+        "the other layer sent nothing"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let flagged = loop {
+        let flagged = w.store.take_flagged(10).await.unwrap();
+        if !flagged.is_empty() || std::time::Instant::now() > deadline {
+            break flagged;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        flagged,
+        vec![oco_core::AccountId(w.alice_account)],
+        "a claim left unsettled past its timeout flags the account"
+    );
 }
 
 #[tokio::test]

@@ -3130,3 +3130,30 @@ struct LateCase {
     /// Some lists of the same generation were accepted and keep their stops.
     partly_protected: bool,
 }
+
+/// Whether nothing of `entry` waits on a claim: the entry reached a state
+/// that needs no placement, and none of its legs is still claimed or sent
+/// with its answer unknown. Not the protection state alone: it stays
+/// `Protected` once first reached, while a later generation claimed by a
+/// caller that died leaves the grown position uncovered. A read that fails
+/// counts as unsettled (flagging costs one write; missing one costs a pass).
+/// A layer whose `protect` found another caller's claim in flight
+/// ([`Idle::InFlight`]) asks this once the claim timeout has passed, and
+/// flags the account for reconciliation when it is not.
+pub async fn claims_settled(store: &dyn Store, entry: EntryId) -> bool {
+    let (read, legs) = futures_util::future::join(store.entry(entry), store.legs(entry)).await;
+    let (Ok(read), Ok(legs)) = (read, legs) else {
+        return false;
+    };
+    let state = matches!(
+        read.protection,
+        Protection::Protected { .. }
+            | Protection::Closed
+            | Protection::Exited { .. }
+            | Protection::Unprotectable { .. }
+    );
+    state
+        && !legs
+            .iter()
+            .any(|l| matches!(l.state, LegState::Claimed | LegState::Unknown))
+}

@@ -19,13 +19,12 @@ use std::time::Duration;
 
 use oco_core::follow::{Bookkeeping, Followed};
 use oco_core::ids::{LegKey, OrderRole};
-use oco_core::model::{Protection, Source};
+use oco_core::model::Source;
 use oco_core::ports::{
     Clock, Exchange, ExecutionUpdate, Leases, ListUpdate, Store, StoreError, StreamEvent,
     UserStream, UserStreamSession,
 };
 use oco_core::protect::{Idle, ProtectOutcome, ProtectReport, Protector};
-use oco_core::state::LegState;
 use oco_core::{AccountId, EntryId, EntryStatus, ExchangeError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -1086,7 +1085,7 @@ impl AccountWorker {
             if after == After::LegEnd {
                 warn!(account = %account, entry = %entry, client_id, "a leg ended while another caller's placement was in flight, flagging for reconciliation");
                 flagger.flag(account, "leg ended while a placement was in flight");
-            } else if !claims_settled(store.as_ref(), entry).await {
+            } else if !oco_core::protect::claims_settled(store.as_ref(), entry).await {
                 warn!(account = %account, entry = %entry, client_id, "claim of another caller never completed, flagging for reconciliation");
                 flagger.flag(account, "claim never completed");
             }
@@ -1118,30 +1117,6 @@ fn order_span(account: AccountId, entry: Option<EntryId>, client_id: &str) -> tr
         entry = entry.map(tracing::field::display),
         client_id,
     )
-}
-
-/// Whether nothing of `entry` waits on a claim: the entry reached a state
-/// that needs no placement, and none of its legs is still claimed or sent
-/// with its answer unknown. Not the protection state alone: it stays
-/// `Protected` once first reached, while a later generation claimed by a
-/// caller that died leaves the grown position uncovered. A read that fails
-/// counts as unsettled (flagging costs one write; missing one costs a pass).
-async fn claims_settled(store: &dyn Store, entry: EntryId) -> bool {
-    let (read, legs) = tokio::join!(store.entry(entry), store.legs(entry));
-    let (Ok(read), Ok(legs)) = (read, legs) else {
-        return false;
-    };
-    let state = matches!(
-        read.protection,
-        Protection::Protected { .. }
-            | Protection::Closed
-            | Protection::Exited { .. }
-            | Protection::Unprotectable { .. }
-    );
-    state
-        && !legs
-            .iter()
-            .any(|l| matches!(l.state, LegState::Claimed | LegState::Unknown))
 }
 
 /// A reopen wait of `d` made somewhere between `d` and a half more, at

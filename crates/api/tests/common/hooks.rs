@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use oco_core::ids::{AccountId, ClientOrderId, EntryId};
 use oco_core::mem::MemStore;
 use oco_core::model::{
-    Account, Entry, EntryKind, EntryTags, Evidence, Millis, NewEntry, OrderSize, ProtectionConfig,
+    Account, Entry, EntryKind, EntryTags, Evidence, LegClaim, Millis, NewEntry, OrderSize,
+    ProtectionConfig,
 };
 use oco_core::ports::{Store, StoreError};
 use oco_core::testing::{StoreHooks, btcusdt_rules};
@@ -39,6 +40,10 @@ pub struct Hooks {
     /// (`record_evidence`), every `entry()` fails: the database went away
     /// between a cancel's record and its reply.
     pub fail_entry_reads_after_evidence: AtomicBool,
+    /// The next `claim_legs` finds its legs claimed a moment before by
+    /// another caller (the gateway, on the stream) that then never sends
+    /// them, as a gateway dying with its claims would.
+    pub steal_next_claims: AtomicBool,
     evidence: AtomicBool,
     /// The next `update_account` first enables the account and stores a
     /// resting entry on it, as a concurrent `PATCH {"active": true}` and
@@ -131,6 +136,24 @@ impl StoreHooks<MemStore> for Hooks {
             self.evidence.store(true, Ordering::SeqCst);
         }
         Ok(entry)
+    }
+    async fn claim_legs(
+        &self,
+        inner: &MemStore,
+        claims: &[LegClaim],
+    ) -> Result<Vec<bool>, StoreError> {
+        if self.steal_next_claims.swap(false, Ordering::SeqCst) {
+            let theirs: Vec<LegClaim> = claims
+                .iter()
+                .cloned()
+                .map(|c| LegClaim {
+                    source: oco_core::Source::Websocket,
+                    ..c
+                })
+                .collect();
+            inner.claim_legs(&theirs).await?;
+        }
+        inner.claim_legs(claims).await
     }
     async fn entry(&self, inner: &MemStore, id: EntryId) -> Result<Entry, StoreError> {
         if self.fail_entry_reads_after_create.load(Ordering::SeqCst)

@@ -77,6 +77,8 @@ pub struct TestExchange {
     faults: Mutex<VecDeque<PlaceFault>>,
     place_calls: AtomicUsize,
     next_trade: AtomicUsize,
+    /// The next order lookup answers only after this long.
+    slow_next_query: Mutex<Option<Duration>>,
 }
 
 impl TestExchange {
@@ -92,9 +94,15 @@ impl TestExchange {
             fake,
             resting: Mutex::default(),
             faults: Mutex::default(),
+            slow_next_query: Mutex::default(),
             place_calls: AtomicUsize::new(0),
             next_trade: AtomicUsize::new(1_000_000),
         }
+    }
+
+    /// The next order lookup answers only after `wait`.
+    pub fn slow_next_query(&self, wait: Duration) {
+        *self.slow_next_query.lock().unwrap() = Some(wait);
     }
 
     pub fn push_fault(&self, fault: PlaceFault) {
@@ -205,6 +213,10 @@ impl Exchange for TestExchange {
         symbol: &str,
         client_id: &str,
     ) -> Result<OrderSnapshot, ExchangeError> {
+        let slow = self.slow_next_query.lock().unwrap().take();
+        if let Some(wait) = slow {
+            tokio::time::sleep(wait).await;
+        }
         match self.resting(&creds.api_key, client_id) {
             // As on Binance, an order lookup carries no trades.
             Some(snap) => Ok(OrderSnapshot {
@@ -299,6 +311,11 @@ pub struct World {
 }
 
 pub async fn world() -> World {
+    world_with(|config| config).await
+}
+
+/// [`world`] with the protector's settings changed by `config`.
+pub async fn world_with(config: impl FnOnce(ProtectorConfig) -> ProtectorConfig) -> World {
     let store = Arc::new(MemStore::new());
     let hooks = Arc::new(Hooks::default());
     let hooked = Arc::new(Hooked::new(store.clone(), hooks.clone()));
@@ -309,7 +326,7 @@ pub async fn world() -> World {
         exchange.clone(),
         hooked.clone(),
         clock.clone(),
-        ProtectorConfig::new(ids.clone()),
+        config(ProtectorConfig::new(ids.clone())),
     ));
     store
         .create_user("alice", &hash_token(ALICE_TOKEN))
