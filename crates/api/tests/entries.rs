@@ -868,6 +868,10 @@ async fn a_claim_another_layer_never_completes_flags_the_account() {
         w.exchange.fake.open_lists().is_empty(),
         "the other layer sent nothing"
     );
+    assert!(
+        w.store.take_flagged(10).await.unwrap().is_empty(),
+        "not flagged before the other layer's claim had its time"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let flagged = loop {
         let flagged = w.store.take_flagged(10).await.unwrap();

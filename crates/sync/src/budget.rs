@@ -28,8 +28,11 @@ pub mod weight {
     pub const QUERY_ORDER: u32 = 4;
     /// `GET /api/v3/myTrades` with `orderId`.
     pub const ORDER_TRADES: u32 = 5;
-    /// `GET /api/v3/orderList`.
-    pub const ORDER_LIST: u32 = 4;
+    /// A list lookup as the adapter makes it: `GET /api/v3/orderList` (4)
+    /// and `GET /api/v3/order` for each of its two orders (4 each). A list
+    /// the database does not show yet costs `openOrderList` (6) more, which
+    /// the adapter's own pacer counts.
+    pub const ORDER_LIST: u32 = 12;
     /// `GET /api/v3/exchangeInfo` (the adapter caches it: charged once per
     /// symbol and again after an invalidation).
     pub const EXCHANGE_INFO: u32 = 20;
