@@ -194,9 +194,10 @@ struct Claimed<'a> {
     /// entry's, so a balance refusal's re-plan counts them back in (the
     /// round takes them out again before planning).
     rest_open: Qty,
-    /// What lists left working because their stop has triggered hold
-    /// (`position` is without them): locked, counted back in the same way,
-    /// and their stops keep the entry partly protected.
+    /// What lists left working because their stop has triggered still hold
+    /// (their quantity less what the stop sold; `position` is without it):
+    /// locked, counted back in the same way, and their stops keep the entry
+    /// partly protected.
     kept: Qty,
     late: LatePolicy,
     degraded: Option<Degraded>,
@@ -552,7 +553,9 @@ impl Protector {
             position = position.min(h);
         }
         let active: Vec<&Leg> = legs.iter().filter(|l| l.state.is_active()).collect();
-        let active_qty: Qty = active.iter().map(|l| l.qty).sum();
+        // What the working lists hold: a triggered stop that sold part of its
+        // list holds only the rest, and the position counts its sale already.
+        let active_qty: Qty = active.iter().map(|l| l.unsold()).sum();
         // The rests of partly filled take-profits: on the book without a stop,
         // locking what they have not sold until they are canceled.
         let rests: Vec<&Leg> = legs.iter().filter(|l| is_take_profit_rest(l)).collect();
@@ -812,13 +815,14 @@ impl Protector {
         let (active, active_qty, position, plan, kept) = if triggered.is_empty() {
             (active, active_qty, position, plan, Qty::ZERO)
         } else {
-            let kept: Qty = triggered.iter().map(|l| l.qty).sum();
+            // What they still hold: a stop that sold part holds only the rest.
+            let kept: Qty = triggered.iter().map(|l| l.unsold()).sum();
             let others: Vec<&Leg> = active
                 .iter()
                 .copied()
                 .filter(|l| !triggered.iter().any(|t| t.key == l.key))
                 .collect();
-            let others_qty: Qty = others.iter().map(|l| l.qty).sum();
+            let others_qty: Qty = others.iter().map(|l| l.unsold()).sum();
             let uncovered = position.saturating_sub(kept);
             info!(entry = %entry.id, lists = triggered.len(), qty = %kept, "lists whose stop has triggered are left selling; the rest is replaced");
             let plan = match plan_protection(&PlanInput {
@@ -2939,14 +2943,14 @@ enum ExitWrite {
     Busy,
 }
 
-/// What `legs` lock on the exchange: the coins of their working lists and
-/// what their take-profit rests have not sold. Not in the free balance, yet
-/// the entry's.
+/// What `legs` lock on the exchange: the coins of their working lists (less
+/// what a triggered stop sold of them) and what their take-profit rests have
+/// not sold. Not in the free balance, yet the entry's.
 fn locked_by(legs: &[Leg]) -> Qty {
     legs.iter()
         .map(|l| {
             if l.state.is_active() {
-                l.qty
+                l.unsold()
             } else if is_take_profit_rest(l) {
                 l.qty.saturating_sub(l.sold.take_profit)
             } else {

@@ -461,6 +461,8 @@ impl FakeExchange {
         let (api_key, symbol, qty, price) = {
             let l = &mut s.lists[i];
             let price = l.request.stop_limit.unwrap_or(l.request.stop);
+            // What `sell_stop_partly` sold already left the account.
+            let rest = l.request.qty.saturating_sub(l.stop_loss.executed_qty);
             l.executing = false;
             l.stop_loss.status = EntryStatus::Filled;
             l.stop_loss.executed_qty = l.request.qty;
@@ -470,12 +472,7 @@ impl FakeExchange {
                 l.take_profit.status = EntryStatus::Expired;
                 l.take_profit.expiry_reason = Some("OCO_TRIGGER".into());
             }
-            (
-                l.api_key.clone(),
-                l.request.symbol.clone(),
-                l.request.qty,
-                price,
-            )
+            (l.api_key.clone(), l.request.symbol.clone(), rest, price)
         };
         let list = s.lists[i].clone();
         s.trade_list_order(&list, SaleSide::StopLoss, qty, price);
@@ -499,6 +496,50 @@ impl FakeExchange {
             l.take_profit.status = removed_as;
             l.take_profit.expiry_reason = Some("OCO_TRIGGER".into());
         }
+    }
+
+    /// Triggers the stop of an open list and fills `qty` of it at its limit
+    /// (or stop) price: the take-profit is removed (`EXPIRED`,
+    /// `OCO_TRIGGER`), and the list keeps executing with the rest of the
+    /// stop resting, its coins still locked under it.
+    pub fn sell_stop_partly(&self, list_client_id: &str, qty: Qty) {
+        let mut s = self.lock();
+        let Some(i) = s
+            .lists
+            .iter()
+            .position(|l| l.request.ids.list.as_str() == list_client_id && l.executing)
+        else {
+            return;
+        };
+        let (api_key, symbol, sold, price) = {
+            let l = &mut s.lists[i];
+            let price = l.request.stop_limit.unwrap_or(l.request.stop);
+            let before = l.stop_loss.executed_qty;
+            // Never the whole list: that is `fill_stop`.
+            let total = before.plus(qty).min(l.request.qty);
+            if total >= l.request.qty {
+                return;
+            }
+            l.stop_loss.status = EntryStatus::PartiallyFilled;
+            l.stop_loss.executed_qty = total;
+            l.stop_loss.cumulative_quote = total.notional(price);
+            if l.take_profit.status == EntryStatus::New {
+                l.take_profit.status = EntryStatus::Expired;
+                l.take_profit.expiry_reason = Some("OCO_TRIGGER".into());
+            }
+            (
+                l.api_key.clone(),
+                l.request.symbol.clone(),
+                total.saturating_sub(before),
+                price,
+            )
+        };
+        let list = s.lists[i].clone();
+        s.trade_list_order(&list, SaleSide::StopLoss, sold, price);
+        let (base, quote) = s.split_symbol(&symbol);
+        let book = s.balances.entry(api_key).or_default();
+        book.entry(base).or_default().1 -= sold.get();
+        book.entry(quote).or_default().0 += sold.notional(price);
     }
 
     /// Charges each trade of a list's order, and each market sell, from now
@@ -591,10 +632,11 @@ impl FakeState {
             (
                 l.api_key.clone(),
                 l.request.symbol.clone(),
-                // What the take-profit sold already left the account.
+                // What either order sold already left the account.
                 l.request
                     .qty
                     .saturating_sub(l.take_profit.executed_qty)
+                    .saturating_sub(l.stop_loss.executed_qty)
                     .get(),
             )
         };

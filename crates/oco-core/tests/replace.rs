@@ -112,3 +112,81 @@ async fn triggered_stop_left_selling(open_orders_listed: bool) {
     let entry = w.store.entry(id).await.unwrap();
     assert_eq!(entry.protection, Protection::Closed, "{entry:?}");
 }
+
+/// As above, but the triggered stop has sold part of its list (0.2 of
+/// 0.4995) before the replacement: it still holds only the rest, so the
+/// replacement covers (here: exits) every other coin the entry owes, not
+/// the position less the list's full size.
+#[tokio::test]
+async fn a_triggered_stop_that_sold_part_is_counted_at_what_it_still_holds() {
+    triggered_stop_sold_part(true).await;
+}
+
+/// The same where each list is looked up.
+#[tokio::test]
+async fn a_triggered_stop_that_sold_part_is_counted_at_what_it_holds_by_lookup() {
+    triggered_stop_sold_part(false).await;
+}
+
+async fn triggered_stop_sold_part(open_orders_listed: bool) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    w.exchange.cannot_list_open_orders(!open_orders_listed);
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let (selling, by_hand) = (&legs[0], &legs[1]);
+    assert_eq!(selling.qty, q(dec!(0.4995)));
+    let creds = w.store.credentials(w.account).await.unwrap();
+
+    // The stop triggers and sells 0.2 of its list; the rest rests under the
+    // market. The sale is recorded (the list looked up), the leg working.
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    w.exchange
+        .sell_stop_partly(selling.ids.list.as_str(), q(dec!(0.2)));
+    w.protector.refresh_leg(&creds, selling).await.unwrap();
+    let now = w.store.legs(id).await.unwrap();
+    assert_eq!(now[0].sold.stop_loss, q(dec!(0.2)));
+    assert!(matches!(now[0].state, LegState::Placed { .. }), "{now:?}");
+    // The other list is canceled by hand, and its end looked up.
+    w.exchange.cancel_externally(by_hand.ids.list.as_str());
+    w.protector.refresh_leg(&creds, by_hand).await.unwrap();
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0.4995), dec!(0.2995)));
+
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    let exited: rust_decimal::Decimal =
+        w.exits(id).await.iter().map(|l| l.sold.total().get()).sum();
+    assert_eq!(
+        exited,
+        dec!(0.4995),
+        "the owed 0.799 less the 0.2995 the triggered stop still holds"
+    );
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC"),
+        (dec!(0), dec!(0.2995)),
+        "no coin is left free without a stop; the stop holds its rest"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+
+    // The stop sells its rest: every coin is sold, the entry closes.
+    w.exchange.fill_stop(selling.ids.list.as_str());
+    let now = w.store.legs(id).await.unwrap();
+    w.protector.refresh_leg(&creds, &now[0]).await.unwrap();
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed, "{entry:?}");
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0)));
+}

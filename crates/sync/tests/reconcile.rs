@@ -824,3 +824,34 @@ async fn the_balance_is_read_once_per_pass_for_every_entry_short_of_its_position
     assert!(r.protections.is_empty(), "{r:?}");
     assert_eq!(w.exchange.calls("k1", "balances") - before, 1);
 }
+
+/// An entry `Protected` by two lists of its first 0.7 (0.35 each), one of
+/// whose stops has triggered and sold 0.3 of its 0.35, and whose last 0.3
+/// was recorded with no stop: the lists still hold 0.4 of the 0.7 owed.
+/// Counted at their full size they would seem to hold it all, and the pass
+/// would skip the entry with 0.3 free and bare.
+#[tokio::test]
+async fn a_list_whose_stop_sold_part_counts_only_what_it_still_holds() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = protected_short_of_its_last_fill(&w, &a).await;
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    assert_eq!(legs[0].qty, q(dec!(0.35)));
+    w.fake
+        .sell_stop_partly(legs[0].ids.list.as_str(), q(dec!(0.3)));
+    w.protector.refresh_leg(&a.creds, &legs[0]).await.unwrap();
+    let now = w.store.legs(id).await.unwrap();
+    assert_eq!(now[0].sold.stop_loss, q(dec!(0.3)));
+    assert!(matches!(now[0].state, LegState::Placed { .. }), "{now:?}");
+    assert_eq!(w.fake.balance("k1", "BTC"), (dec!(0.3), dec!(0.4)));
+
+    let sync = w.reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(placed(r.outcome(id)), "{r:?}");
+    assert_eq!(
+        w.fake.balance("k1", "BTC"),
+        (dec!(0), dec!(0.7)),
+        "every coin held is under a stop"
+    );
+}
