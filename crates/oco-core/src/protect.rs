@@ -809,9 +809,7 @@ impl Protector {
         // sale would stop, and a new list for them would likely be refused
         // (the price is under its stop). It stays, and the new generation
         // covers only the coins it does not hold.
-        let triggered = self
-            .triggered_lists(&creds, &entry.symbol.name, &active)
-            .await?;
+        let triggered = self.triggered_lists(entry, &creds, &active).await;
         let (active, active_qty, position, plan, kept) = if triggered.is_empty() {
             (active, active_qty, position, plan, Qty::ZERO)
         } else {
@@ -2619,34 +2617,54 @@ impl Protector {
     /// exchange that cannot list open orders has each list looked up. A
     /// list taken for one while it is not keeps working all the same, so a
     /// view that errs that way costs a replacement, never a stop.
+    ///
+    /// A read that fails counts as showing no triggered stop: the round
+    /// must not end before its claim over a read that only refines it
+    /// (the grown position would wait for sync without a stop). A triggered
+    /// list so taken for a working one is canceled, which stops its sale;
+    /// its coins are then in the new generation, or, under the stop, the
+    /// late policy sells them. No coin is left without a stop either way.
     async fn triggered_lists<'l>(
         &self,
+        entry: &Entry,
         creds: &ApiCredentials,
-        symbol: &str,
         active: &[&'l Leg],
-    ) -> Result<Vec<&'l Leg>, ProtectError> {
+    ) -> Vec<&'l Leg> {
         if active.is_empty() {
-            return Ok(Vec::new());
+            return Vec::new();
         }
-        if let Some(open) = self.exchange.open_order_ids(creds, symbol).await? {
-            let is_open = |id: &crate::ids::ClientOrderId| open.iter().any(|o| o == id.as_str());
-            return Ok(active
-                .iter()
-                .copied()
-                .filter(|l| is_open(&l.ids.stop_loss) && !is_open(&l.ids.take_profit))
-                .collect());
+        let symbol = entry.symbol.name.as_str();
+        match self.exchange.open_order_ids(creds, symbol).await {
+            Ok(Some(open)) => {
+                let is_open =
+                    |id: &crate::ids::ClientOrderId| open.iter().any(|o| o == id.as_str());
+                return active
+                    .iter()
+                    .copied()
+                    .filter(|l| is_open(&l.ids.stop_loss) && !is_open(&l.ids.take_profit))
+                    .collect();
+            }
+            Ok(None) => {}
+            Err(err) => {
+                warn!(entry = %entry.id, error = %err, "open orders unread; replacing as if no stop had triggered");
+                return Vec::new();
+            }
         }
         let mut triggered = Vec::new();
         for leg in active {
-            let snap = self
+            match self
                 .exchange
                 .order_list(creds, symbol, leg.ids.list.as_str())
-                .await?;
-            if snap.as_ref().is_some_and(stop_triggered) {
-                triggered.push(*leg);
+                .await
+            {
+                Ok(snap) if snap.as_ref().is_some_and(stop_triggered) => triggered.push(*leg),
+                Ok(_) => {}
+                Err(err) => {
+                    warn!(entry = %entry.id, leg = %leg.key, client_id = %leg.ids.list, error = %err, "list lookup failed; replaced as if its stop had not triggered");
+                }
             }
         }
-        Ok(triggered)
+        triggered
     }
 
     /// What a list that is no longer open sold, looked up: `None` unless the

@@ -106,6 +106,10 @@ struct FakeState {
     /// `open_order_ids` answers `None`, as an exchange that cannot list
     /// open orders.
     no_open_orders: bool,
+    /// `open_order_ids` fails with this while it is set.
+    open_orders_failure: Option<ExchangeError>,
+    /// `order_list` fails with this while it is set.
+    list_lookup_failure: Option<ExchangeError>,
 }
 
 /// An exchange double with Binance's OCO semantics: one quantity locked for
@@ -209,6 +213,18 @@ impl FakeExchange {
     /// exchange that cannot list open orders (callers then trust the lists).
     pub fn cannot_list_open_orders(&self, cannot: bool) {
         self.lock().no_open_orders = cannot;
+    }
+
+    /// Every `open_order_ids` call fails with `err` until this is called
+    /// with `None` (a 5xx, a rate limit).
+    pub fn fail_open_order_ids(&self, err: Option<ExchangeError>) {
+        self.lock().open_orders_failure = err;
+    }
+
+    /// Every `order_list` call fails with `err` until this is called with
+    /// `None` (a 5xx, a rate limit).
+    pub fn fail_list_lookups(&self, err: Option<ExchangeError>) {
+        self.lock().list_lookup_failure = err;
     }
 
     /// How many times `place_order` was called, refused or not.
@@ -932,6 +948,9 @@ impl Exchange for FakeExchange {
     ) -> Result<Option<OrderListSnapshot>, ExchangeError> {
         YieldNow::default().await;
         let mut s = self.lock();
+        if let Some(err) = s.list_lookup_failure.clone() {
+            return Err(err);
+        }
         if s.lagging_lookups > 0 {
             s.lagging_lookups -= 1;
             return Ok(None);
@@ -971,6 +990,9 @@ impl Exchange for FakeExchange {
             )
         };
         let state = self.lock();
+        if let Some(err) = state.open_orders_failure.clone() {
+            return Err(err);
+        }
         if state.no_open_orders {
             return Ok(None);
         }

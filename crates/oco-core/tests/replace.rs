@@ -190,3 +190,55 @@ async fn triggered_stop_sold_part(open_orders_listed: bool) {
     assert_eq!(entry.protection, Protection::Closed, "{entry:?}");
     assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0)));
 }
+
+/// The read that finds triggered stops fails (a 5xx, a rate limit) in a
+/// round about to replace lists: the round goes on as if no stop had
+/// triggered, and the coins of the list canceled by hand get their stop
+/// now rather than at sync's next pass.
+#[tokio::test]
+async fn a_replacement_goes_on_when_the_open_orders_cannot_be_read() {
+    replacement_whose_trigger_check_fails(true).await;
+}
+
+/// The same where each list is looked up, and the lookups fail.
+#[tokio::test]
+async fn a_replacement_goes_on_when_its_lists_cannot_be_looked_up() {
+    replacement_whose_trigger_check_fails(false).await;
+}
+
+async fn replacement_whose_trigger_check_fails(open_orders_listed: bool) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    w.exchange.cannot_list_open_orders(!open_orders_listed);
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let creds = w.store.credentials(w.account).await.unwrap();
+    w.exchange.cancel_externally(legs[1].ids.list.as_str());
+    w.protector.refresh_leg(&creds, &legs[1]).await.unwrap();
+    assert_eq!(w.open_qty(), dec!(0.4995));
+
+    let failure = oco_core::ports::ExchangeError::Transient("502 bad gateway".into());
+    if open_orders_listed {
+        w.exchange.fail_open_order_ids(Some(failure));
+    } else {
+        w.exchange.fail_list_lookups(Some(failure));
+    }
+    let report = w.protector.protect(id, None, Source::Sync).await;
+    assert!(
+        matches!(
+            report,
+            Ok(oco_core::protect::ProtectReport {
+                outcome: ProtectOutcome::Placed { replaced: 1, .. },
+                ..
+            })
+        ),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.999), "the whole position has its stop");
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0.999)));
+}
