@@ -1122,6 +1122,35 @@ impl Protector {
         if claims.is_empty() {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
         }
+        // Cancels are not held when the account's placements are (Binance
+        // counts new orders per account, up to the next UTC midnight for the
+        // daily count): older lists canceled now would leave the position
+        // without any stop until the hold ends. They keep working, and the
+        // call fails for its caller to try again (sync after its backoff,
+        // the gateway and the API by a flag). A first protection, with
+        // nothing to cancel, still tries: it loses nothing.
+        if !active.is_empty()
+            && let Some(retry_after) = self
+                .exchange
+                .placements_held(creds, u32::try_from(claims.len()).unwrap_or(u32::MAX))
+        {
+            let err = ExchangeError::RateLimited { retry_after };
+            warn!(entry = %entry.id, ?retry_after, generation = claims[0].key.generation, "the account's placements are held: older lists kept working, nothing canceled");
+            self.release(
+                &claims,
+                None,
+                &format!("placements held, older lists kept: {err}"),
+            )
+            .await?;
+            // Some coins have no stop (that is why lists were to be
+            // replaced): a `protected` label would keep the alert silent.
+            if matches!(entry.protection, Protection::Protected { .. }) {
+                self.label_unprotected(entry).await?;
+            }
+            return Ok(Round::Done(ProtectOutcome::Failed {
+                errors: vec![err.to_string()],
+            }));
+        }
 
         // Coins under an older list are locked: cancel it first (DESIGN rule 8 and
         // partial fills). A list that already ended, or that sold part of its coins

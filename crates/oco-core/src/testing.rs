@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
@@ -110,6 +111,8 @@ struct FakeState {
     open_orders_failure: Option<ExchangeError>,
     /// `order_list` fails with this while it is set.
     list_lookup_failure: Option<ExchangeError>,
+    /// Per API key: its placements are held this long (after a `-1015`).
+    placements_held: HashMap<String, Duration>,
 }
 
 /// An exchange double with Binance's OCO semantics: one quantity locked for
@@ -225,6 +228,18 @@ impl FakeExchange {
     /// `None` (a 5xx, a rate limit).
     pub fn fail_list_lookups(&self, err: Option<ExchangeError>) {
         self.lock().list_lookup_failure = err;
+    }
+
+    /// Holds the placements of `api_key` (`None`: lets them go again), as
+    /// Binance's adapter does after a `-1015` or once the day's order count
+    /// is spent: `place_oco` and `place_order` are refused as rate-limited,
+    /// `placements_held` says so, and reads and cancels go on.
+    pub fn hold_placements(&self, api_key: &str, hold: Option<Duration>) {
+        let mut s = self.lock();
+        match hold {
+            Some(hold) => s.placements_held.insert(api_key.to_owned(), hold),
+            None => s.placements_held.remove(api_key),
+        };
     }
 
     /// How many times `place_order` was called, refused or not.
@@ -819,6 +834,11 @@ impl Exchange for FakeExchange {
         let fault = {
             let mut s = self.lock();
             s.order_calls += 1;
+            if let Some(retry_after) = s.placements_held.get(&creds.api_key) {
+                return Err(ExchangeError::RateLimited {
+                    retry_after: *retry_after,
+                });
+            }
             s.order_faults.pop_front()
         };
         match fault {
@@ -925,6 +945,11 @@ impl Exchange for FakeExchange {
         YieldNow::default().await;
         let mut s = self.lock();
         s.oco_calls += 1;
+        if let Some(retry_after) = s.placements_held.get(&creds.api_key) {
+            return Err(ExchangeError::RateLimited {
+                retry_after: *retry_after,
+            });
+        }
         match s.oco_faults.pop_front() {
             None => s.place(&creds.api_key, oco),
             Some(OcoFault::UnknownAfterApply) => {
@@ -1009,6 +1034,10 @@ impl Exchange for FakeExchange {
             }
         }
         Ok(Some(ids))
+    }
+
+    fn placements_held(&self, creds: &ApiCredentials, _lists: u32) -> Option<Duration> {
+        self.lock().placements_held.get(&creds.api_key).copied()
     }
 
     async fn cancel_order_list(
@@ -2199,7 +2228,6 @@ async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
 /// Periodic reconciliation shared by several takers, on a store whose only
 /// account so far is `first` (active).
 async fn due_behaviour(store: &dyn Store, first: AccountId) -> Result<(), SuiteError> {
-    use std::time::Duration;
     let hour = Duration::from_secs(3600);
     let short = Duration::from_millis(300);
     let new_account = |key: &str| NewAccount {

@@ -242,3 +242,89 @@ async fn replacement_whose_trigger_check_fails(open_orders_listed: bool) {
     assert_eq!(w.open_qty(), dec!(0.999), "the whole position has its stop");
     assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0.999)));
 }
+
+/// The account's placements are held (Binance's `-1015`, or the day's
+/// order count spent, until the next UTC midnight at worst), its cancels
+/// are not: a replacement cancels nothing, its claims are released, and
+/// the list still working keeps its stop until placements go again.
+#[tokio::test]
+async fn a_replacement_cancels_nothing_while_placements_are_held() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let (working, by_hand) = (&legs[0], &legs[1]);
+    let creds = w.store.credentials(w.account).await.unwrap();
+    w.exchange.cancel_externally(by_hand.ids.list.as_str());
+    w.protector.refresh_leg(&creds, by_hand).await.unwrap();
+
+    w.exchange
+        .hold_placements(KEY, Some(std::time::Duration::from_secs(6 * 3600)));
+    let calls = w.exchange.oco_calls();
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(&report.outcome, ProtectOutcome::Failed { errors } if errors.iter().any(|e| e.contains("rate limited"))),
+        "{report:?}"
+    );
+    let open = w.exchange.open_lists();
+    assert!(
+        open.len() == 1 && open[0].request.ids.list == working.ids.list,
+        "the working list keeps its stop: {open:?}"
+    );
+    assert_eq!(w.exchange.oco_calls(), calls, "nothing sent");
+    let now = w.store.legs(id).await.unwrap();
+    assert!(
+        matches!(now[0].state, LegState::Placed { .. }),
+        "{:?}",
+        now[0].state
+    );
+    let claimed: Vec<_> = now.iter().filter(|l| l.key.generation == 1).collect();
+    assert!(
+        !claimed.is_empty()
+            && claimed
+                .iter()
+                .all(|l| matches!(l.state, LegState::NotPlaced { .. })),
+        "the claims are released: {now:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        entry.protection,
+        Protection::Unprotected,
+        "half the coins have no stop"
+    );
+
+    // Placements go again: the next call replaces the working list.
+    w.exchange.hold_placements(KEY, None);
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { replaced: 1, .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.999));
+}
+
+/// A first protection has nothing to cancel: it is tried whatever the
+/// hold, and refused, loses nothing.
+#[tokio::test]
+async fn a_first_protection_is_tried_while_placements_are_held() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.exchange
+        .hold_placements(KEY, Some(std::time::Duration::from_secs(60)));
+    let report = w
+        .protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.oco_calls(), 2, "both lists tried");
+}

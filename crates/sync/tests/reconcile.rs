@@ -402,6 +402,57 @@ async fn one_accounts_order_limit_does_not_hold_back_the_others() {
     );
 }
 
+/// An account whose placements are held (its order count spent: the
+/// adapter refuses them at once until the hold ends) while its cancels go
+/// on: an entry whose list was canceled by hand needs a replacement, and
+/// canceling its other list first would leave all its coins without a stop
+/// until then. Wired as the binaries are, `protect` asks the adapter
+/// through the metered exchange and cancels nothing.
+#[tokio::test(start_paused = true)]
+async fn a_replacement_keeps_the_working_lists_while_the_accounts_placements_are_held() {
+    let w = world();
+    let a = w.account("k1").await;
+    let covered = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.wired_reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(placed(r.outcome(covered)), "{r:?}");
+    let legs = w.store.legs(covered).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    w.fake.cancel_externally(legs[1].ids.list.as_str());
+
+    // A new fill's placement is refused: the account's orders are held.
+    let fresh = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    w.fake
+        .hold_placements("k1", Some(Duration::from_secs(6 * 3600)));
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(
+        format!("{:?}", r.outcome(fresh)).contains("rate limited"),
+        "{r:?}"
+    );
+    assert!(
+        format!("{:?}", r.outcome(covered)).contains("rate limited"),
+        "{r:?}"
+    );
+    let open = w.fake.open_lists();
+    assert!(
+        open.len() == 1 && open[0].request.ids.list == legs[0].ids.list,
+        "the working list keeps its stop: {open:?}"
+    );
+    assert!(matches!(
+        w.store.legs(covered).await.unwrap()[0].state,
+        LegState::Placed { .. }
+    ));
+
+    // The hold ends: both entries are protected in full.
+    w.fake.hold_placements("k1", None);
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(
+        placed(r.outcome(covered)) && placed(r.outcome(fresh)),
+        "{r:?}"
+    );
+    assert_eq!(w.open_qty("k1"), dec!(2));
+}
+
 #[tokio::test]
 async fn lists_filled_while_nobody_listened_close_the_entry() {
     let w = world();
