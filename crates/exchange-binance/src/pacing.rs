@@ -201,6 +201,26 @@ impl Pacer {
         *until = (*until).max(until_ms);
     }
 
+    /// How long `api_key`'s new orders are held at `now_ms`, for `orders`
+    /// more: a hold after a `-1015` still in force, or the day's count too
+    /// far spent for them (until the next UTC midnight). `None` otherwise.
+    /// Nothing is reserved. The 10 s count is left out: its wait is short,
+    /// and a placement waits it out.
+    pub fn orders_held(&self, now_ms: i64, api_key: &str, orders: u32) -> Option<Duration> {
+        let s = self.lock();
+        let hold = s
+            .orders_held_until_ms
+            .get(api_key)
+            .copied()
+            .filter(|until| *until > now_ms)
+            .map(|until| until - now_ms);
+        let day = now_ms.div_euclid(DAY_MS);
+        let in_day = s.orders_1d.get(api_key).map_or(0, |c| c.current(day));
+        let spent = (in_day.saturating_add(orders) > self.budget.orders_per_day)
+            .then(|| (day + 1) * DAY_MS - now_ms + 5);
+        hold.max(spent).map(ms)
+    }
+
     /// Current figures at `now_ms`, order counts for `api_key`.
     pub fn snapshot(&self, now_ms: i64, api_key: Option<&str>) -> PacingSnapshot {
         let s = self.lock();
@@ -310,6 +330,36 @@ mod tests {
         p.hold_orders("a", 45_000);
         assert!(matches!(p.admit(46_000, 1, Some("a"), 1), Admit::Wait(_)));
         assert_eq!(p.admit(50_000, 1, Some("a"), 1), Admit::Go);
+    }
+
+    #[test]
+    fn held_orders_are_told_without_reserving() {
+        let p = Pacer::new(Pacing {
+            weight_per_minute: 1000,
+            orders_per_10s: 100,
+            orders_per_day: 10,
+            max_wait: Duration::from_secs(10),
+        });
+        let t = 3 * DAY_MS + 1_000;
+        assert_eq!(p.orders_held(t, "a", 4), None);
+        p.hold_orders("a", t + 60_000);
+        assert_eq!(p.orders_held(t, "a", 4), Some(Duration::from_secs(60)));
+        assert_eq!(p.orders_held(t, "b", 4), None, "other keys go on");
+        assert_eq!(p.orders_held(t + 60_000, "a", 4), None, "the hold ended");
+        // The day's count: 8 of 10 spent leaves room for one list, not two.
+        p.observe(t, Some("b"), None, None, Some(8));
+        assert_eq!(p.orders_held(t, "b", 2), None);
+        assert_eq!(
+            p.orders_held(t, "b", 4),
+            Some(ms(4 * DAY_MS - t + 5)),
+            "held until the next UTC midnight"
+        );
+        assert_eq!(
+            p.snapshot(t, Some("b")).order_count_1d,
+            8,
+            "nothing reserved"
+        );
+        assert_eq!(p.orders_held(4 * DAY_MS, "b", 4), None, "a new day");
     }
 
     #[test]

@@ -554,6 +554,21 @@ impl Exchange for BinanceExchange {
             .remove(symbol);
     }
 
+    // From the pacer's state for the key: a `-1015` hold in force, or the
+    // day's order count spent (an OCO counts 2). Only waits a placement
+    // would not wait out (`pacing.max_wait`) hold it; shorter ones, the
+    // 10 s count's among them, it sends after.
+    fn placements_held(&self, creds: &ApiCredentials, lists: u32) -> Option<Duration> {
+        self.inner
+            .pacer
+            .orders_held(
+                self.server_now_ms(),
+                &creds.api_key,
+                lists.saturating_mul(2),
+            )
+            .filter(|wait| *wait > self.inner.config.pacing.max_wait)
+    }
+
     #[instrument(skip(self), level = "debug")]
     async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError> {
         let t: TickerPrice = self

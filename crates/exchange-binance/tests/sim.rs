@@ -583,6 +583,7 @@ async fn an_order_count_refusal_holds_back_only_that_account() {
     )
     .await
     .unwrap();
+    assert_eq!(ex.placements_held(&a, 2), None, "nothing refused yet");
     let err = ex
         .place_oco(
             &a,
@@ -591,6 +592,14 @@ async fn an_order_count_refusal_holds_back_only_that_account() {
         .await
         .unwrap_err();
     assert!(matches!(err, ExchangeError::RateLimited { .. }), "{err:?}");
+    // Told without a request, so that a replacement cancels nothing it
+    // cannot replace.
+    let held = ex.placements_held(&a, 1);
+    assert!(
+        held.is_some_and(|wait| wait > Duration::from_secs(10)),
+        "{held:?}"
+    );
+    assert_eq!(ex.placements_held(&b, 1), None, "another account's go");
 
     let ack = ex
         .place_oco(

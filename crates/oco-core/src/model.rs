@@ -360,6 +360,16 @@ pub struct Leg {
     pub updated_at: Millis,
 }
 
+impl Leg {
+    /// What the leg's list still holds: its quantity less what it sold. A
+    /// list whose stop triggered and sold part keeps working over the rest
+    /// only; a position counts its sales as gone, so a list counted at its
+    /// full size would cover those coins twice.
+    pub fn unsold(&self) -> Qty {
+        self.qty.saturating_sub(self.sold.total())
+    }
+}
+
 /// An entry's realised result as written by a close or an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Realized {

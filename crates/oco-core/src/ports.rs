@@ -337,6 +337,19 @@ pub trait Exchange: Send + Sync {
     ) -> Result<Option<Vec<String>>, ExchangeError> {
         Ok(None)
     }
+    /// How long the account's new orders are held back, when `lists` more
+    /// lists placed now would be refused as rate-limited rather than sent
+    /// after a short wait (Binance counts new orders per account: a `-1015`
+    /// hold in force for the key, or its daily count spent, last until the
+    /// next UTC midnight at worst). Answered from what the adapter already
+    /// knows, without a request. Cancels are not held: a replacement asks
+    /// before it cancels, since lists canceled whose successors cannot go
+    /// out leave the position without a stop until the hold ends. `None`
+    /// (the default): placements go, or this exchange cannot say. A
+    /// wrapper must forward it, or the check it serves is silently off.
+    fn placements_held(&self, _creds: &ApiCredentials, _lists: u32) -> Option<Duration> {
+        None
+    }
 }
 
 /// An order update from the user-data stream (`executionReport`).

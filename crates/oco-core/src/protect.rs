@@ -194,9 +194,10 @@ struct Claimed<'a> {
     /// entry's, so a balance refusal's re-plan counts them back in (the
     /// round takes them out again before planning).
     rest_open: Qty,
-    /// What lists left working because their stop has triggered hold
-    /// (`position` is without them): locked, counted back in the same way,
-    /// and their stops keep the entry partly protected.
+    /// What lists left working because their stop has triggered still hold
+    /// (their quantity less what the stop sold; `position` is without it):
+    /// locked, counted back in the same way, and their stops keep the entry
+    /// partly protected.
     kept: Qty,
     late: LatePolicy,
     degraded: Option<Degraded>,
@@ -552,7 +553,9 @@ impl Protector {
             position = position.min(h);
         }
         let active: Vec<&Leg> = legs.iter().filter(|l| l.state.is_active()).collect();
-        let active_qty: Qty = active.iter().map(|l| l.qty).sum();
+        // What the working lists hold: a triggered stop that sold part of its
+        // list holds only the rest, and the position counts its sale already.
+        let active_qty: Qty = active.iter().map(|l| l.unsold()).sum();
         // The rests of partly filled take-profits: on the book without a stop,
         // locking what they have not sold until they are canceled.
         let rests: Vec<&Leg> = legs.iter().filter(|l| is_take_profit_rest(l)).collect();
@@ -806,19 +809,18 @@ impl Protector {
         // sale would stop, and a new list for them would likely be refused
         // (the price is under its stop). It stays, and the new generation
         // covers only the coins it does not hold.
-        let triggered = self
-            .triggered_lists(&creds, &entry.symbol.name, &active)
-            .await?;
+        let triggered = self.triggered_lists(entry, &creds, &active).await;
         let (active, active_qty, position, plan, kept) = if triggered.is_empty() {
             (active, active_qty, position, plan, Qty::ZERO)
         } else {
-            let kept: Qty = triggered.iter().map(|l| l.qty).sum();
+            // What they still hold: a stop that sold part holds only the rest.
+            let kept: Qty = triggered.iter().map(|l| l.unsold()).sum();
             let others: Vec<&Leg> = active
                 .iter()
                 .copied()
                 .filter(|l| !triggered.iter().any(|t| t.key == l.key))
                 .collect();
-            let others_qty: Qty = others.iter().map(|l| l.qty).sum();
+            let others_qty: Qty = others.iter().map(|l| l.unsold()).sum();
             let uncovered = position.saturating_sub(kept);
             info!(entry = %entry.id, lists = triggered.len(), qty = %kept, "lists whose stop has triggered are left selling; the rest is replaced");
             let plan = match plan_protection(&PlanInput {
@@ -1119,6 +1121,35 @@ impl Protector {
         } = claimed;
         if claims.is_empty() {
             return Ok(Round::Done(ProtectOutcome::Nothing(Idle::InFlight)));
+        }
+        // Cancels are not held when the account's placements are (Binance
+        // counts new orders per account, up to the next UTC midnight for the
+        // daily count): older lists canceled now would leave the position
+        // without any stop until the hold ends. They keep working, and the
+        // call fails for its caller to try again (sync after its backoff,
+        // the gateway and the API by a flag). A first protection, with
+        // nothing to cancel, still tries: it loses nothing.
+        if !active.is_empty()
+            && let Some(retry_after) = self
+                .exchange
+                .placements_held(creds, u32::try_from(claims.len()).unwrap_or(u32::MAX))
+        {
+            let err = ExchangeError::RateLimited { retry_after };
+            warn!(entry = %entry.id, ?retry_after, generation = claims[0].key.generation, "the account's placements are held: older lists kept working, nothing canceled");
+            self.release(
+                &claims,
+                None,
+                &format!("placements held, older lists kept: {err}"),
+            )
+            .await?;
+            // Some coins have no stop (that is why lists were to be
+            // replaced): a `protected` label would keep the alert silent.
+            if matches!(entry.protection, Protection::Protected { .. }) {
+                self.label_unprotected(entry).await?;
+            }
+            return Ok(Round::Done(ProtectOutcome::Failed {
+                errors: vec![err.to_string()],
+            }));
         }
 
         // Coins under an older list are locked: cancel it first (DESIGN rule 8 and
@@ -2615,34 +2646,54 @@ impl Protector {
     /// exchange that cannot list open orders has each list looked up. A
     /// list taken for one while it is not keeps working all the same, so a
     /// view that errs that way costs a replacement, never a stop.
+    ///
+    /// A read that fails counts as showing no triggered stop: the round
+    /// must not end before its claim over a read that only refines it
+    /// (the grown position would wait for sync without a stop). A triggered
+    /// list so taken for a working one is canceled, which stops its sale;
+    /// its coins are then in the new generation, or, under the stop, the
+    /// late policy sells them. No coin is left without a stop either way.
     async fn triggered_lists<'l>(
         &self,
+        entry: &Entry,
         creds: &ApiCredentials,
-        symbol: &str,
         active: &[&'l Leg],
-    ) -> Result<Vec<&'l Leg>, ProtectError> {
+    ) -> Vec<&'l Leg> {
         if active.is_empty() {
-            return Ok(Vec::new());
+            return Vec::new();
         }
-        if let Some(open) = self.exchange.open_order_ids(creds, symbol).await? {
-            let is_open = |id: &crate::ids::ClientOrderId| open.iter().any(|o| o == id.as_str());
-            return Ok(active
-                .iter()
-                .copied()
-                .filter(|l| is_open(&l.ids.stop_loss) && !is_open(&l.ids.take_profit))
-                .collect());
+        let symbol = entry.symbol.name.as_str();
+        match self.exchange.open_order_ids(creds, symbol).await {
+            Ok(Some(open)) => {
+                let is_open =
+                    |id: &crate::ids::ClientOrderId| open.iter().any(|o| o == id.as_str());
+                return active
+                    .iter()
+                    .copied()
+                    .filter(|l| is_open(&l.ids.stop_loss) && !is_open(&l.ids.take_profit))
+                    .collect();
+            }
+            Ok(None) => {}
+            Err(err) => {
+                warn!(entry = %entry.id, error = %err, "open orders unread; replacing as if no stop had triggered");
+                return Vec::new();
+            }
         }
         let mut triggered = Vec::new();
         for leg in active {
-            let snap = self
+            match self
                 .exchange
                 .order_list(creds, symbol, leg.ids.list.as_str())
-                .await?;
-            if snap.as_ref().is_some_and(stop_triggered) {
-                triggered.push(*leg);
+                .await
+            {
+                Ok(snap) if snap.as_ref().is_some_and(stop_triggered) => triggered.push(*leg),
+                Ok(_) => {}
+                Err(err) => {
+                    warn!(entry = %entry.id, leg = %leg.key, client_id = %leg.ids.list, error = %err, "list lookup failed; replaced as if its stop had not triggered");
+                }
             }
         }
-        Ok(triggered)
+        triggered
     }
 
     /// What a list that is no longer open sold, looked up: `None` unless the
@@ -2939,14 +2990,14 @@ enum ExitWrite {
     Busy,
 }
 
-/// What `legs` lock on the exchange: the coins of their working lists and
-/// what their take-profit rests have not sold. Not in the free balance, yet
-/// the entry's.
+/// What `legs` lock on the exchange: the coins of their working lists (less
+/// what a triggered stop sold of them) and what their take-profit rests have
+/// not sold. Not in the free balance, yet the entry's.
 fn locked_by(legs: &[Leg]) -> Qty {
     legs.iter()
         .map(|l| {
             if l.state.is_active() {
-                l.qty
+                l.unsold()
             } else if is_take_profit_rest(l) {
                 l.qty.saturating_sub(l.sold.take_profit)
             } else {

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
@@ -106,6 +107,12 @@ struct FakeState {
     /// `open_order_ids` answers `None`, as an exchange that cannot list
     /// open orders.
     no_open_orders: bool,
+    /// `open_order_ids` fails with this while it is set.
+    open_orders_failure: Option<ExchangeError>,
+    /// `order_list` fails with this while it is set.
+    list_lookup_failure: Option<ExchangeError>,
+    /// Per API key: its placements are held this long (after a `-1015`).
+    placements_held: HashMap<String, Duration>,
 }
 
 /// An exchange double with Binance's OCO semantics: one quantity locked for
@@ -209,6 +216,30 @@ impl FakeExchange {
     /// exchange that cannot list open orders (callers then trust the lists).
     pub fn cannot_list_open_orders(&self, cannot: bool) {
         self.lock().no_open_orders = cannot;
+    }
+
+    /// Every `open_order_ids` call fails with `err` until this is called
+    /// with `None` (a 5xx, a rate limit).
+    pub fn fail_open_order_ids(&self, err: Option<ExchangeError>) {
+        self.lock().open_orders_failure = err;
+    }
+
+    /// Every `order_list` call fails with `err` until this is called with
+    /// `None` (a 5xx, a rate limit).
+    pub fn fail_list_lookups(&self, err: Option<ExchangeError>) {
+        self.lock().list_lookup_failure = err;
+    }
+
+    /// Holds the placements of `api_key` (`None`: lets them go again), as
+    /// Binance's adapter does after a `-1015` or once the day's order count
+    /// is spent: `place_oco` and `place_order` are refused as rate-limited,
+    /// `placements_held` says so, and reads and cancels go on.
+    pub fn hold_placements(&self, api_key: &str, hold: Option<Duration>) {
+        let mut s = self.lock();
+        match hold {
+            Some(hold) => s.placements_held.insert(api_key.to_owned(), hold),
+            None => s.placements_held.remove(api_key),
+        };
     }
 
     /// How many times `place_order` was called, refused or not.
@@ -461,6 +492,8 @@ impl FakeExchange {
         let (api_key, symbol, qty, price) = {
             let l = &mut s.lists[i];
             let price = l.request.stop_limit.unwrap_or(l.request.stop);
+            // What `sell_stop_partly` sold already left the account.
+            let rest = l.request.qty.saturating_sub(l.stop_loss.executed_qty);
             l.executing = false;
             l.stop_loss.status = EntryStatus::Filled;
             l.stop_loss.executed_qty = l.request.qty;
@@ -470,12 +503,7 @@ impl FakeExchange {
                 l.take_profit.status = EntryStatus::Expired;
                 l.take_profit.expiry_reason = Some("OCO_TRIGGER".into());
             }
-            (
-                l.api_key.clone(),
-                l.request.symbol.clone(),
-                l.request.qty,
-                price,
-            )
+            (l.api_key.clone(), l.request.symbol.clone(), rest, price)
         };
         let list = s.lists[i].clone();
         s.trade_list_order(&list, SaleSide::StopLoss, qty, price);
@@ -499,6 +527,50 @@ impl FakeExchange {
             l.take_profit.status = removed_as;
             l.take_profit.expiry_reason = Some("OCO_TRIGGER".into());
         }
+    }
+
+    /// Triggers the stop of an open list and fills `qty` of it at its limit
+    /// (or stop) price: the take-profit is removed (`EXPIRED`,
+    /// `OCO_TRIGGER`), and the list keeps executing with the rest of the
+    /// stop resting, its coins still locked under it.
+    pub fn sell_stop_partly(&self, list_client_id: &str, qty: Qty) {
+        let mut s = self.lock();
+        let Some(i) = s
+            .lists
+            .iter()
+            .position(|l| l.request.ids.list.as_str() == list_client_id && l.executing)
+        else {
+            return;
+        };
+        let (api_key, symbol, sold, price) = {
+            let l = &mut s.lists[i];
+            let price = l.request.stop_limit.unwrap_or(l.request.stop);
+            let before = l.stop_loss.executed_qty;
+            // Never the whole list: that is `fill_stop`.
+            let total = before.plus(qty).min(l.request.qty);
+            if total >= l.request.qty {
+                return;
+            }
+            l.stop_loss.status = EntryStatus::PartiallyFilled;
+            l.stop_loss.executed_qty = total;
+            l.stop_loss.cumulative_quote = total.notional(price);
+            if l.take_profit.status == EntryStatus::New {
+                l.take_profit.status = EntryStatus::Expired;
+                l.take_profit.expiry_reason = Some("OCO_TRIGGER".into());
+            }
+            (
+                l.api_key.clone(),
+                l.request.symbol.clone(),
+                total.saturating_sub(before),
+                price,
+            )
+        };
+        let list = s.lists[i].clone();
+        s.trade_list_order(&list, SaleSide::StopLoss, sold, price);
+        let (base, quote) = s.split_symbol(&symbol);
+        let book = s.balances.entry(api_key).or_default();
+        book.entry(base).or_default().1 -= sold.get();
+        book.entry(quote).or_default().0 += sold.notional(price);
     }
 
     /// Charges each trade of a list's order, and each market sell, from now
@@ -591,10 +663,11 @@ impl FakeState {
             (
                 l.api_key.clone(),
                 l.request.symbol.clone(),
-                // What the take-profit sold already left the account.
+                // What either order sold already left the account.
                 l.request
                     .qty
                     .saturating_sub(l.take_profit.executed_qty)
+                    .saturating_sub(l.stop_loss.executed_qty)
                     .get(),
             )
         };
@@ -761,6 +834,11 @@ impl Exchange for FakeExchange {
         let fault = {
             let mut s = self.lock();
             s.order_calls += 1;
+            if let Some(retry_after) = s.placements_held.get(&creds.api_key) {
+                return Err(ExchangeError::RateLimited {
+                    retry_after: *retry_after,
+                });
+            }
             s.order_faults.pop_front()
         };
         match fault {
@@ -867,6 +945,11 @@ impl Exchange for FakeExchange {
         YieldNow::default().await;
         let mut s = self.lock();
         s.oco_calls += 1;
+        if let Some(retry_after) = s.placements_held.get(&creds.api_key) {
+            return Err(ExchangeError::RateLimited {
+                retry_after: *retry_after,
+            });
+        }
         match s.oco_faults.pop_front() {
             None => s.place(&creds.api_key, oco),
             Some(OcoFault::UnknownAfterApply) => {
@@ -890,6 +973,9 @@ impl Exchange for FakeExchange {
     ) -> Result<Option<OrderListSnapshot>, ExchangeError> {
         YieldNow::default().await;
         let mut s = self.lock();
+        if let Some(err) = s.list_lookup_failure.clone() {
+            return Err(err);
+        }
         if s.lagging_lookups > 0 {
             s.lagging_lookups -= 1;
             return Ok(None);
@@ -929,6 +1015,9 @@ impl Exchange for FakeExchange {
             )
         };
         let state = self.lock();
+        if let Some(err) = state.open_orders_failure.clone() {
+            return Err(err);
+        }
         if state.no_open_orders {
             return Ok(None);
         }
@@ -945,6 +1034,10 @@ impl Exchange for FakeExchange {
             }
         }
         Ok(Some(ids))
+    }
+
+    fn placements_held(&self, creds: &ApiCredentials, _lists: u32) -> Option<Duration> {
+        self.lock().placements_held.get(&creds.api_key).copied()
     }
 
     async fn cancel_order_list(
@@ -2135,7 +2228,6 @@ async fn batch_behaviour(store: &dyn Store, account: AccountId) -> Result<(), Su
 /// Periodic reconciliation shared by several takers, on a store whose only
 /// account so far is `first` (active).
 async fn due_behaviour(store: &dyn Store, first: AccountId) -> Result<(), SuiteError> {
-    use std::time::Duration;
     let hour = Duration::from_secs(3600);
     let short = Duration::from_millis(300);
     let new_account = |key: &str| NewAccount {

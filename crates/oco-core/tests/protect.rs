@@ -2347,8 +2347,9 @@ async fn coins_free_at_a_close_over_max_qty_are_protected_not_closed() {
 /// What a list left unsold is closed as dust only when too small for any
 /// list. A remainder whose lists would be over the symbol's
 /// `NOTIONAL.maxNotional` (lowered since the first lists went out) is too
-/// large, not dust: the entry is recorded unprotectable and stays
-/// followed, never closed over coins without a stop.
+/// large, not dust: the plan caps each list at what `maxNotional` lets it
+/// hold, and the entry is protected by such lists, never closed over coins
+/// without a stop.
 #[tokio::test]
 async fn a_remainder_over_max_notional_is_not_closed_as_dust() {
     let w = world(ProtectionConfig::DEFAULT).await;
@@ -2396,6 +2397,58 @@ async fn a_remainder_over_max_notional_is_not_closed_as_dust() {
             "{list:?}"
         );
     }
+}
+
+/// As above with a `maxNotional` so low (5, the minimum notional too) that
+/// no list fits between the two: the plan answers dust although the
+/// remainder is far over the minimum quantity and notional. It is a
+/// position no list can hold, not dust: recorded unprotectable, on this
+/// call and the next, and never closed over coins without a stop.
+#[tokio::test]
+async fn a_remainder_no_list_fits_under_max_notional_is_not_closed_as_dust() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(1));
+    let ev = evidence(
+        EntryStatus::Filled,
+        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
+    );
+    w.protector
+        .protect(id, Some(&ev), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let creds = w.store.credentials(w.account).await.unwrap();
+    w.exchange
+        .fill_take_profit(legs[0].ids.list.as_str(), legs[0].qty);
+    w.protector.refresh_leg(&creds, &legs[0]).await.unwrap();
+    w.exchange.cancel_externally(legs[1].ids.list.as_str());
+    w.protector.refresh_leg(&creds, &legs[1]).await.unwrap();
+    // A list at maxNotional 5 holds 0.049 at the target (about 102),
+    // worth under the minimum notional 5 at the stop's limit.
+    w.exchange.add_symbol(
+        oco_core::symbol::SymbolRules {
+            max_notional: Some(dec!(5)),
+            ..oco_core::testing::btcusdt_rules()
+        },
+        p(dec!(100)),
+    );
+    for _ in 0..2 {
+        let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+        assert!(
+            matches!(report.outcome, ProtectOutcome::Unprotectable { .. }),
+            "{report:?}"
+        );
+        let entry = w.store.entry(id).await.unwrap();
+        assert!(
+            matches!(entry.protection, Protection::Unprotectable { .. }),
+            "0.5 held, too large for any list: not closed as dust: {:?}",
+            entry.protection
+        );
+    }
+    assert!(w.exchange.open_lists().is_empty());
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0.5), dec!(0)));
 }
 
 /// The late exit is a MARKET order, bound by `MARKET_LOT_SIZE` as well

@@ -112,3 +112,219 @@ async fn triggered_stop_left_selling(open_orders_listed: bool) {
     let entry = w.store.entry(id).await.unwrap();
     assert_eq!(entry.protection, Protection::Closed, "{entry:?}");
 }
+
+/// As above, but the triggered stop has sold part of its list (0.2 of
+/// 0.4995) before the replacement: it still holds only the rest, so the
+/// replacement covers (here: exits) every other coin the entry owes, not
+/// the position less the list's full size.
+#[tokio::test]
+async fn a_triggered_stop_that_sold_part_is_counted_at_what_it_still_holds() {
+    triggered_stop_sold_part(true).await;
+}
+
+/// The same where each list is looked up.
+#[tokio::test]
+async fn a_triggered_stop_that_sold_part_is_counted_at_what_it_holds_by_lookup() {
+    triggered_stop_sold_part(false).await;
+}
+
+async fn triggered_stop_sold_part(open_orders_listed: bool) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    w.exchange.cannot_list_open_orders(!open_orders_listed);
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let (selling, by_hand) = (&legs[0], &legs[1]);
+    assert_eq!(selling.qty, q(dec!(0.4995)));
+    let creds = w.store.credentials(w.account).await.unwrap();
+
+    // The stop triggers and sells 0.2 of its list; the rest rests under the
+    // market. The sale is recorded (the list looked up), the leg working.
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    w.exchange
+        .sell_stop_partly(selling.ids.list.as_str(), q(dec!(0.2)));
+    w.protector.refresh_leg(&creds, selling).await.unwrap();
+    let now = w.store.legs(id).await.unwrap();
+    assert_eq!(now[0].sold.stop_loss, q(dec!(0.2)));
+    assert!(matches!(now[0].state, LegState::Placed { .. }), "{now:?}");
+    // The other list is canceled by hand, and its end looked up.
+    w.exchange.cancel_externally(by_hand.ids.list.as_str());
+    w.protector.refresh_leg(&creds, by_hand).await.unwrap();
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0.4995), dec!(0.2995)));
+
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Exited { .. }),
+        "{report:?}"
+    );
+    let exited: rust_decimal::Decimal =
+        w.exits(id).await.iter().map(|l| l.sold.total().get()).sum();
+    assert_eq!(
+        exited,
+        dec!(0.4995),
+        "the owed 0.799 less the 0.2995 the triggered stop still holds"
+    );
+    assert_eq!(
+        w.exchange.balance(KEY, "BTC"),
+        (dec!(0), dec!(0.2995)),
+        "no coin is left free without a stop; the stop holds its rest"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+
+    // The stop sells its rest: every coin is sold, the entry closes.
+    w.exchange.fill_stop(selling.ids.list.as_str());
+    let now = w.store.legs(id).await.unwrap();
+    w.protector.refresh_leg(&creds, &now[0]).await.unwrap();
+    w.protector.protect(id, None, Source::Sync).await.unwrap();
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(entry.protection, Protection::Closed, "{entry:?}");
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0)));
+}
+
+/// The read that finds triggered stops fails (a 5xx, a rate limit) in a
+/// round about to replace lists: the round goes on as if no stop had
+/// triggered, and the coins of the list canceled by hand get their stop
+/// now rather than at sync's next pass.
+#[tokio::test]
+async fn a_replacement_goes_on_when_the_open_orders_cannot_be_read() {
+    replacement_whose_trigger_check_fails(true).await;
+}
+
+/// The same where each list is looked up, and the lookups fail.
+#[tokio::test]
+async fn a_replacement_goes_on_when_its_lists_cannot_be_looked_up() {
+    replacement_whose_trigger_check_fails(false).await;
+}
+
+async fn replacement_whose_trigger_check_fails(open_orders_listed: bool) {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    w.exchange.cannot_list_open_orders(!open_orders_listed);
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let creds = w.store.credentials(w.account).await.unwrap();
+    w.exchange.cancel_externally(legs[1].ids.list.as_str());
+    w.protector.refresh_leg(&creds, &legs[1]).await.unwrap();
+    assert_eq!(w.open_qty(), dec!(0.4995));
+
+    let failure = oco_core::ports::ExchangeError::Transient("502 bad gateway".into());
+    if open_orders_listed {
+        w.exchange.fail_open_order_ids(Some(failure));
+    } else {
+        w.exchange.fail_list_lookups(Some(failure));
+    }
+    let report = w.protector.protect(id, None, Source::Sync).await;
+    assert!(
+        matches!(
+            report,
+            Ok(oco_core::protect::ProtectReport {
+                outcome: ProtectOutcome::Placed { replaced: 1, .. },
+                ..
+            })
+        ),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.999), "the whole position has its stop");
+    assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0.999)));
+}
+
+/// The account's placements are held (Binance's `-1015`, or the day's
+/// order count spent, until the next UTC midnight at worst), its cancels
+/// are not: a replacement cancels nothing, its claims are released, and
+/// the list still working keeps its stop until placements go again.
+#[tokio::test]
+async fn a_replacement_cancels_nothing_while_placements_are_held() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    let (working, by_hand) = (&legs[0], &legs[1]);
+    let creds = w.store.credentials(w.account).await.unwrap();
+    w.exchange.cancel_externally(by_hand.ids.list.as_str());
+    w.protector.refresh_leg(&creds, by_hand).await.unwrap();
+
+    w.exchange
+        .hold_placements(KEY, Some(std::time::Duration::from_secs(6 * 3600)));
+    let calls = w.exchange.oco_calls();
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(&report.outcome, ProtectOutcome::Failed { errors } if errors.iter().any(|e| e.contains("rate limited"))),
+        "{report:?}"
+    );
+    let open = w.exchange.open_lists();
+    assert!(
+        open.len() == 1 && open[0].request.ids.list == working.ids.list,
+        "the working list keeps its stop: {open:?}"
+    );
+    assert_eq!(w.exchange.oco_calls(), calls, "nothing sent");
+    let now = w.store.legs(id).await.unwrap();
+    assert!(
+        matches!(now[0].state, LegState::Placed { .. }),
+        "{:?}",
+        now[0].state
+    );
+    let claimed: Vec<_> = now.iter().filter(|l| l.key.generation == 1).collect();
+    assert!(
+        !claimed.is_empty()
+            && claimed
+                .iter()
+                .all(|l| matches!(l.state, LegState::NotPlaced { .. })),
+        "the claims are released: {now:?}"
+    );
+    let entry = w.store.entry(id).await.unwrap();
+    assert_eq!(
+        entry.protection,
+        Protection::Unprotected,
+        "half the coins have no stop"
+    );
+
+    // Placements go again: the next call replaces the working list.
+    w.exchange.hold_placements(KEY, None);
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Placed { replaced: 1, .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.open_qty(), dec!(0.999));
+}
+
+/// A first protection has nothing to cancel: it is tried whatever the
+/// hold, and refused, loses nothing.
+#[tokio::test]
+async fn a_first_protection_is_tried_while_placements_are_held() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.exchange
+        .hold_placements(KEY, Some(std::time::Duration::from_secs(60)));
+    let report = w
+        .protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome, ProtectOutcome::Failed { .. }),
+        "{report:?}"
+    );
+    assert_eq!(w.exchange.oco_calls(), 2, "both lists tried");
+}

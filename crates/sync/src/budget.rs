@@ -370,6 +370,11 @@ impl Exchange for MeteredExchange {
         self.inner.cached_symbol_rules(symbol)
     }
 
+    // The adapter's word, from its own state: no request, no weight.
+    fn placements_held(&self, creds: &ApiCredentials, lists: u32) -> Option<Duration> {
+        self.inner.placements_held(creds, lists)
+    }
+
     async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError> {
         self.meter.acquire(weight::LAST_PRICE).await;
         self.observe(self.inner.last_price(symbol).await)

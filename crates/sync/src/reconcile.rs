@@ -1403,9 +1403,9 @@ impl Reconciler {
         }
     }
 
-    /// Whether `entry`'s working legs hold its whole position: net filled
-    /// minus what legs sold, floored to the step when the symbol's rules are
-    /// at hand. `Protected` alone does not say so: a fill recorded while
+    /// Whether `entry`'s working legs hold its whole position (each what it
+    /// has not sold): net filled minus what legs sold, floored to the step
+    /// when the symbol's rules are at hand. `Protected` alone does not say so: a fill recorded while
     /// another caller replaced the legs leaves the entry protected with less
     /// covered. With no working leg the answer is no: only `protect` can tell
     /// whether the coins are sold or bare.
@@ -1425,10 +1425,13 @@ impl Reconciler {
         if legs.iter().any(|l| l.state == rest) {
             return false;
         }
+        // What the working lists still hold: a stop that triggered and sold
+        // part of its list holds only the rest, and `sold` below takes that
+        // sale off the position already.
         let active: Qty = legs
             .iter()
             .filter(|l| l.state.is_active())
-            .map(|l| l.qty)
+            .map(|l| l.unsold())
             .sum();
         if active.is_zero() {
             return false;

@@ -402,6 +402,57 @@ async fn one_accounts_order_limit_does_not_hold_back_the_others() {
     );
 }
 
+/// An account whose placements are held (its order count spent: the
+/// adapter refuses them at once until the hold ends) while its cancels go
+/// on: an entry whose list was canceled by hand needs a replacement, and
+/// canceling its other list first would leave all its coins without a stop
+/// until then. Wired as the binaries are, `protect` asks the adapter
+/// through the metered exchange and cancels nothing.
+#[tokio::test(start_paused = true)]
+async fn a_replacement_keeps_the_working_lists_while_the_accounts_placements_are_held() {
+    let w = world();
+    let a = w.account("k1").await;
+    let covered = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    let sync = w.wired_reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(placed(r.outcome(covered)), "{r:?}");
+    let legs = w.store.legs(covered).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    w.fake.cancel_externally(legs[1].ids.list.as_str());
+
+    // A new fill's placement is refused: the account's orders are held.
+    let fresh = w.sent_entry(&a, EntryKind::Market, dec!(1)).await;
+    w.fake
+        .hold_placements("k1", Some(Duration::from_secs(6 * 3600)));
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(
+        format!("{:?}", r.outcome(fresh)).contains("rate limited"),
+        "{r:?}"
+    );
+    assert!(
+        format!("{:?}", r.outcome(covered)).contains("rate limited"),
+        "{r:?}"
+    );
+    let open = w.fake.open_lists();
+    assert!(
+        open.len() == 1 && open[0].request.ids.list == legs[0].ids.list,
+        "the working list keeps its stop: {open:?}"
+    );
+    assert!(matches!(
+        w.store.legs(covered).await.unwrap()[0].state,
+        LegState::Placed { .. }
+    ));
+
+    // The hold ends: both entries are protected in full.
+    w.fake.hold_placements("k1", None);
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(
+        placed(r.outcome(covered)) && placed(r.outcome(fresh)),
+        "{r:?}"
+    );
+    assert_eq!(w.open_qty("k1"), dec!(2));
+}
+
 #[tokio::test]
 async fn lists_filled_while_nobody_listened_close_the_entry() {
     let w = world();
@@ -823,4 +874,35 @@ async fn the_balance_is_read_once_per_pass_for_every_entry_short_of_its_position
     let r = sync.reconcile_account(a.id).await.unwrap();
     assert!(r.protections.is_empty(), "{r:?}");
     assert_eq!(w.exchange.calls("k1", "balances") - before, 1);
+}
+
+/// An entry `Protected` by two lists of its first 0.7 (0.35 each), one of
+/// whose stops has triggered and sold 0.3 of its 0.35, and whose last 0.3
+/// was recorded with no stop: the lists still hold 0.4 of the 0.7 owed.
+/// Counted at their full size they would seem to hold it all, and the pass
+/// would skip the entry with 0.3 free and bare.
+#[tokio::test]
+async fn a_list_whose_stop_sold_part_counts_only_what_it_still_holds() {
+    let w = world();
+    let a = w.account("k1").await;
+    let id = protected_short_of_its_last_fill(&w, &a).await;
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    assert_eq!(legs[0].qty, q(dec!(0.35)));
+    w.fake
+        .sell_stop_partly(legs[0].ids.list.as_str(), q(dec!(0.3)));
+    w.protector.refresh_leg(&a.creds, &legs[0]).await.unwrap();
+    let now = w.store.legs(id).await.unwrap();
+    assert_eq!(now[0].sold.stop_loss, q(dec!(0.3)));
+    assert!(matches!(now[0].state, LegState::Placed { .. }), "{now:?}");
+    assert_eq!(w.fake.balance("k1", "BTC"), (dec!(0.3), dec!(0.4)));
+
+    let sync = w.reconciler(config());
+    let r = sync.reconcile_account(a.id).await.unwrap();
+    assert!(placed(r.outcome(id)), "{r:?}");
+    assert_eq!(
+        w.fake.balance("k1", "BTC"),
+        (dec!(0), dec!(0.7)),
+        "every coin held is under a stop"
+    );
 }

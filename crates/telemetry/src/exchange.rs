@@ -1,6 +1,7 @@
 //! An [`Exchange`] decorator that counts every error by code.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use oco_core::ports::{
@@ -59,6 +60,10 @@ impl Exchange for ObservedExchange {
 
     fn cached_symbol_rules(&self, symbol: &str) -> Option<SymbolRules> {
         self.inner.cached_symbol_rules(symbol)
+    }
+
+    fn placements_held(&self, creds: &ApiCredentials, lists: u32) -> Option<Duration> {
+        self.inner.placements_held(creds, lists)
     }
 
     async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError> {

@@ -564,6 +564,9 @@ impl oco_core::Exchange for SlowFor {
     fn invalidate_rules(&self, s: &str) {
         self.inner.invalidate_rules(s)
     }
+    fn placements_held(&self, c: &ApiCredentials, lists: u32) -> Option<Duration> {
+        self.inner.placements_held(c, lists)
+    }
     async fn last_price(&self, s: &str) -> Result<Price, ExchangeError> {
         self.inner.last_price(s).await
     }

@@ -172,6 +172,9 @@ impl Exchange for TestExchange {
     fn invalidate_rules(&self, symbol: &str) {
         self.fake.invalidate_rules(symbol);
     }
+    fn placements_held(&self, creds: &ApiCredentials, lists: u32) -> Option<Duration> {
+        self.fake.placements_held(creds, lists)
+    }
     async fn last_price(&self, symbol: &str) -> Result<Price, ExchangeError> {
         self.fake.last_price(symbol).await
     }
