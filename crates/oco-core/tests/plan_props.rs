@@ -97,7 +97,10 @@ proptest! {
             Err(Unprotectable::Dust { floored, .. }) => {
                 // Dust only when too small for one list: never for being too large.
                 let too_small = floored < r.min_qty || floored.notional(levels.stop_limit.unwrap()) < r.min_notional;
-                prop_assert!(too_small, "{floored} called dust");
+                // Rules under which no list passes at all: `maxQty` worth less than
+                // the minimum notional (no real symbol has them).
+                let no_list_fits = r.max_qty.is_some_and(|m| m.floor_to(r.step).notional(levels.stop_limit.unwrap()) < r.min_notional);
+                prop_assert!(too_small || no_list_fits, "{floored} called dust");
             }
             Err(Unprotectable::NoStopBudget { .. }) => prop_assert_eq!(budget, Some(0)),
             Err(Unprotectable::Filter(_)) => {}
