@@ -2647,12 +2647,12 @@ impl Protector {
     /// list taken for one while it is not keeps working all the same, so a
     /// view that errs that way costs a replacement, never a stop.
     ///
-    /// A read that fails counts as showing no triggered stop: the round
-    /// must not end before its claim over a read that only refines it
-    /// (the grown position would wait for sync without a stop). A triggered
-    /// list so taken for a working one is canceled, which stops its sale;
-    /// its coins are then in the new generation, or, under the stop, the
-    /// late policy sells them. No coin is left without a stop either way.
+    /// A read that fails counts every list it would have shown as
+    /// triggered: the round must not end before its claim over a read that
+    /// only refines it (the grown position would wait for sync without a
+    /// stop), nor cancel a list that may be selling on its stop (the sale
+    /// would stop, and under `record_only` its coins would keep no stop).
+    /// The lists stay, and the round covers only the coins they do not hold.
     async fn triggered_lists<'l>(
         &self,
         entry: &Entry,
@@ -2675,8 +2675,12 @@ impl Protector {
             }
             Ok(None) => {}
             Err(err) => {
-                warn!(entry = %entry.id, error = %err, "open orders unread; replacing as if no stop had triggered");
-                return Vec::new();
+                // Unread, any of them may be selling on a triggered stop: a
+                // cancel would stop that sale, and under `record_only` leave
+                // its coins without a stop. Every list stays; the round covers
+                // only the coins they do not hold.
+                warn!(entry = %entry.id, error = %err, "open orders unread; every working list is kept as if its stop had triggered");
+                return active.to_vec();
             }
         }
         let mut triggered = Vec::new();
@@ -2689,7 +2693,8 @@ impl Protector {
                 Ok(snap) if snap.as_ref().is_some_and(stop_triggered) => triggered.push(*leg),
                 Ok(_) => {}
                 Err(err) => {
-                    warn!(entry = %entry.id, leg = %leg.key, client_id = %leg.ids.list, error = %err, "list lookup failed; replaced as if its stop had not triggered");
+                    warn!(entry = %entry.id, leg = %leg.key, client_id = %leg.ids.list, error = %err, "list lookup failed; kept as if its stop had triggered");
+                    triggered.push(*leg);
                 }
             }
         }

@@ -192,9 +192,9 @@ async fn triggered_stop_sold_part(open_orders_listed: bool) {
 }
 
 /// The read that finds triggered stops fails (a 5xx, a rate limit) in a
-/// round about to replace lists: the round goes on as if no stop had
-/// triggered, and the coins of the list canceled by hand get their stop
-/// now rather than at sync's next pass.
+/// round about to replace lists: the round goes on, keeping the working
+/// list (it may be selling on its stop), and the coins of the list canceled
+/// by hand get their stop now rather than at sync's next pass.
 #[tokio::test]
 async fn a_replacement_goes_on_when_the_open_orders_cannot_be_read() {
     replacement_whose_trigger_check_fails(true).await;
@@ -233,14 +233,64 @@ async fn replacement_whose_trigger_check_fails(open_orders_listed: bool) {
         matches!(
             report,
             Ok(oco_core::protect::ProtectReport {
-                outcome: ProtectOutcome::Placed { replaced: 1, .. },
+                outcome: ProtectOutcome::Placed { replaced: 0, .. },
                 ..
             })
         ),
-        "{report:?}"
+        "the working list is kept, not replaced: {report:?}"
+    );
+    assert!(
+        w.exchange
+            .open_lists()
+            .iter()
+            .any(|l| l.request.ids.list == legs[0].ids.list),
+        "the list still working stays"
     );
     assert_eq!(w.open_qty(), dec!(0.999), "the whole position has its stop");
     assert_eq!(w.exchange.balance(KEY, "BTC"), (dec!(0), dec!(0.999)));
+}
+
+/// A stop that triggered and sells, on an account whose late policy only
+/// records: the read that would show the trigger fails while the other
+/// list is replaced. The selling list is not canceled (its coins would keep
+/// no stop: the new list's stop is above the market and refused, and the
+/// policy sells nothing).
+#[tokio::test]
+async fn a_failed_trigger_read_never_cancels_a_stop_that_is_selling() {
+    let w = world(ProtectionConfig {
+        late: oco_core::model::LatePolicy::RecordOnly,
+        ..ProtectionConfig::DEFAULT
+    })
+    .await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    let (selling, by_hand) = (&legs[0], &legs[1]);
+    let creds = w.store.credentials(w.account).await.unwrap();
+    w.exchange.set_price("BTCUSDT", p(dec!(98)));
+    w.exchange
+        .sell_stop_partly(selling.ids.list.as_str(), q(dec!(0.1)));
+    w.protector.refresh_leg(&creds, selling).await.unwrap();
+    w.exchange.cancel_externally(by_hand.ids.list.as_str());
+    w.protector.refresh_leg(&creds, by_hand).await.unwrap();
+
+    w.exchange
+        .fail_open_order_ids(Some(oco_core::ports::ExchangeError::Transient(
+            "502 bad gateway".into(),
+        )));
+    let _ = w.protector.protect(id, None, Source::Sync).await;
+    assert!(
+        w.exchange
+            .open_lists()
+            .iter()
+            .any(|l| l.request.ids.list == selling.ids.list),
+        "the list selling on its stop is never canceled on a failed read: {:?}",
+        w.exchange.open_lists()
+    );
 }
 
 /// The account's placements are held (Binance's `-1015`, or the day's
