@@ -62,8 +62,8 @@ static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-rep
         (status = 409, description = "`idempotency_key_reused`: the key was used for an entry that differs from this request (`entryId`); nothing stored or sent", body = Problem),
         (status = 415, description = "Not JSON", body = Problem),
         (status = 422, description = "Refused: by the exchange (`exchange_rejected`, with `binanceCode`), or not protectable (`unprotectable`)", body = Problem),
-        (status = 429, description = "Exchange rate limit; see Retry-After", body = Problem),
-        (status = 503, description = "Exchange or store unavailable", body = Problem),
+        (status = 429, description = "Exchange rate limit; see Retry-After. Nothing was sent, and the `Idempotency-Key` is free: resend with it", body = Problem),
+        (status = 503, description = "Exchange or store unavailable. Nothing was sent, and the `Idempotency-Key` is free: resend with it", body = Problem),
         (status = 500, description = "The placement ended before the entry was stored: nothing was sent", body = Problem),
     ),
     security(("bearer" = []))
@@ -349,7 +349,7 @@ async fn place(
         )));
     }
     info!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, symbol = %entry.symbol, "entry stored, sending");
-    send(&state, &entry, &creds)
+    send(&state, &entry, &creds, keyed.is_some())
         .instrument(order_span(&entry))
         .await
 }
@@ -397,11 +397,13 @@ fn order_span(entry: &Entry) -> tracing::Span {
     )
 }
 
-/// Sends the stored entry and protects whatever filled at once.
+/// Sends the stored entry and protects whatever filled at once. `keyed`:
+/// the entry was stored under its request's idempotency key.
 async fn send(
     state: &AppState,
     entry: &Entry,
     creds: &ApiCredentials,
+    keyed: bool,
 ) -> Result<Response, ApiError> {
     let order = OrderRequest {
         symbol: entry.symbol.name.clone(),
@@ -431,6 +433,12 @@ async fn send(
         }
         Err(err) => {
             warn!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %err, "entry not placed");
+            if keyed && sent_nothing(&err) {
+                // Released before the refusal is recorded: a resend racing
+                // this answer stores a new entry rather than finding this
+                // one rejected.
+                release_key(state, entry).await;
+            }
             refuse(state, entry, &err.to_string()).await;
             return Err(ApiError::from(err).with_entry(entry.id.0));
         }
@@ -458,6 +466,27 @@ fn is_maybe_placed(err: &ExchangeError) -> bool {
         err,
         ExchangeError::UnknownOutcome(_) | ExchangeError::NotFound
     ) || err.is_duplicate()
+}
+
+/// Whether a placement refused with `err` never reached the exchange: the
+/// refusals answered "nothing sent" (`429 rate_limited`, `503
+/// exchange_unavailable`), which the client is told to resend. A refusal
+/// by the exchange itself (`Rejected`, `Auth`) would be given again to the
+/// same request, so its entry keeps the key.
+fn sent_nothing(err: &ExchangeError) -> bool {
+    matches!(
+        err,
+        ExchangeError::RateLimited { .. } | ExchangeError::Transient(_)
+    )
+}
+
+/// Frees the idempotency key of an entry whose order was never sent, so
+/// that the resend its answer asks for places the order instead of being
+/// answered with this entry, rejected.
+async fn release_key(state: &AppState, entry: &Entry) {
+    if let Err(e) = state.store.release_idempotency_key(entry.id).await {
+        error!(account = %entry.account, entry = %entry.id, client_id = %entry.client_id, error = %e, "could not release the idempotency key of an entry never sent; a resend with it is answered with this entry");
+    }
 }
 
 /// A looked-up order carries no trades, so its commission is unknown: legs

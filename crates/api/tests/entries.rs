@@ -1003,6 +1003,77 @@ async fn a_retry_with_the_same_idempotency_key_places_one_order() {
     assert_eq!(w.exchange.fake.open_lists().len(), 2, "one protection");
 }
 
+/// A placement refused before it reached the exchange (a 503 or 429 saying
+/// nothing was sent) leaves the key free: the resend its answer asks for
+/// places the order, and is not answered with the refused entry.
+#[tokio::test]
+async fn a_resend_after_a_refusal_that_sent_nothing_places_the_order() {
+    let w = world().await;
+    let faults = [
+        (
+            ExchangeError::Transient("connection refused".into()),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "after 503",
+        ),
+        (
+            ExchangeError::RateLimited {
+                retry_after: Duration::from_secs(1),
+            },
+            StatusCode::TOO_MANY_REQUESTS,
+            "after 429",
+        ),
+    ];
+    for (n, (fault, refused_with, key)) in faults.into_iter().enumerate() {
+        w.exchange.push_fault(PlaceFault::Fail(fault));
+        let (status, _, problem) = w
+            .post_entry_keyed(ALICE_TOKEN, w.market(), &[key.as_bytes()])
+            .await;
+        assert_eq!(status, refused_with, "{problem}");
+        let refused = problem["entryId"].as_i64().unwrap();
+        let entry = w.store.entry(EntryId(refused)).await.unwrap();
+        assert_eq!(entry.status, EntryStatus::Rejected, "not left pending");
+
+        let (status, headers, placed) = w
+            .post_entry_keyed(ALICE_TOKEN, w.market(), &[key.as_bytes()])
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{key}: {placed}");
+        assert!(headers.get("idempotent-replayed").is_none(), "{headers:?}");
+        assert_ne!(placed["id"], refused, "a new entry");
+        assert_eq!(placed["protection"]["state"], "protected", "{placed}");
+        assert_eq!(w.exchange.fake.order_calls(), n + 1, "one order placed");
+
+        // The key is now the placed entry's: one more resend is answered
+        // with it and sends nothing.
+        let (status, _, again) = w
+            .post_entry_keyed(ALICE_TOKEN, w.market(), &[key.as_bytes()])
+            .await;
+        assert_eq!(status, StatusCode::OK, "{again}");
+        assert_eq!(again["id"], placed["id"]);
+        assert_eq!(w.exchange.fake.order_calls(), n + 1, "nothing sent again");
+    }
+}
+
+/// The exchange's own refusal keeps the key: the same request would be
+/// refused the same way, and its resend is answered with the refused entry.
+#[tokio::test]
+async fn a_resend_after_the_exchange_refused_is_answered_with_the_refusal() {
+    let w = world().await;
+    w.exchange.fake.set_free(ALICE_KEY, "USDT", dec!(10));
+    let (status, _, problem) = w
+        .post_entry_keyed(ALICE_TOKEN, w.market(), &[b"refused"])
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(problem["binanceCode"], -2010);
+    let (status, headers, again) = w
+        .post_entry_keyed(ALICE_TOKEN, w.market(), &[b"refused"])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(again["id"], problem["entryId"]);
+    assert_eq!(again["status"], "rejected");
+    assert_eq!(w.exchange.place_calls(), 1, "nothing sent again");
+}
+
 /// A key reused for another order is refused, naming each difference; it
 /// never answers with an entry the request did not ask for.
 #[tokio::test]

@@ -1819,9 +1819,12 @@ mod tests {
 
     /// Binance puts a `subscriptionId` on every event: a fill or a list
     /// update without one cannot be handed to its session, and dropping it
-    /// would lose it without a gap.
+    /// would lose it without a gap. Here only how such a frame is read
+    /// (`Unowned`); that it reconnects the whole connection, a gap for
+    /// every session on it, is `tests/scripted.rs`
+    /// `an_execution_report_without_a_subscription_gaps_every_session`.
     #[test]
-    fn a_known_event_without_a_subscription_concerns_the_whole_connection() {
+    fn a_known_event_without_a_subscription_is_read_as_unowned() {
         for text in [
             include_str!(concat!(
                 env!("CARGO_MANIFEST_DIR"),

@@ -349,6 +349,67 @@ async fn a_peer_that_stops_reading_interrupts_its_sessions() {
     }
 }
 
+/// Binance names the subscription of every event. An `executionReport`
+/// without a `subscriptionId` may be a fill of any account on the
+/// connection and cannot be handed to one: the whole connection reconnects
+/// and every session on it gets `Connected` then `Gap` (its account goes to
+/// reconciliation), rather than the fill being dropped in silence.
+#[tokio::test]
+async fn an_execution_report_without_a_subscription_gaps_every_session() {
+    let report: Value = serde_json::from_str(include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/binance/fixtures/ws_execution_report_new.json"
+    )))
+    .unwrap();
+    // The first connection subscribes two accounts, then sends the report
+    // as Binance does (naming subscription 1), then the same without a
+    // name; later connections serve.
+    let (url, seen) = scripted(move |mut peer| {
+        let report = report.clone();
+        async move {
+            if peer.conn > 0 {
+                return peer.serve().await;
+            }
+            for _ in 0..2 {
+                let Some(request) = peer.request().await else {
+                    return;
+                };
+                if !peer.answer(&request).await {
+                    return;
+                }
+            }
+            let mut named = report.clone();
+            named["subscriptionId"] = json!(1);
+            let mut unnamed = report;
+            unnamed.as_object_mut().unwrap().remove("subscriptionId");
+            if peer.send(named).await && peer.send(unnamed).await {
+                peer.serve().await;
+            }
+        }
+    })
+    .await;
+    let stream = BinanceUserStream::new(config(&url)).unwrap();
+    let mut sessions = [open(&stream, 0).await, open(&stream, 1).await];
+    assert_eq!(stream.connections(), 1, "both on one connection");
+    // The named report reaches its session alone.
+    let ev = within(Duration::from_secs(5), &mut sessions[1])
+        .await
+        .unwrap();
+    assert!(matches!(ev, StreamEvent::Execution(_)), "{ev:?}");
+    for (i, s) in sessions.iter_mut().enumerate() {
+        let ev = within(Duration::from_secs(5), s).await.unwrap();
+        assert_eq!(ev, StreamEvent::Connected, "session {i}");
+        let ev = within(Duration::from_secs(5), s).await.unwrap();
+        assert!(matches!(ev, StreamEvent::Gap { .. }), "session {i}: {ev:?}");
+    }
+    assert_eq!(
+        seen.connections.load(Ordering::SeqCst),
+        2,
+        "the connection was replaced"
+    );
+    assert_eq!(seen.subscribes().len(), 2 + 2, "both resubscribed");
+}
+
 #[test]
 fn a_dead_connection_task_does_not_take_later_sessions() {
     let rt = || {

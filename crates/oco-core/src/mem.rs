@@ -322,6 +322,15 @@ impl Store for MemStore {
         Ok(created)
     }
 
+    async fn release_idempotency_key(&self, id: EntryId) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if !inner.entries.contains_key(&id) {
+            return Err(not_found("entry", id));
+        }
+        inner.keys.retain(|_, holder| *holder != id);
+        Ok(())
+    }
+
     async fn entry(&self, id: EntryId) -> Result<Entry, StoreError> {
         self.lock()
             .entries

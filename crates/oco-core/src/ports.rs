@@ -545,6 +545,15 @@ pub trait Store: Send + Sync {
         client_id_of: &(dyn Fn(EntryId) -> ClientOrderId + Send + Sync),
         at: Millis,
     ) -> Result<Entry, StoreError>;
+    /// Frees the idempotency key entry `id` was stored under, if it has one;
+    /// the entry itself stays as it is. For an entry whose order was never
+    /// sent (refused before it reached the exchange): a resend of its
+    /// request under the same key is then a new entry, not this one. A key
+    /// another entry took since is left alone.
+    ///
+    /// # Errors
+    /// `NotFound` when there is no entry `id`.
+    async fn release_idempotency_key(&self, id: EntryId) -> Result<(), StoreError>;
     /// One entry.
     async fn entry(&self, id: EntryId) -> Result<Entry, StoreError>;
     /// The entries of an account whose position is not settled: the order can

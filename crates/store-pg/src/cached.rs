@@ -685,8 +685,9 @@ pub(crate) struct EntryIdRow {
 /// this one. The foreign key's own `FOR KEY SHARE` would not make it wait.
 /// With an idempotency key its account already holds (on a committed row,
 /// or on one being inserted, whose commit it waits for), nothing is inserted
-/// (`ON CONFLICT DO NOTHING` on `entries_idempotency_key_unique`; a NULL key
-/// never conflicts).
+/// (`ON CONFLICT DO NOTHING` on `entries_idempotency_key_unique`, inferred
+/// from its columns and predicate, which migration `2026-12-05-000017`
+/// must keep equal to these; a NULL key never conflicts).
 /// `RETURNING *`: one row, or none when the account is disabled or absent,
 /// or the key taken.
 pub(crate) struct InsertEntry<'a> {

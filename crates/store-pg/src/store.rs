@@ -1510,6 +1510,21 @@ impl Store for PgStore {
         }
     }
 
+    async fn release_idempotency_key(&self, id: EntryId) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        // By the entry's id, never by the key: one another entry took since
+        // is that entry's.
+        let n = diesel::update(entries::table.find(id.0))
+            .set(entries::idempotency_key.eq(None::<String>))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| db(&format!("releasing the idempotency key of entry {id}"), e))?;
+        if n == 0 {
+            return Err(not_found("entry", id));
+        }
+        Ok(())
+    }
+
     async fn entry(&self, id: EntryId) -> Result<Entry, StoreError> {
         let mut conn = self.conn().await?;
         Self::load_entry(&mut conn, id).await

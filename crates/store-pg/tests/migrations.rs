@@ -38,6 +38,24 @@ async fn user_functions(url: &str) -> i64 {
 /// Tables the migrations create, `__diesel_schema_migrations` included.
 const TABLES: i64 = 11;
 
+/// The idempotency keys' index as `CREATE INDEX` would build it again: the
+/// columns and predicate `create_entry`'s `ON CONFLICT` names.
+const KEY_INDEX: &str = "CREATE UNIQUE INDEX entries_idempotency_key_unique ON public.entries \
+     USING btree (account_id, idempotency_key) WHERE (idempotency_key IS NOT NULL)";
+
+/// The idempotency keys' index (`2026-12-05-000017`) as the catalogue has
+/// it: its definition and whether it is valid, one row per index of that
+/// name (none before it is built).
+async fn key_index(db: &TestDb) -> Vec<String> {
+    db.texts(
+        "SELECT pg_get_indexdef(i.indexrelid) || CASE WHEN i.indisvalid \
+         THEN '' ELSE ' (INVALID)' END AS s FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE c.relname = 'entries_idempotency_key_unique'",
+    )
+    .await
+}
+
 #[tokio::test]
 async fn up_down_up_on_an_empty_database() {
     let db = TestDb::empty().await;
@@ -45,6 +63,7 @@ async fn up_down_up_on_an_empty_database() {
     let applied = store_pg::migrate(db.url()).await.unwrap();
     assert_eq!(applied.len(), store_pg_migration_count());
     assert_eq!(user_tables(db.url()).await, TABLES);
+    assert_eq!(key_index(&db).await, [KEY_INDEX], "built and valid");
     assert!(
         store_pg::migrate(db.url()).await.unwrap().is_empty(),
         "a second run applies nothing"
@@ -62,6 +81,7 @@ async fn up_down_up_on_an_empty_database() {
         "every down.sql removes the functions its up.sql made"
     );
     assert_eq!(store_pg::migrate(db.url()).await.unwrap(), applied);
+    assert_eq!(key_index(&db).await, [KEY_INDEX], "built again after down");
     // The schema matches what schema.rs expects: a store works on it.
     let store = store_pg::PgStore::connect(db.config(2)).await.unwrap();
     oco_core::testing::store_behaviour(&store).await.unwrap();
@@ -104,6 +124,79 @@ async fn concurrent_migrations_apply_once() {
         s.await.unwrap().unwrap();
     }
     assert_eq!(user_tables(db.url()).await, TABLES);
+    // Built outside a transaction while the others waited for the lock.
+    assert_eq!(key_index(&db).await, [KEY_INDEX], "built and valid");
+}
+
+/// `2026-12-05-000016` adds the key column alone; `000017` builds its unique
+/// index CONCURRENTLY, outside a transaction. A concurrent build that failed
+/// before (here on duplicate keys) left an INVALID index under that name,
+/// which `IF NOT EXISTS` would take for built and which `ON CONFLICT` cannot
+/// use: the next migration drops it and builds the index anew.
+#[tokio::test]
+async fn a_key_index_left_invalid_by_a_failed_build_is_built_anew() {
+    use diesel_async::SimpleAsyncConnection as _;
+    let db = TestDb::empty().await;
+    db.migrate_through("20261205000016").await.unwrap();
+    assert!(key_index(&db).await.is_empty(), "000016 builds no index");
+    for setup in CHECKS_SETUP {
+        db.run_sql(setup).await;
+    }
+    db.run_sql(
+        "UPDATE entries SET idempotency_key = 'twice' WHERE id = 1; \
+         INSERT INTO entries (id, account_id, symbol, base_asset, quote_asset, \
+         client_order_id, order_type, status, requested_qty, created_at, idempotency_key) \
+         VALUES (2, 1, 'BTCUSDT', 'BTC', 'USDT', 'og-E-2', 'market', 'new', 0.001, now(), \
+         'twice'); SELECT setval('entry_ids', 100)",
+    )
+    .await;
+    let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
+    let failed = conn
+        .batch_execute(
+            "CREATE UNIQUE INDEX CONCURRENTLY entries_idempotency_key_unique \
+             ON entries (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL",
+        )
+        .await;
+    assert!(failed.is_err(), "duplicate keys fail the build");
+    assert_eq!(
+        key_index(&db).await,
+        [format!("{KEY_INDEX} (INVALID)")],
+        "a failed concurrent build leaves its index behind"
+    );
+    db.run_sql("UPDATE entries SET idempotency_key = NULL WHERE id = 2")
+        .await;
+
+    let applied = store_pg::migrate(db.url()).await.unwrap();
+    assert_eq!(
+        <[String]>::first(&applied).map(String::as_str),
+        Some("20261205000017")
+    );
+    assert_eq!(key_index(&db).await, [KEY_INDEX], "built anew, valid");
+    // The store's insert finds its arbiter: a used key answers with its entry.
+    let store = store_pg::PgStore::connect(db.config(2)).await.unwrap();
+    let again = oco_core::Store::create_entry(
+        &store,
+        oco_core::model::NewEntry {
+            account: oco_core::AccountId(1),
+            symbol: oco_core::Symbol {
+                name: "BTCUSDT".into(),
+                base: oco_core::Asset("BTC".into()),
+                quote: oco_core::Asset("USDT".into()),
+            },
+            kind: oco_core::model::EntryKind::Market,
+            size: oco_core::model::OrderSize::Base("0.001".parse().unwrap()),
+            levels: oco_core::levels::EntryLevels::default(),
+            tags: oco_core::model::EntryTags::default(),
+            idempotency_key: Some(oco_core::IdempotencyKey::new("twice").unwrap()),
+        },
+        &|id| oco_core::ClientOrderId::new(format!("og-E-{id}")).unwrap(),
+        oco_core::Millis(1_700_000_000_000),
+    )
+    .await;
+    assert!(
+        matches!(&again, Err(oco_core::StoreError::IdempotencyKeyUsed(e)) if e.id.0 == 1),
+        "{again:?}"
+    );
 }
 
 /// An account and its entry (id 1), for the checks' tests to write beside.

@@ -182,6 +182,82 @@ async fn pg_store_keeps_one_entry_per_idempotency_key() {
         .unwrap();
 }
 
+/// `release_idempotency_key` frees an entry's key and nothing else: the
+/// entry stays, a new entry can take the key, releasing the first entry
+/// again leaves the new one's key alone, an entry without a key is left
+/// as it is, and an unknown entry is not found.
+async fn a_released_key_can_be_taken_again<S: Store + oco_core::ports::Users>(store: &S) {
+    let account = new_account(store, "k-release").await.id;
+    let key = IdempotencyKey::new("resend me").unwrap();
+    let keyed = |n: i64| {
+        let key = key.clone();
+        async move {
+            store
+                .create_entry(
+                    NewEntry {
+                        idempotency_key: Some(key),
+                        ..entry_request(account)
+                    },
+                    &|id| ClientOrderId::new(format!("t-E-{id}")).unwrap(),
+                    Millis(1_700_000_000_000 + n),
+                )
+                .await
+        }
+    };
+    let first = keyed(1).await.unwrap();
+    assert!(
+        matches!(keyed(2).await, Err(StoreError::IdempotencyKeyUsed(e)) if e.id == first.id),
+        "held before the release"
+    );
+    store.release_idempotency_key(first.id).await.unwrap();
+    assert_eq!(
+        store.entry_by_idempotency_key(account, &key).await.unwrap(),
+        None,
+        "the key finds nothing once released"
+    );
+    assert_eq!(
+        store.entry(first.id).await.unwrap(),
+        first,
+        "the entry itself is kept as it was"
+    );
+    let second = keyed(3).await.unwrap();
+    assert_ne!(second.id, first.id, "a new entry under the released key");
+
+    // Released again by the first entry: the key is the second's now.
+    store.release_idempotency_key(first.id).await.unwrap();
+    assert_eq!(
+        store.entry_by_idempotency_key(account, &key).await.unwrap(),
+        Some(second.clone()),
+        "another entry's key is left alone"
+    );
+    let keyless = new_entry(store, account).await;
+    store.release_idempotency_key(keyless.id).await.unwrap();
+    assert_eq!(store.entry(keyless.id).await.unwrap(), keyless);
+    let missing = store.release_idempotency_key(EntryId(999_999)).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "{missing:?}"
+    );
+}
+
+#[tokio::test]
+async fn pg_store_releases_an_idempotency_key() {
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    a_released_key_can_be_taken_again(&store).await;
+    // The column itself is cleared, for the unique index to let the key go.
+    assert_eq!(
+        db.texts("SELECT coalesce(idempotency_key, '-') AS s FROM entries ORDER BY id")
+            .await,
+        ["-", "resend me", "-"]
+    );
+}
+
+#[tokio::test]
+async fn mem_store_releases_an_idempotency_key() {
+    a_released_key_can_be_taken_again(&oco_core::mem::MemStore::new()).await;
+}
+
 /// Two requests with the same idempotency key, let go together: their
 /// inserts race on the key, one stores the entry, the other waits for its
 /// commit and answers with it. One row; both name the same entry.

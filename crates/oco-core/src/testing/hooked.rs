@@ -129,6 +129,7 @@ hooks_and_forwarding! {
         client_id_of: &(dyn Fn(EntryId) -> ClientOrderId + Send + Sync),
         at: Millis,
     ) -> Entry;
+    fn release_idempotency_key(id: EntryId) -> ();
     fn entry(id: EntryId) -> Entry;
     fn open_entries(account: AccountId) -> Vec<Entry>;
     fn record_evidence(id: EntryId, evidence: &Evidence) -> Entry;
