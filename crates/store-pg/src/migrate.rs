@@ -79,8 +79,17 @@ fn run_one(conn: &mut Conn, migration: &dyn Migration<Pg>) -> Result<String, Sto
         .map_err(failed)
 }
 
-/// Drops the INVALID indexes of the current schema, each `CONCURRENTLY`
-/// (writers of its table go on meanwhile), each in a statement of its own.
+/// The indexes the migrations build `CONCURRENTLY` (outside a transaction):
+/// the only ones a failed build of ours can leave INVALID.
+const CONCURRENT_INDEXES: &[&str] = &["entries_idempotency_key_unique"];
+
+/// Drops the INVALID indexes of the current schema that a concurrent build
+/// of ours left ([`CONCURRENT_INDEXES`]), each `CONCURRENTLY` (writers of
+/// its table go on meanwhile), each in a statement of its own. Nothing
+/// else: an operator's index being built concurrently is INVALID until it
+/// is done, and a partitioned index created `ON ONLY` until every partition
+/// has one; dropping those would destroy work that is not ours (or, for
+/// the partitioned one, fail every start).
 fn drop_invalid_indexes(conn: &mut Conn) -> Result<(), StoreError> {
     use diesel::RunQueryDsl as _;
     #[derive(diesel::QueryableByName)]
@@ -92,8 +101,12 @@ fn drop_invalid_indexes(conn: &mut Conn) -> Result<(), StoreError> {
         "SELECT format('%I.%I', n.nspname, c.relname) AS name FROM pg_index i \
          JOIN pg_class c ON c.oid = i.indexrelid \
          JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE NOT i.indisvalid AND n.nspname = current_schema()",
+         WHERE NOT i.indisvalid AND n.nspname = current_schema() \
+         AND c.relkind = 'i' AND c.relname = ANY($1) \
+         AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p \
+                         WHERE p.index_relid = i.indexrelid)",
     )
+    .bind::<diesel::sql_types::Array<Text>, _>(CONCURRENT_INDEXES)
     .load(conn)
     .map_err(|e| failed(format!("looking for invalid indexes: {e}")))?;
     for Invalid { name } in invalid {

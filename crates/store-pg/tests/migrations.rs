@@ -133,6 +133,50 @@ async fn concurrent_migrations_apply_once() {
 /// before (here on duplicate keys) left an INVALID index under that name,
 /// which `IF NOT EXISTS` would take for built and which `ON CONFLICT` cannot
 /// use: the next migration drops it and builds the index anew.
+/// Before a migration that builds an index concurrently, only an index of
+/// ours that a failed build left INVALID is dropped: an operator's own
+/// INVALID index (a concurrent build of theirs that failed, or one still
+/// running) and a partitioned index created `ON ONLY` (INVALID until every
+/// partition has one, and not droppable `CONCURRENTLY`) are left alone, and
+/// the migration goes through.
+#[tokio::test]
+async fn invalid_indexes_that_are_not_ours_are_left_alone() {
+    use diesel_async::SimpleAsyncConnection as _;
+    let db = TestDb::empty().await;
+    db.migrate_through("20261205000016").await.unwrap();
+    db.run_sql(
+        "CREATE TABLE operator_notes (k int); INSERT INTO operator_notes VALUES (1), (1); \
+         CREATE TABLE operator_parts (a int) PARTITION BY RANGE (a); \
+         CREATE TABLE operator_parts_1 PARTITION OF operator_parts FOR VALUES FROM (0) TO (10); \
+         CREATE INDEX operator_parts_a ON ONLY operator_parts (a)",
+    )
+    .await;
+    let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
+    let failed = conn
+        .batch_execute("CREATE UNIQUE INDEX CONCURRENTLY operator_notes_k ON operator_notes (k)")
+        .await;
+    assert!(failed.is_err(), "duplicates fail the operator's build");
+    let theirs = || {
+        db.texts(
+            "SELECT c.relname AS s FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE NOT i.indisvalid ORDER BY 1",
+        )
+    };
+    assert_eq!(theirs().await, ["operator_notes_k", "operator_parts_a"]);
+
+    let applied = store_pg::migrate(db.url()).await.unwrap();
+    assert_eq!(
+        <[String]>::first(&applied).map(String::as_str),
+        Some("20261205000017")
+    );
+    assert_eq!(
+        theirs().await,
+        ["operator_notes_k", "operator_parts_a"],
+        "the operator's indexes are theirs to drop"
+    );
+    assert_eq!(key_index(&db).await, [KEY_INDEX], "ours is built, valid");
+}
+
 #[tokio::test]
 async fn a_key_index_left_invalid_by_a_failed_build_is_built_anew() {
     use diesel_async::SimpleAsyncConnection as _;
