@@ -190,6 +190,10 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// store (tests run several).
 pub const LEASE_CONNECTIONS: usize = 2;
 
+/// How many times `create_entry` inserts again when its key's holder
+/// released the key between the insert and the read that looked for it.
+const KEY_RETRIES: usize = 3;
+
 /// How long a service waits at start for an unreachable database before it
 /// gives up (`PgStore::connect_patiently`): long enough for a database that
 /// boots or restarts alongside it, short enough that a wrong address is
@@ -1471,42 +1475,53 @@ impl Store for PgStore {
                 .as_ref()
                 .map(|k| k.as_str().to_owned()),
         };
-        let created = InsertEntry { row: &row }
-            .load::<EntryRow>(&mut conn)
-            .await
-            .and_then(only);
-        match created {
-            Ok(row) => {
-                drop(conn);
-                self.announce_entry(entry.account, EntryId(id));
-                row.into_entry()
-            }
-            // Nothing inserted: the key is taken, or the account is
-            // disabled or absent. Only a refusal reads again, to say which;
-            // the key first, as a used key answers with its entry whatever
-            // the account's state.
-            Err(DieselError::NotFound) => {
-                if let Some(key) = &entry.idempotency_key
-                    && let Some(stored) =
-                        Self::load_entry_by_key(&mut conn, entry.account, key).await?
-                {
-                    return Err(StoreError::IdempotencyKeyUsed(Box::new(stored)));
+        // A key released between the insert's conflict and the read that
+        // looks for its holder (the holder's send never reached the
+        // exchange) leaves the insert free to go: tried again, a few times.
+        let mut tries = 0;
+        loop {
+            let created = InsertEntry { row: &row }
+                .load::<EntryRow>(&mut conn)
+                .await
+                .and_then(only);
+            match created {
+                Ok(row) => {
+                    drop(conn);
+                    self.announce_entry(entry.account, EntryId(id));
+                    return row.into_entry();
                 }
-                let exists = accounts::table
-                    .find(entry.account.0)
-                    .select(accounts::id)
-                    .first::<i64>(&mut conn)
-                    .await
-                    .optional()
-                    .map_err(|e| db(&format!("reading account {}", entry.account), e))?;
-                Err(match exists {
-                    Some(_) => StoreError::AccountInactive {
-                        account: entry.account,
-                    },
-                    None => not_found("account", entry.account),
-                })
+                // Nothing inserted: the key is taken, or the account is
+                // disabled or absent. Only a refusal reads again, to say
+                // which; the key first, as a used key answers with its entry
+                // whatever the account's state.
+                Err(DieselError::NotFound) => {
+                    if let Some(key) = &entry.idempotency_key
+                        && let Some(stored) =
+                            Self::load_entry_by_key(&mut conn, entry.account, key).await?
+                    {
+                        return Err(StoreError::IdempotencyKeyUsed(Box::new(stored)));
+                    }
+                    let active = accounts::table
+                        .find(entry.account.0)
+                        .select(accounts::active)
+                        .first::<bool>(&mut conn)
+                        .await
+                        .optional()
+                        .map_err(|e| db(&format!("reading account {}", entry.account), e))?;
+                    match active {
+                        Some(true) if entry.idempotency_key.is_some() && tries < KEY_RETRIES => {
+                            tries += 1;
+                        }
+                        Some(_) => {
+                            return Err(StoreError::AccountInactive {
+                                account: entry.account,
+                            });
+                        }
+                        None => return Err(not_found("account", entry.account)),
+                    }
+                }
+                Err(e) => return Err(db(&format!("creating entry {id} ({client_id})"), e)),
             }
-            Err(e) => Err(db(&format!("creating entry {id} ({client_id})"), e)),
         }
     }
 

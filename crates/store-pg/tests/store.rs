@@ -323,6 +323,50 @@ async fn two_entries_racing_with_one_key_store_one() {
     );
 }
 
+/// A request and its resend with one key, where the first's send never
+/// reached the exchange and it releases the key at once: the resend, whose
+/// insert met the key before the release, never answers that the active
+/// account is disabled (a client would not resend after that); it stores
+/// the entry or names the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_released_while_its_resend_waits_never_reads_as_a_disabled_account() {
+    let db = TestDb::new().await;
+    let store = Arc::new(store(&db).await);
+    let account = new_account(store.as_ref(), "k-released").await.id;
+    for round in 0..150 {
+        let key = IdempotencyKey::new(format!("released-{round}")).unwrap();
+        let racing: Vec<_> = (0..2)
+            .map(|n| {
+                let (store, key) = (store.clone(), key.clone());
+                tokio::spawn(async move {
+                    let made = store
+                        .create_entry(
+                            NewEntry {
+                                idempotency_key: Some(key),
+                                ..entry_request(account)
+                            },
+                            &|id| ClientOrderId::new(format!("t-E-{id}")).unwrap(),
+                            Millis(1_700_000_000_000 + n),
+                        )
+                        .await;
+                    // The first to store it: its send is refused before the
+                    // exchange, and it lets the key go at once.
+                    if let Ok(entry) = &made {
+                        store.release_idempotency_key(entry.id).await.unwrap();
+                    }
+                    made
+                })
+            })
+            .collect();
+        for call in racing {
+            match call.await.unwrap() {
+                Ok(_) | Err(StoreError::IdempotencyKeyUsed(_)) => {}
+                Err(e) => panic!("round {round}: a resend racing a released key got {e}"),
+            }
+        }
+    }
+}
+
 /// The gate on the account is part of the insert's one statement, still
 /// prepared once per connection: no read and no second statement before an
 /// entry's order goes out.
