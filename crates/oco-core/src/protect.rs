@@ -165,6 +165,10 @@ struct Once {
     /// The balance read after a market exit refused for balance, and the
     /// re-plan from it.
     exit_balance: bool,
+    /// A replacement the account's placements could hold as one list but
+    /// not as two: the call plans again with a stop budget of one (DESIGN
+    /// rule 7: fewer legs, said, never no stop).
+    one_list: bool,
 }
 
 /// A first protection planned from facts alone.
@@ -733,7 +737,12 @@ impl Protector {
         };
 
         let generation = legs.iter().map(|l| l.key.generation + 1).max().unwrap_or(0);
-        let stop_budget = self.stop_budget_hint(&legs, generation, now);
+        let hint = self.stop_budget_hint(&legs, generation, now);
+        let stop_budget = if once.one_list {
+            Some(hint.map_or(1, |b| b.min(1)))
+        } else {
+            hint
+        };
         let plan = match plan_protection(&PlanInput {
             rules: &rules,
             levels,
@@ -1134,6 +1143,22 @@ impl Protector {
                 .exchange
                 .placements_held(creds, u32::try_from(claims.len()).unwrap_or(u32::MAX))
         {
+            // Room for one list, not two: one list for the whole position
+            // (the plan says it is degraded) rather than none until the
+            // hold ends.
+            if claims.len() > 1
+                && !std::mem::replace(&mut once.one_list, true)
+                && self.exchange.placements_held(creds, 1).is_none()
+            {
+                warn!(entry = %entry.id, ?retry_after, generation = claims[0].key.generation, "the account's placements are held for two lists, not one: planned again as one list");
+                self.release(
+                    &claims,
+                    None,
+                    "placements held for two lists, not one: planned again as one",
+                )
+                .await?;
+                return Ok(Round::Replan);
+            }
             let err = ExchangeError::RateLimited { retry_after };
             warn!(entry = %entry.id, ?retry_after, generation = claims[0].key.generation, "the account's placements are held: older lists kept working, nothing canceled");
             self.release(

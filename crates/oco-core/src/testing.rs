@@ -112,7 +112,8 @@ struct FakeState {
     /// `order_list` fails with this while it is set.
     list_lookup_failure: Option<ExchangeError>,
     /// Per API key: its placements are held this long (after a `-1015`).
-    placements_held: HashMap<String, Duration>,
+    /// A hold per API key, and how many lists it still lets through.
+    placements_held: HashMap<String, (Duration, u32)>,
 }
 
 /// An exchange double with Binance's OCO semantics: one quantity locked for
@@ -237,9 +238,19 @@ impl FakeExchange {
     pub fn hold_placements(&self, api_key: &str, hold: Option<Duration>) {
         let mut s = self.lock();
         match hold {
-            Some(hold) => s.placements_held.insert(api_key.to_owned(), hold),
+            Some(hold) => s.placements_held.insert(api_key.to_owned(), (hold, 0)),
             None => s.placements_held.remove(api_key),
         };
+    }
+
+    /// [`FakeExchange::hold_placements`], with room left for `lists` more
+    /// lists first (the day's order count nearly spent): `placements_held`
+    /// answers only for more lists than that, and the lists that fit are
+    /// placed.
+    pub fn hold_placements_beyond(&self, api_key: &str, lists: u32, hold: Duration) {
+        self.lock()
+            .placements_held
+            .insert(api_key.to_owned(), (hold, lists));
     }
 
     /// How many times `place_order` was called, refused or not.
@@ -834,7 +845,7 @@ impl Exchange for FakeExchange {
         let fault = {
             let mut s = self.lock();
             s.order_calls += 1;
-            if let Some(retry_after) = s.placements_held.get(&creds.api_key) {
+            if let Some((retry_after, _)) = s.placements_held.get(&creds.api_key) {
                 return Err(ExchangeError::RateLimited {
                     retry_after: *retry_after,
                 });
@@ -945,10 +956,13 @@ impl Exchange for FakeExchange {
         YieldNow::default().await;
         let mut s = self.lock();
         s.oco_calls += 1;
-        if let Some(retry_after) = s.placements_held.get(&creds.api_key) {
-            return Err(ExchangeError::RateLimited {
-                retry_after: *retry_after,
-            });
+        if let Some((retry_after, room)) = s.placements_held.get_mut(&creds.api_key) {
+            if *room == 0 {
+                return Err(ExchangeError::RateLimited {
+                    retry_after: *retry_after,
+                });
+            }
+            *room -= 1;
         }
         match s.oco_faults.pop_front() {
             None => s.place(&creds.api_key, oco),
@@ -1036,8 +1050,12 @@ impl Exchange for FakeExchange {
         Ok(Some(ids))
     }
 
-    fn placements_held(&self, creds: &ApiCredentials, _lists: u32) -> Option<Duration> {
-        self.lock().placements_held.get(&creds.api_key).copied()
+    fn placements_held(&self, creds: &ApiCredentials, lists: u32) -> Option<Duration> {
+        self.lock()
+            .placements_held
+            .get(&creds.api_key)
+            .filter(|(_, room)| lists > *room)
+            .map(|(hold, _)| *hold)
     }
 
     async fn cancel_order_list(

@@ -293,6 +293,47 @@ async fn a_failed_trigger_read_never_cancels_a_stop_that_is_selling() {
     );
 }
 
+/// The day's order count leaves room for one list, not two: the
+/// replacement is planned again as one list for the whole position
+/// (degraded, and said), not left without a stop until the hold ends.
+#[tokio::test]
+async fn a_replacement_with_room_for_one_list_places_one() {
+    let w = world(ProtectionConfig::DEFAULT).await;
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    let creds = w.store.credentials(w.account).await.unwrap();
+    w.exchange.cancel_externally(legs[1].ids.list.as_str());
+    w.protector.refresh_leg(&creds, &legs[1]).await.unwrap();
+
+    w.exchange
+        .hold_placements_beyond(KEY, 1, std::time::Duration::from_secs(6 * 3600));
+    let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
+    assert!(
+        matches!(
+            &report.outcome,
+            ProtectOutcome::Placed {
+                degraded: Some(_),
+                ..
+            }
+        ),
+        "one list placed, degraded: {report:?}"
+    );
+    let open = w.exchange.open_lists();
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(w.open_qty(), dec!(0.999), "the whole position has its stop");
+    let entry = w.store.entry(id).await.unwrap();
+    assert!(
+        matches!(entry.protection, Protection::Protected { .. }),
+        "{:?}",
+        entry.protection
+    );
+}
+
 /// The account's placements are held (Binance's `-1015`, or the day's
 /// order count spent, until the next UTC midnight at worst), its cancels
 /// are not: a replacement cancels nothing, its claims are released, and
