@@ -516,19 +516,14 @@ async fn a_leg_trade_that_cannot_be_written_still_reprotects_the_rest() {
     w.exchange
         .fill_take_profit(leg.ids.list.as_str(), q(dec!(0.1)));
     let tp = ExecutionUpdate {
-        fill: Some(Fill {
-            trade_id: 900,
-            price: leg.take_profit,
-            qty: q(dec!(0.1)),
-            commission: dec!(0.0101),
-            commission_asset: Asset("USDT".into()),
-            time: Millis(999_100),
-        }),
-        ..update(
+        status: EntryStatus::PartiallyFilled,
+        ..sold(
             leg.ids.take_profit.as_str(),
-            EntryStatus::PartiallyFilled,
             dec!(0.1),
             leg.take_profit.get(),
+            900,
+            dec!(0.0101),
+            "USDT",
         )
     };
     let followed = protector
@@ -579,19 +574,14 @@ async fn a_leg_trade_is_recorded_only_by_the_bookkeeping_after_protection() {
     w.exchange
         .fill_take_profit(leg.ids.list.as_str(), q(dec!(0.1)));
     let tp = ExecutionUpdate {
-        fill: Some(Fill {
-            trade_id: 901,
-            price: leg.take_profit,
-            qty: q(dec!(0.1)),
-            commission: dec!(0.0101),
-            commission_asset: Asset("USDT".into()),
-            time: Millis(999_100),
-        }),
-        ..update(
+        status: EntryStatus::PartiallyFilled,
+        ..sold(
             leg.ids.take_profit.as_str(),
-            EntryStatus::PartiallyFilled,
             dec!(0.1),
             leg.take_profit.get(),
+            901,
+            dec!(0.0101),
+            "USDT",
         )
     };
     let (followed, later) = w

@@ -2344,14 +2344,11 @@ async fn coins_free_at_a_close_over_max_qty_are_protected_not_closed() {
     );
 }
 
-/// What a list left unsold is closed as dust only when too small for any
-/// list. A remainder whose lists would be over the symbol's
-/// `NOTIONAL.maxNotional` (lowered since the first lists went out) is too
-/// large, not dust: the plan caps each list at what `maxNotional` lets it
-/// hold, and the entry is protected by such lists, never closed over coins
-/// without a stop.
-#[tokio::test]
-async fn a_remainder_over_max_notional_is_not_closed_as_dust() {
+/// Bought 1 at 100 and protected by two lists of 0.5; the first list's
+/// take-profit sells its 0.5 and the second is canceled by hand; then the
+/// symbol's `NOTIONAL.maxNotional` is lowered to `max_notional`. The 0.5
+/// left is what the next call protects.
+async fn remainder_under_max_notional(max_notional: Decimal) -> (World, EntryId) {
     let w = world(ProtectionConfig::DEFAULT).await;
     let id = w.entry(EntryLevels::default()).await;
     w.credit(dec!(1));
@@ -2366,21 +2363,31 @@ async fn a_remainder_over_max_notional_is_not_closed_as_dust() {
     let legs = w.store.legs(id).await.unwrap();
     assert_eq!(legs.len(), 2, "{legs:?}");
     let creds = w.store.credentials(w.account).await.unwrap();
-    // The first list's take-profit sells its 0.5; the second list is
-    // canceled by hand.
     w.exchange
         .fill_take_profit(legs[0].ids.list.as_str(), legs[0].qty);
     w.protector.refresh_leg(&creds, &legs[0]).await.unwrap();
     w.exchange.cancel_externally(legs[1].ids.list.as_str());
     w.protector.refresh_leg(&creds, &legs[1]).await.unwrap();
-    // 0.5 at about 100 is over a maxNotional of 40.
     w.exchange.add_symbol(
         oco_core::symbol::SymbolRules {
-            max_notional: Some(dec!(40)),
+            max_notional: Some(max_notional),
             ..oco_core::testing::btcusdt_rules()
         },
         p(dec!(100)),
     );
+    (w, id)
+}
+
+/// What a list left unsold is closed as dust only when too small for any
+/// list. A remainder whose lists would be over the symbol's
+/// `NOTIONAL.maxNotional` (lowered since the first lists went out) is too
+/// large, not dust: the plan caps each list at what `maxNotional` lets it
+/// hold, and the entry is protected by such lists, never closed over coins
+/// without a stop.
+#[tokio::test]
+async fn a_remainder_over_max_notional_is_not_closed_as_dust() {
+    // 0.5 at about 100 is over a maxNotional of 40.
+    let (w, id) = remainder_under_max_notional(dec!(40)).await;
     w.protector.protect(id, None, Source::Sync).await.unwrap();
     let entry = w.store.entry(id).await.unwrap();
     assert!(
@@ -2406,34 +2413,9 @@ async fn a_remainder_over_max_notional_is_not_closed_as_dust() {
 /// call and the next, and never closed over coins without a stop.
 #[tokio::test]
 async fn a_remainder_no_list_fits_under_max_notional_is_not_closed_as_dust() {
-    let w = world(ProtectionConfig::DEFAULT).await;
-    let id = w.entry(EntryLevels::default()).await;
-    w.credit(dec!(1));
-    let ev = evidence(
-        EntryStatus::Filled,
-        &[(1, dec!(1), dec!(100), dec!(0), "BNB")],
-    );
-    w.protector
-        .protect(id, Some(&ev), Source::Websocket)
-        .await
-        .unwrap();
-    let legs = w.store.legs(id).await.unwrap();
-    assert_eq!(legs.len(), 2, "{legs:?}");
-    let creds = w.store.credentials(w.account).await.unwrap();
-    w.exchange
-        .fill_take_profit(legs[0].ids.list.as_str(), legs[0].qty);
-    w.protector.refresh_leg(&creds, &legs[0]).await.unwrap();
-    w.exchange.cancel_externally(legs[1].ids.list.as_str());
-    w.protector.refresh_leg(&creds, &legs[1]).await.unwrap();
     // A list at maxNotional 5 holds 0.049 at the target (about 102),
     // worth under the minimum notional 5 at the stop's limit.
-    w.exchange.add_symbol(
-        oco_core::symbol::SymbolRules {
-            max_notional: Some(dec!(5)),
-            ..oco_core::testing::btcusdt_rules()
-        },
-        p(dec!(100)),
-    );
+    let (w, id) = remainder_under_max_notional(dec!(5)).await;
     for _ in 0..2 {
         let report = w.protector.protect(id, None, Source::Sync).await.unwrap();
         assert!(

@@ -30,16 +30,7 @@ async fn a_triggered_stop_is_found_by_lookup_where_open_orders_are_not_listed() 
 }
 
 async fn triggered_stop_left_selling(open_orders_listed: bool) {
-    let w = world(ProtectionConfig::DEFAULT).await;
-    w.exchange.cannot_list_open_orders(!open_orders_listed);
-    let id = w.entry(EntryLevels::default()).await;
-    w.credit(dec!(0.999));
-    w.protector
-        .protect(id, Some(&full_fill()), Source::Websocket)
-        .await
-        .unwrap();
-    let legs = w.store.legs(id).await.unwrap();
-    assert_eq!(legs.len(), 2, "{legs:?}");
+    let (w, id, legs) = two_lists(ProtectionConfig::DEFAULT, open_orders_listed).await;
     let (selling, by_hand) = (&legs[0], &legs[1]);
     let creds = w.store.credentials(w.account).await.unwrap();
 
@@ -129,16 +120,7 @@ async fn a_triggered_stop_that_sold_part_is_counted_at_what_it_holds_by_lookup()
 }
 
 async fn triggered_stop_sold_part(open_orders_listed: bool) {
-    let w = world(ProtectionConfig::DEFAULT).await;
-    w.exchange.cannot_list_open_orders(!open_orders_listed);
-    let id = w.entry(EntryLevels::default()).await;
-    w.credit(dec!(0.999));
-    w.protector
-        .protect(id, Some(&full_fill()), Source::Websocket)
-        .await
-        .unwrap();
-    let legs = w.store.legs(id).await.unwrap();
-    assert_eq!(legs.len(), 2, "{legs:?}");
+    let (w, id, legs) = two_lists(ProtectionConfig::DEFAULT, open_orders_listed).await;
     let (selling, by_hand) = (&legs[0], &legs[1]);
     assert_eq!(selling.qty, q(dec!(0.4995)));
     let creds = w.store.credentials(w.account).await.unwrap();
@@ -207,16 +189,7 @@ async fn a_replacement_goes_on_when_its_lists_cannot_be_looked_up() {
 }
 
 async fn replacement_whose_trigger_check_fails(open_orders_listed: bool) {
-    let w = world(ProtectionConfig::DEFAULT).await;
-    w.exchange.cannot_list_open_orders(!open_orders_listed);
-    let id = w.entry(EntryLevels::default()).await;
-    w.credit(dec!(0.999));
-    w.protector
-        .protect(id, Some(&full_fill()), Source::Websocket)
-        .await
-        .unwrap();
-    let legs = w.store.legs(id).await.unwrap();
-    assert_eq!(legs.len(), 2, "{legs:?}");
+    let (w, id, legs) = two_lists(ProtectionConfig::DEFAULT, open_orders_listed).await;
     let creds = w.store.credentials(w.account).await.unwrap();
     w.exchange.cancel_externally(legs[1].ids.list.as_str());
     w.protector.refresh_leg(&creds, &legs[1]).await.unwrap();
@@ -257,18 +230,11 @@ async fn replacement_whose_trigger_check_fails(open_orders_listed: bool) {
 /// policy sells nothing).
 #[tokio::test]
 async fn a_failed_trigger_read_never_cancels_a_stop_that_is_selling() {
-    let w = world(ProtectionConfig {
+    let record_only = ProtectionConfig {
         late: oco_core::model::LatePolicy::RecordOnly,
         ..ProtectionConfig::DEFAULT
-    })
-    .await;
-    let id = w.entry(EntryLevels::default()).await;
-    w.credit(dec!(0.999));
-    w.protector
-        .protect(id, Some(&full_fill()), Source::Websocket)
-        .await
-        .unwrap();
-    let legs = w.store.legs(id).await.unwrap();
+    };
+    let (w, id, legs) = two_lists(record_only, true).await;
     let (selling, by_hand) = (&legs[0], &legs[1]);
     let creds = w.store.credentials(w.account).await.unwrap();
     w.exchange.set_price("BTCUSDT", p(dec!(98)));
@@ -298,14 +264,7 @@ async fn a_failed_trigger_read_never_cancels_a_stop_that_is_selling() {
 /// (degraded, and said), not left without a stop until the hold ends.
 #[tokio::test]
 async fn a_replacement_with_room_for_one_list_places_one() {
-    let w = world(ProtectionConfig::DEFAULT).await;
-    let id = w.entry(EntryLevels::default()).await;
-    w.credit(dec!(0.999));
-    w.protector
-        .protect(id, Some(&full_fill()), Source::Websocket)
-        .await
-        .unwrap();
-    let legs = w.store.legs(id).await.unwrap();
+    let (w, id, legs) = two_lists(ProtectionConfig::DEFAULT, true).await;
     let creds = w.store.credentials(w.account).await.unwrap();
     w.exchange.cancel_externally(legs[1].ids.list.as_str());
     w.protector.refresh_leg(&creds, &legs[1]).await.unwrap();
@@ -340,15 +299,7 @@ async fn a_replacement_with_room_for_one_list_places_one() {
 /// the list still working keeps its stop until placements go again.
 #[tokio::test]
 async fn a_replacement_cancels_nothing_while_placements_are_held() {
-    let w = world(ProtectionConfig::DEFAULT).await;
-    let id = w.entry(EntryLevels::default()).await;
-    w.credit(dec!(0.999));
-    w.protector
-        .protect(id, Some(&full_fill()), Source::Websocket)
-        .await
-        .unwrap();
-    let legs = w.store.legs(id).await.unwrap();
-    assert_eq!(legs.len(), 2, "{legs:?}");
+    let (w, id, legs) = two_lists(ProtectionConfig::DEFAULT, true).await;
     let (working, by_hand) = (&legs[0], &legs[1]);
     let creds = w.store.credentials(w.account).await.unwrap();
     w.exchange.cancel_externally(by_hand.ids.list.as_str());
@@ -418,4 +369,24 @@ async fn a_first_protection_is_tried_while_placements_are_held() {
         "{report:?}"
     );
     assert_eq!(w.exchange.oco_calls(), 2, "both lists tried");
+}
+
+/// A fill of 0.999 protected by its two lists (0.4995 each), on an exchange
+/// that lists open orders or, when not `open_orders_listed`, has each list
+/// looked up: the world, the entry and its two legs.
+async fn two_lists(
+    protection: ProtectionConfig,
+    open_orders_listed: bool,
+) -> (World, oco_core::EntryId, Vec<oco_core::Leg>) {
+    let w = world(protection).await;
+    w.exchange.cannot_list_open_orders(!open_orders_listed);
+    let id = w.entry(EntryLevels::default()).await;
+    w.credit(dec!(0.999));
+    w.protector
+        .protect(id, Some(&full_fill()), Source::Websocket)
+        .await
+        .unwrap();
+    let legs = w.store.legs(id).await.unwrap();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    (w, id, legs)
 }
